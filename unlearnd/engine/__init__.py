@@ -1,0 +1,21 @@
+"""Engine layer: one interface (`Engine`), a local in-process vLLM and a remote vLLM server."""
+
+from unlearnd.engine.base import (
+    ChoiceDelta,
+    Engine,
+    EngineError,
+    EngineRequest,
+    LoRASpec,
+    SamplingSpec,
+    TokenLogprob,
+)
+
+__all__ = [
+    "ChoiceDelta",
+    "Engine",
+    "EngineError",
+    "EngineRequest",
+    "LoRASpec",
+    "SamplingSpec",
+    "TokenLogprob",
+]

@@ -1,0 +1,145 @@
+"""In-process vLLM `AsyncLLM` engine (the default)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+
+import torch
+
+from unlearnd.engine.base import (
+    LORA_TARGET_MODULES,
+    ChoiceDelta,
+    EmbeddingTable,
+    Engine,
+    EngineError,
+    EngineRequest,
+    LoRASpec,
+    SamplingSpec,
+    TokenLogprob,
+)
+
+log = logging.getLogger(__name__)
+
+
+def to_vllm_sampling(spec: SamplingSpec):
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return SamplingParams(
+        n=spec.n,
+        max_tokens=spec.max_tokens,
+        temperature=spec.temperature,
+        top_p=spec.top_p,
+        stop=spec.stop or None,
+        seed=spec.seed,
+        logprobs=spec.logprobs,
+        output_kind=RequestOutputKind.DELTA,
+    )
+
+
+class LocalVLLMEngine(Engine):
+    """vLLM in this process: plain prompts enter as token ids, intervened ones as embeddings."""
+
+    def __init__(
+        self,
+        model_path: str,
+        served_name: str,
+        max_model_len: int = 2048,
+        max_loras: int = 4,
+        max_lora_rank: int = 16,
+        kv_cache_gib: float = 1.0,
+        dtype: str = "bfloat16",
+        seed: int = 0,
+        enforce_eager: bool = True,
+    ):
+        self.model_path = model_path
+        self.model_name = served_name
+        self.max_model_len = max_model_len
+        self.max_loras = max_loras
+        self.max_lora_rank = max_lora_rank
+        self.kv_cache_gib = kv_cache_gib
+        self.dtype = dtype
+        self.seed = seed
+        self.enforce_eager = enforce_eager
+        self._llm = None
+        self._lora_ids: dict[str, int] = {}
+
+    async def start(self) -> None:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.kv_cache_gib))
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(
+            model=self.model_path,
+            served_model_name=[self.model_name],
+            max_model_len=self.max_model_len,
+            dtype=self.dtype,
+            seed=self.seed,
+            enable_prompt_embeds=True,
+            enable_lora=True,
+            max_loras=self.max_loras,
+            max_lora_rank=self.max_lora_rank,
+            enforce_eager=self.enforce_eager,
+            # Bug #51122 workaround: keep LoRA off the embedding layer (see engine.base).
+            lora_target_modules=list(LORA_TARGET_MODULES),
+        )
+        self._llm = AsyncLLM.from_engine_args(args)
+        self.tokenizer = self._llm.get_tokenizer()
+        torch_dtype = getattr(torch, self.dtype)
+        self.embeddings = EmbeddingTable.from_model_dir(self.model_path, dtype=torch_dtype)
+        log.info("local vLLM engine ready: %s (max_model_len=%d)", self.model_name, self.max_model_len)
+
+    async def shutdown(self) -> None:
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+
+    def _lora_request(self, lora: LoRASpec | None):
+        if lora is None:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        lora_id = self._lora_ids.setdefault(lora.name, len(self._lora_ids) + 1)
+        return LoRARequest(lora_name=lora.name, lora_int_id=lora_id, lora_path=lora.path)
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[ChoiceDelta]:
+        if self._llm is None:
+            raise EngineError("engine is not started")
+        if request.prompt_embeds is not None:
+            prompt = {"prompt_embeds": request.prompt_embeds}
+        else:
+            prompt = {"prompt_token_ids": request.prompt_token_ids}
+        stream = self._llm.generate(
+            prompt,
+            to_vllm_sampling(request.sampling),
+            request.request_id,
+            lora_request=self._lora_request(request.lora),
+        )
+        async for output in stream:
+            for completion in output.outputs:
+                logprobs = None
+                if request.sampling.logprobs is not None and completion.logprobs is not None:
+                    logprobs = [self._convert_logprobs(tid, entry)
+                                for tid, entry in zip(completion.token_ids, completion.logprobs)]
+                if completion.token_ids or completion.finish_reason:
+                    yield ChoiceDelta(
+                        index=completion.index,
+                        text=completion.text,
+                        token_ids=list(completion.token_ids),
+                        logprobs=logprobs,
+                        finish_reason=completion.finish_reason,
+                    )
+
+    def _convert_logprobs(self, token_id: int, entry: dict) -> TokenLogprob:
+        def text(tid: int, lp) -> str:
+            return lp.decoded_token if lp.decoded_token is not None else self.tokenizer.decode([tid])
+
+        chosen = entry[token_id]
+        top = {text(tid, lp): float(lp.logprob) for tid, lp in entry.items()}
+        return TokenLogprob(token=text(token_id, chosen), logprob=float(chosen.logprob), top_logprobs=top)
+
+    async def abort(self, request_id: str) -> None:
+        if self._llm is not None:
+            await self._llm.abort(request_id)

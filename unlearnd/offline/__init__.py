@@ -1,0 +1,1 @@
+"""Offline jobs: training (classifiers, interventions, baselines), evaluation and benchmarks."""

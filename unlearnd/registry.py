@@ -1,0 +1,257 @@
+"""Persistent forget-request registry: one SQLite file plus one artifact folder per request.
+
+Both the server and the training worker open the same database; SQLite's WAL mode lets the
+server keep reading while the worker writes. Status moves pending -> training -> ready -> active,
+or to failed with the error text; DELETE deactivates (artifacts are kept until purged).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import StrEnum
+from pathlib import Path
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+
+class Method(StrEnum):
+    """How a flagged prompt is handled: each method is one route of the router."""
+
+    refuse = "refuse"
+    prompt = "prompt"
+    eco = "eco"
+    soft_prompt = "soft_prompt"
+    lora = "lora"
+
+
+class Status(StrEnum):
+    pending = "pending"
+    training = "training"
+    ready = "ready"
+    active = "active"
+    failed = "failed"
+    inactive = "inactive"
+
+
+class QAExample(BaseModel):
+    question: str = Field(min_length=1)
+    answer: str = ""
+
+
+class ForgetSpec(BaseModel):
+    """What the user registers: the knowledge to forget and, optionally, what to keep."""
+
+    name: str = Field(min_length=1, max_length=200)
+    method: Method = Method.refuse
+    forget: list[QAExample | str] = Field(min_length=1, max_length=20000)
+    retain: list[QAExample | str] = Field(default_factory=list, max_length=20000)
+    entities: list[str] = Field(
+        default_factory=list, description="Names of the forget target (default: the request name)."
+    )
+    options: dict = Field(default_factory=dict, description="Method-specific training options.")
+
+    @field_validator("forget", "retain", mode="before")
+    @classmethod
+    def _no_blank_texts(cls, value: list) -> list:
+        for item in value or []:
+            if isinstance(item, str) and not item.strip():
+                raise ValueError("examples must not be empty strings")
+        return value
+
+    @model_validator(mode="after")
+    def _default_entities(self) -> ForgetSpec:
+        if not self.entities:
+            self.entities = [self.name]
+        return self
+
+    @staticmethod
+    def as_qa(items: list[QAExample | str]) -> list[QAExample]:
+        return [item if isinstance(item, QAExample) else QAExample(question=item) for item in items]
+
+    def forget_texts(self) -> list[str]:
+        return [qa.question + (" " + qa.answer if qa.answer else "") for qa in self.as_qa(self.forget)]
+
+
+class ForgetRequest(BaseModel):
+    id: str
+    name: str
+    method: Method
+    status: Status
+    error: str | None = None
+    created_at: float
+    updated_at: float
+    spec: ForgetSpec
+    artifact_dir: str
+    attempts: int = 0
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS forget_requests (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    method TEXT NOT NULL,
+    status TEXT NOT NULL,
+    error TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    heartbeat REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    spec TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS forget_requests_status ON forget_requests(status);
+"""
+
+MAX_ATTEMPTS = 3
+
+
+class Registry:
+    def __init__(self, data_dir: str | Path):
+        self.data_dir = Path(data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.artifacts_root = self.data_dir / "requests"
+        self.artifacts_root.mkdir(exist_ok=True)
+        self.db_path = self.data_dir / "registry.sqlite3"
+        self._local = threading.local()
+        with self._connect() as db:
+            db.executescript(_SCHEMA)
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            self._local.conn = conn
+        yield conn
+
+    def artifact_dir(self, request_id: str) -> Path:
+        return self.artifacts_root / request_id
+
+    def _row_to_model(self, row: sqlite3.Row) -> ForgetRequest:
+        return ForgetRequest(
+            id=row["id"],
+            name=row["name"],
+            method=row["method"],
+            status=row["status"],
+            error=row["error"],
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+            spec=ForgetSpec.model_validate_json(row["spec"]),
+            artifact_dir=str(self.artifact_dir(row["id"])),
+            attempts=row["attempts"],
+        )
+
+    def add(self, spec: ForgetSpec) -> ForgetRequest:
+        request_id = "fr-" + uuid.uuid4().hex[:12]
+        now = time.time()
+        self.artifact_dir(request_id).mkdir(parents=True, exist_ok=True)
+        (self.artifact_dir(request_id) / "spec.json").write_text(spec.model_dump_json(indent=1))
+        with self._connect() as db:
+            db.execute(
+                "INSERT INTO forget_requests (id, name, method, status, created_at, updated_at, spec)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (request_id, spec.name, spec.method.value, Status.pending.value, now, now, spec.model_dump_json()),
+            )
+        return self.get(request_id)
+
+    def get(self, request_id: str) -> ForgetRequest:
+        with self._connect() as db:
+            row = db.execute("SELECT * FROM forget_requests WHERE id = ?", (request_id,)).fetchone()
+        if row is None:
+            raise KeyError(request_id)
+        return self._row_to_model(row)
+
+    def list(self, statuses: list[Status] | None = None) -> list[ForgetRequest]:
+        query, params = "SELECT * FROM forget_requests", ()
+        if statuses:
+            query += " WHERE status IN (%s)" % ",".join("?" * len(statuses))
+            params = tuple(s.value for s in statuses)
+        with self._connect() as db:
+            rows = db.execute(query + " ORDER BY created_at", params).fetchall()
+        return [self._row_to_model(r) for r in rows]
+
+    def set_status(self, request_id: str, status: Status, error: str | None = None,
+                   expect: Status | None = None) -> bool:
+        """Move a request to `status`; with `expect`, only if it is still in that status."""
+        query = "UPDATE forget_requests SET status = ?, error = ?, updated_at = ? WHERE id = ?"
+        params: tuple = (status.value, error, time.time(), request_id)
+        if expect is not None:
+            query += " AND status = ?"
+            params += (expect.value,)
+        with self._connect() as db:
+            return db.execute(query, params).rowcount == 1
+
+    def claim_next(self) -> ForgetRequest | None:
+        """Atomically take the oldest pending request for training (worker side)."""
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                row = db.execute(
+                    "SELECT id FROM forget_requests WHERE status = ? ORDER BY created_at LIMIT 1",
+                    (Status.pending.value,),
+                ).fetchone()
+                if row is None:
+                    db.execute("COMMIT")
+                    return None
+                now = time.time()
+                db.execute(
+                    "UPDATE forget_requests SET status = ?, heartbeat = ?, updated_at = ?,"
+                    " attempts = attempts + 1 WHERE id = ?",
+                    (Status.training.value, now, now, row["id"]),
+                )
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        return self.get(row["id"])
+
+    def heartbeat(self, request_id: str) -> None:
+        with self._connect() as db:
+            db.execute("UPDATE forget_requests SET heartbeat = ? WHERE id = ?", (time.time(), request_id))
+
+    def recover_stale(self, stale_after_s: float = 60.0) -> list[str]:
+        """Requests whose training worker died go back to pending (or fail after MAX_ATTEMPTS)."""
+        cutoff = time.time() - stale_after_s
+        recovered = []
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT id, attempts FROM forget_requests WHERE status = ? AND (heartbeat IS NULL OR heartbeat < ?)",
+                (Status.training.value, cutoff),
+            ).fetchall()
+        for row in rows:
+            if row["attempts"] >= MAX_ATTEMPTS:
+                self.set_status(row["id"], Status.failed, "training worker died %d times" % row["attempts"],
+                                expect=Status.training)
+            else:
+                self.set_status(row["id"], Status.pending, expect=Status.training)
+            recovered.append(row["id"])
+        return recovered
+
+    def deactivate(self, request_id: str, purge: bool = False) -> ForgetRequest:
+        """Deactivate (artifacts kept); with `purge`, also delete the artifacts and the record."""
+        self.get(request_id)  # KeyError if unknown
+        self.set_status(request_id, Status.inactive)
+        record = self.get(request_id)
+        if purge:
+            shutil.rmtree(self.artifact_dir(request_id), ignore_errors=True)
+            with self._connect() as db:
+                db.execute("DELETE FROM forget_requests WHERE id = ?", (request_id,))
+        return record
+
+    def save_json(self, request_id: str, name: str, payload: dict) -> Path:
+        """Write an artifact file atomically (tmp + rename) so a crash leaves the old or the new."""
+        path = self.artifact_dir(request_id) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(payload, indent=1))
+        tmp.replace(path)
+        return path

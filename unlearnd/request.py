@@ -1,0 +1,35 @@
+"""The one request object that flows classifier -> router -> intervention -> engine -> response."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from unlearnd.classifiers.base import Detection, RequestMatch
+from unlearnd.engine.base import LoRASpec, SamplingSpec
+
+
+@dataclass
+class GuardedRequest:
+    id: str
+    kind: Literal["chat", "completion"]
+    sampling: SamplingSpec
+    messages: list[dict] | None = None  # chat requests
+    prompt: str | None = None  # completion requests
+    # Filled in along the way:
+    query_text: str = ""  # what the detector scores: the user's own words
+    detection: Detection | None = None
+    route: str = "none"
+    match: RequestMatch | None = None
+    prompt_token_ids: list[int] = field(default_factory=list)
+    prompt_embeds: torch.Tensor | None = None
+    lora: LoRASpec | None = None
+    fixed_response: str | None = None  # set by routes that answer without the engine
+    created: float = field(default_factory=time.time)
+
+    @property
+    def matched_ids(self) -> list[str]:
+        return [m.request_id for m in self.detection.matches] if self.detection else []

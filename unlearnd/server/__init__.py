@@ -1,0 +1,1 @@
+"""HTTP entrypoints (OpenAI API, admin API), the guardrail pipeline and the forget-request registry."""
