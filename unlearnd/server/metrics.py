@@ -1,0 +1,27 @@
+"""Prometheus metrics served at /metrics."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry()
+
+REQUESTS = Counter(
+    "unlearnd_requests", "Generation requests by route and endpoint", ["route", "endpoint"], registry=REGISTRY
+)
+ERRORS = Counter("unlearnd_errors", "Error responses by status code", ["status"], registry=REGISTRY)
+CLASSIFIER_LATENCY = Histogram(
+    "unlearnd_classifier_latency_seconds",
+    "Detector latency per prompt",
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
+    registry=REGISTRY,
+)
+ENGINE_TTFT = Histogram(
+    "unlearnd_engine_ttft_seconds", "Engine time to first token", ["route"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=REGISTRY,
+)
+ENGINE_LATENCY = Histogram(
+    "unlearnd_engine_latency_seconds", "Engine end-to-end generation latency", ["route"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120), registry=REGISTRY,
+)
+ACTIVE_REQUESTS = Gauge("unlearnd_active_forget_requests", "Forget requests being served", registry=REGISTRY)

@@ -1,0 +1,165 @@
+"""The guardrail pipeline: detector -> router -> intervention -> engine, on one `GuardedRequest`.
+
+It also keeps the serving state in step with the registry: newly `ready` requests are loaded
+into the detector and their intervention and become `active`; deactivated ones are unloaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from unlearnd.adapters.base import INTERVENTIONS, Intervention, PipelineContext
+from unlearnd.classifiers.base import Detection, Detector
+from unlearnd.engine.base import ChoiceDelta, Engine, EngineRequest
+from unlearnd.registry import ForgetRequest, Registry, Status
+from unlearnd.request import GuardedRequest
+from unlearnd.server import metrics
+
+log = logging.getLogger(__name__)
+
+
+class ContextLengthError(ValueError):
+    """The prompt plus the requested output does not fit the model's context."""
+
+
+class Router:
+    """Picks the route of a flagged prompt: the method of its best-matching forget request."""
+
+    def choose(self, detection: Detection, active: dict[str, ForgetRequest]) -> tuple[str, object]:
+        for match in detection.matches:  # sorted by score, best first
+            request = active.get(match.request_id)
+            if request is not None:
+                return request.method.value, match
+        return "none", None
+
+
+class GuardrailPipeline:
+    def __init__(self, engine: Engine, detector: Detector, registry: Registry):
+        self.engine = engine
+        self.detector = detector
+        self.registry = registry
+        self.router = Router()
+        self.interventions: dict[str, Intervention] = {route: cls() for route, cls in INTERVENTIONS.items()}
+        self.active: dict[str, ForgetRequest] = {}
+        self.context = PipelineContext(tokenizer=engine.tokenizer, embeddings=engine.embeddings, render=self.render)
+        self._sync_lock = asyncio.Lock()
+
+    # -- rendering -----------------------------------------------------------------------------
+    def render(self, request: GuardedRequest) -> str:
+        if request.messages is not None:
+            return self.engine.tokenizer.apply_chat_template(
+                request.messages, tokenize=False, add_generation_prompt=True
+            )
+        return request.prompt or ""
+
+    def tokenize(self, request: GuardedRequest) -> list[int]:
+        text = self.render(request)
+        # Chat prompts already carry their special tokens from the template; raw completions get
+        # the tokenizer's defaults, exactly as vLLM's own OpenAI server does.
+        return self.engine.tokenizer.encode(text, add_special_tokens=request.messages is None)
+
+    # -- classification --------------------------------------------------------------------------
+    async def classify(self, texts: list[str]) -> list[Detection]:
+        if not self.active:
+            return [Detection(0.0) for _ in texts]
+        start = time.perf_counter()
+        detections = await asyncio.to_thread(self.detector.detect, texts)
+        metrics.CLASSIFIER_LATENCY.observe((time.perf_counter() - start) / max(len(texts), 1))
+        for detection in detections:
+            detection.matches = [m for m in detection.matches if m.request_id in self.active]
+        return detections
+
+    def route_of(self, detection: Detection) -> str:
+        return self.router.choose(detection, self.active)[0]
+
+    # -- the request path ------------------------------------------------------------------------
+    async def prepare(self, request: GuardedRequest) -> GuardedRequest:
+        """Classify, route and apply the intervention; leaves the request ready for `generate`."""
+        request.detection = (await self.classify([request.query_text]))[0]
+        route, match = self.router.choose(request.detection, self.active)
+        request.route, request.match = route, match
+        if match is not None:
+            self.interventions[route].apply(request, match, self.context)
+        if not request.prompt_token_ids:
+            request.prompt_token_ids = self.tokenize(request)
+        prompt_len = len(request.prompt_token_ids) if request.prompt_embeds is None else int(request.prompt_embeds.shape[0])
+        limit = self.engine.max_model_len
+        if request.fixed_response is None and prompt_len + request.sampling.max_tokens > limit:
+            raise ContextLengthError(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{prompt_len + request.sampling.max_tokens} tokens ({prompt_len} in the prompt, "
+                f"{request.sampling.max_tokens} for the completion). Reduce the prompt or max_tokens."
+            )
+        metrics.REQUESTS.labels(route=request.route, endpoint=request.kind).inc()
+        return request
+
+    async def generate(self, request: GuardedRequest) -> AsyncIterator[ChoiceDelta]:
+        if request.fixed_response is not None:
+            token_ids = self.engine.tokenizer.encode(request.fixed_response, add_special_tokens=False)
+            for index in range(request.sampling.n):
+                yield ChoiceDelta(index=index, text=request.fixed_response, token_ids=token_ids,
+                                  finish_reason="stop")
+            return
+        engine_request = EngineRequest(
+            request_id=request.id,
+            prompt_token_ids=request.prompt_token_ids,
+            sampling=request.sampling,
+            prompt_embeds=request.prompt_embeds,
+            lora=request.lora,
+        )
+        start = time.perf_counter()
+        first = True
+        async for delta in self.engine.generate(engine_request):
+            if first:
+                metrics.ENGINE_TTFT.labels(route=request.route).observe(time.perf_counter() - start)
+                first = False
+            yield delta
+        metrics.ENGINE_LATENCY.labels(route=request.route).observe(time.perf_counter() - start)
+
+    # -- registry sync ----------------------------------------------------------------------------
+    def _load(self, request: ForgetRequest) -> None:
+        artifact_dir = self.registry.artifact_dir(request.id)
+        self.detector.load(request, artifact_dir)
+        self.interventions[request.method.value].load(request, artifact_dir)
+        self.active[request.id] = request
+
+    def _unload(self, request_id: str) -> None:
+        request = self.active.pop(request_id, None)
+        self.detector.unload(request_id)
+        if request is not None:
+            self.interventions[request.method.value].unload(request_id)
+
+    async def sync(self) -> None:
+        """Load `ready`/`active` requests not yet served; unload those no longer active."""
+        async with self._sync_lock:
+            records = await asyncio.to_thread(self.registry.list, [Status.ready, Status.active])
+            wanted = {r.id: r for r in records}
+            for request_id in list(self.active):
+                if request_id not in wanted:
+                    self._unload(request_id)
+                    log.info("unloaded forget request %s", request_id)
+            for request in records:
+                if request.id in self.active:
+                    continue
+                try:
+                    await asyncio.to_thread(self._load, request)
+                except Exception as exc:  # a bad artifact fails this request only
+                    log.exception("loading forget request %s failed", request.id)
+                    self._unload(request.id)
+                    self.registry.set_status(request.id, Status.failed, f"load failed: {type(exc).__name__}: {exc}")
+                    continue
+                if request.status == Status.ready:
+                    self.registry.set_status(request.id, Status.active, expect=Status.ready)
+                log.info("serving forget request %s (%s, route %s)", request.id, request.name, request.method.value)
+            metrics.ACTIVE_REQUESTS.set(len(self.active))
+
+    async def sync_forever(self, interval_s: float = 0.5) -> None:
+        while True:
+            try:
+                await self.sync()
+            except Exception:
+                log.exception("registry sync failed")
+            await asyncio.sleep(interval_s)

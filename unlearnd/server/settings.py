@@ -1,0 +1,34 @@
+"""Server settings: one pydantic model filled from CLI flags and `UNLEARND_*` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from unlearnd.config import DEFAULT_MODEL, data_dir
+
+
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="UNLEARND_", extra="ignore")
+
+    model: str = DEFAULT_MODEL  # default name, local HF dir, or hub id
+    served_model_name: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    data_dir: Path = Field(default_factory=data_dir)
+    engine: Literal["local", "remote"] = "local"
+    remote_url: str | None = None  # base URL of a vLLM OpenAI server, for engine=remote
+    admin_key: str | None = None
+    api_key: str | None = None
+    detector: str = "keyword"
+    max_model_len: int = 2048
+    kv_cache_gib: float = 1.0
+    max_loras: int = 4
+    max_lora_rank: int = 16
+    max_body_bytes: int = 4 * 1024 * 1024
+    start_worker: bool = True
+    sync_interval_s: float = 0.5
+    log_level: str = "info"
