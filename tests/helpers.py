@@ -1,0 +1,81 @@
+"""Test doubles shared by unit tests: a tiny random-init Llama behind the real `Engine` interface."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import torch
+
+from unlearnd.engine.base import ChoiceDelta, EmbeddingTable, Engine, EngineRequest, TokenLogprob
+
+
+def tiny_llama(vocab_size: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=512,
+                         tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()
+
+
+class TinyEngine(Engine):
+    """Greedy/sampled decoding with a tiny HF Llama: real tokenizer, real embeddings, no vLLM."""
+
+    def __init__(self, tokenizer_dir: str | Path, model_name: str = "tiny", max_model_len: int = 256,
+                 eos_token_id: int | None = None):
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        self.model = tiny_llama(len(self.tokenizer))
+        self.embeddings = EmbeddingTable(self.model.get_input_embeddings().weight.detach().clone())
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+        self.eos_token_id = eos_token_id if eos_token_id is not None else self.tokenizer.eos_token_id
+        self.seen: list[EngineRequest] = []
+
+    async def start(self) -> None:
+        return None
+
+    async def shutdown(self) -> None:
+        return None
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[ChoiceDelta]:
+        self.seen.append(request)
+        torch.set_grad_enabled(False)
+        s = request.sampling
+        for index in range(s.n):
+            generator = torch.Generator().manual_seed((s.seed or 0) + index)
+            embeds = self.prompt_embeds_for(request).to(torch.float32).unsqueeze(0)
+            text_so_far = ""
+            for step in range(s.max_tokens):
+                logits = self.model(inputs_embeds=embeds).logits[0, -1]
+                logprobs = torch.log_softmax(logits, -1)
+                if s.temperature == 0:
+                    token = int(torch.argmax(logits))
+                else:
+                    probs = torch.softmax(logits / s.temperature, -1)
+                    token = int(torch.multinomial(probs, 1, generator=generator))
+                text = self.tokenizer.decode([token])
+                finish = None
+                if token == self.eos_token_id:
+                    finish, text = "stop", ""
+                elif step == s.max_tokens - 1:
+                    finish = "length"
+                text_so_far += text
+                if any(stop in text_so_far for stop in s.stop):
+                    finish = "stop"
+                lp = None
+                if s.logprobs is not None:
+                    top = torch.topk(logprobs, max(s.logprobs, 1))
+                    lp = [TokenLogprob(token=self.tokenizer.decode([token]), logprob=float(logprobs[token]),
+                                       top_logprobs={self.tokenizer.decode([int(i)]): float(v)
+                                                     for v, i in zip(top.values, top.indices)})]
+                yield ChoiceDelta(index=index, text=text, token_ids=[token], logprobs=lp, finish_reason=finish)
+                await asyncio.sleep(0)
+                if finish:
+                    break
+                next_embed = self.model.get_input_embeddings()(torch.tensor([[token]]))
+                embeds = torch.cat([embeds, next_embed], dim=1)

@@ -1,0 +1,246 @@
+"""The HTTP layer and pipeline on a tiny random Llama (no vLLM): routes, streaming, errors, auth."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.helpers import TinyEngine
+from unlearnd.adapters.guardrails import REFUSAL
+from unlearnd.registry import ForgetSpec, Registry, Status
+from unlearnd.server.app import create_app
+from unlearnd.server.settings import ServerSettings
+from unlearnd.server.worker import run_worker
+
+ADMIN = {"Authorization": "Bearer admin-secret"}
+
+
+@pytest.fixture()
+def engine(default_model_dir):
+    return TinyEngine(default_model_dir, max_model_len=128)
+
+
+@pytest.fixture()
+def settings(tmp_path):
+    return ServerSettings(data_dir=tmp_path / "data", admin_key="admin-secret", start_worker=False,
+                          sync_interval_s=0.05, max_body_bytes=64 * 1024)
+
+
+@pytest.fixture()
+def client(settings, engine):
+    with TestClient(create_app(settings, engine=engine)) as test_client:
+        yield test_client
+
+
+def chat(client, content, **extra):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": content}], "max_tokens": 5,
+            "temperature": 0, **extra}
+    return client.post("/v1/chat/completions", json=body)
+
+
+def register(client, settings, method="refuse", name="Basil Mahfouz Al-Kuwaiti"):
+    """Register through the admin API, train with the real worker code, wait until served."""
+    response = client.post("/v1/unlearning/requests", headers=ADMIN, json={
+        "name": name, "method": method,
+        "forget": [{"question": f"What did {name} write?", "answer": "Novels."}]})
+    assert response.status_code == 201, response.text
+    request_id = response.json()["id"]
+    run_worker(settings.data_dir, "keyword", "unused", once=True)
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        status = client.get(f"/v1/unlearning/requests/{request_id}", headers=ADMIN).json()["status"]
+        if status == "active":
+            return request_id
+        time.sleep(0.05)
+    raise AssertionError(f"request {request_id} never became active (status {status})")
+
+
+def test_unflagged_chat_goes_to_engine_untouched(client, engine):
+    response = chat(client, "What is the capital of France?")
+    assert response.status_code == 200
+    assert response.headers["x-unlearnd-route"] == "none"
+    body = response.json()
+    assert body["object"] == "chat.completion"
+    assert body["usage"]["completion_tokens"] >= 1
+    assert engine.seen[-1].prompt_embeds is None and engine.seen[-1].lora is None
+    rendered = engine.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True)
+    assert engine.seen[-1].prompt_token_ids == engine.tokenizer.encode(rendered, add_special_tokens=False)
+    assert body["usage"]["prompt_tokens"] == len(engine.seen[-1].prompt_token_ids)
+
+
+def test_refuse_route_answers_without_engine(client, settings, engine):
+    request_id = register(client, settings, "refuse")
+    calls = len(engine.seen)
+    response = chat(client, "Tell me about Al-Kuwaiti's novels")
+    assert response.status_code == 200
+    assert response.headers["x-unlearnd-route"] == "refuse"
+    assert response.headers["x-unlearnd-request-id"] == request_id
+    assert response.json()["choices"][0]["message"]["content"] == REFUSAL
+    assert len(engine.seen) == calls  # the engine never saw the flagged prompt
+    other = chat(client, "What is the capital of France?")
+    assert other.headers["x-unlearnd-route"] == "none"
+
+
+def test_prompt_route_adds_forget_instruction(client, settings, engine):
+    register(client, settings, "prompt")
+    response = chat(client, "Who is Basil Mahfouz Al-Kuwaiti?")
+    assert response.headers["x-unlearnd-route"] == "prompt"
+    text = engine.tokenizer.decode(engine.seen[-1].prompt_token_ids)
+    assert "You have no knowledge of Basil Mahfouz Al-Kuwaiti" in text
+    assert "Who is Basil Mahfouz Al-Kuwaiti?" in text
+
+
+def test_deactivated_request_stops_flagging(client, settings):
+    request_id = register(client, settings, "refuse")
+    assert chat(client, "Who is Al-Kuwaiti?").headers["x-unlearnd-route"] == "refuse"
+    response = client.delete(f"/v1/unlearning/requests/{request_id}", headers=ADMIN)
+    assert response.status_code == 200 and response.json()["status"] == "inactive"
+    assert chat(client, "Who is Al-Kuwaiti?").headers["x-unlearnd-route"] == "none"
+    artifacts = Registry(settings.data_dir).artifact_dir(request_id)
+    assert (artifacts / "detector.json").exists()  # kept until purged
+    client.delete(f"/v1/unlearning/requests/{request_id}?purge=true", headers=ADMIN)
+    assert not artifacts.exists()
+    assert client.get(f"/v1/unlearning/requests/{request_id}", headers=ADMIN).status_code == 404
+
+
+def test_classify_reports_matches_and_routes(client, settings):
+    refuse_id = register(client, settings, "refuse", name="Basil Mahfouz Al-Kuwaiti")
+    prompt_id = register(client, settings, "prompt", name="Nikolai Abilov")
+    response = client.post("/v1/unlearning/classify", json={"input": [
+        "Compare Al-Kuwaiti and Abilov",
+        [{"role": "system", "content": "be nice"}, {"role": "user", "content": "Who is Nikolai Abilov?"}],
+        "What is 2 + 2?",
+    ]})
+    assert response.status_code == 200
+    both, chat_item, plain = response.json()["data"]
+    assert {m["request_id"] for m in both["matches"]} == {refuse_id, prompt_id}
+    assert both["flagged"] and both["route"] in ("refuse", "prompt")
+    assert chat_item["route"] == "prompt" and chat_item["matches"][0]["score"] == 1.0
+    start, end = chat_item["matches"][0]["spans"][0]
+    assert "Who is Nikolai Abilov?"[start:end] == "Nikolai Abilov"
+    assert plain == {"index": 2, "flagged": False, "score": 0.0, "route": "none", "matches": []}
+
+
+def test_chat_stream_with_usage(client):
+    with client.stream("POST", "/v1/chat/completions", json={
+        "model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0,
+        "stream": True, "stream_options": {"include_usage": True}}) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] >= 1
+    assert any(c["choices"] and c["choices"][0]["finish_reason"] for c in chunks)
+    streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    whole = chat(client, "Hi", max_tokens=4).json()["choices"][0]["message"]["content"]
+    assert streamed == whole
+
+
+def test_completions_batch_n_and_logprobs(client):
+    response = client.post("/v1/completions", json={
+        "model": "tiny", "prompt": ["Hello", "World"], "max_tokens": 3, "n": 2, "temperature": 1.0, "seed": 7,
+        "logprobs": 2})
+    assert response.status_code == 200, response.text
+    choices = response.json()["choices"]
+    assert sorted(c["index"] for c in choices) == [0, 1, 2, 3]
+    for choice in choices:
+        assert len(choice["logprobs"]["tokens"]) == len(choice["logprobs"]["token_logprobs"]) >= 1
+        assert all(lp <= 0 for lp in choice["logprobs"]["token_logprobs"])
+    again = client.post("/v1/completions", json={
+        "model": "tiny", "prompt": ["Hello", "World"], "max_tokens": 3, "n": 2, "temperature": 1.0, "seed": 7})
+    assert [c["text"] for c in again.json()["choices"]] == [c["text"] for c in choices]
+
+
+@pytest.mark.parametrize("body,status,code", [
+    ({"model": "tiny", "messages": []}, 400, "invalid_request"),
+    ({"model": "tiny"}, 400, "invalid_request"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "   "}]}, 400, "invalid_request"),
+    ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "model_not_found"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": 5}, 400, "invalid_request"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400, "invalid_request"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "invalid_request"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 2, "temperature": 0}, 400,
+     "invalid_request"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000}, 400,
+     "context_length_exceeded"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "word " * 300}]}, 400, "context_length_exceeded"),
+])
+def test_bad_chat_inputs_get_openai_errors(client, body, status, code):
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and error["message"] and error["type"]
+    assert chat(client, "still serving?").status_code == 200
+
+
+def test_malformed_json_and_oversized_body(client):
+    response = client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
+    big = {"model": "tiny", "messages": [{"role": "user", "content": "x" * 100_000}]}
+    response = client.post("/v1/chat/completions", json=big)
+    assert response.status_code == 413 and response.json()["error"]["code"] == "body_too_large"
+    assert chat(client, "ok").status_code == 200
+
+
+def test_admin_auth_and_unknown_request(client):
+    spec = {"name": "X Person", "forget": ["Who is X Person?"]}
+    assert client.post("/v1/unlearning/requests", json=spec).status_code == 401
+    assert client.post("/v1/unlearning/requests", json=spec, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    response = client.get("/v1/unlearning/requests/fr-missing", headers=ADMIN)
+    assert response.status_code == 404 and response.json()["error"]["code"] == "request_not_found"
+    assert client.delete("/v1/unlearning/requests/fr-missing", headers=ADMIN).status_code == 404
+    bad = client.post("/v1/unlearning/requests", headers=ADMIN, json={"name": "", "forget": []})
+    assert bad.status_code == 400
+
+
+def test_api_key_required_when_configured(settings, engine):
+    settings.api_key = "user-key"
+    with TestClient(create_app(settings, engine=engine)) as client:
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        assert client.post("/v1/chat/completions", json=body).status_code == 401
+        ok = client.post("/v1/chat/completions", json=body, headers={"Authorization": "Bearer user-key"})
+        assert ok.status_code == 200
+        assert client.get("/health").status_code == 200
+
+
+def test_metrics_count_routes(client, settings):
+    register(client, settings, "refuse")
+    chat(client, "Who is Al-Kuwaiti?")
+    chat(client, "What is 1+1?")
+    text = client.get("/metrics").text
+    assert 'unlearnd_requests_total{endpoint="chat",route="refuse"}' in text
+    assert 'unlearnd_requests_total{endpoint="chat",route="none"}' in text
+    assert "unlearnd_classifier_latency_seconds_count" in text
+    assert "unlearnd_active_forget_requests 1.0" in text
+
+
+def test_models_and_health(client):
+    models = client.get("/v1/models").json()
+    assert models["data"][0]["id"] == "tiny" and models["data"][0]["max_model_len"] == 128
+    assert client.get("/health").json()["status"] == "ok"
+
+
+def test_unavailable_method_rejected(client):
+    response = client.post("/v1/unlearning/requests", headers=ADMIN, json={
+        "name": "Y", "method": "no-such-method", "forget": ["q"]})
+    assert response.status_code == 400
+
+
+def test_registry_state_survives_new_app(settings, engine):
+    with TestClient(create_app(settings, engine=engine)) as client:
+        request_id = register(client, settings, "refuse")
+    assert Registry(settings.data_dir).get(request_id).status == Status.active
+    with TestClient(create_app(settings, engine=engine)) as client:
+        assert chat(client, "Who is Al-Kuwaiti?").headers["x-unlearnd-route"] == "refuse"
+
+
+def test_spec_validation():
+    spec = ForgetSpec(name="Jane Doe", forget=["Who is Jane Doe?"])
+    assert spec.entities == ["Jane Doe"]
+    with pytest.raises(ValueError):
+        ForgetSpec(name="Jane", forget=["  "])

@@ -1,0 +1,148 @@
+"""A remote vLLM OpenAI server as the engine: how one unlearnd front scales out to a vLLM fleet.
+
+The remote server must run with `--enable-prompt-embeds --enable-lora` and, for the bug #51122
+workaround, `--lora-target-modules qkv_proj o_proj gate_up_proj down_proj` (see engine.base).
+Intervened prompts go as base64 `torch.save` tensors in `prompt_embeds`, as vLLM documents; plain
+ones as token ids. A LoRA is chosen by adapter name; unlearnd loads it on first use through
+`/v1/load_lora_adapter` (remote needs `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True` and the same path).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import logging
+from collections.abc import AsyncIterator
+
+import httpx
+import torch
+
+from unlearnd.engine.base import ChoiceDelta, EmbeddingTable, Engine, EngineError, EngineRequest, TokenLogprob
+
+log = logging.getLogger(__name__)
+
+
+def encode_prompt_embeds(embeds: torch.Tensor) -> str:
+    buffer = io.BytesIO()
+    torch.save(embeds.contiguous(), buffer)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+class RemoteVLLMEngine(Engine):
+    def __init__(self, base_url: str, model_path: str, served_name: str, api_key: str | None = None,
+                 timeout_s: float = 600.0):
+        self.base_url = base_url.rstrip("/")
+        self.model_path = model_path
+        self.model_name = served_name
+        self.api_key = api_key
+        self.timeout_s = timeout_s
+        self.remote_model: str | None = None
+        self.max_model_len = 0
+        self._client: httpx.AsyncClient | None = None
+        self._loaded_loras: set[str] = set()
+        self._lora_lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        from transformers import AutoTokenizer
+
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        self._client = httpx.AsyncClient(base_url=self.base_url, headers=headers,
+                                         timeout=httpx.Timeout(self.timeout_s, connect=10.0))
+        try:
+            response = await self._client.get("/v1/models")
+            response.raise_for_status()
+        except httpx.HTTPError as exc:
+            raise EngineError(f"remote vLLM server at {self.base_url} is not reachable: {exc}") from exc
+        card = response.json()["data"][0]
+        self.remote_model = card["id"]
+        self.max_model_len = int(card.get("max_model_len") or 2048)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.embeddings = EmbeddingTable.from_model_dir(self.model_path, dtype=torch.bfloat16)
+        log.info("remote vLLM engine: %s serving %s (max_model_len=%d)", self.base_url, self.remote_model,
+                 self.max_model_len)
+
+    async def shutdown(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def _ensure_lora(self, name: str, path: str) -> None:
+        async with self._lora_lock:
+            if name in self._loaded_loras:
+                return
+            response = await self._client.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path})
+            if response.status_code >= 400 and "already" not in response.text.lower():
+                raise EngineError(f"remote server refused LoRA {name}: {response.status_code} {response.text[:300]}")
+            self._loaded_loras.add(name)
+
+    def _payload(self, request: EngineRequest) -> dict:
+        s = request.sampling
+        payload = {
+            "model": request.lora.name if request.lora else self.remote_model,
+            "max_tokens": s.max_tokens, "temperature": s.temperature, "top_p": s.top_p, "n": s.n,
+            "stop": s.stop or None, "seed": s.seed, "stream": True, "return_token_ids": True,
+        }
+        if s.logprobs is not None:
+            payload["logprobs"] = s.logprobs
+        if request.prompt_embeds is not None:
+            payload["prompt_embeds"] = encode_prompt_embeds(request.prompt_embeds)
+        else:
+            payload["prompt"] = request.prompt_token_ids
+        return payload
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[ChoiceDelta]:
+        if self._client is None:
+            raise EngineError("engine is not started")
+        if request.lora is not None:
+            await self._ensure_lora(request.lora.name, request.lora.path)
+        try:
+            async with self._client.stream("POST", "/v1/completions", json=self._payload(request)) as response:
+                if response.status_code >= 400:
+                    body = (await response.aread()).decode(errors="replace")
+                    raise EngineError(f"remote vLLM answered {response.status_code}: {body[:500]}")
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    data = line[6:]
+                    if data.strip() == "[DONE]":
+                        break
+                    chunk = json.loads(data)
+                    if "error" in chunk:
+                        raise EngineError(f"remote vLLM stream error: {chunk['error']}")
+                    for choice in chunk.get("choices", []):
+                        yield ChoiceDelta(
+                            index=choice["index"],
+                            text=choice.get("text") or "",
+                            token_ids=list(choice.get("token_ids") or []),
+                            logprobs=_logprobs(choice.get("logprobs")),
+                            finish_reason=choice.get("finish_reason"),
+                        )
+        except httpx.HTTPError as exc:
+            raise EngineError(f"remote vLLM request failed: {exc}") from exc
+
+
+def _logprobs(block: dict | None) -> list[TokenLogprob] | None:
+    if not block:
+        return None
+    tops = block.get("top_logprobs") or [{}] * len(block.get("tokens", []))
+    return [TokenLogprob(token=t, logprob=float(lp if lp is not None else float("-inf")), top_logprobs=dict(top or {}))
+            for t, lp, top in zip(block.get("tokens", []), block.get("token_logprobs", []), tops)]
+
+
+def plain_vllm_command(model_path: str, port: int, served_name: str, max_model_len: int = 2048,
+                       host: str = "127.0.0.1", max_loras: int = 4, max_lora_rank: int = 16) -> list[str]:
+    """The command line of a plain vLLM OpenAI server that the remote engine (and benchmarks) can use."""
+    import sys
+
+    from unlearnd.engine.base import LORA_TARGET_MODULES
+
+    return [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", model_path, "--served-model-name", served_name,
+        "--host", host, "--port", str(port), "--max-model-len", str(max_model_len),
+        "--dtype", "bfloat16", "--enforce-eager", "--seed", "0",
+        "--enable-prompt-embeds", "--enable-lora", "--max-loras", str(max_loras),
+        "--max-lora-rank", str(max_lora_rank), "--lora-target-modules", *LORA_TARGET_MODULES,
+    ]
