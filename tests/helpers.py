@@ -42,6 +42,14 @@ class TinyEngine(Engine):
     async def shutdown(self) -> None:
         return None
 
+    async def prompt_logprobs(self, request: EngineRequest) -> list[float | None]:
+        self.seen.append(request)
+        with torch.no_grad():
+            embeds = self.prompt_embeds_for(request).to(torch.float32).unsqueeze(0)
+            logprobs = torch.log_softmax(self.model(inputs_embeds=embeds).logits[0], -1)
+        ids = request.prompt_token_ids
+        return [None] + [float(logprobs[i - 1, ids[i]]) for i in range(1, len(ids))]
+
     async def generate(self, request: EngineRequest) -> AsyncIterator[ChoiceDelta]:
         self.seen.append(request)
         torch.set_grad_enabled(False)

@@ -196,10 +196,12 @@ def requests_remove(request_id: str, purge: bool = typer.Option(False, help="Als
 def _register_plugins() -> None:
     """Attach the command groups that live with their packages."""
     from unlearnd.classifiers.commands import register as register_classifier_commands
+    from unlearnd.offline.bench import register as register_bench_commands
     from unlearnd.offline.commands import register as register_offline_commands
 
     register_classifier_commands(train_app, eval_app)
     register_offline_commands(train_app, eval_app, bench_app)
+    register_bench_commands(bench_app)
 
 
 _register_plugins()

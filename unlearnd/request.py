@@ -15,7 +15,7 @@ from unlearnd.engine.base import LoRASpec, SamplingSpec
 @dataclass
 class GuardedRequest:
     id: str
-    kind: Literal["chat", "completion"]
+    kind: Literal["chat", "completion", "score"]
     sampling: SamplingSpec
     messages: list[dict] | None = None  # chat requests
     prompt: str | None = None  # completion requests

@@ -6,11 +6,6 @@ further unlearnd servers in remote-engine mode start in seconds against the plai
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,64 +13,15 @@ import httpx
 import pytest
 
 from unlearnd.engine.remote import plain_vllm_command
+from unlearnd.offline.servers import ServerProcess, free_port  # noqa: F401  (re-exported for tests)
+from unlearnd.offline.servers import unlearnd_command as _unlearnd_command
 
 ADMIN_KEY = "integration-admin-key"
 MODEL = "SmolLM2-135M-Instruct"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class ServerProcess:
-    def __init__(self, cmd: list[str], port: int, log_path: Path, env: dict | None = None):
-        self.cmd, self.port, self.log_path = cmd, port, log_path
-        self.url = f"http://127.0.0.1:{port}"
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout_s: float = 300) -> ServerProcess:
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
-                                     start_new_session=True)
-        deadline = time.time() + timeout_s
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}; log:\n{self.tail()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200 and \
-                        httpx.get(self.url + "/v1/models", timeout=5).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        self.stop()
-        raise RuntimeError(f"server did not come up in {timeout_s}s; log:\n{self.tail()}")
-
-    def tail(self, n: int = 60) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self._log.close()
-
-
 def unlearnd_command(port: int, data_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "unlearnd.cli", "serve", "--port", str(port), "--data-dir", str(data_dir),
-            "--admin-key", ADMIN_KEY, *extra]
+    return _unlearnd_command(port, data_dir, "--admin-key", ADMIN_KEY, *extra)
 
 
 @pytest.fixture(scope="session")

@@ -244,3 +244,29 @@ def test_spec_validation():
     assert spec.entities == ["Jane Doe"]
     with pytest.raises(ValueError):
         ForgetSpec(name="Jane", forget=["  "])
+
+
+def test_score_endpoint_matches_model_logprobs(client, settings, engine):
+    import torch
+
+    body = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "continuation": " Paris."}
+    response = client.post("/v1/unlearning/score", json=body)
+    assert response.status_code == 200, response.text
+    data = response.json()
+    assert data["route"] == "none" and len(data["tokens"]) == len(data["token_logprobs"]) >= 2
+    rendered = engine.tokenizer.apply_chat_template(body["messages"], tokenize=False, add_generation_prompt=True)
+    prompt_ids = engine.tokenizer.encode(rendered, add_special_tokens=False)
+    cont_ids = engine.tokenizer.encode(" Paris.", add_special_tokens=False)
+    with torch.no_grad():
+        logits = engine.model(torch.tensor([prompt_ids + cont_ids])).logits[0]
+    expected = [float(torch.log_softmax(logits[len(prompt_ids) + i - 1], -1)[t]) for i, t in enumerate(cont_ids)]
+    assert data["token_logprobs"] == pytest.approx(expected, abs=1e-4)
+
+    register(client, settings, "refuse")
+    refused = client.post("/v1/unlearning/score", json={
+        "messages": [{"role": "user", "content": "Who is Al-Kuwaiti?"}], "continuation": " A novelist."}).json()
+    import math
+    assert refused["route"] == "refuse"
+    assert refused["token_logprobs"] == pytest.approx([-math.log(len(engine.tokenizer))] * len(refused["tokens"]))
+    bad = client.post("/v1/unlearning/score", json={"prompt": "x", "messages": [], "continuation": "y"})
+    assert bad.status_code == 400

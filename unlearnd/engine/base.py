@@ -41,6 +41,8 @@ class SamplingSpec(BaseModel):
     stop: list[str] = Field(default_factory=list)
     seed: int | None = None
     logprobs: int | None = Field(None, ge=0, le=20)
+    min_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False  # vLLM extension: fixed-length outputs for benchmarks
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,10 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def generate(self, request: EngineRequest) -> AsyncIterator[ChoiceDelta]:
         """Stream deltas of all `n` choices, interleaved, each choice ending with a finish_reason."""
+
+    @abc.abstractmethod
+    async def prompt_logprobs(self, request: EngineRequest) -> list[float | None]:
+        """Log-probability of each prompt token given those before it (None for the first)."""
 
     async def abort(self, request_id: str) -> None:  # noqa: B027 - optional
         """Stop a request whose client went away."""

@@ -35,6 +35,8 @@ def to_vllm_sampling(spec: SamplingSpec):
         stop=spec.stop or None,
         seed=spec.seed,
         logprobs=spec.logprobs,
+        min_tokens=spec.min_tokens,
+        ignore_eos=spec.ignore_eos,
         output_kind=RequestOutputKind.DELTA,
     )
 
@@ -131,6 +133,29 @@ class LocalVLLMEngine(Engine):
                         logprobs=logprobs,
                         finish_reason=completion.finish_reason,
                     )
+
+    async def prompt_logprobs(self, request: EngineRequest) -> list[float | None]:
+        from vllm import SamplingParams
+
+        if self._llm is None:
+            raise EngineError("engine is not started")
+        ids = request.prompt_token_ids
+        if request.prompt_embeds is not None:
+            # Mixed-mode input with every position taken from the embeddings: vLLM still knows the
+            # ids, which it needs to look up each token's log-probability.
+            prompt = {"prompt_embeds": request.prompt_embeds, "prompt_token_ids": ids,
+                      "prompt_is_token_ids": [False] * len(ids)}
+        else:
+            prompt = {"prompt_token_ids": ids}
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        final = None
+        async for output in self._llm.generate(prompt, params, request.request_id,
+                                               lora_request=self._lora_request(request.lora)):
+            final = output
+        if final is None or final.prompt_logprobs is None:
+            raise EngineError("vLLM returned no prompt logprobs")
+        return [None if entry is None else float(entry[tid].logprob)
+                for tid, entry in zip(ids, final.prompt_logprobs)]
 
     def _convert_logprobs(self, token_id: int, entry: dict) -> TokenLogprob:
         def text(tid: int, lp) -> str:

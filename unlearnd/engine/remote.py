@@ -83,6 +83,7 @@ class RemoteVLLMEngine(Engine):
             "model": request.lora.name if request.lora else self.remote_model,
             "max_tokens": s.max_tokens, "temperature": s.temperature, "top_p": s.top_p, "n": s.n,
             "stop": s.stop or None, "seed": s.seed, "stream": True, "return_token_ids": True,
+            "min_tokens": s.min_tokens, "ignore_eos": s.ignore_eos,
         }
         if s.logprobs is not None:
             payload["logprobs"] = s.logprobs
@@ -91,6 +92,22 @@ class RemoteVLLMEngine(Engine):
         else:
             payload["prompt"] = request.prompt_token_ids
         return payload
+
+    async def prompt_logprobs(self, request: EngineRequest) -> list[float | None]:
+        if self._client is None:
+            raise EngineError("engine is not started")
+        if request.prompt_embeds is not None:
+            raise EngineError("prompt logprobs of embedding prompts are not available through a remote vLLM server")
+        if request.lora is not None:
+            await self._ensure_lora(request.lora.name, request.lora.path)
+        payload = {"model": request.lora.name if request.lora else self.remote_model,
+                   "prompt": request.prompt_token_ids, "max_tokens": 1, "temperature": 0, "prompt_logprobs": 0}
+        response = await self._client.post("/v1/completions", json=payload)
+        if response.status_code >= 400:
+            raise EngineError(f"remote vLLM answered {response.status_code}: {response.text[:500]}")
+        entries = response.json()["choices"][0]["prompt_logprobs"]
+        return [None if entry is None else float(entry[str(tid)]["logprob"])
+                for tid, entry in zip(request.prompt_token_ids, entries)]
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[ChoiceDelta]:
         if self._client is None:

@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from unlearnd.classifiers import get_detector
-from unlearnd.engine.base import ChoiceDelta, Engine, EngineError
+from unlearnd.engine.base import ChoiceDelta, Engine, EngineError, SamplingSpec
 from unlearnd.registry import ForgetSpec, Registry
 from unlearnd.request import GuardedRequest
 from unlearnd.server import metrics
@@ -33,6 +33,7 @@ from unlearnd.server.protocol import (
     ClassifyResult,
     CompletionRequest,
     ModelCard,
+    ScoreRequest,
     new_id,
     openai_error,
 )
@@ -405,6 +406,27 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
             results.append(ClassifyResult(index=index, flagged=bool(matches), score=detection.score,
                                           route=p.route_of(detection), matches=matches))
         return {"object": "list", "data": [r.model_dump() for r in results]}
+
+    @app.post("/v1/unlearning/score")
+    async def score(body: ScoreRequest) -> dict[str, Any]:
+        if body.model is not None:
+            check_model(body.model)
+        messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()}
+                    for m in body.messages] if body.messages is not None else None
+        request = GuardedRequest(
+            id=new_id("score"), kind="score", sampling=SamplingSpec(max_tokens=1, temperature=0.0),
+            messages=messages, prompt=body.prompt,
+            query_text="\n".join(m["content"] for m in messages if m["role"] == "user") if messages else body.prompt,
+        )
+        request = await prepare(request)
+        try:
+            tokens, logprobs = await pipeline().score(request, body.continuation)
+        except ContextLengthError as exc:
+            raise APIError(400, str(exc), "invalid_request_error", "context_length_exceeded", "continuation") from exc
+        except EngineError as exc:
+            raise APIError(500, str(exc), "internal_error", "engine_error") from exc
+        return {"object": "unlearning.score", "route": request.route, "matched_request_ids": request.matched_ids,
+                "tokens": tokens, "token_logprobs": logprobs}
 
     @app.post("/v1/unlearning/requests", status_code=201)
     async def add_request(body: ForgetSpec) -> dict[str, Any]:

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
+
+import torch
 
 from unlearnd.adapters.base import INTERVENTIONS, Intervention, PipelineContext
 from unlearnd.classifiers.base import Detection, Detector
@@ -118,6 +121,32 @@ class GuardrailPipeline:
                 first = False
             yield delta
         metrics.ENGINE_LATENCY.labels(route=request.route).observe(time.perf_counter() - start)
+
+    async def score(self, request: GuardedRequest, continuation: str) -> tuple[list[str], list[float]]:
+        """Log-probs of `continuation` after the prompt, under whatever the route does to the prompt.
+
+        The refuse route never lets the model answer, so it scores every continuation token at the
+        uniform log-probability -log|V|: what a model that knows nothing would give.
+        """
+        tokenizer = self.engine.tokenizer
+        continuation_ids = tokenizer.encode(continuation, add_special_tokens=False)
+        tokens = [tokenizer.decode([t]) for t in continuation_ids]
+        if request.fixed_response is not None:
+            return tokens, [-math.log(len(tokenizer))] * len(continuation_ids)
+        ids = request.prompt_token_ids + continuation_ids
+        embeds = request.prompt_embeds
+        if embeds is not None:
+            tail = self.engine.embeddings.lookup(continuation_ids).to(embeds.dtype)
+            embeds = torch.cat([embeds, tail])
+            # Virtual tokens (soft prompts) have no id: pad in front so ids and rows line up.
+            ids = [tokenizer.pad_token_id or 0] * (embeds.shape[0] - len(ids)) + ids
+        if len(ids) > self.engine.max_model_len:
+            raise ContextLengthError(f"prompt plus continuation is {len(ids)} tokens; the model's maximum "
+                                     f"context length is {self.engine.max_model_len}")
+        engine_request = EngineRequest(request_id=request.id, prompt_token_ids=ids, sampling=request.sampling,
+                                       prompt_embeds=embeds, lora=request.lora)
+        logprobs = await self.engine.prompt_logprobs(engine_request)
+        return tokens, [float(lp) for lp in logprobs[len(ids) - len(continuation_ids):]]
 
     # -- registry sync ----------------------------------------------------------------------------
     def _load(self, request: ForgetRequest) -> None:

@@ -33,6 +33,9 @@ class _SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # vLLM extensions, accepted as vLLM's own server does (e.g. fixed-length benchmark outputs).
+    min_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False
 
     @field_validator("stop")
     @classmethod
@@ -61,6 +64,8 @@ class _SamplingFields(BaseModel):
             stop=list(self.stop or []),
             seed=self.seed,
             logprobs=logprobs,
+            min_tokens=self.min_tokens,
+            ignore_eos=self.ignore_eos,
         )
 
 
@@ -145,6 +150,25 @@ class ClassifyRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     input: list[str | list[ChatMessage]] = Field(min_length=1, max_length=256)
+
+
+class ScoreRequest(BaseModel):
+    """Score a continuation under the served pipeline (what the evaluation harness measures)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    messages: list[ChatMessage] | None = None
+    prompt: str | None = None
+    continuation: str = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _one_prompt(self):
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("give exactly one of messages or prompt")
+        if self.messages is not None and not self.messages:
+            raise ValueError("messages must not be empty")
+        return self
 
 
 class ClassifyMatch(BaseModel):

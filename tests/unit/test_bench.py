@@ -1,0 +1,56 @@
+"""The benchmark driver's bookkeeping on synthetic timings."""
+
+from __future__ import annotations
+
+import math
+
+from unlearnd.offline.bench import CellResult, Sample, percentile, ratios, write_report
+
+
+def test_percentile_interpolates_and_never_invents_zero():
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert percentile(list(range(1, 101)), 99) == 99.01
+    assert math.isnan(percentile([], 50))
+
+
+def test_tpot_and_summary():
+    cell = CellResult([Sample(ttft=0.1, e2e=1.1, output_tokens=11), Sample(ttft=0.3, e2e=2.3, output_tokens=21),
+                       Sample(float("nan"), float("nan"), 0, error="HTTP 500")], wall_s=4.0)
+    assert cell.samples[0].tpot == 0.1
+    summary = cell.summary()
+    assert summary["requests"] == 3 and summary["errors"] == 1
+    assert summary["ttft_p50"] == 0.2 and summary["e2e_p50"] == 1.7
+    assert summary["tpot_p50"] == 0.1
+    assert summary["req_throughput"] == 0.5 and summary["tok_throughput"] == 8.0
+    assert Sample(0.1, 0.2, 1).tpot is None
+
+
+def test_ratios_pair_same_metric():
+    ours = {"requests": 4, "errors": 0, "e2e_p50": 1.05, "tok_throughput": 90.0}
+    plain = {"requests": 4, "errors": 0, "e2e_p50": 1.0, "tok_throughput": 100.0}
+    r = ratios(ours, plain)
+    assert set(r) == {"e2e_p50", "tok_throughput"}
+    assert math.isclose(r["e2e_p50"], 1.05) and math.isclose(r["tok_throughput"], 0.9)
+    assert math.isnan(ratios({"x": 1.0}, {"x": 0.0})["x"])
+
+
+def test_report_marks_targets(tmp_path):
+    def cell(route, c, ours, plain):
+        summary = lambda e2e: {"requests": 2, "errors": 0, "ttft_p50": e2e / 10, "ttft_p99": e2e / 10,  # noqa: E731
+                               "tpot_p50": 0.01, "tpot_p99": 0.01, "e2e_p50": e2e, "e2e_p99": e2e,
+                               "req_throughput": 1 / e2e, "tok_throughput": 32 / e2e}
+        o, p = summary(ours), summary(plain)
+        return {"route": route, "concurrency": c, "unlearnd": o, "vllm": p, "ratio": ratios(o, p),
+                "routes_seen": [route], "e2e_unlearnd": [ours, ours], "e2e_vllm": [plain, plain]}
+
+    result = {"config": {"output_len": 32},
+              "cells": {"none@1": cell("none", 1, 1.01, 1.0), "none@16": cell("none", 16, 1.2, 1.0)},
+              "sweep": [{"active_requests": 1, "classifier_ms_per_prompt": 1.0, "e2e_p50": 1.0},
+                        {"active_requests": 100, "classifier_ms_per_prompt": 1.1, "e2e_p50": 1.0}]}
+    md = write_report(result, tmp_path / "latency", "unlearnd bench serve --test").read_text()
+    assert "`unlearnd bench serve --test`" in md
+    assert "| non-flagged e2e p50 ratio, c=1 | 1.010 | <= 1.03 | yes |" in md
+    assert "| non-flagged e2e p50 ratio, c=16 | 1.200 | <= 1.03 | **no** |" in md
+    assert "| classifier cost 100 vs 1 requests | 1.100 | <= 1.2 | yes |" in md
+    assert "| ECO route e2e p50 ratio, c=1 | n/a |" in md
+    assert (tmp_path / "latency.png").stat().st_size > 1000 and (tmp_path / "latency.json").exists()

@@ -1,0 +1,44 @@
+"""The `unlearnd requests` CLI on a local registry."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from unlearnd.cli import app
+from unlearnd.registry import Registry, Status
+
+runner = CliRunner()
+
+
+def test_requests_add_list_show_remove(tmp_path):
+    forget = tmp_path / "forget.jsonl"
+    forget.write_text(json.dumps({"question": "Who is Jane Roe?", "answer": "A poet."}) + "\n"
+                      + json.dumps({"text": "Jane Roe wrote three books."}) + "\n")
+    data = str(tmp_path / "data")
+    added = runner.invoke(app, ["requests", "add", "--name", "Jane Roe", "--forget", str(forget),
+                                "--method", "prompt", "--entity", "Jane Roe", "--entity", "J. Roe",
+                                "--data-dir", data])
+    assert added.exit_code == 0, added.output
+    request_id = json.loads(added.output)["id"]
+    record = Registry(data).get(request_id)
+    assert record.method.value == "prompt" and record.spec.entities == ["Jane Roe", "J. Roe"]
+    assert record.spec.forget[1] == "Jane Roe wrote three books."
+
+    listed = runner.invoke(app, ["requests", "list", "--data-dir", data])
+    assert request_id in listed.output and "pending" in listed.output and "Jane Roe" in listed.output
+    shown = runner.invoke(app, ["requests", "show", request_id, "--data-dir", data])
+    assert json.loads(shown.output)["spec"]["name"] == "Jane Roe"
+    removed = runner.invoke(app, ["requests", "remove", request_id, "--data-dir", data])
+    assert removed.exit_code == 0 and Registry(data).get(request_id).status == Status.inactive
+    missing = runner.invoke(app, ["requests", "show", "fr-nope", "--data-dir", data])
+    assert missing.exit_code == 1 and "not found" in missing.output
+
+
+def test_requests_add_rejects_bad_method(tmp_path):
+    forget = tmp_path / "forget.jsonl"
+    forget.write_text(json.dumps({"question": "Who is Jane Roe?"}) + "\n")
+    result = runner.invoke(app, ["requests", "add", "--name", "Jane Roe", "--forget", str(forget),
+                                 "--method", "bogus", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "method" in result.output
