@@ -60,16 +60,30 @@ def _check(by_kind: dict[str, set[str]]) -> None:
     assert by_kind["lora_ids"] != by_kind["ids"]  # the adapter really is applied
 
 
+async def _prompt_logprobs(engine, with_embeds: bool) -> list:
+    ids = engine.tokenizer.encode("The capital of France is Paris.", add_special_tokens=False)
+    request = EngineRequest(f"score-{with_embeds}", ids, SamplingSpec(max_tokens=1, temperature=0))
+    if with_embeds:
+        request.prompt_embeds = engine.embeddings.lookup(ids)
+    return await engine.prompt_logprobs(request)
+
+
 def test_local_engine_survives_mixed_batches(default_model_dir, lora_dir):
     async def main():
         engine = LocalVLLMEngine(str(default_model_dir), MODEL, max_model_len=1024)
         await engine.start()
         try:
-            return await _run_mix(engine, lora_dir)
+            mix = await _run_mix(engine, lora_dir)
+            scores = await asyncio.gather(_prompt_logprobs(engine, False), _prompt_logprobs(engine, True))
+            return mix, scores
         finally:
             await engine.shutdown()
 
-    _check(asyncio.run(main()))
+    mix, (from_ids, from_embeds) = asyncio.run(main())
+    _check(mix)
+    assert from_ids[0] is None and all(lp is not None and lp <= 0 for lp in from_ids[1:])
+    assert from_embeds[1:] == pytest.approx(from_ids[1:], abs=0.05)
+    assert from_ids[-2] > -1.0  # "Paris" after "The capital of France is" is likely under the real model
 
 
 def test_remote_engine_survives_mixed_batches(default_model_dir, plain_vllm, lora_dir):

@@ -147,3 +147,15 @@ def test_concurrent_plain_and_flagged_requests(unlearnd_server, client):
     assert len(results) == len(prompts) and all(text for _, text in results)
     assert {route for route, _ in results} >= {"none", "refuse"}
     assert unlearnd_server.alive()
+
+
+def test_score_endpoint_on_real_model(unlearnd_server):
+    def score(continuation):
+        response = httpx.post(unlearnd_server.url + "/v1/unlearning/score", json={
+            "model": MODEL, "messages": QUESTION, "continuation": continuation}, timeout=120)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    right, wrong = score("The capital of France is Paris."), score("The capital of France is Berlin.")
+    assert right["route"] == "none" and len(right["tokens"]) == len(right["token_logprobs"])
+    assert sum(right["token_logprobs"]) > sum(wrong["token_logprobs"]) + 2.0

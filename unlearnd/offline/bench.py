@@ -159,7 +159,7 @@ def tofu_authors(tofu_dir: Path, count: int, skip: int = 0) -> list[dict]:
     return authors
 
 
-def register(url: str, admin_key: str | None, specs: list[dict], method: str, timeout_s: float = 900) -> list[str]:
+def register_requests(url: str, admin_key: str | None, specs: list[dict], method: str, timeout_s: float = 900) -> list[str]:
     headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
     ids = []
     for spec in specs:
@@ -204,7 +204,7 @@ def run_bench(plain_url: str, ours_url: str, admin_key: str | None, tofu_dir: Pa
     authors = tofu_authors(tofu_dir, len(cfg.routes) + max(cfg.sweep))
     route_authors = dict(zip(cfg.routes, authors))
     for route, author in route_authors.items():
-        register(ours_url, admin_key, [author], route)
+        register_requests(ours_url, admin_key, [author], route)
     workloads = {"none": [PLAIN_PROMPTS[i % len(PLAIN_PROMPTS)] for i in range(cfg.requests)]}
     workloads.update({route: _flagged_prompts(author, cfg.requests) for route, author in route_authors.items()})
 
@@ -239,7 +239,7 @@ def run_bench(plain_url: str, ours_url: str, admin_key: str | None, tofu_dir: Pa
     for target in cfg.sweep:
         need = max(0, target - active_count(ours_url))
         if need:
-            register(ours_url, admin_key, [next(extra) for _ in range(need)], "refuse")
+            register_requests(ours_url, admin_key, [next(extra) for _ in range(need)], "refuse")
         active = active_count(ours_url)
         before = classifier_seconds(ours_url)
         prompts = [PLAIN_PROMPTS[i % len(PLAIN_PROMPTS)] for i in range(cfg.sweep_requests)]
@@ -285,7 +285,7 @@ def write_report(result: dict, out: Path, command: str) -> Path:
     cells = result["cells"]
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for key, cell in cells.items():
+    for cell in cells.values():
         if cell["concurrency"] != min(c["concurrency"] for c in cells.values()):
             continue
         for name, style in (("e2e_unlearnd", "-"), ("e2e_vllm", "--")):

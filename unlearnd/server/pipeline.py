@@ -88,7 +88,8 @@ class GuardrailPipeline:
             self.interventions[route].apply(request, match, self.context)
         if not request.prompt_token_ids:
             request.prompt_token_ids = self.tokenize(request)
-        prompt_len = len(request.prompt_token_ids) if request.prompt_embeds is None else int(request.prompt_embeds.shape[0])
+        embeds = request.prompt_embeds
+        prompt_len = len(request.prompt_token_ids) if embeds is None else int(embeds.shape[0])
         limit = self.engine.max_model_len
         if request.fixed_response is None and prompt_len + request.sampling.max_tokens > limit:
             raise ContextLengthError(
