@@ -196,7 +196,10 @@ class BenchConfig:
 
 
 def _flagged_prompts(author: dict, n: int) -> list[str]:
-    questions = [qa["question"] for qa in author["forget"]]
+    """Forget questions that name the author: this measures route latency, not detection recall."""
+    names = [e.lower() for e in author["entities"]]
+    questions = [qa["question"] for qa in author["forget"] if any(name in qa["question"].lower() for name in names)]
+    questions = questions or [qa["question"] for qa in author["forget"]]
     return [questions[i % len(questions)] for i in range(n)]
 
 
