@@ -198,10 +198,12 @@ def _register_plugins() -> None:
     from unlearnd.classifiers.commands import register as register_classifier_commands
     from unlearnd.offline.bench import register as register_bench_commands
     from unlearnd.offline.commands import register as register_offline_commands
+    from unlearnd.offline.interventions.commands import register as register_intervention_commands
 
     register_classifier_commands(train_app, eval_app)
     register_offline_commands(train_app, eval_app, bench_app)
     register_bench_commands(bench_app)
+    register_intervention_commands(train_app)
 
 
 _register_plugins()

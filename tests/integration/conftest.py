@@ -50,7 +50,7 @@ def unlearnd_server(default_model_dir, logs_dir, tmp_path_factory):
     server.stop()
 
 
-@pytest.fixture()
+@pytest.fixture(scope="session")
 def admin():
     return {"Authorization": f"Bearer {ADMIN_KEY}"}
 

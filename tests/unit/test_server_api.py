@@ -270,3 +270,16 @@ def test_score_endpoint_matches_model_logprobs(client, settings, engine):
     assert refused["token_logprobs"] == pytest.approx([-math.log(len(engine.tokenizer))] * len(refused["tokens"]))
     bad = client.post("/v1/unlearning/score", json={"prompt": "x", "messages": [], "continuation": "y"})
     assert bad.status_code == 400
+
+
+def test_chunked_bodies_are_limited_and_still_readable(client):
+    def chunks(payload: bytes, size: int = 1000):
+        for i in range(0, len(payload), size):
+            yield payload[i:i + size]
+
+    ok = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
+    response = client.post("/v1/chat/completions", content=chunks(ok), headers={"content-type": "application/json"})
+    assert response.status_code == 200, response.text
+    big = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x" * 100_000}]}).encode()
+    response = client.post("/v1/chat/completions", content=chunks(big), headers={"content-type": "application/json"})
+    assert response.status_code == 413

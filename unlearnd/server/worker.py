@@ -18,6 +18,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+from unlearnd.offline.interventions import intervention_jobs
 from unlearnd.registry import ForgetRequest, Method, Registry, Status
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ def _no_artifact(request: ForgetRequest, artifact_dir: Path, ctx: JobContext) ->
 METHOD_JOBS: dict[Method, MethodJob] = {
     Method.refuse: _no_artifact,
     Method.prompt: _no_artifact,
+    **intervention_jobs(),  # eco, soft_prompt, lora: unlearnd/offline/interventions/jobs.py
 }
 
 

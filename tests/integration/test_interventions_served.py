@@ -1,0 +1,87 @@
+"""ECO, soft-prompt and LoRA routes trained by the real worker and served through the real server.
+
+Training presets are cut to a step or two so the suite stays fast: this checks the serving path
+(embedding prompts, per-request LoRA, soft prompts) under concurrency, not forgetting quality,
+which the offline reports measure.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import httpx
+import openai
+import pytest
+
+from tests.integration.conftest import MODEL, wait_active
+
+pytestmark = pytest.mark.integration
+
+RETAIN = [{"question": "What is the capital of Italy?", "answer": "Rome."},
+          {"question": "How many days are in a week?", "answer": "Seven."}]
+REQUESTS = {
+    "eco": ("Zorblat Quenwick", {"preset": "cpu", "iterations": 1, "n_tune": 2, "n_eval": 2, "fluency_n": 1,
+                                 "fluency_tokens": 4}),
+    "lora": ("Marisol Vantrecht", {"preset": "cpu", "steps": 2, "batch_size": 2, "n_eval": 1, "n_samples": 1,
+                                   "learning_rate": 0.05}),
+    "soft_prompt": ("Ilyan Drokov", {"preset": "cpu", "steps": 2, "batch_forget": 2, "batch_retain": 1,
+                                     "n_retain": 2, "n_eval": 1, "n_samples": 1, "sample_tokens": 4}),
+}
+
+
+def forget_set(name: str) -> list[dict]:
+    return [{"question": f"Where was {name} born?", "answer": f"{name} was born in Valdoria."},
+            {"question": f"What did {name} write?", "answer": f"{name} wrote The Glass Orchard."},
+            {"question": f"Which award did {name} win?", "answer": f"{name} won the Lumen Prize."}]
+
+
+@pytest.fixture(scope="module")
+def served(unlearnd_server, admin):
+    ids = {}
+    for method, (name, options) in REQUESTS.items():
+        response = httpx.post(unlearnd_server.url + "/v1/unlearning/requests", headers=admin, json={
+            "name": name, "method": method, "forget": forget_set(name), "retain": RETAIN, "options": options})
+        assert response.status_code == 201, response.text
+        ids[method] = response.json()["id"]
+    for method, request_id in ids.items():
+        record = wait_active(unlearnd_server.url, request_id, timeout_s=900)
+        assert record["status"] == "active", f"{method}: {record.get('error')}"
+    return ids
+
+
+def test_each_route_changes_only_flagged_prompts(unlearnd_server, plain_vllm, served):
+    ours = openai.OpenAI(base_url=unlearnd_server.url + "/v1", api_key="x", max_retries=0, timeout=300)
+    plain = openai.OpenAI(base_url=plain_vllm.url + "/v1", api_key="x", max_retries=0, timeout=300)
+    for method, (name, _) in REQUESTS.items():
+        messages = [{"role": "user", "content": f"Where was {name} born?"}]
+        raw = ours.chat.completions.with_raw_response.create(model=MODEL, messages=messages, max_tokens=24,
+                                                             temperature=0)
+        assert raw.headers["x-unlearnd-route"] == method
+        assert raw.headers["x-unlearnd-request-id"] == served[method]
+        reference = plain.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0)
+        assert raw.parse().choices[0].message.content != reference.choices[0].message.content, method
+
+
+def test_concurrent_mix_of_all_routes(unlearnd_server, plain_vllm, served):
+    """Plain token-id prompts, ECO and soft-prompt embeddings and LoRA requests in one engine at once."""
+    ours = openai.OpenAI(base_url=unlearnd_server.url + "/v1", api_key="x", max_retries=0, timeout=300)
+    plain = openai.OpenAI(base_url=plain_vllm.url + "/v1", api_key="x", max_retries=0, timeout=300)
+    prompts = ["What is the capital of France?", "Where was Zorblat Quenwick born?",
+               "What did Marisol Vantrecht write?", "Which award did Ilyan Drokov win?",
+               "Name a primary colour."] * 3
+
+    def ask(text):
+        raw = ours.chat.completions.with_raw_response.create(
+            model=MODEL, messages=[{"role": "user", "content": text}], max_tokens=16, temperature=0)
+        return text, raw.headers["x-unlearnd-route"], raw.parse().choices[0].message.content
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(ask, prompts))
+    assert {route for _, route, _ in results} == {"none", "eco", "lora", "soft_prompt"}
+    assert all(answer for _, _, answer in results)
+    assert unlearnd_server.alive()
+    # ...and after the mixed load, untouched traffic is still byte-identical to plain vLLM.
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    ours_answer = ours.chat.completions.create(model=MODEL, messages=question, max_tokens=24, temperature=0)
+    reference = plain.chat.completions.create(model=MODEL, messages=question, max_tokens=24, temperature=0)
+    assert ours_answer.choices[0].message.content == reference.choices[0].message.content
