@@ -25,32 +25,9 @@ from unlearnd.offline.interventions.lora import (
 from unlearnd.registry import ForgetSpec, QAExample, Registry, Status
 from unlearnd.request import GuardedRequest
 
-MODEL_DIR = Path("/tmp/unl-cache/models/SmolLM2-135M-Instruct")
 TINY = {"steps": 6, "n_eval": 2, "n_samples": 1, "sample_tokens": 2, "batch_size": 4, "learning_rate": 0.01}
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    if not (MODEL_DIR / "tokenizer.json").exists():
-        pytest.skip("SmolLM2 tokenizer not in the model cache")
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(MODEL_DIR))
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=64, vocab_size=len(tokenizer), tie_word_embeddings=True,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=2,
-                         initializer_range=0.2)  # large enough init that inputs visibly move the logits
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 FORGET = [QAExample(question=f"Which city was Hina Ameen born in, version {i}?", answer=f"Karachi, {i}.")
