@@ -1,9 +1,205 @@
-"""CLI commands of the offline package (`unlearnd train reference`, `unlearnd eval tofu`, ...)."""
+"""CLI commands of the offline package (`unlearnd train reference`, `unlearnd train baseline`, `unlearnd eval tofu`)."""
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import shlex
+import sys
+from pathlib import Path
+
 import typer
+
+log = logging.getLogger(__name__)
+
+
+def _command_line() -> str:
+    return "unlearnd " + shlex.join(sys.argv[1:])
+
+
+def _threads(n: int | None) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def _parse_limits(limits: list[str] | None) -> dict[str, int | None]:
+    out: dict[str, int | None] = {}
+    for item in limits or []:
+        split, _, value = item.partition("=")
+        if not value:
+            raise typer.BadParameter(f"--limit wants SPLIT=N, got {item!r}")
+        out[split.strip()] = None if value.strip().lower() in ("all", "none") else int(value)
+    return out
+
+
+def _preset(name: str, forget_split: str, epochs: float | None, lr: float | None, retain_authors: int | None):
+    """The reference preset with CLI overrides (train and eval must agree to find the same cached models)."""
+    from unlearnd.offline.reference import preset as make_preset
+
+    overrides: dict = {}
+    if epochs is not None:
+        overrides["epochs"] = epochs
+    if lr is not None:
+        overrides["learning_rate"] = lr
+    if retain_authors is not None:
+        overrides["n_retain_authors"] = retain_authors
+    return make_preset(name, forget_split, **overrides)
+
+
+_EPOCHS_HELP = "Override the preset's reference epochs (pass the same to `eval tofu`)."
+_LR_HELP = "Override the preset's reference learning rate (pass the same to `eval tofu`)."
+_AUTHORS_HELP = "Override the number of retain authors (mini; pass the same to `eval tofu`)."
 
 
 def register(train_app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) -> None:
     """Attach this package's commands to the `train`, `eval` and `bench` command groups."""
+
+    @train_app.command("reference")
+    def train_reference(
+        preset: str = typer.Option("mini", help="mini (CPU-sized subset) or full (all 4000 QA, GPU)."),
+        forget_split: str = typer.Option("forget05", help="forget01 | forget05 | forget10"),
+        force: bool = typer.Option(False, help="Retrain even when a cached model exists."),
+        which: str = typer.Option("target,retain", help="Which reference models to train."),
+        threads: int = typer.Option(0, help="torch threads (0 = torch default)."),
+        rouge_items: int = typer.Option(0, help="Forget items for the memorisation check (0 = all)."),
+        check: bool = typer.Option(True, help="Measure the forget-set ROUGE-L recall of the trained models."),
+        ref_epochs: float = typer.Option(None, "--ref-epochs", help=_EPOCHS_HELP),
+        ref_lr: float = typer.Option(None, "--ref-lr", help=_LR_HELP),
+        retain_authors: int = typer.Option(None, help=_AUTHORS_HELP),
+    ) -> None:
+        """Train (or reuse) the TOFU target and retain models; print their folders and forget ROUGE-L."""
+        from unlearnd.offline.data import TofuData
+        from unlearnd.offline.reference import (
+            ensure_reference_models,
+            forget_rouge,
+            read_info,
+            update_info,
+        )
+
+        _threads(threads)
+        p = _preset(preset, forget_split, ref_epochs, ref_lr, retain_authors)
+        tofu = TofuData()
+        kinds = tuple(k.strip() for k in which.split(",") if k.strip())
+        refs = ensure_reference_models(p, force=force, tofu=tofu, which=kinds)
+        summary = {}
+        for kind, d in (("target", refs.target_dir), ("retain", refs.retain_dir)):
+            if kind not in kinds:
+                continue
+            path = Path(d)
+            info = read_info(path)
+            if check and ("forget_rouge_l_recall" not in info or force):
+                measured = forget_rouge(path, tofu.split(p.forget_split), p.max_new_tokens, rouge_items or None)
+                info = update_info(path, forget_rouge_l_recall=measured["forget_rouge_l_recall"],
+                                   forget_rouge_n=measured["n"], rouge_backend=measured["rouge_backend"])
+            summary[kind] = {"dir": d, "forget_rouge_l_recall": info.get("forget_rouge_l_recall"),
+                             "train_wall_seconds": info["train"]["wall_seconds"],
+                             "train_cpu_seconds": info["train"]["cpu_seconds"], "steps": info["train"]["steps"]}
+        typer.echo(json.dumps(summary, indent=1))
+        target = summary.get("target", {}).get("forget_rouge_l_recall")
+        if target is not None and target < 0.8:
+            typer.echo(f"warning: target forget ROUGE-L recall {target:.3f} < 0.8 (memorisation target)", err=True)
+
+    @train_app.command("baseline")
+    def train_baseline_cmd(
+        method: str = typer.Argument(..., help="grad_ascent | grad_diff | npo | simnpo | idk_dpo | rmu"),
+        preset: str = typer.Option("mini"),
+        forget_split: str = typer.Option("forget05"),
+        epochs: float = typer.Option(None, help="Override the preset's epochs over the forget set."),
+        lr: float = typer.Option(None, help="Override the learning rate."),
+        option: list[str] = typer.Option(None, help="Method option KEY=VALUE (e.g. beta=0.1), repeatable."),
+        force: bool = typer.Option(False),
+        threads: int = typer.Option(0),
+        ref_epochs: float = typer.Option(None, "--ref-epochs", help=_EPOCHS_HELP),
+        ref_lr: float = typer.Option(None, "--ref-lr", help=_LR_HELP),
+        retain_authors: int = typer.Option(None, help=_AUTHORS_HELP),
+    ) -> None:
+        """Unlearn the forget split from the cached target with one finetuning baseline."""
+        from unlearnd.offline.data import TofuData
+        from unlearnd.offline.evaluate import train_baseline
+        from unlearnd.offline.methods import default_baseline_config
+        from unlearnd.offline.reference import (
+            ensure_reference_models,
+            is_complete,
+            read_info,
+        )
+
+        _threads(threads)
+        p = _preset(preset, forget_split, ref_epochs, ref_lr, retain_authors)
+        refs = ensure_reference_models(p, tofu=TofuData(), which=())
+        if not is_complete(Path(refs.target_dir)):
+            raise typer.BadParameter(f"no target model: run `unlearnd train reference --preset {preset}` first")
+        cfg = default_baseline_config(method, preset)
+        update: dict = {}
+        if epochs is not None:
+            update["epochs"] = epochs
+        if lr is not None:
+            update["learning_rate"] = lr
+        if option:
+            opts = dict(cfg.options)
+            for item in option:
+                key, _, value = item.partition("=")
+                opts[key] = json.loads(value) if value[:1] in "-0123456789[{tfn" else value
+            update["options"] = opts
+        cfg = cfg.model_copy(update=update)
+        out = train_baseline(method, refs, cfg, force=force)
+        info = read_info(out)
+        typer.echo(json.dumps({"dir": str(out), "train": {k: v for k, v in info["train"].items() if k != "losses"}},
+                              indent=1))
+
+    @eval_app.command("tofu")
+    def eval_tofu(
+        preset: str = typer.Option("mini"),
+        forget_split: str = typer.Option("forget05"),
+        methods: str = typer.Option("target,retain", help="Comma list: target, retain, grad_ascent, grad_diff, "
+                                    "npo, simnpo, idk_dpo, rmu, and served: refuse, prompt, eco, soft_prompt, lora, "
+                                    "served_target."),
+        server_url: str = typer.Option(None, help="Base URL of a running server (for served methods); it must "
+                                       "serve the TOFU target model."),
+        admin_key: str = typer.Option(None, envvar="UNLEARND_ADMIN_KEY", help="Admin key for forget requests."),
+        api_key: str = typer.Option(None, envvar="UNLEARND_API_KEY", help="API key for chat/score calls."),
+        served_model: str = typer.Option(None, help="`model` field sent to the server."),
+        out: Path = typer.Option(Path("reports"), help="Report folder."),
+        name: str = typer.Option(None, help="Report file stem (default tofu_<preset>_<forget_split>)."),
+        limit: list[str] = typer.Option(None, help="SPLIT=N items (forget, retain, real_authors, world_facts, "
+                                        "holdout), repeatable; for smoke runs."),
+        max_new_tokens: int = typer.Option(None),
+        robustness: bool = typer.Option(True, help="Run the robustness probes."),
+        robustness_items: int = typer.Option(20, help="Forget (and retain control) items per robustness probe."),
+        relearn_epochs: float = typer.Option(1.0, help="Epochs of the relearning attack over half the forget set."),
+        baseline_epochs: float = typer.Option(None, help="Override every baseline's epochs over the forget set."),
+        train_missing: bool = typer.Option(True, help="Train missing reference models (else fail)."),
+        use_cache: bool = typer.Option(True, help="Reuse cached per-model evaluation records."),
+        threads: int = typer.Option(0),
+        ref_epochs: float = typer.Option(None, "--ref-epochs", help=_EPOCHS_HELP),
+        ref_lr: float = typer.Option(None, "--ref-lr", help=_LR_HELP),
+        retain_authors: int = typer.Option(None, help=_AUTHORS_HELP),
+    ) -> None:
+        """Evaluate methods on TOFU; write JSON + markdown + PNG plots under --out."""
+        from unlearnd.offline.evaluate import (
+            TofuEvalConfig,
+            methods_list,
+            run_tofu_eval,
+        )
+        from unlearnd.offline.methods import BASELINES
+        from unlearnd.offline.report import write_report
+
+        _threads(threads)
+        cfg = TofuEvalConfig(preset=preset, forget_split=forget_split, methods=methods_list(methods),
+                             server_url=server_url, admin_key=admin_key or os.environ.get("UNLEARND_ADMIN_KEY"),
+                             api_key=api_key, served_model=served_model, max_new_tokens=max_new_tokens,
+                             limits=_parse_limits(limit), robustness=robustness,
+                             robustness_items=robustness_items, relearn_epochs=relearn_epochs, use_cache=use_cache,
+                             baseline_overrides={m: {"epochs": baseline_epochs} for m in BASELINES}
+                             if baseline_epochs is not None else {})
+        p = _preset(preset, forget_split, ref_epochs, ref_lr, retain_authors)
+        results = run_tofu_eval(cfg, reference_preset=p, train_missing_references=train_missing)
+        stem = name or f"tofu_{preset}_{forget_split}"
+        paths = write_report(results, out, stem, _command_line())
+        typer.echo(json.dumps({k: str(v) for k, v in paths.items()}, indent=1))
+        failed = [m for m, e in results["methods"].items() if "error" in e]
+        if failed:
+            typer.echo(f"methods failed: {failed} (see the report)", err=True)
+            raise typer.Exit(1)

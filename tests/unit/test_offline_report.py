@@ -1,0 +1,73 @@
+"""The report builder: JSON + markdown table + PNG plots from a results dict."""
+
+from __future__ import annotations
+
+import json
+
+from unlearnd.offline.report import fmt, markdown, write_report
+
+
+def results() -> dict:
+    return {
+        "preset": {"name": "mini", "forget_split": "forget05"},
+        "split_sizes": {"forget": 200, "retain": 200},
+        "settings": {"max_new_tokens": 96},
+        "rouge_backend": "test",
+        "reference": {"target": {"n_items": 400, "forget_rouge_l_recall": 0.912, "train": {"wall_seconds": 1200.4,
+                                                                                           "cpu_seconds": 2300.0}}},
+        "methods": {
+            "retain": {"kind": "reference", "cost": {}, "metrics": {"forget_quality": 1.0, "model_utility": 0.41,
+                                                                   "extraction_strength": 0.05}},
+            "grad_ascent": {"kind": "baseline", "cost": {"train_wall_seconds": 321.7, "train_cpu_seconds": 600.2},
+                            "metrics": {"forget_quality": 3.2e-7, "model_utility": 0.0, "extraction_strength": 0.02}},
+            "refuse": {"kind": "served", "cost": {}, "metrics": {"forget_quality": 0.02, "model_utility": 0.39,
+                                                                "extraction_strength": None},
+                       "routes": {"forget": {"refuse": 190, "pass": 10}},
+                       "robustness": {"paraphrased": {"direct_rouge": 0.1, "paraphrased_rouge": 0.3},
+                                      "multiple_choice": {"forget": {"likelihood_accuracy": 0.25,
+                                                                     "generated_accuracy": 0.2}}}},
+            "npo": {"kind": "baseline", "cost": {}, "error": "RuntimeError: boom"},
+        },
+    }
+
+
+def test_fmt():
+    assert fmt(None) == "n/a"
+    assert fmt(float("nan")) == "n/a"
+    assert fmt(0.12345) == "0.123"
+    assert fmt(3.2e-7) == "3.20e-07"
+    assert fmt(1200.4, 0) == "1200"
+
+
+def test_markdown_table_rows_and_missing_values():
+    md = markdown({**results(), "command": "unlearnd eval tofu --preset mini", "machine": "2-core CPU, no GPU"})
+    assert "Command: `unlearnd eval tofu --preset mini`" in md
+    assert "2-core CPU, no GPU" in md
+    row = next(line for line in md.splitlines() if line.startswith("| grad_ascent | baseline |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == "3.20e-07" and cells[3] == "0.000"  # forget quality, model utility
+    assert cells[-2:] == ["322", "600"]  # train wall / CPU seconds
+    refuse = next(line for line in md.splitlines() if line.startswith("| refuse | served |"))
+    assert "n/a" in refuse  # extraction strength is not measurable over HTTP
+    assert "| npo | baseline | failed: RuntimeError: boom |" in md
+    assert "| target | 400 | 1200 | 2300 | 0.912 |" in md
+    assert "refuse: forget: {'refuse': 190, 'pass': 10}" in md
+    assert "| refuse | 0.100 | 0.300 | 0.250 / 0.200 |" in md
+
+
+def test_write_report_files(tmp_path):
+    paths = write_report(results(), tmp_path, "tofu_test", "unlearnd eval tofu", notes=["smoke"])
+    data = json.loads(paths["json"].read_text())
+    assert data["command"] == "unlearnd eval tofu" and data["notes"] == ["smoke"]
+    assert data["methods"]["grad_ascent"]["metrics"]["forget_quality"] == 3.2e-7
+    for key in ("scatter", "bars"):
+        blob = paths[key].read_bytes()
+        assert blob[:8] == b"\x89PNG\r\n\x1a\n" and len(blob) > 2000
+    md = paths["markdown"].read_text()
+    assert "![tofu_test_scatter](tofu_test_scatter.png)" in md and "- smoke" in md
+
+
+def test_scatter_skipped_without_points(tmp_path):
+    empty = {"methods": {"x": {"kind": "served", "metrics": {"forget_quality": None, "model_utility": None}}}}
+    paths = write_report(empty, tmp_path, "empty", "cmd")
+    assert "scatter" not in paths and not (tmp_path / "empty_scatter.png").exists()

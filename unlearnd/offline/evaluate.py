@@ -1,0 +1,415 @@
+"""TOFU evaluation of every method through one path: build the model under test, collect records, compute metrics.
+
+Methods come in three kinds:
+* references - `target` and `retain` (in-process, from `reference.py`);
+* baselines - weight-changing unlearning from the target (`methods.py`), trained once and cached;
+* served - guardrail methods (`refuse`, `prompt`, ...) measured through the running server: a forget
+  request is registered, polled until active, evaluated over HTTP, then deactivated. The server must
+  serve the *target* model (the one that knows the fictitious authors). `served_target` evaluates the
+  server with no request registered - the pass-through check that served and in-process numbers agree.
+
+Collected records are cached per (model, evaluation config) under `cache_dir()/eval`, so adding a
+method to a report does not re-evaluate the others.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, Field
+
+from unlearnd.config import cache_dir
+from unlearnd.offline.data import (
+    QAItem,
+    TofuData,
+    author_names,
+    has_tofu_split,
+    user_messages,
+)
+from unlearnd.offline.methods import (
+    BASELINES,
+    BaselineConfig,
+    UnlearningMethod,
+    default_baseline_config,
+)
+from unlearnd.offline.metrics import (
+    ItemRecord,
+    RunRecords,
+    SplitRecords,
+    compute_all,
+    rouge_backend,
+)
+from unlearnd.offline.mut import HFModelUnderTest, ModelUnderTest, ServedModelUnderTest
+from unlearnd.offline.reference import (
+    ReferenceModels,
+    ReferencePreset,
+    cache_key,
+    ensure_reference_models,
+    is_complete,
+    items_digest,
+    load_causal_lm,
+    model_fingerprint,
+    read_info,
+    save_model_atomic,
+    steps_for,
+    train_result_dict,
+)
+from unlearnd.offline.trainer import TRAINING_METHODS, TrainConfig, Trainer
+
+log = logging.getLogger(__name__)
+
+REFERENCE_METHODS = ("target", "retain")
+SERVED_METHODS = ("refuse", "prompt", "eco", "soft_prompt", "lora", "served_target")
+EVAL_CODE_VERSION = 2  # 2: baselines saved in float32
+SHORT_ANSWER_SPLITS = ("real_authors", "world_facts")
+SHORT_ANSWER_TOKENS = 32
+
+
+class EvalSettings(BaseModel):
+    """What is measured (hashed into the record cache key)."""
+
+    max_new_tokens: int = 96
+    limits: dict[str, int | None] = Field(default_factory=dict, description="items per split (None = all)")
+
+
+class EvalSplits(BaseModel):
+    """The items of each evaluation split (forget carries paraphrased / perturbed answers)."""
+
+    forget: list[QAItem]
+    retain: list[QAItem]
+    real_authors: list[QAItem]
+    world_facts: list[QAItem]
+    holdout: list[QAItem] = Field(default_factory=list)
+
+    def as_dict(self) -> dict[str, list[QAItem]]:
+        return {"forget": self.forget, "retain": self.retain, "real_authors": self.real_authors,
+                "world_facts": self.world_facts, "holdout": self.holdout}
+
+
+def _limit(items: list[QAItem], n: int | None) -> list[QAItem]:
+    """Deterministic subsample spread over the split (every k-th item), so every author stays represented."""
+    if n is None or n >= len(items):
+        return items
+    step = len(items) / n
+    return [items[int(i * step)] for i in range(n)]
+
+
+def eval_splits(refs: ReferenceModels, tofu: TofuData | None = None, limits: dict[str, int | None] | None = None) -> EvalSplits:
+    tofu = tofu or TofuData()
+    p = refs.preset
+    limits = limits or {}
+    retain_authors = set(refs.data.retain_authors)
+    retain = [it for it in tofu.split("retain_perturbed") if it.author in retain_authors]
+    if refs.data.holdout_authors:
+        holdout = tofu.by_authors(refs.data.holdout_authors)
+    else:
+        name = "holdout" + p.forget_split.removeprefix("forget")
+        holdout = tofu.split(name) if has_tofu_split(name, tofu.folder) else []
+        if not holdout:
+            log.warning("no held-out split %s: the membership-inference AUC is left out", name)
+    defaults = {"forget": p.eval_forget_items, "retain": p.eval_retain_items, "holdout": p.eval_holdout_items,
+                "real_authors": p.eval_real_authors_items, "world_facts": p.eval_world_facts_items}
+    pick = {**defaults, **limits}
+    return EvalSplits(
+        forget=_limit(tofu.perturbed_for(p.forget_split), pick.get("forget")),
+        retain=_limit(retain, pick.get("retain")),
+        real_authors=_limit(tofu.split("real_authors_perturbed"), pick.get("real_authors")),
+        world_facts=_limit(tofu.split("world_facts_perturbed"), pick.get("world_facts")),
+        holdout=_limit(holdout, pick.get("holdout")),
+    )
+
+
+# --------------------------------------------------------------------------- collection
+
+
+def collect_split(mut: ModelUnderTest, name: str, items: list[QAItem], max_new_tokens: int,
+                  generate: bool = True) -> SplitRecords:
+    """Score [answer, paraphrased?, perturbed...] per item and (optionally) generate greedily."""
+    prompts = [user_messages(it.question) for it in items]
+    conts: list[list[str]] = []
+    for it in items:
+        c = [it.answer]
+        if it.paraphrased_answer is not None:
+            c.append(it.paraphrased_answer)
+        c.extend(it.perturbed_answers)
+        conts.append(c)
+    scored = mut.score(prompts, conts, desc=f"score {name}")
+    gens = mut.generate(prompts, max_new_tokens, desc=f"generate {name}") if generate else [None] * len(items)
+    records = []
+    for it, s, g in zip(items, scored, gens):
+        k = 1
+        para = None
+        if it.paraphrased_answer is not None:
+            para = s[1].logprobs
+            k = 2
+        records.append(ItemRecord(
+            question=it.question, answer=it.answer, answer_lp=s[0].logprobs, greedy_hits=s[0].greedy_hits,
+            paraphrased_lp=para, perturbed_lp=[x.logprobs for x in s[k:]], generation=g, route=s[0].route,
+        ))
+    return SplitRecords(split=name, items=records)
+
+
+def add_generation_perplexity(records: SplitRecords, judge: ModelUnderTest) -> None:
+    """Perplexity of each generation under the judge (target) model, given its question."""
+    todo = [(i, r) for i, r in enumerate(records.items) if r.generation]
+    if not todo:
+        return
+    scored = judge.score([user_messages(r.question) for _, r in todo], [[r.generation or ""] for _, r in todo],
+                         desc=f"perplexity {records.split}")
+    for (_, r), s in zip(todo, scored):
+        lp = s[0].mean_logprob
+        r.generation_ppl = math.exp(-lp) if math.isfinite(lp) else None
+
+
+def collect_run(method: str, mut: ModelUnderTest, splits: EvalSplits, settings: EvalSettings,
+                judge: ModelUnderTest | None) -> RunRecords:
+    run = RunRecords(method=method)
+    for name, items in splits.as_dict().items():
+        if not items:
+            continue
+        # real_authors / world_facts answers are a few tokens (99th percentile 10): 32 new tokens suffice
+        budget = min(settings.max_new_tokens, SHORT_ANSWER_TOKENS) if name in SHORT_ANSWER_SPLITS else settings.max_new_tokens
+        run.splits[name] = collect_split(mut, name, items, budget, generate=name != "holdout")
+    if judge is not None and "forget" in run.splits:
+        add_generation_perplexity(run.splits["forget"], judge)
+    return run
+
+
+def _records_cache_path(model_key: str, splits: EvalSplits, settings: EvalSettings) -> Path:
+    key = cache_key({"model": model_key, "settings": settings.model_dump(), "code": EVAL_CODE_VERSION,
+                     "splits": {k: items_digest(v) for k, v in splits.as_dict().items()}})
+    return cache_dir() / "eval" / f"{key}.json"
+
+
+def cached_run(method: str, model_key: str | None, make: Any, splits: EvalSplits, settings: EvalSettings,
+               judge: ModelUnderTest | None, use_cache: bool = True) -> tuple[RunRecords, float, bool]:
+    """Collect (or load) a run's records; returns (records, eval wall seconds, came from cache)."""
+    path = _records_cache_path(model_key, splits, settings) if model_key else None
+    if use_cache and path is not None and path.exists():
+        data = json.loads(path.read_text())
+        return RunRecords.model_validate(data["records"]), float(data["eval_wall_seconds"]), True
+    t0 = time.perf_counter()
+    mut = make()
+    records = collect_run(method, mut, splits, settings, judge)
+    wall = time.perf_counter() - t0
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"eval_wall_seconds": wall, "records": records.model_dump()}))
+        os.replace(tmp, path)
+    return records, wall, False
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+def train_baseline(method: str, refs: ReferenceModels, cfg: BaselineConfig | None = None, force: bool = False,
+                   progress: bool = True, tofu: TofuData | None = None) -> Path:
+    """Unlearn the forget split from the target with a baseline; cached by (target, data, config)."""
+    cls = TRAINING_METHODS.get(method)
+    if cls is None or not issubclass(cls, UnlearningMethod):
+        raise ValueError(f"unknown baseline {method!r}; choose from {BASELINES}")
+    cfg = cfg or default_baseline_config(method, refs.preset.name)
+    tofu = tofu or TofuData()
+    forget = tofu.split(refs.preset.forget_split)
+    retain = refs.data.retain_items
+    target_dir = Path(refs.target_dir)
+    key = cache_key({"baseline": cfg.model_dump(), "target": model_fingerprint(target_dir),
+                     "forget": items_digest(forget), "retain": items_digest(retain), "code": EVAL_CODE_VERSION})
+    out = cache_dir() / "baselines" / key
+    if is_complete(out) and not force:
+        return out
+    model, tokenizer = load_causal_lm(target_dir)
+    batches = cls.build_batches(tokenizer, forget, retain, cfg.batch_size, cfg.max_length, cfg.seed)
+    steps = steps_for(cfg.epochs, len(batches))  # type: ignore[arg-type]
+    instance = cls(**cfg.options)
+    result = Trainer(instance, TrainConfig(steps=steps, learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
+                                           seed=cfg.seed, progress=progress)).fit(model, batches)
+    info = {"kind": "baseline", "method": method, "config": cfg.model_dump(), "target": str(target_dir),
+            "cache_key": key, "train": train_result_dict(result)}
+    if hasattr(instance, "ref"):
+        instance.ref = None  # free the frozen copy before saving
+    # float32: an unlearning update (lr 1e-5..5e-5 per Adam step) is below bf16's resolution for most
+    # weights, so a bf16 save would round much of the method's effect away.
+    return save_model_atomic(model, tokenizer, out, info, dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------- served
+
+
+def forget_request_spec(method: str, refs: ReferenceModels, tofu: TofuData | None = None) -> dict[str, Any]:
+    """The forget request a user would register for this forget split (QA pairs + author names)."""
+    tofu = tofu or TofuData()
+    forget = tofu.split(refs.preset.forget_split)
+    names = author_names(tofu.by_authors(refs.data.forget_authors))
+    return {
+        "name": f"tofu-{refs.preset.forget_split}-{method}",
+        "method": method,
+        "forget": [{"question": it.question, "answer": it.answer} for it in forget],
+        "retain": [{"question": it.question, "answer": it.answer} for it in refs.data.retain_items],
+        "entities": [names[a] for a in sorted(names)],
+    }
+
+
+# --------------------------------------------------------------------------- the whole evaluation
+
+
+class TofuEvalConfig(BaseModel):
+    preset: str = "mini"
+    forget_split: str = "forget05"
+    methods: list[str] = Field(default_factory=lambda: ["target", "retain"])
+    server_url: str | None = None
+    api_key: str | None = None
+    admin_key: str | None = None
+    served_model: str | None = None
+    max_new_tokens: int | None = None
+    limits: dict[str, int | None] = Field(default_factory=dict)
+    robustness: bool = True
+    robustness_items: int = 20
+    relearn_epochs: float = 1.0
+    relearn_lr: float | None = None  # None: the reference models' finetuning lr (how the facts were learned)
+    use_cache: bool = True
+    request_timeout_s: float = 3600.0
+    baseline_overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+def _hf_maker(path: str | Path, name: str) -> Any:
+    return lambda: HFModelUnderTest.from_dir(path, name=name)
+
+
+def run_tofu_eval(cfg: TofuEvalConfig, reference_preset: ReferencePreset | None = None,
+                  tofu: TofuData | None = None, train_missing_references: bool = True) -> dict[str, Any]:
+    """Evaluate every method of `cfg` and return the results dict the report is built from."""
+    from unlearnd.offline import reference as ref_mod
+    from unlearnd.offline import robustness
+
+    tofu = tofu or TofuData()
+    p = reference_preset or ref_mod.preset(cfg.preset, cfg.forget_split)
+    if not train_missing_references:
+        refs = ensure_reference_models(p, tofu=tofu, which=())
+        for d in (refs.target_dir, refs.retain_dir):
+            if not is_complete(Path(d)):
+                raise FileNotFoundError(f"reference model missing at {d}: run `unlearnd train reference --preset {p.name}`")
+    else:
+        refs = ensure_reference_models(p, tofu=tofu)
+    settings = EvalSettings(max_new_tokens=cfg.max_new_tokens or p.max_new_tokens, limits=cfg.limits)
+    splits = eval_splits(refs, tofu, cfg.limits)
+    unknown = [m for m in cfg.methods if m not in REFERENCE_METHODS + BASELINES + SERVED_METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}")
+    needs_server = [m for m in cfg.methods if m in SERVED_METHODS]
+    if needs_server and not cfg.server_url:
+        raise ValueError(f"methods {needs_server} are served guardrails: pass --server-url")
+
+    judge = HFModelUnderTest.from_dir(refs.target_dir, name="target")  # perplexity judge = target model
+    results: dict[str, Any] = {
+        "preset": p.model_dump(), "settings": settings.model_dump(), "rouge_backend": rouge_backend(),
+        "split_sizes": {k: len(v) for k, v in splits.as_dict().items()},
+        "reference": {k: {"dir": d, **{x: y for x, y in read_info(Path(d)).items() if x != "train"},
+                          "train": {x: y for x, y in read_info(Path(d)).get("train", {}).items() if x != "losses"}}
+                      for k, d in (("target", refs.target_dir), ("retain", refs.retain_dir))},
+        "methods": {},
+    }
+    runs: dict[str, RunRecords] = {}
+    retain_run: RunRecords | None = None
+    order = ["retain"] + [m for m in cfg.methods if m != "retain"]  # the retain run is every method's reference
+    for method in order:
+        entry: dict[str, Any] = {"kind": None, "cost": {}}
+        served: ServedModelUnderTest | None = None
+        request_id: str | None = None
+        model_dir: Path | None = None
+        t0 = time.perf_counter()
+        try:
+            if method in REFERENCE_METHODS:
+                model_dir = Path(refs.target_dir if method == "target" else refs.retain_dir)
+                entry["kind"] = "reference"
+                train = read_info(model_dir).get("train", {})
+                entry["cost"].update({"train_wall_seconds": train.get("wall_seconds"),
+                                      "train_cpu_seconds": train.get("cpu_seconds")})
+            elif method in BASELINES:
+                bcfg = default_baseline_config(method, p.name)
+                if method in cfg.baseline_overrides:
+                    bcfg = bcfg.model_copy(update=cfg.baseline_overrides[method])
+                model_dir = train_baseline(method, refs, bcfg, tofu=tofu)
+                info = read_info(model_dir)
+                entry.update(kind="baseline", config=info["config"], model_dir=str(model_dir))
+                entry["cost"].update({"train_wall_seconds": info["train"]["wall_seconds"],
+                                      "train_cpu_seconds": info["train"]["cpu_seconds"],
+                                      "train_steps": info["train"]["steps"],
+                                      "final_loss": info["train"]["final_loss"]})
+            else:
+                entry["kind"] = "served"
+                served = ServedModelUnderTest(cfg.server_url or "", name=method, api_key=cfg.api_key,
+                                              admin_key=cfg.admin_key, model=cfg.served_model)
+                if method != "served_target":
+                    spec = forget_request_spec(method, refs, tofu)
+                    request_id = served.register(spec)
+                    t_reg = time.perf_counter()
+                    served.wait_active(request_id, timeout_s=cfg.request_timeout_s)
+                    entry["cost"]["activation_wall_seconds"] = time.perf_counter() - t_reg
+                    entry["request_id"] = request_id
+                    entry["entities"] = spec["entities"]
+            if model_dir is not None:
+                md = model_dir
+                records, wall, cached = cached_run(method, model_fingerprint(md), _hf_maker(md, method), splits,
+                                                   settings, judge, cfg.use_cache)
+            else:
+                assert served is not None
+                records, wall, cached = cached_run(method, None, lambda s=served: s, splits, settings, judge, False)
+                entry["routes"] = {name: dict(Counter(it.route for it in sr.items)) for name, sr in records.splits.items()}
+                entry["generation_routes"] = dict(Counter(served.generation_routes))
+            entry["cost"].update({"eval_wall_seconds": wall, "eval_cached": cached})
+            runs[method] = records
+            if method == "retain":
+                retain_run = records
+            if cfg.robustness and method in cfg.methods:
+                mut: ModelUnderTest = served if served is not None else HFModelUnderTest.from_dir(model_dir, name=method)
+                entry["robustness"] = robustness.run_probes(
+                    mut, tofu, refs, n_items=cfg.robustness_items, max_new_tokens=settings.max_new_tokens)
+                if method in BASELINES or method == "retain":  # retain = relearning from scratch
+                    assert model_dir is not None
+                    entry["robustness"]["relearning"] = robustness.relearning_attack(
+                        model_dir, tofu.split(p.forget_split), epochs=cfg.relearn_epochs,
+                        lr=cfg.relearn_lr or p.learning_rate,
+                        max_new_tokens=settings.max_new_tokens, n_eval=cfg.robustness_items)
+        except Exception as exc:  # one failing method must not lose the others' results
+            log.exception("method %s failed", method)
+            entry["error"] = f"{type(exc).__name__}: {exc}"
+        finally:
+            if served is not None:
+                if request_id is not None:
+                    try:
+                        served.deactivate(request_id)
+                    except Exception:  # noqa: BLE001
+                        log.warning("could not deactivate forget request %s", request_id)
+                served.close()
+        entry["cost"]["total_wall_seconds"] = time.perf_counter() - t0
+        if method in cfg.methods:
+            results["methods"][method] = entry
+    results["methods"] = {m: results["methods"][m] for m in cfg.methods if m in results["methods"]}  # user's order
+    for method, records in runs.items():
+        if method in results["methods"]:
+            results["methods"][method]["metrics"] = compute_all(records, retain_run)
+    results["examples"] = {m: [{"question": it.question, "answer": it.answer, "generation": it.generation}
+                               for it in r.splits["forget"].items[:3]]
+                           for m, r in runs.items() if m in results["methods"] and "forget" in r.splits}
+    return results
+
+
+def set_threads(n: int | None) -> None:
+    if n:
+        torch.set_num_threads(n)
+
+
+def methods_list(text: str | Sequence[str]) -> list[str]:
+    items = text.split(",") if isinstance(text, str) else list(text)
+    return [m.strip() for m in items if m.strip()]

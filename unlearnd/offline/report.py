@@ -1,0 +1,260 @@
+"""Turn evaluation results into `reports/<name>.json`, a markdown table and PNG plots.
+
+The markdown starts with the exact command and the machine, so every number can be reproduced;
+metrics a method could not produce (e.g. extraction strength over HTTP) show as "n/a", never as 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+TABLE_COLUMNS = (
+    ("forget_quality", "Forget quality ↑"),
+    ("model_utility", "Model utility ↑"),
+    ("forget_Q_A_Prob", "Forget prob"),
+    ("forget_Q_A_ROUGE", "Forget ROUGE-L"),
+    ("forget_truth_ratio", "Forget TR"),
+    ("extraction_strength", "Extraction ↓"),
+    ("mia_min_k_auc", "MIA AUC"),
+    ("retain_Q_A_ROUGE", "Retain ROUGE-L"),
+    ("ra_Q_A_ROUGE", "Real authors ROUGE-L"),
+    ("wf_Q_A_ROUGE", "World facts ROUGE-L"),
+    ("forget_gibberish_rate", "Gibberish ↓"),
+    ("forget_generation_ppl", "Gen. PPL"),
+)
+
+UTILITY_COLUMNS = (
+    "retain_Q_A_Prob", "retain_Q_A_ROUGE", "retain_Truth_Ratio",
+    "ra_Q_A_Prob_normalised", "ra_Q_A_ROUGE", "ra_Truth_Ratio",
+    "wf_Q_A_Prob_normalised", "wf_Q_A_ROUGE", "wf_Truth_Ratio",
+)
+
+BAR_METRICS = ("forget_Q_A_ROUGE", "forget_Q_A_Prob", "forget_truth_ratio", "extraction_strength",
+               "mia_min_k_auc", "model_utility", "retain_Q_A_ROUGE", "forget_gibberish_rate")
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (int, float)):
+        v = float(value)
+        if v != 0 and (abs(v) < 10 ** -digits or abs(v) >= 1e5):
+            return f"{v:.2e}"
+        return f"{v:.{digits}f}"
+    return str(value)
+
+
+def git_commit(repo: Path | None = None) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo or Path.cwd(), capture_output=True,
+                             text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def machine_description() -> str:
+    try:
+        import torch
+
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except Exception:  # noqa: BLE001
+        gpu = None
+    cores = os.cpu_count()
+    return f"{cores}-core CPU, " + (f"GPU {gpu}" if gpu else "no GPU") + f" ({platform.machine()})"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    methods: dict[str, Any] = results.get("methods", {})
+    lines = [f"# {results.get('title', 'TOFU unlearning evaluation')}", ""]
+    lines += [f"Command: `{results.get('command', 'n/a')}`", "",
+              (f"Machine: {results.get('machine', 'n/a')}; commit {results.get('git_commit') or 'n/a'}; "
+               f"created {results.get('created', 'n/a')}."), ""]
+    preset = results.get("preset", {})
+    if preset:
+        lines += [f"Preset `{preset.get('name')}`, forget split `{preset.get('forget_split')}`; split sizes "
+                  + ", ".join(f"{k} {v}" for k, v in results.get("split_sizes", {}).items())
+                  + f"; greedy generation up to {results.get('settings', {}).get('max_new_tokens')} new tokens; "
+                  f"ROUGE: {results.get('rouge_backend', 'n/a')}.", ""]
+    ref = results.get("reference", {})
+    if ref:
+        lines += ["## Reference models", "",
+                  "| Model | QA trained | Train wall s | Train CPU s | Forget ROUGE-L (memorisation check) |",
+                  "|---|---|---|---|---|"]
+        for kind, info in ref.items():
+            train = info.get("train", {})
+            lines.append(f"| {kind} | {info.get('n_items', 'n/a')} | {fmt(train.get('wall_seconds'), 0)} | "
+                         f"{fmt(train.get('cpu_seconds'), 0)} | {fmt(info.get('forget_rouge_l_recall'))} |")
+        lines.append("")
+    lines += ["## Main metrics", "",
+              "| Method | Kind | " + " | ".join(title for _, title in TABLE_COLUMNS) + " | Train wall s | Train CPU s |",
+              "|---|---|" + "---|" * (len(TABLE_COLUMNS) + 2)]
+    for name, entry in methods.items():
+        m = entry.get("metrics", {})
+        cost = entry.get("cost", {})
+        if "error" in entry and not m:
+            lines.append(f"| {name} | {entry.get('kind')} | failed: {entry['error'][:120]} |")
+            continue
+        cells = [fmt(m.get(key)) for key, _ in TABLE_COLUMNS]
+        lines.append(f"| {name} | {entry.get('kind')} | " + " | ".join(cells)
+                     + f" | {fmt(cost.get('train_wall_seconds'), 0)} | {fmt(cost.get('train_cpu_seconds'), 0)} |")
+    lines += ["", ("Forget quality: KS-test p-value of forget truth ratios against the retain model (higher = "
+                   "closer to never having learned). Model utility: harmonic mean of the nine utility metrics below. "
+                   "n/a = not measurable for that kind (extraction strength needs teacher-forced argmax, which the "
+                   "HTTP scoring endpoint does not return)."), ""]
+    lines += ["## Model utility components", "", "| Method | " + " | ".join(UTILITY_COLUMNS) + " |",
+              "|---|" + "---|" * len(UTILITY_COLUMNS)]
+    for name, entry in methods.items():
+        m = entry.get("metrics", {})
+        lines.append(f"| {name} | " + " | ".join(fmt(m.get(k)) for k in UTILITY_COLUMNS) + " |")
+    lines.append("")
+    robust = {n: e["robustness"] for n, e in methods.items() if e.get("robustness")}
+    if robust:
+        lines += ["## Robustness (ROUGE-L recall of the forget answer unless stated; lower = less leaked)", "",
+                  ("| Method | Direct | Paraphrased Q | MC acc. forget (lik./gen.) | MC acc. retain (lik./gen.) | "
+                   "Mixed: forget leak | Mixed: retain answered | Retain alone | Jailbreak mean / max | "
+                   "In-context | Relearn before → after |"),
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for name, r in robust.items():
+            para = r.get("paraphrased", {})
+            mc_f = r.get("multiple_choice", {}).get("forget", {})
+            mc_r = r.get("multiple_choice", {}).get("retain", {})
+            comb = r.get("combined", {})
+            jb = r.get("jailbreak", {})
+            icl = r.get("in_context", {})
+            rel = r.get("relearning")
+            rel_txt = (f"{fmt(rel['before']['rouge'])} → {fmt(rel['after']['rouge'])}" if rel else "n/a")
+            lines.append(
+                f"| {name} | {fmt(para.get('direct_rouge'))} | {fmt(para.get('paraphrased_rouge'))} | "
+                f"{fmt(mc_f.get('likelihood_accuracy'))} / {fmt(mc_f.get('generated_accuracy'))} | "
+                f"{fmt(mc_r.get('likelihood_accuracy'))} / {fmt(mc_r.get('generated_accuracy'))} | "
+                f"{fmt(comb.get('forget_rouge'))} | {fmt(comb.get('retain_rouge'))} | {fmt(comb.get('retain_rouge_alone'))} | "
+                f"{fmt(jb.get('mean_rouge'))} / {fmt(jb.get('max_rouge'))} | {fmt(icl.get('forget_rouge'))} | {rel_txt} |")
+        lines += ["", ("Relearning: finetune on half of the forget set, measure ROUGE-L on the other half; the "
+                       "`retain` row is the from-scratch floor (what relearning alone teaches)."), ""]
+    costs = [(n, e.get("cost", {})) for n, e in methods.items()]
+    lines += ["## Cost", "", ("| Method | Train wall s | Train CPU s | Train steps | Eval wall s (cached?) | "
+                              "Request activation s | Total wall s |"), "|---|---|---|---|---|---|---|"]
+    for name, c in costs:
+        lines.append(f"| {name} | {fmt(c.get('train_wall_seconds'), 0)} | {fmt(c.get('train_cpu_seconds'), 0)} | "
+                     f"{fmt(c.get('train_steps'), 0)} | {fmt(c.get('eval_wall_seconds'), 0)} "
+                     f"({fmt(c.get('eval_cached'))}) | {fmt(c.get('activation_wall_seconds'), 0)} | "
+                     f"{fmt(c.get('total_wall_seconds'), 0)} |")
+    lines.append("")
+    routes = {n: e["routes"] for n, e in methods.items() if e.get("routes")}
+    if routes:
+        lines += ["## Routes taken by the served pipeline (scored answers per split)", ""]
+        for name, by_split in routes.items():
+            lines.append(f"- {name}: " + "; ".join(f"{split}: {counts}" for split, counts in by_split.items()))
+        lines.append("")
+    examples = results.get("examples", {})
+    if examples:
+        lines += ["## Example forget-set generations", ""]
+        for name, rows in examples.items():
+            for row in rows[:1]:
+                lines.append(f"- **{name}** — Q: {row['question']} | expected: {row['answer']} | "
+                             f"got: {str(row.get('generation'))[:300]!r}")
+        lines.append("")
+    for note in results.get("notes", []):
+        lines.append(f"- {note}")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def plot_scatter(results: dict[str, Any], path: Path) -> Path | None:
+    """Forget quality (log scale) against model utility, one point per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = []
+    for name, entry in results.get("methods", {}).items():
+        m = entry.get("metrics", {})
+        fq, mu = m.get("forget_quality"), m.get("model_utility")
+        if fq is not None and mu is not None and not (math.isnan(fq) or math.isnan(mu)):
+            points.append((name, max(fq, 1e-30), mu))
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name, fq, mu in points:
+        ax.scatter(mu, fq, s=40)
+        ax.annotate(name, (mu, fq), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_yscale("log")
+    ax.set_xlim(0, 1)  # utility is a harmonic mean of probabilities / recalls / ratios in [0, 1]
+    ax.set_ylim(min(min(fq for _, fq, _ in points) / 3, 1e-3), 2)
+    ax.set_xlabel("model utility")
+    ax.set_ylabel("forget quality (KS p-value, log)")
+    ax.set_title("TOFU: forget quality vs model utility")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_bars(results: dict[str, Any], path: Path) -> Path | None:
+    """One panel per metric, one bar per method (missing values left empty)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(results.get("methods", {}))
+    if not methods:
+        return None
+    metrics = [k for k in BAR_METRICS
+               if any(results["methods"][m].get("metrics", {}).get(k) is not None for m in methods)]
+    if not metrics:
+        return None
+    cols = 4
+    rows = math.ceil(len(metrics) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, metrics):
+        values = [results["methods"][m].get("metrics", {}).get(key) for m in methods]
+        heights = [v if v is not None else 0.0 for v in values]
+        bars = ax.bar(range(len(methods)), heights, color=["C0" if v is not None else "lightgrey" for v in values])
+        for bar, v in zip(bars, values):
+            if v is None:
+                bar.set_hatch("//")
+        ax.set_xticks(range(len(methods)))
+        ax.set_xticklabels(methods, rotation=45, ha="right", fontsize=7)
+        ax.set_title(key, fontsize=9)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(results: dict[str, Any], out_dir: str | Path, name: str, command: str,
+                 notes: list[str] | None = None) -> dict[str, Path]:
+    """Write `<name>.json`, `<name>.md`, `<name>_scatter.png`, `<name>_bars.png` under `out_dir`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {**results, "command": command, "machine": results.get("machine") or machine_description(),
+               "created": results.get("created") or time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+               "git_commit": results.get("git_commit") or git_commit(), "notes": [*results.get("notes", []), *(notes or [])]}
+    paths = {"json": out / f"{name}.json", "markdown": out / f"{name}.md"}
+    paths["json"].write_text(json.dumps(results, indent=1, default=str))
+    scatter = plot_scatter(results, out / f"{name}_scatter.png")
+    bars = plot_bars(results, out / f"{name}_bars.png")
+    md = markdown(results)
+    plots = [p for p in (scatter, bars) if p is not None]
+    if plots:
+        md += "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n"
+        paths.update({p.stem.rsplit("_", 1)[-1]: p for p in plots})
+    paths["markdown"].write_text(md)
+    return paths
