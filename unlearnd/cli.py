@@ -42,7 +42,7 @@ def serve(
     remote_url: Optional[str] = typer.Option(None, help="Base URL of the remote vLLM server."),
     admin_key: Optional[str] = typer.Option(None, envvar="UNLEARND_ADMIN_KEY", help="Key for the admin API."),
     api_key: Optional[str] = typer.Option(None, envvar="UNLEARND_API_KEY", help="Optional key for completions."),
-    detector: str = typer.Option("keyword", help="Detector name (see unlearnd.classifiers)."),
+    detector: str = typer.Option("guard", help="Detector name: guard (default), embedding, ood, keyword."),
     max_model_len: int = typer.Option(2048),
     kv_cache_gib: float = typer.Option(1.0, help="vLLM CPU KV cache size (GiB)."),
     worker: bool = typer.Option(True, help="Run the training worker next to the server."),

@@ -25,7 +25,7 @@ def engine(default_model_dir):
 
 @pytest.fixture()
 def settings(tmp_path):
-    return ServerSettings(data_dir=tmp_path / "data", admin_key="admin-secret", start_worker=False,
+    return ServerSettings(data_dir=tmp_path / "data", admin_key="admin-secret", start_worker=False, detector="keyword",
                           sync_interval_s=0.05, max_body_bytes=64 * 1024)
 
 

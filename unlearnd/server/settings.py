@@ -23,7 +23,7 @@ class ServerSettings(BaseSettings):
     remote_url: str | None = None  # base URL of a vLLM OpenAI server, for engine=remote
     admin_key: str | None = None
     api_key: str | None = None
-    detector: str = "keyword"
+    detector: str = "guard"
     max_model_len: int = 2048
     kv_cache_gib: float = 1.0
     max_loras: int = 4
