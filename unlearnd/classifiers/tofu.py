@@ -14,7 +14,6 @@ mentions is a place ("South Africa") and is dropped too.
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from pathlib import Path
@@ -34,10 +33,9 @@ _LEADING = {"The", "What", "Who", "Where", "When", "Why", "How", "Which", "Is", 
 
 def read_split(path: str | Path) -> list[dict]:
     """A TOFU split: JSON lines (or a JSON array)."""
-    text = Path(path).read_text()
-    if text.lstrip().startswith("["):
-        return json.loads(text)
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    from unlearnd.offline.data import read_jsonl
+
+    return read_jsonl(path)
 
 
 def qa_pairs(rows: list[dict]) -> list[QAExample]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import platform
 import shlex
 import sys
@@ -159,12 +160,13 @@ def tofu_authors(tofu_dir: Path, count: int, skip: int = 0) -> list[dict]:
     return authors
 
 
-def register_requests(url: str, admin_key: str | None, specs: list[dict], method: str, timeout_s: float = 900) -> list[str]:
+def register_requests(url: str, admin_key: str | None, specs: list[dict], method: str,
+                      options: dict | None = None, timeout_s: float = 1800) -> list[str]:
     headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
     ids = []
     for spec in specs:
-        response = httpx.post(url + "/v1/unlearning/requests", json={**spec, "method": method}, headers=headers,
-                              timeout=60)
+        body = {**spec, "method": method, "options": options or {}}
+        response = httpx.post(url + "/v1/unlearning/requests", json=body, headers=headers, timeout=60)
         response.raise_for_status()
         ids.append(response.json()["id"])
     deadline = time.time() + timeout_s
@@ -193,6 +195,13 @@ class BenchConfig:
     sweep: tuple[int, ...] = (1, 10, 100)
     sweep_requests: int = 16
     timeout_s: float = 600
+    # Training presets cut short: serving cost does not depend on how well a route was trained.
+    route_options: dict = field(default_factory=lambda: {
+        "eco": {"preset": "cpu", "iterations": 1, "n_tune": 2, "n_eval": 2, "fluency_n": 1, "fluency_tokens": 4},
+        "lora": {"preset": "cpu", "steps": 2, "batch_size": 2, "n_eval": 1, "n_samples": 1},
+        "soft_prompt": {"preset": "cpu", "steps": 2, "batch_forget": 2, "batch_retain": 1, "n_retain": 2,
+                        "n_eval": 1, "n_samples": 1, "sample_tokens": 4},
+    })
 
 
 def _flagged_prompts(author: dict, n: int) -> list[str]:
@@ -207,7 +216,7 @@ def run_bench(plain_url: str, ours_url: str, admin_key: str | None, tofu_dir: Pa
     authors = tofu_authors(tofu_dir, len(cfg.routes) + max(cfg.sweep))
     route_authors = dict(zip(cfg.routes, authors))
     for route, author in route_authors.items():
-        register_requests(ours_url, admin_key, [author], route)
+        register_requests(ours_url, admin_key, [author], route, cfg.route_options.get(route))
     workloads = {"none": [PLAIN_PROMPTS[i % len(PLAIN_PROMPTS)] for i in range(cfg.requests)]}
     workloads.update({route: _flagged_prompts(author, cfg.requests) for route, author in route_authors.items()})
 
@@ -371,7 +380,8 @@ def bench_serve(out: Path, tofu_dir: Path, cfg: BenchConfig, plain_url: str | No
         if plain_url is None:
             port = free_port()
             plain = ServerProcess(plain_vllm_command(model_dir, port, MODEL), port, workdir / "vllm.log",
-                                  env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"})
+                                  env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+                                       "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")})
             started.append(plain.start())
             plain_url = plain.url
         if unlearnd_url is None:

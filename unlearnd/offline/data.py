@@ -266,7 +266,9 @@ def collate(examples: Sequence[dict[str, list[int]]], pad_id: int, padding_side:
 
 
 def pad_id_of(tokenizer: Any) -> int:
-    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    return int(tokenizer.eos_token_id) if tokenizer.eos_token_id is not None else 0
 
 
 class QABatches:

@@ -20,7 +20,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from unlearnd.offline import data
 from unlearnd.registry import ForgetSpec, QAExample
+
 
 log = logging.getLogger(__name__)
 
@@ -108,10 +110,7 @@ def collate(items: list[QAItem], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def pad_id_of(tokenizer) -> int:
-    if tokenizer.pad_token_id is not None:
-        return tokenizer.pad_token_id
-    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+pad_id_of = data.pad_id_of  # one definition, shared with the baselines' data pipeline
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

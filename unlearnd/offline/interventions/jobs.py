@@ -9,7 +9,6 @@ aligned with `spec.forget`, each a list of wrong answers, or a {question: [answe
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -33,8 +32,9 @@ def perturbed_from_options(request: ForgetRequest) -> dict[str, list[str]] | Non
 
 def read_wrong_answers(path: Path) -> dict[str, list[str]]:
     """TOFU *_perturbed files (JSON lines or a JSON list of {question, perturbed_answer: [...]})."""
-    text = Path(path).read_text()
-    rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(l) for l in text.splitlines() if l.strip()]
+    from unlearnd.offline.data import read_jsonl
+
+    rows = read_jsonl(path)
     out = {}
     for row in rows:
         answers = row.get("perturbed_answer") or row.get("perturbed_answers") or []
