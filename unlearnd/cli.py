@@ -44,7 +44,7 @@ def serve(
     api_key: Optional[str] = typer.Option(None, envvar="UNLEARND_API_KEY", help="Optional key for completions."),
     detector: str = typer.Option("guard", help="Detector name: guard (default), embedding, ood, keyword."),
     max_model_len: int = typer.Option(2048),
-    kv_cache_gib: float = typer.Option(1.0, help="vLLM CPU KV cache size (GiB)."),
+    kv_cache_gib: int = typer.Option(1, help="vLLM CPU KV cache size (whole GiB; env VLLM_CPU_KVCACHE_SPACE wins)."),
     worker: bool = typer.Option(True, help="Run the training worker next to the server."),
     log_level: str = typer.Option("info"),
 ) -> None:

@@ -51,7 +51,7 @@ class LocalVLLMEngine(Engine):
         max_model_len: int = 2048,
         max_loras: int = 4,
         max_lora_rank: int = 16,
-        kv_cache_gib: float = 1.0,
+        kv_cache_gib: int = 1,
         dtype: str = "bfloat16",
         seed: int = 0,
         enforce_eager: bool = True,
@@ -69,7 +69,8 @@ class LocalVLLMEngine(Engine):
         self._lora_ids: dict[str, int] = {}
 
     async def start(self) -> None:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.kv_cache_gib))
+        # vLLM's CPU backend reads its KV cache size (whole GiB) from the environment.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(self.kv_cache_gib)))
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 

@@ -25,7 +25,7 @@ class ServerSettings(BaseSettings):
     api_key: str | None = None
     detector: str = "guard"
     max_model_len: int = 2048
-    kv_cache_gib: float = 1.0
+    kv_cache_gib: int = 1
     max_loras: int = 4
     max_lora_rank: int = 16
     max_body_bytes: int = 4 * 1024 * 1024
