@@ -15,7 +15,7 @@ def test_remote_engine_server_and_restart(plain_vllm, logs_dir, tmp_path, admin)
     data_dir = tmp_path / "data"
     port = free_port()
     cmd = unlearnd_command(port, data_dir, "--engine", "remote", "--remote-url", plain_vllm.url)
-    server = ServerProcess(cmd, port, logs_dir / "unlearnd-remote.log").start(timeout_s=120)
+    server = ServerProcess(cmd, port, logs_dir / "unlearnd-remote.log").start(timeout_s=600)
     try:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
         answer = client.chat.completions.create(
@@ -29,7 +29,7 @@ def test_remote_engine_server_and_restart(plain_vllm, logs_dir, tmp_path, admin)
     finally:
         server.stop()
 
-    restarted = ServerProcess(cmd, port, logs_dir / "unlearnd-remote.log").start(timeout_s=120)
+    restarted = ServerProcess(cmd, port, logs_dir / "unlearnd-remote.log").start(timeout_s=600)
     try:
         listed = httpx.get(restarted.url + "/v1/unlearning/requests", headers=admin).json()["data"]
         assert [(r["id"], r["status"]) for r in listed] == [(record["id"], "active")]

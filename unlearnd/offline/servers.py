@@ -29,7 +29,7 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
         self._log = None
 
-    def start(self, timeout_s: float = 300) -> ServerProcess:
+    def start(self, timeout_s: float = 900) -> ServerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
