@@ -144,13 +144,16 @@ def active_count(url: str) -> int:
 
 
 # -- forget requests from TOFU authors ------------------------------------------------------------
-def tofu_authors(tofu_dir: Path, count: int, skip: int = 0) -> list[dict]:
-    """TOFU's full split holds 20 QA pairs per fictitious author, in order: one request per author."""
+def tofu_authors(tofu_dir: Path, count: int) -> list[dict]:
+    """TOFU's full split holds 20 QA pairs per fictitious author, in order: one request per author
+    whose name can be derived from its questions (a few authors' cannot, and are skipped)."""
     from unlearnd.classifiers.tofu import derive_entities, qa_pairs, read_split
 
     rows = read_split(tofu_dir / "full.json")
     authors = []
-    for index in range(skip, skip + count):
+    for index in range(len(rows) // 20):
+        if len(authors) == count:
+            break
         pairs = qa_pairs(rows[index * 20:(index + 1) * 20])
         names = derive_entities(pairs)
         if not names:
@@ -214,6 +217,8 @@ def _flagged_prompts(author: dict, n: int) -> list[str]:
 
 def run_bench(plain_url: str, ours_url: str, admin_key: str | None, tofu_dir: Path, cfg: BenchConfig) -> dict:
     authors = tofu_authors(tofu_dir, len(cfg.routes) + max(cfg.sweep))
+    if len(authors) < len(cfg.routes) + max(cfg.sweep):
+        raise ValueError(f"only {len(authors)} TOFU authors with a derivable name; lower --sweep")
     route_authors = dict(zip(cfg.routes, authors))
     for route, author in route_authors.items():
         register_requests(ours_url, admin_key, [author], route, cfg.route_options.get(route))
@@ -254,7 +259,9 @@ def run_bench(plain_url: str, ours_url: str, admin_key: str | None, tofu_dir: Pa
             register_requests(ours_url, admin_key, [next(extra) for _ in range(need)], "refuse")
         active = active_count(ours_url)
         before = classifier_seconds(ours_url)
-        prompts = [PLAIN_PROMPTS[i % len(PLAIN_PROMPTS)] for i in range(cfg.sweep_requests)]
+        # Fresh wording each round, so the detector's prompt cache cannot hide its cost.
+        prompts = [f"{PLAIN_PROMPTS[i % len(PLAIN_PROMPTS)]} (variant {target}-{i})"
+                   for i in range(cfg.sweep_requests)]
         samples, _ = asyncio.run(drive(ours_url, prompts, 1, cfg.output_len, cfg.timeout_s))
         after = classifier_seconds(ours_url)
         count = after[1] - before[1]
