@@ -1,12 +1,12 @@
 """Forget-query detectors: score prompts against every active forget request."""
 
 from unlearnd.classifiers import embedding as _embedding  # noqa: F401  (registers "embedding")
-from unlearnd.classifiers import guard as _guard  # noqa: F401  (registers "guard", the default)
+from unlearnd.classifiers import guard as _guard  # noqa: F401  (registers "guard")
 from unlearnd.classifiers import keyword as _keyword  # noqa: F401  (registers "keyword")
 from unlearnd.classifiers import ood as _ood  # noqa: F401  (registers "ood")
 from unlearnd.classifiers.base import DETECTORS, Detection, Detector, RequestMatch, get_detector, register_detector
 
-DEFAULT_DETECTOR = "guard"
+DEFAULT_DETECTOR = "keyword"  # guard over-flags tiny forget sets; see unlearnd/server/settings.py
 
 __all__ = ["DEFAULT_DETECTOR", "DETECTORS", "Detection", "Detector", "RequestMatch", "get_detector",
            "register_detector"]

@@ -170,9 +170,13 @@ class OODDetector(Detector):
         k = min(cfg.inner_folds, len(fit_idx))
         oof = np.zeros((len(fit_idx), 2 * q_lay.shape[1]))
         folds = np.arange(len(fit_idx)) % max(k, 1)
-        for fold in range(k):
-            refs, gauss = build(fit_idx[folds != fold])
-            oof[folds == fold] = _layer_features(q_lay[fit_idx[folds == fold]], refs, gauss)
+        if k >= 2:
+            for fold in range(k):
+                refs, gauss = build(fit_idx[folds != fold])
+                oof[folds == fold] = _layer_features(q_lay[fit_idx[folds == fold]], refs, gauss)
+        else:  # a single forget example has no held-out fold: score it in-sample
+            refs, gauss = build(fit_idx)
+            oof = _layer_features(q_lay[fit_idx], refs, gauss)
         oneclass = _OneClass.fit(oof)
 
         refs, gauss = build(fit_idx)

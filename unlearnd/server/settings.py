@@ -23,7 +23,9 @@ class ServerSettings(BaseSettings):
     remote_url: str | None = None  # base URL of a vLLM OpenAI server, for engine=remote
     admin_key: str | None = None
     api_key: str | None = None
-    detector: str = "guard"
+    # keyword stays the default until `guard` stops over-flagging requests with one or two forget
+    # examples (it flags ordinary prompts then; see the session note).
+    detector: str = "keyword"
     max_model_len: int = 2048
     kv_cache_gib: int = 1
     max_loras: int = 4

@@ -142,7 +142,7 @@ class WorkerSupervisor:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="unlearnd training worker")
     parser.add_argument("--data-dir", type=Path, required=True)
-    parser.add_argument("--detector", default="guard")
+    parser.add_argument("--detector", default="keyword")
     parser.add_argument("--model", default="SmolLM2-135M-Instruct")
     parser.add_argument("--once", action="store_true", help="exit when no request is pending")
     args = parser.parse_args(argv)
