@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 from unlearnd.classifiers.base import Detection, Detector, RequestMatch, register_detector
+from unlearnd.classifiers.spans import merge_spans
 from unlearnd.registry import ForgetRequest
 
 _STOPWORDS = {"the", "and", "of", "von", "van", "de", "der", "la", "le", "del", "al", "bin", "ibn"}
@@ -68,17 +69,8 @@ class KeywordDetector(Detector):
                         score = max(score, weight)
                         spans.append(found.span())
                 if score >= self.threshold:
-                    matches.append(RequestMatch(request_id, score, 1.0, _merge(spans)))
+                    matches.append(RequestMatch(request_id, score, 1.0, merge_spans(spans)))
             matches.sort(key=lambda m: -m.score)
             results.append(Detection(max((m.score for m in matches), default=0.0), matches))
         return results
 
-
-def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    merged: list[list[int]] = []
-    for start, end in sorted(spans):
-        if merged and start <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], end)
-        else:
-            merged.append([start, end])
-    return [(s, e) for s, e in merged]
