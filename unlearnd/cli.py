@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 
+from unlearnd.config import DEFAULT_DETECTOR
 from unlearnd.config import data_dir as default_data_dir
 
 app = typer.Typer(help="unlearnd: inference-time guardrail unlearning server on vLLM.", no_args_is_help=True)
@@ -42,7 +43,7 @@ def serve(
     remote_url: Optional[str] = typer.Option(None, help="Base URL of the remote vLLM server."),
     admin_key: Optional[str] = typer.Option(None, envvar="UNLEARND_ADMIN_KEY", help="Key for the admin API."),
     api_key: Optional[str] = typer.Option(None, envvar="UNLEARND_API_KEY", help="Optional key for completions."),
-    detector: str = typer.Option("keyword", help="Detector name: keyword (default), guard, embedding, ood."),
+    detector: str = typer.Option(DEFAULT_DETECTOR, help="Detector name: guard (default), keyword, embedding, ood."),
     max_model_len: int = typer.Option(2048),
     kv_cache_gib: int = typer.Option(1, help="vLLM CPU KV cache size (whole GiB; env VLLM_CPU_KVCACHE_SPACE wins)."),
     worker: bool = typer.Option(True, help="Run the training worker next to the server."),

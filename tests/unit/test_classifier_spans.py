@@ -88,3 +88,11 @@ def test_entity_list_in_one_string_is_split():
     pats = compile_entities(["Aysha Al-Hashim, Basil Mahfouz Al-Kuwaiti and Nikolai Abilov"])
     assert [p.entity for p in pats] == ["Aysha Al-Hashim", "Basil Mahfouz Al-Kuwaiti", "Nikolai Abilov"]
     assert find_spans("Where was Nikolai Abilov born?", pats)[0] == FULL_SCORE
+
+
+def test_lone_part_typo_that_is_a_word_of_its_own_is_not_a_match():
+    pats = compile_entities(["Basil Mahfouz Al-Kuwaiti"])
+    words = {"brasil", "basil", "river"}
+    assert find_spans("Qual é o maior rio do Brasil?", pats, words) == (0.0, [])  # a word, not a typo
+    assert find_spans("Where was Basil born?", pats, words)[0] == PART_SCORE  # the part itself
+    assert find_spans("What did Mahfuoz write?", pats, words)[0] == PART_SCORE  # a typo that is no word

@@ -6,7 +6,7 @@ from unlearnd.classifiers import keyword as _keyword  # noqa: F401  (registers "
 from unlearnd.classifiers import ood as _ood  # noqa: F401  (registers "ood")
 from unlearnd.classifiers.base import DETECTORS, Detection, Detector, RequestMatch, get_detector, register_detector
 
-DEFAULT_DETECTOR = "keyword"  # guard over-flags tiny forget sets; see unlearnd/server/settings.py
+from unlearnd.config import DEFAULT_DETECTOR
 
 __all__ = ["DEFAULT_DETECTOR", "DETECTORS", "Detection", "Detector", "RequestMatch", "get_detector",
            "register_detector"]

@@ -20,7 +20,7 @@ class Calibration(BaseModel):
 
     threshold: float
     target_fpr: float
-    tpr: float
+    tpr: float | None  # None: no positive held out to measure it on
     fpr: float
     n_pos: int
     n_neg: int
@@ -56,7 +56,7 @@ def calibrate(pos_scores: np.ndarray, neg_scores: np.ndarray, target_fpr: float)
     tpr, fpr = rates(pos_scores, neg_scores, threshold)
     neg = np.asarray(neg_scores, dtype=np.float64)
     scale = float(np.std(neg)) if len(neg) > 1 else 1.0
-    return Calibration(threshold=threshold, target_fpr=target_fpr, tpr=tpr, fpr=fpr,
+    return Calibration(threshold=threshold, target_fpr=target_fpr, tpr=tpr if len(pos_scores) else None, fpr=fpr,
                        n_pos=len(pos_scores), n_neg=len(neg), scale=scale or 1.0)
 
 

@@ -28,7 +28,7 @@ from unlearnd.classifiers.base import (
     RequestMatch,
     register_detector,
 )
-from unlearnd.classifiers.calibration import Calibration, calibrate
+from unlearnd.classifiers.calibration import Calibration, calibrate, rates
 from unlearnd.classifiers.common import (
     ARTIFACT_SUBDIR,
     answers,
@@ -63,6 +63,10 @@ class EmbeddingConfig(BaseModel):
     max_views: int = 12
     seed: int = 0
     top_k: int = 64
+    few_shot_below: int = Field(10, ge=2, description="with fewer forget questions than this, score by max "
+                                "cosine alone: a stacker or head fitted on a handful of positives is noise")
+    few_shot_min_cosine: float = Field(0.6, description="floor on the few-shot cosine threshold, so a thin "
+                                       "set of negatives cannot pull it down to unrelated prompts")
 
 
 def _head(x: np.ndarray, y: np.ndarray, c: float) -> tuple[np.ndarray, float]:
@@ -115,6 +119,14 @@ def _capitalised_words(texts: list[str]) -> set[str]:
     from unlearnd.classifiers.spans import fold, tokens
 
     return {fold(w) for t in texts for w, _, _ in tokens(t) if w[:1].isupper()}
+
+
+def _floored(calib: Calibration, pos: np.ndarray, neg: np.ndarray, floor: float) -> Calibration:
+    """The calibration with its threshold raised to `floor` (rates recomputed)."""
+    if calib.threshold >= floor:
+        return calib
+    tpr, fpr = rates(pos, neg, floor)
+    return calib.model_copy(update={"threshold": floor, "tpr": tpr if len(pos) else None, "fpr": fpr})
 
 
 def artifact_path(artifact_dir: Path, name: str) -> Path:
@@ -190,49 +202,13 @@ class EmbeddingDetector(Detector):
         cf_emb = E(cf_flat)
         pos_view_emb, neg_view_emb = E(pos_views), E(neg_views)
 
-        # ---- out-of-fold features --------------------------------------------------------
-        k = min(cfg.folds, len(pos_q)) if len(pos_q) >= 2 else 0
-        pos_fold = rng.permutation(len(pos_q)) % max(k, 1)
-        # negatives in contiguous blocks: lists are usually grouped by topic (retain QA by person,
-        # the chat prompts by theme), so a held-out block has no near-duplicates in training
-        neg_fold = (np.arange(len(neg)) * max(k, 1)) // max(len(neg), 1)
-        oof_pos = np.zeros((len(pos_views), 3))
-        oof_neg = np.zeros((len(neg_views), 3))
-        oof_cf = np.zeros((len(cf_flat), 3))
-        # a counterfactual is scored in a fold whose references DO hold its source question (as at
-        # serve time, where a question about somebody else meets its forget twin in the index),
-        # and whose head was not trained on it
-        cf_fold = (pos_fold[cf_owner] + 1) % max(k, 1) if len(cf_flat) else np.zeros(0, np.int64)
-        for fold in range(k):
-            tr = pos_fold != fold
-            refs = np.concatenate([q_emb[tr], a_emb[tr[a_owner]] if len(a_idx) else a_emb])
-            negs = np.concatenate([neg_view_emb[neg_fold[neg_owner] != fold], retain_emb, cf_emb[cf_fold != fold]])
-            parts = _fit_parts(q_emb[tr], refs, negs, cfg)
-            sel = ~tr[pos_owner]
-            oof_pos[sel] = parts.features(pos_view_emb[sel])
-            sel_n = neg_fold[neg_owner] == fold
-            oof_neg[sel_n] = parts.features(neg_view_emb[sel_n])
-            if len(cf_flat):
-                sel_c = cf_fold == fold
-                oof_cf[sel_c] = parts.features(cf_emb[sel_c])
-
-        # the stacker learns from whole-prompt views; the threshold from max-over-views scores
-        first_pos = np.r_[True, pos_owner[1:] != pos_owner[:-1]]
-        first_neg = np.r_[True, neg_owner[1:] != neg_owner[:-1]] if len(neg_owner) else np.zeros(0, bool)
-        feats = np.concatenate([oof_pos[first_pos], oof_neg[first_neg], oof_cf])
-        labels = np.concatenate([np.ones(first_pos.sum()), np.zeros(first_neg.sum() + len(oof_cf))])
-        stacker = _Stacker.fit(feats, labels) if k else _Stacker(mean=[0, 0, 0], std=[1, 1, 1],
-                                                                   coef=[1, 0, 0], intercept=0.0)
-        pos_scores = max_by_owner(stacker.apply(oof_pos), pos_owner, len(pos_q))
-        neg_scores = max_by_owner(stacker.apply(oof_neg), neg_owner, len(neg))
-        # two thresholds from data: against ordinary negatives, and 'strict' against questions about
-        # somebody else as well (the counterfactuals); the guard uses the strict one when the prompt
-        # names a person or thing the forget data never mentions
-        # (questions about made-up people only count for the strict threshold: they always name someone)
-        strict_neg = np.concatenate([neg_scores, stacker.apply(oof_cf)]) if len(cf_flat) else neg_scores
-        calib = calibrate(pos_scores, strict_neg if cfg.calibrate_counterfactual else neg_scores[~named_other],
-                          cfg.target_fpr)
-        calib_strict = calibrate(pos_scores, strict_neg, cfg.target_fpr)
+        if len(pos_q) >= cfg.few_shot_below:
+            stacker, calib, calib_strict, neg_scores, cf_scores = self._calibrate_stacked(
+                q_emb, a_emb, a_owner, pos_view_emb, pos_owner, neg_view_emb, neg_owner, retain_emb, cf_emb,
+                cf_owner, named_other, rng)
+        else:
+            stacker, calib, calib_strict, neg_scores, cf_scores = self._calibrate_few_shot(
+                q_emb, a_emb, a_owner, pos_view_emb, pos_owner, neg_view_emb, neg_owner, cf_emb, named_other)
 
         # ---- final model on everything ---------------------------------------------------
         refs = np.concatenate([q_emb, a_emb]).astype(np.float32)
@@ -243,11 +219,12 @@ class EmbeddingDetector(Detector):
                  **final.gauss.arrays("gauss_"))
         metrics = {
             "n_forget": len(pos_q), "n_refs": len(refs), "n_negatives": len(neg), "n_retain": len(spec.retain),
-            "n_counterfactual": len(cf_flat), "n_person_negatives": int(named_other.sum()), "folds": k,
+            "n_counterfactual": len(cf_flat), "n_person_negatives": int(named_other.sum()),
+            "mode": "stacked" if len(pos_q) >= cfg.few_shot_below else "few_shot",
             "oof_person_fpr": float((neg_scores[named_other] > calib.threshold).mean()) if named_other.any() else None,
             "oof_tpr": calib.tpr, "oof_fpr": calib.fpr,
             "oof_strict_tpr": calib_strict.tpr, "oof_strict_fpr": calib_strict.fpr,
-            "oof_counterfactual_fpr": float((stacker.apply(oof_cf) > calib.threshold).mean()) if len(cf_flat) else None,
+            "oof_counterfactual_fpr": float((cf_scores > calib.threshold).mean()) if len(cf_flat) else None,
             "fit_seconds": round(time.perf_counter() - start, 2),
         }
         payload = {"detector": self.name, "version": 1, "request_id": request.id,
@@ -258,6 +235,81 @@ class EmbeddingDetector(Detector):
         (out / "config.json").write_text(json.dumps(payload, indent=1))
         log.info("embedding detector for %s: %s", request.id, metrics)
         return metrics
+
+    def _calibrate_stacked(self, q_emb, a_emb, a_owner, pos_view_emb, pos_owner, neg_view_emb, neg_owner,
+                           retain_emb, cf_emb, cf_owner, named_other, rng):
+        """Stacker + thresholds from out-of-fold scores (K-fold over forget and negative examples)."""
+        n_neg = int(neg_owner.max()) + 1 if len(neg_owner) else 0
+        cfg, n_pos = self.cfg, len(q_emb)
+        k = min(cfg.folds, n_pos)
+        pos_fold = rng.permutation(n_pos) % max(k, 1)
+        # negatives in contiguous blocks: lists are usually grouped by topic (retain QA by person,
+        # the chat prompts by theme), so a held-out block has no near-duplicates in training
+        neg_fold = (np.arange(n_neg) * max(k, 1)) // max(n_neg, 1)
+        oof_pos = np.zeros((len(pos_view_emb), 3))
+        oof_neg = np.zeros((len(neg_view_emb), 3))
+        oof_cf = np.zeros((len(cf_emb), 3))
+        # a counterfactual is scored in a fold whose references DO hold its source question (as at
+        # serve time, where a question about somebody else meets its forget twin in the index),
+        # and whose head was not trained on it
+        cf_fold = (pos_fold[cf_owner] + 1) % max(k, 1) if len(cf_emb) else np.zeros(0, np.int64)
+        for fold in range(k):
+            tr = pos_fold != fold
+            refs = np.concatenate([q_emb[tr], a_emb[tr[a_owner]] if len(a_owner) else a_emb])
+            negs = np.concatenate([neg_view_emb[neg_fold[neg_owner] != fold], retain_emb, cf_emb[cf_fold != fold]])
+            parts = _fit_parts(q_emb[tr], refs, negs, cfg)
+            sel = ~tr[pos_owner]
+            oof_pos[sel] = parts.features(pos_view_emb[sel])
+            sel_n = neg_fold[neg_owner] == fold
+            oof_neg[sel_n] = parts.features(neg_view_emb[sel_n])
+            if len(cf_emb):
+                sel_c = cf_fold == fold
+                oof_cf[sel_c] = parts.features(cf_emb[sel_c])
+
+        # the stacker learns from whole-prompt views; the threshold from max-over-views scores
+        first_pos = np.r_[True, pos_owner[1:] != pos_owner[:-1]]
+        first_neg = np.r_[True, neg_owner[1:] != neg_owner[:-1]] if len(neg_owner) else np.zeros(0, bool)
+        feats = np.concatenate([oof_pos[first_pos], oof_neg[first_neg], oof_cf])
+        labels = np.concatenate([np.ones(first_pos.sum()), np.zeros(first_neg.sum() + len(oof_cf))])
+        stacker = _Stacker.fit(feats, labels)
+        pos_scores = max_by_owner(stacker.apply(oof_pos), pos_owner, n_pos)
+        neg_scores = max_by_owner(stacker.apply(oof_neg), neg_owner, n_neg)
+        # two thresholds from data: against ordinary negatives, and 'strict' against questions about
+        # somebody else as well (the counterfactuals); the guard uses the strict one when the prompt
+        # names a person or thing the forget data never mentions
+        # (questions about made-up people only count for the strict threshold: they always name someone)
+        strict_neg = np.concatenate([neg_scores, stacker.apply(oof_cf)]) if len(cf_emb) else neg_scores
+        calib = calibrate(pos_scores, strict_neg if cfg.calibrate_counterfactual else neg_scores[~named_other],
+                          cfg.target_fpr)
+        calib_strict = calibrate(pos_scores, strict_neg, cfg.target_fpr)
+        return stacker, calib, calib_strict, neg_scores, stacker.apply(oof_cf) if len(cf_emb) else np.zeros(0)
+
+    def _calibrate_few_shot(self, q_emb, a_emb, a_owner, pos_view_emb, pos_owner, neg_view_emb, neg_owner,
+                            cf_emb, named_other):
+        """A handful of forget questions: score = max cosine to the request's examples, threshold = conformal
+        cut on the negatives' cosines, never below `few_shot_min_cosine`. No fold can hold an example
+        out and still train on one, so nothing here is fitted on the scores it is judged by: a
+        negative is never a reference, and a positive is scored against the other examples only."""
+        cfg = self.cfg
+        n_pos, n_neg = len(q_emb), (int(neg_owner.max()) + 1 if len(neg_owner) else 0)
+        stacker = _Stacker(mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0], coef=[1.0, 0.0, 0.0], intercept=0.0)
+        refs = np.concatenate([q_emb, a_emb])
+        ref_owner = np.concatenate([np.arange(n_pos), a_owner])
+        neg_scores = max_by_owner((neg_view_emb @ refs.T).max(1), neg_owner, n_neg) if n_neg else np.zeros(0)
+        cf_scores = (cf_emb @ refs.T).max(1) if len(cf_emb) else np.zeros(0)
+        if n_pos >= 2:  # leave one out: a forget question against the other examples
+            sims = pos_view_emb @ refs.T
+            sims[ref_owner[None, :] == pos_owner[:, None]] = -1.0
+            pos_scores = max_by_owner(sims.max(1), pos_owner, n_pos)
+        else:
+            pos_scores = np.zeros(0)
+        ordinary = neg_scores[~named_other]
+        strict_neg = np.concatenate([neg_scores, cf_scores])
+        calib = _floored(calibrate(pos_scores, ordinary, cfg.target_fpr), pos_scores, ordinary,
+                         cfg.few_shot_min_cosine)
+        calib_strict = _floored(calibrate(pos_scores, strict_neg, cfg.target_fpr), pos_scores, strict_neg,
+                                cfg.few_shot_min_cosine)
+        return stacker, calib, calib_strict, neg_scores, cf_scores
 
     # ---- serving -------------------------------------------------------------------------
     def load(self, request: ForgetRequest, artifact_dir: Path) -> None:

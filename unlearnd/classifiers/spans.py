@@ -3,8 +3,9 @@ and partial names ("Vasquez" for "Jaime Vasquez").
 
 ECO corrupts exactly these character spans, and the guard treats a confident span as evidence on
 its own. A lone name part is discounted when it sits next to a capitalised word that is not part
-of the entity ("Maria Vasquez" is another person than "Jaime Vasquez"), and a part that is also a
-common lower-case word only counts when capitalised, so common surnames do not fire on prose.
+of the entity ("Maria Vasquez" is another person than "Jaime Vasquez"), a part that is also a
+common lower-case word only counts when capitalised, so common surnames do not fire on prose, and a
+lone part matched through a typo does not count when the prompt's word is a known word itself.
 """
 
 from __future__ import annotations
@@ -146,6 +147,9 @@ def _partial_score(text: str, toks: list[tuple[str, int, int]], i: int, run_len:
             return 0.0
         if pat.parts[part] in common_words and not toks[i][0][:1].isupper():
             return 0.0  # "young", "rivers" as ordinary words
+        word = fold(toks[i][0])
+        if word != pat.parts[part] and word in common_words:
+            return 0.0  # a typo away, but a word of its own: "Brasil" is not a misspelt "Basil"
     for j in (i - 1, i + run_len):  # neighbouring capitalised word that is not this entity: another person
         if not 0 <= j < len(toks):
             continue

@@ -21,6 +21,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from unlearnd.config import DEFAULT_DETECTOR
+
 log = logging.getLogger(__name__)
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -371,7 +373,7 @@ def write_report(result: dict, out: Path, command: str) -> Path:
 
 
 def bench_serve(out: Path, tofu_dir: Path, cfg: BenchConfig, plain_url: str | None = None,
-                unlearnd_url: str | None = None, admin_key: str | None = None, detector: str = "keyword",
+                unlearnd_url: str | None = None, admin_key: str | None = None, detector: str = DEFAULT_DETECTOR,
                 workdir: Path | None = None, command: str | None = None) -> Path:
     """Start (or reuse) both servers, run the benchmark, write the report; returns the markdown path."""
     import tempfile
@@ -420,7 +422,7 @@ def register(bench_app) -> None:
         routes: str = typer.Option("refuse,prompt", help="Flagged routes to measure."),
         sweep: str = typer.Option("1,10,100", help="Active forget request counts for the detector sweep."),
         sweep_requests: int = typer.Option(16),
-        detector: str = typer.Option("keyword"),
+        detector: str = typer.Option(DEFAULT_DETECTOR),
         plain_url: str = typer.Option(None, help="Reuse a running plain vLLM server."),
         unlearnd_url: str = typer.Option(None, help="Reuse a running unlearnd server."),
         admin_key: str = typer.Option(None, envvar="UNLEARND_ADMIN_KEY"),

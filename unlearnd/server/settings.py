@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from unlearnd.config import DEFAULT_MODEL, data_dir
+from unlearnd.config import DEFAULT_DETECTOR, DEFAULT_MODEL, data_dir
 
 
 class ServerSettings(BaseSettings):
@@ -23,9 +23,7 @@ class ServerSettings(BaseSettings):
     remote_url: str | None = None  # base URL of a vLLM OpenAI server, for engine=remote
     admin_key: str | None = None
     api_key: str | None = None
-    # keyword stays the default until `guard` stops over-flagging requests with one or two forget
-    # examples (it flags ordinary prompts then; see the session note).
-    detector: str = "keyword"
+    detector: str = DEFAULT_DETECTOR
     max_model_len: int = 2048
     kv_cache_gib: int = 1
     max_loras: int = 4

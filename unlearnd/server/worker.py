@@ -18,6 +18,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+from unlearnd.config import DEFAULT_DETECTOR
 from unlearnd.offline.interventions import intervention_jobs
 from unlearnd.registry import ForgetRequest, Method, Registry, Status
 
@@ -142,7 +143,7 @@ class WorkerSupervisor:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="unlearnd training worker")
     parser.add_argument("--data-dir", type=Path, required=True)
-    parser.add_argument("--detector", default="keyword")
+    parser.add_argument("--detector", default=DEFAULT_DETECTOR)
     parser.add_argument("--model", default="SmolLM2-135M-Instruct")
     parser.add_argument("--once", action="store_true", help="exit when no request is pending")
     args = parser.parse_args(argv)
