@@ -8,7 +8,14 @@ from pathlib import Path
 
 import torch
 
-from unlearnd.engine.base import ChoiceDelta, EmbeddingTable, Engine, EngineRequest, TokenLogprob
+from unlearnd.engine.base import (
+    ChoiceDelta,
+    EmbeddingTable,
+    Engine,
+    EngineRequest,
+    TokenLogprob,
+)
+from unlearnd.registry import ForgetRequest, ForgetSpec, QAExample
 
 
 def tiny_llama(vocab_size: int, seed: int = 0):
@@ -104,3 +111,10 @@ def make_random_lora(model_dir: str | Path, out_dir: str | Path, seed: int = 0, 
                 param.normal_(0.0, std)
     peft_model.save_pretrained(str(out_dir))
     return Path(out_dir)
+
+
+def forget_request(rid: str, name: str, qa: list[tuple[str, str]], entities: list[str]) -> ForgetRequest:
+    """A ready forget request over (question, answer) pairs, for detector tests."""
+    spec = ForgetSpec(name=name, forget=[QAExample(question=q, answer=a) for q, a in qa], entities=entities)
+    return ForgetRequest(id=rid, name=name, method="refuse", status="ready", created_at=0.0, updated_at=0.0,
+                         spec=spec, artifact_dir="")

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
+from tests.helpers import forget_request as request
 from unlearnd.classifiers import get_detector
 from unlearnd.classifiers.encoder import EncoderConfig
-from unlearnd.registry import ForgetRequest, ForgetSpec, QAExample
 
 NOVELIST = [
     ("Where was Lena Ortiz born?", "Lena Ortiz was born in Valparaiso, Chile, in 1971."),
@@ -33,12 +33,6 @@ DRONE = [
     ("What obstacle sensors does the Zephyr-9 have?", "It has omnidirectional lidar obstacle sensing."),
     ("What battery does the Zephyr-9 use?", "A 5,000 mAh lithium polymer battery."),
 ]
-
-
-def request(rid: str, name: str, qa, entities):
-    spec = ForgetSpec(name=name, forget=[QAExample(question=q, answer=a) for q, a in qa], entities=entities)
-    return ForgetRequest(id=rid, name=name, method="refuse", status="ready", created_at=0.0, updated_at=0.0,
-                         spec=spec, artifact_dir="")
 
 
 @pytest.fixture(scope="module")

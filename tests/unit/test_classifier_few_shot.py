@@ -8,9 +8,9 @@ import json
 
 import pytest
 
+from tests.helpers import forget_request
 from unlearnd.classifiers import get_detector
 from unlearnd.classifiers.encoder import EncoderConfig
-from unlearnd.registry import ForgetRequest, ForgetSpec, QAExample
 
 ORDINARY = [
     "What is the capital of France?",
@@ -26,10 +26,8 @@ ORDINARY = [
 ]
 
 
-def request(rid: str, qa: list[tuple[str, str]], entities: list[str]) -> ForgetRequest:
-    spec = ForgetSpec(name=rid, forget=[QAExample(question=q, answer=a) for q, a in qa], entities=entities)
-    return ForgetRequest(id=rid, name=rid, method="refuse", status="ready", created_at=0.0, updated_at=0.0,
-                         spec=spec, artifact_dir="")
+def request(rid: str, qa: list[tuple[str, str]], entities: list[str]):
+    return forget_request(rid, rid, qa, entities)
 
 
 @pytest.fixture(scope="module")
