@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-EXTRAS=${UNLEARND_EXTRAS:-cpu,test}
+EXTRAS=${UNLEARND_EXTRAS:-cpu,test,bench}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi

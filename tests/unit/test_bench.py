@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from unlearnd.offline.bench import CellResult, Sample, percentile, ratios, write_report
+from unlearnd.offline.profile import summarise
 
 
 def test_percentile_interpolates_and_never_invents_zero():
@@ -36,7 +37,7 @@ def test_ratios_pair_same_metric():
 
 def test_report_marks_targets(tmp_path):
     def cell(route, c, ours, plain):
-        summary = lambda e2e: {"requests": 2, "errors": 0, "ttft_p50": e2e / 10, "ttft_p99": e2e / 10,  # noqa: E731
+        summary = lambda e2e: {"requests": 2, "errors": 0, "ttft_p50": e2e / 10, "ttft_p99": e2e / 10,
                                "tpot_p50": 0.01, "tpot_p99": 0.01, "e2e_p50": e2e, "e2e_p99": e2e,
                                "req_throughput": 1 / e2e, "tok_throughput": 32 / e2e}
         o, p = summary(ours), summary(plain)
@@ -54,3 +55,29 @@ def test_report_marks_targets(tmp_path):
     assert "| classifier cost 100 vs 1 requests | 1.100 | <= 1.2 | yes |" in md
     assert "| ECO route e2e p50 ratio, c=1 | n/a |" in md
     assert (tmp_path / "latency.png").stat().st_size > 1000 and (tmp_path / "latency.json").exists()
+
+
+def test_profile_summary_attributes_stacks_to_components(tmp_path):
+    raw = tmp_path / "p.txt"
+    raw.write_text(
+        "<module> (server.py:1);run (uvicorn/server.py:2);detect (unlearnd/classifiers/guard.py:3);"
+        "run (onnxruntime/session.py:4) 60\n"
+        "<module> (server.py:1);run (uvicorn/server.py:2);generate (unlearnd/engine/local.py:5);"
+        "encode (transformers/tokenization.py:6) 25\n"
+        "<module> (server.py:1);run (uvicorn/server.py:2);handle (starlette/routing.py:7) 10\n"
+        "<module> (server.py:1);select (selectors.py:8) 5\n"
+        "not a stack line\n")
+    summary = summarise(raw)
+    assert summary["samples"] == 100
+    assert summary["components"] == {"detector (unlearnd/classifiers)": 0.6, "vLLM front-end": 0.25,
+                                     "HTTP (uvicorn/starlette/fastapi/pydantic)": 0.1, "other": 0.05}
+    assert summary["top_frames"][0] == {"frame": "run (onnxruntime/session.py:4)", "share": 0.6}
+
+
+def test_report_shows_profile(tmp_path):
+    result = {"config": {"output_len": 8}, "cells": {}, "sweep": [],
+              "profile": {"cells": "none@1", "raw": "latency-profile.txt", "samples": 10,
+                          "components": {"detector (unlearnd/classifiers)": 0.7, "other": 0.3},
+                          "top_frames": [{"frame": "run (onnxruntime/x.py:1)", "share": 0.7}]}}
+    md = write_report(result, tmp_path / "latency", "cmd").read_text()
+    assert "| detector (unlearnd/classifiers) | 70.0% |" in md and "| `run (onnxruntime/x.py:1)` | 70.0% |" in md

@@ -217,7 +217,10 @@ def _flagged_prompts(author: dict, n: int) -> list[str]:
     return [questions[i % len(questions)] for i in range(n)]
 
 
-def run_bench(plain_url: str, ours_url: str, admin_key: str | None, tofu_dir: Path, cfg: BenchConfig) -> dict:
+def run_bench(plain_url: str, ours_url: str, admin_key: str | None, tofu_dir: Path, cfg: BenchConfig,
+              profiler=None) -> dict:
+    """Measure every (route, concurrency) cell and the detector sweep; `profiler` (a started-on-demand
+    `unlearnd.offline.profile.Profiler` of the unlearnd server) samples the non-flagged cells."""
     authors = tofu_authors(tofu_dir, len(cfg.routes) + max(cfg.sweep))
     if len(authors) < len(cfg.routes) + max(cfg.sweep):
         raise ValueError(f"only {len(authors)} TOFU authors with a derivable name; lower --sweep")
@@ -228,7 +231,9 @@ def run_bench(plain_url: str, ours_url: str, admin_key: str | None, tofu_dir: Pa
     workloads.update({route: _flagged_prompts(author, cfg.requests) for route, author in route_authors.items()})
 
     cells: dict[str, dict] = {}
+    profile = None
     for route, prompts in workloads.items():
+        profiling = route == "none" and profiler is not None and profiler.start()
         for concurrency in cfg.concurrency:
             results = {"unlearnd": CellResult(), "vllm": CellResult()}
             per_round = max(1, len(prompts) // cfg.rounds)
@@ -252,6 +257,10 @@ def run_bench(plain_url: str, ours_url: str, admin_key: str | None, tofu_dir: Pa
             }
             log.info("%s c=%d: e2e p50 %.3fs vs %.3fs (ratio %.3f)", route, concurrency, ours["e2e_p50"],
                      plain["e2e_p50"], cells[f"{route}@{concurrency}"]["ratio"]["e2e_p50"])
+        if profiling and (raw := profiler.stop()) is not None:
+            from unlearnd.offline.profile import summarise
+
+            profile = {"cells": "none@" + ",".join(map(str, cfg.concurrency)), "raw": raw.name, **summarise(raw)}
 
     sweep = []
     extra = iter(authors[len(cfg.routes):])
@@ -271,7 +280,7 @@ def run_bench(plain_url: str, ours_url: str, admin_key: str | None, tofu_dir: Pa
                       1000 * (after[0] - before[0]) / count if count else float("nan"),
                       "e2e_p50": percentile([s.e2e for s in samples if s.error is None], 50)})
         log.info("sweep %d active: classifier %.2f ms/prompt", active, sweep[-1]["classifier_ms_per_prompt"])
-    return {"config": asdict(cfg), "cells": cells, "sweep": sweep}
+    return {"config": asdict(cfg), "cells": cells, "sweep": sweep, "profile": profile}
 
 
 # -- report ---------------------------------------------------------------------------------------
@@ -364,6 +373,16 @@ def write_report(result: dict, out: Path, command: str) -> Path:
               "| active requests | detector ms / prompt | non-flagged e2e p50 (s) |", "|---|---|---|"]
     for row in result["sweep"]:
         lines.append(f"| {row['active_requests']} | {_fmt(row['classifier_ms_per_prompt'])} | {_fmt(row['e2e_p50'])} |")
+    profile = result.get("profile")
+    if profile:
+        lines += ["", "## Where the unlearnd front-end's time goes", "",
+                  f"py-spy samples of the unlearnd server process (HTTP, detector, routing, vLLM's front-end; "
+                  f"the model runs in vLLM's engine-core process) while it served the non-flagged cells "
+                  f"({profile['cells']}): {profile['samples']} busy samples. Raw stacks: `{profile['raw']}`.", "",
+                  "| component | share of busy samples |", "|---|---|"]
+        lines += [f"| {name} | {100 * share:.1f}% |" for name, share in profile["components"].items()]
+        lines += ["", "| hottest frame | share |", "|---|---|"]
+        lines += [f"| `{row['frame']}` | {100 * row['share']:.1f}% |" for row in profile["top_frames"]]
     lines += ["", f"![latency]({plot.name})", ""]
     if result.get("notes"):
         lines += ["## Notes", "", *result["notes"], ""]
@@ -374,7 +393,7 @@ def write_report(result: dict, out: Path, command: str) -> Path:
 
 def bench_serve(out: Path, tofu_dir: Path, cfg: BenchConfig, plain_url: str | None = None,
                 unlearnd_url: str | None = None, admin_key: str | None = None, detector: str = DEFAULT_DETECTOR,
-                workdir: Path | None = None, command: str | None = None) -> Path:
+                workdir: Path | None = None, command: str | None = None, profile: bool = True) -> Path:
     """Start (or reuse) both servers, run the benchmark, write the report; returns the markdown path."""
     import tempfile
 
@@ -400,7 +419,12 @@ def bench_serve(out: Path, tofu_dir: Path, cfg: BenchConfig, plain_url: str | No
                                                   "--detector", detector), port, workdir / "unlearnd.log")
             started.append(ours.start())
             unlearnd_url = ours.url
-        result = run_bench(plain_url, unlearnd_url, admin_key, tofu_dir, cfg)
+        profiler = None
+        if profile and started and started[-1].url == unlearnd_url:
+            from unlearnd.offline.profile import Profiler
+
+            profiler = Profiler(started[-1].proc.pid, out.with_name(out.name + "-profile.txt"))
+        result = run_bench(plain_url, unlearnd_url, admin_key, tofu_dir, cfg, profiler)
     finally:
         for server in reversed(started):
             server.stop()
@@ -427,14 +451,17 @@ def register(bench_app) -> None:
         unlearnd_url: str = typer.Option(None, help="Reuse a running unlearnd server."),
         admin_key: str = typer.Option(None, envvar="UNLEARND_ADMIN_KEY"),
         timeout_s: float = typer.Option(600, help="Upper bound per driver run."),
+        profile: bool = typer.Option(True, help="py-spy the unlearnd server during the non-flagged cells "
+                                                "(when it is started here and py-spy is installed)."),
     ) -> None:
         """Latency and throughput of unlearnd against plain vLLM on the same model."""
         from unlearnd.config import tofu_dir
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-        ints = lambda text: tuple(int(x) for x in text.split(",") if x)  # noqa: E731
+        ints = lambda text: tuple(int(x) for x in text.split(",") if x)
         cfg = BenchConfig(concurrency=ints(concurrency), requests=requests, rounds=rounds, output_len=output_len,
                           routes=tuple(r for r in routes.split(",") if r), sweep=ints(sweep),
                           sweep_requests=sweep_requests, timeout_s=timeout_s)
-        md = bench_serve(out, data or tofu_dir(), cfg, plain_url, unlearnd_url, admin_key, detector)
+        md = bench_serve(out, data or tofu_dir(), cfg, plain_url, unlearnd_url, admin_key, detector,
+                         profile=profile)
         typer.echo(str(md))
