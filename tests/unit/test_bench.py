@@ -76,8 +76,9 @@ def test_profile_summary_attributes_stacks_to_components(tmp_path):
 
 def test_report_shows_profile(tmp_path):
     result = {"config": {"output_len": 8}, "cells": {}, "sweep": [],
-              "profile": {"cells": "none@1", "raw": "latency-profile.txt", "samples": 10,
+              "profile": {"cells": "none@1", "raw": "latency-profile.txt", "samples": 10, "rate_hz": 200, "busy_s": 0.05,
                           "components": {"detector (unlearnd/classifiers)": 0.7, "other": 0.3},
                           "top_frames": [{"frame": "run (onnxruntime/x.py:1)", "share": 0.7}]}}
     md = write_report(result, tmp_path / "latency", "cmd").read_text()
+    assert "10 busy samples at 200 Hz = 0.1 s of busy time" in md
     assert "| detector (unlearnd/classifiers) | 70.0% |" in md and "| `run (onnxruntime/x.py:1)` | 70.0% |" in md

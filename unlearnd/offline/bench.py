@@ -260,7 +260,9 @@ def run_bench(plain_url: str, ours_url: str, admin_key: str | None, tofu_dir: Pa
         if profiling and (raw := profiler.stop()) is not None:
             from unlearnd.offline.profile import summarise
 
-            profile = {"cells": "none@" + ",".join(map(str, cfg.concurrency)), "raw": raw.name, **summarise(raw)}
+            summary = summarise(raw)
+            profile = {"cells": "none@" + ",".join(map(str, cfg.concurrency)), "raw": raw.name,
+                       "rate_hz": profiler.rate, "busy_s": summary["samples"] / profiler.rate, **summary}
 
     sweep = []
     extra = iter(authors[len(cfg.routes):])
@@ -378,7 +380,9 @@ def write_report(result: dict, out: Path, command: str) -> Path:
         lines += ["", "## Where the unlearnd front-end's time goes", "",
                   f"py-spy samples of the unlearnd server process (HTTP, detector, routing, vLLM's front-end; "
                   f"the model runs in vLLM's engine-core process) while it served the non-flagged cells "
-                  f"({profile['cells']}): {profile['samples']} busy samples. Raw stacks: `{profile['raw']}`.", "",
+                  f"({profile['cells']}): {profile['samples']} busy samples"
+                  + (f" at {profile['rate_hz']} Hz = {profile['busy_s']:.1f} s of busy time in the process"
+                     if "busy_s" in profile else "") + f". Raw stacks: `{profile['raw']}`.", "",
                   "| component | share of busy samples |", "|---|---|"]
         lines += [f"| {name} | {100 * share:.1f}% |" for name, share in profile["components"].items()]
         lines += ["", "| hottest frame | share |", "|---|---|"]
