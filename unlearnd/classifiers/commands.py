@@ -7,13 +7,15 @@ from pathlib import Path
 
 import typer
 
+from unlearnd.config import DEFAULT_DETECTOR
+
 log = logging.getLogger(__name__)
 
 
 def train_classifier(
     request: str = typer.Option(..., "--request", help="id of a registered forget request"),
     data_dir: Path = typer.Option(None, "--data-dir", help="registry folder (default: unlearnd.config.data_dir())"),
-    detector: str = typer.Option("guard", "--detector", help="registered detector name"),
+    detector: str = typer.Option(DEFAULT_DETECTOR, "--detector", help="registered detector name"),
 ) -> None:
     """Fit a detector artifact for a registered forget request (writes into its artifact folder)."""
     import json
@@ -33,7 +35,7 @@ def eval_classifier(
     data: Path = typer.Option(None, "--data", help="TOFU folder (default: unlearnd.config.tofu_dir())"),
     split: str = typer.Option("forget10", "--split"),
     out: Path = typer.Option(Path("reports/classifier"), "--out", help="writes OUT.json and OUT.md"),
-    detector: str = typer.Option("guard", "--detector"),
+    detector: str = typer.Option(DEFAULT_DETECTOR, "--detector"),
     with_retain: bool = typer.Option(False, "--with-retain/--no-retain",
                                      help="give the request the first half of retain90 as retain data"),
     latency_prompts: int = typer.Option(200, "--latency-prompts"),
