@@ -133,26 +133,20 @@ def artifact_path(artifact_dir: Path, name: str) -> Path:
     return Path(artifact_dir) / ARTIFACT_SUBDIR / name
 
 
-@register_detector
-class EmbeddingDetector(Detector):
-    name = "embedding"
+class EncoderDetector(Detector):
+    """What the encoder-based detectors share: their config, one lazily loaded sentence encoder,
+    the loaded requests in load order, and the lock and cache around their stacked parameters."""
 
-    def __init__(self, config: EmbeddingConfig | dict | None = None, **overrides) -> None:
-        cfg = config if isinstance(config, EmbeddingConfig) else EmbeddingConfig(**(config or {}))
+    config_class: type[BaseModel]
+
+    def __init__(self, config: BaseModel | dict | None = None, **overrides) -> None:
+        cfg = config if isinstance(config, self.config_class) else self.config_class(**(config or {}))
         self.cfg = cfg.model_copy(update=overrides) if overrides else cfg
         self._encoder = None
-        self._index: SharedIndex | None = None
-        self._gauss = GaussianBank()
-        self._heads: dict[str, tuple[np.ndarray, float]] = {}
-        self._stackers: dict[str, _Stacker] = {}
-        self._calib: dict[str, Calibration] = {}
-        self._calib_strict: dict[str, Calibration] = {}
-        self.known_words: dict[str, set[str]] = {}
         self._order: list[str] = []
         self._stack_cache: tuple | None = None
         self._lock = threading.Lock()
 
-    # ---- shared pieces -------------------------------------------------------------------
     @property
     def encoder(self):
         if self._encoder is None:
@@ -167,14 +161,34 @@ class EmbeddingDetector(Detector):
     def order(self) -> list[str]:
         return list(self._order)
 
+    def forget_texts(self, request: ForgetRequest) -> tuple[list[str], list[str]]:
+        """The request's forget questions and, per question, its answer ("" when answers are not
+        indexed or there is none)."""
+        qa = request.spec.as_qa(request.spec.forget)
+        return [x.question for x in qa], [x.answer if self.cfg.index_answers else "" for x in qa]
+
+
+@register_detector
+class EmbeddingDetector(EncoderDetector):
+    name = "embedding"
+    config_class = EmbeddingConfig
+
+    def __init__(self, config: EmbeddingConfig | dict | None = None, **overrides) -> None:
+        super().__init__(config, **overrides)
+        self._index: SharedIndex | None = None
+        self._gauss = GaussianBank()
+        self._heads: dict[str, tuple[np.ndarray, float]] = {}
+        self._stackers: dict[str, _Stacker] = {}
+        self._calib: dict[str, Calibration] = {}
+        self._calib_strict: dict[str, Calibration] = {}
+        self.known_words: dict[str, set[str]] = {}
+
     # ---- offline -------------------------------------------------------------------------
     def fit(self, request: ForgetRequest, artifact_dir: Path) -> dict:
         start = time.perf_counter()
         cfg, spec = self.cfg, request.spec
         rng = np.random.default_rng(cfg.seed)
-        qa = spec.as_qa(spec.forget)
-        pos_q = [x.question for x in qa]
-        pos_a = [x.answer if (cfg.index_answers and x.answer) else "" for x in qa]
+        pos_q, pos_a = self.forget_texts(request)
         patterns = compile_entities(spec.entities)
         cf = [counterfactuals([q], patterns, seed=cfg.seed + i) for i, q in enumerate(pos_q)] \
             if cfg.counterfactual else [[] for _ in pos_q]

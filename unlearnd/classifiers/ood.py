@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from pathlib import Path
 
@@ -26,7 +25,6 @@ from sklearn.covariance import LedoitWolf
 
 from unlearnd.classifiers.base import (
     Detection,
-    Detector,
     RequestMatch,
     register_detector,
 )
@@ -38,8 +36,8 @@ from unlearnd.classifiers.common import (
     person_questions,
     questions,
 )
-from unlearnd.classifiers.embedding import artifact_path
-from unlearnd.classifiers.encoder import EncoderConfig, get_encoder
+from unlearnd.classifiers.embedding import EncoderDetector, artifact_path
+from unlearnd.classifiers.encoder import EncoderConfig
 from unlearnd.classifiers.index import GaussianBank, GaussianFit, SharedIndex
 from unlearnd.registry import ForgetRequest
 
@@ -102,44 +100,24 @@ def weight_from_calibration(scores: np.ndarray, calib_sorted: np.ndarray) -> np.
 
 
 @register_detector
-class OODDetector(Detector):
+class OODDetector(EncoderDetector):
     name = "ood"
+    config_class = OODConfig
 
     def __init__(self, config: OODConfig | dict | None = None, **overrides) -> None:
-        cfg = config if isinstance(config, OODConfig) else OODConfig(**(config or {}))
-        self.cfg = cfg.model_copy(update=overrides) if overrides else cfg
-        self._encoder = None
+        super().__init__(config, **overrides)
         self._indexes: list[SharedIndex] = []
         self._banks: list[GaussianBank] = [GaussianBank() for _ in self.cfg.encoder.layers]
         self._oneclass: dict[str, _OneClass] = {}
         self._calib_scores: dict[str, np.ndarray] = {}
         self._calib: dict[str, Calibration] = {}
-        self._order: list[str] = []
-        self._stack_cache: tuple | None = None
-        self._lock = threading.Lock()
-
-    @property
-    def encoder(self):
-        if self._encoder is None:
-            self._encoder = get_encoder(self.cfg.encoder)
-        return self._encoder
-
-    @property
-    def loaded_ids(self) -> set[str]:
-        return set(self._order)
-
-    @property
-    def order(self) -> list[str]:
-        return list(self._order)
 
     # ---- offline -------------------------------------------------------------------------
     def fit(self, request: ForgetRequest, artifact_dir: Path) -> dict:
         start = time.perf_counter()
         cfg, spec = self.cfg, request.spec
         rng = np.random.default_rng(cfg.seed)
-        qa = spec.as_qa(spec.forget)
-        pos_q = [x.question for x in qa]
-        pos_a = [x.answer if cfg.index_answers else "" for x in qa]
+        pos_q, pos_a = self.forget_texts(request)
         builtin = chat_subset(cfg.chat_part, cfg.chat_limit)
         if cfg.person_negatives:
             builtin += list(person_questions())[: cfg.chat_limit or None]
