@@ -247,6 +247,14 @@ class Registry:
                 db.execute("DELETE FROM forget_requests WHERE id = ?", (request_id,))
         return record
 
+    def load_json(self, request_id: str, name: str) -> dict | None:
+        """An artifact file written by `save_json`, or None when it is missing or unreadable."""
+        path = self.artifact_dir(request_id) / name
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+
     def save_json(self, request_id: str, name: str, payload: dict) -> Path:
         """Write an artifact file atomically (tmp + rename) so a crash leaves the old or the new."""
         path = self.artifact_dir(request_id) / name

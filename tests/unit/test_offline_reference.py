@@ -48,8 +48,11 @@ def test_mini_preset_selects_forget_retain_and_holdout_authors(tmp_path):
 def test_real_tofu_mini_layout(tofu):
     tofu = TofuData(tofu, allow_hub=False)
     data = ref.reference_data(ref.preset("mini"), tofu)
-    assert data.forget_authors == list(range(190, 200)) and data.retain_authors == list(range(10))
-    assert len(data.target_items) == 400 and len(data.retain_items) == 200
+    assert data.forget_authors == [198, 199] and data.retain_authors == list(range(6))
+    assert data.holdout_authors == [6, 7]
+    assert len(data.target_items) == 160 and len(data.retain_items) == 120
+    wide = ref.reference_data(ref.preset("mini", "forget05", n_retain_authors=10), tofu)
+    assert wide.forget_authors == list(range(190, 200)) and len(wide.target_items) == 400
 
 
 def test_finetune_is_cached_by_content_hash(tmp_path, tiny_base, monkeypatch):
@@ -178,3 +181,21 @@ def test_run_tofu_eval_end_to_end_with_a_served_method(tmp_path, tiny_base, monk
                              tofu=tofu)
     assert again["methods"]["target"]["cost"]["eval_cached"] is True
     assert again["methods"]["target"]["metrics"] == methods["target"]["metrics"]
+
+
+def test_cached_json_reuses_a_result_by_key(tmp_path, monkeypatch):
+    from unlearnd.offline import evaluate as ev
+
+    monkeypatch.setattr(ev, "cache_dir", lambda: tmp_path)
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"n": len(calls)}
+
+    assert ev.cached_json({"model": "a"}, compute) == ({"n": 1}, False)
+    assert ev.cached_json({"model": "a"}, compute) == ({"n": 1}, True)  # stored, not recomputed
+    assert ev.cached_json({"model": "b"}, compute) == ({"n": 2}, False)  # another key
+    assert ev.cached_json({"model": "a"}, compute, use_cache=False) == ({"n": 3}, False)
+    assert ev.cached_json(None, compute) == ({"n": 4}, False)  # None: never stored
+    assert len(list((tmp_path / "eval").glob("*.json"))) == 2

@@ -27,6 +27,10 @@ def results() -> dict:
                                       "multiple_choice": {"forget": {"likelihood_accuracy": 0.25,
                                                                      "generated_accuracy": 0.2}}}},
             "npo": {"kind": "baseline", "cost": {}, "error": "RuntimeError: boom"},
+            "target": {"kind": "reference", "cost": {}, "metrics": {"forget_quality": 1e-5, "model_utility": 0.40}},
+            "eco": {"kind": "served", "cost": {"train_cpu_seconds": 55.0},
+                    "metrics": {"forget_quality": 0.6, "model_utility": 0.398},
+                    "training": {"method": "eco", "sigma": 0.0123, "reached": True, "history": [1, 2]}},
         },
     }
 
@@ -71,3 +75,14 @@ def test_scatter_skipped_without_points(tmp_path):
     empty = {"methods": {"x": {"kind": "served", "metrics": {"forget_quality": None, "model_utility": None}}}}
     paths = write_report(empty, tmp_path, "empty", "cmd")
     assert "scatter" not in paths and not (tmp_path / "empty_scatter.png").exists()
+
+
+def test_tradeoff_against_target_and_job_reports():
+    md = markdown(results())
+    lines = md.splitlines()
+    assert any(line.startswith("## Trade-off against the target model") and "0.400" in line for line in lines)
+    assert "| eco | served | 0.600 | 0.995 | yes |" in md  # 0.398 / 0.40 >= 0.99 and FQ >= 0.5
+    assert "| grad_ascent | baseline | 3.20e-07 | 0.000 | no |" in md
+    assert "| refuse | served | 0.020 | 0.975 | no |" in md
+    assert not any(line.startswith("| retain |") and line.endswith("| no |") for line in lines)  # references excluded
+    assert "- eco: method eco, sigma 0.012, reached yes" in md  # scalars only, lists left out

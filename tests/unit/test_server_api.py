@@ -58,6 +58,14 @@ def register(client, settings, method="refuse", name="Basil Mahfouz Al-Kuwaiti")
     raise AssertionError(f"request {request_id} never became active (status {status})")
 
 
+def test_request_shows_its_training_report(client, settings):
+    request_id = register(client, settings)
+    body = client.get(f"/v1/unlearning/requests/{request_id}", headers=ADMIN).json()
+    training = body["training"]
+    assert training["wall_seconds"] >= 0 and training["cpu_seconds"] >= 0
+    assert "detector" in training
+
+
 def test_unflagged_chat_goes_to_engine_untouched(client, engine):
     response = chat(client, "What is the capital of France?")
     assert response.status_code == 200

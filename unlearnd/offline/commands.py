@@ -60,7 +60,7 @@ def register(train_app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typ
     @train_app.command("reference")
     def train_reference(
         preset: str = typer.Option("mini", help="mini (CPU-sized subset) or full (all 4000 QA, GPU)."),
-        forget_split: str = typer.Option("forget05", help="forget01 | forget05 | forget10"),
+        forget_split: str = typer.Option(None, help="forget01 | forget05 | forget10 (default: the preset's)."),
         force: bool = typer.Option(False, help="Retrain even when a cached model exists."),
         which: str = typer.Option("target,retain", help="Which reference models to train."),
         threads: int = typer.Option(0, help="torch threads (0 = torch default)."),
@@ -106,7 +106,7 @@ def register(train_app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typ
     def train_baseline_cmd(
         method: str = typer.Argument(..., help="grad_ascent | grad_diff | npo | simnpo | idk_dpo | rmu"),
         preset: str = typer.Option("mini"),
-        forget_split: str = typer.Option("forget05"),
+        forget_split: str = typer.Option(None, help="Default: the preset's forget split."),
         epochs: float = typer.Option(None, help="Override the preset's epochs over the forget set."),
         lr: float = typer.Option(None, help="Override the learning rate."),
         option: list[str] = typer.Option(None, help="Method option KEY=VALUE (e.g. beta=0.1), repeatable."),
@@ -152,7 +152,7 @@ def register(train_app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typ
     @eval_app.command("tofu")
     def eval_tofu(
         preset: str = typer.Option("mini"),
-        forget_split: str = typer.Option("forget05"),
+        forget_split: str = typer.Option(None, help="Default: the preset's forget split."),
         methods: str = typer.Option("target,retain", help="Comma list: target, retain, grad_ascent, grad_diff, "
                                     "npo, simnpo, idk_dpo, rmu, and served: refuse, prompt, eco, soft_prompt, lora, "
                                     "served_target."),
@@ -187,16 +187,16 @@ def register(train_app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typ
         from unlearnd.offline.report import write_report
 
         _threads(threads)
-        cfg = TofuEvalConfig(preset=preset, forget_split=forget_split, methods=methods_list(methods),
+        p = _preset(preset, forget_split, ref_epochs, ref_lr, retain_authors)
+        cfg = TofuEvalConfig(preset=preset, forget_split=p.forget_split, methods=methods_list(methods),
                              server_url=server_url, admin_key=admin_key or os.environ.get("UNLEARND_ADMIN_KEY"),
                              api_key=api_key, served_model=served_model, max_new_tokens=max_new_tokens,
                              limits=_parse_limits(limit), robustness=robustness,
                              robustness_items=robustness_items, relearn_epochs=relearn_epochs, use_cache=use_cache,
                              baseline_overrides={m: {"epochs": baseline_epochs} for m in BASELINES}
                              if baseline_epochs is not None else {})
-        p = _preset(preset, forget_split, ref_epochs, ref_lr, retain_authors)
         results = run_tofu_eval(cfg, reference_preset=p, train_missing_references=train_missing)
-        stem = name or f"tofu_{preset}_{forget_split}"
+        stem = name or f"tofu_{preset}_{p.forget_split}"
         paths = write_report(results, out, stem, _command_line())
         typer.echo(json.dumps({k: str(v) for k, v in paths.items()}, indent=1))
         failed = [m for m, e in results["methods"].items() if "error" in e]

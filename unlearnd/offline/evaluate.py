@@ -184,29 +184,37 @@ def collect_run(method: str, mut: ModelUnderTest, splits: EvalSplits, settings: 
     return run
 
 
-def _records_cache_path(model_key: str, splits: EvalSplits, settings: EvalSettings) -> Path:
-    key = cache_key({"model": model_key, "settings": settings.model_dump(), "code": EVAL_CODE_VERSION,
-                     "splits": {k: items_digest(v) for k, v in splits.as_dict().items()}})
-    return cache_dir() / "eval" / f"{key}.json"
+def cached_json(key_parts: dict[str, Any] | None, compute: Any, use_cache: bool = True) -> tuple[Any, bool]:
+    """`compute()`'s JSON result, stored under the eval cache by a hash of `key_parts` (None: never cached).
+
+    Lets a long evaluation be resumed or extended (e.g. a later run adding served rows) without
+    recomputing what a model that has not changed already answered."""
+    if key_parts is None:
+        return compute(), False
+    path = cache_dir() / "eval" / f"{cache_key(key_parts)}.json"
+    if use_cache and path.exists():
+        return json.loads(path.read_text()), True
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value))
+    os.replace(tmp, path)
+    return value, False
 
 
 def cached_run(method: str, model_key: str | None, make: Any, splits: EvalSplits, settings: EvalSettings,
                judge: ModelUnderTest | None, use_cache: bool = True) -> tuple[RunRecords, float, bool]:
     """Collect (or load) a run's records; returns (records, eval wall seconds, came from cache)."""
-    path = _records_cache_path(model_key, splits, settings) if model_key else None
-    if use_cache and path is not None and path.exists():
-        data = json.loads(path.read_text())
-        return RunRecords.model_validate(data["records"]), float(data["eval_wall_seconds"]), True
-    t0 = time.perf_counter()
-    mut = make()
-    records = collect_run(method, mut, splits, settings, judge)
-    wall = time.perf_counter() - t0
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"eval_wall_seconds": wall, "records": records.model_dump()}))
-        os.replace(tmp, path)
-    return records, wall, False
+    def collect() -> dict[str, Any]:
+        t0 = time.perf_counter()
+        records = collect_run(method, make(), splits, settings, judge)
+        return {"eval_wall_seconds": time.perf_counter() - t0, "records": records.model_dump()}
+
+    key = None if model_key is None else {
+        "model": model_key, "settings": settings.model_dump(), "code": EVAL_CODE_VERSION,
+        "splits": {k: items_digest(v) for k, v in splits.as_dict().items()}}
+    data, cached = cached_json(key, collect, use_cache)
+    return RunRecords.model_validate(data["records"]), float(data["eval_wall_seconds"]), cached
 
 
 # --------------------------------------------------------------------------- baselines
@@ -257,6 +265,8 @@ def forget_request_spec(method: str, refs: ReferenceModels, tofu: TofuData | Non
         "forget": [{"question": it.question, "answer": it.answer} for it in forget],
         "retain": [{"question": it.question, "answer": it.answer} for it in refs.data.retain_items],
         "entities": [names[a] for a in sorted(names)],
+        # ECO's surrogate target: what the retain model (never saw these authors) gives the forget answers
+        **({"options": {"retain_model": refs.retain_dir}} if method == "eco" else {}),
     }
 
 
@@ -265,7 +275,7 @@ def forget_request_spec(method: str, refs: ReferenceModels, tofu: TofuData | Non
 
 class TofuEvalConfig(BaseModel):
     preset: str = "mini"
-    forget_split: str = "forget05"
+    forget_split: str | None = None  # None: the preset's
     methods: list[str] = Field(default_factory=lambda: ["target", "retain"])
     server_url: str | None = None
     api_key: str | None = None
@@ -354,8 +364,12 @@ def run_tofu_eval(cfg: TofuEvalConfig, reference_preset: ReferencePreset | None 
                     spec = forget_request_spec(method, refs, tofu)
                     request_id = served.register(spec)
                     t_reg = time.perf_counter()
-                    served.wait_active(request_id, timeout_s=cfg.request_timeout_s)
+                    activated = served.wait_active(request_id, timeout_s=cfg.request_timeout_s)
                     entry["cost"]["activation_wall_seconds"] = time.perf_counter() - t_reg
+                    job = activated.get("training") or {}  # the server's offline job for this request
+                    entry["cost"].update({"train_wall_seconds": job.get("wall_seconds"),
+                                          "train_cpu_seconds": job.get("cpu_seconds")})
+                    entry["training"] = job.get("method")
                     entry["request_id"] = request_id
                     entry["entities"] = spec["entities"]
             if model_dir is not None:
@@ -372,15 +386,26 @@ def run_tofu_eval(cfg: TofuEvalConfig, reference_preset: ReferencePreset | None 
             if method == "retain":
                 retain_run = records
             if cfg.robustness and method in cfg.methods:
-                mut: ModelUnderTest = served if served is not None else HFModelUnderTest.from_dir(model_dir, name=method)
-                entry["robustness"] = robustness.run_probes(
-                    mut, tofu, refs, n_items=cfg.robustness_items, max_new_tokens=settings.max_new_tokens)
-                if method in BASELINES or method == "retain":  # retain = relearning from scratch
-                    assert model_dir is not None
-                    entry["robustness"]["relearning"] = robustness.relearning_attack(
-                        model_dir, tofu.split(p.forget_split), epochs=cfg.relearn_epochs,
-                        lr=cfg.relearn_lr or p.learning_rate,
-                        max_new_tokens=settings.max_new_tokens, n_eval=cfg.robustness_items)
+                def probe(md: Path | None = model_dir, s: ServedModelUnderTest | None = served,
+                          m: str = method) -> dict[str, Any]:
+                    mut: ModelUnderTest = s if s is not None else HFModelUnderTest.from_dir(md, name=m)
+                    out = robustness.run_probes(mut, tofu, refs, n_items=cfg.robustness_items,
+                                                max_new_tokens=settings.max_new_tokens)
+                    if m in BASELINES or m == "retain":  # retain = relearning from scratch
+                        assert md is not None
+                        out["relearning"] = robustness.relearning_attack(
+                            md, tofu.split(p.forget_split), epochs=cfg.relearn_epochs,
+                            lr=cfg.relearn_lr or p.learning_rate,
+                            max_new_tokens=settings.max_new_tokens, n_eval=cfg.robustness_items)
+                    return out
+
+                # a served method's probes always run (the server's state is not part of any key)
+                key = None if model_dir is None else {
+                    "robustness": model_fingerprint(model_dir), "method": method, "code": EVAL_CODE_VERSION,
+                    "n_items": cfg.robustness_items, "max_new_tokens": settings.max_new_tokens,
+                    "relearn": [cfg.relearn_epochs, cfg.relearn_lr or p.learning_rate],
+                    "forget": items_digest(tofu.split(p.forget_split)), "retain_authors": refs.data.retain_authors}
+                entry["robustness"], entry["cost"]["robustness_cached"] = cached_json(key, probe, cfg.use_cache)
         except Exception as exc:  # one failing method must not lose the others' results
             log.exception("method %s failed", method)
             entry["error"] = f"{type(exc).__name__}: {exc}"

@@ -399,13 +399,15 @@ class BaselineConfig(BaseModel):
 def default_baseline_config(method: str, preset: str = "mini") -> BaselineConfig:
     """open-unlearning's TOFU settings scaled to a CPU budget.
 
-    open-unlearning: lr 1e-5, 10 epochs at effective batch 32 (~60 updates on forget05), NPO/IdkDPO
+    open-unlearning: lr 1e-5, 10 epochs at effective batch 32 (20 updates on forget01), NPO/IdkDPO
     beta 0.1, SimNPO beta 4.5 / delta 0 / gamma 0.125, RMU steering 300 / alpha 1000 on the MLP
     down-projections of three layers ending at a middle layer (SmolLM2's residual norm there is
-    ~175, the same order as the Llama models those values were set for). `mini` runs one epoch of
-    forget05 at batch 8 (25 updates) at lr 5e-5: its target is trained at lr 1e-4 rather than TOFU's
-    1e-5, so the unlearning step size scales with it. `full` keeps open-unlearning's lr and runs 5 epochs.
+    ~175, the same order as the Llama models those values were set for). `mini` runs two epochs of
+    the forget split at batch 8 (10 updates on forget01) at lr 5e-5: its target is trained at lr 1e-4
+    rather than TOFU's 1e-5, so the unlearning step size scales with it, and the total step
+    (updates x lr) is of the same order as open-unlearning's. `full` keeps open-unlearning's lr and
+    runs 5 epochs.
     """
     if preset == "mini":
-        return BaselineConfig(method=method, epochs=1.0, learning_rate=5e-5, batch_size=8)
+        return BaselineConfig(method=method, epochs=2.0, learning_rate=5e-5, batch_size=8)
     return BaselineConfig(method=method, epochs=5.0, learning_rate=1e-5, batch_size=8)

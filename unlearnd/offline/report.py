@@ -153,6 +153,14 @@ def markdown(results: dict[str, Any]) -> str:
                      f"({fmt(c.get('eval_cached'))}) | {fmt(c.get('activation_wall_seconds'), 0)} | "
                      f"{fmt(c.get('total_wall_seconds'), 0)} |")
     lines.append("")
+    jobs = {n: e["training"] for n, e in methods.items() if e.get("training")}
+    if jobs:
+        lines += ["## Offline jobs of the served methods (the server's own training report)", ""]
+        for name, job in jobs.items():
+            scalars = {k: v for k, v in job.items() if isinstance(v, (int, float, str, bool)) and k != "device"}
+            lines.append(f"- {name}: " + ", ".join(f"{k} {fmt(v)}" for k, v in scalars.items()))
+        lines.append("")
+    lines += tradeoff_lines(methods)
     routes = {n: e["routes"] for n, e in methods.items() if e.get("routes")}
     if routes:
         lines += ["## Routes taken by the served pipeline (scored answers per split)", ""]
@@ -170,6 +178,24 @@ def markdown(results: dict[str, Any]) -> str:
     for note in results.get("notes", []):
         lines.append(f"- {note}")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def tradeoff_lines(methods: dict[str, Any], min_fq: float = 0.5, min_mu_ratio: float = 0.99) -> list[str]:
+    """Each unlearning method against the goal "forget quality >= 0.5 at >= 99% of the target's utility"."""
+    target_mu = methods.get("target", {}).get("metrics", {}).get("model_utility")
+    rows = [(n, e.get("metrics", {})) for n, e in methods.items()
+            if e.get("kind") in ("baseline", "served") and n != "served_target" and e.get("metrics")]
+    if not target_mu or not rows:
+        return []
+    lines = [f"## Trade-off against the target model (goal: forget quality ≥ {min_fq} and model utility ≥ "
+             f"{min_mu_ratio}× the target's {fmt(target_mu)})", "",
+             "| Method | Kind | Forget quality | Utility / target | Meets goal |", "|---|---|---|---|---|"]
+    for name, m in rows:
+        fq, mu = m.get("forget_quality"), m.get("model_utility")
+        ratio = mu / target_mu if mu is not None else None
+        meets = fq is not None and ratio is not None and fq >= min_fq and ratio >= min_mu_ratio
+        lines.append(f"| {name} | {methods[name].get('kind')} | {fmt(fq)} | {fmt(ratio)} | {fmt(meets)} |")
+    return [*lines, ""]
 
 
 def plot_scatter(results: dict[str, Any], path: Path) -> Path | None:

@@ -445,11 +445,14 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
 
     @app.get("/v1/unlearning/requests/{request_id}")
     async def get_request(request_id: str) -> dict[str, Any]:
+        registry = state["registry"]
         try:
-            return _public(await asyncio.to_thread(state["registry"].get, request_id))
+            record = await asyncio.to_thread(registry.get, request_id)
         except KeyError:
             raise APIError(404, f"forget request {request_id!r} not found", "not_found_error",
                            "request_not_found") from None
+        # the training job's report (cost, achieved metrics), once the job has finished
+        return {**_public(record), "training": await asyncio.to_thread(registry.load_json, request_id, "training.json")}
 
     @app.delete("/v1/unlearning/requests/{request_id}")
     async def delete_request(request_id: str, purge: bool = False) -> dict[str, Any]:
