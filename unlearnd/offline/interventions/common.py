@@ -12,8 +12,9 @@ import json
 import logging
 import math
 import random
+import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -290,6 +291,34 @@ def write_json_atomic(path: Path, payload: dict) -> Path:
     tmp.write_text(json.dumps(payload, indent=1))
     tmp.replace(path)
     return path
+
+
+@dataclass
+class JobStart:
+    """What every intervention job starts from: its resolved preset, device, frozen model and clocks."""
+
+    cfg: Any
+    preset: str
+    device: torch.device
+    model: Any
+    tokenizer: Any
+    wall0: float = field(default_factory=time.perf_counter)
+    cpu0: float = field(default_factory=time.process_time)
+
+    def cost(self, **extra: Any) -> dict[str, Any]:
+        """Wall and CPU seconds since the job started (model load included), plus `extra`."""
+        return {"wall_seconds": time.perf_counter() - self.wall0, "cpu_seconds": time.process_time() - self.cpu0,
+                **extra, "device": str(self.device), "preset": self.preset}
+
+
+def start_job(presets: dict, preset: str, request: Any, model_path: str | Path, device: str | None,
+              overrides: dict | None) -> JobStart:
+    """Resolve the job's preset (request options and overrides on top), pick the device, load the model."""
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    cfg = resolve_preset(presets, preset, request.spec.options, overrides)
+    dev = pick_device(device)
+    model, tokenizer = load_model(model_path, dev, torch_dtype(cfg.dtype))
+    return JobStart(cfg=cfg, preset=preset, device=dev, model=model, tokenizer=tokenizer, wall0=wall0, cpu0=cpu0)
 
 
 def resolve_preset(presets: dict, name: str, options: dict | None = None, overrides: dict | None = None):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,10 +41,9 @@ from unlearnd.offline.interventions.common import (
     greedy_generate,
     load_model,
     mean,
-    pick_device,
     qa_pairs,
     render_question,
-    resolve_preset,
+    start_job,
     subsample,
     torch_dtype,
 )
@@ -193,10 +191,8 @@ def train_eco(
     overrides: dict | None = None,
 ) -> dict:
     """Tune ECO for `request`; writes `eco.json` into `artifact_dir` and returns a summary."""
-    wall0, cpu0 = time.perf_counter(), time.process_time()
-    cfg = resolve_preset(PRESETS, preset, request.spec.options, overrides)
-    dev = pick_device(device)
-    model, tokenizer = load_model(model_path, dev, torch_dtype(cfg.dtype))
+    job = start_job(PRESETS, preset, request, model_path, device, overrides)
+    cfg, dev, model, tokenizer = job.cfg, job.device, job.model, job.tokenizer
     serve_dtype = torch_dtype(cfg.serve_dtype)
     forget = qa_pairs(request.spec.forget)
     tune_qas = subsample(forget, cfg.n_tune, cfg.seed)
@@ -258,8 +254,7 @@ def train_eco(
 
     fluency = fluency_report(model, tokenizer, [p.item for p in flu_items], embeds_of, cfg.fluency_tokens,
                              cfg.max_ppl, cfg.max_non_ascii, cfg.max_repetition, progress, heartbeat)
-    cost = {"wall_seconds": time.perf_counter() - wall0, "cpu_seconds": time.process_time() - cpu0,
-            "metric_evaluations": len(cache), "device": str(dev), "preset": preset}
+    cost = job.cost(metric_evaluations=len(cache))
     tuning.update({"achieved_tune": achieved_tune, "clean_eval": clean_eval, "tolerance": tolerance,
                    "cost": cost, "preset": cfg.model_dump(mode="json")})
     artifact = ECOArtifact(corruption=corruption, seed=cfg.seed, entities=entities, target=target,

@@ -15,7 +15,6 @@ import logging
 import math
 import random
 import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -37,18 +36,20 @@ from unlearnd.offline.interventions.common import (
     encode_qa,
     end_of_turn_ids,
     greedy_generate,
-    load_model,
     mean,
     pad_id_of,
-    pick_device,
     qa_pairs,
     refusal_for,
-    resolve_preset,
+    start_job,
     subsample,
     target_logits,
-    torch_dtype,
 )
-from unlearnd.offline.trainer import TrainConfig, Trainer, TrainingMethod, register_method
+from unlearnd.offline.trainer import (
+    TrainConfig,
+    Trainer,
+    TrainingMethod,
+    register_method,
+)
 from unlearnd.registry import ForgetRequest, Method, Registry, Status
 
 log = logging.getLogger(__name__)
@@ -196,12 +197,10 @@ def train_lora(
     """Train this request's O3 LoRA; writes `lora/` (+ pre-scaled copies) and `lora.json`."""
     from peft import LoraConfig, get_peft_model
 
-    wall0, cpu0 = time.perf_counter(), time.process_time()
-    cfg = resolve_preset(PRESETS, preset, request.spec.options, overrides)
+    job = start_job(PRESETS, preset, request, model_path, device, overrides)
+    cfg, dev, base, tokenizer = job.cfg, job.device, job.model, job.tokenizer
     artifact_dir = Path(artifact_dir)
     artifact_dir.mkdir(parents=True, exist_ok=True)
-    dev = pick_device(device)
-    base, tokenizer = load_model(model_path, dev, torch_dtype(cfg.dtype))
     pad_id = pad_id_of(tokenizer)
     forget_qas = qa_pairs(request.spec.forget)
     items = [encode_qa(tokenizer, qa.question, refusal_for(i), cfg.max_len, end_of_turn=True)
@@ -271,9 +270,7 @@ def train_lora(
         folders[f"{scale:g}"] = write_scaled_copy(main_folder, artifact_dir / scale_folder_name(scale), scale).name
     if 1.0 not in cfg.scales:
         log.info("O3: scale 1.0 is always written; requested scales %s", cfg.scales)
-    cost = {"wall_seconds": time.perf_counter() - wall0, "cpu_seconds": time.process_time() - cpu0,
-            "train_wall_seconds": result.wall_seconds, "train_cpu_seconds": result.cpu_seconds,
-            "device": str(dev), "preset": preset}
+    cost = job.cost(train_wall_seconds=result.wall_seconds, train_cpu_seconds=result.cpu_seconds)
     artifact = LoRAArtifact(
         version=version, threshold=cfg.threshold, folders=folders, rank=cfg.rank, lora_alpha=cfg.lora_alpha,
         target_modules=sorted(PEFT_TARGET_MODULES), prior_adapters=[str(p) for p in prior_folders],

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import time
 from pathlib import Path
 
 import torch
@@ -31,18 +30,20 @@ from unlearnd.offline.interventions.common import (
     encode_qa,
     end_of_turn_ids,
     greedy_generate,
-    load_model,
     mean,
     pad_id_of,
-    pick_device,
     qa_pairs,
     refusal_for,
-    resolve_preset,
+    start_job,
     subsample,
     target_logits,
-    torch_dtype,
 )
-from unlearnd.offline.trainer import TrainConfig, Trainer, TrainingMethod, register_method
+from unlearnd.offline.trainer import (
+    TrainConfig,
+    Trainer,
+    TrainingMethod,
+    register_method,
+)
 from unlearnd.registry import ForgetRequest
 
 log = logging.getLogger(__name__)
@@ -185,10 +186,8 @@ def train_soft_prompt(
     overrides: dict | None = None,
 ) -> dict:
     """Train SPUL's soft prompt for `request`; writes soft_prompt.safetensors + soft_prompt.json."""
-    wall0, cpu0 = time.perf_counter(), time.process_time()
-    cfg = resolve_preset(PRESETS, preset, request.spec.options, overrides)
-    dev = pick_device(device)
-    llm, tokenizer = load_model(model_path, dev, torch_dtype(cfg.dtype))
+    job = start_job(PRESETS, preset, request, model_path, device, overrides)
+    cfg, dev, llm, tokenizer = job.cfg, job.device, job.model, job.tokenizer
     pad_id = pad_id_of(tokenizer)
     forget_qas = qa_pairs(request.spec.forget)
     retain_qas = [qa for qa in qa_pairs(request.spec.retain) if qa.answer]
@@ -240,9 +239,7 @@ def train_soft_prompt(
             gen = greedy_generate(llm, emb, cfg.sample_tokens, eos)
             samples.append({"question": item.question, "output": tokenizer.decode(gen, skip_special_tokens=True)})
 
-    cost = {"wall_seconds": time.perf_counter() - wall0, "cpu_seconds": time.process_time() - cpu0,
-            "train_wall_seconds": result.wall_seconds, "train_cpu_seconds": result.cpu_seconds,
-            "device": str(dev), "preset": preset}
+    cost = job.cost(train_wall_seconds=result.wall_seconds, train_cpu_seconds=result.cpu_seconds)
     evaluation = {"before": before, "after": after, "forget_loss_before": lf_before, "forget_loss_after": lf_after,
                   "n_eval_forget": len(eval_forget), "n_eval_retain": len(eval_retain), "samples": samples}
     config = SoftPromptConfig(
