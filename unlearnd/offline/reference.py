@@ -83,8 +83,8 @@ def preset(name: str, forget_split: str | None = None, **overrides: Any) -> Refe
         # whole mini pipeline (references, baselines, evaluation) fits a few CPU hours.
         base = ReferencePreset(name="mini", forget_split=forget_split, n_retain_authors=6, epochs=4.0,
                                learning_rate=1e-4, batch_size=8, warmup_steps=5, eval_forget_items=None,
-                               eval_retain_items=60, eval_holdout_items=40, eval_real_authors_items=60,
-                               eval_world_facts_items=60, max_new_tokens=64)
+                               eval_retain_items=40, eval_holdout_items=40, eval_real_authors_items=40,
+                               eval_world_facts_items=40, max_new_tokens=64)
     elif name == "full":
         base = ReferencePreset(name="full", forget_split=forget_split, n_retain_authors=None, epochs=5.0,
                                learning_rate=1e-5, batch_size=32, warmup_steps=20, eval_forget_items=None,
