@@ -331,7 +331,9 @@ def run_tofu_eval(cfg: TofuEvalConfig, reference_preset: ReferencePreset | None 
     }
     runs: dict[str, RunRecords] = {}
     retain_run: RunRecords | None = None
-    order = ["retain"] + [m for m in cfg.methods if m != "retain"]  # the retain run is every method's reference
+    # the user's order (served methods first lets their server jobs start at once); the retain run, every
+    # method's forget-quality reference, is collected last when not asked for (metrics come after all runs)
+    order = list(dict.fromkeys([*cfg.methods, "retain"]))
     for method in order:
         entry: dict[str, Any] = {"kind": None, "cost": {}}
         served: ServedModelUnderTest | None = None

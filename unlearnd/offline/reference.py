@@ -80,11 +80,13 @@ def preset(name: str, forget_split: str | None = None, **overrides: Any) -> Refe
         # lr 1e-4 for 4 epochs: TOFU's recipe (1e-5, 5 epochs) does not make a 135M model memorise in a
         # CPU budget; a 4-epoch / 1e-4 pilot on forget01 reached forget ROUGE-L recall 0.86. forget01
         # (40 QA, TOFU's 1% setting) keeps the KS test on 40 truth ratios as in the paper while the
-        # whole mini pipeline (references, baselines, evaluation) fits a few CPU hours.
+        # whole mini pipeline (references, baselines, evaluation) fits a few CPU hours. Evaluation takes 20
+        # items per split (every other forget item; a whole model costs ~12 CPU-minutes even so) and 48
+        # new tokens (TOFU answers' median length); `--limit forget=all` etc. restore the full splits.
         base = ReferencePreset(name="mini", forget_split=forget_split, n_retain_authors=6, epochs=4.0,
-                               learning_rate=1e-4, batch_size=8, warmup_steps=5, eval_forget_items=None,
-                               eval_retain_items=40, eval_holdout_items=40, eval_real_authors_items=40,
-                               eval_world_facts_items=40, max_new_tokens=64)
+                               learning_rate=1e-4, batch_size=8, warmup_steps=5, eval_forget_items=20,
+                               eval_retain_items=20, eval_holdout_items=20, eval_real_authors_items=20,
+                               eval_world_facts_items=20, max_new_tokens=48)
     elif name == "full":
         base = ReferencePreset(name="full", forget_split=forget_split, n_retain_authors=None, epochs=5.0,
                                learning_rate=1e-5, batch_size=32, warmup_steps=20, eval_forget_items=None,
