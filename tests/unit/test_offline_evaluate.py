@@ -9,8 +9,8 @@ from collections.abc import Sequence
 import pytest
 
 from unlearnd.offline import robustness as R
-from unlearnd.offline.data import QAItem
-from unlearnd.offline.evaluate import _limit, collect_split
+from unlearnd.offline.data import QAItem, spread
+from unlearnd.offline.evaluate import collect_split
 from unlearnd.offline.metrics import METRICS, RunRecords
 from unlearnd.offline.mut import ModelUnderTest, Scored
 
@@ -90,8 +90,8 @@ def test_collect_split_records_every_answer_and_metrics_follow():
 
 
 def test_limit_spreads_over_the_split():
-    assert [it.question for it in _limit(ITEMS, 3)] == [ITEMS[0].question, ITEMS[2].question, ITEMS[4].question]
-    assert _limit(ITEMS, None) == ITEMS and _limit(ITEMS, 100) == ITEMS
+    assert [it.question for it in spread(ITEMS, 3)] == [ITEMS[0].question, ITEMS[2].question, ITEMS[4].question]
+    assert spread(ITEMS, None) == ITEMS and spread(ITEMS, 100) == ITEMS
 
 
 def test_parse_letter():

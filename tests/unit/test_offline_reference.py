@@ -162,7 +162,10 @@ def test_run_tofu_eval_end_to_end_with_a_served_method(tmp_path, tiny_base, monk
     cfg = ev.TofuEvalConfig(preset="mini", forget_split="forget01", methods=["target", "retain", "refuse"],
                             server_url="http://fake", admin_key="k", robustness_items=2, relearn_epochs=0.1,
                             limits={"forget": 6, "retain": 6})
-    results = ev.run_tofu_eval(cfg, reference_preset=p, tofu=tofu)
+    progress: list[list[str]] = []
+    results = ev.run_tofu_eval(cfg, reference_preset=p, tofu=tofu,
+                               on_method_done=lambda partial: progress.append(list(partial["methods"])))
+    assert progress == [["target"], ["target", "retain"], ["target", "retain", "refuse"]]
     methods = results["methods"]
     assert list(methods) == ["target", "retain", "refuse"] and not any("error" in m for m in methods.values())
     assert results["split_sizes"] == {"forget": 6, "retain": 6, "real_authors": 6, "world_facts": 6, "holdout": 10}

@@ -195,8 +195,15 @@ def register(train_app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typ
                              robustness_items=robustness_items, relearn_epochs=relearn_epochs, use_cache=use_cache,
                              baseline_overrides={m: {"epochs": baseline_epochs} for m in BASELINES}
                              if baseline_epochs is not None else {})
-        results = run_tofu_eval(cfg, reference_preset=p, train_missing_references=train_missing)
         stem = name or f"tofu_{preset}_{p.forget_split}"
+
+        def partial(results: dict) -> None:
+            done = len(results["methods"])
+            write_report(results, out, stem, _command_line(),
+                         notes=[f"PARTIAL: {done} of {len(cfg.methods)} methods done; the run is still going or was cut short."])
+
+        results = run_tofu_eval(cfg, reference_preset=p, train_missing_references=train_missing,
+                                on_method_done=partial)
         paths = write_report(results, out, stem, _command_line())
         typer.echo(json.dumps({k: str(v) for k, v in paths.items()}, indent=1))
         failed = [m for m, e in results["methods"].items() if "error" in e]

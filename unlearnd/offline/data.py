@@ -164,6 +164,14 @@ class TofuData:
         return self.split(f"{forget_split}_perturbed")
 
 
+def spread(items: Sequence[QAItem], n: int | None) -> list[QAItem]:
+    """A deterministic subsample spread over the split (every k-th item), so every author stays represented."""
+    if n is None or n >= len(items):
+        return list(items)
+    step = len(items) / n
+    return [items[int(i * step)] for i in range(n)]
+
+
 def author_names(items: Sequence[QAItem], min_share: float = 0.3) -> dict[int, str]:
     """Guess each TOFU author's name: the longest capitalised word run in >= `min_share` of their questions.
 

@@ -20,7 +20,7 @@ import math
 import os
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from unlearnd.offline.data import (
     TofuData,
     author_names,
     has_tofu_split,
+    spread,
     user_messages,
 )
 from unlearnd.offline.methods import (
@@ -95,14 +96,6 @@ class EvalSplits(BaseModel):
                 "world_facts": self.world_facts, "holdout": self.holdout}
 
 
-def _limit(items: list[QAItem], n: int | None) -> list[QAItem]:
-    """Deterministic subsample spread over the split (every k-th item), so every author stays represented."""
-    if n is None or n >= len(items):
-        return items
-    step = len(items) / n
-    return [items[int(i * step)] for i in range(n)]
-
-
 def eval_splits(refs: ReferenceModels, tofu: TofuData | None = None, limits: dict[str, int | None] | None = None) -> EvalSplits:
     tofu = tofu or TofuData()
     p = refs.preset
@@ -120,11 +113,11 @@ def eval_splits(refs: ReferenceModels, tofu: TofuData | None = None, limits: dic
                 "real_authors": p.eval_real_authors_items, "world_facts": p.eval_world_facts_items}
     pick = {**defaults, **limits}
     return EvalSplits(
-        forget=_limit(tofu.perturbed_for(p.forget_split), pick.get("forget")),
-        retain=_limit(retain, pick.get("retain")),
-        real_authors=_limit(tofu.split("real_authors_perturbed"), pick.get("real_authors")),
-        world_facts=_limit(tofu.split("world_facts_perturbed"), pick.get("world_facts")),
-        holdout=_limit(holdout, pick.get("holdout")),
+        forget=spread(tofu.perturbed_for(p.forget_split), pick.get("forget")),
+        retain=spread(retain, pick.get("retain")),
+        real_authors=spread(tofu.split("real_authors_perturbed"), pick.get("real_authors")),
+        world_facts=spread(tofu.split("world_facts_perturbed"), pick.get("world_facts")),
+        holdout=spread(holdout, pick.get("holdout")),
     )
 
 
@@ -297,8 +290,12 @@ def _hf_maker(path: str | Path, name: str) -> Any:
 
 
 def run_tofu_eval(cfg: TofuEvalConfig, reference_preset: ReferencePreset | None = None,
-                  tofu: TofuData | None = None, train_missing_references: bool = True) -> dict[str, Any]:
-    """Evaluate every method of `cfg` and return the results dict the report is built from."""
+                  tofu: TofuData | None = None, train_missing_references: bool = True,
+                  on_method_done: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Evaluate every method of `cfg` and return the results dict the report is built from.
+
+    `on_method_done` gets the results so far after every method (the CLI writes a partial report with
+    them, so an evaluation of many hours that is cut short still leaves what it measured)."""
     from unlearnd.offline import reference as ref_mod
     from unlearnd.offline import robustness
 
@@ -422,14 +419,22 @@ def run_tofu_eval(cfg: TofuEvalConfig, reference_preset: ReferencePreset | None 
         entry["cost"]["total_wall_seconds"] = time.perf_counter() - t0
         if method in cfg.methods:
             results["methods"][method] = entry
-    results["methods"] = {m: results["methods"][m] for m in cfg.methods if m in results["methods"]}  # user's order
+        if on_method_done is not None:
+            on_method_done(_with_metrics(results, cfg, runs, retain_run))
+    return _with_metrics(results, cfg, runs, retain_run)
+
+
+def _with_metrics(results: dict[str, Any], cfg: TofuEvalConfig, runs: dict[str, RunRecords],
+                  retain_run: RunRecords | None) -> dict[str, Any]:
+    """The results with methods in the user's order, their metrics and example generations."""
+    methods = {m: dict(results["methods"][m]) for m in cfg.methods if m in results["methods"]}
     for method, records in runs.items():
-        if method in results["methods"]:
-            results["methods"][method]["metrics"] = compute_all(records, retain_run)
-    results["examples"] = {m: [{"question": it.question, "answer": it.answer, "generation": it.generation}
-                               for it in r.splits["forget"].items[:3]]
-                           for m, r in runs.items() if m in results["methods"] and "forget" in r.splits}
-    return results
+        if method in methods:
+            methods[method]["metrics"] = compute_all(records, retain_run)
+    examples = {m: [{"question": it.question, "answer": it.answer, "generation": it.generation}
+                    for it in r.splits["forget"].items[:3]]
+                for m, r in runs.items() if m in methods and "forget" in r.splits}
+    return {**results, "methods": methods, "examples": examples}
 
 
 def set_threads(n: int | None) -> None:
