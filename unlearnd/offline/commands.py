@@ -35,6 +35,17 @@ def _parse_limits(limits: list[str] | None) -> dict[str, int | None]:
     return out
 
 
+def _parse_options(items: list[str] | None) -> dict:
+    """KEY=VALUE options; values that look like JSON (numbers, lists, true/false/null) are parsed as JSON."""
+    out: dict = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise typer.BadParameter(f"options are KEY=VALUE, got {item!r}")
+        out[key.strip()] = json.loads(value) if value[:1] in "-0123456789[{tfn" else value
+    return out
+
+
 def _preset(name: str, forget_split: str, epochs: float | None, lr: float | None, retain_authors: int | None):
     """The reference preset with CLI overrides (train and eval must agree to find the same cached models)."""
     from unlearnd.offline.reference import preset as make_preset
@@ -138,11 +149,7 @@ def register(train_app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typ
         if lr is not None:
             update["learning_rate"] = lr
         if option:
-            opts = dict(cfg.options)
-            for item in option:
-                key, _, value = item.partition("=")
-                opts[key] = json.loads(value) if value[:1] in "-0123456789[{tfn" else value
-            update["options"] = opts
+            update["options"] = {**cfg.options, **_parse_options(option)}
         cfg = cfg.model_copy(update=update)
         out = train_baseline(method, refs, cfg, force=force)
         info = read_info(out)
@@ -210,3 +217,61 @@ def register(train_app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typ
         if failed:
             typer.echo(f"methods failed: {failed} (see the report)", err=True)
             raise typer.Exit(1)
+
+    @eval_app.command("continual")
+    def eval_continual(
+        server_url: str = typer.Option(..., help="Base URL of a running server serving the TOFU target model."),
+        method: str = typer.Option("lora", help="Method of every request (lora, eco, soft_prompt, refuse, prompt)."),
+        groups: str = typer.Option("198/199/0", help="Author groups in request order: ids joined by ',' within a "
+                                   "group and '/' between groups (mini target: 198,199 = forget01, 0-5 = retain)."),
+        untouched: str = typer.Option(None, help="Untouched author ids (default: the preset's retain authors "
+                                      "that no group names)."),
+        preset: str = typer.Option("mini"),
+        forget_split: str = typer.Option(None, help="Default: the preset's forget split."),
+        items_per_group: int = typer.Option(10),
+        untouched_items: int = typer.Option(20),
+        max_new_tokens: int = typer.Option(48),
+        option: list[str] = typer.Option(None, help="Request option KEY=VALUE (e.g. preset=cpu), repeatable."),
+        admin_key: str = typer.Option(None, envvar="UNLEARND_ADMIN_KEY", help="Admin key for forget requests."),
+        api_key: str = typer.Option(None, envvar="UNLEARND_API_KEY"),
+        served_model: str = typer.Option(None, help="`model` field sent to the server."),
+        out: Path = typer.Option(Path("reports")),
+        name: str = typer.Option(None, help="Report file stem (default continual_<method>)."),
+    ) -> None:
+        """Register TOFU author groups one after another; after each, measure every group and untouched authors."""
+        from unlearnd.offline.continual import ContinualConfig, run_continual
+        from unlearnd.offline.continual import markdown as continual_markdown
+        from unlearnd.offline.data import TofuData
+        from unlearnd.offline.mut import ServedModelUnderTest
+        from unlearnd.offline.reference import reference_data
+        from unlearnd.offline.report import git_commit, machine_description
+
+        try:
+            group_ids = [[int(a) for a in g.split(",") if a.strip()] for g in groups.split("/") if g.strip()]
+            untouched_ids = [int(a) for a in untouched.split(",")] if untouched else None
+        except ValueError as exc:
+            raise typer.BadParameter(f"author ids must be integers: {exc}") from None
+        tofu = TofuData()
+        requested = {a for g in group_ids for a in g}
+        if untouched_ids is None:
+            p = _preset(preset, forget_split, None, None, None)
+            untouched_ids = [a for a in reference_data(p, tofu).retain_authors if a not in requested]
+        options = _parse_options(option)
+        cfg = ContinualConfig(method=method, groups=group_ids, untouched_authors=untouched_ids,
+                              items_per_group=items_per_group, untouched_items=untouched_items,
+                              max_new_tokens=max_new_tokens, options=options)
+        served = ServedModelUnderTest(server_url, name=f"continual-{method}", api_key=api_key,
+                                      admin_key=admin_key or os.environ.get("UNLEARND_ADMIN_KEY"), model=served_model)
+        try:
+            results = run_continual(cfg, served, tofu)
+        finally:
+            served.close()
+        results.update(command=_command_line(), machine=machine_description(), git_commit=git_commit())
+        stem = name or f"continual_{method}"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
+        md = [f"# Continual forget requests: {method}", "", f"Command: `{results['command']}`", "",
+              f"Machine: {results['machine']}; commit {results['git_commit'] or 'n/a'}.", "",
+              *continual_markdown(results)]
+        (out / f"{stem}.md").write_text("\n".join(md).rstrip() + "\n")
+        typer.echo(json.dumps({"json": str(out / f"{stem}.json"), "markdown": str(out / f"{stem}.md")}, indent=1))

@@ -31,7 +31,6 @@ from unlearnd.config import cache_dir
 from unlearnd.offline.data import (
     QAItem,
     TofuData,
-    author_names,
     has_tofu_split,
     spread,
     user_messages,
@@ -249,18 +248,13 @@ def train_baseline(method: str, refs: ReferenceModels, cfg: BaselineConfig | Non
 
 def forget_request_spec(method: str, refs: ReferenceModels, tofu: TofuData | None = None) -> dict[str, Any]:
     """The forget request a user would register for this forget split (QA pairs + author names)."""
+    from unlearnd.offline.continual import request_spec
+
     tofu = tofu or TofuData()
-    forget = tofu.split(refs.preset.forget_split)
-    names = author_names(tofu.by_authors(refs.data.forget_authors))
-    return {
-        "name": f"tofu-{refs.preset.forget_split}-{method}",
-        "method": method,
-        "forget": [{"question": it.question, "answer": it.answer} for it in forget],
-        "retain": [{"question": it.question, "answer": it.answer} for it in refs.data.retain_items],
-        "entities": [names[a] for a in sorted(names)],
-        # ECO's surrogate target: what the retain model (never saw these authors) gives the forget answers
-        **({"options": {"retain_model": refs.retain_dir}} if method == "eco" else {}),
-    }
+    # ECO's surrogate target: what the retain model (never saw these authors) gives the forget answers
+    options = {"retain_model": refs.retain_dir} if method == "eco" else None
+    return request_spec(f"tofu-{refs.preset.forget_split}-{method}", method, tofu.split(refs.preset.forget_split),
+                        refs.data.retain_items, options)
 
 
 # --------------------------------------------------------------------------- the whole evaluation
