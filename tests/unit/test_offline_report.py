@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from unlearnd.offline.report import fmt, markdown, write_report
 
 
@@ -86,3 +88,21 @@ def test_tradeoff_against_target_and_job_reports():
     assert "| refuse | served | 0.020 | 0.975 | no |" in md
     assert not any(line.startswith("| retain |") and line.endswith("| no |") for line in lines)  # references excluded
     assert "- eco: method eco, sigma 0.012, reached yes" in md  # scalars only, lists left out
+
+
+def test_merge_results_of_separate_runs():
+    from unlearnd.offline.report import merge_results
+
+    run = results()
+    a = {**run, "command": "eval A", "methods": {k: run["methods"][k] for k in ("target", "retain", "grad_ascent")},
+         "notes": ["PARTIAL: 3 of 4 methods done", "kept"], "examples": {"target": [{"question": "q", "answer": "a", "generation": "g"}]}}
+    b = {**run, "command": "eval B", "methods": {"refuse": run["methods"]["refuse"]}, "notes": []}
+    merged = merge_results([a, b])
+    assert list(merged["methods"]) == ["target", "retain", "grad_ascent", "refuse"]
+    assert merged["notes"] == ["kept"] and merged["examples"]["target"][0]["generation"] == "g"
+    md = markdown({**merged, "command": "unlearnd eval merge a.json b.json"})
+    assert "- `eval A`" in md and "- `eval B`" in md and "| refuse | served |" in md
+    with pytest.raises(ValueError, match="more than one run"):
+        merge_results([a, a])
+    with pytest.raises(ValueError, match="split_sizes"):
+        merge_results([a, {**b, "split_sizes": {"forget": 1}}])

@@ -191,7 +191,7 @@ def register(train_app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typ
             run_tofu_eval,
         )
         from unlearnd.offline.methods import BASELINES
-        from unlearnd.offline.report import write_report
+        from unlearnd.offline.report import PARTIAL_NOTE, write_report
 
         _threads(threads)
         p = _preset(preset, forget_split, ref_epochs, ref_lr, retain_authors)
@@ -206,8 +206,8 @@ def register(train_app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typ
 
         def partial(results: dict) -> None:
             done = len(results["methods"])
-            write_report(results, out, stem, _command_line(),
-                         notes=[f"PARTIAL: {done} of {len(cfg.methods)} methods done; the run is still going or was cut short."])
+            write_report(results, out, stem, _command_line(), notes=[
+                f"{PARTIAL_NOTE} {done} of {len(cfg.methods)} methods done; the run is still going or was cut short."])
 
         results = run_tofu_eval(cfg, reference_preset=p, train_missing_references=train_missing,
                                 on_method_done=partial)
@@ -217,6 +217,22 @@ def register(train_app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typ
         if failed:
             typer.echo(f"methods failed: {failed} (see the report)", err=True)
             raise typer.Exit(1)
+
+    @eval_app.command("merge")
+    def eval_merge(
+        runs: list[Path] = typer.Argument(..., help="Result JSON files of `eval tofu` runs (same preset/splits)."),
+        out: Path = typer.Option(Path("reports")),
+        name: str = typer.Option(..., help="Report file stem."),
+    ) -> None:
+        """One report from several `eval tofu` runs (e.g. baselines and served methods run side by side)."""
+        from unlearnd.offline.report import merge_results, write_report
+
+        try:
+            merged = merge_results([json.loads(Path(r).read_text()) for r in runs])
+        except (OSError, ValueError) as exc:
+            raise typer.BadParameter(str(exc)) from None
+        paths = write_report(merged, out, name, _command_line())
+        typer.echo(json.dumps({k: str(v) for k, v in paths.items()}, indent=1))
 
     @eval_app.command("continual")
     def eval_continual(

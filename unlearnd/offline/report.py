@@ -82,6 +82,13 @@ def markdown(results: dict[str, Any]) -> str:
     lines += [f"Command: `{results.get('command', 'n/a')}`", "",
               (f"Machine: {results.get('machine', 'n/a')}; commit {results.get('git_commit') or 'n/a'}; "
                f"created {results.get('created', 'n/a')}."), ""]
+    sources = results.get("sources") or []
+    if sources:
+        lines += ["Merged from these runs (same preset, splits and settings; each method's numbers come from the "
+                  "run that measured it):", ""]
+        lines += [f"- `{src.get('command')}` (commit {src.get('git_commit') or 'n/a'}, {src.get('created')})"
+                  for src in sources]
+        lines.append("")
     preset = results.get("preset", {})
     if preset:
         lines += [f"Preset `{preset.get('name')}`, forget split `{preset.get('forget_split')}`; split sizes "
@@ -263,6 +270,37 @@ def plot_bars(results: dict[str, Any], path: Path) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+PARTIAL_NOTE = "PARTIAL:"
+MERGE_KEYS = ("preset", "split_sizes", "settings")
+
+
+def merge_results(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One results dict from several evaluation runs of the same preset, splits and settings.
+
+    Lets methods be evaluated in separate (e.g. parallel) runs and reported in one table; each method's
+    metrics come from the run that measured it, and every source run's command is kept."""
+    if not runs:
+        raise ValueError("nothing to merge")
+    first = runs[0]
+    for other in runs[1:]:
+        for key in MERGE_KEYS:
+            if other.get(key) != first.get(key):
+                raise ValueError(f"runs differ in {key!r}: {other.get(key)} vs {first.get(key)}")
+    merged: dict[str, Any] = {**first, "methods": {}, "examples": {}, "sources": [], "notes": []}
+    for run in runs:
+        for name, entry in run.get("methods", {}).items():
+            if name in merged["methods"]:
+                raise ValueError(f"method {name!r} is in more than one run")
+            merged["methods"][name] = entry
+            if name in run.get("examples", {}):
+                merged["examples"][name] = run["examples"][name]
+        merged["sources"].append({k: run.get(k) for k in ("command", "git_commit", "created", "machine")})
+        merged["notes"] += [n for n in run.get("notes", []) if not n.startswith(PARTIAL_NOTE)]
+    for key in ("command", "git_commit", "created", "machine"):
+        merged.pop(key, None)
+    return merged
 
 
 def write_report(results: dict[str, Any], out_dir: str | Path, name: str, command: str,
