@@ -361,7 +361,8 @@ class RMU(UnlearningMethod):
             raise ValueError(f"rmu: no mlp.down_proj weights in layers {self.trainable_layers}")
         hidden = int(model.config.hidden_size)
         gen = torch.Generator().manual_seed(self.seed)
-        vec = torch.rand(1, 1, hidden, generator=gen)
+        # drawn on the CPU (same vector on every device), then moved to the model's device
+        vec = torch.rand(1, 1, hidden, generator=gen, device="cpu").to(next(model.parameters()).device)
         self.control = vec / vec.norm() * self.steering_coeff
 
     def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
