@@ -70,7 +70,9 @@ def test_each_request_forgets_its_group_and_leaves_others(tmp_path):
     server = FakeServer()
     cfg = ContinualConfig(method="lora", groups=[[0], [1], [2]], untouched_authors=[3, 4], items_per_group=4,
                           untouched_items=6)
-    results = run_continual(cfg, server, tofu)
+    seen: list[int] = []
+    results = run_continual(cfg, server, tofu, on_stage=lambda partial: seen.append(len(partial["stages"])))
+    assert seen == [1, 2, 3, 4]  # the report is rewritten after every step
     stages = results["stages"]
     assert [s["after"] for s in stages] == ["no request", "+group1", "+group2", "+group3"]
     rouge = [[s["splits"][f"group{g}"]["rouge"] for g in (1, 2, 3)] for s in stages]

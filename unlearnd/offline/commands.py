@@ -260,7 +260,7 @@ def register(train_app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typ
         from unlearnd.offline.data import TofuData
         from unlearnd.offline.mut import ServedModelUnderTest
         from unlearnd.offline.reference import reference_data
-        from unlearnd.offline.report import git_commit, machine_description
+        from unlearnd.offline.report import PARTIAL_NOTE, git_commit, machine_description
 
         try:
             group_ids = [[int(a) for a in g.split(",") if a.strip()] for g in groups.split("/") if g.strip()]
@@ -278,16 +278,22 @@ def register(train_app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typ
                               max_new_tokens=max_new_tokens, options=options)
         served = ServedModelUnderTest(server_url, name=f"continual-{method}", api_key=api_key,
                                       admin_key=admin_key or os.environ.get("UNLEARND_ADMIN_KEY"), model=served_model)
-        try:
-            results = run_continual(cfg, served, tofu)
-        finally:
-            served.close()
-        results.update(command=_command_line(), machine=machine_description(), git_commit=git_commit())
         stem = name or f"continual_{method}"
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
-        md = [f"# Continual forget requests: {method}", "", f"Command: `{results['command']}`", "",
-              f"Machine: {results['machine']}; commit {results['git_commit'] or 'n/a'}.", "",
-              *continual_markdown(results)]
-        (out / f"{stem}.md").write_text("\n".join(md).rstrip() + "\n")
+
+        def write(results: dict, final: bool) -> None:
+            results = {**results, "command": _command_line(), "machine": machine_description(),
+                       "git_commit": git_commit()}
+            (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
+            md = [f"# Continual forget requests: {method}", "", f"Command: `{results['command']}`", "",
+                  f"Machine: {results['machine']}; commit {results['git_commit'] or 'n/a'}.", "",
+                  *continual_markdown(results)]
+            if not final:
+                md.append(f"- {PARTIAL_NOTE} {len(results['stages']) - 1} of {len(group_ids)} requests done.")
+            (out / f"{stem}.md").write_text("\n".join(md).rstrip() + "\n")
+
+        try:
+            write(run_continual(cfg, served, tofu, on_stage=lambda r: write(r, final=False)), final=True)
+        finally:
+            served.close()
         typer.echo(json.dumps({"json": str(out / f"{stem}.json"), "markdown": str(out / f"{stem}.md")}, indent=1))

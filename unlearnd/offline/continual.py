@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -59,8 +59,11 @@ def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def run_continual(cfg: ContinualConfig, served: ServedModelUnderTest, tofu: TofuData | None = None) -> dict[str, Any]:
-    """Register the groups one by one; measure every group and the untouched authors after each step."""
+def run_continual(cfg: ContinualConfig, served: ServedModelUnderTest, tofu: TofuData | None = None,
+                  on_stage: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Register the groups one by one; measure every group and the untouched authors after each step.
+
+    `on_stage` gets the results so far after every step (the CLI rewrites its report with them)."""
     tofu = tofu or TofuData()
     overlap = {a for g in cfg.groups for a in g} & set(cfg.untouched_authors)
     if overlap:
@@ -91,8 +94,13 @@ def run_continual(cfg: ContinualConfig, served: ServedModelUnderTest, tofu: Tofu
         log.info("continual %s: %s", label, {k: round(v["rouge"] or 0.0, 3) for k, v in row["splits"].items()})
         return row
 
+    def results() -> dict[str, Any]:
+        return {"config": cfg.model_dump(), "probe_sizes": {k: len(v) for k, v in probes.items()}, "stages": stages}
+
     request_ids: list[str] = []
     stages = [measure("no request")]
+    if on_stage is not None:
+        on_stage(results())
     try:
         for i, (authors, items) in enumerate(zip(cfg.groups, group_items)):
             # retain data for the methods that use it: every other group's and the untouched authors' QA
@@ -107,13 +115,15 @@ def run_continual(cfg: ContinualConfig, served: ServedModelUnderTest, tofu: Tofu
                          training={k: v for k, v in (job.get("training") or {}).items() if k != "method"},
                          method_report=(job.get("training") or {}).get("method"))
             stages.append(stage)
+            if on_stage is not None:
+                on_stage(results())
     finally:
         for request_id in request_ids:
             try:
                 served.deactivate(request_id)
             except Exception:  # noqa: BLE001
                 log.warning("could not deactivate forget request %s", request_id)
-    return {"config": cfg.model_dump(), "probe_sizes": {k: len(v) for k, v in probes.items()}, "stages": stages}
+    return results()
 
 
 def markdown(results: dict[str, Any]) -> list[str]:
