@@ -42,6 +42,7 @@ def test_fmt():
     assert fmt(float("nan")) == "n/a"
     assert fmt(0.12345) == "0.123"
     assert fmt(3.2e-7) == "3.20e-07"
+    assert fmt(0.026, 0) == "0"  # a whole-number column does not switch to scientific notation
     assert fmt(1200.4, 0) == "1200"
 
 

@@ -50,7 +50,7 @@ def fmt(value: Any, digits: int = 3) -> str:
         return "yes" if value else "no"
     if isinstance(value, (int, float)):
         v = float(value)
-        if v != 0 and (abs(v) < 10 ** -digits or abs(v) >= 1e5):
+        if v != 0 and (abs(v) < 10 ** -max(digits, 3) or abs(v) >= 1e5):
             return f"{v:.2e}"
         return f"{v:.{digits}f}"
     return str(value)
@@ -86,8 +86,8 @@ def markdown(results: dict[str, Any]) -> str:
     if sources:
         lines += ["Merged from these runs (same preset, splits and settings; each method's numbers come from the "
                   "run that measured it):", ""]
-        lines += [f"- `{src.get('command')}` (commit {src.get('git_commit') or 'n/a'}, {src.get('created')})"
-                  for src in sources]
+        lines += [f"- `{src.get('command')}` ({src.get('machine')}; commit {src.get('git_commit') or 'n/a'}; "
+                  f"{src.get('created')})" for src in sources]
         lines.append("")
     preset = results.get("preset", {})
     if preset:
