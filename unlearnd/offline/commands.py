@@ -223,6 +223,7 @@ def register(train_app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typ
         runs: list[Path] = typer.Argument(..., help="Result JSON files of `eval tofu` runs (same preset/splits)."),
         out: Path = typer.Option(Path("reports")),
         name: str = typer.Option(..., help="Report file stem."),
+        note: list[str] = typer.Option(None, help="A line for the report's notes, repeatable."),
     ) -> None:
         """One report from several `eval tofu` runs (e.g. baselines and served methods run side by side)."""
         from unlearnd.offline.report import merge_results, write_report
@@ -231,7 +232,7 @@ def register(train_app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typ
             merged = merge_results([json.loads(Path(r).read_text()) for r in runs])
         except (OSError, ValueError) as exc:
             raise typer.BadParameter(str(exc)) from None
-        paths = write_report(merged, out, name, _command_line())
+        paths = write_report(merged, out, name, _command_line(), notes=list(note or []))
         typer.echo(json.dumps({k: str(v) for k, v in paths.items()}, indent=1))
 
     @eval_app.command("continual")

@@ -323,8 +323,9 @@ def run_tofu_eval(cfg: TofuEvalConfig, reference_preset: ReferencePreset | None 
     runs: dict[str, RunRecords] = {}
     retain_run: RunRecords | None = None
     # the user's order (served methods first lets their server jobs start at once); the retain run, every
-    # method's forget-quality reference, is collected last when not asked for (metrics come after all runs)
-    order = list(dict.fromkeys([*cfg.methods, "retain"]))
+    # method's forget-quality reference, comes first when not asked for (it is usually cached), so every
+    # partial report already has forget quality
+    order = cfg.methods if "retain" in cfg.methods else ["retain", *cfg.methods]
     for method in order:
         entry: dict[str, Any] = {"kind": None, "cost": {}}
         served: ServedModelUnderTest | None = None
