@@ -42,3 +42,21 @@ def test_requests_add_rejects_bad_method(tmp_path):
     result = runner.invoke(app, ["requests", "add", "--name", "Jane Roe", "--forget", str(forget),
                                  "--method", "bogus", "--data-dir", str(tmp_path)])
     assert result.exit_code == 2 and "method" in result.output
+
+
+def test_eval_merge_writes_one_report_and_rejects_mismatched_runs(tmp_path):
+    base = {"preset": {"name": "mini", "forget_split": "forget01"}, "split_sizes": {"forget": 2},
+            "settings": {"max_new_tokens": 8}}
+    a = {**base, "command": "eval A", "methods": {"target": {"kind": "reference", "metrics": {"model_utility": 0.4}}}}
+    b = {**base, "command": "eval B", "methods": {"refuse": {"kind": "served", "metrics": {"model_utility": 0.39}}}}
+    for name, run in (("a", a), ("b", b), ("c", {**b, "split_sizes": {"forget": 3}})):
+        (tmp_path / f"{name}.json").write_text(json.dumps(run))
+    out = tmp_path / "reports"
+    result = runner.invoke(app, ["eval", "merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(out),
+                                 "--name", "m", "--note", "hello"])
+    assert result.exit_code == 0, result.output
+    md = (out / "m.md").read_text()
+    assert "| target | reference |" in md and "| refuse | served |" in md and "- `eval B`" in md and "- hello" in md
+    bad = runner.invoke(app, ["eval", "merge", str(tmp_path / "a.json"), str(tmp_path / "c.json"), "--out", str(out),
+                              "--name", "x"])
+    assert bad.exit_code != 0 and "split_sizes" in bad.output and not (out / "x.md").exists()
