@@ -25,6 +25,7 @@ from pydantic import BaseModel, Field
 from unlearnd.offline.data import QAItem, TofuData, author_names, spread, user_messages
 from unlearnd.offline.metrics import rouge_l_recall
 from unlearnd.offline.mut import ServedModelUnderTest
+from unlearnd.offline.report import fmt
 
 log = logging.getLogger(__name__)
 
@@ -140,16 +141,11 @@ def markdown(results: dict[str, Any]) -> list[str]:
              "|---|" + "---|" * (len(groups) + 3)]
     for stage in stages:
         splits = stage["splits"]
-        cells = [f"{_fmt(splits[g]['rouge'])} ({_fmt(splits[g]['flagged'])})" for g in groups]
+        cells = [f"{fmt(splits[g]['rouge'])} ({fmt(splits[g]['flagged'])})" for g in groups]
         untouched = splits.get("untouched", {})
-        lines.append(f"| {stage['after']} | " + " | ".join(cells) + f" | {_fmt(untouched.get('rouge'))} | "
-                     f"{_fmt(untouched.get('unchanged'))} | {_fmt((stage.get('training') or {}).get('cpu_seconds'), 0)} |")
+        lines.append(f"| {stage['after']} | " + " | ".join(cells) + f" | {fmt(untouched.get('rouge'))} | "
+                     f"{fmt(untouched.get('unchanged'))} | {fmt((stage.get('training') or {}).get('cpu_seconds'), 0)} |")
     return [*lines, "", ("A requested group's ROUGE-L must fall once its request is active and stay down as later "
                          "requests arrive; untouched authors' answers should not move (unchanged = share of greedy "
                          "answers identical to those before any request)."), ""]
 
-
-def _fmt(value: Any, digits: int = 3) -> str:
-    from unlearnd.offline.report import fmt
-
-    return fmt(value, digits)
