@@ -46,6 +46,8 @@ def serve(
     detector: str = typer.Option(DEFAULT_DETECTOR, help="Detector name: guard (default), keyword, embedding, ood."),
     max_model_len: int = typer.Option(2048),
     kv_cache_gib: int = typer.Option(1, help="vLLM CPU KV cache size (whole GiB; env VLLM_CPU_KVCACHE_SPACE wins)."),
+    dtype: str = typer.Option("auto", help="Engine dtype: auto (bfloat16 on GPUs and bf16-capable CPUs, else "
+                              "float32), bfloat16, float16, float32."),
     worker: bool = typer.Option(True, help="Run the training worker next to the server."),
     log_level: str = typer.Option("info"),
 ) -> None:
@@ -58,7 +60,7 @@ def serve(
         model=model, served_model_name=served_model_name, host=host, port=port,
         data_dir=data_dir or default_data_dir(), engine=engine, remote_url=remote_url, admin_key=admin_key,
         api_key=api_key, detector=detector, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
-        start_worker=worker, log_level=log_level,
+        dtype=dtype, start_worker=worker, log_level=log_level,
     )
     run_server(settings)
 

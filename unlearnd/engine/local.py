@@ -18,6 +18,7 @@ from unlearnd.engine.base import (
     LoRASpec,
     SamplingSpec,
     TokenLogprob,
+    resolve_dtype,
 )
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class LocalVLLMEngine(Engine):
         max_loras: int = 4,
         max_lora_rank: int = 16,
         kv_cache_gib: int = 1,
-        dtype: str = "bfloat16",
+        dtype: str = "auto",
         seed: int = 0,
         enforce_eager: bool = True,
     ):
@@ -62,7 +63,7 @@ class LocalVLLMEngine(Engine):
         self.max_loras = max_loras
         self.max_lora_rank = max_lora_rank
         self.kv_cache_gib = kv_cache_gib
-        self.dtype = dtype
+        self.dtype = resolve_dtype(dtype)
         self.seed = seed
         self.enforce_eager = enforce_eager
         self._llm = None

@@ -19,7 +19,9 @@ from collections.abc import AsyncIterator
 import httpx
 import torch
 
-from unlearnd.engine.base import ChoiceDelta, EmbeddingTable, Engine, EngineError, EngineRequest, TokenLogprob
+from unlearnd.engine.base import (
+    ChoiceDelta, EmbeddingTable, Engine, EngineError, EngineRequest, TokenLogprob, resolve_dtype,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +34,13 @@ def encode_prompt_embeds(embeds: torch.Tensor) -> str:
 
 class RemoteVLLMEngine(Engine):
     def __init__(self, base_url: str, model_path: str, served_name: str, api_key: str | None = None,
-                 timeout_s: float = 600.0):
+                 timeout_s: float = 600.0, dtype: str = "auto"):
         self.base_url = base_url.rstrip("/")
         self.model_path = model_path
         self.model_name = served_name
         self.api_key = api_key
+        # Prompt embeddings we send must be in the remote server's dtype (its --dtype).
+        self.dtype = resolve_dtype(dtype)
         self.timeout_s = timeout_s
         self.remote_model: str | None = None
         self.max_model_len = 0
@@ -59,7 +63,7 @@ class RemoteVLLMEngine(Engine):
         self.remote_model = card["id"]
         self.max_model_len = int(card.get("max_model_len") or 2048)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        self.embeddings = EmbeddingTable.from_model_dir(self.model_path, dtype=torch.bfloat16)
+        self.embeddings = EmbeddingTable.from_model_dir(self.model_path, dtype=getattr(torch, self.dtype))
         log.info("remote vLLM engine: %s serving %s (max_model_len=%d)", self.base_url, self.remote_model,
                  self.max_model_len)
 
@@ -149,7 +153,8 @@ def _logprobs(block: dict | None) -> list[TokenLogprob] | None:
 
 
 def plain_vllm_command(model_path: str, port: int, served_name: str, max_model_len: int = 2048,
-                       host: str = "127.0.0.1", max_loras: int = 4, max_lora_rank: int = 16) -> list[str]:
+                       host: str = "127.0.0.1", max_loras: int = 4, max_lora_rank: int = 16,
+                       dtype: str = "auto") -> list[str]:
     """The command line of a plain vLLM OpenAI server that the remote engine (and benchmarks) can use."""
     import sys
 
@@ -159,7 +164,7 @@ def plain_vllm_command(model_path: str, port: int, served_name: str, max_model_l
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", model_path, "--served-model-name", served_name,
         "--host", host, "--port", str(port), "--max-model-len", str(max_model_len),
-        "--dtype", "bfloat16", "--enforce-eager", "--seed", "0",
+        "--dtype", resolve_dtype(dtype), "--enforce-eager", "--seed", "0",
         "--enable-prompt-embeds", "--enable-lora", "--max-loras", str(max_loras),
         "--max-lora-rank", str(max_lora_rank), "--lora-target-modules", *LORA_TARGET_MODULES,
     ]

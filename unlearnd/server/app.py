@@ -75,12 +75,13 @@ def build_engine(settings: ServerSettings) -> Engine:
 
         if not settings.remote_url:
             raise ValueError("engine=remote needs --remote-url")
-        return RemoteVLLMEngine(settings.remote_url, model_path, served, api_key=None)
+        return RemoteVLLMEngine(settings.remote_url, model_path, served, api_key=None, dtype=settings.dtype)
     from unlearnd.engine.local import LocalVLLMEngine
 
     return LocalVLLMEngine(
         model_path, served, max_model_len=settings.max_model_len, max_loras=settings.max_loras,
         max_lora_rank=settings.max_lora_rank, kv_cache_gib=settings.kv_cache_gib,
+        dtype=settings.dtype,
     )
 
 

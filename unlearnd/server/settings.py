@@ -26,6 +26,7 @@ class ServerSettings(BaseSettings):
     detector: str = DEFAULT_DETECTOR
     max_model_len: int = 2048
     kv_cache_gib: int = 1
+    dtype: str = "auto"  # engine compute dtype; auto = bf16 only where the hardware has it
     max_loras: int = 4
     max_lora_rank: int = 16
     max_body_bytes: int = 4 * 1024 * 1024

@@ -31,9 +31,10 @@ MethodJob = Callable[[ForgetRequest, Path, "JobContext"], dict]
 class JobContext:
     """What a job may need beyond its request: the base model and the registry (earlier adapters)."""
 
-    def __init__(self, registry: Registry, model: str):
+    def __init__(self, registry: Registry, model: str, serve_dtype: str = "auto"):
         self.registry = registry
         self.model = model
+        self.serve_dtype = serve_dtype  # the engine's dtype, so ECO tunes on what the server will send
 
     def model_path(self) -> str:
         from unlearnd.models import resolve_model
@@ -56,7 +57,8 @@ def available_methods() -> set[str]:
     return {m.value for m in METHOD_JOBS}
 
 
-def run_job(registry: Registry, request: ForgetRequest, detector_name: str, model: str) -> None:
+def run_job(registry: Registry, request: ForgetRequest, detector_name: str, model: str,
+            serve_dtype: str = "auto") -> None:
     from unlearnd.classifiers import get_detector
 
     artifact_dir = registry.artifact_dir(request.id)
@@ -73,7 +75,7 @@ def run_job(registry: Registry, request: ForgetRequest, detector_name: str, mode
         if job is None:
             raise NotImplementedError(f"no training job for method {request.method.value!r}")
         report = {"detector": get_detector(detector_name).fit(request, artifact_dir)}
-        report["method"] = job(request, artifact_dir, JobContext(registry, model))
+        report["method"] = job(request, artifact_dir, JobContext(registry, model, serve_dtype))
         report["wall_seconds"] = time.perf_counter() - started
         report["cpu_seconds"] = time.process_time() - cpu_started
         registry.save_json(request.id, "training.json", report)
@@ -86,7 +88,8 @@ def run_job(registry: Registry, request: ForgetRequest, detector_name: str, mode
         stop.set()
 
 
-def run_worker(data_dir: Path, detector_name: str, model: str, poll_s: float = 0.5, once: bool = False) -> None:
+def run_worker(data_dir: Path, detector_name: str, model: str, poll_s: float = 0.5, once: bool = False,
+               serve_dtype: str = "auto") -> None:
     registry = Registry(data_dir)
     # Only one worker runs per data dir, so anything still `training` belonged to a dead worker.
     for request_id in registry.recover_stale(stale_after_s=0):
@@ -99,7 +102,7 @@ def run_worker(data_dir: Path, detector_name: str, model: str, poll_s: float = 0
             time.sleep(poll_s)
             continue
         log.info("training %s (%s, method %s)", request.id, request.name, request.method.value)
-        run_job(registry, request, detector_name, model)
+        run_job(registry, request, detector_name, model, serve_dtype)
 
 
 class WorkerSupervisor:
@@ -113,7 +116,8 @@ class WorkerSupervisor:
 
     def _spawn(self) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "unlearnd.server.worker", "--data-dir", str(self.settings.data_dir),
-               "--detector", self.settings.detector, "--model", self.settings.model]
+               "--detector", self.settings.detector, "--model", self.settings.model,
+               "--dtype", self.settings.dtype]
         return subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
     def start(self) -> None:
@@ -145,10 +149,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-dir", type=Path, required=True)
     parser.add_argument("--detector", default=DEFAULT_DETECTOR)
     parser.add_argument("--model", default="SmolLM2-135M-Instruct")
+    parser.add_argument("--dtype", default="auto", help="the serving engine's dtype (ECO tunes in it)")
     parser.add_argument("--once", action="store_true", help="exit when no request is pending")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
-    run_worker(args.data_dir, args.detector, args.model, once=args.once)
+    run_worker(args.data_dir, args.detector, args.model, once=args.once, serve_dtype=args.dtype)
 
 
 if __name__ == "__main__":
