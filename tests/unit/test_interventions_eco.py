@@ -15,6 +15,7 @@ from unlearnd.adapters.eco import (
     ECO,
     Corruption,
     ECOArtifact,
+    RowScope,
     corrupt,
     entity_spans,
     prompt_seed,
@@ -149,6 +150,16 @@ def test_no_entity_selects_user_tokens_but_the_last(tokenizer):
     assert select_rows(tokenizer, rendered, [question], [(50, 60)], add_special_tokens=False)[1] == rows
 
 
+def test_prompt_scope_ignores_entity_spans(tokenizer):
+    question = "Tell me about Hina Ameen's books."
+    rendered, _ = chat(tokenizer, question)
+    spans = entity_spans(question, ["hina ameen"])
+    ids, rows, mode = select_rows(tokenizer, rendered, [question], spans, add_special_tokens=False,
+                                  scope=RowScope.prompt)
+    assert mode == "prompt"
+    assert tokenizer.decode([ids[r] for r in rows]) == question[:-1]
+
+
 def test_span_in_second_user_message_of_a_multi_turn_chat(tokenizer):
     first, second = "Hello there.", "Where does Basil Mahfouz live?"
     rendered, _ = chat(tokenizer, first, second)
@@ -247,6 +258,19 @@ def test_apply_zeroes_entity_rows_and_sets_request_fields(tmp_path, tokenizer):
     assert torch.equal(req.prompt_embeds[others], clean[others])
 
 
+def test_apply_with_prompt_scope_corrupts_the_whole_question(tmp_path, tokenizer):
+    eco, rid = loaded_eco(tmp_path, Corruption(kind="zero", dims="all", scope="prompt"), ["Hina Ameen"])
+    ctx = context(tokenizer)
+    question = "What genre does Hina Ameen write?"
+    req = GuardedRequest(id="r1", kind="chat", sampling=SamplingSpec(), query_text=question,
+                         messages=[{"role": "user", "content": question}])
+    start = question.index("Hina")
+    eco.apply(req, RequestMatch(rid, 1.0, 1.0, [(start, start + 10)]), ctx)
+    ids = req.prompt_token_ids
+    zero_rows = [i for i in range(len(ids)) if torch.count_nonzero(req.prompt_embeds[i]) == 0]
+    assert tokenizer.decode([ids[i] for i in zero_rows]) == question[:-1]
+
+
 def test_apply_finds_entities_itself_and_is_deterministic(tmp_path, tokenizer):
     eco, rid = loaded_eco(tmp_path, Corruption(kind="noise", sigma=0.5), ["Hina Ameen"])
     ctx = context(tokenizer)
@@ -310,3 +334,27 @@ def test_given_target_and_clean_below_target_means_no_corruption(tmp_path, tiny_
     assert summary["target_source"] == "given" and summary["target"] == 0.9
     assert summary["sigma"] == 0.0 and summary["reached"] is True
     assert summary["achieved_eval"] == pytest.approx(summary["clean_eval"])
+
+
+def test_unreachable_target_on_entity_rows_retries_over_the_whole_prompt(tmp_path, tiny_model_dir):
+    from unlearnd.offline.interventions.eco import train_eco
+
+    registry = Registry(tmp_path / "data")
+    forget = [QAExample(question=f"Where did Hina Ameen study, case {i}?", answer=f"In Karachi, case {i}.")
+              for i in range(4)]
+    overrides = {"n_tune": 4, "n_eval": 4, "iterations": 1, "fluency_n": 1, "fluency_tokens": 2}
+    # target 0: no strength reaches it, so the entity search fails and the whole prompt is tried
+    record = registry.add(ForgetSpec(name="Hina Ameen", method="eco", forget=forget, options={"target": 0.0}))
+    summary = train_eco(record, registry.artifact_dir(record.id), tiny_model_dir, progress=False, overrides=overrides)
+    artifact = ECOArtifact.read(registry.artifact_dir(record.id))
+    attempts = artifact.tuning["attempts"]
+    assert [a["scope"] for a in attempts] == ["entity", "prompt"]
+    best = min(attempts, key=lambda a: abs(a["achieved_tune"]))
+    assert artifact.corruption.scope == best["scope"] == summary["scope"]
+    assert artifact.corruption.sigma == pytest.approx(best["sigma"])
+    # a fixed scope is searched alone
+    record = registry.add(ForgetSpec(name="Hina Ameen", method="eco", forget=forget,
+                                     options={"target": 0.0, "scope": "entity"}))
+    summary = train_eco(record, registry.artifact_dir(record.id), tiny_model_dir, progress=False, overrides=overrides)
+    artifact = ECOArtifact.read(registry.artifact_dir(record.id))
+    assert [a["scope"] for a in artifact.tuning["attempts"]] == ["entity"] and summary["scope"] == "entity"

@@ -4,7 +4,8 @@ A flagged prompt is sent to the engine as input embeddings, some of whose entrie
 Gaussian noise added, zeroed, or sign-flipped, on the first-n dimensions, the top-k |value|
 dimensions of each row, or all of them. The rows corrupted are the tokens naming the forget
 target (`match.spans`), or, when no entity is named, every token of the user's words but the
-last. The strength `sigma` comes from offline zeroth-order tuning
+last; with scope `prompt`, always the latter (the offline job picks it when corrupting the name
+alone cannot bring the answer down to the target: the rest of the question still gives it away). The strength `sigma` comes from offline zeroth-order tuning
 (`unlearnd.offline.interventions.eco`), which uses the very functions below, so what was tuned
 is what is served.
 
@@ -47,9 +48,15 @@ class DimSelect(StrEnum):
     all = "all"
 
 
+class RowScope(StrEnum):
+    entity = "entity"  # the tokens naming the forget target (the whole prompt when none is named)
+    prompt = "prompt"  # every token of the user's words but the last
+
+
 class Corruption(BaseModel):
     """What is done to the selected rows: the serve-time part of the ECO artifact."""
 
+    scope: RowScope = RowScope.entity
     kind: CorruptionKind = CorruptionKind.noise
     dims: DimSelect = DimSelect.all
     n_dims: int | None = Field(None, ge=1, description="`noise` with first/topk: how many dimensions.")
@@ -192,15 +199,16 @@ def select_rows(
     user_texts: list[str],
     spans: list[tuple[int, int]],
     add_special_tokens: bool,
+    scope: RowScope = RowScope.entity,
 ) -> tuple[list[int], list[int], str]:
     """Tokenise the rendered prompt and pick the rows to corrupt.
 
     Returns (ids, rows, mode): mode "entity" when spans map to tokens, else "prompt": every token
     of the user's words but the last one (or every prompt token but the last, if the user's words
-    cannot be found in the rendered text)."""
+    cannot be found in the rendered text); scope `prompt` always takes the latter."""
     ids, offsets = encode_with_offsets(tokenizer, rendered, add_special_tokens)
     segments = query_segments(rendered, user_texts)
-    if spans:
+    if spans and scope == RowScope.entity:
         rows = rows_overlapping(offsets, map_spans(spans, segments))
         if rows:
             return ids, rows, "entity"
@@ -239,7 +247,7 @@ class ECO(Intervention):
         rendered = ctx.render(request)
         spans = list(match.spans) or entity_spans(request.query_text, artifact.entities)
         ids, rows, _ = select_rows(ctx.tokenizer, rendered, user_texts_of(request), spans,
-                                   add_special_tokens=request.messages is None)
+                                   add_special_tokens=request.messages is None, scope=artifact.corruption.scope)
         embeds = ctx.embeddings.lookup(ids)
         request.prompt_token_ids = ids
         request.prompt_embeds = corrupt(embeds, rows, artifact.corruption, prompt_seed(rendered, artifact.seed))

@@ -6,8 +6,10 @@ preference: a number given in the request options (`target`); the retain model's
 is given; the base model's probability of wrong (perturbed) answers to the same questions; or,
 needing nothing extra, its probability of the *other* forget questions' answers (shuffled).
 Evaluation runs the HF model on `inputs_embeds` built with the serve-time corruption code
-(`unlearnd.adapters.eco`), on the prompt rendered and tokenised as the server does, with the
-bf16 rounding of the served embeddings, so the tuned strength is the served one.
+(`unlearnd.adapters.eco`), on the prompt rendered and tokenised as the server does, rounded to
+the serving engine's dtype, so the tuned strength is the served one. The rows corrupted are the
+entity tokens; when no strength brings those down to the target (the rest of the question still
+gives the answer away) the search is repeated over the whole question, and the closer one is kept.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from unlearnd.adapters.eco import (
     CorruptionKind,
     DimSelect,
     ECOArtifact,
+    RowScope,
     corrupt,
     entity_spans,
     prompt_seed,
@@ -56,6 +59,7 @@ log = logging.getLogger(__name__)
 class ECOPreset(BaseModel):
     kind: CorruptionKind = CorruptionKind.noise
     dims: DimSelect = DimSelect.all
+    scope: RowScope | None = None  # None: the entity tokens, then the whole prompt if those can't reach the target
     n_dims: int | None = None
     n_tune: int | None = 8  # forget QAs the strength is tuned on
     n_eval: int | None = 16  # forget QAs the achieved value is reported on
@@ -90,13 +94,14 @@ class ECOItem:
     mode: str
 
 
-def prepare_items(tokenizer, qas: list[tuple[str, str]], entities: list[str], max_len: int, seed: int) -> list[ECOItem]:
+def prepare_items(tokenizer, qas: list[tuple[str, str]], entities: list[str], max_len: int, seed: int,
+                  scope: RowScope = RowScope.entity) -> list[ECOItem]:
     """Tokenise each QA as the server would and pick the rows the served corruption would hit."""
     prepared = []
     for question, answer in qas:
         item = encode_qa(tokenizer, question, answer, max_len, end_of_turn=False)
         ids, rows, mode = select_rows(tokenizer, item.prompt, [question], entity_spans(question, entities),
-                                      add_special_tokens=False)
+                                      add_special_tokens=False, scope=scope)
         shift = len(ids) - len(item.prompt_ids)  # left truncation by encode_qa, if any
         prepared.append(ECOItem(item, [r - shift for r in rows if r >= shift], prompt_seed(item.prompt, seed), mode))
     return prepared
@@ -195,52 +200,78 @@ def train_eco(
     cfg, dev, model, tokenizer = job.cfg, job.device, job.model, job.tokenizer
     serve_dtype = torch_dtype(cfg.serve_dtype)
     forget = qa_pairs(request.spec.forget)
-    tune_qas = subsample(forget, cfg.n_tune, cfg.seed)
-    eval_qas = subsample(forget, cfg.n_eval, cfg.seed + 1)
     entities = list(request.spec.entities)
-    tune = prepare_items(tokenizer, fill_answers(model, tokenizer, tune_qas, cfg.fluency_tokens), entities,
-                         cfg.max_len, cfg.seed)
-    evals = prepare_items(tokenizer, fill_answers(model, tokenizer, eval_qas, cfg.fluency_tokens), entities,
-                          cfg.max_len, cfg.seed)
+    tune_qas = fill_answers(model, tokenizer, subsample(forget, cfg.n_tune, cfg.seed), cfg.fluency_tokens)
+    eval_qas = fill_answers(model, tokenizer, subsample(forget, cfg.n_eval, cfg.seed + 1), cfg.fluency_tokens)
+
+    def prepared(qas: list[tuple[str, str]], scope: RowScope) -> list[ECOItem]:
+        return prepare_items(tokenizer, qas, entities, cfg.max_len, cfg.seed, scope)
+
     emb = model.get_input_embeddings().weight
     emb_std, hidden = float(emb.float().std()), int(emb.shape[1])
-
     cache: dict[tuple, float] = {}
 
-    def metric(sigma: float, prepared: list[ECOItem] = tune) -> float:
-        key = (round(sigma, 10), id(prepared))
+    def metric(corruption: Corruption, items: list[ECOItem]) -> float:
+        key = (corruption.scope, round(corruption.sigma, 10), id(items))
         if key not in cache:
-            corruption = Corruption(kind=cfg.kind, dims=cfg.dims, n_dims=cfg.n_dims, sigma=sigma)
-            fn = corrupted_embeds_fn(model, prepared, corruption, serve_dtype)
-            cache[key] = mean(answer_probability(model, tokenizer, [p.item for p in prepared], cfg.batch_size,
+            fn = corrupted_embeds_fn(model, items, corruption, serve_dtype)
+            cache[key] = mean(answer_probability(model, tokenizer, [p.item for p in items], cfg.batch_size,
                                                  embed_fn=fn, heartbeat=heartbeat))
         return cache[key]
 
+    def corruption_at(scope: RowScope, sigma: float) -> Corruption:
+        return Corruption(scope=scope, kind=cfg.kind, dims=cfg.dims, n_dims=cfg.n_dims, sigma=sigma)
+
+    first_scope = cfg.scope or RowScope.entity
+    tune = prepared(tune_qas, first_scope)
     target, source = surrogate_target(model, tokenizer, tune, cfg, retain_model_path, wrong_answers, dev,
                                       progress, heartbeat)
-    clean = metric(0.0)
+    clean = metric(corruption_at(first_scope, 0.0), tune)
     log.info("ECO %s: clean P(a|q)^(1/|a|) = %.4f, target %.4f (%s)", request.id, clean, target, source)
     space = search_space(cfg, emb_std, hidden)
-    tuning: dict = {"emb_std": emb_std, "n_tune": len(tune), "n_eval": len(evals),
-                    "modes": {m: sum(p.mode == m for p in tune) for m in ("entity", "prompt")}}
-    if clean <= target:
-        sigma, tuning["note"] = 0.0, "the clean model is already at or below the target"
-    elif space is None:
-        sigma, tuning["note"] = 1.0, f"{cfg.kind.value} on all dimensions has no strength to tune"
-    else:
-        to_sigma = space["to_sigma"]
-        result = zo_solve(lambda u: metric(to_sigma(u)), target, space["x0"], space["lo"], space["hi"], space["eps"],
-                          cfg.iterations, space["max_step"], min_eps=space["min_eps"], tol=cfg.rel_tol * target,
-                          progress=progress, desc=f"eco zo ({cfg.kind.value})")
-        sigma = to_sigma(result.x)
-        tuning.update({"evaluations": result.evaluations, "best_distance": result.fx,
-                       "history": [{**h, "sigma_plus": to_sigma(h["x_plus"]), "sigma_minus": to_sigma(h["x_minus"])}
-                                   for h in result.history],
-                       "final": {"sigma": to_sigma(result.final[0]), "m": result.final[1]} if result.final else None})
-    corruption = Corruption(kind=cfg.kind, dims=cfg.dims, n_dims=cfg.n_dims, sigma=sigma)
-    achieved_tune = metric(sigma)
-    clean_eval, achieved_eval = metric(0.0, evals), metric(sigma, evals)
     tolerance = 2 * cfg.rel_tol * target
+    tuning: dict = {"emb_std": emb_std, "n_tune": len(tune), "n_eval": len(eval_qas),
+                    "modes": {m: sum(p.mode == m for p in tune) for m in ("entity", "prompt")}, "attempts": []}
+
+    def search(scope: RowScope, items: list[ECOItem]) -> dict:
+        """One ZO search of the strength with the rows of `scope`; returns what it found."""
+        attempt: dict = {"scope": scope.value}
+        if clean <= target:
+            sigma, attempt["note"] = 0.0, "the clean model is already at or below the target"
+        elif space is None:
+            sigma, attempt["note"] = 1.0, f"{cfg.kind.value} on all dimensions has no strength to tune"
+        else:
+            to_sigma = space["to_sigma"]
+            result = zo_solve(lambda u: metric(corruption_at(scope, to_sigma(u)), items), target, space["x0"],
+                              space["lo"], space["hi"], space["eps"], cfg.iterations, space["max_step"],
+                              min_eps=space["min_eps"], tol=cfg.rel_tol * target, progress=progress,
+                              desc=f"eco zo ({cfg.kind.value}, {scope.value})")
+            sigma = to_sigma(result.x)
+            attempt.update({"evaluations": result.evaluations, "best_distance": result.fx,
+                            "history": [{**h, "sigma_plus": to_sigma(h["x_plus"]),
+                                         "sigma_minus": to_sigma(h["x_minus"])} for h in result.history],
+                            "final": {"sigma": to_sigma(result.final[0]), "m": result.final[1]}
+                            if result.final else None})
+        attempt["sigma"] = sigma
+        attempt["achieved_tune"] = metric(corruption_at(scope, sigma), items)
+        return attempt
+
+    attempts = [(first_scope, tune, search(first_scope, tune))]
+    if (cfg.scope is None and abs(attempts[0][2]["achieved_tune"] - target) > tolerance
+            and attempts[0][2]["achieved_tune"] > target and tuning["modes"]["entity"]):
+        # Corrupting the name alone left the answer too likely: the rest of the question gives it
+        # away. Tune again over the whole question and keep whichever lands closer to the target.
+        log.info("ECO %s: entity rows reach %.4f only (target %.4f); tuning over the whole prompt", request.id,
+                 attempts[0][2]["achieved_tune"], target)
+        whole = prepared(tune_qas, RowScope.prompt)
+        attempts.append((RowScope.prompt, whole, search(RowScope.prompt, whole)))
+    scope, tune, chosen = min(attempts, key=lambda a: abs(a[2]["achieved_tune"] - target))
+    tuning["attempts"] = [a[2] for a in attempts]
+    tuning.update({k: chosen[k] for k in ("history", "final", "evaluations", "best_distance", "note") if k in chosen})
+    sigma, achieved_tune = chosen["sigma"], chosen["achieved_tune"]
+    corruption = corruption_at(scope, sigma)
+    evals = prepared(eval_qas, scope)
+    clean_eval, achieved_eval = metric(corruption_at(scope, 0.0), evals), metric(corruption, evals)
     reached = clean <= target or abs(achieved_tune - target) <= tolerance
 
     flu_items = tune[: cfg.fluency_n]
@@ -261,11 +292,12 @@ def train_eco(
                            target_source=source, clean_value=clean, achieved=achieved_eval, reached=reached,
                            fluency=fluency, tuning=tuning)
     artifact.write(artifact_dir)
-    summary = {"method": "eco", "kind": cfg.kind.value, "dims": cfg.dims.value, "sigma": sigma, "target": target,
+    summary = {"method": "eco", "kind": cfg.kind.value, "dims": cfg.dims.value, "scope": scope.value,
+               "sigma": sigma, "target": target,
                "target_source": source, "clean_tune": clean, "achieved_tune": achieved_tune,
                "clean_eval": clean_eval, "achieved_eval": achieved_eval, "reached": reached,
                "fluent": fluency["fluent"], "fluency_ppl": fluency["intervened"]["ppl"],
                "clean_ppl": fluency["clean"]["ppl"], **cost}
-    log.info("ECO %s: sigma=%.4g, P %.4f -> %.4f (target %.4f), fluent=%s, %.0fs", request.id, sigma, clean_eval,
-             achieved_eval, target, fluency["fluent"], cost["wall_seconds"])
+    log.info("ECO %s: %s rows, sigma=%.4g, P %.4f -> %.4f (target %.4f), fluent=%s, %.0fs", request.id,
+             scope.value, sigma, clean_eval, achieved_eval, target, fluency["fluent"], cost["wall_seconds"])
     return summary
