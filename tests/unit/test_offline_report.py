@@ -84,9 +84,16 @@ def test_tradeoff_against_target_and_job_reports():
     md = markdown(results())
     lines = md.splitlines()
     assert any(line.startswith("## Trade-off against the target model") and "0.400" in line for line in lines)
-    assert "| eco | served | 0.600 | 0.995 | yes |" in md  # 0.398 / 0.40 >= 0.99 and FQ >= 0.5
-    assert "| grad_ascent | baseline | 3.20e-07 | 0.000 | no |" in md
-    assert "| refuse | served | 0.020 | 0.975 | no |" in md
+    assert "| eco | served | 0.600 | 0.995 | yes | - |" in md  # 0.398 / 0.40 >= 0.99 and FQ >= 0.5
+    assert "| grad_ascent | baseline | 3.20e-07 | 0.000 | no | refuse, eco |" in md
+    assert "| refuse | served | 0.020 | 0.975 | no | - |" in md
+    assert "no finetuning baseline ahead of them on both axes: eco." in md
+    # a baseline with more forget quality and utility than eco takes eco out of the lead
+    better = results()
+    better["methods"]["grad_ascent"]["metrics"].update({"forget_quality": 0.9, "model_utility": 0.41})
+    md = markdown(better)
+    assert "| eco | served | 0.600 | 0.995 | yes | grad_ascent |" in md
+    assert "no finetuning baseline ahead of them on both axes: none." in md
     assert not any(line.startswith("| retain |") and line.endswith("| no |") for line in lines)  # references excluded
     assert "- eco: method eco, sigma 0.012, reached yes" in md  # scalars only, lists left out
 

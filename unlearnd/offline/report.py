@@ -188,20 +188,40 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def tradeoff_lines(methods: dict[str, Any], min_fq: float = 0.5, min_mu_ratio: float = 0.99) -> list[str]:
-    """Each unlearning method against the goal "forget quality >= 0.5 at >= 99% of the target's utility"."""
+    """Each unlearning method against the goal "forget quality >= 0.5 at >= 99% of the target's utility",
+    and, between served routes and finetuning baselines, who beats whom on both axes at once."""
     target_mu = methods.get("target", {}).get("metrics", {}).get("model_utility")
     rows = [(n, e.get("metrics", {})) for n, e in methods.items()
             if e.get("kind") in ("baseline", "served") and n != "served_target" and e.get("metrics")]
     if not target_mu or not rows:
         return []
-    lines = [f"## Trade-off against the target model (goal: forget quality ≥ {min_fq} and model utility ≥ "
-             f"{min_mu_ratio}× the target's {fmt(target_mu)})", "",
-             "| Method | Kind | Forget quality | Utility / target | Meets goal |", "|---|---|---|---|---|"]
+    points = {}
     for name, m in rows:
         fq, mu = m.get("forget_quality"), m.get("model_utility")
-        ratio = mu / target_mu if mu is not None else None
+        points[name] = (fq, mu / target_mu if mu is not None else None)
+
+    def beats(a: str, b: str) -> bool:
+        (fa, ra), (fb, rb) = points[a], points[b]
+        if None in (fa, ra, fb, rb):
+            return False
+        return fa >= fb and ra >= rb and (fa > fb or ra > rb)
+
+    lines = [f"## Trade-off against the target model (goal: forget quality ≥ {min_fq} and model utility ≥ "
+             f"{min_mu_ratio}× the target's {fmt(target_mu)})", "",
+             "| Method | Kind | Forget quality | Utility / target | Meets goal | Beaten on both axes by |",
+             "|---|---|---|---|---|---|"]
+    ahead = []
+    for name, _ in rows:
+        fq, ratio = points[name]
+        kind = methods[name].get("kind")
         meets = fq is not None and ratio is not None and fq >= min_fq and ratio >= min_mu_ratio
-        lines.append(f"| {name} | {methods[name].get('kind')} | {fmt(fq)} | {fmt(ratio)} | {fmt(meets)} |")
+        rivals = [o for o, _ in rows if methods[o].get("kind") != kind and beats(o, name)]
+        if kind == "served" and meets and not rivals:
+            ahead.append(name)
+        lines.append(f"| {name} | {kind} | {fmt(fq)} | {fmt(ratio)} | {fmt(meets)} | {', '.join(rivals) or '-'} |")
+    if any(methods[n].get("kind") == "served" for n, _ in rows):
+        lines += ["", ("Served routes that meet the goal with no finetuning baseline ahead of them on both axes: "
+                       + (", ".join(ahead) if ahead else "none") + ".")]
     return [*lines, ""]
 
 
