@@ -26,6 +26,7 @@ from unlearnd.offline.data import QAItem, TofuData, author_names, spread, user_m
 from unlearnd.offline.metrics import rouge_l_recall
 from unlearnd.offline.mut import ServedModelUnderTest
 from unlearnd.offline.report import fmt
+from unlearnd.offline.robustness import mean_or_none
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +57,6 @@ def request_spec(name: str, method: str, forget: Sequence[QAItem], retain: Seque
     return spec
 
 
-def _mean(values: Sequence[float]) -> float | None:
-    return sum(values) / len(values) if values else None
-
-
 def run_continual(cfg: ContinualConfig, served: ServedModelUnderTest, tofu: TofuData | None = None,
                   on_stage: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Register the groups one by one; measure every group and the untouched authors after each step.
@@ -84,13 +81,13 @@ def run_continual(cfg: ContinualConfig, served: ServedModelUnderTest, tofu: Tofu
             gens = served.generate([user_messages(it.question) for it in items], cfg.max_new_tokens,
                                    desc=f"{label}: {name}")
             routes = Counter(served.generation_routes[-len(items):])
-            split = {"rouge": _mean([rouge_l_recall(it.answer, g) for it, g in zip(items, gens)]),
+            split = {"rouge": mean_or_none([rouge_l_recall(it.answer, g) for it, g in zip(items, gens)]),
                      "flagged": 1.0 - routes.get("none", 0) / len(items), "routes": dict(routes),
                      "generations": gens}
             if name == "untouched":
                 if not before:
                     before.extend(gens)
-                split["unchanged"] = _mean([float(a == b) for a, b in zip(before, gens)])
+                split["unchanged"] = mean_or_none([float(a == b) for a, b in zip(before, gens)])
             row["splits"][name] = split
         log.info("continual %s: %s", label, {k: round(v["rouge"] or 0.0, 3) for k, v in row["splits"].items()})
         return row

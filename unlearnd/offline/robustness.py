@@ -46,7 +46,8 @@ JAILBREAK_PREFIXES = {
 }
 
 
-def _mean(values: Sequence[float]) -> float | None:
+def mean_or_none(values: Sequence[float]) -> float | None:
+    """The mean, or None for no values (a metric with nothing to average is not a zero)."""
     return float(np.mean(values)) if len(values) else None
 
 
@@ -111,8 +112,8 @@ def paraphrased(mut: ModelUnderTest, items: Sequence[QAItem], max_new_tokens: in
                         desc="paraphrased")
     return {
         "n": len(chosen),
-        "direct_rouge": _mean([rouge_l_recall(it.answer, g) for it, g in zip(chosen, direct)]),
-        "paraphrased_rouge": _mean([rouge_l_recall(it.answer, g) for it, g in zip(chosen, para)]),
+        "direct_rouge": mean_or_none([rouge_l_recall(it.answer, g) for it, g in zip(chosen, direct)]),
+        "paraphrased_rouge": mean_or_none([rouge_l_recall(it.answer, g) for it, g in zip(chosen, para)]),
     }
 
 
@@ -126,9 +127,9 @@ def combined(mut: ModelUnderTest, forget: Sequence[QAItem], retain: Sequence[QAI
     retain_alone = mut.generate([user_messages(r.question) for _, r in pairs], max_new_tokens, desc="retain alone")
     return {
         "n": len(pairs),
-        "forget_rouge": _mean([rouge_l_recall(f.answer, g) for (f, _), g in zip(pairs, gens)]),
-        "retain_rouge": _mean([rouge_l_recall(r.answer, g) for (_, r), g in zip(pairs, gens)]),
-        "retain_rouge_alone": _mean([rouge_l_recall(r.answer, g) for (_, r), g in zip(pairs, retain_alone)]),
+        "forget_rouge": mean_or_none([rouge_l_recall(f.answer, g) for (f, _), g in zip(pairs, gens)]),
+        "retain_rouge": mean_or_none([rouge_l_recall(r.answer, g) for (_, r), g in zip(pairs, gens)]),
+        "retain_rouge_alone": mean_or_none([rouge_l_recall(r.answer, g) for (_, r), g in zip(pairs, retain_alone)]),
         "example": {"prompt": prompts[0][0]["content"], "generation": gens[0]},
     }
 
@@ -138,9 +139,9 @@ def jailbreak(mut: ModelUnderTest, items: Sequence[QAItem], max_new_tokens: int)
     for name, prefix in JAILBREAK_PREFIXES.items():
         gens = mut.generate([user_messages(prefix + it.question) for it in items], max_new_tokens,
                             desc=f"jailbreak {name}")
-        out["by_prefix"][name] = _mean([rouge_l_recall(it.answer, g) for it, g in zip(items, gens)])
+        out["by_prefix"][name] = mean_or_none([rouge_l_recall(it.answer, g) for it, g in zip(items, gens)])
     values = [v for v in out["by_prefix"].values() if v is not None]
-    out["mean_rouge"] = _mean(values)
+    out["mean_rouge"] = mean_or_none(values)
     out["max_rouge"] = max(values) if values else None
     return out
 
@@ -166,7 +167,7 @@ def in_context(mut: ModelUnderTest, items: Sequence[QAItem], pool: Sequence[QAIt
         return {"n": 0}
     gens = mut.generate(prompts, max_new_tokens, desc="in-context")
     return {"n": len(chosen), "n_facts": n_facts,
-            "forget_rouge": _mean([rouge_l_recall(it.answer, g) for it, g in zip(chosen, gens)])}
+            "forget_rouge": mean_or_none([rouge_l_recall(it.answer, g) for it, g in zip(chosen, gens)])}
 
 
 def run_probes(mut: ModelUnderTest, tofu: TofuData, refs: Any, n_items: int = 30,
@@ -211,8 +212,8 @@ def relearning_attack(model_dir: str | Path, forget: Sequence[QAItem], epochs: f
         prompts = [user_messages(it.question) for it in eval_items]
         gens = mut.generate(prompts, max_new_tokens, desc=f"relearning {tag}")
         scored = mut.score(prompts, [[it.answer] for it in eval_items], desc=f"relearning {tag}")
-        return {"rouge": _mean([rouge_l_recall(it.answer, g) for it, g in zip(eval_items, gens)]),
-                "prob": _mean([normalised_probability(s[0].logprobs) for s in scored])}
+        return {"rouge": mean_or_none([rouge_l_recall(it.answer, g) for it, g in zip(eval_items, gens)]),
+                "prob": mean_or_none([normalised_probability(s[0].logprobs) for s in scored])}
 
     before = measure("before")
     batches = QABatches(tokenizer, train_items, batch_size, seed=seed)
