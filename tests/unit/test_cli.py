@@ -60,3 +60,21 @@ def test_eval_merge_writes_one_report_and_rejects_mismatched_runs(tmp_path):
     bad = runner.invoke(app, ["eval", "merge", str(tmp_path / "a.json"), str(tmp_path / "c.json"), "--out", str(out),
                               "--name", "x"])
     assert bad.exit_code != 0 and "split_sizes" in bad.output and not (out / "x.md").exists()
+
+
+def test_eval_merge_renames_a_method_of_one_run(tmp_path):
+    base = {"preset": {"name": "mini", "forget_split": "forget01"}, "split_sizes": {"forget": 2},
+            "settings": {"max_new_tokens": 8}}
+    run = {**base, "command": "eval", "methods": {"eco": {"kind": "served", "metrics": {"model_utility": 0.39}}}}
+    (tmp_path / "a.json").write_text(json.dumps(run))
+    (tmp_path / "b.json").write_text(json.dumps(run))
+    out = tmp_path / "reports"
+    args = ["eval", "merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(out), "--name", "m"]
+    clash = runner.invoke(app, args)
+    assert clash.exit_code != 0 and "more than one run" in clash.output
+    result = runner.invoke(app, [*args, "--rename", "1:eco=eco_old"])
+    assert result.exit_code == 0, result.output
+    md = (out / "m.md").read_text()
+    assert "| eco_old | served |" in md and "| eco | served |" in md
+    bad = runner.invoke(app, [*args, "--rename", "3:eco=x"])
+    assert bad.exit_code != 0 and "N:OLD=NEW" in bad.output

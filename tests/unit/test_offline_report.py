@@ -112,5 +112,9 @@ def test_merge_results_of_separate_runs():
     assert "- `eval A`" in md and "- `eval B`" in md and "| refuse | served |" in md
     with pytest.raises(ValueError, match="more than one run"):
         merge_results([a, a])
+    twice = merge_results([a, a], renames=[{}, {"grad_ascent": "grad_ascent_2", "target": "t2", "retain": "r2"}])
+    assert list(twice["methods"])[3:] == ["t2", "r2", "grad_ascent_2"] and twice["examples"]["t2"][0]["generation"] == "g"
+    with pytest.raises(ValueError, match="cannot rename"):
+        merge_results([a, b], renames=[{}, {"eco": "x"}])
     with pytest.raises(ValueError, match="split_sizes"):
         merge_results([a, {**b, "split_sizes": {"forget": 1}}])

@@ -224,12 +224,22 @@ def register(train_app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typ
         out: Path = typer.Option(Path("reports")),
         name: str = typer.Option(..., help="Report file stem."),
         note: list[str] = typer.Option(None, help="A line for the report's notes, repeatable."),
+        rename: list[str] = typer.Option(None, help="N:OLD=NEW renames method OLD of the N-th run (1-based), e.g. "
+                                         "to keep two runs of one method side by side; repeatable."),
     ) -> None:
         """One report from several `eval tofu` runs (e.g. baselines and served methods run side by side)."""
         from unlearnd.offline.report import merge_results, write_report
 
+        renames: dict[int, dict[str, str]] = {}
+        for spec in rename or []:
+            index, sep, pair = spec.partition(":")
+            old, eq, new = pair.partition("=")
+            if not (sep and eq and index.isdigit() and 1 <= int(index) <= len(runs) and old and new):
+                raise typer.BadParameter(f"--rename {spec!r}: expected N:OLD=NEW with 1 <= N <= {len(runs)}")
+            renames.setdefault(int(index) - 1, {})[old] = new
         try:
-            merged = merge_results([json.loads(Path(r).read_text()) for r in runs])
+            merged = merge_results([json.loads(Path(r).read_text()) for r in runs],
+                                   renames=[renames.get(i, {}) for i in range(len(runs))])
         except (OSError, ValueError) as exc:
             raise typer.BadParameter(str(exc)) from None
         paths = write_report(merged, out, name, _command_line(), notes=list(note or []))

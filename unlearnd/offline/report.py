@@ -296,11 +296,12 @@ PARTIAL_NOTE = "PARTIAL:"
 MERGE_KEYS = ("preset", "split_sizes", "settings")
 
 
-def merge_results(runs: list[dict[str, Any]]) -> dict[str, Any]:
+def merge_results(runs: list[dict[str, Any]], renames: list[dict[str, str]] | None = None) -> dict[str, Any]:
     """One results dict from several evaluation runs of the same preset, splits and settings.
 
     Lets methods be evaluated in separate (e.g. parallel) runs and reported in one table; each method's
-    metrics come from the run that measured it, and every source run's command is kept."""
+    metrics come from the run that measured it, and every source run's command is kept. `renames`
+    (one {old: new} map per run) lets two runs of the same method stand side by side."""
     if not runs:
         raise ValueError("nothing to merge")
     first = runs[0]
@@ -309,13 +310,18 @@ def merge_results(runs: list[dict[str, Any]]) -> dict[str, Any]:
             if other.get(key) != first.get(key):
                 raise ValueError(f"runs differ in {key!r}: {other.get(key)} vs {first.get(key)}")
     merged: dict[str, Any] = {**first, "methods": {}, "examples": {}, "sources": [], "notes": []}
-    for run in runs:
-        for name, entry in run.get("methods", {}).items():
+    renames = renames or [{} for _ in runs]
+    for run, names in zip(runs, renames):
+        unknown = set(names) - set(run.get("methods", {}))
+        if unknown:
+            raise ValueError(f"cannot rename {sorted(unknown)}: not methods of run {run.get('command')!r}")
+        for old, entry in run.get("methods", {}).items():
+            name = names.get(old, old)
             if name in merged["methods"]:
                 raise ValueError(f"method {name!r} is in more than one run")
             merged["methods"][name] = entry
-            if name in run.get("examples", {}):
-                merged["examples"][name] = run["examples"][name]
+            if old in run.get("examples", {}):
+                merged["examples"][name] = run["examples"][old]
         merged["sources"].append({k: run.get(k) for k in ("command", "git_commit", "created", "machine")})
         merged["notes"] += [n for n in run.get("notes", []) if not n.startswith(PARTIAL_NOTE)]
     for key in ("command", "git_commit", "created", "machine"):
