@@ -118,3 +118,25 @@ def test_merge_results_of_separate_runs():
         merge_results([a, b], renames=[{}, {"eco": "x"}])
     with pytest.raises(ValueError, match="split_sizes"):
         merge_results([a, {**b, "split_sizes": {"forget": 1}}])
+
+
+def test_git_commit_marks_uncommitted_code_but_not_reports(tmp_path):
+    import subprocess
+
+    from unlearnd.offline.report import git_commit
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "reports" / "r.md").write_text("old\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    head = git_commit(tmp_path)
+    assert head and "+" not in head
+    (tmp_path / "reports" / "r.md").write_text("new\n")
+    assert git_commit(tmp_path) == head
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_commit(tmp_path) == head + "+dirty"

@@ -191,8 +191,9 @@ def register(train_app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typ
             run_tofu_eval,
         )
         from unlearnd.offline.methods import BASELINES
-        from unlearnd.offline.report import PARTIAL_NOTE, write_report
+        from unlearnd.offline.report import PARTIAL_NOTE, git_commit, write_report
 
+        commit = git_commit()  # the code that runs is the code at the start, whatever is committed meanwhile
         _threads(threads)
         p = _preset(preset, forget_split, ref_epochs, ref_lr, retain_authors)
         cfg = TofuEvalConfig(preset=preset, forget_split=p.forget_split, methods=methods_list(methods),
@@ -206,12 +207,12 @@ def register(train_app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typ
 
         def partial(results: dict) -> None:
             done = len(results["methods"])
-            write_report(results, out, stem, _command_line(), notes=[
+            write_report({**results, "git_commit": commit}, out, stem, _command_line(), notes=[
                 f"{PARTIAL_NOTE} {done} of {len(cfg.methods)} methods done; the run is still going or was cut short."])
 
         results = run_tofu_eval(cfg, reference_preset=p, train_missing_references=train_missing,
                                 on_method_done=partial)
-        paths = write_report(results, out, stem, _command_line())
+        paths = write_report({**results, "git_commit": commit}, out, stem, _command_line())
         typer.echo(json.dumps({k: str(v) for k, v in paths.items()}, indent=1))
         failed = [m for m, e in results["methods"].items() if "error" in e]
         if failed:
@@ -291,10 +292,11 @@ def register(train_app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typ
                                       admin_key=admin_key or os.environ.get("UNLEARND_ADMIN_KEY"), model=served_model)
         stem = name or f"continual_{method}"
         out.mkdir(parents=True, exist_ok=True)
+        commit = git_commit()  # at the start: later commits are not what ran
 
         def write(results: dict, final: bool) -> None:
             results = {**results, "command": _command_line(), "machine": machine_description(),
-                       "git_commit": git_commit()}
+                       "git_commit": commit}
             (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
             md = [f"# Continual forget requests: {method}", "", f"Command: `{results['command']}`", "",
                   f"Machine: {results['machine']}; commit {results['git_commit'] or 'n/a'}.", "",

@@ -57,12 +57,17 @@ def fmt(value: Any, digits: int = 3) -> str:
 
 
 def git_commit(repo: Path | None = None) -> str | None:
+    """HEAD's short hash, with `+dirty` when tracked files outside reports/ differ from it (then the
+    code that ran is not that commit)."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo or Path.cwd(), capture_output=True,
                              text=True, timeout=10, check=False)
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", ".", ":(exclude)reports"], cwd=repo or Path.cwd(),
+                               capture_output=True, timeout=10, check=False).returncode == 1
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    head = out.stdout.strip()
+    return (head + ("+dirty" if dirty else "")) if head else None
 
 
 def machine_description() -> str:
