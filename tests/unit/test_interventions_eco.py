@@ -239,8 +239,9 @@ def loaded_eco(tmp_path: Path, corruption: Corruption, entities: list[str]) -> E
     return eco, record.id
 
 
-def test_apply_zeroes_entity_rows_and_sets_request_fields(tmp_path, tokenizer):
-    eco, rid = loaded_eco(tmp_path, Corruption(kind="zero", dims="all"), ["Hina Ameen"])
+@pytest.mark.parametrize("scope, zeroed", [("entity", "Hina Ameen"), ("prompt", "What genre does Hina Ameen write")])
+def test_apply_zeroes_the_scoped_rows_and_sets_request_fields(tmp_path, tokenizer, scope, zeroed):
+    eco, rid = loaded_eco(tmp_path, Corruption(kind="zero", dims="all", scope=scope), ["Hina Ameen"])
     ctx = context(tokenizer)
     question = "What genre does Hina Ameen write?"
     req = GuardedRequest(id="r1", kind="chat", sampling=SamplingSpec(), query_text=question,
@@ -253,22 +254,9 @@ def test_apply_zeroes_entity_rows_and_sets_request_fields(tmp_path, tokenizer):
     assert req.prompt_embeds.shape == (len(ids), 16) and req.prompt_embeds.dtype == torch.bfloat16
     clean = ctx.embeddings.lookup(ids)
     zero_rows = [i for i in range(len(ids)) if torch.count_nonzero(req.prompt_embeds[i]) == 0]
-    assert tokenizer.decode([ids[i] for i in zero_rows]).strip() == "Hina Ameen"
+    assert tokenizer.decode([ids[i] for i in zero_rows]).strip() == zeroed
     others = [i for i in range(len(ids)) if i not in zero_rows]
     assert torch.equal(req.prompt_embeds[others], clean[others])
-
-
-def test_apply_with_prompt_scope_corrupts_the_whole_question(tmp_path, tokenizer):
-    eco, rid = loaded_eco(tmp_path, Corruption(kind="zero", dims="all", scope="prompt"), ["Hina Ameen"])
-    ctx = context(tokenizer)
-    question = "What genre does Hina Ameen write?"
-    req = GuardedRequest(id="r1", kind="chat", sampling=SamplingSpec(), query_text=question,
-                         messages=[{"role": "user", "content": question}])
-    start = question.index("Hina")
-    eco.apply(req, RequestMatch(rid, 1.0, 1.0, [(start, start + 10)]), ctx)
-    ids = req.prompt_token_ids
-    zero_rows = [i for i in range(len(ids)) if torch.count_nonzero(req.prompt_embeds[i]) == 0]
-    assert tokenizer.decode([ids[i] for i in zero_rows]) == question[:-1]
 
 
 def test_apply_finds_entities_itself_and_is_deterministic(tmp_path, tokenizer):
