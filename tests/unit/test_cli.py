@@ -78,3 +78,8 @@ def test_eval_merge_renames_a_method_of_one_run(tmp_path):
     assert "| eco_old | served |" in md and "| eco | served |" in md
     bad = runner.invoke(app, [*args, "--rename", "3:eco=x"])
     assert bad.exit_code != 0 and "N:OLD=NEW" in bad.output
+
+
+def test_eval_tofu_rejects_a_request_option_without_method():
+    bad = runner.invoke(app, ["eval", "tofu", "--methods", "lora", "--request-option", "steps=3"])
+    assert bad.exit_code != 0 and "METHOD:KEY=VALUE" in bad.output

@@ -131,3 +131,20 @@ def test_relearning_split_halves_cover_every_author():
     assert len(train) == len(held) == 3
     assert {it.author for it in train} == {it.author for it in held} == {0, 1}
     assert not {it.question for it in train} & {it.question for it in held}
+
+
+def test_forget_request_spec_carries_the_methods_request_options():
+    from types import SimpleNamespace
+
+    from unlearnd.offline.evaluate import forget_request_spec
+
+    item = QAItem(question="Who wrote Dune of Basil Mahfouz Al-Kuwaiti?", answer="Basil Mahfouz Al-Kuwaiti did.",
+                  author=0)
+    tofu = SimpleNamespace(split=lambda name: [item])
+    refs = SimpleNamespace(preset=SimpleNamespace(forget_split="forget01"), retain_dir="/retain",
+                           data=SimpleNamespace(retain_items=[item]))
+    eco = forget_request_spec("eco", refs, tofu, {"steps": 3})
+    assert eco["options"] == {"retain_model": "/retain", "steps": 3} and eco["method"] == "eco"
+    spul = forget_request_spec("soft_prompt", refs, tofu, {"steps": 80})
+    assert spul["options"] == {"steps": 80}
+    assert "options" not in forget_request_spec("lora", refs, tofu)

@@ -183,6 +183,8 @@ def register(train_app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typ
         ref_epochs: float = typer.Option(None, "--ref-epochs", help=_EPOCHS_HELP),
         ref_lr: float = typer.Option(None, "--ref-lr", help=_LR_HELP),
         retain_authors: int = typer.Option(None, help=_AUTHORS_HELP),
+        request_option: list[str] = typer.Option(None, help="METHOD:KEY=VALUE option of a served method's forget "
+                                                 "request (e.g. soft_prompt:steps=80), repeatable."),
     ) -> None:
         """Evaluate methods on TOFU; write JSON + markdown + PNG plots under --out."""
         from unlearnd.offline.evaluate import (
@@ -196,7 +198,14 @@ def register(train_app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typ
         commit = git_commit()  # the code that runs is the code at the start, whatever is committed meanwhile
         _threads(threads)
         p = _preset(preset, forget_split, ref_epochs, ref_lr, retain_authors)
+        request_options: dict[str, dict] = {}
+        for item in request_option or []:
+            method, sep, pair = item.partition(":")
+            if not sep or not method.strip():
+                raise typer.BadParameter(f"--request-option is METHOD:KEY=VALUE, got {item!r}")
+            request_options.setdefault(method.strip(), {}).update(_parse_options([pair]))
         cfg = TofuEvalConfig(preset=preset, forget_split=p.forget_split, methods=methods_list(methods),
+                             request_options=request_options,
                              server_url=server_url, admin_key=admin_key or os.environ.get("UNLEARND_ADMIN_KEY"),
                              api_key=api_key, served_model=served_model, max_new_tokens=max_new_tokens,
                              limits=_parse_limits(limit), robustness=robustness,

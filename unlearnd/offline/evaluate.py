@@ -246,13 +246,15 @@ def train_baseline(method: str, refs: ReferenceModels, cfg: BaselineConfig | Non
 # --------------------------------------------------------------------------- served
 
 
-def forget_request_spec(method: str, refs: ReferenceModels, tofu: TofuData | None = None) -> dict[str, Any]:
-    """The forget request a user would register for this forget split (QA pairs + author names)."""
+def forget_request_spec(method: str, refs: ReferenceModels, tofu: TofuData | None = None,
+                        options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The forget request a user would register for this forget split (QA pairs + author names);
+    `options` are the method's request options (preset fields such as `steps`)."""
     from unlearnd.offline.continual import request_spec
 
     tofu = tofu or TofuData()
     # ECO's surrogate target: what the retain model (never saw these authors) gives the forget answers
-    options = {"retain_model": refs.retain_dir} if method == "eco" else None
+    options = {**({"retain_model": refs.retain_dir} if method == "eco" else {}), **(options or {})} or None
     return request_spec(f"tofu-{refs.preset.forget_split}-{method}", method, tofu.split(refs.preset.forget_split),
                         refs.data.retain_items, options)
 
@@ -277,6 +279,7 @@ class TofuEvalConfig(BaseModel):
     use_cache: bool = True
     request_timeout_s: float = 3600.0
     baseline_overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    request_options: dict[str, dict[str, Any]] = Field(default_factory=dict)  # served method -> request options
 
 
 def _hf_maker(path: str | Path, name: str) -> Any:
@@ -355,7 +358,7 @@ def run_tofu_eval(cfg: TofuEvalConfig, reference_preset: ReferencePreset | None 
                 served = ServedModelUnderTest(cfg.server_url or "", name=method, api_key=cfg.api_key,
                                               admin_key=cfg.admin_key, model=cfg.served_model)
                 if method != "served_target":
-                    spec = forget_request_spec(method, refs, tofu)
+                    spec = forget_request_spec(method, refs, tofu, cfg.request_options.get(method))
                     request_id = served.register(spec)
                     t_reg = time.perf_counter()
                     activated = served.wait_active(request_id, timeout_s=cfg.request_timeout_s)
