@@ -245,12 +245,21 @@ def plot_scatter(results: dict[str, Any], path: Path) -> Path | None:
             points.append((name, max(fq, 1e-30), mu))
     if not points:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    # Methods at (nearly) the same point, e.g. guardrails with the target's utility, share one label.
+    groups: dict[tuple[float, float], list[tuple[str, float, float]]] = {}
     for name, fq, mu in points:
-        ax.scatter(mu, fq, s=40)
-        ax.annotate(name, (mu, fq), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        groups.setdefault((round(mu, 2), float(f"{fq:.2g}")), []).append((name, fq, mu))
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for members in groups.values():
+        for _, fq, mu in members:
+            ax.scatter(mu, fq, s=40)
+        _, fq, mu = members[0]
+        ax.annotate(", ".join(n for n, _, _ in members), (mu, fq), textcoords="offset points", xytext=(6, 0),
+                    va="center", fontsize=7)
     ax.set_yscale("log")
-    ax.set_xlim(0, 1)  # utility is a harmonic mean of probabilities / recalls / ratios in [0, 1]
+    mus = [mu for _, _, mu in points]
+    span = max(max(mus) - min(mus), 0.05)  # utility lies in [0, 1]; zoom on where the methods are
+    ax.set_xlim(max(0.0, min(mus) - 0.15 * span), min(1.0, max(mus) + 0.6 * span))
     ax.set_ylim(min(min(fq for _, fq, _ in points) / 3, 1e-3), 2)
     ax.set_xlabel("model utility")
     ax.set_ylabel("forget quality (KS p-value, log)")
