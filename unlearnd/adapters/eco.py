@@ -5,9 +5,9 @@ Gaussian noise added, zeroed, or sign-flipped, on the first-n dimensions, the to
 dimensions of each row, or all of them. The rows corrupted are the tokens naming the forget
 target (`match.spans`), or, when no entity is named, every token of the user's words but the
 last; with scope `prompt`, always the latter (the offline job picks it when corrupting the name
-alone cannot bring the answer down to the target: the rest of the question still gives it away). The strength `sigma` comes from offline zeroth-order tuning
-(`unlearnd.offline.interventions.eco`), which uses the very functions below, so what was tuned
-is what is served.
+alone cannot bring the answer down to the target: the rest of the question still gives it away).
+The strength `sigma` comes from offline zeroth-order tuning (`unlearnd.offline.interventions.eco`),
+which uses the very functions below, so what was tuned is what is served.
 
 Strength semantics (the paper's, made continuous for tuning):
 - `noise`: x + sigma * z on the selected entries, z ~ N(0, 1) drawn from a generator seeded by a
