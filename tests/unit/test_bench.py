@@ -44,12 +44,13 @@ def test_report_marks_targets(tmp_path):
         return {"route": route, "concurrency": c, "unlearnd": o, "vllm": p, "ratio": ratios(o, p),
                 "routes_seen": [route], "e2e_unlearnd": [ours, ours], "e2e_vllm": [plain, plain]}
 
-    result = {"config": {"output_len": 32},
+    result = {"config": {"output_len": 32}, "machine": {"cpus": 2, "dtype": "float32"},
               "cells": {"none@1": cell("none", 1, 1.01, 1.0), "none@16": cell("none", 16, 1.2, 1.0)},
               "sweep": [{"active_requests": 1, "classifier_ms_per_prompt": 1.0, "e2e_p50": 1.0},
                         {"active_requests": 100, "classifier_ms_per_prompt": 1.1, "e2e_p50": 1.0}]}
     md = write_report(result, tmp_path / "latency", "unlearnd bench serve --test").read_text()
     assert "`unlearnd bench serve --test`" in md
+    assert "2 cores" in md and "(float32, vLLM CPU" in md  # what ran, not a fixed string
     assert "| non-flagged e2e p50 ratio, c=1 | 1.010 | <= 1.03 | yes |" in md
     assert "| non-flagged e2e p50 ratio, c=16 | 1.200 | <= 1.03 | **no** |" in md
     assert "| classifier cost 100 vs 1 requests | 1.100 | <= 1.2 | yes |" in md

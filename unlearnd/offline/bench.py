@@ -282,7 +282,11 @@ def run_bench(plain_url: str, ours_url: str, admin_key: str | None, tofu_dir: Pa
                       1000 * (after[0] - before[0]) / count if count else float("nan"),
                       "e2e_p50": percentile([s.e2e for s in samples if s.error is None], 50)})
         log.info("sweep %d active: classifier %.2f ms/prompt", active, sweep[-1]["classifier_ms_per_prompt"])
-    return {"config": asdict(cfg), "cells": cells, "sweep": sweep, "profile": profile}
+    from unlearnd.engine.base import resolve_dtype
+
+    # Both servers resolve the same default dtype (`--dtype auto`) on this machine.
+    machine = {"cpus": os.cpu_count(), "dtype": resolve_dtype()}
+    return {"config": asdict(cfg), "machine": machine, "cells": cells, "sweep": sweep, "profile": profile}
 
 
 # -- report ---------------------------------------------------------------------------------------
@@ -315,6 +319,7 @@ def write_report(result: dict, out: Path, command: str) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=float))
     cells = result["cells"]
+    machine = result.get("machine", {})
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for cell in cells.values():
@@ -346,8 +351,9 @@ def write_report(result: dict, out: Path, command: str) -> Path:
     lines = [
         "# Latency: unlearnd vs plain vLLM", "",
         f"Command: `{command}`", "",
-        f"Machine: {platform.machine()}, {platform.processor() or 'CPU'}, 2 cores, no GPU; Python {sys.version.split()[0]}; "
-        f"model {MODEL} (bf16, vLLM CPU, enforce-eager) on both servers; output length "
+        f"Machine: {platform.machine()}, {platform.processor() or 'CPU'}, {machine.get('cpus', 'n/a')} cores, no GPU; "
+        f"Python {sys.version.split()[0]}; model {MODEL} ({machine.get('dtype', 'n/a')}, vLLM CPU, enforce-eager) on "
+        f"both servers; output length "
         f"{result['config']['output_len']} tokens (ignore_eos), greedy.", "",
         "Each cell alternates the two servers in rounds; ratios are unlearnd / plain vLLM from the same run.", "",
         "## Targets", "", "| target | measured | goal | met |", "|---|---|---|---|",
