@@ -295,6 +295,9 @@ def test_train_eco_writes_a_servable_artifact(tmp_path, tiny_model_dir, tokenize
     assert artifact.corruption.kind == "flip" and 0.0 <= artifact.corruption.sigma <= 1.0
     assert artifact.target == pytest.approx(summary["target"])
     assert artifact.tuning["modes"] == {"entity": 4, "prompt": 0}  # the entity is named in every question
+    from unlearnd.engine.base import resolve_dtype
+
+    assert artifact.tuning["preset"]["serve_dtype"] == resolve_dtype("auto")  # tuned in the server's default dtype
     assert set(artifact.fluency) >= {"fluent", "intervened", "clean", "samples"}
     hist = artifact.tuning.get("history", [])
     if hist:  # every evaluated point is recorded; the chosen sigma is the one closest to the target

@@ -325,7 +325,7 @@ def merge_results(runs: list[dict[str, Any]], renames: list[dict[str, str]] | No
                 raise ValueError(f"runs differ in {key!r}: {other.get(key)} vs {first.get(key)}")
     merged: dict[str, Any] = {**first, "methods": {}, "examples": {}, "sources": [], "notes": []}
     renames = renames or [{} for _ in runs]
-    for run, names in zip(runs, renames):
+    for run, names in zip(runs, renames, strict=True):
         unknown = set(names) - set(run.get("methods", {}))
         if unknown:
             raise ValueError(f"cannot rename {sorted(unknown)}: not methods of run {run.get('command')!r}")

@@ -34,6 +34,7 @@ from unlearnd.adapters.eco import (
     prompt_seed,
     select_rows,
 )
+from unlearnd.engine.base import resolve_dtype
 from unlearnd.offline.interventions.common import (
     Heartbeat,
     QAItem,
@@ -75,7 +76,7 @@ class ECOPreset(BaseModel):
     max_repetition: float = 0.5
     seed: int = 0
     dtype: str = "float32"
-    serve_dtype: str = "bfloat16"  # the served embedding dtype; corruption is rounded to it
+    serve_dtype: str = "auto"  # the serving engine's dtype (its --dtype; auto as the server resolves it)
     target: float | None = None
 
 
@@ -197,7 +198,9 @@ def train_eco(
 ) -> dict:
     """Tune ECO for `request`; writes `eco.json` into `artifact_dir` and returns a summary."""
     job = start_job(PRESETS, preset, request, model_path, device, overrides)
-    cfg, dev, model, tokenizer = job.cfg, job.device, job.model, job.tokenizer
+    # Corruption is rounded to the dtype the server sends embeddings in; the artifact records which.
+    cfg = job.cfg.model_copy(update={"serve_dtype": resolve_dtype(job.cfg.serve_dtype)})
+    dev, model, tokenizer = job.device, job.model, job.tokenizer
     serve_dtype = torch_dtype(cfg.serve_dtype)
     forget = qa_pairs(request.spec.forget)
     entities = list(request.spec.entities)
@@ -231,7 +234,7 @@ def train_eco(
     space = search_space(cfg, emb_std, hidden)
     tolerance = 2 * cfg.rel_tol * target
     tuning: dict = {"emb_std": emb_std, "n_tune": len(tune), "n_eval": len(eval_qas),
-                    "modes": {m: sum(p.mode == m for p in tune) for m in ("entity", "prompt")}, "attempts": []}
+                    "modes": {m: sum(p.mode == m for p in tune) for m in ("entity", "prompt")}}
 
     def search(scope: RowScope, items: list[ECOItem]) -> dict:
         """One ZO search of the strength with the rows of `scope`; returns what it found."""

@@ -43,15 +43,13 @@ def read_wrong_answers(path: Path) -> dict[str, list[str]]:
 
 
 def eco_job(request: ForgetRequest, artifact_dir: Path, ctx) -> dict:
-    from unlearnd.engine.base import resolve_dtype
     from unlearnd.offline.interventions.eco import train_eco
 
-    # Tune on embeddings rounded to the dtype the server will send them in.
-    serve_dtype = resolve_dtype(getattr(ctx, "serve_dtype", "auto"))
+    # Tune on embeddings rounded to the dtype the server will send them in (its --dtype).
     return train_eco(request, artifact_dir, ctx.model_path(), preset=default_preset(request),
                      retain_model_path=request.spec.options.get("retain_model"),
                      wrong_answers=perturbed_from_options(request), progress=False,
-                     overrides={"serve_dtype": serve_dtype})
+                     overrides={"serve_dtype": ctx.serve_dtype})
 
 
 def soft_prompt_job(request: ForgetRequest, artifact_dir: Path, ctx) -> dict:
