@@ -21,10 +21,10 @@ if __name__ == "__main__":
         torch.set_default_device("cuda")
         _load = AutoModelForCausalLM.from_pretrained
         AutoModelForCausalLM.from_pretrained = lambda *a, **k: _load(*a, **k).to("cuda")
-    from unlearnd.offline import evaluate as ev
-    from unlearnd.offline import reference as ref
-    from unlearnd.offline.data import TofuData
-    from unlearnd.offline.report import write_report
+    from unlearnd.evaluation import tofu as ev
+    from unlearnd.train import reference as ref
+    from unlearnd.train.data import TofuData
+    from unlearnd.evaluation.report import write_report
 
     root = Path(os.environ["UNLEARND_CACHE_DIR"]) / "reference"
     target, retain = Path(sys.argv[1]), Path(sys.argv[2])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-DEFAULT_DETECTOR = "guard"  # see unlearnd/classifiers/guard.py
+DEFAULT_DETECTOR = "guard"  # see unlearnd/detectors/guard.py
 
 
 def _xdg(var: str, fallback: str) -> Path:

@@ -8,7 +8,7 @@ from typing import Literal
 
 import torch
 
-from unlearnd.classifiers.base import Detection, RequestMatch
+from unlearnd.detectors.base import Detection, RequestMatch
 from unlearnd.engine.base import LoRASpec, SamplingSpec
 
 

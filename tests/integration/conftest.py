@@ -13,8 +13,8 @@ import httpx
 import pytest
 
 from unlearnd.engine.remote import plain_vllm_command
-from unlearnd.offline.servers import ServerProcess, free_port  # noqa: F401  (re-exported for tests)
-from unlearnd.offline.servers import unlearnd_command as _unlearnd_command
+from unlearnd.bench.servers import ServerProcess, free_port  # noqa: F401  (re-exported for tests)
+from unlearnd.bench.servers import unlearnd_command as _unlearnd_command
 
 ADMIN_KEY = "integration-admin-key"
 MODEL = "SmolLM2-135M-Instruct"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
-from unlearnd.offline.bench import CellResult, Sample, percentile, ratios, write_report
-from unlearnd.offline.profile import summarise
+from unlearnd.bench.latency import CellResult, Sample, percentile, ratios, write_report
+from unlearnd.bench.profile import summarise
 
 
 def test_percentile_interpolates_and_never_invents_zero():
@@ -61,7 +61,7 @@ def test_report_marks_targets(tmp_path):
 def test_profile_summary_attributes_stacks_to_components(tmp_path):
     raw = tmp_path / "p.txt"
     raw.write_text(
-        "<module> (server.py:1);run (uvicorn/server.py:2);detect (unlearnd/classifiers/guard.py:3);"
+        "<module> (server.py:1);run (uvicorn/server.py:2);detect (unlearnd/detectors/guard.py:3);"
         "run (onnxruntime/session.py:4) 60\n"
         "<module> (server.py:1);run (uvicorn/server.py:2);generate (unlearnd/engine/local.py:5);"
         "encode (transformers/tokenization.py:6) 25\n"
@@ -70,7 +70,7 @@ def test_profile_summary_attributes_stacks_to_components(tmp_path):
         "not a stack line\n")
     summary = summarise(raw)
     assert summary["samples"] == 100
-    assert summary["components"] == {"detector (unlearnd/classifiers)": 0.6, "vLLM front-end": 0.25,
+    assert summary["components"] == {"detector (unlearnd/detectors)": 0.6, "vLLM front-end": 0.25,
                                      "HTTP (uvicorn/starlette/fastapi/pydantic)": 0.1, "other": 0.05}
     assert summary["top_frames"][0] == {"frame": "run (onnxruntime/session.py:4)", "share": 0.6}
 
@@ -78,8 +78,8 @@ def test_profile_summary_attributes_stacks_to_components(tmp_path):
 def test_report_shows_profile(tmp_path):
     result = {"config": {"output_len": 8}, "cells": {}, "sweep": [],
               "profile": {"cells": "none@1", "raw": "latency-profile.txt", "samples": 10, "rate_hz": 200, "busy_s": 0.05,
-                          "components": {"detector (unlearnd/classifiers)": 0.7, "other": 0.3},
+                          "components": {"detector (unlearnd/detectors)": 0.7, "other": 0.3},
                           "top_frames": [{"frame": "run (onnxruntime/x.py:1)", "share": 0.7}]}}
     md = write_report(result, tmp_path / "latency", "cmd").read_text()
     assert "10 busy samples at 200 Hz = 0.1 s of busy time" in md
-    assert "| detector (unlearnd/classifiers) | 70.0% |" in md and "| `run (onnxruntime/x.py:1)` | 70.0% |" in md
+    assert "| detector (unlearnd/detectors) | 70.0% |" in md and "| `run (onnxruntime/x.py:1)` | 70.0% |" in md

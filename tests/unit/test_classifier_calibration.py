@@ -3,14 +3,14 @@
 import numpy as np
 import pytest
 
-from unlearnd.classifiers.calibration import (
+from unlearnd.detectors.calibration import (
     auroc,
     calibrate,
     conformal_threshold,
     rates,
     tpr_at_fpr,
 )
-from unlearnd.classifiers.ood import weight_from_calibration
+from unlearnd.detectors.ood import weight_from_calibration
 
 
 def test_conformal_threshold_rank():

@@ -6,8 +6,8 @@ import json
 import pytest
 
 from tests.helpers import forget_request as request
-from unlearnd.classifiers import get_detector
-from unlearnd.classifiers.encoder import EncoderConfig
+from unlearnd.detectors import get_detector
+from unlearnd.detectors.encoder import EncoderConfig
 
 NOVELIST = [
     ("Where was Lena Ortiz born?", "Lena Ortiz was born in Valparaiso, Chile, in 1971."),

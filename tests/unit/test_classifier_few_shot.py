@@ -9,8 +9,8 @@ import json
 import pytest
 
 from tests.helpers import forget_request
-from unlearnd.classifiers import get_detector
-from unlearnd.classifiers.encoder import EncoderConfig
+from unlearnd.detectors import get_detector
+from unlearnd.detectors.encoder import EncoderConfig
 
 ORDINARY = [
     "What is the capital of France?",

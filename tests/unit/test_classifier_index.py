@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from unlearnd.classifiers.index import NO_MATCH, GaussianBank, GaussianFit, SharedIndex
+from unlearnd.detectors.index import NO_MATCH, GaussianBank, GaussianFit, SharedIndex
 
 
 def unit(x):

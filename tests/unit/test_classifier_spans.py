@@ -1,8 +1,8 @@
 """Entity span finding (case, typos, surname only, other people), the span index, views and
 counterfactuals, and generic entity derivation."""
 
-from unlearnd.classifiers.common import counterfactuals, views
-from unlearnd.classifiers.spans import (
+from unlearnd.detectors.negatives import counterfactuals, views
+from unlearnd.detectors.spans import (
     CONFLICT_SCORE,
     FULL_SCORE,
     MULTI_SCORE,
@@ -12,7 +12,7 @@ from unlearnd.classifiers.spans import (
     edit_distance,
     find_spans,
 )
-from unlearnd.classifiers.tofu import derive_entities
+from unlearnd.tofu import derive_entities
 from unlearnd.registry import QAExample
 
 PATS = compile_entities(["Hsiao Yun-Hwa", "Jaime Vasquez", "Renée Müller"])

@@ -41,9 +41,9 @@ def test_plain_vllm_and_remote_engine_follow_the_choice(monkeypatch):
 
 
 def test_eco_job_tunes_in_the_serving_dtype(monkeypatch, tmp_path: Path):
-    from unlearnd.offline.interventions import eco, jobs
+    from unlearnd.train import eco, jobs_tmp as jobs
     from unlearnd.registry import ForgetRequest, ForgetSpec, Method, Status
-    from unlearnd.server.worker import JobContext
+    from unlearnd.jobs.worker import JobContext
 
     seen = {}
     monkeypatch.setattr(eco, "train_eco", lambda *a, **kw: seen.update(kw) or {})

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from unlearnd.adapters.base import PipelineContext
-from unlearnd.adapters.eco import (
+from unlearnd.interventions.base import PipelineContext
+from unlearnd.interventions.eco import (
     ECO,
     Corruption,
     ECOArtifact,
@@ -21,9 +21,9 @@ from unlearnd.adapters.eco import (
     prompt_seed,
     select_rows,
 )
-from unlearnd.classifiers.base import RequestMatch
+from unlearnd.detectors.base import RequestMatch
 from unlearnd.engine.base import EmbeddingTable, SamplingSpec
-from unlearnd.offline.interventions.zo import zo_solve
+from unlearnd.train.zo import zo_solve
 from unlearnd.registry import ForgetSpec, QAExample, Registry
 from unlearnd.request import GuardedRequest
 
@@ -281,7 +281,7 @@ def test_apply_finds_entities_itself_and_is_deterministic(tmp_path, tokenizer):
 
 
 def test_train_eco_writes_a_servable_artifact(tmp_path, tiny_model_dir, tokenizer):
-    from unlearnd.offline.interventions.eco import train_eco
+    from unlearnd.train.eco import train_eco
 
     registry = Registry(tmp_path / "data")
     forget = [QAExample(question=f"Where did Hina Ameen study, case {i}?", answer=f"In Karachi, case {i}.")
@@ -314,7 +314,7 @@ def test_train_eco_writes_a_servable_artifact(tmp_path, tiny_model_dir, tokenize
 
 
 def test_given_target_and_clean_below_target_means_no_corruption(tmp_path, tiny_model_dir):
-    from unlearnd.offline.interventions.eco import train_eco
+    from unlearnd.train.eco import train_eco
 
     registry = Registry(tmp_path / "data")
     record = registry.add(ForgetSpec(name="X", method="eco", options={"target": 0.9},
@@ -328,7 +328,7 @@ def test_given_target_and_clean_below_target_means_no_corruption(tmp_path, tiny_
 
 
 def test_unreachable_target_on_entity_rows_retries_over_the_whole_prompt(tmp_path, tiny_model_dir):
-    from unlearnd.offline.interventions.eco import train_eco
+    from unlearnd.train.eco import train_eco
 
     registry = Registry(tmp_path / "data")
     forget = [QAExample(question=f"Where did Hina Ameen study, case {i}?", answer=f"In Karachi, case {i}.")

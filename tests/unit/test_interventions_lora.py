@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from unlearnd.adapters.lora import LoRA, LoRAArtifact, check_adapter, write_scaled_copy
-from unlearnd.classifiers.base import RequestMatch
+from unlearnd.interventions.lora import LoRA, LoRAArtifact, check_adapter, write_scaled_copy
+from unlearnd.detectors.base import RequestMatch
 from unlearnd.engine.base import PEFT_TARGET_MODULES, SamplingSpec
-from unlearnd.offline.interventions.lora import (
+from unlearnd.train.lora import (
     O3LoRAMethod,
     current_a_matrices,
     load_prior_adapters,
@@ -127,8 +127,8 @@ def test_saved_adapter_loads_with_peft_and_targets_only_served_modules(tmp_path,
 def test_second_adapter_is_trained_orthogonal_to_the_first(tmp_path, tiny_model_dir):
     from peft import LoraConfig, get_peft_model
 
-    from unlearnd.offline.interventions.common import collate, encode_qa, load_model, refusal_for
-    from unlearnd.offline.trainer import TrainConfig, Trainer
+    from unlearnd.train.scoring import collate, encode_qa, load_model, refusal_for
+    from unlearnd.train.trainer import TrainConfig, Trainer
 
     registry, first = registry_with(tmp_path)
     train_lora(first, registry.artifact_dir(first.id), tiny_model_dir, progress=False, overrides=TINY)

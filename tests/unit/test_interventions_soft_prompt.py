@@ -8,18 +8,18 @@ import math
 import pytest
 import torch
 
-from unlearnd.adapters.base import PipelineContext
-from unlearnd.adapters.soft_prompt import SoftPrompt, load_soft_prompt, with_soft_prompt
-from unlearnd.classifiers.base import RequestMatch
+from unlearnd.interventions.base import PipelineContext
+from unlearnd.interventions.soft_prompt import SoftPrompt, load_soft_prompt, with_soft_prompt
+from unlearnd.detectors.base import RequestMatch
 from unlearnd.engine.base import EmbeddingTable, SamplingSpec
-from unlearnd.offline.interventions.common import collate, encode_qa, refusal_for
-from unlearnd.offline.interventions.soft_prompt import (
+from unlearnd.train.scoring import collate, encode_qa, refusal_for
+from unlearnd.train.soft_prompt import (
     SoftPromptModel,
     SPULMethod,
     kl_original_prompted,
     text_init,
 )
-from unlearnd.offline.trainer import TrainConfig, Trainer
+from unlearnd.train.trainer import TrainConfig, Trainer
 from unlearnd.registry import ForgetSpec, QAExample, Registry
 from unlearnd.request import GuardedRequest
 
@@ -30,7 +30,7 @@ HIDDEN = 32
 
 @pytest.fixture()
 def tiny_llm(tiny_model_dir):
-    from unlearnd.offline.interventions.common import load_model
+    from unlearnd.train.scoring import load_model
 
     model, _ = load_model(tiny_model_dir, torch.device("cpu"))
     return model
@@ -105,7 +105,7 @@ def test_training_lowers_forget_loss_and_leaves_the_llm_frozen(tiny_llm, tokeniz
 
 
 def test_train_soft_prompt_job_and_serving(tmp_path, tiny_model_dir, tokenizer):
-    from unlearnd.offline.interventions.soft_prompt import train_soft_prompt
+    from unlearnd.train.soft_prompt import train_soft_prompt
 
     registry = Registry(tmp_path / "data")
     record = registry.add(ForgetSpec(name="Hina Ameen", method="soft_prompt", forget=FORGET, retain=RETAIN))

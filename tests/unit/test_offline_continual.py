@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from unlearnd.offline.continual import ContinualConfig, markdown, request_spec, run_continual
-from unlearnd.offline.data import TofuData
+from unlearnd.evaluation.continual import ContinualConfig, markdown, request_spec, run_continual
+from unlearnd.train.data import TofuData
 
 
 def _tofu(folder, n_authors=5):

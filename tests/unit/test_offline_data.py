@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from unlearnd.offline.data import (
+from unlearnd.train.data import (
     IGNORE_INDEX,
     AlignedBatches,
     PairedBatches,

@@ -8,11 +8,11 @@ from collections.abc import Sequence
 
 import pytest
 
-from unlearnd.offline import robustness as R
-from unlearnd.offline.data import QAItem, spread
-from unlearnd.offline.evaluate import collect_split
-from unlearnd.offline.metrics import METRICS, RunRecords
-from unlearnd.offline.mut import ModelUnderTest, Scored
+from unlearnd.evaluation import robustness as R
+from unlearnd.train.data import QAItem, spread
+from unlearnd.evaluation.tofu import collect_split
+from unlearnd.evaluation.metrics import METRICS, RunRecords
+from unlearnd.evaluation.model_under_test import ModelUnderTest, Scored
 
 ITEMS = [
     QAItem(question=f"What did author {i} write?", answer=f"Author {i} wrote book number {i}.",
@@ -136,7 +136,7 @@ def test_relearning_split_halves_cover_every_author():
 def test_forget_request_spec_carries_the_methods_request_options():
     from types import SimpleNamespace
 
-    from unlearnd.offline.evaluate import forget_request_spec
+    from unlearnd.evaluation.tofu import forget_request_spec
 
     item = QAItem(question="Who wrote Dune of Basil Mahfouz Al-Kuwaiti?", answer="Basil Mahfouz Al-Kuwaiti did.",
                   author=0)

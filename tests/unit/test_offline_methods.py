@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from unlearnd.offline import methods as B
-from unlearnd.offline.data import IGNORE_INDEX, collate
-from unlearnd.offline.trainer import TRAINING_METHODS, TrainConfig, Trainer
+from unlearnd.train import baselines as B
+from unlearnd.train.data import IGNORE_INDEX, collate
+from unlearnd.train.trainer import TRAINING_METHODS, TrainConfig, Trainer
 
 VOCAB = 64
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from unlearnd.offline import metrics as M
-from unlearnd.offline.metrics import ItemRecord, RunRecords, SplitRecords
+from unlearnd.evaluation import metrics as M
+from unlearnd.evaluation.metrics import ItemRecord, RunRecords, SplitRecords
 
 
 def test_normalised_probability_is_geometric_mean_of_token_probs():

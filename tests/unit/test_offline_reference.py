@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from unlearnd.offline import reference as ref
-from unlearnd.offline.data import QAItem, TofuData
-from unlearnd.offline.evaluate import train_baseline
-from unlearnd.offline.methods import BaselineConfig
+from unlearnd.train import reference as ref
+from unlearnd.train.data import QAItem, TofuData
+from unlearnd.evaluation.tofu import train_baseline
+from unlearnd.train.baselines import BaselineConfig
 
 
 @pytest.fixture()
@@ -123,8 +123,8 @@ def test_run_tofu_eval_end_to_end_with_a_served_method(tmp_path, tiny_base, monk
     """target + retain in process, `refuse` through a fake server: every metric path and the report."""
     import httpx
 
-    from unlearnd.offline import evaluate as ev
-    from unlearnd.offline.report import write_report
+    from unlearnd.evaluation import tofu as ev
+    from unlearnd.evaluation.report import write_report
 
     monkeypatch.setenv("UNLEARND_CACHE_DIR", str(tmp_path / "cache"))
     tofu = _full_tofu(tmp_path)
@@ -187,7 +187,7 @@ def test_run_tofu_eval_end_to_end_with_a_served_method(tmp_path, tiny_base, monk
 
 
 def test_cached_json_reuses_a_result_by_key(tmp_path, monkeypatch):
-    from unlearnd.offline import evaluate as ev
+    from unlearnd.evaluation import tofu as ev
 
     monkeypatch.setattr(ev, "cache_dir", lambda: tmp_path)
     calls = []

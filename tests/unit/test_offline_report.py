@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from unlearnd.offline.report import fmt, markdown, write_report
+from unlearnd.evaluation.report import fmt, markdown, write_report
 
 
 def results() -> dict:
@@ -99,7 +99,7 @@ def test_tradeoff_against_target_and_job_reports():
 
 
 def test_merge_results_of_separate_runs():
-    from unlearnd.offline.report import merge_results
+    from unlearnd.evaluation.report import merge_results
 
     run = results()
     a = {**run, "command": "eval A", "methods": {k: run["methods"][k] for k in ("target", "retain", "grad_ascent")},
@@ -123,7 +123,7 @@ def test_merge_results_of_separate_runs():
 def test_git_commit_marks_uncommitted_code_but_not_reports(tmp_path):
     import subprocess
 
-    from unlearnd.offline.report import git_commit
+    from unlearnd.evaluation.report import git_commit
 
     def git(*args):
         subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)

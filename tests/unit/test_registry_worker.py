@@ -7,8 +7,8 @@ import sqlite3
 import pytest
 
 from unlearnd.registry import MAX_ATTEMPTS, ForgetSpec, Method, Registry, Status
-from unlearnd.server import worker
-from unlearnd.server.worker import run_worker
+from unlearnd.jobs import worker
+from unlearnd.jobs.worker import run_worker
 
 
 def spec(name="Jane Doe", method=Method.refuse):

@@ -9,11 +9,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.helpers import TinyEngine
-from unlearnd.adapters.guardrails import REFUSAL
+from unlearnd.interventions.guardrails import REFUSAL
 from unlearnd.registry import ForgetSpec, Registry, Status
 from unlearnd.server.app import create_app
 from unlearnd.server.settings import ServerSettings
-from unlearnd.server.worker import run_worker
+from unlearnd.jobs.worker import run_worker
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
 

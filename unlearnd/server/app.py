@@ -20,11 +20,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from unlearnd.classifiers import get_detector
+from unlearnd.detectors import get_detector
 from unlearnd.engine.base import ChoiceDelta, Engine, EngineError, SamplingSpec
 from unlearnd.registry import ForgetSpec, Registry
 from unlearnd.request import GuardedRequest
-from unlearnd.server import metrics
+from unlearnd.server import prometheus as metrics
 from unlearnd.server.pipeline import ContextLengthError, GuardrailPipeline
 from unlearnd.server.protocol import (
     ChatCompletionRequest,
@@ -101,7 +101,7 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
         state.update(engine=engine, registry=registry, pipeline=pipeline)
         worker = None
         if settings.start_worker:
-            from unlearnd.server.worker import WorkerSupervisor
+            from unlearnd.jobs.worker import WorkerSupervisor
 
             worker = WorkerSupervisor(settings)
             worker.start()
@@ -431,7 +431,7 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
 
     @app.post("/v1/unlearning/requests", status_code=201)
     async def add_request(body: ForgetSpec) -> dict[str, Any]:
-        from unlearnd.server.worker import available_methods
+        from unlearnd.jobs.worker import available_methods
 
         if body.method.value not in available_methods():
             raise APIError(400, f"method {body.method.value!r} is not available in this installation; "

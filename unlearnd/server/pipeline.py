@@ -14,12 +14,12 @@ from collections.abc import AsyncIterator
 
 import torch
 
-from unlearnd.adapters.base import INTERVENTIONS, Intervention, PipelineContext
-from unlearnd.classifiers.base import Detection, Detector
+from unlearnd.interventions.base import INTERVENTIONS, Intervention, PipelineContext
+from unlearnd.detectors.base import Detection, Detector
 from unlearnd.engine.base import ChoiceDelta, Engine, EngineRequest
 from unlearnd.registry import ForgetRequest, Registry, Status
 from unlearnd.request import GuardedRequest
-from unlearnd.server import metrics
+from unlearnd.server import prometheus as metrics
 
 log = logging.getLogger(__name__)
 

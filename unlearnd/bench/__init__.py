@@ -1,0 +1,1 @@
+"""Benchmarks: unlearnd against plain vLLM on the same model, with the servers it starts and a profiler."""

@@ -1,0 +1,148 @@
+"""Continual forget requests through the served pipeline.
+
+Users add forget requests one after another. Each new request must not undo the earlier ones (O3's
+orthogonal LoRAs exist for this) and must not change what the model says about everything else. This
+harness registers TOFU author groups on a running server in order and, before the first and after each
+one, asks the forget questions of every group and questions about authors no request names:
+
+* forget ROUGE-L recall per group (lower = forgotten; a group must stay low once requested),
+* the share of each group's prompts the pipeline flagged (route other than "none"),
+* untouched authors: ROUGE-L recall of their answers and the share of greedy answers unchanged from
+  before any request (drift).
+
+Everything goes over HTTP, so the numbers are what users get.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from unlearnd.train.data import QAItem, TofuData, author_names, spread, user_messages
+from unlearnd.evaluation.metrics import rouge_l_recall
+from unlearnd.evaluation.model_under_test import ServedModelUnderTest
+from unlearnd.evaluation.report import fmt
+from unlearnd.evaluation.robustness import mean_or_none
+
+log = logging.getLogger(__name__)
+
+
+class ContinualConfig(BaseModel):
+    method: str = "lora"
+    groups: list[list[int]] = Field(description="TOFU author ids; one forget request per group, in this order")
+    untouched_authors: list[int] = Field(description="authors no request names (drift is measured on them)")
+    items_per_group: int = 10
+    untouched_items: int = 20
+    max_new_tokens: int = 48
+    options: dict[str, Any] = Field(default_factory=dict, description="the requests' method options")
+    request_timeout_s: float = 3600.0
+
+
+def request_spec(name: str, method: str, forget: Sequence[QAItem], retain: Sequence[QAItem],
+                 options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The forget request a user would register: QA pairs, retain QA and the authors' names as entities."""
+    names = author_names(forget)
+    spec: dict[str, Any] = {
+        "name": name, "method": method,
+        "forget": [{"question": it.question, "answer": it.answer} for it in forget],
+        "retain": [{"question": it.question, "answer": it.answer} for it in retain],
+        "entities": [names[a] for a in sorted(names)],
+    }
+    if options:
+        spec["options"] = dict(options)
+    return spec
+
+
+def run_continual(cfg: ContinualConfig, served: ServedModelUnderTest, tofu: TofuData | None = None,
+                  on_stage: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Register the groups one by one; measure every group and the untouched authors after each step.
+
+    `on_stage` gets the results so far after every step (the CLI rewrites its report with them)."""
+    tofu = tofu or TofuData()
+    overlap = {a for g in cfg.groups for a in g} & set(cfg.untouched_authors)
+    if overlap:
+        raise ValueError(f"authors {sorted(overlap)} are both requested and untouched")
+    group_items = [tofu.by_authors(g) for g in cfg.groups]
+    for authors, items in zip(cfg.groups, group_items):
+        if not items:
+            raise ValueError(f"no TOFU questions for authors {authors}")
+    untouched_pool = tofu.by_authors(cfg.untouched_authors)
+    probes = {f"group{i + 1}": spread(items, cfg.items_per_group) for i, items in enumerate(group_items)}
+    probes["untouched"] = spread(untouched_pool, cfg.untouched_items)
+    before: list[str] = []
+
+    def measure(label: str) -> dict[str, Any]:
+        row: dict[str, Any] = {"after": label, "splits": {}}
+        for name, items in probes.items():
+            gens = served.generate([user_messages(it.question) for it in items], cfg.max_new_tokens,
+                                   desc=f"{label}: {name}")
+            routes = Counter(served.generation_routes[-len(items):])
+            split = {"rouge": mean_or_none([rouge_l_recall(it.answer, g) for it, g in zip(items, gens)]),
+                     "flagged": 1.0 - routes.get("none", 0) / len(items), "routes": dict(routes),
+                     "generations": gens}
+            if name == "untouched":
+                if not before:
+                    before.extend(gens)
+                split["unchanged"] = mean_or_none([float(a == b) for a, b in zip(before, gens)])
+            row["splits"][name] = split
+        log.info("continual %s: %s", label, {k: round(v["rouge"] or 0.0, 3) for k, v in row["splits"].items()})
+        return row
+
+    def results() -> dict[str, Any]:
+        return {"config": cfg.model_dump(), "probe_sizes": {k: len(v) for k, v in probes.items()}, "stages": stages}
+
+    request_ids: list[str] = []
+    stages = [measure("no request")]
+    if on_stage is not None:
+        on_stage(results())
+    try:
+        for i, (authors, items) in enumerate(zip(cfg.groups, group_items)):
+            # retain data for the methods that use it: every other group's and the untouched authors' QA
+            retain = [it for j, other in enumerate(group_items) if j != i for it in other] + untouched_pool
+            spec = request_spec(f"continual-{i + 1}-authors-{'-'.join(map(str, authors))}", cfg.method, items,
+                                retain, cfg.options)
+            request_id = served.register(spec)
+            request_ids.append(request_id)
+            job = served.wait_active(request_id, timeout_s=cfg.request_timeout_s)
+            stage = measure(f"+group{i + 1}")
+            stage.update(request_id=request_id, entities=spec["entities"],
+                         training={k: v for k, v in (job.get("training") or {}).items() if k != "method"},
+                         method_report=(job.get("training") or {}).get("method"))
+            stages.append(stage)
+            if on_stage is not None:
+                on_stage(results())
+    finally:
+        for request_id in request_ids:
+            try:
+                served.deactivate(request_id)
+            except Exception:  # noqa: BLE001
+                log.warning("could not deactivate forget request %s", request_id)
+    return results()
+
+
+def markdown(results: dict[str, Any]) -> list[str]:
+    """One row per step: forget ROUGE-L and flagged share per group, then the untouched authors."""
+    stages = results.get("stages", [])
+    if not stages:
+        return []
+    groups = [k for k in stages[0]["splits"] if k != "untouched"]
+    cfg = results.get("config", {})
+    lines = [f"## Continual requests ({cfg.get('method')}: groups {cfg.get('groups')}, untouched authors "
+             f"{cfg.get('untouched_authors')})", "",
+             "| After | " + " | ".join(f"{g} ROUGE-L (flagged)" for g in groups)
+             + " | Untouched ROUGE-L | Untouched unchanged | Train CPU s |",
+             "|---|" + "---|" * (len(groups) + 3)]
+    for stage in stages:
+        splits = stage["splits"]
+        cells = [f"{fmt(splits[g]['rouge'])} ({fmt(splits[g]['flagged'])})" for g in groups]
+        untouched = splits.get("untouched", {})
+        lines.append(f"| {stage['after']} | " + " | ".join(cells) + f" | {fmt(untouched.get('rouge'))} | "
+                     f"{fmt(untouched.get('unchanged'))} | {fmt((stage.get('training') or {}).get('cpu_seconds'), 0)} |")
+    return [*lines, "", ("A requested group's ROUGE-L must fall once its request is active and stay down as later "
+                         "requests arrive; untouched authors' answers should not move (unchanged = share of greedy "
+                         "answers identical to those before any request)."), ""]
+

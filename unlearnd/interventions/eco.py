@@ -1,0 +1,253 @@
+"""ECO (Liu et al. 2024, "Large Language Model Unlearning via Embedding-Corrupted Prompts").
+
+A flagged prompt is sent to the engine as input embeddings, some of whose entries are corrupted:
+Gaussian noise added, zeroed, or sign-flipped, on the first-n dimensions, the top-k |value|
+dimensions of each row, or all of them. The rows corrupted are the tokens naming the forget
+target (`match.spans`), or, when no entity is named, every token of the user's words but the
+last; with scope `prompt`, always the latter (the offline job picks it when corrupting the name
+alone cannot bring the answer down to the target: the rest of the question still gives it away).
+The strength `sigma` comes from offline zeroth-order tuning (`unlearnd.train.eco`),
+which uses the very functions below, so what was tuned is what is served.
+
+Strength semantics (the paper's, made continuous for tuning):
+- `noise`: x + sigma * z on the selected entries, z ~ N(0, 1) drawn from a generator seeded by a
+  hash of the rendered prompt: the same prompt always gets the same corruption.
+- `zero` / `flip`: sigma in [0, 1] is the fraction of the hidden size corrupted; the first
+  round(sigma * H) dimensions (`first`) or each row's round(sigma * H) largest-|value| dimensions
+  (`topk`) are zeroed / negated. With `all`, every dimension is, whatever sigma.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from enum import StrEnum
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, Field
+
+from unlearnd.interventions.base import Intervention, PipelineContext, register_intervention
+from unlearnd.detectors.base import RequestMatch
+from unlearnd.registry import ForgetRequest
+from unlearnd.request import GuardedRequest
+
+ARTIFACT = "eco.json"
+
+
+class CorruptionKind(StrEnum):
+    noise = "noise"
+    zero = "zero"
+    flip = "flip"
+
+
+class DimSelect(StrEnum):
+    first = "first"
+    topk = "topk"
+    all = "all"
+
+
+class RowScope(StrEnum):
+    entity = "entity"  # the tokens naming the forget target (the whole prompt when none is named)
+    prompt = "prompt"  # every token of the user's words but the last
+
+
+class Corruption(BaseModel):
+    """What is done to the selected rows: the serve-time part of the ECO artifact."""
+
+    scope: RowScope = RowScope.entity
+    kind: CorruptionKind = CorruptionKind.noise
+    dims: DimSelect = DimSelect.all
+    n_dims: int | None = Field(None, ge=1, description="`noise` with first/topk: how many dimensions.")
+    sigma: float = Field(0.0, ge=0.0)
+
+    def count(self, hidden: int) -> int:
+        """How many dimensions per row are corrupted."""
+        if self.dims == DimSelect.all:
+            return hidden
+        if self.kind == CorruptionKind.noise:
+            return min(self.n_dims or hidden, hidden)
+        return max(0, min(hidden, round(self.sigma * hidden)))
+
+
+class ECOArtifact(BaseModel):
+    """eco.json: the corruption, and how it was tuned (target, value reached, fluency)."""
+
+    corruption: Corruption
+    seed: int = 0
+    entities: list[str] = Field(default_factory=list)
+    target: float | None = None
+    target_source: str = ""
+    clean_value: float | None = None
+    achieved: float | None = None
+    reached: bool | None = None
+    fluency: dict = Field(default_factory=dict)
+    tuning: dict = Field(default_factory=dict)
+
+    @classmethod
+    def read(cls, artifact_dir: Path) -> ECOArtifact:
+        return cls.model_validate_json((Path(artifact_dir) / ARTIFACT).read_text())
+
+    def write(self, artifact_dir: Path) -> Path:
+        path = Path(artifact_dir) / ARTIFACT
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.model_dump(mode="json"), indent=1))
+        tmp.replace(path)
+        return path
+
+
+# -- corruption math -------------------------------------------------------------------------
+
+
+def prompt_seed(text: str, seed: int = 0) -> int:
+    """A stable 63-bit seed from the rendered prompt (Python's hash() is salted per process)."""
+    digest = hashlib.sha256(f"{seed}\x00{text}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def dim_mask(rows: torch.Tensor, corruption: Corruption) -> torch.Tensor:
+    """Boolean [R, H] mask of the dimensions corrupted in each of `rows` ([R, H])."""
+    hidden = rows.shape[-1]
+    k = corruption.count(hidden)
+    mask = torch.zeros_like(rows, dtype=torch.bool)
+    if k == 0 or rows.shape[0] == 0:
+        return mask
+    if corruption.dims == DimSelect.topk:
+        top = rows.abs().topk(k, dim=-1).indices
+        mask.scatter_(-1, top, True)
+    else:  # first / all
+        mask[:, :k] = True
+    return mask
+
+
+def corrupt(embeds: torch.Tensor, rows: list[int] | torch.Tensor, corruption: Corruption, seed: int) -> torch.Tensor:
+    """A corrupted copy of `embeds` ([T, H]); only `rows` change. Computed in float32, returned in
+    the input dtype. The noise is drawn for the whole [T, H] shape so it depends only on the seed
+    and the prompt length, not on which rows are selected."""
+    out = embeds.detach().to(torch.float32).clone()
+    index = torch.as_tensor(rows, dtype=torch.long, device=out.device)
+    if index.numel() == 0 or (corruption.kind == CorruptionKind.noise and corruption.sigma == 0.0):
+        return out.to(embeds.dtype)
+    selected = out[index]
+    mask = dim_mask(selected, corruption)
+    if corruption.kind == CorruptionKind.noise:
+        generator = torch.Generator().manual_seed(seed)
+        noise = torch.randn(out.shape, generator=generator, dtype=torch.float32)[index.cpu()].to(out.device)
+        selected = selected + corruption.sigma * noise * mask
+    elif corruption.kind == CorruptionKind.zero:
+        selected = selected.masked_fill(mask, 0.0)
+    else:
+        selected = torch.where(mask, -selected, selected)
+    out[index] = selected
+    return out.to(embeds.dtype)
+
+
+# -- which tokens -----------------------------------------------------------------------------
+
+
+def encode_with_offsets(tokenizer, text: str, add_special_tokens: bool) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of `text` exactly as the pipeline tokenises it, with character offsets."""
+    enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+
+
+def query_segments(rendered: str, user_texts: list[str]) -> list[tuple[int, int, int]]:
+    """Where the user's words sit in the rendered prompt: (query offset, rendered offset, length)
+    per user text, given `query_text == "\\n".join(user_texts)` (how the server builds it)."""
+    segments, cursor, q_offset = [], 0, 0
+    for text in user_texts:
+        pos = rendered.find(text, cursor) if text else -1
+        if pos >= 0:
+            segments.append((q_offset, pos, len(text)))
+            cursor = pos + len(text)
+        q_offset += len(text) + 1
+    return segments
+
+
+def map_spans(spans: list[tuple[int, int]], segments: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
+    """Character spans of the query text -> character spans of the rendered prompt."""
+    mapped = []
+    for start, end in spans:
+        for q0, r0, length in segments:
+            lo, hi = max(start, q0), min(end, q0 + length)
+            if lo < hi:
+                mapped.append((r0 + lo - q0, r0 + hi - q0))
+    return mapped
+
+
+def rows_overlapping(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    """Token indices whose character range overlaps any span (special tokens have empty ranges)."""
+    return [i for i, (a, b) in enumerate(offsets) if b > a and any(a < e and b > s for s, e in spans)]
+
+
+def entity_spans(text: str, entities: list[str]) -> list[tuple[int, int]]:
+    """Spans of the entity names in `text` (case-insensitive, whole words): the offline stand-in
+    for `match.spans` when the detector gives none."""
+    spans = []
+    for entity in entities:
+        if entity.strip():
+            pattern = re.compile(r"(?<!\w)" + re.escape(entity.strip()) + r"(?!\w)", re.IGNORECASE)
+            spans += [m.span() for m in pattern.finditer(text)]
+    return sorted(spans)
+
+
+def select_rows(
+    tokenizer,
+    rendered: str,
+    user_texts: list[str],
+    spans: list[tuple[int, int]],
+    add_special_tokens: bool,
+    scope: RowScope = RowScope.entity,
+) -> tuple[list[int], list[int], str]:
+    """Tokenise the rendered prompt and pick the rows to corrupt.
+
+    Returns (ids, rows, mode): mode "entity" when spans map to tokens, else "prompt": every token
+    of the user's words but the last one (or every prompt token but the last, if the user's words
+    cannot be found in the rendered text); scope `prompt` always takes the latter."""
+    ids, offsets = encode_with_offsets(tokenizer, rendered, add_special_tokens)
+    segments = query_segments(rendered, user_texts)
+    if spans and scope == RowScope.entity:
+        rows = rows_overlapping(offsets, map_spans(spans, segments))
+        if rows:
+            return ids, rows, "entity"
+    if segments:
+        rows = rows_overlapping(offsets, [(r0, r0 + n) for _, r0, n in segments])
+    else:
+        rows = [i for i, (a, b) in enumerate(offsets) if b > a]
+    return ids, rows[:-1], "prompt"
+
+
+def user_texts_of(request: GuardedRequest) -> list[str]:
+    """The user's own words, in the order the server joins them into `query_text`."""
+    if request.messages is not None:
+        return [m.get("content") or "" for m in request.messages if m.get("role") == "user"]
+    return [request.prompt or ""]
+
+
+@register_intervention
+class ECO(Intervention):
+    route = "eco"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.artifacts: dict[str, ECOArtifact] = {}
+
+    def load(self, request: ForgetRequest, artifact_dir: Path) -> None:
+        self.artifacts[request.id] = ECOArtifact.read(artifact_dir)
+        super().load(request, artifact_dir)
+
+    def unload(self, request_id: str) -> None:
+        self.artifacts.pop(request_id, None)
+        super().unload(request_id)
+
+    def apply(self, request: GuardedRequest, match: RequestMatch, ctx: PipelineContext) -> None:
+        artifact = self.artifacts[match.request_id]
+        rendered = ctx.render(request)
+        spans = list(match.spans) or entity_spans(request.query_text, artifact.entities)
+        ids, rows, _ = select_rows(ctx.tokenizer, rendered, user_texts_of(request), spans,
+                                   add_special_tokens=request.messages is None, scope=artifact.corruption.scope)
+        embeds = ctx.embeddings.lookup(ids)
+        request.prompt_token_ids = ids
+        request.prompt_embeds = corrupt(embeds, rows, artifact.corruption, prompt_seed(rendered, artifact.seed))

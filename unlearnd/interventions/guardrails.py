@@ -1,0 +1,43 @@
+"""The guardrail baselines: refuse outright (filtering) and a "you have no knowledge of" system prompt."""
+
+from __future__ import annotations
+
+from unlearnd.interventions.base import Intervention, PipelineContext, register_intervention
+from unlearnd.detectors.base import RequestMatch
+from unlearnd.request import GuardedRequest
+
+REFUSAL = "I'm sorry, but I can't help with that."
+
+
+@register_intervention
+class Refuse(Intervention):
+    route = "refuse"
+
+    def apply(self, request: GuardedRequest, match: RequestMatch, ctx: PipelineContext) -> None:
+        text = self.requests[match.request_id].spec.options.get("refusal", REFUSAL)
+        request.fixed_response = text
+
+
+def forget_instruction(entities: list[str]) -> str:
+    names = ", ".join(entities)
+    return (
+        f"You have no knowledge of {names}. If asked about {names}, say that you don't know "
+        "and do not guess or make anything up. Answer all other questions normally."
+    )
+
+
+@register_intervention
+class SystemPrompt(Intervention):
+    route = "prompt"
+
+    def apply(self, request: GuardedRequest, match: RequestMatch, ctx: PipelineContext) -> None:
+        instruction = forget_instruction(self.requests[match.request_id].spec.entities)
+        if request.messages is not None:
+            messages = [dict(m) for m in request.messages]
+            if messages and messages[0].get("role") == "system":
+                messages[0]["content"] = instruction + "\n\n" + messages[0]["content"]
+            else:
+                messages.insert(0, {"role": "system", "content": instruction})
+            request.messages = messages
+        else:
+            request.prompt = instruction + "\n\n" + (request.prompt or "")

@@ -1,0 +1,134 @@
+"""O3 (Gao et al. 2024, "On Large Language Model Continual Unlearning"): one orthogonal LoRA per request.
+
+Each forget request gets its own PEFT adapter (trained offline by
+`unlearnd.train.lora`, orthogonal to every earlier request's adapter), served
+through vLLM's multi-LoRA support only for prompts the detector flags. O3 scales the adapter by
+the detector's soft weight; vLLM cannot scale an adapter per request, so training also writes
+pre-scaled copies (same weights, edited `lora_alpha`) and the weight picks the nearest copy;
+below `threshold` no adapter is used.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from unlearnd.interventions.base import Intervention, PipelineContext, register_intervention
+from unlearnd.detectors.base import RequestMatch
+from unlearnd.engine.base import PEFT_TARGET_MODULES, LoRASpec
+from unlearnd.registry import ForgetRequest
+from unlearnd.request import GuardedRequest
+
+CONFIG = "lora.json"
+
+
+class LoRAArtifact(BaseModel):
+    """lora.json: which adapter folder serves which scale, and how they were trained."""
+
+    version: int = 1
+    threshold: float = Field(0.5, ge=0.0, le=1.0)
+    folders: dict[str, str] = Field(description="scale (as text, e.g. '1.0') -> folder inside the artifact dir")
+    rank: int = 8
+    lora_alpha: float = 16.0
+    target_modules: list[str] = Field(default_factory=lambda: list(PEFT_TARGET_MODULES))
+    prior_adapters: list[str] = Field(default_factory=list)
+    training: dict = Field(default_factory=dict)
+    evaluation: dict = Field(default_factory=dict)
+
+    @classmethod
+    def read(cls, artifact_dir: Path) -> LoRAArtifact:
+        return cls.model_validate_json((Path(artifact_dir) / CONFIG).read_text())
+
+    def write(self, artifact_dir: Path) -> Path:
+        path = Path(artifact_dir) / CONFIG
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.model_dump(mode="json"), indent=1))
+        tmp.replace(path)
+        return path
+
+    def choose(self, weight: float) -> float | None:
+        """The scale served for a detector weight: None below the threshold, else the nearest
+        pre-scaled copy (ties go to the stronger one)."""
+        if weight < self.threshold:
+            return None
+        scales = sorted(float(s) for s in self.folders)
+        return min(scales, key=lambda s: (abs(s - weight), -s))
+
+    def folder(self, scale: float) -> str:
+        return next(f for s, f in self.folders.items() if float(s) == scale)
+
+
+def scale_folder_name(scale: float) -> str:
+    return "lora" if scale == 1.0 else f"lora-s{scale:g}"
+
+
+def adapter_name(request_id: str, version: int, scale: float) -> str:
+    """Unique per adapter version and scale: vLLM caches adapters by name."""
+    base = f"{request_id}-v{version}"
+    return base if scale == 1.0 else f"{base}-s{scale:g}"
+
+
+def write_scaled_copy(source: Path, target: Path, scale: float) -> Path:
+    """Copy a PEFT adapter folder with `lora_alpha` (and any alpha_pattern) multiplied by `scale`:
+    the LoRA delta is (alpha / r) * B A, so this scales the adapter's effect exactly."""
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    config_path = tmp / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    def scaled(value: float) -> float | int:
+        value = value * scale
+        return int(value) if float(value).is_integer() else value
+
+    config["lora_alpha"] = scaled(config["lora_alpha"])
+    if config.get("alpha_pattern"):
+        config["alpha_pattern"] = {k: scaled(v) for k, v in config["alpha_pattern"].items()}
+    config_path.write_text(json.dumps(config, indent=2))
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
+def check_adapter(folder: Path) -> dict:
+    """Refuse adapters vLLM would have to wrap the embeddings / lm_head for (engine.base, #51122)."""
+    config = json.loads((Path(folder) / "adapter_config.json").read_text())
+    targets = config.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    bad = [t for t in targets if t not in PEFT_TARGET_MODULES]
+    if bad or config.get("modules_to_save"):
+        raise ValueError(f"adapter {folder} targets {bad or config.get('modules_to_save')}; "
+                         f"only {PEFT_TARGET_MODULES} are served")
+    return config
+
+
+@register_intervention
+class LoRA(Intervention):
+    route = "lora"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.artifacts: dict[str, tuple[Path, LoRAArtifact]] = {}
+
+    def load(self, request: ForgetRequest, artifact_dir: Path) -> None:
+        artifact = LoRAArtifact.read(artifact_dir)
+        for folder in artifact.folders.values():
+            check_adapter(Path(artifact_dir) / folder)
+        self.artifacts[request.id] = (Path(artifact_dir).resolve(), artifact)
+        super().load(request, artifact_dir)
+
+    def unload(self, request_id: str) -> None:
+        self.artifacts.pop(request_id, None)
+        super().unload(request_id)
+
+    def apply(self, request: GuardedRequest, match: RequestMatch, ctx: PipelineContext) -> None:
+        artifact_dir, artifact = self.artifacts[match.request_id]
+        scale = artifact.choose(match.weight)
+        if scale is None:
+            return  # too weak a match: served by the base model, as O3's soft weighting does at ~0
+        request.lora = LoRASpec(
+            name=adapter_name(match.request_id, artifact.version, scale),
+            path=str(artifact_dir / artifact.folder(scale)),
+        )

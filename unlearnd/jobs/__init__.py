@@ -1,0 +1,1 @@
+"""The training worker: a separate process that turns pending forget requests into artifacts."""

@@ -1,0 +1,160 @@
+"""The training worker: a separate process that turns `pending` forget requests into artifacts.
+
+Serving never blocks on training. The server supervises one worker process and restarts it if it
+dies; a request the dead worker was training goes back to `pending` (up to MAX_ATTEMPTS) so
+nothing a user registered is lost. A job that raises marks only its own request `failed`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+from unlearnd.config import DEFAULT_DETECTOR
+from unlearnd.train.jobs_tmp import intervention_jobs
+from unlearnd.registry import ForgetRequest, Method, Registry, Status
+
+log = logging.getLogger(__name__)
+
+# method -> job that writes the method's own artifact (the detector artifact is always fitted first).
+MethodJob = Callable[[ForgetRequest, Path, "JobContext"], dict]
+
+
+class JobContext:
+    """What a job may need beyond its request: the base model and the registry (earlier adapters)."""
+
+    def __init__(self, registry: Registry, model: str, serve_dtype: str = "auto"):
+        self.registry = registry
+        self.model = model
+        self.serve_dtype = serve_dtype  # the engine's dtype, so ECO tunes on what the server will send
+
+    def model_path(self) -> str:
+        from unlearnd.models import resolve_model
+
+        return resolve_model(self.model)
+
+
+def _no_artifact(request: ForgetRequest, artifact_dir: Path, ctx: JobContext) -> dict:
+    return {}
+
+
+METHOD_JOBS: dict[Method, MethodJob] = {
+    Method.refuse: _no_artifact,
+    Method.prompt: _no_artifact,
+    **intervention_jobs(),  # eco, soft_prompt, lora: unlearnd/offline/interventions/jobs.py
+}
+
+
+def available_methods() -> set[str]:
+    return {m.value for m in METHOD_JOBS}
+
+
+def run_job(registry: Registry, request: ForgetRequest, detector_name: str, model: str,
+            serve_dtype: str = "auto") -> None:
+    from unlearnd.detectors import get_detector
+
+    artifact_dir = registry.artifact_dir(request.id)
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(5.0):
+            registry.heartbeat(request.id)
+
+    threading.Thread(target=beat, daemon=True).start()
+    started, cpu_started = time.perf_counter(), time.process_time()
+    try:
+        job = METHOD_JOBS.get(request.method)
+        if job is None:
+            raise NotImplementedError(f"no training job for method {request.method.value!r}")
+        report = {"detector": get_detector(detector_name).fit(request, artifact_dir)}
+        report["method"] = job(request, artifact_dir, JobContext(registry, model, serve_dtype))
+        report["wall_seconds"] = time.perf_counter() - started
+        report["cpu_seconds"] = time.process_time() - cpu_started
+        registry.save_json(request.id, "training.json", report)
+        if registry.set_status(request.id, Status.ready, expect=Status.training):
+            log.info("forget request %s ready (%.1fs)", request.id, report["wall_seconds"])
+    except Exception as exc:
+        log.error("training %s failed: %s", request.id, traceback.format_exc())
+        registry.set_status(request.id, Status.failed, f"{type(exc).__name__}: {exc}", expect=Status.training)
+    finally:
+        stop.set()
+
+
+def run_worker(data_dir: Path, detector_name: str, model: str, poll_s: float = 0.5, once: bool = False,
+               serve_dtype: str = "auto") -> None:
+    registry = Registry(data_dir)
+    # Only one worker runs per data dir, so anything still `training` belonged to a dead worker.
+    for request_id in registry.recover_stale(stale_after_s=0):
+        log.warning("recovered %s from a dead worker", request_id)
+    while True:
+        request = registry.claim_next()
+        if request is None:
+            if once:
+                return
+            time.sleep(poll_s)
+            continue
+        log.info("training %s (%s, method %s)", request.id, request.name, request.method.value)
+        run_job(registry, request, detector_name, model, serve_dtype)
+
+
+class WorkerSupervisor:
+    """Keeps one worker process alive next to the server."""
+
+    def __init__(self, settings) -> None:
+        self.settings = settings
+        self._proc: subprocess.Popen | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._supervise, daemon=True, name="worker-supervisor")
+
+    def _spawn(self) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "unlearnd.jobs.worker", "--data-dir", str(self.settings.data_dir),
+               "--detector", self.settings.detector, "--model", self.settings.model,
+               "--dtype", self.settings.dtype]
+        return subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def start(self) -> None:
+        self._proc = self._spawn()
+        self._thread.start()
+
+    def _supervise(self) -> None:
+        while not self._stop.wait(1.0):
+            if self._proc is not None and self._proc.poll() is not None:
+                log.warning("training worker exited with %s; restarting", self._proc.returncode)
+                self._proc = self._spawn()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="unlearnd training worker")
+    parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument("--detector", default=DEFAULT_DETECTOR)
+    parser.add_argument("--model", default="SmolLM2-135M-Instruct")
+    parser.add_argument("--dtype", default="auto", help="the serving engine's dtype (ECO tunes in it)")
+    parser.add_argument("--once", action="store_true", help="exit when no request is pending")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
+    run_worker(args.data_dir, args.detector, args.model, once=args.once, serve_dtype=args.dtype)
+
+
+if __name__ == "__main__":
+    main()

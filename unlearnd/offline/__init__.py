@@ -1,1 +1,0 @@
-"""Offline jobs: training (classifiers, interventions, baselines), evaluation and benchmarks."""

@@ -1,0 +1,306 @@
+"""ECO's offline step: tune the corruption strength of one forget request by zeroth-order search.
+
+The goal is not "as much noise as possible" but the forget-set answer probability a model that
+never learned the data would give (ECO's surrogate target). That target is, in order of
+preference: a number given in the request options (`target`); the retain model's value when one
+is given; the base model's probability of wrong (perturbed) answers to the same questions; or,
+needing nothing extra, its probability of the *other* forget questions' answers (shuffled).
+Evaluation runs the HF model on `inputs_embeds` built with the serve-time corruption code
+(`unlearnd.interventions.eco`), on the prompt rendered and tokenised as the server does, rounded to
+the serving engine's dtype, so the tuned strength is the served one. The rows corrupted are the
+entity tokens; when no strength brings those down to the target (the rest of the question still
+gives the answer away) the search is repeated over the whole question, and the closer one is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel
+
+from unlearnd.interventions.eco import (
+    Corruption,
+    CorruptionKind,
+    DimSelect,
+    ECOArtifact,
+    RowScope,
+    corrupt,
+    entity_spans,
+    prompt_seed,
+    select_rows,
+)
+from unlearnd.engine.base import resolve_dtype
+from unlearnd.train.scoring import (
+    Heartbeat,
+    QAItem,
+    answer_probability,
+    encode_qa,
+    end_of_turn_ids,
+    fluency_report,
+    greedy_generate,
+    load_model,
+    mean,
+    qa_pairs,
+    render_question,
+    start_job,
+    subsample,
+    torch_dtype,
+)
+from unlearnd.train.zo import zo_solve
+from unlearnd.registry import ForgetRequest
+
+log = logging.getLogger(__name__)
+
+
+class ECOPreset(BaseModel):
+    kind: CorruptionKind = CorruptionKind.noise
+    dims: DimSelect = DimSelect.all
+    scope: RowScope | None = None  # None: the entity tokens, then the whole prompt if those can't reach the target
+    n_dims: int | None = None
+    n_tune: int | None = 8  # forget QAs the strength is tuned on
+    n_eval: int | None = 16  # forget QAs the achieved value is reported on
+    iterations: int = 5  # ZO iterations (2 evaluations each)
+    batch_size: int = 8
+    max_len: int = 512
+    n_wrong: int = 1  # perturbed answers per question for the surrogate target
+    rel_tol: float = 0.05  # stop once |metric - target| <= rel_tol * target; 'reached' allows twice that
+    fluency_n: int = 3
+    fluency_tokens: int = 20
+    max_ppl: float = 1000.0
+    max_non_ascii: float = 0.2
+    max_repetition: float = 0.5
+    seed: int = 0
+    dtype: str = "float32"
+    serve_dtype: str = "auto"  # the serving engine's dtype (its --dtype; auto as the server resolves it)
+    target: float | None = None
+
+
+PRESETS = {
+    "cpu": ECOPreset(),
+    "full": ECOPreset(n_tune=64, n_eval=None, iterations=20, batch_size=32, n_wrong=5, fluency_n=16,
+                      fluency_tokens=64),
+}
+
+
+@dataclass
+class ECOItem:
+    item: QAItem
+    rows: list[int]
+    seed: int
+    mode: str
+
+
+def prepare_items(tokenizer, qas: list[tuple[str, str]], entities: list[str], max_len: int, seed: int,
+                  scope: RowScope = RowScope.entity) -> list[ECOItem]:
+    """Tokenise each QA as the server would and pick the rows the served corruption would hit."""
+    prepared = []
+    for question, answer in qas:
+        item = encode_qa(tokenizer, question, answer, max_len, end_of_turn=False)
+        ids, rows, mode = select_rows(tokenizer, item.prompt, [question], entity_spans(question, entities),
+                                      add_special_tokens=False, scope=scope)
+        shift = len(ids) - len(item.prompt_ids)  # left truncation by encode_qa, if any
+        prepared.append(ECOItem(item, [r - shift for r in rows if r >= shift], prompt_seed(item.prompt, seed), mode))
+    return prepared
+
+
+def corrupted_embeds_fn(model, prepared: list[ECOItem], corruption: Corruption, serve_dtype: torch.dtype):
+    """An `embed_fn` for `answer_probability` that corrupts each prompt's selected rows."""
+    by_id = {id(p.item): p for p in prepared}
+
+    def fn(batch, items):
+        embeds = model.get_input_embeddings()(batch["input_ids"])
+        out = embeds.clone()
+        for b, item in enumerate(items):
+            p, n = by_id[id(item)], len(item.prompt_ids)
+            served = corrupt(embeds[b, :n].to(serve_dtype), p.rows, corruption, p.seed)
+            out[b, :n] = served.to(out.dtype)
+        return out, batch["attention_mask"], batch["labels"]
+
+    return fn
+
+
+def surrogate_target(model, tokenizer, prepared: list[ECOItem], cfg: ECOPreset, retain_model_path: str | None,
+                     wrong_answers: dict[str, list[str]] | None, device, progress: bool, heartbeat: Heartbeat
+                     ) -> tuple[float, str]:
+    """What a model that never learned the forget set would score (see the module docstring)."""
+    questions = [p.item.question for p in prepared]
+    if cfg.target is not None:
+        return float(cfg.target), "given"
+    if retain_model_path:
+        retain_model, _ = load_model(retain_model_path, device, torch_dtype(cfg.dtype))
+        value = mean(answer_probability(retain_model, tokenizer, [p.item for p in prepared], cfg.batch_size,
+                                        progress=progress, heartbeat=heartbeat, desc="target (retain model)"))
+        del retain_model
+        return value, "retain_model"
+    if wrong_answers and all(wrong_answers.get(q) for q in questions):
+        items = [encode_qa(tokenizer, q, w, cfg.max_len, end_of_turn=False)
+                 for q in questions for w in wrong_answers[q][: cfg.n_wrong]]
+        value = mean(answer_probability(model, tokenizer, items, cfg.batch_size, progress=progress,
+                                        heartbeat=heartbeat, desc="target (perturbed)"))
+        return value, "perturbed"
+    if len(prepared) < 2:
+        raise ValueError("ECO needs a target: give options.target, a retain model, wrong answers, or >= 2 QAs")
+    order = list(range(len(prepared)))
+    random.Random(cfg.seed).shuffle(order)
+    shuffled = order[1:] + order[:1]  # a derangement: every question gets another one's answer
+    answers = {order[i]: shuffled[i] for i in range(len(order))}
+    items = [encode_qa(tokenizer, p.item.question, tokenizer.decode(prepared[answers[i]].item.target_ids),
+                       cfg.max_len, end_of_turn=False) for i, p in enumerate(prepared)]
+    value = mean(answer_probability(model, tokenizer, items, cfg.batch_size, progress=progress,
+                                    heartbeat=heartbeat, desc="target (shuffled)"))
+    return value, "shuffled"
+
+
+def fill_answers(model, tokenizer, qas: list, max_new_tokens: int) -> list[tuple[str, str]]:
+    """Forget entries without an answer are scored on the model's own greedy answer: the
+    knowledge it shows is what must go."""
+    eos = end_of_turn_ids(tokenizer)
+    out = []
+    for qa in qas:
+        answer = qa.answer
+        if not answer:
+            ids = tokenizer.encode(render_question(tokenizer, qa.question), add_special_tokens=False)
+            emb = model.get_input_embeddings()(torch.tensor(ids, device=next(model.parameters()).device))
+            answer = tokenizer.decode(greedy_generate(model, emb, max_new_tokens, eos), skip_special_tokens=True)
+        out.append((qa.question, answer or qa.question))
+    return out
+
+
+def search_space(cfg: ECOPreset, emb_std: float, hidden: int) -> dict | None:
+    """How sigma is parametrised for the ZO search; None when the corruption has no strength."""
+    if cfg.kind == CorruptionKind.noise:
+        # u = ln(sigma / std of the embedding entries): scale-free, and sigma stays > 0.
+        return {"to_sigma": lambda u: emb_std * math.exp(u), "x0": 0.0, "lo": math.log(0.01), "hi": math.log(20.0),
+                "max_step": 1.5, "eps": 0.5, "min_eps": 0.02}
+    if cfg.dims == DimSelect.all:
+        return None
+    # u = sigma = share of the hidden size zeroed / flipped; eps above one dimension.
+    return {"to_sigma": lambda u: u, "x0": 0.25, "lo": 0.0, "hi": 1.0, "max_step": 0.3, "eps": 0.1,
+            "min_eps": max(1.5 / hidden, 0.005)}
+
+
+def train_eco(
+    request: ForgetRequest,
+    artifact_dir: Path,
+    model_path: str | Path,
+    preset: str = "cpu",
+    retain_model_path: str | None = None,
+    wrong_answers: dict[str, list[str]] | None = None,
+    device: str | None = None,
+    progress: bool = True,
+    heartbeat: Heartbeat = None,
+    overrides: dict | None = None,
+) -> dict:
+    """Tune ECO for `request`; writes `eco.json` into `artifact_dir` and returns a summary."""
+    job = start_job(PRESETS, preset, request, model_path, device, overrides)
+    # Corruption is rounded to the dtype the server sends embeddings in; the artifact records which.
+    cfg = job.cfg.model_copy(update={"serve_dtype": resolve_dtype(job.cfg.serve_dtype)})
+    dev, model, tokenizer = job.device, job.model, job.tokenizer
+    serve_dtype = torch_dtype(cfg.serve_dtype)
+    forget = qa_pairs(request.spec.forget)
+    entities = list(request.spec.entities)
+    tune_qas = fill_answers(model, tokenizer, subsample(forget, cfg.n_tune, cfg.seed), cfg.fluency_tokens)
+    eval_qas = fill_answers(model, tokenizer, subsample(forget, cfg.n_eval, cfg.seed + 1), cfg.fluency_tokens)
+
+    def prepared(qas: list[tuple[str, str]], scope: RowScope) -> list[ECOItem]:
+        return prepare_items(tokenizer, qas, entities, cfg.max_len, cfg.seed, scope)
+
+    emb = model.get_input_embeddings().weight
+    emb_std, hidden = float(emb.float().std()), int(emb.shape[1])
+    cache: dict[tuple, float] = {}
+
+    def metric(corruption: Corruption, items: list[ECOItem]) -> float:
+        key = (corruption.scope, round(corruption.sigma, 10), id(items))
+        if key not in cache:
+            fn = corrupted_embeds_fn(model, items, corruption, serve_dtype)
+            cache[key] = mean(answer_probability(model, tokenizer, [p.item for p in items], cfg.batch_size,
+                                                 embed_fn=fn, heartbeat=heartbeat))
+        return cache[key]
+
+    def corruption_at(scope: RowScope, sigma: float) -> Corruption:
+        return Corruption(scope=scope, kind=cfg.kind, dims=cfg.dims, n_dims=cfg.n_dims, sigma=sigma)
+
+    first_scope = cfg.scope or RowScope.entity
+    tune = prepared(tune_qas, first_scope)
+    target, source = surrogate_target(model, tokenizer, tune, cfg, retain_model_path, wrong_answers, dev,
+                                      progress, heartbeat)
+    clean = metric(corruption_at(first_scope, 0.0), tune)
+    log.info("ECO %s: clean P(a|q)^(1/|a|) = %.4f, target %.4f (%s)", request.id, clean, target, source)
+    space = search_space(cfg, emb_std, hidden)
+    tolerance = 2 * cfg.rel_tol * target
+    tuning: dict = {"emb_std": emb_std, "n_tune": len(tune), "n_eval": len(eval_qas),
+                    "modes": {m: sum(p.mode == m for p in tune) for m in ("entity", "prompt")}}
+
+    def search(scope: RowScope, items: list[ECOItem]) -> dict:
+        """One ZO search of the strength with the rows of `scope`; returns what it found."""
+        attempt: dict = {"scope": scope.value}
+        if clean <= target:
+            sigma, attempt["note"] = 0.0, "the clean model is already at or below the target"
+        elif space is None:
+            sigma, attempt["note"] = 1.0, f"{cfg.kind.value} on all dimensions has no strength to tune"
+        else:
+            to_sigma = space["to_sigma"]
+            result = zo_solve(lambda u: metric(corruption_at(scope, to_sigma(u)), items), target, space["x0"],
+                              space["lo"], space["hi"], space["eps"], cfg.iterations, space["max_step"],
+                              min_eps=space["min_eps"], tol=cfg.rel_tol * target, progress=progress,
+                              desc=f"eco zo ({cfg.kind.value}, {scope.value})")
+            sigma = to_sigma(result.x)
+            attempt.update({"evaluations": result.evaluations, "best_distance": result.fx,
+                            "history": [{**h, "sigma_plus": to_sigma(h["x_plus"]),
+                                         "sigma_minus": to_sigma(h["x_minus"])} for h in result.history],
+                            "final": {"sigma": to_sigma(result.final[0]), "m": result.final[1]}
+                            if result.final else None})
+        attempt["sigma"] = sigma
+        attempt["achieved_tune"] = metric(corruption_at(scope, sigma), items)
+        return attempt
+
+    attempts = [(first_scope, tune, search(first_scope, tune))]
+    if (cfg.scope is None and abs(attempts[0][2]["achieved_tune"] - target) > tolerance
+            and attempts[0][2]["achieved_tune"] > target and tuning["modes"]["entity"]):
+        # Corrupting the name alone left the answer too likely: the rest of the question gives it
+        # away. Tune again over the whole question and keep whichever lands closer to the target.
+        log.info("ECO %s: entity rows reach %.4f only (target %.4f); tuning over the whole prompt", request.id,
+                 attempts[0][2]["achieved_tune"], target)
+        whole = prepared(tune_qas, RowScope.prompt)
+        attempts.append((RowScope.prompt, whole, search(RowScope.prompt, whole)))
+    scope, tune, chosen = min(attempts, key=lambda a: abs(a[2]["achieved_tune"] - target))
+    tuning["attempts"] = [a[2] for a in attempts]
+    tuning.update({k: chosen[k] for k in ("history", "final", "evaluations", "best_distance", "note") if k in chosen})
+    sigma, achieved_tune = chosen["sigma"], chosen["achieved_tune"]
+    corruption = corruption_at(scope, sigma)
+    evals = prepared(eval_qas, scope)
+    clean_eval, achieved_eval = metric(corruption_at(scope, 0.0), evals), metric(corruption, evals)
+    reached = clean <= target or abs(achieved_tune - target) <= tolerance
+
+    flu_items = tune[: cfg.fluency_n]
+    by_id = {id(p.item): p for p in flu_items}
+
+    def embeds_of(item: QAItem) -> torch.Tensor:
+        p = by_id[id(item)]
+        ids = torch.tensor(item.prompt_ids, device=dev)
+        raw = model.get_input_embeddings()(ids).to(serve_dtype)
+        return corrupt(raw, p.rows, corruption, p.seed).to(emb.dtype)
+
+    fluency = fluency_report(model, tokenizer, [p.item for p in flu_items], embeds_of, cfg.fluency_tokens,
+                             cfg.max_ppl, cfg.max_non_ascii, cfg.max_repetition, progress, heartbeat)
+    cost = job.cost(metric_evaluations=len(cache))
+    tuning.update({"achieved_tune": achieved_tune, "clean_eval": clean_eval, "tolerance": tolerance,
+                   "cost": cost, "preset": cfg.model_dump(mode="json")})
+    artifact = ECOArtifact(corruption=corruption, seed=cfg.seed, entities=entities, target=target,
+                           target_source=source, clean_value=clean, achieved=achieved_eval, reached=reached,
+                           fluency=fluency, tuning=tuning)
+    artifact.write(artifact_dir)
+    summary = {"method": "eco", "kind": cfg.kind.value, "dims": cfg.dims.value, "scope": scope.value,
+               "sigma": sigma, "target": target,
+               "target_source": source, "clean_tune": clean, "achieved_tune": achieved_tune,
+               "clean_eval": clean_eval, "achieved_eval": achieved_eval, "reached": reached,
+               "fluent": fluency["fluent"], "fluency_ppl": fluency["intervened"]["ppl"],
+               "clean_ppl": fluency["clean"]["ppl"], **cost}
+    log.info("ECO %s: %s rows, sigma=%.4g, P %.4f -> %.4f (target %.4f), fluent=%s, %.0fs", request.id,
+             scope.value, sigma, clean_eval, achieved_eval, target, fluency["fluent"], cost["wall_seconds"])
+    return summary

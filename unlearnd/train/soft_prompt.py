@@ -1,0 +1,257 @@
+"""SPUL's offline step: learn n virtual-token embeddings with the LLM frozen.
+
+Loss (SPUL): L = L_forget + alpha * L_retain + beta * KL(original || prompted), where L_forget is
+the cross-entropy of a non-answer ("I don't know"-style) to each forget question, L_retain the
+cross-entropy of the true answers to retain questions, and the KL keeps the prompted model's
+next-token distributions on the retain answers close to the original model's. Only the soft
+prompt trains; the loop is the shared `Trainer`. The soft prompt starts from the embeddings of
+the system-prompt baseline's instruction for the request's entities (prompt tuning's text
+initialisation), so step 0 is already a sensible "forget these" prompt.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel
+
+from unlearnd.interventions.guardrails import forget_instruction
+from unlearnd.interventions.soft_prompt import SoftPromptConfig, save_soft_prompt
+from unlearnd.train.scoring import (
+    Heartbeat,
+    HeartbeatBatches,
+    QAItem,
+    answer_probability,
+    collate,
+    encode_qa,
+    end_of_turn_ids,
+    greedy_generate,
+    mean,
+    pad_id_of,
+    qa_pairs,
+    refusal_for,
+    start_job,
+    subsample,
+    target_logits,
+)
+from unlearnd.train.trainer import (
+    TrainConfig,
+    Trainer,
+    TrainingMethod,
+    register_method,
+)
+from unlearnd.registry import ForgetRequest
+
+log = logging.getLogger(__name__)
+
+
+class SoftPromptPreset(BaseModel):
+    n_tokens: int = 30
+    steps: int = 20
+    batch_forget: int = 4
+    batch_retain: int = 2
+    learning_rate: float = 1e-2
+    warmup_steps: int = 0
+    alpha: float = 0.5
+    beta: float = 0.5
+    max_len: int = 160
+    n_retain: int | None = 64  # retain QAs trained on (a fixed random subset)
+    n_eval: int | None = 8  # forget / retain QAs scored before and after
+    n_samples: int = 2  # greedy generations kept in the artifact for inspection
+    sample_tokens: int = 24
+    seed: int = 0
+    dtype: str = "float32"
+
+
+PRESETS = {
+    "cpu": SoftPromptPreset(),
+    "full": SoftPromptPreset(steps=400, batch_forget=16, batch_retain=16, learning_rate=3e-3, warmup_steps=20,
+                             n_retain=None, n_eval=None, n_samples=8, sample_tokens=64),
+}
+
+
+class SoftPromptModel(torch.nn.Module):
+    """A frozen LLM with n trainable virtual tokens in front of every sequence."""
+
+    def __init__(self, llm: torch.nn.Module, init: torch.Tensor):
+        super().__init__()
+        self.llm = llm
+        self.prompt = torch.nn.Parameter(init.detach().to(torch.float32).clone())
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.prompt.shape[0])
+
+    def embeds(self, batch: dict[str, torch.Tensor], with_prompt: bool = True):
+        """(inputs_embeds, attention_mask, labels) with the virtual tokens prepended."""
+        embeds = self.llm.get_input_embeddings()(batch["input_ids"])
+        mask, labels = batch["attention_mask"], batch["labels"]
+        if not with_prompt:
+            return embeds, mask, labels
+        b, n = embeds.shape[0], self.n_tokens
+        prompt = self.prompt.to(embeds.dtype).unsqueeze(0).expand(b, -1, -1)
+        return (torch.cat([prompt, embeds], dim=1),
+                torch.cat([mask.new_ones(b, n), mask], dim=1),
+                torch.cat([labels.new_full((b, n), -100), labels], dim=1))
+
+
+def text_init(embedding: torch.nn.Embedding, tokenizer, text: str, n_tokens: int) -> torch.Tensor:
+    """The embeddings of `text`'s tokens, repeated/truncated to n_tokens rows."""
+    ids = tokenizer.encode(text, add_special_tokens=False) or [0]
+    ids = (ids * math.ceil(n_tokens / len(ids)))[:n_tokens]
+    return embedding.weight[torch.tensor(ids, device=embedding.weight.device)].detach().clone()
+
+
+def kl_original_prompted(original_logits: torch.Tensor, prompted_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(p_original || p_prompted)."""
+    log_p = torch.log_softmax(original_logits.float(), dim=-1)
+    log_q = torch.log_softmax(prompted_logits.float(), dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+
+@register_method
+class SPULMethod(TrainingMethod):
+    """L_forget + alpha * L_retain + beta * KL(original || prompted), soft prompt only."""
+
+    name = "spul"
+
+    def __init__(self, alpha: float = 0.5, beta: float = 0.5):
+        self.alpha, self.beta = alpha, beta
+
+    def setup(self, model: SoftPromptModel) -> None:
+        for p in model.llm.parameters():
+            p.requires_grad_(False)
+        model.prompt.requires_grad_(True)
+
+    def trainable_parameters(self, model: SoftPromptModel):
+        return [model.prompt]
+
+    def forget_loss(self, model: SoftPromptModel, batch: dict) -> torch.Tensor:
+        logits, targets = target_logits(model.llm, *model.embeds(batch))
+        return torch.nn.functional.cross_entropy(logits, targets)
+
+    def loss(self, model: SoftPromptModel, batch: dict):
+        l_forget = self.forget_loss(model, batch["forget"])
+        logs = {"forget": float(l_forget.detach())}
+        total = l_forget
+        retain = batch.get("retain")
+        if retain is not None:
+            logits, targets = target_logits(model.llm, *model.embeds(retain))
+            l_retain = torch.nn.functional.cross_entropy(logits, targets)
+            with torch.no_grad():
+                original, _ = target_logits(model.llm, *model.embeds(retain, with_prompt=False))
+            kl = kl_original_prompted(original, logits)
+            total = total + self.alpha * l_retain + self.beta * kl
+            logs.update(retain=float(l_retain.detach()), kl=float(kl.detach()))
+        return total, logs
+
+
+def make_batches(forget: list[QAItem], retain: list[QAItem], cfg: SoftPromptPreset, pad_id: int,
+                 device: torch.device) -> list[dict]:
+    """One epoch of (forget, retain) batch pairs: as many pairs as the larger set needs, the
+    smaller set cycling; both shuffled with the preset's seed."""
+    rng = random.Random(cfg.seed)
+    forget, retain = forget[:], retain[:]
+    rng.shuffle(forget)
+    rng.shuffle(retain)
+    n_f = math.ceil(len(forget) / cfg.batch_forget)
+    n_r = math.ceil(len(retain) / cfg.batch_retain) if retain else 0
+    batches = []
+    for i in range(max(n_f, n_r)):
+        j = i % n_f
+        batch = {"forget": collate(forget[j * cfg.batch_forget:(j + 1) * cfg.batch_forget], pad_id)}
+        if retain:
+            k = i % n_r
+            batch["retain"] = collate(retain[k * cfg.batch_retain:(k + 1) * cfg.batch_retain], pad_id)
+        batches.append({key: {n: t.to(device) for n, t in value.items()} for key, value in batch.items()})
+    return batches
+
+
+def prompted_fn(model: SoftPromptModel, with_prompt: bool):
+    return lambda batch, items: model.embeds(batch, with_prompt=with_prompt)
+
+
+def train_soft_prompt(
+    request: ForgetRequest,
+    artifact_dir: Path,
+    model_path: str | Path,
+    preset: str = "cpu",
+    device: str | None = None,
+    progress: bool = True,
+    heartbeat: Heartbeat = None,
+    overrides: dict | None = None,
+) -> dict:
+    """Train SPUL's soft prompt for `request`; writes soft_prompt.safetensors + soft_prompt.json."""
+    job = start_job(PRESETS, preset, request, model_path, device, overrides)
+    cfg, dev, llm, tokenizer = job.cfg, job.device, job.model, job.tokenizer
+    pad_id = pad_id_of(tokenizer)
+    forget_qas = qa_pairs(request.spec.forget)
+    retain_qas = [qa for qa in qa_pairs(request.spec.retain) if qa.answer]
+    if not retain_qas:
+        log.warning("SPUL %s: no retain QAs with answers; training on L_forget only", request.id)
+    retain_qas = subsample(retain_qas, cfg.n_retain, cfg.seed)
+    forget_items = [encode_qa(tokenizer, qa.question, refusal_for(i), cfg.max_len, end_of_turn=True)
+                    for i, qa in enumerate(forget_qas)]
+    retain_items = [encode_qa(tokenizer, qa.question, qa.answer, cfg.max_len, end_of_turn=True) for qa in retain_qas]
+
+    init = text_init(llm.get_input_embeddings(), tokenizer, forget_instruction(request.spec.entities), cfg.n_tokens)
+    model = SoftPromptModel(llm, init).to(dev)
+
+    eval_forget = [encode_qa(tokenizer, qa.question, qa.answer, cfg.max_len, end_of_turn=False)
+                   for qa in subsample([qa for qa in forget_qas if qa.answer], cfg.n_eval, cfg.seed + 1)]
+    eval_retain = [encode_qa(tokenizer, qa.question, qa.answer, cfg.max_len, end_of_turn=False)
+                   for qa in subsample(retain_qas, cfg.n_eval, cfg.seed + 1)]
+
+    def score(items: list[QAItem], with_prompt: bool, desc: str) -> float | None:
+        if not items:
+            return None
+        return mean(answer_probability(llm, tokenizer, items, cfg.batch_forget * 2,
+                                       embed_fn=prompted_fn(model, with_prompt), progress=progress,
+                                       heartbeat=heartbeat, desc=desc))
+
+    method = SPULMethod(cfg.alpha, cfg.beta)
+    eval_refusals = forget_items[: max(cfg.n_eval or len(forget_items), 1)]
+    with torch.no_grad():
+        lf_before = float(method.forget_loss(model, {k: v.to(dev) for k, v in collate(eval_refusals, pad_id).items()}))
+    before = {"forget_prob": score(eval_forget, False, "forget P, no prompt"),
+              "retain_prob": score(eval_retain, False, "retain P, no prompt"),
+              "forget_prob_init": score(eval_forget, True, "forget P, init prompt")}
+
+    batches = make_batches(forget_items, retain_items, cfg, pad_id, dev)
+    train_cfg = TrainConfig(steps=cfg.steps, learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
+                            seed=cfg.seed, progress=progress)
+    result = Trainer(method, train_cfg).fit(model, HeartbeatBatches(batches, heartbeat))
+
+    with torch.no_grad():
+        lf_after = float(method.forget_loss(model, {k: v.to(dev) for k, v in collate(eval_refusals, pad_id).items()}))
+    after = {"forget_prob": score(eval_forget, True, "forget P, prompt"),
+             "retain_prob": score(eval_retain, True, "retain P, prompt")}
+    samples = []
+    eos = end_of_turn_ids(tokenizer)
+    with torch.no_grad():
+        for item in eval_forget[: cfg.n_samples]:
+            ids = torch.tensor(item.prompt_ids, device=dev)
+            emb = torch.cat([model.prompt, llm.get_input_embeddings()(ids)], dim=0)
+            gen = greedy_generate(llm, emb, cfg.sample_tokens, eos)
+            samples.append({"question": item.question, "output": tokenizer.decode(gen, skip_special_tokens=True)})
+
+    cost = job.cost(train_wall_seconds=result.wall_seconds, train_cpu_seconds=result.cpu_seconds)
+    evaluation = {"before": before, "after": after, "forget_loss_before": lf_before, "forget_loss_after": lf_after,
+                  "n_eval_forget": len(eval_forget), "n_eval_retain": len(eval_retain), "samples": samples}
+    config = SoftPromptConfig(
+        n_tokens=cfg.n_tokens, hidden_size=int(model.prompt.shape[1]), position="start", model=str(model_path),
+        training={"method": method.name, "preset": cfg.model_dump(mode="json"), "losses": result.losses,
+                  "n_forget": len(forget_items), "n_retain": len(retain_items), "cost": cost},
+        evaluation=evaluation)
+    save_soft_prompt(Path(artifact_dir), model.prompt.detach().cpu(), config)
+    summary = {"method": "soft_prompt", "n_tokens": cfg.n_tokens, "steps": cfg.steps,
+               "forget_loss_before": lf_before, "forget_loss_after": lf_after,
+               "forget_prob_before": before["forget_prob"], "forget_prob_after": after["forget_prob"],
+               "retain_prob_before": before["retain_prob"], "retain_prob_after": after["retain_prob"], **cost}
+    log.info("SPUL %s: L_forget %.3f -> %.3f, forget P %.4f -> %.4f, %.0fs", request.id, lf_before, lf_after,
+             before["forget_prob"] or math.nan, after["forget_prob"] or math.nan, cost["wall_seconds"])
+    return summary
