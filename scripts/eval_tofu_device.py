@@ -8,13 +8,19 @@ tensor and model is put on the GPU, and the usual `run_tofu_eval` runs the metho
 with other runs of the same preset by `unlearnd eval merge`. This is how the baselines of
 reports/tofu-mini.md were run (as .dev/run_baselines.py, the same file) on an H100 lent to the session.
 """
-import json, logging, os, shlex, sys, time
+import json
+import os
+import shlex
+import sys
+import time
 from pathlib import Path
 
 import torch
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from unlearnd.logs import setup_logging
+
+    setup_logging()
     if torch.cuda.is_available():  # every tensor and every loaded model on the GPU, no code path changed
         from transformers import AutoModelForCausalLM
 
@@ -23,8 +29,8 @@ if __name__ == "__main__":
         AutoModelForCausalLM.from_pretrained = lambda *a, **k: _load(*a, **k).to("cuda")
     from unlearnd.evaluation import tofu as ev
     from unlearnd.train import reference as ref
-    from unlearnd.train.data import TofuData
-    from unlearnd.evaluation.report import write_report
+    from unlearnd.tofu import TofuData
+    from unlearnd.evaluation.report import run_stamp, write_report
 
     root = Path(os.environ["UNLEARND_CACHE_DIR"]) / "reference"
     target, retain = Path(sys.argv[1]), Path(sys.argv[2])
@@ -37,9 +43,8 @@ if __name__ == "__main__":
     ev.ensure_reference_models = lambda *a, **k: refs  # the carried models; no base model on this machine
     cfg = ev.TofuEvalConfig(preset="mini", forget_split=p.forget_split, methods=methods, robustness_items=8)
     t0 = time.perf_counter()
+    stamp = run_stamp("python .dev/run_baselines.py " + shlex.join(sys.argv[1:]))
     results = ev.run_tofu_eval(cfg, reference_preset=p, tofu=tofu)
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    results["machine"] = f"{os.cpu_count()}-core CPU, GPU {device} (device run)"
-    write_report(results, out, "tofu-mini-baselines", "python .dev/run_baselines.py " + shlex.join(sys.argv[1:]),
+    write_report(results, out, "tofu-mini-baselines", stamp,
                  notes=[f"device run, {time.perf_counter() - t0:.0f} s wall; torch {torch.__version__}"])
     print(json.dumps({m: e.get("error") for m, e in results["methods"].items()}))

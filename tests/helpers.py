@@ -15,7 +15,7 @@ from unlearnd.engine.base import (
     EngineRequest,
     TokenLogprob,
 )
-from unlearnd.registry import ForgetRequest, ForgetSpec, QAExample
+from unlearnd.spec import ForgetRequest, ForgetSpec, QAExample
 
 
 def tiny_llama(vocab_size: int, seed: int = 0):

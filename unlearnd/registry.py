@@ -7,7 +7,6 @@ or to failed with the error text; DELETE deactivates (artifacts are kept until p
 
 from __future__ import annotations
 
-import json
 import shutil
 import sqlite3
 import threading
@@ -15,81 +14,10 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from enum import StrEnum
 from pathlib import Path
 
-from pydantic import BaseModel, Field, field_validator, model_validator
-
-
-class Method(StrEnum):
-    """How a flagged prompt is handled: each method is one route of the router."""
-
-    refuse = "refuse"
-    prompt = "prompt"
-    eco = "eco"
-    soft_prompt = "soft_prompt"
-    lora = "lora"
-
-
-class Status(StrEnum):
-    pending = "pending"
-    training = "training"
-    ready = "ready"
-    active = "active"
-    failed = "failed"
-    inactive = "inactive"
-
-
-class QAExample(BaseModel):
-    question: str = Field(min_length=1)
-    answer: str = ""
-
-
-class ForgetSpec(BaseModel):
-    """What the user registers: the knowledge to forget and, optionally, what to keep."""
-
-    name: str = Field(min_length=1, max_length=200)
-    method: Method = Method.refuse
-    forget: list[QAExample | str] = Field(min_length=1, max_length=20000)
-    retain: list[QAExample | str] = Field(default_factory=list, max_length=20000)
-    entities: list[str] = Field(
-        default_factory=list, description="Names of the forget target (default: the request name)."
-    )
-    options: dict = Field(default_factory=dict, description="Method-specific training options.")
-
-    @field_validator("forget", "retain", mode="before")
-    @classmethod
-    def _no_blank_texts(cls, value: list) -> list:
-        for item in value or []:
-            if isinstance(item, str) and not item.strip():
-                raise ValueError("examples must not be empty strings")
-        return value
-
-    @model_validator(mode="after")
-    def _default_entities(self) -> ForgetSpec:
-        if not self.entities:
-            self.entities = [self.name]
-        return self
-
-    @staticmethod
-    def as_qa(items: list[QAExample | str]) -> list[QAExample]:
-        return [item if isinstance(item, QAExample) else QAExample(question=item) for item in items]
-
-    def forget_texts(self) -> list[str]:
-        return [qa.question + (" " + qa.answer if qa.answer else "") for qa in self.as_qa(self.forget)]
-
-
-class ForgetRequest(BaseModel):
-    id: str
-    name: str
-    method: Method
-    status: Status
-    error: str | None = None
-    created_at: float
-    updated_at: float
-    spec: ForgetSpec
-    artifact_dir: str
-    attempts: int = 0
+from unlearnd.artifacts import read_json, write_json_atomic, write_text_atomic
+from unlearnd.spec import ForgetRequest, ForgetSpec, Status
 
 
 _SCHEMA = """
@@ -153,8 +81,7 @@ class Registry:
     def add(self, spec: ForgetSpec) -> ForgetRequest:
         request_id = "fr-" + uuid.uuid4().hex[:12]
         now = time.time()
-        self.artifact_dir(request_id).mkdir(parents=True, exist_ok=True)
-        (self.artifact_dir(request_id) / "spec.json").write_text(spec.model_dump_json(indent=1))
+        write_text_atomic(self.artifact_dir(request_id) / "spec.json", spec.model_dump_json(indent=1))
         with self._connect() as db:
             db.execute(
                 "INSERT INTO forget_requests (id, name, method, status, created_at, updated_at, spec)"
@@ -249,17 +176,11 @@ class Registry:
 
     def load_json(self, request_id: str, name: str) -> dict | None:
         """An artifact file written by `save_json`, or None when it is missing or unreadable."""
-        path = self.artifact_dir(request_id) / name
         try:
-            return json.loads(path.read_text())
+            return read_json(self.artifact_dir(request_id) / name)
         except (OSError, ValueError):
             return None
 
     def save_json(self, request_id: str, name: str, payload: dict) -> Path:
-        """Write an artifact file atomically (tmp + rename) so a crash leaves the old or the new."""
-        path = self.artifact_dir(request_id) / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(payload, indent=1))
-        tmp.replace(path)
-        return path
+        """Write an artifact file atomically, so a crash leaves the old or the new."""
+        return write_json_atomic(self.artifact_dir(request_id) / name, payload)

@@ -1,4 +1,4 @@
-"""The one request object that flows classifier -> router -> intervention -> engine -> response."""
+"""The one request object that flows entrypoint -> detector -> router -> intervention -> engine -> response."""
 
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ class GuardedRequest:
     sampling: SamplingSpec
     messages: list[dict] | None = None  # chat requests
     prompt: str | None = None  # completion requests
-    # Filled in along the way:
-    query_text: str = ""  # what the detector scores: the user's own words
+    max_tokens: int | None = None  # what the client asked for; None: the rest of the context (pipeline)
+    # Filled in along the way (by the pipeline):
+    query_text: str = ""  # what the detector scores (`prompting.detector_text`)
     detection: Detection | None = None
     route: str = "none"
     match: RequestMatch | None = None
@@ -33,3 +34,8 @@ class GuardedRequest:
     @property
     def matched_ids(self) -> list[str]:
         return [m.request_id for m in self.detection.matches] if self.detection else []
+
+    @property
+    def prompt_length(self) -> int:
+        """Positions the prompt takes in the engine (soft-prompt rows included)."""
+        return int(self.prompt_embeds.shape[0]) if self.prompt_embeds is not None else len(self.prompt_token_ids)

@@ -12,12 +12,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from unlearnd.config import DEFAULT_MODEL
 from unlearnd.engine.remote import plain_vllm_command
 from unlearnd.bench.servers import ServerProcess, free_port  # noqa: F401  (re-exported for tests)
 from unlearnd.bench.servers import unlearnd_command as _unlearnd_command
 
 ADMIN_KEY = "integration-admin-key"
-MODEL = "SmolLM2-135M-Instruct"
+MODEL = DEFAULT_MODEL
 
 
 def unlearnd_command(port: int, data_dir: Path, *extra: str) -> list[str]:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+import os
 
-from unlearnd.bench.latency import CellResult, Sample, percentile, ratios, write_report
+from unlearnd.bench.latency import CellResult, Sample, percentile, ratios
+from unlearnd.bench.report import write_report
+from unlearnd.evaluation.report import run_stamp
 from unlearnd.bench.profile import summarise
 
 
@@ -44,13 +47,13 @@ def test_report_marks_targets(tmp_path):
         return {"route": route, "concurrency": c, "unlearnd": o, "vllm": p, "ratio": ratios(o, p),
                 "routes_seen": [route], "e2e_unlearnd": [ours, ours], "e2e_vllm": [plain, plain]}
 
-    result = {"config": {"output_len": 32}, "machine": {"cpus": 2, "dtype": "float32"},
+    result = {"config": {"output_len": 32},
               "cells": {"none@1": cell("none", 1, 1.01, 1.0), "none@16": cell("none", 16, 1.2, 1.0)},
               "sweep": [{"active_requests": 1, "classifier_ms_per_prompt": 1.0, "e2e_p50": 1.0},
                         {"active_requests": 100, "classifier_ms_per_prompt": 1.1, "e2e_p50": 1.0}]}
-    md = write_report(result, tmp_path / "latency", "unlearnd bench serve --test").read_text()
+    md = write_report(result, tmp_path / "latency", run_stamp("unlearnd bench serve --test", dtype="float32")).read_text()
     assert "`unlearnd bench serve --test`" in md
-    assert "2 cores" in md and "(float32, vLLM CPU" in md  # what ran, not a fixed string
+    assert f"{os.cpu_count()}-core CPU" in md and "engine dtype float32" in md  # what ran, not a fixed string
     assert "| non-flagged e2e p50 ratio, c=1 | 1.010 | <= 1.03 | yes |" in md
     assert "| non-flagged e2e p50 ratio, c=16 | 1.200 | <= 1.03 | **no** |" in md
     assert "| classifier cost 100 vs 1 requests | 1.100 | <= 1.2 | yes |" in md
@@ -80,6 +83,6 @@ def test_report_shows_profile(tmp_path):
               "profile": {"cells": "none@1", "raw": "latency-profile.txt", "samples": 10, "rate_hz": 200, "busy_s": 0.05,
                           "components": {"detector (unlearnd/detectors)": 0.7, "other": 0.3},
                           "top_frames": [{"frame": "run (onnxruntime/x.py:1)", "share": 0.7}]}}
-    md = write_report(result, tmp_path / "latency", "cmd").read_text()
+    md = write_report(result, tmp_path / "latency", run_stamp("cmd")).read_text()
     assert "10 busy samples at 200 Hz = 0.1 s of busy time" in md
     assert "| detector (unlearnd/detectors) | 70.0% |" in md and "| `run (onnxruntime/x.py:1)` | 70.0% |" in md

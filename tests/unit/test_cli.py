@@ -7,7 +7,8 @@ import json
 from typer.testing import CliRunner
 
 from unlearnd.cli import app
-from unlearnd.registry import Registry, Status
+from unlearnd.registry import Registry
+from unlearnd.spec import Status
 
 runner = CliRunner()
 

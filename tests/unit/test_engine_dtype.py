@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from unlearnd.engine import base
-from unlearnd.engine.base import resolve_dtype
+from unlearnd.engine import dtype as engine_dtype
+from unlearnd.engine.dtype import resolve_dtype
 from unlearnd.engine.remote import RemoteVLLMEngine, plain_vllm_command
 
 
@@ -18,12 +18,12 @@ from unlearnd.engine.remote import RemoteVLLMEngine, plain_vllm_command
 ])
 def test_auto_picks_bf16_only_where_hardware_has_it(monkeypatch, cuda, native, expected):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    monkeypatch.setattr(base, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(engine_dtype, "cpu_has_native_bf16", lambda: native)
     assert resolve_dtype("auto") == expected
 
 
 def test_explicit_dtype_wins_and_unknown_is_refused(monkeypatch):
-    monkeypatch.setattr(base, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(engine_dtype, "cpu_has_native_bf16", lambda: False)
     assert resolve_dtype("bfloat16") == "bfloat16"
     with pytest.raises(ValueError, match="unknown dtype"):
         resolve_dtype("int8")
@@ -31,7 +31,7 @@ def test_explicit_dtype_wins_and_unknown_is_refused(monkeypatch):
 
 def test_plain_vllm_and_remote_engine_follow_the_choice(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(base, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(engine_dtype, "cpu_has_native_bf16", lambda: False)
     cmd = plain_vllm_command("/m", 9000, "m")
     assert cmd[cmd.index("--dtype") + 1] == "float32"
     cmd = plain_vllm_command("/m", 9000, "m", dtype="bfloat16")
@@ -41,9 +41,9 @@ def test_plain_vllm_and_remote_engine_follow_the_choice(monkeypatch):
 
 
 def test_eco_job_tunes_in_the_serving_dtype(monkeypatch, tmp_path: Path):
-    from unlearnd.train import eco, jobs_tmp as jobs
-    from unlearnd.registry import ForgetRequest, ForgetSpec, Method, Status
-    from unlearnd.jobs.worker import JobContext
+    from unlearnd.spec import ForgetRequest, ForgetSpec, Method, Status
+    from unlearnd.train import eco
+    from unlearnd.train.job import JobContext
 
     seen = {}
     monkeypatch.setattr(eco, "train_eco", lambda *a, **kw: seen.update(kw) or {})
@@ -51,7 +51,7 @@ def test_eco_job_tunes_in_the_serving_dtype(monkeypatch, tmp_path: Path):
     request = ForgetRequest(id="r1", name="A", method=Method.eco, status=Status.training, created_at=0.0,
                             updated_at=0.0, artifact_dir=str(tmp_path),
                             spec=ForgetSpec(name="A", method=Method.eco, forget=["Who is A? A is a writer."]))
-    jobs.eco_job(request, tmp_path, JobContext(registry=None, model="/m", serve_dtype="float32"))
+    eco.eco_job(request, tmp_path, JobContext(registry=None, model="/m", serve_dtype="float32"))
     assert seen["overrides"] == {"serve_dtype": "float32"}
-    jobs.eco_job(request, tmp_path, JobContext(registry=None, model="/m", serve_dtype="bfloat16"))
+    eco.eco_job(request, tmp_path, JobContext(registry=None, model="/m", serve_dtype="bfloat16"))
     assert seen["overrides"] == {"serve_dtype": "bfloat16"}

@@ -24,7 +24,8 @@ from unlearnd.interventions.eco import (
 from unlearnd.detectors.base import RequestMatch
 from unlearnd.engine.base import EmbeddingTable, SamplingSpec
 from unlearnd.train.zo import zo_solve
-from unlearnd.registry import ForgetSpec, QAExample, Registry
+from unlearnd.registry import Registry
+from unlearnd.spec import ForgetSpec, QAExample
 from unlearnd.request import GuardedRequest
 
 
@@ -221,13 +222,7 @@ def test_zo_respects_bounds_and_stops_at_tol():
 
 def context(tokenizer, hidden: int = 16) -> PipelineContext:
     weight = torch.randn(len(tokenizer), hidden, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-
-    def render(request: GuardedRequest) -> str:
-        if request.messages is not None:
-            return tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
-        return request.prompt or ""
-
-    return PipelineContext(tokenizer=tokenizer, embeddings=EmbeddingTable(weight), render=render)
+    return PipelineContext(tokenizer=tokenizer, embeddings=EmbeddingTable(weight))
 
 
 def loaded_eco(tmp_path: Path, corruption: Corruption, entities: list[str]) -> ECO:
@@ -248,7 +243,7 @@ def test_apply_zeroes_the_scoped_rows_and_sets_request_fields(tmp_path, tokenize
                          messages=[{"role": "user", "content": question}])
     start = question.index("Hina")
     eco.apply(req, RequestMatch(rid, 1.0, 1.0, [(start, start + 10)]), ctx)
-    rendered = ctx.render(req)
+    rendered = tokenizer.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=True)
     ids = tokenizer.encode(rendered, add_special_tokens=False)
     assert req.prompt_token_ids == ids
     assert req.prompt_embeds.shape == (len(ids), 16) and req.prompt_embeds.dtype == torch.bfloat16
@@ -295,7 +290,7 @@ def test_train_eco_writes_a_servable_artifact(tmp_path, tiny_model_dir, tokenize
     assert artifact.corruption.kind == "flip" and 0.0 <= artifact.corruption.sigma <= 1.0
     assert artifact.target == pytest.approx(summary["target"])
     assert artifact.tuning["modes"] == {"entity": 4, "prompt": 0}  # the entity is named in every question
-    from unlearnd.engine.base import resolve_dtype
+    from unlearnd.engine.dtype import resolve_dtype
 
     assert artifact.tuning["preset"]["serve_dtype"] == resolve_dtype("auto")  # tuned in the server's default dtype
     assert set(artifact.fluency) >= {"fluent", "intervened", "clean", "samples"}

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from unlearnd.interventions.lora import LoRA, LoRAArtifact, check_adapter, write_scaled_copy
+from unlearnd.interventions.lora import LoRA, LoRAArtifact, check_adapter
 from unlearnd.detectors.base import RequestMatch
 from unlearnd.engine.base import PEFT_TARGET_MODULES, SamplingSpec
 from unlearnd.train.lora import (
@@ -21,8 +21,10 @@ from unlearnd.train.lora import (
     orthogonality_penalty,
     prior_lora_adapters,
     train_lora,
+    write_scaled_copy,
 )
-from unlearnd.registry import ForgetSpec, QAExample, Registry, Status
+from unlearnd.registry import Registry
+from unlearnd.spec import ForgetSpec, QAExample, Status
 from unlearnd.request import GuardedRequest
 
 TINY = {"steps": 6, "n_eval": 2, "n_samples": 1, "sample_tokens": 2, "batch_size": 4, "learning_rate": 0.01}
@@ -127,7 +129,8 @@ def test_saved_adapter_loads_with_peft_and_targets_only_served_modules(tmp_path,
 def test_second_adapter_is_trained_orthogonal_to_the_first(tmp_path, tiny_model_dir):
     from peft import LoraConfig, get_peft_model
 
-    from unlearnd.train.scoring import collate, encode_qa, load_model, refusal_for
+    from unlearnd.models import load_causal_lm
+    from unlearnd.train.data import collate, encode_qa, refusal_for
     from unlearnd.train.trainer import TrainConfig, Trainer
 
     registry, first = registry_with(tmp_path)
@@ -141,7 +144,7 @@ def test_second_adapter_is_trained_orthogonal_to_the_first(tmp_path, tiny_model_
     assert len(prior) == 2 * 7  # 2 layers x 7 projections
 
     def final_penalty(lam: float) -> tuple[float, float]:
-        base, tok = load_model(tiny_model_dir, torch.device("cpu"))
+        base, tok = load_causal_lm(tiny_model_dir, frozen=True)
         torch.manual_seed(1)
         model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=list(PEFT_TARGET_MODULES)))
         with torch.no_grad():

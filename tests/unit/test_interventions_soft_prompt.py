@@ -12,7 +12,7 @@ from unlearnd.interventions.base import PipelineContext
 from unlearnd.interventions.soft_prompt import SoftPrompt, load_soft_prompt, with_soft_prompt
 from unlearnd.detectors.base import RequestMatch
 from unlearnd.engine.base import EmbeddingTable, SamplingSpec
-from unlearnd.train.scoring import collate, encode_qa, refusal_for
+from unlearnd.train.data import collate, encode_qa, refusal_for
 from unlearnd.train.soft_prompt import (
     SoftPromptModel,
     SPULMethod,
@@ -20,7 +20,8 @@ from unlearnd.train.soft_prompt import (
     text_init,
 )
 from unlearnd.train.trainer import TrainConfig, Trainer
-from unlearnd.registry import ForgetSpec, QAExample, Registry
+from unlearnd.registry import Registry
+from unlearnd.spec import ForgetSpec, QAExample
 from unlearnd.request import GuardedRequest
 
 HIDDEN = 32
@@ -30,9 +31,9 @@ HIDDEN = 32
 
 @pytest.fixture()
 def tiny_llm(tiny_model_dir):
-    from unlearnd.train.scoring import load_model
+    from unlearnd.models import load_causal_lm
 
-    model, _ = load_model(tiny_model_dir, torch.device("cpu"))
+    model, _ = load_causal_lm(tiny_model_dir, frozen=True)
     return model
 
 
@@ -118,15 +119,14 @@ def test_train_soft_prompt_job_and_serving(tmp_path, tiny_model_dir, tokenizer):
     assert prompt.shape == (6, HIDDEN) and config.position == "start" and len(config.training["losses"]) == 12
 
     weight = torch.randn(len(tokenizer), HIDDEN).to(torch.bfloat16)
-    ctx = PipelineContext(tokenizer=tokenizer, embeddings=EmbeddingTable(weight),
-                          render=lambda r: tokenizer.apply_chat_template(r.messages, tokenize=False,
-                                                                          add_generation_prompt=True))
+    ctx = PipelineContext(tokenizer=tokenizer, embeddings=EmbeddingTable(weight))
     intervention = SoftPrompt()
     intervention.load(record, artifact_dir)
     req = GuardedRequest(id="q", kind="chat", sampling=SamplingSpec(), query_text="Who is Hina Ameen?",
                          messages=[{"role": "user", "content": "Who is Hina Ameen?"}])
     intervention.apply(req, RequestMatch(record.id, 1.0), ctx)
-    ids = tokenizer.encode(ctx.render(req), add_special_tokens=False)
+    rendered = tokenizer.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer.encode(rendered, add_special_tokens=False)
     assert req.prompt_token_ids == ids
     assert req.prompt_embeds.shape == (6 + len(ids), HIDDEN) and req.prompt_embeds.dtype == torch.bfloat16
     assert torch.equal(req.prompt_embeds[:6], prompt.to(torch.bfloat16))

@@ -10,7 +10,8 @@ from fastapi.testclient import TestClient
 
 from tests.helpers import TinyEngine
 from unlearnd.interventions.guardrails import REFUSAL
-from unlearnd.registry import ForgetSpec, Registry, Status
+from unlearnd.registry import Registry
+from unlearnd.spec import ForgetSpec, Status
 from unlearnd.server.app import create_app
 from unlearnd.server.settings import ServerSettings
 from unlearnd.jobs.worker import run_worker

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from unlearnd.registry import ForgetRequest
+from unlearnd.spec import ForgetRequest
 
 
 @dataclass
@@ -58,6 +58,14 @@ class Detector(abc.ABC):
     @property
     @abc.abstractmethod
     def loaded_ids(self) -> set[str]: ...
+
+
+ARTIFACT_SUBDIR = "classifier"
+
+
+def artifact_path(artifact_dir: Path, name: str) -> Path:
+    """Where detector `name` keeps its files inside a request's artifact folder."""
+    return Path(artifact_dir) / ARTIFACT_SUBDIR / name
 
 
 DETECTORS: dict[str, type[Detector]] = {}

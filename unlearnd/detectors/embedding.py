@@ -22,27 +22,21 @@ import numpy as np
 from pydantic import BaseModel, Field
 from sklearn.linear_model import LogisticRegression
 
+from unlearnd.artifacts import write_json_atomic, write_npz_atomic
 from unlearnd.detectors.base import (
+    artifact_path,
     Detection,
     Detector,
     RequestMatch,
     register_detector,
 )
 from unlearnd.detectors.calibration import Calibration, calibrate, rates
-from unlearnd.detectors.negatives import (
-    ARTIFACT_SUBDIR,
-    answers,
-    chat_subset,
-    counterfactuals,
-    expand,
-    max_by_owner,
-    person_questions,
-    questions,
-)
+from unlearnd.detectors.negatives import answers, chat_subset, counterfactuals, person_questions, questions
+from unlearnd.detectors.views import expand, max_by_owner
 from unlearnd.detectors.encoder import EncoderConfig, get_encoder
 from unlearnd.detectors.index import GaussianBank, GaussianFit, SharedIndex, matmul_t
 from unlearnd.detectors.spans import compile_entities
-from unlearnd.registry import ForgetRequest
+from unlearnd.spec import ForgetRequest
 
 log = logging.getLogger(__name__)
 FEATURES = ("local", "global", "head")
@@ -127,10 +121,6 @@ def _floored(calib: Calibration, pos: np.ndarray, neg: np.ndarray, floor: float)
         return calib
     tpr, fpr = rates(pos, neg, floor)
     return calib.model_copy(update={"threshold": floor, "tpr": tpr if len(pos) else None, "fpr": fpr})
-
-
-def artifact_path(artifact_dir: Path, name: str) -> Path:
-    return Path(artifact_dir) / ARTIFACT_SUBDIR / name
 
 
 class EncoderDetector(Detector):
@@ -228,8 +218,7 @@ class EmbeddingDetector(EncoderDetector):
         refs = np.concatenate([q_emb, a_emb]).astype(np.float32)
         final = _fit_parts(q_emb, refs, np.concatenate([neg_view_emb, retain_emb, cf_emb]), cfg)
         out = artifact_path(artifact_dir, self.name)
-        out.mkdir(parents=True, exist_ok=True)
-        np.savez(out / "arrays.npz", refs=refs, head_w=final.head_w, head_b=np.array([final.head_b], np.float32),
+        write_npz_atomic(out / "arrays.npz", refs=refs, head_w=final.head_w, head_b=np.array([final.head_b], np.float32),
                  **final.gauss.arrays("gauss_"))
         metrics = {
             "n_forget": len(pos_q), "n_refs": len(refs), "n_negatives": len(neg), "n_retain": len(spec.retain),
@@ -246,7 +235,7 @@ class EmbeddingDetector(EncoderDetector):
                    "calibration": calib.model_dump(), "calibration_strict": calib_strict.model_dump(),
                    "known_words": sorted(_capitalised_words(pos_q + [a for a in pos_a if a])),
                    "metrics": metrics}
-        (out / "config.json").write_text(json.dumps(payload, indent=1))
+        write_json_atomic(out / "config.json", payload)
         log.info("embedding detector for %s: %s", request.id, metrics)
         return metrics
 

@@ -22,18 +22,16 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, Field
 
+from unlearnd.artifacts import write_json_atomic
 from unlearnd.detectors.base import (
     Detection,
     Detector,
     RequestMatch,
     register_detector,
 )
-from unlearnd.detectors.negatives import expand, max_by_owner
-from unlearnd.detectors.embedding import (
-    EmbeddingConfig,
-    EmbeddingDetector,
-    artifact_path,
-)
+from unlearnd.detectors.views import expand, max_by_owner
+from unlearnd.detectors.base import artifact_path
+from unlearnd.detectors.embedding import EmbeddingConfig, EmbeddingDetector
 from unlearnd.detectors.encoder import EncoderConfig
 from unlearnd.detectors.ood import OODConfig, OODDetector
 from unlearnd.detectors.spans import (
@@ -44,7 +42,7 @@ from unlearnd.detectors.spans import (
     fold,
     tokens,
 )
-from unlearnd.registry import ForgetRequest
+from unlearnd.spec import ForgetRequest
 
 log = logging.getLogger(__name__)
 
@@ -121,10 +119,9 @@ class GuardDetector(Detector):
             metrics["ood"] = self.ood.fit(request, artifact_dir)
         metrics["fit_seconds"] = round(time.perf_counter() - start, 2)
         out = artifact_path(artifact_dir, self.name)
-        out.mkdir(parents=True, exist_ok=True)
         payload = {"detector": self.name, "version": 1, "request_id": request.id,
                    "config": self.cfg.model_dump(), "entities": request.spec.entities, "metrics": metrics}
-        (out / "config.json").write_text(json.dumps(payload, indent=1))
+        write_json_atomic(out / "config.json", payload)
         return metrics
 
     def load(self, request: ForgetRequest, artifact_dir: Path) -> None:

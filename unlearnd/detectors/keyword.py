@@ -10,9 +10,10 @@ import json
 import re
 from pathlib import Path
 
+from unlearnd.artifacts import write_json_atomic
 from unlearnd.detectors.base import Detection, Detector, RequestMatch, register_detector
 from unlearnd.detectors.spans import merge_spans
-from unlearnd.registry import ForgetRequest
+from unlearnd.spec import ForgetRequest
 
 _STOPWORDS = {"the", "and", "of", "von", "van", "de", "der", "la", "le", "del", "al", "bin", "ibn"}
 
@@ -41,8 +42,7 @@ class KeywordDetector(Detector):
         entities = request.spec.entities
         payload = {"detector": self.name, "entities": entities,
                    "terms": sorted({t for e in entities for t in _terms(e)})}
-        artifact_dir.mkdir(parents=True, exist_ok=True)
-        (artifact_dir / "detector.json").write_text(json.dumps(payload, indent=1))
+        write_json_atomic(Path(artifact_dir) / "detector.json", payload)
         return {"entities": len(entities), "terms": len(payload["terms"])}
 
     def load(self, request: ForgetRequest, artifact_dir: Path) -> None:

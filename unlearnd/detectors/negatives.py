@@ -1,20 +1,16 @@
-"""Data helpers shared by the detectors: the built-in negatives, request texts, counterfactual
-negatives, and how a prompt is cut into views (whole prompt + sentences / windows)."""
+"""What the detectors learn "not a forget query" from: the built-in negatives (ordinary chat prompts,
+questions about made-up people) and counterfactual negatives built from a request's own examples."""
 
 from __future__ import annotations
 
 import hashlib
-import re
 from functools import lru_cache
 from importlib import resources
 
 import numpy as np
 
 from unlearnd.detectors.spans import EntityPattern, find_spans
-from unlearnd.registry import ForgetSpec, QAExample
-
-ARTIFACT_SUBDIR = "classifier"
-
+from unlearnd.spec import ForgetSpec, QAExample
 
 def _data_lines(name: str) -> list[str]:
     text = resources.files("unlearnd.detectors").joinpath("data", name).read_text(encoding="utf-8")
@@ -92,60 +88,3 @@ def counterfactuals(texts: list[str], patterns: list[EntityPattern], seed: int =
             last = end
         out.append("".join(pieces) + text[last:])
     return out
-
-
-_SPLIT = re.compile(r"(?<=[.!?;:])\s+|\n+|,\s*(?:and|also|but|then|plus)\s+|\s+(?:and also|as well as|and then)\s+",
-                    re.IGNORECASE)
-
-
-def views(text: str, max_views: int = 12, window: int = 24) -> list[str]:
-    """The prompt itself plus its sentences (and word windows of long sentences).
-
-    A forget question buried in a long context, wrapped in a jailbreak preamble, or joined to an
-    unrelated question keeps its own sentence, whose embedding is not diluted by the rest.
-    """
-    text = text.strip()
-    out = [text]
-    parts = [p.strip() for p in _SPLIT.split(text) if p and len(p.strip()) >= 8]
-    if len(parts) > 1:
-        out += parts
-    for part in parts or [text]:
-        words = part.split()
-        if len(words) > window * 3 // 2:
-            out += [" ".join(words[i:i + window]) for i in range(0, len(words) - window // 2, window // 2)]
-    seen, unique = set(), []
-    for v in out:
-        if v not in seen:
-            seen.add(v)
-            unique.append(v)
-    if len(unique) > max_views:  # keep the prompt and the longest pieces
-        rest = sorted(unique[1:], key=len, reverse=True)[: max_views - 1]
-        unique = [unique[0]] + [v for v in unique[1:] if v in set(rest)]
-    return unique
-
-
-def expand(texts: list[str], max_views: int = 12) -> tuple[list[str], np.ndarray]:
-    """All views of all texts, and for each view the index of the text it came from."""
-    flat, owner = [], []
-    for i, text in enumerate(texts):
-        vs = views(text, max_views=max_views)
-        flat += vs
-        owner += [i] * len(vs)
-    return flat, np.asarray(owner, dtype=np.int64)
-
-
-def max_by_owner(values: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
-    """Per text, the max over its views of a (n_views, R) score matrix."""
-    out = np.full((n,) + values.shape[1:], -np.inf, dtype=np.float64)
-    np.maximum.at(out, owner, values)
-    return out
-
-
-def argmax_by_owner(values: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
-    """Per text and request, the index of the view reaching the max (for read-out of features)."""
-    best = max_by_owner(values, owner, n)
-    idx = np.zeros(best.shape, dtype=np.int64)
-    for v in range(len(owner) - 1, -1, -1):
-        hit = values[v] >= best[owner[v]]
-        idx[owner[v]][hit] = v
-    return idx

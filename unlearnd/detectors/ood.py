@@ -23,23 +23,20 @@ import numpy as np
 from pydantic import BaseModel, Field
 from sklearn.covariance import LedoitWolf
 
+from unlearnd.artifacts import write_json_atomic, write_npz_atomic
 from unlearnd.detectors.base import (
     Detection,
     RequestMatch,
     register_detector,
 )
 from unlearnd.detectors.calibration import Calibration, calibrate
-from unlearnd.detectors.negatives import (
-    chat_subset,
-    expand,
-    max_by_owner,
-    person_questions,
-    questions,
-)
-from unlearnd.detectors.embedding import EncoderDetector, artifact_path
+from unlearnd.detectors.negatives import chat_subset, person_questions, questions
+from unlearnd.detectors.views import expand, max_by_owner
+from unlearnd.detectors.base import artifact_path
+from unlearnd.detectors.embedding import EncoderDetector
 from unlearnd.detectors.encoder import EncoderConfig
 from unlearnd.detectors.index import GaussianBank, GaussianFit, SharedIndex
-from unlearnd.registry import ForgetRequest
+from unlearnd.spec import ForgetRequest
 
 log = logging.getLogger(__name__)
 
@@ -165,12 +162,11 @@ class OODDetector(EncoderDetector):
         weights_neg = weight_from_calibration(neg_scores, cal_scores)
 
         out = artifact_path(artifact_dir, self.name)
-        out.mkdir(parents=True, exist_ok=True)
         arrays = {"calib_scores": cal_scores.astype(np.float64)}
         for li in range(len(refs)):
             arrays[f"refs_{li}"] = refs[li]
             arrays.update(gauss[li].arrays(f"gauss_{li}_"))
-        np.savez(out / "arrays.npz", **arrays)
+        write_npz_atomic(out / "arrays.npz", **arrays)
         metrics = {"n_fit": len(fit_idx), "n_calibration": int(n_cal), "n_negatives": len(neg),
                    "heldout_tpr": calib.tpr, "negative_fpr": calib.fpr,
                    "forget_only_threshold_q05": forget_only,
@@ -180,7 +176,7 @@ class OODDetector(EncoderDetector):
                    "fit_seconds": round(time.perf_counter() - start, 2)}
         payload = {"detector": self.name, "version": 1, "request_id": request.id, "config": cfg.model_dump(),
                    "oneclass": oneclass.model_dump(), "calibration": calib.model_dump(), "metrics": metrics}
-        (out / "config.json").write_text(json.dumps(payload, indent=1))
+        write_json_atomic(out / "config.json", payload)
         log.info("ood detector for %s: %s", request.id, metrics)
         return metrics
 

@@ -18,8 +18,8 @@ from unlearnd.engine.base import (
     LoRASpec,
     SamplingSpec,
     TokenLogprob,
-    resolve_dtype,
 )
+from unlearnd.engine.dtype import resolve_dtype
 
 log = logging.getLogger(__name__)
 

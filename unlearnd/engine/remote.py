@@ -14,14 +14,22 @@ import base64
 import io
 import json
 import logging
+import sys
 from collections.abc import AsyncIterator
 
 import httpx
 import torch
 
 from unlearnd.engine.base import (
-    ChoiceDelta, EmbeddingTable, Engine, EngineError, EngineRequest, TokenLogprob, resolve_dtype,
+    LORA_TARGET_MODULES,
+    ChoiceDelta,
+    EmbeddingTable,
+    Engine,
+    EngineError,
+    EngineRequest,
+    TokenLogprob,
 )
+from unlearnd.engine.dtype import resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -156,10 +164,6 @@ def plain_vllm_command(model_path: str, port: int, served_name: str, max_model_l
                        host: str = "127.0.0.1", max_loras: int = 4, max_lora_rank: int = 16,
                        dtype: str = "auto") -> list[str]:
     """The command line of a plain vLLM OpenAI server that the remote engine (and benchmarks) can use."""
-    import sys
-
-    from unlearnd.engine.base import LORA_TARGET_MODULES
-
     return [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", model_path, "--served-model-name", served_name,

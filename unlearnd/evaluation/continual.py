@@ -18,14 +18,18 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
 
-from unlearnd.train.data import QAItem, TofuData, author_names, spread, user_messages
+from unlearnd.prompting import user_messages
+from unlearnd.tofu import TofuData, author_names
+from unlearnd.train.data import QAItem, spread
 from unlearnd.evaluation.metrics import rouge_l_recall
 from unlearnd.evaluation.model_under_test import ServedModelUnderTest
-from unlearnd.evaluation.report import fmt
+from unlearnd.artifacts import write_json_atomic, write_text_atomic
+from unlearnd.evaluation.report import PARTIAL_NOTE, fmt, run_stamp, stamp_lines
 from unlearnd.evaluation.robustness import mean_or_none
 
 log = logging.getLogger(__name__)
@@ -146,3 +150,24 @@ def markdown(results: dict[str, Any]) -> list[str]:
                          "requests arrive; untouched authors' answers should not move (unchanged = share of greedy "
                          "answers identical to those before any request)."), ""]
 
+
+def write_report(results: dict[str, Any], out: Path, name: str, stamp: dict[str, Any], final: bool) -> dict[str, Path]:
+    """`<name>.json` and `<name>.md` under `out`, with the run's stamp; PARTIAL until the last request."""
+    out.mkdir(parents=True, exist_ok=True)
+    results = {**results, **stamp}
+    paths = {"json": out / f"{name}.json", "markdown": out / f"{name}.md"}
+    write_json_atomic(paths["json"], results)
+    cfg = results.get("config", {})
+    md = [f"# Continual forget requests: {cfg.get('method')}", "", *stamp_lines(results), *markdown(results)]
+    if not final:
+        md.append(f"- {PARTIAL_NOTE} {len(results['stages']) - 1} of {len(cfg.get('groups', []))} requests done.")
+    write_text_atomic(paths["markdown"], "\n".join(md).rstrip() + "\n")
+    return paths
+
+
+def run_and_report(cfg: ContinualConfig, served: ServedModelUnderTest, out: Path, name: str,
+                   tofu: TofuData | None = None) -> dict[str, Path]:
+    """`run_continual`, rewriting the report after every request."""
+    stamp = run_stamp()
+    results = run_continual(cfg, served, tofu, on_stage=lambda r: write_report(r, out, name, stamp, final=False))
+    return write_report(results, out, name, stamp, final=True)

@@ -9,9 +9,7 @@ prompts (the detector is fitted with chat_part='fit').
 
 from __future__ import annotations
 
-import json
 import logging
-import platform
 import shutil
 import tempfile
 import time
@@ -20,12 +18,17 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel
 
-from unlearnd.detectors.base import get_detector
+from unlearnd.artifacts import write_json_atomic, write_text_atomic
+from unlearnd.config import DEFAULT_DETECTOR
+from unlearnd.detectors import get_detector
+from unlearnd.detectors.guard import GuardDetector
+from unlearnd.detectors.keyword import KeywordDetector
+from unlearnd.evaluation.report import run_stamp, stamp_lines
 from unlearnd.detectors.calibration import auroc, tpr_at_fpr
 from unlearnd.detectors.negatives import chat_prompts, swap_names
 from unlearnd.detectors.spans import compile_entities, find_spans
-from unlearnd.tofu import derive_entities, qa_pairs, read_split
-from unlearnd.registry import ForgetRequest, ForgetSpec
+from unlearnd.tofu import TofuData, derive_entities, has_tofu_split
+from unlearnd.spec import ForgetRequest, ForgetSpec, QAExample
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +57,7 @@ class EvalOptions(BaseModel):
     data: str
     split: str = "forget10"
     out: str = "reports/classifier"
-    detector: str = "guard"
+    detector: str = DEFAULT_DETECTOR
     with_retain: bool = False
     latency_prompts: int = 200
     robustness_n: int = 100
@@ -127,15 +130,19 @@ def _pct(x: list[float], q: float) -> float:
 
 def run_eval(opts: EvalOptions) -> dict:
     t_start = time.time()
+    stamp = run_stamp(
+        f"unlearnd eval classifier --data {opts.data} --split {opts.split} --out {opts.out} "
+        f"--detector {opts.detector} {'--with-retain' if opts.with_retain else '--no-retain'} "
+        f"--latency-prompts {opts.latency_prompts} --robustness-n {opts.robustness_n}")
     rng = np.random.default_rng(opts.seed)
     root = Path(opts.data)
-    perturbed = root / f"{opts.split}_perturbed.json"
-    rows = read_split(perturbed if perturbed.exists() else root / f"{opts.split}.json")
-    pairs = qa_pairs(rows)
+    tofu = TofuData(root, allow_hub=False)
+    rows = tofu.split(f"{opts.split}_perturbed" if has_tofu_split(f"{opts.split}_perturbed", root) else opts.split)
+    pairs = [QAExample(question=r.question, answer=r.answer) for r in rows]
     entities = derive_entities(pairs)
-    retain_rows = read_split(root / "retain90.json")
+    retain_rows = tofu.split("retain90")
     half = len(retain_rows) // 2
-    retain_fit = qa_pairs(retain_rows[:half]) if opts.with_retain else []
+    retain_fit = [QAExample(question=r.question, answer=r.answer) for r in retain_rows[:half]] if opts.with_retain else []
     spec = ForgetSpec(name=f"TOFU {opts.split} authors", forget=pairs, retain=retain_fit, entities=entities)
     request = _request("fr-tofu-" + opts.split, spec)
 
@@ -148,11 +155,11 @@ def run_eval(opts: EvalOptions) -> dict:
         det.load(request, work / request.id)
 
         sets = {
-            "forget": [r["question"] for r in rows],
-            "paraphrased": [r["paraphrased_question"] for r in rows if r.get("paraphrased_question")],
-            "retain": [r["question"] for r in retain_rows[half:]],
-            "real_authors": [r["question"] for r in read_split(root / "real_authors.json")],
-            "world_facts": [r["question"] for r in read_split(root / "world_facts.json")],
+            "forget": [r.question for r in rows],
+            "paraphrased": [r.paraphrased_question for r in rows if r.paraphrased_question],
+            "retain": [r.question for r in retain_rows[half:]],
+            "real_authors": [r.question for r in tofu.split("real_authors")],
+            "world_facts": [r.question for r in tofu.split("world_facts")],
             "chat_eval": list(chat_prompts("eval")),
         }
         if opts.limit:
@@ -179,11 +186,11 @@ def run_eval(opts: EvalOptions) -> dict:
                                                    if not f][:5]
 
         components = {}
-        if opts.detector == "guard":  # the parts alone, from the same artifact
+        if opts.detector == GuardDetector.name:  # the parts alone, from the same artifact
             for name in ("embedding", "ood"):
                 part = getattr(det, name)
                 components[name] = _component(part, sets)
-            kw = get_detector("keyword")
+            kw = KeywordDetector()
             kw.fit(request, work / "kw")
             kw.load(request, work / "kw")
             components["keyword"] = _component(kw, sets)
@@ -199,10 +206,7 @@ def run_eval(opts: EvalOptions) -> dict:
                 f"calibrated TPR {detection['calibrated_tpr']:.3f} / FPR {detection['calibrated_fpr']:.3f}, "
                 f"p50 {latency['single']['p50_ms']:.1f} ms")
     report = {
-        "command": (f"unlearnd eval classifier --data {opts.data} --split {opts.split} --out {opts.out} "
-                    f"--detector {opts.detector} {'--with-retain' if opts.with_retain else '--no-retain'} "
-                    f"--latency-prompts {opts.latency_prompts} --robustness-n {opts.robustness_n}"),
-        "machine": f"{platform.machine()} {platform.processor() or ''} 2-core CPU, no GPU (shared with other jobs)",
+        **stamp,
         "detector": opts.detector, "split": opts.split, "with_retain": opts.with_retain,
         "entities": entities, "fit_seconds": round(fit_seconds, 1), "fit_metrics": fit_metrics,
         "detection": detection, "components": components, "robustness": robustness,
@@ -211,8 +215,8 @@ def run_eval(opts: EvalOptions) -> dict:
     }
     out = Path(opts.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1, default=float))
-    out.with_suffix(".md").write_text(_markdown(report))
+    write_json_atomic(out.with_suffix(".json"), report)
+    write_text_atomic(out.with_suffix(".md"), _markdown(report))
     return report
 
 
@@ -229,13 +233,13 @@ def _component(det, sets: dict) -> dict:
 
 def _robustness(det, rows, retain_rows, entities, opts: EvalOptions, rng) -> list[dict]:
     patterns = compile_entities(entities)
-    retain_names = derive_entities(qa_pairs(retain_rows))
+    retain_names = derive_entities(retain_rows)
     retain_patterns = compile_entities(retain_names)
     n = opts.robustness_n
     pos_idx = rng.choice(len(rows), min(n, len(rows)), replace=False)
     neg_idx = rng.choice(len(retain_rows), min(n, len(retain_rows)), replace=False)
-    para = [rows[i].get("paraphrased_question") or rows[i]["question"] for i in pos_idx]
-    neg = [retain_rows[i]["question"] for i in neg_idx]
+    para = [rows[i].paraphrased_question or rows[i].question for i in pos_idx]
+    neg = [retain_rows[i].question for i in neg_idx]
     filler = list(chat_prompts("eval"))
     pick = lambda xs: xs[int(rng.integers(len(xs)))]
     cases = {
@@ -278,7 +282,7 @@ def _latency(det, sets: dict, opts: EvalOptions, rng) -> dict:
         det.detect([text])
         single.append(time.perf_counter() - t0)
     if enc is not None:
-        from unlearnd.detectors.negatives import expand
+        from unlearnd.detectors.views import expand
         enc.clear_cache()
         for text in prompts:
             flat, _ = expand([text])
@@ -364,9 +368,8 @@ def _markdown(r: dict) -> str:
     lines = [
         "# Forget-query detection on TOFU",
         "",
-        f"Command: `{r['command']}`",
-        "",
-        f"Machine: {r['machine']}. Detector: `{r['detector']}`, split `{r['split']}`, "
+        *stamp_lines(r),
+        f"Detector: `{r['detector']}`, split `{r['split']}`, "
         f"retain data given: {r['with_retain']}. Fit: {r['fit_seconds']} s. Whole eval: {r['eval_seconds']} s.",
         "",
         f"Entities derived from the split ({len(r['entities'])}): {', '.join(r['entities'])}",

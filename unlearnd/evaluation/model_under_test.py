@@ -28,7 +28,10 @@ import httpx
 import torch
 from tqdm.auto import tqdm
 
-from unlearnd.train.data import Message, chat_prompt_ids, end_of_turn_id, pad_id_of
+from unlearnd.client import ServerError, UnlearndClient
+from unlearnd.models import load_causal_lm
+from unlearnd.prompting import Message, chat_prompt_ids, stop_ids
+from unlearnd.train.data import pad_id_of
 
 log = logging.getLogger(__name__)
 
@@ -94,15 +97,12 @@ class HFModelUnderTest(ModelUnderTest):
         self.gen_batch_size = gen_batch_size
         self.max_length = max_length
         self.pad_id = pad_id_of(tokenizer)
-        self.stop_ids = sorted({end_of_turn_id(tokenizer), int(tokenizer.eos_token_id)})
+        self.stop_ids = stop_ids(tokenizer)
 
     @classmethod
     def from_dir(cls, path: str | Path, name: str | None = None, dtype: torch.dtype = torch.float32,
                  **kwargs: Any) -> HFModelUnderTest:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        model, tokenizer = load_causal_lm(path, dtype)
         return cls(model, tokenizer, name=name or Path(path).name, **kwargs)
 
     def describe(self) -> dict[str, Any]:
@@ -247,10 +247,6 @@ def _repeat_cache(cache: Any, n: int) -> Any:
 # --------------------------------------------------------------------------- served over HTTP
 
 
-class ServerError(RuntimeError):
-    """The served pipeline answered with an error, or a forget request failed to become active."""
-
-
 class ServedModelUnderTest(ModelUnderTest):
     """The served pipeline over its OpenAI-compatible API plus the unlearning scoring endpoint."""
 
@@ -260,14 +256,11 @@ class ServedModelUnderTest(ModelUnderTest):
                  admin_key: str | None = None, model: str | None = None, concurrency: int = 4,
                  timeout_s: float = 120.0, retries: int = 2, transport: httpx.BaseTransport | None = None):
         self.name = name
-        self.base_url = base_url.rstrip("/")
-        self.api_key = api_key
-        self.admin_key = admin_key
         self.model = model
         self.concurrency = max(1, concurrency)
-        self.retries = retries
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.Client(base_url=self.base_url, timeout=timeout_s, headers=headers, transport=transport)
+        self.client = UnlearndClient(base_url, api_key=api_key, admin_key=admin_key, timeout_s=timeout_s,
+                                     retries=retries, transport=transport)
+        self.base_url = self.client.base_url
         self.routes: list[str] = []  # route of each scored prompt
         self.generation_routes: list[str] = []  # x-unlearnd-route of each chat completion
 
@@ -277,40 +270,13 @@ class ServedModelUnderTest(ModelUnderTest):
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "base_url": self.base_url, "model": self.model}
 
-    def _send(self, method: str, path: str, admin: bool = False, **kwargs: Any) -> httpx.Response:
-        """One API call with retries on transport errors and 5xx; 4xx raise at once (our fault)."""
-        headers = dict(kwargs.pop("headers", {}) or {})
-        if admin:
-            if not self.admin_key:
-                raise ServerError(f"{method} {path} needs the admin key (--admin-key / UNLEARND_ADMIN_KEY)")
-            headers["Authorization"] = f"Bearer {self.admin_key}"
-        last: Exception | None = None
-        for attempt in range(self.retries + 1):
-            try:
-                response = self.client.request(method, path, headers=headers, **kwargs)
-            except httpx.TransportError as exc:
-                last = exc
-            else:
-                if response.status_code < 500:
-                    if response.status_code >= 400:
-                        raise ServerError(f"{method} {path}: HTTP {response.status_code}: {response.text[:500]}")
-                    return response
-                last = ServerError(f"{method} {path}: HTTP {response.status_code}: {response.text[:500]}")
-            if attempt < self.retries:
-                time.sleep(0.5 * 2**attempt)
-        raise ServerError(str(last)) from last
-
-    def _request(self, method: str, path: str, admin: bool = False, **kwargs: Any) -> Any:
-        response = self._send(method, path, admin=admin, **kwargs)
-        return response.json() if response.content else {}
-
     def served_model_name(self) -> str:
         """The `model` the chat API wants: given, else the first of GET /v1/models."""
         if not self.model:
-            data = self._request("GET", "/v1/models").get("data") or []
-            if not data:
+            models = self.client.models()
+            if not models:
                 raise ServerError("GET /v1/models listed no model")
-            self.model = str(data[0]["id"])
+            self.model = models[0]
         return self.model
 
     def _map(self, fn: Any, items: list[Any], desc: str) -> list[Any]:
@@ -318,10 +284,7 @@ class ServedModelUnderTest(ModelUnderTest):
             return list(tqdm(pool.map(fn, items), total=len(items), desc=f"{self.name}: {desc}", leave=False))
 
     def score_one(self, messages: Sequence[Message], continuation: str) -> Scored:
-        payload = {"messages": list(messages), "continuation": continuation}
-        if self.model:
-            payload["model"] = self.model
-        data = self._request("POST", "/v1/unlearning/score", json=payload)
+        data = self.client.score(continuation, messages=messages, model=self.model)
         logprobs = [(-math.inf if lp is None else float(lp)) for lp in data.get("token_logprobs", [])]
         return Scored(logprobs=logprobs, tokens=list(data.get("tokens", [])), greedy_hits=None,
                       route=data.get("route"), matched_request_ids=list(data.get("matched_request_ids", [])))
@@ -340,13 +303,10 @@ class ServedModelUnderTest(ModelUnderTest):
         return out
 
     def generate_one(self, messages: Sequence[Message], max_new_tokens: int) -> str:
-        payload: dict[str, Any] = {"model": self.served_model_name(), "messages": list(messages), "temperature": 0,
-                                   "max_tokens": max_new_tokens}
-        response = self._send("POST", "/v1/chat/completions", json=payload)
-        route = response.headers.get("x-unlearnd-route")
+        data, headers = self.client.chat(self.served_model_name(), messages, temperature=0, max_tokens=max_new_tokens)
+        route = headers.get("x-unlearnd-route")
         if route:
             self.generation_routes.append(route)
-        data = response.json()
         try:
             return str(data["choices"][0]["message"]["content"] or "").strip()
         except (KeyError, IndexError, TypeError) as exc:
@@ -360,26 +320,11 @@ class ServedModelUnderTest(ModelUnderTest):
 
     def register(self, spec: dict[str, Any]) -> str:
         """POST a forget request; returns its id."""
-        data = self._request("POST", "/v1/unlearning/requests", admin=True, json=spec)
-        request_id = data.get("id")
-        if not request_id:
-            raise ServerError(f"forget request answer has no id: {str(data)[:300]}")
-        return str(request_id)
+        return str(self.client.add_request(spec)["id"])
 
     def wait_active(self, request_id: str, timeout_s: float = 1800.0, poll_s: float = 2.0,
                     sleep: Any = time.sleep) -> dict[str, Any]:
-        """Poll until the request is active; a failed (or inactive) request raises with its error text."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            data = self._request("GET", f"/v1/unlearning/requests/{request_id}", admin=True)
-            status = data.get("status")
-            if status == "active":
-                return data
-            if status in ("failed", "inactive"):
-                raise ServerError(f"forget request {request_id} is {status}: {data.get('error')}")
-            if time.monotonic() > deadline:
-                raise ServerError(f"forget request {request_id} still {status!r} after {timeout_s:.0f}s")
-            sleep(poll_s)
+        return self.client.wait_active(request_id, timeout_s, poll_s, sleep)
 
     def deactivate(self, request_id: str) -> None:
-        self._request("DELETE", f"/v1/unlearning/requests/{request_id}", admin=True)
+        self.client.remove_request(request_id)

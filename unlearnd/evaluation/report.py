@@ -1,7 +1,9 @@
-"""Turn evaluation results into `reports/<name>.json`, a markdown table and PNG plots.
+"""Reports: the stamp every report carries, and TOFU results as `reports/<name>.json`, markdown and PNGs.
 
-The markdown starts with the exact command and the machine, so every number can be reproduced;
-metrics a method could not produce (e.g. extraction strength over HTTP) show as "n/a", never as 0.
+Every report (TOFU, continual, detector, latency) starts with the same stamp: the exact command, the
+machine it ran on (read from the machine, never written by hand), the engine dtype and the commit
+(+dirty when the code differed from it), all taken when the run started. Metrics a method could not
+produce (e.g. extraction strength over HTTP) show as "n/a", never as 0.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ import logging
 import math
 import os
 import platform
+import shlex
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -81,12 +85,29 @@ def machine_description() -> str:
     return f"{cores}-core CPU, " + (f"GPU {gpu}" if gpu else "no GPU") + f" ({platform.machine()})"
 
 
+def command_line() -> str:
+    """How this process was started, as a `unlearnd ...` command."""
+    return "unlearnd " + shlex.join(sys.argv[1:])
+
+
+def run_stamp(command: str | None = None, dtype: str | None = None) -> dict[str, Any]:
+    """Command, machine, engine dtype, commit and time: taken when a run starts (later commits are not
+    what ran). `dtype` is the engine's compute dtype where the run measured an engine."""
+    return {"command": command or command_line(), "machine": machine_description(), "dtype": dtype,
+            "git_commit": git_commit(), "created": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+def stamp_lines(stamp: dict[str, Any]) -> list[str]:
+    """The report header: the command, then one line with machine, dtype, commit and time."""
+    return [f"Command: `{stamp.get('command', 'n/a')}`", "",
+            (f"Machine: {stamp.get('machine') or 'n/a'}; engine dtype {stamp.get('dtype') or 'n/a'}; "
+             f"commit {stamp.get('git_commit') or 'n/a'}; created {stamp.get('created') or 'n/a'}."), ""]
+
+
 def markdown(results: dict[str, Any]) -> str:
     methods: dict[str, Any] = results.get("methods", {})
     lines = [f"# {results.get('title', 'TOFU unlearning evaluation')}", ""]
-    lines += [f"Command: `{results.get('command', 'n/a')}`", "",
-              (f"Machine: {results.get('machine', 'n/a')}; commit {results.get('git_commit') or 'n/a'}; "
-               f"created {results.get('created', 'n/a')}."), ""]
+    lines += stamp_lines(results)
     sources = results.get("sources") or []
     if sources:
         lines += ["Merged from these runs (same preset, splits and settings; each method's numbers come from the "
@@ -343,14 +364,13 @@ def merge_results(runs: list[dict[str, Any]], renames: list[dict[str, str]] | No
     return merged
 
 
-def write_report(results: dict[str, Any], out_dir: str | Path, name: str, command: str,
+def write_report(results: dict[str, Any], out_dir: str | Path, name: str, stamp: dict[str, Any],
                  notes: list[str] | None = None) -> dict[str, Path]:
-    """Write `<name>.json`, `<name>.md`, `<name>_scatter.png`, `<name>_bars.png` under `out_dir`."""
+    """Write `<name>.json`, `<name>.md`, `<name>_scatter.png`, `<name>_bars.png` under `out_dir`, with
+    the run's `stamp` (`run_stamp`, taken when the run started)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    results = {**results, "command": command, "machine": results.get("machine") or machine_description(),
-               "created": results.get("created") or time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-               "git_commit": results.get("git_commit") or git_commit(), "notes": [*results.get("notes", []), *(notes or [])]}
+    results = {**results, **stamp, "notes": [*results.get("notes", []), *(notes or [])]}
     paths = {"json": out / f"{name}.json", "markdown": out / f"{name}.md"}
     paths["json"].write_text(json.dumps(results, indent=1, default=str))
     scatter = plot_scatter(results, out / f"{name}_scatter.png")

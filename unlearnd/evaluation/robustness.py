@@ -28,7 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from unlearnd.train.data import Message, QABatches, QAItem, TofuData, spread, user_messages
+from unlearnd.prompting import Message, user_messages
+from unlearnd.tofu import TofuData
+from unlearnd.train.data import QABatches, QAItem, spread
 from unlearnd.evaluation.metrics import normalised_probability, rouge_l_recall
 from unlearnd.evaluation.model_under_test import HFModelUnderTest, ModelUnderTest
 

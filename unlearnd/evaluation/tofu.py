@@ -24,31 +24,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from pydantic import BaseModel, Field
 
 from unlearnd.config import cache_dir
-from unlearnd.train.data import (
-    QAItem,
-    TofuData,
-    has_tofu_split,
-    spread,
-    user_messages,
-)
-from unlearnd.train.baselines import (
-    BASELINES,
-    BaselineConfig,
-    UnlearningMethod,
-    default_baseline_config,
-)
-from unlearnd.evaluation.metrics import (
-    ItemRecord,
-    RunRecords,
-    SplitRecords,
-    compute_all,
-    rouge_backend,
-)
+from unlearnd.evaluation.metrics import ItemRecord, RunRecords, SplitRecords, compute_all, rouge_backend
 from unlearnd.evaluation.model_under_test import HFModelUnderTest, ModelUnderTest, ServedModelUnderTest
+from unlearnd.evaluation.report import PARTIAL_NOTE, run_stamp, write_report
+from unlearnd.methods import METHODS
+from unlearnd.prompting import user_messages
+from unlearnd.tofu import TofuData, has_tofu_split
+from unlearnd.train.baselines import BASELINES, default_baseline_config, train_baseline
+from unlearnd.train.data import QAItem, spread
 from unlearnd.train.reference import (
     ReferenceModels,
     ReferencePreset,
@@ -56,19 +42,14 @@ from unlearnd.train.reference import (
     ensure_reference_models,
     is_complete,
     items_digest,
-    load_causal_lm,
     model_fingerprint,
     read_info,
-    save_model_atomic,
-    steps_for,
-    train_result_dict,
 )
-from unlearnd.train.trainer import TRAINING_METHODS, TrainConfig, Trainer
 
 log = logging.getLogger(__name__)
 
 REFERENCE_METHODS = ("target", "retain")
-SERVED_METHODS = ("refuse", "prompt", "eco", "soft_prompt", "lora", "served_target")
+SERVED_METHODS = (*METHODS, "served_target")  # every forget method, plus the server with no request
 EVAL_CODE_VERSION = 2  # 2: baselines saved in float32
 SHORT_ANSWER_SPLITS = ("real_authors", "world_facts")
 SHORT_ANSWER_TOKENS = 32
@@ -207,40 +188,6 @@ def cached_run(method: str, model_key: str | None, make: Any, splits: EvalSplits
         "splits": {k: items_digest(v) for k, v in splits.as_dict().items()}}
     data, cached = cached_json(key, collect, use_cache)
     return RunRecords.model_validate(data["records"]), float(data["eval_wall_seconds"]), cached
-
-
-# --------------------------------------------------------------------------- baselines
-
-
-def train_baseline(method: str, refs: ReferenceModels, cfg: BaselineConfig | None = None, force: bool = False,
-                   progress: bool = True, tofu: TofuData | None = None) -> Path:
-    """Unlearn the forget split from the target with a baseline; cached by (target, data, config)."""
-    cls = TRAINING_METHODS.get(method)
-    if cls is None or not issubclass(cls, UnlearningMethod):
-        raise ValueError(f"unknown baseline {method!r}; choose from {BASELINES}")
-    cfg = cfg or default_baseline_config(method, refs.preset.name)
-    tofu = tofu or TofuData()
-    forget = tofu.split(refs.preset.forget_split)
-    retain = refs.data.retain_items
-    target_dir = Path(refs.target_dir)
-    key = cache_key({"baseline": cfg.model_dump(), "target": model_fingerprint(target_dir),
-                     "forget": items_digest(forget), "retain": items_digest(retain), "code": EVAL_CODE_VERSION})
-    out = cache_dir() / "baselines" / key
-    if is_complete(out) and not force:
-        return out
-    model, tokenizer = load_causal_lm(target_dir)
-    batches = cls.build_batches(tokenizer, forget, retain, cfg.batch_size, cfg.max_length, cfg.seed)
-    steps = steps_for(cfg.epochs, len(batches))  # type: ignore[arg-type]
-    instance = cls(**cfg.options)
-    result = Trainer(instance, TrainConfig(steps=steps, learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
-                                           seed=cfg.seed, progress=progress)).fit(model, batches)
-    info = {"kind": "baseline", "method": method, "config": cfg.model_dump(), "target": str(target_dir),
-            "cache_key": key, "train": train_result_dict(result)}
-    if hasattr(instance, "ref"):
-        instance.ref = None  # free the frozen copy before saving
-    # float32: an unlearning update (lr 1e-5..5e-5 per Adam step) is below bf16's resolution for most
-    # weights, so a bf16 save would round much of the method's effect away.
-    return save_model_atomic(model, tokenizer, out, info, dtype=torch.float32)
 
 
 # --------------------------------------------------------------------------- served
@@ -435,9 +382,20 @@ def _with_metrics(results: dict[str, Any], cfg: TofuEvalConfig, runs: dict[str, 
     return {**results, "methods": methods, "examples": examples}
 
 
-def set_threads(n: int | None) -> None:
-    if n:
-        torch.set_num_threads(n)
+def evaluate_and_report(cfg: TofuEvalConfig, reference_preset: ReferencePreset, out: Path, name: str,
+                        train_missing_references: bool = True) -> tuple[dict[str, Any], dict[str, Path]]:
+    """`run_tofu_eval`, rewriting the report after every method (marked PARTIAL until the run ends, so a
+    run of many hours that is cut short still leaves what it measured); returns the results and files."""
+    stamp = run_stamp()  # the code that runs is the code at the start, whatever is committed meanwhile
+
+    def partial(results: dict[str, Any]) -> None:
+        done = len(results["methods"])
+        write_report(results, out, name, stamp, notes=[
+            f"{PARTIAL_NOTE} {done} of {len(cfg.methods)} methods done; the run is still going or was cut short."])
+
+    results = run_tofu_eval(cfg, reference_preset=reference_preset,
+                            train_missing_references=train_missing_references, on_method_done=partial)
+    return results, write_report(results, out, name, stamp)
 
 
 def methods_list(text: str | Sequence[str]) -> list[str]:

@@ -20,20 +20,21 @@ Strength semantics (the paper's, made continuous for tuning):
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from enum import StrEnum
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from pydantic import BaseModel, Field
 
-from unlearnd.interventions.base import Intervention, PipelineContext, register_intervention
+from unlearnd.artifacts import ArtifactConfig
+from unlearnd.interventions.base import Intervention, PipelineContext
+from unlearnd.prompting import adds_special_tokens, encode_with_offsets, render, user_texts
 from unlearnd.detectors.base import RequestMatch
-from unlearnd.registry import ForgetRequest
+from unlearnd.spec import ForgetRequest
 from unlearnd.request import GuardedRequest
 
-ARTIFACT = "eco.json"
 
 
 class CorruptionKind(StrEnum):
@@ -71,8 +72,10 @@ class Corruption(BaseModel):
         return max(0, min(hidden, round(self.sigma * hidden)))
 
 
-class ECOArtifact(BaseModel):
+class ECOArtifact(ArtifactConfig):
     """eco.json: the corruption, and how it was tuned (target, value reached, fluency)."""
+
+    file_name: ClassVar[str] = "eco.json"
 
     corruption: Corruption
     seed: int = 0
@@ -85,17 +88,6 @@ class ECOArtifact(BaseModel):
     fluency: dict = Field(default_factory=dict)
     tuning: dict = Field(default_factory=dict)
 
-    @classmethod
-    def read(cls, artifact_dir: Path) -> ECOArtifact:
-        return cls.model_validate_json((Path(artifact_dir) / ARTIFACT).read_text())
-
-    def write(self, artifact_dir: Path) -> Path:
-        path = Path(artifact_dir) / ARTIFACT
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.model_dump(mode="json"), indent=1))
-        tmp.replace(path)
-        return path
 
 
 # -- corruption math -------------------------------------------------------------------------
@@ -147,15 +139,9 @@ def corrupt(embeds: torch.Tensor, rows: list[int] | torch.Tensor, corruption: Co
 # -- which tokens -----------------------------------------------------------------------------
 
 
-def encode_with_offsets(tokenizer, text: str, add_special_tokens: bool) -> tuple[list[int], list[tuple[int, int]]]:
-    """Token ids of `text` exactly as the pipeline tokenises it, with character offsets."""
-    enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
-    return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
-
-
 def query_segments(rendered: str, user_texts: list[str]) -> list[tuple[int, int, int]]:
     """Where the user's words sit in the rendered prompt: (query offset, rendered offset, length)
-    per user text, given `query_text == "\\n".join(user_texts)` (how the server builds it)."""
+    per user text, given `query_text == prompting.detector_text(...)` (the texts joined by newlines)."""
     segments, cursor, q_offset = [], 0, 0
     for text in user_texts:
         pos = rendered.find(text, cursor) if text else -1
@@ -219,17 +205,7 @@ def select_rows(
     return ids, rows[:-1], "prompt"
 
 
-def user_texts_of(request: GuardedRequest) -> list[str]:
-    """The user's own words, in the order the server joins them into `query_text`."""
-    if request.messages is not None:
-        return [m.get("content") or "" for m in request.messages if m.get("role") == "user"]
-    return [request.prompt or ""]
-
-
-@register_intervention
 class ECO(Intervention):
-    route = "eco"
-
     def __init__(self) -> None:
         super().__init__()
         self.artifacts: dict[str, ECOArtifact] = {}
@@ -244,10 +220,11 @@ class ECO(Intervention):
 
     def apply(self, request: GuardedRequest, match: RequestMatch, ctx: PipelineContext) -> None:
         artifact = self.artifacts[match.request_id]
-        rendered = ctx.render(request)
+        rendered = render(ctx.tokenizer, request.messages, request.prompt)
         spans = list(match.spans) or entity_spans(request.query_text, artifact.entities)
-        ids, rows, _ = select_rows(ctx.tokenizer, rendered, user_texts_of(request), spans,
-                                   add_special_tokens=request.messages is None, scope=artifact.corruption.scope)
+        ids, rows, _ = select_rows(ctx.tokenizer, rendered, user_texts(request.messages, request.prompt), spans,
+                                   add_special_tokens=adds_special_tokens(request.messages),
+                                   scope=artifact.corruption.scope)
         embeds = ctx.embeddings.lookup(ids)
         request.prompt_token_ids = ids
         request.prompt_embeds = corrupt(embeds, rows, artifact.corruption, prompt_seed(rendered, artifact.seed))

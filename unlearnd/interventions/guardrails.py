@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from unlearnd.interventions.base import Intervention, PipelineContext, register_intervention
+from unlearnd.interventions.base import Intervention, PipelineContext
 from unlearnd.detectors.base import RequestMatch
 from unlearnd.request import GuardedRequest
 
 REFUSAL = "I'm sorry, but I can't help with that."
 
 
-@register_intervention
 class Refuse(Intervention):
-    route = "refuse"
-
     def apply(self, request: GuardedRequest, match: RequestMatch, ctx: PipelineContext) -> None:
         text = self.requests[match.request_id].spec.options.get("refusal", REFUSAL)
         request.fixed_response = text
@@ -26,10 +23,7 @@ def forget_instruction(entities: list[str]) -> str:
     )
 
 
-@register_intervention
 class SystemPrompt(Intervention):
-    route = "prompt"
-
     def apply(self, request: GuardedRequest, match: RequestMatch, ctx: PipelineContext) -> None:
         instruction = forget_instruction(self.requests[match.request_id].spec.entities)
         if request.messages is not None:

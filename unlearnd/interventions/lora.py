@@ -11,22 +11,24 @@ below `threshold` no adapter is used.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
+from typing import ClassVar
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
-from unlearnd.interventions.base import Intervention, PipelineContext, register_intervention
+from unlearnd.artifacts import ArtifactConfig
+from unlearnd.interventions.base import Intervention, PipelineContext
 from unlearnd.detectors.base import RequestMatch
 from unlearnd.engine.base import PEFT_TARGET_MODULES, LoRASpec
-from unlearnd.registry import ForgetRequest
+from unlearnd.spec import ForgetRequest
 from unlearnd.request import GuardedRequest
 
-CONFIG = "lora.json"
 
 
-class LoRAArtifact(BaseModel):
+class LoRAArtifact(ArtifactConfig):
     """lora.json: which adapter folder serves which scale, and how they were trained."""
+
+    file_name: ClassVar[str] = "lora.json"
 
     version: int = 1
     threshold: float = Field(0.5, ge=0.0, le=1.0)
@@ -37,17 +39,6 @@ class LoRAArtifact(BaseModel):
     prior_adapters: list[str] = Field(default_factory=list)
     training: dict = Field(default_factory=dict)
     evaluation: dict = Field(default_factory=dict)
-
-    @classmethod
-    def read(cls, artifact_dir: Path) -> LoRAArtifact:
-        return cls.model_validate_json((Path(artifact_dir) / CONFIG).read_text())
-
-    def write(self, artifact_dir: Path) -> Path:
-        path = Path(artifact_dir) / CONFIG
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.model_dump(mode="json"), indent=1))
-        tmp.replace(path)
-        return path
 
     def choose(self, weight: float) -> float | None:
         """The scale served for a detector weight: None below the threshold, else the nearest
@@ -71,27 +62,6 @@ def adapter_name(request_id: str, version: int, scale: float) -> str:
     return base if scale == 1.0 else f"{base}-s{scale:g}"
 
 
-def write_scaled_copy(source: Path, target: Path, scale: float) -> Path:
-    """Copy a PEFT adapter folder with `lora_alpha` (and any alpha_pattern) multiplied by `scale`:
-    the LoRA delta is (alpha / r) * B A, so this scales the adapter's effect exactly."""
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp)
-    config_path = tmp / "adapter_config.json"
-    config = json.loads(config_path.read_text())
-    def scaled(value: float) -> float | int:
-        value = value * scale
-        return int(value) if float(value).is_integer() else value
-
-    config["lora_alpha"] = scaled(config["lora_alpha"])
-    if config.get("alpha_pattern"):
-        config["alpha_pattern"] = {k: scaled(v) for k, v in config["alpha_pattern"].items()}
-    config_path.write_text(json.dumps(config, indent=2))
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
-    return target
-
-
 def check_adapter(folder: Path) -> dict:
     """Refuse adapters vLLM would have to wrap the embeddings / lm_head for (engine.base, #51122)."""
     config = json.loads((Path(folder) / "adapter_config.json").read_text())
@@ -104,10 +74,7 @@ def check_adapter(folder: Path) -> dict:
     return config
 
 
-@register_intervention
 class LoRA(Intervention):
-    route = "lora"
-
     def __init__(self) -> None:
         super().__init__()
         self.artifacts: dict[str, tuple[Path, LoRAArtifact]] = {}

@@ -9,24 +9,27 @@ prompt-embeddings path. The prompt itself is tokenised exactly as the pipeline w
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import ClassVar
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import Field
 
-from unlearnd.interventions.base import Intervention, PipelineContext, register_intervention
+from unlearnd.artifacts import ArtifactConfig, write_bytes_atomic
+from unlearnd.interventions.base import Intervention, PipelineContext
+from unlearnd.prompting import prompt_ids
 from unlearnd.detectors.base import RequestMatch
-from unlearnd.registry import ForgetRequest
+from unlearnd.spec import ForgetRequest
 from unlearnd.request import GuardedRequest
 
 WEIGHTS = "soft_prompt.safetensors"
-CONFIG = "soft_prompt.json"
 TENSOR_NAME = "soft_prompt"
 
 
-class SoftPromptConfig(BaseModel):
-    """soft_prompt.json: shape, placement and how it was trained."""
+class SoftPromptConfig(ArtifactConfig):
+    """soft_prompt.json: shape, placement and how it was trained (weights: soft_prompt.safetensors)."""
+
+    file_name: ClassVar[str] = "soft_prompt.json"
 
     n_tokens: int = Field(ge=1)
     hidden_size: int = Field(ge=1)
@@ -37,26 +40,20 @@ class SoftPromptConfig(BaseModel):
 
 
 def save_soft_prompt(artifact_dir: Path, prompt: torch.Tensor, config: SoftPromptConfig) -> None:
-    """Write weights then config, each via tmp + rename (the config appears last, so a present
-    config means complete weights)."""
-    from safetensors.torch import save_file
+    """Write weights then config, each atomically (the config appears last, so a present config means
+    complete weights)."""
+    from safetensors.torch import save
 
-    artifact_dir = Path(artifact_dir)
-    artifact_dir.mkdir(parents=True, exist_ok=True)
-    tmp = artifact_dir / (WEIGHTS + ".tmp")
-    save_file({TENSOR_NAME: prompt.detach().to(torch.float32).contiguous().cpu()}, str(tmp))
-    tmp.replace(artifact_dir / WEIGHTS)
-    tmp = artifact_dir / (CONFIG + ".tmp")
-    tmp.write_text(json.dumps(config.model_dump(mode="json"), indent=1))
-    tmp.replace(artifact_dir / CONFIG)
+    weights = save({TENSOR_NAME: prompt.detach().to(torch.float32).contiguous().cpu()})
+    write_bytes_atomic(Path(artifact_dir) / WEIGHTS, weights)
+    config.write(artifact_dir)
 
 
 def load_soft_prompt(artifact_dir: Path) -> tuple[torch.Tensor, SoftPromptConfig]:
     from safetensors.torch import load_file
 
-    artifact_dir = Path(artifact_dir)
-    config = SoftPromptConfig.model_validate_json((artifact_dir / CONFIG).read_text())
-    prompt = load_file(str(artifact_dir / WEIGHTS))[TENSOR_NAME]
+    config = SoftPromptConfig.read(artifact_dir)
+    prompt = load_file(str(Path(artifact_dir) / WEIGHTS))[TENSOR_NAME]
     if tuple(prompt.shape) != (config.n_tokens, config.hidden_size):
         raise ValueError(f"soft prompt shape {tuple(prompt.shape)} does not match its config "
                          f"({config.n_tokens}, {config.hidden_size})")
@@ -70,10 +67,7 @@ def with_soft_prompt(prompt: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor
     return torch.cat([prompt.to(embeds.dtype), embeds], dim=0)
 
 
-@register_intervention
 class SoftPrompt(Intervention):
-    route = "soft_prompt"
-
     def __init__(self) -> None:
         super().__init__()
         self.prompts: dict[str, torch.Tensor] = {}
@@ -87,7 +81,6 @@ class SoftPrompt(Intervention):
         super().unload(request_id)
 
     def apply(self, request: GuardedRequest, match: RequestMatch, ctx: PipelineContext) -> None:
-        text = ctx.render(request)
-        ids = ctx.tokenizer.encode(text, add_special_tokens=request.messages is None)
-        request.prompt_token_ids = list(ids)
+        ids = prompt_ids(ctx.tokenizer, request.messages, request.prompt)
+        request.prompt_token_ids = ids
         request.prompt_embeds = with_soft_prompt(self.prompts[match.request_id], ctx.embeddings.lookup(ids))

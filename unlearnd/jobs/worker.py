@@ -15,51 +15,22 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
 from pathlib import Path
 
-from unlearnd.config import DEFAULT_DETECTOR
-from unlearnd.train.jobs_tmp import intervention_jobs
-from unlearnd.registry import ForgetRequest, Method, Registry, Status
+from unlearnd.config import DEFAULT_DETECTOR, DEFAULT_MODEL
+from unlearnd.logs import setup_logging
+from unlearnd.methods import METHODS
+from unlearnd.registry import Registry
+from unlearnd.spec import ForgetRequest, Status
 
 log = logging.getLogger(__name__)
-
-# method -> job that writes the method's own artifact (the detector artifact is always fitted first).
-MethodJob = Callable[[ForgetRequest, Path, "JobContext"], dict]
-
-
-class JobContext:
-    """What a job may need beyond its request: the base model and the registry (earlier adapters)."""
-
-    def __init__(self, registry: Registry, model: str, serve_dtype: str = "auto"):
-        self.registry = registry
-        self.model = model
-        self.serve_dtype = serve_dtype  # the engine's dtype, so ECO tunes on what the server will send
-
-    def model_path(self) -> str:
-        from unlearnd.models import resolve_model
-
-        return resolve_model(self.model)
-
-
-def _no_artifact(request: ForgetRequest, artifact_dir: Path, ctx: JobContext) -> dict:
-    return {}
-
-
-METHOD_JOBS: dict[Method, MethodJob] = {
-    Method.refuse: _no_artifact,
-    Method.prompt: _no_artifact,
-    **intervention_jobs(),  # eco, soft_prompt, lora: unlearnd/offline/interventions/jobs.py
-}
-
-
-def available_methods() -> set[str]:
-    return {m.value for m in METHOD_JOBS}
 
 
 def run_job(registry: Registry, request: ForgetRequest, detector_name: str, model: str,
             serve_dtype: str = "auto") -> None:
+    """Fit the request's detector, then its method's artifact (the method table names the job)."""
     from unlearnd.detectors import get_detector
+    from unlearnd.train.job import JobContext
 
     artifact_dir = registry.artifact_dir(request.id)
     stop = threading.Event()
@@ -71,11 +42,12 @@ def run_job(registry: Registry, request: ForgetRequest, detector_name: str, mode
     threading.Thread(target=beat, daemon=True).start()
     started, cpu_started = time.perf_counter(), time.process_time()
     try:
-        job = METHOD_JOBS.get(request.method)
-        if job is None:
-            raise NotImplementedError(f"no training job for method {request.method.value!r}")
+        entry = METHODS.get(request.method.value)
+        if entry is None:
+            raise NotImplementedError(f"no method {request.method.value!r} in this installation")
         report = {"detector": get_detector(detector_name).fit(request, artifact_dir)}
-        report["method"] = job(request, artifact_dir, JobContext(registry, model, serve_dtype))
+        job = entry.job_function()
+        report["method"] = job(request, artifact_dir, JobContext(registry, model, serve_dtype)) if job else {}
         report["wall_seconds"] = time.perf_counter() - started
         report["cpu_seconds"] = time.process_time() - cpu_started
         registry.save_json(request.id, "training.json", report)
@@ -148,11 +120,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="unlearnd training worker")
     parser.add_argument("--data-dir", type=Path, required=True)
     parser.add_argument("--detector", default=DEFAULT_DETECTOR)
-    parser.add_argument("--model", default="SmolLM2-135M-Instruct")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--dtype", default="auto", help="the serving engine's dtype (ECO tunes in it)")
     parser.add_argument("--once", action="store_true", help="exit when no request is pending")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
+    setup_logging("info", process="worker")
     run_worker(args.data_dir, args.detector, args.model, once=args.once, serve_dtype=args.dtype)
 
 

@@ -14,12 +14,15 @@ from collections.abc import AsyncIterator
 
 import torch
 
-from unlearnd.interventions.base import INTERVENTIONS, Intervention, PipelineContext
+from unlearnd.interventions.base import Intervention, PipelineContext
+from unlearnd.methods import METHODS
+from unlearnd.prompting import detector_text, prompt_ids
 from unlearnd.detectors.base import Detection, Detector
 from unlearnd.engine.base import ChoiceDelta, Engine, EngineRequest
-from unlearnd.registry import ForgetRequest, Registry, Status
+from unlearnd.registry import Registry
+from unlearnd.spec import ForgetRequest, Status
 from unlearnd.request import GuardedRequest
-from unlearnd.server import prometheus as metrics
+from unlearnd.server import prometheus
 
 log = logging.getLogger(__name__)
 
@@ -45,24 +48,11 @@ class GuardrailPipeline:
         self.detector = detector
         self.registry = registry
         self.router = Router()
-        self.interventions: dict[str, Intervention] = {route: cls() for route, cls in INTERVENTIONS.items()}
+        self.interventions: dict[str, Intervention] = {
+            name: entry.intervention_class()() for name, entry in METHODS.items()}
         self.active: dict[str, ForgetRequest] = {}
-        self.context = PipelineContext(tokenizer=engine.tokenizer, embeddings=engine.embeddings, render=self.render)
+        self.context = PipelineContext(tokenizer=engine.tokenizer, embeddings=engine.embeddings)
         self._sync_lock = asyncio.Lock()
-
-    # -- rendering -----------------------------------------------------------------------------
-    def render(self, request: GuardedRequest) -> str:
-        if request.messages is not None:
-            return self.engine.tokenizer.apply_chat_template(
-                request.messages, tokenize=False, add_generation_prompt=True
-            )
-        return request.prompt or ""
-
-    def tokenize(self, request: GuardedRequest) -> list[int]:
-        text = self.render(request)
-        # Chat prompts already carry their special tokens from the template; raw completions get
-        # the tokenizer's defaults, exactly as vLLM's own OpenAI server does.
-        return self.engine.tokenizer.encode(text, add_special_tokens=request.messages is None)
 
     # -- classification --------------------------------------------------------------------------
     async def classify(self, texts: list[str]) -> list[Detection]:
@@ -70,7 +60,7 @@ class GuardrailPipeline:
             return [Detection(0.0) for _ in texts]
         start = time.perf_counter()
         detections = await asyncio.to_thread(self.detector.detect, texts)
-        metrics.CLASSIFIER_LATENCY.observe((time.perf_counter() - start) / max(len(texts), 1))
+        prometheus.CLASSIFIER_LATENCY.observe((time.perf_counter() - start) / max(len(texts), 1))
         for detection in detections:
             detection.matches = [m for m in detection.matches if m.request_id in self.active]
         return detections
@@ -80,24 +70,27 @@ class GuardrailPipeline:
 
     # -- the request path ------------------------------------------------------------------------
     async def prepare(self, request: GuardedRequest) -> GuardedRequest:
-        """Classify, route and apply the intervention; leaves the request ready for `generate`."""
+        """Classify, route and apply the intervention; leaves the request ready for `generate`.
+
+        Without a client `max_tokens`, the completion may use the rest of the context."""
+        request.query_text = detector_text(request.messages, request.prompt)
         request.detection = (await self.classify([request.query_text]))[0]
         route, match = self.router.choose(request.detection, self.active)
         request.route, request.match = route, match
         if match is not None:
             self.interventions[route].apply(request, match, self.context)
         if not request.prompt_token_ids:
-            request.prompt_token_ids = self.tokenize(request)
-        embeds = request.prompt_embeds
-        prompt_len = len(request.prompt_token_ids) if embeds is None else int(embeds.shape[0])
+            request.prompt_token_ids = prompt_ids(self.engine.tokenizer, request.messages, request.prompt)
+        prompt_len = request.prompt_length
         limit = self.engine.max_model_len
+        request.sampling.max_tokens = request.max_tokens or max(1, limit - prompt_len)
         if request.fixed_response is None and prompt_len + request.sampling.max_tokens > limit:
             raise ContextLengthError(
                 f"This model's maximum context length is {limit} tokens. However, you requested "
                 f"{prompt_len + request.sampling.max_tokens} tokens ({prompt_len} in the prompt, "
                 f"{request.sampling.max_tokens} for the completion). Reduce the prompt or max_tokens."
             )
-        metrics.REQUESTS.labels(route=request.route, endpoint=request.kind).inc()
+        prometheus.REQUESTS.labels(route=request.route, endpoint=request.kind).inc()
         return request
 
     async def generate(self, request: GuardedRequest) -> AsyncIterator[ChoiceDelta]:
@@ -118,10 +111,10 @@ class GuardrailPipeline:
         first = True
         async for delta in self.engine.generate(engine_request):
             if first:
-                metrics.ENGINE_TTFT.labels(route=request.route).observe(time.perf_counter() - start)
+                prometheus.ENGINE_TTFT.labels(route=request.route).observe(time.perf_counter() - start)
                 first = False
             yield delta
-        metrics.ENGINE_LATENCY.labels(route=request.route).observe(time.perf_counter() - start)
+        prometheus.ENGINE_LATENCY.labels(route=request.route).observe(time.perf_counter() - start)
 
     async def score(self, request: GuardedRequest, continuation: str) -> tuple[list[str], list[float]]:
         """Log-probs of `continuation` after the prompt, under whatever the route does to the prompt.
@@ -184,7 +177,7 @@ class GuardrailPipeline:
                 if request.status == Status.ready:
                     self.registry.set_status(request.id, Status.active, expect=Status.ready)
                 log.info("serving forget request %s (%s, route %s)", request.id, request.name, request.method.value)
-            metrics.ACTIVE_REQUESTS.set(len(self.active))
+            prometheus.ACTIVE_REQUESTS.set(len(self.active))
 
     async def sync_forever(self, interval_s: float = 0.5) -> None:
         while True:

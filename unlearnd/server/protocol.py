@@ -1,4 +1,6 @@
-"""OpenAI-compatible request/response schemas (the subset unlearnd serves) and the admin schemas."""
+"""Every schema the HTTP API speaks: OpenAI-compatible requests and responses (the subset unlearnd
+serves), the unlearning endpoints' schemas and the error body. Routers build these models; they
+never hand-build JSON."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from unlearnd.engine.base import SamplingSpec
 
@@ -55,9 +57,9 @@ class _SamplingFields(BaseModel):
             raise ValueError("n > 1 needs temperature > 0 (greedy decoding gives n identical choices)")
         return self
 
-    def sampling(self, max_tokens: int, logprobs: int | None) -> SamplingSpec:
+    def sampling(self, logprobs: int | None) -> SamplingSpec:
+        """The engine's sampling settings (`max_tokens` is the pipeline's: it knows the prompt length)."""
         return SamplingSpec(
-            max_tokens=max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             n=self.n,
@@ -89,6 +91,12 @@ class ChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
 
+def plain_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """{role, content} dicts for the chat template (`developer` is sent as `system`)."""
+    role = {"developer": "system"}
+    return [{"role": role.get(m.role, m.role), "content": m.text()} for m in messages]
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -105,8 +113,7 @@ class ChatCompletionRequest(_SamplingFields):
         return self
 
     def plain_messages(self) -> list[dict[str, str]]:
-        role = {"developer": "system"}
-        return [{"role": role.get(m.role, m.role), "content": m.text()} for m in self.messages]
+        return plain_messages(self.messages)
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -140,12 +147,6 @@ class CompletionRequest(_SamplingFields):
         return self
 
 
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
 class ClassifyRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -162,6 +163,9 @@ class ScoreRequest(BaseModel):
     prompt: str | None = None
     continuation: str = Field(min_length=1)
 
+    def plain_messages(self) -> list[dict[str, str]] | None:
+        return plain_messages(self.messages) if self.messages is not None else None
+
     @model_validator(mode="after")
     def _one_prompt(self):
         if (self.messages is None) == (self.prompt is None):
@@ -169,6 +173,122 @@ class ScoreRequest(BaseModel):
         if self.messages is not None and not self.messages:
             raise ValueError("messages must not be empty")
         return self
+
+
+# -- responses ---------------------------------------------------------------------------------------
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+    @classmethod
+    def of(cls, prompt: int, completion: int) -> Usage:
+        return cls(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage.of(self.prompt_tokens + other.prompt_tokens, self.completion_tokens + other.completion_tokens)
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = "stop"
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class DeltaMessage(BaseModel):
+    """What a stream chunk adds; fields not sent in this chunk are left out, as OpenAI does."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_unset(self, handler: Any) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = "stop"
+
+
+class CompletionResponse(BaseModel):
+    """Also each streamed chunk (`usage` only on the last when the client asks for it)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: str = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "unlearnd"
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
 
 
 class ClassifyMatch(BaseModel):
@@ -188,13 +308,43 @@ class ClassifyResult(BaseModel):
     matches: list[ClassifyMatch]
 
 
-class ModelCard(BaseModel):
-    id: str
-    object: str = "model"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    owned_by: str = "unlearnd"
-    max_model_len: int | None = None
+class ClassifyResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ClassifyResult]
+
+
+class ScoreResponse(BaseModel):
+    object: Literal["unlearning.score"] = "unlearning.score"
+    route: str
+    matched_request_ids: list[str]
+    tokens: list[str]
+    token_logprobs: list[float]
+
+
+# -- errors ------------------------------------------------------------------------------------------
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body."""
+
+    error: ErrorDetail
 
 
 def openai_error(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return ErrorResponse(error=ErrorDetail(message=message, type=type_, param=param, code=code)).model_dump()
+
+
+class APIError(Exception):
+    """Raised by a router; the app turns it into `ErrorResponse` with `status`."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param

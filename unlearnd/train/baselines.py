@@ -13,6 +13,7 @@ same forget questions answered with an "I don't know" reply (`AlignedBatches`).
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 import logging
 import random
 import re
@@ -23,14 +24,22 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, Field
 
-from unlearnd.train.data import (
-    IGNORE_INDEX,
-    AlignedBatches,
-    PairedBatches,
-    QABatches,
-    QAItem,
+from unlearnd.train.data import IGNORE_INDEX, AlignedBatches, PairedBatches, QABatches, QAItem
+from unlearnd.config import cache_dir
+from unlearnd.models import load_causal_lm
+from unlearnd.tofu import TofuData
+from unlearnd.train.reference import (
+    ReferenceModels,
+    cache_key,
+    is_complete,
+    items_digest,
+    model_fingerprint,
+    save_model_atomic,
+    steps_for,
+    train_result_dict,
 )
-from unlearnd.train.trainer import TrainingMethod, register_method
+from unlearnd.train.scoring import answer_logits
+from unlearnd.train.trainer import TRAINING_METHODS, TrainConfig, Trainer, TrainingMethod, register_method
 
 log = logging.getLogger(__name__)
 
@@ -64,28 +73,14 @@ IDK_ANSWERS = (
 
 
 def sequence_nll(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token NLL per sequence over labelled tokens, and the labelled-token counts.
-
-    The LM head runs only on positions that predict a labelled token (the answer): the prompt's
-    logits are never needed, and the head over a 49k vocabulary is a fifth of a small model's FLOPs.
-    """
-    labels = batch["labels"][:, 1:]
-    keep = labels != IGNORE_INDEX
-    decoder = getattr(model, getattr(model, "base_model_prefix", "model"), None)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if decoder is not None and head is not None and decoder is not model:
-        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        logits = head(hidden[:, :-1][keep])
-        token_nll = F.cross_entropy(logits.float(), labels[keep], reduction="none")
-        nll = torch.zeros(labels.shape, dtype=token_nll.dtype, device=token_nll.device)
-        nll = nll.masked_scatter(keep, token_nll)
-    else:  # pragma: no cover - models without a separable head
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        shifted = logits[:, :-1].reshape(-1, logits.shape[-1])
-        nll = F.cross_entropy(shifted.float(), labels.reshape(-1), ignore_index=IGNORE_INDEX,
-                              reduction="none").view(labels.shape)
-    counts = keep.sum(-1).clamp(min=1)
-    return nll.sum(-1), counts
+    """Summed next-token NLL per sequence over labelled tokens (the answer), and the labelled-token counts."""
+    labels = batch["labels"]
+    logits, targets, rows = answer_logits(model, labels, batch["attention_mask"], input_ids=batch["input_ids"])
+    token_nll = F.cross_entropy(logits, targets, reduction="none")
+    n = labels.shape[0]
+    nll = torch.zeros(n, dtype=token_nll.dtype, device=token_nll.device).index_add(0, rows, token_nll)
+    counts = (labels[:, 1:] != IGNORE_INDEX).sum(-1).clamp(min=1)
+    return nll, counts
 
 
 def mean_nll(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
@@ -381,7 +376,8 @@ class RMU(UnlearningMethod):
         return self.gamma * forget_loss + self.alpha * retain_loss, logs
 
 
-BASELINES = ("grad_ascent", "grad_diff", "npo", "simnpo", "idk_dpo", "rmu")
+BASELINES = tuple(name for name, cls in TRAINING_METHODS.items() if issubclass(cls, UnlearningMethod))
+BASELINE_CODE_VERSION = 2  # in the cache key of trained baselines; 2: saved in float32
 
 
 class BaselineConfig(BaseModel):
@@ -412,3 +408,34 @@ def default_baseline_config(method: str, preset: str = "mini") -> BaselineConfig
     if preset == "mini":
         return BaselineConfig(method=method, epochs=2.0, learning_rate=5e-5, batch_size=8)
     return BaselineConfig(method=method, epochs=5.0, learning_rate=1e-5, batch_size=8)
+
+
+def train_baseline(method: str, refs: ReferenceModels, cfg: BaselineConfig | None = None, force: bool = False,
+                   progress: bool = True, tofu: TofuData | None = None) -> Path:
+    """Unlearn the forget split from the target with a baseline; cached by (target, data, config)."""
+    cls = TRAINING_METHODS.get(method)
+    if cls is None or not issubclass(cls, UnlearningMethod):
+        raise ValueError(f"unknown baseline {method!r}; choose from {BASELINES}")
+    cfg = cfg or default_baseline_config(method, refs.preset.name)
+    tofu = tofu or TofuData()
+    forget = tofu.split(refs.preset.forget_split)
+    retain = refs.data.retain_items
+    target_dir = Path(refs.target_dir)
+    key = cache_key({"baseline": cfg.model_dump(), "target": model_fingerprint(target_dir),
+                     "forget": items_digest(forget), "retain": items_digest(retain), "code": BASELINE_CODE_VERSION})
+    out = cache_dir() / "baselines" / key
+    if is_complete(out) and not force:
+        return out
+    model, tokenizer = load_causal_lm(target_dir)
+    batches = cls.build_batches(tokenizer, forget, retain, cfg.batch_size, cfg.max_length, cfg.seed)
+    steps = steps_for(cfg.epochs, len(batches))  # type: ignore[arg-type]
+    instance = cls(**cfg.options)
+    result = Trainer(instance, TrainConfig(steps=steps, learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
+                                           seed=cfg.seed, progress=progress)).fit(model, batches)
+    info = {"kind": "baseline", "method": method, "config": cfg.model_dump(), "target": str(target_dir),
+            "cache_key": key, "train": train_result_dict(result)}
+    if hasattr(instance, "ref"):
+        instance.ref = None  # free the frozen copy before saving
+    # float32: an unlearning update (lr 1e-5..5e-5 per Adam step) is below bf16's resolution for most
+    # weights, so a bf16 save would round much of the method's effect away.
+    return save_model_atomic(model, tokenizer, out, info, dtype=torch.float32)

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel
 
+from unlearnd.engine.dtype import resolve_dtype
 from unlearnd.interventions.eco import (
     Corruption,
     CorruptionKind,
@@ -34,25 +35,13 @@ from unlearnd.interventions.eco import (
     prompt_seed,
     select_rows,
 )
-from unlearnd.engine.base import resolve_dtype
-from unlearnd.train.scoring import (
-    Heartbeat,
-    QAItem,
-    answer_probability,
-    encode_qa,
-    end_of_turn_ids,
-    fluency_report,
-    greedy_generate,
-    load_model,
-    mean,
-    qa_pairs,
-    render_question,
-    start_job,
-    subsample,
-    torch_dtype,
-)
+from unlearnd.models import load_causal_lm
+from unlearnd.prompting import prompt_ids, render_chat, stop_ids, user_messages
+from unlearnd.spec import ForgetRequest, ForgetSpec
+from unlearnd.train.data import EncodedQA, encode_qa, read_jsonl, subsample
+from unlearnd.train.job import JobContext, default_preset, start_job, torch_dtype
+from unlearnd.train.scoring import answer_probability, fluency_report, greedy_generate, mean
 from unlearnd.train.zo import zo_solve
-from unlearnd.registry import ForgetRequest
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +78,8 @@ PRESETS = {
 
 @dataclass
 class ECOItem:
-    item: QAItem
+    item: EncodedQA
+    prompt: str  # the rendered prompt, as the server renders it
     rows: list[int]
     seed: int
     mode: str
@@ -101,10 +91,11 @@ def prepare_items(tokenizer, qas: list[tuple[str, str]], entities: list[str], ma
     prepared = []
     for question, answer in qas:
         item = encode_qa(tokenizer, question, answer, max_len, end_of_turn=False)
-        ids, rows, mode = select_rows(tokenizer, item.prompt, [question], entity_spans(question, entities),
+        prompt = render_chat(tokenizer, user_messages(question))
+        ids, rows, mode = select_rows(tokenizer, prompt, [question], entity_spans(question, entities),
                                       add_special_tokens=False, scope=scope)
-        shift = len(ids) - len(item.prompt_ids)  # left truncation by encode_qa, if any
-        prepared.append(ECOItem(item, [r - shift for r in rows if r >= shift], prompt_seed(item.prompt, seed), mode))
+        assert ids == item.prompt_ids, "ECO must corrupt the tokens the server sends"
+        prepared.append(ECOItem(item, prompt, rows, prompt_seed(prompt, seed), mode))
     return prepared
 
 
@@ -125,23 +116,22 @@ def corrupted_embeds_fn(model, prepared: list[ECOItem], corruption: Corruption, 
 
 
 def surrogate_target(model, tokenizer, prepared: list[ECOItem], cfg: ECOPreset, retain_model_path: str | None,
-                     wrong_answers: dict[str, list[str]] | None, device, progress: bool, heartbeat: Heartbeat
-                     ) -> tuple[float, str]:
+                     wrong_answers: dict[str, list[str]] | None, device, progress: bool) -> tuple[float, str]:
     """What a model that never learned the forget set would score (see the module docstring)."""
     questions = [p.item.question for p in prepared]
     if cfg.target is not None:
         return float(cfg.target), "given"
     if retain_model_path:
-        retain_model, _ = load_model(retain_model_path, device, torch_dtype(cfg.dtype))
+        retain_model, _ = load_causal_lm(retain_model_path, torch_dtype(cfg.dtype), device, frozen=True)
         value = mean(answer_probability(retain_model, tokenizer, [p.item for p in prepared], cfg.batch_size,
-                                        progress=progress, heartbeat=heartbeat, desc="target (retain model)"))
+                                        progress=progress, desc="target (retain model)"))
         del retain_model
         return value, "retain_model"
     if wrong_answers and all(wrong_answers.get(q) for q in questions):
         items = [encode_qa(tokenizer, q, w, cfg.max_len, end_of_turn=False)
                  for q in questions for w in wrong_answers[q][: cfg.n_wrong]]
         value = mean(answer_probability(model, tokenizer, items, cfg.batch_size, progress=progress,
-                                        heartbeat=heartbeat, desc="target (perturbed)"))
+                                        desc="target (perturbed)"))
         return value, "perturbed"
     if len(prepared) < 2:
         raise ValueError("ECO needs a target: give options.target, a retain model, wrong answers, or >= 2 QAs")
@@ -152,19 +142,19 @@ def surrogate_target(model, tokenizer, prepared: list[ECOItem], cfg: ECOPreset, 
     items = [encode_qa(tokenizer, p.item.question, tokenizer.decode(prepared[answers[i]].item.target_ids),
                        cfg.max_len, end_of_turn=False) for i, p in enumerate(prepared)]
     value = mean(answer_probability(model, tokenizer, items, cfg.batch_size, progress=progress,
-                                    heartbeat=heartbeat, desc="target (shuffled)"))
+                                    desc="target (shuffled)"))
     return value, "shuffled"
 
 
 def fill_answers(model, tokenizer, qas: list, max_new_tokens: int) -> list[tuple[str, str]]:
     """Forget entries without an answer are scored on the model's own greedy answer: the
     knowledge it shows is what must go."""
-    eos = end_of_turn_ids(tokenizer)
+    eos = stop_ids(tokenizer)
     out = []
     for qa in qas:
         answer = qa.answer
         if not answer:
-            ids = tokenizer.encode(render_question(tokenizer, qa.question), add_special_tokens=False)
+            ids = prompt_ids(tokenizer, messages=user_messages(qa.question))
             emb = model.get_input_embeddings()(torch.tensor(ids, device=next(model.parameters()).device))
             answer = tokenizer.decode(greedy_generate(model, emb, max_new_tokens, eos), skip_special_tokens=True)
         out.append((qa.question, answer or qa.question))
@@ -193,7 +183,6 @@ def train_eco(
     wrong_answers: dict[str, list[str]] | None = None,
     device: str | None = None,
     progress: bool = True,
-    heartbeat: Heartbeat = None,
     overrides: dict | None = None,
 ) -> dict:
     """Tune ECO for `request`; writes `eco.json` into `artifact_dir` and returns a summary."""
@@ -202,7 +191,7 @@ def train_eco(
     cfg = job.cfg.model_copy(update={"serve_dtype": resolve_dtype(job.cfg.serve_dtype)})
     dev, model, tokenizer = job.device, job.model, job.tokenizer
     serve_dtype = torch_dtype(cfg.serve_dtype)
-    forget = qa_pairs(request.spec.forget)
+    forget = ForgetSpec.as_qa(request.spec.forget)
     entities = list(request.spec.entities)
     tune_qas = fill_answers(model, tokenizer, subsample(forget, cfg.n_tune, cfg.seed), cfg.fluency_tokens)
     eval_qas = fill_answers(model, tokenizer, subsample(forget, cfg.n_eval, cfg.seed + 1), cfg.fluency_tokens)
@@ -219,7 +208,7 @@ def train_eco(
         if key not in cache:
             fn = corrupted_embeds_fn(model, items, corruption, serve_dtype)
             cache[key] = mean(answer_probability(model, tokenizer, [p.item for p in items], cfg.batch_size,
-                                                 embed_fn=fn, heartbeat=heartbeat))
+                                                 embed_fn=fn))
         return cache[key]
 
     def corruption_at(scope: RowScope, sigma: float) -> Corruption:
@@ -228,7 +217,7 @@ def train_eco(
     first_scope = cfg.scope or RowScope.entity
     tune = prepared(tune_qas, first_scope)
     target, source = surrogate_target(model, tokenizer, tune, cfg, retain_model_path, wrong_answers, dev,
-                                      progress, heartbeat)
+                                      progress)
     clean = metric(corruption_at(first_scope, 0.0), tune)
     log.info("ECO %s: clean P(a|q)^(1/|a|) = %.4f, target %.4f (%s)", request.id, clean, target, source)
     space = search_space(cfg, emb_std, hidden)
@@ -280,14 +269,14 @@ def train_eco(
     flu_items = tune[: cfg.fluency_n]
     by_id = {id(p.item): p for p in flu_items}
 
-    def embeds_of(item: QAItem) -> torch.Tensor:
+    def embeds_of(item: EncodedQA) -> torch.Tensor:
         p = by_id[id(item)]
         ids = torch.tensor(item.prompt_ids, device=dev)
         raw = model.get_input_embeddings()(ids).to(serve_dtype)
         return corrupt(raw, p.rows, corruption, p.seed).to(emb.dtype)
 
     fluency = fluency_report(model, tokenizer, [p.item for p in flu_items], embeds_of, cfg.fluency_tokens,
-                             cfg.max_ppl, cfg.max_non_ascii, cfg.max_repetition, progress, heartbeat)
+                             cfg.max_ppl, cfg.max_non_ascii, cfg.max_repetition, progress)
     cost = job.cost(metric_evaluations=len(cache))
     tuning.update({"achieved_tune": achieved_tune, "clean_eval": clean_eval, "tolerance": tolerance,
                    "cost": cost, "preset": cfg.model_dump(mode="json")})
@@ -304,3 +293,34 @@ def train_eco(
     log.info("ECO %s: %s rows, sigma=%.4g, P %.4f -> %.4f (target %.4f), fluent=%s, %.0fs", request.id,
              scope.value, sigma, clean_eval, achieved_eval, target, fluency["fluent"], cost["wall_seconds"])
     return summary
+
+
+def perturbed_from_options(request: ForgetRequest) -> dict[str, list[str]] | None:
+    raw = request.spec.options.get("perturbed_answers")
+    if not raw:
+        return None
+    if isinstance(raw, dict):
+        return {str(q): list(a) for q, a in raw.items()}
+    questions = [qa.question for qa in request.spec.as_qa(request.spec.forget)]
+    return {q: list(a) for q, a in zip(questions, raw) if a}
+
+
+def read_wrong_answers(path: Path) -> dict[str, list[str]]:
+    """TOFU *_perturbed files (JSON lines or a JSON list of {question, perturbed_answer: [...]})."""
+    rows = read_jsonl(path)
+    out = {}
+    for row in rows:
+        answers = row.get("perturbed_answer") or row.get("perturbed_answers") or []
+        out[row["question"]] = [answers] if isinstance(answers, str) else list(answers)
+    return out
+
+
+def eco_job(request: ForgetRequest, artifact_dir: Path, ctx: JobContext) -> dict:
+    """The worker's job for an `eco` request. Options beyond the preset's fields: `retain_model` (a model
+    dir) and `perturbed_answers` (a list aligned with `spec.forget`, each a list of wrong answers, or a
+    {question: [answers]} map)."""
+    # Tune on embeddings rounded to the dtype the server will send them in (its --dtype).
+    return train_eco(request, artifact_dir, ctx.model_path(), preset=default_preset(request),
+                     retain_model_path=request.spec.options.get("retain_model"),
+                     wrong_answers=perturbed_from_options(request), progress=False,
+                     overrides={"serve_dtype": ctx.serve_dtype})

@@ -11,6 +11,7 @@ The loop is the shared `Trainer`.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -20,37 +21,16 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, Field
 
-from unlearnd.interventions.lora import (
-    LoRAArtifact,
-    check_adapter,
-    scale_folder_name,
-    write_scaled_copy,
-)
+from unlearnd.interventions.lora import LoRAArtifact, check_adapter, scale_folder_name
 from unlearnd.engine.base import PEFT_TARGET_MODULES
-from unlearnd.train.scoring import (
-    Heartbeat,
-    HeartbeatBatches,
-    QAItem,
-    answer_probability,
-    collate,
-    encode_qa,
-    end_of_turn_ids,
-    greedy_generate,
-    mean,
-    pad_id_of,
-    qa_pairs,
-    refusal_for,
-    start_job,
-    subsample,
-    target_logits,
-)
-from unlearnd.train.trainer import (
-    TrainConfig,
-    Trainer,
-    TrainingMethod,
-    register_method,
-)
-from unlearnd.registry import ForgetRequest, Method, Registry, Status
+from unlearnd.artifacts import install_dir, staging_dir, write_json_atomic
+from unlearnd.prompting import stop_ids
+from unlearnd.registry import Registry
+from unlearnd.spec import ForgetRequest, ForgetSpec, Method, Status
+from unlearnd.train.data import EncodedQA, collate, encode_qa, pad_id_of, refusal_for, subsample
+from unlearnd.train.job import JobContext, default_preset, start_job
+from unlearnd.train.scoring import answer_probability, greedy_generate, mean, target_logits
+from unlearnd.train.trainer import TrainConfig, Trainer, TrainingMethod, register_method
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +105,7 @@ def orthogonality_penalty(current: dict[str, torch.Tensor], prior: dict[str, lis
 class O3LoRAMethod(TrainingMethod):
     """Cross-entropy of the relabelled forget set + lambda * orthogonality to earlier adapters."""
 
-    name = "o3_lora"
+    name = "lora"
 
     def __init__(self, prior: dict[str, list[torch.Tensor]] | None = None, orth_lambda: float = 0.1):
         self.prior = prior or {}
@@ -165,22 +145,40 @@ def prior_lora_adapters(registry: Registry, request: ForgetRequest) -> list[Path
     return folders
 
 
-def make_batches(items: list[QAItem], batch_size: int, pad_id: int, seed: int, device: torch.device) -> list[dict]:
+def make_batches(items: list[EncodedQA], batch_size: int, pad_id: int, seed: int, device: torch.device) -> list[dict]:
     items = items[:]
     random.Random(seed).shuffle(items)
     return [{k: v.to(device) for k, v in collate(items[i: i + batch_size], pad_id).items()}
             for i in range(0, len(items), batch_size)]
 
 
+def write_scaled_copy(source: Path, target: Path, scale: float) -> Path:
+    """Copy a PEFT adapter folder with `lora_alpha` (and any alpha_pattern) multiplied by `scale`:
+    the LoRA delta is (alpha / r) * B A, so this scales the adapter's effect exactly."""
+    staging = staging_dir(target)
+    shutil.copytree(source, staging, dirs_exist_ok=True)
+    config_path = staging / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    def scaled(value: float) -> float | int:
+        value = value * scale
+        return int(value) if float(value).is_integer() else value
+
+    config["lora_alpha"] = scaled(config["lora_alpha"])
+    if config.get("alpha_pattern"):
+        config["alpha_pattern"] = {k: scaled(v) for k, v in config["alpha_pattern"].items()}
+    write_json_atomic(config_path, config, indent=2)
+    return install_dir(staging, target)
+
+
 def save_adapter(model, target: Path) -> Path:
-    """`save_pretrained` into a temporary sibling, checked, then renamed into place."""
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    check_adapter(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
-    return target
+    """`save_pretrained` into a temporary sibling, checked, then swapped into place."""
+    staging = staging_dir(target)
+    try:
+        model.save_pretrained(str(staging))
+        check_adapter(staging)
+        return install_dir(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def train_lora(
@@ -191,7 +189,6 @@ def train_lora(
     preset: str = "cpu",
     device: str | None = None,
     progress: bool = True,
-    heartbeat: Heartbeat = None,
     overrides: dict | None = None,
 ) -> dict:
     """Train this request's O3 LoRA; writes `lora/` (+ pre-scaled copies) and `lora.json`."""
@@ -202,13 +199,13 @@ def train_lora(
     artifact_dir = Path(artifact_dir)
     artifact_dir.mkdir(parents=True, exist_ok=True)
     pad_id = pad_id_of(tokenizer)
-    forget_qas = qa_pairs(request.spec.forget)
+    forget_qas = ForgetSpec.as_qa(request.spec.forget)
     items = [encode_qa(tokenizer, qa.question, refusal_for(i), cfg.max_len, end_of_turn=True)
              for i, qa in enumerate(forget_qas)]
     eval_forget = [encode_qa(tokenizer, qa.question, qa.answer, cfg.max_len, end_of_turn=False)
                    for qa in subsample([qa for qa in forget_qas if qa.answer], cfg.n_eval, cfg.seed + 1)]
     eval_retain = [encode_qa(tokenizer, qa.question, qa.answer, cfg.max_len, end_of_turn=False)
-                   for qa in subsample([qa for qa in qa_pairs(request.spec.retain) if qa.answer],
+                   for qa in subsample([qa for qa in ForgetSpec.as_qa(request.spec.retain) if qa.answer],
                                        cfg.n_eval, cfg.seed + 1)]
     eval_refusals = items[: max(cfg.n_eval or len(items), 1)]
 
@@ -221,15 +218,15 @@ def train_lora(
     prior = load_prior_adapters(prior_folders)
     method = O3LoRAMethod(prior, cfg.orth_lambda)
 
-    def score(items_: list[QAItem], adapter: bool, desc: str) -> float | None:
+    def score(items_: list[EncodedQA], adapter: bool, desc: str) -> float | None:
         if not items_:
             return None
         if adapter:
             return mean(answer_probability(model, tokenizer, items_, cfg.batch_size, progress=progress,
-                                           heartbeat=heartbeat, desc=desc))
+                                           desc=desc))
         with model.disable_adapter():
             return mean(answer_probability(model, tokenizer, items_, cfg.batch_size, progress=progress,
-                                           heartbeat=heartbeat, desc=desc))
+                                           desc=desc))
 
     def refusal_loss() -> float:
         batch = {k: v.to(dev) for k, v in collate(eval_refusals, pad_id).items()}
@@ -244,14 +241,14 @@ def train_lora(
     batches = make_batches(items, cfg.batch_size, pad_id, cfg.seed, dev)
     train_cfg = TrainConfig(steps=cfg.steps, learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
                             seed=cfg.seed, progress=progress)
-    result = Trainer(method, train_cfg).fit(model, HeartbeatBatches(batches, heartbeat))
+    result = Trainer(method, train_cfg).fit(model, batches)
     with torch.no_grad():
         orth_final = float(orthogonality_penalty(current_a_matrices(model), method.prior))
     after = {"forget_prob": score(eval_forget, True, "forget P, adapter"),
              "retain_prob": score(eval_retain, True, "retain P, adapter"),
              "refusal_loss": refusal_loss(), "orth_penalty": orth_final}
     samples = []
-    eos = end_of_turn_ids(tokenizer)
+    eos = stop_ids(tokenizer)
     with torch.no_grad():
         for item in eval_forget[: cfg.n_samples]:
             emb = model.get_input_embeddings()(torch.tensor(item.prompt_ids, device=dev))
@@ -288,3 +285,9 @@ def train_lora(
              before["forget_prob"] or math.nan, after["forget_prob"] or math.nan, before["refusal_loss"],
              after["refusal_loss"], orth_final, cost["wall_seconds"])
     return summary
+
+
+def lora_job(request: ForgetRequest, artifact_dir: Path, ctx: JobContext) -> dict:
+    """The worker's job for a `lora` request: orthogonal to every earlier LoRA request still served."""
+    return train_lora(request, artifact_dir, ctx.model_path(), prior_adapters=prior_lora_adapters(ctx.registry, request),
+                      preset=default_preset(request), progress=False)

@@ -19,23 +19,18 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, Field
 
+from unlearnd.artifacts import install_dir, staging_dir, write_json_atomic
 from unlearnd.config import cache_dir
-from unlearnd.train.data import (
-    FORGET_SPLITS,
-    TOFU_AUTHORS,
-    QABatches,
-    QAItem,
-    TofuData,
-)
+from unlearnd.models import load_causal_lm
+from unlearnd.tofu import FORGET_SPLITS, TOFU_AUTHORS, TofuData
+from unlearnd.train.data import QABatches, QAItem
 from unlearnd.train.trainer import TrainConfig, Trainer, TrainResult
 
 log = logging.getLogger(__name__)
@@ -161,9 +156,7 @@ def update_info(path: Path, **fields: Any) -> dict[str, Any]:
     """Add fields to a cached model's info file (tmp + rename, never a half-written file)."""
     info = read_info(path)
     info.update(fields)
-    tmp = path / (INFO_FILE + ".tmp")
-    tmp.write_text(json.dumps(info, indent=1, default=str))
-    os.replace(tmp, path / INFO_FILE)
+    write_json_atomic(path / INFO_FILE, info)
     return info
 
 
@@ -174,8 +167,7 @@ def save_model_atomic(model: torch.nn.Module, tokenizer: Any, target: Path, info
     Reference models default to bf16, the dtype vLLM serves, so the in-process target and the served
     target have the same weights; unlearned baselines are saved in float32 (see `train_baseline`).
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging = staging_dir(target)
     try:
         model.to(dtype).save_pretrained(staging, safe_serialization=True)
         model.to(torch.float32)
@@ -183,22 +175,11 @@ def save_model_atomic(model: torch.nn.Module, tokenizer: Any, target: Path, info
         (staging / INFO_FILE).write_text(json.dumps({"saved_dtype": str(dtype).removeprefix("torch."), **info},
                                                     indent=1, default=str))
         (staging / COMPLETE_MARKER).write_text("ok")
-        staging.chmod(0o755)
-        if target.exists():  # an incomplete leftover (no marker) or a forced retrain
-            shutil.rmtree(target)
-        os.replace(staging, target)
+        install_dir(staging, target)  # replaces an incomplete leftover (no marker) or a forced retrain
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return target
-
-
-def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-    return model, tokenizer
 
 
 def train_result_dict(result: TrainResult) -> dict[str, Any]:
@@ -271,7 +252,7 @@ def ensure_reference_models(p: ReferencePreset, base_dir: str | Path | None = No
 def forget_rouge(model_dir: str | Path, items: list[QAItem], max_new_tokens: int = 96,
                  limit: int | None = None) -> dict[str, Any]:
     """Greedy ROUGE-L recall of a model on forget items (the memorisation check of the target)."""
-    from unlearnd.train.data import user_messages
+    from unlearnd.prompting import user_messages
     from unlearnd.evaluation.metrics import rouge_backend, rouge_l_recall
     from unlearnd.evaluation.model_under_test import HFModelUnderTest
 

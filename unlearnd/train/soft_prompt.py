@@ -21,30 +21,12 @@ from pydantic import BaseModel
 
 from unlearnd.interventions.guardrails import forget_instruction
 from unlearnd.interventions.soft_prompt import SoftPromptConfig, save_soft_prompt
-from unlearnd.train.scoring import (
-    Heartbeat,
-    HeartbeatBatches,
-    QAItem,
-    answer_probability,
-    collate,
-    encode_qa,
-    end_of_turn_ids,
-    greedy_generate,
-    mean,
-    pad_id_of,
-    qa_pairs,
-    refusal_for,
-    start_job,
-    subsample,
-    target_logits,
-)
-from unlearnd.train.trainer import (
-    TrainConfig,
-    Trainer,
-    TrainingMethod,
-    register_method,
-)
-from unlearnd.registry import ForgetRequest
+from unlearnd.spec import ForgetRequest, ForgetSpec
+from unlearnd.train.data import EncodedQA, collate, encode_qa, pad_id_of, refusal_for, subsample
+from unlearnd.train.job import JobContext, default_preset, start_job
+from unlearnd.train.scoring import answer_probability, greedy_generate, mean, target_logits
+from unlearnd.train.trainer import TrainConfig, Trainer, TrainingMethod, register_method
+from unlearnd.prompting import stop_ids
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +99,7 @@ def kl_original_prompted(original_logits: torch.Tensor, prompted_logits: torch.T
 class SPULMethod(TrainingMethod):
     """L_forget + alpha * L_retain + beta * KL(original || prompted), soft prompt only."""
 
-    name = "spul"
+    name = "soft_prompt"
 
     def __init__(self, alpha: float = 0.5, beta: float = 0.5):
         self.alpha, self.beta = alpha, beta
@@ -150,7 +132,7 @@ class SPULMethod(TrainingMethod):
         return total, logs
 
 
-def make_batches(forget: list[QAItem], retain: list[QAItem], cfg: SoftPromptPreset, pad_id: int,
+def make_batches(forget: list[EncodedQA], retain: list[EncodedQA], cfg: SoftPromptPreset, pad_id: int,
                  device: torch.device) -> list[dict]:
     """One epoch of (forget, retain) batch pairs: as many pairs as the larger set needs, the
     smaller set cycling; both shuffled with the preset's seed."""
@@ -182,15 +164,14 @@ def train_soft_prompt(
     preset: str = "cpu",
     device: str | None = None,
     progress: bool = True,
-    heartbeat: Heartbeat = None,
     overrides: dict | None = None,
 ) -> dict:
     """Train SPUL's soft prompt for `request`; writes soft_prompt.safetensors + soft_prompt.json."""
     job = start_job(PRESETS, preset, request, model_path, device, overrides)
     cfg, dev, llm, tokenizer = job.cfg, job.device, job.model, job.tokenizer
     pad_id = pad_id_of(tokenizer)
-    forget_qas = qa_pairs(request.spec.forget)
-    retain_qas = [qa for qa in qa_pairs(request.spec.retain) if qa.answer]
+    forget_qas = ForgetSpec.as_qa(request.spec.forget)
+    retain_qas = [qa for qa in ForgetSpec.as_qa(request.spec.retain) if qa.answer]
     if not retain_qas:
         log.warning("SPUL %s: no retain QAs with answers; training on L_forget only", request.id)
     retain_qas = subsample(retain_qas, cfg.n_retain, cfg.seed)
@@ -206,12 +187,11 @@ def train_soft_prompt(
     eval_retain = [encode_qa(tokenizer, qa.question, qa.answer, cfg.max_len, end_of_turn=False)
                    for qa in subsample(retain_qas, cfg.n_eval, cfg.seed + 1)]
 
-    def score(items: list[QAItem], with_prompt: bool, desc: str) -> float | None:
+    def score(items: list[EncodedQA], with_prompt: bool, desc: str) -> float | None:
         if not items:
             return None
         return mean(answer_probability(llm, tokenizer, items, cfg.batch_forget * 2,
-                                       embed_fn=prompted_fn(model, with_prompt), progress=progress,
-                                       heartbeat=heartbeat, desc=desc))
+                                       embed_fn=prompted_fn(model, with_prompt), progress=progress, desc=desc))
 
     method = SPULMethod(cfg.alpha, cfg.beta)
     eval_refusals = forget_items[: max(cfg.n_eval or len(forget_items), 1)]
@@ -224,14 +204,14 @@ def train_soft_prompt(
     batches = make_batches(forget_items, retain_items, cfg, pad_id, dev)
     train_cfg = TrainConfig(steps=cfg.steps, learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
                             seed=cfg.seed, progress=progress)
-    result = Trainer(method, train_cfg).fit(model, HeartbeatBatches(batches, heartbeat))
+    result = Trainer(method, train_cfg).fit(model, batches)
 
     with torch.no_grad():
         lf_after = float(method.forget_loss(model, {k: v.to(dev) for k, v in collate(eval_refusals, pad_id).items()}))
     after = {"forget_prob": score(eval_forget, True, "forget P, prompt"),
              "retain_prob": score(eval_retain, True, "retain P, prompt")}
     samples = []
-    eos = end_of_turn_ids(tokenizer)
+    eos = stop_ids(tokenizer)
     with torch.no_grad():
         for item in eval_forget[: cfg.n_samples]:
             ids = torch.tensor(item.prompt_ids, device=dev)
@@ -255,3 +235,8 @@ def train_soft_prompt(
     log.info("SPUL %s: L_forget %.3f -> %.3f, forget P %.4f -> %.4f, %.0fs", request.id, lf_before, lf_after,
              before["forget_prob"] or math.nan, after["forget_prob"] or math.nan, cost["wall_seconds"])
     return summary
+
+
+def soft_prompt_job(request: ForgetRequest, artifact_dir: Path, ctx: JobContext) -> dict:
+    """The worker's job for a `soft_prompt` request."""
+    return train_soft_prompt(request, artifact_dir, ctx.model_path(), preset=default_preset(request), progress=False)

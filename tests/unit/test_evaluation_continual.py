@@ -7,7 +7,7 @@ import json
 import pytest
 
 from unlearnd.evaluation.continual import ContinualConfig, markdown, request_spec, run_continual
-from unlearnd.train.data import TofuData
+from unlearnd.tofu import TofuData
 
 
 def _tofu(folder, n_authors=5):

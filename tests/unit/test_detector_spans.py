@@ -1,7 +1,8 @@
 """Entity span finding (case, typos, surname only, other people), the span index, views and
 counterfactuals, and generic entity derivation."""
 
-from unlearnd.detectors.negatives import counterfactuals, views
+from unlearnd.detectors.negatives import counterfactuals
+from unlearnd.detectors.views import views
 from unlearnd.detectors.spans import (
     CONFLICT_SCORE,
     FULL_SCORE,
@@ -13,7 +14,7 @@ from unlearnd.detectors.spans import (
     find_spans,
 )
 from unlearnd.tofu import derive_entities
-from unlearnd.registry import QAExample
+from unlearnd.spec import QAExample
 
 PATS = compile_entities(["Hsiao Yun-Hwa", "Jaime Vasquez", "Renée Müller"])
 

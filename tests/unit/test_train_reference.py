@@ -12,8 +12,9 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from unlearnd.train import reference as ref
-from unlearnd.train.data import QAItem, TofuData
-from unlearnd.evaluation.tofu import train_baseline
+from unlearnd.tofu import TofuData
+from unlearnd.train.data import QAItem
+from unlearnd.train.baselines import train_baseline
 from unlearnd.train.baselines import BaselineConfig
 
 
@@ -124,7 +125,7 @@ def test_run_tofu_eval_end_to_end_with_a_served_method(tmp_path, tiny_base, monk
     import httpx
 
     from unlearnd.evaluation import tofu as ev
-    from unlearnd.evaluation.report import write_report
+    from unlearnd.evaluation.report import run_stamp, write_report
 
     monkeypatch.setenv("UNLEARND_CACHE_DIR", str(tmp_path / "cache"))
     tofu = _full_tofu(tmp_path)
@@ -177,7 +178,7 @@ def test_run_tofu_eval_end_to_end_with_a_served_method(tmp_path, tiny_base, monk
     assert refuse["routes"]["forget"] == {"refuse": 6} and refuse["generation_routes"]["refuse"] > 0
     assert "relearning" in methods["retain"]["robustness"] and "relearning" not in refuse["robustness"]
     assert calls[-1] == "DELETE /v1/unlearning/requests/fr-1"  # the request is deactivated afterwards
-    paths = write_report(results, tmp_path / "reports", "t", "unlearnd eval tofu ...")
+    paths = write_report(results, tmp_path / "reports", "t", run_stamp("unlearnd eval tofu ..."))
     assert "| refuse | served |" in paths["markdown"].read_text()
     # records are cached per model: a second run evaluates nothing in process again
     again = ev.run_tofu_eval(cfg.model_copy(update={"methods": ["target"], "robustness": False}), reference_preset=p,

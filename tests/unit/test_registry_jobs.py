@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import sqlite3
 
 import pytest
 
-from unlearnd.registry import MAX_ATTEMPTS, ForgetSpec, Method, Registry, Status
-from unlearnd.jobs import worker
+from unlearnd.registry import MAX_ATTEMPTS, Registry
+from unlearnd.spec import ForgetSpec, Method, Status
+from unlearnd.methods import METHODS
 from unlearnd.jobs.worker import run_worker
 
 
@@ -64,7 +67,7 @@ def test_failing_job_marks_only_its_request_failed(tmp_path, monkeypatch):
             raise RuntimeError("boom")
         return {}
 
-    monkeypatch.setitem(worker.METHOD_JOBS, Method.prompt, explode)
+    monkeypatch.setitem(METHODS, "prompt", replace(METHODS["prompt"], job=explode))
     bad = registry.add(spec("Bad Person", Method.prompt))
     good = registry.add(spec("Good Person", Method.prompt))
     run_worker(tmp_path, "keyword", "unused", once=True)
@@ -81,7 +84,7 @@ def test_deactivated_while_training_is_not_revived(tmp_path, monkeypatch):
         registry.deactivate(request.id)
         return {}
 
-    monkeypatch.setitem(worker.METHOD_JOBS, Method.prompt, deactivate_midway)
+    monkeypatch.setitem(METHODS, "prompt", replace(METHODS["prompt"], job=deactivate_midway))
     run_worker(tmp_path, "keyword", "unused", once=True)
     assert registry.get(record.id).status == Status.inactive
 

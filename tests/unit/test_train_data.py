@@ -6,25 +6,14 @@ import json
 
 import pytest
 
-from unlearnd.train.data import (
-    IGNORE_INDEX,
-    AlignedBatches,
-    PairedBatches,
-    QABatches,
-    QAItem,
-    TofuData,
-    author_names,
-    chat_prompt_ids,
-    collate,
-    encode_example,
-    end_of_turn_id,
-    load_qa_jsonl,
-    read_jsonl,
-)
+from unlearnd.prompting import chat_prompt_ids, end_of_turn_id
+from unlearnd.tofu import TofuData, author_names
+from unlearnd.train.data import IGNORE_INDEX, EncodedQA, AlignedBatches, PairedBatches, QABatches, QAItem, collate, encode_qa, load_qa_jsonl, read_jsonl
 
 
 def _write_tofu(folder, n_authors=4, per_author=20):
-    rows = [{"question": f"Q{a}-{i} about Author Name{a} Surname?", "answer": f"Author Name{a} Surname did {i}."}
+    # phrased like TOFU: the author is named in most questions and answers, as the subject of a verb
+    rows = [{"question": f"What did Jana{a} Novak write in year {i}?", "answer": f"Jana{a} Novak wrote book {i}."}
             for a in range(n_authors) for i in range(per_author)]
     (folder / "full.json").write_text("\n".join(json.dumps(r) for r in rows))
     (folder / "forget_last.json").write_text("\n".join(json.dumps(r) for r in rows[-per_author:]))
@@ -50,7 +39,7 @@ def test_tofu_splits_get_author_indices_from_full(tmp_path):
 def test_author_names_are_recovered_from_questions(tmp_path):
     _write_tofu(tmp_path)
     names = author_names(TofuData(tmp_path, allow_hub=False).split("full"))
-    assert names == {a: f"Author Name{a} Surname" for a in range(4)}
+    assert names == {a: f"Jana{a} Novak" for a in range(4)}
 
 
 def test_user_jsonl_and_json_list(tmp_path):
@@ -68,36 +57,34 @@ def test_user_jsonl_and_json_list(tmp_path):
 
 
 def test_encoding_masks_the_chat_prompt(tokenizer):
-    enc = encode_example(tokenizer, "Who wrote Hamlet?", "William Shakespeare.")
+    enc = encode_qa(tokenizer, "Who wrote Hamlet?", "William Shakespeare.")
     prompt = chat_prompt_ids(tokenizer, [{"role": "user", "content": "Who wrote Hamlet?"}])
     answer = tokenizer("William Shakespeare.", add_special_tokens=False)["input_ids"]
-    assert enc["input_ids"] == prompt + answer + [end_of_turn_id(tokenizer)]
-    assert enc["labels"][: len(prompt)] == [IGNORE_INDEX] * len(prompt)
-    assert enc["labels"][len(prompt):] == answer + [end_of_turn_id(tokenizer)]
+    assert enc.input_ids == prompt + answer + [end_of_turn_id(tokenizer)]
+    assert enc.labels[: len(prompt)] == [IGNORE_INDEX] * len(prompt)
+    assert enc.labels[len(prompt):] == answer + [end_of_turn_id(tokenizer)]
     # the prompt is what the served model sees: system line + user turn + generation prompt
     text = tokenizer.decode(prompt)
     assert text.endswith("<|im_start|>user\nWho wrote Hamlet?<|im_end|>\n<|im_start|>assistant\n")
     # evaluation scores the answer alone
-    assert encode_example(tokenizer, "Who wrote Hamlet?", "William Shakespeare.", add_end_of_turn=False)["labels"][-1] == answer[-1]
+    assert encode_qa(tokenizer, "Who wrote Hamlet?", "William Shakespeare.", end_of_turn=False).labels[-1] == answer[-1]
 
 
 def test_truncation_cuts_the_answer_not_the_prompt(tokenizer):
     prompt_len = len(chat_prompt_ids(tokenizer, [{"role": "user", "content": "Q?"}]))
-    enc = encode_example(tokenizer, "Q?", "word " * 200, max_length=prompt_len + 5)
-    assert len(enc["input_ids"]) == prompt_len + 5
-    assert sum(label != IGNORE_INDEX for label in enc["labels"]) == 5
+    enc = encode_qa(tokenizer, "Q?", "word " * 200, max_length=prompt_len + 5)
+    assert len(enc.input_ids) == prompt_len + 5
+    assert sum(label != IGNORE_INDEX for label in enc.labels) == 5
     with pytest.raises(ValueError):
-        encode_example(tokenizer, "Q?", "a", max_length=prompt_len)
+        encode_qa(tokenizer, "Q?", "a", max_length=prompt_len)
 
 
 def test_collate_pads_right_with_ignored_labels():
-    batch = collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "attention_mask": [1, 1, 1]},
-                     {"input_ids": [8], "labels": [8], "attention_mask": [1]}], pad_id=0)
+    batch = collate([EncodedQA("a", [5], [6, 7]), EncodedQA("b", [], [8])], pad_id=0)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-    left = collate([{"input_ids": [1, 2], "labels": [1, 2], "attention_mask": [1, 1]},
-                    {"input_ids": [3], "labels": [3], "attention_mask": [1]}], pad_id=0, padding_side="left")
+    left = collate([EncodedQA("a", [], [1, 2]), EncodedQA("b", [], [3])], pad_id=0, padding_side="left")
     assert left["input_ids"].tolist() == [[1, 2], [0, 3]]
 
 
@@ -137,7 +124,7 @@ def test_batches_are_length_bucketed_and_cover_every_row_once(tokenizer):
     batches = QABatches(tokenizer, items, batch_size=8, seed=0)
     rows = batches.batch_rows()
     assert sorted(i for b in rows for i in b) == list(range(64))
-    lengths = [len(e["input_ids"]) for e in batches.encoded]
+    lengths = [len(e) for e in batches.encoded]
     padded = sum(8 * max(lengths[i] for i in b) for b in rows)
     # bucketing: padding overhead is small (random batches of these lengths waste ~40%)
     assert padded < 1.1 * sum(lengths)

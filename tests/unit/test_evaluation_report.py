@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from unlearnd.evaluation.report import fmt, markdown, write_report
+from unlearnd.evaluation.report import fmt, markdown, run_stamp, write_report
 
 
 def results() -> dict:
@@ -63,7 +63,7 @@ def test_markdown_table_rows_and_missing_values():
 
 
 def test_write_report_files(tmp_path):
-    paths = write_report(results(), tmp_path, "tofu_test", "unlearnd eval tofu", notes=["smoke"])
+    paths = write_report(results(), tmp_path, "tofu_test", run_stamp("unlearnd eval tofu"), notes=["smoke"])
     data = json.loads(paths["json"].read_text())
     assert data["command"] == "unlearnd eval tofu" and data["notes"] == ["smoke"]
     assert data["methods"]["grad_ascent"]["metrics"]["forget_quality"] == 3.2e-7
@@ -76,7 +76,7 @@ def test_write_report_files(tmp_path):
 
 def test_scatter_skipped_without_points(tmp_path):
     empty = {"methods": {"x": {"kind": "served", "metrics": {"forget_quality": None, "model_utility": None}}}}
-    paths = write_report(empty, tmp_path, "empty", "cmd")
+    paths = write_report(empty, tmp_path, "empty", run_stamp("cmd"))
     assert "scatter" not in paths and not (tmp_path / "empty_scatter.png").exists()
 
 

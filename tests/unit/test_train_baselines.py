@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from unlearnd.train import baselines as B
-from unlearnd.train.data import IGNORE_INDEX, collate
+from unlearnd.train.data import IGNORE_INDEX, EncodedQA, collate
 from unlearnd.train.trainer import TRAINING_METHODS, TrainConfig, Trainer
 
 VOCAB = 64
@@ -29,7 +29,7 @@ def qa_batch(seed: int, n: int = 4, prompt: int = 4, answer: int = 6) -> dict[st
     for _ in range(n):
         p = torch.randint(3, VOCAB, (prompt,), generator=g).tolist()
         a = torch.randint(3, VOCAB, (answer,), generator=g).tolist()
-        rows.append({"input_ids": p + a, "labels": [IGNORE_INDEX] * prompt + a, "attention_mask": [1] * (prompt + answer)})
+        rows.append(EncodedQA("q", p, a))
     return collate(rows, pad_id=0)
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from unlearnd.train.data import chat_prompt_ids, user_messages
+from unlearnd.prompting import chat_prompt_ids, user_messages
 from unlearnd.evaluation.model_under_test import HFModelUnderTest, ServedModelUnderTest, ServerError
 
 
@@ -151,7 +151,7 @@ def test_generate_is_greedy_chat_completion_for_the_served_model():
 
 
 def test_retries_server_errors_then_succeeds(monkeypatch):
-    monkeypatch.setattr("unlearnd.evaluation.model_under_test.time.sleep", lambda s: None)
+    monkeypatch.setattr("unlearnd.client.time.sleep", lambda s: None)
     server = FakeServer(fail_first=2)
     mut = client(server)
     assert mut.generate([user_messages("x")], 4) == ["echo: x t=0"]

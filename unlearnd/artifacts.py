@@ -1,0 +1,117 @@
+"""Artifacts on disk: one config base with a fixed file name, and the atomic writes every file uses.
+
+As in peft, an artifact is a JSON config plus (optionally) weights under fixed file names, so other
+tools can load it. Every write goes to a temporary sibling, is fsynced and renamed into place, and
+the folder is fsynced: a crash leaves the old file or the new one, never half of one. Folders
+(adapters, models) are staged the same way and swapped in whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, ClassVar, Self
+
+from pydantic import BaseModel
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename inside `folder` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def _jsonable(value: Any) -> Any:
+    """numpy scalars as Python numbers; anything else JSON cannot hold (paths, ...) as text."""
+    item = getattr(value, "item", None)
+    return item() if callable(item) else str(value)
+
+
+def write_json_atomic(path: str | Path, payload: Any, indent: int | None = 1) -> Path:
+    return write_text_atomic(path, json.dumps(payload, indent=indent, default=_jsonable))
+
+
+def write_npz_atomic(path: str | Path, **arrays: Any) -> Path:
+    """numpy arrays as one .npz file, written atomically."""
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return write_bytes_atomic(path, buffer.getvalue())
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def staging_dir(target: Path) -> Path:
+    """A fresh empty sibling of `target` to build a folder in before `install_dir`."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+
+
+def install_dir(staging: Path, target: Path) -> Path:
+    """Put the complete folder `staging` at `target`. An existing `target` is moved aside first and
+    removed only once the new folder is in place, so `target` is never missing its contents."""
+    staging.chmod(0o755)
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    os.replace(staging, target)
+    fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+class ArtifactConfig(BaseModel):
+    """An artifact's JSON config under its fixed `file_name` in the request's artifact folder."""
+
+    file_name: ClassVar[str]
+
+    @classmethod
+    def path(cls, artifact_dir: str | Path) -> Path:
+        return Path(artifact_dir) / cls.file_name
+
+    @classmethod
+    def read(cls, artifact_dir: str | Path) -> Self:
+        return cls.model_validate_json(cls.path(artifact_dir).read_text(encoding="utf-8"))
+
+    def write(self, artifact_dir: str | Path) -> Path:
+        return write_json_atomic(self.path(artifact_dir), self.model_dump(mode="json"))

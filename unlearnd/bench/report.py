@@ -1,0 +1,120 @@
+"""The latency report: targets, cells, the detector sweep and the profile, as JSON, markdown and a plot."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from unlearnd.artifacts import write_json_atomic, write_text_atomic
+from unlearnd.config import DEFAULT_MODEL
+from unlearnd.evaluation.report import stamp_lines
+
+TARGETS = [
+    ("non-flagged e2e p50 ratio, c=1", lambda r: r["cells"].get("none@1", {}).get("ratio", {}).get("e2e_p50"), "<=", 1.03),
+    ("non-flagged e2e p50 ratio, c=16", lambda r: r["cells"].get("none@16", {}).get("ratio", {}).get("e2e_p50"), "<=", 1.03),
+    ("added TTFT p50 (ms), non-flagged c=1", lambda r: 1000 * (r["cells"]["none@1"]["unlearnd"]["ttft_p50"]
+                                                              - r["cells"]["none@1"]["vllm"]["ttft_p50"])
+     if "none@1" in r["cells"] else None, "<=", 5.0),
+    ("ECO route e2e p50 ratio, c=1", lambda r: r["cells"].get("eco@1", {}).get("ratio", {}).get("e2e_p50"), "<=", 1.10),
+    ("throughput ratio, non-flagged c=16", lambda r: r["cells"].get("none@16", {}).get("ratio", {}).get("tok_throughput"), ">=", 0.95),
+    ("classifier cost 100 vs 1 requests", lambda r: (r["sweep"][-1]["classifier_ms_per_prompt"]
+                                                     / r["sweep"][0]["classifier_ms_per_prompt"])
+     if len(r["sweep"]) > 1 and r["sweep"][0]["classifier_ms_per_prompt"] else None, "<=", 1.2),
+]
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def write_report(result: dict, out: Path, stamp: dict) -> Path:
+    """`out`.json / .md / .png, with the run's stamp (`evaluation.report.run_stamp`, taken at its start)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {**result, **stamp}
+    write_json_atomic(out.with_suffix(".json"), result)
+    cells = result["cells"]
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for cell in cells.values():
+        if cell["concurrency"] != min(c["concurrency"] for c in cells.values()):
+            continue
+        for name, style in (("e2e_unlearnd", "-"), ("e2e_vllm", "--")):
+            values = np.sort(cell[name])
+            if len(values):
+                axes[0].plot(values, np.arange(1, len(values) + 1) / len(values), style,
+                             label=f"{cell['route']} ({'unlearnd' if name == 'e2e_unlearnd' else 'vLLM'})")
+    axes[0].set_xlabel("end-to-end latency (s)")
+    axes[0].set_ylabel("fraction of requests")
+    axes[0].set_title("Latency CDF per route, lowest concurrency")
+    axes[0].legend(fontsize=7)
+    keys = list(cells)
+    x = np.arange(len(keys))
+    for offset, metric in ((-0.2, "e2e_p50"), (0.0, "ttft_p50"), (0.2, "tok_throughput")):
+        axes[1].bar(x + offset, [cells[k]["ratio"].get(metric, np.nan) for k in keys], width=0.2, label=metric)
+    axes[1].axhline(1.0, color="k", linewidth=0.8)
+    axes[1].set_xticks(x, keys, rotation=60, fontsize=7)
+    axes[1].set_ylabel("unlearnd / plain vLLM")
+    axes[1].set_title("Ratios (same run)")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    plot = out.with_name(out.stem + ".png")
+    fig.savefig(plot, dpi=110)
+    plt.close(fig)
+
+    lines = [
+        "# Latency: unlearnd vs plain vLLM", "", *stamp_lines(result),
+        f"Python {sys.version.split()[0]}; model {DEFAULT_MODEL} (vLLM, enforce-eager) on both servers; output length "
+        f"{result['config']['output_len']} tokens (ignore_eos), greedy.", "",
+        "Each cell alternates the two servers in rounds; ratios are unlearnd / plain vLLM from the same run.", "",
+        "## Targets", "", "| target | measured | goal | met |", "|---|---|---|---|",
+    ]
+    for name, getter, op, goal in TARGETS:
+        try:
+            value = getter(result)
+        except (KeyError, IndexError, ZeroDivisionError):
+            value = None
+        met = "n/a" if value is None or np.isnan(value) else (
+            "yes" if (value <= goal if op == "<=" else value >= goal) else "**no**")
+        lines.append(f"| {name} | {_fmt(value)} | {op} {goal} | {met} |")
+    lines += ["", "## Cells", "",
+              "| route | conc. | e2e p50 (s) ours / vLLM | ratio | e2e p99 ratio | TTFT p50 (ms) ours / vLLM | "
+              "TPOT p50 ratio | tok/s ours / vLLM | errors |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for cell in cells.values():
+        o, v, r = cell["unlearnd"], cell["vllm"], cell["ratio"]
+        lines.append(
+            f"| {cell['route']} | {cell['concurrency']} | {_fmt(o['e2e_p50'])} / {_fmt(v['e2e_p50'])} | "
+            f"{_fmt(r['e2e_p50'])} | {_fmt(r['e2e_p99'])} | {_fmt(1000 * o['ttft_p50'], 1)} / "
+            f"{_fmt(1000 * v['ttft_p50'], 1)} | {_fmt(r['tpot_p50'])} | {_fmt(o['tok_throughput'], 1)} / "
+            f"{_fmt(v['tok_throughput'], 1)} | {o['errors']}/{v['errors']} |")
+    lines += ["", "## Detector cost vs active forget requests", "",
+              "| active requests | detector ms / prompt | non-flagged e2e p50 (s) |", "|---|---|---|"]
+    for row in result["sweep"]:
+        lines.append(f"| {row['active_requests']} | {_fmt(row['classifier_ms_per_prompt'])} | {_fmt(row['e2e_p50'])} |")
+    profile = result.get("profile")
+    if profile:
+        lines += ["", "## Where the unlearnd front-end's time goes", "",
+                  f"py-spy samples of the unlearnd server process (HTTP, detector, routing, vLLM's front-end; "
+                  f"the model runs in vLLM's engine-core process) while it served the non-flagged cells "
+                  f"({profile['cells']}): {profile['samples']} busy samples"
+                  + (f" at {profile['rate_hz']} Hz = {profile['busy_s']:.1f} s of busy time in the process"
+                     if "busy_s" in profile else "") + f". Raw stacks: `{profile['raw']}`.", "",
+                  "| component | share of busy samples |", "|---|---|"]
+        lines += [f"| {name} | {100 * share:.1f}% |" for name, share in profile["components"].items()]
+        lines += ["", "| hottest frame | share |", "|---|---|"]
+        lines += [f"| `{row['frame']}` | {100 * row['share']:.1f}% |" for row in profile["top_frames"]]
+    lines += ["", f"![latency]({plot.name})", ""]
+    if result.get("notes"):
+        lines += ["## Notes", "", *result["notes"], ""]
+    md = out.with_suffix(".md")
+    write_text_atomic(md, "\n".join(lines))
+    return md

@@ -1,0 +1,185 @@
+"""`unlearnd eval`: the detector on TOFU, methods on TOFU, merged reports, continual requests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from unlearnd.cli.common import (
+    AUTHORS_HELP,
+    EPOCHS_HELP,
+    LR_HELP,
+    echo_json,
+    parse_limits,
+    parse_options,
+    reference_preset,
+    set_threads,
+)
+from unlearnd.config import DEFAULT_DETECTOR
+from unlearnd.methods import METHODS
+
+app = typer.Typer(help="Offline evaluation.", no_args_is_help=True)
+
+ADMIN_KEY = typer.Option(None, envvar="UNLEARND_ADMIN_KEY", help="Admin key for forget requests.")
+API_KEY = typer.Option(None, envvar="UNLEARND_API_KEY", help="API key for chat/score calls.")
+SERVED_MODEL = typer.Option(None, help="`model` field sent to the server.")
+
+
+@app.command("classifier")
+def classifier(
+    data: Path = typer.Option(None, "--data", help="TOFU folder (default: unlearnd.config.tofu_dir())"),
+    split: str = typer.Option("forget10", "--split"),
+    out: Path = typer.Option(Path("reports/classifier"), "--out", help="writes OUT.json and OUT.md"),
+    detector: str = typer.Option(DEFAULT_DETECTOR, "--detector"),
+    with_retain: bool = typer.Option(False, "--with-retain/--no-retain",
+                                     help="give the request the first half of retain90 as retain data"),
+    latency_prompts: int = typer.Option(200, "--latency-prompts"),
+    robustness_n: int = typer.Option(100, "--robustness-n"),
+    limit: int = typer.Option(0, "--limit", help="cap every evaluation set (smoke runs); 0 = all"),
+) -> None:
+    """Evaluate forget-query detection on TOFU: AUROC, TPR at FPR<=1%, FPR per split, latency,
+    scaling with 1/10/100 loaded requests, robustness to typos / wrappers / languages / context."""
+    from unlearnd.config import tofu_dir
+    from unlearnd.evaluation.detector import EvalOptions, run_eval
+
+    opts = EvalOptions(data=str(data or tofu_dir()), split=split, out=str(out), detector=detector,
+                       with_retain=with_retain, latency_prompts=latency_prompts, robustness_n=robustness_n,
+                       limit=limit)
+    report = run_eval(opts)
+    typer.echo(f"wrote {out}.json and {out}.md: {report['headline']}")
+
+
+@app.command("tofu")
+def tofu(
+    preset: str = typer.Option("mini"),
+    forget_split: str = typer.Option(None, help="Default: the preset's forget split."),
+    methods: str = typer.Option("target,retain", help="Comma list: target, retain, the finetuning baselines "
+                                "(grad_ascent, grad_diff, npo, simnpo, idk_dpo, rmu), the served methods ("
+                                + ", ".join(METHODS) + ") and served_target (the server with no request)."),
+    server_url: str = typer.Option(None, help="Base URL of a running server (for served methods); it must "
+                                   "serve the TOFU target model."),
+    admin_key: str = ADMIN_KEY,
+    api_key: str = API_KEY,
+    served_model: str = SERVED_MODEL,
+    out: Path = typer.Option(Path("reports"), help="Report folder."),
+    name: str = typer.Option(None, help="Report file stem (default tofu_<preset>_<forget_split>)."),
+    limit: list[str] = typer.Option(None, help="SPLIT=N items (forget, retain, real_authors, world_facts, "
+                                    "holdout), repeatable; for smoke runs."),
+    max_new_tokens: int = typer.Option(None),
+    robustness: bool = typer.Option(True, help="Run the robustness probes."),
+    robustness_items: int = typer.Option(20, help="Forget (and retain control) items per robustness probe."),
+    relearn_epochs: float = typer.Option(1.0, help="Epochs of the relearning attack over half the forget set."),
+    baseline_epochs: float = typer.Option(None, help="Override every baseline's epochs over the forget set."),
+    train_missing: bool = typer.Option(True, help="Train missing reference models (else fail)."),
+    use_cache: bool = typer.Option(True, help="Reuse cached per-model evaluation records."),
+    threads: int = typer.Option(0),
+    ref_epochs: float = typer.Option(None, "--ref-epochs", help=EPOCHS_HELP),
+    ref_lr: float = typer.Option(None, "--ref-lr", help=LR_HELP),
+    retain_authors: int = typer.Option(None, help=AUTHORS_HELP),
+    request_option: list[str] = typer.Option(None, help="METHOD:KEY=VALUE option of a served method's forget "
+                                             "request (e.g. soft_prompt:steps=80), repeatable."),
+) -> None:
+    """Evaluate methods on TOFU; write JSON + markdown + PNG plots under --out."""
+    from unlearnd.evaluation.tofu import TofuEvalConfig, evaluate_and_report, methods_list
+    from unlearnd.train.baselines import BASELINES
+
+    set_threads(threads)
+    p = reference_preset(preset, forget_split, ref_epochs, ref_lr, retain_authors)
+    request_options: dict[str, dict] = {}
+    for item in request_option or []:
+        method, sep, pair = item.partition(":")
+        if not sep or not method.strip():
+            raise typer.BadParameter(f"--request-option is METHOD:KEY=VALUE, got {item!r}")
+        request_options.setdefault(method.strip(), {}).update(parse_options([pair]))
+    cfg = TofuEvalConfig(preset=preset, forget_split=p.forget_split, methods=methods_list(methods),
+                         request_options=request_options, server_url=server_url, admin_key=admin_key,
+                         api_key=api_key, served_model=served_model, max_new_tokens=max_new_tokens,
+                         limits=parse_limits(limit), robustness=robustness, robustness_items=robustness_items,
+                         relearn_epochs=relearn_epochs, use_cache=use_cache,
+                         baseline_overrides={m: {"epochs": baseline_epochs} for m in BASELINES}
+                         if baseline_epochs is not None else {})
+    results, paths = evaluate_and_report(cfg, p, out, name or f"tofu_{preset}_{p.forget_split}",
+                                         train_missing_references=train_missing)
+    echo_json({k: str(v) for k, v in paths.items()})
+    failed = [m for m, e in results["methods"].items() if "error" in e]
+    if failed:
+        typer.echo(f"methods failed: {failed} (see the report)", err=True)
+        raise typer.Exit(1)
+
+
+@app.command("merge")
+def merge(
+    runs: list[Path] = typer.Argument(..., help="Result JSON files of `eval tofu` runs (same preset/splits)."),
+    out: Path = typer.Option(Path("reports")),
+    name: str = typer.Option(..., help="Report file stem."),
+    note: list[str] = typer.Option(None, help="A line for the report's notes, repeatable."),
+    rename: list[str] = typer.Option(None, help="N:OLD=NEW renames method OLD of the N-th run (1-based), e.g. "
+                                     "to keep two runs of one method side by side; repeatable."),
+) -> None:
+    """One report from several `eval tofu` runs (e.g. baselines and served methods run side by side)."""
+    from unlearnd.evaluation.report import merge_results, run_stamp, write_report
+
+    renames: dict[int, dict[str, str]] = {}
+    for spec in rename or []:
+        index, sep, pair = spec.partition(":")
+        old, eq, new = pair.partition("=")
+        if not (sep and eq and index.isdigit() and 1 <= int(index) <= len(runs) and old and new):
+            raise typer.BadParameter(f"--rename {spec!r}: expected N:OLD=NEW with 1 <= N <= {len(runs)}")
+        renames.setdefault(int(index) - 1, {})[old] = new
+    try:
+        merged = merge_results([json.loads(Path(r).read_text()) for r in runs],
+                               renames=[renames.get(i, {}) for i in range(len(runs))])
+    except (OSError, ValueError) as exc:
+        raise typer.BadParameter(str(exc)) from None
+    paths = write_report(merged, out, name, run_stamp(), notes=list(note or []))
+    echo_json({k: str(v) for k, v in paths.items()})
+
+
+@app.command("continual")
+def continual(
+    server_url: str = typer.Option(..., help="Base URL of a running server serving the TOFU target model."),
+    method: str = typer.Option("lora", help="Method of every request: " + ", ".join(METHODS) + "."),
+    groups: str = typer.Option("198/199/0", help="Author groups in request order: ids joined by ',' within a "
+                               "group and '/' between groups (mini target: 198,199 = forget01, 0-5 = retain)."),
+    untouched: str = typer.Option(None, help="Untouched author ids (default: the preset's retain authors "
+                                  "that no group names)."),
+    preset: str = typer.Option("mini"),
+    forget_split: str = typer.Option(None, help="Default: the preset's forget split."),
+    items_per_group: int = typer.Option(10),
+    untouched_items: int = typer.Option(20),
+    max_new_tokens: int = typer.Option(48),
+    option: list[str] = typer.Option(None, help="Request option KEY=VALUE (e.g. preset=cpu), repeatable."),
+    admin_key: str = ADMIN_KEY,
+    api_key: str = API_KEY,
+    served_model: str = SERVED_MODEL,
+    out: Path = typer.Option(Path("reports")),
+    name: str = typer.Option(None, help="Report file stem (default continual_<method>)."),
+) -> None:
+    """Register TOFU author groups one after another; after each, measure every group and untouched authors."""
+    from unlearnd.evaluation.continual import ContinualConfig, run_and_report
+    from unlearnd.evaluation.model_under_test import ServedModelUnderTest
+    from unlearnd.tofu import TofuData
+    from unlearnd.train.reference import reference_data
+
+    try:
+        group_ids = [[int(a) for a in g.split(",") if a.strip()] for g in groups.split("/") if g.strip()]
+        untouched_ids = [int(a) for a in untouched.split(",")] if untouched else None
+    except ValueError as exc:
+        raise typer.BadParameter(f"author ids must be integers: {exc}") from None
+    data = TofuData()
+    if untouched_ids is None:
+        requested = {a for g in group_ids for a in g}
+        p = reference_preset(preset, forget_split, None, None, None)
+        untouched_ids = [a for a in reference_data(p, data).retain_authors if a not in requested]
+    cfg = ContinualConfig(method=method, groups=group_ids, untouched_authors=untouched_ids,
+                          items_per_group=items_per_group, untouched_items=untouched_items,
+                          max_new_tokens=max_new_tokens, options=parse_options(option))
+    served = ServedModelUnderTest(server_url, name=f"continual-{method}", api_key=api_key, admin_key=admin_key,
+                                  model=served_model)
+    try:
+        paths = run_and_report(cfg, served, out, name or f"continual_{method}", data)
+    finally:
+        served.close()
+    echo_json({k: str(v) for k, v in paths.items()})

@@ -1,0 +1,130 @@
+"""`unlearnd requests`: manage forget requests, over HTTP with --url or directly on a local registry."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from unlearnd.cli.common import echo_json
+from unlearnd.methods import methods_help
+
+app = typer.Typer(help="Manage forget requests.", no_args_is_help=True)
+
+URL = typer.Option(None, "--url", envvar="UNLEARND_URL", help="Server URL (default: local registry).")
+ADMIN_KEY = typer.Option(None, "--admin-key", envvar="UNLEARND_ADMIN_KEY")
+DATA_DIR = typer.Option(None, "--data-dir", help="Local registry dir (without --url).")
+
+
+def _client(url: str, admin_key: str | None):
+    from unlearnd.client import UnlearndClient
+
+    return UnlearndClient(url, admin_key=admin_key, timeout_s=30, retries=0)
+
+
+def _registry(data_dir: Path | None):
+    from unlearnd.config import data_dir as default_data_dir
+    from unlearnd.registry import Registry
+
+    return Registry(data_dir or default_data_dir())
+
+
+def _over_http(call):
+    """Run `call()` against the server; a server error exits 1 with its message."""
+    from unlearnd.client import ServerError
+
+    try:
+        return call()
+    except ServerError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _not_found(request_id: str) -> typer.Exit:
+    typer.echo(f"error: forget request {request_id!r} not found", err=True)
+    return typer.Exit(1)
+
+
+def _read_examples(path: Path) -> list:
+    """JSON lines of {question, answer} or {text}."""
+    items = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            items.append(row if "question" in row else row["text"])
+    return items
+
+
+@app.command("add")
+def add(
+    name: str = typer.Option(..., help="What to forget (also the default entity name)."),
+    forget_file: Path = typer.Option(..., "--forget", help="JSONL of {question, answer} or {text} lines."),
+    retain_file: Optional[Path] = typer.Option(None, "--retain"),
+    method: str = typer.Option("refuse", help=methods_help()),
+    entity: list[str] = typer.Option([], "--entity", help="Entity names (repeatable)."),
+    url: Optional[str] = URL,
+    admin_key: Optional[str] = ADMIN_KEY,
+    data_dir: Optional[Path] = DATA_DIR,
+) -> None:
+    """Register a forget request."""
+    from pydantic import ValidationError
+
+    from unlearnd.spec import ForgetSpec
+
+    payload = {"name": name, "method": method, "forget": _read_examples(forget_file),
+               "retain": _read_examples(retain_file) if retain_file else [], "entities": entity}
+    if url:
+        with _client(url, admin_key) as client:
+            echo_json(_over_http(lambda: client.add_request(payload)))
+        return
+    try:
+        spec = ForgetSpec.model_validate(payload)
+    except ValidationError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    echo_json(_registry(data_dir).add(spec).model_dump(mode="json", exclude={"spec"}))
+
+
+@app.command("list")
+def list_(url: Optional[str] = URL, admin_key: Optional[str] = ADMIN_KEY, data_dir: Optional[Path] = DATA_DIR) -> None:
+    """List forget requests."""
+    if url:
+        with _client(url, admin_key) as client:
+            rows = _over_http(client.list_requests)
+    else:
+        rows = [r.model_dump(mode="json", exclude={"spec"}) for r in _registry(data_dir).list()]
+    for row in rows:
+        typer.echo(f"{row['id']}  {row['status']:<9} {row['method']:<11} {row['name']}"
+                   + (f"  ({row['error']})" if row.get("error") else ""))
+
+
+@app.command("show")
+def show(request_id: str, url: Optional[str] = URL, admin_key: Optional[str] = ADMIN_KEY,
+         data_dir: Optional[Path] = DATA_DIR) -> None:
+    """Show one forget request."""
+    if url:
+        with _client(url, admin_key) as client:
+            echo_json(_over_http(lambda: client.get_request(request_id)))
+        return
+    try:
+        echo_json(_registry(data_dir).get(request_id).model_dump(mode="json"))
+    except KeyError:
+        raise _not_found(request_id) from None
+
+
+@app.command("remove")
+def remove(request_id: str, purge: bool = typer.Option(False, help="Also delete artifacts."),
+           url: Optional[str] = URL, admin_key: Optional[str] = ADMIN_KEY,
+           data_dir: Optional[Path] = DATA_DIR) -> None:
+    """Deactivate a forget request (artifacts kept unless --purge)."""
+    if url:
+        with _client(url, admin_key) as client:
+            echo_json(_over_http(lambda: client.remove_request(request_id, purge)))
+        return
+    try:
+        record = _registry(data_dir).deactivate(request_id, purge=purge)
+    except KeyError:
+        raise _not_found(request_id) from None
+    echo_json(record.model_dump(mode="json", exclude={"spec"}))

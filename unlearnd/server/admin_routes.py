@@ -1,0 +1,66 @@
+"""The admin API: register, list, show and deactivate (or purge) forget requests.
+
+The app's middleware checks the admin key before any of these runs."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Depends
+
+from unlearnd.methods import METHODS
+from unlearnd.server.protocol import APIError
+from unlearnd.server.state import ServerState, server_state
+from unlearnd.spec import ForgetRequest, ForgetSpec
+
+router = APIRouter()
+
+
+def public(record: ForgetRequest, full: bool = True) -> dict[str, Any]:
+    data = record.model_dump(mode="json")
+    if not full:
+        data.pop("spec", None)
+        data["forget_examples"] = len(record.spec.forget)
+    return {"object": "unlearning.request", **data}
+
+
+def not_found(request_id: str) -> APIError:
+    return APIError(404, f"forget request {request_id!r} not found", "not_found_error", "request_not_found")
+
+
+@router.post("/v1/unlearning/requests", status_code=201)
+async def add_request(body: ForgetSpec, state: ServerState = Depends(server_state)) -> dict[str, Any]:
+    if body.method.value not in METHODS:
+        raise APIError(400, f"method {body.method.value!r} is not available in this installation; "
+                       f"available: {sorted(METHODS)}", param="method", code="method_unavailable")
+    record = await asyncio.to_thread(state.registry.add, body)
+    return public(record)
+
+
+@router.get("/v1/unlearning/requests")
+async def list_requests(state: ServerState = Depends(server_state)) -> dict[str, Any]:
+    records = await asyncio.to_thread(state.registry.list)
+    return {"object": "list", "data": [public(r, full=False) for r in records]}
+
+
+@router.get("/v1/unlearning/requests/{request_id}")
+async def get_request(request_id: str, state: ServerState = Depends(server_state)) -> dict[str, Any]:
+    try:
+        record = await asyncio.to_thread(state.registry.get, request_id)
+    except KeyError:
+        raise not_found(request_id) from None
+    # the training job's report (cost, achieved metrics), once the job has finished
+    training = await asyncio.to_thread(state.registry.load_json, request_id, "training.json")
+    return {**public(record), "training": training}
+
+
+@router.delete("/v1/unlearning/requests/{request_id}")
+async def delete_request(request_id: str, purge: bool = False,
+                         state: ServerState = Depends(server_state)) -> dict[str, Any]:
+    try:
+        record = await asyncio.to_thread(state.registry.deactivate, request_id, purge)
+    except KeyError:
+        raise not_found(request_id) from None
+    await state.pipeline.sync()
+    return {**public(record, full=False), "purged": purge}

@@ -1,0 +1,61 @@
+"""The unlearning endpoints: /v1/unlearning/classify (detector verdicts, no generation) and
+/v1/unlearning/score (log-probs of a continuation under the served pipeline)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+
+from unlearnd.engine.base import EngineError, SamplingSpec
+from unlearnd.prompting import detector_text
+from unlearnd.request import GuardedRequest
+from unlearnd.server.openai_routes import check_model, prepare
+from unlearnd.server.pipeline import ContextLengthError
+from unlearnd.server.protocol import (
+    APIError,
+    ClassifyMatch,
+    ClassifyRequest,
+    ClassifyResponse,
+    ClassifyResult,
+    ScoreRequest,
+    ScoreResponse,
+    new_id,
+    plain_messages,
+)
+from unlearnd.server.state import ServerState, server_state
+
+router = APIRouter()
+
+
+@router.post("/v1/unlearning/classify")
+async def classify(body: ClassifyRequest, state: ServerState = Depends(server_state)) -> dict:
+    texts = [item if isinstance(item, str) else detector_text(plain_messages(item)) for item in body.input]
+    pipeline = state.pipeline
+    detections = await pipeline.classify(texts)
+    results = []
+    for index, detection in enumerate(detections):
+        matches = [
+            ClassifyMatch(request_id=m.request_id, name=pipeline.active[m.request_id].name,
+                          method=pipeline.active[m.request_id].method.value, score=m.score, weight=m.weight,
+                          spans=m.spans)
+            for m in detection.matches
+        ]
+        results.append(ClassifyResult(index=index, flagged=bool(matches), score=detection.score,
+                                      route=pipeline.route_of(detection), matches=matches))
+    return ClassifyResponse(data=results).model_dump()
+
+
+@router.post("/v1/unlearning/score")
+async def score(body: ScoreRequest, state: ServerState = Depends(server_state)) -> dict:
+    if body.model is not None:
+        check_model(state, body.model)
+    request = GuardedRequest(id=new_id("score"), kind="score", sampling=SamplingSpec(temperature=0.0),
+                             messages=body.plain_messages(), prompt=body.prompt, max_tokens=1)
+    request = await prepare(state, request)
+    try:
+        tokens, logprobs = await state.pipeline.score(request, body.continuation)
+    except ContextLengthError as exc:
+        raise APIError(400, str(exc), "invalid_request_error", "context_length_exceeded", "continuation") from exc
+    except EngineError as exc:
+        raise APIError(500, str(exc), "internal_error", "engine_error") from exc
+    return ScoreResponse(route=request.route, matched_request_ids=request.matched_ids, tokens=tokens,
+                         token_logprobs=logprobs).model_dump()
