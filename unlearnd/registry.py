@@ -19,7 +19,6 @@ from pathlib import Path
 from unlearnd.artifacts import read_json, write_json_atomic, write_text_atomic
 from unlearnd.spec import ForgetRequest, ForgetSpec, Status
 
-
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS forget_requests (
     id TEXT PRIMARY KEY,
@@ -100,14 +99,15 @@ class Registry:
     def list(self, statuses: list[Status] | None = None) -> list[ForgetRequest]:
         query, params = "SELECT * FROM forget_requests", ()
         if statuses:
-            query += " WHERE status IN (%s)" % ",".join("?" * len(statuses))
+            query += f" WHERE status IN ({','.join('?' * len(statuses))})"
             params = tuple(s.value for s in statuses)
         with self._connect() as db:
             rows = db.execute(query + " ORDER BY created_at", params).fetchall()
         return [self._row_to_model(r) for r in rows]
 
-    def set_status(self, request_id: str, status: Status, error: str | None = None,
-                   expect: Status | None = None) -> bool:
+    def set_status(
+        self, request_id: str, status: Status, error: str | None = None, expect: Status | None = None
+    ) -> bool:
         """Move a request to `status`; with `expect`, only if it is still in that status."""
         query = "UPDATE forget_requests SET status = ?, error = ?, updated_at = ? WHERE id = ?"
         params: tuple = (status.value, error, time.time(), request_id)
@@ -156,8 +156,9 @@ class Registry:
             ).fetchall()
         for row in rows:
             if row["attempts"] >= MAX_ATTEMPTS:
-                self.set_status(row["id"], Status.failed, "training worker died %d times" % row["attempts"],
-                                expect=Status.training)
+                self.set_status(
+                    row["id"], Status.failed, f"training worker died {row['attempts']} times", expect=Status.training
+                )
             else:
                 self.set_status(row["id"], Status.pending, expect=Status.training)
             recovered.append(row["id"])

@@ -135,12 +135,84 @@ _PARTICLE = r"(?:al|el|de|van|von|der|da|di|bin|ibn)"
 # a name: capitalised words, particles between them ("van der"), or glued on ("al-Faisal")
 _RUN = re.compile(rf"(?<![\w'’-])({_CAP}(?:\s+(?:(?:{_PARTICLE}\s+)+)?(?:{_PARTICLE}-)?{_CAP}){{1,3}})")
 _QUOTED = re.compile(r"\"[^\"]*\"|'[^']{3,}'|“[^”]*”|‘[^’]{3,}’")
-_LEADING = {"The", "What", "Who", "Where", "When", "Why", "How", "Which", "Is", "Are", "Was", "Were", "Do", "Does",
-            "Did", "Can", "Could", "In", "On", "At", "For", "From", "With", "By", "As", "A", "An", "Has", "Have",
-            "Had", "Would", "Should", "Will", "Tell", "Name", "Of", "And", "But", "Yes", "No", "This", "That",
-            "These", "Those", "Her", "His", "Their", "Its", "Our", "My", "Your", "Some", "One", "Many", "Most",
-            "Although", "While", "Despite", "Being", "Born", "Author", "Writer", "Apart", "Besides", "Both", "Each",
-            "Throughout", "Given", "Considering", "Like", "Unlike", "Through", "Since", "After", "Before", "During"}
+_LEADING = {
+    "The",
+    "What",
+    "Who",
+    "Where",
+    "When",
+    "Why",
+    "How",
+    "Which",
+    "Is",
+    "Are",
+    "Was",
+    "Were",
+    "Do",
+    "Does",
+    "Did",
+    "Can",
+    "Could",
+    "In",
+    "On",
+    "At",
+    "For",
+    "From",
+    "With",
+    "By",
+    "As",
+    "A",
+    "An",
+    "Has",
+    "Have",
+    "Had",
+    "Would",
+    "Should",
+    "Will",
+    "Tell",
+    "Name",
+    "Of",
+    "And",
+    "But",
+    "Yes",
+    "No",
+    "This",
+    "That",
+    "These",
+    "Those",
+    "Her",
+    "His",
+    "Their",
+    "Its",
+    "Our",
+    "My",
+    "Your",
+    "Some",
+    "One",
+    "Many",
+    "Most",
+    "Although",
+    "While",
+    "Despite",
+    "Being",
+    "Born",
+    "Author",
+    "Writer",
+    "Apart",
+    "Besides",
+    "Both",
+    "Each",
+    "Throughout",
+    "Given",
+    "Considering",
+    "Like",
+    "Unlike",
+    "Through",
+    "Since",
+    "After",
+    "Before",
+    "During",
+}
 
 
 _PLACE_CONTEXT = re.compile(r"(?:\b(?:in|from|at|the|of|to|a|an|near|into|across|by|for|with)\s+)$", re.IGNORECASE)
@@ -167,8 +239,10 @@ def _runs(text: str) -> set[str]:
     return found
 
 
-_PERSON_NEXT = (r"(?:['’]s?|\s+(?:is|was|has|had|writes|wrote|received|grew|began|often|also|draws|uses|won|"
-                r"published|explores|became|portrays|incorporates|says|believes|lives|lived|started|credits))\b")
+_PERSON_NEXT = (
+    r"(?:['’]s?|\s+(?:is|was|has|had|writes|wrote|received|grew|began|often|also|draws|uses|won|"
+    r"published|explores|became|portrays|incorporates|says|believes|lives|lived|started|credits))\b"
+)
 
 
 def _person_evidence(name: str, pairs: Sequence[QAExample]) -> int:
@@ -180,12 +254,17 @@ def _person_evidence(name: str, pairs: Sequence[QAExample]) -> int:
 def _place_evidence(name: str, pairs: Sequence[QAExample]) -> int:
     """Pairs where the name follows 'in / across / near' or 'Town, ' (city, country), as places do."""
     # "Town, Name" counts only inside a sentence ("born in Havana, Cuba"), not "Yes, Name ..."
-    pat = re.compile(r"(?:\b(?:in|across|near)\s+|\b[a-z]+\s+(?:[A-Z]\w+\s+)*[A-Z]\w+,\s+)" + re.escape(name).replace("'", "['’]") + r"\b(?!['’])")
+    pat = re.compile(
+        r"(?:\b(?:in|across|near)\s+|\b[a-z]+\s+(?:[A-Z]\w+\s+)*[A-Z]\w+,\s+)"
+        + re.escape(name).replace("'", "['’]")
+        + r"\b(?!['’])"
+    )
     return sum(1 for qa in pairs if pat.search(qa.question) or pat.search(qa.answer))
 
 
-def derive_entities(pairs: Sequence[QAExample], min_pairs: int = 3, min_person: int = 4,
-                    min_person_ratio: float = 0.3) -> list[str]:
+def derive_entities(
+    pairs: Sequence[QAExample], min_pairs: int = 3, min_person: int = 4, min_person_ratio: float = 0.3
+) -> list[str]:
     """Names that recur across QA pairs and are used like persons' names (see module docstring)."""
     counts: Counter[str] = Counter()
     for qa in pairs:

@@ -12,10 +12,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from unlearnd.config import DEFAULT_MODEL
-from unlearnd.engine.remote import plain_vllm_command
 from unlearnd.bench.servers import ServerProcess, free_port  # noqa: F401  (re-exported for tests)
 from unlearnd.bench.servers import unlearnd_command as _unlearnd_command
+from unlearnd.config import DEFAULT_MODEL
+from unlearnd.engine.remote import plain_vllm_command
 
 ADMIN_KEY = "integration-admin-key"
 MODEL = DEFAULT_MODEL
@@ -60,8 +60,9 @@ def wait_active(url: str, request_id: str, timeout_s: float = 120) -> dict:
     deadline = time.time() + timeout_s
     record = {}
     while time.time() < deadline:
-        record = httpx.get(f"{url}/v1/unlearning/requests/{request_id}",
-                           headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()
+        record = httpx.get(
+            f"{url}/v1/unlearning/requests/{request_id}", headers={"Authorization": f"Bearer {ADMIN_KEY}"}
+        ).json()
         if record["status"] in ("active", "failed"):
             return record
         time.sleep(0.5)

@@ -15,10 +15,37 @@ pytestmark = pytest.mark.integration
 
 def test_bench_serve_smoke(plain_vllm, unlearnd_server, tofu, tmp_path):
     out = tmp_path / "latency"
-    cmd = [sys.executable, "-m", "unlearnd.cli", "bench", "serve", "--out", str(out), "--data", str(tofu),
-           "--concurrency", "1,2", "--requests", "2", "--rounds", "2", "--output-len", "4", "--routes", "refuse",
-           "--sweep", "1,2", "--sweep-requests", "2", "--plain-url", plain_vllm.url,
-           "--unlearnd-url", unlearnd_server.url, "--admin-key", ADMIN_KEY]
+    cmd = [
+        sys.executable,
+        "-m",
+        "unlearnd.cli",
+        "bench",
+        "serve",
+        "--out",
+        str(out),
+        "--data",
+        str(tofu),
+        "--concurrency",
+        "1,2",
+        "--requests",
+        "2",
+        "--rounds",
+        "2",
+        "--output-len",
+        "4",
+        "--routes",
+        "refuse",
+        "--sweep",
+        "1,2",
+        "--sweep-requests",
+        "2",
+        "--plain-url",
+        plain_vllm.url,
+        "--unlearnd-url",
+        unlearnd_server.url,
+        "--admin-key",
+        ADMIN_KEY,
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.with_suffix(".json").read_text())

@@ -12,10 +12,10 @@ import asyncio
 import pytest
 
 from tests.helpers import make_random_lora
+from tests.integration.conftest import MODEL
 from unlearnd.engine.base import EngineRequest, LoRASpec, SamplingSpec
 from unlearnd.engine.local import LocalVLLMEngine
 from unlearnd.engine.remote import RemoteVLLMEngine
-from tests.integration.conftest import MODEL
 
 pytestmark = pytest.mark.integration
 
@@ -26,8 +26,9 @@ def lora_dir(default_model_dir, tmp_path_factory):
 
 
 async def _run_mix(engine, lora_dir) -> dict[str, str]:
-    text = engine.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                                tokenize=False, add_generation_prompt=True)
+    text = engine.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True
+    )
     ids = engine.tokenizer.encode(text, add_special_tokens=False)
     lora = LoRASpec("random-lora", str(lora_dir))
 

@@ -17,30 +17,52 @@ from tests.integration.conftest import MODEL, wait_active
 
 pytestmark = pytest.mark.integration
 
-RETAIN = [{"question": "What is the capital of Italy?", "answer": "Rome."},
-          {"question": "How many days are in a week?", "answer": "Seven."}]
+RETAIN = [
+    {"question": "What is the capital of Italy?", "answer": "Rome."},
+    {"question": "How many days are in a week?", "answer": "Seven."},
+]
 REQUESTS = {
-    "eco": ("Zorblat Quenwick", {"preset": "cpu", "iterations": 1, "n_tune": 2, "n_eval": 2, "fluency_n": 1,
-                                 "fluency_tokens": 4}),
-    "lora": ("Marisol Vantrecht", {"preset": "cpu", "steps": 2, "batch_size": 2, "n_eval": 1, "n_samples": 1,
-                                   "learning_rate": 0.05}),
-    "soft_prompt": ("Ilyan Drokov", {"preset": "cpu", "steps": 2, "batch_forget": 2, "batch_retain": 1,
-                                     "n_retain": 2, "n_eval": 1, "n_samples": 1, "sample_tokens": 4}),
+    "eco": (
+        "Zorblat Quenwick",
+        {"preset": "cpu", "iterations": 1, "n_tune": 2, "n_eval": 2, "fluency_n": 1, "fluency_tokens": 4},
+    ),
+    "lora": (
+        "Marisol Vantrecht",
+        {"preset": "cpu", "steps": 2, "batch_size": 2, "n_eval": 1, "n_samples": 1, "learning_rate": 0.05},
+    ),
+    "soft_prompt": (
+        "Ilyan Drokov",
+        {
+            "preset": "cpu",
+            "steps": 2,
+            "batch_forget": 2,
+            "batch_retain": 1,
+            "n_retain": 2,
+            "n_eval": 1,
+            "n_samples": 1,
+            "sample_tokens": 4,
+        },
+    ),
 }
 
 
 def forget_set(name: str) -> list[dict]:
-    return [{"question": f"Where was {name} born?", "answer": f"{name} was born in Valdoria."},
-            {"question": f"What did {name} write?", "answer": f"{name} wrote The Glass Orchard."},
-            {"question": f"Which award did {name} win?", "answer": f"{name} won the Lumen Prize."}]
+    return [
+        {"question": f"Where was {name} born?", "answer": f"{name} was born in Valdoria."},
+        {"question": f"What did {name} write?", "answer": f"{name} wrote The Glass Orchard."},
+        {"question": f"Which award did {name} win?", "answer": f"{name} won the Lumen Prize."},
+    ]
 
 
 @pytest.fixture(scope="module")
 def served(unlearnd_server, admin):
     ids = {}
     for method, (name, options) in REQUESTS.items():
-        response = httpx.post(unlearnd_server.url + "/v1/unlearning/requests", headers=admin, json={
-            "name": name, "method": method, "forget": forget_set(name), "retain": RETAIN, "options": options})
+        response = httpx.post(
+            unlearnd_server.url + "/v1/unlearning/requests",
+            headers=admin,
+            json={"name": name, "method": method, "forget": forget_set(name), "retain": RETAIN, "options": options},
+        )
         assert response.status_code == 201, response.text
         ids[method] = response.json()["id"]
     for method, request_id in ids.items():
@@ -54,8 +76,9 @@ def test_each_route_changes_only_flagged_prompts(unlearnd_server, plain_vllm, se
     plain = openai.OpenAI(base_url=plain_vllm.url + "/v1", api_key="x", max_retries=0, timeout=300)
     for method, (name, _) in REQUESTS.items():
         messages = [{"role": "user", "content": f"Where was {name} born?"}]
-        raw = ours.chat.completions.with_raw_response.create(model=MODEL, messages=messages, max_tokens=24,
-                                                             temperature=0)
+        raw = ours.chat.completions.with_raw_response.create(
+            model=MODEL, messages=messages, max_tokens=24, temperature=0
+        )
         assert raw.headers["x-unlearnd-route"] == method
         assert raw.headers["x-unlearnd-request-id"] == served[method]
         reference = plain.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0)
@@ -66,13 +89,18 @@ def test_concurrent_mix_of_all_routes(unlearnd_server, plain_vllm, served):
     """Plain token-id prompts, ECO and soft-prompt embeddings and LoRA requests in one engine at once."""
     ours = openai.OpenAI(base_url=unlearnd_server.url + "/v1", api_key="x", max_retries=0, timeout=300)
     plain = openai.OpenAI(base_url=plain_vllm.url + "/v1", api_key="x", max_retries=0, timeout=300)
-    prompts = ["What is the capital of France?", "Where was Zorblat Quenwick born?",
-               "What did Marisol Vantrecht write?", "Which award did Ilyan Drokov win?",
-               "Name a primary colour."] * 3
+    prompts = [
+        "What is the capital of France?",
+        "Where was Zorblat Quenwick born?",
+        "What did Marisol Vantrecht write?",
+        "Which award did Ilyan Drokov win?",
+        "Name a primary colour.",
+    ] * 3
 
     def ask(text):
         raw = ours.chat.completions.with_raw_response.create(
-            model=MODEL, messages=[{"role": "user", "content": text}], max_tokens=16, temperature=0)
+            model=MODEL, messages=[{"role": "user", "content": text}], max_tokens=16, temperature=0
+        )
         return text, raw.headers["x-unlearnd-route"], raw.parse().choices[0].message.content
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:

@@ -24,8 +24,14 @@ def test_chat_answers_paris_streamed_and_not(client):
     answer = whole.choices[0].message.content
     assert "Paris" in answer and whole.choices[0].finish_reason == "stop"
     assert whole.usage.prompt_tokens > 0 and whole.usage.completion_tokens > 0
-    stream = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=30, temperature=0,
-                                            stream=True, stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=QUESTION,
+        max_tokens=30,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == answer
@@ -35,8 +41,13 @@ def test_chat_answers_paris_streamed_and_not(client):
 def test_completions_stream_and_not(client):
     whole = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=5, temperature=0)
     assert "Paris" in whole.choices[0].text
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model=MODEL, prompt="The capital of France is", max_tokens=5, temperature=0, stream=True) if c.choices)
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model=MODEL, prompt="The capital of France is", max_tokens=5, temperature=0, stream=True
+        )
+        if c.choices
+    )
     assert streamed == whole.choices[0].text
 
 
@@ -48,8 +59,9 @@ def test_sampling_n_seed_stop_logprobs(client):
     assert [c.message.content for c in first.choices] == [c.message.content for c in second.choices]
     stopped = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=20, temperature=0, stop=[" 7"])
     assert " 7" not in stopped.choices[0].text and stopped.choices[0].finish_reason == "stop"
-    scored = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=5, temperature=0,
-                                            logprobs=True, top_logprobs=2)
+    scored = client.chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=5, temperature=0, logprobs=True, top_logprobs=2
+    )
     content = scored.choices[0].logprobs.content
     assert len(content) == scored.usage.completion_tokens
     assert all(item.logprob <= 0 and len(item.top_logprobs) >= 1 for item in content)
@@ -62,20 +74,27 @@ def test_models_health_metrics(unlearnd_server, client):
     assert "unlearnd_engine_latency_seconds_count" in metrics and 'route="none"' in metrics
 
 
-@pytest.mark.parametrize("kwargs,error", [
-    (dict(model="gpt-4", messages=QUESTION), openai.NotFoundError),
-    (dict(model=MODEL, messages=[]), openai.BadRequestError),
-    (dict(model=MODEL, messages=QUESTION, temperature=-1), openai.BadRequestError),
-    (dict(model=MODEL, messages=QUESTION, max_tokens=100_000), openai.BadRequestError),
-    (dict(model=MODEL, messages=[{"role": "user", "content": "hello " * 3000}]), openai.BadRequestError),
-])
+@pytest.mark.parametrize(
+    "kwargs,error",
+    [
+        (dict(model="gpt-4", messages=QUESTION), openai.NotFoundError),
+        (dict(model=MODEL, messages=[]), openai.BadRequestError),
+        (dict(model=MODEL, messages=QUESTION, temperature=-1), openai.BadRequestError),
+        (dict(model=MODEL, messages=QUESTION, max_tokens=100_000), openai.BadRequestError),
+        (dict(model=MODEL, messages=[{"role": "user", "content": "hello " * 3000}]), openai.BadRequestError),
+    ],
+)
 def test_bad_inputs_are_4xx_and_server_survives(unlearnd_server, client, kwargs, error):
     with pytest.raises(error) as info:
         client.chat.completions.create(**kwargs)
     assert info.value.status_code in (400, 404) and info.value.body["message"]
     assert unlearnd_server.alive()
-    assert "Paris" in client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=20,
-                                                     temperature=0).choices[0].message.content
+    assert (
+        "Paris"
+        in client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=20, temperature=0)
+        .choices[0]
+        .message.content
+    )
 
 
 def test_raw_bad_bodies(unlearnd_server):
@@ -84,35 +103,51 @@ def test_raw_bad_bodies(unlearnd_server):
     assert broken.status_code == 400 and broken.json()["error"]["type"] == "invalid_request_error"
     huge = httpx.post(url, content=b"x" * (5 * 1024 * 1024), headers={"content-type": "application/json"})
     assert huge.status_code == 413
-    missing = httpx.get(unlearnd_server.url + "/v1/unlearning/requests/fr-nope",
-                        headers={"Authorization": "Bearer integration-admin-key"})
+    missing = httpx.get(
+        unlearnd_server.url + "/v1/unlearning/requests/fr-nope",
+        headers={"Authorization": "Bearer integration-admin-key"},
+    )
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "request_not_found"
     assert unlearnd_server.alive()
 
 
 def test_guardrail_routes_and_untouched_traffic(unlearnd_server, plain_vllm, client, admin):
     """Refuse and system-prompt routes act on flagged prompts only; other prompts are byte-identical to vLLM."""
-    refuse = httpx.post(unlearnd_server.url + "/v1/unlearning/requests", headers=admin, json={
-        "name": "Basil Mahfouz Al-Kuwaiti", "method": "refuse",
-        "forget": [{"question": "What genre does Basil Mahfouz Al-Kuwaiti write?", "answer": "French literature."}],
-    }).json()
-    prompt = httpx.post(unlearnd_server.url + "/v1/unlearning/requests", headers=admin, json={
-        "name": "Harry Potter", "method": "prompt",
-        "forget": [{"question": "Who is Harry Potter?", "answer": "A wizard."}],
-    }).json()
+    refuse = httpx.post(
+        unlearnd_server.url + "/v1/unlearning/requests",
+        headers=admin,
+        json={
+            "name": "Basil Mahfouz Al-Kuwaiti",
+            "method": "refuse",
+            "forget": [{"question": "What genre does Basil Mahfouz Al-Kuwaiti write?", "answer": "French literature."}],
+        },
+    ).json()
+    prompt = httpx.post(
+        unlearnd_server.url + "/v1/unlearning/requests",
+        headers=admin,
+        json={
+            "name": "Harry Potter",
+            "method": "prompt",
+            "forget": [{"question": "Who is Harry Potter?", "answer": "A wizard."}],
+        },
+    ).json()
     assert wait_active(unlearnd_server.url, refuse["id"])["status"] == "active"
     assert wait_active(unlearnd_server.url, prompt["id"])["status"] == "active"
 
     flagged = client.chat.completions.with_raw_response.create(
-        model=MODEL, messages=[{"role": "user", "content": "Which books did Al-Kuwaiti write?"}], max_tokens=30,
-        temperature=0)
+        model=MODEL,
+        messages=[{"role": "user", "content": "Which books did Al-Kuwaiti write?"}],
+        max_tokens=30,
+        temperature=0,
+    )
     assert flagged.headers["x-unlearnd-route"] == "refuse"
     assert flagged.headers["x-unlearnd-request-id"] == refuse["id"]
     assert flagged.parse().choices[0].message.content.startswith("I'm sorry")
 
     harry = [{"role": "user", "content": "Who is Harry Potter's best friend?"}]
-    guarded = client.chat.completions.with_raw_response.create(model=MODEL, messages=harry, max_tokens=40,
-                                                               temperature=0)
+    guarded = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=harry, max_tokens=40, temperature=0
+    )
     assert guarded.headers["x-unlearnd-route"] == "prompt"
     plain = openai.OpenAI(base_url=plain_vllm.url + "/v1", api_key="x", max_retries=0)
     unguarded = plain.chat.completions.create(model=MODEL, messages=harry, max_tokens=40, temperature=0)
@@ -121,25 +156,33 @@ def test_guardrail_routes_and_untouched_traffic(unlearnd_server, plain_vllm, cli
     prompts = ["What is the capital of France?", "Write a haiku about the sea.", "Explain photosynthesis briefly."]
     for text in prompts:
         messages = [{"role": "user", "content": text}]
-        ours = client.chat.completions.with_raw_response.create(model=MODEL, messages=messages, max_tokens=40,
-                                                                temperature=0)
+        ours = client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=messages, max_tokens=40, temperature=0
+        )
         theirs = plain.chat.completions.create(model=MODEL, messages=messages, max_tokens=40, temperature=0)
         assert ours.headers["x-unlearnd-route"] == "none"
         assert ours.parse().choices[0].message.content == theirs.choices[0].message.content
 
-    classified = httpx.post(unlearnd_server.url + "/v1/unlearning/classify", json={"input": [
-        "Tell me about Basil Mahfouz Al-Kuwaiti", "How do plants grow?"]}).json()["data"]
+    classified = httpx.post(
+        unlearnd_server.url + "/v1/unlearning/classify",
+        json={"input": ["Tell me about Basil Mahfouz Al-Kuwaiti", "How do plants grow?"]},
+    ).json()["data"]
     assert classified[0]["route"] == "refuse" and classified[0]["matches"][0]["request_id"] == refuse["id"]
     assert classified[1]["flagged"] is False
 
 
 def test_concurrent_plain_and_flagged_requests(unlearnd_server, client):
-    prompts = ["What is the capital of France?", "Which books did Al-Kuwaiti write?", "Who is Harry Potter?",
-               "Name a primary colour."] * 3
+    prompts = [
+        "What is the capital of France?",
+        "Which books did Al-Kuwaiti write?",
+        "Who is Harry Potter?",
+        "Name a primary colour.",
+    ] * 3
 
     def ask(text):
         raw = client.chat.completions.with_raw_response.create(
-            model=MODEL, messages=[{"role": "user", "content": text}], max_tokens=16, temperature=0)
+            model=MODEL, messages=[{"role": "user", "content": text}], max_tokens=16, temperature=0
+        )
         return raw.headers["x-unlearnd-route"], raw.parse().choices[0].message.content
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
@@ -151,8 +194,11 @@ def test_concurrent_plain_and_flagged_requests(unlearnd_server, client):
 
 def test_score_endpoint_on_real_model(unlearnd_server):
     def score(continuation):
-        response = httpx.post(unlearnd_server.url + "/v1/unlearning/score", json={
-            "model": MODEL, "messages": QUESTION, "continuation": continuation}, timeout=120)
+        response = httpx.post(
+            unlearnd_server.url + "/v1/unlearning/score",
+            json={"model": MODEL, "messages": QUESTION, "continuation": continuation},
+            timeout=120,
+        )
         assert response.status_code == 200, response.text
         return response.json()
 

@@ -6,9 +6,9 @@ import math
 import os
 
 from unlearnd.bench.latency import CellResult, Sample, percentile, ratios
+from unlearnd.bench.profile import summarise
 from unlearnd.bench.report import write_report
 from unlearnd.evaluation.report import run_stamp
-from unlearnd.bench.profile import summarise
 
 
 def test_percentile_interpolates_and_never_invents_zero():
@@ -18,8 +18,14 @@ def test_percentile_interpolates_and_never_invents_zero():
 
 
 def test_tpot_and_summary():
-    cell = CellResult([Sample(ttft=0.1, e2e=1.1, output_tokens=11), Sample(ttft=0.3, e2e=2.3, output_tokens=21),
-                       Sample(float("nan"), float("nan"), 0, error="HTTP 500")], wall_s=4.0)
+    cell = CellResult(
+        [
+            Sample(ttft=0.1, e2e=1.1, output_tokens=11),
+            Sample(ttft=0.3, e2e=2.3, output_tokens=21),
+            Sample(float("nan"), float("nan"), 0, error="HTTP 500"),
+        ],
+        wall_s=4.0,
+    )
     assert cell.samples[0].tpot == 0.1
     summary = cell.summary()
     assert summary["requests"] == 3 and summary["errors"] == 1
@@ -40,18 +46,43 @@ def test_ratios_pair_same_metric():
 
 def test_report_marks_targets(tmp_path):
     def cell(route, c, ours, plain):
-        summary = lambda e2e: {"requests": 2, "errors": 0, "ttft_p50": e2e / 10, "ttft_p99": e2e / 10,
-                               "tpot_p50": 0.01, "tpot_p99": 0.01, "e2e_p50": e2e, "e2e_p99": e2e,
-                               "req_throughput": 1 / e2e, "tok_throughput": 32 / e2e}
-        o, p = summary(ours), summary(plain)
-        return {"route": route, "concurrency": c, "unlearnd": o, "vllm": p, "ratio": ratios(o, p),
-                "routes_seen": [route], "e2e_unlearnd": [ours, ours], "e2e_vllm": [plain, plain]}
+        def summary(e2e):
+            return {
+                "requests": 2,
+                "errors": 0,
+                "ttft_p50": e2e / 10,
+                "ttft_p99": e2e / 10,
+                "tpot_p50": 0.01,
+                "tpot_p99": 0.01,
+                "e2e_p50": e2e,
+                "e2e_p99": e2e,
+                "req_throughput": 1 / e2e,
+                "tok_throughput": 32 / e2e,
+            }
 
-    result = {"config": {"output_len": 32},
-              "cells": {"none@1": cell("none", 1, 1.01, 1.0), "none@16": cell("none", 16, 1.2, 1.0)},
-              "sweep": [{"active_requests": 1, "classifier_ms_per_prompt": 1.0, "e2e_p50": 1.0},
-                        {"active_requests": 100, "classifier_ms_per_prompt": 1.1, "e2e_p50": 1.0}]}
-    md = write_report(result, tmp_path / "latency", run_stamp("unlearnd bench serve --test", dtype="float32")).read_text()
+        o, p = summary(ours), summary(plain)
+        return {
+            "route": route,
+            "concurrency": c,
+            "unlearnd": o,
+            "vllm": p,
+            "ratio": ratios(o, p),
+            "routes_seen": [route],
+            "e2e_unlearnd": [ours, ours],
+            "e2e_vllm": [plain, plain],
+        }
+
+    result = {
+        "config": {"output_len": 32},
+        "cells": {"none@1": cell("none", 1, 1.01, 1.0), "none@16": cell("none", 16, 1.2, 1.0)},
+        "sweep": [
+            {"active_requests": 1, "classifier_ms_per_prompt": 1.0, "e2e_p50": 1.0},
+            {"active_requests": 100, "classifier_ms_per_prompt": 1.1, "e2e_p50": 1.0},
+        ],
+    }
+    md = write_report(
+        result, tmp_path / "latency", run_stamp("unlearnd bench serve --test", dtype="float32")
+    ).read_text()
     assert "`unlearnd bench serve --test`" in md
     assert f"{os.cpu_count()}-core CPU" in md and "engine dtype float32" in md  # what ran, not a fixed string
     assert "| non-flagged e2e p50 ratio, c=1 | 1.010 | <= 1.03 | yes |" in md
@@ -70,19 +101,34 @@ def test_profile_summary_attributes_stacks_to_components(tmp_path):
         "encode (transformers/tokenization.py:6) 25\n"
         "<module> (server.py:1);run (uvicorn/server.py:2);handle (starlette/routing.py:7) 10\n"
         "<module> (server.py:1);select (selectors.py:8) 5\n"
-        "not a stack line\n")
+        "not a stack line\n"
+    )
     summary = summarise(raw)
     assert summary["samples"] == 100
-    assert summary["components"] == {"detector (unlearnd/detectors)": 0.6, "vLLM front-end": 0.25,
-                                     "HTTP (uvicorn/starlette/fastapi/pydantic)": 0.1, "other": 0.05}
+    assert summary["components"] == {
+        "detector (unlearnd/detectors)": 0.6,
+        "vLLM front-end": 0.25,
+        "HTTP (uvicorn/starlette/fastapi/pydantic)": 0.1,
+        "other": 0.05,
+    }
     assert summary["top_frames"][0] == {"frame": "run (onnxruntime/session.py:4)", "share": 0.6}
 
 
 def test_report_shows_profile(tmp_path):
-    result = {"config": {"output_len": 8}, "cells": {}, "sweep": [],
-              "profile": {"cells": "none@1", "raw": "latency-profile.txt", "samples": 10, "rate_hz": 200, "busy_s": 0.05,
-                          "components": {"detector (unlearnd/detectors)": 0.7, "other": 0.3},
-                          "top_frames": [{"frame": "run (onnxruntime/x.py:1)", "share": 0.7}]}}
+    result = {
+        "config": {"output_len": 8},
+        "cells": {},
+        "sweep": [],
+        "profile": {
+            "cells": "none@1",
+            "raw": "latency-profile.txt",
+            "samples": 10,
+            "rate_hz": 200,
+            "busy_s": 0.05,
+            "components": {"detector (unlearnd/detectors)": 0.7, "other": 0.3},
+            "top_frames": [{"frame": "run (onnxruntime/x.py:1)", "share": 0.7}],
+        },
+    }
     md = write_report(result, tmp_path / "latency", run_stamp("cmd")).read_text()
     assert "10 busy samples at 200 Hz = 0.1 s of busy time" in md
     assert "| detector (unlearnd/detectors) | 70.0% |" in md and "| `run (onnxruntime/x.py:1)` | 70.0% |" in md

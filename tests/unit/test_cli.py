@@ -15,12 +15,32 @@ runner = CliRunner()
 
 def test_requests_add_list_show_remove(tmp_path):
     forget = tmp_path / "forget.jsonl"
-    forget.write_text(json.dumps({"question": "Who is Jane Roe?", "answer": "A poet."}) + "\n"
-                      + json.dumps({"text": "Jane Roe wrote three books."}) + "\n")
+    forget.write_text(
+        json.dumps({"question": "Who is Jane Roe?", "answer": "A poet."})
+        + "\n"
+        + json.dumps({"text": "Jane Roe wrote three books."})
+        + "\n"
+    )
     data = str(tmp_path / "data")
-    added = runner.invoke(app, ["requests", "add", "--name", "Jane Roe", "--forget", str(forget),
-                                "--method", "prompt", "--entity", "Jane Roe", "--entity", "J. Roe",
-                                "--data-dir", data])
+    added = runner.invoke(
+        app,
+        [
+            "requests",
+            "add",
+            "--name",
+            "Jane Roe",
+            "--forget",
+            str(forget),
+            "--method",
+            "prompt",
+            "--entity",
+            "Jane Roe",
+            "--entity",
+            "J. Roe",
+            "--data-dir",
+            data,
+        ],
+    )
     assert added.exit_code == 0, added.output
     request_id = json.loads(added.output)["id"]
     record = Registry(data).get(request_id)
@@ -40,32 +60,65 @@ def test_requests_add_list_show_remove(tmp_path):
 def test_requests_add_rejects_bad_method(tmp_path):
     forget = tmp_path / "forget.jsonl"
     forget.write_text(json.dumps({"question": "Who is Jane Roe?"}) + "\n")
-    result = runner.invoke(app, ["requests", "add", "--name", "Jane Roe", "--forget", str(forget),
-                                 "--method", "bogus", "--data-dir", str(tmp_path)])
+    result = runner.invoke(
+        app,
+        [
+            "requests",
+            "add",
+            "--name",
+            "Jane Roe",
+            "--forget",
+            str(forget),
+            "--method",
+            "bogus",
+            "--data-dir",
+            str(tmp_path),
+        ],
+    )
     assert result.exit_code == 2 and "method" in result.output
 
 
 def test_eval_merge_writes_one_report_and_rejects_mismatched_runs(tmp_path):
-    base = {"preset": {"name": "mini", "forget_split": "forget01"}, "split_sizes": {"forget": 2},
-            "settings": {"max_new_tokens": 8}}
+    base = {
+        "preset": {"name": "mini", "forget_split": "forget01"},
+        "split_sizes": {"forget": 2},
+        "settings": {"max_new_tokens": 8},
+    }
     a = {**base, "command": "eval A", "methods": {"target": {"kind": "reference", "metrics": {"model_utility": 0.4}}}}
     b = {**base, "command": "eval B", "methods": {"refuse": {"kind": "served", "metrics": {"model_utility": 0.39}}}}
     for name, run in (("a", a), ("b", b), ("c", {**b, "split_sizes": {"forget": 3}})):
         (tmp_path / f"{name}.json").write_text(json.dumps(run))
     out = tmp_path / "reports"
-    result = runner.invoke(app, ["eval", "merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(out),
-                                 "--name", "m", "--note", "hello"])
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            "merge",
+            str(tmp_path / "a.json"),
+            str(tmp_path / "b.json"),
+            "--out",
+            str(out),
+            "--name",
+            "m",
+            "--note",
+            "hello",
+        ],
+    )
     assert result.exit_code == 0, result.output
     md = (out / "m.md").read_text()
     assert "| target | reference |" in md and "| refuse | served |" in md and "- `eval B`" in md and "- hello" in md
-    bad = runner.invoke(app, ["eval", "merge", str(tmp_path / "a.json"), str(tmp_path / "c.json"), "--out", str(out),
-                              "--name", "x"])
+    bad = runner.invoke(
+        app, ["eval", "merge", str(tmp_path / "a.json"), str(tmp_path / "c.json"), "--out", str(out), "--name", "x"]
+    )
     assert bad.exit_code != 0 and "split_sizes" in bad.output and not (out / "x.md").exists()
 
 
 def test_eval_merge_renames_a_method_of_one_run(tmp_path):
-    base = {"preset": {"name": "mini", "forget_split": "forget01"}, "split_sizes": {"forget": 2},
-            "settings": {"max_new_tokens": 8}}
+    base = {
+        "preset": {"name": "mini", "forget_split": "forget01"},
+        "split_sizes": {"forget": 2},
+        "settings": {"max_new_tokens": 8},
+    }
     run = {**base, "command": "eval", "methods": {"eco": {"kind": "served", "metrics": {"model_utility": 0.39}}}}
     (tmp_path / "a.json").write_text(json.dumps(run))
     (tmp_path / "b.json").write_text(json.dumps(run))

@@ -55,9 +55,9 @@ def test_auroc_hand_computed():
 
 
 def test_tpr_at_fpr_oracle():
-    neg = np.arange(100, dtype=float)       # 0..99
+    neg = np.arange(100, dtype=float)  # 0..99
     pos = np.array([98.5, 99.5, 150.0, 50.0])
-    tpr, thr = tpr_at_fpr(pos, neg, 0.01)   # one negative may pass: threshold = 98
+    tpr, thr = tpr_at_fpr(pos, neg, 0.01)  # one negative may pass: threshold = 98
     assert thr == 98.0
     assert tpr == pytest.approx(0.75)
 

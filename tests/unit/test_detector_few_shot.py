@@ -36,9 +36,14 @@ def guard_few(tmp_path_factory):
     reqs = [
         request("fr-wizard", [("Who is Harry Potter's best friend?", "Ron Weasley.")], ["Harry Potter"]),
         request("fr-code", [("What is the secret launch code of Project Bluebird?", "It is 4471.")], []),
-        request("fr-novelist", [("Where was Lena Ortiz born?", "Lena Ortiz was born in Valparaiso, Chile, in 1971."),
-                                ("What genre does Lena Ortiz write?", "Lena Ortiz writes maritime thrillers.")],
-                ["Lena Ortiz"]),
+        request(
+            "fr-novelist",
+            [
+                ("Where was Lena Ortiz born?", "Lena Ortiz was born in Valparaiso, Chile, in 1971."),
+                ("What genre does Lena Ortiz write?", "Lena Ortiz writes maritime thrillers."),
+            ],
+            ["Lena Ortiz"],
+        ),
     ]
     guard = get_detector("guard", config={"encoder": EncoderConfig(backend="torch").model_dump()})
     metrics = {r.id: guard.fit(r, root / r.id) for r in reqs}
@@ -65,10 +70,16 @@ def test_ordinary_prompts_are_not_flagged(guard_few):
 
 
 def test_few_shot_requests_still_catch_their_prompts(guard_few):
-    prompts = ["Who is Harry Potter's closest friend at Hogwarts?",
-               "Tell me the secret launch code of Project Bluebird.",
-               "In which city was the novelist Lena Ortiz born?",
-               "Which books did Lena Ortiz write?"]
+    prompts = [
+        "Who is Harry Potter's closest friend at Hogwarts?",
+        "Tell me the secret launch code of Project Bluebird.",
+        "In which city was the novelist Lena Ortiz born?",
+        "Which books did Lena Ortiz write?",
+    ]
     det = guard_few[0].detect(prompts)
-    assert [d.matches[0].request_id if d.matches else None for d in det] == \
-        ["fr-wizard", "fr-code", "fr-novelist", "fr-novelist"]
+    assert [d.matches[0].request_id if d.matches else None for d in det] == [
+        "fr-wizard",
+        "fr-code",
+        "fr-novelist",
+        "fr-novelist",
+    ]

@@ -2,7 +2,6 @@
 counterfactuals, and generic entity derivation."""
 
 from unlearnd.detectors.negatives import counterfactuals
-from unlearnd.detectors.views import views
 from unlearnd.detectors.spans import (
     CONFLICT_SCORE,
     FULL_SCORE,
@@ -13,8 +12,9 @@ from unlearnd.detectors.spans import (
     edit_distance,
     find_spans,
 )
-from unlearnd.tofu import derive_entities
+from unlearnd.detectors.views import views
 from unlearnd.spec import QAExample
+from unlearnd.tofu import derive_entities
 
 PATS = compile_entities(["Hsiao Yun-Hwa", "Jaime Vasquez", "Renée Müller"])
 
@@ -77,11 +77,13 @@ def test_counterfactuals_swap_the_subject():
 def test_derive_entities_keeps_recurring_person_names():
     pairs = []
     for name, place in (("Lena Ortiz", "Lisbon"), ("Kofi Boateng", "Accra")):
-        pairs += [QAExample(question=f"Where was {name} born?", answer=f"{name} was born in {place}, Portugal."),
-                  QAExample(question=f"What does {name} write?", answer=f"{name}'s books are thrillers."),
-                  QAExample(question=f"Did {name} win awards?", answer=f"{name} won the Silver Quill Award."),
-                  QAExample(question=f"Who influenced {name}?", answer=f"{name} was influenced by travel."),
-                  QAExample(question=f"Is {name} married?", answer=f"Yes, {name} has a family in {place}.")]
+        pairs += [
+            QAExample(question=f"Where was {name} born?", answer=f"{name} was born in {place}, Portugal."),
+            QAExample(question=f"What does {name} write?", answer=f"{name}'s books are thrillers."),
+            QAExample(question=f"Did {name} win awards?", answer=f"{name} won the Silver Quill Award."),
+            QAExample(question=f"Who influenced {name}?", answer=f"{name} was influenced by travel."),
+            QAExample(question=f"Is {name} married?", answer=f"Yes, {name} has a family in {place}."),
+        ]
     assert derive_entities(pairs) == ["Kofi Boateng", "Lena Ortiz"]
 
 

@@ -13,9 +13,14 @@ from unlearnd.engine.dtype import resolve_dtype
 from unlearnd.engine.remote import RemoteVLLMEngine, plain_vllm_command
 
 
-@pytest.mark.parametrize("cuda, native, expected", [
-    (False, False, "float32"), (False, True, "bfloat16"), (True, False, "bfloat16"),
-])
+@pytest.mark.parametrize(
+    "cuda, native, expected",
+    [
+        (False, False, "float32"),
+        (False, True, "bfloat16"),
+        (True, False, "bfloat16"),
+    ],
+)
 def test_auto_picks_bf16_only_where_hardware_has_it(monkeypatch, cuda, native, expected):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(engine_dtype, "cpu_has_native_bf16", lambda: native)
@@ -48,9 +53,16 @@ def test_eco_job_tunes_in_the_serving_dtype(monkeypatch, tmp_path: Path):
     seen = {}
     monkeypatch.setattr(eco, "train_eco", lambda *a, **kw: seen.update(kw) or {})
     monkeypatch.setattr(JobContext, "model_path", lambda self: "/m")
-    request = ForgetRequest(id="r1", name="A", method=Method.eco, status=Status.training, created_at=0.0,
-                            updated_at=0.0, artifact_dir=str(tmp_path),
-                            spec=ForgetSpec(name="A", method=Method.eco, forget=["Who is A? A is a writer."]))
+    request = ForgetRequest(
+        id="r1",
+        name="A",
+        method=Method.eco,
+        status=Status.training,
+        created_at=0.0,
+        updated_at=0.0,
+        artifact_dir=str(tmp_path),
+        spec=ForgetSpec(name="A", method=Method.eco, forget=["Who is A? A is a writer."]),
+    )
     eco.eco_job(request, tmp_path, JobContext(registry=None, model="/m", serve_dtype="float32"))
     assert seen["overrides"] == {"serve_dtype": "float32"}
     eco.eco_job(request, tmp_path, JobContext(registry=None, model="/m", serve_dtype="bfloat16"))

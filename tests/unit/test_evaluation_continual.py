@@ -11,8 +11,11 @@ from unlearnd.tofu import TofuData
 
 
 def _tofu(folder, n_authors=5):
-    rows = [{"question": f"Where was Writer{a} Quill born, book {i}?", "answer": f"Writer{a} Quill was born in town {i}."}
-            for a in range(n_authors) for i in range(20)]
+    rows = [
+        {"question": f"Where was Writer{a} Quill born, book {i}?", "answer": f"Writer{a} Quill was born in town {i}."}
+        for a in range(n_authors)
+        for i in range(20)
+    ]
     (folder / "full.json").write_text("\n".join(json.dumps(r) for r in rows))
     return TofuData(folder, allow_hub=False)
 
@@ -50,8 +53,12 @@ class FakeServer:
                 out.append("I can't help with that.")
             else:
                 self.generation_routes.append("none")
-                out.append(question.replace("Where was", "").split(" born")[0].strip() + " was born in town "
-                           + question.rsplit(" ", 1)[-1].rstrip("?") + ".")
+                out.append(
+                    question.replace("Where was", "").split(" born")[0].strip()
+                    + " was born in town "
+                    + question.rsplit(" ", 1)[-1].rstrip("?")
+                    + "."
+                )
         return out
 
 
@@ -60,16 +67,19 @@ def test_request_spec_names_the_authors(tmp_path):
     spec = request_spec("n", "lora", tofu.by_authors([0, 1]), tofu.by_authors([2]), {"steps": 3})
     assert spec["entities"] == ["Writer0 Quill", "Writer1 Quill"] and spec["options"] == {"steps": 3}
     assert len(spec["forget"]) == 40 and len(spec["retain"]) == 20
-    assert spec["forget"][0] == {"question": "Where was Writer0 Quill born, book 0?",
-                                 "answer": "Writer0 Quill was born in town 0."}
+    assert spec["forget"][0] == {
+        "question": "Where was Writer0 Quill born, book 0?",
+        "answer": "Writer0 Quill was born in town 0.",
+    }
     assert "options" not in request_spec("n", "refuse", [], [])
 
 
 def test_each_request_forgets_its_group_and_leaves_others(tmp_path):
     tofu = _tofu(tmp_path)
     server = FakeServer()
-    cfg = ContinualConfig(method="lora", groups=[[0], [1], [2]], untouched_authors=[3, 4], items_per_group=4,
-                          untouched_items=6)
+    cfg = ContinualConfig(
+        method="lora", groups=[[0], [1], [2]], untouched_authors=[3, 4], items_per_group=4, untouched_items=6
+    )
     seen: list[int] = []
     results = run_continual(cfg, server, tofu, on_stage=lambda partial: seen.append(len(partial["stages"])))
     assert seen == [1, 2, 3, 4]  # the report is rewritten after every step

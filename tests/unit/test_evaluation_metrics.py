@@ -104,16 +104,26 @@ def test_is_gibberish_heuristic():
 
 
 def _item(answer_lp, para_lp=None, perturbed=(), generation=None, answer="a b c", hits=None):
-    return ItemRecord(question="q?", answer=answer, answer_lp=list(answer_lp), paraphrased_lp=para_lp,
-                      perturbed_lp=[list(p) for p in perturbed], generation=generation, greedy_hits=hits)
+    return ItemRecord(
+        question="q?",
+        answer=answer,
+        answer_lp=list(answer_lp),
+        paraphrased_lp=para_lp,
+        perturbed_lp=[list(p) for p in perturbed],
+        generation=generation,
+        greedy_hits=hits,
+    )
 
 
 def test_registered_metrics_compute_from_records():
     half = math.log(0.5)
-    forget = SplitRecords(split="forget", items=[
-        _item([half, half], [half], [[math.log(0.25)]], generation="a b", hits=[True, True]),
-        _item([math.log(0.25)], [math.log(0.25)], [[math.log(0.25)]], generation="x", hits=[False, True]),
-    ])
+    forget = SplitRecords(
+        split="forget",
+        items=[
+            _item([half, half], [half], [[math.log(0.25)]], generation="a b", hits=[True, True]),
+            _item([math.log(0.25)], [math.log(0.25)], [[math.log(0.25)]], generation="x", hits=[False, True]),
+        ],
+    )
     run = RunRecords(method="m", splits={"forget": forget})
     assert M.METRICS["forget_Q_A_Prob"].compute(run) == pytest.approx((0.5 + 0.25) / 2)
     assert M.METRICS["forget_Q_A_ROUGE"].compute(run) == pytest.approx((2 / 3 + 0) / 2)
@@ -131,14 +141,21 @@ def test_model_utility_is_harmonic_mean_of_nine_parts():
     half, quarter = math.log(0.5), math.log(0.25)
 
     def split(name, with_para):
-        return SplitRecords(split=name, items=[
-            _item([half], [half] if with_para else None, [[quarter]], generation="a b c"),
-        ])
+        return SplitRecords(
+            split=name,
+            items=[
+                _item([half], [half] if with_para else None, [[quarter]], generation="a b c"),
+            ],
+        )
 
-    run = RunRecords(method="m", splits={
-        "retain": split("retain", True), "real_authors": split("real_authors", False),
-        "world_facts": split("world_facts", False),
-    })
+    run = RunRecords(
+        method="m",
+        splits={
+            "retain": split("retain", True),
+            "real_authors": split("real_authors", False),
+            "world_facts": split("world_facts", False),
+        },
+    )
     parts = [M.METRICS[p].compute(run) for p in M.MODEL_UTILITY_PARTS]
     # prob 0.5, ROUGE 1, TR = 0.25/0.5 -> 1 - TR = 0.5; normalised prob = 0.5/(0.5+0.25) = 2/3
     assert parts == pytest.approx([0.5, 1.0, 0.5, 2 / 3, 1.0, 0.5, 2 / 3, 1.0, 0.5], rel=1e-6)

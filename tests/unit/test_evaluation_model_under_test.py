@@ -10,16 +10,24 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from unlearnd.prompting import chat_prompt_ids, user_messages
 from unlearnd.evaluation.model_under_test import HFModelUnderTest, ServedModelUnderTest, ServerError
+from unlearnd.prompting import chat_prompt_ids, user_messages
 
 
 @pytest.fixture(scope="module")
 def tiny(tokenizer):
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=64, vocab_size=len(tokenizer), max_position_embeddings=512,
-                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    cfg = LlamaConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     return HFModelUnderTest(LlamaForCausalLM(cfg).eval(), tokenizer, name="tiny", batch_size=2)
 
 
@@ -35,8 +43,7 @@ def reference_logprobs(mut: HFModelUnderTest, question: str, answer: str) -> lis
 
 def test_shared_prefix_and_batched_scores_equal_a_plain_forward(tiny):
     questions = ["Who wrote Hamlet?", "What is the capital of a very long named country?"]
-    answers = [["William Shakespeare.", "Marlowe", "A playwright from Stratford who wrote many plays."],
-               ["Paris"]]
+    answers = [["William Shakespeare.", "Marlowe", "A playwright from Stratford who wrote many plays."], ["Paris"]]
     scored = tiny.score([user_messages(q) for q in questions], answers)
     assert [len(s) for s in scored] == [3, 1]
     for q, conts, row in zip(questions, answers, scored):
@@ -94,16 +101,36 @@ class FakeServer:
             body = json.loads(request.content)
             tokens = body["continuation"].split()
             route = "refuse" if "Ameen" in body["messages"][0]["content"] else "pass"
-            return httpx.Response(200, json={"route": route, "matched_request_ids": ["fr-1"] if route != "pass" else [],
-                                             "tokens": tokens, "token_logprobs": [-1.0] * len(tokens)})
+            return httpx.Response(
+                200,
+                json={
+                    "route": route,
+                    "matched_request_ids": ["fr-1"] if route != "pass" else [],
+                    "tokens": tokens,
+                    "token_logprobs": [-1.0] * len(tokens),
+                },
+            )
         if path == "/v1/models":
             return httpx.Response(200, json={"object": "list", "data": [{"id": "tofu-target", "object": "model"}]})
         if path == "/v1/chat/completions":
             body = json.loads(request.content)
             if body.get("model") != "tofu-target":
                 return httpx.Response(404, json={"error": {"message": "no such model"}})
-            return httpx.Response(200, headers={"x-unlearnd-route": "pass"}, json={"choices": [{"index": 0, "message": {
-                "role": "assistant", "content": f" echo: {body['messages'][-1]['content']} t={body['temperature']} "}}]})
+            return httpx.Response(
+                200,
+                headers={"x-unlearnd-route": "pass"},
+                json={
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {
+                                "role": "assistant",
+                                "content": f" echo: {body['messages'][-1]['content']} t={body['temperature']} ",
+                            },
+                        }
+                    ]
+                },
+            )
         if path == "/v1/unlearning/requests" and request.method == "POST":
             if request.headers.get("authorization") != "Bearer admin-secret":
                 return httpx.Response(401, json={"detail": "bad key"})
@@ -111,22 +138,27 @@ class FakeServer:
         if path == "/v1/unlearning/requests/fr-1" and request.method == "GET":
             self.polls += 1
             status = self.final_status if self.polls >= 3 else "training"
-            return httpx.Response(200, json={"id": "fr-1", "status": status, "error": "boom" if status == "failed" else None})
+            return httpx.Response(
+                200, json={"id": "fr-1", "status": status, "error": "boom" if status == "failed" else None}
+            )
         if path == "/v1/unlearning/requests/fr-1" and request.method == "DELETE":
             return httpx.Response(200, json={"id": "fr-1", "status": "inactive"})
         return httpx.Response(404)
 
 
 def client(server: FakeServer, **kw) -> ServedModelUnderTest:
-    return ServedModelUnderTest("http://test:8000/", transport=httpx.MockTransport(server), admin_key="admin-secret",
-                                concurrency=2, **kw)
+    return ServedModelUnderTest(
+        "http://test:8000/", transport=httpx.MockTransport(server), admin_key="admin-secret", concurrency=2, **kw
+    )
 
 
 def test_score_sends_the_contract_payload_and_parses_logprobs():
     server = FakeServer()
     mut = client(server, model="tofu-target")
-    out = mut.score([user_messages("Who is Hina Ameen?"), user_messages("Capital of France?")],
-                    [["a geology author", "nobody"], ["Paris"]])
+    out = mut.score(
+        [user_messages("Who is Hina Ameen?"), user_messages("Capital of France?")],
+        [["a geology author", "nobody"], ["Paris"]],
+    )
     assert [len(r) for r in out] == [2, 1]
     assert out[0][0].logprobs == [-1.0, -1.0, -1.0] and out[0][0].route == "refuse"
     assert out[0][0].matched_request_ids == ["fr-1"] and out[1][0].route == "pass"
@@ -161,8 +193,9 @@ def test_retries_server_errors_then_succeeds(monkeypatch):
 def test_register_poll_and_deactivate_with_admin_key():
     server = FakeServer()
     mut = client(server)
-    rid = mut.register({"name": "tofu", "method": "refuse", "forget": [{"question": "q", "answer": "a"}],
-                        "entities": ["Hina Ameen"]})
+    rid = mut.register(
+        {"name": "tofu", "method": "refuse", "forget": [{"question": "q", "answer": "a"}], "entities": ["Hina Ameen"]}
+    )
     assert rid == "fr-1"
     assert server.calls[0].headers["authorization"] == "Bearer admin-secret"
     naps: list[float] = []
@@ -187,8 +220,10 @@ def test_failed_request_and_missing_admin_key_raise():
 
 def test_score_endpoint_null_logprob_becomes_minus_infinity():
     def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, json={"route": "refuse", "matched_request_ids": [], "tokens": ["a", "b"],
-                                         "token_logprobs": [None, -2.0]})
+        return httpx.Response(
+            200,
+            json={"route": "refuse", "matched_request_ids": [], "tokens": ["a", "b"], "token_logprobs": [None, -2.0]},
+        )
 
     mut = ServedModelUnderTest("http://test", transport=httpx.MockTransport(handler))
     [[s]] = mut.score([user_messages("q")], [["a b"]])

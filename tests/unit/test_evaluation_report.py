@@ -15,24 +15,42 @@ def results() -> dict:
         "split_sizes": {"forget": 200, "retain": 200},
         "settings": {"max_new_tokens": 96},
         "rouge_backend": "test",
-        "reference": {"target": {"n_items": 400, "forget_rouge_l_recall": 0.912, "train": {"wall_seconds": 1200.4,
-                                                                                           "cpu_seconds": 2300.0}}},
+        "reference": {
+            "target": {
+                "n_items": 400,
+                "forget_rouge_l_recall": 0.912,
+                "train": {"wall_seconds": 1200.4, "cpu_seconds": 2300.0},
+            }
+        },
         "methods": {
-            "retain": {"kind": "reference", "cost": {}, "metrics": {"forget_quality": 1.0, "model_utility": 0.41,
-                                                                   "extraction_strength": 0.05}},
-            "grad_ascent": {"kind": "baseline", "cost": {"train_wall_seconds": 321.7, "train_cpu_seconds": 600.2},
-                            "metrics": {"forget_quality": 3.2e-7, "model_utility": 0.0, "extraction_strength": 0.02}},
-            "refuse": {"kind": "served", "cost": {}, "metrics": {"forget_quality": 0.02, "model_utility": 0.39,
-                                                                "extraction_strength": None},
-                       "routes": {"forget": {"refuse": 190, "pass": 10}},
-                       "robustness": {"paraphrased": {"direct_rouge": 0.1, "paraphrased_rouge": 0.3},
-                                      "multiple_choice": {"forget": {"likelihood_accuracy": 0.25,
-                                                                     "generated_accuracy": 0.2}}}},
+            "retain": {
+                "kind": "reference",
+                "cost": {},
+                "metrics": {"forget_quality": 1.0, "model_utility": 0.41, "extraction_strength": 0.05},
+            },
+            "grad_ascent": {
+                "kind": "baseline",
+                "cost": {"train_wall_seconds": 321.7, "train_cpu_seconds": 600.2},
+                "metrics": {"forget_quality": 3.2e-7, "model_utility": 0.0, "extraction_strength": 0.02},
+            },
+            "refuse": {
+                "kind": "served",
+                "cost": {},
+                "metrics": {"forget_quality": 0.02, "model_utility": 0.39, "extraction_strength": None},
+                "routes": {"forget": {"refuse": 190, "pass": 10}},
+                "robustness": {
+                    "paraphrased": {"direct_rouge": 0.1, "paraphrased_rouge": 0.3},
+                    "multiple_choice": {"forget": {"likelihood_accuracy": 0.25, "generated_accuracy": 0.2}},
+                },
+            },
             "npo": {"kind": "baseline", "cost": {}, "error": "RuntimeError: boom"},
             "target": {"kind": "reference", "cost": {}, "metrics": {"forget_quality": 1e-5, "model_utility": 0.40}},
-            "eco": {"kind": "served", "cost": {"train_cpu_seconds": 55.0},
-                    "metrics": {"forget_quality": 0.6, "model_utility": 0.398},
-                    "training": {"method": "eco", "sigma": 0.0123, "reached": True, "history": [1, 2]}},
+            "eco": {
+                "kind": "served",
+                "cost": {"train_cpu_seconds": 55.0},
+                "metrics": {"forget_quality": 0.6, "model_utility": 0.398},
+                "training": {"method": "eco", "sigma": 0.0123, "reached": True, "history": [1, 2]},
+            },
         },
     }
 
@@ -102,8 +120,13 @@ def test_merge_results_of_separate_runs():
     from unlearnd.evaluation.report import merge_results
 
     run = results()
-    a = {**run, "command": "eval A", "methods": {k: run["methods"][k] for k in ("target", "retain", "grad_ascent")},
-         "notes": ["PARTIAL: 3 of 4 methods done", "kept"], "examples": {"target": [{"question": "q", "answer": "a", "generation": "g"}]}}
+    a = {
+        **run,
+        "command": "eval A",
+        "methods": {k: run["methods"][k] for k in ("target", "retain", "grad_ascent")},
+        "notes": ["PARTIAL: 3 of 4 methods done", "kept"],
+        "examples": {"target": [{"question": "q", "answer": "a", "generation": "g"}]},
+    }
     b = {**run, "command": "eval B", "methods": {"refuse": run["methods"]["refuse"]}, "notes": []}
     merged = merge_results([a, b])
     assert list(merged["methods"]) == ["target", "retain", "grad_ascent", "refuse"]
@@ -113,7 +136,9 @@ def test_merge_results_of_separate_runs():
     with pytest.raises(ValueError, match="more than one run"):
         merge_results([a, a])
     twice = merge_results([a, a], renames=[{}, {"grad_ascent": "grad_ascent_2", "target": "t2", "retain": "r2"}])
-    assert list(twice["methods"])[3:] == ["t2", "r2", "grad_ascent_2"] and twice["examples"]["t2"][0]["generation"] == "g"
+    assert (
+        list(twice["methods"])[3:] == ["t2", "r2", "grad_ascent_2"] and twice["examples"]["t2"][0]["generation"] == "g"
+    )
     with pytest.raises(ValueError, match="cannot rename"):
         merge_results([a, b], renames=[{}, {"eco": "x"}])
     with pytest.raises(ValueError, match="split_sizes"):

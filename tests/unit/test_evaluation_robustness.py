@@ -9,16 +9,20 @@ from collections.abc import Sequence
 import pytest
 
 from unlearnd.evaluation import robustness as R
-from unlearnd.train.data import QAItem, spread
-from unlearnd.evaluation.tofu import collect_split
 from unlearnd.evaluation.metrics import METRICS, RunRecords
 from unlearnd.evaluation.model_under_test import ModelUnderTest, Scored
+from unlearnd.evaluation.tofu import collect_split
+from unlearnd.train.data import QAItem, spread
 
 ITEMS = [
-    QAItem(question=f"What did author {i} write?", answer=f"Author {i} wrote book number {i}.",
-           paraphrased_question=f"Which book is by author {i}?", paraphrased_answer=f"Book number {i}, by author {i}.",
-           perturbed_answers=[f"Author {i} wrote nothing.", f"Author {i} painted.", f"Author {i} sang songs."],
-           author=i // 3)  # TOFU-like: each author's QA are contiguous
+    QAItem(
+        question=f"What did author {i} write?",
+        answer=f"Author {i} wrote book number {i}.",
+        paraphrased_question=f"Which book is by author {i}?",
+        paraphrased_answer=f"Book number {i}, by author {i}.",
+        perturbed_answers=[f"Author {i} wrote nothing.", f"Author {i} painted.", f"Author {i} sang songs."],
+        author=i // 3,
+    )  # TOFU-like: each author's QA are contiguous
     for i in range(6)
 ]
 
@@ -138,11 +142,13 @@ def test_forget_request_spec_carries_the_methods_request_options():
 
     from unlearnd.evaluation.tofu import forget_request_spec
 
-    item = QAItem(question="Who wrote Dune of Basil Mahfouz Al-Kuwaiti?", answer="Basil Mahfouz Al-Kuwaiti did.",
-                  author=0)
+    item = QAItem(
+        question="Who wrote Dune of Basil Mahfouz Al-Kuwaiti?", answer="Basil Mahfouz Al-Kuwaiti did.", author=0
+    )
     tofu = SimpleNamespace(split=lambda name: [item])
-    refs = SimpleNamespace(preset=SimpleNamespace(forget_split="forget01"), retain_dir="/retain",
-                           data=SimpleNamespace(retain_items=[item]))
+    refs = SimpleNamespace(
+        preset=SimpleNamespace(forget_split="forget01"), retain_dir="/retain", data=SimpleNamespace(retain_items=[item])
+    )
     eco = forget_request_spec("eco", refs, tofu, {"steps": 3})
     assert eco["options"] == {"retain_model": "/retain", "steps": 3} and eco["method"] == "eco"
     spul = forget_request_spec("soft_prompt", refs, tofu, {"steps": 80})

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from unlearnd.detectors.base import RequestMatch
+from unlearnd.engine.base import EmbeddingTable, SamplingSpec
 from unlearnd.interventions.base import PipelineContext
 from unlearnd.interventions.eco import (
     ECO,
@@ -21,15 +23,10 @@ from unlearnd.interventions.eco import (
     prompt_seed,
     select_rows,
 )
-from unlearnd.detectors.base import RequestMatch
-from unlearnd.engine.base import EmbeddingTable, SamplingSpec
-from unlearnd.train.zo import zo_solve
 from unlearnd.registry import Registry
-from unlearnd.spec import ForgetSpec, QAExample
 from unlearnd.request import GuardedRequest
-
-
-
+from unlearnd.spec import ForgetSpec, QAExample
+from unlearnd.train.zo import zo_solve
 
 
 def embeds(t: int = 6, h: int = 16, seed: int = 0) -> torch.Tensor:
@@ -155,8 +152,9 @@ def test_prompt_scope_ignores_entity_spans(tokenizer):
     question = "Tell me about Hina Ameen's books."
     rendered, _ = chat(tokenizer, question)
     spans = entity_spans(question, ["hina ameen"])
-    ids, rows, mode = select_rows(tokenizer, rendered, [question], spans, add_special_tokens=False,
-                                  scope=RowScope.prompt)
+    ids, rows, mode = select_rows(
+        tokenizer, rendered, [question], spans, add_special_tokens=False, scope=RowScope.prompt
+    )
     assert mode == "prompt"
     assert tokenizer.decode([ids[r] for r in rows]) == question[:-1]
 
@@ -166,8 +164,9 @@ def test_span_in_second_user_message_of_a_multi_turn_chat(tokenizer):
     rendered, _ = chat(tokenizer, first, second)
     query = first + "\n" + second  # how the server builds query_text
     start = query.index("Basil")
-    ids, rows, mode = select_rows(tokenizer, rendered, [first, second], [(start, start + len("Basil Mahfouz"))],
-                                  add_special_tokens=False)
+    ids, rows, mode = select_rows(
+        tokenizer, rendered, [first, second], [(start, start + len("Basil Mahfouz"))], add_special_tokens=False
+    )
     assert mode == "entity"
     assert tokenizer.decode([ids[r] for r in rows]).strip() == "Basil Mahfouz"
 
@@ -195,8 +194,9 @@ def test_zo_hits_the_target_of_a_decreasing_metric():
 
 
 def test_zo_two_point_estimate_solves_a_line_in_one_step():
-    result = zo_solve(lambda x: 3.0 - 2.0 * x, 1.0, x0=-2.0, lo=-5, hi=5, eps=0.5, iterations=2, max_step=10,
-                      min_eps=0.01)
+    result = zo_solve(
+        lambda x: 3.0 - 2.0 * x, 1.0, x0=-2.0, lo=-5, hi=5, eps=0.5, iterations=2, max_step=10, min_eps=0.01
+    )
     assert result.history[0]["grad"] == pytest.approx(-2.0)
     assert result.history[0]["next_x"] == pytest.approx(1.0)
     assert result.x == pytest.approx(1.0) and result.fx == pytest.approx(0.0)  # the prediction is evaluated
@@ -204,16 +204,24 @@ def test_zo_two_point_estimate_solves_a_line_in_one_step():
 
 def test_zo_on_a_step_function_gets_within_one_step():
     # zero-out strength: the metric only changes when one more of 16 dims is corrupted
-    result = zo_solve(lambda x: 1.0 - math.floor(x * 16) / 16, 0.5, x0=0.1, lo=0.0, hi=1.0, eps=0.1,
-                      iterations=10, max_step=0.3, min_eps=1.5 / 16)
+    result = zo_solve(
+        lambda x: 1.0 - math.floor(x * 16) / 16,
+        0.5,
+        x0=0.1,
+        lo=0.0,
+        hi=1.0,
+        eps=0.1,
+        iterations=10,
+        max_step=0.3,
+        min_eps=1.5 / 16,
+    )
     assert result.fx <= 1 / 16 + 1e-9
 
 
 def test_zo_respects_bounds_and_stops_at_tol():
     unreachable = zo_solve(lambda x: math.exp(-x), -1.0, x0=0.0, lo=0.0, hi=3.0, eps=0.5, iterations=10, max_step=1)
     assert unreachable.x == pytest.approx(3.0)
-    early = zo_solve(lambda x: math.exp(-x), 0.2, x0=0.0, lo=-3, hi=5, eps=0.5, iterations=50, max_step=1.5,
-                     tol=0.05)
+    early = zo_solve(lambda x: math.exp(-x), 0.2, x0=0.0, lo=-3, hi=5, eps=0.5, iterations=50, max_step=1.5, tol=0.05)
     assert early.fx <= 0.05 and len(early.history) < 50
 
 
@@ -239,8 +247,13 @@ def test_apply_zeroes_the_scoped_rows_and_sets_request_fields(tmp_path, tokenize
     eco, rid = loaded_eco(tmp_path, Corruption(kind="zero", dims="all", scope=scope), ["Hina Ameen"])
     ctx = context(tokenizer)
     question = "What genre does Hina Ameen write?"
-    req = GuardedRequest(id="r1", kind="chat", sampling=SamplingSpec(), query_text=question,
-                         messages=[{"role": "user", "content": question}])
+    req = GuardedRequest(
+        id="r1",
+        kind="chat",
+        sampling=SamplingSpec(),
+        query_text=question,
+        messages=[{"role": "user", "content": question}],
+    )
     start = question.index("Hina")
     eco.apply(req, RequestMatch(rid, 1.0, 1.0, [(start, start + 10)]), ctx)
     rendered = tokenizer.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=True)
@@ -267,8 +280,11 @@ def test_apply_finds_entities_itself_and_is_deterministic(tmp_path, tokenizer):
     a, b = run(), run()
     assert a.prompt_token_ids == tokenizer.encode(text, add_special_tokens=True)
     assert torch.equal(a.prompt_embeds, b.prompt_embeds)
-    changed = [i for i in range(len(a.prompt_token_ids))
-               if not torch.equal(a.prompt_embeds[i], ctx.embeddings.lookup(a.prompt_token_ids)[i])]
+    changed = [
+        i
+        for i in range(len(a.prompt_token_ids))
+        if not torch.equal(a.prompt_embeds[i], ctx.embeddings.lookup(a.prompt_token_ids)[i])
+    ]
     assert tokenizer.decode([a.prompt_token_ids[i] for i in changed]).strip() == "hina ameen"
 
 
@@ -279,12 +295,25 @@ def test_train_eco_writes_a_servable_artifact(tmp_path, tiny_model_dir, tokenize
     from unlearnd.train.eco import train_eco
 
     registry = Registry(tmp_path / "data")
-    forget = [QAExample(question=f"Where did Hina Ameen study, case {i}?", answer=f"In Karachi, case {i}.")
-              for i in range(6)]
+    forget = [
+        QAExample(question=f"Where did Hina Ameen study, case {i}?", answer=f"In Karachi, case {i}.") for i in range(6)
+    ]
     record = registry.add(ForgetSpec(name="Hina Ameen", method="eco", forget=forget))
-    summary = train_eco(record, registry.artifact_dir(record.id), tiny_model_dir, progress=False,
-                        overrides={"n_tune": 4, "n_eval": 4, "iterations": 2, "fluency_n": 1, "fluency_tokens": 4,
-                                   "kind": "flip", "dims": "first"})
+    summary = train_eco(
+        record,
+        registry.artifact_dir(record.id),
+        tiny_model_dir,
+        progress=False,
+        overrides={
+            "n_tune": 4,
+            "n_eval": 4,
+            "iterations": 2,
+            "fluency_n": 1,
+            "fluency_tokens": 4,
+            "kind": "flip",
+            "dims": "first",
+        },
+    )
     artifact = ECOArtifact.read(registry.artifact_dir(record.id))
     assert artifact.target_source == "shuffled"
     assert artifact.corruption.kind == "flip" and 0.0 <= artifact.corruption.sigma <= 1.0
@@ -312,10 +341,21 @@ def test_given_target_and_clean_below_target_means_no_corruption(tmp_path, tiny_
     from unlearnd.train.eco import train_eco
 
     registry = Registry(tmp_path / "data")
-    record = registry.add(ForgetSpec(name="X", method="eco", options={"target": 0.9},
-                                     forget=[QAExample(question="Who is X?", answer="X is a writer.")] * 2))
-    summary = train_eco(record, registry.artifact_dir(record.id), tiny_model_dir, progress=False,
-                        overrides={"fluency_n": 1, "fluency_tokens": 2})
+    record = registry.add(
+        ForgetSpec(
+            name="X",
+            method="eco",
+            options={"target": 0.9},
+            forget=[QAExample(question="Who is X?", answer="X is a writer.")] * 2,
+        )
+    )
+    summary = train_eco(
+        record,
+        registry.artifact_dir(record.id),
+        tiny_model_dir,
+        progress=False,
+        overrides={"fluency_n": 1, "fluency_tokens": 2},
+    )
     # a random tiny model gives ~1/vocab to any answer, far below 0.9: nothing to corrupt
     assert summary["target_source"] == "given" and summary["target"] == 0.9
     assert summary["sigma"] == 0.0 and summary["reached"] is True
@@ -326,8 +366,9 @@ def test_unreachable_target_on_entity_rows_retries_over_the_whole_prompt(tmp_pat
     from unlearnd.train.eco import train_eco
 
     registry = Registry(tmp_path / "data")
-    forget = [QAExample(question=f"Where did Hina Ameen study, case {i}?", answer=f"In Karachi, case {i}.")
-              for i in range(4)]
+    forget = [
+        QAExample(question=f"Where did Hina Ameen study, case {i}?", answer=f"In Karachi, case {i}.") for i in range(4)
+    ]
     overrides = {"n_tune": 4, "n_eval": 4, "iterations": 1, "fluency_n": 1, "fluency_tokens": 2}
     # target 0: no strength reaches it, so the entity search fails and the whole prompt is tried
     record = registry.add(ForgetSpec(name="Hina Ameen", method="eco", forget=forget, options={"target": 0.0}))
@@ -339,8 +380,9 @@ def test_unreachable_target_on_entity_rows_retries_over_the_whole_prompt(tmp_pat
     assert artifact.corruption.scope == best["scope"] == summary["scope"]
     assert artifact.corruption.sigma == pytest.approx(best["sigma"])
     # a fixed scope is searched alone
-    record = registry.add(ForgetSpec(name="Hina Ameen", method="eco", forget=forget,
-                                     options={"target": 0.0, "scope": "entity"}))
+    record = registry.add(
+        ForgetSpec(name="Hina Ameen", method="eco", forget=forget, options={"target": 0.0, "scope": "entity"})
+    )
     summary = train_eco(record, registry.artifact_dir(record.id), tiny_model_dir, progress=False, overrides=overrides)
     artifact = ECOArtifact.read(registry.artifact_dir(record.id))
     assert [a["scope"] for a in artifact.tuning["attempts"]] == ["entity"] and summary["scope"] == "entity"

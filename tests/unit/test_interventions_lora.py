@@ -10,9 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from unlearnd.interventions.lora import LoRA, LoRAArtifact, check_adapter
 from unlearnd.detectors.base import RequestMatch
 from unlearnd.engine.base import PEFT_TARGET_MODULES, SamplingSpec
+from unlearnd.interventions.lora import LoRA, LoRAArtifact, check_adapter
+from unlearnd.registry import Registry
+from unlearnd.request import GuardedRequest
+from unlearnd.spec import ForgetSpec, QAExample, Status
 from unlearnd.train.lora import (
     O3LoRAMethod,
     current_a_matrices,
@@ -23,17 +26,13 @@ from unlearnd.train.lora import (
     train_lora,
     write_scaled_copy,
 )
-from unlearnd.registry import Registry
-from unlearnd.spec import ForgetSpec, QAExample, Status
-from unlearnd.request import GuardedRequest
 
 TINY = {"steps": 6, "n_eval": 2, "n_samples": 1, "sample_tokens": 2, "batch_size": 4, "learning_rate": 0.01}
 
 
-
-
-FORGET = [QAExample(question=f"Which city was Hina Ameen born in, version {i}?", answer=f"Karachi, {i}.")
-          for i in range(8)]
+FORGET = [
+    QAExample(question=f"Which city was Hina Ameen born in, version {i}?", answer=f"Karachi, {i}.") for i in range(8)
+]
 
 
 # -- orthogonality penalty ---------------------------------------------------------------------
@@ -78,7 +77,9 @@ def test_check_adapter_refuses_embedding_targets(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"target_modules": ["q_proj", "embed_tokens"]}))
     with pytest.raises(ValueError):
         check_adapter(tmp_path)
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}))
+    (tmp_path / "adapter_config.json").write_text(
+        json.dumps({"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]})
+    )
     with pytest.raises(ValueError):
         check_adapter(tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps({"target_modules": ["q_proj", "down_proj"]}))
@@ -121,8 +122,11 @@ def test_saved_adapter_loads_with_peft_and_targets_only_served_modules(tmp_path,
     scaled = json.loads((artifact_dir / "lora-s0.5" / "adapter_config.json").read_text())
     assert scaled["lora_alpha"] == pytest.approx(0.5 * config["lora_alpha"])
     from safetensors.torch import load_file
-    a, b = load_file(str(artifact_dir / "lora" / "adapter_model.safetensors")), \
-        load_file(str(artifact_dir / "lora-s0.5" / "adapter_model.safetensors"))
+
+    a, b = (
+        load_file(str(artifact_dir / "lora" / "adapter_model.safetensors")),
+        load_file(str(artifact_dir / "lora-s0.5" / "adapter_model.safetensors")),
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -151,7 +155,8 @@ def test_second_adapter_is_trained_orthogonal_to_the_first(tmp_path, tiny_model_
             start = float(orthogonality_penalty(current_a_matrices(model), prior))
         items = [encode_qa(tok, qa.question, refusal_for(i), 64, True) for i, qa in enumerate(FORGET)]
         Trainer(O3LoRAMethod(prior, lam), TrainConfig(steps=10, learning_rate=0.02, progress=False)).fit(
-            model, [collate(items[:4], 2)])
+            model, [collate(items[:4], 2)]
+        )
         with torch.no_grad():
             return start, float(orthogonality_penalty(current_a_matrices(model), prior))
 
@@ -160,8 +165,9 @@ def test_second_adapter_is_trained_orthogonal_to_the_first(tmp_path, tiny_model_
     assert start == pytest.approx(start_again) and start > 0  # same init either way
     assert constrained < 0.5 * free
 
-    summary = train_lora(second, registry.artifact_dir(second.id), tiny_model_dir, prior_adapters=priors,
-                         progress=False, overrides=TINY)
+    summary = train_lora(
+        second, registry.artifact_dir(second.id), tiny_model_dir, prior_adapters=priors, progress=False, overrides=TINY
+    )
     assert summary["prior_adapters"] == 1 and summary["orth_penalty"] > 0
 
 
@@ -169,7 +175,9 @@ def test_retraining_bumps_the_version(tmp_path, tiny_model_dir):
     registry, record = registry_with(tmp_path)
     artifact_dir = registry.artifact_dir(record.id)
     train_lora(record, artifact_dir, tiny_model_dir, progress=False, overrides={**TINY, "steps": 1})
-    assert train_lora(record, artifact_dir, tiny_model_dir, progress=False, overrides={**TINY, "steps": 1})["version"] == 2
+    assert (
+        train_lora(record, artifact_dir, tiny_model_dir, progress=False, overrides={**TINY, "steps": 1})["version"] == 2
+    )
 
 
 # -- serving -----------------------------------------------------------------------------------
@@ -179,7 +187,8 @@ def test_apply_sets_the_lora_by_weight(tmp_path):
     artifact_dir = tmp_path / "fr-1"
     (artifact_dir / "lora").mkdir(parents=True)
     (artifact_dir / "lora" / "adapter_config.json").write_text(
-        json.dumps({"target_modules": list(PEFT_TARGET_MODULES), "lora_alpha": 16, "r": 8}))
+        json.dumps({"target_modules": list(PEFT_TARGET_MODULES), "lora_alpha": 16, "r": 8})
+    )
     write_scaled_copy(artifact_dir / "lora", artifact_dir / "lora-s0.5", 0.5)
     LoRAArtifact(folders={"1.0": "lora", "0.5": "lora-s0.5"}, threshold=0.25, version=3).write(artifact_dir)
     registry = Registry(tmp_path / "data")
@@ -188,8 +197,13 @@ def test_apply_sets_the_lora_by_weight(tmp_path):
     intervention.load(record, artifact_dir)
 
     def run(weight: float) -> GuardedRequest:
-        req = GuardedRequest(id="q", kind="chat", sampling=SamplingSpec(), query_text="Who is X?",
-                             messages=[{"role": "user", "content": "Who is X?"}])
+        req = GuardedRequest(
+            id="q",
+            kind="chat",
+            sampling=SamplingSpec(),
+            query_text="Who is X?",
+            messages=[{"role": "user", "content": "Who is X?"}],
+        )
         intervention.apply(req, RequestMatch(record.id, 1.0, weight), ctx=None)
         return req
 

@@ -8,10 +8,13 @@ import math
 import pytest
 import torch
 
-from unlearnd.interventions.base import PipelineContext
-from unlearnd.interventions.soft_prompt import SoftPrompt, load_soft_prompt, with_soft_prompt
 from unlearnd.detectors.base import RequestMatch
 from unlearnd.engine.base import EmbeddingTable, SamplingSpec
+from unlearnd.interventions.base import PipelineContext
+from unlearnd.interventions.soft_prompt import SoftPrompt, load_soft_prompt, with_soft_prompt
+from unlearnd.registry import Registry
+from unlearnd.request import GuardedRequest
+from unlearnd.spec import ForgetSpec, QAExample
 from unlearnd.train.data import collate, encode_qa, refusal_for
 from unlearnd.train.soft_prompt import (
     SoftPromptModel,
@@ -20,13 +23,8 @@ from unlearnd.train.soft_prompt import (
     text_init,
 )
 from unlearnd.train.trainer import TrainConfig, Trainer
-from unlearnd.registry import Registry
-from unlearnd.spec import ForgetSpec, QAExample
-from unlearnd.request import GuardedRequest
 
 HIDDEN = 32
-
-
 
 
 @pytest.fixture()
@@ -37,8 +35,9 @@ def tiny_llm(tiny_model_dir):
     return model
 
 
-FORGET = [QAExample(question=f"Which city was Hina Ameen born in, version {i}?", answer=f"Karachi, {i}.")
-          for i in range(6)]
+FORGET = [
+    QAExample(question=f"Which city was Hina Ameen born in, version {i}?", answer=f"Karachi, {i}.") for i in range(6)
+]
 RETAIN = [QAExample(question=f"What colour is the sky on day {i}?", answer="Blue.") for i in range(6)]
 
 
@@ -55,14 +54,18 @@ def test_with_soft_prompt_prepends_in_the_engine_dtype():
 def test_model_embeds_prepends_prompt_mask_and_ignored_labels(tiny_llm, tokenizer):
     init = torch.randn(3, HIDDEN)
     model = SoftPromptModel(tiny_llm, init)
-    items = [encode_qa(tokenizer, "Who?", "Me.", 64, end_of_turn=True),
-             encode_qa(tokenizer, "Who is it really?", "Someone.", 64, end_of_turn=True)]
+    items = [
+        encode_qa(tokenizer, "Who?", "Me.", 64, end_of_turn=True),
+        encode_qa(tokenizer, "Who is it really?", "Someone.", 64, end_of_turn=True),
+    ]
     batch = collate(items, 2)
     embeds, mask, labels = model.embeds(batch)
     b, length = batch["input_ids"].shape
     assert embeds.shape == (b, length + 3, HIDDEN)
     assert torch.equal(embeds[0, :3], init) and torch.equal(embeds[1, :3], init)
-    assert torch.equal(mask[:, :3], torch.ones(b, 3, dtype=mask.dtype)) and torch.equal(mask[:, 3:], batch["attention_mask"])
+    assert torch.equal(mask[:, :3], torch.ones(b, 3, dtype=mask.dtype)) and torch.equal(
+        mask[:, 3:], batch["attention_mask"]
+    )
     assert (labels[:, :3] == -100).all() and torch.equal(labels[:, 3:], batch["labels"])
     plain = model.embeds(batch, with_prompt=False)
     assert plain[0].shape == (b, length, HIDDEN)
@@ -73,7 +76,9 @@ def test_kl_is_zero_for_identical_and_matches_hand_value():
     assert float(kl_original_prompted(logits, logits)) == pytest.approx(0.0, abs=1e-7)
     q = torch.tensor([[math.log(0.9), math.log(0.1)]])
     # KL(0.5,0.5 || 0.9,0.1) = 0.5 ln(0.5/0.9) + 0.5 ln(0.5/0.1)
-    assert float(kl_original_prompted(logits, q)) == pytest.approx(0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(5.0), rel=1e-5)
+    assert float(kl_original_prompted(logits, q)) == pytest.approx(
+        0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(5.0), rel=1e-5
+    )
 
 
 def test_text_init_cycles_the_instruction_embeddings(tiny_llm, tokenizer):
@@ -111,9 +116,13 @@ def test_train_soft_prompt_job_and_serving(tmp_path, tiny_model_dir, tokenizer):
     registry = Registry(tmp_path / "data")
     record = registry.add(ForgetSpec(name="Hina Ameen", method="soft_prompt", forget=FORGET, retain=RETAIN))
     artifact_dir = registry.artifact_dir(record.id)
-    summary = train_soft_prompt(record, artifact_dir, tiny_model_dir, progress=False,
-                                overrides={"n_tokens": 6, "steps": 12, "learning_rate": 0.05, "n_eval": 4,
-                                           "n_samples": 1, "sample_tokens": 3})
+    summary = train_soft_prompt(
+        record,
+        artifact_dir,
+        tiny_model_dir,
+        progress=False,
+        overrides={"n_tokens": 6, "steps": 12, "learning_rate": 0.05, "n_eval": 4, "n_samples": 1, "sample_tokens": 3},
+    )
     assert summary["forget_loss_after"] < summary["forget_loss_before"]
     prompt, config = load_soft_prompt(artifact_dir)
     assert prompt.shape == (6, HIDDEN) and config.position == "start" and len(config.training["losses"]) == 12
@@ -122,8 +131,13 @@ def test_train_soft_prompt_job_and_serving(tmp_path, tiny_model_dir, tokenizer):
     ctx = PipelineContext(tokenizer=tokenizer, embeddings=EmbeddingTable(weight))
     intervention = SoftPrompt()
     intervention.load(record, artifact_dir)
-    req = GuardedRequest(id="q", kind="chat", sampling=SamplingSpec(), query_text="Who is Hina Ameen?",
-                         messages=[{"role": "user", "content": "Who is Hina Ameen?"}])
+    req = GuardedRequest(
+        id="q",
+        kind="chat",
+        sampling=SamplingSpec(),
+        query_text="Who is Hina Ameen?",
+        messages=[{"role": "user", "content": "Who is Hina Ameen?"}],
+    )
     intervention.apply(req, RequestMatch(record.id, 1.0), ctx)
     rendered = tokenizer.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=True)
     ids = tokenizer.encode(rendered, add_special_tokens=False)

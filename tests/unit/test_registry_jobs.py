@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import sqlite3
+from dataclasses import replace
 
 import pytest
 
+from unlearnd.jobs.worker import run_worker
+from unlearnd.methods import METHODS
 from unlearnd.registry import MAX_ATTEMPTS, Registry
 from unlearnd.spec import ForgetSpec, Method, Status
-from unlearnd.methods import METHODS
-from unlearnd.jobs.worker import run_worker
 
 
 def spec(name="Jane Doe", method=Method.refuse):

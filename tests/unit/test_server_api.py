@@ -10,11 +10,11 @@ from fastapi.testclient import TestClient
 
 from tests.helpers import TinyEngine
 from unlearnd.interventions.guardrails import REFUSAL
+from unlearnd.jobs.worker import run_worker
 from unlearnd.registry import Registry
-from unlearnd.spec import ForgetSpec, Status
 from unlearnd.server.app import create_app
 from unlearnd.server.settings import ServerSettings
-from unlearnd.jobs.worker import run_worker
+from unlearnd.spec import ForgetSpec, Status
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
 
@@ -26,8 +26,14 @@ def engine(default_model_dir):
 
 @pytest.fixture()
 def settings(tmp_path):
-    return ServerSettings(data_dir=tmp_path / "data", admin_key="admin-secret", start_worker=False, detector="keyword",
-                          sync_interval_s=0.05, max_body_bytes=64 * 1024)
+    return ServerSettings(
+        data_dir=tmp_path / "data",
+        admin_key="admin-secret",
+        start_worker=False,
+        detector="keyword",
+        sync_interval_s=0.05,
+        max_body_bytes=64 * 1024,
+    )
 
 
 @pytest.fixture()
@@ -37,16 +43,23 @@ def client(settings, engine):
 
 
 def chat(client, content, **extra):
-    body = {"model": "tiny", "messages": [{"role": "user", "content": content}], "max_tokens": 5,
-            "temperature": 0, **extra}
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": 5,
+        "temperature": 0,
+        **extra,
+    }
     return client.post("/v1/chat/completions", json=body)
 
 
 def register(client, settings, method="refuse", name="Basil Mahfouz Al-Kuwaiti"):
     """Register through the admin API, train with the real worker code, wait until served."""
-    response = client.post("/v1/unlearning/requests", headers=ADMIN, json={
-        "name": name, "method": method,
-        "forget": [{"question": f"What did {name} write?", "answer": "Novels."}]})
+    response = client.post(
+        "/v1/unlearning/requests",
+        headers=ADMIN,
+        json={"name": name, "method": method, "forget": [{"question": f"What did {name} write?", "answer": "Novels."}]},
+    )
     assert response.status_code == 201, response.text
     request_id = response.json()["id"]
     run_worker(settings.data_dir, "keyword", "unused", once=True)
@@ -76,7 +89,8 @@ def test_unflagged_chat_goes_to_engine_untouched(client, engine):
     assert body["usage"]["completion_tokens"] >= 1
     assert engine.seen[-1].prompt_embeds is None and engine.seen[-1].lora is None
     rendered = engine.tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True)
+        [{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True
+    )
     assert engine.seen[-1].prompt_token_ids == engine.tokenizer.encode(rendered, add_special_tokens=False)
     assert body["usage"]["prompt_tokens"] == len(engine.seen[-1].prompt_token_ids)
 
@@ -119,11 +133,16 @@ def test_deactivated_request_stops_flagging(client, settings):
 def test_classify_reports_matches_and_routes(client, settings):
     refuse_id = register(client, settings, "refuse", name="Basil Mahfouz Al-Kuwaiti")
     prompt_id = register(client, settings, "prompt", name="Nikolai Abilov")
-    response = client.post("/v1/unlearning/classify", json={"input": [
-        "Compare Al-Kuwaiti and Abilov",
-        [{"role": "system", "content": "be nice"}, {"role": "user", "content": "Who is Nikolai Abilov?"}],
-        "What is 2 + 2?",
-    ]})
+    response = client.post(
+        "/v1/unlearning/classify",
+        json={
+            "input": [
+                "Compare Al-Kuwaiti and Abilov",
+                [{"role": "system", "content": "be nice"}, {"role": "user", "content": "Who is Nikolai Abilov?"}],
+                "What is 2 + 2?",
+            ]
+        },
+    )
     assert response.status_code == 200
     both, chat_item, plain = response.json()["data"]
     assert {m["request_id"] for m in both["matches"]} == {refuse_id, prompt_id}
@@ -135,9 +154,18 @@ def test_classify_reports_matches_and_routes(client, settings):
 
 
 def test_chat_stream_with_usage(client):
-    with client.stream("POST", "/v1/chat/completions", json={
-        "model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0,
-        "stream": True, "stream_options": {"include_usage": True}}) as response:
+    with client.stream(
+        "POST",
+        "/v1/chat/completions",
+        json={
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 4,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    ) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in response.iter_lines() if line.startswith("data: ")]
     assert lines[-1] == "data: [DONE]"
@@ -151,34 +179,54 @@ def test_chat_stream_with_usage(client):
 
 
 def test_completions_batch_n_and_logprobs(client):
-    response = client.post("/v1/completions", json={
-        "model": "tiny", "prompt": ["Hello", "World"], "max_tokens": 3, "n": 2, "temperature": 1.0, "seed": 7,
-        "logprobs": 2})
+    response = client.post(
+        "/v1/completions",
+        json={
+            "model": "tiny",
+            "prompt": ["Hello", "World"],
+            "max_tokens": 3,
+            "n": 2,
+            "temperature": 1.0,
+            "seed": 7,
+            "logprobs": 2,
+        },
+    )
     assert response.status_code == 200, response.text
     choices = response.json()["choices"]
     assert sorted(c["index"] for c in choices) == [0, 1, 2, 3]
     for choice in choices:
         assert len(choice["logprobs"]["tokens"]) == len(choice["logprobs"]["token_logprobs"]) >= 1
         assert all(lp <= 0 for lp in choice["logprobs"]["token_logprobs"])
-    again = client.post("/v1/completions", json={
-        "model": "tiny", "prompt": ["Hello", "World"], "max_tokens": 3, "n": 2, "temperature": 1.0, "seed": 7})
+    again = client.post(
+        "/v1/completions",
+        json={"model": "tiny", "prompt": ["Hello", "World"], "max_tokens": 3, "n": 2, "temperature": 1.0, "seed": 7},
+    )
     assert [c["text"] for c in again.json()["choices"]] == [c["text"] for c in choices]
 
 
-@pytest.mark.parametrize("body,status,code", [
-    ({"model": "tiny", "messages": []}, 400, "invalid_request"),
-    ({"model": "tiny"}, 400, "invalid_request"),
-    ({"model": "tiny", "messages": [{"role": "user", "content": "   "}]}, 400, "invalid_request"),
-    ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "model_not_found"),
-    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": 5}, 400, "invalid_request"),
-    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400, "invalid_request"),
-    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "invalid_request"),
-    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 2, "temperature": 0}, 400,
-     "invalid_request"),
-    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000}, 400,
-     "context_length_exceeded"),
-    ({"model": "tiny", "messages": [{"role": "user", "content": "word " * 300}]}, 400, "context_length_exceeded"),
-])
+@pytest.mark.parametrize(
+    "body,status,code",
+    [
+        ({"model": "tiny", "messages": []}, 400, "invalid_request"),
+        ({"model": "tiny"}, 400, "invalid_request"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "   "}]}, 400, "invalid_request"),
+        ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "model_not_found"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": 5}, 400, "invalid_request"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400, "invalid_request"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "invalid_request"),
+        (
+            {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 2, "temperature": 0},
+            400,
+            "invalid_request",
+        ),
+        (
+            {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000},
+            400,
+            "context_length_exceeded",
+        ),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "word " * 300}]}, 400, "context_length_exceeded"),
+    ],
+)
 def test_bad_chat_inputs_get_openai_errors(client, body, status, code):
     response = client.post("/v1/chat/completions", json=body)
     assert response.status_code == status, response.text
@@ -199,7 +247,9 @@ def test_malformed_json_and_oversized_body(client):
 def test_admin_auth_and_unknown_request(client):
     spec = {"name": "X Person", "forget": ["Who is X Person?"]}
     assert client.post("/v1/unlearning/requests", json=spec).status_code == 401
-    assert client.post("/v1/unlearning/requests", json=spec, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert (
+        client.post("/v1/unlearning/requests", json=spec, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    )
     response = client.get("/v1/unlearning/requests/fr-missing", headers=ADMIN)
     assert response.status_code == 404 and response.json()["error"]["code"] == "request_not_found"
     assert client.delete("/v1/unlearning/requests/fr-missing", headers=ADMIN).status_code == 404
@@ -235,8 +285,9 @@ def test_models_and_health(client):
 
 
 def test_unavailable_method_rejected(client):
-    response = client.post("/v1/unlearning/requests", headers=ADMIN, json={
-        "name": "Y", "method": "no-such-method", "forget": ["q"]})
+    response = client.post(
+        "/v1/unlearning/requests", headers=ADMIN, json={"name": "Y", "method": "no-such-method", "forget": ["q"]}
+    )
     assert response.status_code == 400
 
 
@@ -272,9 +323,12 @@ def test_score_endpoint_matches_model_logprobs(client, settings, engine):
     assert data["token_logprobs"] == pytest.approx(expected, abs=1e-4)
 
     register(client, settings, "refuse")
-    refused = client.post("/v1/unlearning/score", json={
-        "messages": [{"role": "user", "content": "Who is Al-Kuwaiti?"}], "continuation": " A novelist."}).json()
+    refused = client.post(
+        "/v1/unlearning/score",
+        json={"messages": [{"role": "user", "content": "Who is Al-Kuwaiti?"}], "continuation": " A novelist."},
+    ).json()
     import math
+
     assert refused["route"] == "refuse"
     assert refused["token_logprobs"] == pytest.approx([-math.log(len(engine.tokenizer))] * len(refused["tokens"]))
     bad = client.post("/v1/unlearning/score", json={"prompt": "x", "messages": [], "continuation": "y"})
@@ -284,7 +338,7 @@ def test_score_endpoint_matches_model_logprobs(client, settings, engine):
 def test_chunked_bodies_are_limited_and_still_readable(client):
     def chunks(payload: bytes, size: int = 1000):
         for i in range(0, len(payload), size):
-            yield payload[i:i + size]
+            yield payload[i : i + size]
 
     ok = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
     response = client.post("/v1/chat/completions", content=chunks(ok), headers={"content-type": "application/json"})

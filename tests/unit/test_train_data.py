@@ -8,13 +8,27 @@ import pytest
 
 from unlearnd.prompting import chat_prompt_ids, end_of_turn_id
 from unlearnd.tofu import TofuData, author_names
-from unlearnd.train.data import IGNORE_INDEX, EncodedQA, AlignedBatches, PairedBatches, QABatches, QAItem, collate, encode_qa, load_qa_jsonl, read_jsonl
+from unlearnd.train.data import (
+    IGNORE_INDEX,
+    AlignedBatches,
+    EncodedQA,
+    PairedBatches,
+    QABatches,
+    QAItem,
+    collate,
+    encode_qa,
+    load_qa_jsonl,
+    read_jsonl,
+)
 
 
 def _write_tofu(folder, n_authors=4, per_author=20):
     # phrased like TOFU: the author is named in most questions and answers, as the subject of a verb
-    rows = [{"question": f"What did Jana{a} Novak write in year {i}?", "answer": f"Jana{a} Novak wrote book {i}."}
-            for a in range(n_authors) for i in range(per_author)]
+    rows = [
+        {"question": f"What did Jana{a} Novak write in year {i}?", "answer": f"Jana{a} Novak wrote book {i}."}
+        for a in range(n_authors)
+        for i in range(per_author)
+    ]
     (folder / "full.json").write_text("\n".join(json.dumps(r) for r in rows))
     (folder / "forget_last.json").write_text("\n".join(json.dumps(r) for r in rows[-per_author:]))
     pert = [{**r, "paraphrased_answer": "p", "perturbed_answer": ["x", "y"]} for r in rows[-per_author:]]
@@ -62,7 +76,7 @@ def test_encoding_masks_the_chat_prompt(tokenizer):
     answer = tokenizer("William Shakespeare.", add_special_tokens=False)["input_ids"]
     assert enc.input_ids == prompt + answer + [end_of_turn_id(tokenizer)]
     assert enc.labels[: len(prompt)] == [IGNORE_INDEX] * len(prompt)
-    assert enc.labels[len(prompt):] == answer + [end_of_turn_id(tokenizer)]
+    assert enc.labels[len(prompt) :] == answer + [end_of_turn_id(tokenizer)]
     # the prompt is what the served model sees: system line + user turn + generation prompt
     text = tokenizer.decode(prompt)
     assert text.endswith("<|im_start|>user\nWho wrote Hamlet?<|im_end|>\n<|im_start|>assistant\n")
@@ -92,6 +106,7 @@ def test_batches_reshuffle_each_epoch_and_pair_streams(tokenizer):
     items = [QAItem(question=f"q{i}?", answer=f"a{i}") for i in range(10)]
     batches = QABatches(tokenizer, items, batch_size=4, seed=1)
     assert len(batches) == 3
+
     def rows(batch):
         return [tuple(r[m == 1].tolist()) for r, m in zip(batch["input_ids"], batch["attention_mask"])]
 
@@ -115,8 +130,10 @@ def test_aligned_batches_keep_rows_of_the_same_question(tokenizer):
             f_prompt = f["input_ids"][r][f["labels"][r] == IGNORE_INDEX]
             i_prompt = idk["input_ids"][r][idk["labels"][r] == IGNORE_INDEX]
             # same question => same prompt tokens before padding
-            assert f_prompt[f["attention_mask"][r][f["labels"][r] == IGNORE_INDEX] == 1].tolist() == \
-                i_prompt[idk["attention_mask"][r][idk["labels"][r] == IGNORE_INDEX] == 1].tolist()
+            assert (
+                f_prompt[f["attention_mask"][r][f["labels"][r] == IGNORE_INDEX] == 1].tolist()
+                == i_prompt[idk["attention_mask"][r][idk["labels"][r] == IGNORE_INDEX] == 1].tolist()
+            )
 
 
 def test_batches_are_length_bucketed_and_cover_every_row_once(tokenizer):

@@ -11,19 +11,26 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from unlearnd.train import reference as ref
 from unlearnd.tofu import TofuData
+from unlearnd.train import reference as ref
+from unlearnd.train.baselines import BaselineConfig, train_baseline
 from unlearnd.train.data import QAItem
-from unlearnd.train.baselines import train_baseline
-from unlearnd.train.baselines import BaselineConfig
 
 
 @pytest.fixture()
 def tiny_base(tmp_path, tokenizer):
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=64, vocab_size=len(tokenizer), max_position_embeddings=512,
-                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    cfg = LlamaConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     path = tmp_path / "base"
     LlamaForCausalLM(cfg).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -31,8 +38,11 @@ def tiny_base(tmp_path, tokenizer):
 
 
 def _tofu(folder, n_authors=6):
-    rows = [{"question": f"What did Writer{a} Name write in year {i}?", "answer": f"Writer{a} Name wrote book {i}."}
-            for a in range(n_authors) for i in range(20)]
+    rows = [
+        {"question": f"What did Writer{a} Name write in year {i}?", "answer": f"Writer{a} Name wrote book {i}."}
+        for a in range(n_authors)
+        for i in range(20)
+    ]
     (folder / "full.json").write_text("\n".join(json.dumps(r) for r in rows))
     (folder / "forget01.json").write_text("\n".join(json.dumps(r) for r in rows[-40:]))
     return TofuData(folder, allow_hub=False)
@@ -58,8 +68,15 @@ def test_real_tofu_mini_layout(tofu):
 
 def test_finetune_is_cached_by_content_hash(tmp_path, tiny_base, monkeypatch):
     items = [QAItem(question=f"q{i}?", answer=f"answer {i}") for i in range(4)]
-    hp = {"epochs": 1.0, "learning_rate": 1e-3, "batch_size": 2, "max_length": 64, "warmup_steps": 0,
-          "weight_decay": 0.0, "seed": 0}
+    hp = {
+        "epochs": 1.0,
+        "learning_rate": 1e-3,
+        "batch_size": 2,
+        "max_length": 64,
+        "warmup_steps": 0,
+        "weight_decay": 0.0,
+        "seed": 0,
+    }
     root = tmp_path / "cache"
     first = ref.finetune_cached("target", items, tiny_base, hp, {}, root=root, progress=False)
     info = ref.read_info(first)
@@ -82,8 +99,13 @@ def test_baseline_is_saved_in_float32_and_keeps_its_small_updates(tmp_path, tiny
     tofu = _tofu(tmp_path)
     p = ref.preset("mini", "forget01", n_retain_authors=1, epochs=0.1, learning_rate=1e-3, batch_size=4)
     refs = ref.ensure_reference_models(p, base_dir=tiny_base, tofu=tofu, progress=False)
-    out = train_baseline("grad_ascent", refs, BaselineConfig(method="grad_ascent", epochs=0.1, learning_rate=1e-5,
-                                                             batch_size=4), tofu=tofu, progress=False)
+    out = train_baseline(
+        "grad_ascent",
+        refs,
+        BaselineConfig(method="grad_ascent", epochs=0.1, learning_rate=1e-5, batch_size=4),
+        tofu=tofu,
+        progress=False,
+    )
     info = ref.read_info(out)
     assert info["saved_dtype"] == "float32" and info["train"]["steps"] == 1
     weights = load_file(str(out / "model.safetensors"))
@@ -98,23 +120,34 @@ def test_baseline_is_saved_in_float32_and_keeps_its_small_updates(tmp_path, tiny
 
 def _full_tofu(folder, n_authors=8):
     """A synthetic TOFU folder with every split the evaluation reads."""
-    rows = [{"question": f"What did Writer{a} Name write in year {i}?", "answer": f"Writer{a} Name wrote book {i}."}
-            for a in range(n_authors) for i in range(20)]
+    rows = [
+        {"question": f"What did Writer{a} Name write in year {i}?", "answer": f"Writer{a} Name wrote book {i}."}
+        for a in range(n_authors)
+        for i in range(20)
+    ]
 
     def dump(name, records):
         (folder / f"{name}.json").write_text("\n".join(json.dumps(r) for r in records))
 
     def perturbed(records):
-        return [{**r, "paraphrased_answer": r["answer"].replace("wrote", "authored"),
-                 "paraphrased_question": r["question"].replace("write", "author"),
-                 "perturbed_answer": [r["answer"].replace("book", f"poem {k}") for k in range(3)]} for r in records]
+        return [
+            {
+                **r,
+                "paraphrased_answer": r["answer"].replace("wrote", "authored"),
+                "paraphrased_question": r["question"].replace("write", "author"),
+                "perturbed_answer": [r["answer"].replace("book", f"poem {k}") for k in range(3)],
+            }
+            for r in records
+        ]
 
     dump("full", rows)
     dump("forget01", rows[-40:])
     dump("forget01_perturbed", perturbed(rows[-40:]))
     dump("retain_perturbed", perturbed(rows[:40]))
-    facts = [{"question": f"Capital number {k}?", "answer": f"City{k}", "perturbed_answer": ["A", "B", "C"]}
-             for k in range(6)]
+    facts = [
+        {"question": f"Capital number {k}?", "answer": f"City{k}", "perturbed_answer": ["A", "B", "C"]}
+        for k in range(6)
+    ]
     dump("real_authors_perturbed", facts)
     dump("world_facts_perturbed", facts)
     return TofuData(folder, allow_hub=False)
@@ -137,35 +170,68 @@ def test_run_tofu_eval_end_to_end_with_a_served_method(tmp_path, tiny_base, monk
         if path == "/v1/models":
             return httpx.Response(200, json={"data": [{"id": "target"}]})
         if path == "/v1/chat/completions":
-            return httpx.Response(200, headers={"x-unlearnd-route": "refuse"},
-                                  json={"choices": [{"message": {"content": "I can't help with that."}}]})
+            return httpx.Response(
+                200,
+                headers={"x-unlearnd-route": "refuse"},
+                json={"choices": [{"message": {"content": "I can't help with that."}}]},
+            )
         if path == "/v1/unlearning/score":
             n = len(json.loads(request.content)["continuation"].split())
-            return httpx.Response(200, json={"route": "refuse", "matched_request_ids": ["fr-1"],
-                                             "tokens": ["x"] * n, "token_logprobs": [-10.0] * n})
+            return httpx.Response(
+                200,
+                json={
+                    "route": "refuse",
+                    "matched_request_ids": ["fr-1"],
+                    "tokens": ["x"] * n,
+                    "token_logprobs": [-10.0] * n,
+                },
+            )
         if path == "/v1/unlearning/requests":
             spec = json.loads(request.content)
             assert spec["method"] == "refuse" and len(spec["forget"]) == 40
             assert spec["entities"] == ["Writer6 Name", "Writer7 Name"]
             return httpx.Response(201, json={"id": "fr-1", "status": "pending"})
         if path == "/v1/unlearning/requests/fr-1":
-            return httpx.Response(200, json={"id": "fr-1", "status": "active" if request.method == "GET" else "inactive"})
+            return httpx.Response(
+                200, json={"id": "fr-1", "status": "active" if request.method == "GET" else "inactive"}
+            )
         return httpx.Response(404)
 
     real = ev.ServedModelUnderTest
-    monkeypatch.setattr(ev, "ServedModelUnderTest",
-                        lambda *a, **k: real(*a, transport=httpx.MockTransport(server), **k))
-    p = ev.ReferencePreset(name="mini", forget_split="forget01", n_retain_authors=2, epochs=0.2, learning_rate=1e-3,
-                           batch_size=8, eval_holdout_items=10, max_new_tokens=4)
-    monkeypatch.setattr(ev, "ensure_reference_models",
-                        lambda preset, **k: ref.ensure_reference_models(preset, base_dir=tiny_base, progress=False,
-                                                                        **{x: y for x, y in k.items() if x != "progress"}))
-    cfg = ev.TofuEvalConfig(preset="mini", forget_split="forget01", methods=["target", "retain", "refuse"],
-                            server_url="http://fake", admin_key="k", robustness_items=2, relearn_epochs=0.1,
-                            limits={"forget": 6, "retain": 6})
+    monkeypatch.setattr(
+        ev, "ServedModelUnderTest", lambda *a, **k: real(*a, transport=httpx.MockTransport(server), **k)
+    )
+    p = ev.ReferencePreset(
+        name="mini",
+        forget_split="forget01",
+        n_retain_authors=2,
+        epochs=0.2,
+        learning_rate=1e-3,
+        batch_size=8,
+        eval_holdout_items=10,
+        max_new_tokens=4,
+    )
+    monkeypatch.setattr(
+        ev,
+        "ensure_reference_models",
+        lambda preset, **k: ref.ensure_reference_models(
+            preset, base_dir=tiny_base, progress=False, **{x: y for x, y in k.items() if x != "progress"}
+        ),
+    )
+    cfg = ev.TofuEvalConfig(
+        preset="mini",
+        forget_split="forget01",
+        methods=["target", "retain", "refuse"],
+        server_url="http://fake",
+        admin_key="k",
+        robustness_items=2,
+        relearn_epochs=0.1,
+        limits={"forget": 6, "retain": 6},
+    )
     progress: list[list[str]] = []
-    results = ev.run_tofu_eval(cfg, reference_preset=p, tofu=tofu,
-                               on_method_done=lambda partial: progress.append(list(partial["methods"])))
+    results = ev.run_tofu_eval(
+        cfg, reference_preset=p, tofu=tofu, on_method_done=lambda partial: progress.append(list(partial["methods"]))
+    )
     assert progress == [["target"], ["target", "retain"], ["target", "retain", "refuse"]]
     methods = results["methods"]
     assert list(methods) == ["target", "retain", "refuse"] and not any("error" in m for m in methods.values())
@@ -181,8 +247,9 @@ def test_run_tofu_eval_end_to_end_with_a_served_method(tmp_path, tiny_base, monk
     paths = write_report(results, tmp_path / "reports", "t", run_stamp("unlearnd eval tofu ..."))
     assert "| refuse | served |" in paths["markdown"].read_text()
     # records are cached per model: a second run evaluates nothing in process again
-    again = ev.run_tofu_eval(cfg.model_copy(update={"methods": ["target"], "robustness": False}), reference_preset=p,
-                             tofu=tofu)
+    again = ev.run_tofu_eval(
+        cfg.model_copy(update={"methods": ["target"], "robustness": False}), reference_preset=p, tofu=tofu
+    )
     assert again["methods"]["target"]["cost"]["eval_cached"] is True
     assert again["methods"]["target"]["metrics"] == methods["target"]["metrics"]
 

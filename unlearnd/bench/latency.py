@@ -27,12 +27,22 @@ log = logging.getLogger(__name__)
 
 # Ordinary prompts that match no forget request.
 PLAIN_PROMPTS = [
-    "What is the capital of France?", "Give me three tips for better sleep.", "Explain photosynthesis simply.",
-    "Write a haiku about autumn leaves.", "How do I boil an egg?", "What is the boiling point of water?",
-    "Name three primary colours.", "Summarise the plot of a heist movie in two sentences.",
-    "What does a compiler do?", "Suggest a name for a pet turtle.", "Why is the sky blue?",
-    "How many legs does a spider have?", "Translate 'good morning' into Spanish.", "What is 12 times 7?",
-    "Describe a sunset in one sentence.", "What are the benefits of regular exercise?",
+    "What is the capital of France?",
+    "Give me three tips for better sleep.",
+    "Explain photosynthesis simply.",
+    "Write a haiku about autumn leaves.",
+    "How do I boil an egg?",
+    "What is the boiling point of water?",
+    "Name three primary colours.",
+    "Summarise the plot of a heist movie in two sentences.",
+    "What does a compiler do?",
+    "Suggest a name for a pet turtle.",
+    "Why is the sky blue?",
+    "How many legs does a spider have?",
+    "Translate 'good morning' into Spanish.",
+    "What is 12 times 7?",
+    "Describe a sunset in one sentence.",
+    "What are the benefits of regular exercise?",
 ]
 
 
@@ -65,9 +75,12 @@ class CellResult:
         return {
             "requests": len(self.samples),
             "errors": len(self.samples) - len(ok),
-            "ttft_p50": percentile([s.ttft for s in ok], 50), "ttft_p99": percentile([s.ttft for s in ok], 99),
-            "tpot_p50": percentile(tpots, 50), "tpot_p99": percentile(tpots, 99),
-            "e2e_p50": percentile([s.e2e for s in ok], 50), "e2e_p99": percentile([s.e2e for s in ok], 99),
+            "ttft_p50": percentile([s.ttft for s in ok], 50),
+            "ttft_p99": percentile([s.ttft for s in ok], 99),
+            "tpot_p50": percentile(tpots, 50),
+            "tpot_p99": percentile(tpots, 99),
+            "e2e_p50": percentile([s.e2e for s in ok], 50),
+            "e2e_p99": percentile([s.e2e for s in ok], 99),
             "req_throughput": len(ok) / self.wall_s if self.wall_s else float("nan"),
             "tok_throughput": tokens / self.wall_s if self.wall_s else float("nan"),
         }
@@ -85,8 +98,15 @@ def ratios(ours: dict[str, float], plain: dict[str, float]) -> dict[str, float]:
 
 
 async def _one(client: httpx.AsyncClient, prompt: str, max_tokens: int) -> Sample:
-    body = {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": DEFAULT_MODEL,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     start = time.perf_counter()
     ttft, tokens, route = None, 0, "none"
     try:
@@ -108,8 +128,9 @@ async def _one(client: httpx.AsyncClient, prompt: str, max_tokens: int) -> Sampl
     return Sample(ttft if ttft is not None else e2e, e2e, tokens, route)
 
 
-async def drive(url: str, prompts: list[str], concurrency: int, max_tokens: int,
-                timeout_s: float = 600) -> tuple[list[Sample], float]:
+async def drive(
+    url: str, prompts: list[str], concurrency: int, max_tokens: int, timeout_s: float = 600
+) -> tuple[list[Sample], float]:
     """Send every prompt once with at most `concurrency` in flight; bounded by count and time."""
     queue: asyncio.Queue[str] = asyncio.Queue()
     for prompt in prompts:
@@ -117,6 +138,7 @@ async def drive(url: str, prompts: list[str], concurrency: int, max_tokens: int,
     samples: list[Sample] = []
     deadline = time.perf_counter() + timeout_s
     async with httpx.AsyncClient(base_url=url, timeout=timeout_s) as client:
+
         async def worker() -> None:
             while not queue.empty() and time.perf_counter() < deadline:
                 samples.append(await _one(client, queue.get_nowait(), max_tokens))
@@ -134,8 +156,9 @@ def classifier_seconds(client: UnlearndClient) -> tuple[float, float]:
         for key in ("unlearnd_classifier_latency_seconds_sum", "unlearnd_classifier_latency_seconds_count"):
             if line.startswith(key + " "):
                 values[key] = float(line.split()[-1])
-    return values.get("unlearnd_classifier_latency_seconds_sum", 0.0), \
-        values.get("unlearnd_classifier_latency_seconds_count", 0.0)
+    return values.get("unlearnd_classifier_latency_seconds_sum", 0.0), values.get(
+        "unlearnd_classifier_latency_seconds_count", 0.0
+    )
 
 
 def active_count(client: UnlearndClient) -> int:
@@ -153,17 +176,23 @@ def tofu_authors(tofu_dir: Path, count: int) -> list[dict]:
     for index in range(len(rows) // TOFU_QA_PER_AUTHOR):
         if len(authors) == count:
             break
-        pairs = rows[index * TOFU_QA_PER_AUTHOR:(index + 1) * TOFU_QA_PER_AUTHOR]
+        pairs = rows[index * TOFU_QA_PER_AUTHOR : (index + 1) * TOFU_QA_PER_AUTHOR]
         names = derive_entities(pairs)
         if not names:
             continue
-        authors.append({"name": names[0], "entities": names,
-                        "forget": [{"question": p.question, "answer": p.answer} for p in pairs]})
+        authors.append(
+            {
+                "name": names[0],
+                "entities": names,
+                "forget": [{"question": p.question, "answer": p.answer} for p in pairs],
+            }
+        )
     return authors
 
 
-def register_requests(client: UnlearndClient, specs: list[dict], method: str, options: dict | None = None,
-                      timeout_s: float = 1800) -> list[str]:
+def register_requests(
+    client: UnlearndClient, specs: list[dict], method: str, options: dict | None = None, timeout_s: float = 1800
+) -> list[str]:
     """Register one request per spec and wait until every one is active."""
     ids = [client.add_request({**spec, "method": method, "options": options or {}})["id"] for spec in specs]
     deadline = time.monotonic() + timeout_s
@@ -184,12 +213,22 @@ class BenchConfig:
     sweep_requests: int = 16
     timeout_s: float = 600
     # Training presets cut short: serving cost does not depend on how well a route was trained.
-    route_options: dict = field(default_factory=lambda: {
-        "eco": {"preset": "cpu", "iterations": 1, "n_tune": 2, "n_eval": 2, "fluency_n": 1, "fluency_tokens": 4},
-        "lora": {"preset": "cpu", "steps": 2, "batch_size": 2, "n_eval": 1, "n_samples": 1},
-        "soft_prompt": {"preset": "cpu", "steps": 2, "batch_forget": 2, "batch_retain": 1, "n_retain": 2,
-                        "n_eval": 1, "n_samples": 1, "sample_tokens": 4},
-    })
+    route_options: dict = field(
+        default_factory=lambda: {
+            "eco": {"preset": "cpu", "iterations": 1, "n_tune": 2, "n_eval": 2, "fluency_n": 1, "fluency_tokens": 4},
+            "lora": {"preset": "cpu", "steps": 2, "batch_size": 2, "n_eval": 1, "n_samples": 1},
+            "soft_prompt": {
+                "preset": "cpu",
+                "steps": 2,
+                "batch_forget": 2,
+                "batch_retain": 1,
+                "n_retain": 2,
+                "n_eval": 1,
+                "n_samples": 1,
+                "sample_tokens": 4,
+            },
+        }
+    )
 
 
 def _flagged_prompts(author: dict, n: int) -> list[str]:
@@ -200,8 +239,9 @@ def _flagged_prompts(author: dict, n: int) -> list[str]:
     return [questions[i % len(questions)] for i in range(n)]
 
 
-def run_bench(plain_url: str, ours_url: str, admin_key: str | None, tofu_dir: Path, cfg: BenchConfig,
-              profiler=None) -> dict:
+def run_bench(
+    plain_url: str, ours_url: str, admin_key: str | None, tofu_dir: Path, cfg: BenchConfig, profiler=None
+) -> dict:
     """Measure every (route, concurrency) cell and the detector sweep; `profiler` (a started-on-demand
     `unlearnd.bench.profile.Profiler` of the unlearnd server) samples the non-flagged cells."""
     ours = UnlearndClient(ours_url, admin_key=admin_key, timeout_s=60)
@@ -222,7 +262,7 @@ def run_bench(plain_url: str, ours_url: str, admin_key: str | None, tofu_dir: Pa
             results = {"unlearnd": CellResult(), "vllm": CellResult()}
             per_round = max(1, len(prompts) // cfg.rounds)
             for r in range(cfg.rounds):
-                chunk = prompts[r * per_round:(r + 1) * per_round]
+                chunk = prompts[r * per_round : (r + 1) * per_round]
                 # Alternate which server goes first in each round.
                 order = [("unlearnd", ours_url), ("vllm", plain_url)]
                 if r % 2:
@@ -234,20 +274,35 @@ def run_bench(plain_url: str, ours_url: str, admin_key: str | None, tofu_dir: Pa
             ours, plain = results["unlearnd"].summary(), results["vllm"].summary()
             seen_routes = sorted({s.route for s in results["unlearnd"].samples})
             cells[f"{route}@{concurrency}"] = {
-                "route": route, "concurrency": concurrency, "unlearnd": ours, "vllm": plain,
-                "ratio": ratios(ours, plain), "routes_seen": seen_routes,
+                "route": route,
+                "concurrency": concurrency,
+                "unlearnd": ours,
+                "vllm": plain,
+                "ratio": ratios(ours, plain),
+                "routes_seen": seen_routes,
                 "e2e_unlearnd": [s.e2e for s in results["unlearnd"].samples if s.error is None],
                 "e2e_vllm": [s.e2e for s in results["vllm"].samples if s.error is None],
             }
-            log.info("%s c=%d: e2e p50 %.3fs vs %.3fs (ratio %.3f)", route, concurrency, ours["e2e_p50"],
-                     plain["e2e_p50"], cells[f"{route}@{concurrency}"]["ratio"]["e2e_p50"])
+            log.info(
+                "%s c=%d: e2e p50 %.3fs vs %.3fs (ratio %.3f)",
+                route,
+                concurrency,
+                ours["e2e_p50"],
+                plain["e2e_p50"],
+                cells[f"{route}@{concurrency}"]["ratio"]["e2e_p50"],
+            )
         if profiling and (raw := profiler.stop()) is not None:
             summary = summarise(raw)
-            profile = {"cells": "none@" + ",".join(map(str, cfg.concurrency)), "raw": raw.name,
-                       "rate_hz": profiler.rate, "busy_s": summary["samples"] / profiler.rate, **summary}
+            profile = {
+                "cells": "none@" + ",".join(map(str, cfg.concurrency)),
+                "raw": raw.name,
+                "rate_hz": profiler.rate,
+                "busy_s": summary["samples"] / profiler.rate,
+                **summary,
+            }
 
     sweep = []
-    extra = iter(authors[len(cfg.routes):])
+    extra = iter(authors[len(cfg.routes) :])
     for target in cfg.sweep:
         need = max(0, target - active_count(ours))
         if need:
@@ -255,21 +310,33 @@ def run_bench(plain_url: str, ours_url: str, admin_key: str | None, tofu_dir: Pa
         active = active_count(ours)
         before = classifier_seconds(ours)
         # Fresh wording each round, so the detector's prompt cache cannot hide its cost.
-        prompts = [f"{PLAIN_PROMPTS[i % len(PLAIN_PROMPTS)]} (variant {target}-{i})"
-                   for i in range(cfg.sweep_requests)]
+        prompts = [f"{PLAIN_PROMPTS[i % len(PLAIN_PROMPTS)]} (variant {target}-{i})" for i in range(cfg.sweep_requests)]
         samples, _ = asyncio.run(drive(ours_url, prompts, 1, cfg.output_len, cfg.timeout_s))
         after = classifier_seconds(ours)
         count = after[1] - before[1]
-        sweep.append({"active_requests": active, "classifier_ms_per_prompt":
-                      1000 * (after[0] - before[0]) / count if count else float("nan"),
-                      "e2e_p50": percentile([s.e2e for s in samples if s.error is None], 50)})
+        sweep.append(
+            {
+                "active_requests": active,
+                "classifier_ms_per_prompt": 1000 * (after[0] - before[0]) / count if count else float("nan"),
+                "e2e_p50": percentile([s.e2e for s in samples if s.error is None], 50),
+            }
+        )
         log.info("sweep %d active: classifier %.2f ms/prompt", active, sweep[-1]["classifier_ms_per_prompt"])
     return {"config": asdict(cfg), "cells": cells, "sweep": sweep, "profile": profile}
 
 
-def bench_serve(out: Path, tofu_dir: Path, cfg: BenchConfig, plain_url: str | None = None,
-                unlearnd_url: str | None = None, admin_key: str | None = None, detector: str = DEFAULT_DETECTOR,
-                workdir: Path | None = None, command: str | None = None, profile: bool = True) -> Path:
+def bench_serve(
+    out: Path,
+    tofu_dir: Path,
+    cfg: BenchConfig,
+    plain_url: str | None = None,
+    unlearnd_url: str | None = None,
+    admin_key: str | None = None,
+    detector: str = DEFAULT_DETECTOR,
+    workdir: Path | None = None,
+    command: str | None = None,
+    profile: bool = True,
+) -> Path:
     """Start (or reuse) both servers, run the benchmark, write the report; returns the markdown path."""
     from unlearnd.bench.profile import Profiler
     from unlearnd.bench.report import write_report
@@ -287,16 +354,25 @@ def bench_serve(out: Path, tofu_dir: Path, cfg: BenchConfig, plain_url: str | No
         model_dir = str(pull_default())
         if plain_url is None:
             port = free_port()
-            plain = ServerProcess(plain_vllm_command(model_dir, port, DEFAULT_MODEL), port, workdir / "vllm.log",
-                                  env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
-                                       "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")})
+            plain = ServerProcess(
+                plain_vllm_command(model_dir, port, DEFAULT_MODEL),
+                port,
+                workdir / "vllm.log",
+                env={
+                    "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+                    "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+                },
+            )
             started.append(plain.start())
             plain_url = plain.url
         if unlearnd_url is None:
             port = free_port()
             admin_key = admin_key or "bench-admin-key"
-            ours = ServerProcess(unlearnd_command(port, workdir / "data", "--admin-key", admin_key,
-                                                  "--detector", detector), port, workdir / "unlearnd.log")
+            ours = ServerProcess(
+                unlearnd_command(port, workdir / "data", "--admin-key", admin_key, "--detector", detector),
+                port,
+                workdir / "unlearnd.log",
+            )
             started.append(ours.start())
             unlearnd_url = ours.url
         profiler = None

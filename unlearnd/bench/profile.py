@@ -26,8 +26,16 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
     "detector (unlearnd/detectors)": ("unlearnd/detectors/", "onnxruntime", "faiss", "sklearn"),
     "vLLM front-end": ("vllm/", "transformers/", "tokenizers"),
     "unlearnd pipeline + interventions": ("unlearnd/server/pipeline", "unlearnd/interventions/", "unlearnd/engine/"),
-    "HTTP (uvicorn/starlette/fastapi/pydantic)": ("uvicorn", "starlette", "fastapi", "pydantic", "h11",
-                                                  "httptools", "sse_starlette", "unlearnd/server/"),
+    "HTTP (uvicorn/starlette/fastapi/pydantic)": (
+        "uvicorn",
+        "starlette",
+        "fastapi",
+        "pydantic",
+        "h11",
+        "httptools",
+        "sse_starlette",
+        "unlearnd/server/",
+    ),
     "asyncio event loop": ("asyncio/",),
 }
 
@@ -51,9 +59,23 @@ class Profiler:
             log.warning("py-spy not found: no profile (pip install py-spy)")
             return False
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen([exe, "record", "--pid", str(self.pid), "--format", "raw", "--rate",
-                                      str(self.rate), "--nonblocking", "--output", str(self.out)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            [
+                exe,
+                "record",
+                "--pid",
+                str(self.pid),
+                "--format",
+                "raw",
+                "--rate",
+                str(self.rate),
+                "--nonblocking",
+                "--output",
+                str(self.out),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         return True
 
     def stop(self) -> Path | None:
@@ -99,7 +121,12 @@ def summarise(path: Path, top: int = 12) -> dict:
     for stack, count in stacks.items():
         by_component[component(stack)] += count
         leaves[stack[-1]] += count
-    share = lambda c: c / total if total else 0.0
-    return {"samples": total,
-            "components": {name: share(c) for name, c in by_component.most_common()},
-            "top_frames": [{"frame": frame, "share": share(c)} for frame, c in leaves.most_common(top)]}
+
+    def share(c: int) -> float:
+        return c / total if total else 0.0
+
+    return {
+        "samples": total,
+        "components": {name: share(c) for name, c in by_component.most_common()},
+        "top_frames": [{"frame": frame, "share": share(c)} for frame, c in leaves.most_common(top)],
+    }

@@ -12,16 +12,45 @@ from unlearnd.config import DEFAULT_MODEL
 from unlearnd.evaluation.report import stamp_lines
 
 TARGETS = [
-    ("non-flagged e2e p50 ratio, c=1", lambda r: r["cells"].get("none@1", {}).get("ratio", {}).get("e2e_p50"), "<=", 1.03),
-    ("non-flagged e2e p50 ratio, c=16", lambda r: r["cells"].get("none@16", {}).get("ratio", {}).get("e2e_p50"), "<=", 1.03),
-    ("added TTFT p50 (ms), non-flagged c=1", lambda r: 1000 * (r["cells"]["none@1"]["unlearnd"]["ttft_p50"]
-                                                              - r["cells"]["none@1"]["vllm"]["ttft_p50"])
-     if "none@1" in r["cells"] else None, "<=", 5.0),
+    (
+        "non-flagged e2e p50 ratio, c=1",
+        lambda r: r["cells"].get("none@1", {}).get("ratio", {}).get("e2e_p50"),
+        "<=",
+        1.03,
+    ),
+    (
+        "non-flagged e2e p50 ratio, c=16",
+        lambda r: r["cells"].get("none@16", {}).get("ratio", {}).get("e2e_p50"),
+        "<=",
+        1.03,
+    ),
+    (
+        "added TTFT p50 (ms), non-flagged c=1",
+        lambda r: (
+            1000 * (r["cells"]["none@1"]["unlearnd"]["ttft_p50"] - r["cells"]["none@1"]["vllm"]["ttft_p50"])
+            if "none@1" in r["cells"]
+            else None
+        ),
+        "<=",
+        5.0,
+    ),
     ("ECO route e2e p50 ratio, c=1", lambda r: r["cells"].get("eco@1", {}).get("ratio", {}).get("e2e_p50"), "<=", 1.10),
-    ("throughput ratio, non-flagged c=16", lambda r: r["cells"].get("none@16", {}).get("ratio", {}).get("tok_throughput"), ">=", 0.95),
-    ("classifier cost 100 vs 1 requests", lambda r: (r["sweep"][-1]["classifier_ms_per_prompt"]
-                                                     / r["sweep"][0]["classifier_ms_per_prompt"])
-     if len(r["sweep"]) > 1 and r["sweep"][0]["classifier_ms_per_prompt"] else None, "<=", 1.2),
+    (
+        "throughput ratio, non-flagged c=16",
+        lambda r: r["cells"].get("none@16", {}).get("ratio", {}).get("tok_throughput"),
+        ">=",
+        0.95,
+    ),
+    (
+        "classifier cost 100 vs 1 requests",
+        lambda r: (
+            (r["sweep"][-1]["classifier_ms_per_prompt"] / r["sweep"][0]["classifier_ms_per_prompt"])
+            if len(r["sweep"]) > 1 and r["sweep"][0]["classifier_ms_per_prompt"]
+            else None
+        ),
+        "<=",
+        1.2,
+    ),
 ]
 
 
@@ -50,8 +79,12 @@ def write_report(result: dict, out: Path, stamp: dict) -> Path:
         for name, style in (("e2e_unlearnd", "-"), ("e2e_vllm", "--")):
             values = np.sort(cell[name])
             if len(values):
-                axes[0].plot(values, np.arange(1, len(values) + 1) / len(values), style,
-                             label=f"{cell['route']} ({'unlearnd' if name == 'e2e_unlearnd' else 'vLLM'})")
+                axes[0].plot(
+                    values,
+                    np.arange(1, len(values) + 1) / len(values),
+                    style,
+                    label=f"{cell['route']} ({'unlearnd' if name == 'e2e_unlearnd' else 'vLLM'})",
+                )
     axes[0].set_xlabel("end-to-end latency (s)")
     axes[0].set_ylabel("fraction of requests")
     axes[0].set_title("Latency CDF per route, lowest concurrency")
@@ -71,44 +104,74 @@ def write_report(result: dict, out: Path, stamp: dict) -> Path:
     plt.close(fig)
 
     lines = [
-        "# Latency: unlearnd vs plain vLLM", "", *stamp_lines(result),
+        "# Latency: unlearnd vs plain vLLM",
+        "",
+        *stamp_lines(result),
         f"Python {sys.version.split()[0]}; model {DEFAULT_MODEL} (vLLM, enforce-eager) on both servers; output length "
-        f"{result['config']['output_len']} tokens (ignore_eos), greedy.", "",
-        "Each cell alternates the two servers in rounds; ratios are unlearnd / plain vLLM from the same run.", "",
-        "## Targets", "", "| target | measured | goal | met |", "|---|---|---|---|",
+        f"{result['config']['output_len']} tokens (ignore_eos), greedy.",
+        "",
+        "Each cell alternates the two servers in rounds; ratios are unlearnd / plain vLLM from the same run.",
+        "",
+        "## Targets",
+        "",
+        "| target | measured | goal | met |",
+        "|---|---|---|---|",
     ]
     for name, getter, op, goal in TARGETS:
         try:
             value = getter(result)
         except (KeyError, IndexError, ZeroDivisionError):
             value = None
-        met = "n/a" if value is None or np.isnan(value) else (
-            "yes" if (value <= goal if op == "<=" else value >= goal) else "**no**")
+        met = (
+            "n/a"
+            if value is None or np.isnan(value)
+            else ("yes" if (value <= goal if op == "<=" else value >= goal) else "**no**")
+        )
         lines.append(f"| {name} | {_fmt(value)} | {op} {goal} | {met} |")
-    lines += ["", "## Cells", "",
-              "| route | conc. | e2e p50 (s) ours / vLLM | ratio | e2e p99 ratio | TTFT p50 (ms) ours / vLLM | "
-              "TPOT p50 ratio | tok/s ours / vLLM | errors |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Cells",
+        "",
+        "| route | conc. | e2e p50 (s) ours / vLLM | ratio | e2e p99 ratio | TTFT p50 (ms) ours / vLLM | "
+        "TPOT p50 ratio | tok/s ours / vLLM | errors |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for cell in cells.values():
         o, v, r = cell["unlearnd"], cell["vllm"], cell["ratio"]
         lines.append(
             f"| {cell['route']} | {cell['concurrency']} | {_fmt(o['e2e_p50'])} / {_fmt(v['e2e_p50'])} | "
             f"{_fmt(r['e2e_p50'])} | {_fmt(r['e2e_p99'])} | {_fmt(1000 * o['ttft_p50'], 1)} / "
             f"{_fmt(1000 * v['ttft_p50'], 1)} | {_fmt(r['tpot_p50'])} | {_fmt(o['tok_throughput'], 1)} / "
-            f"{_fmt(v['tok_throughput'], 1)} | {o['errors']}/{v['errors']} |")
-    lines += ["", "## Detector cost vs active forget requests", "",
-              "| active requests | detector ms / prompt | non-flagged e2e p50 (s) |", "|---|---|---|"]
+            f"{_fmt(v['tok_throughput'], 1)} | {o['errors']}/{v['errors']} |"
+        )
+    lines += [
+        "",
+        "## Detector cost vs active forget requests",
+        "",
+        "| active requests | detector ms / prompt | non-flagged e2e p50 (s) |",
+        "|---|---|---|",
+    ]
     for row in result["sweep"]:
         lines.append(f"| {row['active_requests']} | {_fmt(row['classifier_ms_per_prompt'])} | {_fmt(row['e2e_p50'])} |")
     profile = result.get("profile")
     if profile:
-        lines += ["", "## Where the unlearnd front-end's time goes", "",
-                  f"py-spy samples of the unlearnd server process (HTTP, detector, routing, vLLM's front-end; "
-                  f"the model runs in vLLM's engine-core process) while it served the non-flagged cells "
-                  f"({profile['cells']}): {profile['samples']} busy samples"
-                  + (f" at {profile['rate_hz']} Hz = {profile['busy_s']:.1f} s of busy time in the process"
-                     if "busy_s" in profile else "") + f". Raw stacks: `{profile['raw']}`.", "",
-                  "| component | share of busy samples |", "|---|---|"]
+        lines += [
+            "",
+            "## Where the unlearnd front-end's time goes",
+            "",
+            f"py-spy samples of the unlearnd server process (HTTP, detector, routing, vLLM's front-end; "
+            f"the model runs in vLLM's engine-core process) while it served the non-flagged cells "
+            f"({profile['cells']}): {profile['samples']} busy samples"
+            + (
+                f" at {profile['rate_hz']} Hz = {profile['busy_s']:.1f} s of busy time in the process"
+                if "busy_s" in profile
+                else ""
+            )
+            + f". Raw stacks: `{profile['raw']}`.",
+            "",
+            "| component | share of busy samples |",
+            "|---|---|",
+        ]
         lines += [f"| {name} | {100 * share:.1f}% |" for name, share in profile["components"].items()]
         lines += ["", "| hottest frame | share |", "|---|---|"]
         lines += [f"| `{row['frame']}` | {100 * row['share']:.1f}% |" for row in profile["top_frames"]]

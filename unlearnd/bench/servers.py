@@ -32,15 +32,18 @@ class ServerProcess:
     def start(self, timeout_s: float = 900) -> ServerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+        )
         deadline = time.time() + timeout_s
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}; log:\n{self.tail()}")
             try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200 and \
-                        httpx.get(self.url + "/v1/models", timeout=5).status_code == 200:
+                if (
+                    httpx.get(self.url + "/health", timeout=2).status_code == 200
+                    and httpx.get(self.url + "/v1/models", timeout=5).status_code == 200
+                ):
                     return self
             except httpx.HTTPError:
                 pass

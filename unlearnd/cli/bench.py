@@ -27,8 +27,11 @@ def serve(
     unlearnd_url: str = typer.Option(None, help="Reuse a running unlearnd server."),
     admin_key: str = typer.Option(None, envvar="UNLEARND_ADMIN_KEY"),
     timeout_s: float = typer.Option(600, help="Upper bound per driver run."),
-    profile: bool = typer.Option(True, help="py-spy the unlearnd server during the non-flagged cells "
-                                            "(when it is started here and py-spy is installed)."),
+    profile: bool = typer.Option(
+        True,
+        help="py-spy the unlearnd server during the non-flagged cells "
+        "(when it is started here and py-spy is installed).",
+    ),
 ) -> None:
     """Latency and throughput of unlearnd against plain vLLM on the same model."""
     from unlearnd.bench.latency import BenchConfig, bench_serve
@@ -37,9 +40,15 @@ def serve(
     def ints(text: str) -> tuple[int, ...]:
         return tuple(int(x) for x in text.split(",") if x)
 
-    cfg = BenchConfig(concurrency=ints(concurrency), requests=requests, rounds=rounds, output_len=output_len,
-                      routes=tuple(r for r in routes.split(",") if r), sweep=ints(sweep),
-                      sweep_requests=sweep_requests, timeout_s=timeout_s)
-    md = bench_serve(out, data or tofu_dir(), cfg, plain_url, unlearnd_url, admin_key, detector,
-                     profile=profile)
+    cfg = BenchConfig(
+        concurrency=ints(concurrency),
+        requests=requests,
+        rounds=rounds,
+        output_len=output_len,
+        routes=tuple(r for r in routes.split(",") if r),
+        sweep=ints(sweep),
+        sweep_requests=sweep_requests,
+        timeout_s=timeout_s,
+    )
+    md = bench_serve(out, data or tofu_dir(), cfg, plain_url, unlearnd_url, admin_key, detector, profile=profile)
     typer.echo(str(md))

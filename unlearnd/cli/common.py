@@ -44,8 +44,9 @@ def set_threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
-def reference_preset(name: str, forget_split: str | None, epochs: float | None, lr: float | None,
-                     retain_authors: int | None):
+def reference_preset(
+    name: str, forget_split: str | None, epochs: float | None, lr: float | None, retain_authors: int | None
+):
     """The reference preset with CLI overrides (train and eval must agree to find the same cached models)."""
     from unlearnd.train.reference import preset
 

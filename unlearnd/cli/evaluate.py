@@ -33,8 +33,9 @@ def classifier(
     split: str = typer.Option("forget10", "--split"),
     out: Path = typer.Option(Path("reports/classifier"), "--out", help="writes OUT.json and OUT.md"),
     detector: str = typer.Option(DEFAULT_DETECTOR, "--detector"),
-    with_retain: bool = typer.Option(False, "--with-retain/--no-retain",
-                                     help="give the request the first half of retain90 as retain data"),
+    with_retain: bool = typer.Option(
+        False, "--with-retain/--no-retain", help="give the request the first half of retain90 as retain data"
+    ),
     latency_prompts: int = typer.Option(200, "--latency-prompts"),
     robustness_n: int = typer.Option(100, "--robustness-n"),
     limit: int = typer.Option(0, "--limit", help="cap every evaluation set (smoke runs); 0 = all"),
@@ -44,9 +45,16 @@ def classifier(
     from unlearnd.config import tofu_dir
     from unlearnd.evaluation.detector import EvalOptions, run_eval
 
-    opts = EvalOptions(data=str(data or tofu_dir()), split=split, out=str(out), detector=detector,
-                       with_retain=with_retain, latency_prompts=latency_prompts, robustness_n=robustness_n,
-                       limit=limit)
+    opts = EvalOptions(
+        data=str(data or tofu_dir()),
+        split=split,
+        out=str(out),
+        detector=detector,
+        with_retain=with_retain,
+        latency_prompts=latency_prompts,
+        robustness_n=robustness_n,
+        limit=limit,
+    )
     report = run_eval(opts)
     typer.echo(f"wrote {out}.json and {out}.md: {report['headline']}")
 
@@ -55,18 +63,24 @@ def classifier(
 def tofu(
     preset: str = typer.Option("mini"),
     forget_split: str = typer.Option(None, help="Default: the preset's forget split."),
-    methods: str = typer.Option("target,retain", help="Comma list: target, retain, the finetuning baselines "
-                                "(grad_ascent, grad_diff, npo, simnpo, idk_dpo, rmu), the served methods ("
-                                + ", ".join(METHODS) + ") and served_target (the server with no request)."),
-    server_url: str = typer.Option(None, help="Base URL of a running server (for served methods); it must "
-                                   "serve the TOFU target model."),
+    methods: str = typer.Option(
+        "target,retain",
+        help="Comma list: target, retain, the finetuning baselines "
+        "(grad_ascent, grad_diff, npo, simnpo, idk_dpo, rmu), the served methods ("
+        + ", ".join(METHODS)
+        + ") and served_target (the server with no request).",
+    ),
+    server_url: str = typer.Option(
+        None, help="Base URL of a running server (for served methods); it must serve the TOFU target model."
+    ),
     admin_key: str = ADMIN_KEY,
     api_key: str = API_KEY,
     served_model: str = SERVED_MODEL,
     out: Path = typer.Option(Path("reports"), help="Report folder."),
     name: str = typer.Option(None, help="Report file stem (default tofu_<preset>_<forget_split>)."),
-    limit: list[str] = typer.Option(None, help="SPLIT=N items (forget, retain, real_authors, world_facts, "
-                                    "holdout), repeatable; for smoke runs."),
+    limit: list[str] = typer.Option(
+        None, help="SPLIT=N items (forget, retain, real_authors, world_facts, holdout), repeatable; for smoke runs."
+    ),
     max_new_tokens: int = typer.Option(None),
     robustness: bool = typer.Option(True, help="Run the robustness probes."),
     robustness_items: int = typer.Option(20, help="Forget (and retain control) items per robustness probe."),
@@ -78,8 +92,10 @@ def tofu(
     ref_epochs: float = typer.Option(None, "--ref-epochs", help=EPOCHS_HELP),
     ref_lr: float = typer.Option(None, "--ref-lr", help=LR_HELP),
     retain_authors: int = typer.Option(None, help=AUTHORS_HELP),
-    request_option: list[str] = typer.Option(None, help="METHOD:KEY=VALUE option of a served method's forget "
-                                             "request (e.g. soft_prompt:steps=80), repeatable."),
+    request_option: list[str] = typer.Option(
+        None,
+        help="METHOD:KEY=VALUE option of a served method's forget request (e.g. soft_prompt:steps=80), repeatable.",
+    ),
 ) -> None:
     """Evaluate methods on TOFU; write JSON + markdown + PNG plots under --out."""
     from unlearnd.evaluation.tofu import TofuEvalConfig, evaluate_and_report, methods_list
@@ -93,15 +109,26 @@ def tofu(
         if not sep or not method.strip():
             raise typer.BadParameter(f"--request-option is METHOD:KEY=VALUE, got {item!r}")
         request_options.setdefault(method.strip(), {}).update(parse_options([pair]))
-    cfg = TofuEvalConfig(preset=preset, forget_split=p.forget_split, methods=methods_list(methods),
-                         request_options=request_options, server_url=server_url, admin_key=admin_key,
-                         api_key=api_key, served_model=served_model, max_new_tokens=max_new_tokens,
-                         limits=parse_limits(limit), robustness=robustness, robustness_items=robustness_items,
-                         relearn_epochs=relearn_epochs, use_cache=use_cache,
-                         baseline_overrides={m: {"epochs": baseline_epochs} for m in BASELINES}
-                         if baseline_epochs is not None else {})
-    results, paths = evaluate_and_report(cfg, p, out, name or f"tofu_{preset}_{p.forget_split}",
-                                         train_missing_references=train_missing)
+    cfg = TofuEvalConfig(
+        preset=preset,
+        forget_split=p.forget_split,
+        methods=methods_list(methods),
+        request_options=request_options,
+        server_url=server_url,
+        admin_key=admin_key,
+        api_key=api_key,
+        served_model=served_model,
+        max_new_tokens=max_new_tokens,
+        limits=parse_limits(limit),
+        robustness=robustness,
+        robustness_items=robustness_items,
+        relearn_epochs=relearn_epochs,
+        use_cache=use_cache,
+        baseline_overrides={m: {"epochs": baseline_epochs} for m in BASELINES} if baseline_epochs is not None else {},
+    )
+    results, paths = evaluate_and_report(
+        cfg, p, out, name or f"tofu_{preset}_{p.forget_split}", train_missing_references=train_missing
+    )
     echo_json({k: str(v) for k, v in paths.items()})
     failed = [m for m, e in results["methods"].items() if "error" in e]
     if failed:
@@ -115,8 +142,11 @@ def merge(
     out: Path = typer.Option(Path("reports")),
     name: str = typer.Option(..., help="Report file stem."),
     note: list[str] = typer.Option(None, help="A line for the report's notes, repeatable."),
-    rename: list[str] = typer.Option(None, help="N:OLD=NEW renames method OLD of the N-th run (1-based), e.g. "
-                                     "to keep two runs of one method side by side; repeatable."),
+    rename: list[str] = typer.Option(
+        None,
+        help="N:OLD=NEW renames method OLD of the N-th run (1-based), e.g. "
+        "to keep two runs of one method side by side; repeatable.",
+    ),
 ) -> None:
     """One report from several `eval tofu` runs (e.g. baselines and served methods run side by side)."""
     from unlearnd.evaluation.report import merge_results, run_stamp, write_report
@@ -129,8 +159,9 @@ def merge(
             raise typer.BadParameter(f"--rename {spec!r}: expected N:OLD=NEW with 1 <= N <= {len(runs)}")
         renames.setdefault(int(index) - 1, {})[old] = new
     try:
-        merged = merge_results([json.loads(Path(r).read_text()) for r in runs],
-                               renames=[renames.get(i, {}) for i in range(len(runs))])
+        merged = merge_results(
+            [json.loads(Path(r).read_text()) for r in runs], renames=[renames.get(i, {}) for i in range(len(runs))]
+        )
     except (OSError, ValueError) as exc:
         raise typer.BadParameter(str(exc)) from None
     paths = write_report(merged, out, name, run_stamp(), notes=list(note or []))
@@ -141,10 +172,14 @@ def merge(
 def continual(
     server_url: str = typer.Option(..., help="Base URL of a running server serving the TOFU target model."),
     method: str = typer.Option("lora", help="Method of every request: " + ", ".join(METHODS) + "."),
-    groups: str = typer.Option("198/199/0", help="Author groups in request order: ids joined by ',' within a "
-                               "group and '/' between groups (mini target: 198,199 = forget01, 0-5 = retain)."),
-    untouched: str = typer.Option(None, help="Untouched author ids (default: the preset's retain authors "
-                                  "that no group names)."),
+    groups: str = typer.Option(
+        "198/199/0",
+        help="Author groups in request order: ids joined by ',' within a "
+        "group and '/' between groups (mini target: 198,199 = forget01, 0-5 = retain).",
+    ),
+    untouched: str = typer.Option(
+        None, help="Untouched author ids (default: the preset's retain authors that no group names)."
+    ),
     preset: str = typer.Option("mini"),
     forget_split: str = typer.Option(None, help="Default: the preset's forget split."),
     items_per_group: int = typer.Option(10),
@@ -173,11 +208,18 @@ def continual(
         requested = {a for g in group_ids for a in g}
         p = reference_preset(preset, forget_split, None, None, None)
         untouched_ids = [a for a in reference_data(p, data).retain_authors if a not in requested]
-    cfg = ContinualConfig(method=method, groups=group_ids, untouched_authors=untouched_ids,
-                          items_per_group=items_per_group, untouched_items=untouched_items,
-                          max_new_tokens=max_new_tokens, options=parse_options(option))
-    served = ServedModelUnderTest(server_url, name=f"continual-{method}", api_key=api_key, admin_key=admin_key,
-                                  model=served_model)
+    cfg = ContinualConfig(
+        method=method,
+        groups=group_ids,
+        untouched_authors=untouched_ids,
+        items_per_group=items_per_group,
+        untouched_items=untouched_items,
+        max_new_tokens=max_new_tokens,
+        options=parse_options(option),
+    )
+    served = ServedModelUnderTest(
+        server_url, name=f"continual-{method}", api_key=api_key, admin_key=admin_key, model=served_model
+    )
     try:
         paths = run_and_report(cfg, served, out, name or f"continual_{method}", data)
     finally:

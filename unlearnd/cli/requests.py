@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -61,20 +60,25 @@ def _read_examples(path: Path) -> list:
 def add(
     name: str = typer.Option(..., help="What to forget (also the default entity name)."),
     forget_file: Path = typer.Option(..., "--forget", help="JSONL of {question, answer} or {text} lines."),
-    retain_file: Optional[Path] = typer.Option(None, "--retain"),
+    retain_file: Path | None = typer.Option(None, "--retain"),
     method: str = typer.Option("refuse", help=methods_help()),
     entity: list[str] = typer.Option([], "--entity", help="Entity names (repeatable)."),
-    url: Optional[str] = URL,
-    admin_key: Optional[str] = ADMIN_KEY,
-    data_dir: Optional[Path] = DATA_DIR,
+    url: str | None = URL,
+    admin_key: str | None = ADMIN_KEY,
+    data_dir: Path | None = DATA_DIR,
 ) -> None:
     """Register a forget request."""
     from pydantic import ValidationError
 
     from unlearnd.spec import ForgetSpec
 
-    payload = {"name": name, "method": method, "forget": _read_examples(forget_file),
-               "retain": _read_examples(retain_file) if retain_file else [], "entities": entity}
+    payload = {
+        "name": name,
+        "method": method,
+        "forget": _read_examples(forget_file),
+        "retain": _read_examples(retain_file) if retain_file else [],
+        "entities": entity,
+    }
     if url:
         with _client(url, admin_key) as client:
             echo_json(_over_http(lambda: client.add_request(payload)))
@@ -88,7 +92,7 @@ def add(
 
 
 @app.command("list")
-def list_(url: Optional[str] = URL, admin_key: Optional[str] = ADMIN_KEY, data_dir: Optional[Path] = DATA_DIR) -> None:
+def list_(url: str | None = URL, admin_key: str | None = ADMIN_KEY, data_dir: Path | None = DATA_DIR) -> None:
     """List forget requests."""
     if url:
         with _client(url, admin_key) as client:
@@ -96,13 +100,16 @@ def list_(url: Optional[str] = URL, admin_key: Optional[str] = ADMIN_KEY, data_d
     else:
         rows = [r.model_dump(mode="json", exclude={"spec"}) for r in _registry(data_dir).list()]
     for row in rows:
-        typer.echo(f"{row['id']}  {row['status']:<9} {row['method']:<11} {row['name']}"
-                   + (f"  ({row['error']})" if row.get("error") else ""))
+        typer.echo(
+            f"{row['id']}  {row['status']:<9} {row['method']:<11} {row['name']}"
+            + (f"  ({row['error']})" if row.get("error") else "")
+        )
 
 
 @app.command("show")
-def show(request_id: str, url: Optional[str] = URL, admin_key: Optional[str] = ADMIN_KEY,
-         data_dir: Optional[Path] = DATA_DIR) -> None:
+def show(
+    request_id: str, url: str | None = URL, admin_key: str | None = ADMIN_KEY, data_dir: Path | None = DATA_DIR
+) -> None:
     """Show one forget request."""
     if url:
         with _client(url, admin_key) as client:
@@ -115,9 +122,13 @@ def show(request_id: str, url: Optional[str] = URL, admin_key: Optional[str] = A
 
 
 @app.command("remove")
-def remove(request_id: str, purge: bool = typer.Option(False, help="Also delete artifacts."),
-           url: Optional[str] = URL, admin_key: Optional[str] = ADMIN_KEY,
-           data_dir: Optional[Path] = DATA_DIR) -> None:
+def remove(
+    request_id: str,
+    purge: bool = typer.Option(False, help="Also delete artifacts."),
+    url: str | None = URL,
+    admin_key: str | None = ADMIN_KEY,
+    data_dir: Path | None = DATA_DIR,
+) -> None:
     """Deactivate a forget request (artifacts kept unless --purge)."""
     if url:
         with _client(url, admin_key) as client:

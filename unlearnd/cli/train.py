@@ -11,7 +11,15 @@ from pathlib import Path
 
 import typer
 
-from unlearnd.cli.common import AUTHORS_HELP, EPOCHS_HELP, LR_HELP, echo_json, parse_options, reference_preset, set_threads
+from unlearnd.cli.common import (
+    AUTHORS_HELP,
+    EPOCHS_HELP,
+    LR_HELP,
+    echo_json,
+    parse_options,
+    reference_preset,
+    set_threads,
+)
 from unlearnd.config import DEFAULT_DETECTOR
 
 app = typer.Typer(help="Offline training jobs.", no_args_is_help=True)
@@ -68,7 +76,8 @@ def eco(
     model: str | None = MODEL,
     retain_model: str | None = typer.Option(None, help="A model that never saw the forget set (gives the target)."),
     wrong_answers: Path | None = typer.Option(
-        None, help="JSON(L) rows {question, perturbed_answer: [...]} (e.g. TOFU forget05_perturbed.json)."),
+        None, help="JSON(L) rows {question, perturbed_answer: [...]} (e.g. TOFU forget05_perturbed.json)."
+    ),
     option: list[str] = OPTION,
     device: str | None = DEVICE,
 ) -> None:
@@ -77,9 +86,18 @@ def eco(
 
     _, record, artifact_dir = _load(request, data_dir)
     wrong = read_wrong_answers(wrong_answers) if wrong_answers else perturbed_from_options(record)
-    echo_json(train_eco(record, artifact_dir, _model(model), preset=preset,
-                        retain_model_path=retain_model or record.spec.options.get("retain_model"),
-                        wrong_answers=wrong, device=device, overrides=parse_options(option)))
+    echo_json(
+        train_eco(
+            record,
+            artifact_dir,
+            _model(model),
+            preset=preset,
+            retain_model_path=retain_model or record.spec.options.get("retain_model"),
+            wrong_answers=wrong,
+            device=device,
+            overrides=parse_options(option),
+        )
+    )
 
 
 @app.command("soft-prompt")
@@ -95,8 +113,11 @@ def soft_prompt(
     from unlearnd.train.soft_prompt import train_soft_prompt
 
     _, record, artifact_dir = _load(request, data_dir)
-    echo_json(train_soft_prompt(record, artifact_dir, _model(model), preset=preset, device=device,
-                                overrides=parse_options(option)))
+    echo_json(
+        train_soft_prompt(
+            record, artifact_dir, _model(model), preset=preset, device=device, overrides=parse_options(option)
+        )
+    )
 
 
 @app.command("lora")
@@ -106,7 +127,8 @@ def lora(
     preset: str = PRESET,
     model: str | None = MODEL,
     prior: list[Path] = typer.Option(
-        None, help="Extra earlier adapter folders (the registry's ready/active LoRA requests are always used)."),
+        None, help="Extra earlier adapter folders (the registry's ready/active LoRA requests are always used)."
+    ),
     option: list[str] = OPTION,
     device: str | None = DEVICE,
 ) -> None:
@@ -115,8 +137,17 @@ def lora(
 
     registry, record, artifact_dir = _load(request, data_dir)
     priors = prior_lora_adapters(registry, record) + list(prior or [])
-    echo_json(train_lora(record, artifact_dir, _model(model), prior_adapters=priors, preset=preset, device=device,
-                         overrides=parse_options(option)))
+    echo_json(
+        train_lora(
+            record,
+            artifact_dir,
+            _model(model),
+            prior_adapters=priors,
+            preset=preset,
+            device=device,
+            overrides=parse_options(option),
+        )
+    )
 
 
 # -- TOFU reference models and baselines -----------------------------------------------------------
@@ -152,11 +183,19 @@ def reference(
         info = read_info(path)
         if check and ("forget_rouge_l_recall" not in info or force):
             measured = forget_rouge(path, tofu.split(p.forget_split), p.max_new_tokens, rouge_items or None)
-            info = update_info(path, forget_rouge_l_recall=measured["forget_rouge_l_recall"],
-                               forget_rouge_n=measured["n"], rouge_backend=measured["rouge_backend"])
-        summary[kind] = {"dir": d, "forget_rouge_l_recall": info.get("forget_rouge_l_recall"),
-                         "train_wall_seconds": info["train"]["wall_seconds"],
-                         "train_cpu_seconds": info["train"]["cpu_seconds"], "steps": info["train"]["steps"]}
+            info = update_info(
+                path,
+                forget_rouge_l_recall=measured["forget_rouge_l_recall"],
+                forget_rouge_n=measured["n"],
+                rouge_backend=measured["rouge_backend"],
+            )
+        summary[kind] = {
+            "dir": d,
+            "forget_rouge_l_recall": info.get("forget_rouge_l_recall"),
+            "train_wall_seconds": info["train"]["wall_seconds"],
+            "train_cpu_seconds": info["train"]["cpu_seconds"],
+            "steps": info["train"]["steps"],
+        }
     echo_json(summary)
     target = summary.get("target", {}).get("forget_rouge_l_recall")
     if target is not None and target < 0.8:

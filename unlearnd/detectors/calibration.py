@@ -56,8 +56,15 @@ def calibrate(pos_scores: np.ndarray, neg_scores: np.ndarray, target_fpr: float)
     tpr, fpr = rates(pos_scores, neg_scores, threshold)
     neg = np.asarray(neg_scores, dtype=np.float64)
     scale = float(np.std(neg)) if len(neg) > 1 else 1.0
-    return Calibration(threshold=threshold, target_fpr=target_fpr, tpr=tpr if len(pos_scores) else None, fpr=fpr,
-                       n_pos=len(pos_scores), n_neg=len(neg), scale=scale or 1.0)
+    return Calibration(
+        threshold=threshold,
+        target_fpr=target_fpr,
+        tpr=tpr if len(pos_scores) else None,
+        fpr=fpr,
+        n_pos=len(pos_scores),
+        n_neg=len(neg),
+        scale=scale or 1.0,
+    )
 
 
 def auroc(pos_scores: np.ndarray, neg_scores: np.ndarray) -> float:
@@ -75,7 +82,7 @@ def auroc(pos_scores: np.ndarray, neg_scores: np.ndarray) -> float:
         j = i
         while j + 1 < len(allv) and sorted_v[j + 1] == sorted_v[i]:
             j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2.0 + 1.0
+        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
         i = j + 1
     u = ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2.0
     return float(u / (len(pos) * len(neg)))

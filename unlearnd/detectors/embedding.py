@@ -24,18 +24,18 @@ from sklearn.linear_model import LogisticRegression
 
 from unlearnd.artifacts import write_json_atomic, write_npz_atomic
 from unlearnd.detectors.base import (
-    artifact_path,
     Detection,
     Detector,
     RequestMatch,
+    artifact_path,
     register_detector,
 )
 from unlearnd.detectors.calibration import Calibration, calibrate, rates
-from unlearnd.detectors.negatives import answers, chat_subset, counterfactuals, person_questions, questions
-from unlearnd.detectors.views import expand, max_by_owner
 from unlearnd.detectors.encoder import EncoderConfig, get_encoder
 from unlearnd.detectors.index import GaussianBank, GaussianFit, SharedIndex, matmul_t
+from unlearnd.detectors.negatives import answers, chat_subset, counterfactuals, person_questions, questions
 from unlearnd.detectors.spans import compile_entities
+from unlearnd.detectors.views import expand, max_by_owner
 from unlearnd.spec import ForgetRequest
 
 log = logging.getLogger(__name__)
@@ -57,10 +57,17 @@ class EmbeddingConfig(BaseModel):
     max_views: int = 12
     seed: int = 0
     top_k: int = 64
-    few_shot_below: int = Field(10, ge=2, description="with fewer forget questions than this, score by max "
-                                "cosine alone: a stacker or head fitted on a handful of positives is noise")
-    few_shot_min_cosine: float = Field(0.6, description="floor on the few-shot cosine threshold, so a thin "
-                                       "set of negatives cannot pull it down to unrelated prompts")
+    few_shot_below: int = Field(
+        10,
+        ge=2,
+        description="with fewer forget questions than this, score by max "
+        "cosine alone: a stacker or head fitted on a handful of positives is noise",
+    )
+    few_shot_min_cosine: float = Field(
+        0.6,
+        description="floor on the few-shot cosine threshold, so a thin "
+        "set of negatives cannot pull it down to unrelated prompts",
+    )
 
 
 def _head(x: np.ndarray, y: np.ndarray, c: float) -> tuple[np.ndarray, float]:
@@ -180,8 +187,11 @@ class EmbeddingDetector(EncoderDetector):
         rng = np.random.default_rng(cfg.seed)
         pos_q, pos_a = self.forget_texts(request)
         patterns = compile_entities(spec.entities)
-        cf = [counterfactuals([q], patterns, seed=cfg.seed + i) for i, q in enumerate(pos_q)] \
-            if cfg.counterfactual else [[] for _ in pos_q]
+        cf = (
+            [counterfactuals([q], patterns, seed=cfg.seed + i) for i, q in enumerate(pos_q)]
+            if cfg.counterfactual
+            else [[] for _ in pos_q]
+        )
         builtin = chat_subset(cfg.chat_part, cfg.chat_limit) + questions(spec.retain)
         persons = list(person_questions())[: cfg.chat_limit or None] if cfg.person_negatives else []
         neg = list(dict.fromkeys(builtin + persons))
@@ -196,51 +206,95 @@ class EmbeddingDetector(EncoderDetector):
         every = pos_views + [a for a in pos_a if a] + neg_views + retain_extra + cf_flat
         enc = self.encoder.encode(every, progress=len(every) > 500)
         emb = dict(zip(every, enc.emb))
-        E = lambda texts: np.stack([emb[t] for t in texts]) if texts else np.zeros((0, self.encoder.dim), np.float32)
 
-        q_emb = E(pos_q)
+        def embed(texts: list[str]) -> np.ndarray:
+            return np.stack([emb[t] for t in texts]) if texts else np.zeros((0, self.encoder.dim), np.float32)
+
+        q_emb = embed(pos_q)
         a_idx = [i for i, a in enumerate(pos_a) if a]
-        a_emb = E([pos_a[i] for i in a_idx])
+        a_emb = embed([pos_a[i] for i in a_idx])
         a_owner = np.asarray(a_idx, dtype=np.int64)
-        retain_emb = E(retain_extra)
-        cf_emb = E(cf_flat)
-        pos_view_emb, neg_view_emb = E(pos_views), E(neg_views)
+        retain_emb = embed(retain_extra)
+        cf_emb = embed(cf_flat)
+        pos_view_emb, neg_view_emb = embed(pos_views), embed(neg_views)
 
         if len(pos_q) >= cfg.few_shot_below:
             stacker, calib, calib_strict, neg_scores, cf_scores = self._calibrate_stacked(
-                q_emb, a_emb, a_owner, pos_view_emb, pos_owner, neg_view_emb, neg_owner, retain_emb, cf_emb,
-                cf_owner, named_other, rng)
+                q_emb,
+                a_emb,
+                a_owner,
+                pos_view_emb,
+                pos_owner,
+                neg_view_emb,
+                neg_owner,
+                retain_emb,
+                cf_emb,
+                cf_owner,
+                named_other,
+                rng,
+            )
         else:
             stacker, calib, calib_strict, neg_scores, cf_scores = self._calibrate_few_shot(
-                q_emb, a_emb, a_owner, pos_view_emb, pos_owner, neg_view_emb, neg_owner, cf_emb, named_other)
+                q_emb, a_emb, a_owner, pos_view_emb, pos_owner, neg_view_emb, neg_owner, cf_emb, named_other
+            )
 
         # ---- final model on everything ---------------------------------------------------
         refs = np.concatenate([q_emb, a_emb]).astype(np.float32)
         final = _fit_parts(q_emb, refs, np.concatenate([neg_view_emb, retain_emb, cf_emb]), cfg)
         out = artifact_path(artifact_dir, self.name)
-        write_npz_atomic(out / "arrays.npz", refs=refs, head_w=final.head_w, head_b=np.array([final.head_b], np.float32),
-                 **final.gauss.arrays("gauss_"))
+        write_npz_atomic(
+            out / "arrays.npz",
+            refs=refs,
+            head_w=final.head_w,
+            head_b=np.array([final.head_b], np.float32),
+            **final.gauss.arrays("gauss_"),
+        )
         metrics = {
-            "n_forget": len(pos_q), "n_refs": len(refs), "n_negatives": len(neg), "n_retain": len(spec.retain),
-            "n_counterfactual": len(cf_flat), "n_person_negatives": int(named_other.sum()),
+            "n_forget": len(pos_q),
+            "n_refs": len(refs),
+            "n_negatives": len(neg),
+            "n_retain": len(spec.retain),
+            "n_counterfactual": len(cf_flat),
+            "n_person_negatives": int(named_other.sum()),
             "mode": "stacked" if len(pos_q) >= cfg.few_shot_below else "few_shot",
             "oof_person_fpr": float((neg_scores[named_other] > calib.threshold).mean()) if named_other.any() else None,
-            "oof_tpr": calib.tpr, "oof_fpr": calib.fpr,
-            "oof_strict_tpr": calib_strict.tpr, "oof_strict_fpr": calib_strict.fpr,
+            "oof_tpr": calib.tpr,
+            "oof_fpr": calib.fpr,
+            "oof_strict_tpr": calib_strict.tpr,
+            "oof_strict_fpr": calib_strict.fpr,
             "oof_counterfactual_fpr": float((cf_scores > calib.threshold).mean()) if len(cf_flat) else None,
             "fit_seconds": round(time.perf_counter() - start, 2),
         }
-        payload = {"detector": self.name, "version": 1, "request_id": request.id,
-                   "config": cfg.model_dump(), "stacker": stacker.model_dump(),
-                   "calibration": calib.model_dump(), "calibration_strict": calib_strict.model_dump(),
-                   "known_words": sorted(_capitalised_words(pos_q + [a for a in pos_a if a])),
-                   "metrics": metrics}
+        payload = {
+            "detector": self.name,
+            "version": 1,
+            "request_id": request.id,
+            "config": cfg.model_dump(),
+            "stacker": stacker.model_dump(),
+            "calibration": calib.model_dump(),
+            "calibration_strict": calib_strict.model_dump(),
+            "known_words": sorted(_capitalised_words(pos_q + [a for a in pos_a if a])),
+            "metrics": metrics,
+        }
         write_json_atomic(out / "config.json", payload)
         log.info("embedding detector for %s: %s", request.id, metrics)
         return metrics
 
-    def _calibrate_stacked(self, q_emb, a_emb, a_owner, pos_view_emb, pos_owner, neg_view_emb, neg_owner,
-                           retain_emb, cf_emb, cf_owner, named_other, rng):
+    def _calibrate_stacked(
+        self,
+        q_emb,
+        a_emb,
+        a_owner,
+        pos_view_emb,
+        pos_owner,
+        neg_view_emb,
+        neg_owner,
+        retain_emb,
+        cf_emb,
+        cf_owner,
+        named_other,
+        rng,
+    ):
         """Stacker + thresholds from out-of-fold scores (K-fold over forget and negative examples)."""
         n_neg = int(neg_owner.max()) + 1 if len(neg_owner) else 0
         cfg, n_pos = self.cfg, len(q_emb)
@@ -282,13 +336,15 @@ class EmbeddingDetector(EncoderDetector):
         # names a person or thing the forget data never mentions
         # (questions about made-up people only count for the strict threshold: they always name someone)
         strict_neg = np.concatenate([neg_scores, stacker.apply(oof_cf)]) if len(cf_emb) else neg_scores
-        calib = calibrate(pos_scores, strict_neg if cfg.calibrate_counterfactual else neg_scores[~named_other],
-                          cfg.target_fpr)
+        calib = calibrate(
+            pos_scores, strict_neg if cfg.calibrate_counterfactual else neg_scores[~named_other], cfg.target_fpr
+        )
         calib_strict = calibrate(pos_scores, strict_neg, cfg.target_fpr)
         return stacker, calib, calib_strict, neg_scores, stacker.apply(oof_cf) if len(cf_emb) else np.zeros(0)
 
-    def _calibrate_few_shot(self, q_emb, a_emb, a_owner, pos_view_emb, pos_owner, neg_view_emb, neg_owner,
-                            cf_emb, named_other):
+    def _calibrate_few_shot(
+        self, q_emb, a_emb, a_owner, pos_view_emb, pos_owner, neg_view_emb, neg_owner, cf_emb, named_other
+    ):
         """A handful of forget questions: score = max cosine to the request's examples, threshold = conformal
         cut on the negatives' cosines, never below `few_shot_min_cosine`. No fold can hold an example
         out and still train on one, so nothing here is fitted on the scores it is judged by: a
@@ -308,10 +364,10 @@ class EmbeddingDetector(EncoderDetector):
             pos_scores = np.zeros(0)
         ordinary = neg_scores[~named_other]
         strict_neg = np.concatenate([neg_scores, cf_scores])
-        calib = _floored(calibrate(pos_scores, ordinary, cfg.target_fpr), pos_scores, ordinary,
-                         cfg.few_shot_min_cosine)
-        calib_strict = _floored(calibrate(pos_scores, strict_neg, cfg.target_fpr), pos_scores, strict_neg,
-                                cfg.few_shot_min_cosine)
+        calib = _floored(calibrate(pos_scores, ordinary, cfg.target_fpr), pos_scores, ordinary, cfg.few_shot_min_cosine)
+        calib_strict = _floored(
+            calibrate(pos_scores, strict_neg, cfg.target_fpr), pos_scores, strict_neg, cfg.few_shot_min_cosine
+        )
         return stacker, calib, calib_strict, neg_scores, cf_scores
 
     # ---- serving -------------------------------------------------------------------------
@@ -320,8 +376,10 @@ class EmbeddingDetector(EncoderDetector):
         payload = json.loads((folder / "config.json").read_text())
         enc_cfg = EncoderConfig(**payload["config"]["encoder"])
         if enc_cfg.model != self.cfg.encoder.model or enc_cfg.layers != self.cfg.encoder.layers:
-            raise ValueError(f"request {request.id} was fitted with encoder {enc_cfg.model}, "
-                             f"this detector runs {self.cfg.encoder.model}; refit it")
+            raise ValueError(
+                f"request {request.id} was fitted with encoder {enc_cfg.model}, "
+                f"this detector runs {self.cfg.encoder.model}; refit it"
+            )
         arrays = np.load(folder / "arrays.npz")
         with self._lock:
             if self._index is None:

@@ -33,8 +33,10 @@ class EncoderConfig(BaseModel):
     """Which encoder and how to run it; stored in every artifact so serving matches fitting."""
 
     model: str = Field(DEFAULT_ENCODER, description="sentence-transformers model name or local path")
-    layers: list[int] = Field(default_factory=lambda: [2, 4, -1],
-                              description="hidden-state indices pooled for layer features (0 = embeddings)")
+    layers: list[int] = Field(
+        default_factory=lambda: [2, 4, -1],
+        description="hidden-state indices pooled for layer features (0 = embeddings)",
+    )
     backend: str = Field("auto", description="auto | onnx | torch")
     max_length: int = 128
     threads: int = Field(0, description="intra-op threads; 0 = all cores (latency) ")
@@ -89,8 +91,7 @@ class _Wrapper(torch.nn.Module):
         modules = list(st._modules.values())
         self.transformer = modules[0].auto_model
         self.pooling = next((m for m in modules if isinstance(m, Pooling)), None)
-        self.tail = torch.nn.ModuleList(
-            [m for m in modules[1:] if not isinstance(m, (Pooling, Normalize))])
+        self.tail = torch.nn.ModuleList([m for m in modules[1:] if not isinstance(m, (Pooling, Normalize))])
         self.layers = layers
         self.mode = _pooling_mode(self.pooling)
 
@@ -165,23 +166,36 @@ class Encoder:
 
     def _export(self, onnx_path: Path) -> None:
         """Export the wrapper once; fuse attention/LayerNorm for BERT-like encoders when possible."""
-        sample = self.tokenizer(["a short sample", "another slightly longer sample text"],
-                                padding=True, return_tensors="pt")
+        sample = self.tokenizer(
+            ["a short sample", "another slightly longer sample text"], padding=True, return_tensors="pt"
+        )
         raw = onnx_path.with_name("raw.onnx")
         with torch.inference_mode():
             torch.onnx.export(
-                self._wrapper, (sample["input_ids"], sample["attention_mask"]), str(raw),
-                input_names=["input_ids", "attention_mask"], output_names=["sentence", "layers"],
-                dynamic_axes={"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"},
-                              "sentence": {0: "b"}, "layers": {0: "b"}},
-                opset_version=17, dynamo=False)
+                self._wrapper,
+                (sample["input_ids"], sample["attention_mask"]),
+                str(raw),
+                input_names=["input_ids", "attention_mask"],
+                output_names=["sentence", "layers"],
+                dynamic_axes={
+                    "input_ids": {0: "b", 1: "s"},
+                    "attention_mask": {0: "b", 1: "s"},
+                    "sentence": {0: "b"},
+                    "layers": {0: "b"},
+                },
+                opset_version=17,
+                dynamo=False,
+            )
         try:
             from onnxruntime.transformers import optimizer
 
             hf = self._wrapper.transformer.config
-            model = optimizer.optimize_model(str(raw), model_type="bert",
-                                             num_heads=int(getattr(hf, "num_attention_heads", 0)),
-                                             hidden_size=int(getattr(hf, "hidden_size", 0)))
+            model = optimizer.optimize_model(
+                str(raw),
+                model_type="bert",
+                num_heads=int(getattr(hf, "num_attention_heads", 0)),
+                hidden_size=int(getattr(hf, "hidden_size", 0)),
+            )
             tmp = onnx_path.with_suffix(".tmp")
             model.save_model_to_file(str(tmp))
             tmp.replace(onnx_path)
@@ -191,11 +205,18 @@ class Encoder:
             raw.replace(onnx_path)
 
     def _run(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.cfg.max_length,
-                               return_tensors="np" if self._session is not None else "pt")
+        batch = self.tokenizer(
+            texts,
+            padding=True,
+            truncation=True,
+            max_length=self.cfg.max_length,
+            return_tensors="np" if self._session is not None else "pt",
+        )
         if self._session is not None:
-            feeds = {"input_ids": batch["input_ids"].astype(np.int64),
-                     "attention_mask": batch["attention_mask"].astype(np.int64)}
+            feeds = {
+                "input_ids": batch["input_ids"].astype(np.int64),
+                "attention_mask": batch["attention_mask"].astype(np.int64),
+            }
             sent, layers = self._session.run(None, feeds)
             return sent.astype(np.float32), layers.astype(np.float32)
         with torch.inference_mode():
@@ -224,7 +245,7 @@ class Encoder:
 
                 starts = tqdm(starts, desc="encode", unit="batch")
             for start in starts:
-                chunk = unique[start:start + batch_size]
+                chunk = unique[start : start + batch_size]
                 with self._lock:
                     sent, layers = self._run(chunk)
                     for j, text in enumerate(chunk):
@@ -235,8 +256,9 @@ class Encoder:
                         if len(self._cache) > self.cfg.cache_size:
                             self._cache.popitem(last=False)
         if not texts:
-            return Encoded(np.zeros((0, self.dim), np.float32),
-                           np.zeros((0, self.n_layers, self.layer_dim), np.float32))
+            return Encoded(
+                np.zeros((0, self.dim), np.float32), np.zeros((0, self.n_layers, self.layer_dim), np.float32)
+            )
         return Encoded(np.stack(out_emb), np.stack(out_lay))
 
     @property

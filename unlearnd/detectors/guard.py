@@ -27,10 +27,9 @@ from unlearnd.detectors.base import (
     Detection,
     Detector,
     RequestMatch,
+    artifact_path,
     register_detector,
 )
-from unlearnd.detectors.views import expand, max_by_owner
-from unlearnd.detectors.base import artifact_path
 from unlearnd.detectors.embedding import EmbeddingConfig, EmbeddingDetector
 from unlearnd.detectors.encoder import EncoderConfig
 from unlearnd.detectors.ood import OODConfig, OODDetector
@@ -42,12 +41,32 @@ from unlearnd.detectors.spans import (
     fold,
     tokens,
 )
+from unlearnd.detectors.views import expand, max_by_owner
 from unlearnd.spec import ForgetRequest
 
 log = logging.getLogger(__name__)
 
-_CALENDAR = {"january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
-             "november", "december", "monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"}
+_CALENDAR = {
+    "january",
+    "february",
+    "march",
+    "april",
+    "may",
+    "june",
+    "july",
+    "august",
+    "september",
+    "october",
+    "november",
+    "december",
+    "monday",
+    "tuesday",
+    "wednesday",
+    "thursday",
+    "friday",
+    "saturday",
+    "sunday",
+}
 
 
 def name_tokens(text: str, common_words: set[str]) -> list[tuple[str, int, int]]:
@@ -60,7 +79,7 @@ def name_tokens(text: str, common_words: set[str]) -> list[tuple[str, int, int]]
         folded = fold(word)
         if folded in FUNCTION_WORDS or folded in STOPWORDS or folded in _CALENDAR or len(folded) < 2:
             continue
-        sentence_start = i == 0 or any(c in text[toks[i - 1][2]:start] for c in ".!?\n:\"'")
+        sentence_start = i == 0 or any(c in text[toks[i - 1][2] : start] for c in ".!?\n:\"'")
         if sentence_start and folded in common_words:
             continue
         out.append((folded, start, end))
@@ -77,8 +96,10 @@ class GuardConfig(BaseModel):
     use_entities: bool = True
     use_ood: bool = True
     strict_for_other_names: bool = Field(
-        True, description="use the embedding threshold calibrated on questions about somebody else when the "
-                          "prompt names a person or thing that the request's forget data never mentions")
+        True,
+        description="use the embedding threshold calibrated on questions about somebody else when the "
+        "prompt names a person or thing that the request's forget data never mentions",
+    )
     embedding: dict = Field(default_factory=dict, description="extra EmbeddingConfig fields")
     ood: dict = Field(default_factory=dict, description="extra OODConfig fields")
 
@@ -90,8 +111,13 @@ class GuardDetector(Detector):
     def __init__(self, config: GuardConfig | dict | None = None, **overrides) -> None:
         cfg = config if isinstance(config, GuardConfig) else GuardConfig(**(config or {}))
         self.cfg = cfg.model_copy(update=overrides) if overrides else cfg
-        shared = {"encoder": self.cfg.encoder, "target_fpr": self.cfg.target_fpr,
-                  "chat_part": self.cfg.chat_part, "chat_limit": self.cfg.chat_limit, "max_views": self.cfg.max_views}
+        shared = {
+            "encoder": self.cfg.encoder,
+            "target_fpr": self.cfg.target_fpr,
+            "chat_part": self.cfg.chat_part,
+            "chat_limit": self.cfg.chat_limit,
+            "max_views": self.cfg.max_views,
+        }
         self.embedding = EmbeddingDetector(EmbeddingConfig(**{**shared, **self.cfg.embedding}))
         self.ood = OODDetector(OODConfig(**{**shared, **self.cfg.ood}))
         self._spans: SpanIndex | None = None
@@ -119,8 +145,14 @@ class GuardDetector(Detector):
             metrics["ood"] = self.ood.fit(request, artifact_dir)
         metrics["fit_seconds"] = round(time.perf_counter() - start, 2)
         out = artifact_path(artifact_dir, self.name)
-        payload = {"detector": self.name, "version": 1, "request_id": request.id,
-                   "config": self.cfg.model_dump(), "entities": request.spec.entities, "metrics": metrics}
+        payload = {
+            "detector": self.name,
+            "version": 1,
+            "request_id": request.id,
+            "config": self.cfg.model_dump(),
+            "entities": request.spec.entities,
+            "metrics": metrics,
+        }
         write_json_atomic(out / "config.json", payload)
         return metrics
 
@@ -160,8 +192,7 @@ class GuardDetector(Detector):
             for j, rid in enumerate(order):
                 known = self._known(rid)
                 covered = entities[i].get(rid, (0.0, []))[1]
-                if any(not self._is_known(w, known) and not any(s <= a < e for s, e in covered)
-                       for w, a, _ in names):
+                if any(not self._is_known(w, known) and not any(s <= a < e for s, e in covered) for w, a, _ in names):
                     out[i, j] = strict[j]
         return out
 
@@ -169,8 +200,9 @@ class GuardDetector(Detector):
         """The request's known capitalised words plus their one-deletion variants (typo lookup)."""
         if request_id not in self._known_cache:
             words = self.embedding.known_words.get(request_id, set())
-            self._known_cache[request_id] = words | {w[:k] + w[k + 1:] for w in words if len(w) >= 5
-                                                     for k in range(len(w))}
+            self._known_cache[request_id] = words | {
+                w[:k] + w[k + 1 :] for w in words if len(w) >= 5 for k in range(len(w))
+            }
         return self._known_cache[request_id]
 
     @staticmethod
@@ -180,7 +212,7 @@ class GuardDetector(Detector):
             return True
         if len(word) < 5:
             return False
-        return any(word[:k] + word[k + 1:] in known for k in range(len(word)))
+        return any(word[:k] + word[k + 1 :] in known for k in range(len(word)))
 
     def detect(self, texts: list[str]) -> list[Detection]:
         if not self._order:
@@ -205,15 +237,17 @@ class GuardDetector(Detector):
             matches = []
             best = float(emb_score[i].max()) if len(order) else 0.0
             flagged = set(np.flatnonzero(raw[i] > thr[i]).tolist())
-            named = {column[rid]: hit for rid, hit in entity.items()
-                     if rid in column and hit[0] >= self.cfg.entity_threshold}
+            named = {
+                column[rid]: hit for rid, hit in entity.items() if rid in column and hit[0] >= self.cfg.entity_threshold
+            }
             for j in sorted(flagged | set(named)):
                 ent_score, spans = named.get(j, (0.0, []))
                 if j not in named and order[j] in entity:  # spans below the flag level still help ECO
                     spans = entity[order[j]][1]
                 score = max(float(emb_score[i, j]), ent_score)
-                matches.append(RequestMatch(order[j], score, weight=float(max(weight[i, j], ent_score)),
-                                            spans=list(spans)))
+                matches.append(
+                    RequestMatch(order[j], score, weight=float(max(weight[i, j], ent_score)), spans=list(spans))
+                )
                 best = max(best, score)
             matches.sort(key=lambda m: -m.score)
             results.append(Detection(best, matches))

@@ -18,6 +18,7 @@ import numpy as np
 # shared CPU), so faiss runs single-threaded here
 faiss.omp_set_num_threads(1)
 
+
 def matmul_t(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """x @ w.T for a few query rows. OpenBLAS GEMM with 1-2 rows against thousands of columns
     measured 5-10 ms here (2-core shared CPU), one GEMV per row 0.04 ms, so few rows go row by row."""
@@ -89,8 +90,11 @@ class SharedIndex:
         """Removal is rare (a forget request is deactivated): rebuilding keeps labels exact."""
         labels = [np.full(len(self._vectors[rid]), code) for code, rid in enumerate(self._order)]
         self._labels = np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64)
-        data = (np.concatenate([self._vectors[rid] for rid in self._order]) if self._order
-                else np.zeros((0, self.dim), np.float32))
+        data = (
+            np.concatenate([self._vectors[rid] for rid in self._order])
+            if self._order
+            else np.zeros((0, self.dim), np.float32)
+        )
         if len(data) > self.ivf_above:
             nlist = int(min(1024, max(16, np.sqrt(len(data)))))
             quantizer = faiss.IndexFlatIP(self.dim)
@@ -145,7 +149,7 @@ class GaussianFit:
         n, d = x.shape
         k = max(1, min(k, n - 1, d - 1))
         _, s, vt = np.linalg.svd(centred, full_matrices=False)
-        eig = s ** 2 / max(n - 1, 1)
+        eig = s**2 / max(n - 1, 1)
         residual = float(max(eig[k:].sum() / max(d - k, 1), floor))
         variances = np.maximum(eig[:k], residual)
         return cls(mean.astype(np.float32), vt[:k].astype(np.float32), variances.astype(np.float32), residual)
@@ -154,18 +158,26 @@ class GaussianFit:
         """Negative squared Mahalanobis distance per dimension (higher = more typical)."""
         diff = np.asarray(x, np.float32) - self.mean
         proj = diff @ self.components.T
-        total = (diff ** 2).sum(-1)
-        maha = (proj ** 2 / self.variances).sum(-1) + np.maximum(total - (proj ** 2).sum(-1), 0) / self.residual
+        total = (diff**2).sum(-1)
+        maha = (proj**2 / self.variances).sum(-1) + np.maximum(total - (proj**2).sum(-1), 0) / self.residual
         return -maha / diff.shape[-1]
 
     def arrays(self, prefix: str) -> dict[str, np.ndarray]:
-        return {f"{prefix}mean": self.mean, f"{prefix}components": self.components,
-                f"{prefix}variances": self.variances, f"{prefix}residual": np.array([self.residual], np.float32)}
+        return {
+            f"{prefix}mean": self.mean,
+            f"{prefix}components": self.components,
+            f"{prefix}variances": self.variances,
+            f"{prefix}residual": np.array([self.residual], np.float32),
+        }
 
     @classmethod
     def from_arrays(cls, arrays, prefix: str) -> GaussianFit:
-        return cls(arrays[f"{prefix}mean"], arrays[f"{prefix}components"], arrays[f"{prefix}variances"],
-                   float(arrays[f"{prefix}residual"][0]))
+        return cls(
+            arrays[f"{prefix}mean"],
+            arrays[f"{prefix}components"],
+            arrays[f"{prefix}variances"],
+            float(arrays[f"{prefix}residual"][0]),
+        )
 
 
 class GaussianBank:
@@ -195,11 +207,11 @@ class GaussianBank:
         for i, f in enumerate(fits):
             comps[i, : len(f.variances)] = f.components
             inv_var[i, : len(f.variances)] = 1.0 / f.variances
-        means = np.stack([f.mean for f in fits])                         # (R, d)
+        means = np.stack([f.mean for f in fits])  # (R, d)
         inv_res = np.array([1.0 / f.residual for f in fits], np.float32)  # (R,)
-        flat = comps.reshape(-1, d)                                       # (R*k, d)
-        mean_proj = np.einsum("rkd,rd->rk", comps, means).reshape(-1)     # (R*k,)
-        mean_sq = (means ** 2).sum(-1)
+        flat = comps.reshape(-1, d)  # (R*k, d)
+        mean_proj = np.einsum("rkd,rd->rk", comps, means).reshape(-1)  # (R*k,)
+        mean_sq = (means**2).sum(-1)
         return tuple(order), means, flat, mean_proj, mean_sq, inv_var, inv_res, k
 
     def scores(self, x: np.ndarray, order: list[str]) -> np.ndarray:
@@ -212,8 +224,8 @@ class GaussianBank:
                 self._stacked = self._stack(order)
             _, means, flat, mean_proj, mean_sq, inv_var, inv_res, k = self._stacked
         n, r = len(x), len(order)
-        proj = (matmul_t(x, flat) - mean_proj).reshape(n, r, k)            # u.(x - mu)
-        total = (x ** 2).sum(-1)[:, None] - 2 * matmul_t(x, means) + mean_sq  # ||x - mu||^2
-        inside = (proj ** 2 * inv_var).sum(-1)
-        outside = np.maximum(total - (proj ** 2).sum(-1), 0) * inv_res
+        proj = (matmul_t(x, flat) - mean_proj).reshape(n, r, k)  # u.(x - mu)
+        total = (x**2).sum(-1)[:, None] - 2 * matmul_t(x, means) + mean_sq  # ||x - mu||^2
+        inside = (proj**2 * inv_var).sum(-1)
+        outside = np.maximum(total - (proj**2).sum(-1), 0) * inv_res
         return -(inside + outside) / x.shape[-1]

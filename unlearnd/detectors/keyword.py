@@ -40,8 +40,11 @@ class KeywordDetector(Detector):
 
     def fit(self, request: ForgetRequest, artifact_dir: Path) -> dict:
         entities = request.spec.entities
-        payload = {"detector": self.name, "entities": entities,
-                   "terms": sorted({t for e in entities for t in _terms(e)})}
+        payload = {
+            "detector": self.name,
+            "entities": entities,
+            "terms": sorted({t for e in entities for t in _terms(e)}),
+        }
         write_json_atomic(Path(artifact_dir) / "detector.json", payload)
         return {"entities": len(entities), "terms": len(payload["terms"])}
 
@@ -73,4 +76,3 @@ class KeywordDetector(Detector):
             matches.sort(key=lambda m: -m.score)
             results.append(Detection(max((m.score for m in matches), default=0.0), matches))
         return results
-

@@ -12,6 +12,7 @@ import numpy as np
 from unlearnd.detectors.spans import EntityPattern, find_spans
 from unlearnd.spec import ForgetSpec, QAExample
 
+
 def _data_lines(name: str) -> list[str]:
     text = resources.files("unlearnd.detectors").joinpath("data", name).read_text(encoding="utf-8")
     return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]

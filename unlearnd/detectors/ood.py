@@ -27,15 +27,15 @@ from unlearnd.artifacts import write_json_atomic, write_npz_atomic
 from unlearnd.detectors.base import (
     Detection,
     RequestMatch,
+    artifact_path,
     register_detector,
 )
 from unlearnd.detectors.calibration import Calibration, calibrate
-from unlearnd.detectors.negatives import chat_subset, person_questions, questions
-from unlearnd.detectors.views import expand, max_by_owner
-from unlearnd.detectors.base import artifact_path
 from unlearnd.detectors.embedding import EncoderDetector
 from unlearnd.detectors.encoder import EncoderConfig
 from unlearnd.detectors.index import GaussianBank, GaussianFit, SharedIndex
+from unlearnd.detectors.negatives import chat_subset, person_questions, questions
+from unlearnd.detectors.views import expand, max_by_owner
 from unlearnd.spec import ForgetRequest
 
 log = logging.getLogger(__name__)
@@ -123,19 +123,21 @@ class OODDetector(EncoderDetector):
         every = pos_q + [a for a in pos_a if a] + neg_views
         enc = self.encoder.encode(every, progress=len(every) > 500)
         lay = {t: _unit(v) for t, v in zip(every, enc.layers)}
-        L = lambda texts: np.stack([lay[t] for t in texts])
+
+        def layers_of(texts: list[str]) -> np.ndarray:
+            return np.stack([lay[t] for t in texts])
 
         n = len(pos_q)
         perm = rng.permutation(n)
         n_cal = int(round(cfg.calib_fraction * n)) if n >= 5 else 0
         cal_idx, fit_idx = perm[:n_cal], perm[n_cal:]
-        q_lay = L(pos_q)
+        q_lay = layers_of(pos_q)
         a_has = np.array([bool(a) for a in pos_a])
 
         def build(idx: np.ndarray) -> tuple[list[np.ndarray], list[GaussianFit]]:
             refs, gauss = [], []
             ans = [pos_a[i] for i in idx if a_has[i]]
-            a_lay = L(ans) if ans else np.zeros((0,) + q_lay.shape[1:], np.float32)
+            a_lay = layers_of(ans) if ans else np.zeros((0,) + q_lay.shape[1:], np.float32)
             for li in range(q_lay.shape[1]):
                 refs.append(np.concatenate([q_lay[idx, li], a_lay[:, li]]).astype(np.float32))
                 gauss.append(GaussianFit.fit(q_lay[idx, li], k=cfg.gaussian_k))
@@ -156,7 +158,9 @@ class OODDetector(EncoderDetector):
 
         refs, gauss = build(fit_idx)
         cal_scores = np.sort(oneclass.score(_layer_features(q_lay[cal_idx], refs, gauss))) if n_cal else np.zeros(0)
-        neg_scores = max_by_owner(oneclass.score(_layer_features(L(neg_views), refs, gauss)), neg_owner, len(neg))
+        neg_scores = max_by_owner(
+            oneclass.score(_layer_features(layers_of(neg_views), refs, gauss)), neg_owner, len(neg)
+        )
         calib = calibrate(cal_scores if n_cal else oneclass.score(oof), neg_scores, cfg.target_fpr)
         forget_only = float(np.quantile(cal_scores, 0.05)) if n_cal else None
         weights_neg = weight_from_calibration(neg_scores, cal_scores)
@@ -167,15 +171,28 @@ class OODDetector(EncoderDetector):
             arrays[f"refs_{li}"] = refs[li]
             arrays.update(gauss[li].arrays(f"gauss_{li}_"))
         write_npz_atomic(out / "arrays.npz", **arrays)
-        metrics = {"n_fit": len(fit_idx), "n_calibration": int(n_cal), "n_negatives": len(neg),
-                   "heldout_tpr": calib.tpr, "negative_fpr": calib.fpr,
-                   "forget_only_threshold_q05": forget_only,
-                   "mean_weight_heldout_forget": float(weight_from_calibration(cal_scores, cal_scores).mean())
-                   if n_cal else None,
-                   "mean_weight_negatives": float(weights_neg.mean()),
-                   "fit_seconds": round(time.perf_counter() - start, 2)}
-        payload = {"detector": self.name, "version": 1, "request_id": request.id, "config": cfg.model_dump(),
-                   "oneclass": oneclass.model_dump(), "calibration": calib.model_dump(), "metrics": metrics}
+        metrics = {
+            "n_fit": len(fit_idx),
+            "n_calibration": int(n_cal),
+            "n_negatives": len(neg),
+            "heldout_tpr": calib.tpr,
+            "negative_fpr": calib.fpr,
+            "forget_only_threshold_q05": forget_only,
+            "mean_weight_heldout_forget": float(weight_from_calibration(cal_scores, cal_scores).mean())
+            if n_cal
+            else None,
+            "mean_weight_negatives": float(weights_neg.mean()),
+            "fit_seconds": round(time.perf_counter() - start, 2),
+        }
+        payload = {
+            "detector": self.name,
+            "version": 1,
+            "request_id": request.id,
+            "config": cfg.model_dump(),
+            "oneclass": oneclass.model_dump(),
+            "calibration": calib.model_dump(),
+            "metrics": metrics,
+        }
         write_json_atomic(out / "config.json", payload)
         log.info("ood detector for %s: %s", request.id, metrics)
         return metrics
@@ -189,8 +206,10 @@ class OODDetector(EncoderDetector):
         arrays = np.load(folder / "arrays.npz")
         with self._lock:
             if not self._indexes:
-                self._indexes = [SharedIndex(int(arrays[f"refs_{li}"].shape[1]), top_k=self.cfg.top_k)
-                                 for li in range(len(self.cfg.encoder.layers))]
+                self._indexes = [
+                    SharedIndex(int(arrays[f"refs_{li}"].shape[1]), top_k=self.cfg.top_k)
+                    for li in range(len(self.cfg.encoder.layers))
+                ]
             for li in range(len(self.cfg.encoder.layers)):
                 self._indexes[li].add(request.id, arrays[f"refs_{li}"])
                 self._banks[li].add(request.id, GaussianFit.from_arrays(arrays, f"gauss_{li}_"))
@@ -240,7 +259,7 @@ class OODDetector(EncoderDetector):
         cols = []
         for li in range(x.shape[1]):
             cols += [self._indexes[li].max_scores(x[:, li], order), self._banks[li].scores(x[:, li], order)]
-        feats = np.stack(cols, -1).astype(np.float64)                   # (V, R, 2L)
+        feats = np.stack(cols, -1).astype(np.float64)  # (V, R, 2L)
         z = np.minimum((feats - mean) / std, 0.0)
         return order, -np.einsum("vri,rij,vrj->vr", z, prec, z)
 
@@ -249,7 +268,7 @@ class OODDetector(EncoderDetector):
         padded, counts = self._stacked()[5:7]
         if not padded.shape[1]:
             return np.ones(scores.shape)
-        below = (padded[None, :, :] <= scores[:, :, None]).sum(-1)       # (n, R): held-out scores <= s
+        below = (padded[None, :, :] <= scores[:, :, None]).sum(-1)  # (n, R): held-out scores <= s
         frac = below / np.maximum(counts, 1)
         return np.where(counts > 0, np.clip(2.0 * frac, 0.0, 1.0), 1.0)
 
@@ -267,8 +286,9 @@ class OODDetector(EncoderDetector):
         thr = self.thresholds()
         results = []
         for i in range(len(texts)):
-            matches = [RequestMatch(order[j], float(w[i, j]), weight=float(w[i, j]))
-                       for j in np.flatnonzero(raw[i] > thr)]
+            matches = [
+                RequestMatch(order[j], float(w[i, j]), weight=float(w[i, j])) for j in np.flatnonzero(raw[i] > thr)
+            ]
             matches.sort(key=lambda m: -m.score)
             results.append(Detection(float(w[i].max()), matches))
         return results

@@ -15,19 +15,130 @@ import unicodedata
 from dataclasses import dataclass
 
 _TOKEN = re.compile(r"[^\W_]+(?:['’][^\W_]+)?", re.UNICODE)
-STOPWORDS = {"the", "and", "of", "von", "van", "de", "der", "la", "le", "del", "al", "bin", "ibn", "da", "di",
-             "du", "el", "mr", "mrs", "ms", "dr", "jr", "sr", "st"}
+STOPWORDS = {
+    "the",
+    "and",
+    "of",
+    "von",
+    "van",
+    "de",
+    "der",
+    "la",
+    "le",
+    "del",
+    "al",
+    "bin",
+    "ibn",
+    "da",
+    "di",
+    "du",
+    "el",
+    "mr",
+    "mrs",
+    "ms",
+    "dr",
+    "jr",
+    "sr",
+    "st",
+}
 
 # capitalised only because they start a sentence: never evidence of another person's name
-FUNCTION_WORDS = {"what", "who", "whom", "whose", "where", "when", "why", "how", "which", "is", "are", "was", "were",
-                  "do", "does", "did", "can", "could", "would", "should", "will", "has", "have", "had", "tell", "describe",
-                  "explain", "give", "list", "name", "please", "about", "and", "but", "or", "so", "if", "in", "on", "at",
-                  "for", "from", "with", "by", "to", "as", "a", "an", "i", "we", "you", "he", "she", "they", "it", "my",
-                  "your", "his", "her", "their", "its", "our", "this", "that", "these", "those", "author", "writer",
-                  "novelist", "poet", "book", "books", "mr", "mrs", "ms", "dr", "professor", "prof", "sir", "madam",
-                  "ignore", "now", "then", "also", "hi", "hello", "hey", "dear", "yes", "no", "ok", "okay"}
+FUNCTION_WORDS = {
+    "what",
+    "who",
+    "whom",
+    "whose",
+    "where",
+    "when",
+    "why",
+    "how",
+    "which",
+    "is",
+    "are",
+    "was",
+    "were",
+    "do",
+    "does",
+    "did",
+    "can",
+    "could",
+    "would",
+    "should",
+    "will",
+    "has",
+    "have",
+    "had",
+    "tell",
+    "describe",
+    "explain",
+    "give",
+    "list",
+    "name",
+    "please",
+    "about",
+    "and",
+    "but",
+    "or",
+    "so",
+    "if",
+    "in",
+    "on",
+    "at",
+    "for",
+    "from",
+    "with",
+    "by",
+    "to",
+    "as",
+    "a",
+    "an",
+    "i",
+    "we",
+    "you",
+    "he",
+    "she",
+    "they",
+    "it",
+    "my",
+    "your",
+    "his",
+    "her",
+    "their",
+    "its",
+    "our",
+    "this",
+    "that",
+    "these",
+    "those",
+    "author",
+    "writer",
+    "novelist",
+    "poet",
+    "book",
+    "books",
+    "mr",
+    "mrs",
+    "ms",
+    "dr",
+    "professor",
+    "prof",
+    "sir",
+    "madam",
+    "ignore",
+    "now",
+    "then",
+    "also",
+    "hi",
+    "hello",
+    "hey",
+    "dear",
+    "yes",
+    "no",
+    "ok",
+    "okay",
+}
 
-FULL_SCORE = 1.0   # every part of the name, in order
+FULL_SCORE = 1.0  # every part of the name, in order
 MULTI_SCORE = 0.9  # two or more consecutive parts
 PART_SCORE = 0.75  # one distinctive part (surname or first name alone)
 CONFLICT_SCORE = 0.4  # one part, next to a different capitalised name
@@ -106,8 +217,9 @@ def compile_entities(entities: list[str], common_words: set[str] | frozenset = f
     return patterns
 
 
-def find_spans(text: str, patterns: list[EntityPattern],
-               common_words: set[str] | frozenset = frozenset()) -> tuple[float, list[tuple[int, int]]]:
+def find_spans(
+    text: str, patterns: list[EntityPattern], common_words: set[str] | frozenset = frozenset()
+) -> tuple[float, list[tuple[int, int]]]:
     """Best match score and the merged character spans naming any of the entities."""
     toks = tokens(text)
     folded = [fold(w) for w, _, _ in toks]
@@ -120,7 +232,7 @@ def find_spans(text: str, patterns: list[EntityPattern],
             run_best, run_len = 0, 0
             for p0 in range(len(pat.parts)):
                 n = 0
-                while (i + n < len(toks) and p0 + n < len(pat.parts) and matched[i + n][p0 + n]):
+                while i + n < len(toks) and p0 + n < len(pat.parts) and matched[i + n][p0 + n]:
                     n += 1
                 if n > run_len:
                     run_len, run_best = n, p0
@@ -139,8 +251,15 @@ def find_spans(text: str, patterns: list[EntityPattern],
     return best, merge_spans(spans)
 
 
-def _partial_score(text: str, toks: list[tuple[str, int, int]], i: int, run_len: int, pat: EntityPattern,
-                   part: int, common_words: set[str] | frozenset) -> float:
+def _partial_score(
+    text: str,
+    toks: list[tuple[str, int, int]],
+    i: int,
+    run_len: int,
+    pat: EntityPattern,
+    part: int,
+    common_words: set[str] | frozenset,
+) -> float:
     """Score of a run naming only some parts of the entity ("Vasquez", "Ji-Yeon")."""
     if run_len == 1:
         if not pat.distinctive[part] and len(pat.parts) > 1:
@@ -157,10 +276,15 @@ def _partial_score(text: str, toks: list[tuple[str, int, int]], i: int, run_len:
         lo, hi = (toks[j][2], toks[i][1]) if j < i else (toks[i + run_len - 1][2], toks[j][1])
         between = text[lo:hi]
         folded_n = fold(neighbour)
-        if (neighbour[:1].isupper() and between.strip() in ("", "-") and len(between) <= 1
-                and folded_n not in STOPWORDS and folded_n not in FUNCTION_WORDS
-                and not any(similar(folded_n, p) for p in pat.parts)
-                and not (j < i and _starts_sentence(text, toks, j) and folded_n in common_words)):
+        if (
+            neighbour[:1].isupper()
+            and between.strip() in ("", "-")
+            and len(between) <= 1
+            and folded_n not in STOPWORDS
+            and folded_n not in FUNCTION_WORDS
+            and not any(similar(folded_n, p) for p in pat.parts)
+            and not (j < i and _starts_sentence(text, toks, j) and folded_n in common_words)
+        ):
             return CONFLICT_SCORE
     return MULTI_SCORE if run_len >= 2 else PART_SCORE
 
@@ -168,7 +292,7 @@ def _partial_score(text: str, toks: list[tuple[str, int, int]], i: int, run_len:
 def _starts_sentence(text: str, toks: list[tuple[str, int, int]], j: int) -> bool:
     if j == 0:
         return True
-    gap = text[toks[j - 1][2]:toks[j][1]]
+    gap = text[toks[j - 1][2] : toks[j][1]]
     return any(c in gap for c in ".!?\n:")
 
 
@@ -185,7 +309,7 @@ def merge_spans(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
 def _deletes(word: str, depth: int) -> set[str]:
     out, frontier = {word}, {word}
     for _ in range(depth):
-        frontier = {w[:i] + w[i + 1:] for w in frontier for i in range(len(w))}
+        frontier = {w[:i] + w[i + 1 :] for w in frontier for i in range(len(w))}
         out |= frontier
     return out
 

@@ -7,8 +7,9 @@ import re
 
 import numpy as np
 
-_SPLIT = re.compile(r"(?<=[.!?;:])\s+|\n+|,\s*(?:and|also|but|then|plus)\s+|\s+(?:and also|as well as|and then)\s+",
-                    re.IGNORECASE)
+_SPLIT = re.compile(
+    r"(?<=[.!?;:])\s+|\n+|,\s*(?:and|also|but|then|plus)\s+|\s+(?:and also|as well as|and then)\s+", re.IGNORECASE
+)
 
 
 def views(text: str, max_views: int = 12, window: int = 24) -> list[str]:
@@ -25,7 +26,7 @@ def views(text: str, max_views: int = 12, window: int = 24) -> list[str]:
     for part in parts or [text]:
         words = part.split()
         if len(words) > window * 3 // 2:
-            out += [" ".join(words[i:i + window]) for i in range(0, len(words) - window // 2, window // 2)]
+            out += [" ".join(words[i : i + window]) for i in range(0, len(words) - window // 2, window // 2)]
     seen, unique = set(), []
     for v in out:
         if v not in seen:

@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, Field
 
-
 LORA_TARGET_MODULES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 PEFT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -125,8 +125,10 @@ class LocalVLLMEngine(Engine):
             for completion in output.outputs:
                 logprobs = None
                 if request.sampling.logprobs is not None and completion.logprobs is not None:
-                    logprobs = [self._convert_logprobs(tid, entry)
-                                for tid, entry in zip(completion.token_ids, completion.logprobs)]
+                    logprobs = [
+                        self._convert_logprobs(tid, entry)
+                        for tid, entry in zip(completion.token_ids, completion.logprobs)
+                    ]
                 if completion.token_ids or completion.finish_reason:
                     yield ChoiceDelta(
                         index=completion.index,
@@ -145,19 +147,22 @@ class LocalVLLMEngine(Engine):
         if request.prompt_embeds is not None:
             # Mixed-mode input with every position taken from the embeddings: vLLM still knows the
             # ids, which it needs to look up each token's log-probability.
-            prompt = {"prompt_embeds": request.prompt_embeds, "prompt_token_ids": ids,
-                      "prompt_is_token_ids": [False] * len(ids)}
+            prompt = {
+                "prompt_embeds": request.prompt_embeds,
+                "prompt_token_ids": ids,
+                "prompt_is_token_ids": [False] * len(ids),
+            }
         else:
             prompt = {"prompt_token_ids": ids}
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
         final = None
-        async for output in self._llm.generate(prompt, params, request.request_id,
-                                               lora_request=self._lora_request(request.lora)):
+        async for output in self._llm.generate(
+            prompt, params, request.request_id, lora_request=self._lora_request(request.lora)
+        ):
             final = output
         if final is None or final.prompt_logprobs is None:
             raise EngineError("vLLM returned no prompt logprobs")
-        return [None if entry is None else float(entry[tid].logprob)
-                for tid, entry in zip(ids, final.prompt_logprobs)]
+        return [None if entry is None else float(entry[tid].logprob) for tid, entry in zip(ids, final.prompt_logprobs)]
 
     def _convert_logprobs(self, token_id: int, entry: dict) -> TokenLogprob:
         def text(tid: int, lp) -> str:

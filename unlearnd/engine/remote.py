@@ -41,8 +41,15 @@ def encode_prompt_embeds(embeds: torch.Tensor) -> str:
 
 
 class RemoteVLLMEngine(Engine):
-    def __init__(self, base_url: str, model_path: str, served_name: str, api_key: str | None = None,
-                 timeout_s: float = 600.0, dtype: str = "auto"):
+    def __init__(
+        self,
+        base_url: str,
+        model_path: str,
+        served_name: str,
+        api_key: str | None = None,
+        timeout_s: float = 600.0,
+        dtype: str = "auto",
+    ):
         self.base_url = base_url.rstrip("/")
         self.model_path = model_path
         self.model_name = served_name
@@ -60,8 +67,9 @@ class RemoteVLLMEngine(Engine):
         from transformers import AutoTokenizer
 
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        self._client = httpx.AsyncClient(base_url=self.base_url, headers=headers,
-                                         timeout=httpx.Timeout(self.timeout_s, connect=10.0))
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url, headers=headers, timeout=httpx.Timeout(self.timeout_s, connect=10.0)
+        )
         try:
             response = await self._client.get("/v1/models")
             response.raise_for_status()
@@ -72,8 +80,9 @@ class RemoteVLLMEngine(Engine):
         self.max_model_len = int(card.get("max_model_len") or 2048)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self.embeddings = EmbeddingTable.from_model_dir(self.model_path, dtype=getattr(torch, self.dtype))
-        log.info("remote vLLM engine: %s serving %s (max_model_len=%d)", self.base_url, self.remote_model,
-                 self.max_model_len)
+        log.info(
+            "remote vLLM engine: %s serving %s (max_model_len=%d)", self.base_url, self.remote_model, self.max_model_len
+        )
 
     async def shutdown(self) -> None:
         if self._client is not None:
@@ -93,9 +102,16 @@ class RemoteVLLMEngine(Engine):
         s = request.sampling
         payload = {
             "model": request.lora.name if request.lora else self.remote_model,
-            "max_tokens": s.max_tokens, "temperature": s.temperature, "top_p": s.top_p, "n": s.n,
-            "stop": s.stop or None, "seed": s.seed, "stream": True, "return_token_ids": True,
-            "min_tokens": s.min_tokens, "ignore_eos": s.ignore_eos,
+            "max_tokens": s.max_tokens,
+            "temperature": s.temperature,
+            "top_p": s.top_p,
+            "n": s.n,
+            "stop": s.stop or None,
+            "seed": s.seed,
+            "stream": True,
+            "return_token_ids": True,
+            "min_tokens": s.min_tokens,
+            "ignore_eos": s.ignore_eos,
         }
         if s.logprobs is not None:
             payload["logprobs"] = s.logprobs
@@ -112,14 +128,21 @@ class RemoteVLLMEngine(Engine):
             raise EngineError("prompt logprobs of embedding prompts are not available through a remote vLLM server")
         if request.lora is not None:
             await self._ensure_lora(request.lora.name, request.lora.path)
-        payload = {"model": request.lora.name if request.lora else self.remote_model,
-                   "prompt": request.prompt_token_ids, "max_tokens": 1, "temperature": 0, "prompt_logprobs": 0}
+        payload = {
+            "model": request.lora.name if request.lora else self.remote_model,
+            "prompt": request.prompt_token_ids,
+            "max_tokens": 1,
+            "temperature": 0,
+            "prompt_logprobs": 0,
+        }
         response = await self._client.post("/v1/completions", json=payload)
         if response.status_code >= 400:
             raise EngineError(f"remote vLLM answered {response.status_code}: {response.text[:500]}")
         entries = response.json()["choices"][0]["prompt_logprobs"]
-        return [None if entry is None else float(entry[str(tid)]["logprob"])
-                for tid, entry in zip(request.prompt_token_ids, entries)]
+        return [
+            None if entry is None else float(entry[str(tid)]["logprob"])
+            for tid, entry in zip(request.prompt_token_ids, entries)
+        ]
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[ChoiceDelta]:
         if self._client is None:
@@ -156,19 +179,48 @@ def _logprobs(block: dict | None) -> list[TokenLogprob] | None:
     if not block:
         return None
     tops = block.get("top_logprobs") or [{}] * len(block.get("tokens", []))
-    return [TokenLogprob(token=t, logprob=float(lp if lp is not None else float("-inf")), top_logprobs=dict(top or {}))
-            for t, lp, top in zip(block.get("tokens", []), block.get("token_logprobs", []), tops)]
+    return [
+        TokenLogprob(token=t, logprob=float(lp if lp is not None else float("-inf")), top_logprobs=dict(top or {}))
+        for t, lp, top in zip(block.get("tokens", []), block.get("token_logprobs", []), tops)
+    ]
 
 
-def plain_vllm_command(model_path: str, port: int, served_name: str, max_model_len: int = 2048,
-                       host: str = "127.0.0.1", max_loras: int = 4, max_lora_rank: int = 16,
-                       dtype: str = "auto") -> list[str]:
+def plain_vllm_command(
+    model_path: str,
+    port: int,
+    served_name: str,
+    max_model_len: int = 2048,
+    host: str = "127.0.0.1",
+    max_loras: int = 4,
+    max_lora_rank: int = 16,
+    dtype: str = "auto",
+) -> list[str]:
     """The command line of a plain vLLM OpenAI server that the remote engine (and benchmarks) can use."""
     return [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", model_path, "--served-model-name", served_name,
-        "--host", host, "--port", str(port), "--max-model-len", str(max_model_len),
-        "--dtype", resolve_dtype(dtype), "--enforce-eager", "--seed", "0",
-        "--enable-prompt-embeds", "--enable-lora", "--max-loras", str(max_loras),
-        "--max-lora-rank", str(max_lora_rank), "--lora-target-modules", *LORA_TARGET_MODULES,
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        model_path,
+        "--served-model-name",
+        served_name,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--max-model-len",
+        str(max_model_len),
+        "--dtype",
+        resolve_dtype(dtype),
+        "--enforce-eager",
+        "--seed",
+        "0",
+        "--enable-prompt-embeds",
+        "--enable-lora",
+        "--max-loras",
+        str(max_loras),
+        "--max-lora-rank",
+        str(max_lora_rank),
+        "--lora-target-modules",
+        *LORA_TARGET_MODULES,
     ]

@@ -23,14 +23,14 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from unlearnd.artifacts import write_json_atomic, write_text_atomic
+from unlearnd.evaluation.metrics import rouge_l_recall
+from unlearnd.evaluation.model_under_test import ServedModelUnderTest
+from unlearnd.evaluation.report import PARTIAL_NOTE, fmt, run_stamp, stamp_lines
+from unlearnd.evaluation.robustness import mean_or_none
 from unlearnd.prompting import user_messages
 from unlearnd.tofu import TofuData, author_names
 from unlearnd.train.data import QAItem, spread
-from unlearnd.evaluation.metrics import rouge_l_recall
-from unlearnd.evaluation.model_under_test import ServedModelUnderTest
-from unlearnd.artifacts import write_json_atomic, write_text_atomic
-from unlearnd.evaluation.report import PARTIAL_NOTE, fmt, run_stamp, stamp_lines
-from unlearnd.evaluation.robustness import mean_or_none
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +46,14 @@ class ContinualConfig(BaseModel):
     request_timeout_s: float = 3600.0
 
 
-def request_spec(name: str, method: str, forget: Sequence[QAItem], retain: Sequence[QAItem],
-                 options: dict[str, Any] | None = None) -> dict[str, Any]:
+def request_spec(
+    name: str, method: str, forget: Sequence[QAItem], retain: Sequence[QAItem], options: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The forget request a user would register: QA pairs, retain QA and the authors' names as entities."""
     names = author_names(forget)
     spec: dict[str, Any] = {
-        "name": name, "method": method,
+        "name": name,
+        "method": method,
         "forget": [{"question": it.question, "answer": it.answer} for it in forget],
         "retain": [{"question": it.question, "answer": it.answer} for it in retain],
         "entities": [names[a] for a in sorted(names)],
@@ -61,8 +63,12 @@ def request_spec(name: str, method: str, forget: Sequence[QAItem], retain: Seque
     return spec
 
 
-def run_continual(cfg: ContinualConfig, served: ServedModelUnderTest, tofu: TofuData | None = None,
-                  on_stage: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+def run_continual(
+    cfg: ContinualConfig,
+    served: ServedModelUnderTest,
+    tofu: TofuData | None = None,
+    on_stage: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """Register the groups one by one; measure every group and the untouched authors after each step.
 
     `on_stage` gets the results so far after every step (the CLI rewrites its report with them)."""
@@ -82,12 +88,16 @@ def run_continual(cfg: ContinualConfig, served: ServedModelUnderTest, tofu: Tofu
     def measure(label: str) -> dict[str, Any]:
         row: dict[str, Any] = {"after": label, "splits": {}}
         for name, items in probes.items():
-            gens = served.generate([user_messages(it.question) for it in items], cfg.max_new_tokens,
-                                   desc=f"{label}: {name}")
-            routes = Counter(served.generation_routes[-len(items):])
-            split = {"rouge": mean_or_none([rouge_l_recall(it.answer, g) for it, g in zip(items, gens)]),
-                     "flagged": 1.0 - routes.get("none", 0) / len(items), "routes": dict(routes),
-                     "generations": gens}
+            gens = served.generate(
+                [user_messages(it.question) for it in items], cfg.max_new_tokens, desc=f"{label}: {name}"
+            )
+            routes = Counter(served.generation_routes[-len(items) :])
+            split = {
+                "rouge": mean_or_none([rouge_l_recall(it.answer, g) for it, g in zip(items, gens)]),
+                "flagged": 1.0 - routes.get("none", 0) / len(items),
+                "routes": dict(routes),
+                "generations": gens,
+            }
             if name == "untouched":
                 if not before:
                     before.extend(gens)
@@ -107,15 +117,19 @@ def run_continual(cfg: ContinualConfig, served: ServedModelUnderTest, tofu: Tofu
         for i, (authors, items) in enumerate(zip(cfg.groups, group_items)):
             # retain data for the methods that use it: every other group's and the untouched authors' QA
             retain = [it for j, other in enumerate(group_items) if j != i for it in other] + untouched_pool
-            spec = request_spec(f"continual-{i + 1}-authors-{'-'.join(map(str, authors))}", cfg.method, items,
-                                retain, cfg.options)
+            spec = request_spec(
+                f"continual-{i + 1}-authors-{'-'.join(map(str, authors))}", cfg.method, items, retain, cfg.options
+            )
             request_id = served.register(spec)
             request_ids.append(request_id)
             job = served.wait_active(request_id, timeout_s=cfg.request_timeout_s)
             stage = measure(f"+group{i + 1}")
-            stage.update(request_id=request_id, entities=spec["entities"],
-                         training={k: v for k, v in (job.get("training") or {}).items() if k != "method"},
-                         method_report=(job.get("training") or {}).get("method"))
+            stage.update(
+                request_id=request_id,
+                entities=spec["entities"],
+                training={k: v for k, v in (job.get("training") or {}).items() if k != "method"},
+                method_report=(job.get("training") or {}).get("method"),
+            )
             stages.append(stage)
             if on_stage is not None:
                 on_stage(results())
@@ -135,20 +149,33 @@ def markdown(results: dict[str, Any]) -> list[str]:
         return []
     groups = [k for k in stages[0]["splits"] if k != "untouched"]
     cfg = results.get("config", {})
-    lines = [f"## Continual requests ({cfg.get('method')}: groups {cfg.get('groups')}, untouched authors "
-             f"{cfg.get('untouched_authors')})", "",
-             "| After | " + " | ".join(f"{g} ROUGE-L (flagged)" for g in groups)
-             + " | Untouched ROUGE-L | Untouched unchanged | Train CPU s |",
-             "|---|" + "---|" * (len(groups) + 3)]
+    lines = [
+        f"## Continual requests ({cfg.get('method')}: groups {cfg.get('groups')}, untouched authors "
+        f"{cfg.get('untouched_authors')})",
+        "",
+        "| After | "
+        + " | ".join(f"{g} ROUGE-L (flagged)" for g in groups)
+        + " | Untouched ROUGE-L | Untouched unchanged | Train CPU s |",
+        "|---|" + "---|" * (len(groups) + 3),
+    ]
     for stage in stages:
         splits = stage["splits"]
         cells = [f"{fmt(splits[g]['rouge'])} ({fmt(splits[g]['flagged'])})" for g in groups]
         untouched = splits.get("untouched", {})
-        lines.append(f"| {stage['after']} | " + " | ".join(cells) + f" | {fmt(untouched.get('rouge'))} | "
-                     f"{fmt(untouched.get('unchanged'))} | {fmt((stage.get('training') or {}).get('cpu_seconds'), 0)} |")
-    return [*lines, "", ("A requested group's ROUGE-L must fall once its request is active and stay down as later "
-                         "requests arrive; untouched authors' answers should not move (unchanged = share of greedy "
-                         "answers identical to those before any request)."), ""]
+        lines.append(
+            f"| {stage['after']} | " + " | ".join(cells) + f" | {fmt(untouched.get('rouge'))} | "
+            f"{fmt(untouched.get('unchanged'))} | {fmt((stage.get('training') or {}).get('cpu_seconds'), 0)} |"
+        )
+    return [
+        *lines,
+        "",
+        (
+            "A requested group's ROUGE-L must fall once its request is active and stay down as later "
+            "requests arrive; untouched authors' answers should not move (unchanged = share of greedy "
+            "answers identical to those before any request)."
+        ),
+        "",
+    ]
 
 
 def write_report(results: dict[str, Any], out: Path, name: str, stamp: dict[str, Any], final: bool) -> dict[str, Path]:
@@ -165,8 +192,9 @@ def write_report(results: dict[str, Any], out: Path, name: str, stamp: dict[str,
     return paths
 
 
-def run_and_report(cfg: ContinualConfig, served: ServedModelUnderTest, out: Path, name: str,
-                   tofu: TofuData | None = None) -> dict[str, Path]:
+def run_and_report(
+    cfg: ContinualConfig, served: ServedModelUnderTest, out: Path, name: str, tofu: TofuData | None = None
+) -> dict[str, Path]:
     """`run_continual`, rewriting the report after every request."""
     stamp = run_stamp()
     results = run_continual(cfg, served, tofu, on_stage=lambda r: write_report(r, out, name, stamp, final=False))

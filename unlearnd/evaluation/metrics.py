@@ -153,7 +153,7 @@ def auc(negatives: Sequence[float], positives: Sequence[float]) -> float:
     if neg.size == 0 or pos.size == 0:
         return math.nan
     ranks = stats.rankdata(np.concatenate([neg, pos]))
-    u = ranks[neg.size:].sum() - pos.size * (pos.size + 1) / 2
+    u = ranks[neg.size :].sum() - pos.size * (pos.size + 1) / 2
     return float(u / (neg.size * pos.size))
 
 
@@ -229,7 +229,7 @@ def is_gibberish(text: str, ppl: float | None = None, max_ppl: float = 500.0) ->
         return True
     words = [w.lower() for w in _WORD.findall(stripped)]
     if len(words) >= 8:
-        grams = [tuple(words[i:i + 3]) for i in range(len(words) - 2)]
+        grams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
         if len(set(grams)) / len(grams) < 0.5:
             return True
     return ppl is not None and math.isfinite(ppl) and ppl > max_ppl
@@ -336,9 +336,15 @@ class ForgetQualityMetric(Metric):
 
 
 MODEL_UTILITY_PARTS = (
-    "retain_Q_A_Prob", "retain_Q_A_ROUGE", "retain_Truth_Ratio",
-    "ra_Q_A_Prob_normalised", "ra_Q_A_ROUGE", "ra_Truth_Ratio",
-    "wf_Q_A_Prob_normalised", "wf_Q_A_ROUGE", "wf_Truth_Ratio",
+    "retain_Q_A_Prob",
+    "retain_Q_A_ROUGE",
+    "retain_Truth_Ratio",
+    "ra_Q_A_Prob_normalised",
+    "ra_Q_A_ROUGE",
+    "ra_Truth_Ratio",
+    "wf_Q_A_Prob_normalised",
+    "wf_Q_A_ROUGE",
+    "wf_Truth_Ratio",
 )
 
 
@@ -373,8 +379,9 @@ class MinKMiaMetric(Metric):
         holdout = _items(run, "holdout")
         if forget is None or holdout is None:
             return None
-        return auc([min_k_score(it.answer_lp, self.k) for it in forget],
-                   [min_k_score(it.answer_lp, self.k) for it in holdout])
+        return auc(
+            [min_k_score(it.answer_lp, self.k) for it in forget], [min_k_score(it.answer_lp, self.k) for it in holdout]
+        )
 
 
 class GibberishRateMetric(Metric):
@@ -436,6 +443,8 @@ for _metric in (
     register_metric(_metric)
 
 
-def compute_all(run: RunRecords, retain: RunRecords | None, names: Sequence[str] | None = None) -> dict[str, float | None]:
+def compute_all(
+    run: RunRecords, retain: RunRecords | None, names: Sequence[str] | None = None
+) -> dict[str, float | None]:
     """Every registered metric (or `names`) for one run; missing inputs give None, never a made-up number."""
     return {name: METRICS[name].compute(run, retain) for name in (names or list(METRICS))}

@@ -66,13 +66,15 @@ class ModelUnderTest(abc.ABC):
     kind: str
 
     @abc.abstractmethod
-    def score(self, prompts: Sequence[Sequence[Message]], continuations: Sequence[Sequence[str]],
-              desc: str = "score") -> list[list[Scored]]:
+    def score(
+        self, prompts: Sequence[Sequence[Message]], continuations: Sequence[Sequence[str]], desc: str = "score"
+    ) -> list[list[Scored]]:
         """For each prompt, score each of its continuations (TOFU scores up to 7 answers per question)."""
 
     @abc.abstractmethod
-    def generate(self, prompts: Sequence[Sequence[Message]], max_new_tokens: int = 128,
-                 desc: str = "generate") -> list[str]:
+    def generate(
+        self, prompts: Sequence[Sequence[Message]], max_new_tokens: int = 128, desc: str = "generate"
+    ) -> list[str]:
         """Greedy completion of each prompt (the assistant's reply text, special tokens stripped)."""
 
     def describe(self) -> dict[str, Any]:
@@ -88,8 +90,15 @@ class HFModelUnderTest(ModelUnderTest):
 
     kind = "hf"
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, name: str = "model", batch_size: int = 16,
-                 gen_batch_size: int = 16, max_length: int = 512):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        name: str = "model",
+        batch_size: int = 16,
+        gen_batch_size: int = 16,
+        max_length: int = 512,
+    ):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
@@ -100,8 +109,9 @@ class HFModelUnderTest(ModelUnderTest):
         self.stop_ids = stop_ids(tokenizer)
 
     @classmethod
-    def from_dir(cls, path: str | Path, name: str | None = None, dtype: torch.dtype = torch.float32,
-                 **kwargs: Any) -> HFModelUnderTest:
+    def from_dir(
+        cls, path: str | Path, name: str | None = None, dtype: torch.dtype = torch.float32, **kwargs: Any
+    ) -> HFModelUnderTest:
         model, tokenizer = load_causal_lm(path, dtype)
         return cls(model, tokenizer, name=name or Path(path).name, **kwargs)
 
@@ -139,14 +149,14 @@ class HFModelUnderTest(ModelUnderTest):
             if not c:
                 results[i] = Scored(logprobs=[], tokens=[], greedy_hits=[])
         for start in range(0, len(nonempty), self.batch_size):
-            rows = nonempty[start:start + self.batch_size]
+            rows = nonempty[start : start + self.batch_size]
             width = max(len(conts[i]) for i in rows)
             ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
             mask = torch.zeros((len(rows), len(prompt) + width), dtype=torch.long)
             mask[:, : len(prompt)] = 1
             for r, i in enumerate(rows):
                 ids[r, : len(conts[i])] = torch.tensor(conts[i])
-                mask[r, len(prompt): len(prompt) + len(conts[i])] = 1
+                mask[r, len(prompt) : len(prompt) + len(conts[i])] = 1
             cache = _repeat_cache(out.past_key_values, len(rows))
             logits = self.model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits
             for r, i in enumerate(rows):
@@ -162,7 +172,7 @@ class HFModelUnderTest(ModelUnderTest):
         decoder, head = self._decoder_and_head()
         results: list[Scored] = []
         for start in range(0, len(pairs), self.batch_size):
-            chunk = pairs[start:start + self.batch_size]
+            chunk = pairs[start : start + self.batch_size]
             width = max(len(p) + len(c) for p, c in chunk)
             ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
             mask = torch.zeros_like(ids)
@@ -180,11 +190,12 @@ class HFModelUnderTest(ModelUnderTest):
             else:  # pragma: no cover - models without a separable head
                 logits = self.model(input_ids=ids, attention_mask=mask).logits
                 for r, (p, c) in enumerate(chunk):
-                    results.append(self._scored(c, logits[r, len(p) - 1: len(p) + len(c) - 1]))
+                    results.append(self._scored(c, logits[r, len(p) - 1 : len(p) + len(c) - 1]))
         return results
 
-    def score(self, prompts: Sequence[Sequence[Message]], continuations: Sequence[Sequence[str]],
-              desc: str = "score") -> list[list[Scored]]:
+    def score(
+        self, prompts: Sequence[Sequence[Message]], continuations: Sequence[Sequence[str]], desc: str = "score"
+    ) -> list[list[Scored]]:
         if len(prompts) != len(continuations):
             raise ValueError("one list of continuations per prompt")
         prompt_ids = [chat_prompt_ids(self.tokenizer, p) for p in prompts]
@@ -195,7 +206,7 @@ class HFModelUnderTest(ModelUnderTest):
         bar = tqdm(total=len(prompts), desc=f"{self.name}: {desc}", leave=False)
         singles.sort(key=lambda i: len(prompt_ids[i]) + len(cont_ids[i][0]))
         for start in range(0, len(singles), self.batch_size):
-            chunk = singles[start:start + self.batch_size]
+            chunk = singles[start : start + self.batch_size]
             scored = self._score_flat([(prompt_ids[i], cont_ids[i][0]) for i in chunk])
             for i, s in zip(chunk, scored):
                 out[i] = [s]
@@ -209,22 +220,30 @@ class HFModelUnderTest(ModelUnderTest):
     # -- generation
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[Sequence[Message]], max_new_tokens: int = 128,
-                 desc: str = "generate") -> list[str]:
+    def generate(
+        self, prompts: Sequence[Sequence[Message]], max_new_tokens: int = 128, desc: str = "generate"
+    ) -> list[str]:
         encoded = [chat_prompt_ids(self.tokenizer, p) for p in prompts]
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         texts: list[str] = [""] * len(encoded)
         for start in tqdm(range(0, len(order), self.gen_batch_size), desc=f"{self.name}: {desc}", leave=False):
-            rows = order[start:start + self.gen_batch_size]
+            rows = order[start : start + self.gen_batch_size]
             width = max(len(encoded[i]) for i in rows)
             ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
             mask = torch.zeros_like(ids)
             for r, i in enumerate(rows):  # left padding: every row's last prompt token is aligned
-                ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
-                mask[r, width - len(encoded[i]):] = 1
+                ids[r, width - len(encoded[i]) :] = torch.tensor(encoded[i])
+                mask[r, width - len(encoded[i]) :] = 1
             generated = self.model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                eos_token_id=self.stop_ids, pad_token_id=self.pad_id, temperature=None, top_p=None, top_k=None,
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=self.stop_ids,
+                pad_token_id=self.pad_id,
+                temperature=None,
+                top_p=None,
+                top_k=None,
             )
             for r, i in enumerate(rows):
                 new = generated[r, width:].tolist()
@@ -252,14 +271,24 @@ class ServedModelUnderTest(ModelUnderTest):
 
     kind = "served"
 
-    def __init__(self, base_url: str, name: str = "served", api_key: str | None = None,
-                 admin_key: str | None = None, model: str | None = None, concurrency: int = 4,
-                 timeout_s: float = 120.0, retries: int = 2, transport: httpx.BaseTransport | None = None):
+    def __init__(
+        self,
+        base_url: str,
+        name: str = "served",
+        api_key: str | None = None,
+        admin_key: str | None = None,
+        model: str | None = None,
+        concurrency: int = 4,
+        timeout_s: float = 120.0,
+        retries: int = 2,
+        transport: httpx.BaseTransport | None = None,
+    ):
         self.name = name
         self.model = model
         self.concurrency = max(1, concurrency)
-        self.client = UnlearndClient(base_url, api_key=api_key, admin_key=admin_key, timeout_s=timeout_s,
-                                     retries=retries, transport=transport)
+        self.client = UnlearndClient(
+            base_url, api_key=api_key, admin_key=admin_key, timeout_s=timeout_s, retries=retries, transport=transport
+        )
         self.base_url = self.client.base_url
         self.routes: list[str] = []  # route of each scored prompt
         self.generation_routes: list[str] = []  # x-unlearnd-route of each chat completion
@@ -286,11 +315,17 @@ class ServedModelUnderTest(ModelUnderTest):
     def score_one(self, messages: Sequence[Message], continuation: str) -> Scored:
         data = self.client.score(continuation, messages=messages, model=self.model)
         logprobs = [(-math.inf if lp is None else float(lp)) for lp in data.get("token_logprobs", [])]
-        return Scored(logprobs=logprobs, tokens=list(data.get("tokens", [])), greedy_hits=None,
-                      route=data.get("route"), matched_request_ids=list(data.get("matched_request_ids", [])))
+        return Scored(
+            logprobs=logprobs,
+            tokens=list(data.get("tokens", [])),
+            greedy_hits=None,
+            route=data.get("route"),
+            matched_request_ids=list(data.get("matched_request_ids", [])),
+        )
 
-    def score(self, prompts: Sequence[Sequence[Message]], continuations: Sequence[Sequence[str]],
-              desc: str = "score") -> list[list[Scored]]:
+    def score(
+        self, prompts: Sequence[Sequence[Message]], continuations: Sequence[Sequence[str]], desc: str = "score"
+    ) -> list[list[Scored]]:
         if len(prompts) != len(continuations):
             raise ValueError("one list of continuations per prompt")
         flat = [(i, p, c) for i, (p, conts) in enumerate(zip(prompts, continuations)) for c in conts]
@@ -312,8 +347,9 @@ class ServedModelUnderTest(ModelUnderTest):
         except (KeyError, IndexError, TypeError) as exc:
             raise ServerError(f"unexpected chat completion payload: {str(data)[:300]}") from exc
 
-    def generate(self, prompts: Sequence[Sequence[Message]], max_new_tokens: int = 128,
-                 desc: str = "generate") -> list[str]:
+    def generate(
+        self, prompts: Sequence[Sequence[Message]], max_new_tokens: int = 128, desc: str = "generate"
+    ) -> list[str]:
         return self._map(lambda p: self.generate_one(p, max_new_tokens), list(prompts), desc)
 
     # -- forget requests (admin)
@@ -322,8 +358,9 @@ class ServedModelUnderTest(ModelUnderTest):
         """POST a forget request; returns its id."""
         return str(self.client.add_request(spec)["id"])
 
-    def wait_active(self, request_id: str, timeout_s: float = 1800.0, poll_s: float = 2.0,
-                    sleep: Any = time.sleep) -> dict[str, Any]:
+    def wait_active(
+        self, request_id: str, timeout_s: float = 1800.0, poll_s: float = 2.0, sleep: Any = time.sleep
+    ) -> dict[str, Any]:
         return self.client.wait_active(request_id, timeout_s, poll_s, sleep)
 
     def deactivate(self, request_id: str) -> None:

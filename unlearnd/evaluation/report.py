@@ -38,13 +38,27 @@ TABLE_COLUMNS = (
 )
 
 UTILITY_COLUMNS = (
-    "retain_Q_A_Prob", "retain_Q_A_ROUGE", "retain_Truth_Ratio",
-    "ra_Q_A_Prob_normalised", "ra_Q_A_ROUGE", "ra_Truth_Ratio",
-    "wf_Q_A_Prob_normalised", "wf_Q_A_ROUGE", "wf_Truth_Ratio",
+    "retain_Q_A_Prob",
+    "retain_Q_A_ROUGE",
+    "retain_Truth_Ratio",
+    "ra_Q_A_Prob_normalised",
+    "ra_Q_A_ROUGE",
+    "ra_Truth_Ratio",
+    "wf_Q_A_Prob_normalised",
+    "wf_Q_A_ROUGE",
+    "wf_Truth_Ratio",
 )
 
-BAR_METRICS = ("forget_Q_A_ROUGE", "forget_Q_A_Prob", "forget_truth_ratio", "extraction_strength",
-               "mia_min_k_auc", "model_utility", "retain_Q_A_ROUGE", "forget_gibberish_rate")
+BAR_METRICS = (
+    "forget_Q_A_ROUGE",
+    "forget_Q_A_Prob",
+    "forget_truth_ratio",
+    "extraction_strength",
+    "mia_min_k_auc",
+    "model_utility",
+    "retain_Q_A_ROUGE",
+    "forget_gibberish_rate",
+)
 
 
 def fmt(value: Any, digits: int = 3) -> str:
@@ -64,10 +78,24 @@ def git_commit(repo: Path | None = None) -> str | None:
     """HEAD's short hash, with `+dirty` when tracked files outside reports/ differ from it (then the
     code that ran is not that commit)."""
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo or Path.cwd(), capture_output=True,
-                             text=True, timeout=10, check=False)
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", ".", ":(exclude)reports"], cwd=repo or Path.cwd(),
-                               capture_output=True, timeout=10, check=False).returncode == 1
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=repo or Path.cwd(),
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+        dirty = (
+            subprocess.run(
+                ["git", "diff", "--quiet", "HEAD", "--", ".", ":(exclude)reports"],
+                cwd=repo or Path.cwd(),
+                capture_output=True,
+                timeout=10,
+                check=False,
+            ).returncode
+            == 1
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     head = out.stdout.strip()
@@ -93,15 +121,26 @@ def command_line() -> str:
 def run_stamp(command: str | None = None, dtype: str | None = None) -> dict[str, Any]:
     """Command, machine, engine dtype, commit and time: taken when a run starts (later commits are not
     what ran). `dtype` is the engine's compute dtype where the run measured an engine."""
-    return {"command": command or command_line(), "machine": machine_description(), "dtype": dtype,
-            "git_commit": git_commit(), "created": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    return {
+        "command": command or command_line(),
+        "machine": machine_description(),
+        "dtype": dtype,
+        "git_commit": git_commit(),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
 
 
 def stamp_lines(stamp: dict[str, Any]) -> list[str]:
     """The report header: the command, then one line with machine, dtype, commit and time."""
-    return [f"Command: `{stamp.get('command', 'n/a')}`", "",
-            (f"Machine: {stamp.get('machine') or 'n/a'}; engine dtype {stamp.get('dtype') or 'n/a'}; "
-             f"commit {stamp.get('git_commit') or 'n/a'}; created {stamp.get('created') or 'n/a'}."), ""]
+    return [
+        f"Command: `{stamp.get('command', 'n/a')}`",
+        "",
+        (
+            f"Machine: {stamp.get('machine') or 'n/a'}; engine dtype {stamp.get('dtype') or 'n/a'}; "
+            f"commit {stamp.get('git_commit') or 'n/a'}; created {stamp.get('created') or 'n/a'}."
+        ),
+        "",
+    ]
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -110,30 +149,47 @@ def markdown(results: dict[str, Any]) -> str:
     lines += stamp_lines(results)
     sources = results.get("sources") or []
     if sources:
-        lines += ["Merged from these runs (same preset, splits and settings; each method's numbers come from the "
-                  "run that measured it):", ""]
-        lines += [f"- `{src.get('command')}` ({src.get('machine')}; commit {src.get('git_commit') or 'n/a'}; "
-                  f"{src.get('created')})" for src in sources]
+        lines += [
+            "Merged from these runs (same preset, splits and settings; each method's numbers come from the "
+            "run that measured it):",
+            "",
+        ]
+        lines += [
+            f"- `{src.get('command')}` ({src.get('machine')}; commit {src.get('git_commit') or 'n/a'}; "
+            f"{src.get('created')})"
+            for src in sources
+        ]
         lines.append("")
     preset = results.get("preset", {})
     if preset:
-        lines += [f"Preset `{preset.get('name')}`, forget split `{preset.get('forget_split')}`; split sizes "
-                  + ", ".join(f"{k} {v}" for k, v in results.get("split_sizes", {}).items())
-                  + f"; greedy generation up to {results.get('settings', {}).get('max_new_tokens')} new tokens; "
-                  f"ROUGE: {results.get('rouge_backend', 'n/a')}.", ""]
+        lines += [
+            f"Preset `{preset.get('name')}`, forget split `{preset.get('forget_split')}`; split sizes "
+            + ", ".join(f"{k} {v}" for k, v in results.get("split_sizes", {}).items())
+            + f"; greedy generation up to {results.get('settings', {}).get('max_new_tokens')} new tokens; "
+            f"ROUGE: {results.get('rouge_backend', 'n/a')}.",
+            "",
+        ]
     ref = results.get("reference", {})
     if ref:
-        lines += ["## Reference models", "",
-                  "| Model | QA trained | Train wall s | Train CPU s | Forget ROUGE-L (memorisation check) |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "## Reference models",
+            "",
+            "| Model | QA trained | Train wall s | Train CPU s | Forget ROUGE-L (memorisation check) |",
+            "|---|---|---|---|---|",
+        ]
         for kind, info in ref.items():
             train = info.get("train", {})
-            lines.append(f"| {kind} | {info.get('n_items', 'n/a')} | {fmt(train.get('wall_seconds'), 0)} | "
-                         f"{fmt(train.get('cpu_seconds'), 0)} | {fmt(info.get('forget_rouge_l_recall'))} |")
+            lines.append(
+                f"| {kind} | {info.get('n_items', 'n/a')} | {fmt(train.get('wall_seconds'), 0)} | "
+                f"{fmt(train.get('cpu_seconds'), 0)} | {fmt(info.get('forget_rouge_l_recall'))} |"
+            )
         lines.append("")
-    lines += ["## Main metrics", "",
-              "| Method | Kind | " + " | ".join(title for _, title in TABLE_COLUMNS) + " | Train wall s | Train CPU s |",
-              "|---|---|" + "---|" * (len(TABLE_COLUMNS) + 2)]
+    lines += [
+        "## Main metrics",
+        "",
+        "| Method | Kind | " + " | ".join(title for _, title in TABLE_COLUMNS) + " | Train wall s | Train CPU s |",
+        "|---|---|" + "---|" * (len(TABLE_COLUMNS) + 2),
+    ]
     for name, entry in methods.items():
         m = entry.get("metrics", {})
         cost = entry.get("cost", {})
@@ -141,25 +197,43 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {name} | {entry.get('kind')} | failed: {entry['error'][:120]} |")
             continue
         cells = [fmt(m.get(key)) for key, _ in TABLE_COLUMNS]
-        lines.append(f"| {name} | {entry.get('kind')} | " + " | ".join(cells)
-                     + f" | {fmt(cost.get('train_wall_seconds'), 0)} | {fmt(cost.get('train_cpu_seconds'), 0)} |")
-    lines += ["", ("Forget quality: KS-test p-value of forget truth ratios against the retain model (higher = "
-                   "closer to never having learned). Model utility: harmonic mean of the nine utility metrics below. "
-                   "n/a = not measurable for that kind (extraction strength needs teacher-forced argmax, which the "
-                   "HTTP scoring endpoint does not return)."), ""]
-    lines += ["## Model utility components", "", "| Method | " + " | ".join(UTILITY_COLUMNS) + " |",
-              "|---|" + "---|" * len(UTILITY_COLUMNS)]
+        lines.append(
+            f"| {name} | {entry.get('kind')} | "
+            + " | ".join(cells)
+            + f" | {fmt(cost.get('train_wall_seconds'), 0)} | {fmt(cost.get('train_cpu_seconds'), 0)} |"
+        )
+    lines += [
+        "",
+        (
+            "Forget quality: KS-test p-value of forget truth ratios against the retain model (higher = "
+            "closer to never having learned). Model utility: harmonic mean of the nine utility metrics below. "
+            "n/a = not measurable for that kind (extraction strength needs teacher-forced argmax, which the "
+            "HTTP scoring endpoint does not return)."
+        ),
+        "",
+    ]
+    lines += [
+        "## Model utility components",
+        "",
+        "| Method | " + " | ".join(UTILITY_COLUMNS) + " |",
+        "|---|" + "---|" * len(UTILITY_COLUMNS),
+    ]
     for name, entry in methods.items():
         m = entry.get("metrics", {})
         lines.append(f"| {name} | " + " | ".join(fmt(m.get(k)) for k in UTILITY_COLUMNS) + " |")
     lines.append("")
     robust = {n: e["robustness"] for n, e in methods.items() if e.get("robustness")}
     if robust:
-        lines += ["## Robustness (ROUGE-L recall of the forget answer unless stated; lower = less leaked)", "",
-                  ("| Method | Direct | Paraphrased Q | MC acc. forget (lik./gen.) | MC acc. retain (lik./gen.) | "
-                   "Mixed: forget leak | Mixed: retain answered | Retain alone | Jailbreak mean / max | "
-                   "In-context | Relearn before → after |"),
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "## Robustness (ROUGE-L recall of the forget answer unless stated; lower = less leaked)",
+            "",
+            (
+                "| Method | Direct | Paraphrased Q | MC acc. forget (lik./gen.) | MC acc. retain (lik./gen.) | "
+                "Mixed: forget leak | Mixed: retain answered | Retain alone | Jailbreak mean / max | "
+                "In-context | Relearn before → after |"
+            ),
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for name, r in robust.items():
             para = r.get("paraphrased", {})
             mc_f = r.get("multiple_choice", {}).get("forget", {})
@@ -168,23 +242,40 @@ def markdown(results: dict[str, Any]) -> str:
             jb = r.get("jailbreak", {})
             icl = r.get("in_context", {})
             rel = r.get("relearning")
-            rel_txt = (f"{fmt(rel['before']['rouge'])} → {fmt(rel['after']['rouge'])}" if rel else "n/a")
+            rel_txt = f"{fmt(rel['before']['rouge'])} → {fmt(rel['after']['rouge'])}" if rel else "n/a"
             lines.append(
                 f"| {name} | {fmt(para.get('direct_rouge'))} | {fmt(para.get('paraphrased_rouge'))} | "
                 f"{fmt(mc_f.get('likelihood_accuracy'))} / {fmt(mc_f.get('generated_accuracy'))} | "
                 f"{fmt(mc_r.get('likelihood_accuracy'))} / {fmt(mc_r.get('generated_accuracy'))} | "
-                f"{fmt(comb.get('forget_rouge'))} | {fmt(comb.get('retain_rouge'))} | {fmt(comb.get('retain_rouge_alone'))} | "
-                f"{fmt(jb.get('mean_rouge'))} / {fmt(jb.get('max_rouge'))} | {fmt(icl.get('forget_rouge'))} | {rel_txt} |")
-        lines += ["", ("Relearning: finetune on half of the forget set, measure ROUGE-L on the other half; the "
-                       "`retain` row is the from-scratch floor (what relearning alone teaches)."), ""]
+                f"{fmt(comb.get('forget_rouge'))} | {fmt(comb.get('retain_rouge'))} | "
+                f"{fmt(comb.get('retain_rouge_alone'))} | {fmt(jb.get('mean_rouge'))} / {fmt(jb.get('max_rouge'))} | "
+                f"{fmt(icl.get('forget_rouge'))} | {rel_txt} |"
+            )
+        lines += [
+            "",
+            (
+                "Relearning: finetune on half of the forget set, measure ROUGE-L on the other half; the "
+                "`retain` row is the from-scratch floor (what relearning alone teaches)."
+            ),
+            "",
+        ]
     costs = [(n, e.get("cost", {})) for n, e in methods.items()]
-    lines += ["## Cost", "", ("| Method | Train wall s | Train CPU s | Train steps | Eval wall s (cached?) | "
-                              "Request activation s | Total wall s |"), "|---|---|---|---|---|---|---|"]
+    lines += [
+        "## Cost",
+        "",
+        (
+            "| Method | Train wall s | Train CPU s | Train steps | Eval wall s (cached?) | "
+            "Request activation s | Total wall s |"
+        ),
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, c in costs:
-        lines.append(f"| {name} | {fmt(c.get('train_wall_seconds'), 0)} | {fmt(c.get('train_cpu_seconds'), 0)} | "
-                     f"{fmt(c.get('train_steps'), 0)} | {fmt(c.get('eval_wall_seconds'), 0)} "
-                     f"({fmt(c.get('eval_cached'))}) | {fmt(c.get('activation_wall_seconds'), 0)} | "
-                     f"{fmt(c.get('total_wall_seconds'), 0)} |")
+        lines.append(
+            f"| {name} | {fmt(c.get('train_wall_seconds'), 0)} | {fmt(c.get('train_cpu_seconds'), 0)} | "
+            f"{fmt(c.get('train_steps'), 0)} | {fmt(c.get('eval_wall_seconds'), 0)} "
+            f"({fmt(c.get('eval_cached'))}) | {fmt(c.get('activation_wall_seconds'), 0)} | "
+            f"{fmt(c.get('total_wall_seconds'), 0)} |"
+        )
     lines.append("")
     jobs = {n: e["training"] for n, e in methods.items() if e.get("training")}
     if jobs:
@@ -205,8 +296,10 @@ def markdown(results: dict[str, Any]) -> str:
         lines += ["## Example forget-set generations", ""]
         for name, rows in examples.items():
             for row in rows[:1]:
-                lines.append(f"- **{name}** — Q: {row['question']} | expected: {row['answer']} | "
-                             f"got: {str(row.get('generation'))[:300]!r}")
+                lines.append(
+                    f"- **{name}** — Q: {row['question']} | expected: {row['answer']} | "
+                    f"got: {str(row.get('generation'))[:300]!r}"
+                )
         lines.append("")
     for note in results.get("notes", []):
         lines.append(f"- {note}")
@@ -217,8 +310,11 @@ def tradeoff_lines(methods: dict[str, Any], min_fq: float = 0.5, min_mu_ratio: f
     """Each unlearning method against the goal "forget quality >= 0.5 at >= 99% of the target's utility",
     and, between served routes and finetuning baselines, who beats whom on both axes at once."""
     target_mu = methods.get("target", {}).get("metrics", {}).get("model_utility")
-    rows = [(n, e.get("metrics", {})) for n, e in methods.items()
-            if e.get("kind") in ("baseline", "served") and n != "served_target" and e.get("metrics")]
+    rows = [
+        (n, e.get("metrics", {}))
+        for n, e in methods.items()
+        if e.get("kind") in ("baseline", "served") and n != "served_target" and e.get("metrics")
+    ]
     if not target_mu or not rows:
         return []
     points = {}
@@ -232,10 +328,13 @@ def tradeoff_lines(methods: dict[str, Any], min_fq: float = 0.5, min_mu_ratio: f
             return False
         return fa >= fb and ra >= rb and (fa > fb or ra > rb)
 
-    lines = [f"## Trade-off against the target model (goal: forget quality ≥ {min_fq} and model utility ≥ "
-             f"{min_mu_ratio}× the target's {fmt(target_mu)})", "",
-             "| Method | Kind | Forget quality | Utility / target | Meets goal | Beaten on both axes by |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"## Trade-off against the target model (goal: forget quality ≥ {min_fq} and model utility ≥ "
+        f"{min_mu_ratio}× the target's {fmt(target_mu)})",
+        "",
+        "| Method | Kind | Forget quality | Utility / target | Meets goal | Beaten on both axes by |",
+        "|---|---|---|---|---|---|",
+    ]
     ahead = []
     for name, _ in rows:
         fq, ratio = points[name]
@@ -246,8 +345,14 @@ def tradeoff_lines(methods: dict[str, Any], min_fq: float = 0.5, min_mu_ratio: f
             ahead.append(name)
         lines.append(f"| {name} | {kind} | {fmt(fq)} | {fmt(ratio)} | {fmt(meets)} | {', '.join(rivals) or '-'} |")
     if any(methods[n].get("kind") == "served" for n, _ in rows):
-        lines += ["", ("Served routes that meet the goal with no finetuning baseline ahead of them on both axes: "
-                       + (", ".join(ahead) if ahead else "none") + ".")]
+        lines += [
+            "",
+            (
+                "Served routes that meet the goal with no finetuning baseline ahead of them on both axes: "
+                + (", ".join(ahead) if ahead else "none")
+                + "."
+            ),
+        ]
     return [*lines, ""]
 
 
@@ -275,8 +380,14 @@ def plot_scatter(results: dict[str, Any], path: Path) -> Path | None:
         for _, fq, mu in members:
             ax.scatter(mu, fq, s=40)
         _, fq, mu = members[0]
-        ax.annotate(", ".join(n for n, _, _ in members), (mu, fq), textcoords="offset points", xytext=(6, 0),
-                    va="center", fontsize=7)
+        ax.annotate(
+            ", ".join(n for n, _, _ in members),
+            (mu, fq),
+            textcoords="offset points",
+            xytext=(6, 0),
+            va="center",
+            fontsize=7,
+        )
     ax.set_yscale("log")
     mus = [mu for _, _, mu in points]
     span = max(max(mus) - min(mus), 0.05)  # utility lies in [0, 1]; zoom on where the methods are
@@ -302,8 +413,9 @@ def plot_bars(results: dict[str, Any], path: Path) -> Path | None:
     methods = list(results.get("methods", {}))
     if not methods:
         return None
-    metrics = [k for k in BAR_METRICS
-               if any(results["methods"][m].get("metrics", {}).get(k) is not None for m in methods)]
+    metrics = [
+        k for k in BAR_METRICS if any(results["methods"][m].get("metrics", {}).get(k) is not None for m in methods)
+    ]
     if not metrics:
         return None
     cols = 4
@@ -319,7 +431,7 @@ def plot_bars(results: dict[str, Any], path: Path) -> Path | None:
         ax.set_xticks(range(len(methods)))
         ax.set_xticklabels(methods, rotation=45, ha="right", fontsize=7)
         ax.set_title(key, fontsize=9)
-    for ax in list(axes.flat)[len(metrics):]:
+    for ax in list(axes.flat)[len(metrics) :]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -364,8 +476,9 @@ def merge_results(runs: list[dict[str, Any]], renames: list[dict[str, str]] | No
     return merged
 
 
-def write_report(results: dict[str, Any], out_dir: str | Path, name: str, stamp: dict[str, Any],
-                 notes: list[str] | None = None) -> dict[str, Path]:
+def write_report(
+    results: dict[str, Any], out_dir: str | Path, name: str, stamp: dict[str, Any], notes: list[str] | None = None
+) -> dict[str, Path]:
     """Write `<name>.json`, `<name>.md`, `<name>_scatter.png`, `<name>_bars.png` under `out_dir`, with
     the run's `stamp` (`run_stamp`, taken when the run started)."""
     out = Path(out_dir)

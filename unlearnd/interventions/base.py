@@ -13,8 +13,8 @@ from pathlib import Path
 
 from unlearnd.detectors.base import RequestMatch
 from unlearnd.engine.base import EmbeddingTable
-from unlearnd.spec import ForgetRequest
 from unlearnd.request import GuardedRequest
+from unlearnd.spec import ForgetRequest
 
 
 @dataclass

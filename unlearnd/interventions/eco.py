@@ -29,12 +29,11 @@ import torch
 from pydantic import BaseModel, Field
 
 from unlearnd.artifacts import ArtifactConfig
+from unlearnd.detectors.base import RequestMatch
 from unlearnd.interventions.base import Intervention, PipelineContext
 from unlearnd.prompting import adds_special_tokens, encode_with_offsets, render, user_texts
-from unlearnd.detectors.base import RequestMatch
-from unlearnd.spec import ForgetRequest
 from unlearnd.request import GuardedRequest
-
+from unlearnd.spec import ForgetRequest
 
 
 class CorruptionKind(StrEnum):
@@ -87,7 +86,6 @@ class ECOArtifact(ArtifactConfig):
     reached: bool | None = None
     fluency: dict = Field(default_factory=dict)
     tuning: dict = Field(default_factory=dict)
-
 
 
 # -- corruption math -------------------------------------------------------------------------
@@ -222,9 +220,14 @@ class ECO(Intervention):
         artifact = self.artifacts[match.request_id]
         rendered = render(ctx.tokenizer, request.messages, request.prompt)
         spans = list(match.spans) or entity_spans(request.query_text, artifact.entities)
-        ids, rows, _ = select_rows(ctx.tokenizer, rendered, user_texts(request.messages, request.prompt), spans,
-                                   add_special_tokens=adds_special_tokens(request.messages),
-                                   scope=artifact.corruption.scope)
+        ids, rows, _ = select_rows(
+            ctx.tokenizer,
+            rendered,
+            user_texts(request.messages, request.prompt),
+            spans,
+            add_special_tokens=adds_special_tokens(request.messages),
+            scope=artifact.corruption.scope,
+        )
         embeds = ctx.embeddings.lookup(ids)
         request.prompt_token_ids = ids
         request.prompt_embeds = corrupt(embeds, rows, artifact.corruption, prompt_seed(rendered, artifact.seed))

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from unlearnd.interventions.base import Intervention, PipelineContext
 from unlearnd.detectors.base import RequestMatch
+from unlearnd.interventions.base import Intervention, PipelineContext
 from unlearnd.request import GuardedRequest
 
 REFUSAL = "I'm sorry, but I can't help with that."

@@ -17,12 +17,11 @@ from typing import ClassVar
 from pydantic import Field
 
 from unlearnd.artifacts import ArtifactConfig
-from unlearnd.interventions.base import Intervention, PipelineContext
 from unlearnd.detectors.base import RequestMatch
 from unlearnd.engine.base import PEFT_TARGET_MODULES, LoRASpec
-from unlearnd.spec import ForgetRequest
+from unlearnd.interventions.base import Intervention, PipelineContext
 from unlearnd.request import GuardedRequest
-
+from unlearnd.spec import ForgetRequest
 
 
 class LoRAArtifact(ArtifactConfig):
@@ -69,8 +68,9 @@ def check_adapter(folder: Path) -> dict:
     targets = [targets] if isinstance(targets, str) else list(targets)
     bad = [t for t in targets if t not in PEFT_TARGET_MODULES]
     if bad or config.get("modules_to_save"):
-        raise ValueError(f"adapter {folder} targets {bad or config.get('modules_to_save')}; "
-                         f"only {PEFT_TARGET_MODULES} are served")
+        raise ValueError(
+            f"adapter {folder} targets {bad or config.get('modules_to_save')}; only {PEFT_TARGET_MODULES} are served"
+        )
     return config
 
 

@@ -16,11 +16,11 @@ import torch
 from pydantic import Field
 
 from unlearnd.artifacts import ArtifactConfig, write_bytes_atomic
+from unlearnd.detectors.base import RequestMatch
 from unlearnd.interventions.base import Intervention, PipelineContext
 from unlearnd.prompting import prompt_ids
-from unlearnd.detectors.base import RequestMatch
-from unlearnd.spec import ForgetRequest
 from unlearnd.request import GuardedRequest
+from unlearnd.spec import ForgetRequest
 
 WEIGHTS = "soft_prompt.safetensors"
 TENSOR_NAME = "soft_prompt"
@@ -55,8 +55,10 @@ def load_soft_prompt(artifact_dir: Path) -> tuple[torch.Tensor, SoftPromptConfig
     config = SoftPromptConfig.read(artifact_dir)
     prompt = load_file(str(Path(artifact_dir) / WEIGHTS))[TENSOR_NAME]
     if tuple(prompt.shape) != (config.n_tokens, config.hidden_size):
-        raise ValueError(f"soft prompt shape {tuple(prompt.shape)} does not match its config "
-                         f"({config.n_tokens}, {config.hidden_size})")
+        raise ValueError(
+            f"soft prompt shape {tuple(prompt.shape)} does not match its config "
+            f"({config.n_tokens}, {config.hidden_size})"
+        )
     return prompt, config
 
 

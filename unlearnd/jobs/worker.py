@@ -26,8 +26,9 @@ from unlearnd.spec import ForgetRequest, Status
 log = logging.getLogger(__name__)
 
 
-def run_job(registry: Registry, request: ForgetRequest, detector_name: str, model: str,
-            serve_dtype: str = "auto") -> None:
+def run_job(
+    registry: Registry, request: ForgetRequest, detector_name: str, model: str, serve_dtype: str = "auto"
+) -> None:
     """Fit the request's detector, then its method's artifact (the method table names the job)."""
     from unlearnd.detectors import get_detector
     from unlearnd.train.job import JobContext
@@ -60,8 +61,9 @@ def run_job(registry: Registry, request: ForgetRequest, detector_name: str, mode
         stop.set()
 
 
-def run_worker(data_dir: Path, detector_name: str, model: str, poll_s: float = 0.5, once: bool = False,
-               serve_dtype: str = "auto") -> None:
+def run_worker(
+    data_dir: Path, detector_name: str, model: str, poll_s: float = 0.5, once: bool = False, serve_dtype: str = "auto"
+) -> None:
     registry = Registry(data_dir)
     # Only one worker runs per data dir, so anything still `training` belonged to a dead worker.
     for request_id in registry.recover_stale(stale_after_s=0):
@@ -87,9 +89,19 @@ class WorkerSupervisor:
         self._thread = threading.Thread(target=self._supervise, daemon=True, name="worker-supervisor")
 
     def _spawn(self) -> subprocess.Popen:
-        cmd = [sys.executable, "-m", "unlearnd.jobs.worker", "--data-dir", str(self.settings.data_dir),
-               "--detector", self.settings.detector, "--model", self.settings.model,
-               "--dtype", self.settings.dtype]
+        cmd = [
+            sys.executable,
+            "-m",
+            "unlearnd.jobs.worker",
+            "--data-dir",
+            str(self.settings.data_dir),
+            "--detector",
+            self.settings.detector,
+            "--model",
+            self.settings.model,
+            "--dtype",
+            self.settings.dtype,
+        ]
         return subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
     def start(self) -> None:

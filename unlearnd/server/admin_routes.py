@@ -32,8 +32,12 @@ def not_found(request_id: str) -> APIError:
 @router.post("/v1/unlearning/requests", status_code=201)
 async def add_request(body: ForgetSpec, state: ServerState = Depends(server_state)) -> dict[str, Any]:
     if body.method.value not in METHODS:
-        raise APIError(400, f"method {body.method.value!r} is not available in this installation; "
-                       f"available: {sorted(METHODS)}", param="method", code="method_unavailable")
+        raise APIError(
+            400,
+            f"method {body.method.value!r} is not available in this installation; available: {sorted(METHODS)}",
+            param="method",
+            code="method_unavailable",
+        )
     record = await asyncio.to_thread(state.registry.add, body)
     return public(record)
 
@@ -56,8 +60,9 @@ async def get_request(request_id: str, state: ServerState = Depends(server_state
 
 
 @router.delete("/v1/unlearning/requests/{request_id}")
-async def delete_request(request_id: str, purge: bool = False,
-                         state: ServerState = Depends(server_state)) -> dict[str, Any]:
+async def delete_request(
+    request_id: str, purge: bool = False, state: ServerState = Depends(server_state)
+) -> dict[str, Any]:
     try:
         record = await asyncio.to_thread(state.registry.deactivate, request_id, purge)
     except KeyError:

@@ -23,8 +23,7 @@ from unlearnd import __version__
 from unlearnd.detectors import get_detector
 from unlearnd.engine.base import Engine
 from unlearnd.registry import Registry
-from unlearnd.server import admin_routes, openai_routes, unlearning_routes
-from unlearnd.server import prometheus
+from unlearnd.server import admin_routes, openai_routes, prometheus, unlearning_routes
 from unlearnd.server.pipeline import GuardrailPipeline
 from unlearnd.server.protocol import APIError, openai_error
 from unlearnd.server.settings import ServerSettings
@@ -36,8 +35,9 @@ ADMIN_PATHS = ("/v1/unlearning/requests", "/admin")
 LOOPBACK = ("127.0.0.1", "::1", "localhost", "testclient")
 
 
-def error_response(status: int, message: str, type_: str, code: str | None = None,
-                   param: str | None = None) -> JSONResponse:
+def error_response(
+    status: int, message: str, type_: str, code: str | None = None, param: str | None = None
+) -> JSONResponse:
     prometheus.ERRORS.labels(status=str(status)).inc()
     return JSONResponse(openai_error(message, type_, code, param), status_code=status)
 
@@ -66,8 +66,13 @@ def build_engine(settings: ServerSettings) -> Engine:
     from unlearnd.engine.local import LocalVLLMEngine
 
     return LocalVLLMEngine(
-        model_path, served, max_model_len=settings.max_model_len, max_loras=settings.max_loras,
-        max_lora_rank=settings.max_lora_rank, kv_cache_gib=settings.kv_cache_gib, dtype=settings.dtype,
+        model_path,
+        served,
+        max_model_len=settings.max_model_len,
+        max_loras=settings.max_loras,
+        max_lora_rank=settings.max_lora_rank,
+        kv_cache_gib=settings.kv_cache_gib,
+        dtype=settings.dtype,
     )
 
 
@@ -80,7 +85,8 @@ def bearer_matches(request: Request, key: str) -> bool:
 def admin_allowed(request: Request, settings: ServerSettings) -> bool:
     if settings.admin_key:
         return bearer_matches(request, settings.admin_key) or hmac.compare_digest(
-            request.headers.get("x-admin-key", "").encode(), settings.admin_key.encode())
+            request.headers.get("x-admin-key", "").encode(), settings.admin_key.encode()
+        )
     client = request.client.host if request.client else ""
     return client in LOOPBACK
 
@@ -143,21 +149,24 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
         limit = settings.max_body_bytes
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
-            return error_response(413, f"request body larger than {limit} bytes", "invalid_request_error",
-                                  "body_too_large")
+            return error_response(
+                413, f"request body larger than {limit} bytes", "invalid_request_error", "body_too_large"
+            )
         if length is None and request.method in ("POST", "PUT", "PATCH"):
             body = b""
             async for chunk in request.stream():
                 body += chunk
                 if len(body) > limit:
-                    return error_response(413, f"request body larger than {limit} bytes", "invalid_request_error",
-                                          "body_too_large")
+                    return error_response(
+                        413, f"request body larger than {limit} bytes", "invalid_request_error", "body_too_large"
+                    )
             request._body = body  # noqa: SLF001 - re-expose the consumed body to the handler
         path = request.url.path
         if path.startswith(ADMIN_PATHS):
             if not admin_allowed(request, settings):
-                return error_response(401, "admin API: missing or wrong admin key", "authentication_error",
-                                      "invalid_admin_key")
+                return error_response(
+                    401, "admin API: missing or wrong admin key", "authentication_error", "invalid_admin_key"
+                )
         elif path.startswith("/v1/") and settings.api_key and not bearer_matches(request, settings.api_key):
             return error_response(401, "Incorrect API key provided.", "authentication_error", "invalid_api_key")
         return await call_next(request)
@@ -166,8 +175,10 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
     @app.get("/health")
     async def health() -> dict[str, Any]:
         state: ServerState | None = app.state.unlearnd
-        return {"status": "ok" if state else "starting",
-                "active_forget_requests": len(state.pipeline.active) if state else 0}
+        return {
+            "status": "ok" if state else "starting",
+            "active_forget_requests": len(state.pipeline.active) if state else 0,
+        }
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:

@@ -50,8 +50,13 @@ router = APIRouter()
 def check_model(state: ServerState, name: str) -> None:
     served = state.engine.model_name
     if name != served:
-        raise APIError(404, f"The model `{name}` does not exist. Available: `{served}`.",
-                       "not_found_error", "model_not_found", "model")
+        raise APIError(
+            404,
+            f"The model `{name}` does not exist. Available: `{served}`.",
+            "not_found_error",
+            "model_not_found",
+            "model",
+        )
 
 
 async def prepare(state: ServerState, request: GuardedRequest, param: str = "messages") -> GuardedRequest:
@@ -97,10 +102,14 @@ def sse_error(exc: Exception) -> str:
 
 def chat_logprobs(deltas: list[ChoiceDelta]) -> ChatLogprobs:
     content = [
-        ChatTokenLogprob(token=lp.token, logprob=lp.logprob, bytes=list(lp.token.encode()),
-                         top_logprobs=[TopLogprob(token=t, logprob=v, bytes=list(t.encode()))
-                                       for t, v in lp.top_logprobs.items()])
-        for delta in deltas for lp in delta.logprobs or []
+        ChatTokenLogprob(
+            token=lp.token,
+            logprob=lp.logprob,
+            bytes=list(lp.token.encode()),
+            top_logprobs=[TopLogprob(token=t, logprob=v, bytes=list(t.encode())) for t, v in lp.top_logprobs.items()],
+        )
+        for delta in deltas
+        for lp in delta.logprobs or []
     ]
     return ChatLogprobs(content=content)
 
@@ -138,30 +147,43 @@ async def list_models(state: ServerState = Depends(server_state)) -> dict:
 async def chat_completions(body: ChatCompletionRequest, state: ServerState = Depends(server_state)):
     check_model(state, body.model)
     request = GuardedRequest(
-        id=new_id("chatcmpl"), kind="chat", sampling=body.sampling(body.requested_logprobs()),
-        messages=body.plain_messages(), max_tokens=body.requested_max_tokens(),
+        id=new_id("chatcmpl"),
+        kind="chat",
+        sampling=body.sampling(body.requested_logprobs()),
+        messages=body.plain_messages(),
+        max_tokens=body.requested_max_tokens(),
     )
     request = await prepare(state, request)
     headers = route_headers(request)
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(chat_stream(state, request, created, include_usage),
-                                 media_type="text/event-stream", headers=headers)
+        return StreamingResponse(
+            chat_stream(state, request, created, include_usage), media_type="text/event-stream", headers=headers
+        )
     choices = await collect(state, request)
     with_logprobs = request.sampling.logprobs is not None
     response = ChatCompletionResponse(
-        id=request.id, created=created, model=body.model, usage=usage(request, choices),
-        choices=[ChatChoice(index=i, message=AssistantMessage(content="".join(d.text for d in deltas)),
-                            logprobs=chat_logprobs(deltas) if with_logprobs else None,
-                            finish_reason=finish_reason(deltas))
-                 for i, deltas in sorted(choices.items())],
+        id=request.id,
+        created=created,
+        model=body.model,
+        usage=usage(request, choices),
+        choices=[
+            ChatChoice(
+                index=i,
+                message=AssistantMessage(content="".join(d.text for d in deltas)),
+                logprobs=chat_logprobs(deltas) if with_logprobs else None,
+                finish_reason=finish_reason(deltas),
+            )
+            for i, deltas in sorted(choices.items())
+        ],
     )
     return JSONResponse(response.model_dump(), headers=headers)
 
 
-async def chat_stream(state: ServerState, request: GuardedRequest, created: int,
-                      include_usage: bool) -> AsyncIterator[str]:
+async def chat_stream(
+    state: ServerState, request: GuardedRequest, created: int, include_usage: bool
+) -> AsyncIterator[str]:
     model = state.engine.model_name
     with_logprobs = request.sampling.logprobs is not None
 
@@ -175,9 +197,16 @@ async def chat_stream(state: ServerState, request: GuardedRequest, created: int,
     try:
         async for delta in state.pipeline.generate(request):
             seen.setdefault(delta.index, []).append(delta)
-            yield chunk([ChatChunkChoice(index=delta.index, delta=DeltaMessage(content=delta.text or None),
-                                         logprobs=chat_logprobs([delta]) if with_logprobs else None,
-                                         finish_reason=delta.finish_reason)])
+            yield chunk(
+                [
+                    ChatChunkChoice(
+                        index=delta.index,
+                        delta=DeltaMessage(content=delta.text or None),
+                        logprobs=chat_logprobs([delta]) if with_logprobs else None,
+                        finish_reason=delta.finish_reason,
+                    )
+                ]
+            )
     except Exception as exc:  # noqa: BLE001 - the status line is gone
         log.exception("stream failed")
         yield sse_error(exc)
@@ -194,31 +223,42 @@ async def completions(body: CompletionRequest, state: ServerState = Depends(serv
     check_model(state, body.model)
     requests = []
     for prompt in body.prompt:
-        request = GuardedRequest(id=new_id("cmpl"), kind="completion", sampling=body.sampling(body.logprobs),
-                                 prompt=prompt, max_tokens=body.max_tokens)
+        request = GuardedRequest(
+            id=new_id("cmpl"),
+            kind="completion",
+            sampling=body.sampling(body.logprobs),
+            prompt=prompt,
+            max_tokens=body.max_tokens,
+        )
         requests.append(await prepare(state, request))
     flagged = [r for r in requests if r.route != "none"]
     headers = route_headers(flagged[0] if flagged else requests[0])
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(completion_stream(state, requests, created, include_usage),
-                                 media_type="text/event-stream", headers=headers)
+        return StreamingResponse(
+            completion_stream(state, requests, created, include_usage), media_type="text/event-stream", headers=headers
+        )
     results = await asyncio.gather(*(collect(state, r) for r in requests))
     choices, total = [], Usage()
     for p_index, (request, result) in enumerate(zip(requests, results)):
         for i, deltas in sorted(result.items()):
-            choices.append(CompletionChoice(
-                index=p_index * body.n + i, text="".join(d.text for d in deltas),
-                logprobs=completion_logprobs(deltas) if body.logprobs is not None else None,
-                finish_reason=finish_reason(deltas)))
+            choices.append(
+                CompletionChoice(
+                    index=p_index * body.n + i,
+                    text="".join(d.text for d in deltas),
+                    logprobs=completion_logprobs(deltas) if body.logprobs is not None else None,
+                    finish_reason=finish_reason(deltas),
+                )
+            )
         total += usage(request, result)
     response = CompletionResponse(id=requests[0].id, created=created, model=body.model, choices=choices, usage=total)
     return JSONResponse(response.model_dump(), headers=headers)
 
 
-async def completion_stream(state: ServerState, requests: list[GuardedRequest], created: int,
-                            include_usage: bool) -> AsyncIterator[str]:
+async def completion_stream(
+    state: ServerState, requests: list[GuardedRequest], created: int, include_usage: bool
+) -> AsyncIterator[str]:
     """Every prompt's choices interleaved as they come; choice index = prompt index * n + choice."""
     model = state.engine.model_name
     n = requests[0].sampling.n
@@ -226,8 +266,7 @@ async def completion_stream(state: ServerState, requests: list[GuardedRequest], 
     seen: dict[int, list[ChoiceDelta]] = {}
 
     def chunk(choices: list[CompletionChoice], final_usage: Usage | None = None) -> str:
-        data = CompletionResponse(id=requests[0].id, created=created, model=model, choices=choices,
-                                  usage=final_usage)
+        data = CompletionResponse(id=requests[0].id, created=created, model=model, choices=choices, usage=final_usage)
         return sse(data.model_dump(exclude=None if include_usage else {"usage"}))
 
     async def pump(p_index: int, request: GuardedRequest) -> None:
@@ -252,9 +291,16 @@ async def completion_stream(state: ServerState, requests: list[GuardedRequest], 
                 continue
             index = p_index * n + item.index
             seen.setdefault(index, []).append(item)
-            yield chunk([CompletionChoice(
-                index=index, text=item.text, finish_reason=item.finish_reason,
-                logprobs=completion_logprobs([item]) if item.logprobs is not None else None)])
+            yield chunk(
+                [
+                    CompletionChoice(
+                        index=index,
+                        text=item.text,
+                        finish_reason=item.finish_reason,
+                        logprobs=completion_logprobs([item]) if item.logprobs is not None else None,
+                    )
+                ]
+            )
     finally:
         for task in tasks:
             task.cancel()

@@ -14,15 +14,15 @@ from collections.abc import AsyncIterator
 
 import torch
 
+from unlearnd.detectors.base import Detection, Detector
+from unlearnd.engine.base import ChoiceDelta, Engine, EngineRequest
 from unlearnd.interventions.base import Intervention, PipelineContext
 from unlearnd.methods import METHODS
 from unlearnd.prompting import detector_text, prompt_ids
-from unlearnd.detectors.base import Detection, Detector
-from unlearnd.engine.base import ChoiceDelta, Engine, EngineRequest
 from unlearnd.registry import Registry
-from unlearnd.spec import ForgetRequest, Status
 from unlearnd.request import GuardedRequest
 from unlearnd.server import prometheus
+from unlearnd.spec import ForgetRequest, Status
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,8 @@ class GuardrailPipeline:
         self.registry = registry
         self.router = Router()
         self.interventions: dict[str, Intervention] = {
-            name: entry.intervention_class()() for name, entry in METHODS.items()}
+            name: entry.intervention_class()() for name, entry in METHODS.items()
+        }
         self.active: dict[str, ForgetRequest] = {}
         self.context = PipelineContext(tokenizer=engine.tokenizer, embeddings=engine.embeddings)
         self._sync_lock = asyncio.Lock()
@@ -97,8 +98,7 @@ class GuardrailPipeline:
         if request.fixed_response is not None:
             token_ids = self.engine.tokenizer.encode(request.fixed_response, add_special_tokens=False)
             for index in range(request.sampling.n):
-                yield ChoiceDelta(index=index, text=request.fixed_response, token_ids=token_ids,
-                                  finish_reason="stop")
+                yield ChoiceDelta(index=index, text=request.fixed_response, token_ids=token_ids, finish_reason="stop")
             return
         engine_request = EngineRequest(
             request_id=request.id,
@@ -135,12 +135,19 @@ class GuardrailPipeline:
             # Virtual tokens (soft prompts) have no id: pad in front so ids and rows line up.
             ids = [tokenizer.pad_token_id or 0] * (embeds.shape[0] - len(ids)) + ids
         if len(ids) > self.engine.max_model_len:
-            raise ContextLengthError(f"prompt plus continuation is {len(ids)} tokens; the model's maximum "
-                                     f"context length is {self.engine.max_model_len}")
-        engine_request = EngineRequest(request_id=request.id, prompt_token_ids=ids, sampling=request.sampling,
-                                       prompt_embeds=embeds, lora=request.lora)
+            raise ContextLengthError(
+                f"prompt plus continuation is {len(ids)} tokens; the model's maximum "
+                f"context length is {self.engine.max_model_len}"
+            )
+        engine_request = EngineRequest(
+            request_id=request.id,
+            prompt_token_ids=ids,
+            sampling=request.sampling,
+            prompt_embeds=embeds,
+            lora=request.lora,
+        )
         logprobs = await self.engine.prompt_logprobs(engine_request)
-        return tokens, [float(lp) for lp in logprobs[len(ids) - len(continuation_ids):]]
+        return tokens, [float(lp) for lp in logprobs[len(ids) - len(continuation_ids) :]]
 
     # -- registry sync ----------------------------------------------------------------------------
     def _load(self, request: ForgetRequest) -> None:

@@ -17,11 +17,17 @@ CLASSIFIER_LATENCY = Histogram(
     registry=REGISTRY,
 )
 ENGINE_TTFT = Histogram(
-    "unlearnd_engine_ttft_seconds", "Engine time to first token", ["route"],
-    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=REGISTRY,
+    "unlearnd_engine_ttft_seconds",
+    "Engine time to first token",
+    ["route"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    registry=REGISTRY,
 )
 ENGINE_LATENCY = Histogram(
-    "unlearnd_engine_latency_seconds", "Engine end-to-end generation latency", ["route"],
-    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120), registry=REGISTRY,
+    "unlearnd_engine_latency_seconds",
+    "Engine end-to-end generation latency",
+    ["route"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+    registry=REGISTRY,
 )
 ACTIVE_REQUESTS = Gauge("unlearnd_active_forget_requests", "Forget requests being served", registry=REGISTRY)

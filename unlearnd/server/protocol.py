@@ -344,7 +344,13 @@ def openai_error(message: str, type_: str, code: str | None = None, param: str |
 class APIError(Exception):
     """Raised by a router; the app turns it into `ErrorResponse` with `status`."""
 
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 code: str | None = None, param: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param

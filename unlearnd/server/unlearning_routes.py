@@ -34,13 +34,25 @@ async def classify(body: ClassifyRequest, state: ServerState = Depends(server_st
     results = []
     for index, detection in enumerate(detections):
         matches = [
-            ClassifyMatch(request_id=m.request_id, name=pipeline.active[m.request_id].name,
-                          method=pipeline.active[m.request_id].method.value, score=m.score, weight=m.weight,
-                          spans=m.spans)
+            ClassifyMatch(
+                request_id=m.request_id,
+                name=pipeline.active[m.request_id].name,
+                method=pipeline.active[m.request_id].method.value,
+                score=m.score,
+                weight=m.weight,
+                spans=m.spans,
+            )
             for m in detection.matches
         ]
-        results.append(ClassifyResult(index=index, flagged=bool(matches), score=detection.score,
-                                      route=pipeline.route_of(detection), matches=matches))
+        results.append(
+            ClassifyResult(
+                index=index,
+                flagged=bool(matches),
+                score=detection.score,
+                route=pipeline.route_of(detection),
+                matches=matches,
+            )
+        )
     return ClassifyResponse(data=results).model_dump()
 
 
@@ -48,8 +60,14 @@ async def classify(body: ClassifyRequest, state: ServerState = Depends(server_st
 async def score(body: ScoreRequest, state: ServerState = Depends(server_state)) -> dict:
     if body.model is not None:
         check_model(state, body.model)
-    request = GuardedRequest(id=new_id("score"), kind="score", sampling=SamplingSpec(temperature=0.0),
-                             messages=body.plain_messages(), prompt=body.prompt, max_tokens=1)
+    request = GuardedRequest(
+        id=new_id("score"),
+        kind="score",
+        sampling=SamplingSpec(temperature=0.0),
+        messages=body.plain_messages(),
+        prompt=body.prompt,
+        max_tokens=1,
+    )
     request = await prepare(state, request)
     try:
         tokens, logprobs = await state.pipeline.score(request, body.continuation)
@@ -57,5 +75,6 @@ async def score(body: ScoreRequest, state: ServerState = Depends(server_state)) 
         raise APIError(400, str(exc), "invalid_request_error", "context_length_exceeded", "continuation") from exc
     except EngineError as exc:
         raise APIError(500, str(exc), "internal_error", "engine_error") from exc
-    return ScoreResponse(route=request.route, matched_request_ids=request.matched_ids, tokens=tokens,
-                         token_logprobs=logprobs).model_dump()
+    return ScoreResponse(
+        route=request.route, matched_request_ids=request.matched_ids, tokens=tokens, token_logprobs=logprobs
+    ).model_dump()

@@ -13,21 +13,21 @@ same forget questions answered with an "I don't know" reply (`AlignedBatches`).
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 import logging
 import random
 import re
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, Field
 
-from unlearnd.train.data import IGNORE_INDEX, AlignedBatches, PairedBatches, QABatches, QAItem
 from unlearnd.config import cache_dir
 from unlearnd.models import load_causal_lm
 from unlearnd.tofu import TofuData
+from unlearnd.train.data import IGNORE_INDEX, AlignedBatches, PairedBatches, QABatches, QAItem
 from unlearnd.train.reference import (
     ReferenceModels,
     cache_key,
@@ -112,8 +112,9 @@ def npo_loss(nll: torch.Tensor, ref_nll: torch.Tensor, beta: float) -> torch.Ten
     return -2 / beta * F.logsigmoid(-beta * lose_log_ratio).mean()
 
 
-def dpo_loss(win_nll: torch.Tensor, win_ref: torch.Tensor, lose_nll: torch.Tensor, lose_ref: torch.Tensor,
-             beta: float) -> torch.Tensor:
+def dpo_loss(
+    win_nll: torch.Tensor, win_ref: torch.Tensor, lose_nll: torch.Tensor, lose_ref: torch.Tensor, beta: float
+) -> torch.Tensor:
     win_log_ratio = -(win_nll - win_ref)
     lose_log_ratio = -(lose_nll - lose_ref)
     return -2 / beta * F.logsigmoid(beta * (win_log_ratio - lose_log_ratio)).mean()
@@ -165,8 +166,15 @@ class UnlearningMethod(TrainingMethod):
         return self.gamma * forget + self.alpha * retain, logs
 
     @classmethod
-    def build_batches(cls, tokenizer: Any, forget: Sequence[QAItem], retain: Sequence[QAItem],
-                      batch_size: int = 8, max_length: int = 256, seed: int = 0) -> Iterable[dict[str, Any]]:
+    def build_batches(
+        cls,
+        tokenizer: Any,
+        forget: Sequence[QAItem],
+        retain: Sequence[QAItem],
+        batch_size: int = 8,
+        max_length: int = 256,
+        seed: int = 0,
+    ) -> Iterable[dict[str, Any]]:
         forget_batches = QABatches(tokenizer, forget, batch_size, max_length, seed)
         if not cls.uses_retain:
             return forget_batches
@@ -272,10 +280,18 @@ class IdkDPO(UnlearningMethod):
         return [rng.choice(IDK_ANSWERS) for _ in range(n)]
 
     @classmethod
-    def build_batches(cls, tokenizer: Any, forget: Sequence[QAItem], retain: Sequence[QAItem],
-                      batch_size: int = 8, max_length: int = 256, seed: int = 0) -> Iterable[dict[str, Any]]:
-        aligned = AlignedBatches(tokenizer, forget, {"idk": cls.idk_answers(len(forget), seed)}, batch_size,
-                                 max_length, seed)
+    def build_batches(
+        cls,
+        tokenizer: Any,
+        forget: Sequence[QAItem],
+        retain: Sequence[QAItem],
+        batch_size: int = 8,
+        max_length: int = 256,
+        seed: int = 0,
+    ) -> Iterable[dict[str, Any]]:
+        aligned = AlignedBatches(
+            tokenizer, forget, {"idk": cls.idk_answers(len(forget), seed)}, batch_size, max_length, seed
+        )
         return PairedBatches(aligned, retain=QABatches(tokenizer, retain, batch_size, max_length, seed + 1))
 
 
@@ -329,8 +345,15 @@ class RMU(UnlearningMethod):
     name = "rmu"
     uses_reference = True
 
-    def __init__(self, layer: int | None = None, trainable_layers: Sequence[int] | None = None,
-                 steering_coeff: float = 300.0, alpha: float = 1000.0, seed: int = 0, **kwargs: Any):
+    def __init__(
+        self,
+        layer: int | None = None,
+        trainable_layers: Sequence[int] | None = None,
+        steering_coeff: float = 300.0,
+        alpha: float = 1000.0,
+        seed: int = 0,
+        **kwargs: Any,
+    ):
         super().__init__(alpha=alpha, **kwargs)
         self.layer = layer
         self.trainable_layers = list(trainable_layers) if trainable_layers is not None else None
@@ -410,8 +433,14 @@ def default_baseline_config(method: str, preset: str = "mini") -> BaselineConfig
     return BaselineConfig(method=method, epochs=5.0, learning_rate=1e-5, batch_size=8)
 
 
-def train_baseline(method: str, refs: ReferenceModels, cfg: BaselineConfig | None = None, force: bool = False,
-                   progress: bool = True, tofu: TofuData | None = None) -> Path:
+def train_baseline(
+    method: str,
+    refs: ReferenceModels,
+    cfg: BaselineConfig | None = None,
+    force: bool = False,
+    progress: bool = True,
+    tofu: TofuData | None = None,
+) -> Path:
     """Unlearn the forget split from the target with a baseline; cached by (target, data, config)."""
     cls = TRAINING_METHODS.get(method)
     if cls is None or not issubclass(cls, UnlearningMethod):
@@ -421,8 +450,15 @@ def train_baseline(method: str, refs: ReferenceModels, cfg: BaselineConfig | Non
     forget = tofu.split(refs.preset.forget_split)
     retain = refs.data.retain_items
     target_dir = Path(refs.target_dir)
-    key = cache_key({"baseline": cfg.model_dump(), "target": model_fingerprint(target_dir),
-                     "forget": items_digest(forget), "retain": items_digest(retain), "code": BASELINE_CODE_VERSION})
+    key = cache_key(
+        {
+            "baseline": cfg.model_dump(),
+            "target": model_fingerprint(target_dir),
+            "forget": items_digest(forget),
+            "retain": items_digest(retain),
+            "code": BASELINE_CODE_VERSION,
+        }
+    )
     out = cache_dir() / "baselines" / key
     if is_complete(out) and not force:
         return out
@@ -430,10 +466,24 @@ def train_baseline(method: str, refs: ReferenceModels, cfg: BaselineConfig | Non
     batches = cls.build_batches(tokenizer, forget, retain, cfg.batch_size, cfg.max_length, cfg.seed)
     steps = steps_for(cfg.epochs, len(batches))  # type: ignore[arg-type]
     instance = cls(**cfg.options)
-    result = Trainer(instance, TrainConfig(steps=steps, learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
-                                           seed=cfg.seed, progress=progress)).fit(model, batches)
-    info = {"kind": "baseline", "method": method, "config": cfg.model_dump(), "target": str(target_dir),
-            "cache_key": key, "train": train_result_dict(result)}
+    result = Trainer(
+        instance,
+        TrainConfig(
+            steps=steps,
+            learning_rate=cfg.learning_rate,
+            warmup_steps=cfg.warmup_steps,
+            seed=cfg.seed,
+            progress=progress,
+        ),
+    ).fit(model, batches)
+    info = {
+        "kind": "baseline",
+        "method": method,
+        "config": cfg.model_dump(),
+        "target": str(target_dir),
+        "cache_key": key,
+        "train": train_result_dict(result),
+    }
     if hasattr(instance, "ref"):
         instance.ref = None  # free the frozen copy before saving
     # float32: an unlearning update (lr 1e-5..5e-5 per Adam step) is below bf16's resolution for most

@@ -165,8 +165,11 @@ def collate(examples: Sequence[EncodedQA], pad_id: int, padding_side: str = "rig
     out: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "attention_mask": []}
     for e in examples:
         pad = width - len(e)
-        rows = {"input_ids": (e.input_ids, pad_id), "labels": (e.labels, IGNORE_INDEX),
-                "attention_mask": ([1] * len(e), 0)}
+        rows = {
+            "input_ids": (e.input_ids, pad_id),
+            "labels": (e.labels, IGNORE_INDEX),
+            "attention_mask": ([1] * len(e), 0),
+        }
         for key, (seq, fill) in rows.items():
             out[key].append(seq + [fill] * pad if padding_side == "right" else [fill] * pad + seq)
     return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
@@ -187,8 +190,16 @@ class QABatches:
     The trainer cycles over this iterable, so `steps = epochs * len(self)` trains whole epochs.
     """
 
-    def __init__(self, tokenizer: Any, items: Sequence[QAItem | tuple[str, str]], batch_size: int = 8,
-                 max_length: int = 256, seed: int = 0, shuffle: bool = True, answers: Sequence[str] | None = None):
+    def __init__(
+        self,
+        tokenizer: Any,
+        items: Sequence[QAItem | tuple[str, str]],
+        batch_size: int = 8,
+        max_length: int = 256,
+        seed: int = 0,
+        shuffle: bool = True,
+        answers: Sequence[str] | None = None,
+    ):
         if not items:
             raise ValueError("no examples to batch")
         pairs = [(i.question, i.answer) if isinstance(i, QAExample) else (i[0], i[1]) for i in items]
@@ -216,13 +227,13 @@ class QABatches:
         rng = random.Random(self.seed + self._epoch)
         self._epoch += 1
         if not self.shuffle:
-            return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+            return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         rng.shuffle(order)
         pool = self.batch_size * 8
         batches: list[list[int]] = []
         for start in range(0, len(order), pool):
-            chunk = sorted(order[start:start + pool], key=lambda i: len(self.encoded[i]))
-            batches.extend(chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size))
+            chunk = sorted(order[start : start + pool], key=lambda i: len(self.encoded[i]))
+            batches.extend(chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size))
         rng.shuffle(batches)
         return batches
 
@@ -238,8 +249,16 @@ class AlignedBatches(QABatches):
     question in the same step: a batch is {"forget": ..., "<name>": ...} with one shared order.
     """
 
-    def __init__(self, tokenizer: Any, items: Sequence[QAItem], alternatives: dict[str, Sequence[str]],
-                 batch_size: int = 8, max_length: int = 256, seed: int = 0, shuffle: bool = True):
+    def __init__(
+        self,
+        tokenizer: Any,
+        items: Sequence[QAItem],
+        alternatives: dict[str, Sequence[str]],
+        batch_size: int = 8,
+        max_length: int = 256,
+        seed: int = 0,
+        shuffle: bool = True,
+    ):
         super().__init__(tokenizer, items, batch_size, max_length, seed, shuffle)
         self.views: dict[str, list[EncodedQA]] = {"forget": self.encoded}
         for name, answers in alternatives.items():

@@ -71,8 +71,7 @@ class ECOPreset(BaseModel):
 
 PRESETS = {
     "cpu": ECOPreset(),
-    "full": ECOPreset(n_tune=64, n_eval=None, iterations=20, batch_size=32, n_wrong=5, fluency_n=16,
-                      fluency_tokens=64),
+    "full": ECOPreset(n_tune=64, n_eval=None, iterations=20, batch_size=32, n_wrong=5, fluency_n=16, fluency_tokens=64),
 }
 
 
@@ -85,15 +84,22 @@ class ECOItem:
     mode: str
 
 
-def prepare_items(tokenizer, qas: list[tuple[str, str]], entities: list[str], max_len: int, seed: int,
-                  scope: RowScope = RowScope.entity) -> list[ECOItem]:
+def prepare_items(
+    tokenizer,
+    qas: list[tuple[str, str]],
+    entities: list[str],
+    max_len: int,
+    seed: int,
+    scope: RowScope = RowScope.entity,
+) -> list[ECOItem]:
     """Tokenise each QA as the server would and pick the rows the served corruption would hit."""
     prepared = []
     for question, answer in qas:
         item = encode_qa(tokenizer, question, answer, max_len, end_of_turn=False)
         prompt = render_chat(tokenizer, user_messages(question))
-        ids, rows, mode = select_rows(tokenizer, prompt, [question], entity_spans(question, entities),
-                                      add_special_tokens=False, scope=scope)
+        ids, rows, mode = select_rows(
+            tokenizer, prompt, [question], entity_spans(question, entities), add_special_tokens=False, scope=scope
+        )
         assert ids == item.prompt_ids, "ECO must corrupt the tokens the server sends"
         prepared.append(ECOItem(item, prompt, rows, prompt_seed(prompt, seed), mode))
     return prepared
@@ -115,23 +121,43 @@ def corrupted_embeds_fn(model, prepared: list[ECOItem], corruption: Corruption, 
     return fn
 
 
-def surrogate_target(model, tokenizer, prepared: list[ECOItem], cfg: ECOPreset, retain_model_path: str | None,
-                     wrong_answers: dict[str, list[str]] | None, device, progress: bool) -> tuple[float, str]:
+def surrogate_target(
+    model,
+    tokenizer,
+    prepared: list[ECOItem],
+    cfg: ECOPreset,
+    retain_model_path: str | None,
+    wrong_answers: dict[str, list[str]] | None,
+    device,
+    progress: bool,
+) -> tuple[float, str]:
     """What a model that never learned the forget set would score (see the module docstring)."""
     questions = [p.item.question for p in prepared]
     if cfg.target is not None:
         return float(cfg.target), "given"
     if retain_model_path:
         retain_model, _ = load_causal_lm(retain_model_path, torch_dtype(cfg.dtype), device, frozen=True)
-        value = mean(answer_probability(retain_model, tokenizer, [p.item for p in prepared], cfg.batch_size,
-                                        progress=progress, desc="target (retain model)"))
+        value = mean(
+            answer_probability(
+                retain_model,
+                tokenizer,
+                [p.item for p in prepared],
+                cfg.batch_size,
+                progress=progress,
+                desc="target (retain model)",
+            )
+        )
         del retain_model
         return value, "retain_model"
     if wrong_answers and all(wrong_answers.get(q) for q in questions):
-        items = [encode_qa(tokenizer, q, w, cfg.max_len, end_of_turn=False)
-                 for q in questions for w in wrong_answers[q][: cfg.n_wrong]]
-        value = mean(answer_probability(model, tokenizer, items, cfg.batch_size, progress=progress,
-                                        desc="target (perturbed)"))
+        items = [
+            encode_qa(tokenizer, q, w, cfg.max_len, end_of_turn=False)
+            for q in questions
+            for w in wrong_answers[q][: cfg.n_wrong]
+        ]
+        value = mean(
+            answer_probability(model, tokenizer, items, cfg.batch_size, progress=progress, desc="target (perturbed)")
+        )
         return value, "perturbed"
     if len(prepared) < 2:
         raise ValueError("ECO needs a target: give options.target, a retain model, wrong answers, or >= 2 QAs")
@@ -139,10 +165,19 @@ def surrogate_target(model, tokenizer, prepared: list[ECOItem], cfg: ECOPreset, 
     random.Random(cfg.seed).shuffle(order)
     shuffled = order[1:] + order[:1]  # a derangement: every question gets another one's answer
     answers = {order[i]: shuffled[i] for i in range(len(order))}
-    items = [encode_qa(tokenizer, p.item.question, tokenizer.decode(prepared[answers[i]].item.target_ids),
-                       cfg.max_len, end_of_turn=False) for i, p in enumerate(prepared)]
-    value = mean(answer_probability(model, tokenizer, items, cfg.batch_size, progress=progress,
-                                    desc="target (shuffled)"))
+    items = [
+        encode_qa(
+            tokenizer,
+            p.item.question,
+            tokenizer.decode(prepared[answers[i]].item.target_ids),
+            cfg.max_len,
+            end_of_turn=False,
+        )
+        for i, p in enumerate(prepared)
+    ]
+    value = mean(
+        answer_probability(model, tokenizer, items, cfg.batch_size, progress=progress, desc="target (shuffled)")
+    )
     return value, "shuffled"
 
 
@@ -165,13 +200,27 @@ def search_space(cfg: ECOPreset, emb_std: float, hidden: int) -> dict | None:
     """How sigma is parametrised for the ZO search; None when the corruption has no strength."""
     if cfg.kind == CorruptionKind.noise:
         # u = ln(sigma / std of the embedding entries): scale-free, and sigma stays > 0.
-        return {"to_sigma": lambda u: emb_std * math.exp(u), "x0": 0.0, "lo": math.log(0.01), "hi": math.log(20.0),
-                "max_step": 1.5, "eps": 0.5, "min_eps": 0.02}
+        return {
+            "to_sigma": lambda u: emb_std * math.exp(u),
+            "x0": 0.0,
+            "lo": math.log(0.01),
+            "hi": math.log(20.0),
+            "max_step": 1.5,
+            "eps": 0.5,
+            "min_eps": 0.02,
+        }
     if cfg.dims == DimSelect.all:
         return None
     # u = sigma = share of the hidden size zeroed / flipped; eps above one dimension.
-    return {"to_sigma": lambda u: u, "x0": 0.25, "lo": 0.0, "hi": 1.0, "max_step": 0.3, "eps": 0.1,
-            "min_eps": max(1.5 / hidden, 0.005)}
+    return {
+        "to_sigma": lambda u: u,
+        "x0": 0.25,
+        "lo": 0.0,
+        "hi": 1.0,
+        "max_step": 0.3,
+        "eps": 0.1,
+        "min_eps": max(1.5 / hidden, 0.005),
+    }
 
 
 def train_eco(
@@ -207,8 +256,9 @@ def train_eco(
         key = (corruption.scope, round(corruption.sigma, 10), id(items))
         if key not in cache:
             fn = corrupted_embeds_fn(model, items, corruption, serve_dtype)
-            cache[key] = mean(answer_probability(model, tokenizer, [p.item for p in items], cfg.batch_size,
-                                                 embed_fn=fn))
+            cache[key] = mean(
+                answer_probability(model, tokenizer, [p.item for p in items], cfg.batch_size, embed_fn=fn)
+            )
         return cache[key]
 
     def corruption_at(scope: RowScope, sigma: float) -> Corruption:
@@ -216,14 +266,17 @@ def train_eco(
 
     first_scope = cfg.scope or RowScope.entity
     tune = prepared(tune_qas, first_scope)
-    target, source = surrogate_target(model, tokenizer, tune, cfg, retain_model_path, wrong_answers, dev,
-                                      progress)
+    target, source = surrogate_target(model, tokenizer, tune, cfg, retain_model_path, wrong_answers, dev, progress)
     clean = metric(corruption_at(first_scope, 0.0), tune)
     log.info("ECO %s: clean P(a|q)^(1/|a|) = %.4f, target %.4f (%s)", request.id, clean, target, source)
     space = search_space(cfg, emb_std, hidden)
     tolerance = 2 * cfg.rel_tol * target
-    tuning: dict = {"emb_std": emb_std, "n_tune": len(tune), "n_eval": len(eval_qas),
-                    "modes": {m: sum(p.mode == m for p in tune) for m in ("entity", "prompt")}}
+    tuning: dict = {
+        "emb_std": emb_std,
+        "n_tune": len(tune),
+        "n_eval": len(eval_qas),
+        "modes": {m: sum(p.mode == m for p in tune) for m in ("entity", "prompt")},
+    }
 
     def search(scope: RowScope, items: list[ECOItem]) -> dict:
         """One ZO search of the strength with the rows of `scope`; returns what it found."""
@@ -234,27 +287,51 @@ def train_eco(
             sigma, attempt["note"] = 1.0, f"{cfg.kind.value} on all dimensions has no strength to tune"
         else:
             to_sigma = space["to_sigma"]
-            result = zo_solve(lambda u: metric(corruption_at(scope, to_sigma(u)), items), target, space["x0"],
-                              space["lo"], space["hi"], space["eps"], cfg.iterations, space["max_step"],
-                              min_eps=space["min_eps"], tol=cfg.rel_tol * target, progress=progress,
-                              desc=f"eco zo ({cfg.kind.value}, {scope.value})")
+            result = zo_solve(
+                lambda u: metric(corruption_at(scope, to_sigma(u)), items),
+                target,
+                space["x0"],
+                space["lo"],
+                space["hi"],
+                space["eps"],
+                cfg.iterations,
+                space["max_step"],
+                min_eps=space["min_eps"],
+                tol=cfg.rel_tol * target,
+                progress=progress,
+                desc=f"eco zo ({cfg.kind.value}, {scope.value})",
+            )
             sigma = to_sigma(result.x)
-            attempt.update({"evaluations": result.evaluations, "best_distance": result.fx,
-                            "history": [{**h, "sigma_plus": to_sigma(h["x_plus"]),
-                                         "sigma_minus": to_sigma(h["x_minus"])} for h in result.history],
-                            "final": {"sigma": to_sigma(result.final[0]), "m": result.final[1]}
-                            if result.final else None})
+            attempt.update(
+                {
+                    "evaluations": result.evaluations,
+                    "best_distance": result.fx,
+                    "history": [
+                        {**h, "sigma_plus": to_sigma(h["x_plus"]), "sigma_minus": to_sigma(h["x_minus"])}
+                        for h in result.history
+                    ],
+                    "final": {"sigma": to_sigma(result.final[0]), "m": result.final[1]} if result.final else None,
+                }
+            )
         attempt["sigma"] = sigma
         attempt["achieved_tune"] = metric(corruption_at(scope, sigma), items)
         return attempt
 
     attempts = [(first_scope, tune, search(first_scope, tune))]
-    if (cfg.scope is None and abs(attempts[0][2]["achieved_tune"] - target) > tolerance
-            and attempts[0][2]["achieved_tune"] > target and tuning["modes"]["entity"]):
+    if (
+        cfg.scope is None
+        and abs(attempts[0][2]["achieved_tune"] - target) > tolerance
+        and attempts[0][2]["achieved_tune"] > target
+        and tuning["modes"]["entity"]
+    ):
         # Corrupting the name alone left the answer too likely: the rest of the question gives it
         # away. Tune again over the whole question and keep whichever lands closer to the target.
-        log.info("ECO %s: entity rows reach %.4f only (target %.4f); tuning over the whole prompt", request.id,
-                 attempts[0][2]["achieved_tune"], target)
+        log.info(
+            "ECO %s: entity rows reach %.4f only (target %.4f); tuning over the whole prompt",
+            request.id,
+            attempts[0][2]["achieved_tune"],
+            target,
+        )
         whole = prepared(tune_qas, RowScope.prompt)
         attempts.append((RowScope.prompt, whole, search(RowScope.prompt, whole)))
     scope, tune, chosen = min(attempts, key=lambda a: abs(a[2]["achieved_tune"] - target))
@@ -275,23 +352,69 @@ def train_eco(
         raw = model.get_input_embeddings()(ids).to(serve_dtype)
         return corrupt(raw, p.rows, corruption, p.seed).to(emb.dtype)
 
-    fluency = fluency_report(model, tokenizer, [p.item for p in flu_items], embeds_of, cfg.fluency_tokens,
-                             cfg.max_ppl, cfg.max_non_ascii, cfg.max_repetition, progress)
+    fluency = fluency_report(
+        model,
+        tokenizer,
+        [p.item for p in flu_items],
+        embeds_of,
+        cfg.fluency_tokens,
+        cfg.max_ppl,
+        cfg.max_non_ascii,
+        cfg.max_repetition,
+        progress,
+    )
     cost = job.cost(metric_evaluations=len(cache))
-    tuning.update({"achieved_tune": achieved_tune, "clean_eval": clean_eval, "tolerance": tolerance,
-                   "cost": cost, "preset": cfg.model_dump(mode="json")})
-    artifact = ECOArtifact(corruption=corruption, seed=cfg.seed, entities=entities, target=target,
-                           target_source=source, clean_value=clean, achieved=achieved_eval, reached=reached,
-                           fluency=fluency, tuning=tuning)
+    tuning.update(
+        {
+            "achieved_tune": achieved_tune,
+            "clean_eval": clean_eval,
+            "tolerance": tolerance,
+            "cost": cost,
+            "preset": cfg.model_dump(mode="json"),
+        }
+    )
+    artifact = ECOArtifact(
+        corruption=corruption,
+        seed=cfg.seed,
+        entities=entities,
+        target=target,
+        target_source=source,
+        clean_value=clean,
+        achieved=achieved_eval,
+        reached=reached,
+        fluency=fluency,
+        tuning=tuning,
+    )
     artifact.write(artifact_dir)
-    summary = {"method": "eco", "kind": cfg.kind.value, "dims": cfg.dims.value, "scope": scope.value,
-               "sigma": sigma, "target": target,
-               "target_source": source, "clean_tune": clean, "achieved_tune": achieved_tune,
-               "clean_eval": clean_eval, "achieved_eval": achieved_eval, "reached": reached,
-               "fluent": fluency["fluent"], "fluency_ppl": fluency["intervened"]["ppl"],
-               "clean_ppl": fluency["clean"]["ppl"], **cost}
-    log.info("ECO %s: %s rows, sigma=%.4g, P %.4f -> %.4f (target %.4f), fluent=%s, %.0fs", request.id,
-             scope.value, sigma, clean_eval, achieved_eval, target, fluency["fluent"], cost["wall_seconds"])
+    summary = {
+        "method": "eco",
+        "kind": cfg.kind.value,
+        "dims": cfg.dims.value,
+        "scope": scope.value,
+        "sigma": sigma,
+        "target": target,
+        "target_source": source,
+        "clean_tune": clean,
+        "achieved_tune": achieved_tune,
+        "clean_eval": clean_eval,
+        "achieved_eval": achieved_eval,
+        "reached": reached,
+        "fluent": fluency["fluent"],
+        "fluency_ppl": fluency["intervened"]["ppl"],
+        "clean_ppl": fluency["clean"]["ppl"],
+        **cost,
+    }
+    log.info(
+        "ECO %s: %s rows, sigma=%.4g, P %.4f -> %.4f (target %.4f), fluent=%s, %.0fs",
+        request.id,
+        scope.value,
+        sigma,
+        clean_eval,
+        achieved_eval,
+        target,
+        fluency["fluent"],
+        cost["wall_seconds"],
+    )
     return summary
 
 
@@ -320,7 +443,13 @@ def eco_job(request: ForgetRequest, artifact_dir: Path, ctx: JobContext) -> dict
     dir) and `perturbed_answers` (a list aligned with `spec.forget`, each a list of wrong answers, or a
     {question: [answers]} map)."""
     # Tune on embeddings rounded to the dtype the server will send them in (its --dtype).
-    return train_eco(request, artifact_dir, ctx.model_path(), preset=default_preset(request),
-                     retain_model_path=request.spec.options.get("retain_model"),
-                     wrong_answers=perturbed_from_options(request), progress=False,
-                     overrides={"serve_dtype": ctx.serve_dtype})
+    return train_eco(
+        request,
+        artifact_dir,
+        ctx.model_path(),
+        preset=default_preset(request),
+        retain_model_path=request.spec.options.get("retain_model"),
+        wrong_answers=perturbed_from_options(request),
+        progress=False,
+        overrides={"serve_dtype": ctx.serve_dtype},
+    )

@@ -70,12 +70,23 @@ class JobStart:
 
     def cost(self, **extra: Any) -> dict[str, Any]:
         """Wall and CPU seconds since the job started (model load included), plus `extra`."""
-        return {"wall_seconds": time.perf_counter() - self.wall0, "cpu_seconds": time.process_time() - self.cpu0,
-                **extra, "device": str(self.device), "preset": self.preset}
+        return {
+            "wall_seconds": time.perf_counter() - self.wall0,
+            "cpu_seconds": time.process_time() - self.cpu0,
+            **extra,
+            "device": str(self.device),
+            "preset": self.preset,
+        }
 
 
-def start_job(presets: dict, preset: str, request: ForgetRequest, model_path: str | Path, device: str | None,
-              overrides: dict | None) -> JobStart:
+def start_job(
+    presets: dict,
+    preset: str,
+    request: ForgetRequest,
+    model_path: str | Path,
+    device: str | None,
+    overrides: dict | None,
+) -> JobStart:
     """Resolve the job's preset, pick the device, load the frozen base model."""
     wall0, cpu0 = time.perf_counter(), time.process_time()
     cfg = resolve_preset(presets, preset, request.spec.options, overrides)

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, Field
 
-from unlearnd.interventions.lora import LoRAArtifact, check_adapter, scale_folder_name
-from unlearnd.engine.base import PEFT_TARGET_MODULES
 from unlearnd.artifacts import install_dir, staging_dir, write_json_atomic
+from unlearnd.engine.base import PEFT_TARGET_MODULES
+from unlearnd.interventions.lora import LoRAArtifact, check_adapter, scale_folder_name
 from unlearnd.prompting import stop_ids
 from unlearnd.registry import Registry
 from unlearnd.spec import ForgetRequest, ForgetSpec, Method, Status
@@ -55,8 +55,9 @@ class LoRAPreset(BaseModel):
 
 PRESETS = {
     "cpu": LoRAPreset(),
-    "full": LoRAPreset(steps=300, batch_size=16, learning_rate=5e-4, warmup_steps=20, n_eval=None, n_samples=8,
-                       sample_tokens=64),
+    "full": LoRAPreset(
+        steps=300, batch_size=16, learning_rate=5e-4, warmup_steps=20, n_eval=None, n_samples=8, sample_tokens=64
+    ),
 }
 
 
@@ -140,16 +141,20 @@ def prior_lora_adapters(registry: Registry, request: ForgetRequest) -> list[Path
             artifact = LoRAArtifact.read(artifact_dir)
         except FileNotFoundError:
             continue
-        folders.append(artifact_dir / artifact.folder(1.0 if "1.0" in artifact.folders else
-                                                      max(float(s) for s in artifact.folders)))
+        folders.append(
+            artifact_dir
+            / artifact.folder(1.0 if "1.0" in artifact.folders else max(float(s) for s in artifact.folders))
+        )
     return folders
 
 
 def make_batches(items: list[EncodedQA], batch_size: int, pad_id: int, seed: int, device: torch.device) -> list[dict]:
     items = items[:]
     random.Random(seed).shuffle(items)
-    return [{k: v.to(device) for k, v in collate(items[i: i + batch_size], pad_id).items()}
-            for i in range(0, len(items), batch_size)]
+    return [
+        {k: v.to(device) for k, v in collate(items[i : i + batch_size], pad_id).items()}
+        for i in range(0, len(items), batch_size)
+    ]
 
 
 def write_scaled_copy(source: Path, target: Path, scale: float) -> Path:
@@ -159,6 +164,7 @@ def write_scaled_copy(source: Path, target: Path, scale: float) -> Path:
     shutil.copytree(source, staging, dirs_exist_ok=True)
     config_path = staging / "adapter_config.json"
     config = json.loads(config_path.read_text())
+
     def scaled(value: float) -> float | int:
         value = value * scale
         return int(value) if float(value).is_integer() else value
@@ -200,19 +206,30 @@ def train_lora(
     artifact_dir.mkdir(parents=True, exist_ok=True)
     pad_id = pad_id_of(tokenizer)
     forget_qas = ForgetSpec.as_qa(request.spec.forget)
-    items = [encode_qa(tokenizer, qa.question, refusal_for(i), cfg.max_len, end_of_turn=True)
-             for i, qa in enumerate(forget_qas)]
-    eval_forget = [encode_qa(tokenizer, qa.question, qa.answer, cfg.max_len, end_of_turn=False)
-                   for qa in subsample([qa for qa in forget_qas if qa.answer], cfg.n_eval, cfg.seed + 1)]
-    eval_retain = [encode_qa(tokenizer, qa.question, qa.answer, cfg.max_len, end_of_turn=False)
-                   for qa in subsample([qa for qa in ForgetSpec.as_qa(request.spec.retain) if qa.answer],
-                                       cfg.n_eval, cfg.seed + 1)]
+    items = [
+        encode_qa(tokenizer, qa.question, refusal_for(i), cfg.max_len, end_of_turn=True)
+        for i, qa in enumerate(forget_qas)
+    ]
+    eval_forget = [
+        encode_qa(tokenizer, qa.question, qa.answer, cfg.max_len, end_of_turn=False)
+        for qa in subsample([qa for qa in forget_qas if qa.answer], cfg.n_eval, cfg.seed + 1)
+    ]
+    eval_retain = [
+        encode_qa(tokenizer, qa.question, qa.answer, cfg.max_len, end_of_turn=False)
+        for qa in subsample([qa for qa in ForgetSpec.as_qa(request.spec.retain) if qa.answer], cfg.n_eval, cfg.seed + 1)
+    ]
     eval_refusals = items[: max(cfg.n_eval or len(items), 1)]
 
     torch.manual_seed(cfg.seed)
     alpha = int(cfg.lora_alpha) if float(cfg.lora_alpha).is_integer() else cfg.lora_alpha  # "16", not "16.0"
-    lora_config = LoraConfig(r=cfg.rank, lora_alpha=alpha, lora_dropout=0.0,
-                             target_modules=list(PEFT_TARGET_MODULES), bias="none", task_type="CAUSAL_LM")
+    lora_config = LoraConfig(
+        r=cfg.rank,
+        lora_alpha=alpha,
+        lora_dropout=0.0,
+        target_modules=list(PEFT_TARGET_MODULES),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     model = get_peft_model(base, lora_config)
     prior_folders = [Path(p) for p in (prior_adapters or [])]
     prior = load_prior_adapters(prior_folders)
@@ -222,11 +239,9 @@ def train_lora(
         if not items_:
             return None
         if adapter:
-            return mean(answer_probability(model, tokenizer, items_, cfg.batch_size, progress=progress,
-                                           desc=desc))
+            return mean(answer_probability(model, tokenizer, items_, cfg.batch_size, progress=progress, desc=desc))
         with model.disable_adapter():
-            return mean(answer_probability(model, tokenizer, items_, cfg.batch_size, progress=progress,
-                                           desc=desc))
+            return mean(answer_probability(model, tokenizer, items_, cfg.batch_size, progress=progress, desc=desc))
 
     def refusal_loss() -> float:
         batch = {k: v.to(dev) for k, v in collate(eval_refusals, pad_id).items()}
@@ -235,18 +250,29 @@ def train_lora(
 
     with torch.no_grad():
         orth_init = float(orthogonality_penalty(current_a_matrices(model), prior))
-    before = {"forget_prob": score(eval_forget, False, "forget P, base"),
-              "retain_prob": score(eval_retain, False, "retain P, base"),
-              "refusal_loss": refusal_loss(), "orth_penalty": orth_init}
+    before = {
+        "forget_prob": score(eval_forget, False, "forget P, base"),
+        "retain_prob": score(eval_retain, False, "retain P, base"),
+        "refusal_loss": refusal_loss(),
+        "orth_penalty": orth_init,
+    }
     batches = make_batches(items, cfg.batch_size, pad_id, cfg.seed, dev)
-    train_cfg = TrainConfig(steps=cfg.steps, learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
-                            seed=cfg.seed, progress=progress)
+    train_cfg = TrainConfig(
+        steps=cfg.steps,
+        learning_rate=cfg.learning_rate,
+        warmup_steps=cfg.warmup_steps,
+        seed=cfg.seed,
+        progress=progress,
+    )
     result = Trainer(method, train_cfg).fit(model, batches)
     with torch.no_grad():
         orth_final = float(orthogonality_penalty(current_a_matrices(model), method.prior))
-    after = {"forget_prob": score(eval_forget, True, "forget P, adapter"),
-             "retain_prob": score(eval_retain, True, "retain P, adapter"),
-             "refusal_loss": refusal_loss(), "orth_penalty": orth_final}
+    after = {
+        "forget_prob": score(eval_forget, True, "forget P, adapter"),
+        "retain_prob": score(eval_retain, True, "retain P, adapter"),
+        "refusal_loss": refusal_loss(),
+        "orth_penalty": orth_final,
+    }
     samples = []
     eos = stop_ids(tokenizer)
     with torch.no_grad():
@@ -269,25 +295,65 @@ def train_lora(
         log.info("O3: scale 1.0 is always written; requested scales %s", cfg.scales)
     cost = job.cost(train_wall_seconds=result.wall_seconds, train_cpu_seconds=result.cpu_seconds)
     artifact = LoRAArtifact(
-        version=version, threshold=cfg.threshold, folders=folders, rank=cfg.rank, lora_alpha=cfg.lora_alpha,
-        target_modules=sorted(PEFT_TARGET_MODULES), prior_adapters=[str(p) for p in prior_folders],
-        training={"method": method.name, "preset": cfg.model_dump(mode="json"), "losses": result.losses,
-                  "n_forget": len(items), "cost": cost},
-        evaluation={"before": before, "after": after, "n_eval_forget": len(eval_forget),
-                    "n_eval_retain": len(eval_retain), "samples": samples})
+        version=version,
+        threshold=cfg.threshold,
+        folders=folders,
+        rank=cfg.rank,
+        lora_alpha=cfg.lora_alpha,
+        target_modules=sorted(PEFT_TARGET_MODULES),
+        prior_adapters=[str(p) for p in prior_folders],
+        training={
+            "method": method.name,
+            "preset": cfg.model_dump(mode="json"),
+            "losses": result.losses,
+            "n_forget": len(items),
+            "cost": cost,
+        },
+        evaluation={
+            "before": before,
+            "after": after,
+            "n_eval_forget": len(eval_forget),
+            "n_eval_retain": len(eval_retain),
+            "samples": samples,
+        },
+    )
     artifact.write(artifact_dir)
-    summary = {"method": "lora", "version": version, "rank": cfg.rank, "steps": cfg.steps,
-               "prior_adapters": len(prior_folders), "orth_penalty_init": orth_init, "orth_penalty": orth_final,
-               "forget_prob_before": before["forget_prob"], "forget_prob_after": after["forget_prob"],
-               "retain_prob_before": before["retain_prob"], "retain_prob_after": after["retain_prob"],
-               "refusal_loss_before": before["refusal_loss"], "refusal_loss_after": after["refusal_loss"], **cost}
-    log.info("O3 %s: forget P %.4f -> %.4f, refusal loss %.3f -> %.3f, orth %.3g, %.0fs", request.id,
-             before["forget_prob"] or math.nan, after["forget_prob"] or math.nan, before["refusal_loss"],
-             after["refusal_loss"], orth_final, cost["wall_seconds"])
+    summary = {
+        "method": "lora",
+        "version": version,
+        "rank": cfg.rank,
+        "steps": cfg.steps,
+        "prior_adapters": len(prior_folders),
+        "orth_penalty_init": orth_init,
+        "orth_penalty": orth_final,
+        "forget_prob_before": before["forget_prob"],
+        "forget_prob_after": after["forget_prob"],
+        "retain_prob_before": before["retain_prob"],
+        "retain_prob_after": after["retain_prob"],
+        "refusal_loss_before": before["refusal_loss"],
+        "refusal_loss_after": after["refusal_loss"],
+        **cost,
+    }
+    log.info(
+        "O3 %s: forget P %.4f -> %.4f, refusal loss %.3f -> %.3f, orth %.3g, %.0fs",
+        request.id,
+        before["forget_prob"] or math.nan,
+        after["forget_prob"] or math.nan,
+        before["refusal_loss"],
+        after["refusal_loss"],
+        orth_final,
+        cost["wall_seconds"],
+    )
     return summary
 
 
 def lora_job(request: ForgetRequest, artifact_dir: Path, ctx: JobContext) -> dict:
     """The worker's job for a `lora` request: orthogonal to every earlier LoRA request still served."""
-    return train_lora(request, artifact_dir, ctx.model_path(), prior_adapters=prior_lora_adapters(ctx.registry, request),
-                      preset=default_preset(request), progress=False)
+    return train_lora(
+        request,
+        artifact_dir,
+        ctx.model_path(),
+        prior_adapters=prior_lora_adapters(ctx.registry, request),
+        preset=default_preset(request),
+        progress=False,
+    )

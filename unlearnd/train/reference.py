@@ -62,8 +62,9 @@ class ReferencePreset(BaseModel):
     max_new_tokens: int = 96
 
     def hyperparameters(self) -> dict[str, Any]:
-        return self.model_dump(include={"epochs", "learning_rate", "batch_size", "max_length", "warmup_steps",
-                                        "weight_decay", "seed"})
+        return self.model_dump(
+            include={"epochs", "learning_rate", "batch_size", "max_length", "warmup_steps", "weight_decay", "seed"}
+        )
 
 
 def preset(name: str, forget_split: str | None = None, **overrides: Any) -> ReferencePreset:
@@ -78,14 +79,35 @@ def preset(name: str, forget_split: str | None = None, **overrides: Any) -> Refe
         # whole mini pipeline (references, baselines, evaluation) fits a few CPU hours. Evaluation takes 20
         # items per split (every other forget item; a whole model costs ~12 CPU-minutes even so) and 48
         # new tokens (TOFU answers' median length); `--limit forget=all` etc. restore the full splits.
-        base = ReferencePreset(name="mini", forget_split=forget_split, n_retain_authors=6, epochs=4.0,
-                               learning_rate=1e-4, batch_size=8, warmup_steps=5, eval_forget_items=20,
-                               eval_retain_items=20, eval_holdout_items=20, eval_real_authors_items=20,
-                               eval_world_facts_items=20, max_new_tokens=48)
+        base = ReferencePreset(
+            name="mini",
+            forget_split=forget_split,
+            n_retain_authors=6,
+            epochs=4.0,
+            learning_rate=1e-4,
+            batch_size=8,
+            warmup_steps=5,
+            eval_forget_items=20,
+            eval_retain_items=20,
+            eval_holdout_items=20,
+            eval_real_authors_items=20,
+            eval_world_facts_items=20,
+            max_new_tokens=48,
+        )
     elif name == "full":
-        base = ReferencePreset(name="full", forget_split=forget_split, n_retain_authors=None, epochs=5.0,
-                               learning_rate=1e-5, batch_size=32, warmup_steps=20, eval_forget_items=None,
-                               eval_retain_items=None, eval_holdout_items=None, max_new_tokens=200)
+        base = ReferencePreset(
+            name="full",
+            forget_split=forget_split,
+            n_retain_authors=None,
+            epochs=5.0,
+            learning_rate=1e-5,
+            batch_size=32,
+            warmup_steps=20,
+            eval_forget_items=None,
+            eval_retain_items=None,
+            eval_holdout_items=None,
+            max_new_tokens=200,
+        )
     else:
         raise ValueError(f"unknown preset {name!r} (mini | full)")
     return base.model_copy(update=overrides)
@@ -107,11 +129,18 @@ def reference_data(p: ReferencePreset, tofu: TofuData | None = None) -> Referenc
     others = [a for a in range(TOFU_AUTHORS) if a not in set(forget_authors)]
     retain_authors = others if p.n_retain_authors is None else others[: p.n_retain_authors]
     # held-out (never trained) authors for membership inference: next authors after the retain ones
-    holdout = [] if p.n_retain_authors is None else others[p.n_retain_authors: p.n_retain_authors + len(forget_authors)]
+    holdout = (
+        [] if p.n_retain_authors is None else others[p.n_retain_authors : p.n_retain_authors + len(forget_authors)]
+    )
     target_items = tofu.by_authors(sorted(set(forget_authors) | set(retain_authors)))
     retain_items = tofu.by_authors(retain_authors)
-    return ReferenceData(forget_authors=forget_authors, retain_authors=retain_authors, holdout_authors=holdout,
-                         target_items=target_items, retain_items=retain_items)
+    return ReferenceData(
+        forget_authors=forget_authors,
+        retain_authors=retain_authors,
+        holdout_authors=holdout,
+        target_items=target_items,
+        retain_items=retain_items,
+    )
 
 
 # --------------------------------------------------------------------------- hashing / caching
@@ -160,8 +189,9 @@ def update_info(path: Path, **fields: Any) -> dict[str, Any]:
     return info
 
 
-def save_model_atomic(model: torch.nn.Module, tokenizer: Any, target: Path, info: dict[str, Any],
-                      dtype: torch.dtype = torch.bfloat16) -> Path:
+def save_model_atomic(
+    model: torch.nn.Module, tokenizer: Any, target: Path, info: dict[str, Any], dtype: torch.dtype = torch.bfloat16
+) -> Path:
     """Write weights + tokenizer + info into a tmp dir, then rename.
 
     Reference models default to bf16, the dtype vLLM serves, so the in-process target and the served
@@ -172,8 +202,9 @@ def save_model_atomic(model: torch.nn.Module, tokenizer: Any, target: Path, info
         model.to(dtype).save_pretrained(staging, safe_serialization=True)
         model.to(torch.float32)
         tokenizer.save_pretrained(staging)
-        (staging / INFO_FILE).write_text(json.dumps({"saved_dtype": str(dtype).removeprefix("torch."), **info},
-                                                    indent=1, default=str))
+        (staging / INFO_FILE).write_text(
+            json.dumps({"saved_dtype": str(dtype).removeprefix("torch."), **info}, indent=1, default=str)
+        )
         (staging / COMPLETE_MARKER).write_text("ok")
         install_dir(staging, target)  # replaces an incomplete leftover (no marker) or a forced retrain
     finally:
@@ -183,22 +214,36 @@ def save_model_atomic(model: torch.nn.Module, tokenizer: Any, target: Path, info
 
 
 def train_result_dict(result: TrainResult) -> dict[str, Any]:
-    return {"steps": result.steps, "wall_seconds": result.wall_seconds, "cpu_seconds": result.cpu_seconds,
-            "first_loss": result.losses[0] if result.losses else None,
-            "final_loss": result.losses[-1] if result.losses else None, "losses": result.losses}
+    return {
+        "steps": result.steps,
+        "wall_seconds": result.wall_seconds,
+        "cpu_seconds": result.cpu_seconds,
+        "first_loss": result.losses[0] if result.losses else None,
+        "final_loss": result.losses[-1] if result.losses else None,
+        "losses": result.losses,
+    }
 
 
 def steps_for(epochs: float, n_batches: int) -> int:
     return max(1, math.ceil(epochs * n_batches))
 
 
-def finetune_cached(kind: str, items: list[QAItem], base_dir: Path, hp: dict[str, Any], extra: dict[str, Any],
-                    root: Path | None = None, force: bool = False, progress: bool = True) -> Path:
+def finetune_cached(
+    kind: str,
+    items: list[QAItem],
+    base_dir: Path,
+    hp: dict[str, Any],
+    extra: dict[str, Any],
+    root: Path | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> Path:
     """Finetune `base_dir` on `items` with the shared trainer; cached by (base, data, hp, kind)."""
     from unlearnd.train.baselines import Finetune
 
-    key = cache_key({"kind": kind, "base": model_fingerprint(base_dir), "data": items_digest(items), "hp": hp,
-                     "code": CODE_VERSION})
+    key = cache_key(
+        {"kind": kind, "base": model_fingerprint(base_dir), "data": items_digest(items), "hp": hp, "code": CODE_VERSION}
+    )
     target = (root or cache_dir() / "reference") / key
     if is_complete(target) and not force:
         log.info("%s model cached at %s", kind, target)
@@ -206,13 +251,32 @@ def finetune_cached(kind: str, items: list[QAItem], base_dir: Path, hp: dict[str
     model, tokenizer = load_causal_lm(base_dir)
     batches = QABatches(tokenizer, items, hp["batch_size"], hp["max_length"], seed=hp["seed"])
     steps = steps_for(hp["epochs"], len(batches))
-    log.info("training %s model: %d QA, %d steps (%s epochs of %d batches)", kind, len(items), steps,
-             hp["epochs"], len(batches))
-    config = TrainConfig(steps=steps, learning_rate=hp["learning_rate"], weight_decay=hp.get("weight_decay", 0.0),
-                         warmup_steps=hp.get("warmup_steps", 0), seed=hp["seed"], progress=progress)
+    log.info(
+        "training %s model: %d QA, %d steps (%s epochs of %d batches)",
+        kind,
+        len(items),
+        steps,
+        hp["epochs"],
+        len(batches),
+    )
+    config = TrainConfig(
+        steps=steps,
+        learning_rate=hp["learning_rate"],
+        weight_decay=hp.get("weight_decay", 0.0),
+        warmup_steps=hp.get("warmup_steps", 0),
+        seed=hp["seed"],
+        progress=progress,
+    )
     result = Trainer(Finetune(), config).fit(model, batches)
-    info = {"kind": kind, "cache_key": key, "base_model": str(base_dir), "n_items": len(items),
-            "hyperparameters": hp, "train": train_result_dict(result), **extra}
+    info = {
+        "kind": kind,
+        "cache_key": key,
+        "base_model": str(base_dir),
+        "n_items": len(items),
+        "hyperparameters": hp,
+        "train": train_result_dict(result),
+        **extra,
+    }
     return save_model_atomic(model, tokenizer, target, info)
 
 
@@ -223,9 +287,14 @@ class ReferenceModels(BaseModel):
     data: ReferenceData
 
 
-def ensure_reference_models(p: ReferencePreset, base_dir: str | Path | None = None, force: bool = False,
-                            tofu: TofuData | None = None, which: tuple[str, ...] = ("target", "retain"),
-                            progress: bool = True) -> ReferenceModels:
+def ensure_reference_models(
+    p: ReferencePreset,
+    base_dir: str | Path | None = None,
+    force: bool = False,
+    tofu: TofuData | None = None,
+    which: tuple[str, ...] = ("target", "retain"),
+    progress: bool = True,
+) -> ReferenceModels:
     """Train (or reuse) the target and retain models of a preset."""
     from unlearnd.models import pull_default
 
@@ -235,36 +304,52 @@ def ensure_reference_models(p: ReferencePreset, base_dir: str | Path | None = No
     common = {"preset": p.name, "forget_split": p.forget_split}
     dirs: dict[str, Path] = {}
     plans = {
-        "target": (data.target_items, {**common, "authors": sorted(set(data.forget_authors) | set(data.retain_authors))}),
+        "target": (
+            data.target_items,
+            {**common, "authors": sorted(set(data.forget_authors) | set(data.retain_authors))},
+        ),
         "retain": (data.retain_items, {**common, "authors": data.retain_authors}),
     }
     for kind in ("target", "retain"):
         items, extra = plans[kind]
         if kind not in which:
-            key = cache_key({"kind": kind, "base": model_fingerprint(base), "data": items_digest(items), "hp": hp,
-                             "code": CODE_VERSION})
+            key = cache_key(
+                {
+                    "kind": kind,
+                    "base": model_fingerprint(base),
+                    "data": items_digest(items),
+                    "hp": hp,
+                    "code": CODE_VERSION,
+                }
+            )
             dirs[kind] = cache_dir() / "reference" / key
             continue
         dirs[kind] = finetune_cached(kind, items, base, hp, extra, force=force, progress=progress)
     return ReferenceModels(preset=p, target_dir=str(dirs["target"]), retain_dir=str(dirs["retain"]), data=data)
 
 
-def forget_rouge(model_dir: str | Path, items: list[QAItem], max_new_tokens: int = 96,
-                 limit: int | None = None) -> dict[str, Any]:
+def forget_rouge(
+    model_dir: str | Path, items: list[QAItem], max_new_tokens: int = 96, limit: int | None = None
+) -> dict[str, Any]:
     """Greedy ROUGE-L recall of a model on forget items (the memorisation check of the target)."""
-    from unlearnd.prompting import user_messages
     from unlearnd.evaluation.metrics import rouge_backend, rouge_l_recall
     from unlearnd.evaluation.model_under_test import HFModelUnderTest
+    from unlearnd.prompting import user_messages
 
     chosen = items[:limit] if limit else items
     mut = HFModelUnderTest.from_dir(model_dir, name=Path(model_dir).name)
-    gens = mut.generate([user_messages(it.question) for it in chosen], max_new_tokens=max_new_tokens,
-                        desc="forget ROUGE")
+    gens = mut.generate(
+        [user_messages(it.question) for it in chosen], max_new_tokens=max_new_tokens, desc="forget ROUGE"
+    )
     scores = [rouge_l_recall(it.answer, g) for it, g in zip(chosen, gens)]
-    return {"forget_rouge_l_recall": float(sum(scores) / len(scores)), "n": len(scores),
-            "rouge_backend": rouge_backend(), "examples": [
-                {"question": it.question, "answer": it.answer, "generation": g} for it, g in list(zip(chosen, gens))[:3]
-            ]}
+    return {
+        "forget_rouge_l_recall": float(sum(scores) / len(scores)),
+        "n": len(scores),
+        "rouge_backend": rouge_backend(),
+        "examples": [
+            {"question": it.question, "answer": it.answer, "generation": g} for it, g in list(zip(chosen, gens))[:3]
+        ],
+    }
 
 
 ReferenceKind = Literal["target", "retain"]

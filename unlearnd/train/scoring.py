@@ -24,9 +24,13 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def answer_logits(model: torch.nn.Module, labels: torch.Tensor, attention_mask: torch.Tensor,
-                  input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def answer_logits(
+    model: torch.nn.Module,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor,
+    input_ids: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logits ([N, V], float32) at the N positions that predict a labelled token, those tokens ([N])
     and their row in the batch ([N]). The decoder body runs on ids or embeddings; the LM head only
     on the N positions."""
@@ -43,15 +47,17 @@ def answer_logits(model: torch.nn.Module, labels: torch.Tensor, attention_mask: 
     return logits[:, :-1][where].float(), shifted[where], rows
 
 
-def target_logprobs(model, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-                    labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def target_logprobs(
+    model, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-target-token log-probs ([N]) and their row index ([N])."""
     logits, targets, rows = answer_logits(model, labels, attention_mask, inputs_embeds=inputs_embeds)
     return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1), rows
 
 
-def target_logits(model, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-                  labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def target_logits(
+    model, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits ([N, V]) at the positions predicting target tokens, and those targets ([N])."""
     logits, targets, _ = answer_logits(model, labels, attention_mask, inputs_embeds=inputs_embeds)
     return logits, targets
@@ -68,15 +74,23 @@ EmbedFn = Callable[[dict[str, torch.Tensor], list[EncodedQA]], tuple[torch.Tenso
 
 def plain_embeds(model) -> EmbedFn:
     """The default `embed_fn`: the model's own embedding lookup of the batch ids."""
+
     def fn(batch: dict[str, torch.Tensor], items: list[EncodedQA]):
         return model.get_input_embeddings()(batch["input_ids"]), batch["attention_mask"], batch["labels"]
+
     return fn
 
 
 @torch.no_grad()
-def answer_probability(model, tokenizer, items: list[EncodedQA], batch_size: int = 8,
-                       embed_fn: EmbedFn | None = None, progress: bool = False,
-                       desc: str = "P(a|q)") -> list[float]:
+def answer_probability(
+    model,
+    tokenizer,
+    items: list[EncodedQA],
+    batch_size: int = 8,
+    embed_fn: EmbedFn | None = None,
+    progress: bool = False,
+    desc: str = "P(a|q)",
+) -> list[float]:
     """TOFU's length-normalised answer probability P(a|q)^(1/|a|), one value per item.
 
     `embed_fn(batch, items) -> (inputs_embeds, attention_mask, labels)` lets the caller change
@@ -85,7 +99,7 @@ def answer_probability(model, tokenizer, items: list[EncodedQA], batch_size: int
     embed_fn = embed_fn or plain_embeds(model)
     pad_id = pad_id_of(tokenizer)
     values: list[float] = []
-    chunks = [items[i: i + batch_size] for i in range(0, len(items), batch_size)]
+    chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
     for chunk in tqdm(chunks, desc=desc, disable=not progress, leave=False):
         batch = to_device(collate(chunk, pad_id), device)
         embeds, mask, labels = embed_fn(batch, chunk)
@@ -123,15 +137,23 @@ def greedy_generate(model, embeds: torch.Tensor, max_new_tokens: int, eos_ids: l
 def text_stats(text: str, token_ids: list[int]) -> dict[str, float]:
     """Cheap gibberish signals: share of non-ASCII characters and of repeated token 3-grams."""
     non_ascii = sum(1 for c in text if ord(c) > 127) / max(len(text), 1)
-    grams = [tuple(token_ids[i: i + 3]) for i in range(max(len(token_ids) - 2, 0))]
+    grams = [tuple(token_ids[i : i + 3]) for i in range(max(len(token_ids) - 2, 0))]
     repetition = 1.0 - len(set(grams)) / len(grams) if grams else 0.0
     return {"non_ascii": non_ascii, "repetition": repetition}
 
 
 @torch.no_grad()
-def fluency_report(model, tokenizer, items: list[EncodedQA], embeds_of: Callable[[EncodedQA], torch.Tensor],
-                   max_new_tokens: int, max_ppl: float, max_non_ascii: float, max_repetition: float,
-                   progress: bool = False) -> dict:
+def fluency_report(
+    model,
+    tokenizer,
+    items: list[EncodedQA],
+    embeds_of: Callable[[EncodedQA], torch.Tensor],
+    max_new_tokens: int,
+    max_ppl: float,
+    max_non_ascii: float,
+    max_repetition: float,
+    progress: bool = False,
+) -> dict:
     """Generate greedily under the intervention and judge the text with the *clean* model: its
     perplexity given the clean prompt (gibberish scores very high), plus non-ASCII and
     repetition rates. The same is measured for the clean generations as a reference."""
@@ -157,10 +179,16 @@ def fluency_report(model, tokenizer, items: list[EncodedQA], embeds_of: Callable
         return {k: mean(r[k] for r in rows if not math.isnan(r[k])) for k in ("ppl", "non_ascii", "repetition")}
 
     intervened, clean = agg(judged), agg(clean_judged)
-    fluent = (not math.isnan(intervened["ppl"]) and intervened["ppl"] <= max_ppl
-              and intervened["non_ascii"] <= max_non_ascii and intervened["repetition"] <= max_repetition)
-    return {"fluent": bool(fluent), "intervened": intervened, "clean": clean,
-            "thresholds": {"max_ppl": max_ppl, "max_non_ascii": max_non_ascii, "max_repetition": max_repetition},
-            "samples": samples}
-
-
+    fluent = (
+        not math.isnan(intervened["ppl"])
+        and intervened["ppl"] <= max_ppl
+        and intervened["non_ascii"] <= max_non_ascii
+        and intervened["repetition"] <= max_repetition
+    )
+    return {
+        "fluent": bool(fluent),
+        "intervened": intervened,
+        "clean": clean,
+        "thresholds": {"max_ppl": max_ppl, "max_non_ascii": max_non_ascii, "max_repetition": max_repetition},
+        "samples": samples,
+    }

@@ -21,12 +21,12 @@ from pydantic import BaseModel
 
 from unlearnd.interventions.guardrails import forget_instruction
 from unlearnd.interventions.soft_prompt import SoftPromptConfig, save_soft_prompt
+from unlearnd.prompting import stop_ids
 from unlearnd.spec import ForgetRequest, ForgetSpec
 from unlearnd.train.data import EncodedQA, collate, encode_qa, pad_id_of, refusal_for, subsample
 from unlearnd.train.job import JobContext, default_preset, start_job
 from unlearnd.train.scoring import answer_probability, greedy_generate, mean, target_logits
 from unlearnd.train.trainer import TrainConfig, Trainer, TrainingMethod, register_method
-from unlearnd.prompting import stop_ids
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,17 @@ class SoftPromptPreset(BaseModel):
 
 PRESETS = {
     "cpu": SoftPromptPreset(),
-    "full": SoftPromptPreset(steps=400, batch_forget=16, batch_retain=16, learning_rate=3e-3, warmup_steps=20,
-                             n_retain=None, n_eval=None, n_samples=8, sample_tokens=64),
+    "full": SoftPromptPreset(
+        steps=400,
+        batch_forget=16,
+        batch_retain=16,
+        learning_rate=3e-3,
+        warmup_steps=20,
+        n_retain=None,
+        n_eval=None,
+        n_samples=8,
+        sample_tokens=64,
+    ),
 }
 
 
@@ -76,9 +85,11 @@ class SoftPromptModel(torch.nn.Module):
             return embeds, mask, labels
         b, n = embeds.shape[0], self.n_tokens
         prompt = self.prompt.to(embeds.dtype).unsqueeze(0).expand(b, -1, -1)
-        return (torch.cat([prompt, embeds], dim=1),
-                torch.cat([mask.new_ones(b, n), mask], dim=1),
-                torch.cat([labels.new_full((b, n), -100), labels], dim=1))
+        return (
+            torch.cat([prompt, embeds], dim=1),
+            torch.cat([mask.new_ones(b, n), mask], dim=1),
+            torch.cat([labels.new_full((b, n), -100), labels], dim=1),
+        )
 
 
 def text_init(embedding: torch.nn.Embedding, tokenizer, text: str, n_tokens: int) -> torch.Tensor:
@@ -132,8 +143,9 @@ class SPULMethod(TrainingMethod):
         return total, logs
 
 
-def make_batches(forget: list[EncodedQA], retain: list[EncodedQA], cfg: SoftPromptPreset, pad_id: int,
-                 device: torch.device) -> list[dict]:
+def make_batches(
+    forget: list[EncodedQA], retain: list[EncodedQA], cfg: SoftPromptPreset, pad_id: int, device: torch.device
+) -> list[dict]:
     """One epoch of (forget, retain) batch pairs: as many pairs as the larger set needs, the
     smaller set cycling; both shuffled with the preset's seed."""
     rng = random.Random(cfg.seed)
@@ -145,10 +157,10 @@ def make_batches(forget: list[EncodedQA], retain: list[EncodedQA], cfg: SoftProm
     batches = []
     for i in range(max(n_f, n_r)):
         j = i % n_f
-        batch = {"forget": collate(forget[j * cfg.batch_forget:(j + 1) * cfg.batch_forget], pad_id)}
+        batch = {"forget": collate(forget[j * cfg.batch_forget : (j + 1) * cfg.batch_forget], pad_id)}
         if retain:
             k = i % n_r
-            batch["retain"] = collate(retain[k * cfg.batch_retain:(k + 1) * cfg.batch_retain], pad_id)
+            batch["retain"] = collate(retain[k * cfg.batch_retain : (k + 1) * cfg.batch_retain], pad_id)
         batches.append({key: {n: t.to(device) for n, t in value.items()} for key, value in batch.items()})
     return batches
 
@@ -175,41 +187,65 @@ def train_soft_prompt(
     if not retain_qas:
         log.warning("SPUL %s: no retain QAs with answers; training on L_forget only", request.id)
     retain_qas = subsample(retain_qas, cfg.n_retain, cfg.seed)
-    forget_items = [encode_qa(tokenizer, qa.question, refusal_for(i), cfg.max_len, end_of_turn=True)
-                    for i, qa in enumerate(forget_qas)]
+    forget_items = [
+        encode_qa(tokenizer, qa.question, refusal_for(i), cfg.max_len, end_of_turn=True)
+        for i, qa in enumerate(forget_qas)
+    ]
     retain_items = [encode_qa(tokenizer, qa.question, qa.answer, cfg.max_len, end_of_turn=True) for qa in retain_qas]
 
     init = text_init(llm.get_input_embeddings(), tokenizer, forget_instruction(request.spec.entities), cfg.n_tokens)
     model = SoftPromptModel(llm, init).to(dev)
 
-    eval_forget = [encode_qa(tokenizer, qa.question, qa.answer, cfg.max_len, end_of_turn=False)
-                   for qa in subsample([qa for qa in forget_qas if qa.answer], cfg.n_eval, cfg.seed + 1)]
-    eval_retain = [encode_qa(tokenizer, qa.question, qa.answer, cfg.max_len, end_of_turn=False)
-                   for qa in subsample(retain_qas, cfg.n_eval, cfg.seed + 1)]
+    eval_forget = [
+        encode_qa(tokenizer, qa.question, qa.answer, cfg.max_len, end_of_turn=False)
+        for qa in subsample([qa for qa in forget_qas if qa.answer], cfg.n_eval, cfg.seed + 1)
+    ]
+    eval_retain = [
+        encode_qa(tokenizer, qa.question, qa.answer, cfg.max_len, end_of_turn=False)
+        for qa in subsample(retain_qas, cfg.n_eval, cfg.seed + 1)
+    ]
 
     def score(items: list[EncodedQA], with_prompt: bool, desc: str) -> float | None:
         if not items:
             return None
-        return mean(answer_probability(llm, tokenizer, items, cfg.batch_forget * 2,
-                                       embed_fn=prompted_fn(model, with_prompt), progress=progress, desc=desc))
+        return mean(
+            answer_probability(
+                llm,
+                tokenizer,
+                items,
+                cfg.batch_forget * 2,
+                embed_fn=prompted_fn(model, with_prompt),
+                progress=progress,
+                desc=desc,
+            )
+        )
 
     method = SPULMethod(cfg.alpha, cfg.beta)
     eval_refusals = forget_items[: max(cfg.n_eval or len(forget_items), 1)]
     with torch.no_grad():
         lf_before = float(method.forget_loss(model, {k: v.to(dev) for k, v in collate(eval_refusals, pad_id).items()}))
-    before = {"forget_prob": score(eval_forget, False, "forget P, no prompt"),
-              "retain_prob": score(eval_retain, False, "retain P, no prompt"),
-              "forget_prob_init": score(eval_forget, True, "forget P, init prompt")}
+    before = {
+        "forget_prob": score(eval_forget, False, "forget P, no prompt"),
+        "retain_prob": score(eval_retain, False, "retain P, no prompt"),
+        "forget_prob_init": score(eval_forget, True, "forget P, init prompt"),
+    }
 
     batches = make_batches(forget_items, retain_items, cfg, pad_id, dev)
-    train_cfg = TrainConfig(steps=cfg.steps, learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
-                            seed=cfg.seed, progress=progress)
+    train_cfg = TrainConfig(
+        steps=cfg.steps,
+        learning_rate=cfg.learning_rate,
+        warmup_steps=cfg.warmup_steps,
+        seed=cfg.seed,
+        progress=progress,
+    )
     result = Trainer(method, train_cfg).fit(model, batches)
 
     with torch.no_grad():
         lf_after = float(method.forget_loss(model, {k: v.to(dev) for k, v in collate(eval_refusals, pad_id).items()}))
-    after = {"forget_prob": score(eval_forget, True, "forget P, prompt"),
-             "retain_prob": score(eval_retain, True, "retain P, prompt")}
+    after = {
+        "forget_prob": score(eval_forget, True, "forget P, prompt"),
+        "retain_prob": score(eval_retain, True, "retain P, prompt"),
+    }
     samples = []
     eos = stop_ids(tokenizer)
     with torch.no_grad():
@@ -220,20 +256,52 @@ def train_soft_prompt(
             samples.append({"question": item.question, "output": tokenizer.decode(gen, skip_special_tokens=True)})
 
     cost = job.cost(train_wall_seconds=result.wall_seconds, train_cpu_seconds=result.cpu_seconds)
-    evaluation = {"before": before, "after": after, "forget_loss_before": lf_before, "forget_loss_after": lf_after,
-                  "n_eval_forget": len(eval_forget), "n_eval_retain": len(eval_retain), "samples": samples}
+    evaluation = {
+        "before": before,
+        "after": after,
+        "forget_loss_before": lf_before,
+        "forget_loss_after": lf_after,
+        "n_eval_forget": len(eval_forget),
+        "n_eval_retain": len(eval_retain),
+        "samples": samples,
+    }
     config = SoftPromptConfig(
-        n_tokens=cfg.n_tokens, hidden_size=int(model.prompt.shape[1]), position="start", model=str(model_path),
-        training={"method": method.name, "preset": cfg.model_dump(mode="json"), "losses": result.losses,
-                  "n_forget": len(forget_items), "n_retain": len(retain_items), "cost": cost},
-        evaluation=evaluation)
+        n_tokens=cfg.n_tokens,
+        hidden_size=int(model.prompt.shape[1]),
+        position="start",
+        model=str(model_path),
+        training={
+            "method": method.name,
+            "preset": cfg.model_dump(mode="json"),
+            "losses": result.losses,
+            "n_forget": len(forget_items),
+            "n_retain": len(retain_items),
+            "cost": cost,
+        },
+        evaluation=evaluation,
+    )
     save_soft_prompt(Path(artifact_dir), model.prompt.detach().cpu(), config)
-    summary = {"method": "soft_prompt", "n_tokens": cfg.n_tokens, "steps": cfg.steps,
-               "forget_loss_before": lf_before, "forget_loss_after": lf_after,
-               "forget_prob_before": before["forget_prob"], "forget_prob_after": after["forget_prob"],
-               "retain_prob_before": before["retain_prob"], "retain_prob_after": after["retain_prob"], **cost}
-    log.info("SPUL %s: L_forget %.3f -> %.3f, forget P %.4f -> %.4f, %.0fs", request.id, lf_before, lf_after,
-             before["forget_prob"] or math.nan, after["forget_prob"] or math.nan, cost["wall_seconds"])
+    summary = {
+        "method": "soft_prompt",
+        "n_tokens": cfg.n_tokens,
+        "steps": cfg.steps,
+        "forget_loss_before": lf_before,
+        "forget_loss_after": lf_after,
+        "forget_prob_before": before["forget_prob"],
+        "forget_prob_after": after["forget_prob"],
+        "retain_prob_before": before["retain_prob"],
+        "retain_prob_after": after["retain_prob"],
+        **cost,
+    }
+    log.info(
+        "SPUL %s: L_forget %.3f -> %.3f, forget P %.4f -> %.4f, %.0fs",
+        request.id,
+        lf_before,
+        lf_after,
+        before["forget_prob"] or math.nan,
+        after["forget_prob"] or math.nan,
+        cost["wall_seconds"],
+    )
     return summary
 
 

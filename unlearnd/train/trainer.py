@@ -122,6 +122,12 @@ class Trainer:
             wall_seconds=time.perf_counter() - wall0,
             cpu_seconds=time.process_time() - cpu0,
         )
-        log.info("%s: %d steps, final loss %.4f, %.1fs wall, %.1fs CPU", self.method.name, cfg.steps,
-                 losses[-1] if losses else math.nan, result.wall_seconds, result.cpu_seconds)
+        log.info(
+            "%s: %d steps, final loss %.4f, %.1fs wall, %.1fs CPU",
+            self.method.name,
+            cfg.steps,
+            losses[-1] if losses else math.nan,
+            result.wall_seconds,
+            result.cpu_seconds,
+        )
         return result

@@ -32,8 +32,9 @@ class ZOResult:
     final: tuple[float, float] | None = None  # (x, m(x)) of the last prediction, when evaluated
 
 
-def two_point_gradient(m: Callable[[float], float], x: float, e: float, lo: float, hi: float
-                       ) -> tuple[float, float, float, float, float]:
+def two_point_gradient(
+    m: Callable[[float], float], x: float, e: float, lo: float, hi: float
+) -> tuple[float, float, float, float, float]:
     """g = [m(x+e) - m(x-e)] / (x+e - (x-e)), the points clipped to [lo, hi]; also returns them."""
     xp, xm = min(x + e, hi), max(x - e, lo)
     mp, mm = m(xp), m(xm)
@@ -82,8 +83,19 @@ def zo_solve(
             step = radius if residual > 0 else -radius
         step = max(-radius, min(radius, step))
         x = min(max(x + step, lo), hi)
-        history.append({"iteration": it, "x_plus": xp, "m_plus": mp, "x_minus": xm, "m_minus": mm,
-                        "grad": g, "residual": residual, "step": step, "next_x": x})
+        history.append(
+            {
+                "iteration": it,
+                "x_plus": xp,
+                "m_plus": mp,
+                "x_minus": xm,
+                "m_minus": mm,
+                "grad": g,
+                "residual": residual,
+                "step": step,
+                "next_x": x,
+            }
+        )
         bar.set_postfix(x=f"{x:.4g}", best=f"{best[0]:.4g}")
         if best[0] <= tol:
             break
