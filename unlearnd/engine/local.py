@@ -72,6 +72,9 @@ class LocalVLLMEngine(Engine):
     async def start(self) -> None:
         # vLLM's CPU backend reads its KV cache size (whole GiB) from the environment.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(self.kv_cache_gib)))
+        # A forked engine core inherits this process's torch state: after any torch work here (a model
+        # loaded, an adapter written) the forked CPU engine computed wrong tokens. Spawn starts it clean.
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
