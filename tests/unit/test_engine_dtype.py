@@ -8,27 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from unlearnd.engine import dtype as engine_dtype
 from unlearnd.engine.dtype import resolve_dtype
 from unlearnd.engine.remote import RemoteVLLMEngine, plain_vllm_command
 
 
-@pytest.mark.parametrize(
-    "cuda, native, expected",
-    [
-        (False, False, "float32"),
-        (False, True, "bfloat16"),
-        (True, False, "bfloat16"),
-    ],
-)
-def test_auto_picks_bf16_only_where_hardware_has_it(monkeypatch, cuda, native, expected):
+@pytest.mark.parametrize("cuda, expected", [(False, "float32"), (True, "bfloat16")])
+def test_auto_picks_bf16_only_on_gpus(monkeypatch, cuda, expected):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    monkeypatch.setattr(engine_dtype, "cpu_has_native_bf16", lambda: native)
     assert resolve_dtype("auto") == expected
 
 
 def test_explicit_dtype_wins_and_unknown_is_refused(monkeypatch):
-    monkeypatch.setattr(engine_dtype, "cpu_has_native_bf16", lambda: False)
     assert resolve_dtype("bfloat16") == "bfloat16"
     with pytest.raises(ValueError, match="unknown dtype"):
         resolve_dtype("int8")
@@ -36,7 +26,6 @@ def test_explicit_dtype_wins_and_unknown_is_refused(monkeypatch):
 
 def test_plain_vllm_and_remote_engine_follow_the_choice(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(engine_dtype, "cpu_has_native_bf16", lambda: False)
     cmd = plain_vllm_command("/m", 9000, "m")
     assert cmd[cmd.index("--dtype") + 1] == "float32"
     cmd = plain_vllm_command("/m", 9000, "m", dtype="bfloat16")

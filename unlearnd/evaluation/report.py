@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from unlearnd.evaluation.metrics import MODEL_UTILITY_PARTS
+
 log = logging.getLogger(__name__)
 
 TABLE_COLUMNS = (
@@ -37,17 +39,7 @@ TABLE_COLUMNS = (
     ("forget_generation_ppl", "Gen. PPL"),
 )
 
-UTILITY_COLUMNS = (
-    "retain_Q_A_Prob",
-    "retain_Q_A_ROUGE",
-    "retain_Truth_Ratio",
-    "ra_Q_A_Prob_normalised",
-    "ra_Q_A_ROUGE",
-    "ra_Truth_Ratio",
-    "wf_Q_A_Prob_normalised",
-    "wf_Q_A_ROUGE",
-    "wf_Truth_Ratio",
-)
+UTILITY_COLUMNS = MODEL_UTILITY_PARTS
 
 BAR_METRICS = (
     "forget_Q_A_ROUGE",
