@@ -244,13 +244,13 @@ def run_bench(
 ) -> dict:
     """Measure every (route, concurrency) cell and the detector sweep; `profiler` (a started-on-demand
     `unlearnd.bench.profile.Profiler` of the unlearnd server) samples the non-flagged cells."""
-    ours = UnlearndClient(ours_url, admin_key=admin_key, timeout_s=60)
+    server = UnlearndClient(ours_url, admin_key=admin_key, timeout_s=60)
     authors = tofu_authors(tofu_dir, len(cfg.routes) + max(cfg.sweep))
     if len(authors) < len(cfg.routes) + max(cfg.sweep):
         raise ValueError(f"only {len(authors)} TOFU authors with a derivable name; lower --sweep")
     route_authors = dict(zip(cfg.routes, authors))
     for route, author in route_authors.items():
-        register_requests(ours, [author], route, cfg.route_options.get(route))
+        register_requests(server, [author], route, cfg.route_options.get(route))
     workloads = {"none": [PLAIN_PROMPTS[i % len(PLAIN_PROMPTS)] for i in range(cfg.requests)]}
     workloads.update({route: _flagged_prompts(author, cfg.requests) for route, author in route_authors.items()})
 
@@ -304,15 +304,15 @@ def run_bench(
     sweep = []
     extra = iter(authors[len(cfg.routes) :])
     for target in cfg.sweep:
-        need = max(0, target - active_count(ours))
+        need = max(0, target - active_count(server))
         if need:
-            register_requests(ours, [next(extra) for _ in range(need)], "refuse")
-        active = active_count(ours)
-        before = classifier_seconds(ours)
+            register_requests(server, [next(extra) for _ in range(need)], "refuse")
+        active = active_count(server)
+        before = classifier_seconds(server)
         # Fresh wording each round, so the detector's prompt cache cannot hide its cost.
         prompts = [f"{PLAIN_PROMPTS[i % len(PLAIN_PROMPTS)]} (variant {target}-{i})" for i in range(cfg.sweep_requests)]
         samples, _ = asyncio.run(drive(ours_url, prompts, 1, cfg.output_len, cfg.timeout_s))
-        after = classifier_seconds(ours)
+        after = classifier_seconds(server)
         count = after[1] - before[1]
         sweep.append(
             {
