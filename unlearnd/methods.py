@@ -34,6 +34,7 @@ class MethodEntry:
     trains: str  # what the worker makes for it (README table)
     intervention: str  # "module:Class" of its `unlearnd.interventions.base.Intervention`
     job: str | Callable[..., dict] | None = None  # "module:function" (request, artifact_dir, ctx) -> report
+    scales_by_weight: bool = False  # uses the detector's soft weight of a match (only then is it computed)
 
     def intervention_class(self) -> type:
         return load_object(self.intervention)
@@ -80,6 +81,7 @@ METHODS: dict[str, MethodEntry] = {
             "PEFT adapter served through vLLM's per-request LoRA",
             "unlearnd.interventions.lora:LoRA",
             "unlearnd.train.lora:lora_job",
+            scales_by_weight=True,
         ),
     )
 }

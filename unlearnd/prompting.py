@@ -78,13 +78,25 @@ def stop_ids(tokenizer: Any) -> list[int]:
 # -- what the detector sees ------------------------------------------------------------------------
 
 
-def user_texts(messages: Sequence[Message] | None = None, prompt: str | None = None) -> list[str]:
-    """The user's own words, in order: the user turns of a chat, or the completion prompt."""
-    if messages is not None:
-        return [m.get("content") or "" for m in messages if m.get("role") == "user"]
-    return [prompt or ""]
+def message_texts(message: Message) -> list[str]:
+    """Every text of one message the model may see: its `name`, its content and its tool calls."""
+    texts = [str(message["name"])] if message.get("name") else []
+    texts.append(message.get("content") or "")
+    texts += [str(call) for call in message.get("tool_calls") or []]
+    return texts
 
 
-def detector_text(messages: Sequence[Message] | None = None, prompt: str | None = None) -> str:
-    """The text the detector scores: the user's words joined by newlines (ECO maps spans through this)."""
-    return "\n".join(user_texts(messages, prompt))
+def detector_texts(
+    messages: Sequence[Message] | None = None, prompt: str | None = None, continuation: str | None = None
+) -> list[str]:
+    """Every text the model sees, in order: each message of a chat (every role, every earlier turn,
+    names and tool calls too), or the completion prompt; then a scored continuation."""
+    texts = [t for m in messages for t in message_texts(m)] if messages is not None else [prompt or ""]
+    return texts + ([continuation] if continuation else [])
+
+
+def detector_text(
+    messages: Sequence[Message] | None = None, prompt: str | None = None, continuation: str | None = None
+) -> str:
+    """The text the detector scores: `detector_texts` joined by newlines (ECO maps spans through this)."""
+    return "\n".join(detector_texts(messages, prompt, continuation))

@@ -20,6 +20,7 @@ class GuardedRequest:
     messages: list[dict] | None = None  # chat requests
     prompt: str | None = None  # completion requests
     max_tokens: int | None = None  # what the client asked for; None: the rest of the context (pipeline)
+    continuation: str | None = None  # score requests: the text scored after the prompt (the detector sees it)
     # Filled in along the way (by the pipeline):
     query_text: str = ""  # what the detector scores (`prompting.detector_text`)
     detection: Detection | None = None

@@ -148,8 +148,8 @@ def test_classify_reports_matches_and_routes(client, settings):
     assert {m["request_id"] for m in both["matches"]} == {refuse_id, prompt_id}
     assert both["flagged"] and both["route"] in ("refuse", "prompt")
     assert chat_item["route"] == "prompt" and chat_item["matches"][0]["score"] == 1.0
-    start, end = chat_item["matches"][0]["spans"][0]
-    assert "Who is Nikolai Abilov?"[start:end] == "Nikolai Abilov"
+    start, end = chat_item["matches"][0]["spans"][0]  # in the chat's texts joined by newlines (every role)
+    assert "be nice\nWho is Nikolai Abilov?"[start:end] == "Nikolai Abilov"
     assert plain == {"index": 2, "flagged": False, "score": 0.0, "route": "none", "matches": []}
 
 

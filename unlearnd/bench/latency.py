@@ -169,7 +169,8 @@ def active_count(client: UnlearndClient) -> int:
 def tofu_authors(tofu_dir: Path, count: int) -> list[dict]:
     """TOFU's full split holds 20 QA pairs per fictitious author, in order: one request per author
     whose name can be derived from its questions (a few authors' cannot, and are skipped)."""
-    from unlearnd.tofu import TOFU_QA_PER_AUTHOR, TofuData, derive_entities
+    from unlearnd.detectors.names import derive_entities
+    from unlearnd.tofu import TOFU_QA_PER_AUTHOR, TofuData
 
     rows = TofuData(tofu_dir, allow_hub=False).split("full")
     authors = []

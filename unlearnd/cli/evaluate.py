@@ -27,36 +27,38 @@ API_KEY = typer.Option(None, envvar="UNLEARND_API_KEY", help="API key for chat/s
 SERVED_MODEL = typer.Option(None, help="`model` field sent to the server.")
 
 
-@app.command("classifier")
-def classifier(
+@app.command("detector")
+def detector(
     data: Path = typer.Option(None, "--data", help="TOFU folder (default: unlearnd.config.tofu_dir())"),
-    split: str = typer.Option("forget10", "--split"),
-    out: Path = typer.Option(Path("reports/classifier"), "--out", help="writes OUT.json and OUT.md"),
-    detector: str = typer.Option(DEFAULT_DETECTOR, "--detector"),
-    with_retain: bool = typer.Option(
-        False, "--with-retain/--no-retain", help="give the request the first half of retain90 as retain data"
+    split: str = typer.Option("forget05", "--split", help="The forget split whose authors are registered."),
+    out: Path = typer.Option(Path("reports/detector"), "--out", help="Writes OUT.json and OUT.md."),
+    detectors: str = typer.Option(
+        f"{DEFAULT_DETECTOR},keyword",
+        help="Comma list of registered detectors; the first is the one the targets are checked for.",
     ),
-    latency_prompts: int = typer.Option(200, "--latency-prompts"),
-    robustness_n: int = typer.Option(100, "--robustness-n"),
-    limit: int = typer.Option(0, "--limit", help="cap every evaluation set (smoke runs); 0 = all"),
+    other_authors: int = typer.Option(10, help="Other TOFU authors the same-kind negatives are about."),
+    per_kind: int = typer.Option(3, help="Probes per author and kind."),
+    latency_prompts: int = typer.Option(200),
 ) -> None:
-    """Evaluate forget-query detection on TOFU: AUROC, TPR at FPR<=1%, FPR per split, latency,
-    scaling with 1/10/100 loaded requests, robustness to typos / wrappers / languages / context."""
+    """Precision about WHO: per-kind TPR / FPR of detectors on held-out probes (TOFU authors, other
+    authors, look-alike names, near misses, real people, chat), one request per author and one for all."""
     from unlearnd.config import tofu_dir
-    from unlearnd.evaluation.detector import EvalOptions, run_eval
+    from unlearnd.evaluation.detector import DetectorEvalOptions, run_detector_eval
 
-    opts = EvalOptions(
+    opts = DetectorEvalOptions(
         data=str(data or tofu_dir()),
         split=split,
         out=str(out),
-        detector=detector,
-        with_retain=with_retain,
+        detectors=[d.strip() for d in detectors.split(",") if d.strip()],
+        other_authors=other_authors,
+        per_kind=per_kind,
         latency_prompts=latency_prompts,
-        robustness_n=robustness_n,
-        limit=limit,
     )
-    report = run_eval(opts)
-    typer.echo(f"wrote {out}.json and {out}.md: {report['headline']}")
+    report = run_detector_eval(opts)
+    first = report["setups"]["one request per author"][opts.detectors[0]]
+    typer.echo(
+        f"wrote {out}.json and {out}.md: TPR {first['tpr']:.3f}, FPR {first['fpr']:.3f} (one request per author)"
+    )
 
 
 @app.command("tofu")

@@ -1,6 +1,6 @@
 """`unlearnd train`: the offline jobs by hand.
 
-`classifier`, `eco`, `soft-prompt` and `lora` write the same artifacts as the registry worker for a
+`detector`, `eco`, `soft-prompt` and `lora` write the same artifacts as the registry worker for a
 registered request but leave its status alone (the worker owns that lifecycle); `reference` and
 `baseline` train the TOFU reference models and the finetuning baselines.
 """
@@ -54,8 +54,8 @@ def _model(model: str | None) -> str:
 # -- per-request artifacts -------------------------------------------------------------------------
 
 
-@app.command("classifier")
-def classifier(
+@app.command("detector")
+def detector(
     request: str = REQUEST,
     data_dir: Path = DATA_DIR,
     detector: str = typer.Option(DEFAULT_DETECTOR, "--detector", help="registered detector name"),

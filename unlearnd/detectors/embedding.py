@@ -23,6 +23,7 @@ from pydantic import BaseModel, Field
 from sklearn.linear_model import LogisticRegression
 
 from unlearnd.artifacts import write_json_atomic, write_npz_atomic
+from unlearnd.detectors.anchors import request_names
 from unlearnd.detectors.base import (
     Detection,
     Detector,
@@ -34,7 +35,6 @@ from unlearnd.detectors.calibration import Calibration, calibrate, rates
 from unlearnd.detectors.encoder import EncoderConfig, get_encoder
 from unlearnd.detectors.index import GaussianBank, GaussianFit, SharedIndex, matmul_t
 from unlearnd.detectors.negatives import answers, chat_subset, counterfactuals, person_questions, questions
-from unlearnd.detectors.spans import compile_entities
 from unlearnd.detectors.views import expand, max_by_owner
 from unlearnd.spec import ForgetRequest
 
@@ -186,12 +186,8 @@ class EmbeddingDetector(EncoderDetector):
         cfg, spec = self.cfg, request.spec
         rng = np.random.default_rng(cfg.seed)
         pos_q, pos_a = self.forget_texts(request)
-        patterns = compile_entities(spec.entities)
-        cf = (
-            [counterfactuals([q], patterns, seed=cfg.seed + i) for i, q in enumerate(pos_q)]
-            if cfg.counterfactual
-            else [[] for _ in pos_q]
-        )
+        swapped = counterfactuals(pos_q, request_names(spec), seed=cfg.seed) if cfg.counterfactual else []
+        cf = [[c] if c else [] for c in swapped] if swapped else [[] for _ in pos_q]
         builtin = chat_subset(cfg.chat_part, cfg.chat_limit) + questions(spec.retain)
         persons = list(person_questions())[: cfg.chat_limit or None] if cfg.person_negatives else []
         neg = list(dict.fromkeys(builtin + persons))
@@ -434,6 +430,13 @@ class EmbeddingDetector(EncoderDetector):
         glob = self._gauss.scores(emb, order)
         head = matmul_t(emb, heads_w) + heads_b
         return order, np.stack([local, glob, head], -1).astype(np.float64)
+
+    def local_scores(self, emb: np.ndarray) -> tuple[list[str], np.ndarray]:
+        """(V, R) max cosine of each view to each loaded request's examples."""
+        order = self._stacked()[0]
+        if not order:
+            return order, np.zeros((len(emb), 0))
+        return order, self._index.max_scores(emb, order).astype(np.float64)
 
     def score_views(self, emb: np.ndarray) -> tuple[list[str], np.ndarray]:
         """(V, R) fused raw score of each view under each request's stacker."""

@@ -1,89 +1,62 @@
-"""The default detector ("guard"): embedding detector + OOD soft weight + fuzzy entity spans.
+"""The default detector ("guard"): precise about WHO a prompt is about.
 
-A prompt is flagged for a request when either
-  * its embedding score (max over the prompt's views: whole prompt, sentences, windows) passes the
-    request's calibrated threshold -- this catches paraphrases that never say the name, or
-  * it names the request's target (fuzzy: case, typos, diacritics, surname alone) -- this catches
-    the name in any wording, language or wrapper, where an English sentence encoder is weakest.
-The match score is max(normalised embedding score, entity score): 0.5 is exactly the embedding
-threshold, a full name scores 1.0 and a lone surname 0.75. The weight is the OOD detector's soft
-weight w in [0, 1] (how typical of the forget examples the prompt is), raised to the entity score
-when the target is named. One encoder pass per prompt view serves all three parts, and all
-loaded requests are scored together.
+A forget request about a person (or a book) is matched by its anchors (`anchors`: the name in any
+disguise, its titles, a birth date), not by the shape of the question: the same question about
+somebody else shares every word but the name. So for such a request ("entity mode", chosen at fit
+time because its own examples carry anchors):
+
+* a prompt with an anchor (the whole name, two distinctive name parts, a title, a full date) is
+  flagged; a look-alike name two letters off, or a name part next to another name, is not;
+* a prompt naming only one part of the name ("What did Nakamura write?") is flagged only when it
+  is also on the request's topic: its max cosine to the request's examples passes a threshold
+  calibrated at fit time on that part used without the person ("What does the surname Nakamura
+  mean?", `data/near_miss.txt`) and checked on the request's own questions with the name cut to
+  that part;
+* a prompt with no anchor is never flagged: its topic alone says nothing about who it is about.
+
+A request whose examples mostly carry no anchor (a topic such as a hazardous technique: "topic
+mode") is also flagged by the embedding detector, calibrated on built-in negatives and on its own
+questions with the subject swapped. The match score is the anchor's (1.0 name, title or date;
+0.95 one typo; 0.9 name parts; 0.8 confirmed part) or the embedding detector's normalised score;
+the weight is the OOD detector's soft weight, never below the anchor score, for requests whose route
+scales by it (the method table's `scales_by_weight`: O3's LoRA), else the score. The sentence
+encoder runs only for prompts that need it (a name part to confirm, a weight a route uses,
+topic-mode requests), so ordinary prompts, and most flagged ones, cost a string match.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import threading
 import time
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
 from pydantic import BaseModel, Field
 
-from unlearnd.artifacts import write_json_atomic
-from unlearnd.detectors.base import (
-    Detection,
-    Detector,
-    RequestMatch,
-    artifact_path,
-    register_detector,
+from unlearnd.artifacts import read_json, write_json_atomic
+from unlearnd.detectors.anchors import (
+    FLAG_SCORE,
+    AnchorIndex,
+    RequestAnchors,
+    compile_name,
+    extract_anchors,
 )
+from unlearnd.detectors.base import Detection, Detector, RequestMatch, artifact_path, register_detector
+from unlearnd.detectors.calibration import conformal_threshold
 from unlearnd.detectors.embedding import EmbeddingConfig, EmbeddingDetector
 from unlearnd.detectors.encoder import EncoderConfig
+from unlearnd.detectors.normalize import letters
 from unlearnd.detectors.ood import OODConfig, OODDetector
-from unlearnd.detectors.spans import (
-    FUNCTION_WORDS,
-    PART_SCORE,
-    STOPWORDS,
-    SpanIndex,
-    fold,
-    tokens,
-)
+from unlearnd.detectors.spans import fold, tokens
 from unlearnd.detectors.views import expand, max_by_owner
-from unlearnd.spec import ForgetRequest
+from unlearnd.methods import METHODS
+from unlearnd.spec import ForgetRequest, ForgetSpec
 
 log = logging.getLogger(__name__)
 
-_CALENDAR = {
-    "january",
-    "february",
-    "march",
-    "april",
-    "may",
-    "june",
-    "july",
-    "august",
-    "september",
-    "october",
-    "november",
-    "december",
-    "monday",
-    "tuesday",
-    "wednesday",
-    "thursday",
-    "friday",
-    "saturday",
-    "sunday",
-}
-
-
-def name_tokens(text: str, common_words: set[str]) -> list[tuple[str, int, int]]:
-    """Capitalised words that name something (not a sentence-initial ordinary word, not a month)."""
-    toks = tokens(text)
-    out = []
-    for i, (word, start, end) in enumerate(toks):
-        if not word[:1].isupper():
-            continue
-        folded = fold(word)
-        if folded in FUNCTION_WORDS or folded in STOPWORDS or folded in _CALENDAR or len(folded) < 2:
-            continue
-        sentence_start = i == 0 or any(c in text[toks[i - 1][2] : start] for c in ".!?\n:\"'")
-        if sentence_start and folded in common_words:
-            continue
-        out.append((folded, start, end))
-    return out
+CONFIRMED_PART_SCORE = 0.8
 
 
 class GuardConfig(BaseModel):
@@ -92,16 +65,21 @@ class GuardConfig(BaseModel):
     chat_part: str = "all"
     chat_limit: int = 0
     max_views: int = 12
-    entity_threshold: float = Field(PART_SCORE, description="entity score that flags on its own")
-    use_entities: bool = True
-    use_ood: bool = True
-    strict_for_other_names: bool = Field(
-        True,
-        description="use the embedding threshold calibrated on questions about somebody else when the "
-        "prompt names a person or thing that the request's forget data never mentions",
+    topic_below: float = Field(
+        0.5,
+        description="anchor coverage of the forget questions below which the "
+        "request is a topic (the embedding detector flags too)",
     )
+    part_fpr: float = Field(0.01, gt=0, lt=1, description="target FPR of the one-name-part check on its near misses")
+    part_floor: float = Field(0.65, description="lowest cosine that confirms a lone name part")
+    use_ood: bool = True
     embedding: dict = Field(default_factory=dict, description="extra EmbeddingConfig fields")
     ood: dict = Field(default_factory=dict, description="extra OODConfig fields")
+
+
+def near_miss_templates() -> list[str]:
+    text = resources.files("unlearnd.detectors").joinpath("data", "near_miss.txt").read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
 
 @register_detector
@@ -120,135 +98,217 @@ class GuardDetector(Detector):
         }
         self.embedding = EmbeddingDetector(EmbeddingConfig(**{**shared, **self.cfg.embedding}))
         self.ood = OODDetector(OODConfig(**{**shared, **self.cfg.ood}))
-        self._spans: SpanIndex | None = None
-        self._known_cache: dict[str, set[str]] = {}
+        self._anchors: AnchorIndex | None = None
+        self._topic: set[str] = set()
+        self._part_threshold: dict[str, float] = {}
+        self._weighted: set[str] = set()  # requests whose route scales by the match weight (O3 LoRA)
         self._order: list[str] = []
+        self._lock = threading.Lock()
 
     @property
     def encoder(self):
         return self.embedding.encoder
 
     @property
-    def spans(self) -> SpanIndex:
-        if self._spans is None:
-            self._spans = SpanIndex(self.encoder.vocabulary())
-        return self._spans
+    def anchors(self) -> AnchorIndex:
+        if self._anchors is None:
+            self._anchors = AnchorIndex()
+        return self._anchors
 
     @property
     def loaded_ids(self) -> set[str]:
         return set(self._order)
 
+    # ---- offline -------------------------------------------------------------------------
     def fit(self, request: ForgetRequest, artifact_dir: Path) -> dict:
         start = time.perf_counter()
-        metrics = {"embedding": self.embedding.fit(request, artifact_dir)}
+        anchors = extract_anchors(request.spec)
+        topic = (anchors.coverage or 0.0) < self.cfg.topic_below
+        metrics: dict = {
+            "anchors": {
+                "names": anchors.names,
+                "titles": len(anchors.titles),
+                "dates": len(anchors.dates),
+                "coverage": anchors.coverage,
+            },
+            "mode": "topic" if topic else "entity",
+        }
+        metrics["embedding"] = self.embedding.fit(request, artifact_dir)
         if self.cfg.use_ood:
             metrics["ood"] = self.ood.fit(request, artifact_dir)
+        part = self._calibrate_part_check(request.spec, anchors)
+        metrics["part_check"] = {k: v for k, v in part.items() if k != "threshold"}
         metrics["fit_seconds"] = round(time.perf_counter() - start, 2)
-        out = artifact_path(artifact_dir, self.name)
         payload = {
             "detector": self.name,
-            "version": 1,
+            "version": 2,
             "request_id": request.id,
             "config": self.cfg.model_dump(),
-            "entities": request.spec.entities,
+            "anchors": anchors.model_dump(),
+            "mode": metrics["mode"],
+            "part_threshold": part["threshold"],
             "metrics": metrics,
         }
-        write_json_atomic(out / "config.json", payload)
+        write_json_atomic(artifact_path(artifact_dir, self.name) / "config.json", payload)
+        log.info("guard detector for %s: %s", request.id, metrics)
         return metrics
 
+    def _calibrate_part_check(self, spec: ForgetSpec, anchors: RequestAnchors) -> dict:
+        """The cosine a prompt naming one part of the name must reach: conformal cut on that part used
+        without the person (near misses), floored; its recall measured on the request's own questions with
+        the name cut to the part, scored against the other questions' examples (leave one out)."""
+        qa = ForgetSpec.as_qa(spec.forget)
+        patterns = [p for p in (compile_name(n, frozenset()) for n in anchors.names) if p is not None]
+        parts = sorted({p for pat in patterns for p, d in zip(pat.parts, pat.distinctive) if d})
+        if not parts or not qa:
+            return {"threshold": 1.0, "near_misses": 0, "positives": 0, "fpr": None, "tpr": None}
+        index = AnchorIndex()
+        index.add("self", anchors)
+        shortened, owners = [], []
+        for i, item in enumerate(qa):
+            hit = index.find(item.question).get("self")
+            if hit is None or hit.kind not in ("name", "name_typo") or not hit.spans:
+                continue
+            pattern = next((p for p in patterns if p.entity == hit.entity), None)
+            if pattern is None:
+                continue
+            start, end = hit.spans[0]
+            written = {letters(fold(w)): w for w, _, _ in tokens(item.question[start:end])}
+            for part in {pattern.parts[-1], pattern.parts[0]} & set(parts) & set(written):
+                shortened.append(item.question[:start] + written[part] + item.question[end:])
+                owners.append(i)
+        near = [t.format(part=part.capitalize()) for part in parts for t in near_miss_templates()]
+        refs = [x.question for x in qa] + [x.answer for x in qa if x.answer]
+        ref_owner = np.asarray(list(range(len(qa))) + [i for i, x in enumerate(qa) if x.answer])
+        enc = self.encoder.encode(refs + near + shortened).emb
+        ref_emb, near_emb, pos_emb = (
+            enc[: len(refs)],
+            enc[len(refs) : len(refs) + len(near)],
+            enc[len(refs) + len(near) :],
+        )
+        near_scores = (near_emb @ ref_emb.T).max(1)
+        threshold = max(self.cfg.part_floor, conformal_threshold(near_scores, self.cfg.part_fpr))
+        pos_scores = np.zeros(0)
+        if len(shortened):
+            sims = pos_emb @ ref_emb.T
+            sims[np.asarray(owners)[:, None] == ref_owner[None, :]] = -1.0  # leave its own question out
+            pos_scores = sims.max(1)
+        return {
+            "threshold": float(threshold),
+            "near_misses": len(near),
+            "positives": len(shortened),
+            "fpr": float((near_scores > threshold).mean()),
+            "tpr": float((pos_scores > threshold).mean()) if len(pos_scores) else None,
+        }
+
+    # ---- serving -------------------------------------------------------------------------
     def load(self, request: ForgetRequest, artifact_dir: Path) -> None:
-        self._known_cache.pop(request.id, None)
-        payload = json.loads((artifact_path(artifact_dir, self.name) / "config.json").read_text())
+        payload = read_json(artifact_path(artifact_dir, self.name) / "config.json")
+        anchors = RequestAnchors(**payload["anchors"]) if "anchors" in payload else extract_anchors(request.spec)
         self.embedding.load(request, artifact_dir)
         if self.cfg.use_ood:
             self.ood.load(request, artifact_dir)
-        if self.cfg.use_entities:
-            self.spans.add(request.id, request.spec.entities or payload.get("entities") or [])
-        if request.id not in self._order:
-            self._order.append(request.id)
+        with self._lock:
+            self.anchors.add(request.id, anchors)
+            self._part_threshold[request.id] = float(payload.get("part_threshold", 1.0))
+            entry = METHODS.get(request.method.value)
+            if entry is not None and entry.scales_by_weight:
+                self._weighted.add(request.id)
+            else:
+                self._weighted.discard(request.id)
+            if payload.get("mode", "topic") == "topic":
+                self._topic.add(request.id)
+            else:
+                self._topic.discard(request.id)
+            if request.id not in self._order:
+                self._order.append(request.id)
 
     def unload(self, request_id: str) -> None:
-        self._known_cache.pop(request_id, None)
         self.embedding.unload(request_id)
         self.ood.unload(request_id)
-        if self._spans is not None:
-            self._spans.remove(request_id)
-        if request_id in self._order:
-            self._order.remove(request_id)
-
-    def _thresholds(self, texts: list[str], order: list[str], entities: list[dict]) -> np.ndarray:
-        """(n, R) embedding thresholds: strict where the prompt names something the request's
-        forget data never mentions (a question about somebody else), the ordinary one otherwise."""
-        loose, _ = self.embedding.thresholds()
-        out = np.tile(loose, (len(texts), 1))
-        if not self.cfg.strict_for_other_names:
-            return out
-        strict, _ = self.embedding.thresholds(strict=True)
-        common = self.spans.common_words
-        for i, text in enumerate(texts):
-            names = name_tokens(text, common)
-            if not names:
-                continue
-            for j, rid in enumerate(order):
-                known = self._known(rid)
-                covered = entities[i].get(rid, (0.0, []))[1]
-                if any(not self._is_known(w, known) and not any(s <= a < e for s, e in covered) for w, a, _ in names):
-                    out[i, j] = strict[j]
-        return out
-
-    def _known(self, request_id: str) -> set[str]:
-        """The request's known capitalised words plus their one-deletion variants (typo lookup)."""
-        if request_id not in self._known_cache:
-            words = self.embedding.known_words.get(request_id, set())
-            self._known_cache[request_id] = words | {
-                w[:k] + w[k + 1 :] for w in words if len(w) >= 5 for k in range(len(w))
-            }
-        return self._known_cache[request_id]
-
-    @staticmethod
-    def _is_known(word: str, known: set[str]) -> bool:
-        """Known, or one typo away from a known word of 5+ letters ('Jararh' for 'Jarrah')."""
-        if word in known:
-            return True
-        if len(word) < 5:
-            return False
-        return any(word[:k] + word[k + 1 :] in known for k in range(len(word)))
+        with self._lock:
+            if self._anchors is not None:
+                self._anchors.remove(request_id)
+            self._topic.discard(request_id)
+            self._weighted.discard(request_id)
+            self._part_threshold.pop(request_id, None)
+            if request_id in self._order:
+                self._order.remove(request_id)
 
     def detect(self, texts: list[str]) -> list[Detection]:
         if not self._order:
             return [Detection(0.0) for _ in texts]
-        flat, owner = expand(texts, self.cfg.max_views)
-        enc = self.encoder.encode(flat)
-        order, emb_views = self.embedding.score_views(enc.emb)
-        raw = max_by_owner(emb_views, owner, len(texts))
-        entities = [self.spans.find(t) if self.cfg.use_entities else {} for t in texts]
-        thr = self._thresholds(texts, order, entities)
-        emb_score = self.embedding.normalise(raw, thr)
-        if self.cfg.use_ood:
-            ood_order, ood_views = self.ood.score_views(enc.layers)
-            assert ood_order == order, "embedding and OOD parts must hold the same requests"
-            weight = self.ood.weights(max_by_owner(ood_views, owner, len(texts)))
-        else:
-            weight = np.ones_like(emb_score)
-        column = {rid: j for j, rid in enumerate(order)}
+        hits = [self.anchors.find(text) for text in texts]
+        # the encoder runs for a name part to confirm, an OOD weight a route uses, or a topic request
+        need = [
+            i
+            for i, h in enumerate(hits)
+            if self._topic or any(hit.score < FLAG_SCORE or rid in self._weighted for rid, hit in h.items())
+        ]
+        encoded = self._encode([texts[i] for i in need]) if need else None
+        rows = {i: r for r, i in enumerate(need)}
         results = []
-        for i, text in enumerate(texts):
-            entity = entities[i]
+        for i, text_hits in enumerate(hits):
+            row = rows.get(i)
             matches = []
-            best = float(emb_score[i].max()) if len(order) else 0.0
-            flagged = set(np.flatnonzero(raw[i] > thr[i]).tolist())
-            named = {
-                column[rid]: hit for rid, hit in entity.items() if rid in column and hit[0] >= self.cfg.entity_threshold
-            }
-            for j in sorted(flagged | set(named)):
-                ent_score, spans = named.get(j, (0.0, []))
-                if j not in named and order[j] in entity:  # spans below the flag level still help ECO
-                    spans = entity[order[j]][1]
-                score = max(float(emb_score[i, j]), ent_score)
+            best = 0.0
+            for request_id, hit in text_hits.items():
+                score = hit.score
+                if score < FLAG_SCORE:  # one name part: on the request's topic?
+                    local = encoded["local"].get(request_id) if row is not None else None
+                    if local is None or local[row] <= self._part_threshold.get(request_id, 1.0):
+                        best = max(best, hit.score)
+                        continue
+                    score = CONFIRMED_PART_SCORE
                 matches.append(
-                    RequestMatch(order[j], score, weight=float(max(weight[i, j], ent_score)), spans=list(spans))
+                    RequestMatch(
+                        request_id, score, weight=self._weight(encoded, row, request_id, score), spans=list(hit.spans)
+                    )
                 )
-                best = max(best, score)
+            if row is not None and self._topic:
+                for request_id in self._topic:
+                    if request_id in text_hits and any(m.request_id == request_id for m in matches):
+                        continue
+                    raw, thr, norm = (encoded[k].get(request_id) for k in ("raw", "thr", "norm"))
+                    if raw is not None and raw[row] > thr:
+                        score = float(norm[row])
+                        matches.append(RequestMatch(request_id, score, self._weight(encoded, row, request_id, score)))
+            for m in matches:
+                best = max(best, m.score)
             matches.sort(key=lambda m: -m.score)
             results.append(Detection(best, matches))
         return results
+
+    def _weight(self, encoded: dict | None, row: int | None, request_id: str, score: float) -> float:
+        if request_id not in self._weighted or encoded is None or row is None:
+            return float(score)
+        weights = encoded["weight"].get(request_id)
+        return float(max(weights[row], score)) if weights is not None else float(score)
+
+    def _encode(self, texts: list[str]) -> dict:
+        """Per request (by id), arrays over `texts`: max cosine to its examples, OOD weight, and for topic
+        requests the embedding detector's raw score, threshold and normalised score."""
+        flat, owner = expand(texts, self.cfg.max_views)
+        enc = self.encoder.encode(flat)
+        order, local_views = self.embedding.local_scores(enc.emb)
+        local = max_by_owner(local_views, owner, len(texts))
+        out: dict = {
+            "local": {rid: local[:, j] for j, rid in enumerate(order)},
+            "weight": {},
+            "raw": {},
+            "thr": {},
+            "norm": {},
+        }
+        if self.cfg.use_ood:
+            ood_order, ood_views = self.ood.score_views(enc.layers)
+            weights = self.ood.weights(max_by_owner(ood_views, owner, len(texts)))
+            out["weight"] = {rid: weights[:, j] for j, rid in enumerate(ood_order)}
+        if self._topic:
+            order, raw_views = self.embedding.score_views(enc.emb)
+            raw = max_by_owner(raw_views, owner, len(texts))
+            thr, _ = self.embedding.thresholds(strict=True)
+            norm = self.embedding.normalise(raw, np.tile(thr, (len(texts), 1)))
+            for j, rid in enumerate(order):
+                if rid in self._topic:
+                    out["raw"][rid], out["thr"][rid], out["norm"][rid] = raw[:, j], float(thr[j]), norm[:, j]
+        return out

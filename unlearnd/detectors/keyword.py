@@ -35,7 +35,7 @@ class KeywordDetector(Detector):
     PART_SCORE = 0.75
     threshold = 0.5
 
-    def __init__(self) -> None:
+    def __init__(self, config: dict | None = None) -> None:  # nothing to configure: names only
         self._requests: dict[str, list[tuple[re.Pattern, float]]] = {}
 
     def fit(self, request: ForgetRequest, artifact_dir: Path) -> dict:

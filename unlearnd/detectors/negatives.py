@@ -9,7 +9,7 @@ from importlib import resources
 
 import numpy as np
 
-from unlearnd.detectors.spans import EntityPattern, find_spans
+from unlearnd.detectors.anchors import FLAG_SCORE, AnchorIndex, RequestAnchors
 from unlearnd.spec import ForgetSpec, QAExample
 
 
@@ -66,20 +66,39 @@ def answers(items: list[QAExample | str]) -> list[str]:
     return [qa.answer for qa in ForgetSpec.as_qa(items) if qa.answer]
 
 
-def counterfactuals(texts: list[str], patterns: list[EntityPattern], seed: int = 0) -> list[str]:
-    """Forget texts with the target's name replaced by another person's: same template, other
-    subject. They teach the head that the *subject*, not the question form, makes a forget query.
-    Texts that do not name the target are skipped (they have nothing to swap)."""
-    if not patterns:
-        return []
+def _trigrams(name: str) -> set[str]:
+    word = f"  {name.lower()} "
+    return {word[i : i + 3] for i in range(len(word) - 2)}
+
+
+def similar_names(name: str, k: int = 5) -> list[str]:
+    """The `k` built-in names most like `name` in form (shared letter trigrams, same number of words):
+    a swap keeps the origin's look ("Takashi Nakamura" -> "Hiroshi Tanaka", not "Laura Jensen")."""
+    grams, words = _trigrams(name), len(name.split())
+
+    def likeness(other: str) -> float:
+        theirs = _trigrams(other)
+        return len(grams & theirs) / len(grams | theirs) - 0.1 * abs(len(other.split()) - words)
+
+    return sorted((n for n in swap_names() if n.lower() != name.lower()), key=likeness, reverse=True)[:k]
+
+
+def counterfactuals(texts: list[str], names: list[str], seed: int = 0) -> list[str | None]:
+    """Each forget text with the target's name replaced by another person's of similar form and origin
+    (same template, other subject), or None when it does not name the target. They teach the head that
+    the *subject*, not the question form, makes a forget query."""
+    index = AnchorIndex()
+    index.add("target", RequestAnchors(names=names))
     rng = np.random.default_rng(seed)
-    names = swap_names()
-    out = []
+    out: list[str | None] = []
     for text in texts:
-        score, spans = find_spans(text, patterns)
-        if score < 0.75 or not spans:
+        hit = index.find(text).get("target") if names else None
+        if hit is None or hit.score < FLAG_SCORE or not hit.spans:
+            out.append(None)
             continue
-        name = names[int(rng.integers(len(names)))]
+        spans = hit.spans
+        pool = similar_names(hit.entity or names[0])
+        name = pool[int(rng.integers(len(pool)))]
         parts = name.split()
         pieces, last = [], 0
         for start, end in spans:

@@ -31,7 +31,7 @@ from pydantic import BaseModel, Field
 from unlearnd.artifacts import ArtifactConfig
 from unlearnd.detectors.base import RequestMatch
 from unlearnd.interventions.base import Intervention, PipelineContext
-from unlearnd.prompting import adds_special_tokens, encode_with_offsets, render, user_texts
+from unlearnd.prompting import adds_special_tokens, detector_texts, encode_with_offsets, render
 from unlearnd.request import GuardedRequest
 from unlearnd.spec import ForgetRequest
 
@@ -137,11 +137,12 @@ def corrupt(embeds: torch.Tensor, rows: list[int] | torch.Tensor, corruption: Co
 # -- which tokens -----------------------------------------------------------------------------
 
 
-def query_segments(rendered: str, user_texts: list[str]) -> list[tuple[int, int, int]]:
-    """Where the user's words sit in the rendered prompt: (query offset, rendered offset, length)
-    per user text, given `query_text == prompting.detector_text(...)` (the texts joined by newlines)."""
+def query_segments(rendered: str, texts: list[str]) -> list[tuple[int, int, int]]:
+    """Where the detector's texts sit in the rendered prompt: (query offset, rendered offset, length)
+    per text found there, given `query_text == prompting.detector_text(...)` (the texts joined by
+    newlines); a text the template does not render (a `name`) is skipped."""
     segments, cursor, q_offset = [], 0, 0
-    for text in user_texts:
+    for text in texts:
         pos = rendered.find(text, cursor) if text else -1
         if pos >= 0:
             segments.append((q_offset, pos, len(text)))
@@ -180,7 +181,7 @@ def entity_spans(text: str, entities: list[str]) -> list[tuple[int, int]]:
 def select_rows(
     tokenizer,
     rendered: str,
-    user_texts: list[str],
+    texts: list[str],
     spans: list[tuple[int, int]],
     add_special_tokens: bool,
     scope: RowScope = RowScope.entity,
@@ -188,10 +189,10 @@ def select_rows(
     """Tokenise the rendered prompt and pick the rows to corrupt.
 
     Returns (ids, rows, mode): mode "entity" when spans map to tokens, else "prompt": every token
-    of the user's words but the last one (or every prompt token but the last, if the user's words
-    cannot be found in the rendered text); scope `prompt` always takes the latter."""
+    of the detector's texts (the messages' words) but the last one (or every prompt token but the
+    last, if they cannot be found in the rendered text); scope `prompt` always takes the latter."""
     ids, offsets = encode_with_offsets(tokenizer, rendered, add_special_tokens)
-    segments = query_segments(rendered, user_texts)
+    segments = query_segments(rendered, texts)
     if spans and scope == RowScope.entity:
         rows = rows_overlapping(offsets, map_spans(spans, segments))
         if rows:
@@ -223,7 +224,7 @@ class ECO(Intervention):
         ids, rows, _ = select_rows(
             ctx.tokenizer,
             rendered,
-            user_texts(request.messages, request.prompt),
+            detector_texts(request.messages, request.prompt),
             spans,
             add_special_tokens=adds_special_tokens(request.messages),
             scope=artifact.corruption.scope,

@@ -224,13 +224,17 @@ async def completions(body: CompletionRequest, state: ServerState = Depends(serv
     requests = []
     for prompt in body.prompt:
         request = GuardedRequest(
-            id=new_id("cmpl"),
-            kind="completion",
-            sampling=body.sampling(body.logprobs),
-            prompt=prompt,
-            max_tokens=body.max_tokens,
+            id=new_id("cmpl"), kind="completion", sampling=body.sampling(body.logprobs), max_tokens=body.max_tokens
         )
-        requests.append(await prepare(state, request))
+        if isinstance(prompt, str):
+            request.prompt = prompt
+        else:  # token ids: the engine gets them as given; the detector reads their text
+            vocab = len(state.engine.tokenizer)
+            if any(t >= vocab for t in prompt):
+                raise APIError(400, f"token ids must be below the vocabulary size {vocab}", param="prompt")
+            request.prompt = state.engine.tokenizer.decode(prompt)
+            request.prompt_token_ids = list(prompt)
+        requests.append(await prepare(state, request, param="prompt"))
     flagged = [r for r in requests if r.route != "none"]
     headers = route_headers(flagged[0] if flagged else requests[0])
     created = int(time.time())

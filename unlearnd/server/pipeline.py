@@ -74,7 +74,7 @@ class GuardrailPipeline:
         """Classify, route and apply the intervention; leaves the request ready for `generate`.
 
         Without a client `max_tokens`, the completion may use the rest of the context."""
-        request.query_text = detector_text(request.messages, request.prompt)
+        request.query_text = detector_text(request.messages, request.prompt, request.continuation)
         request.detection = (await self.classify([request.query_text]))[0]
         route, match = self.router.choose(request.detection, self.active)
         request.route, request.match = route, match

@@ -91,10 +91,21 @@ class ChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
 
-def plain_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
-    """{role, content} dicts for the chat template (`developer` is sent as `system`)."""
+def plain_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """{role, content} dicts for the chat template (`developer` is sent as `system`), with the message's
+    `name` and `tool_calls` when it has them: templates that render them show them to the model, and the
+    detector reads them either way."""
     role = {"developer": "system"}
-    return [{"role": role.get(m.role, m.role), "content": m.text()} for m in messages]
+    out = []
+    for m in messages:
+        plain: dict[str, Any] = {"role": role.get(m.role, m.role), "content": m.text()}
+        if m.name:
+            plain["name"] = m.name
+        tool_calls = (m.model_extra or {}).get("tool_calls")
+        if tool_calls:
+            plain["tool_calls"] = tool_calls
+        out.append(plain)
+    return out
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -123,22 +134,28 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="A prompt, a list of prompts, or prompts as token ids (OpenAI's four forms)."
+    )
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
 
     @field_validator("prompt")
     @classmethod
-    def _prompts(cls, value: str | list[str]) -> list[str]:
-        values = [value] if isinstance(value, str) else value
-        if not values:
+    def _prompts(cls, value: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+        """One list entry per prompt: text, or token ids."""
+        if isinstance(value, str) or (value and isinstance(value[0], int)):
+            value = [value]
+        if not value:
             raise ValueError("prompt must not be empty")
-        if len(values) > 64:
+        if len(value) > 64:
             raise ValueError("at most 64 prompts per request")
-        if any(not p for p in values):
-            raise ValueError("prompt must not be an empty string")
-        return values
+        if any(len(p) == 0 for p in value):
+            raise ValueError("prompt must not be empty")
+        if any(isinstance(t, int) and t < 0 for p in value if not isinstance(p, str) for t in p):
+            raise ValueError("token ids must not be negative")
+        return value
 
     @model_validator(mode="after")
     def _no_echo(self):

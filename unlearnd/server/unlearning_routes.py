@@ -67,6 +67,7 @@ async def score(body: ScoreRequest, state: ServerState = Depends(server_state)) 
         messages=body.plain_messages(),
         prompt=body.prompt,
         max_tokens=1,
+        continuation=body.continuation,
     )
     request = await prepare(state, request)
     try:

@@ -1,0 +1,388 @@
+"""Anchors: what in a prompt identifies a forget request's subject, as opposed to its topic.
+
+A question about Takashi Nakamura and the same question about somebody else share every word but
+the name, so a forget query is recognised by its anchors, not by its template:
+
+* names: the request's entities (given, and the names recurring in its own examples), matched in
+  every view of the prompt (`normalize.views`: transliterated, leetspeak read, base64 decoded)
+  case- and accent-blind, with at most one typo over the whole name (a look-alike name two letters
+  off is somebody else), and as a letters-only substring of the prompt forwards, backwards and in
+  ROT13 (letter spacing, punctuation, invisible characters);
+* part of a name: two distinctive parts (four letters or more, "Mahfouz Al-Kuwaiti") count like the
+  name; one part alone ("Nakamura") is only a candidate, which the detector confirms by topic, and
+  neither counts when the next word reads as another name ("Hiroshi Nakamura", "Moshe Dayan");
+* titles: the quoted titles of the request's examples (a book title; "the author of <title>");
+* dates: a full date from the request's examples (a birth date identifies its author).
+"""
+
+from __future__ import annotations
+
+import calendar
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from pydantic import BaseModel, Field
+
+from unlearnd.detectors.names import derive_entities
+from unlearnd.detectors.normalize import compact_forms, letters, views
+from unlearnd.detectors.spans import FUNCTION_WORDS, STOPWORDS, edit_distance, fold, merge_spans, tokens
+from unlearnd.spec import ForgetSpec
+
+NAME_SCORE = 1.0  # the whole name (or its title / birth date)
+TYPO_SCORE = 0.95  # the whole name with one typo
+PARTS_SCORE = 0.9  # two or more distinctive parts of the name
+PART_SCORE = 0.6  # one distinctive part: a candidate, confirmed (or not) by the detector's topic check
+FLAG_SCORE = 0.75  # anchors at or above this flag on their own
+
+_LIST_SEP = re.compile(r"\s*[,;/&]\s*|\s+and\s+")
+_QUOTED = re.compile(r"\"([^\"]{3,})\"|“([^”]{3,})”|(?<![\w])'([^']{3,})'(?![\w])|‘([^’]{3,})’")
+_NOT_TITLES = re.compile(r"\b(award|prize|medal|honou?r|fellowship|trophy|grant|scholarship)s?\b", re.IGNORECASE)
+_COMPACT_MIN = 8  # letters of a name searched as a substring (shorter ones collide with ordinary words)
+_TITLE_COMPACT_MIN = 14
+
+_MONTHS = {name.lower(): i for i, name in enumerate(calendar.month_name) if name}
+_MONTHS.update({name.lower(): i for i, name in enumerate(calendar.month_abbr) if name})
+_MONTHS["sept"] = 9
+_MONTH = r"(" + "|".join(sorted(_MONTHS, key=len, reverse=True)) + r")\.?"
+_DAY = r"(\d{1,2})(?:st|nd|rd|th)?"
+_YEAR = r"(\d{4})"
+_DATE_PATTERNS = (
+    (re.compile(rf"\b{_MONTH}\s+{_DAY},?\s+{_YEAR}\b", re.IGNORECASE), "mdy"),
+    (re.compile(rf"\b{_DAY}\s+(?:of\s+)?{_MONTH},?\s+{_YEAR}\b", re.IGNORECASE), "dmy"),
+    (re.compile(r"\b(\d{1,2})[/.-](\d{1,2})[/.-](\d{4})\b"), "numeric"),
+    (re.compile(r"\b(\d{4})-(\d{1,2})-(\d{1,2})\b"), "iso"),
+)
+
+
+def parse_dates(text: str) -> set[tuple[int, int, int]]:
+    """Full dates (year, month, day) written in `text`; 05/06/1990 counts both ways round."""
+    found: set[tuple[int, int, int]] = set()
+
+    def add(year: int, month: int, day: int) -> None:
+        if 1 <= month <= 12 and 1 <= day <= 31:
+            found.add((year, month, day))
+
+    for pattern, kind in _DATE_PATTERNS:
+        for m in pattern.finditer(text):
+            if kind == "mdy":
+                add(int(m.group(3)), _MONTHS[m.group(1).lower()], int(m.group(2)))
+            elif kind == "dmy":
+                add(int(m.group(3)), _MONTHS[m.group(2).lower()], int(m.group(1)))
+            elif kind == "iso":
+                add(int(m.group(1)), int(m.group(2)), int(m.group(3)))
+            else:
+                a, b, year = int(m.group(1)), int(m.group(2)), int(m.group(3))
+                add(year, a, b)
+                add(year, b, a)
+    return found
+
+
+def quoted_titles(text: str) -> list[str]:
+    """Quoted phrases that read like titles (not awards): two or more words, one of them not a stopword."""
+    out = []
+    for m in _QUOTED.finditer(text):
+        title = next(g for g in m.groups() if g).strip()
+        words = [w for w, _, _ in tokens(title)]
+        content = [w for w in words if fold(w) not in STOPWORDS and fold(w) not in FUNCTION_WORDS and len(w) >= 3]
+        if len(words) >= 2 and content and not _NOT_TITLES.search(title) and len(words) <= 12:
+            out.append(title)
+    return out
+
+
+class RequestAnchors(BaseModel):
+    """A request's anchors, as stored in its detector artifact."""
+
+    names: list[str] = Field(default_factory=list)
+    titles: list[str] = Field(default_factory=list)
+    dates: list[tuple[int, int, int]] = Field(default_factory=list)
+    coverage: float | None = Field(None, description="share of the forget examples that contain an anchor")
+
+
+def request_names(spec: ForgetSpec) -> list[str]:
+    """The names a request is about: its entities (a list in one string split at commas / "and") and the
+    person names recurring in its forget examples."""
+    qa = ForgetSpec.as_qa(spec.forget)
+    given = [part.strip() for e in spec.entities for part in _LIST_SEP.split(e) if part.strip()]
+    derived = derive_entities(qa) if len(qa) >= 3 else []
+    return list(dict.fromkeys(given + derived))
+
+
+def extract_anchors(spec: ForgetSpec) -> RequestAnchors:
+    """Names (given entities, split at commas / "and"; plus the names recurring in the examples), the
+    quoted titles and the full dates of the request's forget examples."""
+    qa = ForgetSpec.as_qa(spec.forget)
+    names = request_names(spec)
+    texts = [f"{x.question} {x.answer}" for x in qa]
+    titles = list(dict.fromkeys(t for text in texts for t in quoted_titles(text)))
+    dates = sorted({d for text in texts for d in parse_dates(text)})
+    anchors = RequestAnchors(names=names, titles=titles, dates=dates)
+    index = AnchorIndex()
+    index.add("self", anchors)
+    questions = [x.question for x in qa]
+    hits = [index.find(q).get("self") for q in questions]
+    anchors.coverage = sum(1 for h in hits if h is not None and h.score >= FLAG_SCORE) / max(len(questions), 1)
+    return anchors
+
+
+# -- matching ------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def common_words() -> frozenset[str]:
+    """Ordinary lower-case words (the sentence encoder's whole-word vocabulary): a name part that is
+    one ("Young", "Rivers") is not distinctive, and an unknown word next to a name part is read as
+    another name."""
+    try:
+        from transformers import AutoTokenizer
+
+        from unlearnd.detectors.encoder import DEFAULT_ENCODER, resolve_model_path
+
+        vocab = AutoTokenizer.from_pretrained(resolve_model_path(DEFAULT_ENCODER)).get_vocab()
+    except Exception:  # noqa: BLE001 - no encoder files: every part counts as distinctive
+        return frozenset()
+    return frozenset(w for w in vocab if w.isalpha() and w.islower() and len(w) >= 3)
+
+
+@dataclass
+class NamePattern:
+    entity: str
+    parts: list[str]
+    distinctive: list[bool]
+    compact: str
+
+
+@dataclass
+class TitlePattern:
+    title: str
+    words: list[str]
+    compact: str
+
+
+@dataclass
+class AnchorHit:
+    """The best anchor of one request in one prompt."""
+
+    score: float
+    kind: str  # name | name_typo | name_hidden | name_parts | title | date | name_part
+    spans: list[tuple[int, int]] = field(default_factory=list)
+    entity: str = ""
+
+
+def _word(text: str) -> str:
+    """A word as names are compared: folded, letters and digits only ("Zephyr-9" has parts zephyr, 9)."""
+    return re.sub(r"[^a-z0-9]", "", fold(text))
+
+
+def compile_name(entity: str, common: frozenset[str]) -> NamePattern | None:
+    parts = [_word(w) for w, _, _ in tokens(entity)]
+    parts = [p for p in parts if p]
+    if not parts:
+        return None
+    distinctive = [len(p) >= 4 and p.isalpha() and p not in STOPWORDS and p not in FUNCTION_WORDS for p in parts]
+    return NamePattern(entity, parts, distinctive, letters("".join(parts)))
+
+
+def _part_edits(word: str, part: str) -> int:
+    """Edits between a prompt word and a name part; parts of four letters or fewer must be exact."""
+    if word == part:
+        return 0
+    if len(part) <= 4:
+        return 9
+    return edit_distance(word, part, 1)
+
+
+def _name_like(word: str, common: frozenset[str]) -> bool:
+    folded = _word(word)
+    if len(folded) < 2 or folded in STOPWORDS or folded in FUNCTION_WORDS:
+        return False
+    return word[:1].isupper() or (folded not in common and folded.isalpha())
+
+
+class AnchorIndex:
+    """Every loaded request's anchors; `find` scores a prompt against all of them."""
+
+    def __init__(self, common: frozenset[str] | None = None):
+        self.common = common if common is not None else common_words()
+        self._names: dict[str, list[NamePattern]] = {}
+        self._titles: dict[str, list[TitlePattern]] = {}
+        self._dates: dict[str, set[tuple[int, int, int]]] = {}
+        self._by_part: dict[str, set[str]] = {}  # folded name part -> requests
+        self._by_delete: dict[str, set[str]] = {}  # a part (5+ letters) with one letter deleted -> parts
+
+    @property
+    def request_ids(self) -> set[str]:
+        return set(self._names)
+
+    def add(self, request_id: str, anchors: RequestAnchors) -> None:
+        self.remove(request_id)
+        names = [p for p in (compile_name(n, self.common) for n in anchors.names) if p is not None]
+        self._names[request_id] = names
+        self._titles[request_id] = [
+            TitlePattern(t, [_word(w) for w, _, _ in tokens(t)], letters(fold(t))) for t in anchors.titles
+        ]
+        self._dates[request_id] = {tuple(d) for d in anchors.dates}
+        for pattern in names:
+            for part in pattern.parts:
+                self._by_part.setdefault(part, set()).add(request_id)
+                if len(part) >= 5:
+                    for key in _deletes(part):
+                        self._by_delete.setdefault(key, set()).add(part)
+
+    def remove(self, request_id: str) -> None:
+        if self._names.pop(request_id, None) is None:
+            return
+        self._titles.pop(request_id, None)
+        self._dates.pop(request_id, None)
+        for key in list(self._by_part):
+            self._by_part[key].discard(request_id)
+            if not self._by_part[key]:
+                del self._by_part[key]
+        for key in list(self._by_delete):
+            self._by_delete[key] = {part for part in self._by_delete[key] if part in self._by_part}
+            if not self._by_delete[key]:
+                del self._by_delete[key]
+
+    def find(self, text: str) -> dict[str, AnchorHit]:
+        """Per request with an anchor in `text`: its best hit."""
+        best: dict[str, AnchorHit] = {}
+
+        def offer(request_id: str, hit: AnchorHit) -> None:
+            old = best.get(request_id)
+            if old is None or hit.score > old.score:
+                best[request_id] = hit
+            elif hit.score == old.score and hit.spans:
+                old.spans = merge_spans(old.spans + hit.spans)
+
+        all_views = views(text)
+        compacts = compact_forms(text)
+        as_written: dict[str, AnchorHit] = {}
+        for index, view in enumerate(all_views):
+            toks = tokens(view)
+            folded = [_word(w) for w, _, _ in toks]
+            hits = self._name_hits(view, toks, folded)
+            if index == 0:
+                as_written = {rid: AnchorHit(h.score, h.kind, list(h.spans), h.entity) for rid, h in hits.items()}
+            for request_id, hit in hits.items():
+                if index:  # spans only index the prompt as written
+                    hit.spans = []
+                offer(request_id, hit)
+            for request_id, titles in self._titles.items():
+                for title in titles:
+                    if _contains(folded, title.words):
+                        offer(request_id, AnchorHit(NAME_SCORE, "title", entity=title.title))
+            dates = parse_dates(view)
+            if dates:
+                for request_id, known in self._dates.items():
+                    if dates & known:
+                        offer(request_id, AnchorHit(NAME_SCORE, "date"))
+        for request_id, names in self._names.items():
+            for pattern in names:
+                if len(pattern.compact) >= _COMPACT_MIN and any(pattern.compact in c for c in compacts):
+                    offer(request_id, AnchorHit(NAME_SCORE, "name_hidden", entity=pattern.entity))
+            for title in self._titles.get(request_id, []):
+                if len(title.compact) >= _TITLE_COMPACT_MIN and any(title.compact in c for c in compacts):
+                    offer(request_id, AnchorHit(NAME_SCORE, "title", entity=title.title))
+        for request_id, hit in best.items():
+            if not hit.spans and request_id in as_written:
+                hit.spans = as_written[request_id].spans  # e.g. a title hit: the name as written still has spans
+        return best
+
+    def _name_hits(self, view: str, toks: list[tuple[str, int, int]], folded: list[str]) -> dict[str, AnchorHit]:
+        candidates: set[str] = set()
+        for word in folded:
+            candidates |= self._by_part.get(word, set())
+            if len(word) >= 4:  # one typo away from a part of five letters or more
+                for key in _deletes(word) | {word}:
+                    candidates |= self._by_part.get(key, set()) if len(key) >= 5 else set()  # an extra letter
+                    for part in self._by_delete.get(key, ()):
+                        if edit_distance(word, part, 1) <= 1:
+                            candidates |= self._by_part.get(part, set())
+        hits: dict[str, AnchorHit] = {}
+        for request_id in candidates:
+            for pattern in self._names.get(request_id, []):
+                for hit in _match_name(view, toks, folded, pattern, self.common):
+                    old = hits.get(request_id)
+                    if old is None or hit.score > old.score:
+                        hits[request_id] = hit
+                    elif hit.score == old.score:
+                        old.spans = merge_spans(old.spans + hit.spans)
+        return hits
+
+
+def _deletes(word: str) -> set[str]:
+    return {word[:k] + word[k + 1 :] for k in range(len(word))}
+
+
+def _contains(words: list[str], sequence: list[str]) -> bool:
+    n = len(sequence)
+    return n > 0 and any(words[i : i + n] == sequence for i in range(len(words) - n + 1))
+
+
+def _match_name(
+    view: str, toks: list[tuple[str, int, int]], folded: list[str], pattern: NamePattern, common: frozenset[str]
+) -> list[AnchorHit]:
+    """Runs of prompt words spelling consecutive parts of the name, within one typo in total."""
+    out = []
+    i = 0
+    while i < len(toks):
+        best = (0, 0, 0)  # (parts matched, -edits, first part)
+        for p0 in range(len(pattern.parts)):
+            n, edits = 0, 0
+            while i + n < len(toks) and p0 + n < len(pattern.parts):
+                e = _part_edits(folded[i + n], pattern.parts[p0 + n])
+                if edits + e > 1:
+                    break
+                edits += e
+                n += 1
+            if (n, -edits) > best[:2]:
+                best = (n, -edits, p0)
+        n, edits, p0 = best[0], -best[1], best[2]
+        if n == 0:
+            i += 1
+            continue
+        span = [(toks[i][1], toks[i + n - 1][2])]
+        distinctive = sum(pattern.distinctive[p0 : p0 + n])
+        if n == len(pattern.parts):
+            out.append(
+                AnchorHit(
+                    NAME_SCORE if edits == 0 else TYPO_SCORE,
+                    "name" if edits == 0 else "name_typo",
+                    span,
+                    pattern.entity,
+                )
+            )
+        elif distinctive >= 1 and not _next_to_other_name(view, toks, folded, i, n, pattern, common):
+            if distinctive >= 2:
+                out.append(AnchorHit(PARTS_SCORE, "name_parts", span, pattern.entity))
+            elif edits == 0:
+                out.append(AnchorHit(PART_SCORE, "name_part", span, pattern.entity))
+        i += n
+    return out
+
+
+def _next_to_other_name(
+    view: str,
+    toks: list[tuple[str, int, int]],
+    folded: list[str],
+    i: int,
+    n: int,
+    pattern: NamePattern,
+    common: frozenset[str],
+) -> bool:
+    """Whether a partial name stands next to a word that reads as another name ("Moshe Dayan")."""
+    for j in (i - 1, i + n):
+        if not 0 <= j < len(toks):
+            continue
+        lo, hi = (toks[j][2], toks[i][1]) if j < i else (toks[i + n - 1][2], toks[j][1])
+        if view[lo:hi].strip(" -") or len(view[lo:hi]) > 2:
+            continue  # punctuation or more than a space between: not one name
+        word = toks[j][0]
+        if folded[j] in pattern.parts:
+            continue
+        sentence_start = j == 0 or any(c in view[toks[j - 1][2] : toks[j][1]] for c in ".!?\n:\"'")
+        if sentence_start and folded[j] in common:
+            continue  # "Where did Nakamura ..." / "Nakamura wrote ..." with a capitalised sentence word
+        if _name_like(word, common):
+            return True
+    return False
