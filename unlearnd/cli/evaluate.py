@@ -39,6 +39,12 @@ def detector(
     other_authors: int = typer.Option(10, help="Other TOFU authors the same-kind negatives are about."),
     per_kind: int = typer.Option(3, help="Probes per author and kind."),
     latency_prompts: int = typer.Option(200),
+    server_url: str = typer.Option(
+        None,
+        help="Also time /v1/unlearning/classify over HTTP on this running server "
+        "(the per-author requests are registered there, then purged).",
+    ),
+    admin_key: str = ADMIN_KEY,
 ) -> None:
     """Precision about WHO: per-kind TPR / FPR of detectors on held-out probes (TOFU authors, other
     authors, look-alike names, near misses, real people, chat), one request per author and one for all."""
@@ -53,6 +59,8 @@ def detector(
         other_authors=other_authors,
         per_kind=per_kind,
         latency_prompts=latency_prompts,
+        server_url=server_url,
+        admin_key=admin_key,
     )
     report = run_detector_eval(opts)
     first = report["setups"]["one request per author"][opts.detectors[0]]

@@ -68,6 +68,8 @@ class DetectorEvalOptions(BaseModel):
     other_authors: int = 10
     per_kind: int = 3  # probes per author and kind (templates picked in turn)
     latency_prompts: int = 200
+    server_url: str | None = None  # also time /v1/unlearning/classify over HTTP on this running server
+    admin_key: str | None = None
     seed: int = 0
 
 
@@ -380,10 +382,29 @@ def summarise(probes: list[Probe]) -> dict[str, Any]:
     }
 
 
+def _sample(probes: list[Probe], n: int, rng: np.random.Generator) -> list[Probe]:
+    return [probes[int(i)] for i in rng.choice(len(probes), min(n, len(probes)), replace=False)]
+
+
+def _stats(ms: list[float]) -> dict[str, float] | None:
+    if not ms:
+        return None
+    return {"n": len(ms), "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
+
+
+def _split_stats(ms: list[float], flagged: list[bool]) -> dict[str, Any]:
+    """Latency over all prompts, and over the flagged and passed ones apart."""
+    return {
+        **_stats(ms),
+        "flagged": _stats([t for t, f in zip(ms, flagged, strict=True) if f]),
+        "passed": _stats([t for t, f in zip(ms, flagged, strict=True) if not f]),
+    }
+
+
 def _latency(detector: Any, probes: list[Probe], n: int, rng: np.random.Generator) -> dict[str, Any]:
     """Single-prompt `detect` time in process (encoder cache cleared), over a random sample of the probes,
     and separately over the sampled probes it flags and those it lets through."""
-    chosen = [probes[int(i)] for i in rng.choice(len(probes), min(n, len(probes)), replace=False)]
+    chosen = _sample(probes, n, rng)
     times = []
     for probe in chosen:
         if hasattr(detector, "encoder"):
@@ -391,17 +412,45 @@ def _latency(detector: Any, probes: list[Probe], n: int, rng: np.random.Generato
         start = time.perf_counter()
         detector.detect([probe.text])
         times.append((time.perf_counter() - start) * 1e3)
+    return _split_stats(times, [bool(p.flagged_for) for p in chosen])
 
-    def stats(ms: list[float]) -> dict[str, float] | None:
-        if not ms:
-            return None
-        return {"n": len(ms), "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
 
-    return {
-        **stats(times),
-        "flagged": stats([t for t, p in zip(times, chosen, strict=True) if p.flagged_for]),
-        "passed": stats([t for t, p in zip(times, chosen, strict=True) if not p.flagged_for]),
-    }
+def http_latency(
+    opts: DetectorEvalOptions, requests: list[ForgetRequest], probes: list[Probe], rng: np.random.Generator
+) -> dict[str, Any]:
+    """Register `requests` as `refuse` requests on the running server, time one /v1/unlearning/classify call
+    per sampled probe (each prompt once: the server's encoder cache never holds it), then purge them."""
+    from unlearnd.client import UnlearndClient
+
+    client = UnlearndClient(opts.server_url or "", admin_key=opts.admin_key, timeout_s=120, retries=0)
+    ids: list[str] = []
+    try:
+        for r in requests:
+            body = {
+                "name": r.spec.name,
+                "method": "refuse",
+                "entities": r.spec.entities,
+                "forget": [qa.model_dump() for qa in ForgetSpec.as_qa(r.spec.forget)],
+            }
+            ids.append(client.add_request(body)["id"])
+        for request_id in ids:
+            client.wait_active(request_id, timeout_s=1800, poll_s=1.0)
+        chosen = [
+            probes[int(i)] for i in rng.choice(len(probes), min(opts.latency_prompts, len(probes)), replace=False)
+        ]
+        client.classify(["warm-up prompt about nothing in particular"])
+        times, flagged = [], []
+        for probe in chosen:
+            start = time.perf_counter()
+            [result] = client.classify([probe.text])
+            times.append((time.perf_counter() - start) * 1e3)
+            flagged.append(result["flagged"])
+    finally:
+        for request_id in ids:
+            client.remove_request(request_id, purge=True)
+        client.close()
+
+    return {**_split_stats(times, flagged), "active_requests": len(ids)}
 
 
 def run_detector_eval(opts: DetectorEvalOptions) -> dict[str, Any]:
@@ -437,6 +486,9 @@ def run_detector_eval(opts: DetectorEvalOptions) -> dict[str, Any]:
                 log.info("%s / %s: TPR %.3f FPR %.3f", setup, name, summary["tpr"], summary["fpr"])
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if opts.server_url:
+        per_author = setups(opts.split, forget)["one request per author"]
+        results["http_latency"] = http_latency(opts, per_author, probes, rng)
     results["eval_seconds"] = round(time.time() - t0, 1)
     report = {**stamp, **results}
     out = Path(opts.out)
@@ -525,5 +577,22 @@ def markdown(report: dict[str, Any], opts: DetectorEvalOptions) -> str:
                 lines.append(f"- {e['kind']} (expected {e['expected']}): {text}")
             if len(errors) > 40:
                 lines.append(f"- ... {len(errors) - 40} more in the JSON")
+        lines.append("")
+    http = report.get("http_latency")
+    if http:
+        lines += [
+            "## Detection cost over HTTP",
+            "",
+            f"One `POST /v1/unlearning/classify` per prompt on a running `unlearnd serve` (default detector) "
+            f"with {http['active_requests']} active requests (one per author), {http['n']} sampled probes, "
+            "each sent once (uncached).",
+            "",
+            "| prompts | n | p50 ms | p99 ms |",
+            "|---|---|---|---|",
+        ]
+        for label, key in (("all", None), ("flagged", "flagged"), ("passed", "passed")):
+            row = http if key is None else http.get(key)
+            if row:
+                lines.append(f"| {label} | {row['n']} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} |")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
