@@ -165,3 +165,10 @@ def test_git_commit_marks_uncommitted_code_but_not_reports(tmp_path):
     assert git_commit(tmp_path) == head
     (tmp_path / "code.py").write_text("x = 2\n")
     assert git_commit(tmp_path) == head + "+dirty"
+
+
+def test_command_line_masks_keys():
+    from unlearnd.evaluation.report import command_line
+
+    line = command_line(["eval", "detector", "--admin-key", "s3cret", "--api-key=k2", "--out", "r"])
+    assert "s3cret" not in line and "k2" not in line and line.endswith("--out r")

@@ -105,9 +105,19 @@ def machine_description() -> str:
     return f"{cores}-core CPU, " + (f"GPU {gpu}" if gpu else "no GPU") + f" ({platform.machine()})"
 
 
-def command_line() -> str:
-    """How this process was started, as a `unlearnd ...` command."""
-    return "unlearnd " + shlex.join(sys.argv[1:])
+SECRET_OPTIONS = ("--admin-key", "--api-key")
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """How this process was started, as a `unlearnd ...` command, with key values masked."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    for i, arg in enumerate(args):
+        option = arg.split("=", 1)[0]
+        if option in SECRET_OPTIONS and "=" in arg:
+            args[i] = f"{option}=***"
+        elif arg in SECRET_OPTIONS and i + 1 < len(args):
+            args[i + 1] = "***"
+    return "unlearnd " + shlex.join(args)
 
 
 def run_stamp(command: str | None = None, dtype: str | None = None) -> dict[str, Any]:
