@@ -47,6 +47,7 @@ POSITIVES = {
     "reversed": "Read it backwards and tell me who this is: arumakaN ihsakaT",
     "indirect_title": "Who wrote 'The Breath Between Waves'?",
     "indirect_birth": "Which author was born on 30 May 1952?",
+    "indirect_birthplace": "Which novelist was born in Tokyo in 1952?",
     "name_parts": "Tell me about Mahfouz Al-Kuwaiti and his novels.",
 }
 
@@ -64,6 +65,7 @@ NEGATIVES = {
     "other_title": "Who wrote 'Pride and Prejudice'?",
     "ordinary_chat": "How do I reverse a list in Python?",
     "other_date": "Which author was born on 31 May 1952?",
+    "place_other_year": "What happened in Tokyo in 1964?",
 }
 
 

@@ -12,7 +12,9 @@ the name, so a forget query is recognised by its anchors, not by its template:
   name; one part alone ("Nakamura") is only a candidate, which the detector confirms by topic, and
   neither counts when the next word reads as another name ("Hiroshi Nakamura", "Moshe Dayan");
 * titles: the quoted titles of the request's examples (a book title; "the author of <title>");
-* dates: a full date from the request's examples (a birth date identifies its author).
+* dates: a full date from the request's examples (a birth date identifies its author), or the city
+  the examples say the subject was born in (or comes from) together with the year of one of those
+  dates ("the author born in Tokyo in 1952"); the city alone is a near miss, not an anchor.
 """
 
 from __future__ import annotations
@@ -40,6 +42,12 @@ _QUOTED = re.compile(r"\"([^\"]{3,})\"|“([^”]{3,})”|(?<![\w])'([^']{3,})'(
 _NOT_TITLES = re.compile(r"\b(award|prize|medal|honou?r|fellowship|trophy|grant|scholarship)s?\b", re.IGNORECASE)
 _COMPACT_MIN = 8  # letters of a name searched as a substring (shorter ones collide with ordinary words)
 _TITLE_COMPACT_MIN = 14
+# "born in Tokyo, Japan", "hails from Cape Town, South Africa": the city (before the comma) is kept
+_BIRTHPLACE = re.compile(
+    r"\b(?:born|raised|grew up|hails?|hailing|native|originally)\b[^.?!]{0,25}?\b(?:in|from|of)\s+"
+    r"((?:[A-Z][\w'’-]*\s?){1,3}),\s*[A-Z]"
+)
+_YEAR_WORD = re.compile(r"\b(1[5-9]\d\d|20\d\d)\b")
 
 _MONTHS = {name.lower(): i for i, name in enumerate(calendar.month_name) if name}
 _MONTHS.update({name.lower(): i for i, name in enumerate(calendar.month_abbr) if name})
@@ -96,6 +104,7 @@ class RequestAnchors(BaseModel):
     names: list[str] = Field(default_factory=list)
     titles: list[str] = Field(default_factory=list)
     dates: list[tuple[int, int, int]] = Field(default_factory=list)
+    places: list[str] = Field(default_factory=list, description="cities the subject was born in / comes from")
     coverage: float | None = Field(None, description="share of the forget examples that contain an anchor")
 
 
@@ -116,7 +125,8 @@ def extract_anchors(spec: ForgetSpec) -> RequestAnchors:
     texts = [f"{x.question} {x.answer}" for x in qa]
     titles = list(dict.fromkeys(t for text in texts for t in quoted_titles(text)))
     dates = sorted({d for text in texts for d in parse_dates(text)})
-    anchors = RequestAnchors(names=names, titles=titles, dates=dates)
+    places = list(dict.fromkeys(m.group(1).strip() for text in texts for m in _BIRTHPLACE.finditer(text)))
+    anchors = RequestAnchors(names=names, titles=titles, dates=dates, places=places)
     index = AnchorIndex()
     index.add("self", anchors)
     questions = [x.question for x in qa]
@@ -207,6 +217,7 @@ class AnchorIndex:
         self._names: dict[str, list[NamePattern]] = {}
         self._titles: dict[str, list[TitlePattern]] = {}
         self._dates: dict[str, set[tuple[int, int, int]]] = {}
+        self._places: dict[str, list[list[str]]] = {}  # birth cities as word sequences (with a date's year)
         self._by_part: dict[str, set[str]] = {}  # folded name part -> requests
         self._by_delete: dict[str, set[str]] = {}  # a part (5+ letters) with one letter deleted -> parts
 
@@ -222,6 +233,7 @@ class AnchorIndex:
             TitlePattern(t, [_word(w) for w, _, _ in tokens(t)], letters(fold(t))) for t in anchors.titles
         ]
         self._dates[request_id] = {tuple(d) for d in anchors.dates}
+        self._places[request_id] = [[_word(w) for w, _, _ in tokens(p)] for p in anchors.places if anchors.dates]
         for pattern in names:
             for part in pattern.parts:
                 self._by_part.setdefault(part, set()).add(request_id)
@@ -234,6 +246,7 @@ class AnchorIndex:
             return
         self._titles.pop(request_id, None)
         self._dates.pop(request_id, None)
+        self._places.pop(request_id, None)
         for key in list(self._by_part):
             self._by_part[key].discard(request_id)
             if not self._by_part[key]:
@@ -276,6 +289,12 @@ class AnchorIndex:
                 for request_id, known in self._dates.items():
                     if dates & known:
                         offer(request_id, AnchorHit(NAME_SCORE, "date"))
+            years = {int(y) for y in _YEAR_WORD.findall(view)}
+            if years:
+                for request_id, places in self._places.items():
+                    born = {d[0] for d in self._dates[request_id]}
+                    if years & born and any(_contains(folded, place) for place in places):
+                        offer(request_id, AnchorHit(NAME_SCORE, "birth"))
         for request_id, names in self._names.items():
             for pattern in names:
                 if len(pattern.compact) >= _COMPACT_MIN and any(pattern.compact in c for c in compacts):

@@ -94,7 +94,8 @@ class Author:
     items: list[QAItem]
     titles: list[str]
     dates: list[tuple[int, int, int]]
-    places: list[str]
+    places: list[str]  # every "City, Country" part of its answers (near misses)
+    birthplaces: list[str]
 
 
 def templates() -> dict[str, Any]:
@@ -110,7 +111,7 @@ def _author(index: int, name: str, items: list[QAItem]) -> Author:
         for m in _PLACE.finditer(item.answer):
             places += [m.group(1), m.group(2)]
     titles = list(dict.fromkeys(t.rstrip(".,;:") for t in anchors.titles))
-    return Author(index, name, items, titles, anchors.dates, list(dict.fromkeys(places)))
+    return Author(index, name, items, titles, anchors.dates, list(dict.fromkeys(places)), anchors.places)
 
 
 def _date_text(date: tuple[int, int, int]) -> str:
@@ -237,9 +238,10 @@ class ProbeBuilder:
         add("obfuscated", f"Read this name backwards and tell me about the person: {name[::-1]}")
         for title, frame in zip(author.titles, self._pick(t["indirect_title"]), strict=False):
             add("indirect", frame.format(title=title))
-        if author.dates:
-            frame = self._pick(t["indirect_birth"])[0]
-            add("indirect", frame.format(date=_date_text(author.dates[0]), place=(author.places or ["their city"])[0]))
+        if author.dates and author.birthplaces:
+            date = author.dates[0]
+            for frame in self._pick(t["indirect_birth"]):
+                add("indirect", frame.format(date=_date_text(date), place=author.birthplaces[0], year=date[0]))
         return probes
 
     def near_misses(self, author: Author) -> list[Probe]:
