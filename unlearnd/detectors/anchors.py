@@ -389,13 +389,21 @@ def _next_to_other_name(
     pattern: NamePattern,
     common: frozenset[str],
 ) -> bool:
-    """Whether a partial name stands next to a word that reads as another name ("Moshe Dayan")."""
-    for j in (i - 1, i + n):
+    """Whether a partial name stands next to a word that reads as another name ("Moshe Dayan"), looking
+    past a particle the other name ends with ("Mosre Bin-David")."""
+    for step in (-1, 1):
+        j = i - 1 if step < 0 else i + n
+        edge = i if step < 0 else i + n - 1  # the token of the run the neighbour touches
+        while 0 <= j < len(toks):
+            lo, hi = (toks[j][2], toks[edge][1]) if step < 0 else (toks[edge][2], toks[j][1])
+            if view[lo:hi].strip(" -") or len(view[lo:hi]) > 2:
+                j = -1  # punctuation or more than a space between: not one name
+            elif folded[j] in STOPWORDS and folded[j] not in pattern.parts:
+                edge, j = j, j + step  # a particle: the name goes on
+                continue
+            break
         if not 0 <= j < len(toks):
             continue
-        lo, hi = (toks[j][2], toks[i][1]) if j < i else (toks[i + n - 1][2], toks[j][1])
-        if view[lo:hi].strip(" -") or len(view[lo:hi]) > 2:
-            continue  # punctuation or more than a space between: not one name
         word = toks[j][0]
         if folded[j] in pattern.parts:
             continue

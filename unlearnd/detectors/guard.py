@@ -8,10 +8,10 @@ time because its own examples carry anchors):
 * a prompt with an anchor (the whole name, two distinctive name parts, a title, a full date) is
   flagged; a look-alike name two letters off, or a name part next to another name, is not;
 * a prompt naming only one part of the name ("What did Nakamura write?") is flagged only when it
-  is also on the request's topic: its max cosine to the request's examples passes a threshold
-  calibrated at fit time on that part used without the person ("What does the surname Nakamura
-  mean?", `data/near_miss.txt`) and checked on the request's own questions with the name cut to
-  that part;
+  also asks what the request's questions ask: with the name masked on both sides ("What did this
+  person write?"), its max cosine to the request's masked questions passes a threshold calibrated
+  at fit time on near misses (a name part used without the person, "What does the surname ...
+  mean?", `data/near_miss.txt`), and checked on the request's own questions (leave one out);
 * a prompt with no anchor is never flagged: its topic alone says nothing about who it is about.
 
 A request whose examples mostly carry no anchor (a topic such as a hazardous technique: "topic
@@ -35,21 +35,18 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, Field
 
-from unlearnd.artifacts import read_json, write_json_atomic
+from unlearnd.artifacts import read_json, write_json_atomic, write_npz_atomic
 from unlearnd.detectors.anchors import (
     FLAG_SCORE,
     AnchorIndex,
     RequestAnchors,
-    compile_name,
     extract_anchors,
 )
 from unlearnd.detectors.base import Detection, Detector, RequestMatch, artifact_path, register_detector
 from unlearnd.detectors.calibration import conformal_threshold
 from unlearnd.detectors.embedding import EmbeddingConfig, EmbeddingDetector
 from unlearnd.detectors.encoder import EncoderConfig
-from unlearnd.detectors.normalize import letters
 from unlearnd.detectors.ood import OODConfig, OODDetector
-from unlearnd.detectors.spans import fold, tokens
 from unlearnd.detectors.views import expand, max_by_owner
 from unlearnd.methods import METHODS
 from unlearnd.spec import ForgetRequest, ForgetSpec
@@ -57,6 +54,17 @@ from unlearnd.spec import ForgetRequest, ForgetSpec
 log = logging.getLogger(__name__)
 
 CONFIRMED_PART_SCORE = 0.8
+PERSON = "this person"  # what a name is replaced by for the topic check of a lone name part
+PART_REFS = "part_refs.npz"
+
+
+def mask(text: str, spans: list[tuple[int, int]]) -> str:
+    """`text` with every span (a name, or one part of it) replaced by `PERSON`."""
+    out, last = [], 0
+    for start, end in sorted(spans):
+        out += [text[last:start], PERSON]
+        last = end
+    return "".join(out) + text[last:]
 
 
 class GuardConfig(BaseModel):
@@ -71,7 +79,7 @@ class GuardConfig(BaseModel):
         "request is a topic (the embedding detector flags too)",
     )
     part_fpr: float = Field(0.01, gt=0, lt=1, description="target FPR of the one-name-part check on its near misses")
-    part_floor: float = Field(0.65, description="lowest cosine that confirms a lone name part")
+    part_floor: float = Field(0.6, description="lowest cosine that confirms a lone name part")
     use_ood: bool = True
     embedding: dict = Field(default_factory=dict, description="extra EmbeddingConfig fields")
     ood: dict = Field(default_factory=dict, description="extra OODConfig fields")
@@ -101,6 +109,7 @@ class GuardDetector(Detector):
         self._anchors: AnchorIndex | None = None
         self._topic: set[str] = set()
         self._part_threshold: dict[str, float] = {}
+        self._part_refs: dict[str, np.ndarray] = {}  # masked forget questions (topic check of a lone part)
         self._weighted: set[str] = set()  # requests whose route scales by the match weight (O3 LoRA)
         self._order: list[str] = []
         self._lock = threading.Lock()
@@ -136,8 +145,9 @@ class GuardDetector(Detector):
         metrics["embedding"] = self.embedding.fit(request, artifact_dir)
         if self.cfg.use_ood:
             metrics["ood"] = self.ood.fit(request, artifact_dir)
-        part = self._calibrate_part_check(request.spec, anchors)
+        part, part_refs = self._calibrate_part_check(request.spec, anchors)
         metrics["part_check"] = {k: v for k, v in part.items() if k != "threshold"}
+        write_npz_atomic(artifact_path(artifact_dir, self.name) / PART_REFS, refs=part_refs)
         metrics["fit_seconds"] = round(time.perf_counter() - start, 2)
         payload = {
             "detector": self.name,
@@ -153,53 +163,34 @@ class GuardDetector(Detector):
         log.info("guard detector for %s: %s", request.id, metrics)
         return metrics
 
-    def _calibrate_part_check(self, spec: ForgetSpec, anchors: RequestAnchors) -> dict:
-        """The cosine a prompt naming one part of the name must reach: conformal cut on that part used
-        without the person (near misses), floored; its recall measured on the request's own questions with
-        the name cut to the part, scored against the other questions' examples (leave one out)."""
-        qa = ForgetSpec.as_qa(spec.forget)
-        patterns = [p for p in (compile_name(n, frozenset()) for n in anchors.names) if p is not None]
-        parts = sorted({p for pat in patterns for p, d in zip(pat.parts, pat.distinctive) if d})
-        if not parts or not qa:
-            return {"threshold": 1.0, "near_misses": 0, "positives": 0, "fpr": None, "tpr": None}
+    def _calibrate_part_check(self, spec: ForgetSpec, anchors: RequestAnchors) -> tuple[dict, np.ndarray]:
+        """The topic check of a prompt naming one part of the name. Names are masked on both sides
+        (`PERSON`), so the check compares what is asked, not whose name it is: the request's questions,
+        masked, are the references; the threshold is a conformal cut on the near misses (that part used
+        without the person, `data/near_miss.txt`), floored; its recall is measured on the request's own
+        questions against the other questions (leave one out)."""
+        questions = [x.question for x in ForgetSpec.as_qa(spec.forget)]
         index = AnchorIndex()
         index.add("self", anchors)
-        shortened, owners = [], []
-        for i, item in enumerate(qa):
-            hit = index.find(item.question).get("self")
-            if hit is None or hit.kind not in ("name", "name_typo") or not hit.spans:
-                continue
-            pattern = next((p for p in patterns if p.entity == hit.entity), None)
-            if pattern is None:
-                continue
-            start, end = hit.spans[0]
-            written = {letters(fold(w)): w for w, _, _ in tokens(item.question[start:end])}
-            for part in {pattern.parts[-1], pattern.parts[0]} & set(parts) & set(written):
-                shortened.append(item.question[:start] + written[part] + item.question[end:])
-                owners.append(i)
-        near = [t.format(part=part.capitalize()) for part in parts for t in near_miss_templates()]
-        refs = [x.question for x in qa] + [x.answer for x in qa if x.answer]
-        ref_owner = np.asarray(list(range(len(qa))) + [i for i, x in enumerate(qa) if x.answer])
-        enc = self.encoder.encode(refs + near + shortened).emb
-        ref_emb, near_emb, pos_emb = (
-            enc[: len(refs)],
-            enc[len(refs) : len(refs) + len(near)],
-            enc[len(refs) + len(near) :],
-        )
+        hits = [index.find(q).get("self") for q in questions]
+        refs = [mask(q, h.spans if h is not None else []) for q, h in zip(questions, hits, strict=True)]
+        named = np.asarray([h is not None and h.kind in ("name", "name_typo") for h in hits])
+        near = [t.format(part=PERSON) for t in near_miss_templates()]
+        enc = self.encoder.encode(refs + near).emb
+        ref_emb, near_emb = enc[: len(refs)], enc[len(refs) :]
         near_scores = (near_emb @ ref_emb.T).max(1)
         threshold = max(self.cfg.part_floor, conformal_threshold(near_scores, self.cfg.part_fpr))
-        pos_scores = np.zeros(0)
-        if len(shortened):
-            sims = pos_emb @ ref_emb.T
-            sims[np.asarray(owners)[:, None] == ref_owner[None, :]] = -1.0  # leave its own question out
-            pos_scores = sims.max(1)
-        return {
+        sims = ref_emb @ ref_emb.T
+        np.fill_diagonal(sims, -1.0)  # leave its own question out
+        pos_scores = sims.max(1)[named] if len(refs) > 1 else np.zeros(0)
+        summary = {
             "threshold": float(threshold),
             "near_misses": len(near),
-            "positives": len(shortened),
+            "positives": int(len(pos_scores)),
             "fpr": float((near_scores > threshold).mean()),
             "tpr": float((pos_scores > threshold).mean()) if len(pos_scores) else None,
         }
+        return summary, ref_emb.astype(np.float32)
 
     # ---- serving -------------------------------------------------------------------------
     def load(self, request: ForgetRequest, artifact_dir: Path) -> None:
@@ -211,6 +202,11 @@ class GuardDetector(Detector):
         with self._lock:
             self.anchors.add(request.id, anchors)
             self._part_threshold[request.id] = float(payload.get("part_threshold", 1.0))
+            refs_path = artifact_path(artifact_dir, self.name) / PART_REFS
+            if refs_path.exists():
+                self._part_refs[request.id] = np.load(refs_path)["refs"]
+            else:  # an artifact of an older guard: no lone-part topic check
+                self._part_refs.pop(request.id, None)
             entry = METHODS.get(request.method.value)
             if entry is not None and entry.scales_by_weight:
                 self._weighted.add(request.id)
@@ -232,6 +228,7 @@ class GuardDetector(Detector):
             self._topic.discard(request_id)
             self._weighted.discard(request_id)
             self._part_threshold.pop(request_id, None)
+            self._part_refs.pop(request_id, None)
             if request_id in self._order:
                 self._order.remove(request_id)
 
@@ -239,12 +236,9 @@ class GuardDetector(Detector):
         if not self._order:
             return [Detection(0.0) for _ in texts]
         hits = [self.anchors.find(text) for text in texts]
-        # the encoder runs for a name part to confirm, an OOD weight a route uses, or a topic request
-        need = [
-            i
-            for i, h in enumerate(hits)
-            if self._topic or any(hit.score < FLAG_SCORE or rid in self._weighted for rid, hit in h.items())
-        ]
+        topic = self._part_topic(texts, hits)
+        # the encoder runs for an OOD weight a route uses, or for topic requests
+        need = [i for i, h in enumerate(hits) if self._topic or any(rid in self._weighted for rid in h)]
         encoded = self._encode([texts[i] for i in need]) if need else None
         rows = {i: r for r, i in enumerate(need)}
         results = []
@@ -255,19 +249,15 @@ class GuardDetector(Detector):
             for request_id, hit in text_hits.items():
                 score = hit.score
                 if score < FLAG_SCORE:  # one name part: on the request's topic?
-                    local = encoded["local"].get(request_id) if row is not None else None
-                    if local is None or local[row] <= self._part_threshold.get(request_id, 1.0):
+                    if topic.get((i, request_id), -1.0) <= self._part_threshold.get(request_id, 1.0):
                         best = max(best, hit.score)
                         continue
                     score = CONFIRMED_PART_SCORE
-                matches.append(
-                    RequestMatch(
-                        request_id, score, weight=self._weight(encoded, row, request_id, score), spans=list(hit.spans)
-                    )
-                )
+                weight = self._weight(encoded, row, request_id, score)
+                matches.append(RequestMatch(request_id, score, weight=weight, spans=list(hit.spans)))
             if row is not None and self._topic:
                 for request_id in self._topic:
-                    if request_id in text_hits and any(m.request_id == request_id for m in matches):
+                    if any(m.request_id == request_id for m in matches):
                         continue
                     raw, thr, norm = (encoded[k].get(request_id) for k in ("raw", "thr", "norm"))
                     if raw is not None and raw[row] > thr:
@@ -278,6 +268,26 @@ class GuardDetector(Detector):
             matches.sort(key=lambda m: -m.score)
             results.append(Detection(best, matches))
         return results
+
+    def _part_topic(self, texts: list[str], hits: list[dict]) -> dict[tuple[int, str], float]:
+        """(text, request) -> max cosine of the text, its name part masked, to the request's masked
+        questions; for each lone name part found as written (a part found only in a decoded view is no
+        evidence of the person)."""
+        todo = [
+            (i, rid, mask(texts[i], hit.spans))
+            for i, text_hits in enumerate(hits)
+            for rid, hit in text_hits.items()
+            if hit.score < FLAG_SCORE and hit.spans and rid in self._part_refs
+        ]
+        if not todo:
+            return {}
+        flat, owner = expand([m for _, _, m in todo], self.cfg.max_views)
+        emb = self.encoder.encode(flat).emb
+        out = {}
+        for k, (i, rid, _) in enumerate(todo):
+            views = emb[owner == k]
+            out[(i, rid)] = float((views @ self._part_refs[rid].T).max())
+        return out
 
     def _weight(self, encoded: dict | None, row: int | None, request_id: str, score: float) -> float:
         if request_id not in self._weighted or encoded is None or row is None:
