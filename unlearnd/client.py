@@ -60,7 +60,7 @@ class UnlearndClient:
     def send(self, method: str, path: str, admin: bool = False, **kwargs: Any) -> httpx.Response:
         """One call, retried on transport errors and 5xx; a 4xx raises `ServerError` at once."""
         headers = dict(kwargs.pop("headers", {}) or {})
-        if admin and self.admin_key:  # without a key, only a server's loopback clients may use the admin API
+        if admin and self.admin_key:
             headers["Authorization"] = f"Bearer {self.admin_key}"
         last: Exception | None = None
         for attempt in range(self.retries + 1):
@@ -116,10 +116,12 @@ class UnlearndClient:
         payload.update({"messages": list(messages)} if messages is not None else {"prompt": prompt})
         if model:
             payload["model"] = model
-        return self.json("POST", "/v1/unlearning/score", json=payload)
+        return self.json("POST", "/v1/unlearning/score", admin=True, json=payload)  # admin-only by default
 
     def classify(self, inputs: Sequence[str | Sequence[dict]]) -> list[dict[str, Any]]:
-        return self.json("POST", "/v1/unlearning/classify", json={"input": list(inputs)})["data"]
+        """Flagged, score and route per input (and the matched requests, with the admin key)."""
+        headers = {"Authorization": f"Bearer {self.admin_key}"} if self.admin_key else {}
+        return self.json("POST", "/v1/unlearning/classify", json={"input": list(inputs)}, headers=headers)["data"]
 
     # -- forget requests (admin) -------------------------------------------------------------------
 

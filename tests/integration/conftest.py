@@ -45,7 +45,8 @@ def unlearnd_server(default_model_dir, logs_dir, tmp_path_factory):
     """The real unlearnd server with its in-process vLLM engine on the default model."""
     port = free_port()
     data_dir = tmp_path_factory.mktemp("unlearnd-data")
-    server = ServerProcess(unlearnd_command(port, data_dir), port, logs_dir / "unlearnd.log")
+    # request ids in headers: these tests check which request decided each route (off by default)
+    server = ServerProcess(unlearnd_command(port, data_dir, "--expose-request-ids"), port, logs_dir / "unlearnd.log")
     server.data_dir = data_dir
     yield server.start()
     server.stop()

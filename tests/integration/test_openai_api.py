@@ -166,6 +166,7 @@ def test_guardrail_routes_and_untouched_traffic(unlearnd_server, plain_vllm, cli
     classified = httpx.post(
         unlearnd_server.url + "/v1/unlearning/classify",
         json={"input": ["Tell me about Basil Mahfouz Al-Kuwaiti", "How do plants grow?"]},
+        headers=admin,
     ).json()["data"]
     assert classified[0]["route"] == "refuse" and classified[0]["matches"][0]["request_id"] == refuse["id"]
     assert classified[1]["flagged"] is False
@@ -192,11 +193,12 @@ def test_concurrent_plain_and_flagged_requests(unlearnd_server, client):
     assert unlearnd_server.alive()
 
 
-def test_score_endpoint_on_real_model(unlearnd_server):
+def test_score_endpoint_on_real_model(unlearnd_server, admin):
     def score(continuation):
         response = httpx.post(
             unlearnd_server.url + "/v1/unlearning/score",
             json={"model": MODEL, "messages": QUESTION, "continuation": continuation},
+            headers=admin,
             timeout=120,
         )
         assert response.status_code == 200, response.text

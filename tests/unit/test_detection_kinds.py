@@ -108,7 +108,7 @@ def served(tmp_path_factory, default_model_dir, tofu):
 
 
 def classify(client, items: list) -> list[dict]:
-    response = client.post("/v1/unlearning/classify", json={"input": items})
+    response = client.post("/v1/unlearning/classify", json={"input": items}, headers=ADMIN)
     assert response.status_code == 200, response.text
     return response.json()["data"]
 
@@ -184,7 +184,8 @@ def test_score_scans_the_continuation_too(served):
         "messages": [{"role": "user", "content": "Who wrote a famous novel about waves?"}],
         "continuation": "It was Takashi Nakamura, in The Breath Between Waves.",
     }
-    scored = client.post("/v1/unlearning/score", json=body).json()
+    scored = client.post("/v1/unlearning/score", json=body, headers=ADMIN).json()
     assert scored["route"] == "refuse" and scored["matched_request_ids"] == [ids[NAKAMURA]]
-    plain = client.post("/v1/unlearning/score", json={**body, "continuation": "It was a sailor from Lisbon."}).json()
+    other = {**body, "continuation": "It was a sailor from Lisbon."}
+    plain = client.post("/v1/unlearning/score", json=other, headers=ADMIN).json()
     assert plain["route"] == "none"

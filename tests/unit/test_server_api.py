@@ -101,7 +101,9 @@ def test_refuse_route_answers_without_engine(client, settings, engine):
     response = chat(client, "Tell me about Al-Kuwaiti's novels")
     assert response.status_code == 200
     assert response.headers["x-unlearnd-route"] == "refuse"
-    assert response.headers["x-unlearnd-request-id"] == request_id
+    # who is being forgotten stays private unless the operator exposes request ids
+    assert "x-unlearnd-request-id" not in response.headers and "x-unlearnd-matched-ids" not in response.headers
+    assert request_id not in response.text
     assert response.json()["choices"][0]["message"]["content"] == REFUSAL
     assert len(engine.seen) == calls  # the engine never saw the flagged prompt
     other = chat(client, "What is the capital of France?")
@@ -135,6 +137,7 @@ def test_classify_reports_matches_and_routes(client, settings):
     prompt_id = register(client, settings, "prompt", name="Nikolai Abilov")
     response = client.post(
         "/v1/unlearning/classify",
+        headers=ADMIN,
         json={
             "input": [
                 "Compare Al-Kuwaiti and Abilov",
@@ -257,6 +260,53 @@ def test_admin_auth_and_unknown_request(client):
     assert bad.status_code == 400
 
 
+def test_without_the_admin_key_nothing_about_forget_requests_is_disclosed(client, settings):
+    request_id = register(client, settings, "refuse", name="Basil Mahfouz Al-Kuwaiti")
+    items = {"input": ["Who is Mahfouz Al-Kuwaiti?", "What is 2 + 2?"]}
+    public = client.post("/v1/unlearning/classify", json=items)
+    assert public.status_code == 200
+    assert [set(r) for r in public.json()["data"]] == [{"index", "flagged", "score", "route"}] * 2
+    assert public.json()["data"][0]["flagged"] and public.json()["data"][0]["route"] == "refuse"
+    assert "Basil" not in public.text and request_id not in public.text
+    private = client.post("/v1/unlearning/classify", json=items, headers=ADMIN).json()["data"][0]
+    assert private["matches"][0]["request_id"] == request_id and private["matches"][0]["name"].startswith("Basil")
+
+
+def test_score_is_admin_only_unless_public(client, settings, engine):
+    body = {"messages": [{"role": "user", "content": "Who is Basil Mahfouz Al-Kuwaiti?"}], "continuation": " A poet."}
+    assert client.post("/v1/unlearning/score", json=body).status_code == 401
+    settings.public_score = True
+    with TestClient(create_app(settings, engine=engine)) as public:
+        register(public, settings, "refuse", name="Basil Mahfouz Al-Kuwaiti")
+        scored = public.post("/v1/unlearning/score", json=body)
+        assert scored.status_code == 200 and scored.json()["route"] == "refuse"
+        assert "matched_request_ids" not in scored.json()  # ids only for the admin key
+
+
+def test_request_ids_in_headers_only_when_exposed(settings, engine):
+    settings.expose_request_ids = True
+    with TestClient(create_app(settings, engine=engine)) as client:
+        request_id = register(client, settings, "refuse")
+        response = chat(client, "Who is Basil Mahfouz Al-Kuwaiti?")
+        assert response.headers["x-unlearnd-request-id"] == request_id
+        assert response.headers["x-unlearnd-matched-ids"] == request_id
+
+
+def test_without_an_admin_key_one_is_generated_and_loopback_is_not_enough(tmp_path, engine):
+    from unlearnd.server.auth import admin_key_path, read_admin_key
+
+    settings = ServerSettings(data_dir=tmp_path / "d", start_worker=False, detector="keyword", sync_interval_s=0.05)
+    with TestClient(create_app(settings, engine=engine)) as client:  # the test client is a loopback client
+        key = read_admin_key(settings.data_dir)
+        assert key and len(key) >= 32
+        assert admin_key_path(settings.data_dir).stat().st_mode & 0o777 == 0o600
+        assert client.get("/v1/unlearning/requests").status_code == 401
+        assert client.get("/v1/unlearning/requests", headers={"x-admin-key": key}).status_code == 401  # one header
+        assert client.get("/v1/unlearning/requests", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    with TestClient(create_app(settings, engine=engine)) as again:  # a restart keeps the key
+        assert again.get("/v1/unlearning/requests", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+
+
 def test_api_key_required_when_configured(settings, engine):
     settings.api_key = "user-key"
     with TestClient(create_app(settings, engine=engine)) as client:
@@ -310,7 +360,7 @@ def test_score_endpoint_matches_model_logprobs(client, settings, engine):
     import torch
 
     body = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "continuation": " Paris."}
-    response = client.post("/v1/unlearning/score", json=body)
+    response = client.post("/v1/unlearning/score", json=body, headers=ADMIN)
     assert response.status_code == 200, response.text
     data = response.json()
     assert data["route"] == "none" and len(data["tokens"]) == len(data["token_logprobs"]) >= 2
@@ -325,13 +375,14 @@ def test_score_endpoint_matches_model_logprobs(client, settings, engine):
     register(client, settings, "refuse")
     refused = client.post(
         "/v1/unlearning/score",
+        headers=ADMIN,
         json={"messages": [{"role": "user", "content": "Who is Al-Kuwaiti?"}], "continuation": " A novelist."},
     ).json()
     import math
 
     assert refused["route"] == "refuse"
     assert refused["token_logprobs"] == pytest.approx([-math.log(len(engine.tokenizer))] * len(refused["tokens"]))
-    bad = client.post("/v1/unlearning/score", json={"prompt": "x", "messages": [], "continuation": "y"})
+    bad = client.post("/v1/unlearning/score", headers=ADMIN, json={"prompt": "x", "messages": [], "continuation": "y"})
     assert bad.status_code == 400
 
 

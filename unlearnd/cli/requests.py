@@ -13,14 +13,20 @@ from unlearnd.methods import methods_help
 app = typer.Typer(help="Manage forget requests.", no_args_is_help=True)
 
 URL = typer.Option(None, "--url", envvar="UNLEARND_URL", help="Server URL (default: local registry).")
-ADMIN_KEY = typer.Option(None, "--admin-key", envvar="UNLEARND_ADMIN_KEY")
-DATA_DIR = typer.Option(None, "--data-dir", help="Local registry dir (without --url).")
+ADMIN_KEY = typer.Option(
+    None, "--admin-key", envvar="UNLEARND_ADMIN_KEY", help="Default: the key a server wrote to <data dir>/admin_key."
+)
+DATA_DIR = typer.Option(None, "--data-dir", help="Registry dir (the local registry without --url; its admin key with).")
 
 
-def _client(url: str, admin_key: str | None):
+def _client(url: str, admin_key: str | None, data_dir: Path | None):
+    """A client of the server at `url`, with the given admin key or the one a server generated in the data dir."""
     from unlearnd.client import UnlearndClient
+    from unlearnd.config import data_dir as default_data_dir
+    from unlearnd.server.auth import read_admin_key
 
-    return UnlearndClient(url, admin_key=admin_key, timeout_s=30, retries=0)
+    key = admin_key or read_admin_key(data_dir or default_data_dir())
+    return UnlearndClient(url, admin_key=key, timeout_s=30, retries=0)
 
 
 def _registry(data_dir: Path | None):
@@ -80,7 +86,7 @@ def add(
         "entities": entity,
     }
     if url:
-        with _client(url, admin_key) as client:
+        with _client(url, admin_key, data_dir) as client:
             echo_json(_over_http(lambda: client.add_request(payload)))
         return
     try:
@@ -95,7 +101,7 @@ def add(
 def list_(url: str | None = URL, admin_key: str | None = ADMIN_KEY, data_dir: Path | None = DATA_DIR) -> None:
     """List forget requests."""
     if url:
-        with _client(url, admin_key) as client:
+        with _client(url, admin_key, data_dir) as client:
             rows = _over_http(client.list_requests)
     else:
         rows = [r.model_dump(mode="json", exclude={"spec"}) for r in _registry(data_dir).list()]
@@ -112,7 +118,7 @@ def show(
 ) -> None:
     """Show one forget request."""
     if url:
-        with _client(url, admin_key) as client:
+        with _client(url, admin_key, data_dir) as client:
             echo_json(_over_http(lambda: client.get_request(request_id)))
         return
     try:
@@ -131,7 +137,7 @@ def remove(
 ) -> None:
     """Deactivate a forget request (artifacts kept unless --purge)."""
     if url:
-        with _client(url, admin_key) as client:
+        with _client(url, admin_key, data_dir) as client:
             echo_json(_over_http(lambda: client.remove_request(request_id, purge)))
         return
     try:

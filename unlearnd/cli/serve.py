@@ -27,6 +27,10 @@ def serve(
         help="Engine dtype: auto (bfloat16 on GPUs and bf16-capable CPUs, else float32), bfloat16, float16, float32.",
     ),
     worker: bool = typer.Option(True, help="Run the training worker next to the server."),
+    public_score: bool = typer.Option(False, help="Let everyone call /v1/unlearning/score (default: admin only)."),
+    expose_request_ids: bool = typer.Option(
+        False, help="Name the deciding forget requests in response headers (who is forgotten is sensitive)."
+    ),
     log_level: str = typer.Option("info"),
 ) -> None:
     """Serve the OpenAI-compatible API with unlearning guardrails."""
@@ -51,6 +55,8 @@ def serve(
         kv_cache_gib=kv_cache_gib,
         dtype=dtype,
         start_worker=worker,
+        public_score=public_score,
+        expose_request_ids=expose_request_ids,
         log_level=log_level,
     )
     run_server(settings)

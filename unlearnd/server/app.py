@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -24,6 +23,7 @@ from unlearnd.detectors import get_detector
 from unlearnd.engine.base import Engine
 from unlearnd.registry import Registry
 from unlearnd.server import admin_routes, openai_routes, prometheus, unlearning_routes
+from unlearnd.server.auth import ADMIN_HEADER, api_key_matches, ensure_admin_key, is_admin
 from unlearnd.server.pipeline import GuardrailPipeline
 from unlearnd.server.protocol import APIError, openai_error
 from unlearnd.server.settings import ServerSettings
@@ -32,7 +32,7 @@ from unlearnd.server.state import ServerState
 log = logging.getLogger(__name__)
 
 ADMIN_PATHS = ("/v1/unlearning/requests", "/admin")
-LOOPBACK = ("127.0.0.1", "::1", "localhost", "testclient")
+SCORE_PATH = "/v1/unlearning/score"  # raw log-probs: admin-only unless --public-score
 
 
 def error_response(
@@ -76,23 +76,10 @@ def build_engine(settings: ServerSettings) -> Engine:
     )
 
 
-def bearer_matches(request: Request, key: str) -> bool:
-    header = request.headers.get("authorization", "")
-    token = header[7:] if header.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
-    return hmac.compare_digest(token.encode(), key.encode())
-
-
-def admin_allowed(request: Request, settings: ServerSettings) -> bool:
-    if settings.admin_key:
-        return bearer_matches(request, settings.admin_key) or hmac.compare_digest(
-            request.headers.get("x-admin-key", "").encode(), settings.admin_key.encode()
-        )
-    client = request.client.host if request.client else ""
-    return client in LOOPBACK
-
-
 def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAPI:
     """Build the app; the engine starts in the lifespan (or is given, already built, by tests)."""
+    admin_key = settings.admin_key or ensure_admin_key(settings.data_dir)
+    admin_paths = ADMIN_PATHS if settings.public_score else (*ADMIN_PATHS, SCORE_PATH)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -109,8 +96,6 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
             worker = WorkerSupervisor(settings)
             worker.start()
         sync_task = asyncio.create_task(pipeline.sync_forever(settings.sync_interval_s))
-        if not settings.admin_key:
-            log.warning("no admin key set: the admin API only answers clients on loopback")
         log.info("unlearnd ready: model %s on %s engine", running.model_name, settings.engine)
         try:
             yield
@@ -162,12 +147,21 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
                     )
             request._body = body  # noqa: SLF001 - re-expose the consumed body to the handler
         path = request.url.path
-        if path.startswith(ADMIN_PATHS):
-            if not admin_allowed(request, settings):
+        request.state.admin = is_admin(request, admin_key)
+        if path.startswith(admin_paths):
+            if not request.state.admin:
                 return error_response(
-                    401, "admin API: missing or wrong admin key", "authentication_error", "invalid_admin_key"
+                    401,
+                    f"admin API: missing or wrong admin key ({ADMIN_HEADER}: Bearer <key>)",
+                    "authentication_error",
+                    "invalid_admin_key",
                 )
-        elif path.startswith("/v1/") and settings.api_key and not bearer_matches(request, settings.api_key):
+        elif (
+            path.startswith("/v1/")
+            and settings.api_key
+            and not request.state.admin  # the admin key opens every endpoint
+            and not api_key_matches(request, settings.api_key)
+        ):
             return error_response(401, "Incorrect API key provided.", "authentication_error", "invalid_api_key")
         return await call_next(request)
 

@@ -66,9 +66,12 @@ async def prepare(state: ServerState, request: GuardedRequest, param: str = "mes
         raise APIError(400, str(exc), "invalid_request_error", "context_length_exceeded", param) from exc
 
 
-def route_headers(request: GuardedRequest) -> dict[str, str]:
-    """Every response says what happened to its prompt."""
+def route_headers(state: ServerState, request: GuardedRequest) -> dict[str, str]:
+    """Every response says what happened to its prompt; which forget requests decided it only where the
+    operator asked for it (`--expose-request-ids`): who is being forgotten is itself sensitive."""
     headers = {"x-unlearnd-route": request.route}
+    if not state.settings.expose_request_ids:
+        return headers
     if request.match is not None:
         headers["x-unlearnd-request-id"] = request.match.request_id
     if request.matched_ids:
@@ -154,7 +157,7 @@ async def chat_completions(body: ChatCompletionRequest, state: ServerState = Dep
         max_tokens=body.requested_max_tokens(),
     )
     request = await prepare(state, request)
-    headers = route_headers(request)
+    headers = route_headers(state, request)
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -236,7 +239,7 @@ async def completions(body: CompletionRequest, state: ServerState = Depends(serv
             request.prompt_token_ids = list(prompt)
         requests.append(await prepare(state, request, param="prompt"))
     flagged = [r for r in requests if r.route != "none"]
-    headers = route_headers(flagged[0] if flagged else requests[0])
+    headers = route_headers(state, flagged[0] if flagged else requests[0])
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -318,11 +318,13 @@ class ClassifyMatch(BaseModel):
 
 
 class ClassifyResult(BaseModel):
+    """`matches` (who is being forgotten: names, ids, methods) only for the admin key."""
+
     index: int
     flagged: bool
     score: float
     route: str
-    matches: list[ClassifyMatch]
+    matches: list[ClassifyMatch] | None = None
 
 
 class ClassifyResponse(BaseModel):
@@ -331,9 +333,11 @@ class ClassifyResponse(BaseModel):
 
 
 class ScoreResponse(BaseModel):
+    """`matched_request_ids` only for the admin key (with `--public-score`, others call it too)."""
+
     object: Literal["unlearning.score"] = "unlearning.score"
     route: str
-    matched_request_ids: list[str]
+    matched_request_ids: list[str] | None = None
     tokens: list[str]
     token_logprobs: list[float]
 

@@ -21,12 +21,14 @@ class ServerSettings(BaseSettings):
     data_dir: Path = Field(default_factory=data_dir)
     engine: Literal["local", "remote"] = "local"
     remote_url: str | None = None  # base URL of a vLLM OpenAI server, for engine=remote
-    admin_key: str | None = None
+    admin_key: str | None = None  # None: generated once and kept in <data_dir>/admin_key (0600)
     api_key: str | None = None
+    public_score: bool = False  # /v1/unlearning/score for everyone (else admin-only: it returns log-probs)
+    expose_request_ids: bool = False  # x-unlearnd-request-id / -matched-ids headers (who is being forgotten)
     detector: str = DEFAULT_DETECTOR
     max_model_len: int = 2048
     kv_cache_gib: int = 1
-    dtype: str = "auto"  # engine compute dtype; auto = bf16 only where the hardware has it
+    dtype: str = "auto"  # engine compute dtype; auto = bf16 on GPUs, float32 on CPUs
     max_loras: int = 4
     max_lora_rank: int = 16
     max_body_bytes: int = 4 * 1024 * 1024

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 
 from unlearnd.engine.base import EngineError, SamplingSpec
 from unlearnd.prompting import detector_text
@@ -27,7 +27,8 @@ router = APIRouter()
 
 
 @router.post("/v1/unlearning/classify")
-async def classify(body: ClassifyRequest, state: ServerState = Depends(server_state)) -> dict:
+async def classify(request: Request, body: ClassifyRequest, state: ServerState = Depends(server_state)) -> dict:
+    """Flagged, score and route per input; the matched requests too for the admin key."""
     texts = [item if isinstance(item, str) else detector_text(plain_messages(item)) for item in body.input]
     pipeline = state.pipeline
     detections = await pipeline.classify(texts)
@@ -50,17 +51,19 @@ async def classify(body: ClassifyRequest, state: ServerState = Depends(server_st
                 flagged=bool(matches),
                 score=detection.score,
                 route=pipeline.route_of(detection),
-                matches=matches,
+                matches=matches if request.state.admin else None,
             )
         )
-    return ClassifyResponse(data=results).model_dump()
+    return ClassifyResponse(data=results).model_dump(exclude_none=True)
 
 
 @router.post("/v1/unlearning/score")
-async def score(body: ScoreRequest, state: ServerState = Depends(server_state)) -> dict:
+async def score(request: Request, body: ScoreRequest, state: ServerState = Depends(server_state)) -> dict:
+    """Log-probs of the continuation under whatever the route does to the prompt; prompt and continuation
+    are both scanned. Admin-only unless the operator opts in (`--public-score`)."""
     if body.model is not None:
         check_model(state, body.model)
-    request = GuardedRequest(
+    guarded = GuardedRequest(
         id=new_id("score"),
         kind="score",
         sampling=SamplingSpec(temperature=0.0),
@@ -69,13 +72,14 @@ async def score(body: ScoreRequest, state: ServerState = Depends(server_state)) 
         max_tokens=1,
         continuation=body.continuation,
     )
-    request = await prepare(state, request)
+    guarded = await prepare(state, guarded)
     try:
-        tokens, logprobs = await state.pipeline.score(request, body.continuation)
+        tokens, logprobs = await state.pipeline.score(guarded, body.continuation)
     except ContextLengthError as exc:
         raise APIError(400, str(exc), "invalid_request_error", "context_length_exceeded", "continuation") from exc
     except EngineError as exc:
         raise APIError(500, str(exc), "internal_error", "engine_error") from exc
+    matched = guarded.matched_ids if request.state.admin else None
     return ScoreResponse(
-        route=request.route, matched_request_ids=request.matched_ids, tokens=tokens, token_logprobs=logprobs
-    ).model_dump()
+        route=guarded.route, matched_request_ids=matched, tokens=tokens, token_logprobs=logprobs
+    ).model_dump(exclude_none=True)
