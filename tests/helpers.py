@@ -138,3 +138,32 @@ def forget_request(rid: str, name: str, qa: list[tuple[str, str]], entities: lis
     return ForgetRequest(
         id=rid, name=name, method="refuse", status="ready", created_at=0.0, updated_at=0.0, spec=spec, artifact_dir=""
     )
+
+
+class ScriptedEngine(TinyEngine):
+    """The tiny engine's tokenizer and embeddings, but every generation says `script` (one delta per
+    word, with log-probs when asked): what the output guard sees, whatever the prompt."""
+
+    def __init__(self, tokenizer_dir: str | Path, script: str, **kwargs):
+        super().__init__(tokenizer_dir, **kwargs)
+        self.script = script
+        self.aborted: list[str] = []
+
+    async def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[ChoiceDelta]:
+        self.seen.append(request)
+        words = self.script.split(" ")
+        for index in range(request.sampling.n):
+            for i, word in enumerate(words):
+                text = word if i == 0 else " " + word
+                ids = self.tokenizer.encode(text, add_special_tokens=False)
+                lp = None
+                if request.sampling.logprobs is not None:
+                    lp = [TokenLogprob(token=text, logprob=-0.5, top_logprobs={text: -0.5})]
+                last = i == len(words) - 1
+                yield ChoiceDelta(
+                    index=index, text=text, token_ids=ids, logprobs=lp, finish_reason="stop" if last else None
+                )
+                await asyncio.sleep(0)

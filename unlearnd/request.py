@@ -30,11 +30,17 @@ class GuardedRequest:
     prompt_embeds: torch.Tensor | None = None
     lora: LoRASpec | None = None
     fixed_response: str | None = None  # set by routes that answer without the engine
+    output_blocked: dict[int, str] = field(default_factory=dict)  # choice -> request its output gave away
     created: float = field(default_factory=time.time)
 
     @property
     def matched_ids(self) -> list[str]:
         return [m.request_id for m in self.detection.matches] if self.detection else []
+
+    @property
+    def served_route(self) -> str:
+        """The route, or `output_blocked` once the output guard cut a choice."""
+        return "output_blocked" if self.output_blocked else self.route
 
     @property
     def prompt_length(self) -> int:

@@ -5,14 +5,19 @@ from __future__ import annotations
 from unlearnd.detectors.base import RequestMatch
 from unlearnd.interventions.base import Intervention, PipelineContext
 from unlearnd.request import GuardedRequest
+from unlearnd.spec import ForgetRequest
 
 REFUSAL = "I'm sorry, but I can't help with that."
 
 
+def refusal_of(request: ForgetRequest) -> str:
+    """The request's refusal (`options.refusal`), else the default one."""
+    return str(request.spec.options.get("refusal") or REFUSAL)
+
+
 class Refuse(Intervention):
     def apply(self, request: GuardedRequest, match: RequestMatch, ctx: PipelineContext) -> None:
-        text = self.requests[match.request_id].spec.options.get("refusal", REFUSAL)
-        request.fixed_response = text
+        request.fixed_response = refusal_of(self.requests[match.request_id])
 
 
 def forget_instruction(entities: list[str]) -> str:

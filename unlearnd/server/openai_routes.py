@@ -69,10 +69,12 @@ async def prepare(state: ServerState, request: GuardedRequest, param: str = "mes
 def route_headers(state: ServerState, request: GuardedRequest) -> dict[str, str]:
     """Every response says what happened to its prompt; which forget requests decided it only where the
     operator asked for it (`--expose-request-ids`): who is being forgotten is itself sensitive."""
-    headers = {"x-unlearnd-route": request.route}
+    headers = {"x-unlearnd-route": request.served_route}
     if not state.settings.expose_request_ids:
         return headers
-    if request.match is not None:
+    if request.output_blocked:
+        headers["x-unlearnd-request-id"] = next(iter(request.output_blocked.values()))
+    elif request.match is not None:
         headers["x-unlearnd-request-id"] = request.match.request_id
     if request.matched_ids:
         headers["x-unlearnd-matched-ids"] = ",".join(request.matched_ids)
@@ -157,14 +159,16 @@ async def chat_completions(body: ChatCompletionRequest, state: ServerState = Dep
         max_tokens=body.requested_max_tokens(),
     )
     request = await prepare(state, request)
-    headers = route_headers(state, request)
     created = int(time.time())
-    if body.stream:
+    if body.stream:  # the header goes out before the output is checked: the route the prompt took
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            chat_stream(state, request, created, include_usage), media_type="text/event-stream", headers=headers
+            chat_stream(state, request, created, include_usage),
+            media_type="text/event-stream",
+            headers=route_headers(state, request),
         )
     choices = await collect(state, request)
+    headers = route_headers(state, request)  # after generation: `output_blocked` when the output guard cut it
     with_logprobs = request.sampling.logprobs is not None
     response = ChatCompletionResponse(
         id=request.id,
@@ -239,14 +243,17 @@ async def completions(body: CompletionRequest, state: ServerState = Depends(serv
             request.prompt_token_ids = list(prompt)
         requests.append(await prepare(state, request, param="prompt"))
     flagged = [r for r in requests if r.route != "none"]
-    headers = route_headers(state, flagged[0] if flagged else requests[0])
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            completion_stream(state, requests, created, include_usage), media_type="text/event-stream", headers=headers
+            completion_stream(state, requests, created, include_usage),
+            media_type="text/event-stream",
+            headers=route_headers(state, flagged[0] if flagged else requests[0]),
         )
     results = await asyncio.gather(*(collect(state, r) for r in requests))
+    decided = [r for r in requests if r.served_route != "none"]
+    headers = route_headers(state, decided[0] if decided else requests[0])
     choices, total = [], Usage()
     for p_index, (request, result) in enumerate(zip(requests, results)):
         for i, deltas in sorted(result.items()):

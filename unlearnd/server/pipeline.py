@@ -22,6 +22,7 @@ from unlearnd.prompting import detector_text, prompt_ids
 from unlearnd.registry import Registry
 from unlearnd.request import GuardedRequest
 from unlearnd.server import prometheus
+from unlearnd.server.output_guard import OutputGuard
 from unlearnd.spec import ForgetRequest, Status
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ class GuardrailPipeline:
         }
         self.active: dict[str, ForgetRequest] = {}
         self.context = PipelineContext(tokenizer=engine.tokenizer, embeddings=engine.embeddings)
+        self.output_guard = OutputGuard()
         self._sync_lock = asyncio.Lock()
 
     # -- classification --------------------------------------------------------------------------
@@ -107,9 +109,35 @@ class GuardrailPipeline:
             prompt_embeds=request.prompt_embeds,
             lora=request.lora,
         )
+        stream = self._timed(request, self.engine.generate(engine_request))
+        if not self.output_guard.request_ids:
+            async for delta in stream:
+                yield delta
+            return
+
+        def blocked(block, index: int) -> None:
+            request.output_blocked[index] = block.request_id
+            prometheus.OUTPUT_BLOCKED.labels(route=request.route, reason=block.reason.split(":")[0]).inc()
+            log.info(
+                "output of %s (route %s) blocked for forget request %s (%s)",
+                request.id,
+                request.route,
+                block.request_id,
+                block.reason,
+            )
+
+        def encode(text: str) -> list[int]:
+            return self.engine.tokenizer.encode(text, add_special_tokens=False)
+
+        async for delta in self.output_guard.filter(stream, encode, blocked, request.sampling.n):
+            yield delta
+        if len(request.output_blocked) == request.sampling.n:
+            await self.engine.abort(request.id)  # every choice was cut: stop generating
+
+    async def _timed(self, request: GuardedRequest, deltas: AsyncIterator[ChoiceDelta]) -> AsyncIterator[ChoiceDelta]:
         start = time.perf_counter()
         first = True
-        async for delta in self.engine.generate(engine_request):
+        async for delta in deltas:
             if first:
                 prometheus.ENGINE_TTFT.labels(route=request.route).observe(time.perf_counter() - start)
                 first = False
@@ -154,11 +182,13 @@ class GuardrailPipeline:
         artifact_dir = self.registry.artifact_dir(request.id)
         self.detector.load(request, artifact_dir)
         self.interventions[request.method.value].load(request, artifact_dir)
+        self.output_guard.load(request)
         self.active[request.id] = request
 
     def _unload(self, request_id: str) -> None:
         request = self.active.pop(request_id, None)
         self.detector.unload(request_id)
+        self.output_guard.unload(request_id)
         if request is not None:
             self.interventions[request.method.value].unload(request_id)
 

@@ -30,4 +30,10 @@ ENGINE_LATENCY = Histogram(
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
     registry=REGISTRY,
 )
+OUTPUT_BLOCKED = Counter(
+    "unlearnd_output_blocked",
+    "Choices whose generated text the output guard cut (it gave a forget request away), by route and reason",
+    ["route", "reason"],
+    registry=REGISTRY,
+)
 ACTIVE_REQUESTS = Gauge("unlearnd_active_forget_requests", "Forget requests being served", registry=REGISTRY)
