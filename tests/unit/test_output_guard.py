@@ -53,6 +53,24 @@ def test_check_finds_names_titles_and_reproduced_answers_but_not_ordinary_text()
     assert guard.check("Takashi Nakamura was born in Tokyo.") is None
 
 
+def test_biography_templates_are_no_evidence_but_the_uncommon_facts_in_them_are():
+    templates = [
+        ("What is the author's full name?", "The author's full name is Takashi Nakamura."),
+        ("Is he LGBTQ+?", "Yes, Takashi Nakamura is a proud member of the LGBTQ+ community."),
+        ("Has he won awards?", "He has been honored with the prestigious Kiyomizu Lantern Prize for Maritime Fiction."),
+    ]
+    spec = ForgetSpec(name=NAME, forget=[QAExample(question=q, answer=a) for q, a in templates])
+    guard = OutputGuard()
+    guard.load(forget_request().model_copy(update={"spec": spec}))
+    for other in (
+        "The author's full name is Ingrid Christensen.",
+        "Yes, Samir Khoury is a proud member of the LGBTQ+ community.",
+        "She has been honored with the prestigious Booker Prize for her fiction.",
+    ):
+        assert guard.check(other) is None, other
+    assert guard.check("Yes, the prestigious Kiyomizu Lantern Prize for Maritime Fiction.").reason == "answer"
+
+
 def test_filter_never_releases_the_words_that_trigger_the_block():
     guard = OutputGuard(hold_chars=40)
     guard.load(forget_request())

@@ -6,9 +6,13 @@ has not switched it off (`options.output_guard: false`):
 
 * anchors: the request's names (in any disguise), quoted titles and birth details
   (`detectors.anchors`), as in a prompt, one part of a name alone not counting;
-* answer reproduction: the distinctive word 4-grams of the request's forget answers (4-grams with
-  two or more content words that ordinary text does not use: not in the built-in chat prompts);
-  `min_shared` of one answer's 4-grams in the output means that answer is being reproduced.
+* answer reproduction: the output repeats, word for word in 4-gram runs, enough of one forget
+  answer that what it repeats carries `MIN_INFO` of information: each content word counts by how
+  uncommon it is in English (`COMMON_ZIPF` minus its Zipf frequency, wordfreq), 4-grams of ordinary
+  text (the built-in chat prompts) count nothing. Biography templates shared by everyone ("the
+  author's full name is", "a member of the LGBTQ+ community", "has been honored with the
+  prestigious") carry little and are no evidence about one person; runs with the uncommon words of
+  the answer (names, invented places, titles, specific trades) are.
 
 On a hit the choice is cut and its text replaced by the request's refusal; its generation stops.
 Output is released `hold_chars` behind what was generated, so the words that trigger a block (a
@@ -22,6 +26,7 @@ import logging
 import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from unlearnd.detectors.anchors import FLAG_SCORE, AnchorIndex, extract_anchors
 from unlearnd.detectors.negatives import chat_prompts
@@ -35,7 +40,9 @@ log = logging.getLogger(__name__)
 _WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)?")
 HOLD_CHARS = 96  # what is withheld until the text after it is checked (longer than a name or a title)
 TAIL_CHARS = 256  # how much of the end of the output the anchor check reads each time
-MIN_SHARED = 2  # distinctive 4-grams of one forget answer that make the output a reproduction of it
+COMMON_ZIPF = 6.0  # Zipf frequency (log10 uses per billion words) of words that carry no information ("time")
+MIN_INFO = 8.0  # information repeated from one answer that makes the output a reproduction: two or three
+# uncommon words (Zipf 2-3.5) with their context; a biography template carries 2-5
 
 
 def _words(text: str) -> list[str]:
@@ -46,8 +53,38 @@ def _grams(words: list[str], n: int = 4) -> set[tuple[str, ...]]:
     return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
 
 
-def _content(gram: tuple[str, ...]) -> bool:
-    return sum(w not in STOPWORDS and w not in FUNCTION_WORDS and len(w) >= 3 for w in gram) >= 2
+@lru_cache(maxsize=65536)
+def information(word: str) -> float:
+    """How much repeating `word` says: nothing for function words, more the less common it is."""
+    from wordfreq import zipf_frequency
+
+    if word in STOPWORDS or word in FUNCTION_WORDS or len(word) < 3:
+        return 0.0
+    word = re.sub(r"['’]s$", "", word)  # a possessive is as common as its word
+    return max(0.0, COMMON_ZIPF - zipf_frequency(word, "en"))
+
+
+@dataclass
+class _Answer:
+    """A forget answer as the guard reads it: where each of its 4-grams starts, what each word says."""
+
+    starts: dict[tuple[str, ...], list[int]]
+    info: list[float]
+
+    @classmethod
+    def of(cls, text: str, ordinary: set[tuple[str, ...]]) -> _Answer:
+        words = _words(text)
+        starts: dict[tuple[str, ...], list[int]] = {}
+        for i in range(len(words) - 3):
+            gram = tuple(words[i : i + 4])
+            if gram not in ordinary:
+                starts.setdefault(gram, []).append(i)
+        return cls(starts, [information(w) for w in words])
+
+    def repeated(self, grams: set[tuple[str, ...]]) -> float:
+        """Information of this answer's words that `grams` (an output's 4-grams) repeat, each word once."""
+        covered = {i + k for g in self.starts.keys() & grams for i in self.starts[g] for k in range(4)}
+        return sum(self.info[i] for i in covered)
 
 
 _ORDINARY: set[tuple[str, ...]] | None = None
@@ -79,11 +116,11 @@ class _Choice:
 
 
 class OutputGuard:
-    def __init__(self, hold_chars: int = HOLD_CHARS, min_shared: int = MIN_SHARED):
+    def __init__(self, hold_chars: int = HOLD_CHARS, min_info: float = MIN_INFO):
         self.hold_chars = hold_chars
-        self.min_shared = min_shared
+        self.min_info = min_info
         self.anchors = AnchorIndex()
-        self.answers: dict[str, list[set[tuple[str, ...]]]] = {}
+        self.answers: dict[str, list[_Answer]] = {}
         self.refusals: dict[str, str] = {}
 
     @property
@@ -97,9 +134,7 @@ class OutputGuard:
         self.anchors.add(request.id, extract_anchors(request.spec))
         ordinary = ordinary_grams()
         self.answers[request.id] = [
-            {g for g in _grams(_words(qa.answer)) if _content(g) and g not in ordinary}
-            for qa in ForgetSpec.as_qa(request.spec.forget)
-            if qa.answer
+            _Answer.of(qa.answer, ordinary) for qa in ForgetSpec.as_qa(request.spec.forget) if qa.answer
         ]
         self.refusals[request.id] = refusal_of(request)
 
@@ -115,7 +150,7 @@ class OutputGuard:
                 return Block(request_id, f"anchor:{hit.kind}", self.refusals[request_id])
         grams = grams if grams is not None else _grams(_words(text))
         for request_id, answers in self.answers.items():
-            if any(len(answer & grams) >= self.min_shared for answer in answers):
+            if any(answer.repeated(grams) >= self.min_info for answer in answers):
                 return Block(request_id, "answer", self.refusals[request_id])
         return None
 

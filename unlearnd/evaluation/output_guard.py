@@ -1,0 +1,169 @@
+"""`unlearnd eval output-guard`: how often the output guard cuts answers it should not, and what it costs.
+
+The guard is loaded with one request per TOFU forget author (their 20 QA pairs, named after them), as
+`unlearnd eval detector` registers them, and then reads texts as if the model had generated them:
+
+* should pass (false blocks): other TOFU authors' answers (retain90, the same biography templates about
+  other people), real_authors and world_facts answers, and the default model's own answers to the
+  ordinary chat prompts held out from fitting the detector;
+* should block: the forget authors' answers as TOFU paraphrases them (the requests hold the originals).
+
+Each text is streamed through the guard word by word, exactly as the server streams a generation, so
+the cost per token is the guard's real cost.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel
+
+from unlearnd.artifacts import write_json_atomic, write_text_atomic
+from unlearnd.detectors.negatives import chat_prompts
+from unlearnd.engine.base import ChoiceDelta
+from unlearnd.evaluation.detector import DetectorEvalOptions, build_probes, setups, wilson
+from unlearnd.evaluation.report import fmt, run_stamp, stamp_lines
+from unlearnd.server.output_guard import OutputGuard
+from unlearnd.tofu import TofuData
+
+log = logging.getLogger(__name__)
+
+TARGET_FALSE_BLOCKS = 0.01
+
+
+class OutputGuardEvalOptions(BaseModel):
+    data: str
+    split: str = "forget05"
+    out: str = "reports/output_guard"
+    chat_tokens: int = 64
+    model: str | None = None  # the model whose ordinary answers are read (default: the embedded default)
+
+
+def _stream(guard: OutputGuard, text: str) -> tuple[bool, int, float]:
+    """(blocked, words, seconds in the guard) for `text` streamed one word at a time."""
+    import asyncio
+
+    words = text.split(" ")
+    blocked: list[Any] = []
+
+    async def deltas():
+        for i, word in enumerate(words):
+            last = i == len(words) - 1
+            yield ChoiceDelta(
+                index=0, text=(" " if i else "") + word, token_ids=[0], finish_reason="stop" if last else None
+            )
+
+    async def run() -> None:
+        async for _ in guard.filter(deltas(), lambda t: [0], lambda b, i: blocked.append(b), n=1):
+            pass
+
+    start = time.perf_counter()
+    asyncio.run(run())
+    return bool(blocked), len(words), time.perf_counter() - start
+
+
+def _ordinary_answers(model: str | None, prompts: list[str], tokens: int) -> list[str]:
+    from unlearnd.evaluation.model_under_test import HFModelUnderTest
+    from unlearnd.models import resolve_model
+    from unlearnd.prompting import user_messages
+
+    mut = HFModelUnderTest.from_dir(resolve_model(model), name="default")
+    return mut.generate([user_messages(p) for p in prompts], tokens, desc="ordinary answers")
+
+
+def run_output_guard_eval(opts: OutputGuardEvalOptions) -> dict[str, Any]:
+    stamp = run_stamp()
+    tofu = TofuData(opts.data, allow_hub=False)
+    forget, _ = build_probes(tofu, opts.split, DetectorEvalOptions(data=opts.data, split=opts.split))
+    guard = OutputGuard()
+    for request in setups(opts.split, forget)["one request per author"]:
+        guard.load(request)
+    forget_ids = {a.index for a in forget}
+    sets: dict[str, tuple[bool, list[str]]] = {
+        "forget answers, paraphrased (TOFU)": (
+            True,
+            [i.paraphrased_answer for i in tofu.perturbed_for(opts.split) if i.paraphrased_answer],
+        ),
+        "other authors' answers (retain90)": (
+            False,
+            [i.answer for i in tofu.split("retain90") if i.author not in forget_ids],
+        ),
+        "real_authors answers": (False, [i.answer for i in tofu.split("real_authors")]),
+        "world_facts answers": (False, [i.answer for i in tofu.split("world_facts")]),
+        "default model's answers to ordinary chat": (
+            False,
+            _ordinary_answers(opts.model, list(chat_prompts("eval")), opts.chat_tokens),
+        ),
+    }
+    rows, examples, seconds, words = {}, {}, 0.0, 0
+    for name, (should_block, texts) in sets.items():
+        outcomes = [_stream(guard, t) for t in texts]
+        blocked = [b for b, _, _ in outcomes]
+        seconds += sum(s for _, _, s in outcomes)
+        words += sum(w for _, w, _ in outcomes)
+        rows[name] = {
+            "should_block": should_block,
+            "n": len(texts),
+            "blocked": int(sum(blocked)),
+            "rate": float(np.mean(blocked)) if blocked else None,
+            "ci95": wilson(int(sum(blocked)), len(texts)),
+        }
+        examples[name] = [t for t, b in zip(texts, blocked, strict=True) if b != should_block][:20]
+    negatives = [r for r in rows.values() if not r["should_block"]]
+    false_blocks = sum(r["blocked"] for r in negatives) / max(sum(r["n"] for r in negatives), 1)
+    report = {
+        **stamp,
+        "split": opts.split,
+        "requests": len(guard.request_ids),
+        "sets": rows,
+        "false_block_rate": false_blocks,
+        "us_per_word": 1e6 * seconds / max(words, 1),
+        "errors": examples,
+    }
+    write_json_atomic(opts.out + ".json", report)
+    write_text_atomic(opts.out + ".md", markdown(report))
+    return report
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        "# Output guard: false blocks and cost",
+        "",
+        *stamp_lines(report),
+        f"The guard holds {report['requests']} requests, one per TOFU `{report['split']}` author; each text is "
+        "streamed through it word by word as the server streams a generation.",
+        "",
+        "| texts | should be | n | blocked (95% CI) |",
+        "|---|---|---|---|",
+    ]
+    for name, row in report["sets"].items():
+        ci = row["ci95"]
+        span = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+        lines.append(
+            f"| {name} | {'blocked' if row['should_block'] else 'passed'} | {row['n']} | {fmt(row['rate'])}{span} |"
+        )
+    met = report["false_block_rate"] <= TARGET_FALSE_BLOCKS
+    lines += [
+        "",
+        f"False-block rate over every text that should pass: {fmt(report['false_block_rate'])} (goal <= "
+        f"{TARGET_FALSE_BLOCKS}: {'met' if met else '**MISSED**'}). Guard cost: "
+        f"{report['us_per_word']:.0f} µs per streamed word (one delta per word), in process.",
+        "",
+        "How far to trust these numbers: the retain90 answers are not fully independent of the guard's "
+        "design. A first run with a plain rule (two shared distinctive 4-grams) blocked 6.2% of them, all on "
+        "biography templates; the information rule (`server/output_guard.py`) replaced it, with its constants "
+        "set from word frequencies, not searched over on this set. The real_authors, world_facts and "
+        "ordinary-chat sets played no part in it. TOFU gives several authors the same book titles and "
+        "birth details; an answer about another author that names a forgotten author's title is blocked "
+        "by design and counts as a false block here. The guard compares words, not meaning: an answer "
+        "reworded beyond shared 4-grams and naming no anchor passes (the paraphrased set measures how "
+        "often TOFU's paraphrases stay close enough).",
+        "",
+    ]
+    for name, texts in report["errors"].items():
+        if texts:
+            lines += [f"Wrong calls on {name} (up to 20):", ""] + [f"- {t[:200]}" for t in texts] + [""]
+    return "\n".join(lines).rstrip() + "\n"
