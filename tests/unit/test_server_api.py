@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import pytest
@@ -281,6 +282,27 @@ def test_score_is_admin_only_unless_public(client, settings, engine):
         scored = public.post("/v1/unlearning/score", json=body)
         assert scored.status_code == 200 and scored.json()["route"] == "refuse"
         assert "matched_request_ids" not in scored.json()  # ids only for the admin key
+
+
+def test_a_public_caller_gets_no_numbers_about_a_flagged_text_on_any_route(settings, engine):
+    """Ranking candidate answers under a route that still runs the model (here the system-prompt route)
+    would tell which answer the model holds true: without the admin key every token is -log|V|."""
+    settings.public_score = True
+    flagged = {"messages": [{"role": "user", "content": "Who is Basil Mahfouz Al-Kuwaiti?"}]}
+    with TestClient(create_app(settings, engine=engine)) as client:
+        register(client, settings, "prompt", name="Basil Mahfouz Al-Kuwaiti")
+        for continuation in (" A poet from Kuwait.", " A French novelist."):
+            body = {**flagged, "continuation": continuation}
+            public = client.post("/v1/unlearning/score", json=body).json()
+            assert public["route"] == "prompt" and len(set(public["token_logprobs"])) == 1
+            assert public["token_logprobs"][0] == pytest.approx(-math.log(len(engine.tokenizer)))
+            admin = client.post("/v1/unlearning/score", json=body, headers=ADMIN).json()
+            assert len(set(admin["token_logprobs"])) > 1  # the evaluation still measures the route
+        ordinary = {
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "continuation": " Paris.",
+        }
+        assert len(set(client.post("/v1/unlearning/score", json=ordinary).json()["token_logprobs"])) > 1
 
 
 def test_request_ids_in_headers_only_when_exposed(settings, engine):

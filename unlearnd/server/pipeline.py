@@ -144,6 +144,12 @@ class GuardrailPipeline:
             yield delta
         prometheus.ENGINE_LATENCY.labels(route=request.route).observe(time.perf_counter() - start)
 
+    def uniform_score(self, continuation: str) -> tuple[list[str], list[float]]:
+        """Every token of `continuation` at -log|V|: the numbers of a model that knows nothing."""
+        tokenizer = self.engine.tokenizer
+        ids = tokenizer.encode(continuation, add_special_tokens=False)
+        return [tokenizer.decode([t]) for t in ids], [-math.log(len(tokenizer))] * len(ids)
+
     async def score(self, request: GuardedRequest, continuation: str) -> tuple[list[str], list[float]]:
         """Log-probs of `continuation` after the prompt, under whatever the route does to the prompt.
 
@@ -154,7 +160,7 @@ class GuardrailPipeline:
         continuation_ids = tokenizer.encode(continuation, add_special_tokens=False)
         tokens = [tokenizer.decode([t]) for t in continuation_ids]
         if request.fixed_response is not None:
-            return tokens, [-math.log(len(tokenizer))] * len(continuation_ids)
+            return self.uniform_score(continuation)
         ids = request.prompt_token_ids + continuation_ids
         embeds = request.prompt_embeds
         if embeds is not None:

@@ -60,7 +60,10 @@ async def classify(request: Request, body: ClassifyRequest, state: ServerState =
 @router.post("/v1/unlearning/score")
 async def score(request: Request, body: ScoreRequest, state: ServerState = Depends(server_state)) -> dict:
     """Log-probs of the continuation under whatever the route does to the prompt; prompt and continuation
-    are both scanned. Admin-only unless the operator opts in (`--public-score`)."""
+    are both scanned. Admin-only unless the operator opts in (`--public-score`); a caller without the
+    admin key gets no numbers about a flagged text on any route (every token at -log|V|, as refuse
+    gives): ranking candidate answers under an ECO or LoRA route would still tell which one the model
+    holds true. The admin (an evaluation) gets the route's own numbers."""
     if body.model is not None:
         check_model(state, body.model)
     guarded = GuardedRequest(
@@ -74,7 +77,10 @@ async def score(request: Request, body: ScoreRequest, state: ServerState = Depen
     )
     guarded = await prepare(state, guarded)
     try:
-        tokens, logprobs = await state.pipeline.score(guarded, body.continuation)
+        if guarded.matched_ids and not request.state.admin:
+            tokens, logprobs = state.pipeline.uniform_score(body.continuation)
+        else:
+            tokens, logprobs = await state.pipeline.score(guarded, body.continuation)
     except ContextLengthError as exc:
         raise APIError(400, str(exc), "invalid_request_error", "context_length_exceeded", "continuation") from exc
     except EngineError as exc:
