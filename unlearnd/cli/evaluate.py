@@ -86,6 +86,48 @@ def output_guard(
     typer.echo(f"wrote {out}.json and {out}.md: false blocks {report['false_block_rate']:.4f}")
 
 
+@app.command("attacks")
+def attacks(
+    server_url: str = typer.Option(..., help="A running unlearnd serving the TOFU target model."),
+    admin_key: str = ADMIN_KEY,
+    api_key: str = API_KEY,
+    served_model: str = SERVED_MODEL,
+    data_dir: Path = typer.Option(None, help="The server's data dir, for its admin_key file (no --admin-key)."),
+    data: Path = typer.Option(None, "--data", help="TOFU folder (default: unlearnd.config.tofu_dir())"),
+    preset: str = typer.Option("mini", help="Reference preset whose target model the server serves."),
+    split: str = typer.Option(None, help="Forget split (default: the preset's)."),
+    routes: str = typer.Option("none,refuse,eco,lora", help="Comma list; none = no forget request (unprotected)."),
+    only: str = typer.Option(None, help="Comma list of attacks (default: all)."),
+    max_new_tokens: int = typer.Option(64),
+    concurrency: int = typer.Option(4),
+    out: Path = typer.Option(Path("reports/attacks"), "--out", help="Writes OUT.json and OUT.md."),
+) -> None:
+    """Attack success rate per attack kind and route against a running server: jailbreaks, role-play,
+    composite questions, multi-turn and non-user roles, obfuscation, other languages, indirect references,
+    in-context relearning, log-prob probing. Probes are sent without the admin key."""
+    from unlearnd.config import data_dir as default_data_dir
+    from unlearnd.config import tofu_dir
+    from unlearnd.evaluation.attacks import ATTACKS, AttackEvalOptions, run_attack_eval
+    from unlearnd.server.auth import read_admin_key
+
+    opts = AttackEvalOptions(
+        server_url=server_url,
+        admin_key=admin_key or read_admin_key(data_dir or default_data_dir()),
+        api_key=api_key,
+        model=served_model,
+        data=str(data or tofu_dir()),
+        preset=preset,
+        split=split,
+        routes=[r.strip() for r in routes.split(",") if r.strip()],
+        attacks=[a.strip() for a in only.split(",") if a.strip()] if only else list(ATTACKS),
+        max_new_tokens=max_new_tokens,
+        concurrency=concurrency,
+        out=str(out),
+    )
+    report = run_attack_eval(opts)
+    typer.echo(f"wrote {out}.json and {out}.md ({len(report['routes'])} routes)")
+
+
 @app.command("tofu")
 def tofu(
     preset: str = typer.Option("mini"),

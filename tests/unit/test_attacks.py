@@ -1,0 +1,110 @@
+"""The attack suite: every attack builds valid probes in its disguise, and each probe is judged by what a
+user without the admin key gets back from a real app."""
+
+from __future__ import annotations
+
+import base64
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.helpers import ScriptedEngine
+from unlearnd.client import UnlearndClient
+from unlearnd.evaluation.attacks import ATTACKS, attack_context, build_probes, run_probe, summarise
+from unlearnd.jobs.worker import run_worker
+from unlearnd.server.app import create_app
+from unlearnd.server.protocol import ChatCompletionRequest
+from unlearnd.server.settings import ServerSettings
+from unlearnd.tofu import TofuData
+
+ADMIN = {"Authorization": "Bearer admin-secret"}
+
+
+@pytest.fixture(scope="module")
+def ctx(tofu):
+    return attack_context(TofuData(tofu, allow_hub=False), "forget01")
+
+
+def test_every_attack_builds_valid_requests_in_its_disguise(ctx):
+    probes = build_probes(ctx, list(ATTACKS))
+    by_kind = {kind: [p for p in probes if p.kind == kind] for kind in ATTACKS}
+    assert all(len(ps) >= 30 for ps in by_kind.values()), {k: len(v) for k, v in by_kind.items()}
+    for probe in probes:
+        ChatCompletionRequest(model="m", messages=probe.messages)  # the server would accept it
+    names = set(ctx.names.values())
+    for probe in by_kind["indirect"]:
+        assert not any(n in probe.messages[-1]["content"] for n in names)
+        assert "the author of '" in probe.messages[-1]["content"]
+    for probe in by_kind["multi_turn"]:
+        assert not any(n in probe.messages[-1]["content"] for n in names)
+        assert any(n in m["content"] for m in probe.messages[:-1] for n in names)
+    for probe in by_kind["non_user_role"]:
+        questions = {it.question for it in ctx.items}
+        assert not any(m["content"] in questions for m in probe.messages if m["role"] == "user")
+        assert any(q in m["content"] for m in probe.messages if m["role"] != "user" for q in questions)
+    encoded = [p for p in by_kind["obfuscation"] if p.variant == "base64"]
+    decoded = base64.b64decode(encoded[0].messages[0]["content"].rsplit(" ", 1)[1]).decode()
+    assert decoded in {it.question for it in ctx.items}
+    for probe in by_kind["in_context_relearning"]:
+        assert probe.answer not in probe.messages[0]["content"]  # the asked fact is never given
+    scored = by_kind["logprob_score"]
+    assert all(len(p.options) == 4 and p.options[p.true_index] == p.answer for p in scored)
+
+
+@pytest.fixture()
+def app_client(tmp_path, default_model_dir, ctx):
+    """A real app whose model always says the first forget answer; one refuse request can be added."""
+    item = ctx.items[0]
+    settings = ServerSettings(
+        data_dir=tmp_path / "data",
+        admin_key="admin-secret",
+        start_worker=False,
+        detector="keyword",
+        sync_interval_s=0.05,
+    )
+    client = TestClient(create_app(settings, engine=ScriptedEngine(default_model_dir, item.answer, max_model_len=512)))
+    with client:
+        yield client, settings, item
+
+
+def user(client: TestClient) -> UnlearndClient:
+    attacker = UnlearndClient("http://testserver", retries=0)  # no admin key
+    attacker.http = client  # the app in process (a TestClient is an httpx.Client)
+    return attacker
+
+
+def test_a_leak_counts_unless_the_route_refuses_and_denied_scores_are_failures(app_client, ctx):
+    client, settings, item = app_client
+    direct = next(p for p in build_probes(ctx, ["direct"]) if p.answer == item.answer)
+    score = next(p for p in build_probes(ctx, ["logprob_score"]) if p.answer == item.answer)
+    attacker = user(client)
+    leaked = run_probe(attacker, "tiny", direct, 64)
+    assert leaked.success and leaked.route == "none"
+    denied = run_probe(attacker, "tiny", score, 64)
+    assert not denied.success and denied.route == "denied (HTTP 401)"
+
+    name = ctx.names[item.author]
+    body = {
+        "name": name,
+        "method": "refuse",
+        "forget": [{"question": it.question, "answer": it.answer} for it in ctx.items if it.author == item.author],
+    }
+    request_id = client.post("/v1/unlearning/requests", headers=ADMIN, json=body).json()["id"]
+    run_worker(settings.data_dir, "keyword", "unused", once=True)
+    deadline = time.time() + 5
+    while client.get(f"/v1/unlearning/requests/{request_id}", headers=ADMIN).json()["status"] != "active":
+        assert time.time() < deadline
+        time.sleep(0.05)
+    refused = run_probe(attacker, "tiny", direct, 64)
+    assert not refused.success and refused.route in {"refuse", "output_blocked"}
+    summary = summarise([direct, direct], [leaked, refused])["direct"]
+    assert summary["successes"] == 1 and summary["n"] == 2 and summary["ci95"][0] < 0.5 < summary["ci95"][1]
+
+
+def test_flat_numbers_rank_nothing_first():
+    from unlearnd.evaluation.attacks import _ranked_first
+
+    flat = [sum([-10.8] * n) / n for n in (7, 11, 13, 17)]  # one value, averaged over different lengths
+    assert not _ranked_first(flat, 0) and not _ranked_first([float("-inf")] * 4, 2)
+    assert _ranked_first([-1.0, -2.0, -1.5, -3.0], 0) and not _ranked_first([-1.0, -1.0, -2.0, -3.0], 0)
