@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.helpers import ScriptedEngine
-from unlearnd.engine.base import ChoiceDelta
+from unlearnd.engine.base import ChoiceDelta, TokenLogprob
 from unlearnd.interventions.guardrails import REFUSAL
 from unlearnd.jobs.worker import run_worker
 from unlearnd.server.app import create_app
@@ -69,6 +69,34 @@ def test_biography_templates_are_no_evidence_but_the_uncommon_facts_in_them_are(
     ):
         assert guard.check(other) is None, other
     assert guard.check("Yes, the prestigious Kiyomizu Lantern Prize for Maritime Fiction.").reason == "answer"
+
+
+def test_the_meaning_check_cuts_an_answer_restated_in_other_words():
+    from unlearnd.detectors.encoder import EncoderConfig, get_encoder
+
+    encoder = get_encoder(EncoderConfig())
+    guard = OutputGuard(encoder=lambda: encoder)
+    guard.load(forget_request())
+    restated = "For forty years his dad fixed wooden fishing boats at the port of Shimoda."
+    assert guard.check(restated) is None  # no name, no title, no run of the answer's uncommon words
+    assert guard.restates(restated).reason == "answer:meaning"
+    assert guard.restates("Her mother repaired old cars in a garage in Lyon for ten years.") is None
+    assert OutputGuard().restates(restated) is None  # no encoder, no meaning check
+
+    words = ("Here is what I know. " + restated + " That is all.").split(" ")
+
+    async def deltas():
+        for i, word in enumerate(words):
+            yield ChoiceDelta(index=0, text=(" " if i else "") + word, token_ids=[i], finish_reason=None)
+
+    blocks = []
+
+    async def run():
+        return [d async for d in guard.filter(deltas(), lambda t: [0], lambda b, i: blocks.append(b), n=1)]
+
+    out = asyncio.run(run())
+    assert [b.reason for b in blocks] == ["answer:meaning"] and out[-1].text == REFUSAL
+    assert "Shimoda" not in "".join(d.text for d in out)
 
 
 def test_filter_never_releases_the_words_that_trigger_the_block():
@@ -150,7 +178,7 @@ def test_an_unflagged_prompt_whose_answer_gives_the_person_away_is_cut(server):
     assert choice["message"]["content"] == REFUSAL and "Nakamura" not in response.text
     assert all("Nakamura" not in lp["token"] for lp in choice["logprobs"]["content"])
     assert engine.aborted  # generation stopped
-    metrics = client.get("/metrics").text
+    metrics = client.get("/metrics", headers=ADMIN).text
     assert 'unlearnd_output_blocked_total{reason="anchor",route="none"} 1.0' in metrics
 
 
@@ -182,3 +210,86 @@ def test_completions_are_guarded_too_and_the_guard_can_be_switched_off(server):
         response.headers["x-unlearnd-route"] == "none"
         and "Nakamura" in response.json()["choices"][0]["message"]["content"]
     )
+
+
+def _filtered(guard: OutputGuard, deltas_list: list[ChoiceDelta], flagged=()) -> tuple[list[ChoiceDelta], list]:
+    blocks = []
+
+    async def deltas():
+        for delta in deltas_list:
+            yield delta
+
+    async def run():
+        return [
+            d async for d in guard.filter(deltas(), lambda t: [0], lambda b, i: blocks.append(b), n=1, flagged=flagged)
+        ]
+
+    return asyncio.run(run()), blocks
+
+
+def _word_deltas(text: str, logprobs: bool = False) -> list[ChoiceDelta]:
+    words = text.split(" ")
+    out = []
+    for i, word in enumerate(words):
+        piece = (" " if i else "") + word
+        lp = [TokenLogprob(piece, -0.1, {piece: -0.1})] if logprobs else None
+        out.append(ChoiceDelta(0, piece, [i], lp, "stop" if i == len(words) - 1 else None))
+    return out
+
+
+def test_log_prob_tokens_running_ahead_of_the_text_are_checked_and_held_too():
+    """The engine holds text back while it may still match a long stop string, but sends each token's
+    log-probs at once: the tokens must not carry out what the text check has not seen."""
+    guard = OutputGuard(hold_chars=40)
+    guard.load(forget_request())
+    tokens = ("Well, let me see what I remember here. " + LEAK).split(" ")
+    deltas = [
+        ChoiceDelta(0, "", [i], [TokenLogprob((" " if i else "") + t, -0.1, {})], None) for i, t in enumerate(tokens)
+    ]  # the text never comes (a stop string of 600 characters holds it all back)
+    deltas.append(ChoiceDelta(0, "", [], None, "stop"))
+    out, blocks = _filtered(guard, deltas)
+    sent = "".join(t.token for d in out for t in d.logprobs or [])
+    assert blocks and "Nakamura" not in sent and "Takashi" not in sent
+
+
+def test_top_logprob_alternatives_never_spell_a_protected_word():
+    guard = OutputGuard(hold_chars=10)
+    guard.load(forget_request())
+    deltas = _word_deltas("He worked in the harbour of a town.", logprobs=True)
+    at = next(i for i, d in enumerate(deltas) if d.text == " a")
+    deltas[at].logprobs[0].top_logprobs.update({" Shim": -0.5, " Tokyo": -2.0, " Nak": -3.0})
+    out, blocks = _filtered(guard, deltas)
+    offered = {alt for d in out for t in d.logprobs or [] for alt in t.top_logprobs}
+    assert not blocks and " a" in offered and " Tokyo" in offered
+    assert " Shim" not in offered and " Nak" not in offered  # Shimoda (an answer's word), Nakamura (the name)
+
+
+def test_a_name_spread_out_or_spelled_is_still_the_name():
+    guard = OutputGuard()
+    guard.load(forget_request())
+    for disguised in (
+        ("-" * 30).join("Takashi") + " " + ("-" * 30).join("Nakamura"),  # 400+ characters
+        "T1a2k3a4s5h6i7 N8a9k0a1m2u3r4a5",
+        "Tango Alpha Kilo Alpha Sierra Hotel India November Alpha Kilo Alpha Mike Uniform Romeo Alpha",
+    ):
+        assert guard.check(disguised) is not None, disguised[:40]
+        out, blocks = _filtered(guard, _word_deltas("The name is: " + disguised))
+        assert blocks and "".join(d.text for d in out).endswith(REFUSAL)
+    assert guard.check("Tango and Alpha teams met at the Kilo camp.") is None
+
+
+def test_one_part_of_the_name_blocks_only_on_the_subject_of_a_flagged_prompt():
+    guard = OutputGuard()
+    guard.load(forget_request())
+    assert guard.check("His surname is Nakamura.") is None  # another Nakamura, as far as the guard knows
+    assert guard.check("His surname is Nakamura.", flagged=["fr-1"]).reason == "name_part"
+
+
+def test_a_word_split_across_tokens_counts_once_complete():
+    guard = OutputGuard()
+    guard.load(forget_request())
+    pieces = ["He", " repaired", " wooden", " boats", " in", " the", " har", "bour", " of", " Shim", "oda", "."]
+    deltas = [ChoiceDelta(0, p, [i], None, None) for i, p in enumerate(pieces)]
+    deltas.append(ChoiceDelta(0, "", [], None, "stop"))
+    _, blocks = _filtered(guard, deltas)
+    assert [b.reason for b in blocks] == ["answer"]

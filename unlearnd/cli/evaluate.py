@@ -75,13 +75,16 @@ def output_guard(
     split: str = typer.Option("forget05", "--split"),
     out: Path = typer.Option(Path("reports/output_guard"), "--out", help="Writes OUT.json and OUT.md."),
     chat_tokens: int = typer.Option(64, help="New tokens of the default model's ordinary answers."),
+    meaning: bool = typer.Option(True, "--meaning/--no-meaning", help="The meaning check (sentence encoder)."),
 ) -> None:
     """False-block rate of the output guard on other authors' answers and ordinary chat, its recall on
     paraphrased forget answers, and its cost per streamed word."""
     from unlearnd.config import tofu_dir
     from unlearnd.evaluation.output_guard import OutputGuardEvalOptions, run_output_guard_eval
 
-    opts = OutputGuardEvalOptions(data=str(data or tofu_dir()), split=split, out=str(out), chat_tokens=chat_tokens)
+    opts = OutputGuardEvalOptions(
+        data=str(data or tofu_dir()), split=split, out=str(out), chat_tokens=chat_tokens, meaning=meaning
+    )
     report = run_output_guard_eval(opts)
     typer.echo(f"wrote {out}.json and {out}.md: false blocks {report['false_block_rate']:.4f}")
 

@@ -20,6 +20,7 @@ the name, so a forget query is recognised by its anchors, not by its template:
 from __future__ import annotations
 
 import calendar
+import codecs
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -240,6 +241,31 @@ class AnchorIndex:
                 if len(part) >= 5:
                     for key in _deletes(part):
                         self._by_delete.setdefault(key, set()).add(part)
+
+    def hidden_forms(self) -> dict[str, list[tuple[str, str]]]:
+        """Per request: (letters-only form, what it is) of each whole name and long title, as written,
+        reversed and ROT13'd, for a search in text whose letters are spread out ("J-a-i-m-e", "J1a2i3")."""
+        out: dict[str, list[tuple[str, str]]] = {}
+        for request_id, names in self._names.items():
+            forms = [(p.compact, p.entity) for p in names if len(p.compact) >= _COMPACT_MIN]
+            titles = self._titles.get(request_id, [])
+            forms += [(t.compact, t.title) for t in titles if len(t.compact) >= _TITLE_COMPACT_MIN]
+            out[request_id] = [
+                (variant, entity)
+                for compact, entity in forms
+                for variant in dict.fromkeys((compact, compact[::-1], codecs.encode(compact, "rot13")))
+            ]
+        return out
+
+    def name_parts(self, request_id: str, uncommon_only: bool = False) -> set[str]:
+        """The distinctive parts of a request's names (folded): "basil", "mahfouz", "kuwaiti"; with
+        `uncommon_only`, those that are no ordinary word ("mahfouz", not "basil")."""
+        return {
+            part
+            for pattern in self._names.get(request_id, [])
+            for part, distinctive in zip(pattern.parts, pattern.distinctive, strict=True)
+            if distinctive and not (uncommon_only and part in self.common)
+        }
 
     def remove(self, request_id: str) -> None:
         if self._names.pop(request_id, None) is None:

@@ -122,10 +122,30 @@ def letters(text: str) -> str:
     return re.sub(r"[^a-z]", "", text.lower())
 
 
+NATO = {
+    w: w[0]
+    for w in "alfa alpha bravo charlie delta echo foxtrot golf hotel india juliet juliett kilo lima mike "
+    "november oscar papa quebec romeo sierra tango uniform victor whiskey xray x-ray yankee zulu".split()
+}
+_NATO_WORDS = "|".join(re.escape(w) for w in sorted(NATO, key=len, reverse=True))
+_NATO_RUN = re.compile(rf"\b(?:(?:{_NATO_WORDS})\b[\s,.;:/-]*){{3,}}", re.IGNORECASE)
+
+
+def nato_letters(text: str) -> str:
+    """The letters spelled by runs of three or more NATO code words ("Juliet Alpha India ..." -> "jai...")."""
+    return " ".join(
+        "".join(NATO[w.lower()] for w in re.findall(r"[A-Za-z-]+", run.group(0)) if w.lower() in NATO)
+        for run in _NATO_RUN.finditer(text)
+    )
+
+
 def compact_forms(text: str) -> list[str]:
-    """Letters-only strings a whole name is searched in: each view's letters, reversed and ROT13'd."""
+    """Letters-only strings a whole name is searched in: each view's letters (digits read as leetspeak,
+    and dropped: "J1a2i3m4e5"), the letters NATO code words spell, each also reversed and ROT13'd."""
     forms = []
     for view in views(text):
-        plain = letters(unleet(to_ascii(view)))
-        forms += [plain, plain[::-1], codecs.encode(plain, "rot13")]
+        ascii_view = to_ascii(view)
+        for plain in dict.fromkeys((letters(unleet(ascii_view)), letters(ascii_view), letters(nato_letters(view)))):
+            if plain:
+                forms += [plain, plain[::-1], codecs.encode(plain, "rot13")]
     return forms

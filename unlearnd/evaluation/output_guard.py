@@ -22,11 +22,13 @@ import numpy as np
 from pydantic import BaseModel
 
 from unlearnd.artifacts import write_json_atomic, write_text_atomic
+from unlearnd.detectors.encoder import EncoderConfig, get_encoder
 from unlearnd.detectors.negatives import chat_prompts
 from unlearnd.engine.base import ChoiceDelta
 from unlearnd.evaluation.detector import DetectorEvalOptions, build_probes, setups, wilson
 from unlearnd.evaluation.report import fmt, run_stamp, stamp_lines
 from unlearnd.server.output_guard import OutputGuard
+from unlearnd.spec import QAExample
 from unlearnd.tofu import TofuData
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,8 @@ class OutputGuardEvalOptions(BaseModel):
     out: str = "reports/output_guard"
     chat_tokens: int = 64
     model: str | None = None  # the model whose ordinary answers are read (default: the embedded default)
+    retain_authors: int = 10  # other authors registered as each request's retain set (not measured)
+    meaning: bool = True  # the meaning check (sentence encoder), as the server runs it with the guard detector
 
 
 def _stream(guard: OutputGuard, text: str) -> tuple[bool, int, float]:
@@ -78,10 +82,19 @@ def run_output_guard_eval(opts: OutputGuardEvalOptions) -> dict[str, Any]:
     stamp = run_stamp()
     tofu = TofuData(opts.data, allow_hub=False)
     forget, _ = build_probes(tofu, opts.split, DetectorEvalOptions(data=opts.data, split=opts.split))
-    guard = OutputGuard()
-    for request in setups(opts.split, forget)["one request per author"]:
-        guard.load(request)
     forget_ids = {a.index for a in forget}
+    # the retain set a user registers with each request (what must keep working): the first
+    # `retain_authors` other authors; they calibrate the meaning check and are left out of what is measured
+    others = sorted({i.author for i in tofu.split("retain90")} - forget_ids)
+    calibration_ids = set(others[: opts.retain_authors])
+    retain = [
+        QAExample(question=i.question, answer=i.answer) for i in tofu.split("retain90") if i.author in calibration_ids
+    ]
+    encoder = get_encoder(EncoderConfig()) if opts.meaning else None
+    guard = OutputGuard(encoder=(lambda: encoder) if encoder is not None else None)
+    for request in setups(opts.split, forget)["one request per author"]:
+        request.spec.retain = list(retain)
+        guard.load(request)
     sets: dict[str, tuple[bool, list[str]]] = {
         "forget answers, paraphrased (TOFU)": (
             True,
@@ -89,7 +102,7 @@ def run_output_guard_eval(opts: OutputGuardEvalOptions) -> dict[str, Any]:
         ),
         "other authors' answers (retain90)": (
             False,
-            [i.answer for i in tofu.split("retain90") if i.author not in forget_ids],
+            [i.answer for i in tofu.split("retain90") if i.author not in forget_ids | calibration_ids],
         ),
         "real_authors answers": (False, [i.answer for i in tofu.split("real_authors")]),
         "world_facts answers": (False, [i.answer for i in tofu.split("world_facts")]),
@@ -118,6 +131,8 @@ def run_output_guard_eval(opts: OutputGuardEvalOptions) -> dict[str, Any]:
         **stamp,
         "split": opts.split,
         "requests": len(guard.request_ids),
+        "retain_authors": sorted(calibration_ids),
+        "meaning_check": opts.meaning,
         "sets": rows,
         "false_block_rate": false_blocks,
         "us_per_word": 1e6 * seconds / max(words, 1),
@@ -133,8 +148,11 @@ def markdown(report: dict[str, Any]) -> str:
         "# Output guard: false blocks and cost",
         "",
         *stamp_lines(report),
-        f"The guard holds {report['requests']} requests, one per TOFU `{report['split']}` author; each text is "
-        "streamed through it word by word as the server streams a generation.",
+        f"The guard holds {report['requests']} requests, one per TOFU `{report['split']}` author, each registered "
+        f"with a retain set (the QA of TOFU authors {report['retain_authors']}, which calibrates the meaning "
+        "check and is left out of the texts below); meaning check "
+        f"{'on' if report['meaning_check'] else 'off'}. Each text is streamed through the guard word by word "
+        "as the server streams a generation.",
         "",
         "| texts | should be | n | blocked (95% CI) |",
         "|---|---|---|---|",

@@ -13,6 +13,13 @@ has not switched it off (`options.output_guard: false`):
   author's full name is", "a member of the LGBTQ+ community", "has been honored with the
   prestigious") carry little and are no evidence about one person; runs with the uncommon words of
   the answer (names, invented places, titles, specific trades) are.
+* answer restatement (when the detector has a sentence encoder): each sentence of the output (and
+  every `MEANING_EVERY_WORDS` words of a long one) is embedded and compared with the request's forget
+  answers; a cosine at or above the answer's threshold means the answer is being restated in other
+  words. Each answer's threshold is calibrated when the request is loaded: `MEANING_MARGIN` above the
+  closest text that must pass (the request's retain answers and ordinary chat), never below
+  `MEANING_FLOOR`. A restatement is cut when its sentence ends, so words of that sentence more than
+  `hold_chars` back may already be out: the word checks above are what holds text back.
 
 On a hit the choice is cut and its text replaced by the request's refusal; its generation stops.
 Output is released `hold_chars` behind what was generated, so the words that trigger a block (a
@@ -22,16 +29,22 @@ log-probs of withheld text are never returned.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+import threading
+from collections.abc import AsyncIterator, Callable, Collection
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
+from typing import Any
+
+import numpy as np
 
 from unlearnd.detectors.anchors import FLAG_SCORE, AnchorIndex, extract_anchors
 from unlearnd.detectors.negatives import chat_prompts
+from unlearnd.detectors.normalize import letters, to_ascii
 from unlearnd.detectors.spans import FUNCTION_WORDS, STOPWORDS, fold
-from unlearnd.engine.base import ChoiceDelta
+from unlearnd.engine.base import ChoiceDelta, TokenLogprob
 from unlearnd.interventions.guardrails import refusal_of
 from unlearnd.spec import ForgetRequest, ForgetSpec
 
@@ -40,7 +53,13 @@ log = logging.getLogger(__name__)
 _WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)?")
 HOLD_CHARS = 96  # what is withheld until the text after it is checked (longer than a name or a title)
 TAIL_CHARS = 256  # how much of the end of the output the anchor check reads each time
+MEANING_FLOOR = 0.80  # cosine below which a sentence never counts as restating a forget answer
+MEANING_MARGIN = 0.05  # above the closest retain / ordinary text, per forget answer
+MEANING_EVERY_WORDS = 16  # a long sentence is also checked every this many words
+MEANING_MIN_WORDS = 5  # shorter pieces carry too little to compare
+_SENTENCE_END = re.compile(r"[.!?。！？\n]")
 COMMON_ZIPF = 6.0  # Zipf frequency (log10 uses per billion words) of words that carry no information ("time")
+PROTECTED_INFO = 2.5  # a forget-answer word this uncommon (Zipf < 3.5) is never offered as a log-prob alternative
 MIN_INFO = 8.0  # information repeated from one answer that makes the output a reproduction: two or three
 # uncommon words (Zipf 2-3.5) with their context; a biography template carries 2-5
 
@@ -70,6 +89,7 @@ class _Answer:
 
     starts: dict[tuple[str, ...], list[int]]
     info: list[float]
+    words: list[str]
 
     @classmethod
     def of(cls, text: str, ordinary: set[tuple[str, ...]]) -> _Answer:
@@ -79,7 +99,7 @@ class _Answer:
             gram = tuple(words[i : i + 4])
             if gram not in ordinary:
                 starts.setdefault(gram, []).append(i)
-        return cls(starts, [information(w) for w in words])
+        return cls(starts, [information(w) for w in words], words)
 
     def repeated(self, grams: set[tuple[str, ...]]) -> float:
         """Information of this answer's words that `grams` (an output's 4-grams) repeat, each word once."""
@@ -101,58 +121,187 @@ def ordinary_grams() -> set[tuple[str, ...]]:
 @dataclass
 class Block:
     request_id: str
-    reason: str  # "anchor:<kind>" or "answer"
+    reason: str  # "anchor:<kind>", "name_part", "answer" or "answer:meaning"
     refusal: str
 
 
 @dataclass
 class _Choice:
-    text: str = ""
+    text: str = ""  # what the choice generated so far
+    ahead: str = ""  # its log-prob tokens, joined: ahead of `text` while the engine holds text for a stop string
     released: int = 0  # characters of `text` already sent
-    held: list[ChoiceDelta] = field(default_factory=list)
+    held: list[tuple[ChoiceDelta, int]] = field(default_factory=list)  # (delta, how far its text or tokens reach)
     grams: set[tuple[str, ...]] = field(default_factory=set)
-    words_seen: int = 0
+    words_seen: int = 0  # complete words whose 4-grams are in `grams`
+    hidden: str = ""  # the letters of the output only (spacing, punctuation, digits gone)
+    sentence_start: int = 0  # where the sentence not yet compared by meaning begins
+    meaning_words: int = 0  # words of it at the last comparison
     blocked: Block | None = None
+
+    @property
+    def visible(self) -> str:
+        """The furthest view of the output: the log-prob tokens when they run ahead of the text."""
+        return self.ahead if len(self.ahead) > len(self.text) else self.text
+
+
+@dataclass
+class _Meanings:
+    """A request's forget answers as unit sentence embeddings, with each answer's calibrated threshold."""
+
+    answers: np.ndarray  # (k, d)
+    thresholds: np.ndarray  # (k,)
+
+
+@dataclass
+class _Loaded:
+    """Everything the guard holds for one request, built off the event loop and swapped in at once."""
+
+    answers: list[_Answer]
+    meanings: _Meanings | None
+    refusal: str
+    protected: frozenset[str]  # name parts and uncommon answer words: no log-prob alternative may spell them
 
 
 class OutputGuard:
-    def __init__(self, hold_chars: int = HOLD_CHARS, min_info: float = MIN_INFO):
+    def __init__(
+        self,
+        hold_chars: int = HOLD_CHARS,
+        min_info: float = MIN_INFO,
+        encoder: Callable[[], Any] | None = None,
+    ):
+        """`encoder`: gives the sentence encoder (`.encode(texts).emb`, unit rows) the meaning check uses;
+        None switches that check off."""
         self.hold_chars = hold_chars
         self.min_info = min_info
+        self.encoder = encoder
         self.anchors = AnchorIndex()
-        self.answers: dict[str, list[_Answer]] = {}
-        self.refusals: dict[str, str] = {}
+        self.loaded: dict[str, _Loaded] = {}
+        self._hidden: dict[str, list[tuple[str, str]]] = {}
+        self._parts: dict[str, set[str]] = {}
+        self._lock = threading.Lock()  # loads run in a worker thread while checks run on the event loop
+        self._ordinary_emb: np.ndarray | None = None
 
     @property
     def request_ids(self) -> set[str]:
-        return set(self.refusals)
+        return set(self.loaded)
+
+    @property
+    def meanings(self) -> dict[str, _Meanings]:
+        return {rid: entry.meanings for rid, entry in self.loaded.items() if entry.meanings is not None}
 
     def load(self, request: ForgetRequest) -> None:
         if request.spec.options.get("output_guard") is False:
             self.unload(request.id)
             return
-        self.anchors.add(request.id, extract_anchors(request.spec))
+        anchors = extract_anchors(request.spec)
         ordinary = ordinary_grams()
-        self.answers[request.id] = [
-            _Answer.of(qa.answer, ordinary) for qa in ForgetSpec.as_qa(request.spec.forget) if qa.answer
-        ]
-        self.refusals[request.id] = refusal_of(request)
+        answers = [_Answer.of(qa.answer, ordinary) for qa in ForgetSpec.as_qa(request.spec.forget) if qa.answer]
+        meanings = self._meanings(request) if self.encoder is not None else None
+        rare_words = {w for a in answers for w, info in zip(a.words, a.info, strict=True) if info >= PROTECTED_INFO}
+        with self._lock:
+            self.anchors.add(request.id, anchors)
+            self._parts[request.id] = self.anchors.name_parts(request.id)
+            self._hidden = self.anchors.hidden_forms()
+            uncommon_parts = self.anchors.name_parts(request.id, uncommon_only=True)
+            protected = frozenset(uncommon_parts | {_letters(w) for w in rare_words} - {""})
+            self.loaded = {**self.loaded, request.id: _Loaded(answers, meanings, refusal_of(request), protected)}
 
     def unload(self, request_id: str) -> None:
-        self.anchors.remove(request_id)
-        self.answers.pop(request_id, None)
-        self.refusals.pop(request_id, None)
+        with self._lock:
+            self.anchors.remove(request_id)
+            self._parts.pop(request_id, None)
+            self._hidden = self.anchors.hidden_forms()
+            self.loaded = {rid: entry for rid, entry in self.loaded.items() if rid != request_id}
 
-    def check(self, text: str, grams: set[tuple[str, ...]] | None = None) -> Block | None:
-        """The first active request `text` (the end of an output) gives away, if any."""
-        for request_id, hit in self.anchors.find(text[-TAIL_CHARS:]).items():
-            if hit.score >= FLAG_SCORE and request_id in self.refusals:
-                return Block(request_id, f"anchor:{hit.kind}", self.refusals[request_id])
-        grams = grams if grams is not None else _grams(_words(text))
-        for request_id, answers in self.answers.items():
-            if any(answer.repeated(grams) >= self.min_info for answer in answers):
-                return Block(request_id, "answer", self.refusals[request_id])
+    def _meanings(self, request: ForgetRequest) -> _Meanings | None:
+        answers = [qa.answer for qa in ForgetSpec.as_qa(request.spec.forget) if qa.answer]
+        if not answers or self.encoder is None:
+            return None
+        encoder = self.encoder()
+        if self._ordinary_emb is None:
+            self._ordinary_emb = encoder.encode(list(chat_prompts())).emb
+        passing = [qa.answer for qa in ForgetSpec.as_qa(request.spec.retain) if qa.answer]
+        calibration = self._ordinary_emb
+        if passing:
+            calibration = np.concatenate([calibration, encoder.encode(passing).emb])
+        emb = encoder.encode(answers).emb
+        closest = (emb @ calibration.T).max(axis=1) if len(calibration) else np.zeros(len(answers))
+        return _Meanings(emb, np.maximum(MEANING_FLOOR, closest + MEANING_MARGIN))
+
+    def restates(self, text: str) -> Block | None:
+        """The first active request one of whose forget answers `text` restates (meaning check)."""
+        meanings = self.meanings
+        if not meanings or self.encoder is None:
+            return None
+        emb = self.encoder().encode([text]).emb[0]
+        for request_id, m in meanings.items():
+            entry = self.loaded.get(request_id)
+            if entry is not None and np.any(m.answers @ emb >= m.thresholds):
+                return Block(request_id, "answer:meaning", entry.refusal)
         return None
+
+    def check(
+        self,
+        text: str,
+        grams: set[tuple[str, ...]] | None = None,
+        hidden: str | None = None,
+        flagged: Collection[str] = (),
+    ) -> Block | None:
+        """The first active request `text` (an output so far) gives away, if any. `hidden`: the output's
+        letters only (default: from `text`); `flagged`: the requests the prompt was flagged for, on whose
+        subject one distinctive part of a name alone is enough."""
+        loaded = self.loaded
+        with self._lock:
+            found = self.anchors.find(text[-TAIL_CHARS:])
+            hidden_forms = self._hidden
+            parts = {rid: self._parts.get(rid, set()) for rid in flagged}
+        for request_id, hit in found.items():
+            if hit.score >= FLAG_SCORE and request_id in loaded:
+                return Block(request_id, f"anchor:{hit.kind}", loaded[request_id].refusal)
+        hidden = hidden if hidden is not None else letters(to_ascii(text))
+        for request_id, forms in hidden_forms.items():
+            if request_id in loaded and any(form in hidden for form, _ in forms):
+                return Block(request_id, "anchor:name_hidden", loaded[request_id].refusal)
+        if parts:
+            words = {_letters(w) for w in _words(text[-TAIL_CHARS:])}
+            for request_id, names in parts.items():
+                if request_id in loaded and words & names:
+                    return Block(request_id, "name_part", loaded[request_id].refusal)
+        grams = grams if grams is not None else _grams(_words(text))
+        for request_id, entry in loaded.items():
+            if any(answer.repeated(grams) >= self.min_info for answer in entry.answers):
+                return Block(request_id, "answer", entry.refusal)
+        return None
+
+    async def blocks(self, text: str, flagged: Collection[str] = ()) -> Block | None:
+        """The block a whole text (a continuation to score) would get as output, meaning check included."""
+        if not self.loaded:
+            return None
+        block = self.check(text, flagged=flagged)
+        if block is None and self.meanings and len(text.split()) >= MEANING_MIN_WORDS:
+            block = await asyncio.to_thread(self.restates, text.strip())
+        return block
+
+    def _withhold_alternatives(self, state: _Choice, delta: ChoiceDelta) -> ChoiceDelta:
+        """`delta` without the top-log-prob alternatives that would spell a protected word (a name part,
+        an uncommon word of a forget answer): the alternatives are what the model would have said."""
+        if not delta.logprobs:
+            return delta
+        protected = frozenset().union(*(entry.protected for entry in self.loaded.values()))
+        if not protected:
+            return delta
+        before = state.visible[: max(0, len(state.visible) - sum(len(t.token) for t in delta.logprobs))]
+        kept = []
+        for item in delta.logprobs:
+            partial = _letters(_TRAILING_WORD.search(before).group(0)) if _TRAILING_WORD.search(before) else ""
+            alternatives = {
+                token: lp
+                for token, lp in item.top_logprobs.items()
+                if not _spells(partial, token, protected) or token == item.token
+            }
+            kept.append(TokenLogprob(item.token, item.logprob, alternatives))
+            before += item.token
+        return replace(delta, logprobs=kept)
 
     async def filter(
         self,
@@ -160,21 +309,31 @@ class OutputGuard:
         encode: Callable[[str], list[int]],
         on_block: Callable[[Block, int], None],
         n: int | None = None,
+        flagged: Collection[str] = (),
     ) -> AsyncIterator[ChoiceDelta]:
         """`deltas` with every choice's text released `hold_chars` behind its end once checked; a choice
-        that gives a forget request away is cut, its text replaced by the refusal, its log-probs dropped."""
+        that gives a forget request away is cut, its text replaced by the refusal, its log-probs dropped.
+        Log-prob tokens can run ahead of the text (the engine holds text back while it may still match a
+        stop string): what they reach is checked and held back the same way."""
         choices: dict[int, _Choice] = {}
         async for delta in deltas:
             state = choices.setdefault(delta.index, _Choice())
             if state.blocked is not None:
                 continue
             state.text += delta.text
-            state.held.append(delta)
-            words = _words(state.text)
-            if len(words) > state.words_seen:  # new 4-grams end in the new words
-                state.grams |= _grams(words[max(0, state.words_seen - 3) :])
-                state.words_seen = len(words)
-            block = self.check(state.text, state.grams)
+            state.ahead += "".join(t.token for t in delta.logprobs or [])
+            state.hidden += letters(to_ascii(delta.text))
+            final = delta.finish_reason is not None
+            visible = state.visible
+            words = _words(visible)
+            complete = len(words) if final or not visible[-1:].isalnum() else len(words) - 1  # the last may go on
+            if complete > state.words_seen:  # new 4-grams end in the newly complete words
+                state.grams |= _grams(words[max(0, state.words_seen - 3) : complete])
+                state.words_seen = complete
+            hidden = state.hidden if len(state.ahead) <= len(state.text) else letters(to_ascii(visible))
+            block = self.check(visible, state.grams, hidden, flagged)
+            if block is None and self.meanings:
+                block = await self._check_meaning(state, ended=final or bool(_SENTENCE_END.search(delta.text)))
             if block is not None:
                 state.blocked = block
                 state.held.clear()
@@ -185,16 +344,48 @@ class OutputGuard:
                 if n is not None and sum(c.blocked is not None for c in choices.values()) == n:
                     return  # every choice is cut: the generation can stop
                 continue
-            for released in self._release(state, final=delta.finish_reason is not None):
+            state.held.append((self._withhold_alternatives(state, delta), len(visible)))
+            for released in self._release(state, final=final):
                 yield released
 
+    async def _check_meaning(self, state: _Choice, ended: bool) -> Block | None:
+        """Compare the current sentence by meaning when it ends, or every few words of a long one."""
+        piece = state.text[state.sentence_start :]
+        words = len(piece.split())
+        if not ended and words - state.meaning_words < MEANING_EVERY_WORDS:
+            return None
+        state.meaning_words = words
+        if ended:
+            state.sentence_start, state.meaning_words = len(state.text), 0
+        if words < MEANING_MIN_WORDS:
+            return None
+        return await asyncio.to_thread(self.restates, piece.strip())
+
     def _release(self, state: _Choice, final: bool) -> list[ChoiceDelta]:
-        """The held deltas that are now far enough behind the end of the text (all of them at the end)."""
+        """The held deltas whose text and tokens are now far enough behind the end (all of them at the end)."""
         out = []
+        reach = len(state.visible)
         while state.held:
-            first = state.held[0]
-            if not final and len(state.text) - (state.released + len(first.text)) < self.hold_chars:
+            delta, end = state.held[0]
+            if not final and reach - end < self.hold_chars:
                 break
-            out.append(state.held.pop(0))
-            state.released += len(first.text)
+            out.append(delta)
+            state.held.pop(0)
+            state.released += len(delta.text)
         return out
+
+
+_TRAILING_WORD = re.compile(r"[^\W_]*$")
+
+
+def _letters(text: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", fold(text))
+
+
+def _spells(partial: str, token: str, protected: frozenset[str]) -> bool:
+    """Whether `token` after the unfinished word `partial` starts or completes a protected word."""
+    joins = token[:1].isalnum()  # no leading space: the token continues the word
+    word = _letters((partial if joins else "") + token)
+    if len(word) < 2:
+        return False
+    return any(p.startswith(word) or word.startswith(p) for p in protected)

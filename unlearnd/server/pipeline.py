@@ -54,7 +54,9 @@ class GuardrailPipeline:
         }
         self.active: dict[str, ForgetRequest] = {}
         self.context = PipelineContext(tokenizer=engine.tokenizer, embeddings=engine.embeddings)
-        self.output_guard = OutputGuard()
+        # the output guard compares meaning with the detector's sentence encoder, where it has one
+        has_encoder = isinstance(getattr(type(detector), "encoder", None), property)
+        self.output_guard = OutputGuard(encoder=(lambda: detector.encoder) if has_encoder else None)
         self._sync_lock = asyncio.Lock()
 
     # -- classification --------------------------------------------------------------------------
@@ -129,7 +131,8 @@ class GuardrailPipeline:
         def encode(text: str) -> list[int]:
             return self.engine.tokenizer.encode(text, add_special_tokens=False)
 
-        async for delta in self.output_guard.filter(stream, encode, blocked, request.sampling.n):
+        flagged = request.matched_ids  # on their subject one part of a name is enough
+        async for delta in self.output_guard.filter(stream, encode, blocked, request.sampling.n, flagged):
             yield delta
         if len(request.output_blocked) == request.sampling.n:
             await self.engine.abort(request.id)  # every choice was cut: stop generating
