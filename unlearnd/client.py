@@ -96,7 +96,7 @@ class UnlearndClient:
         return [str(card["id"]) for card in self.json("GET", "/v1/models").get("data") or []]
 
     def metrics_text(self) -> str:
-        return self.send("GET", "/metrics").text
+        return self.send("GET", "/metrics", admin=True).text
 
     def chat(self, model: str, messages: Sequence[dict], **params: Any) -> tuple[dict[str, Any], httpx.Headers]:
         """One chat completion: (response body, response headers, which carry the route)."""

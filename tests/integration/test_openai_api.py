@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.conftest import MODEL, wait_active
+from tests.integration.conftest import ADMIN_KEY, MODEL, wait_active
 
 pytestmark = pytest.mark.integration
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -70,7 +70,8 @@ def test_sampling_n_seed_stop_logprobs(client):
 def test_models_health_metrics(unlearnd_server, client):
     assert [m.id for m in client.models.list().data] == [MODEL]
     assert httpx.get(unlearnd_server.url + "/health").json()["status"] == "ok"
-    metrics = httpx.get(unlearnd_server.url + "/metrics").text
+    assert httpx.get(unlearnd_server.url + "/metrics").status_code == 401
+    metrics = httpx.get(unlearnd_server.url + "/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).text
     assert "unlearnd_engine_latency_seconds_count" in metrics and 'route="none"' in metrics
 
 

@@ -271,6 +271,29 @@ def test_without_the_admin_key_nothing_about_forget_requests_is_disclosed(client
     assert "Basil" not in public.text and request_id not in public.text
     private = client.post("/v1/unlearning/classify", json=items, headers=ADMIN).json()["data"][0]
     assert private["matches"][0]["request_id"] == request_id and private["matches"][0]["name"].startswith("Basil")
+    probes = {"input": ["Is Mahfouz a name?", "Is Kuwaiti a name?", "Is Smith a name?", "What is 2 + 2?"]}
+    scores = [r["score"] for r in client.post("/v1/unlearning/classify", json=probes).json()["data"]]
+    assert set(scores) <= {0.0, 1.0}  # the decision only: a graded score would confirm name parts one by one
+
+
+def test_a_public_score_of_a_continuation_the_output_guard_would_cut_has_no_numbers(settings, engine):
+    settings.public_score = True
+    answer = "He was born in Kuwait City to a florist and a pearl diver, and he writes French literature."
+    spec = {"name": "Basil Mahfouz Al-Kuwaiti", "method": "refuse", "forget": [{"question": "Who?", "answer": answer}]}
+    with TestClient(create_app(settings, engine=engine)) as client:
+        request_id = client.post("/v1/unlearning/requests", headers=ADMIN, json=spec).json()["id"]
+        run_worker(settings.data_dir, "keyword", "unused", once=True)
+        deadline = time.time() + 5
+        while client.get(f"/v1/unlearning/requests/{request_id}", headers=ADMIN).json()["status"] != "active":
+            assert time.time() < deadline
+            time.sleep(0.05)
+        body = {
+            "messages": [{"role": "user", "content": "Tell me about a writer."}],  # not flagged
+            "continuation": " born in Kuwait City to a florist and a pearl diver",
+        }
+        public = client.post("/v1/unlearning/score", json=body).json()
+        assert public["route"] == "none" and len(set(public["token_logprobs"])) == 1
+        assert len(set(client.post("/v1/unlearning/score", json=body, headers=ADMIN).json()["token_logprobs"])) > 1
 
 
 def test_score_is_admin_only_unless_public(client, settings, engine):
@@ -314,6 +337,35 @@ def test_request_ids_in_headers_only_when_exposed(settings, engine):
         assert response.headers["x-unlearnd-matched-ids"] == request_id
 
 
+def test_an_admin_key_file_is_trusted_only_when_it_is_ours_and_closed(tmp_path):
+    import os
+    import threading
+
+    from unlearnd.server.auth import AdminKeyFileError, admin_key_path, ensure_admin_key
+
+    shared = tmp_path / "race"
+    keys: list[str] = []
+    threads = [threading.Thread(target=lambda: keys.append(ensure_admin_key(shared))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(keys)) == 1  # servers starting together end with one key
+
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    (tmp_path / "attacker-key").write_text("known-to-the-attacker\n")
+    os.symlink(tmp_path / "attacker-key", admin_key_path(planted))
+    with pytest.raises(AdminKeyFileError):
+        ensure_admin_key(planted)
+    open_file = tmp_path / "open"
+    open_file.mkdir()
+    admin_key_path(open_file).write_text("readable-by-all\n")
+    admin_key_path(open_file).chmod(0o644)
+    with pytest.raises(AdminKeyFileError):
+        ensure_admin_key(open_file)
+
+
 def test_without_an_admin_key_one_is_generated_and_loopback_is_not_enough(tmp_path, engine):
     from unlearnd.server.auth import admin_key_path, read_admin_key
 
@@ -343,7 +395,10 @@ def test_metrics_count_routes(client, settings):
     register(client, settings, "refuse")
     chat(client, "Who is Al-Kuwaiti?")
     chat(client, "What is 1+1?")
-    text = client.get("/metrics").text
+    assert client.get("/metrics").status_code == 401  # it counts forget requests: the admin key
+    assert "active_forget_requests" not in client.get("/health").json()
+    assert client.get("/health", headers=ADMIN).json()["active_forget_requests"] == 1
+    text = client.get("/metrics", headers=ADMIN).text
     assert 'unlearnd_requests_total{endpoint="chat",route="refuse"}' in text
     assert 'unlearnd_requests_total{endpoint="chat",route="none"}' in text
     assert "unlearnd_classifier_latency_seconds_count" in text

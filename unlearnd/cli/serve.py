@@ -24,10 +24,11 @@ def serve(
     kv_cache_gib: int = typer.Option(1, help="vLLM CPU KV cache size (whole GiB; env VLLM_CPU_KVCACHE_SPACE wins)."),
     dtype: str = typer.Option(
         "auto",
-        help="Engine dtype: auto (bfloat16 on GPUs and bf16-capable CPUs, else float32), bfloat16, float16, float32.",
+        help="Engine dtype: auto (bfloat16 on GPUs, float32 on every CPU), bfloat16, float16, float32.",
     ),
     worker: bool = typer.Option(True, help="Run the training worker next to the server."),
     public_score: bool = typer.Option(False, help="Let everyone call /v1/unlearning/score (default: admin only)."),
+    public_metrics: bool = typer.Option(False, help="Let everyone read /metrics (default: the admin key as bearer)."),
     expose_request_ids: bool = typer.Option(
         False, help="Name the deciding forget requests in response headers (who is forgotten is sensitive)."
     ),
@@ -56,6 +57,7 @@ def serve(
         dtype=dtype,
         start_worker=worker,
         public_score=public_score,
+        public_metrics=public_metrics,
         expose_request_ids=expose_request_ids,
         log_level=log_level,
     )

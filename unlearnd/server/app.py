@@ -167,15 +167,22 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
 
     # -- operations ----------------------------------------------------------------------------------
     @app.get("/health")
-    async def health() -> dict[str, Any]:
+    async def health(request: Request) -> dict[str, Any]:
+        """Liveness for anyone; how many forget requests are active for the admin key only."""
         state: ServerState | None = app.state.unlearnd
-        return {
-            "status": "ok" if state else "starting",
-            "active_forget_requests": len(state.pipeline.active) if state else 0,
-        }
+        body: dict[str, Any] = {"status": "ok" if state else "starting"}
+        if request.state.admin:
+            body["active_forget_requests"] = len(state.pipeline.active) if state else 0
+        return body
 
     @app.get("/metrics")
-    async def prometheus_metrics() -> Response:
+    async def prometheus_metrics(request: Request) -> Response:
+        """Prometheus metrics: admin key (a scrape config's bearer token) unless `--public-metrics`;
+        they count forget requests and what other users' traffic was routed or blocked."""
+        if not (settings.public_metrics or request.state.admin):
+            return error_response(
+                401, "The admin key is required for /metrics.", "authentication_error", "invalid_api_key"
+            )
         return Response(generate_latest(prometheus.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     for module in (openai_routes, unlearning_routes, admin_routes):

@@ -13,6 +13,8 @@ import hmac
 import logging
 import os
 import secrets
+import stat
+import time
 from pathlib import Path
 
 from fastapi import Request
@@ -37,21 +39,44 @@ def read_admin_key(data_dir: str | Path) -> str | None:
         return None
 
 
-def ensure_admin_key(data_dir: str | Path) -> str:
-    """The data dir's admin key, generated (and written 0600) on first use."""
-    existing = read_admin_key(data_dir)
-    if existing:
-        return existing
+class AdminKeyFileError(RuntimeError):
+    """The admin key file is not one this server can trust (another owner, open to others, a link)."""
+
+
+def _check_key_file(path: Path) -> None:
+    info = path.lstat()
+    if not stat.S_ISREG(info.st_mode):
+        raise AdminKeyFileError(f"{path} is not a regular file (a link?): remove it or pass --admin-key")
+    if hasattr(os, "getuid") and info.st_uid != os.getuid():
+        raise AdminKeyFileError(f"{path} belongs to another user: remove it or pass --admin-key")
+    if info.st_mode & 0o077:
+        raise AdminKeyFileError(f"{path} is readable or writable by others (mode {info.st_mode & 0o777:o}): chmod 600")
+
+
+def ensure_admin_key(data_dir: str | Path, wait_s: float = 5.0) -> str:
+    """The data dir's admin key, generated on first use. The file is created exclusively (no link
+    followed, mode 0600 from the start), so two servers starting at once on one data dir end with the
+    first one's key; an existing file is used only when it is a regular file of ours, closed to others."""
     path = admin_key_path(data_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     key = secrets.token_urlsafe(32)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    except FileExistsError:
+        _check_key_file(path)
+        deadline = time.monotonic() + wait_s
+        while True:  # another server may be writing it right now
+            existing = read_admin_key(data_dir)
+            if existing or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        if not existing:
+            raise AdminKeyFileError(f"{path} is empty: remove it or pass --admin-key") from None
+        return existing
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(key + "\n")
         handle.flush()
         os.fsync(handle.fileno())
-    os.replace(tmp, path)
     fsync_dir(path.parent)
     log.warning("no admin key given: generated one and wrote it to %s (mode 0600)", path)
     return key

@@ -28,7 +28,9 @@ router = APIRouter()
 
 @router.post("/v1/unlearning/classify")
 async def classify(request: Request, body: ClassifyRequest, state: ServerState = Depends(server_state)) -> dict:
-    """Flagged, score and route per input; the matched requests too for the admin key."""
+    """Flagged, score and route per input; the matched requests too for the admin key. Without it the
+    score is the decision only (1.0 flagged, 0.0 not): the detector's graded score would tell whether a
+    word is part of a registered name (a lone part scores 0.6 unflagged, an ordinary word 0)."""
     texts = [item if isinstance(item, str) else detector_text(plain_messages(item)) for item in body.input]
     pipeline = state.pipeline
     detections = await pipeline.classify(texts)
@@ -49,7 +51,7 @@ async def classify(request: Request, body: ClassifyRequest, state: ServerState =
             ClassifyResult(
                 index=index,
                 flagged=bool(matches),
-                score=detection.score,
+                score=detection.score if request.state.admin else float(bool(matches)),
                 route=pipeline.route_of(detection),
                 matches=matches if request.state.admin else None,
             )
@@ -77,7 +79,9 @@ async def score(request: Request, body: ScoreRequest, state: ServerState = Depen
     )
     guarded = await prepare(state, guarded)
     try:
-        if guarded.matched_ids and not request.state.admin:
+        if not request.state.admin and (
+            guarded.matched_ids or await state.pipeline.output_guard.blocks(body.continuation, guarded.matched_ids)
+        ):  # a flagged text, or a continuation the output guard would not let the model say
             tokens, logprobs = state.pipeline.uniform_score(body.continuation)
         else:
             tokens, logprobs = await state.pipeline.score(guarded, body.continuation)
