@@ -239,6 +239,71 @@ def test_bad_chat_inputs_get_openai_errors(client, body, status, code):
     assert chat(client, "still serving?").status_code == 200
 
 
+HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize(
+    "path,body,field",
+    [
+        ("/v1/chat/completions", {"model": "tiny", "messages": HI, "seed": 2**64}, "seed"),
+        ("/v1/chat/completions", {"model": "tiny", "messages": HI, "min_tokens": 9, "max_tokens": 3}, "min_tokens"),
+        (
+            "/v1/chat/completions",
+            {"model": "tiny", "messages": HI, "min_tokens": 9, "max_tokens": 3, "stream": True},
+            "min_tokens",
+        ),
+        ("/v1/completions", {"model": "tiny", "prompt": "hi", "min_tokens": 9, "max_tokens": 3}, "min_tokens"),
+        ("/v1/completions", {"model": "tiny", "prompt": "hi", "min_tokens": 20, "stream": True}, "min_tokens"),
+        ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "a\ud800b"}]}, "surrogate"),
+        ("/v1/completions", {"model": "tiny", "prompt": "\udfff"}, "surrogate"),
+        ("/v1/unlearning/score", {"prompt": "", "continuation": " x"}, "prompt"),
+        ("/v1/unlearning/score", {"prompt": "hi", "continuation": "\ud800"}, "continuation"),
+        ("/v1/chat/completions", {"model": "tiny", "messages": HI, "tools": [{"type": "function"}]}, "tools"),
+        (
+            "/v1/chat/completions",
+            {"model": "tiny", "messages": HI, "response_format": {"type": "json_object"}},
+            "response_format",
+        ),
+        ("/v1/completions", {"model": "tiny", "prompt": "hi", "best_of": 3}, "best_of"),
+        ("/v1/completions", {"model": "tiny", "prompt": "hi", "suffix": "end"}, "suffix"),
+        ("/v1/chat/completions", {"model": "tiny", "messages": HI, "presence_penalty": 1.5}, "presence_penalty"),
+    ],
+)
+def test_inputs_that_gave_500_or_were_silently_ignored_get_a_clear_400(client, path, body, field):
+    raw = json.dumps(body)  # a lone surrogate goes out escaped, as a JSON client sends it
+    response = client.post(path, content=raw, headers={"content-type": "application/json", **ADMIN})
+    assert response.status_code == 400, response.text
+    assert field in response.json()["error"]["message"] and response.json()["error"]["type"] == "invalid_request_error"
+    assert chat(client, "still serving?").status_code == 200
+
+
+def test_defaults_of_unsupported_fields_are_accepted(client):
+    body = {
+        "model": "tiny",
+        "messages": HI,
+        "max_tokens": 2,
+        "tools": [],
+        "tool_choice": "none",
+        "response_format": {"type": "text"},
+        "presence_penalty": 0,
+        "frequency_penalty": 0.0,
+        "logit_bias": {},
+    }
+    assert client.post("/v1/chat/completions", json=body).status_code == 200
+
+
+def test_a_refusal_honours_max_tokens_and_stop(client, settings):
+    register(client, settings, "refuse")
+    full = chat(client, "Who is Basil Mahfouz Al-Kuwaiti?", max_tokens=200).json()["choices"][0]
+    assert full["message"]["content"] == REFUSAL and full["finish_reason"] == "stop"
+    short = chat(client, "Who is Basil Mahfouz Al-Kuwaiti?", max_tokens=3).json()
+    assert short["usage"]["completion_tokens"] == 3 and short["choices"][0]["finish_reason"] == "length"
+    assert REFUSAL.startswith(short["choices"][0]["message"]["content"])
+    word = REFUSAL.split()[2]
+    stopped = chat(client, "Who is Basil Mahfouz Al-Kuwaiti?", max_tokens=200, stop=[word]).json()["choices"][0]
+    assert stopped["message"]["content"] == REFUSAL[: REFUSAL.index(word)]
+
+
 def test_malformed_json_and_oversized_body(client):
     response = client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]

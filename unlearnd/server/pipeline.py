@@ -100,9 +100,9 @@ class GuardrailPipeline:
 
     async def generate(self, request: GuardedRequest) -> AsyncIterator[ChoiceDelta]:
         if request.fixed_response is not None:
-            token_ids = self.engine.tokenizer.encode(request.fixed_response, add_special_tokens=False)
+            text, token_ids, finish = self._fixed(request)
             for index in range(request.sampling.n):
-                yield ChoiceDelta(index=index, text=request.fixed_response, token_ids=token_ids, finish_reason="stop")
+                yield ChoiceDelta(index=index, text=text, token_ids=token_ids, finish_reason=finish)
             return
         engine_request = EngineRequest(
             request_id=request.id,
@@ -136,6 +136,20 @@ class GuardrailPipeline:
             yield delta
         if len(request.output_blocked) == request.sampling.n:
             await self.engine.abort(request.id)  # every choice was cut: stop generating
+
+    def _fixed(self, request: GuardedRequest) -> tuple[str, list[int], str]:
+        """The route's fixed answer as the client asked for it: cut before a stop sequence, at most
+        `max_tokens` tokens ("length" when that cut it)."""
+        text = request.fixed_response or ""
+        cuts = [i for i in (text.find(s) for s in request.sampling.stop) if i >= 0]
+        if cuts:
+            text = text[: min(cuts)]
+        tokenizer = self.engine.tokenizer
+        token_ids = tokenizer.encode(text, add_special_tokens=False)
+        if request.max_tokens and len(token_ids) > request.max_tokens:
+            token_ids = token_ids[: request.max_tokens]
+            return tokenizer.decode(token_ids), token_ids, "length"
+        return text, token_ids, "stop"
 
     async def _timed(self, request: GuardedRequest, deltas: AsyncIterator[ChoiceDelta]) -> AsyncIterator[ChoiceDelta]:
         start = time.perf_counter()

@@ -6,11 +6,43 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from unlearnd.engine.base import SamplingSpec
+
+
+def _no_surrogates(value: str) -> str:
+    """JSON can carry an unpaired UTF-16 surrogate ("\\ud800"); no tokenizer can encode one."""
+    if any("\ud800" <= c <= "\udfff" for c in value):
+        raise ValueError("text contains an unpaired UTF-16 surrogate (invalid Unicode)")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_no_surrogates)]
+INT64 = 2**63 - 1
+UNSUPPORTED = {  # OpenAI fields unlearnd does not implement, and the value a client may send that asks nothing
+    "tools": (None, []),
+    "functions": (None, []),
+    "tool_choice": (None, "none"),
+    "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "logit_bias": (None, {}),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "echo": (None, False),
+}
 
 
 def new_id(prefix: str) -> str:
@@ -26,18 +58,30 @@ class _SamplingFields(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    model: str = Field(min_length=1)
+    model: Text = Field(min_length=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=16)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: Text | list[Text] | None = None
+    seed: int | None = Field(None, ge=-INT64 - 1, le=INT64)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Text | None = None
     # vLLM extensions, accepted as vLLM's own server does (e.g. fixed-length benchmark outputs).
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        """A field unlearnd would silently ignore is a clear 400 instead (unless it asks for nothing)."""
+        for name, value in (self.model_extra or {}).items():
+            if name in UNSUPPORTED and value not in UNSUPPORTED[name]:
+                raise ValueError(f"{name} is not supported by this server")
+        return self
+
+    def _check_min_tokens(self, max_tokens: int | None) -> None:
+        if max_tokens is not None and self.min_tokens > max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({max_tokens})")
 
     @field_validator("stop")
     @classmethod
@@ -73,15 +117,15 @@ class _SamplingFields(BaseModel):
 
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -121,6 +165,7 @@ class ChatCompletionRequest(_SamplingFields):
             raise ValueError("messages must contain some non-empty content")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs: true")
+        self._check_min_tokens(self.requested_max_tokens())
         return self
 
     def plain_messages(self) -> list[dict[str, str]]:
@@ -134,7 +179,7 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+    prompt: Text | list[Text] | list[int] | list[list[int]] = Field(
         description="A prompt, a list of prompts, or prompts as token ids (OpenAI's four forms)."
     )
     max_tokens: int | None = Field(16, ge=1)
@@ -161,13 +206,14 @@ class CompletionRequest(_SamplingFields):
     def _no_echo(self):
         if self.echo:
             raise ValueError("echo is not supported")
+        self._check_min_tokens(self.max_tokens)
         return self
 
 
 class ClassifyRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    input: list[str | list[ChatMessage]] = Field(min_length=1, max_length=256)
+    input: list[Text | list[ChatMessage]] = Field(min_length=1, max_length=256)
 
 
 class ScoreRequest(BaseModel):
@@ -175,10 +221,10 @@ class ScoreRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = None
+    model: Text | None = None
     messages: list[ChatMessage] | None = None
-    prompt: str | None = None
-    continuation: str = Field(min_length=1)
+    prompt: Text | None = Field(None, min_length=1)
+    continuation: Text = Field(min_length=1)
 
     def plain_messages(self) -> list[dict[str, str]] | None:
         return plain_messages(self.messages) if self.messages is not None else None
