@@ -137,6 +137,9 @@ class UnlearndClient:
     def get_request(self, request_id: str) -> dict[str, Any]:
         return self.json("GET", f"/v1/unlearning/requests/{request_id}", admin=True)
 
+    def retrain_request(self, request_id: str) -> dict[str, Any]:
+        return self.json("POST", f"/v1/unlearning/requests/{request_id}/retrain", admin=True)
+
     def remove_request(self, request_id: str, purge: bool = False) -> dict[str, Any]:
         return self.json(
             "DELETE", f"/v1/unlearning/requests/{request_id}", admin=True, params={"purge": str(purge).lower()}

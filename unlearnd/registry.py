@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from unlearnd.artifacts import read_json, write_json_atomic, write_text_atomic
-from unlearnd.spec import ForgetRequest, ForgetSpec, Status
+from unlearnd.spec import LOAD_FAILED, ForgetRequest, ForgetSpec, Status
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS forget_requests (
@@ -151,18 +151,40 @@ class Registry:
         recovered = []
         with self._connect() as db:
             rows = db.execute(
-                "SELECT id, attempts FROM forget_requests WHERE status = ? AND (heartbeat IS NULL OR heartbeat < ?)",
+                "SELECT id, attempts, error FROM forget_requests"
+                " WHERE status = ? AND (heartbeat IS NULL OR heartbeat < ?)",
                 (Status.training.value, cutoff),
             ).fetchall()
         for row in rows:
-            if row["attempts"] >= MAX_ATTEMPTS:
+            if row["attempts"] >= MAX_ATTEMPTS and (row["error"] or "").startswith(LOAD_FAILED):
+                died = f"{row['error']}; re-training worker died {row['attempts']} times"
+                self.set_status(row["id"], Status.degraded, died, expect=Status.training)  # stays refused
+            elif row["attempts"] >= MAX_ATTEMPTS:
                 self.set_status(
                     row["id"], Status.failed, f"training worker died {row['attempts']} times", expect=Status.training
                 )
-            else:
-                self.set_status(row["id"], Status.pending, expect=Status.training)
+            else:  # the error stays: a degraded request being re-trained stays refused meanwhile
+                with self._connect() as db:
+                    db.execute(
+                        "UPDATE forget_requests SET status = ?, updated_at = ? WHERE id = ? AND status = ?",
+                        (Status.pending.value, time.time(), row["id"], Status.training.value),
+                    )
             recovered.append(row["id"])
         return recovered
+
+    def retrain(self, request_id: str) -> ForgetRequest:
+        """Send a degraded or failed request back to training. A degraded one keeps its error text (its
+        load failure), which keeps it refused by name while it trains."""
+        record = self.get(request_id)
+        if record.status not in (Status.degraded, Status.failed):
+            raise ValueError(f"only a degraded or failed request can be re-trained (this one is {record.status})")
+        error = record.error if record.status == Status.degraded else None
+        with self._connect() as db:
+            db.execute(
+                "UPDATE forget_requests SET status = ?, error = ?, attempts = 0, updated_at = ? WHERE id = ?",
+                (Status.pending.value, error, time.time(), request_id),
+            )
+        return self.get(request_id)
 
     def deactivate(self, request_id: str, purge: bool = False) -> ForgetRequest:
         """Deactivate (artifacts kept); with `purge`, also delete the artifacts and the record."""

@@ -14,12 +14,16 @@ from unlearnd.methods import Method
 __all__ = ["ForgetRequest", "ForgetSpec", "Method", "QAExample", "Status"]
 
 
+LOAD_FAILED = "load failed: "  # the error of a degraded request starts with this (kept while it re-trains)
+
+
 class Status(StrEnum):
     pending = "pending"
     training = "training"
     ready = "ready"
     active = "active"
     failed = "failed"
+    degraded = "degraded"  # its artifacts could not be loaded: served by name with the refusal until re-trained
     inactive = "inactive"
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from unlearnd.detectors.base import RequestMatch
 from unlearnd.engine.base import PEFT_TARGET_MODULES, SamplingSpec
@@ -188,6 +189,11 @@ def test_apply_sets_the_lora_by_weight(tmp_path):
     (artifact_dir / "lora").mkdir(parents=True)
     (artifact_dir / "lora" / "adapter_config.json").write_text(
         json.dumps({"target_modules": list(PEFT_TARGET_MODULES), "lora_alpha": 16, "r": 8})
+    )
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    save_file(
+        {f"{prefix}.lora_A.weight": torch.randn(8, 32), f"{prefix}.lora_B.weight": torch.zeros(32, 8)},
+        str(artifact_dir / "lora" / "adapter_model.safetensors"),
     )
     write_scaled_copy(artifact_dir / "lora", artifact_dir / "lora-s0.5", 0.5)
     LoRAArtifact(folders={"1.0": "lora", "0.5": "lora-s0.5"}, threshold=0.25, version=3).write(artifact_dir)

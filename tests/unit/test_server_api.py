@@ -99,7 +99,7 @@ def test_unflagged_chat_goes_to_engine_untouched(client, engine):
 def test_refuse_route_answers_without_engine(client, settings, engine):
     request_id = register(client, settings, "refuse")
     calls = len(engine.seen)
-    response = chat(client, "Tell me about Al-Kuwaiti's novels")
+    response = chat(client, "Tell me about Al-Kuwaiti's novels", max_tokens=30)
     assert response.status_code == 200
     assert response.headers["x-unlearnd-route"] == "refuse"
     # who is being forgotten stays private unless the operator exposes request ids

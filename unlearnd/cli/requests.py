@@ -127,6 +127,27 @@ def show(
         raise _not_found(request_id) from None
 
 
+@app.command("retrain")
+def retrain(
+    request_id: str,
+    url: str | None = URL,
+    admin_key: str | None = ADMIN_KEY,
+    data_dir: Path | None = DATA_DIR,
+) -> None:
+    """Send a degraded or failed forget request back to training (a degraded one stays refused meanwhile)."""
+    if url:
+        with _client(url, admin_key, data_dir) as client:
+            echo_json(_over_http(lambda: client.retrain_request(request_id)))
+        return
+    try:
+        record = _registry(data_dir).retrain(request_id)
+    except KeyError:
+        raise _not_found(request_id) from None
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    echo_json(record.model_dump(mode="json", exclude={"spec"}))
+
+
 @app.command("remove")
 def remove(
     request_id: str,

@@ -141,6 +141,11 @@ class Engine(abc.ABC):
     async def abort(self, request_id: str) -> None:  # noqa: B027 - optional
         """Stop a request whose client went away."""
 
+    def dead_reason(self) -> str | None:
+        """Why the engine can serve nothing any more (None while it can): `/health` then says 503 and
+        the server exits non-zero, so a supervisor restarts it instead of every request failing."""
+        return None
+
     def prompt_embeds_for(self, request: EngineRequest) -> torch.Tensor:
         embeds = request.prompt_embeds
         if embeds is None:

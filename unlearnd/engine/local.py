@@ -98,6 +98,11 @@ class LocalVLLMEngine(Engine):
         self.embeddings = EmbeddingTable.from_model_dir(self.model_path, dtype=torch_dtype)
         log.info("local vLLM engine ready: %s (max_model_len=%d)", self.model_name, self.max_model_len)
 
+    def dead_reason(self) -> str | None:
+        if self._llm is not None and self._llm.errored:
+            return "the vLLM engine core died (EngineDeadError)"
+        return None
+
     async def shutdown(self) -> None:
         if self._llm is not None:
             self._llm.shutdown()

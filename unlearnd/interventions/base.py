@@ -29,6 +29,7 @@ class PipelineContext:
 class Intervention(abc.ABC):
     def __init__(self) -> None:
         self.requests: dict[str, ForgetRequest] = {}
+        self.context: PipelineContext | None = None  # set by the pipeline: what loads may check against
 
     def load(self, request: ForgetRequest, artifact_dir: Path) -> None:
         """Load this request's serve-time artifact (default: nothing beyond the record)."""

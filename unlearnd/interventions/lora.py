@@ -74,6 +74,42 @@ def check_adapter(folder: Path) -> dict:
     return config
 
 
+def check_adapter_weights(folder: Path, config: dict, hidden_size: int | None = None) -> None:
+    """Refuse an adapter file vLLM would choke on (a broken adapter reaching the engine kills it for
+    every request): the safetensors header must parse, every tensor must be a finite 2-D LoRA factor of
+    the adapter's rank, and the factors that touch the residual stream must have the base model's width."""
+    import torch
+    from safetensors import safe_open
+
+    path = Path(folder) / "adapter_model.safetensors"
+    if not path.is_file():
+        raise ValueError(f"adapter weights {path} are missing")
+    rank = int(config.get("r") or 0)
+    with safe_open(str(path), framework="pt") as weights:  # parses (and bounds-checks) the header
+        keys = list(weights.keys())
+        if not keys:
+            raise ValueError(f"adapter weights {path} hold no tensors")
+        for key in keys:
+            tensor = weights.get_tensor(key)
+            module = key.split(".lora_")[0].rsplit(".", 1)[-1]
+            if tensor.ndim != 2 or not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"adapter tensor {key} is not a finite matrix")
+            if ".lora_A." in key:
+                ok = tensor.shape[0] == rank and (
+                    hidden_size is None or module == "down_proj" or tensor.shape[1] == hidden_size
+                )
+            elif ".lora_B." in key:
+                ok = tensor.shape[1] == rank and (
+                    hidden_size is None or module not in ("o_proj", "down_proj") or tensor.shape[0] == hidden_size
+                )
+            else:
+                ok = False
+            if not ok:
+                raise ValueError(
+                    f"adapter tensor {key} has shape {tuple(tensor.shape)}: not a rank-{rank} LoRA factor of this model"
+                )
+
+
 class LoRA(Intervention):
     def __init__(self) -> None:
         super().__init__()
@@ -81,8 +117,10 @@ class LoRA(Intervention):
 
     def load(self, request: ForgetRequest, artifact_dir: Path) -> None:
         artifact = LoRAArtifact.read(artifact_dir)
+        hidden = self.context.embeddings.hidden_size if self.context is not None else None
         for folder in artifact.folders.values():
-            check_adapter(Path(artifact_dir) / folder)
+            config = check_adapter(Path(artifact_dir) / folder)
+            check_adapter_weights(Path(artifact_dir) / folder, config, hidden)
         self.artifacts[request.id] = (Path(artifact_dir).resolve(), artifact)
         super().load(request, artifact_dir)
 

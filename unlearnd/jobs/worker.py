@@ -21,7 +21,7 @@ from unlearnd.config import DEFAULT_DETECTOR, DEFAULT_MODEL
 from unlearnd.logs import setup_logging
 from unlearnd.methods import METHODS
 from unlearnd.registry import Registry
-from unlearnd.spec import ForgetRequest, Status
+from unlearnd.spec import LOAD_FAILED, ForgetRequest, Status
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,11 @@ def run_job(
             log.info("forget request %s ready (%.1fs)", request.id, report["wall_seconds"])
     except Exception as exc:
         log.error("training %s failed: %s", request.id, traceback.format_exc())
-        registry.set_status(request.id, Status.failed, f"{type(exc).__name__}: {exc}", expect=Status.training)
+        error = f"{type(exc).__name__}: {exc}"
+        if (request.error or "").startswith(LOAD_FAILED):  # a degraded request's re-training: it stays refused
+            registry.set_status(request.id, Status.degraded, f"{request.error}; re-training failed: {error}")
+        else:
+            registry.set_status(request.id, Status.failed, error, expect=Status.training)
     finally:
         stop.set()
 

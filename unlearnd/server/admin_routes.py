@@ -59,6 +59,19 @@ async def get_request(request_id: str, state: ServerState = Depends(server_state
     return {**public(record), "training": training}
 
 
+@router.post("/v1/unlearning/requests/{request_id}/retrain")
+async def retrain_request(request_id: str, state: ServerState = Depends(server_state)) -> dict[str, Any]:
+    """Send a degraded (artifacts unloadable) or failed request back to training; a degraded one stays
+    refused by name until its new artifacts load."""
+    try:
+        record = await asyncio.to_thread(state.registry.retrain, request_id)
+    except KeyError:
+        raise not_found(request_id) from None
+    except ValueError as exc:
+        raise APIError(409, str(exc), "invalid_request_error", "request_not_retrainable") from exc
+    return public(record)
+
+
 @router.delete("/v1/unlearning/requests/{request_id}")
 async def delete_request(
     request_id: str, purge: bool = False, state: ServerState = Depends(server_state)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -76,6 +77,25 @@ def build_engine(settings: ServerSettings) -> Engine:
     )
 
 
+ENGINE_DEAD_EXIT = 3  # exit status when the engine died: a supervisor (systemd, Kubernetes) restarts the server
+
+
+async def watch_engine(engine: Engine, exit_process: bool, interval_s: float = 1.0, grace_s: float = 2.0) -> None:
+    """Exit the process (status 3) soon after the engine dies: every request would fail from then on,
+    and a restart is what brings it back. `grace_s` lets `/health` report the 503 first."""
+    while True:
+        await asyncio.sleep(interval_s)
+        reason = engine.dead_reason()
+        if reason:
+            prometheus.ENGINE_DEAD.set(1)
+            log.critical("%s: /health says 503%s", reason, "; exiting" if exit_process else "")
+            if exit_process:
+                await asyncio.sleep(grace_s)
+                logging.shutdown()
+                os._exit(ENGINE_DEAD_EXIT)
+            return
+
+
 def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAPI:
     """Build the app; the engine starts in the lifespan (or is given, already built, by tests)."""
     admin_key = settings.admin_key or ensure_admin_key(settings.data_dir)
@@ -96,11 +116,13 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
             worker = WorkerSupervisor(settings)
             worker.start()
         sync_task = asyncio.create_task(pipeline.sync_forever(settings.sync_interval_s))
+        watchdog = asyncio.create_task(watch_engine(running, settings.exit_on_engine_death))
         log.info("unlearnd ready: model %s on %s engine", running.model_name, settings.engine)
         try:
             yield
         finally:
             sync_task.cancel()
+            watchdog.cancel()
             if worker is not None:
                 worker.stop()
             await running.shutdown()
@@ -167,13 +189,18 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
 
     # -- operations ----------------------------------------------------------------------------------
     @app.get("/health")
-    async def health(request: Request) -> dict[str, Any]:
-        """Liveness for anyone; how many forget requests are active for the admin key only."""
+    async def health(request: Request) -> Response:
+        """Liveness for anyone (503 once the engine is dead); active and degraded forget requests for the
+        admin key only."""
         state: ServerState | None = app.state.unlearnd
-        body: dict[str, Any] = {"status": "ok" if state else "starting"}
-        if request.state.admin:
-            body["active_forget_requests"] = len(state.pipeline.active) if state else 0
-        return body
+        dead = state.engine.dead_reason() if state else None
+        body: dict[str, Any] = {"status": "engine_dead" if dead else "ok" if state else "starting"}
+        if request.state.admin and state:
+            body["active_forget_requests"] = len(state.pipeline.active)
+            body["degraded_forget_requests"] = len(state.pipeline.degraded)
+            if dead:
+                body["error"] = dead
+        return JSONResponse(body, status_code=503 if dead else 200)
 
     @app.get("/metrics")
     async def prometheus_metrics(request: Request) -> Response:

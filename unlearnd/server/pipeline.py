@@ -14,16 +14,17 @@ from collections.abc import AsyncIterator
 
 import torch
 
-from unlearnd.detectors.base import Detection, Detector
+from unlearnd.detectors.anchors import FLAG_SCORE, AnchorIndex, extract_anchors
+from unlearnd.detectors.base import Detection, Detector, RequestMatch
 from unlearnd.engine.base import ChoiceDelta, Engine, EngineRequest
 from unlearnd.interventions.base import Intervention, PipelineContext
-from unlearnd.methods import METHODS
+from unlearnd.methods import METHODS, Method
 from unlearnd.prompting import detector_text, prompt_ids
 from unlearnd.registry import Registry
 from unlearnd.request import GuardedRequest
 from unlearnd.server import prometheus
 from unlearnd.server.output_guard import OutputGuard
-from unlearnd.spec import ForgetRequest, Status
+from unlearnd.spec import LOAD_FAILED, ForgetRequest, Status
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,11 @@ class Router:
         return "none", None
 
 
+def _retraining(request: ForgetRequest) -> bool:
+    """A degraded request sent back to training keeps its load error: it stays refused meanwhile."""
+    return (request.error or "").startswith(LOAD_FAILED)
+
+
 class GuardrailPipeline:
     def __init__(self, engine: Engine, detector: Detector, registry: Registry):
         self.engine = engine
@@ -53,7 +59,13 @@ class GuardrailPipeline:
             name: entry.intervention_class()() for name, entry in METHODS.items()
         }
         self.active: dict[str, ForgetRequest] = {}
+        # Fail closed: a request whose artifacts cannot be loaded is still matched by its names, titles
+        # and dates (here, whatever the detector) and refused, until it is re-trained.
+        self.degraded: dict[str, str] = {}  # request id -> why its artifacts could not be loaded
+        self._fallback = AnchorIndex()
         self.context = PipelineContext(tokenizer=engine.tokenizer, embeddings=engine.embeddings)
+        for intervention in self.interventions.values():
+            intervention.context = self.context
         # the output guard compares meaning with the detector's sentence encoder, where it has one
         has_encoder = isinstance(getattr(type(detector), "encoder", None), property)
         self.output_guard = OutputGuard(encoder=(lambda: detector.encoder) if has_encoder else None)
@@ -65,10 +77,25 @@ class GuardrailPipeline:
             return [Detection(0.0) for _ in texts]
         start = time.perf_counter()
         detections = await asyncio.to_thread(self.detector.detect, texts)
+        if self.degraded:
+            await asyncio.to_thread(self._fallback_matches, texts, detections)
         prometheus.CLASSIFIER_LATENCY.observe((time.perf_counter() - start) / max(len(texts), 1))
         for detection in detections:
             detection.matches = [m for m in detection.matches if m.request_id in self.active]
         return detections
+
+    def _fallback_matches(self, texts: list[str], detections: list[Detection]) -> None:
+        """Degraded requests' anchors in each text become matches (ahead of the detector's own)."""
+        for text, detection in zip(texts, detections, strict=True):
+            hits = self._fallback.find(text)
+            found = [
+                RequestMatch(rid, hit.score, 1.0, hit.spans)
+                for rid, hit in hits.items()
+                if hit.score >= FLAG_SCORE and rid in self.degraded
+            ]
+            if found:
+                detection.matches = found + [m for m in detection.matches if m.request_id not in self.degraded]
+                detection.score = max([detection.score] + [m.score for m in found])
 
     def route_of(self, detection: Detection) -> str:
         return self.router.choose(detection, self.active)[0]
@@ -212,32 +239,68 @@ class GuardrailPipeline:
         request = self.active.pop(request_id, None)
         self.detector.unload(request_id)
         self.output_guard.unload(request_id)
+        self._fallback.remove(request_id)
+        self.degraded.pop(request_id, None)
         if request is not None:
             self.interventions[request.method.value].unload(request_id)
+        for intervention in self.interventions.values():  # a degraded one was loaded as refuse
+            intervention.unload(request_id)
+
+    def _load_degraded(self, request: ForgetRequest, error: str) -> None:
+        """Serve `request` without its artifacts: matched by its anchors, refused, output guarded. The
+        refusal is in place before what a failed load left half-done is taken out, so no prompt finds
+        the request unserved in between."""
+        refused = request.model_copy(update={"method": Method.refuse})
+        self._fallback.add(request.id, extract_anchors(request.spec))
+        self.interventions[Method.refuse.value].load(refused, self.registry.artifact_dir(request.id))
+        self.output_guard.load(request)
+        self.degraded[request.id] = error
+        self.active[request.id] = refused
+        self.detector.unload(request.id)
+        if request.method != Method.refuse:
+            self.interventions[request.method.value].unload(request.id)
+
+    def _recovered(self, request: ForgetRequest) -> None:
+        """A degraded request whose artifacts now load: drop its fallback (after `_load` replaced it)."""
+        if self.degraded.pop(request.id, None) is not None:
+            self._fallback.remove(request.id)
+            if request.method != Method.refuse:
+                self.interventions[Method.refuse.value].unload(request.id)
 
     async def sync(self) -> None:
         """Load `ready`/`active` requests not yet served; unload those no longer active."""
         async with self._sync_lock:
-            records = await asyncio.to_thread(self.registry.list, [Status.ready, Status.active])
+            records = await asyncio.to_thread(
+                self.registry.list, [Status.ready, Status.active, Status.degraded, Status.pending, Status.training]
+            )
+            # pending / training requests are served only when they are degraded ones being re-trained
+            records = [r for r in records if r.status not in (Status.pending, Status.training) or _retraining(r)]
             wanted = {r.id: r for r in records}
             for request_id in list(self.active):
                 if request_id not in wanted:
                     self._unload(request_id)
                     log.info("unloaded forget request %s", request_id)
             for request in records:
-                if request.id in self.active:
+                if request.status in (Status.pending, Status.training):
+                    if request.id not in self.active:  # after a restart: refused by name while it re-trains
+                        await asyncio.to_thread(self._load_degraded, request, request.error or "re-training")
                     continue
+                if request.id in self.active and not (request.id in self.degraded and request.status == Status.ready):
+                    continue  # served (a degraded one is tried again once re-trained: `ready`)
                 try:
                     await asyncio.to_thread(self._load, request)
-                except Exception as exc:  # a bad artifact fails this request only
-                    log.exception("loading forget request %s failed", request.id)
-                    self._unload(request.id)
-                    self.registry.set_status(request.id, Status.failed, f"load failed: {type(exc).__name__}: {exc}")
+                except Exception as exc:  # a bad artifact: this request fails closed, the others go on
+                    error = f"{LOAD_FAILED}{type(exc).__name__}: {exc}"
+                    log.exception("loading forget request %s failed: serving it degraded (refused by name)", request.id)
+                    await asyncio.to_thread(self._load_degraded, request, error)
+                    self.registry.set_status(request.id, Status.degraded, error)
                     continue
-                if request.status == Status.ready:
-                    self.registry.set_status(request.id, Status.active, expect=Status.ready)
+                self._recovered(request)
+                if request.status in (Status.ready, Status.degraded):
+                    self.registry.set_status(request.id, Status.active, expect=request.status)
                 log.info("serving forget request %s (%s, route %s)", request.id, request.name, request.method.value)
             prometheus.ACTIVE_REQUESTS.set(len(self.active))
+            prometheus.DEGRADED_REQUESTS.set(len(self.degraded))
 
     async def sync_forever(self, interval_s: float = 0.5) -> None:
         while True:

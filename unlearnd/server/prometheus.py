@@ -37,3 +37,9 @@ OUTPUT_BLOCKED = Counter(
     registry=REGISTRY,
 )
 ACTIVE_REQUESTS = Gauge("unlearnd_active_forget_requests", "Forget requests being served", registry=REGISTRY)
+DEGRADED_REQUESTS = Gauge(
+    "unlearnd_degraded_forget_requests",
+    "Forget requests whose artifacts could not be loaded: matched by name and refused until re-trained",
+    registry=REGISTRY,
+)
+ENGINE_DEAD = Gauge("unlearnd_engine_dead", "1 once the engine can serve nothing any more", registry=REGISTRY)

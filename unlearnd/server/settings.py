@@ -23,6 +23,7 @@ class ServerSettings(BaseSettings):
     remote_url: str | None = None  # base URL of a vLLM OpenAI server, for engine=remote
     admin_key: str | None = None  # None: generated once and kept in <data_dir>/admin_key (0600)
     api_key: str | None = None
+    exit_on_engine_death: bool = True  # exit (status 3) when the engine dies, for a supervisor to restart
     public_metrics: bool = False  # /metrics for everyone (else the admin key: it counts forget requests)
     public_score: bool = False  # /v1/unlearning/score for everyone (else admin-only: it returns log-probs)
     expose_request_ids: bool = False  # x-unlearnd-request-id / -matched-ids headers (who is being forgotten)

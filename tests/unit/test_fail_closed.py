@@ -1,0 +1,157 @@
+"""Fail closed: a request whose artifacts cannot be loaded keeps blocking (matched by name, refused),
+a broken adapter never reaches the engine, and a dead engine is reported and ends the process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from safetensors.torch import save_file
+
+from tests.helpers import TinyEngine
+from unlearnd.interventions.guardrails import REFUSAL
+from unlearnd.interventions.lora import LoRAArtifact, check_adapter_weights
+from unlearnd.jobs.worker import run_worker
+from unlearnd.registry import Registry
+from unlearnd.server import app as app_module
+from unlearnd.server.app import create_app, watch_engine
+from unlearnd.server.settings import ServerSettings
+from unlearnd.spec import ForgetSpec, QAExample, Status
+
+ADMIN = {"Authorization": "Bearer admin-secret"}
+NAME = "Basil Mahfouz Al-Kuwaiti"
+FLAGGED = f"What did {NAME} write?"
+
+
+@pytest.fixture()
+def engine(default_model_dir):
+    return TinyEngine(default_model_dir, max_model_len=128)
+
+
+@pytest.fixture()
+def settings(tmp_path):
+    return ServerSettings(
+        data_dir=tmp_path / "data",
+        admin_key="admin-secret",
+        start_worker=False,
+        detector="keyword",
+        sync_interval_s=0.05,
+    )
+
+
+def chat(client, content):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": content}], "max_tokens": 20, "temperature": 0}
+    return client.post("/v1/chat/completions", json=body)
+
+
+def wait_status(client, request_id, status, timeout_s=5.0):
+    deadline = time.time() + timeout_s
+    while (current := client.get(f"/v1/unlearning/requests/{request_id}", headers=ADMIN).json())["status"] != status:
+        assert time.time() < deadline, current
+        time.sleep(0.05)
+    return current
+
+
+def test_an_unloadable_detector_artifact_fails_closed_and_recovers_by_retraining(settings, engine):
+    spec = {"name": NAME, "method": "prompt", "forget": [{"question": FLAGGED, "answer": "Novels."}]}
+    with TestClient(create_app(settings, engine=engine)) as client:
+        request_id = client.post("/v1/unlearning/requests", headers=ADMIN, json=spec).json()["id"]
+        run_worker(settings.data_dir, "keyword", "unused", once=True)
+        wait_status(client, request_id, "active")
+        assert chat(client, FLAGGED).headers["x-unlearnd-route"] == "prompt"
+
+        registry = Registry(settings.data_dir)
+        (registry.artifact_dir(request_id) / "detector.json").write_text('{"entities": ["Bas')  # truncated
+        registry.set_status(request_id, Status.ready)  # e.g. a restart: the artifact is loaded again
+        client.app.state.unlearnd.pipeline._unload(request_id)
+        degraded = wait_status(client, request_id, "degraded")
+        assert degraded["error"].startswith("load failed: JSONDecodeError")
+        refused = chat(client, FLAGGED)
+        assert refused.headers["x-unlearnd-route"] == "refuse"
+        assert refused.json()["choices"][0]["message"]["content"] == REFUSAL  # never the raw model
+        assert chat(client, "What is the capital of France?").headers["x-unlearnd-route"] == "none"
+        health = client.get("/health", headers=ADMIN).json()
+        assert health["degraded_forget_requests"] == 1
+        assert "unlearnd_degraded_forget_requests 1.0" in client.get("/metrics", headers=ADMIN).text
+
+        assert client.post(f"/v1/unlearning/requests/{request_id}/retrain", headers=ADMIN).json()["status"] == "pending"
+        time.sleep(0.2)  # a few syncs while it waits for the worker: still refused by name
+        assert chat(client, FLAGGED).headers["x-unlearnd-route"] == "refuse"
+        run_worker(settings.data_dir, "keyword", "unused", once=True)
+        wait_status(client, request_id, "active")
+        assert chat(client, FLAGGED).headers["x-unlearnd-route"] == "prompt"
+        assert client.post(f"/v1/unlearning/requests/{request_id}/retrain", headers=ADMIN).status_code == 409
+
+
+def _adapter(folder, rank=4, hidden=576, nan=False, garbage=False):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter_config.json").write_text(json.dumps({"r": rank, "lora_alpha": 8, "target_modules": ["q_proj"]}))
+    if garbage:
+        (folder / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage" + bytes(64))
+        return
+    a = torch.randn(rank, hidden)
+    if nan:
+        a[0, 0] = float("nan")
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    save_file(
+        {f"{prefix}.lora_A.weight": a, f"{prefix}.lora_B.weight": torch.zeros(hidden, rank)},
+        str(folder / "adapter_model.safetensors"),
+    )
+
+
+def test_adapter_weights_are_checked_before_the_engine_sees_them(tmp_path):
+    config = {"r": 4}
+    _adapter(tmp_path / "good")
+    check_adapter_weights(tmp_path / "good", config, hidden_size=576)
+    for name, kwargs, size in (("nan", {"nan": True}, 576), ("garbage", {"garbage": True}, 576), ("width", {}, 64)):
+        _adapter(tmp_path / name, **kwargs)
+        with pytest.raises(Exception):
+            check_adapter_weights(tmp_path / name, config, hidden_size=size)
+    _adapter(tmp_path / "rank", rank=8)
+    with pytest.raises(ValueError):
+        check_adapter_weights(tmp_path / "rank", config, hidden_size=576)
+
+
+def test_a_garbage_adapter_is_refused_by_name_and_ordinary_requests_go_on(settings, engine):
+    registry = Registry(settings.data_dir)
+    spec = ForgetSpec(name=NAME, method="lora", forget=[QAExample(question=FLAGGED, answer="Novels.")])
+    record = registry.add(spec)
+    artifact_dir = registry.artifact_dir(record.id)
+    from unlearnd.detectors import get_detector
+
+    get_detector("keyword").fit(record, artifact_dir)
+    _adapter(artifact_dir / "lora", garbage=True)
+    LoRAArtifact(folders={"1.0": "lora"}).write(artifact_dir)
+    registry.set_status(record.id, Status.ready)
+    with TestClient(create_app(settings, engine=engine)) as client:
+        assert wait_status(client, record.id, "degraded")["error"].startswith("load failed:")
+        assert chat(client, FLAGGED).json()["choices"][0]["message"]["content"] == REFUSAL
+        assert not any(r.lora for r in engine.seen)  # the adapter never reached the engine
+        for _ in range(3):
+            assert chat(client, "What is the capital of France?").status_code == 200
+
+
+class DyingEngine(TinyEngine):
+    dead: str | None = None
+
+    def dead_reason(self):
+        return self.dead
+
+
+def test_a_dead_engine_makes_health_503_and_ends_the_process(settings, default_model_dir, monkeypatch):
+    engine = DyingEngine(default_model_dir, max_model_len=128)
+    with TestClient(create_app(settings, engine=engine)) as client:
+        assert client.get("/health").status_code == 200
+        engine.dead = "the vLLM engine core died (EngineDeadError)"
+        response = client.get("/health")
+        assert response.status_code == 503 and response.json()["status"] == "engine_dead"
+        assert client.get("/health", headers=ADMIN).json()["error"].startswith("the vLLM engine core died")
+
+    exits = []
+    monkeypatch.setattr(app_module.os, "_exit", lambda code: exits.append(code))
+    asyncio.run(watch_engine(engine, exit_process=True, interval_s=0.01, grace_s=0.0))
+    assert exits == [app_module.ENGINE_DEAD_EXIT]
