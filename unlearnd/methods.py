@@ -35,6 +35,7 @@ class MethodEntry:
     intervention: str  # "module:Class" of its `unlearnd.interventions.base.Intervention`
     job: str | Callable[..., dict] | None = None  # "module:function" (request, artifact_dir, ctx) -> report
     scales_by_weight: bool = False  # uses the detector's soft weight of a match (only then is it computed)
+    timeout_s: float = 1800.0  # a job running longer is stopped and retried (options.timeout_s overrides)
 
     def intervention_class(self) -> type:
         return load_object(self.intervention)
@@ -67,6 +68,7 @@ METHODS: dict[str, MethodEntry] = {
             "corruption strength tuned by zeroth-order optimisation toward a surrogate target",
             "unlearnd.interventions.eco:ECO",
             "unlearnd.train.eco:eco_job",
+            timeout_s=3 * 3600.0,
         ),
         MethodEntry(
             "soft_prompt",
@@ -74,6 +76,7 @@ METHODS: dict[str, MethodEntry] = {
             "soft prompt, LLM frozen",
             "unlearnd.interventions.soft_prompt:SoftPrompt",
             "unlearnd.train.soft_prompt:soft_prompt_job",
+            timeout_s=6 * 3600.0,
         ),
         MethodEntry(
             "lora",
@@ -82,6 +85,7 @@ METHODS: dict[str, MethodEntry] = {
             "unlearnd.interventions.lora:LoRA",
             "unlearnd.train.lora:lora_job",
             scales_by_weight=True,
+            timeout_s=6 * 3600.0,
         ),
     )
 }

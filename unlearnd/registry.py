@@ -141,6 +141,10 @@ class Registry:
                 raise
         return self.get(row["id"])
 
+    def exists(self, request_id: str) -> bool:
+        with self._connect() as db:
+            return db.execute("SELECT 1 FROM forget_requests WHERE id = ?", (request_id,)).fetchone() is not None
+
     def heartbeat(self, request_id: str) -> None:
         with self._connect() as db:
             db.execute("UPDATE forget_requests SET heartbeat = ? WHERE id = ?", (time.time(), request_id))

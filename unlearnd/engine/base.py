@@ -141,6 +141,10 @@ class Engine(abc.ABC):
     async def abort(self, request_id: str) -> None:  # noqa: B027 - optional
         """Stop a request whose client went away."""
 
+    async def unload_adapters(self, request_id: str) -> None:  # noqa: B027 - optional
+        """Drop a request's adapters (every version and scale) from the engine: a purged or replaced
+        LoRA must not stay loaded."""
+
     def dead_reason(self) -> str | None:
         """Why the engine can serve nothing any more (None while it can): `/health` then says 503 and
         the server exits non-zero, so a supervisor restarts it instead of every request failing."""

@@ -68,6 +68,7 @@ class LocalVLLMEngine(Engine):
         self.enforce_eager = enforce_eager
         self._llm = None
         self._lora_ids: dict[str, int] = {}
+        self._next_lora_id = 0
 
     async def start(self) -> None:
         # vLLM's CPU backend reads its KV cache size (whole GiB) from the environment.
@@ -98,6 +99,13 @@ class LocalVLLMEngine(Engine):
         self.embeddings = EmbeddingTable.from_model_dir(self.model_path, dtype=torch_dtype)
         log.info("local vLLM engine ready: %s (max_model_len=%d)", self.model_name, self.max_model_len)
 
+    async def unload_adapters(self, request_id: str) -> None:
+        for name in [n for n in self._lora_ids if n == request_id or n.startswith(f"{request_id}-")]:
+            lora_id = self._lora_ids.pop(name)
+            if self._llm is not None:
+                await self._llm.remove_lora(lora_id)
+            log.info("adapter %s unloaded from the engine", name)
+
     def dead_reason(self) -> str | None:
         if self._llm is not None and self._llm.errored:
             return "the vLLM engine core died (EngineDeadError)"
@@ -113,7 +121,10 @@ class LocalVLLMEngine(Engine):
             return None
         from vllm.lora.request import LoRARequest
 
-        lora_id = self._lora_ids.setdefault(lora.name, len(self._lora_ids) + 1)
+        if lora.name not in self._lora_ids:  # ids are never reused: vLLM caches adapters by id
+            self._next_lora_id += 1
+            self._lora_ids[lora.name] = self._next_lora_id
+        lora_id = self._lora_ids[lora.name]
         return LoRARequest(lora_name=lora.name, lora_int_id=lora_id, lora_path=lora.path)
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[ChoiceDelta]:

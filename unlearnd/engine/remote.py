@@ -98,6 +98,13 @@ class RemoteVLLMEngine(Engine):
                 raise EngineError(f"remote server refused LoRA {name}: {response.status_code} {response.text[:300]}")
             self._loaded_loras.add(name)
 
+    async def unload_adapters(self, request_id: str) -> None:
+        async with self._lora_lock:
+            for name in [n for n in self._loaded_loras if n == request_id or n.startswith(f"{request_id}-")]:
+                if self._client is not None:
+                    await self._client.post("/v1/unload_lora_adapter", json={"lora_name": name})
+                self._loaded_loras.discard(name)
+
     def _payload(self, request: EngineRequest) -> dict:
         s = request.sampling
         payload = {

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -35,9 +36,27 @@ def run_job(
 
     artifact_dir = registry.artifact_dir(request.id)
     stop = threading.Event()
+    entry = METHODS.get(request.method.value)
+    timeout_s = float(request.spec.options.get("timeout_s") or (entry.timeout_s if entry else 600.0))
+    deadline = time.monotonic() + timeout_s
 
     def beat() -> None:
-        while not stop.wait(5.0):
+        """Heartbeats; and the job's two ways out while it runs: purged (nothing may stay on disk) or
+        over its time (the worker exits, the supervisor starts another, the request is retried)."""
+        while not stop.wait(BEAT_S):
+            if not registry.exists(request.id):
+                log.warning("%s was purged while training: job cancelled, its files deleted", request.id)
+                shutil.rmtree(artifact_dir, ignore_errors=True)
+                _exit(JOB_CANCELLED_EXIT)
+                return
+            if registry.get(request.id).status != Status.training:
+                log.warning("%s was deactivated while training: job cancelled", request.id)
+                _exit(JOB_CANCELLED_EXIT)
+                return
+            if time.monotonic() > deadline:
+                log.error("%s ran past its %.0f s timeout: stopping the worker", request.id, timeout_s)
+                _exit(JOB_TIMEOUT_EXIT)
+                return
             registry.heartbeat(request.id)
 
     threading.Thread(target=beat, daemon=True).start()
@@ -54,6 +73,8 @@ def run_job(
         registry.save_json(request.id, "training.json", report)
         if registry.set_status(request.id, Status.ready, expect=Status.training):
             log.info("forget request %s ready (%.1fs)", request.id, report["wall_seconds"])
+        elif not registry.exists(request.id):  # purged while it trained: leave nothing behind
+            shutil.rmtree(artifact_dir, ignore_errors=True)
     except Exception as exc:
         log.error("training %s failed: %s", request.id, traceback.format_exc())
         error = f"{type(exc).__name__}: {exc}"
@@ -69,6 +90,7 @@ def run_worker(
     data_dir: Path, detector_name: str, model: str, poll_s: float = 0.5, once: bool = False, serve_dtype: str = "auto"
 ) -> None:
     registry = Registry(data_dir)
+    lock = acquire_worker_lock(data_dir)  # one trainer per registry: a second one waits here
     # Only one worker runs per data dir, so anything still `training` belonged to a dead worker.
     for request_id in registry.recover_stale(stale_after_s=0):
         log.warning("recovered %s from a dead worker", request_id)
@@ -81,6 +103,57 @@ def run_worker(
             continue
         log.info("training %s (%s, method %s)", request.id, request.name, request.method.value)
         run_job(registry, request, detector_name, model, serve_dtype)
+    del lock
+
+
+BEAT_S = 5.0
+JOB_TIMEOUT_EXIT = 4
+JOB_CANCELLED_EXIT = 5
+WORKER_LOCK = "worker.lock"
+
+
+_WORKER_PROCESS = False  # True in `python -m unlearnd.jobs.worker`: only there may a job end the process
+
+
+def _exit(code: int) -> None:
+    """End the worker process now (a job thread cannot be stopped any other way); in-process callers
+    (tests, `unlearnd train --request`) are only told."""
+    if not _WORKER_PROCESS:
+        log.error("job stopped (exit %d) - not ending this process: it is not a worker process", code)
+        return
+    logging.shutdown()
+    os._exit(code)
+
+
+def acquire_worker_lock(data_dir: Path, wait: bool = True):
+    """An exclusive lock on `<data dir>/worker.lock`, held while the returned file stays open: two
+    workers on one registry (a restarted server's and a dead one's orphan) would train the same
+    request and overwrite each other's artifacts. None when `wait` is false and the lock is taken."""
+    import fcntl
+
+    Path(data_dir).mkdir(parents=True, exist_ok=True)
+    handle = open(Path(data_dir) / WORKER_LOCK, "a+")  # noqa: SIM115 - held for the worker's life
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        handle.close()
+        return None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def _die_with_parent() -> None:
+    """Linux: the worker gets SIGTERM when the server that started it dies, even by SIGKILL."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 class WorkerSupervisor:
@@ -106,7 +179,11 @@ class WorkerSupervisor:
             "--dtype",
             self.settings.dtype,
         ]
-        return subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        return subprocess.Popen(
+            cmd,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
 
     def start(self) -> None:
         self._proc = self._spawn()
@@ -140,6 +217,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="auto", help="the serving engine's dtype (ECO tunes in it)")
     parser.add_argument("--once", action="store_true", help="exit when no request is pending")
     args = parser.parse_args(argv)
+    global _WORKER_PROCESS
+    _WORKER_PROCESS = True
     setup_logging("info", process="worker")
     run_worker(args.data_dir, args.detector, args.model, once=args.once, serve_dtype=args.dtype)
 

@@ -25,6 +25,7 @@ from unlearnd.engine.base import Engine
 from unlearnd.registry import Registry
 from unlearnd.server import admin_routes, openai_routes, prometheus, unlearning_routes
 from unlearnd.server.auth import ADMIN_HEADER, api_key_matches, ensure_admin_key, is_admin
+from unlearnd.server.orphans import record_children, stop_orphans
 from unlearnd.server.pipeline import GuardrailPipeline
 from unlearnd.server.protocol import APIError, openai_error
 from unlearnd.server.settings import ServerSettings
@@ -103,6 +104,9 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        stopped = await asyncio.to_thread(stop_orphans, settings.data_dir)
+        if stopped:
+            log.warning("stopped %d processes a killed server left running: %s", len(stopped), stopped)
         running = engine or build_engine(settings)
         await running.start()
         registry = Registry(settings.data_dir)
@@ -115,6 +119,7 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
 
             worker = WorkerSupervisor(settings)
             worker.start()
+        await asyncio.to_thread(record_children, settings.data_dir)  # engine core and worker, for the next start
         sync_task = asyncio.create_task(pipeline.sync_forever(settings.sync_interval_s))
         watchdog = asyncio.create_task(watch_engine(running, settings.exit_on_engine_death))
         log.info("unlearnd ready: model %s on %s engine", running.model_name, settings.engine)

@@ -279,6 +279,7 @@ class GuardrailPipeline:
             for request_id in list(self.active):
                 if request_id not in wanted:
                     self._unload(request_id)
+                    await self.engine.unload_adapters(request_id)
                     log.info("unloaded forget request %s", request_id)
             for request in records:
                 if request.status in (Status.pending, Status.training):
