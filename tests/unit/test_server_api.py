@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import time
@@ -302,6 +303,50 @@ def test_a_refusal_honours_max_tokens_and_stop(client, settings):
     word = REFUSAL.split()[2]
     stopped = chat(client, "Who is Basil Mahfouz Al-Kuwaiti?", max_tokens=200, stop=[word]).json()["choices"][0]
     assert stopped["message"]["content"] == REFUSAL[: REFUSAL.index(word)]
+
+
+def test_huge_headers_and_a_body_that_never_arrives_are_refused(settings, engine):
+    settings.body_timeout_s = 0.3
+
+    app = create_app(settings, engine=engine)
+
+    async def declared_longer_than_sent() -> list[dict]:
+        """Content-Length says 1000 bytes, 10 arrive, the rest never does (a raw ASGI exchange: an HTTP
+        test client always sends the whole body)."""
+        chunks = [{"type": "http.request", "body": b'{"model": ', "more_body": True}]
+        sent: list[dict] = []
+
+        async def receive():
+            if chunks:
+                return chunks.pop(0)
+            await asyncio.sleep(3600)
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/v1/chat/completions",
+            "raw_path": b"/v1/chat/completions",
+            "query_string": b"",
+            "root_path": "",
+            "server": ("testserver", 80),
+            "client": ("127.0.0.1", 1),
+            "headers": [(b"content-type", b"application/json"), (b"content-length", b"1000")],
+        }
+        await asyncio.wait_for(app(scope, receive, send), 10)
+        return sent
+
+    with TestClient(app) as client:
+        big = client.get("/health", headers={"x-filler": "a" * (settings.max_header_bytes + 1)})
+        assert big.status_code == 431 and big.json()["error"]["code"] == "headers_too_large"
+        sent = asyncio.run(declared_longer_than_sent())
+        assert sent[0]["status"] == 408 and b"body_timeout" in sent[1]["body"]
+        assert chat(client, "still serving?").status_code == 200
 
 
 def test_malformed_json_and_oversized_body(client):

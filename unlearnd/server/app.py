@@ -159,19 +159,35 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
     @app.middleware("http")
     async def _guard(request: Request, call_next):
         limit = settings.max_body_bytes
+        header_bytes = sum(len(k) + len(v) for k, v in request.headers.raw)
+        if header_bytes > settings.max_header_bytes:
+            message = f"request headers larger than {settings.max_header_bytes} bytes"
+            return error_response(431, message, "invalid_request_error", "headers_too_large")
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
             return error_response(
                 413, f"request body larger than {limit} bytes", "invalid_request_error", "body_too_large"
             )
-        if length is None and request.method in ("POST", "PUT", "PATCH"):
-            body = b""
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > limit:
-                    return error_response(
-                        413, f"request body larger than {limit} bytes", "invalid_request_error", "body_too_large"
-                    )
+        if request.method in ("POST", "PUT", "PATCH"):
+            # the whole body within `body_timeout_s`: a Content-Length longer than what is sent, or a
+            # slow trickle, must not hold a connection (and its task) forever
+            async def read() -> bytes | None:
+                body = b""
+                async for chunk in request.stream():
+                    body += chunk
+                    if len(body) > limit:
+                        return None
+                return body
+
+            try:
+                body = await asyncio.wait_for(read(), settings.body_timeout_s)
+            except TimeoutError:
+                message = f"request body not received within {settings.body_timeout_s:g} s"
+                return error_response(408, message, "invalid_request_error", "body_timeout")
+            if body is None:
+                return error_response(
+                    413, f"request body larger than {limit} bytes", "invalid_request_error", "body_too_large"
+                )
             request._body = body  # noqa: SLF001 - re-expose the consumed body to the handler
         path = request.url.path
         request.state.admin = is_admin(request, admin_key)

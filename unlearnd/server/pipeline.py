@@ -44,6 +44,9 @@ class Router:
         return "none", None
 
 
+LONG_PROMPT_CHARS = 20_000
+
+
 def _retraining(request: ForgetRequest) -> bool:
     """A degraded request sent back to training keeps its load error: it stays refused meanwhile."""
     return (request.error or "").startswith(LOAD_FAILED)
@@ -112,7 +115,11 @@ class GuardrailPipeline:
         if match is not None:
             self.interventions[route].apply(request, match, self.context)
         if not request.prompt_token_ids:
-            request.prompt_token_ids = prompt_ids(self.engine.tokenizer, request.messages, request.prompt)
+            tokenize = (self.engine.tokenizer, request.messages, request.prompt)
+            if len(request.query_text) > LONG_PROMPT_CHARS:  # a long prompt is tokenised off the event loop
+                request.prompt_token_ids = await asyncio.to_thread(prompt_ids, *tokenize)
+            else:
+                request.prompt_token_ids = prompt_ids(*tokenize)
         prompt_len = request.prompt_length
         limit = self.engine.max_model_len
         request.sampling.max_tokens = request.max_tokens or max(1, limit - prompt_len)

@@ -23,6 +23,8 @@ class ServerSettings(BaseSettings):
     remote_url: str | None = None  # base URL of a vLLM OpenAI server, for engine=remote
     admin_key: str | None = None  # None: generated once and kept in <data_dir>/admin_key (0600)
     api_key: str | None = None
+    max_header_bytes: int = 64 * 1024  # all request headers together (431 above)
+    body_timeout_s: float = 30.0  # the whole request body must arrive within this (408 after)
     exit_on_engine_death: bool = True  # exit (status 3) when the engine dies, for a supervisor to restart
     public_metrics: bool = False  # /metrics for everyone (else the admin key: it counts forget requests)
     public_score: bool = False  # /v1/unlearning/score for everyone (else admin-only: it returns log-probs)
