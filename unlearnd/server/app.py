@@ -15,7 +15,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -223,7 +223,7 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
                 body["error"] = dead
         return JSONResponse(body, status_code=503 if dead else 200)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus_metrics(request: Request) -> Response:
         """Prometheus metrics: admin key (a scrape config's bearer token) unless `--public-metrics`;
         they count forget requests and what other users' traffic was routed or blocked."""
@@ -235,7 +235,48 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
 
     for module in (openai_routes, unlearning_routes, admin_routes):
         app.include_router(module.router)
+    app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]
     return app
+
+
+ERROR_STATUSES = {
+    "400": "Invalid request (OpenAI error JSON; FastAPI's 422 is never sent)",
+    "401": "Missing or wrong API / admin key",
+    "404": "Unknown model or forget request",
+    "408": "Request body not received in time",
+    "409": "The request is not in a state for this",
+    "413": "Request body too large",
+    "431": "Request headers too large",
+    "500": "Internal error (the guardrail failed closed)",
+    "503": "Engine dead or not started",
+}
+
+
+def openapi_schema(app: FastAPI) -> dict[str, Any]:
+    """The OpenAPI document with the errors the server really answers: OpenAI error JSON under the
+    status codes above, and no 422 (validation errors are 400s)."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    from unlearnd.server.protocol import ErrorResponse
+
+    schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    error = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+    components.update(error.pop("$defs", {}))
+    components["ErrorResponse"] = error
+    body = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            responses = operation.setdefault("responses", {})
+            responses.pop("422", None)
+            for status, description in ERROR_STATUSES.items():
+                responses.setdefault(status, {"description": description, "content": body})
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)
+    app.openapi_schema = schema
+    return schema
 
 
 def serve(settings: ServerSettings) -> None:
