@@ -78,6 +78,20 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
+def fsync_tree(folder: Path) -> None:
+    """fsync every file and folder under `folder` (what `save_pretrained` wrote without)."""
+    for path in sorted(Path(folder).rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if path.is_file() and not path.is_symlink():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        elif path.is_dir():
+            fsync_dir(path)
+    fsync_dir(Path(folder))
+
+
 def staging_dir(target: Path) -> Path:
     """A fresh empty sibling of `target` to build a folder in before `install_dir`."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -88,6 +102,7 @@ def install_dir(staging: Path, target: Path) -> Path:
     """Put the complete folder `staging` at `target`. An existing `target` is moved aside first and
     removed only once the new folder is in place, so `target` is never missing its contents."""
     staging.chmod(0o755)
+    fsync_tree(staging)  # the files' contents are on disk before the folder becomes visible
     old = None
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")

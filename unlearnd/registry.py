@@ -195,11 +195,22 @@ class Registry:
         self.get(request_id)  # KeyError if unknown
         self.set_status(request_id, Status.inactive)
         record = self.get(request_id)
-        if purge:
-            shutil.rmtree(self.artifact_dir(request_id), ignore_errors=True)
+        if purge:  # the row goes first (one transaction); folders without a row are removed at the next start
             with self._connect() as db:
                 db.execute("DELETE FROM forget_requests WHERE id = ?", (request_id,))
+            shutil.rmtree(self.artifact_dir(request_id), ignore_errors=True)
         return record
+
+    def sweep_orphan_dirs(self) -> list[str]:
+        """Remove artifact folders whose request is gone (a purge interrupted between its two steps)."""
+        with self._connect() as db:
+            known = {row["id"] for row in db.execute("SELECT id FROM forget_requests").fetchall()}
+        removed = []
+        for folder in self.artifacts_root.iterdir() if self.artifacts_root.is_dir() else []:
+            if folder.is_dir() and folder.name not in known:
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder.name)
+        return removed
 
     def load_json(self, request_id: str, name: str) -> dict | None:
         """An artifact file written by `save_json`, or None when it is missing or unreadable."""
