@@ -183,11 +183,14 @@ class Registry:
         if record.status not in (Status.degraded, Status.failed):
             raise ValueError(f"only a degraded or failed request can be re-trained (this one is {record.status})")
         error = record.error if record.status == Status.degraded else None
-        with self._connect() as db:
-            db.execute(
-                "UPDATE forget_requests SET status = ?, error = ?, attempts = 0, updated_at = ? WHERE id = ?",
-                (Status.pending.value, error, time.time(), request_id),
-            )
+        with self._connect() as db:  # only from the status read above (a deactivate meanwhile wins)
+            changed = db.execute(
+                "UPDATE forget_requests SET status = ?, error = ?, attempts = 0, updated_at = ? WHERE id = ?"
+                " AND status = ?",
+                (Status.pending.value, error, time.time(), request_id, record.status.value),
+            ).rowcount
+        if not changed:
+            raise ValueError(f"request {request_id} changed while it was being re-trained; try again")
         return self.get(request_id)
 
     def deactivate(self, request_id: str, purge: bool = False) -> ForgetRequest:

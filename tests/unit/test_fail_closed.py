@@ -129,6 +129,8 @@ def test_a_garbage_adapter_is_refused_by_name_and_ordinary_requests_go_on(settin
     registry.set_status(record.id, Status.ready)
     with TestClient(create_app(settings, engine=engine)) as client:
         assert wait_status(client, record.id, "degraded")["error"].startswith("load failed:")
+        pipeline = client.app.state.unlearnd.pipeline
+        assert record.id in pipeline.detector.loaded_ids  # its detector loaded: it keeps flagging, not names only
         assert chat(client, FLAGGED).json()["choices"][0]["message"]["content"] == REFUSAL
         assert not any(r.lora for r in engine.seen)  # the adapter never reached the engine
         for _ in range(3):

@@ -257,6 +257,17 @@ HI = [{"role": "user", "content": "hi"}]
         ("/v1/completions", {"model": "tiny", "prompt": "hi", "min_tokens": 20, "stream": True}, "min_tokens"),
         ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "a\ud800b"}]}, "surrogate"),
         ("/v1/completions", {"model": "tiny", "prompt": "\udfff"}, "surrogate"),
+        (
+            "/v1/chat/completions",
+            {
+                "model": "tiny",
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": "", "tool_calls": [{"id": "\ud800", "type": "function"}]},
+                ],
+            },
+            "surrogate",
+        ),
         ("/v1/unlearning/score", {"prompt": "", "continuation": " x"}, "prompt"),
         ("/v1/unlearning/score", {"prompt": "hi", "continuation": "\ud800"}, "continuation"),
         ("/v1/chat/completions", {"model": "tiny", "messages": HI, "tools": [{"type": "function"}]}, "tools"),
@@ -284,7 +295,7 @@ def test_defaults_of_unsupported_fields_are_accepted(client):
         "messages": HI,
         "max_tokens": 2,
         "tools": [],
-        "tool_choice": "none",
+        "tool_choice": "auto",
         "response_format": {"type": "text"},
         "presence_penalty": 0,
         "frequency_penalty": 0.0,

@@ -74,6 +74,9 @@ def check_adapter(folder: Path) -> dict:
     return config
 
 
+READS_HIDDEN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # o_proj reads heads x head_dim
+
+
 def check_adapter_weights(folder: Path, config: dict, hidden_size: int | None = None) -> None:
     """Refuse an adapter file vLLM would choke on (a broken adapter reaching the engine kills it for
     every request): the safetensors header must parse, every tensor must be a finite 2-D LoRA factor of
@@ -94,9 +97,9 @@ def check_adapter_weights(folder: Path, config: dict, hidden_size: int | None = 
             module = key.split(".lora_")[0].rsplit(".", 1)[-1]
             if tensor.ndim != 2 or not bool(torch.isfinite(tensor).all()):
                 raise ValueError(f"adapter tensor {key} is not a finite matrix")
-            if ".lora_A." in key:
+            if ".lora_A." in key:  # the modules that read the residual stream take the model's width
                 ok = tensor.shape[0] == rank and (
-                    hidden_size is None or module == "down_proj" or tensor.shape[1] == hidden_size
+                    hidden_size is None or module not in READS_HIDDEN or tensor.shape[1] == hidden_size
                 )
             elif ".lora_B." in key:
                 ok = tensor.shape[1] == rank and (

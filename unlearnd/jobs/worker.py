@@ -44,12 +44,21 @@ def run_job(
         """Heartbeats; and the job's two ways out while it runs: purged (nothing may stay on disk) or
         over its time (the worker exits, the supervisor starts another, the request is retried)."""
         while not stop.wait(BEAT_S):
-            if not registry.exists(request.id):
+            try:
+                record = registry.get(request.id) if registry.exists(request.id) else None
+            except KeyError:
+                record = None
+            except Exception:  # a busy database: try again at the next beat, never stop beating
+                log.warning("heartbeat of %s failed", request.id, exc_info=True)
+                continue
+            if stop.is_set():
+                return  # the job ended meanwhile (its own status change is no reason to stop anything)
+            if record is None:
                 log.warning("%s was purged while training: job cancelled, its files deleted", request.id)
                 shutil.rmtree(artifact_dir, ignore_errors=True)
                 _exit(JOB_CANCELLED_EXIT)
                 return
-            if registry.get(request.id).status != Status.training:
+            if record.status == Status.inactive:
                 log.warning("%s was deactivated while training: job cancelled", request.id)
                 _exit(JOB_CANCELLED_EXIT)
                 return
@@ -57,7 +66,10 @@ def run_job(
                 log.error("%s ran past its %.0f s timeout: stopping the worker", request.id, timeout_s)
                 _exit(JOB_TIMEOUT_EXIT)
                 return
-            registry.heartbeat(request.id)
+            try:
+                registry.heartbeat(request.id)
+            except Exception:
+                log.warning("heartbeat of %s failed", request.id, exc_info=True)
 
     threading.Thread(target=beat, daemon=True).start()
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -78,8 +90,11 @@ def run_job(
     except Exception as exc:
         log.error("training %s failed: %s", request.id, traceback.format_exc())
         error = f"{type(exc).__name__}: {exc}"
-        if (request.error or "").startswith(LOAD_FAILED):  # a degraded request's re-training: it stays refused
-            registry.set_status(request.id, Status.degraded, f"{request.error}; re-training failed: {error}")
+        if not registry.exists(request.id):  # purged while it trained (the removal may be what broke it)
+            shutil.rmtree(artifact_dir, ignore_errors=True)
+        elif (request.error or "").startswith(LOAD_FAILED):  # a degraded request's re-training: stays refused
+            failed = f"{request.error}; re-training failed: {error}"
+            registry.set_status(request.id, Status.degraded, failed, expect=Status.training)
         else:
             registry.set_status(request.id, Status.failed, error, expect=Status.training)
     finally:
@@ -179,11 +194,8 @@ class WorkerSupervisor:
             "--dtype",
             self.settings.dtype,
         ]
-        return subprocess.Popen(
-            cmd,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-        )
+        cmd += ["--parent-pid", str(os.getpid())]
+        return subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
     def start(self) -> None:
         self._proc = self._spawn()
@@ -216,7 +228,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--dtype", default="auto", help="the serving engine's dtype (ECO tunes in it)")
     parser.add_argument("--once", action="store_true", help="exit when no request is pending")
+    parser.add_argument("--parent-pid", type=int, default=None, help="the server: the worker ends with it")
     args = parser.parse_args(argv)
+    if args.parent_pid is not None:
+        _die_with_parent()
+        if os.getppid() != args.parent_pid:  # the server died before the signal was armed
+            return
     global _WORKER_PROCESS
     _WORKER_PROCESS = True
     setup_logging("info", process="worker")

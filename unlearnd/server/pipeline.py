@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import threading
 import time
 from collections.abc import AsyncIterator
 
@@ -47,6 +48,15 @@ class Router:
 LONG_PROMPT_CHARS = 20_000
 
 
+class LoadFailure(Exception):
+    """A request's artifacts did not load; `detector_loaded`: its detector did (only the route's part failed)."""
+
+    def __init__(self, cause: BaseException, detector_loaded: bool):
+        super().__init__(str(cause))
+        self.cause = cause
+        self.detector_loaded = detector_loaded
+
+
 def _retraining(request: ForgetRequest) -> bool:
     """A degraded request sent back to training keeps its load error: it stays refused meanwhile."""
     return (request.error or "").startswith(LOAD_FAILED)
@@ -66,6 +76,7 @@ class GuardrailPipeline:
         # and dates (here, whatever the detector) and refused, until it is re-trained.
         self.degraded: dict[str, str] = {}  # request id -> why its artifacts could not be loaded
         self._fallback = AnchorIndex()
+        self._fallback_lock = threading.Lock()  # found from request threads, changed by the sync
         self.context = PipelineContext(tokenizer=engine.tokenizer, embeddings=engine.embeddings)
         for intervention in self.interventions.values():
             intervention.context = self.context
@@ -90,7 +101,8 @@ class GuardrailPipeline:
     def _fallback_matches(self, texts: list[str], detections: list[Detection]) -> None:
         """Degraded requests' anchors in each text become matches (ahead of the detector's own)."""
         for text, detection in zip(texts, detections, strict=True):
-            hits = self._fallback.find(text)
+            with self._fallback_lock:
+                hits = self._fallback.find(text)
             found = [
                 RequestMatch(rid, hit.score, 1.0, hit.spans)
                 for rid, hit in hits.items()
@@ -237,8 +249,14 @@ class GuardrailPipeline:
     # -- registry sync ----------------------------------------------------------------------------
     def _load(self, request: ForgetRequest) -> None:
         artifact_dir = self.registry.artifact_dir(request.id)
-        self.detector.load(request, artifact_dir)
-        self.interventions[request.method.value].load(request, artifact_dir)
+        try:
+            self.detector.load(request, artifact_dir)
+        except Exception as exc:
+            raise LoadFailure(exc, detector_loaded=False) from exc
+        try:
+            self.interventions[request.method.value].load(request, artifact_dir)
+        except Exception as exc:
+            raise LoadFailure(exc, detector_loaded=True) from exc
         self.output_guard.load(request)
         self.active[request.id] = request
 
@@ -246,31 +264,35 @@ class GuardrailPipeline:
         request = self.active.pop(request_id, None)
         self.detector.unload(request_id)
         self.output_guard.unload(request_id)
-        self._fallback.remove(request_id)
+        with self._fallback_lock:
+            self._fallback.remove(request_id)
         self.degraded.pop(request_id, None)
         if request is not None:
             self.interventions[request.method.value].unload(request_id)
         for intervention in self.interventions.values():  # a degraded one was loaded as refuse
             intervention.unload(request_id)
 
-    def _load_degraded(self, request: ForgetRequest, error: str) -> None:
+    def _load_degraded(self, request: ForgetRequest, error: str, keep_detector: bool = False) -> None:
         """Serve `request` without its artifacts: matched by its anchors, refused, output guarded. The
         refusal is in place before what a failed load left half-done is taken out, so no prompt finds
         the request unserved in between."""
         refused = request.model_copy(update={"method": Method.refuse})
-        self._fallback.add(request.id, extract_anchors(request.spec))
+        with self._fallback_lock:
+            self._fallback.add(request.id, extract_anchors(request.spec))
         self.interventions[Method.refuse.value].load(refused, self.registry.artifact_dir(request.id))
         self.output_guard.load(request)
         self.degraded[request.id] = error
         self.active[request.id] = refused
-        self.detector.unload(request.id)
+        if not keep_detector:  # a detector that loaded keeps flagging (topic requests have few anchors)
+            self.detector.unload(request.id)
         if request.method != Method.refuse:
             self.interventions[request.method.value].unload(request.id)
 
     def _recovered(self, request: ForgetRequest) -> None:
         """A degraded request whose artifacts now load: drop its fallback (after `_load` replaced it)."""
         if self.degraded.pop(request.id, None) is not None:
-            self._fallback.remove(request.id)
+            with self._fallback_lock:
+                self._fallback.remove(request.id)
             if request.method != Method.refuse:
                 self.interventions[Method.refuse.value].unload(request.id)
 
@@ -278,10 +300,14 @@ class GuardrailPipeline:
         """Load `ready`/`active` requests not yet served; unload those no longer active."""
         async with self._sync_lock:
             records = await asyncio.to_thread(
-                self.registry.list, [Status.ready, Status.active, Status.degraded, Status.pending, Status.training]
+                self.registry.list,
+                [Status.ready, Status.active, Status.degraded, Status.pending, Status.training, Status.failed],
             )
-            # pending / training requests are served only when they are degraded ones being re-trained
-            records = [r for r in records if r.status not in (Status.pending, Status.training) or _retraining(r)]
+            # pending / training requests are served only when they are degraded ones being re-trained, and
+            # failed ones only when an older version marked a load failure `failed` (served degraded now)
+            records = [
+                r for r in records if r.status not in (Status.pending, Status.training, Status.failed) or _retraining(r)
+            ]
             wanted = {r.id: r for r in records}
             for request_id in list(self.active):
                 if request_id not in wanted:
@@ -289,19 +315,22 @@ class GuardrailPipeline:
                     await self.engine.unload_adapters(request_id)
                     log.info("unloaded forget request %s", request_id)
             for request in records:
-                if request.status in (Status.pending, Status.training):
+                if request.status in (Status.pending, Status.training, Status.failed):
                     if request.id not in self.active:  # after a restart: refused by name while it re-trains
                         await asyncio.to_thread(self._load_degraded, request, request.error or "re-training")
+                        if request.status == Status.failed:
+                            self.registry.set_status(request.id, Status.degraded, request.error, expect=Status.failed)
                     continue
                 if request.id in self.active and not (request.id in self.degraded and request.status == Status.ready):
                     continue  # served (a degraded one is tried again once re-trained: `ready`)
                 try:
                     await asyncio.to_thread(self._load, request)
-                except Exception as exc:  # a bad artifact: this request fails closed, the others go on
-                    error = f"{LOAD_FAILED}{type(exc).__name__}: {exc}"
-                    log.exception("loading forget request %s failed: serving it degraded (refused by name)", request.id)
-                    await asyncio.to_thread(self._load_degraded, request, error)
-                    self.registry.set_status(request.id, Status.degraded, error)
+                except LoadFailure as failure:  # a bad artifact: this request fails closed, the others go on
+                    cause = failure.cause
+                    error = f"{LOAD_FAILED}{type(cause).__name__}: {cause}"
+                    log.error("loading forget request %s failed (%s): serving it degraded, refused", request.id, error)
+                    await asyncio.to_thread(self._load_degraded, request, error, failure.detector_loaded)
+                    self.registry.set_status(request.id, Status.degraded, error, expect=request.status)
                     continue
                 self._recovered(request)
                 if request.status in (Status.ready, Status.degraded):

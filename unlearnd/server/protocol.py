@@ -33,7 +33,7 @@ INT64 = 2**63 - 1
 UNSUPPORTED = {  # OpenAI fields unlearnd does not implement, and the value a client may send that asks nothing
     "tools": (None, []),
     "functions": (None, []),
-    "tool_choice": (None, "none"),
+    "tool_choice": (None, "none", "auto"),
     "function_call": (None, "none"),
     "response_format": (None, {"type": "text"}),
     "best_of": (None, 1),
@@ -127,12 +127,31 @@ class ChatMessage(BaseModel):
     content: Text | list[TextPart] | None = None
     name: Text | None = None
 
+    @model_validator(mode="after")
+    def _extras_are_text(self):
+        """`tool_calls` and other extras reach the chat template and the detector: valid Unicode only."""
+        _check_strings(self.model_extra or {})
+        return self
+
     def text(self) -> str:
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+
+def _check_strings(value: Any) -> None:
+    """Every string inside `value` (nested lists and dicts): free of unpaired surrogates."""
+    if isinstance(value, str):
+        _no_surrogates(value)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_strings(key)
+            _check_strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            _check_strings(item)
 
 
 def plain_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
