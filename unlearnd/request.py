@@ -31,6 +31,7 @@ class GuardedRequest:
     lora: LoRASpec | None = None
     fixed_response: str | None = None  # set by routes that answer without the engine
     output_blocked: dict[int, str] = field(default_factory=dict)  # choice -> request its output gave away
+    withhold_alternatives: bool = False  # top_logprobs emptied (a flagged prompt, a caller without the admin key)
     created: float = field(default_factory=time.time)
 
     @property

@@ -397,6 +397,20 @@ def test_without_the_admin_key_nothing_about_forget_requests_is_disclosed(client
     assert set(scores) <= {0.0, 1.0}  # the decision only: a graded score would confirm name parts one by one
 
 
+def test_no_logprob_alternatives_about_a_flagged_prompt_without_the_admin_key(client, settings):
+    register(client, settings, "prompt", name="Basil Mahfouz Al-Kuwaiti")
+    extra = {"logprobs": True, "top_logprobs": 5, "temperature": 0}
+
+    def alternatives(headers=None, content="Who is Basil Mahfouz Al-Kuwaiti?"):
+        body = {"model": "tiny", "messages": [{"role": "user", "content": content}], "max_tokens": 4, **extra}
+        response = client.post("/v1/chat/completions", json=body, headers=headers or {})
+        return [len(t["top_logprobs"]) for t in response.json()["choices"][0]["logprobs"]["content"]]
+
+    assert set(alternatives()) == {1}  # the chosen token only: alternatives would rank candidate answers
+    assert max(alternatives(ADMIN)) == 5
+    assert max(alternatives(content="What is the capital of France?")) == 5  # ordinary prompts keep them
+
+
 def test_a_public_score_of_a_continuation_the_output_guard_would_cut_has_no_numbers(settings, engine):
     settings.public_score = True
     answer = "He was born in Kuwait City to a florist and a pearl diver, and he writes French literature."

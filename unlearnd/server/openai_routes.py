@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from unlearnd.engine.base import ChoiceDelta, EngineError
@@ -59,11 +59,17 @@ def check_model(state: ServerState, name: str) -> None:
         )
 
 
-async def prepare(state: ServerState, request: GuardedRequest, param: str = "messages") -> GuardedRequest:
+async def prepare(
+    state: ServerState, request: GuardedRequest, param: str = "messages", admin: bool = False
+) -> GuardedRequest:
     try:
-        return await state.pipeline.prepare(request)
+        request = await state.pipeline.prepare(request)
     except ContextLengthError as exc:
         raise APIError(400, str(exc), "invalid_request_error", "context_length_exceeded", param) from exc
+    # the alternatives' numbers on a flagged prompt would rank candidate answers (as /score would):
+    # without the admin key only the chosen tokens' log-probs are returned
+    request.withhold_alternatives = bool(request.matched_ids) and not admin
+    return request
 
 
 def route_headers(state: ServerState, request: GuardedRequest) -> dict[str, str]:
@@ -149,7 +155,7 @@ async def list_models(state: ServerState = Depends(server_state)) -> dict:
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, state: ServerState = Depends(server_state)):
+async def chat_completions(http: Request, body: ChatCompletionRequest, state: ServerState = Depends(server_state)):
     check_model(state, body.model)
     request = GuardedRequest(
         id=new_id("chatcmpl"),
@@ -158,7 +164,7 @@ async def chat_completions(body: ChatCompletionRequest, state: ServerState = Dep
         messages=body.plain_messages(),
         max_tokens=body.requested_max_tokens(),
     )
-    request = await prepare(state, request)
+    request = await prepare(state, request, admin=http.state.admin)
     created = int(time.time())
     if body.stream:  # the header goes out before the output is checked: the route the prompt took
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -226,7 +232,7 @@ async def chat_stream(
 
 
 @router.post("/v1/completions")
-async def completions(body: CompletionRequest, state: ServerState = Depends(server_state)):
+async def completions(http: Request, body: CompletionRequest, state: ServerState = Depends(server_state)):
     check_model(state, body.model)
     requests = []
     for prompt in body.prompt:
@@ -241,7 +247,7 @@ async def completions(body: CompletionRequest, state: ServerState = Depends(serv
                 raise APIError(400, f"token ids must be below the vocabulary size {vocab}", param="prompt")
             request.prompt = state.engine.tokenizer.decode(prompt)
             request.prompt_token_ids = list(prompt)
-        requests.append(await prepare(state, request, param="prompt"))
+        requests.append(await prepare(state, request, param="prompt", admin=http.state.admin))
     flagged = [r for r in requests if r.route != "none"]
     created = int(time.time())
     if body.stream:

@@ -12,6 +12,7 @@ import math
 import threading
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import torch
 
@@ -46,6 +47,13 @@ class Router:
 
 
 LONG_PROMPT_CHARS = 20_000
+
+
+async def _without_alternatives(deltas: AsyncIterator[ChoiceDelta]) -> AsyncIterator[ChoiceDelta]:
+    async for delta in deltas:
+        if delta.logprobs:
+            delta = replace(delta, logprobs=[replace(t, top_logprobs={t.token: t.logprob}) for t in delta.logprobs])
+        yield delta
 
 
 class LoadFailure(Exception):
@@ -158,6 +166,8 @@ class GuardrailPipeline:
             lora=request.lora,
         )
         stream = self._timed(request, self.engine.generate(engine_request))
+        if request.withhold_alternatives and request.sampling.logprobs:
+            stream = _without_alternatives(stream)
         if not self.output_guard.request_ids:
             async for delta in stream:
                 yield delta
