@@ -167,3 +167,20 @@ class ScriptedEngine(TinyEngine):
                     index=index, text=text, token_ids=ids, logprobs=lp, finish_reason="stop" if last else None
                 )
                 await asyncio.sleep(0)
+
+
+def register_active(client, data_dir, body: dict, admin_key: str = "admin-secret", detector: str = "keyword") -> str:
+    """POST a forget request through the admin API, train it with the real worker code (once), and wait
+    until the server serves it; returns its id."""
+    import time
+
+    from unlearnd.jobs.worker import run_worker
+
+    headers = {"Authorization": f"Bearer {admin_key}"}
+    request_id = client.post("/v1/unlearning/requests", headers=headers, json=body).json()["id"]
+    run_worker(data_dir, detector, "unused", once=True)
+    deadline = time.time() + 5
+    while client.get(f"/v1/unlearning/requests/{request_id}", headers=headers).json()["status"] != "active":
+        assert time.time() < deadline, f"{request_id} did not become active"
+        time.sleep(0.05)
+    return request_id

@@ -4,15 +4,13 @@ user without the admin key gets back from a real app."""
 from __future__ import annotations
 
 import base64
-import time
 
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.helpers import ScriptedEngine
+from tests.helpers import ScriptedEngine, register_active
 from unlearnd.client import UnlearndClient
 from unlearnd.evaluation.attacks import ATTACKS, attack_context, build_probes, run_probe, summarise
-from unlearnd.jobs.worker import run_worker
 from unlearnd.server.app import create_app
 from unlearnd.server.protocol import ChatCompletionRequest
 from unlearnd.server.settings import ServerSettings
@@ -90,12 +88,7 @@ def test_a_leak_counts_unless_the_route_refuses_and_denied_scores_are_failures(a
         "method": "refuse",
         "forget": [{"question": it.question, "answer": it.answer} for it in ctx.items if it.author == item.author],
     }
-    request_id = client.post("/v1/unlearning/requests", headers=ADMIN, json=body).json()["id"]
-    run_worker(settings.data_dir, "keyword", "unused", once=True)
-    deadline = time.time() + 5
-    while client.get(f"/v1/unlearning/requests/{request_id}", headers=ADMIN).json()["status"] != "active":
-        assert time.time() < deadline
-        time.sleep(0.05)
+    register_active(client, settings.data_dir, body)
     refused = run_probe(attacker, "tiny", direct, 64)
     assert not refused.success and refused.route in {"refuse", "output_blocked"}
     summary = summarise([direct, direct], [leaked, refused])["direct"]

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.helpers import ScriptedEngine
+from tests.helpers import ScriptedEngine, register_active
 from unlearnd.engine.base import ChoiceDelta, TokenLogprob
 from unlearnd.interventions.guardrails import REFUSAL
-from unlearnd.jobs.worker import run_worker
 from unlearnd.server.app import create_app
 from unlearnd.server.output_guard import OutputGuard
 from unlearnd.server.settings import ServerSettings
@@ -144,12 +142,7 @@ def server(tmp_path, default_model_dir):
             "options": options or {},
             "forget": [{"question": q, "answer": a} for q, a in ANSWERS],
         }
-        request_id = client.post("/v1/unlearning/requests", headers=ADMIN, json=body).json()["id"]
-        run_worker(settings.data_dir, "keyword", "unused", once=True)
-        deadline = time.time() + 5
-        while client.get(f"/v1/unlearning/requests/{request_id}", headers=ADMIN).json()["status"] != "active":
-            assert time.time() < deadline
-            time.sleep(0.05)
+        request_id = register_active(client, settings.data_dir, body)
         return client, engine, request_id
 
     made = []

@@ -10,7 +10,7 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.helpers import TinyEngine
+from tests.helpers import TinyEngine, register_active
 from unlearnd.interventions.guardrails import REFUSAL
 from unlearnd.jobs.worker import run_worker
 from unlearnd.registry import Registry
@@ -416,12 +416,7 @@ def test_a_public_score_of_a_continuation_the_output_guard_would_cut_has_no_numb
     answer = "He was born in Kuwait City to a florist and a pearl diver, and he writes French literature."
     spec = {"name": "Basil Mahfouz Al-Kuwaiti", "method": "refuse", "forget": [{"question": "Who?", "answer": answer}]}
     with TestClient(create_app(settings, engine=engine)) as client:
-        request_id = client.post("/v1/unlearning/requests", headers=ADMIN, json=spec).json()["id"]
-        run_worker(settings.data_dir, "keyword", "unused", once=True)
-        deadline = time.time() + 5
-        while client.get(f"/v1/unlearning/requests/{request_id}", headers=ADMIN).json()["status"] != "active":
-            assert time.time() < deadline
-            time.sleep(0.05)
+        register_active(client, settings.data_dir, spec)
         body = {
             "messages": [{"role": "user", "content": "Tell me about a writer."}],  # not flagged
             "continuation": " born in Kuwait City to a florist and a pearl diver",
