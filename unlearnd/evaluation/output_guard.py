@@ -15,6 +15,7 @@ the cost per token is the guard's real cost.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
@@ -111,6 +112,7 @@ def run_output_guard_eval(opts: OutputGuardEvalOptions) -> dict[str, Any]:
             _ordinary_answers(opts.model, list(chat_prompts("eval")), opts.chat_tokens),
         ),
     }
+    load_before = os.getloadavg()[0]
     rows, examples, seconds, words = {}, {}, 0.0, 0
     for name, (should_block, texts) in sets.items():
         outcomes = [_stream(guard, t) for t in texts]
@@ -136,6 +138,7 @@ def run_output_guard_eval(opts: OutputGuardEvalOptions) -> dict[str, Any]:
         "sets": rows,
         "false_block_rate": false_blocks,
         "us_per_word": 1e6 * seconds / max(words, 1),
+        "load_average": [load_before, os.getloadavg()[0]],
         "errors": examples,
     }
     write_json_atomic(opts.out + ".json", report)
@@ -179,8 +182,9 @@ def markdown(report: dict[str, Any]) -> str:
         "by design and counts as a false block here. The meaning check's constants (cosine floor 0.80, margin "
         "0.05 above the closest retain or ordinary text) were set before its first run here. The cost is the "
         "guard's own time per streamed word in this process (anchors, 4-grams, and the sentence encoder at "
-        "each sentence end), measured on an otherwise idle machine only if nothing else ran; it adds to the "
-        "engine's time per token.",
+        f"each sentence end; 1-minute load average {report['load_average'][0]:.1f} before and "
+        f"{report['load_average'][1]:.1f} after the run, on {os.cpu_count()} cores); it adds to the engine's time "
+        "per token.",
         "",
     ]
     for name, texts in report["errors"].items():
