@@ -50,6 +50,7 @@ class TinyEngine(Engine):
         self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
         self.model = tiny_llama(len(self.tokenizer))
         self.embeddings = EmbeddingTable(self.model.get_input_embeddings().weight.detach().clone())
+        self.model_config = self.model.config.to_dict()
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.eos_token_id = eos_token_id if eos_token_id is not None else self.tokenizer.eos_token_id

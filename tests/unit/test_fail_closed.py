@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from safetensors.torch import save_file
 
 from tests.helpers import TinyEngine
+from unlearnd.engine.base import EngineError
 from unlearnd.interventions.guardrails import REFUSAL
 from unlearnd.interventions.lora import LoRAArtifact, check_adapter_weights
 from unlearnd.jobs.worker import run_worker
@@ -87,18 +88,27 @@ def test_an_unloadable_detector_artifact_fails_closed_and_recovers_by_retraining
         assert client.post(f"/v1/unlearning/requests/{request_id}/retrain", headers=ADMIN).status_code == 409
 
 
-def _adapter(folder, rank=4, hidden=576, nan=False, garbage=False):
+SMOLLM2 = {  # SmolLM2-135M's config.json, the part adapters must fit
+    "hidden_size": 576,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+}
+
+
+def _adapter(folder, rank=4, hidden=576, nan=False, garbage=False, module="q_proj", out=576, layer=0):
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "adapter_config.json").write_text(json.dumps({"r": rank, "lora_alpha": 8, "target_modules": ["q_proj"]}))
+    (folder / "adapter_config.json").write_text(json.dumps({"r": rank, "lora_alpha": 8, "target_modules": [module]}))
     if garbage:
         (folder / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage" + bytes(64))
         return
     a = torch.randn(rank, hidden)
     if nan:
         a[0, 0] = float("nan")
-    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    prefix = f"base_model.model.model.layers.{layer}.self_attn.{module}"
     save_file(
-        {f"{prefix}.lora_A.weight": a, f"{prefix}.lora_B.weight": torch.zeros(hidden, rank)},
+        {f"{prefix}.lora_A.weight": a, f"{prefix}.lora_B.weight": torch.zeros(out, rank)},
         str(folder / "adapter_model.safetensors"),
     )
 
@@ -106,14 +116,21 @@ def _adapter(folder, rank=4, hidden=576, nan=False, garbage=False):
 def test_adapter_weights_are_checked_before_the_engine_sees_them(tmp_path):
     config = {"r": 4}
     _adapter(tmp_path / "good")
-    check_adapter_weights(tmp_path / "good", config, hidden_size=576)
-    for name, kwargs, size in (("nan", {"nan": True}, 576), ("garbage", {"garbage": True}, 576), ("width", {}, 64)):
+    check_adapter_weights(tmp_path / "good", config, SMOLLM2)
+    _adapter(tmp_path / "good-kv", module="k_proj", out=192)  # 3 key/value heads of 64
+    check_adapter_weights(tmp_path / "good-kv", config, SMOLLM2)
+    broken = {
+        "nan": {"nan": True},
+        "garbage": {"garbage": True},
+        "width": {"hidden": 64},
+        "kv-out": {"module": "k_proj", "out": 576},  # the width of q, not of k: passed the width-only check
+        "layer": {"layer": 30},  # the model has layers 0-29
+        "rank": {"rank": 8},
+    }
+    for name, kwargs in broken.items():
         _adapter(tmp_path / name, **kwargs)
         with pytest.raises(Exception):
-            check_adapter_weights(tmp_path / name, config, hidden_size=size)
-    _adapter(tmp_path / "rank", rank=8)
-    with pytest.raises(ValueError):
-        check_adapter_weights(tmp_path / "rank", config, hidden_size=576)
+            check_adapter_weights(tmp_path / name, config, SMOLLM2)
 
 
 def test_a_garbage_adapter_is_refused_by_name_and_ordinary_requests_go_on(settings, engine):
@@ -135,6 +152,47 @@ def test_a_garbage_adapter_is_refused_by_name_and_ordinary_requests_go_on(settin
         assert not any(r.lora for r in engine.seen)  # the adapter never reached the engine
         for _ in range(3):
             assert chat(client, "What is the capital of France?").status_code == 200
+
+
+class AdapterLoadingEngine(TinyEngine):
+    """Records the adapters it is asked to load ahead of use; refuses them all when `refuse` is set."""
+
+    refuse = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loaded: list[str] = []
+
+    async def load_adapter(self, lora):
+        if self.refuse:
+            raise EngineError(f"vLLM did not load adapter {lora.name}")
+        self.loaded.append(lora.name)
+
+
+@pytest.mark.parametrize("engine_refuses", [False, True])
+def test_the_engine_loads_an_adapter_before_any_prompt_is_routed_to_it(settings, default_model_dir, engine_refuses):
+    engine = AdapterLoadingEngine(default_model_dir, max_model_len=128)
+    engine.refuse = engine_refuses
+    registry = Registry(settings.data_dir)
+    record = registry.add(ForgetSpec(name=NAME, method="lora", forget=[QAExample(question=FLAGGED, answer="Novels.")]))
+    artifact_dir = registry.artifact_dir(record.id)
+    from unlearnd.detectors import get_detector
+
+    get_detector("keyword").fit(record, artifact_dir)
+    _adapter(artifact_dir / "lora", hidden=32, out=32)  # fits the tiny test model: passes the file checks
+    LoRAArtifact(folders={"1.0": "lora"}, threshold=0.0).write(artifact_dir)
+    registry.set_status(record.id, Status.ready)
+    with TestClient(create_app(settings, engine=engine)) as client:
+        if engine_refuses:  # what the engine cannot load is found here, not by a user's prompt
+            assert "EngineError: vLLM did not load adapter" in wait_status(client, record.id, "degraded")["error"]
+            assert chat(client, FLAGGED).json()["choices"][0]["message"]["content"] == REFUSAL
+            assert not any(r.lora for r in engine.seen)
+        else:
+            wait_status(client, record.id, "active")
+            assert engine.loaded == [f"{record.id}-v1"]
+            assert chat(client, FLAGGED).headers["x-unlearnd-route"] == "lora"
+            assert engine.seen[-1].lora.name == f"{record.id}-v1"
+        assert chat(client, "What is the capital of France?").headers["x-unlearnd-route"] == "none"
 
 
 class DyingEngine(TinyEngine):

@@ -116,6 +116,12 @@ class EmbeddingTable:
         return self.weight[torch.as_tensor(token_ids, dtype=torch.long)].clone()
 
 
+def read_model_config(model_dir: str | Path) -> dict:
+    """A model folder's config.json ({} where there is none)."""
+    path = Path(model_dir) / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 class Engine(abc.ABC):
     """Generates from an `EngineRequest`; implementations: local vLLM, remote vLLM server."""
 
@@ -123,6 +129,7 @@ class Engine(abc.ABC):
     max_model_len: int
     tokenizer: object
     embeddings: EmbeddingTable
+    model_config: dict = {}  # the served model's config.json (set by `start`): what an adapter must fit
 
     @abc.abstractmethod
     async def start(self) -> None: ...
@@ -140,6 +147,10 @@ class Engine(abc.ABC):
 
     async def abort(self, request_id: str) -> None:  # noqa: B027 - optional
         """Stop a request whose client went away."""
+
+    async def load_adapter(self, lora: LoRASpec) -> None:  # noqa: B027 - optional
+        """Load an adapter before any request uses it (raises if the engine cannot): a broken adapter is
+        then found while its forget request can still be served refused, not by a user's request."""
 
     async def unload_adapters(self, request_id: str) -> None:  # noqa: B027 - optional
         """Drop a request's adapters (every version and scale) from the engine: a purged or replaced

@@ -18,6 +18,7 @@ from unlearnd.engine.base import (
     LoRASpec,
     SamplingSpec,
     TokenLogprob,
+    read_model_config,
 )
 from unlearnd.engine.dtype import resolve_dtype
 
@@ -97,7 +98,16 @@ class LocalVLLMEngine(Engine):
         self.tokenizer = self._llm.get_tokenizer()
         torch_dtype = getattr(torch, self.dtype)
         self.embeddings = EmbeddingTable.from_model_dir(self.model_path, dtype=torch_dtype)
+        self.model_config = read_model_config(self.model_path)
         log.info("local vLLM engine ready: %s (max_model_len=%d)", self.model_name, self.max_model_len)
+
+    async def load_adapter(self, lora: LoRASpec) -> None:
+        # a utility call: vLLM's engine core answers a failed load with an error and keeps serving,
+        # where a broken adapter met first by a generation kills the engine for every request
+        if self._llm is None:
+            raise EngineError("engine is not started")
+        if not await self._llm.add_lora(self._lora_request(lora)):
+            raise EngineError(f"vLLM did not load adapter {lora.name}")
 
     async def unload_adapters(self, request_id: str) -> None:
         for name in [n for n in self._lora_ids if n == request_id or n.startswith(f"{request_id}-")]:

@@ -27,7 +27,9 @@ from unlearnd.engine.base import (
     Engine,
     EngineError,
     EngineRequest,
+    LoRASpec,
     TokenLogprob,
+    read_model_config,
 )
 from unlearnd.engine.dtype import resolve_dtype
 
@@ -80,6 +82,7 @@ class RemoteVLLMEngine(Engine):
         self.max_model_len = int(card.get("max_model_len") or 2048)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self.embeddings = EmbeddingTable.from_model_dir(self.model_path, dtype=getattr(torch, self.dtype))
+        self.model_config = read_model_config(self.model_path)
         log.info(
             "remote vLLM engine: %s serving %s (max_model_len=%d)", self.base_url, self.remote_model, self.max_model_len
         )
@@ -97,6 +100,9 @@ class RemoteVLLMEngine(Engine):
             if response.status_code >= 400 and "already" not in response.text.lower():
                 raise EngineError(f"remote server refused LoRA {name}: {response.status_code} {response.text[:300]}")
             self._loaded_loras.add(name)
+
+    async def load_adapter(self, lora: LoRASpec) -> None:
+        await self._ensure_lora(lora.name, lora.path)
 
     async def unload_adapters(self, request_id: str) -> None:
         async with self._lora_lock:

@@ -8,7 +8,7 @@ class serves which method is the method table's business (`unlearnd.methods`).
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from unlearnd.detectors.base import RequestMatch
@@ -20,10 +20,11 @@ from unlearnd.spec import ForgetRequest
 @dataclass
 class PipelineContext:
     """What interventions may use: the engine's tokenizer (prompts are rendered and tokenised with
-    `unlearnd.prompting`) and its embedding lookup."""
+    `unlearnd.prompting`), its embedding lookup and the model's config.json (what artifacts must fit)."""
 
     tokenizer: object
     embeddings: EmbeddingTable
+    model_config: dict = field(default_factory=dict)
 
 
 class Intervention(abc.ABC):

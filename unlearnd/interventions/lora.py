@@ -11,6 +11,7 @@ below `threshold` no adapter is used.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import ClassVar
 
@@ -74,13 +75,35 @@ def check_adapter(folder: Path) -> dict:
     return config
 
 
-READS_HIDDEN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # o_proj reads heads x head_dim
+def module_shapes(model_config: dict) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each module an adapter may target, from a Llama-style config.json ({} when
+    the config does not say): a LoRA factor of another width would fail inside the engine."""
+    try:
+        hidden = int(model_config["hidden_size"])
+        heads = int(model_config["num_attention_heads"])
+        kv_heads = int(model_config.get("num_key_value_heads") or heads)
+        head_dim = int(model_config.get("head_dim") or hidden // heads)
+        inner = int(model_config["intermediate_size"])
+    except (KeyError, TypeError, ValueError):
+        return {}
+    return {
+        "q_proj": (hidden, heads * head_dim),
+        "k_proj": (hidden, kv_heads * head_dim),
+        "v_proj": (hidden, kv_heads * head_dim),
+        "o_proj": (heads * head_dim, hidden),
+        "gate_proj": (hidden, inner),
+        "up_proj": (hidden, inner),
+        "down_proj": (inner, hidden),
+    }
 
 
-def check_adapter_weights(folder: Path, config: dict, hidden_size: int | None = None) -> None:
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+def check_adapter_weights(folder: Path, config: dict, model_config: dict | None = None) -> None:
     """Refuse an adapter file vLLM would choke on (a broken adapter reaching the engine kills it for
-    every request): the safetensors header must parse, every tensor must be a finite 2-D LoRA factor of
-    the adapter's rank, and the factors that touch the residual stream must have the base model's width."""
+    every request): the safetensors header must parse, every tensor must be a finite LoRA factor of the
+    adapter's rank, of a layer the model has, with the in / out width of the module it adapts."""
     import torch
     from safetensors import safe_open
 
@@ -88,6 +111,8 @@ def check_adapter_weights(folder: Path, config: dict, hidden_size: int | None = 
     if not path.is_file():
         raise ValueError(f"adapter weights {path} are missing")
     rank = int(config.get("r") or 0)
+    shapes = module_shapes(model_config or {})
+    layers = int((model_config or {}).get("num_hidden_layers") or 0)
     with safe_open(str(path), framework="pt") as weights:  # parses (and bounds-checks) the header
         keys = list(weights.keys())
         if not keys:
@@ -97,17 +122,20 @@ def check_adapter_weights(folder: Path, config: dict, hidden_size: int | None = 
             module = key.split(".lora_")[0].rsplit(".", 1)[-1]
             if tensor.ndim != 2 or not bool(torch.isfinite(tensor).all()):
                 raise ValueError(f"adapter tensor {key} is not a finite matrix")
-            if ".lora_A." in key:  # the modules that read the residual stream take the model's width
-                ok = tensor.shape[0] == rank and (
-                    hidden_size is None or module not in READS_HIDDEN or tensor.shape[1] == hidden_size
-                )
+            layer = _LAYER.search(key)
+            if layers and (layer is None or int(layer.group(1)) >= layers):
+                raise ValueError(f"adapter tensor {key} names no layer of this {layers}-layer model")
+            width_in, width_out = shapes.get(module, (None, None))
+            if ".lora_A." in key:
+                expected = (rank, width_in)
             elif ".lora_B." in key:
-                ok = tensor.shape[1] == rank and (
-                    hidden_size is None or module not in ("o_proj", "down_proj") or tensor.shape[0] == hidden_size
-                )
+                expected = (width_out, rank)
             else:
-                ok = False
-            if not ok:
+                expected = None
+            ok = expected is not None and all(
+                want is None or have == want for have, want in zip(tensor.shape, expected, strict=True)
+            )
+            if not ok or (shapes and module not in shapes):
                 raise ValueError(
                     f"adapter tensor {key} has shape {tuple(tensor.shape)}: not a rank-{rank} LoRA factor of this model"
                 )
@@ -120,10 +148,10 @@ class LoRA(Intervention):
 
     def load(self, request: ForgetRequest, artifact_dir: Path) -> None:
         artifact = LoRAArtifact.read(artifact_dir)
-        hidden = self.context.embeddings.hidden_size if self.context is not None else None
+        model_config = self.context.model_config if self.context is not None else {}
         for folder in artifact.folders.values():
             config = check_adapter(Path(artifact_dir) / folder)
-            check_adapter_weights(Path(artifact_dir) / folder, config, hidden)
+            check_adapter_weights(Path(artifact_dir) / folder, config, model_config)
         self.artifacts[request.id] = (Path(artifact_dir).resolve(), artifact)
         super().load(request, artifact_dir)
 
@@ -131,12 +159,20 @@ class LoRA(Intervention):
         self.artifacts.pop(request_id, None)
         super().unload(request_id)
 
+    def adapters(self, request_id: str) -> list[LoRASpec]:
+        """Every adapter (one per pre-scaled copy) a loaded request may be served with."""
+        artifact_dir, artifact = self.artifacts[request_id]
+        return [self._spec(request_id, artifact_dir, artifact, float(scale)) for scale in artifact.folders]
+
+    @staticmethod
+    def _spec(request_id: str, artifact_dir: Path, artifact: LoRAArtifact, scale: float) -> LoRASpec:
+        return LoRASpec(
+            name=adapter_name(request_id, artifact.version, scale), path=str(artifact_dir / artifact.folder(scale))
+        )
+
     def apply(self, request: GuardedRequest, match: RequestMatch, ctx: PipelineContext) -> None:
         artifact_dir, artifact = self.artifacts[match.request_id]
         scale = artifact.choose(match.weight)
         if scale is None:
             return  # too weak a match: served by the base model, as O3's soft weighting does at ~0
-        request.lora = LoRASpec(
-            name=adapter_name(match.request_id, artifact.version, scale),
-            path=str(artifact_dir / artifact.folder(scale)),
-        )
+        request.lora = self._spec(match.request_id, artifact_dir, artifact, scale)

@@ -85,7 +85,9 @@ class GuardrailPipeline:
         self.degraded: dict[str, str] = {}  # request id -> why its artifacts could not be loaded
         self._fallback = AnchorIndex()
         self._fallback_lock = threading.Lock()  # found from request threads, changed by the sync
-        self.context = PipelineContext(tokenizer=engine.tokenizer, embeddings=engine.embeddings)
+        self.context = PipelineContext(
+            tokenizer=engine.tokenizer, embeddings=engine.embeddings, model_config=dict(engine.model_config)
+        )
         for intervention in self.interventions.values():
             intervention.context = self.context
         # the output guard compares meaning with the detector's sentence encoder, where it has one
@@ -258,6 +260,7 @@ class GuardrailPipeline:
 
     # -- registry sync ----------------------------------------------------------------------------
     def _load(self, request: ForgetRequest) -> None:
+        """Load a request's detector and intervention artifacts (not yet served: see `_engine_load`)."""
         artifact_dir = self.registry.artifact_dir(request.id)
         try:
             self.detector.load(request, artifact_dir)
@@ -268,7 +271,16 @@ class GuardrailPipeline:
         except Exception as exc:
             raise LoadFailure(exc, detector_loaded=True) from exc
         self.output_guard.load(request)
-        self.active[request.id] = request
+
+    async def _engine_load(self, request: ForgetRequest) -> None:
+        """Have the engine load the request's adapters before any prompt is routed to them: the engine
+        reports a load it cannot do, where a broken adapter first met by a generation would kill it."""
+        adapters = getattr(self.interventions[request.method.value], "adapters", None)
+        try:
+            for lora in adapters(request.id) if adapters is not None else []:
+                await self.engine.load_adapter(lora)
+        except Exception as exc:
+            raise LoadFailure(exc, detector_loaded=True) from exc
 
     def _unload(self, request_id: str) -> None:
         request = self.active.pop(request_id, None)
@@ -335,6 +347,7 @@ class GuardrailPipeline:
                     continue  # served (a degraded one is tried again once re-trained: `ready`)
                 try:
                     await asyncio.to_thread(self._load, request)
+                    await self._engine_load(request)
                 except LoadFailure as failure:  # a bad artifact: this request fails closed, the others go on
                     cause = failure.cause
                     error = f"{LOAD_FAILED}{type(cause).__name__}: {cause}"
@@ -342,6 +355,7 @@ class GuardrailPipeline:
                     await asyncio.to_thread(self._load_degraded, request, error, failure.detector_loaded)
                     self.registry.set_status(request.id, Status.degraded, error, expect=request.status)
                     continue
+                self.active[request.id] = request
                 self._recovered(request)
                 if request.status in (Status.ready, Status.degraded):
                     self.registry.set_status(request.id, Status.active, expect=request.status)
