@@ -172,7 +172,8 @@ class ScriptedEngine(TinyEngine):
 
 def register_active(client, data_dir, body: dict, admin_key: str = "admin-secret", detector: str = "keyword") -> str:
     """POST a forget request through the admin API, train it with the real worker code (once), and wait
-    until the server serves it; returns its id."""
+    until this server serves it (another server on the same data dir may mark it active first); returns
+    its id."""
     import time
 
     from unlearnd.jobs.worker import run_worker
@@ -181,7 +182,11 @@ def register_active(client, data_dir, body: dict, admin_key: str = "admin-secret
     request_id = client.post("/v1/unlearning/requests", headers=headers, json=body).json()["id"]
     run_worker(data_dir, detector, "unused", once=True)
     deadline = time.time() + 5
-    while client.get(f"/v1/unlearning/requests/{request_id}", headers=headers).json()["status"] != "active":
+    pipeline = client.app.state.unlearnd.pipeline
+    while (
+        client.get(f"/v1/unlearning/requests/{request_id}", headers=headers).json()["status"] != "active"
+        or request_id not in pipeline.active
+    ):
         assert time.time() < deadline, f"{request_id} did not become active"
         time.sleep(0.05)
     return request_id

@@ -90,7 +90,8 @@ class UnlearndClient:
     # -- serving ---------------------------------------------------------------------------------
 
     def health(self) -> dict[str, Any]:
-        return self.json("GET", "/health")
+        """The server's health; the forget-request counts are in it only for the admin key."""
+        return self.json("GET", "/health", admin=True)
 
     def models(self) -> list[str]:
         return [str(card["id"]) for card in self.json("GET", "/v1/models").get("data") or []]

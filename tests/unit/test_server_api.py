@@ -5,14 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import time
 
 import pytest
 from fastapi.testclient import TestClient
 
 from tests.helpers import TinyEngine, register_active
 from unlearnd.interventions.guardrails import REFUSAL
-from unlearnd.jobs.worker import run_worker
 from unlearnd.registry import Registry
 from unlearnd.server.app import create_app
 from unlearnd.server.settings import ServerSettings
@@ -57,21 +55,8 @@ def chat(client, content, **extra):
 
 def register(client, settings, method="refuse", name="Basil Mahfouz Al-Kuwaiti"):
     """Register through the admin API, train with the real worker code, wait until served."""
-    response = client.post(
-        "/v1/unlearning/requests",
-        headers=ADMIN,
-        json={"name": name, "method": method, "forget": [{"question": f"What did {name} write?", "answer": "Novels."}]},
-    )
-    assert response.status_code == 201, response.text
-    request_id = response.json()["id"]
-    run_worker(settings.data_dir, "keyword", "unused", once=True)
-    deadline = time.time() + 5
-    while time.time() < deadline:
-        status = client.get(f"/v1/unlearning/requests/{request_id}", headers=ADMIN).json()["status"]
-        if status == "active":
-            return request_id
-        time.sleep(0.05)
-    raise AssertionError(f"request {request_id} never became active (status {status})")
+    forget = [{"question": f"What did {name} write?", "answer": "Novels."}]
+    return register_active(client, settings.data_dir, {"name": name, "method": method, "forget": forget})
 
 
 def test_request_shows_its_training_report(client, settings):
