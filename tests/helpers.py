@@ -115,7 +115,9 @@ class TinyEngine(Engine):
                 embeds = torch.cat([embeds, next_embed], dim=1)
 
 
-def make_random_lora(model_dir: str | Path, out_dir: str | Path, seed: int = 0, std: float = 0.2) -> Path:
+def make_random_lora(
+    model_dir: str | Path, out_dir: str | Path, seed: int = 0, std: float = 0.2, rank: int = 8
+) -> Path:
     """A random-init PEFT LoRA on the real model (attention projections only), strong enough to change outputs."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -123,7 +125,8 @@ def make_random_lora(model_dir: str | Path, out_dir: str | Path, seed: int = 0, 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     peft_model = get_peft_model(
-        model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
+        model,
+        LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False),
     )
     with torch.no_grad():
         for name, param in peft_model.named_parameters():

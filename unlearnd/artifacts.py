@@ -8,6 +8,8 @@ the folder is fsynced: a crash leaves the old file or the new one, never half of
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import shutil
@@ -98,11 +100,35 @@ def staging_dir(target: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
 
 
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def exchange_paths(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux renameat2 RENAME_EXCHANGE): whoever opens either
+    path sees the old folder or the new one, never none. False where the system cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(str(a)), _AT_FDCWD, os.fsencode(str(b)), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
 def install_dir(staging: Path, target: Path) -> Path:
-    """Put the complete folder `staging` at `target`. An existing `target` is moved aside first and
-    removed only once the new folder is in place, so `target` is never missing its contents."""
+    """Put the complete folder `staging` at `target`. An existing `target` is swapped with it in one
+    step where the system can (else moved aside first and removed only once the new folder is in
+    place), so `target` never loses its contents."""
     staging.chmod(0o755)
     fsync_tree(staging)  # the files' contents are on disk before the folder becomes visible
+    if target.exists() and exchange_paths(staging, target):
+        fsync_dir(target.parent)
+        shutil.rmtree(staging, ignore_errors=True)  # now the old folder
+        return target
     old = None
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")

@@ -25,6 +25,21 @@ def lora_dir(default_model_dir, tmp_path_factory):
     return make_random_lora(default_model_dir, tmp_path_factory.mktemp("lora") / "random-lora")
 
 
+@pytest.fixture(scope="module")
+def over_rank_lora_dir(default_model_dir, tmp_path_factory):
+    """A well-formed adapter of rank 32: it fits the model, but the engines serve ranks up to 16."""
+    return make_random_lora(default_model_dir, tmp_path_factory.mktemp("lora") / "rank-32", rank=32)
+
+
+async def _load_adapters(engine, lora_dir, over_rank_lora_dir) -> None:
+    """Loading ahead of use: a good adapter loads, one the engine cannot serve raises and leaves the
+    engine serving (the mix that follows runs on the same engine)."""
+    await engine.load_adapter(LoRASpec("random-lora", str(lora_dir)))
+    with pytest.raises(Exception, match="rank"):
+        await engine.load_adapter(LoRASpec("too-wide", str(over_rank_lora_dir)))
+    assert engine.dead_reason() is None
+
+
 async def _run_mix(engine, lora_dir) -> dict[str, str]:
     text = engine.tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True
@@ -69,11 +84,12 @@ async def _prompt_logprobs(engine, with_embeds: bool) -> list:
     return await engine.prompt_logprobs(request)
 
 
-def test_local_engine_survives_mixed_batches(default_model_dir, lora_dir):
+def test_local_engine_survives_mixed_batches(default_model_dir, lora_dir, over_rank_lora_dir):
     async def main():
         engine = LocalVLLMEngine(str(default_model_dir), MODEL, max_model_len=1024)
         await engine.start()
         try:
+            await _load_adapters(engine, lora_dir, over_rank_lora_dir)
             mix = await _run_mix(engine, lora_dir)
             scores = await asyncio.gather(_prompt_logprobs(engine, False), _prompt_logprobs(engine, True))
             return mix, scores
@@ -87,11 +103,12 @@ def test_local_engine_survives_mixed_batches(default_model_dir, lora_dir):
     assert from_ids[-2] > -1.0  # "Paris" after "The capital of France is" is likely under the real model
 
 
-def test_remote_engine_survives_mixed_batches(default_model_dir, plain_vllm, lora_dir):
+def test_remote_engine_survives_mixed_batches(default_model_dir, plain_vllm, lora_dir, over_rank_lora_dir):
     async def main():
         engine = RemoteVLLMEngine(plain_vllm.url, str(default_model_dir), MODEL)
         await engine.start()
         try:
+            await _load_adapters(engine, lora_dir, over_rank_lora_dir)
             return await _run_mix(engine, lora_dir)
         finally:
             await engine.shutdown()
