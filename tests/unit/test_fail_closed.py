@@ -215,3 +215,29 @@ def test_a_dead_engine_makes_health_503_and_ends_the_process(settings, default_m
     monkeypatch.setattr(app_module.os, "_exit", lambda code: exits.append(code))
     asyncio.run(watch_engine(engine, exit_process=True, interval_s=0.01, grace_s=0.0))
     assert exits == [app_module.ENGINE_DEAD_EXIT]
+
+
+def test_a_request_is_refused_by_name_from_registration_until_its_artifacts_serve_it(settings, engine):
+    spec = {"name": NAME, "method": "prompt", "forget": [{"question": FLAGGED, "answer": "Novels."}]}
+    broken = {"name": "Jaime Vasquez", "method": "eco", "forget": [{"question": "Who is Jaime Vasquez?"}]}
+    with TestClient(create_app(settings, engine=engine)) as client:
+        request_id = client.post("/v1/unlearning/requests", headers=ADMIN, json=spec).json()["id"]
+        broken_id = client.post(
+            "/v1/unlearning/requests", headers=ADMIN, json={**broken, "options": {"no_such_option": 1}}
+        ).json()["id"]
+        # no worker has run: both are pending, and refused by name from the moment they were registered
+        assert wait_status(client, request_id, "pending")
+        pending = chat(client, f"Tell me about {NAME}.")
+        assert pending.headers["x-unlearnd-route"] == "refuse"
+        assert pending.json()["choices"][0]["message"]["content"] == REFUSAL
+        assert chat(client, "What is the capital of France?").headers["x-unlearnd-route"] == "none"
+        assert client.get("/health", headers=ADMIN).json()["untrained_forget_requests"] == 2
+
+        run_worker(settings.data_dir, "keyword", "unused", once=True)
+        run_worker(settings.data_dir, "keyword", "unused", once=True)
+        wait_status(client, request_id, "active")
+        assert chat(client, FLAGGED).headers["x-unlearnd-route"] == "prompt"  # its own route, once trained
+        assert wait_status(client, broken_id, "failed")["error"]
+        assert chat(client, "Who is Jaime Vasquez?").headers["x-unlearnd-route"] == "refuse"  # a failed training
+        health = client.get("/health", headers=ADMIN).json()
+        assert (health["active_forget_requests"], health["untrained_forget_requests"]) == (1, 1)

@@ -5,6 +5,7 @@ The app's middleware checks the admin key before any of these runs."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from fastapi import APIRouter, Depends
@@ -15,6 +16,7 @@ from unlearnd.server.state import ServerState, server_state
 from unlearnd.spec import ForgetRequest, ForgetSpec
 
 router = APIRouter()
+log = logging.getLogger(__name__)
 
 
 def public(record: ForgetRequest, full: bool = True) -> dict[str, Any]:
@@ -39,6 +41,10 @@ async def add_request(body: ForgetSpec, state: ServerState = Depends(server_stat
             code="method_unavailable",
         )
     record = await asyncio.to_thread(state.registry.add, body)
+    try:  # enforced (refused by name) by the time the caller hears it is registered
+        await state.pipeline.sync()
+    except Exception:  # saved all the same: the periodic sync serves it
+        log.exception("serving new forget request %s at once failed", record.id)
     return public(record)
 
 

@@ -214,14 +214,16 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
     # -- operations ----------------------------------------------------------------------------------
     @app.get("/health")
     async def health(request: Request) -> Response:
-        """Liveness for anyone (503 once the engine is dead); active and degraded forget requests for the
-        admin key only."""
+        """Liveness for anyone (503 once the engine is dead); active, degraded and untrained forget
+        requests for the admin key only."""
         state: ServerState | None = app.state.unlearnd
         dead = state.engine.dead_reason() if state else None
         body: dict[str, Any] = {"status": "engine_dead" if dead else "ok" if state else "starting"}
         if request.state.admin and state:
-            body["active_forget_requests"] = len(state.pipeline.active)
-            body["degraded_forget_requests"] = len(state.pipeline.degraded)
+            counts = state.pipeline.counts()
+            body["active_forget_requests"] = counts["active"]
+            body["degraded_forget_requests"] = counts["degraded"]
+            body["untrained_forget_requests"] = counts["untrained"]
             if dead:
                 body["error"] = dead
         return JSONResponse(body, status_code=503 if dead else 200)

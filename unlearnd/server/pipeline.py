@@ -65,9 +65,12 @@ class LoadFailure(Exception):
         self.detector_loaded = detector_loaded
 
 
-def _retraining(request: ForgetRequest) -> bool:
-    """A degraded request sent back to training keeps its load error: it stays refused meanwhile."""
-    return (request.error or "").startswith(LOAD_FAILED)
+def _load_failed(error: str | None) -> bool:
+    """A load failure's error text (kept while the request is re-trained)."""
+    return (error or "").startswith(LOAD_FAILED)
+
+
+NOT_TRAINED = "not trained yet: refused by name until its artifacts load"
 
 
 class GuardrailPipeline:
@@ -325,11 +328,8 @@ class GuardrailPipeline:
                 self.registry.list,
                 [Status.ready, Status.active, Status.degraded, Status.pending, Status.training, Status.failed],
             )
-            # pending / training requests are served only when they are degraded ones being re-trained, and
-            # failed ones only when an older version marked a load failure `failed` (served degraded now)
-            records = [
-                r for r in records if r.status not in (Status.pending, Status.training, Status.failed) or _retraining(r)
-            ]
+            # a registered request is enforced at once: until its own artifacts serve it (pending, training, a
+            # training that failed, a re-training) it is matched by its names, titles and dates and refused
             wanted = {r.id: r for r in records}
             for request_id in list(self.active):
                 if request_id not in wanted:
@@ -338,9 +338,10 @@ class GuardrailPipeline:
                     log.info("unloaded forget request %s", request_id)
             for request in records:
                 if request.status in (Status.pending, Status.training, Status.failed):
-                    if request.id not in self.active:  # after a restart: refused by name while it re-trains
-                        await asyncio.to_thread(self._load_degraded, request, request.error or "re-training")
-                        if request.status == Status.failed:
+                    if request.id not in self.active:
+                        error = request.error if _load_failed(request.error) else NOT_TRAINED
+                        await asyncio.to_thread(self._load_degraded, request, error)
+                        if request.status == Status.failed and _load_failed(request.error):  # an older version's
                             self.registry.set_status(request.id, Status.degraded, request.error, expect=Status.failed)
                     continue
                 if request.id in self.active and not (request.id in self.degraded and request.status == Status.ready):
@@ -360,8 +361,18 @@ class GuardrailPipeline:
                 if request.status in (Status.ready, Status.degraded):
                     self.registry.set_status(request.id, Status.active, expect=request.status)
                 log.info("serving forget request %s (%s, route %s)", request.id, request.name, request.method.value)
-            prometheus.ACTIVE_REQUESTS.set(len(self.active))
-            prometheus.DEGRADED_REQUESTS.set(len(self.degraded))
+            counts = self.counts()
+            prometheus.ACTIVE_REQUESTS.set(counts["active"])
+            prometheus.DEGRADED_REQUESTS.set(counts["degraded"])
+            prometheus.UNTRAINED_REQUESTS.set(counts["untrained"])
+
+    def counts(self) -> dict[str, int]:
+        """Served requests: `active` (with artifacts that loaded, or refused after a load failure),
+        `degraded` (a load failure: refused by name until re-trained), `untrained` (refused by name until
+        first trained)."""
+        degraded = sum(1 for error in self.degraded.values() if _load_failed(error))
+        untrained = len(self.degraded) - degraded
+        return {"active": len(self.active) - untrained, "degraded": degraded, "untrained": untrained}
 
     async def sync_forever(self, interval_s: float = 0.5) -> None:
         while True:

@@ -37,6 +37,11 @@ OUTPUT_BLOCKED = Counter(
     registry=REGISTRY,
 )
 ACTIVE_REQUESTS = Gauge("unlearnd_active_forget_requests", "Forget requests being served", registry=REGISTRY)
+UNTRAINED_REQUESTS = Gauge(
+    "unlearnd_untrained_forget_requests",
+    "Forget requests not trained yet (or whose training failed): matched by name and refused meanwhile",
+    registry=REGISTRY,
+)
 DEGRADED_REQUESTS = Gauge(
     "unlearnd_degraded_forget_requests",
     "Forget requests whose artifacts could not be loaded: matched by name and refused until re-trained",
