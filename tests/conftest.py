@@ -44,24 +44,17 @@ def tokenizer(default_model_dir):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
     """A tiny random-init Llama with the real tokenizer, saved as an HF model folder."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.helpers import tiny_llama
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        vocab_size=len(tokenizer),
-        tie_word_embeddings=True,
+    model = tiny_llama(  # large enough init that inputs visibly move the logits
+        len(tokenizer),
+        max_position_embeddings=2048,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=2,
         initializer_range=0.2,
-    )  # large enough init that inputs visibly move the logits
+    )
     folder = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(folder)
+    model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

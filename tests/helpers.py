@@ -18,21 +18,23 @@ from unlearnd.engine.base import (
 from unlearnd.spec import ForgetRequest, ForgetSpec, QAExample
 
 
-def tiny_llama(vocab_size: int, seed: int = 0):
+def tiny_llama(vocab_size: int, seed: int = 0, **config_overrides):
+    """A random-init 2-layer Llama of width 32 (seeded); `config_overrides` go into its LlamaConfig."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=vocab_size,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config).eval()
+    config = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": vocab_size,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": True,
+        **config_overrides,
+    }
+    return LlamaForCausalLM(LlamaConfig(**config)).eval()
 
 
 class TinyEngine(Engine):

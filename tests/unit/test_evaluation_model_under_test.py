@@ -8,27 +8,21 @@ import math
 import httpx
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from tests.helpers import tiny_llama
 from unlearnd.evaluation.model_under_test import HFModelUnderTest, ServedModelUnderTest, ServerError
 from unlearnd.prompting import chat_prompt_ids, user_messages
 
 
 @pytest.fixture(scope="module")
 def tiny(tokenizer):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=512,
+    model = tiny_llama(
+        len(tokenizer),
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
     )
-    return HFModelUnderTest(LlamaForCausalLM(cfg).eval(), tokenizer, name="tiny", batch_size=2)
+    return HFModelUnderTest(model, tokenizer, name="tiny", batch_size=2)
 
 
 @torch.no_grad()

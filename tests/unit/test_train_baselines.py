@@ -7,8 +7,9 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
+from tests.helpers import tiny_llama
 from unlearnd.train import baselines as B
 from unlearnd.train.data import IGNORE_INDEX, EncodedQA, collate
 from unlearnd.train.trainer import TRAINING_METHODS, TrainConfig, Trainer
@@ -17,18 +18,7 @@ VOCAB = 64
 
 
 def tiny_model(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        pad_token_id=0,
-    )
-    return LlamaForCausalLM(cfg)
+    return tiny_llama(VOCAB, seed, max_position_embeddings=64, pad_token_id=0, tie_word_embeddings=False).train()
 
 
 def qa_batch(seed: int, n: int = 4, prompt: int = 4, answer: int = 6) -> dict[str, torch.Tensor]:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from tests.helpers import tiny_llama
 from unlearnd.tofu import TofuData
 from unlearnd.train import reference as ref
 from unlearnd.train.baselines import BaselineConfig, train_baseline
@@ -19,20 +19,14 @@ from unlearnd.train.data import QAItem
 
 @pytest.fixture()
 def tiny_base(tmp_path, tokenizer):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=512,
+    model = tiny_llama(
+        len(tokenizer),
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
     )
     path = tmp_path / "base"
-    LlamaForCausalLM(cfg).save_pretrained(path)
+    model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
