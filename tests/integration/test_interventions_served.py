@@ -60,6 +60,7 @@ def served(unlearnd_server, admin):
     for method, (name, options) in REQUESTS.items():
         response = httpx.post(
             unlearnd_server.url + "/v1/unlearning/requests",
+            timeout=60,
             headers=admin,
             json={"name": name, "method": method, "forget": forget_set(name), "retain": RETAIN, "options": options},
         )

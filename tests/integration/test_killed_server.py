@@ -53,7 +53,8 @@ def test_a_server_killed_during_training_leaves_no_process_and_loses_nothing(log
     server = ServerProcess(cmd, port, log).start(timeout_s=600)
     try:
         spec = {"name": NAME, "method": "lora", "forget": FORGET, "options": OPTIONS}
-        request_id = httpx.post(server.url + "/v1/unlearning/requests", headers=admin, json=spec).json()["id"]
+        registered = httpx.post(server.url + "/v1/unlearning/requests", headers=admin, json=spec, timeout=60)
+        request_id = registered.json()["id"]
         deadline = time.time() + 300
         while _status(server.url, request_id, admin) != "training":
             assert time.time() < deadline, "the worker never started training"

@@ -116,6 +116,7 @@ def test_guardrail_routes_and_untouched_traffic(unlearnd_server, plain_vllm, cli
     """Refuse and system-prompt routes act on flagged prompts only; other prompts are byte-identical to vLLM."""
     refuse = httpx.post(
         unlearnd_server.url + "/v1/unlearning/requests",
+        timeout=60,
         headers=admin,
         json={
             "name": "Basil Mahfouz Al-Kuwaiti",
@@ -125,6 +126,7 @@ def test_guardrail_routes_and_untouched_traffic(unlearnd_server, plain_vllm, cli
     ).json()
     prompt = httpx.post(
         unlearnd_server.url + "/v1/unlearning/requests",
+        timeout=60,
         headers=admin,
         json={
             "name": "Harry Potter",

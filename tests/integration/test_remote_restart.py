@@ -27,6 +27,7 @@ def test_remote_engine_server_and_restart(plain_vllm, logs_dir, tmp_path, admin)
         assert "Paris" in answer.choices[0].message.content
         record = httpx.post(
             server.url + "/v1/unlearning/requests",
+            timeout=60,
             headers=admin,
             json={
                 "name": "Nikolai Abilov",

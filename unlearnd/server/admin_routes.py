@@ -17,6 +17,7 @@ from unlearnd.spec import ForgetRequest, ForgetSpec
 
 router = APIRouter()
 log = logging.getLogger(__name__)
+SERVE_NEW_REQUEST_WAIT_S = 15.0  # how long registering waits for the new request to be served
 
 
 def public(record: ForgetRequest, full: bool = True) -> dict[str, Any]:
@@ -41,11 +42,21 @@ async def add_request(body: ForgetSpec, state: ServerState = Depends(server_stat
             code="method_unavailable",
         )
     record = await asyncio.to_thread(state.registry.add, body)
-    try:  # enforced (refused by name) by the time the caller hears it is registered
-        await state.pipeline.sync()
-    except Exception:  # saved all the same: the periodic sync serves it
-        log.exception("serving new forget request %s at once failed", record.id)
+    # enforced (refused by name) by the time the caller hears it is registered, unless loading takes
+    # longer than a client should wait (a first load of the sentence encoder): then it goes on behind
+    sync = asyncio.ensure_future(state.pipeline.sync())
+    await asyncio.wait({sync}, timeout=SERVE_NEW_REQUEST_WAIT_S)
+    if sync.done():
+        _log_failure(sync, record.id)
+    else:
+        log.warning("forget request %s is still being loaded; it is served in a moment", record.id)
+        sync.add_done_callback(lambda task: _log_failure(task, record.id))
     return public(record)
+
+
+def _log_failure(task: asyncio.Future, request_id: str) -> None:
+    if not task.cancelled() and task.exception() is not None:  # saved all the same: the periodic sync serves it
+        log.error("serving new forget request %s at once failed: %r", request_id, task.exception())
 
 
 @router.get("/v1/unlearning/requests")
