@@ -205,7 +205,9 @@ class Registry:
         return record
 
     def sweep_orphan_dirs(self) -> list[str]:
-        """Remove artifact folders whose request is gone (a purge interrupted between its two steps)."""
+        """Remove artifact folders whose request is gone (a purge interrupted between its two steps) and,
+        inside the others, what a killed writer left half-done (staging folders and temporary files: every
+        name starting with a dot). Only for a start, when nothing else writes to this data dir."""
         with self._connect() as db:
             known = {row["id"] for row in db.execute("SELECT id FROM forget_requests").fetchall()}
         removed = []
@@ -213,6 +215,13 @@ class Registry:
             if folder.is_dir() and folder.name not in known:
                 shutil.rmtree(folder, ignore_errors=True)
                 removed.append(folder.name)
+            elif folder.is_dir():
+                for leftover in folder.glob(".*"):
+                    if leftover.is_dir() and not leftover.is_symlink():
+                        shutil.rmtree(leftover, ignore_errors=True)
+                    else:
+                        leftover.unlink(missing_ok=True)
+                    removed.append(f"{folder.name}/{leftover.name}")
         return removed
 
     def load_json(self, request_id: str, name: str) -> dict | None:

@@ -71,8 +71,10 @@ def test_a_server_killed_during_training_leaves_no_process_and_loses_nothing(log
     try:
         _, left = psutil.wait_procs(family, timeout=30)
         assert not left, f"processes of the killed server still run: {[p.pid for p in left]}"
-        assert _status(restarted.url, request_id, admin) in ("pending", "training")  # its job was not lost
-        assert _route(restarted.url, f"What did {NAME} write?") == "refuse"  # refused while it trains again
+        status = _status(restarted.url, request_id, admin)
+        assert status in ("pending", "training", "ready", "active"), status  # its job was not lost
+        if status in ("pending", "training"):  # (a fast re-training may be over by the time the server is up)
+            assert _route(restarted.url, f"What did {NAME} write?") == "refuse"  # refused while it trains again
         assert _route(restarted.url, "What is the capital of France?") == "none"
         assert len(_workers(data_dir)) == 1  # one trainer per registry
 

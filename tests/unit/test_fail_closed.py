@@ -7,6 +7,7 @@ import asyncio
 import json
 import time
 
+import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -241,3 +242,55 @@ def test_a_request_is_refused_by_name_from_registration_until_its_artifacts_serv
         assert chat(client, "Who is Jaime Vasquez?").headers["x-unlearnd-route"] == "refuse"  # a failed training
         health = client.get("/health", headers=ADMIN).json()
         assert (health["active_forget_requests"], health["untrained_forget_requests"]) == (1, 1)
+
+
+def test_a_request_another_server_activated_is_served_by_its_own_route_here_too(settings, engine):
+    spec = {"name": NAME, "method": "prompt", "forget": [{"question": FLAGGED, "answer": "Novels."}]}
+    with (
+        TestClient(create_app(settings, engine=engine)) as first,
+        TestClient(create_app(settings, engine=engine)) as second,
+    ):
+        request_id = first.post("/v1/unlearning/requests", headers=ADMIN, json=spec).json()["id"]
+        deadline = time.time() + 5
+        while request_id not in second.app.state.unlearnd.pipeline.active:  # its next sync
+            assert time.time() < deadline
+            time.sleep(0.05)
+        assert chat(second, FLAGGED).headers["x-unlearnd-route"] == "refuse"  # both refuse it while untrained
+        run_worker(settings.data_dir, "keyword", "unused", once=True)
+        deadline = time.time() + 5
+        while request_id in second.app.state.unlearnd.pipeline.degraded:  # whichever server activates it
+            assert time.time() < deadline, "the second server kept refusing a trained request"
+            time.sleep(0.05)
+        for client in (first, second):
+            wait_status(client, request_id, "active")
+            assert chat(client, FLAGGED).headers["x-unlearnd-route"] == "prompt"
+
+
+class FlakyRemoteEngine(AdapterLoadingEngine):
+    """Its first adapter load meets a fleet that is restarting (a transport error), later ones work."""
+
+    failures = 1
+
+    async def load_adapter(self, lora):
+        if self.failures:
+            self.failures -= 1
+            raise httpx.ConnectError("connection refused")
+        await super().load_adapter(lora)
+
+
+def test_an_engine_that_cannot_be_reached_delays_an_adapter_without_marking_it_broken(settings, default_model_dir):
+    engine = FlakyRemoteEngine(default_model_dir, max_model_len=128)
+    registry = Registry(settings.data_dir)
+    record = registry.add(ForgetSpec(name=NAME, method="lora", forget=[QAExample(question=FLAGGED, answer="Novels.")]))
+    artifact_dir = registry.artifact_dir(record.id)
+    from unlearnd.detectors import get_detector
+
+    get_detector("keyword").fit(record, artifact_dir)
+    _adapter(artifact_dir / "lora", hidden=32, out=32)
+    LoRAArtifact(folders={"1.0": "lora"}, threshold=0.0).write(artifact_dir)
+    registry.set_status(record.id, Status.ready)
+    with TestClient(create_app(settings, engine=engine)) as client:
+        # the first sync met the transport error: refused meanwhile, and never recorded as a broken artifact
+        assert wait_status(client, record.id, "active")["error"] is None
+        assert engine.loaded == [f"{record.id}-v1"]
+        assert chat(client, FLAGGED).headers["x-unlearnd-route"] == "lora"

@@ -71,16 +71,21 @@ def test_a_request_purged_while_training_cancels_its_job_and_leaves_nothing(tmp_
     assert not registry.artifact_dir(request.id).exists() and not registry.exists(request.id)
 
 
-def test_an_interrupted_purge_is_finished_at_the_next_start(tmp_path, default_model_dir):
+def test_an_interrupted_purge_or_write_is_cleaned_up_at_the_next_start(tmp_path, default_model_dir):
     registry = Registry(tmp_path)
     kept = registry.add(ForgetSpec(name="Kept Person", forget=[QAExample(question="Who is Kept Person?")]))
     gone = registry.add(ForgetSpec(name="Gone Person", forget=[QAExample(question="Who is Gone Person?")]))
     with registry._connect() as db:  # the purge's first step (the row) happened, the folder removal did not
         db.execute("DELETE FROM forget_requests WHERE id = ?", (gone.id,))
+    kept_dir = registry.artifact_dir(kept.id)
+    (kept_dir / ".lora.k2x9q1").mkdir()  # a writer killed while staging an adapter folder / a JSON file
+    (kept_dir / ".lora.k2x9q1" / "adapter_model.safetensors").write_bytes(b"half")
+    (kept_dir / ".detector.json.a8b.tmp").write_text('{"entit')
     settings = ServerSettings(data_dir=tmp_path, admin_key="admin-secret", start_worker=False, detector="keyword")
     with TestClient(create_app(settings, engine=TinyEngine(default_model_dir, max_model_len=128))):
         pass
-    assert not registry.artifact_dir(gone.id).exists() and registry.artifact_dir(kept.id).exists()
+    assert not registry.artifact_dir(gone.id).exists() and kept_dir.exists()
+    assert sorted(p.name for p in kept_dir.iterdir()) == ["spec.json"]
 
 
 def test_a_job_over_its_time_is_stopped(tmp_path, slow_job):

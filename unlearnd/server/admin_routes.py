@@ -45,16 +45,19 @@ async def add_request(body: ForgetSpec, state: ServerState = Depends(server_stat
     # enforced (refused by name) by the time the caller hears it is registered, unless loading takes
     # longer than a client should wait (a first load of the sentence encoder): then it goes on behind
     sync = asyncio.ensure_future(state.pipeline.sync())
+    _RUNNING.add(sync)  # held until done, whatever happens to this handler
+    sync.add_done_callback(lambda task: _finished(task, record.id))
     await asyncio.wait({sync}, timeout=SERVE_NEW_REQUEST_WAIT_S)
-    if sync.done():
-        _log_failure(sync, record.id)
-    else:
+    if not sync.done():
         log.warning("forget request %s is still being loaded; it is served in a moment", record.id)
-        sync.add_done_callback(lambda task: _log_failure(task, record.id))
     return public(record)
 
 
-def _log_failure(task: asyncio.Future, request_id: str) -> None:
+_RUNNING: set[asyncio.Future] = set()
+
+
+def _finished(task: asyncio.Future, request_id: str) -> None:
+    _RUNNING.discard(task)
     if not task.cancelled() and task.exception() is not None:  # saved all the same: the periodic sync serves it
         log.error("serving new forget request %s at once failed: %r", request_id, task.exception())
 

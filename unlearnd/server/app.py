@@ -112,7 +112,7 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
         registry = Registry(settings.data_dir)
         swept = await asyncio.to_thread(registry.sweep_orphan_dirs)
         if swept:
-            log.warning("removed artifact folders of purged requests (an interrupted purge): %s", swept)
+            log.warning("removed what an interrupted purge or a killed writer left: %s", swept)
         pipeline = GuardrailPipeline(running, get_detector(settings.detector), registry)
         await pipeline.sync()
         app.state.unlearnd = ServerState(settings=settings, engine=running, registry=registry, pipeline=pipeline)

@@ -7,6 +7,7 @@ into the detector and their intervention and become `active`; deactivated ones a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import threading
@@ -14,6 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
+import httpx
 import torch
 
 from unlearnd.detectors.anchors import FLAG_SCORE, AnchorIndex, extract_anchors
@@ -54,6 +56,11 @@ async def _without_alternatives(deltas: AsyncIterator[ChoiceDelta]) -> AsyncIter
         if delta.logprobs:
             delta = replace(delta, logprobs=[replace(t, top_logprobs={t.token: t.logprob}) for t in delta.logprobs])
         yield delta
+
+
+class EngineUnavailable(Exception):
+    """The engine could not be asked (a remote fleet restarting, a dead engine): not the artifact's fault,
+    so the request is refused meanwhile and tried again at the next sync, not marked degraded."""
 
 
 class LoadFailure(Exception):
@@ -283,6 +290,10 @@ class GuardrailPipeline:
             for lora in adapters(request.id) if adapters is not None else []:
                 await self.engine.load_adapter(lora)
         except Exception as exc:
+            with contextlib.suppress(Exception):  # the scales that did load go too
+                await self.engine.unload_adapters(request.id)
+            if isinstance(exc, httpx.TransportError) or self.engine.dead_reason() is not None:
+                raise EngineUnavailable(f"{type(exc).__name__}: {exc}") from exc
             raise LoadFailure(exc, detector_loaded=True) from exc
 
     def _unload(self, request_id: str) -> None:
@@ -337,42 +348,54 @@ class GuardrailPipeline:
                     await self.engine.unload_adapters(request_id)
                     log.info("unloaded forget request %s", request_id)
             for request in records:
-                if request.status in (Status.pending, Status.training, Status.failed):
-                    if request.id not in self.active:
-                        error = request.error if _load_failed(request.error) else NOT_TRAINED
-                        await asyncio.to_thread(self._load_degraded, request, error)
-                        if request.status == Status.failed and _load_failed(request.error):  # an older version's
-                            self.registry.set_status(request.id, Status.degraded, request.error, expect=Status.failed)
-                    continue
-                if request.id in self.active and not (request.id in self.degraded and request.status == Status.ready):
-                    continue  # served (a degraded one is tried again once re-trained: `ready`)
-                try:
-                    await asyncio.to_thread(self._load, request)
-                    await self._engine_load(request)
-                except LoadFailure as failure:  # a bad artifact: this request fails closed, the others go on
-                    cause = failure.cause
-                    error = f"{LOAD_FAILED}{type(cause).__name__}: {cause}"
-                    log.error("loading forget request %s failed (%s): serving it degraded, refused", request.id, error)
-                    await asyncio.to_thread(self._load_degraded, request, error, failure.detector_loaded)
-                    self.registry.set_status(request.id, Status.degraded, error, expect=request.status)
-                    continue
-                self.active[request.id] = request
-                self._recovered(request)
-                if request.status in (Status.ready, Status.degraded):
-                    self.registry.set_status(request.id, Status.active, expect=request.status)
-                log.info("serving forget request %s (%s, route %s)", request.id, request.name, request.method.value)
+                try:  # one request that cannot even be refused by name does not stop the others
+                    await self._sync_one(request)
+                except Exception:
+                    log.exception("serving forget request %s failed; tried again at the next sync", request.id)
             counts = self.counts()
             prometheus.ACTIVE_REQUESTS.set(counts["active"])
             prometheus.DEGRADED_REQUESTS.set(counts["degraded"])
             prometheus.UNTRAINED_REQUESTS.set(counts["untrained"])
 
+    async def _sync_one(self, request: ForgetRequest) -> None:
+        if request.status in (Status.pending, Status.training, Status.failed):
+            if request.id not in self.active:
+                error = request.error if _load_failed(request.error) else NOT_TRAINED
+                await asyncio.to_thread(self._load_degraded, request, error)
+                if request.status == Status.failed and _load_failed(request.error):  # an older version's
+                    self.registry.set_status(request.id, Status.degraded, request.error, expect=Status.failed)
+            return
+        retry = request.id in self.degraded and request.status in (Status.ready, Status.active)
+        if request.id in self.active and not retry:
+            return  # served (a degraded one is tried again once trained, here or by another server)
+        try:
+            await asyncio.to_thread(self._load, request)
+            await self._engine_load(request)
+        except LoadFailure as failure:  # a bad artifact: this request fails closed, the others go on
+            cause = failure.cause
+            error = f"{LOAD_FAILED}{type(cause).__name__}: {cause}"
+            log.error("loading forget request %s failed (%s): serving it degraded, refused", request.id, error)
+            await asyncio.to_thread(self._load_degraded, request, error, failure.detector_loaded)
+            self.registry.set_status(request.id, Status.degraded, error, expect=request.status)
+            return
+        except EngineUnavailable as unavailable:  # refused meanwhile, tried again at the next sync
+            log.warning("forget request %s waits for the engine (%s): refused meanwhile", request.id, unavailable)
+            await asyncio.to_thread(self._load_degraded, request, f"{LOAD_FAILED}{unavailable}", True)
+            return
+        self.active[request.id] = request
+        self._recovered(request)
+        if request.status in (Status.ready, Status.degraded):
+            self.registry.set_status(request.id, Status.active, expect=request.status)
+        log.info("serving forget request %s (%s, route %s)", request.id, request.name, request.method.value)
+
     def counts(self) -> dict[str, int]:
         """Served requests: `active` (with artifacts that loaded, or refused after a load failure),
         `degraded` (a load failure: refused by name until re-trained), `untrained` (refused by name until
-        first trained)."""
-        degraded = sum(1 for error in self.degraded.values() if _load_failed(error))
-        untrained = len(self.degraded) - degraded
-        return {"active": len(self.active) - untrained, "degraded": degraded, "untrained": untrained}
+        first trained). Read from snapshots: the sync changes both maps from a worker thread."""
+        active, degraded = set(self.active), dict(self.degraded)
+        untrained = {rid for rid, error in degraded.items() if not _load_failed(error) and rid in active}
+        failed = sum(1 for error in degraded.values() if _load_failed(error))
+        return {"active": len(active - untrained), "degraded": failed, "untrained": len(untrained)}
 
     async def sync_forever(self, interval_s: float = 0.5) -> None:
         while True:
