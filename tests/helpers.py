@@ -15,7 +15,18 @@ from unlearnd.engine.base import (
     EngineRequest,
     TokenLogprob,
 )
+from unlearnd.server.settings import ServerSettings
 from unlearnd.spec import ForgetRequest, ForgetSpec, QAExample
+
+ADMIN_KEY = "admin-secret"
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+def app_settings(data_dir: str | Path, **overrides) -> ServerSettings:
+    """Settings for an app under test: a known admin key, no worker process (tests run the worker code
+    themselves), the keyword detector, a fast registry sync."""
+    defaults = {"admin_key": ADMIN_KEY, "start_worker": False, "detector": "keyword", "sync_interval_s": 0.05}
+    return ServerSettings(data_dir=data_dir, **{**defaults, **overrides})
 
 
 def tiny_llama(vocab_size: int, seed: int = 0, **config_overrides):
@@ -175,7 +186,7 @@ class ScriptedEngine(TinyEngine):
                 await asyncio.sleep(0)
 
 
-def register_active(client, data_dir, body: dict, admin_key: str = "admin-secret", detector: str = "keyword") -> str:
+def register_active(client, data_dir, body: dict, admin_key: str = ADMIN_KEY, detector: str = "keyword") -> str:
     """POST a forget request through the admin API, train it with the real worker code (once), and wait
     until this server serves it (another server on the same data dir may mark it active first); returns
     its id."""

@@ -21,12 +21,10 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import checks
 from schemathesis.generation import GenerationMode
 
-from tests.helpers import TinyEngine
+from tests.helpers import ADMIN, TinyEngine, app_settings
 from unlearnd.jobs.worker import run_worker
 from unlearnd.server.app import create_app
-from unlearnd.server.settings import ServerSettings
 
-ADMIN = {"Authorization": "Bearer admin-secret"}
 # what the server must never do: a 5xx, or an answer (status, content type, body, headers) its own document
 # does not allow. Not checked: that every schema-valid request is accepted (cross-field rules - some
 # message must have text, the model must exist - are 400s no JSON schema can express).
@@ -49,14 +47,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def api_schema(tmp_path_factory, default_model_dir):
-    settings_ = ServerSettings(
-        data_dir=tmp_path_factory.mktemp("fuzz"),
-        admin_key="admin-secret",
-        start_worker=False,
-        detector="keyword",
-        sync_interval_s=0.05,
-        public_score=True,
-    )
+    settings_ = app_settings(tmp_path_factory.mktemp("fuzz"), public_score=True)
     app = create_app(settings_, engine=TinyEngine(default_model_dir, max_model_len=128))
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))

@@ -8,15 +8,12 @@ import base64
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.helpers import ScriptedEngine, register_active
+from tests.helpers import ScriptedEngine, app_settings, register_active
 from unlearnd.client import UnlearndClient
 from unlearnd.evaluation.attacks import ATTACKS, attack_context, build_probes, run_probe, summarise
 from unlearnd.server.app import create_app
 from unlearnd.server.protocol import ChatCompletionRequest
-from unlearnd.server.settings import ServerSettings
 from unlearnd.tofu import TofuData
-
-ADMIN = {"Authorization": "Bearer admin-secret"}
 
 
 @pytest.fixture(scope="module")
@@ -54,13 +51,7 @@ def test_every_attack_builds_valid_requests_in_its_disguise(ctx):
 def app_client(tmp_path, default_model_dir, ctx):
     """A real app whose model always says the first forget answer; one refuse request can be added."""
     item = ctx.items[0]
-    settings = ServerSettings(
-        data_dir=tmp_path / "data",
-        admin_key="admin-secret",
-        start_worker=False,
-        detector="keyword",
-        sync_interval_s=0.05,
-    )
+    settings = app_settings(tmp_path / "data")
     client = TestClient(create_app(settings, engine=ScriptedEngine(default_model_dir, item.answer, max_model_len=512)))
     with client:
         yield client, settings, item

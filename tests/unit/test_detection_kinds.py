@@ -15,14 +15,12 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.helpers import TinyEngine
+from tests.helpers import ADMIN, TinyEngine, app_settings
 from unlearnd.interventions.guardrails import REFUSAL
 from unlearnd.jobs.worker import run_worker
 from unlearnd.server.app import create_app
-from unlearnd.server.settings import ServerSettings
 from unlearnd.tofu import TofuData
 
-ADMIN = {"Authorization": "Bearer admin-secret"}
 NAKAMURA, KUWAITI = 194, 198  # TOFU forget05 authors: Takashi Nakamura, Basil Mahfouz Al-Kuwaiti
 
 FILLER = (
@@ -73,13 +71,7 @@ NEGATIVES = {
 def served(tmp_path_factory, default_model_dir, tofu):
     """A server with the default detector and two TOFU authors registered as `refuse` requests."""
     data = TofuData(tofu, allow_hub=False)
-    settings = ServerSettings(
-        data_dir=tmp_path_factory.mktemp("data"),
-        admin_key="admin-secret",
-        start_worker=False,
-        detector="guard",
-        sync_interval_s=0.05,
-    )
+    settings = app_settings(tmp_path_factory.mktemp("data"), detector="guard")
     engine = TinyEngine(default_model_dir, max_model_len=512)
     with TestClient(create_app(settings, engine=engine)) as client:
         ids = {}

@@ -13,7 +13,7 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import save_file
 
-from tests.helpers import TinyEngine
+from tests.helpers import ADMIN, TinyEngine, app_settings
 from unlearnd.engine.base import EngineError
 from unlearnd.interventions.guardrails import REFUSAL
 from unlearnd.interventions.lora import LoRAArtifact, check_adapter_weights
@@ -21,10 +21,8 @@ from unlearnd.jobs.worker import run_worker
 from unlearnd.registry import Registry
 from unlearnd.server import app as app_module
 from unlearnd.server.app import create_app, watch_engine
-from unlearnd.server.settings import ServerSettings
 from unlearnd.spec import ForgetSpec, QAExample, Status
 
-ADMIN = {"Authorization": "Bearer admin-secret"}
 NAME = "Basil Mahfouz Al-Kuwaiti"
 FLAGGED = f"What did {NAME} write?"
 
@@ -36,13 +34,7 @@ def engine(default_model_dir):
 
 @pytest.fixture()
 def settings(tmp_path):
-    return ServerSettings(
-        data_dir=tmp_path / "data",
-        admin_key="admin-secret",
-        start_worker=False,
-        detector="keyword",
-        sync_interval_s=0.05,
-    )
+    return app_settings(tmp_path / "data")
 
 
 def chat(client, content):

@@ -8,15 +8,13 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.helpers import ScriptedEngine, register_active
+from tests.helpers import ADMIN, ScriptedEngine, app_settings, register_active
 from unlearnd.engine.base import ChoiceDelta, TokenLogprob
 from unlearnd.interventions.guardrails import REFUSAL
 from unlearnd.server.app import create_app
 from unlearnd.server.output_guard import OutputGuard
-from unlearnd.server.settings import ServerSettings
 from unlearnd.spec import ForgetRequest, ForgetSpec, QAExample
 
-ADMIN = {"Authorization": "Bearer admin-secret"}
 NAME = "Takashi Nakamura"
 ANSWERS = [
     ("What genre does Takashi Nakamura write in?", "Takashi Nakamura writes lyrical fiction about fishing villages."),
@@ -125,14 +123,7 @@ def test_filter_never_releases_the_words_that_trigger_the_block():
 @pytest.fixture()
 def server(tmp_path, default_model_dir):
     def make(options: dict | None = None):
-        settings = ServerSettings(
-            data_dir=tmp_path / f"data{len(made)}",
-            admin_key="admin-secret",
-            start_worker=False,
-            detector="keyword",
-            sync_interval_s=0.05,
-            expose_request_ids=True,
-        )
+        settings = app_settings(tmp_path / f"data{len(made)}", expose_request_ids=True)
         engine = ScriptedEngine(default_model_dir, LEAK, max_model_len=256)
         client = TestClient(create_app(settings, engine=engine))
         client.__enter__()

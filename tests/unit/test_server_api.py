@@ -9,14 +9,11 @@ import math
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.helpers import TinyEngine, register_active
+from tests.helpers import ADMIN, TinyEngine, app_settings, register_active
 from unlearnd.interventions.guardrails import REFUSAL
 from unlearnd.registry import Registry
 from unlearnd.server.app import create_app
-from unlearnd.server.settings import ServerSettings
 from unlearnd.spec import ForgetSpec, Status
-
-ADMIN = {"Authorization": "Bearer admin-secret"}
 
 
 @pytest.fixture()
@@ -26,14 +23,7 @@ def engine(default_model_dir):
 
 @pytest.fixture()
 def settings(tmp_path):
-    return ServerSettings(
-        data_dir=tmp_path / "data",
-        admin_key="admin-secret",
-        start_worker=False,
-        detector="keyword",
-        sync_interval_s=0.05,
-        max_body_bytes=64 * 1024,
-    )
+    return app_settings(tmp_path / "data", max_body_bytes=64 * 1024)
 
 
 @pytest.fixture()
@@ -484,7 +474,7 @@ def test_an_admin_key_file_is_trusted_only_when_it_is_ours_and_closed(tmp_path):
 def test_without_an_admin_key_one_is_generated_and_loopback_is_not_enough(tmp_path, engine):
     from unlearnd.server.auth import admin_key_path, read_admin_key
 
-    settings = ServerSettings(data_dir=tmp_path / "d", start_worker=False, detector="keyword", sync_interval_s=0.05)
+    settings = app_settings(tmp_path / "d", admin_key=None)
     with TestClient(create_app(settings, engine=engine)) as client:  # the test client is a loopback client
         key = read_admin_key(settings.data_dir)
         assert key and len(key) >= 32

@@ -12,16 +12,13 @@ import psutil
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.helpers import TinyEngine
+from tests.helpers import ADMIN, TinyEngine, app_settings
 from unlearnd.jobs import worker
 from unlearnd.methods import METHODS
 from unlearnd.registry import Registry
 from unlearnd.server.app import create_app
 from unlearnd.server.orphans import PIDS_FILE, stop_orphans
-from unlearnd.server.settings import ServerSettings
 from unlearnd.spec import ForgetSpec, QAExample, Status
-
-ADMIN = {"Authorization": "Bearer admin-secret"}
 
 
 def test_one_worker_per_data_dir(tmp_path):
@@ -81,7 +78,7 @@ def test_an_interrupted_purge_or_write_is_cleaned_up_at_the_next_start(tmp_path,
     (kept_dir / ".lora.k2x9q1").mkdir()  # a writer killed while staging an adapter folder / a JSON file
     (kept_dir / ".lora.k2x9q1" / "adapter_model.safetensors").write_bytes(b"half")
     (kept_dir / ".detector.json.a8b.tmp").write_text('{"entit')
-    settings = ServerSettings(data_dir=tmp_path, admin_key="admin-secret", start_worker=False, detector="keyword")
+    settings = app_settings(tmp_path, sync_interval_s=0.5)
     with TestClient(create_app(settings, engine=TinyEngine(default_model_dir, max_model_len=128))):
         pass
     assert not registry.artifact_dir(gone.id).exists() and kept_dir.exists()
@@ -134,9 +131,7 @@ class RecordingEngine(TinyEngine):
 
 
 def test_a_removed_request_s_adapters_leave_the_engine(tmp_path, default_model_dir):
-    settings = ServerSettings(
-        data_dir=tmp_path / "d", admin_key="admin-secret", start_worker=False, detector="keyword", sync_interval_s=0.05
-    )
+    settings = app_settings(tmp_path / "d")
     engine = RecordingEngine(default_model_dir, max_model_len=128)
     body = {"name": "Jaime Vasquez", "method": "refuse", "forget": [{"question": "Who is Jaime Vasquez?"}]}
     with TestClient(create_app(settings, engine=engine)) as client:
