@@ -45,8 +45,8 @@ def run_job(
         over its time (the worker exits, the supervisor starts another, the request is retried)."""
         while not stop.wait(BEAT_S):
             try:
-                record = registry.get(request.id) if registry.exists(request.id) else None
-            except KeyError:
+                record = registry.get(request.id)
+            except KeyError:  # purged
                 record = None
             except Exception:  # a busy database: try again at the next beat, never stop beating
                 log.warning("heartbeat of %s failed", request.id, exc_info=True)
