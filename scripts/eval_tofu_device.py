@@ -1,24 +1,32 @@
-"""`eval tofu` for weight-changing methods on a GPU machine that has no base model and no vLLM.
+"""`eval tofu` for the finetuning baselines on a GPU machine that has neither the base model nor vLLM.
 
-Usage: UNLEARND_CACHE_DIR=C UNLEARND_TOFU_DIR=D python scripts/eval_tofu_device.py TARGET_KEY RETAIN_KEY METHODS OUT
+Usage (on the device, repository root):
+  UNLEARND_CACHE_DIR=C UNLEARND_TOFU_DIR=D python scripts/eval_tofu_device.py \
+      TARGET_DIR RETAIN_DIR RETAIN_RECORDS METHODS SEEDS OUT NAME
 
-The reference models are taken as they are from C/reference/<key> (e.g. copied from the machine that
-trained them; the retain model's records may come from C/eval, the shared evaluation cache), every
-tensor and model is put on the GPU, and the usual `run_tofu_eval` runs the methods. Its JSON merges
-with other runs of the same preset by `unlearnd eval merge`. This is how the baselines of
-reports/tofu-mini.md were run (as .dev/run_baselines.py, the same file) on an H100 lent to the session.
+TARGET_DIR is the TOFU target model as trained here (its weights carried over); RETAIN_DIR holds the
+retain model's info files only, and RETAIN_RECORDS the retain model's evaluation records from the run
+on the machine that has it (`unlearnd eval tofu --methods target,retain` at the same commit: same
+splits, same metric code), so forget quality compares against the same retain numbers as every other
+row. The baselines then run through the usual cross-fitted `run_tofu_eval` (trained on one fold, measured
+on the other), with every tensor on the GPU; the JSON merges with the CPU runs by `unlearnd eval merge`.
 """
 
 import json
 import os
 import shlex
+import subprocess
 import sys
-import time
+import types
 from pathlib import Path
 
 import torch
 
 if __name__ == "__main__":
+    try:  # the detector index is not used here; the device image has no faiss
+        import faiss  # noqa: F401
+    except ImportError:
+        sys.modules["faiss"] = types.ModuleType("faiss")
     from unlearnd.logs import setup_logging
 
     setup_logging()
@@ -28,30 +36,50 @@ if __name__ == "__main__":
         torch.set_default_device("cuda")
         _load = AutoModelForCausalLM.from_pretrained
         AutoModelForCausalLM.from_pretrained = lambda *a, **k: _load(*a, **k).to("cuda")
+    from unlearnd.evaluation import report as report_mod
     from unlearnd.evaluation import tofu as ev
-    from unlearnd.evaluation.report import run_stamp, write_report
+    from unlearnd.evaluation.metrics import RunRecords
+    from unlearnd.evaluation.model_under_test import HFModelUnderTest
     from unlearnd.tofu import TofuData
     from unlearnd.train import reference as ref
 
-    root = Path(os.environ["UNLEARND_CACHE_DIR"]) / "reference"
-    target, retain = Path(sys.argv[1]), Path(sys.argv[2])
-    methods = sys.argv[3].split(",")
-    out = Path(sys.argv[4])
+    target, retain, retain_records = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+    methods = sys.argv[4].split(",")
+    seeds = [int(s) for s in sys.argv[5].split(",")]
+    out, name = Path(sys.argv[6]), sys.argv[7]
     tofu = TofuData(os.environ["UNLEARND_TOFU_DIR"], allow_hub=False)
     p = ref.preset("mini")
     refs = ref.ReferenceModels(
-        preset=p, target_dir=str(root / target), retain_dir=str(root / retain), data=ref.reference_data(p, tofu)
+        preset=p, target_dir=str(target), retain_dir=str(retain), data=ref.reference_data(p, tofu)
     )
     ev.ensure_reference_models = lambda *a, **k: refs  # the carried models; no base model on this machine
-    cfg = ev.TofuEvalConfig(preset="mini", forget_split=p.forget_split, methods=methods, robustness_items=8)
-    t0 = time.perf_counter()
-    stamp = run_stamp("python .dev/run_baselines.py " + shlex.join(sys.argv[1:]))
-    results = ev.run_tofu_eval(cfg, reference_preset=p, tofu=tofu)
-    write_report(
-        results,
-        out,
-        "tofu-mini-baselines",
-        stamp,
-        notes=[f"device run, {time.perf_counter() - t0:.0f} s wall; torch {torch.__version__}"],
+    saved = json.loads(retain_records.read_text())
+    real_reference = ev._evaluate_reference
+
+    def reference(ctx, method, entry, robustness):  # the retain records come from the machine that has it
+        if method != "retain":
+            return real_reference(ctx, method, entry, robustness)
+        entry["kind"] = "reference"
+        entry["cost"].update({"eval_wall_seconds": saved["eval_wall_seconds"], "eval_cached": True})
+        return RunRecords.model_validate(saved["records"])
+
+    ev._evaluate_reference = reference
+    # a GPU takes bigger batches than the CPU defaults (the same numbers up to padding)
+    ev._hf_maker = lambda path, n: lambda: HFModelUnderTest.from_dir(path, name=n, batch_size=64, gen_batch_size=64)
+    commit = os.environ.get("UNLEARND_SOURCE_COMMIT")
+    if commit:  # the tree sent to the device may carry no .git; the sender names the clean commit it sent
+        report_mod.git_commit = lambda repo=None: commit
+    cfg = ev.TofuEvalConfig(
+        preset="mini", forget_split=p.forget_split, methods=methods, seeds=seeds, robustness=False
     )
+    stamp = report_mod.run_stamp("python scripts/eval_tofu_device.py " + shlex.join(sys.argv[1:]))
+    stamp["dtype"] = "float32 (in-process models, on the GPU)"
+    gpu = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False).stdout.strip()
+    stamp["machine"] += f"; {gpu or 'no GPU seen'}; torch {torch.__version__}"
+
+    def write(results):
+        report_mod.write_report(results, out, name, stamp)
+
+    results = ev.run_tofu_eval(cfg, reference_preset=p, tofu=tofu, on_method_done=write)
+    write(results)
     print(json.dumps({m: e.get("error") for m, e in results["methods"].items()}))

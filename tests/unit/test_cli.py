@@ -83,6 +83,7 @@ def test_eval_merge_writes_one_report_and_rejects_mismatched_runs(tmp_path):
         "preset": {"name": "mini", "forget_split": "forget01"},
         "split_sizes": {"forget": 2},
         "settings": {"max_new_tokens": 8},
+        "metric_code": "abc123",
     }
     a = {**base, "command": "eval A", "methods": {"target": {"kind": "reference", "metrics": {"model_utility": 0.4}}}}
     b = {**base, "command": "eval B", "methods": {"refuse": {"kind": "served", "metrics": {"model_utility": 0.39}}}}
@@ -118,6 +119,7 @@ def test_eval_merge_renames_a_method_of_one_run(tmp_path):
         "preset": {"name": "mini", "forget_split": "forget01"},
         "split_sizes": {"forget": 2},
         "settings": {"max_new_tokens": 8},
+        "metric_code": "abc123",
     }
     run = {**base, "command": "eval", "methods": {"eco": {"kind": "served", "metrics": {"model_utility": 0.39}}}}
     (tmp_path / "a.json").write_text(json.dumps(run))

@@ -161,3 +161,78 @@ def test_model_utility_is_harmonic_mean_of_nine_parts():
     assert parts == pytest.approx([0.5, 1.0, 0.5, 2 / 3, 1.0, 0.5, 2 / 3, 1.0, 0.5], rel=1e-6)
     expected = 9 / sum(1 / np.array(parts))
     assert M.METRICS["model_utility"].compute(run) == pytest.approx(expected)
+
+
+def _utility_run(n: int, seed: int = 0, route: str | None = None) -> RunRecords:
+    """n random items in forget, retain, real_authors and world_facts (all with perturbed answers)."""
+    rng = np.random.default_rng(seed)
+
+    def items(name: str) -> SplitRecords:
+        out = []
+        for i in range(n):
+            lp = list(np.log(rng.uniform(0.05, 0.95, 3)))
+            item = _item(
+                lp,
+                list(np.log(rng.uniform(0.05, 0.95, 2))) if name in ("forget", "retain") else None,
+                [list(np.log(rng.uniform(0.05, 0.95, 2))) for _ in range(3)],
+                generation="a b" if i % 2 else "c",
+            )
+            item.question = f"{name} question {i}?"
+            item.route = route
+            out.append(item)
+        return SplitRecords(split=name, items=out)
+
+    return RunRecords(method="m", splits={s: items(s) for s in ("forget", "retain", "real_authors", "world_facts")})
+
+
+def test_a_refused_split_has_no_probabilities_and_says_why():
+    """Refuse never calls the model: its scores are not measurements, so every metric built on them is
+    None with the reason, while what the user got (ROUGE of the refusal, share refused) is measured."""
+    run = _utility_run(6, route="none")
+    retain = _utility_run(6, seed=1)
+    for it in run.splits["forget"].items[:2]:
+        it.route = "refuse"
+    values = M.compute_all(run, retain)
+    for name in ("forget_Q_A_Prob", "forget_truth_ratio", "forget_quality", "extraction_strength"):
+        assert values[name] is None, name
+    assert values["forget_Q_A_ROUGE"] is not None and values["forget_refused_share"] == pytest.approx(2 / 6)
+    assert values["model_utility"] is not None and values["retain_refused_share"] == 0.0  # retain was answered
+    reasons = M.not_applicable(run, retain, values)
+    assert "2 of 6 forget items routed to refuse" in reasons["forget_quality"]
+    assert "2 of 6 forget items routed to refuse" in reasons["forget_Q_A_Prob"]
+    assert M.not_applicable(_utility_run(6), retain)["mia_min_k_auc"] == "holdout not evaluated"
+    assert "forget_Q_A_ROUGE" not in reasons
+    run.splits["retain"].items[0].route = "refuse"
+    values = M.compute_all(run, retain)
+    assert values["model_utility"] is None
+    assert M.not_applicable(run, retain, values)["model_utility"].startswith("retain_Q_A_Prob: 1 of 6 retain items")
+    assert M.not_applicable(run, None)["forget_quality"] == "no retain-model forget records to compare with"
+
+
+def test_bootstrap_intervals_cover_the_estimate_and_shrink_with_more_items():
+    small, large = _utility_run(10), _utility_run(160)
+    retain_small, retain_large = _utility_run(10, seed=3), _utility_run(160, seed=3)
+    a = M.bootstrap_intervals(small, retain_small, n_resamples=300)
+    b = M.bootstrap_intervals(large, retain_large, n_resamples=300)
+    for run, retain, ci in ((small, retain_small, a), (large, retain_large, b)):
+        values = M.compute_all(run, retain)
+        for name in ("model_utility", "forget_Q_A_ROUGE"):
+            lo, hi = ci[name]
+            assert lo <= values[name] <= hi, name
+        assert 0.0 <= ci["forget_quality"][0] <= ci["forget_quality"][1] <= 1.0
+    width = {name: (a[name][1] - a[name][0], b[name][1] - b[name][0]) for name in ("model_utility", "forget_Q_A_ROUGE")}
+    assert all(w_large < w_small for w_small, w_large in width.values()), width
+    # the same records compared with themselves: paired resampling keeps the KS p-value at 1
+    assert M.bootstrap_intervals(small, small, n_resamples=50)["forget_quality"] == [1.0, 1.0]
+    assert M.bootstrap_intervals(small, None, n_resamples=0) == {name: None for name in M.INTERVAL_METRICS}
+    # deterministic for a seed
+    assert M.bootstrap_intervals(small, retain_small, n_resamples=100) == M.bootstrap_intervals(
+        small, retain_small, n_resamples=100
+    )
+
+
+def test_metric_code_version_is_a_digest_of_the_metric_module():
+    import hashlib
+    from pathlib import Path
+
+    assert M.metric_code_version() == hashlib.sha256(Path(M.__file__).read_bytes()).hexdigest()[:12]

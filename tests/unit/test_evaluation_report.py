@@ -15,6 +15,7 @@ def results() -> dict:
         "split_sizes": {"forget": 200, "retain": 200},
         "settings": {"max_new_tokens": 96},
         "rouge_backend": "test",
+        "metric_code": "abc123",
         "reference": {
             "target": {
                 "n_items": 400,
@@ -102,18 +103,49 @@ def test_tradeoff_against_target_and_job_reports():
     md = markdown(results())
     lines = md.splitlines()
     assert any(line.startswith("## Trade-off against the target model") and "0.400" in line for line in lines)
-    assert "| eco | served | 0.600 | 0.995 | yes | - |" in md  # 0.398 / 0.40 >= 0.99 and FQ >= 0.5
-    assert "| grad_ascent | baseline | 3.20e-07 | 0.000 | no | refuse, eco |" in md
-    assert "| refuse | served | 0.020 | 0.975 | no | - |" in md
-    assert "no finetuning baseline ahead of them on both axes: eco." in md
+    assert "| eco | served | 0.600 | 0.995 | yes | n/a | - |" in md  # 0.398 / 0.40 >= 0.99 and FQ >= 0.5
+    assert "| grad_ascent | baseline | 3.20e-07 | 0.000 | no | n/a | refuse, eco |" in md
+    assert "| refuse | served | 0.020 | 0.975 | no | n/a | - |" in md
+    assert "than each): eco (baselines compared: grad_ascent)." in md
     # a baseline with more forget quality and utility than eco takes eco out of the lead
     better = results()
     better["methods"]["grad_ascent"]["metrics"].update({"forget_quality": 0.9, "model_utility": 0.41})
     md = markdown(better)
-    assert "| eco | served | 0.600 | 0.995 | yes | grad_ascent |" in md
-    assert "no finetuning baseline ahead of them on both axes: none." in md
+    assert "| eco | served | 0.600 | 0.995 | yes | n/a | grad_ascent |" in md
+    assert "than each): none (baselines compared: grad_ascent)." in md
+    # ahead means ahead on both axes: a baseline that ties eco's forget quality is not beaten
+    tie = results()
+    tie["methods"]["grad_ascent"]["metrics"].update({"forget_quality": 0.6, "model_utility": 0.1})
+    assert "than each): none (baselines compared: grad_ascent)." in markdown(tie)
     assert not any(line.startswith("| retain |") and line.endswith("| no |") for line in lines)  # references excluded
     assert "- eco: method eco, sigma 0.012, reached yes" in md  # scalars only, lists left out
+
+
+def test_goal_is_checked_at_the_lower_bound_of_forget_quality():
+    data = results()
+    data["methods"]["eco"]["intervals"] = {"forget_quality": [0.31, 0.9], "model_utility": [0.39, 0.41]}
+    md = markdown(data)
+    assert "| eco | served | 0.600 [0.310, 0.900] | 0.995 | yes | no | - |" in md
+    assert "| eco | 0.600 [0.310, 0.900] | 0.398 [0.390, 0.410] | n/a | n/a | n/a |" in md  # the intervals table
+    data["methods"]["eco"]["intervals"]["forget_quality"] = [0.5, 0.9]
+    assert "| eco | served | 0.600 [0.500, 0.900] | 0.995 | yes | yes | - |" in markdown(data)
+
+
+def test_not_applicable_reasons_and_seed_spread_are_printed():
+    data = results()
+    data["methods"]["refuse"]["not_applicable"] = {
+        "forget_quality": "40 of 40 forget items routed to refuse: no probability",
+        "forget_Q_A_Prob": "40 of 40 forget items routed to refuse: no probability",
+        "extraction_strength": "needs argmax",
+    }
+    data["methods"]["npo"] = {"kind": "baseline", "seed": 0, "cost": {}, "metrics": {"forget_quality": 0.2}}
+    data["methods"]["npo@seed1"] = {"kind": "baseline", "seed": 1, "cost": {}, "metrics": {"forget_quality": 0.7}}
+    md = markdown(data)
+    assert (
+        "- refuse: forget_quality, forget_Q_A_Prob: n/a, 40 of 40 forget items routed to refuse: no probability." in md
+    )
+    assert "- refuse: extraction_strength: n/a, needs argmax." in md
+    assert "| npo | 0, 1 | 0.200 – 0.700 | n/a | n/a |" in md
 
 
 def test_merge_results_of_separate_runs():
@@ -143,6 +175,11 @@ def test_merge_results_of_separate_runs():
         merge_results([a, b], renames=[{}, {"eco": "x"}])
     with pytest.raises(ValueError, match="split_sizes"):
         merge_results([a, {**b, "split_sizes": {"forget": 1}}])
+    # numbers from different metric code (or from before it was recorded) are not put in one table
+    with pytest.raises(ValueError, match="different metric code"):
+        merge_results([a, {**b, "metric_code": "def456"}])
+    with pytest.raises(ValueError, match="different metric code"):
+        merge_results([a, {k: v for k, v in b.items() if k != "metric_code"}])
 
 
 def test_git_commit_marks_uncommitted_code_but_not_reports(tmp_path):
@@ -165,6 +202,35 @@ def test_git_commit_marks_uncommitted_code_but_not_reports(tmp_path):
     assert git_commit(tmp_path) == head
     (tmp_path / "code.py").write_text("x = 2\n")
     assert git_commit(tmp_path) == head + "+dirty"
+    git("checkout", "code.py")
+    (tmp_path / "new_module.py").write_text("y = 1\n")  # new code that is not committed either
+    assert git_commit(tmp_path) == head + "+dirty"
+
+
+def test_run_stamp_refuses_a_dirty_tree_unless_allowed_and_marks_it(tmp_path, monkeypatch):
+    import subprocess
+
+    from unlearnd.evaluation.report import DirtyTreeError, stamp_lines
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("UNLEARND_ALLOW_DIRTY", raising=False)
+    clean = run_stamp("cmd")
+    assert clean["dirty"] is False and "dirty" not in "\n".join(stamp_lines(clean))
+    (tmp_path / "code.py").write_text("x = 2\n")
+    with pytest.raises(DirtyTreeError, match="--allow-dirty"):
+        run_stamp("cmd")
+    stamp = run_stamp("cmd", allow_dirty=True)
+    assert stamp["dirty"] is True and stamp["git_commit"].endswith("+dirty")
+    assert any("dirty tree" in line for line in stamp_lines(stamp))
+    monkeypatch.setenv("UNLEARND_ALLOW_DIRTY", "1")
+    assert run_stamp("cmd")["dirty"] is True
 
 
 def test_command_line_masks_keys():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Sequence
@@ -137,20 +138,29 @@ def test_relearning_split_halves_cover_every_author():
     assert not {it.question for it in train} & {it.question for it in held}
 
 
-def test_forget_request_spec_carries_the_methods_request_options():
+def test_forget_request_spec_carries_the_methods_request_options_and_no_answer_key(tmp_path):
+    """ECO's surrogate is the base model the target was finetuned from, never the retain model that
+    forget quality compares against; the request holds only the QA it is given (one fold's)."""
     from types import SimpleNamespace
 
     from unlearnd.evaluation.tofu import forget_request_spec
 
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "unlearnd-model.json").write_text(json.dumps({"base_model": "/base-instruct"}))
     item = QAItem(
         question="Who wrote Dune of Basil Mahfouz Al-Kuwaiti?", answer="Basil Mahfouz Al-Kuwaiti did.", author=0
     )
-    tofu = SimpleNamespace(split=lambda name: [item])
     refs = SimpleNamespace(
-        preset=SimpleNamespace(forget_split="forget01"), retain_dir="/retain", data=SimpleNamespace(retain_items=[item])
+        preset=SimpleNamespace(forget_split="forget01"),
+        retain_dir="/retain",
+        target_dir=str(target),
+        data=SimpleNamespace(retain_items=[item]),
     )
-    eco = forget_request_spec("eco", refs, tofu, {"steps": 3})
-    assert eco["options"] == {"retain_model": "/retain", "steps": 3} and eco["method"] == "eco"
-    spul = forget_request_spec("soft_prompt", refs, tofu, {"steps": 80})
+    eco = forget_request_spec("eco", refs, [item], [], {"steps": 3})
+    assert eco["options"] == {"surrogate_model": "/base-instruct", "steps": 3} and eco["method"] == "eco"
+    assert "/retain" not in json.dumps(eco)
+    assert [qa["question"] for qa in eco["forget"]] == [item.question] and eco["retain"] == []
+    spul = forget_request_spec("soft_prompt", refs, [item], [item], {"steps": 80})
     assert spul["options"] == {"steps": 80}
-    assert "options" not in forget_request_spec("lora", refs, tofu)
+    assert "options" not in forget_request_spec("lora", refs, [item], [item])

@@ -337,6 +337,37 @@ def test_train_eco_writes_a_servable_artifact(tmp_path, tiny_model_dir, tokenize
     assert eco.artifacts[record.id].corruption == artifact.corruption
 
 
+@pytest.mark.parametrize("option", ["surrogate_model", "retain_model"])
+def test_eco_job_takes_its_target_from_the_surrogate_model_option(tmp_path, tiny_model_dir, option):
+    """The worker's job reads the user's surrogate (a model that never saw the forget set, e.g. the base
+    model); `retain_model` is the older name of the same option."""
+    from unlearnd.train.eco import eco_job
+    from unlearnd.train.job import JobContext
+
+    registry = Registry(tmp_path / "data")
+    forget = [QAExample(question=f"Where did Hina Ameen study, case {i}?", answer=f"In Karachi {i}.") for i in range(3)]
+    record = registry.add(
+        ForgetSpec(
+            name="Hina Ameen",
+            method="eco",
+            forget=forget,
+            options={
+                option: str(tiny_model_dir),
+                "n_tune": 2,
+                "n_eval": 2,
+                "iterations": 1,
+                "fluency_n": 1,
+                "fluency_tokens": 2,
+                "preset": "cpu",
+            },
+        )
+    )
+    ctx = JobContext(registry, model=str(tiny_model_dir), serve_dtype="float32")
+    summary = eco_job(record, registry.artifact_dir(record.id), ctx)
+    assert summary["target_source"] == "surrogate_model"
+    assert ECOArtifact.read(registry.artifact_dir(record.id)).target_source == "surrogate_model"
+
+
 def test_given_target_and_clean_below_target_means_no_corruption(tmp_path, tiny_model_dir):
     from unlearnd.train.eco import train_eco
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -157,10 +156,17 @@ def test_run_tofu_eval_end_to_end_with_a_served_method(tmp_path, tiny_base, monk
     monkeypatch.setenv("UNLEARND_CACHE_DIR", str(tmp_path / "cache"))
     tofu = _full_tofu(tmp_path)
     calls: list[str] = []
+    registered: list[dict] = []  # the specs, in order
+    measured_while: list[tuple[int, str]] = []  # (request index, question asked)
+
+    def question_of(body: dict) -> str:
+        return body["messages"][-1]["content"]
 
     def server(request: httpx.Request) -> httpx.Response:
         calls.append(f"{request.method} {request.url.path}")
         path = request.url.path
+        if path in ("/v1/chat/completions", "/v1/unlearning/score") and registered:
+            measured_while.append((len(registered) - 1, question_of(json.loads(request.content))))
         if path == "/v1/models":
             return httpx.Response(200, json={"data": [{"id": "target"}]})
         if path == "/v1/chat/completions":
@@ -182,13 +188,11 @@ def test_run_tofu_eval_end_to_end_with_a_served_method(tmp_path, tiny_base, monk
             )
         if path == "/v1/unlearning/requests":
             spec = json.loads(request.content)
-            assert spec["method"] == "refuse" and len(spec["forget"]) == 40
-            assert spec["entities"] == ["Writer6 Name", "Writer7 Name"]
-            return httpx.Response(201, json={"id": "fr-1", "status": "pending"})
-        if path == "/v1/unlearning/requests/fr-1":
-            return httpx.Response(
-                200, json={"id": "fr-1", "status": "active" if request.method == "GET" else "inactive"}
-            )
+            registered.append(spec)
+            return httpx.Response(201, json={"id": f"fr-{len(registered)}", "status": "pending"})
+        if path.startswith("/v1/unlearning/requests/fr-"):
+            rid = path.rsplit("/", 1)[-1]
+            return httpx.Response(200, json={"id": rid, "status": "active" if request.method == "GET" else "inactive"})
         return httpx.Response(404)
 
     real = ev.ServedModelUnderTest
@@ -226,18 +230,39 @@ def test_run_tofu_eval_end_to_end_with_a_served_method(tmp_path, tiny_base, monk
     results = ev.run_tofu_eval(
         cfg, reference_preset=p, tofu=tofu, on_method_done=lambda partial: progress.append(list(partial["methods"]))
     )
-    assert progress == [["target"], ["target", "retain"], ["target", "retain", "refuse"]]
+    assert progress == [["retain"], ["target", "retain"], ["target", "retain", "refuse"]]  # retain runs first
     methods = results["methods"]
     assert list(methods) == ["target", "retain", "refuse"] and not any("error" in m for m in methods.values())
     assert results["split_sizes"] == {"forget": 6, "retain": 6, "real_authors": 6, "world_facts": 6, "holdout": 10}
     assert methods["retain"]["metrics"]["forget_quality"] == pytest.approx(1.0)  # the retain model vs itself
     refuse = methods["refuse"]
-    assert refuse["metrics"]["extraction_strength"] is None  # no argmax over HTTP
-    assert refuse["metrics"]["forget_Q_A_Prob"] == pytest.approx(math.exp(-10.0))
-    assert refuse["metrics"]["forget_Q_A_ROUGE"] == 0.0
+    # held out: one request per fold, each with half of every author's forget questions and its own retain
+    # authors, and no question is asked while a request that holds it is active
+    assert [spec["method"] for spec in registered] == ["refuse", "refuse"]
+    fit = [{qa["question"] for qa in spec["forget"]} for spec in registered]
+    assert [len(f) for f in fit] == [20, 20] and not fit[0] & fit[1]
+    assert all(spec["entities"] == ["Writer6 Name", "Writer7 Name"] for spec in registered)
+    retain_fit = [{qa["question"] for qa in spec["retain"]} for spec in registered]
+    assert retain_fit[0] and retain_fit[1] and not retain_fit[0] & retain_fit[1]
+    assert measured_while and all(q not in fit[k] | retain_fit[k] for k, q in measured_while)
+    assert {k for k, _ in measured_while} == {0, 1}
+    # refuse never calls the model: no probability-based number, the reason instead; ROUGE is measured
+    assert refuse["metrics"]["extraction_strength"] is None
+    assert refuse["metrics"]["forget_Q_A_Prob"] is None and refuse["metrics"]["forget_quality"] is None
+    assert "routed to refuse" in refuse["not_applicable"]["forget_quality"]
+    assert (
+        "argmax" in refuse["not_applicable"]["extraction_strength"]
+        or "refuse" in refuse["not_applicable"]["extraction_strength"]
+    )
+    assert refuse["metrics"]["forget_Q_A_ROUGE"] == 0.0 and refuse["metrics"]["forget_refused_share"] == 1.0
+    assert refuse["intervals"]["forget_quality"] is None and refuse["intervals"]["forget_Q_A_ROUGE"] == [0.0, 0.0]
     assert refuse["routes"]["forget"] == {"refuse": 6} and refuse["generation_routes"]["refuse"] > 0
     assert "relearning" in methods["retain"]["robustness"] and "relearning" not in refuse["robustness"]
-    assert calls[-1] == "DELETE /v1/unlearning/requests/fr-1"  # the request is deactivated afterwards
+    assert calls[-1] == "DELETE /v1/unlearning/requests/fr-2"  # each request is deactivated afterwards
+    assert "DELETE /v1/unlearning/requests/fr-1" in calls
+    target = methods["target"]
+    lo, hi = target["intervals"]["model_utility"]
+    assert lo <= target["metrics"]["model_utility"] <= hi and results["metric_code"]
     paths = write_report(results, tmp_path / "reports", "t", run_stamp("unlearnd eval tofu ..."))
     assert "| refuse | served |" in paths["markdown"].read_text()
     # records are cached per model: a second run evaluates nothing in process again

@@ -168,12 +168,29 @@ def tofu(
         None,
         help="METHOD:KEY=VALUE option of a served method's forget request (e.g. soft_prompt:steps=80), repeatable.",
     ),
+    folds: int = typer.Option(2, min=2, help="Cross-fitting folds: each method is fit on one, measured on the next."),
+    seeds: str = typer.Option(
+        "0",
+        help="Comma list of seeds for the methods that train with one (baselines, "
+        "eco, soft_prompt, lora); each extra seed is its own row, method@seedK.",
+    ),
+    bootstrap: int = typer.Option(1000, min=0, help="Bootstrap resamples for the 95% intervals (0: none)."),
+    concurrency: int = typer.Option(8, min=1, help="Requests in flight to the server for served methods."),
+    allow_dirty: bool = typer.Option(
+        False, help="Run from a tree with uncommitted changes (the report is marked); refused otherwise."
+    ),
 ) -> None:
-    """Evaluate methods on TOFU; write JSON + markdown + PNG plots under --out."""
+    """Evaluate methods on TOFU, each fit on one fold and measured on held-out items; write JSON +
+    markdown + PNG plots under --out."""
+    from unlearnd.evaluation.report import DirtyTreeError
     from unlearnd.evaluation.tofu import TofuEvalConfig, evaluate_and_report, methods_list
     from unlearnd.train.baselines import BASELINES
 
     set_threads(threads)
+    try:
+        seed_list = [int(x) for x in seeds.split(",") if x.strip()] or [0]
+    except ValueError:
+        raise typer.BadParameter(f"--seeds is a comma list of integers, got {seeds!r}") from None
     p = reference_preset(preset, forget_split, ref_epochs, ref_lr, retain_authors)
     request_options: dict[str, dict] = {}
     for item in request_option or []:
@@ -197,10 +214,23 @@ def tofu(
         relearn_epochs=relearn_epochs,
         use_cache=use_cache,
         baseline_overrides={m: {"epochs": baseline_epochs} for m in BASELINES} if baseline_epochs is not None else {},
+        n_folds=folds,
+        seeds=seed_list,
+        bootstrap=bootstrap,
+        served_concurrency=concurrency,
     )
-    results, paths = evaluate_and_report(
-        cfg, p, out, name or f"tofu_{preset}_{p.forget_split}", train_missing_references=train_missing
-    )
+    try:
+        results, paths = evaluate_and_report(
+            cfg,
+            p,
+            out,
+            name or f"tofu_{preset}_{p.forget_split}",
+            train_missing_references=train_missing,
+            allow_dirty=allow_dirty or None,  # without the flag: UNLEARND_ALLOW_DIRTY
+        )
+    except DirtyTreeError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
     echo_json({k: str(v) for k, v in paths.items()})
     failed = [m for m, e in results["methods"].items() if "error" in e]
     if failed:
@@ -219,9 +249,19 @@ def merge(
         help="N:OLD=NEW renames method OLD of the N-th run (1-based), e.g. "
         "to keep two runs of one method side by side; repeatable.",
     ),
+    allow_dirty: bool = typer.Option(
+        False, help="Merge from a tree with uncommitted changes (the report is marked); refused otherwise."
+    ),
 ) -> None:
-    """One report from several `eval tofu` runs (e.g. baselines and served methods run side by side)."""
-    from unlearnd.evaluation.report import merge_results, run_stamp, write_report
+    """One report from several `eval tofu` runs (e.g. baselines and served methods run side by side).
+    Runs measured with different metric code are refused; notes enter only through --note."""
+    from unlearnd.evaluation.report import DirtyTreeError, merge_results, run_stamp, write_report
+
+    try:
+        stamp = run_stamp(allow_dirty=allow_dirty or None)  # without the flag: UNLEARND_ALLOW_DIRTY
+    except DirtyTreeError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
 
     renames: dict[int, dict[str, str]] = {}
     for spec in rename or []:
@@ -236,7 +276,7 @@ def merge(
         )
     except (OSError, ValueError) as exc:
         raise typer.BadParameter(str(exc)) from None
-    paths = write_report(merged, out, name, run_stamp(), notes=list(note or []))
+    paths = write_report(merged, out, name, stamp, notes=list(note or []))
     echo_json({k: str(v) for k, v in paths.items()})
 
 

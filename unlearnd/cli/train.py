@@ -74,7 +74,9 @@ def eco(
     data_dir: Path | None = DATA_DIR,
     preset: str = PRESET,
     model: str | None = MODEL,
-    retain_model: str | None = typer.Option(None, help="A model that never saw the forget set (gives the target)."),
+    surrogate_model: str | None = typer.Option(
+        None, help="A model that never saw the forget set, e.g. the served model's base (gives the target)."
+    ),
     wrong_answers: Path | None = typer.Option(
         None, help="JSON(L) rows {question, perturbed_answer: [...]} (e.g. TOFU forget05_perturbed.json)."
     ),
@@ -82,7 +84,7 @@ def eco(
     device: str | None = DEVICE,
 ) -> None:
     """Tune ECO's corruption strength for a request (writes eco.json)."""
-    from unlearnd.train.eco import perturbed_from_options, read_wrong_answers, train_eco
+    from unlearnd.train.eco import perturbed_from_options, read_wrong_answers, surrogate_model_option, train_eco
 
     _, record, artifact_dir = _load(request, data_dir)
     wrong = read_wrong_answers(wrong_answers) if wrong_answers else perturbed_from_options(record)
@@ -92,7 +94,7 @@ def eco(
             artifact_dir,
             _model(model),
             preset=preset,
-            retain_model_path=retain_model or record.spec.options.get("retain_model"),
+            surrogate_model_path=surrogate_model or surrogate_model_option(record),
             wrong_answers=wrong,
             device=device,
             overrides=parse_options(option),

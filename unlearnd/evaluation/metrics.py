@@ -17,6 +17,10 @@ Definitions (open-unlearning `src/evals/metrics`), with p(a|q) = exp(mean token 
 * extraction strength: 1 - k/|a| for the smallest k whose suffix the model reproduces teacher-forced.
 * Min-K% MIA AUC: score = -mean of the lowest 20% token log-probs; AUC of forget (label 0) against
   held-out (label 1) items, 0.5 = indistinguishable, 1 = members recognisable.
+A served route that never calls the model (refuse) has no probabilities: every metric built on them
+is None for a split with any refused item, and `not_applicable` says why; what the user got (the
+refusal's ROUGE, the share refused) is still measured. `bootstrap_intervals` gives percentile
+confidence intervals for the headline numbers by resampling items.
 Scores cover the answer tokens only (no end-of-turn token), the same tokens the served scoring
 endpoint returns, so in-process and served numbers are comparable.
 """
@@ -24,10 +28,12 @@ endpoint returns, so in-process and served numbers are comparable.
 from __future__ import annotations
 
 import abc
+import hashlib
 import math
 import re
 from collections.abc import Sequence
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -238,15 +244,38 @@ def is_gibberish(text: str, ppl: float | None = None, max_ppl: float = 500.0) ->
 # --------------------------------------------------------------------------- registry
 
 
+NO_MODEL_ROUTES = frozenset({"refuse"})  # routes whose answer never comes from the model
+
+
+def refused_count(items: Sequence[ItemRecord]) -> int:
+    return sum(it.route in NO_MODEL_ROUTES for it in items)
+
+
 class Metric(abc.ABC):
     """A named number computed from a method's records (and the retain model's, for forget quality)."""
 
     name: ClassVar[str]
     higher_is_better: ClassVar[bool | None] = None  # None: "closer to the retain model is better"
+    splits: tuple[str, ...] = ()  # the splits it reads
+    uses_scores: bool = False  # reads the model's log-probs (undefined where the model never answered)
 
     @abc.abstractmethod
     def compute(self, run: RunRecords, retain: RunRecords | None = None) -> float | None:
         """The value, or None when the records needed are missing (e.g. served models have no argmax)."""
+
+    def why_missing(self, run: RunRecords, retain: RunRecords | None = None) -> str:
+        """Why `compute` gave None (see `not_applicable`)."""
+        for split in self.splits:
+            records = run.get(split)
+            if records is None or not records.items:
+                return f"{split} not evaluated"
+            refused = refused_count(records.items)
+            if self.uses_scores and refused:
+                return (
+                    f"{refused} of {len(records.items)} {split} items routed to refuse: a refusal never calls the "
+                    "model, so it has no probability to measure"
+                )
+        return "its inputs were not recorded for this method"
 
 
 METRICS: dict[str, Metric] = {}
@@ -257,9 +286,14 @@ def register_metric(metric: Metric) -> Metric:
     return metric
 
 
-def _items(run: RunRecords, split: str) -> list[ItemRecord] | None:
+def _items(run: RunRecords, split: str, scored: bool = False) -> list[ItemRecord] | None:
+    """The split's items; None when missing or (`scored`) when any was refused rather than scored."""
     records = run.get(split)
-    return records.items if records is not None and records.items else None
+    if records is None or not records.items:
+        return None
+    if scored and refused_count(records.items):
+        return None
+    return records.items
 
 
 class _SplitMetric(Metric):
@@ -268,13 +302,16 @@ class _SplitMetric(Metric):
     def __init__(self, name: str, split: str):
         self.name = name  # type: ignore[misc]
         self.split = split
+        self.splits = (split,)
 
 
 class ProbabilityMetric(_SplitMetric):
     """Mean P(a|q)^(1/|a|) on a QA split."""
 
+    uses_scores = True
+
     def compute(self, run: RunRecords, retain: RunRecords | None = None) -> float | None:
-        items = _items(run, self.split)
+        items = _items(run, self.split, scored=True)
         if items is None:
             return None
         return float(np.nanmean([normalised_probability(it.answer_lp) for it in items]))
@@ -283,8 +320,10 @@ class ProbabilityMetric(_SplitMetric):
 class NormalisedProbabilityMetric(_SplitMetric):
     """Mean p_true / (p_true + sum p_false) on a multiple-answer split."""
 
+    uses_scores = True
+
     def compute(self, run: RunRecords, retain: RunRecords | None = None) -> float | None:
-        items = _items(run, self.split)
+        items = _items(run, self.split, scored=True)
         if items is None:
             return None
         return float(np.nanmean([probability_over_options(it.answer_lp, it.perturbed_lp) for it in items]))
@@ -312,12 +351,14 @@ def truth_ratios(items: Sequence[ItemRecord]) -> list[float]:
 
 
 class TruthRatioMetric(_SplitMetric):
+    uses_scores = True
+
     def __init__(self, name: str, split: str, aggregator: str):
         super().__init__(name, split)
         self.aggregator = aggregator
 
     def compute(self, run: RunRecords, retain: RunRecords | None = None) -> float | None:
-        items = _items(run, self.split)
+        items = _items(run, self.split, scored=True)
         if items is None or not all(it.perturbed_lp for it in items):
             return None
         return aggregate_truth_ratio(truth_ratios(items), self.aggregator)
@@ -326,13 +367,20 @@ class TruthRatioMetric(_SplitMetric):
 class ForgetQualityMetric(Metric):
     name = "forget_quality"
     higher_is_better = True
+    splits = ("forget",)
+    uses_scores = True
 
     def compute(self, run: RunRecords, retain: RunRecords | None = None) -> float | None:
-        items = _items(run, "forget")
-        ref = _items(retain, "forget") if retain is not None else None
+        items = _items(run, "forget", scored=True)
+        ref = _items(retain, "forget", scored=True) if retain is not None else None
         if items is None or ref is None:
             return None
         return forget_quality(truth_ratios(items), truth_ratios(ref))
+
+    def why_missing(self, run: RunRecords, retain: RunRecords | None = None) -> str:
+        if retain is None or _items(retain, "forget", scored=True) is None:
+            return "no retain-model forget records to compare with"
+        return super().why_missing(run, retain)
 
 
 MODEL_UTILITY_PARTS = (
@@ -352,6 +400,12 @@ class ModelUtilityMetric(Metric):
     name = "model_utility"
     higher_is_better = True
 
+    def why_missing(self, run: RunRecords, retain: RunRecords | None = None) -> str:
+        for part in MODEL_UTILITY_PARTS:
+            if METRICS[part].compute(run, retain) is None:
+                return f"{part}: {METRICS[part].why_missing(run, retain)}"
+        return super().why_missing(run, retain)
+
     def compute(self, run: RunRecords, retain: RunRecords | None = None) -> float | None:
         values = [METRICS[part].compute(run, retain) for part in MODEL_UTILITY_PARTS]
         if any(v is None for v in values):
@@ -362,21 +416,31 @@ class ModelUtilityMetric(Metric):
 class ExtractionStrengthMetric(Metric):
     name = "extraction_strength"
     higher_is_better = False
+    splits = ("forget",)
+    uses_scores = True
 
     def compute(self, run: RunRecords, retain: RunRecords | None = None) -> float | None:
-        items = _items(run, "forget")
+        items = _items(run, "forget", scored=True)
         if items is None or any(it.greedy_hits is None for it in items):
             return None
         return float(np.mean([extraction_strength(it.greedy_hits or []) for it in items]))
+
+    def why_missing(self, run: RunRecords, retain: RunRecords | None = None) -> str:
+        reason = super().why_missing(run, retain)
+        if reason.startswith("its inputs"):
+            return "needs the model's teacher-forced argmax, which the HTTP scoring endpoint does not return"
+        return reason
 
 
 class MinKMiaMetric(Metric):
     name = "mia_min_k_auc"
     k: float = 0.2
+    splits = ("forget", "holdout")
+    uses_scores = True
 
     def compute(self, run: RunRecords, retain: RunRecords | None = None) -> float | None:
-        forget = _items(run, "forget")
-        holdout = _items(run, "holdout")
+        forget = _items(run, "forget", scored=True)
+        holdout = _items(run, "holdout", scored=True)
         if forget is None or holdout is None:
             return None
         return auc(
@@ -387,6 +451,7 @@ class MinKMiaMetric(Metric):
 class GibberishRateMetric(Metric):
     name = "forget_gibberish_rate"
     higher_is_better = False
+    splits = ("forget",)
 
     def compute(self, run: RunRecords, retain: RunRecords | None = None) -> float | None:
         items = _items(run, "forget")
@@ -400,6 +465,7 @@ class GenerationPerplexityMetric(Metric):
 
     name = "forget_generation_ppl"
     higher_is_better = False
+    splits = ("forget",)
 
     def compute(self, run: RunRecords, retain: RunRecords | None = None) -> float | None:
         items = _items(run, "forget")
@@ -411,12 +477,21 @@ class GenerationPerplexityMetric(Metric):
 
 class EmptyRateMetric(Metric):
     name = "forget_empty_rate"
+    splits = ("forget",)
 
     def compute(self, run: RunRecords, retain: RunRecords | None = None) -> float | None:
         items = _items(run, "forget")
         if items is None or any(it.generation is None for it in items):
             return None
         return float(np.mean([not (it.generation or "").strip() for it in items]))
+
+
+class RefusedShareMetric(_SplitMetric):
+    """Share of a split's items the route refused (what can be measured where probabilities cannot)."""
+
+    def compute(self, run: RunRecords, retain: RunRecords | None = None) -> float | None:
+        items = _items(run, self.split)
+        return None if items is None else refused_count(items) / len(items)
 
 
 for _metric in (
@@ -434,6 +509,8 @@ for _metric in (
     RougeMetric("wf_Q_A_ROUGE", "world_facts"),
     TruthRatioMetric("wf_Truth_Ratio", "world_facts", "true_better"),
     ModelUtilityMetric(),
+    RefusedShareMetric("forget_refused_share", "forget"),
+    RefusedShareMetric("retain_refused_share", "retain"),
     ExtractionStrengthMetric(),
     MinKMiaMetric(),
     GibberishRateMetric(),
@@ -448,3 +525,93 @@ def compute_all(
 ) -> dict[str, float | None]:
     """Every registered metric (or `names`) for one run; missing inputs give None, never a made-up number."""
     return {name: METRICS[name].compute(run, retain) for name in (names or list(METRICS))}
+
+
+def not_applicable(
+    run: RunRecords, retain: RunRecords | None, values: dict[str, float | None] | None = None
+) -> dict[str, str]:
+    """Why each metric that is None for this run is not a number (reports print "n/a" with it)."""
+    values = values if values is not None else compute_all(run, retain)
+    return {name: METRICS[name].why_missing(run, retain) for name, value in values.items() if value is None}
+
+
+def metric_code_version() -> str:
+    """A digest of this module: runs whose numbers came from different metric code are not merged."""
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------- confidence intervals
+
+INTERVAL_METRICS = ("forget_quality", "model_utility", "forget_Q_A_ROUGE")
+_UTILITY_SPLITS = (("retain", "retain", False), ("ra", "real_authors", True), ("wf", "world_facts", True))
+
+
+def _per_item(run: RunRecords, split: str, normalised: bool) -> dict[str, np.ndarray] | None:
+    """Per-item probability, ROUGE and truth ratio of a split (None when a part is undefined)."""
+    items = _items(run, split, scored=True)
+    if items is None or any(it.generation is None for it in items) or not all(it.perturbed_lp for it in items):
+        return None
+    prob = [
+        probability_over_options(it.answer_lp, it.perturbed_lp) if normalised else normalised_probability(it.answer_lp)
+        for it in items
+    ]
+    return {
+        "prob": np.asarray(prob, dtype=float),
+        "rouge": np.asarray([rouge_l_recall(it.answer, it.generation or "") for it in items], dtype=float),
+        "tr": np.asarray(truth_ratios(items), dtype=float),
+    }
+
+
+def bootstrap_intervals(
+    run: RunRecords, retain: RunRecords | None, n_resamples: int = 1000, level: float = 0.95, seed: int = 0
+) -> dict[str, list[float] | None]:
+    """Percentile bootstrap intervals for forget quality, model utility and forget ROUGE-L.
+
+    Items are resampled with replacement within each split; forget quality resamples the method's and
+    the retain model's forget items with the same indices (they are the same questions), so the
+    interval shows how much the KS p-value of this many items moves, not a second source of noise.
+    An interval is None where its metric is (see `not_applicable`)."""
+    out: dict[str, list[float] | None] = {name: None for name in INTERVAL_METRICS}
+    if n_resamples <= 0:
+        return out
+    rng = np.random.default_rng(seed)
+    lo_q, hi_q = 100 * (1 - level) / 2, 100 * (1 + level) / 2
+
+    def interval(samples: list[float]) -> list[float] | None:
+        arr = np.asarray(samples, dtype=float)
+        arr = arr[np.isfinite(arr)]
+        return [float(np.percentile(arr, lo_q)), float(np.percentile(arr, hi_q))] if arr.size else None
+
+    forget = _items(run, "forget")
+    if forget is not None and all(it.generation is not None for it in forget):
+        rouge = np.asarray([rouge_l_recall(it.answer, it.generation or "") for it in forget], dtype=float)
+        out["forget_Q_A_ROUGE"] = interval(
+            [float(rouge[rng.integers(0, rouge.size, rouge.size)].mean()) for _ in range(n_resamples)]
+        )
+    scored = _items(run, "forget", scored=True)
+    ref = _items(retain, "forget", scored=True) if retain is not None else None
+    if scored is not None and ref is not None:
+        mine, theirs = np.asarray(truth_ratios(scored)), np.asarray(truth_ratios(ref))
+        paired = [it.question for it in scored] == [it.question for it in ref]
+        samples = []
+        for _ in range(n_resamples):
+            i = rng.integers(0, mine.size, mine.size)
+            j = i if paired else rng.integers(0, theirs.size, theirs.size)
+            samples.append(forget_quality(mine[i], theirs[j]))
+        out["forget_quality"] = interval(samples)
+    parts = {key: _per_item(run, split, normalised) for key, split, normalised in _UTILITY_SPLITS}
+    if all(v is not None for v in parts.values()):
+        samples = []
+        for _ in range(n_resamples):
+            values = []
+            for v in parts.values():
+                assert v is not None
+                i = rng.integers(0, v["prob"].size, v["prob"].size)
+                values += [
+                    float(np.nanmean(v["prob"][i])),
+                    float(v["rouge"][i].mean()),
+                    aggregate_truth_ratio(v["tr"][i], "true_better"),
+                ]
+            samples.append(harmonic_mean(values))
+        out["model_utility"] = interval(samples)
+    return out

@@ -78,16 +78,15 @@ def git_commit(repo: Path | None = None) -> str | None:
             timeout=10,
             check=False,
         )
-        dirty = (
-            subprocess.run(
-                ["git", "diff", "--quiet", "HEAD", "--", ".", ":(exclude)reports"],
-                cwd=repo or Path.cwd(),
-                capture_output=True,
-                timeout=10,
-                check=False,
-            ).returncode
-            == 1
+        changed = subprocess.run(  # tracked changes and untracked files (not ignored) outside reports/
+            ["git", "status", "--porcelain", "--untracked-files=normal", "--", ".", ":(exclude)reports"],
+            cwd=repo or Path.cwd(),
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
         )
+        dirty = changed.returncode == 0 and bool(changed.stdout.strip())
     except (OSError, subprocess.SubprocessError):
         return None
     head = out.stdout.strip()
@@ -120,21 +119,43 @@ def command_line(argv: list[str] | None = None) -> str:
     return "unlearnd " + shlex.join(args)
 
 
-def run_stamp(command: str | None = None, dtype: str | None = None) -> dict[str, Any]:
+ALLOW_DIRTY_ENV = "UNLEARND_ALLOW_DIRTY"
+
+
+class DirtyTreeError(RuntimeError):
+    """A report was asked for from code that is not a commit (its numbers could not be reproduced)."""
+
+
+def allow_dirty_default() -> bool:
+    return os.environ.get(ALLOW_DIRTY_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def run_stamp(command: str | None = None, dtype: str | None = None, allow_dirty: bool | None = None) -> dict[str, Any]:
     """Command, machine, engine dtype, commit and time: taken when a run starts (later commits are not
-    what ran). `dtype` is the engine's compute dtype where the run measured an engine."""
+    what ran). `dtype` is the engine's compute dtype where the run measured an engine.
+
+    A tree with changes outside reports/ is refused (DirtyTreeError) unless `allow_dirty` (default: the
+    UNLEARND_ALLOW_DIRTY environment variable; `--allow-dirty` on the CLI); such a stamp is marked."""
+    commit = git_commit()
+    dirty = bool(commit and commit.endswith("+dirty"))
+    if dirty and not (allow_dirty_default() if allow_dirty is None else allow_dirty):
+        raise DirtyTreeError(
+            f"the working tree differs from commit {commit.removesuffix('+dirty')} outside reports/: commit first "
+            "(a report must come from a recorded clean commit) or pass --allow-dirty (the report is then marked)"
+        )
     return {
         "command": command or command_line(),
         "machine": machine_description(),
         "dtype": dtype,
-        "git_commit": git_commit(),
+        "git_commit": commit,
+        "dirty": dirty,
         "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
 
 
 def stamp_lines(stamp: dict[str, Any]) -> list[str]:
     """The report header: the command, then one line with machine, dtype, commit and time."""
-    return [
+    lines = [
         f"Command: `{stamp.get('command', 'n/a')}`",
         "",
         (
@@ -143,6 +164,9 @@ def stamp_lines(stamp: dict[str, Any]) -> list[str]:
         ),
         "",
     ]
+    if stamp.get("dirty"):
+        lines += ["**Made from a dirty tree (--allow-dirty): the code that ran is not the commit above.**", ""]
+    return lines
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -157,7 +181,8 @@ def markdown(results: dict[str, Any]) -> str:
             "",
         ]
         lines += [
-            f"- `{src.get('command')}` ({src.get('machine')}; commit {src.get('git_commit') or 'n/a'}; "
+            f"- `{src.get('command')}` ({src.get('machine')}; engine dtype {src.get('dtype') or 'n/a'}; "
+            f"commit {src.get('git_commit') or 'n/a'}{' (dirty tree)' if src.get('dirty') else ''}; "
             f"{src.get('created')})"
             for src in sources
         ]
@@ -168,7 +193,19 @@ def markdown(results: dict[str, Any]) -> str:
             f"Preset `{preset.get('name')}`, forget split `{preset.get('forget_split')}`; split sizes "
             + ", ".join(f"{k} {v}" for k, v in results.get("split_sizes", {}).items())
             + f"; greedy generation up to {results.get('settings', {}).get('max_new_tokens')} new tokens; "
-            f"ROUGE: {results.get('rouge_backend', 'n/a')}.",
+            f"ROUGE: {results.get('rouge_backend', 'n/a')}; metric code {results.get('metric_code', 'n/a')}.",
+            "",
+        ]
+    folds = results.get("cross_fitting")
+    if folds:
+        lines += [
+            f"Held out by cross-fitting ({folds['n_folds']} folds): every baseline is trained, and every served "
+            "request registered (ECO tuned, SPUL and O3 trained, the detector fit), on one fold's forget questions "
+            "and retain authors, and measured on the next fold's: forget questions it never saw (with their "
+            "paraphrases and perturbations) and retain authors in no request; each item is measured once. "
+            "Fit sizes per fold: "
+            + "; ".join(f"forget {f['forget']}, retain {f['retain']}" for f in folds.get("fit_sizes", []))
+            + ". The references (target, retain) are fit on nothing a fold holds out and are measured on every item.",
             "",
         ]
     ref = results.get("reference", {})
@@ -209,11 +246,13 @@ def markdown(results: dict[str, Any]) -> str:
         (
             "Forget quality: KS-test p-value of forget truth ratios against the retain model (higher = "
             "closer to never having learned). Model utility: harmonic mean of the nine utility metrics below. "
-            "n/a = not measurable for that kind (extraction strength needs teacher-forced argmax, which the "
-            "HTTP scoring endpoint does not return)."
+            "n/a = not measurable for that method; the reasons are listed under the intervals."
         ),
         "",
     ]
+    lines += interval_lines(methods)
+    lines += not_applicable_lines(methods)
+    lines += seed_lines(methods)
     lines += [
         "## Model utility components",
         "",
@@ -308,6 +347,79 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def _interval(entry: dict[str, Any], name: str) -> list[float] | None:
+    value = (entry.get("intervals") or {}).get(name)
+    return value if isinstance(value, list) and len(value) == 2 else None
+
+
+def _with_interval(entry: dict[str, Any], name: str) -> str:
+    value = entry.get("metrics", {}).get(name)
+    ci = _interval(entry, name)
+    return fmt(value) + (f" [{fmt(ci[0])}, {fmt(ci[1])}]" if ci and value is not None else "")
+
+
+def interval_lines(methods: dict[str, Any]) -> list[str]:
+    """The headline numbers with their 95% bootstrap intervals, and the share of items refused."""
+    if not any(e.get("intervals") for e in methods.values()):
+        return []
+    lines = [
+        "## Headline numbers with 95% bootstrap intervals (items resampled)",
+        "",
+        "| Method | Forget quality | Model utility | Forget ROUGE-L | Forget refused | Retain refused |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, e in methods.items():
+        m = e.get("metrics", {})
+        if not m:
+            continue
+        lines.append(
+            f"| {name} | {_with_interval(e, 'forget_quality')} | {_with_interval(e, 'model_utility')} | "
+            f"{_with_interval(e, 'forget_Q_A_ROUGE')} | {fmt(m.get('forget_refused_share'))} | "
+            f"{fmt(m.get('retain_refused_share'))} |"
+        )
+    return [*lines, ""]
+
+
+def not_applicable_lines(methods: dict[str, Any]) -> list[str]:
+    """Every n/a of the tables with its reason (one line per method and reason)."""
+    lines: list[str] = []
+    for name, e in methods.items():
+        by_reason: dict[str, list[str]] = {}
+        for metric, reason in (e.get("not_applicable") or {}).items():
+            by_reason.setdefault(reason, []).append(metric)
+        for reason, metrics in by_reason.items():
+            lines.append(f"- {name}: {', '.join(metrics)}: n/a, {reason}.")
+    return ["## Not measurable (n/a) and why", "", *lines, ""] if lines else []
+
+
+def seed_lines(methods: dict[str, Any]) -> list[str]:
+    """Spread over seeds, for methods run with more than one."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for name, e in methods.items():
+        if e.get("seed") is not None and e.get("metrics"):
+            groups.setdefault(name.split("@", 1)[0], []).append(e)
+    lines = []
+    for base, entries in groups.items():
+        if len(entries) < 2:
+            continue
+        cells = []
+        for key in ("forget_quality", "model_utility", "forget_Q_A_ROUGE"):
+            values = [x["metrics"].get(key) for x in entries if x["metrics"].get(key) is not None]
+            cells.append(f"{fmt(min(values))} – {fmt(max(values))}" if values else "n/a")
+        seeds = ", ".join(str(x.get("seed")) for x in entries)
+        lines.append(f"| {base} | {seeds} | " + " | ".join(cells) + " |")
+    if not lines:
+        return []
+    return [
+        "## Spread over seeds (min – max)",
+        "",
+        "| Method | Seeds | Forget quality | Model utility | Forget ROUGE-L |",
+        "|---|---|---|---|---|",
+        *lines,
+        "",
+    ]
+
+
 def tradeoff_lines(methods: dict[str, Any], min_fq: float = 0.5, min_mu_ratio: float = 0.99) -> list[str]:
     """Each unlearning method against the goal "forget quality >= 0.5 at >= 99% of the target's utility",
     and, between served routes and finetuning baselines, who beats whom on both axes at once."""
@@ -334,28 +446,43 @@ def tradeoff_lines(methods: dict[str, Any], min_fq: float = 0.5, min_mu_ratio: f
         f"## Trade-off against the target model (goal: forget quality ≥ {min_fq} and model utility ≥ "
         f"{min_mu_ratio}× the target's {fmt(target_mu)})",
         "",
-        "| Method | Kind | Forget quality | Utility / target | Meets goal | Beaten on both axes by |",
-        "|---|---|---|---|---|---|",
+        "| Method | Kind | Forget quality [95% CI] | Utility / target | Meets goal | Meets it at the FQ lower bound | "
+        "Beaten on both axes by |",
+        "|---|---|---|---|---|---|---|",
     ]
-    ahead = []
+    baselines = [n for n, _ in rows if methods[n].get("kind") == "baseline"]
+    ahead_of_all = []
     for name, _ in rows:
         fq, ratio = points[name]
         kind = methods[name].get("kind")
         meets = fq is not None and ratio is not None and fq >= min_fq and ratio >= min_mu_ratio
+        ci = _interval(methods[name], "forget_quality")
+        meets_low = meets and ci is not None and ci[0] >= min_fq
         rivals = [o for o, _ in rows if methods[o].get("kind") != kind and beats(o, name)]
-        if kind == "served" and meets and not rivals:
-            ahead.append(name)
-        lines.append(f"| {name} | {kind} | {fmt(fq)} | {fmt(ratio)} | {fmt(meets)} | {', '.join(rivals) or '-'} |")
+        if kind == "served" and meets and all(_strictly_ahead(points[name], points[b]) for b in baselines):
+            ahead_of_all.append(name)
+        lines.append(
+            f"| {name} | {kind} | {_with_interval(methods[name], 'forget_quality')} | {fmt(ratio)} | {fmt(meets)} | "
+            f"{fmt(meets_low) if ci is not None else 'n/a'} | {', '.join(rivals) or '-'} |"
+        )
     if any(methods[n].get("kind") == "served" for n, _ in rows):
         lines += [
             "",
             (
-                "Served routes that meet the goal with no finetuning baseline ahead of them on both axes: "
-                + (", ".join(ahead) if ahead else "none")
-                + "."
+                "Served routes that meet the goal and are ahead of every finetuning baseline on both axes "
+                "(higher forget quality and higher utility than each): "
+                + (", ".join(ahead_of_all) if ahead_of_all else "none")
+                + (f" (baselines compared: {', '.join(baselines)})." if baselines else " (no baseline in this report).")
             ),
         ]
     return [*lines, ""]
+
+
+def _strictly_ahead(a: tuple[float | None, float | None], b: tuple[float | None, float | None]) -> bool:
+    """a is above b on forget quality and on utility (a baseline with no number is not beaten)."""
+    if None in (*a, *b):
+        return False
+    return a[0] > b[0] and a[1] > b[1]  # type: ignore[operator]
 
 
 def plot_scatter(results: dict[str, Any], path: Path) -> Path | None:
@@ -454,6 +581,13 @@ def merge_results(runs: list[dict[str, Any]], renames: list[dict[str, str]] | No
     if not runs:
         raise ValueError("nothing to merge")
     first = runs[0]
+    versions = {run.get("metric_code") for run in runs}
+    if len(versions) > 1 or None in versions:
+        raise ValueError(
+            "runs were measured with different metric code (metric_code "
+            + ", ".join(str(run.get("metric_code")) for run in runs)
+            + "): re-run them at one commit"
+        )
     for other in runs[1:]:
         for key in MERGE_KEYS:
             if other.get(key) != first.get(key):
@@ -471,9 +605,11 @@ def merge_results(runs: list[dict[str, Any]], renames: list[dict[str, str]] | No
             merged["methods"][name] = entry
             if old in run.get("examples", {}):
                 merged["examples"][name] = run["examples"][old]
-        merged["sources"].append({k: run.get(k) for k in ("command", "git_commit", "created", "machine")})
+        merged["sources"].append(
+            {k: run.get(k) for k in ("command", "git_commit", "dirty", "created", "machine", "dtype")}
+        )
         merged["notes"] += [n for n in run.get("notes", []) if not n.startswith(PARTIAL_NOTE)]
-    for key in ("command", "git_commit", "created", "machine"):
+    for key in ("command", "git_commit", "dirty", "created", "machine", "dtype"):
         merged.pop(key, None)
     return merged
 

@@ -186,14 +186,26 @@ def in_context(
 
 
 def run_probes(
-    mut: ModelUnderTest, tofu: TofuData, refs: Any, n_items: int = 30, max_new_tokens: int = 96
+    mut: ModelUnderTest,
+    tofu: TofuData,
+    refs: Any,
+    n_items: int = 30,
+    max_new_tokens: int = 96,
+    forget_pool: Sequence[QAItem] | None = None,
+    retain_pool: Sequence[QAItem] | None = None,
 ) -> dict[str, Any]:
-    """All prompt-level probes on `n_items` forget items (and as many retain items as controls)."""
+    """All prompt-level probes on `n_items` forget items (and as many retain items as controls).
+
+    `forget_pool` / `retain_pool` (default: the whole forget split / every retain author) are where the
+    items are drawn from: a cross-fitted evaluation passes the items its method was not fit on."""
     t0 = time.perf_counter()
-    forget_pool = tofu.perturbed_for(refs.preset.forget_split)
+    if forget_pool is None:
+        forget_pool = tofu.perturbed_for(refs.preset.forget_split)
     forget = spread(forget_pool, n_items)
-    retain_authors = set(refs.data.retain_authors)
-    retain = spread([it for it in tofu.split("retain_perturbed") if it.author in retain_authors], n_items)
+    if retain_pool is None:
+        retain_authors = set(refs.data.retain_authors)
+        retain_pool = [it for it in tofu.split("retain_perturbed") if it.author in retain_authors]
+    retain = spread(retain_pool, n_items)
     out = {
         "paraphrased": paraphrased(mut, forget, max_new_tokens),
         "multiple_choice": {"forget": multiple_choice(mut, forget), "retain": multiple_choice(mut, retain)},

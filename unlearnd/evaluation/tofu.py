@@ -21,13 +21,24 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
 
 from unlearnd.config import cache_dir
-from unlearnd.evaluation.metrics import ItemRecord, RunRecords, SplitRecords, compute_all, rouge_backend
+from unlearnd.evaluation.folds import Fold, check_disjoint, make_folds, pool_runs
+from unlearnd.evaluation.metrics import (
+    ItemRecord,
+    RunRecords,
+    SplitRecords,
+    bootstrap_intervals,
+    compute_all,
+    metric_code_version,
+    not_applicable,
+    rouge_backend,
+)
 from unlearnd.evaluation.model_under_test import HFModelUnderTest, ModelUnderTest, ServedModelUnderTest
 from unlearnd.evaluation.report import PARTIAL_NOTE, run_stamp, write_report
 from unlearnd.methods import METHODS
@@ -237,26 +248,40 @@ def cached_run(
 # --------------------------------------------------------------------------- served
 
 
+def surrogate_model_dir(refs: ReferenceModels) -> str | None:
+    """What a user has that never saw the forget set: the base model the target was finetuned from.
+
+    ECO's surrogate target comes from it, never from the retain model (the model forget quality is
+    measured against: tuning toward it would be tuning on the answer key)."""
+    base = read_info(Path(refs.target_dir)).get("base_model")
+    return str(base) if base else None
+
+
 def forget_request_spec(
-    method: str, refs: ReferenceModels, tofu: TofuData | None = None, options: dict[str, Any] | None = None
+    method: str,
+    refs: ReferenceModels,
+    forget: Sequence[QAItem],
+    retain: Sequence[QAItem],
+    options: dict[str, Any] | None = None,
+    name: str | None = None,
 ) -> dict[str, Any]:
-    """The forget request a user would register for this forget split (QA pairs + author names);
-    `options` are the method's request options (preset fields such as `steps`)."""
+    """The forget request a user would register: the QA pairs it is given (one fold's fit items, never
+    the questions it is measured on), retain QA and the authors' names; `options` are the method's
+    request options (preset fields such as `steps`)."""
     from unlearnd.evaluation.continual import request_spec
 
-    tofu = tofu or TofuData()
-    # ECO's surrogate target: what the retain model (never saw these authors) gives the forget answers
-    options = {**({"retain_model": refs.retain_dir} if method == "eco" else {}), **(options or {})} or None
-    return request_spec(
-        f"tofu-{refs.preset.forget_split}-{method}",
-        method,
-        tofu.split(refs.preset.forget_split),
-        refs.data.retain_items,
-        options,
-    )
+    defaults: dict[str, Any] = {}
+    if method == "eco":
+        surrogate = surrogate_model_dir(refs)
+        if surrogate:
+            defaults["surrogate_model"] = surrogate
+    options = {**defaults, **(options or {})} or None
+    return request_spec(name or f"tofu-{refs.preset.forget_split}-{method}", method, forget, retain, options)
 
 
 # --------------------------------------------------------------------------- the whole evaluation
+
+RANDOM_METHODS = (*BASELINES, "eco", "soft_prompt", "lora")  # trained with a seed (data order, init, noise)
 
 
 class TofuEvalConfig(BaseModel):
@@ -269,18 +294,36 @@ class TofuEvalConfig(BaseModel):
     served_model: str | None = None
     max_new_tokens: int | None = None
     limits: dict[str, int | None] = Field(default_factory=dict)
+    n_folds: int = Field(2, ge=2, description="cross-fitting folds: fit on one, measured on the next")
+    seeds: list[int] = Field(default_factory=lambda: [0], description="seeds for methods that train with one")
     robustness: bool = True
     robustness_items: int = 20
     relearn_epochs: float = 1.0
     relearn_lr: float | None = None  # None: the reference models' finetuning lr (how the facts were learned)
     use_cache: bool = True
     request_timeout_s: float = 3600.0
+    served_concurrency: int = 8
+    bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for the confidence intervals (0: none)")
     baseline_overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
     request_options: dict[str, dict[str, Any]] = Field(default_factory=dict)  # served method -> request options
 
 
 def _hf_maker(path: str | Path, name: str) -> Any:
     return lambda: HFModelUnderTest.from_dir(path, name=name)
+
+
+def seeded_name(method: str, seed: int) -> str:
+    """A method's row name for one seed: the plain name for seed 0, `method@seed<k>` otherwise."""
+    return method if seed == 0 else f"{method}@seed{seed}"
+
+
+def expand_seeds(methods: Sequence[str], seeds: Sequence[int]) -> list[tuple[str, str, int]]:
+    """(row name, method, seed) for every method, once per seed for those that train with one."""
+    rows = []
+    for method in methods:
+        for seed in seeds if method in RANDOM_METHODS else [0]:
+            rows.append((seeded_name(method, seed), method, seed))
+    return rows
 
 
 def run_tofu_eval(
@@ -292,9 +335,11 @@ def run_tofu_eval(
 ) -> dict[str, Any]:
     """Evaluate every method of `cfg` and return the results dict the report is built from.
 
-    `on_method_done` gets the results so far after every method (the CLI writes a partial report with
-    them, so an evaluation of many hours that is cut short still leaves what it measured)."""
-    from unlearnd.evaluation import robustness
+    References are measured on every evaluation item. Every other method is cross-fitted (`folds`):
+    fit (trained, registered, tuned) on one fold and measured on the next, its records pooled, so each
+    item is measured by a method that never saw it. `on_method_done` gets the results so far after
+    every method (the CLI writes a partial report with them, so an evaluation of many hours that is cut
+    short still leaves what it measured)."""
     from unlearnd.train import reference as ref_mod
 
     tofu = tofu or TofuData()
@@ -310,6 +355,9 @@ def run_tofu_eval(
         refs = ensure_reference_models(p, tofu=tofu)
     settings = EvalSettings(max_new_tokens=cfg.max_new_tokens or p.max_new_tokens, limits=cfg.limits)
     splits = eval_splits(refs, tofu, cfg.limits)
+    folds = make_folds(splits, tofu.split(p.forget_split), refs.data.retain_items, cfg.n_folds)
+    for fold in folds:
+        check_disjoint(fold, splits)
     unknown = [m for m in cfg.methods if m not in REFERENCE_METHODS + BASELINES + SERVED_METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}")
@@ -322,7 +370,14 @@ def run_tofu_eval(
         "preset": p.model_dump(),
         "settings": settings.model_dump(),
         "rouge_backend": rouge_backend(),
+        "metric_code": metric_code_version(),
         "split_sizes": {k: len(v) for k, v in splits.as_dict().items()},
+        "cross_fitting": {
+            "n_folds": cfg.n_folds,
+            "fit_sizes": [{"forget": len(f.fit_forget), "retain": len(f.fit_retain)} for f in folds],
+            "rule": "fit on fold k (forget questions at position k mod n within each author; retain authors dealt "
+            "to k), measured on fold k+1; references measured on every item",
+        },
         "reference": {
             k: {
                 "dir": d,
@@ -333,143 +388,241 @@ def run_tofu_eval(
         },
         "methods": {},
     }
+    ctx = _Context(refs=refs, tofu=tofu, splits=splits, folds=folds, settings=settings, judge=judge, cfg=cfg)
     runs: dict[str, RunRecords] = {}
     retain_run: RunRecords | None = None
-    # the user's order (served methods first lets their server jobs start at once); the retain run, every
-    # method's forget-quality reference, comes first when not asked for (it is usually cached), so every
-    # partial report already has forget quality
-    order = cfg.methods if "retain" in cfg.methods else ["retain", *cfg.methods]
-    for method in order:
-        entry: dict[str, Any] = {"kind": None, "cost": {}}
-        served: ServedModelUnderTest | None = None
-        request_id: str | None = None
-        model_dir: Path | None = None
+    # the retain run, every method's forget-quality reference, runs first (asked for or not; it is usually
+    # cached), so each method's metrics are final when it ends; the report keeps the user's order
+    rows = expand_seeds(["retain", *[m for m in cfg.methods if m != "retain"]], cfg.seeds)
+    asked = {row for row, _, _ in expand_seeds(cfg.methods, cfg.seeds)}
+    for row, method, seed in rows:
+        entry: dict[str, Any] = {"kind": None, "cost": {}, "seed": seed if method in RANDOM_METHODS else None}
         t0 = time.perf_counter()
         try:
             if method in REFERENCE_METHODS:
-                model_dir = Path(refs.target_dir if method == "target" else refs.retain_dir)
-                entry["kind"] = "reference"
-                train = read_info(model_dir).get("train", {})
-                entry["cost"].update(
-                    {"train_wall_seconds": train.get("wall_seconds"), "train_cpu_seconds": train.get("cpu_seconds")}
-                )
+                records = _evaluate_reference(ctx, method, entry, robustness=row in asked)
             elif method in BASELINES:
-                bcfg = default_baseline_config(method, p.name)
-                if method in cfg.baseline_overrides:
-                    bcfg = bcfg.model_copy(update=cfg.baseline_overrides[method])
-                model_dir = train_baseline(method, refs, bcfg, tofu=tofu)
-                info = read_info(model_dir)
-                entry.update(kind="baseline", config=info["config"], model_dir=str(model_dir))
-                entry["cost"].update(
-                    {
-                        "train_wall_seconds": info["train"]["wall_seconds"],
-                        "train_cpu_seconds": info["train"]["cpu_seconds"],
-                        "train_steps": info["train"]["steps"],
-                        "final_loss": info["train"]["final_loss"],
-                    }
-                )
+                records = _evaluate_baseline(ctx, method, seed, entry)
             else:
-                entry["kind"] = "served"
-                served = ServedModelUnderTest(
-                    cfg.server_url or "",
-                    name=method,
-                    api_key=cfg.api_key,
-                    admin_key=cfg.admin_key,
-                    model=cfg.served_model,
-                )
-                if method != "served_target":
-                    spec = forget_request_spec(method, refs, tofu, cfg.request_options.get(method))
-                    request_id = served.register(spec)
-                    t_reg = time.perf_counter()
-                    activated = served.wait_active(request_id, timeout_s=cfg.request_timeout_s)
-                    entry["cost"]["activation_wall_seconds"] = time.perf_counter() - t_reg
-                    job = activated.get("training") or {}  # the server's offline job for this request
-                    entry["cost"].update(
-                        {"train_wall_seconds": job.get("wall_seconds"), "train_cpu_seconds": job.get("cpu_seconds")}
-                    )
-                    entry["training"] = job.get("method")
-                    entry["request_id"] = request_id
-                    entry["entities"] = spec["entities"]
-            if model_dir is not None:
-                md = model_dir
-                records, wall, cached = cached_run(
-                    method, model_fingerprint(md), _hf_maker(md, method), splits, settings, judge, cfg.use_cache
-                )
-            else:
-                assert served is not None
-                records, wall, cached = cached_run(method, None, lambda s=served: s, splits, settings, judge, False)
-                entry["routes"] = {
-                    name: dict(Counter(it.route for it in sr.items)) for name, sr in records.splits.items()
-                }
-                entry["generation_routes"] = dict(Counter(served.generation_routes))
-            entry["cost"].update({"eval_wall_seconds": wall, "eval_cached": cached})
-            runs[method] = records
+                records = _evaluate_served(ctx, method, seed, entry)
+            runs[row] = records
             if method == "retain":
                 retain_run = records
-            if cfg.robustness and method in cfg.methods:
-
-                def probe(
-                    md: Path | None = model_dir, s: ServedModelUnderTest | None = served, m: str = method
-                ) -> dict[str, Any]:
-                    mut: ModelUnderTest = s if s is not None else HFModelUnderTest.from_dir(md, name=m)
-                    out = robustness.run_probes(
-                        mut, tofu, refs, n_items=cfg.robustness_items, max_new_tokens=settings.max_new_tokens
-                    )
-                    if m in BASELINES or m == "retain":  # retain = relearning from scratch
-                        assert md is not None
-                        out["relearning"] = robustness.relearning_attack(
-                            md,
-                            tofu.split(p.forget_split),
-                            epochs=cfg.relearn_epochs,
-                            lr=cfg.relearn_lr or p.learning_rate,
-                            max_new_tokens=settings.max_new_tokens,
-                            n_eval=cfg.robustness_items,
-                        )
-                    return out
-
-                # a served method's probes always run (the server's state is not part of any key)
-                key = (
-                    None
-                    if model_dir is None
-                    else {
-                        "robustness": model_fingerprint(model_dir),
-                        "method": method,
-                        "code": EVAL_CODE_VERSION,
-                        "n_items": cfg.robustness_items,
-                        "max_new_tokens": settings.max_new_tokens,
-                        "relearn": [cfg.relearn_epochs, cfg.relearn_lr or p.learning_rate],
-                        "forget": items_digest(tofu.split(p.forget_split)),
-                        "retain_authors": refs.data.retain_authors,
-                    }
-                )
-                entry["robustness"], entry["cost"]["robustness_cached"] = cached_json(key, probe, cfg.use_cache)
+            entry["metrics"] = compute_all(records, retain_run)
+            entry["not_applicable"] = not_applicable(records, retain_run, entry["metrics"])
+            entry["intervals"] = bootstrap_intervals(records, retain_run, cfg.bootstrap)
         except Exception as exc:  # one failing method must not lose the others' results
-            log.exception("method %s failed", method)
+            log.exception("method %s failed", row)
             entry["error"] = f"{type(exc).__name__}: {exc}"
-        finally:
-            if served is not None:
-                if request_id is not None:
-                    try:
-                        served.deactivate(request_id)
-                    except Exception:  # noqa: BLE001
-                        log.warning("could not deactivate forget request %s", request_id)
-                served.close()
         entry["cost"]["total_wall_seconds"] = time.perf_counter() - t0
-        if method in cfg.methods:
-            results["methods"][method] = entry
+        if row in asked:
+            results["methods"][row] = entry
         if on_method_done is not None:
-            on_method_done(_with_metrics(results, cfg, runs, retain_run))
-    return _with_metrics(results, cfg, runs, retain_run)
+            on_method_done(_with_metrics(results, cfg, runs))
+    return _with_metrics(results, cfg, runs)
 
 
-def _with_metrics(
-    results: dict[str, Any], cfg: TofuEvalConfig, runs: dict[str, RunRecords], retain_run: RunRecords | None
-) -> dict[str, Any]:
-    """The results with methods in the user's order, their metrics and example generations."""
-    methods = {m: dict(results["methods"][m]) for m in cfg.methods if m in results["methods"]}
-    for method, records in runs.items():
-        if method in methods:
-            methods[method]["metrics"] = compute_all(records, retain_run)
+@dataclass
+class _Context:
+    """What every method's evaluation shares."""
+
+    refs: ReferenceModels
+    tofu: TofuData
+    splits: EvalSplits
+    folds: list[Fold]
+    settings: EvalSettings
+    judge: ModelUnderTest
+    cfg: TofuEvalConfig
+
+
+def _add_cost(entry: dict[str, Any], key: str, value: float | None) -> None:
+    """Add one fold's cost to the method's (None when no fold reported it)."""
+    if value is None:
+        entry["cost"].setdefault(key, None)
+    else:
+        entry["cost"][key] = (entry["cost"].get(key) or 0.0) + float(value)
+
+
+def _probe(ctx: _Context, mut: ModelUnderTest, relearn_dir: Path | None) -> dict[str, Any]:
+    """The prompt-level probes on fold 0's measured items (the same items for every method), and the
+    relearning attack for a model whose weights changed (`relearn_dir`)."""
+    from unlearnd.evaluation import robustness
+
+    measured = ctx.folds[0].eval_splits(ctx.splits)
+    out = robustness.run_probes(
+        mut,
+        ctx.tofu,
+        ctx.refs,
+        n_items=ctx.cfg.robustness_items,
+        max_new_tokens=ctx.settings.max_new_tokens,
+        forget_pool=measured.forget,
+        retain_pool=measured.retain,
+    )
+    if relearn_dir is not None:
+        out["relearning"] = robustness.relearning_attack(
+            relearn_dir,
+            ctx.tofu.split(ctx.refs.preset.forget_split),
+            epochs=ctx.cfg.relearn_epochs,
+            lr=ctx.cfg.relearn_lr or ctx.refs.preset.learning_rate,
+            max_new_tokens=ctx.settings.max_new_tokens,
+            n_eval=ctx.cfg.robustness_items,
+        )
+    return out
+
+
+def _cached_probe(ctx: _Context, method: str, model_dir: Path, relearn: bool) -> tuple[dict[str, Any], bool]:
+    measured = ctx.folds[0].eval_splits(ctx.splits)
+    key = {
+        "robustness": model_fingerprint(model_dir),
+        "method": method,
+        "code": EVAL_CODE_VERSION,
+        "n_items": ctx.cfg.robustness_items,
+        "max_new_tokens": ctx.settings.max_new_tokens,
+        "relearn": [ctx.cfg.relearn_epochs, ctx.cfg.relearn_lr or ctx.refs.preset.learning_rate] if relearn else None,
+        "pools": [items_digest(measured.forget), items_digest(measured.retain)],
+    }
+    return cached_json(
+        key,
+        lambda: _probe(ctx, HFModelUnderTest.from_dir(model_dir, name=method), model_dir if relearn else None),
+        ctx.cfg.use_cache,
+    )
+
+
+def _evaluate_reference(ctx: _Context, method: str, entry: dict[str, Any], robustness: bool) -> RunRecords:
+    """target / retain: measured on every evaluation item (they are fit on nothing a fold holds out)."""
+    model_dir = Path(ctx.refs.target_dir if method == "target" else ctx.refs.retain_dir)
+    entry["kind"] = "reference"
+    train = read_info(model_dir).get("train", {})
+    entry["cost"].update(
+        {"train_wall_seconds": train.get("wall_seconds"), "train_cpu_seconds": train.get("cpu_seconds")}
+    )
+    records, wall, cached = cached_run(
+        method,
+        model_fingerprint(model_dir),
+        _hf_maker(model_dir, method),
+        ctx.splits,
+        ctx.settings,
+        ctx.judge,
+        ctx.cfg.use_cache,
+    )
+    entry["cost"].update({"eval_wall_seconds": wall, "eval_cached": cached})
+    if ctx.cfg.robustness and robustness:  # retain = relearning from scratch (the floor)
+        entry["robustness"], entry["cost"]["robustness_cached"] = _cached_probe(
+            ctx, method, model_dir, relearn=method == "retain"
+        )
+    return records
+
+
+def _evaluate_baseline(ctx: _Context, method: str, seed: int, entry: dict[str, Any]) -> RunRecords:
+    """A finetuning baseline per fold: trained from the target on the fold's fit items, measured on the
+    next fold's items; the records pooled."""
+    bcfg = default_baseline_config(method, ctx.refs.preset.name)
+    if method in ctx.cfg.baseline_overrides:
+        bcfg = bcfg.model_copy(update=ctx.cfg.baseline_overrides[method])
+    bcfg = bcfg.model_copy(update={"seed": seed})
+    entry.update(kind="baseline", config=bcfg.model_dump(), folds=[])
+    fold_runs = []
+    cached_all = True
+    for fold in ctx.folds:
+        model_dir = train_baseline(
+            method, ctx.refs, bcfg, tofu=ctx.tofu, forget=fold.fit_forget, retain=fold.fit_retain
+        )
+        info = read_info(model_dir)["train"]
+        for key in ("wall_seconds", "cpu_seconds"):
+            _add_cost(entry, f"train_{key}", info[key])
+        _add_cost(entry, "train_steps", info["steps"])
+        records, wall, cached = cached_run(
+            method,
+            model_fingerprint(model_dir),
+            _hf_maker(model_dir, method),
+            fold.eval_splits(ctx.splits),
+            ctx.settings,
+            ctx.judge,
+            ctx.cfg.use_cache,
+        )
+        _add_cost(entry, "eval_wall_seconds", wall)
+        cached_all = cached_all and cached
+        entry["folds"].append({"model_dir": str(model_dir), "final_loss": info["final_loss"]})
+        fold_runs.append(records)
+        if fold.index == 0 and ctx.cfg.robustness:
+            entry["robustness"], entry["cost"]["robustness_cached"] = _cached_probe(ctx, method, model_dir, True)
+    entry["cost"]["eval_cached"] = cached_all
+    return pool_runs(method, ctx.splits, ctx.folds, fold_runs)
+
+
+def _evaluate_served(ctx: _Context, method: str, seed: int, entry: dict[str, Any]) -> RunRecords:
+    """A served guardrail per fold: a forget request registered with the fold's fit items only,
+    measured on the next fold's items through the server, then removed; the records pooled.
+    `served_target` registers nothing (the pass-through check)."""
+    cfg = ctx.cfg
+    entry.update(kind="served", folds=[])
+    fold_runs: list[RunRecords] = []
+    generation_routes: Counter[str] = Counter()
+    for fold in ctx.folds:
+        served = ServedModelUnderTest(
+            cfg.server_url or "",
+            name=method,
+            api_key=cfg.api_key,
+            admin_key=cfg.admin_key,
+            model=cfg.served_model,
+            concurrency=cfg.served_concurrency,
+        )
+        request_id: str | None = None
+        fold_entry: dict[str, Any] = {}
+        try:
+            if method != "served_target":
+                options = dict(cfg.request_options.get(method, {}))
+                if method in RANDOM_METHODS:
+                    options.setdefault("seed", seed)
+                spec = forget_request_spec(
+                    method,
+                    ctx.refs,
+                    fold.fit_forget,
+                    fold.fit_retain,
+                    options,
+                    name=f"tofu-{ctx.refs.preset.forget_split}-{method}-seed{seed}-fold{fold.index}",
+                )
+                request_id = served.register(spec)
+                t_reg = time.perf_counter()
+                activated = served.wait_active(request_id, timeout_s=cfg.request_timeout_s)
+                _add_cost(entry, "activation_wall_seconds", time.perf_counter() - t_reg)
+                job = activated.get("training") or {}  # the server's offline job for this request
+                _add_cost(entry, "train_wall_seconds", job.get("wall_seconds"))
+                _add_cost(entry, "train_cpu_seconds", job.get("cpu_seconds"))
+                entry["training"] = job.get("method")
+                entry["entities"] = spec["entities"]
+                fold_entry.update(request_id=request_id, fit_forget=len(spec["forget"]), fit_retain=len(spec["retain"]))
+                if job:
+                    fold_entry["job"] = {k: v for k, v in job.items() if k not in ("losses",)}
+            records, wall, _ = cached_run(
+                method, None, lambda s=served: s, fold.eval_splits(ctx.splits), ctx.settings, ctx.judge, False
+            )
+            _add_cost(entry, "eval_wall_seconds", wall)
+            fold_runs.append(records)
+            if fold.index == 0 and cfg.robustness:  # while fold 0's request is the active one
+                entry["robustness"] = _probe(ctx, served, None)
+                entry["cost"]["robustness_cached"] = False
+            generation_routes.update(served.generation_routes)
+        finally:
+            if request_id is not None:
+                try:
+                    served.deactivate(request_id)
+                except Exception:  # noqa: BLE001
+                    log.warning("could not deactivate forget request %s", request_id)
+            served.close()
+        entry["folds"].append(fold_entry)
+    entry["cost"]["eval_cached"] = False
+    pooled = pool_runs(method, ctx.splits, ctx.folds, fold_runs)
+    entry["routes"] = {name: dict(Counter(it.route for it in sr.items)) for name, sr in pooled.splits.items()}
+    entry["generation_routes"] = dict(generation_routes)
+    return pooled
+
+
+def _with_metrics(results: dict[str, Any], cfg: TofuEvalConfig, runs: dict[str, RunRecords]) -> dict[str, Any]:
+    """The results with methods in the user's order (each seed's row after the first), and example
+    generations."""
+    order = [row for row, _, _ in expand_seeds(cfg.methods, cfg.seeds)]
+    methods = {m: dict(results["methods"][m]) for m in order if m in results["methods"]}
     examples = {
         m: [
             {"question": it.question, "answer": it.answer, "generation": it.generation}
@@ -481,12 +634,36 @@ def _with_metrics(
     return {**results, "methods": methods, "examples": examples}
 
 
+def engine_dtypes(cfg: TofuEvalConfig) -> str:
+    """The dtypes the numbers were computed in: in-process models run in float32; a server says its own."""
+    text = "float32 (in-process models)"
+    if cfg.server_url:
+        served = ServedModelUnderTest(cfg.server_url, name="health", api_key=cfg.api_key, admin_key=cfg.admin_key)
+        try:
+            dtype = served.client.health().get("engine_dtype")
+        except Exception:  # noqa: BLE001 - a server that cannot say is reported as such
+            dtype = None
+        finally:
+            served.close()
+        text += f"; served: {dtype or 'not reported by the server'}"
+    return text
+
+
 def evaluate_and_report(
-    cfg: TofuEvalConfig, reference_preset: ReferencePreset, out: Path, name: str, train_missing_references: bool = True
+    cfg: TofuEvalConfig,
+    reference_preset: ReferencePreset,
+    out: Path,
+    name: str,
+    train_missing_references: bool = True,
+    allow_dirty: bool | None = None,
 ) -> tuple[dict[str, Any], dict[str, Path]]:
     """`run_tofu_eval`, rewriting the report after every method (marked PARTIAL until the run ends, so a
-    run of many hours that is cut short still leaves what it measured); returns the results and files."""
-    stamp = run_stamp()  # the code that runs is the code at the start, whatever is committed meanwhile
+    run of many hours that is cut short still leaves what it measured); returns the results and files.
+    A dirty tree is refused before anything runs unless `allow_dirty` (see `run_stamp`)."""
+    # the code that runs is the code at the start, whatever is committed meanwhile
+    stamp = run_stamp(allow_dirty=allow_dirty)
+    stamp["dtype"] = engine_dtypes(cfg)
+    n_rows = len(expand_seeds(cfg.methods, cfg.seeds))
 
     def partial(results: dict[str, Any]) -> None:
         done = len(results["methods"])
@@ -495,9 +672,7 @@ def evaluate_and_report(
             out,
             name,
             stamp,
-            notes=[
-                f"{PARTIAL_NOTE} {done} of {len(cfg.methods)} methods done; the run is still going or was cut short."
-            ],
+            notes=[f"{PARTIAL_NOTE} {done} of {n_rows} methods done; the run is still going or was cut short."],
         )
 
     results = run_tofu_eval(

@@ -224,6 +224,7 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
             body["active_forget_requests"] = counts["active"]
             body["degraded_forget_requests"] = counts["degraded"]
             body["untrained_forget_requests"] = counts["untrained"]
+            body["engine_dtype"] = getattr(state.engine, "dtype", None)  # what a report's numbers ran in
             if dead:
                 body["error"] = dead
         return JSONResponse(body, status_code=503 if dead else 200)

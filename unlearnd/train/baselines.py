@@ -440,15 +440,19 @@ def train_baseline(
     force: bool = False,
     progress: bool = True,
     tofu: TofuData | None = None,
+    forget: Sequence[QAItem] | None = None,
+    retain: Sequence[QAItem] | None = None,
 ) -> Path:
-    """Unlearn the forget split from the target with a baseline; cached by (target, data, config)."""
+    """Unlearn `forget` (default: the whole forget split) from the target with a baseline, keeping
+    `retain` (default: every retain author's QA); cached by (target, data, config). A cross-fitted
+    evaluation passes one fold's items, so the baseline is measured on questions it never saw."""
     cls = TRAINING_METHODS.get(method)
     if cls is None or not issubclass(cls, UnlearningMethod):
         raise ValueError(f"unknown baseline {method!r}; choose from {BASELINES}")
     cfg = cfg or default_baseline_config(method, refs.preset.name)
     tofu = tofu or TofuData()
-    forget = tofu.split(refs.preset.forget_split)
-    retain = refs.data.retain_items
+    forget = list(forget) if forget is not None else tofu.split(refs.preset.forget_split)
+    retain = list(retain) if retain is not None else refs.data.retain_items
     target_dir = Path(refs.target_dir)
     key = cache_key(
         {

@@ -2,9 +2,12 @@
 
 The goal is not "as much noise as possible" but the forget-set answer probability a model that
 never learned the data would give (ECO's surrogate target). That target is, in order of
-preference: a number given in the request options (`target`); the retain model's value when one
-is given; the base model's probability of wrong (perturbed) answers to the same questions; or,
-needing nothing extra, its probability of the *other* forget questions' answers (shuffled).
+preference: a number given in the request options (`target`); the value of a surrogate model the
+user has that never saw the forget set (`surrogate_model`, e.g. the base model the served one was
+finetuned from; never a model the evaluation compares against); the served model's probability of
+wrong (perturbed) answers to the same questions; or, needing nothing extra, its probability of the
+*other* forget questions' answers (shuffled). The strength is tuned on the request's own forget QA
+only, so an evaluation that holds questions out of the request measures it on questions it never saw.
 Evaluation runs the HF model on `inputs_embeds` built with the serve-time corruption code
 (`unlearnd.interventions.eco`), on the prompt rendered and tokenised as the server does, rounded to
 the serving engine's dtype, so the tuned strength is the served one. The rows corrupted are the
@@ -126,7 +129,7 @@ def surrogate_target(
     tokenizer,
     prepared: list[ECOItem],
     cfg: ECOPreset,
-    retain_model_path: str | None,
+    surrogate_model_path: str | None,
     wrong_answers: dict[str, list[str]] | None,
     device,
     progress: bool,
@@ -135,20 +138,20 @@ def surrogate_target(
     questions = [p.item.question for p in prepared]
     if cfg.target is not None:
         return float(cfg.target), "given"
-    if retain_model_path:
-        retain_model, _ = load_causal_lm(retain_model_path, torch_dtype(cfg.dtype), device, frozen=True)
+    if surrogate_model_path:
+        surrogate, _ = load_causal_lm(surrogate_model_path, torch_dtype(cfg.dtype), device, frozen=True)
         value = mean(
             answer_probability(
-                retain_model,
+                surrogate,
                 tokenizer,
                 [p.item for p in prepared],
                 cfg.batch_size,
                 progress=progress,
-                desc="target (retain model)",
+                desc="target (surrogate model)",
             )
         )
-        del retain_model
-        return value, "retain_model"
+        del surrogate
+        return value, "surrogate_model"
     if wrong_answers and all(wrong_answers.get(q) for q in questions):
         items = [
             encode_qa(tokenizer, q, w, cfg.max_len, end_of_turn=False)
@@ -160,7 +163,7 @@ def surrogate_target(
         )
         return value, "perturbed"
     if len(prepared) < 2:
-        raise ValueError("ECO needs a target: give options.target, a retain model, wrong answers, or >= 2 QAs")
+        raise ValueError("ECO needs a target: give options.target, a surrogate model, wrong answers, or >= 2 QAs")
     order = list(range(len(prepared)))
     random.Random(cfg.seed).shuffle(order)
     shuffled = order[1:] + order[:1]  # a derangement: every question gets another one's answer
@@ -228,7 +231,7 @@ def train_eco(
     artifact_dir: Path,
     model_path: str | Path,
     preset: str = "cpu",
-    retain_model_path: str | None = None,
+    surrogate_model_path: str | None = None,
     wrong_answers: dict[str, list[str]] | None = None,
     device: str | None = None,
     progress: bool = True,
@@ -266,7 +269,7 @@ def train_eco(
 
     first_scope = cfg.scope or RowScope.entity
     tune = prepared(tune_qas, first_scope)
-    target, source = surrogate_target(model, tokenizer, tune, cfg, retain_model_path, wrong_answers, dev, progress)
+    target, source = surrogate_target(model, tokenizer, tune, cfg, surrogate_model_path, wrong_answers, dev, progress)
     clean = metric(corruption_at(first_scope, 0.0), tune)
     log.info("ECO %s: clean P(a|q)^(1/|a|) = %.4f, target %.4f (%s)", request.id, clean, target, source)
     space = search_space(cfg, emb_std, hidden)
@@ -438,9 +441,16 @@ def read_wrong_answers(path: Path) -> dict[str, list[str]]:
     return out
 
 
+def surrogate_model_option(request: ForgetRequest) -> str | None:
+    """The request's surrogate model dir (`surrogate_model`, or its older name `retain_model`)."""
+    options = request.spec.options
+    return options.get("surrogate_model") or options.get("retain_model")
+
+
 def eco_job(request: ForgetRequest, artifact_dir: Path, ctx: JobContext) -> dict:
-    """The worker's job for an `eco` request. Options beyond the preset's fields: `retain_model` (a model
-    dir) and `perturbed_answers` (a list aligned with `spec.forget`, each a list of wrong answers, or a
+    """The worker's job for an `eco` request. Options beyond the preset's fields: `surrogate_model` (a
+    model dir that never saw the forget set; `retain_model` is the older name) and `perturbed_answers`
+    (a list aligned with `spec.forget`, each a list of wrong answers, or a
     {question: [answers]} map)."""
     # Tune on embeddings rounded to the dtype the server will send them in (its --dtype).
     return train_eco(
@@ -448,7 +458,7 @@ def eco_job(request: ForgetRequest, artifact_dir: Path, ctx: JobContext) -> dict
         artifact_dir,
         ctx.model_path(),
         preset=default_preset(request),
-        retain_model_path=request.spec.options.get("retain_model"),
+        surrogate_model_path=surrogate_model_option(request),
         wrong_answers=perturbed_from_options(request),
         progress=False,
         overrides={"serve_dtype": ctx.serve_dtype},

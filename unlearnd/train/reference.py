@@ -75,10 +75,10 @@ def preset(name: str, forget_split: str | None = None, **overrides: Any) -> Refe
     if name == "mini":
         # lr 1e-4 for 4 epochs: TOFU's recipe (1e-5, 5 epochs) does not make a 135M model memorise in a
         # CPU budget; a 4-epoch / 1e-4 pilot on forget01 reached forget ROUGE-L recall 0.86. forget01
-        # (40 QA, TOFU's 1% setting) keeps the KS test on 40 truth ratios as in the paper while the
-        # whole mini pipeline (references, baselines, evaluation) fits a few CPU hours. Evaluation takes 20
-        # items per split (every other forget item; a whole model costs ~12 CPU-minutes even so) and 48
-        # new tokens (TOFU answers' median length); `--limit forget=all` etc. restore the full splits.
+        # (40 QA, TOFU's 1% setting) keeps the KS test on 40 truth ratios as in the paper. Evaluation
+        # takes every forget01 item (40, each measured by a method fit on the other fold), every retain
+        # item of the 6 retain authors (120), both held-out authors (40) and 50 real_authors / world_facts
+        # items, with 48 new tokens (TOFU answers' median length); `--limit SPLIT=N` shrinks a split.
         base = ReferencePreset(
             name="mini",
             forget_split=forget_split,
@@ -87,11 +87,11 @@ def preset(name: str, forget_split: str | None = None, **overrides: Any) -> Refe
             learning_rate=1e-4,
             batch_size=8,
             warmup_steps=5,
-            eval_forget_items=20,
-            eval_retain_items=20,
-            eval_holdout_items=20,
-            eval_real_authors_items=20,
-            eval_world_facts_items=20,
+            eval_forget_items=None,
+            eval_retain_items=None,
+            eval_holdout_items=None,
+            eval_real_authors_items=50,
+            eval_world_facts_items=50,
             max_new_tokens=48,
         )
     elif name == "full":
