@@ -69,9 +69,7 @@ if __name__ == "__main__":
     commit = os.environ.get("UNLEARND_SOURCE_COMMIT")
     if commit:  # the tree sent to the device may carry no .git; the sender names the clean commit it sent
         report_mod.git_commit = lambda repo=None: commit
-    cfg = ev.TofuEvalConfig(
-        preset="mini", forget_split=p.forget_split, methods=methods, seeds=seeds, robustness=False
-    )
+    cfg = ev.TofuEvalConfig(preset="mini", forget_split=p.forget_split, methods=methods, seeds=seeds, robustness=False)
     stamp = report_mod.run_stamp("python scripts/eval_tofu_device.py " + shlex.join(sys.argv[1:]))
     stamp["dtype"] = "float32 (in-process models, on the GPU)"
     gpu = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False).stdout.strip()
