@@ -2,7 +2,10 @@
 
 Usage (on the device, repository root):
   UNLEARND_CACHE_DIR=C UNLEARND_TOFU_DIR=D python scripts/eval_tofu_device.py \
-      TARGET_DIR RETAIN_DIR RETAIN_RECORDS METHODS SEEDS OUT NAME
+      TARGET_DIR RETAIN_DIR RETAIN_RECORDS METHODS SEED_GROUPS OUT NAME
+
+SEED_GROUPS is e.g. `0/1,2`: every method with seed 0 first (report NAME), then seeds 1 and 2 (report
+NAME-seeds-1-2), so a run cut short by the machine's time limit still holds every method once.
 
 TARGET_DIR is the TOFU target model as trained here (its weights carried over); RETAIN_DIR holds the
 retain model's info files only, and RETAIN_RECORDS the retain model's evaluation records from the run
@@ -45,7 +48,7 @@ if __name__ == "__main__":
 
     target, retain, retain_records = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
     methods = sys.argv[4].split(",")
-    seeds = [int(s) for s in sys.argv[5].split(",")]
+    seed_groups = [[int(s) for s in group.split(",")] for group in sys.argv[5].split("/")]
     out, name = Path(sys.argv[6]), sys.argv[7]
     tofu = TofuData(os.environ["UNLEARND_TOFU_DIR"], allow_hub=False)
     p = ref.preset("mini")
@@ -69,15 +72,21 @@ if __name__ == "__main__":
     commit = os.environ.get("UNLEARND_SOURCE_COMMIT")
     if commit:  # the tree sent to the device may carry no .git; the sender names the clean commit it sent
         report_mod.git_commit = lambda repo=None: commit
-    cfg = ev.TofuEvalConfig(preset="mini", forget_split=p.forget_split, methods=methods, seeds=seeds, robustness=False)
     stamp = report_mod.run_stamp("python scripts/eval_tofu_device.py " + shlex.join(sys.argv[1:]))
     stamp["dtype"] = "float32 (in-process models, on the GPU)"
     gpu = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False).stdout.strip()
     stamp["machine"] += f"; {gpu or 'no GPU seen'}; torch {torch.__version__}"
+    for i, seeds in enumerate(seed_groups):
+        cfg = ev.TofuEvalConfig(
+            preset="mini", forget_split=p.forget_split, methods=methods, seeds=seeds, robustness=False
+        )
+        report = name if i == 0 else f"{name}-seeds-{'-'.join(map(str, seeds))}"
+        rows = len(ev.expand_seeds(methods, seeds))
 
-    def write(results):
-        report_mod.write_report(results, out, name, stamp)
+        def partial(results, report=report, rows=rows):
+            note = f"{report_mod.PARTIAL_NOTE} {len(results['methods'])} of {rows} methods done; cut short."
+            report_mod.write_report(results, out, report, stamp, notes=[note])
 
-    results = ev.run_tofu_eval(cfg, reference_preset=p, tofu=tofu, on_method_done=write)
-    write(results)
-    print(json.dumps({m: e.get("error") for m, e in results["methods"].items()}))
+        results = ev.run_tofu_eval(cfg, reference_preset=p, tofu=tofu, on_method_done=partial)
+        report_mod.write_report(results, out, report, stamp)
+        print(json.dumps({m: e.get("error") for m, e in results["methods"].items()}), flush=True)
