@@ -29,7 +29,9 @@ if __name__ == "__main__":
     try:  # the detector index is not used here; the device image has no faiss
         import faiss  # noqa: F401
     except ImportError:
-        sys.modules["faiss"] = types.ModuleType("faiss")
+        stub = types.ModuleType("faiss")
+        stub.omp_set_num_threads = lambda n: None  # the one call made at import
+        sys.modules["faiss"] = stub
     from unlearnd.logs import setup_logging
 
     setup_logging()
