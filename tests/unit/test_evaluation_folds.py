@@ -82,3 +82,25 @@ def test_a_fold_needs_two_retain_authors_and_known_forget_items(mini):
         make_folds(splits, forget[:10], refs.data.retain_items)
     with pytest.raises(ValueError, match="at least 2"):
         make_folds(splits, forget, refs.data.retain_items, n_folds=1)
+
+
+def test_an_evaluation_subset_that_misses_a_fold_is_refused(mini):
+    """`--limit forget=20` by every other item would leave one fold measured on nothing."""
+    data, refs, splits = mini
+    half = splits.model_copy(update={"forget": splits.forget[0::2]})
+    with pytest.raises(ValueError, match="measured on no forget item"):
+        make_folds(half, data.split(refs.preset.forget_split), refs.data.retain_items)
+
+
+def test_seeds_expand_once_per_seed_for_methods_that_train_with_one():
+    from unlearnd.evaluation.tofu import expand_seeds
+
+    rows = expand_seeds(["target", "npo", "refuse", "lora", "npo"], [0, 1, 1])
+    assert rows == [
+        ("target", "target", 0),
+        ("npo", "npo", 0),
+        ("npo@seed1", "npo", 1),
+        ("refuse", "refuse", 0),
+        ("lora", "lora", 0),
+        ("lora@seed1", "lora", 1),
+    ]

@@ -164,3 +164,13 @@ def test_forget_request_spec_carries_the_methods_request_options_and_no_answer_k
     spul = forget_request_spec("soft_prompt", refs, [item], [item], {"steps": 80})
     assert spul["options"] == {"steps": 80}
     assert "options" not in forget_request_spec("lora", refs, [item], [item])
+
+
+def test_an_item_is_refused_when_any_of_its_continuations_was():
+    """The score endpoint scans prompt and continuation: a perturbed answer naming a forgotten author can
+    be refused (scored at the uniform -log|V|) while the answer is not; that item has no model scores."""
+    from unlearnd.evaluation.tofu import item_route
+
+    assert item_route(["none", "none", "refuse"]) == "refuse"
+    assert item_route(["eco", "eco"]) == "eco"
+    assert item_route(["none"]) == "none" and item_route([]) is None

@@ -158,6 +158,7 @@ def test_run_tofu_eval_end_to_end_with_a_served_method(tmp_path, tiny_base, monk
     calls: list[str] = []
     registered: list[dict] = []  # the specs, in order
     measured_while: list[tuple[int, str]] = []  # (request index, question asked)
+    active: set[str] = set()
 
     def question_of(body: dict) -> str:
         return body["messages"][-1]["content"]
@@ -169,6 +170,9 @@ def test_run_tofu_eval_end_to_end_with_a_served_method(tmp_path, tiny_base, monk
             measured_while.append((len(registered) - 1, question_of(json.loads(request.content))))
         if path == "/v1/models":
             return httpx.Response(200, json={"data": [{"id": "target"}]})
+        if path == "/health":
+            counts = {"active": len(active), "degraded": 0, "untrained": 0}
+            return httpx.Response(200, json={"status": "ok", **{f"{k}_forget_requests": v for k, v in counts.items()}})
         if path == "/v1/chat/completions":
             return httpx.Response(
                 200,
@@ -189,9 +193,12 @@ def test_run_tofu_eval_end_to_end_with_a_served_method(tmp_path, tiny_base, monk
         if path == "/v1/unlearning/requests":
             spec = json.loads(request.content)
             registered.append(spec)
+            active.add(f"fr-{len(registered)}")
             return httpx.Response(201, json={"id": f"fr-{len(registered)}", "status": "pending"})
         if path.startswith("/v1/unlearning/requests/fr-"):
             rid = path.rsplit("/", 1)[-1]
+            if request.method == "DELETE":
+                active.discard(rid)
             return httpx.Response(200, json={"id": rid, "status": "active" if request.method == "GET" else "inactive"})
         return httpx.Response(404)
 
@@ -258,8 +265,10 @@ def test_run_tofu_eval_end_to_end_with_a_served_method(tmp_path, tiny_base, monk
     assert refuse["intervals"]["forget_quality"] is None and refuse["intervals"]["forget_Q_A_ROUGE"] == [0.0, 0.0]
     assert refuse["routes"]["forget"] == {"refuse": 6} and refuse["generation_routes"]["refuse"] > 0
     assert "relearning" in methods["retain"]["robustness"] and "relearning" not in refuse["robustness"]
-    assert calls[-1] == "DELETE /v1/unlearning/requests/fr-2"  # each request is deactivated afterwards
-    assert "DELETE /v1/unlearning/requests/fr-1" in calls
+    # each request is removed afterwards, and gone from the server before the next fold is measured
+    deletes = [i for i, c in enumerate(calls) if c.startswith("DELETE")]
+    assert [calls[i] for i in deletes] == ["DELETE /v1/unlearning/requests/fr-1", "DELETE /v1/unlearning/requests/fr-2"]
+    assert calls[deletes[0] + 1] == "GET /health" and not active
     target = methods["target"]
     lo, hi = target["intervals"]["model_utility"]
     assert lo <= target["metrics"]["model_utility"] <= hi and results["metric_code"]
@@ -270,6 +279,15 @@ def test_run_tofu_eval_end_to_end_with_a_served_method(tmp_path, tiny_base, monk
         cfg.model_copy(update={"methods": ["target"], "robustness": False}), reference_preset=p, tofu=tofu
     )
     assert again["methods"]["target"]["cost"]["eval_cached"] is True
+    # a server that still holds another forget request is not measured (that request could hold the questions)
+    active.add("fr-left-over")
+    monkeypatch.setattr(ev.time, "sleep", lambda s: None)
+    monkeypatch.setattr(ev.time, "monotonic", iter(range(0, 10_000, 100)).__next__)
+    left = ev.run_tofu_eval(
+        cfg.model_copy(update={"methods": ["refuse"], "robustness": False}), reference_preset=p, tofu=tofu
+    )
+    assert "would mix in another request" in left["methods"]["refuse"]["error"]
+    assert len(registered) == 2  # nothing registered on top of it
     assert again["methods"]["target"]["metrics"] == methods["target"]["metrics"]
 
 

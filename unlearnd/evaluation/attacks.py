@@ -539,7 +539,7 @@ def run_attack_eval(opts: AttackEvalOptions) -> dict[str, Any]:
     for route in opts.routes:
         request_id = None
         if route != UNPROTECTED:
-            spec = forget_request_spec(route, refs, tofu)
+            spec = forget_request_spec(route, refs, tofu.split(preset.forget_split), refs.data.retain_items)
             request_id = str(admin.add_request(spec)["id"])
             log.info("route %s: forget request %s registered; waiting until it is active", route, request_id)
             admin.wait_active(request_id, opts.request_timeout_s, 2.0)

@@ -98,6 +98,13 @@ def make_folds(
                 },
             )
         )
+    for fold in folds:
+        for name in ("forget", "retain"):
+            if getattr(splits, name) and not fold.eval_indices[name]:
+                raise ValueError(
+                    f"fold {fold.index} would be measured on no {name} item: the evaluation subset "
+                    f"({len(getattr(splits, name))} items) misses one fold; take all of the split or another size"
+                )
     return folds
 
 

@@ -30,6 +30,7 @@ from pydantic import BaseModel, Field
 from unlearnd.config import cache_dir
 from unlearnd.evaluation.folds import Fold, check_disjoint, make_folds, pool_runs
 from unlearnd.evaluation.metrics import (
+    NO_MODEL_ROUTES,
     ItemRecord,
     RunRecords,
     SplitRecords,
@@ -157,10 +158,17 @@ def collect_split(
                 paraphrased_lp=para,
                 perturbed_lp=[x.logprobs for x in s[k:]],
                 generation=g,
-                route=s[0].route,
+                route=item_route([x.route for x in s]),
             )
         )
     return SplitRecords(split=name, items=records)
+
+
+def item_route(routes: Sequence[str | None]) -> str | None:
+    """An item's route: refused when any of its continuations was (the scoring endpoint scans prompt and
+    continuation, so one perturbed answer naming a forgotten author can be refused while the answer is
+    not, and a refused continuation's score is not the model's), else the answer's route."""
+    return next((r for r in routes if r in NO_MODEL_ROUTES), routes[0] if routes else None)
 
 
 def add_generation_perplexity(records: SplitRecords, judge: ModelUnderTest) -> None:
@@ -275,6 +283,8 @@ def forget_request_spec(
         surrogate = surrogate_model_dir(refs)
         if surrogate:
             defaults["surrogate_model"] = surrogate
+        else:
+            log.warning("the target model names no base model: ECO's target falls back to its own wrong answers")
     options = {**defaults, **(options or {})} or None
     return request_spec(name or f"tofu-{refs.preset.forget_split}-{method}", method, forget, retain, options)
 
@@ -320,8 +330,8 @@ def seeded_name(method: str, seed: int) -> str:
 def expand_seeds(methods: Sequence[str], seeds: Sequence[int]) -> list[tuple[str, str, int]]:
     """(row name, method, seed) for every method, once per seed for those that train with one."""
     rows = []
-    for method in methods:
-        for seed in seeds if method in RANDOM_METHODS else [0]:
+    for method in dict.fromkeys(methods):
+        for seed in dict.fromkeys(seeds) if method in RANDOM_METHODS else [0]:
             rows.append((seeded_name(method, seed), method, seed))
     return rows
 
@@ -553,7 +563,8 @@ def _evaluate_baseline(ctx: _Context, method: str, seed: int, entry: dict[str, A
 def _evaluate_served(ctx: _Context, method: str, seed: int, entry: dict[str, Any]) -> RunRecords:
     """A served guardrail per fold: a forget request registered with the fold's fit items only,
     measured on the next fold's items through the server, then removed; the records pooled.
-    `served_target` registers nothing (the pass-through check)."""
+    `served_target` registers nothing (the pass-through check). The server must hold no other forget
+    request while a fold is measured (another fold's request would hold the questions measured)."""
     cfg = ctx.cfg
     entry.update(kind="served", folds=[])
     fold_runs: list[RunRecords] = []
@@ -570,6 +581,7 @@ def _evaluate_served(ctx: _Context, method: str, seed: int, entry: dict[str, Any
         request_id: str | None = None
         fold_entry: dict[str, Any] = {}
         try:
+            wait_for_request_counts(served, expected_active=0)
             if method != "served_target":
                 options = dict(cfg.request_options.get(method, {}))
                 if method in RANDOM_METHODS:
@@ -586,36 +598,61 @@ def _evaluate_served(ctx: _Context, method: str, seed: int, entry: dict[str, Any
                 t_reg = time.perf_counter()
                 activated = served.wait_active(request_id, timeout_s=cfg.request_timeout_s)
                 _add_cost(entry, "activation_wall_seconds", time.perf_counter() - t_reg)
+                wait_for_request_counts(served, expected_active=1)
                 job = activated.get("training") or {}  # the server's offline job for this request
                 _add_cost(entry, "train_wall_seconds", job.get("wall_seconds"))
                 _add_cost(entry, "train_cpu_seconds", job.get("cpu_seconds"))
                 entry["training"] = job.get("method")
                 entry["entities"] = spec["entities"]
-                fold_entry.update(request_id=request_id, fit_forget=len(spec["forget"]), fit_retain=len(spec["retain"]))
-                if job:
-                    fold_entry["job"] = {k: v for k, v in job.items() if k not in ("losses",)}
+                fold_entry.update(
+                    request_id=request_id,
+                    fit_forget=len(spec["forget"]),
+                    fit_retain=len(spec["retain"]),
+                    options=spec.get("options"),
+                    job={k: v for k, v in job.items() if k != "losses"} if job else None,
+                )
             records, wall, _ = cached_run(
                 method, None, lambda s=served: s, fold.eval_splits(ctx.splits), ctx.settings, ctx.judge, False
             )
             _add_cost(entry, "eval_wall_seconds", wall)
             fold_runs.append(records)
+            generation_routes.update(served.generation_routes)  # the measured items' routes, not the probes'
             if fold.index == 0 and cfg.robustness:  # while fold 0's request is the active one
                 entry["robustness"] = _probe(ctx, served, None)
                 entry["cost"]["robustness_cached"] = False
-            generation_routes.update(served.generation_routes)
         finally:
-            if request_id is not None:
-                try:
+            try:
+                if request_id is not None:
                     served.deactivate(request_id)
-                except Exception:  # noqa: BLE001
-                    log.warning("could not deactivate forget request %s", request_id)
-            served.close()
+                    wait_for_request_counts(served, expected_active=0)
+            finally:
+                served.close()
         entry["folds"].append(fold_entry)
     entry["cost"]["eval_cached"] = False
     pooled = pool_runs(method, ctx.splits, ctx.folds, fold_runs)
     entry["routes"] = {name: dict(Counter(it.route for it in sr.items)) for name, sr in pooled.splits.items()}
     entry["generation_routes"] = dict(generation_routes)
     return pooled
+
+
+def wait_for_request_counts(served: ServedModelUnderTest, expected_active: int, timeout_s: float = 60.0) -> None:
+    """Wait until the server serves exactly `expected_active` forget requests and none degraded or
+    untrained; raise otherwise (a request left over from another fold or another user would be measured
+    too, and a removed one can take a sync to leave the pipeline)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        health = served.client.health()
+        counts = {k: health.get(f"{k}_forget_requests") for k in ("active", "degraded", "untrained")}
+        if None in counts.values():
+            raise RuntimeError("the server's /health gives no forget-request counts: is the admin key right?")
+        if counts == {"active": expected_active, "degraded": 0, "untrained": 0}:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"the server serves {counts} forget requests, {expected_active} active expected: measuring now "
+                "would mix in another request (remove it, or use a server of its own)"
+            )
+        time.sleep(0.5)
 
 
 def _with_metrics(results: dict[str, Any], cfg: TofuEvalConfig, runs: dict[str, RunRecords]) -> dict[str, Any]:
