@@ -41,6 +41,7 @@ if __name__ == "__main__":
         torch.set_default_device("cuda")
         _load = AutoModelForCausalLM.from_pretrained
         AutoModelForCausalLM.from_pretrained = lambda *a, **k: _load(*a, **k).to("cuda")
+    from unlearnd import provenance
     from unlearnd.evaluation import report as report_mod
     from unlearnd.evaluation import tofu as ev
     from unlearnd.evaluation.metrics import RunRecords
@@ -59,6 +60,11 @@ if __name__ == "__main__":
     )
     ev.ensure_reference_models = lambda *a, **k: refs  # the carried models; no base model on this machine
     saved = json.loads(retain_records.read_text())
+    splits = ev.eval_splits(refs, tofu, {})
+    for split, items in splits.as_dict().items():  # the same items in the same order, or no forget quality
+        carried = [it["question"] for it in saved["records"]["splits"].get(split, {}).get("items", [])]
+        if carried != [it.question for it in items]:
+            raise SystemExit(f"the retain records' {split!r} items are not this evaluation's: re-export them")
     real_reference = ev._evaluate_reference
 
     def reference(ctx, method, entry, robustness):  # the retain records come from the machine that has it
@@ -72,8 +78,8 @@ if __name__ == "__main__":
     # a GPU takes bigger batches than the CPU defaults (the same numbers up to padding)
     ev._hf_maker = lambda path, n: lambda: HFModelUnderTest.from_dir(path, name=n, batch_size=64, gen_batch_size=64)
     commit = os.environ.get("UNLEARND_SOURCE_COMMIT")
-    if commit:  # the tree sent to the device may carry no .git; the sender names the clean commit it sent
-        report_mod.git_commit = lambda repo=None: commit
+    if commit:  # the tree sent to the device carries no .git: the sender names the clean commit it sent
+        provenance.git_commit = lambda repo=None: f"{commit} (named by the sender)"
     stamp = report_mod.run_stamp("python scripts/eval_tofu_device.py " + shlex.join(sys.argv[1:]))
     stamp["dtype"] = "float32 (in-process models, on the GPU)"
     gpu = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False).stdout.strip()

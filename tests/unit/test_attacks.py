@@ -92,3 +92,19 @@ def test_flat_numbers_rank_nothing_first():
     flat = [sum([-10.8] * n) / n for n in (7, 11, 13, 17)]  # one value, averaged over different lengths
     assert not _ranked_first(flat, 0) and not _ranked_first([float("-inf")] * 4, 2)
     assert _ranked_first([-1.0, -2.0, -1.5, -3.0], 0) and not _ranked_first([-1.0, -1.0, -2.0, -3.0], 0)
+
+
+@pytest.mark.parametrize("route", ["refuse", "lora"])
+def test_an_attack_run_registers_the_whole_forget_split_for_its_route(tofu, route):
+    """Attacks target the very questions a user asked to forget: the request holds all of them (and the
+    preset's retain QA), in the spec shape the server takes."""
+    from unlearnd.evaluation.attacks import route_request_spec
+    from unlearnd.spec import ForgetSpec
+    from unlearnd.train.reference import ReferenceModels, preset, reference_data
+
+    data = TofuData(tofu, allow_hub=False)
+    p = preset("mini")
+    refs = ReferenceModels(preset=p, target_dir="/t", retain_dir="/r", data=reference_data(p, data))
+    spec = route_request_spec(route, refs, data)
+    assert spec["method"] == route and len(spec["forget"]) == 40 and len(spec["retain"]) == 120
+    assert ForgetSpec.model_validate(spec).entities == spec["entities"] and len(spec["entities"]) == 2

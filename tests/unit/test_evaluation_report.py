@@ -162,7 +162,9 @@ def test_merge_results_of_separate_runs():
     b = {**run, "command": "eval B", "methods": {"refuse": run["methods"]["refuse"]}, "notes": []}
     merged = merge_results([a, b])
     assert list(merged["methods"]) == ["target", "retain", "grad_ascent", "refuse"]
-    assert merged["notes"] == ["kept"] and merged["examples"]["target"][0]["generation"] == "g"
+    # a run cut short stays marked, naming the run
+    assert merged["notes"] == ["PARTIAL: 3 of 4 methods done (run: `eval A`)", "kept"]
+    assert merged["examples"]["target"][0]["generation"] == "g"
     md = markdown({**merged, "command": "unlearnd eval merge a.json b.json"})
     assert "- `eval A`" in md and "- `eval B`" in md and "| refuse | served |" in md
     with pytest.raises(ValueError, match="more than one run"):
@@ -180,6 +182,10 @@ def test_merge_results_of_separate_runs():
         merge_results([a, {**b, "metric_code": "def456"}])
     with pytest.raises(ValueError, match="different metric code"):
         merge_results([a, {k: v for k, v in b.items() if k != "metric_code"}])
+    with pytest.raises(ValueError, match="rouge_backend"):  # stemmed and unstemmed ROUGE do not compare
+        merge_results([a, {**b, "rouge_backend": "no stemming"}])
+    with pytest.raises(ValueError, match="cross_fitting"):
+        merge_results([a, {**b, "cross_fitting": {"n_folds": 3}}])
 
 
 def test_git_commit_marks_uncommitted_code_but_not_reports(tmp_path):
@@ -205,6 +211,10 @@ def test_git_commit_marks_uncommitted_code_but_not_reports(tmp_path):
     git("checkout", "code.py")
     (tmp_path / "new_module.py").write_text("y = 1\n")  # new code that is not committed either
     assert git_commit(tmp_path) == head + "+dirty"
+    (tmp_path / "new_module.py").unlink()
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "mod.py").write_text("z = 1\n")  # a change anywhere in the checkout counts
+    assert git_commit(tmp_path) == head + "+dirty"
 
 
 def test_run_stamp_refuses_a_dirty_tree_unless_allowed_and_marks_it(tmp_path, monkeypatch):
@@ -219,7 +229,10 @@ def test_run_stamp_refuses_a_dirty_tree_unless_allowed_and_marks_it(tmp_path, mo
     (tmp_path / "code.py").write_text("x = 1\n")
     git("add", ".")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
-    monkeypatch.chdir(tmp_path)
+    from unlearnd import provenance
+
+    monkeypatch.setattr(provenance, "PACKAGE_ROOT", tmp_path)  # the checkout the running code comes from
+    monkeypatch.chdir(tmp_path.parent)  # wherever the command is started from
     monkeypatch.delenv("UNLEARND_ALLOW_DIRTY", raising=False)
     clean = run_stamp("cmd")
     assert clean["dirty"] is False and "dirty" not in "\n".join(stamp_lines(clean))
@@ -231,6 +244,13 @@ def test_run_stamp_refuses_a_dirty_tree_unless_allowed_and_marks_it(tmp_path, mo
     assert any("dirty tree" in line for line in stamp_lines(stamp))
     monkeypatch.setenv("UNLEARND_ALLOW_DIRTY", "1")
     assert run_stamp("cmd")["dirty"] is True
+    # code that is not in a git checkout at all has no commit to record: refused the same way
+    monkeypatch.delenv("UNLEARND_ALLOW_DIRTY")
+    outside = tmp_path / "sub"
+    outside.mkdir()
+    monkeypatch.setattr(provenance, "PACKAGE_ROOT", tmp_path.parent / "not-a-checkout")
+    with pytest.raises(DirtyTreeError, match="no git commit"):
+        run_stamp("cmd")
 
 
 def test_command_line_masks_keys():

@@ -10,6 +10,7 @@ import typer
 
 from unlearnd.cli import bench, evaluate, models, requests, serve, train
 from unlearnd.logs import setup_logging
+from unlearnd.provenance import DirtyTreeError
 
 app = typer.Typer(help="unlearnd: inference-time guardrail unlearning server on vLLM.", no_args_is_help=True)
 
@@ -28,4 +29,8 @@ app.add_typer(bench.app, name="bench")
 
 
 def main() -> None:
-    app()
+    try:
+        app(standalone_mode=True)
+    except DirtyTreeError as exc:  # a report command in a tree that is not a commit: a message, not a traceback
+        typer.echo(str(exc), err=True)
+        raise SystemExit(2) from None

@@ -512,8 +512,15 @@ def summarise(probes: Sequence[Probe], outcomes: Sequence[Outcome]) -> dict[str,
     return kinds
 
 
-def run_attack_eval(opts: AttackEvalOptions) -> dict[str, Any]:
+def route_request_spec(route: str, refs: Any, tofu: TofuData) -> dict[str, Any]:
+    """The forget request an attack run registers for `route`: the whole forget split (the attacks are
+    about the very questions a user asked to forget) and the preset's retain QA."""
     from unlearnd.evaluation.tofu import forget_request_spec
+
+    return forget_request_spec(route, refs, tofu.split(refs.preset.forget_split), refs.data.retain_items)
+
+
+def run_attack_eval(opts: AttackEvalOptions) -> dict[str, Any]:
     from unlearnd.train import reference as ref_mod
 
     stamp = run_stamp()
@@ -539,7 +546,7 @@ def run_attack_eval(opts: AttackEvalOptions) -> dict[str, Any]:
     for route in opts.routes:
         request_id = None
         if route != UNPROTECTED:
-            spec = forget_request_spec(route, refs, tofu.split(preset.forget_split), refs.data.retain_items)
+            spec = route_request_spec(route, refs, tofu)
             request_id = str(admin.add_request(spec)["id"])
             log.info("route %s: forget request %s registered; waiting until it is active", route, request_id)
             admin.wait_active(request_id, opts.request_timeout_s, 2.0)

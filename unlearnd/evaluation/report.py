@@ -11,16 +11,23 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import platform
-import shlex
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from unlearnd.evaluation.metrics import MODEL_UTILITY_PARTS
+
+# provenance (command, machine, commit) lives in its own module; the report commands import it from here too
+from unlearnd.provenance import (  # noqa: F401
+    ALLOW_DIRTY_ENV,
+    PACKAGE_ROOT,
+    DirtyTreeError,
+    allow_dirty_default,
+    command_line,
+    git_commit,
+    machine_description,
+    run_stamp,
+    stamp_lines,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,109 +71,6 @@ def fmt(value: Any, digits: int = 3) -> str:
             return f"{v:.2e}"
         return f"{v:.{digits}f}"
     return str(value)
-
-
-def git_commit(repo: Path | None = None) -> str | None:
-    """HEAD's short hash, with `+dirty` when tracked files outside reports/ differ from it (then the
-    code that ran is not that commit)."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=repo or Path.cwd(),
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-        changed = subprocess.run(  # tracked changes and untracked files (not ignored) outside reports/
-            ["git", "status", "--porcelain", "--untracked-files=normal", "--", ".", ":(exclude)reports"],
-            cwd=repo or Path.cwd(),
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-        dirty = changed.returncode == 0 and bool(changed.stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        return None
-    head = out.stdout.strip()
-    return (head + ("+dirty" if dirty else "")) if head else None
-
-
-def machine_description() -> str:
-    try:
-        import torch
-
-        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    except Exception:  # noqa: BLE001
-        gpu = None
-    cores = os.cpu_count()
-    return f"{cores}-core CPU, " + (f"GPU {gpu}" if gpu else "no GPU") + f" ({platform.machine()})"
-
-
-SECRET_OPTIONS = ("--admin-key", "--api-key")
-
-
-def command_line(argv: list[str] | None = None) -> str:
-    """How this process was started, as a `unlearnd ...` command, with key values masked."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    for i, arg in enumerate(args):
-        option = arg.split("=", 1)[0]
-        if option in SECRET_OPTIONS and "=" in arg:
-            args[i] = f"{option}=***"
-        elif arg in SECRET_OPTIONS and i + 1 < len(args):
-            args[i + 1] = "***"
-    return "unlearnd " + shlex.join(args)
-
-
-ALLOW_DIRTY_ENV = "UNLEARND_ALLOW_DIRTY"
-
-
-class DirtyTreeError(RuntimeError):
-    """A report was asked for from code that is not a commit (its numbers could not be reproduced)."""
-
-
-def allow_dirty_default() -> bool:
-    return os.environ.get(ALLOW_DIRTY_ENV, "").strip().lower() in ("1", "true", "yes")
-
-
-def run_stamp(command: str | None = None, dtype: str | None = None, allow_dirty: bool | None = None) -> dict[str, Any]:
-    """Command, machine, engine dtype, commit and time: taken when a run starts (later commits are not
-    what ran). `dtype` is the engine's compute dtype where the run measured an engine.
-
-    A tree with changes outside reports/ is refused (DirtyTreeError) unless `allow_dirty` (default: the
-    UNLEARND_ALLOW_DIRTY environment variable; `--allow-dirty` on the CLI); such a stamp is marked."""
-    commit = git_commit()
-    dirty = bool(commit and commit.endswith("+dirty"))
-    if dirty and not (allow_dirty_default() if allow_dirty is None else allow_dirty):
-        raise DirtyTreeError(
-            f"the working tree differs from commit {commit.removesuffix('+dirty')} outside reports/: commit first "
-            "(a report must come from a recorded clean commit) or pass --allow-dirty (the report is then marked)"
-        )
-    return {
-        "command": command or command_line(),
-        "machine": machine_description(),
-        "dtype": dtype,
-        "git_commit": commit,
-        "dirty": dirty,
-        "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-    }
-
-
-def stamp_lines(stamp: dict[str, Any]) -> list[str]:
-    """The report header: the command, then one line with machine, dtype, commit and time."""
-    lines = [
-        f"Command: `{stamp.get('command', 'n/a')}`",
-        "",
-        (
-            f"Machine: {stamp.get('machine') or 'n/a'}; engine dtype {stamp.get('dtype') or 'n/a'}; "
-            f"commit {stamp.get('git_commit') or 'n/a'}; created {stamp.get('created') or 'n/a'}."
-        ),
-        "",
-    ]
-    if stamp.get("dirty"):
-        lines += ["**Made from a dirty tree (--allow-dirty): the code that ran is not the commit above.**", ""]
-    return lines
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -446,7 +350,7 @@ def tradeoff_lines(methods: dict[str, Any], min_fq: float = 0.5, min_mu_ratio: f
         f"## Trade-off against the target model (goal: forget quality ≥ {min_fq} and model utility ≥ "
         f"{min_mu_ratio}× the target's {fmt(target_mu)})",
         "",
-        "| Method | Kind | Forget quality [95% CI] | Utility / target | Meets goal | Meets it at the FQ lower bound | "
+        "| Method | Kind | Forget quality [95% CI] | Utility / target | Meets goal | Also at the interval's low end | "
         "Beaten on both axes by |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -465,6 +369,13 @@ def tradeoff_lines(methods: dict[str, Any], min_fq: float = 0.5, min_mu_ratio: f
             f"| {name} | {kind} | {_with_interval(methods[name], 'forget_quality')} | {fmt(ratio)} | {fmt(meets)} | "
             f"{fmt(meets_low) if ci is not None else 'n/a'} | {', '.join(rivals) or '-'} |"
         )
+    lines += [
+        "",
+        (
+            "The interval is a percentile bootstrap over resampled items: its low end shows how stable forget "
+            "quality is at this many items (a KS p-value has no confidence bound of its own)."
+        ),
+    ]
     if any(methods[n].get("kind") == "served" for n, _ in rows):
         lines += [
             "",
@@ -569,7 +480,7 @@ def plot_bars(results: dict[str, Any], path: Path) -> Path | None:
 
 
 PARTIAL_NOTE = "PARTIAL:"
-MERGE_KEYS = ("preset", "split_sizes", "settings")
+MERGE_KEYS = ("preset", "split_sizes", "settings", "rouge_backend", "cross_fitting")
 
 
 def merge_results(runs: list[dict[str, Any]], renames: list[dict[str, str]] | None = None) -> dict[str, Any]:
@@ -608,7 +519,10 @@ def merge_results(runs: list[dict[str, Any]], renames: list[dict[str, str]] | No
         merged["sources"].append(
             {k: run.get(k) for k in ("command", "git_commit", "dirty", "created", "machine", "dtype")}
         )
-        merged["notes"] += [n for n in run.get("notes", []) if not n.startswith(PARTIAL_NOTE)]
+        # a run cut short stays marked in the merged report, with which run it was
+        merged["notes"] += [
+            f"{n} (run: `{run.get('command')}`)" if n.startswith(PARTIAL_NOTE) else n for n in run.get("notes", [])
+        ]
     for key in ("command", "git_commit", "dirty", "created", "machine", "dtype"):
         merged.pop(key, None)
     return merged

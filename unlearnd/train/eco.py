@@ -245,8 +245,10 @@ def train_eco(
     serve_dtype = torch_dtype(cfg.serve_dtype)
     forget = ForgetSpec.as_qa(request.spec.forget)
     entities = list(request.spec.entities)
-    tune_qas = fill_answers(model, tokenizer, subsample(forget, cfg.n_tune, cfg.seed), cfg.fluency_tokens)
-    eval_qas = fill_answers(model, tokenizer, subsample(forget, cfg.n_eval, cfg.seed + 1), cfg.fluency_tokens)
+    tuned = subsample(forget, cfg.n_tune, cfg.seed)
+    rest = [qa for qa in forget if qa not in tuned]  # the achieved value is reported on QA it was not tuned on
+    tune_qas = fill_answers(model, tokenizer, tuned, cfg.fluency_tokens)
+    eval_qas = fill_answers(model, tokenizer, subsample(rest or forget, cfg.n_eval, cfg.seed + 1), cfg.fluency_tokens)
 
     def prepared(qas: list[tuple[str, str]], scope: RowScope) -> list[ECOItem]:
         return prepare_items(tokenizer, qas, entities, cfg.max_len, cfg.seed, scope)
@@ -278,6 +280,7 @@ def train_eco(
         "emb_std": emb_std,
         "n_tune": len(tune),
         "n_eval": len(eval_qas),
+        "eval_held_out": bool(rest),  # False: too few QA to hold any out, reported on the tuning QA
         "modes": {m: sum(p.mode == m for p in tune) for m in ("entity", "prompt")},
     }
 
