@@ -284,7 +284,10 @@ def forget_request_spec(
         if surrogate:
             defaults["surrogate_model"] = surrogate
         else:
-            log.warning("the target model names no base model: ECO's target falls back to its own wrong answers")
+            log.warning(
+                "the target names no base model: ECO's target falls back to the served model's own scores "
+                "(perturbed or other questions' answers)"
+            )
     options = {**defaults, **(options or {})} or None
     return request_spec(name or f"tofu-{refs.preset.forget_split}-{method}", method, forget, retain, options)
 
