@@ -222,10 +222,17 @@ def markdown(results: dict[str, Any]) -> str:
             f"{fmt(c.get('total_wall_seconds'), 0)} |"
         )
     lines.append("")
-    jobs = {n: e["training"] for n, e in methods.items() if e.get("training")}
+    jobs = [
+        (f"{n}, fold {i}" if e.get("folds") else n, job)
+        for n, e in methods.items()
+        for i, job in enumerate(
+            [((f.get("job") or {}).get("method") or {}) for f in e["folds"]] if e.get("folds") else [e.get("training")]
+        )
+        if isinstance(job, dict) and job
+    ]
     if jobs:
-        lines += ["## Offline jobs of the served methods (the server's own training report)", ""]
-        for name, job in jobs.items():
+        lines += ["## Offline jobs of the served methods (the server's own training report, per fold)", ""]
+        for name, job in jobs:
             scalars = {k: v for k, v in job.items() if isinstance(v, (int, float, str, bool)) and k != "device"}
             lines.append(f"- {name}: " + ", ".join(f"{k} {fmt(v)}" for k, v in scalars.items()))
         lines.append("")
