@@ -7,23 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PRESET=${PRESET:-mini}
 PORT=${PORT:-8011}
-BIN=.venv/bin
-export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2} HF_HUB_OFFLINE=1
-TARGET=$("$BIN/python" - "$PRESET" <<'PY'
-import sys
-from unlearnd.train.reference import ensure_reference_models, preset
-print(ensure_reference_models(preset(sys.argv[1]), progress=False).target_dir)
-PY
-)
-DATA=$(mktemp -d)
-"$BIN/unlearnd" serve --model "$TARGET" --served-model-name tofu-target --port "$PORT" --data-dir "$DATA" \
-  --public-score --log-level warning > "$DATA/server.log" 2>&1 &
-SERVER=$!
-trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
-for _ in $(seq 300); do
-  curl -sf "http://127.0.0.1:$PORT/health" > /dev/null && break
-  kill -0 $SERVER 2>/dev/null || { cat "$DATA/server.log"; exit 1; }
-  sleep 2
-done
+source scripts/target_server.sh
+start_target_server --public-score
 "$BIN/unlearnd" eval attacks --server-url "http://127.0.0.1:$PORT" --data-dir "$DATA" --served-model tofu-target \
   --preset "$PRESET" "$@"
