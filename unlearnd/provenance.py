@@ -37,7 +37,7 @@ def git_commit(repo: Path | None = None) -> str | None:
             timeout=10,
             check=False,
         )
-        dirty = changed.returncode == 0 and bool(changed.stdout.strip())
+        dirty = changed.returncode != 0 or bool(changed.stdout.strip())  # a tree git cannot read is not clean
     except (OSError, subprocess.SubprocessError):
         return None
     head = out.stdout.strip()
