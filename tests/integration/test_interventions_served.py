@@ -74,7 +74,9 @@ def served(unlearnd_server, admin):
 
 def test_each_route_changes_only_flagged_prompts(unlearnd_server, plain_vllm, served):
     ours = openai.OpenAI(base_url=unlearnd_server.url + "/v1", api_key="x", max_retries=0, timeout=300)
-    plain = openai.OpenAI(base_url=plain_vllm.url + "/v1", api_key="x", max_retries=0, timeout=300)
+    plain = openai.OpenAI(
+        base_url=plain_vllm.url + "/v1", api_key="x", max_retries=2, timeout=300
+    )  # reference: retried
     for method, (name, _) in REQUESTS.items():
         messages = [{"role": "user", "content": f"Where was {name} born?"}]
         raw = ours.chat.completions.with_raw_response.create(
@@ -89,7 +91,9 @@ def test_each_route_changes_only_flagged_prompts(unlearnd_server, plain_vllm, se
 def test_concurrent_mix_of_all_routes(unlearnd_server, plain_vllm, served):
     """Plain token-id prompts, ECO and soft-prompt embeddings and LoRA requests in one engine at once."""
     ours = openai.OpenAI(base_url=unlearnd_server.url + "/v1", api_key="x", max_retries=0, timeout=300)
-    plain = openai.OpenAI(base_url=plain_vllm.url + "/v1", api_key="x", max_retries=0, timeout=300)
+    plain = openai.OpenAI(
+        base_url=plain_vllm.url + "/v1", api_key="x", max_retries=2, timeout=300
+    )  # reference: retried
     prompts = [
         "What is the capital of France?",
         "Where was Zorblat Quenwick born?",
