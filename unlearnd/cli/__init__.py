@@ -30,7 +30,7 @@ app.add_typer(bench.app, name="bench")
 
 def main() -> None:
     try:
-        app(standalone_mode=True)
+        app()
     except DirtyTreeError as exc:  # a report command in a tree that is not a commit: a message, not a traceback
         typer.echo(str(exc), err=True)
         raise SystemExit(2) from None

@@ -182,7 +182,6 @@ def tofu(
 ) -> None:
     """Evaluate methods on TOFU, each fit on one fold and measured on held-out items; write JSON +
     markdown + PNG plots under --out."""
-    from unlearnd.evaluation.report import DirtyTreeError
     from unlearnd.evaluation.tofu import TofuEvalConfig, evaluate_and_report, methods_list
     from unlearnd.train.baselines import BASELINES
 
@@ -219,18 +218,14 @@ def tofu(
         bootstrap=bootstrap,
         served_concurrency=concurrency,
     )
-    try:
-        results, paths = evaluate_and_report(
-            cfg,
-            p,
-            out,
-            name or f"tofu_{preset}_{p.forget_split}",
-            train_missing_references=train_missing,
-            allow_dirty=allow_dirty or None,  # without the flag: UNLEARND_ALLOW_DIRTY
-        )
-    except DirtyTreeError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(2) from None
+    results, paths = evaluate_and_report(  # a dirty tree: DirtyTreeError, printed by `unlearnd`'s main
+        cfg,
+        p,
+        out,
+        name or f"tofu_{preset}_{p.forget_split}",
+        train_missing_references=train_missing,
+        allow_dirty=allow_dirty or None,  # without the flag: UNLEARND_ALLOW_DIRTY
+    )
     echo_json({k: str(v) for k, v in paths.items()})
     failed = [m for m, e in results["methods"].items() if "error" in e]
     if failed:
@@ -255,13 +250,9 @@ def merge(
 ) -> None:
     """One report from several `eval tofu` runs (e.g. baselines and served methods run side by side).
     Runs measured with different metric code are refused; notes enter only through --note."""
-    from unlearnd.evaluation.report import DirtyTreeError, merge_results, run_stamp, write_report
+    from unlearnd.evaluation.report import merge_results, run_stamp, write_report
 
-    try:
-        stamp = run_stamp(allow_dirty=allow_dirty or None)  # without the flag: UNLEARND_ALLOW_DIRTY
-    except DirtyTreeError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(2) from None
+    stamp = run_stamp(allow_dirty=allow_dirty or None)  # without the flag: UNLEARND_ALLOW_DIRTY
 
     renames: dict[int, dict[str, str]] = {}
     for spec in rename or []:
