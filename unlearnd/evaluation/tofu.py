@@ -456,12 +456,16 @@ def _add_cost(entry: dict[str, Any], key: str, value: float | None) -> None:
         entry["cost"][key] = (entry["cost"].get(key) or 0.0) + float(value)
 
 
-def _probe(ctx: _Context, mut: ModelUnderTest, relearn_dir: Path | None) -> dict[str, Any]:
-    """The prompt-level probes on fold 0's measured items (the same items for every method), and the
-    relearning attack for a model whose weights changed (`relearn_dir`)."""
+def _probe_items(ctx: _Context) -> EvalSplits:
+    """Where the robustness probes draw from: fold 0's measured items (the same for every method)."""
+    return ctx.folds[0].eval_splits(ctx.splits)
+
+
+def _probe(ctx: _Context, mut: ModelUnderTest, relearn_dir: Path | None, measured: EvalSplits) -> dict[str, Any]:
+    """The prompt-level probes on `measured` (`_probe_items`), and the relearning attack for a model whose
+    weights changed (`relearn_dir`)."""
     from unlearnd.evaluation import robustness
 
-    measured = ctx.folds[0].eval_splits(ctx.splits)
     out = robustness.run_probes(
         mut,
         ctx.tofu,
@@ -484,7 +488,7 @@ def _probe(ctx: _Context, mut: ModelUnderTest, relearn_dir: Path | None) -> dict
 
 
 def _cached_probe(ctx: _Context, method: str, model_dir: Path, relearn: bool) -> tuple[dict[str, Any], bool]:
-    measured = ctx.folds[0].eval_splits(ctx.splits)
+    measured = _probe_items(ctx)
     key = {
         "robustness": model_fingerprint(model_dir),
         "method": method,
@@ -496,7 +500,9 @@ def _cached_probe(ctx: _Context, method: str, model_dir: Path, relearn: bool) ->
     }
     return cached_json(
         key,
-        lambda: _probe(ctx, HFModelUnderTest.from_dir(model_dir, name=method), model_dir if relearn else None),
+        lambda: _probe(
+            ctx, HFModelUnderTest.from_dir(model_dir, name=method), model_dir if relearn else None, measured
+        ),
         ctx.cfg.use_cache,
     )
 
@@ -621,7 +627,7 @@ def _evaluate_served(ctx: _Context, method: str, seed: int, entry: dict[str, Any
             fold_runs.append(records)
             generation_routes.update(served.generation_routes)  # the measured items' routes, not the probes'
             if fold.index == 0 and cfg.robustness:  # while fold 0's request is the active one
-                entry["robustness"] = _probe(ctx, served, None)
+                entry["robustness"] = _probe(ctx, served, None, _probe_items(ctx))
                 entry["cost"]["robustness_cached"] = False
         finally:
             try:
