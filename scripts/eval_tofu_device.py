@@ -42,11 +42,11 @@ if __name__ == "__main__":
         _load = AutoModelForCausalLM.from_pretrained
         AutoModelForCausalLM.from_pretrained = lambda *a, **k: _load(*a, **k).to("cuda")
     from unlearnd import provenance
+    from unlearnd.data.tofu import TofuData
     from unlearnd.evaluation import report as report_mod
     from unlearnd.evaluation import tofu as ev
     from unlearnd.evaluation.metrics import RunRecords
     from unlearnd.evaluation.model_under_test import HFModelUnderTest
-    from unlearnd.tofu import TofuData
     from unlearnd.train import reference as ref
 
     target, retain, retain_records = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])

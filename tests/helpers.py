@@ -8,15 +8,15 @@ from pathlib import Path
 
 import torch
 
+from unlearnd.domain import ForgetRequest, ForgetSpec, QAExample
 from unlearnd.engine.base import (
     ChoiceDelta,
     EmbeddingTable,
     Engine,
-    EngineRequest,
+    EngineInput,
     TokenLogprob,
 )
 from unlearnd.server.settings import ServerSettings
-from unlearnd.spec import ForgetRequest, ForgetSpec, QAExample
 
 ADMIN_KEY = "admin-secret"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -67,7 +67,7 @@ class TinyEngine(Engine):
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.eos_token_id = eos_token_id if eos_token_id is not None else self.tokenizer.eos_token_id
-        self.seen: list[EngineRequest] = []
+        self.seen: list[EngineInput] = []
 
     async def start(self) -> None:
         return None
@@ -75,7 +75,7 @@ class TinyEngine(Engine):
     async def shutdown(self) -> None:
         return None
 
-    async def prompt_logprobs(self, request: EngineRequest) -> list[float | None]:
+    async def prompt_logprobs(self, request: EngineInput) -> list[float | None]:
         self.seen.append(request)
         with torch.no_grad():
             embeds = self.prompt_embeds_for(request).to(torch.float32).unsqueeze(0)
@@ -83,7 +83,7 @@ class TinyEngine(Engine):
         ids = request.prompt_token_ids
         return [None] + [float(logprobs[i - 1, ids[i]]) for i in range(1, len(ids))]
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[ChoiceDelta]:
+    async def generate(self, request: EngineInput) -> AsyncIterator[ChoiceDelta]:
         self.seen.append(request)
         torch.set_grad_enabled(False)
         s = request.sampling
@@ -169,7 +169,7 @@ class ScriptedEngine(TinyEngine):
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[ChoiceDelta]:
+    async def generate(self, request: EngineInput) -> AsyncIterator[ChoiceDelta]:
         self.seen.append(request)
         words = self.script.split(" ")
         for index in range(request.sampling.n):

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from unlearnd.artifacts import read_json, write_json_atomic, write_text_atomic
-from unlearnd.spec import LOAD_FAILED, ForgetRequest, ForgetSpec, Status
+from unlearnd.domain import LOAD_FAILED, ForgetRequest, ForgetSpec, Status
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS forget_requests (

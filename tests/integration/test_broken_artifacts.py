@@ -11,10 +11,10 @@ import pytest
 from tests.helpers import make_random_lora
 from tests.integration.conftest import MODEL, ServerProcess, free_port, unlearnd_command
 from unlearnd.detectors import get_detector
+from unlearnd.domain import ForgetSpec, QAExample, Status
 from unlearnd.interventions.guardrails import REFUSAL
 from unlearnd.interventions.lora import LoRAArtifact
 from unlearnd.registry import Registry
-from unlearnd.spec import ForgetSpec, QAExample, Status
 
 pytestmark = pytest.mark.integration
 

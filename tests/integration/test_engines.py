@@ -13,7 +13,7 @@ import pytest
 
 from tests.helpers import make_random_lora
 from tests.integration.conftest import MODEL
-from unlearnd.engine.base import EngineRequest, LoRASpec, SamplingSpec
+from unlearnd.engine.base import EngineInput, LoRASpec, SamplingSpec
 from unlearnd.engine.local import LocalVLLMEngine
 from unlearnd.engine.remote import RemoteVLLMEngine
 
@@ -48,7 +48,7 @@ async def _run_mix(engine, lora_dir) -> dict[str, str]:
     lora = LoRASpec("random-lora", str(lora_dir))
 
     async def one(name: str, i: int) -> tuple[str, str]:
-        request = EngineRequest(f"{name}-{i}", ids, SamplingSpec(max_tokens=24, temperature=0))
+        request = EngineInput(f"{name}-{i}", ids, SamplingSpec(max_tokens=24, temperature=0))
         if "embeds" in name:
             request.prompt_embeds = engine.embeddings.lookup(ids)
         if "lora" in name:
@@ -78,7 +78,7 @@ def _check(by_kind: dict[str, set[str]]) -> None:
 
 async def _prompt_logprobs(engine, with_embeds: bool) -> list:
     ids = engine.tokenizer.encode("The capital of France is Paris.", add_special_tokens=False)
-    request = EngineRequest(f"score-{with_embeds}", ids, SamplingSpec(max_tokens=1, temperature=0))
+    request = EngineInput(f"score-{with_embeds}", ids, SamplingSpec(max_tokens=1, temperature=0))
     if with_embeds:
         request.prompt_embeds = engine.embeddings.lookup(ids)
     return await engine.prompt_logprobs(request)

@@ -14,6 +14,7 @@ import openai
 import pytest
 
 from tests.integration.conftest import MODEL, wait_active
+from unlearnd.methods import quick_options
 
 pytestmark = pytest.mark.integration
 
@@ -21,28 +22,10 @@ RETAIN = [
     {"question": "What is the capital of Italy?", "answer": "Rome."},
     {"question": "How many days are in a week?", "answer": "Seven."},
 ]
-REQUESTS = {
-    "eco": (
-        "Zorblat Quenwick",
-        {"preset": "cpu", "iterations": 1, "n_tune": 2, "n_eval": 2, "fluency_n": 1, "fluency_tokens": 4},
-    ),
-    "lora": (
-        "Marisol Vantrecht",
-        {"preset": "cpu", "steps": 2, "batch_size": 2, "n_eval": 1, "n_samples": 1, "learning_rate": 0.05},
-    ),
-    "soft_prompt": (
-        "Ilyan Drokov",
-        {
-            "preset": "cpu",
-            "steps": 2,
-            "batch_forget": 2,
-            "batch_retain": 1,
-            "n_retain": 2,
-            "n_eval": 1,
-            "n_samples": 1,
-            "sample_tokens": 4,
-        },
-    ),
+REQUESTS = {  # the method table's quick options; the LoRA learns fast enough to move in two steps
+    "eco": ("Zorblat Quenwick", quick_options("eco")),
+    "lora": ("Marisol Vantrecht", {**quick_options("lora"), "learning_rate": 0.05}),
+    "soft_prompt": ("Ilyan Drokov", quick_options("soft_prompt")),
 }
 
 

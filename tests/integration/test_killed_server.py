@@ -13,6 +13,7 @@ import pytest
 
 from tests.integration.conftest import MODEL, ServerProcess, free_port, unlearnd_command, wait_active
 from unlearnd.interventions.lora import LoRAArtifact, check_adapter, check_adapter_weights
+from unlearnd.methods import quick_options
 from unlearnd.registry import Registry
 
 pytestmark = pytest.mark.integration
@@ -22,7 +23,7 @@ FORGET = [
     {"question": f"Where was {NAME} born?", "answer": f"{NAME} was born in Valdoria."},
     {"question": f"What did {NAME} write?", "answer": f"{NAME} wrote The Glass Orchard."},
 ]
-OPTIONS = {"preset": "cpu", "steps": 2, "batch_size": 2, "n_eval": 1, "n_samples": 1, "learning_rate": 0.05}
+OPTIONS = {**quick_options("lora"), "learning_rate": 0.05}
 
 
 def _status(url: str, request_id: str, admin: dict) -> str:

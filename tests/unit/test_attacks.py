@@ -10,10 +10,10 @@ from fastapi.testclient import TestClient
 
 from tests.helpers import ScriptedEngine, app_settings, register_active
 from unlearnd.client import UnlearndClient
+from unlearnd.data.tofu import TofuData
 from unlearnd.evaluation.attacks import ATTACKS, attack_context, build_probes, run_probe, summarise
 from unlearnd.server.app import create_app
 from unlearnd.server.protocol import ChatCompletionRequest
-from unlearnd.tofu import TofuData
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +98,8 @@ def test_flat_numbers_rank_nothing_first():
 def test_an_attack_run_registers_the_whole_forget_split_for_its_route(tofu, route):
     """Attacks target the very questions a user asked to forget: the request holds all of them (and the
     preset's retain QA), in the spec shape the server takes."""
+    from unlearnd.domain import ForgetSpec
     from unlearnd.evaluation.attacks import route_request_spec
-    from unlearnd.spec import ForgetSpec
     from unlearnd.train.reference import ReferenceModels, preset, reference_data
 
     data = TofuData(tofu, allow_hub=False)

@@ -7,8 +7,8 @@ import json
 from typer.testing import CliRunner
 
 from unlearnd.cli import app
+from unlearnd.domain import Status
 from unlearnd.registry import Registry
-from unlearnd.spec import Status
 
 runner = CliRunner()
 

@@ -16,10 +16,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.helpers import ADMIN, TinyEngine, app_settings
+from unlearnd.data.tofu import TofuData
 from unlearnd.interventions.guardrails import REFUSAL
 from unlearnd.jobs.worker import run_worker
 from unlearnd.server.app import create_app
-from unlearnd.tofu import TofuData
 
 NAKAMURA, KUWAITI = 194, 198  # TOFU forget05 authors: Takashi Nakamura, Basil Mahfouz Al-Kuwaiti
 

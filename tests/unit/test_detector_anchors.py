@@ -20,7 +20,7 @@ from unlearnd.detectors.negatives import counterfactuals, similar_names
 from unlearnd.detectors.normalize import compact_forms, views
 from unlearnd.detectors.spans import edit_distance
 from unlearnd.detectors.views import views as prompt_views
-from unlearnd.spec import ForgetSpec, QAExample
+from unlearnd.domain import ForgetSpec, QAExample
 
 NAMES = ["Hsiao Yun-Hwa", "Jaime Vasquez", "Renée Müller"]
 

@@ -35,7 +35,7 @@ def test_plain_vllm_and_remote_engine_follow_the_choice(monkeypatch):
 
 
 def test_eco_job_tunes_in_the_serving_dtype(monkeypatch, tmp_path: Path):
-    from unlearnd.spec import ForgetRequest, ForgetSpec, Method, Status
+    from unlearnd.domain import ForgetRequest, ForgetSpec, Method, Status
     from unlearnd.train import eco
     from unlearnd.train.job import JobContext
 

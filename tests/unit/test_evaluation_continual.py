@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from unlearnd.data.tofu import TofuData
 from unlearnd.evaluation.continual import ContinualConfig, markdown, request_spec, run_continual
-from unlearnd.tofu import TofuData
 
 
 def _tofu(folder, n_authors=5):

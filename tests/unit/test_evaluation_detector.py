@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from unlearnd.data.tofu import TofuData
 from unlearnd.detectors.spans import edit_distance
 from unlearnd.evaluation.detector import (
     DetectorEvalOptions,
@@ -14,7 +15,6 @@ from unlearnd.evaluation.detector import (
     wilson,
 )
 from unlearnd.prompting import user_messages
-from unlearnd.tofu import TofuData
 
 
 def test_typo_is_one_edit_and_look_alike_two():

@@ -6,10 +6,10 @@ from collections import Counter
 
 import pytest
 
+from unlearnd.data.tofu import TofuData
 from unlearnd.evaluation.folds import check_disjoint, make_folds, pool_runs
 from unlearnd.evaluation.metrics import ItemRecord, RunRecords, SplitRecords
 from unlearnd.evaluation.tofu import eval_splits
-from unlearnd.tofu import TofuData
 from unlearnd.train.reference import ReferenceModels, preset, reference_data
 
 

@@ -9,11 +9,12 @@ from collections.abc import Sequence
 
 import pytest
 
+from unlearnd.data.qa import spread
+from unlearnd.domain import QAItem
 from unlearnd.evaluation import robustness as R
 from unlearnd.evaluation.metrics import METRICS, RunRecords
 from unlearnd.evaluation.model_under_test import ModelUnderTest, Scored
 from unlearnd.evaluation.tofu import collect_split
-from unlearnd.train.data import QAItem, spread
 
 ITEMS = [
     QAItem(

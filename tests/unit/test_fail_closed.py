@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from safetensors.torch import save_file
 
 from tests.helpers import ADMIN, TinyEngine, app_settings
+from unlearnd.domain import ForgetSpec, QAExample, Status
 from unlearnd.engine.base import EngineError
 from unlearnd.interventions.guardrails import REFUSAL
 from unlearnd.interventions.lora import LoRAArtifact, check_adapter_weights
@@ -21,7 +22,6 @@ from unlearnd.jobs.worker import run_worker
 from unlearnd.registry import Registry
 from unlearnd.server import app as app_module
 from unlearnd.server.app import create_app, watch_engine
-from unlearnd.spec import ForgetSpec, QAExample, Status
 
 NAME = "Basil Mahfouz Al-Kuwaiti"
 FLAGGED = f"What did {NAME} write?"

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from unlearnd.detectors.base import RequestMatch
+from unlearnd.domain import ForgetSpec, QAExample
 from unlearnd.engine.base import EmbeddingTable, SamplingSpec
+from unlearnd.guardrail.call import GuardedCall
 from unlearnd.interventions.base import PipelineContext
 from unlearnd.interventions.eco import (
     ECO,
@@ -24,8 +26,6 @@ from unlearnd.interventions.eco import (
     select_rows,
 )
 from unlearnd.registry import Registry
-from unlearnd.request import GuardedRequest
-from unlearnd.spec import ForgetSpec, QAExample
 from unlearnd.train.zo import zo_solve
 
 
@@ -247,7 +247,7 @@ def test_apply_zeroes_the_scoped_rows_and_sets_request_fields(tmp_path, tokenize
     eco, rid = loaded_eco(tmp_path, Corruption(kind="zero", dims="all", scope=scope), ["Hina Ameen"])
     ctx = context(tokenizer)
     question = "What genre does Hina Ameen write?"
-    req = GuardedRequest(
+    req = GuardedCall(
         id="r1",
         kind="chat",
         sampling=SamplingSpec(),
@@ -272,8 +272,8 @@ def test_apply_finds_entities_itself_and_is_deterministic(tmp_path, tokenizer):
     ctx = context(tokenizer)
     text = "Where was hina ameen born?"
 
-    def run() -> GuardedRequest:
-        req = GuardedRequest(id="r", kind="completion", sampling=SamplingSpec(), prompt=text, query_text=text)
+    def run() -> GuardedCall:
+        req = GuardedCall(id="r", kind="completion", sampling=SamplingSpec(), prompt=text, query_text=text)
         eco.apply(req, RequestMatch(rid, 1.0), ctx)  # no spans from the detector
         return req
 

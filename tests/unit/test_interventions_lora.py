@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import save_file
 
 from unlearnd.detectors.base import RequestMatch
+from unlearnd.domain import ForgetSpec, QAExample, Status
 from unlearnd.engine.base import PEFT_TARGET_MODULES, SamplingSpec
+from unlearnd.guardrail.call import GuardedCall
 from unlearnd.interventions.lora import LoRA, LoRAArtifact, check_adapter
 from unlearnd.registry import Registry
-from unlearnd.request import GuardedRequest
-from unlearnd.spec import ForgetSpec, QAExample, Status
 from unlearnd.train.lora import (
     O3LoRAMethod,
     current_a_matrices,
@@ -202,8 +202,8 @@ def test_apply_sets_the_lora_by_weight(tmp_path):
     intervention = LoRA()
     intervention.load(record, artifact_dir)
 
-    def run(weight: float) -> GuardedRequest:
-        req = GuardedRequest(
+    def run(weight: float) -> GuardedCall:
+        req = GuardedCall(
             id="q",
             kind="chat",
             sampling=SamplingSpec(),

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from unlearnd.detectors.base import RequestMatch
+from unlearnd.domain import ForgetSpec, QAExample
 from unlearnd.engine.base import EmbeddingTable, SamplingSpec
+from unlearnd.guardrail.call import GuardedCall
 from unlearnd.interventions.base import PipelineContext
 from unlearnd.interventions.soft_prompt import SoftPrompt, load_soft_prompt, with_soft_prompt
 from unlearnd.registry import Registry
-from unlearnd.request import GuardedRequest
-from unlearnd.spec import ForgetSpec, QAExample
 from unlearnd.train.data import collate, encode_qa, refusal_for
 from unlearnd.train.soft_prompt import (
     SoftPromptModel,
@@ -131,7 +131,7 @@ def test_train_soft_prompt_job_and_serving(tmp_path, tiny_model_dir, tokenizer):
     ctx = PipelineContext(tokenizer=tokenizer, embeddings=EmbeddingTable(weight))
     intervention = SoftPrompt()
     intervention.load(record, artifact_dir)
-    req = GuardedRequest(
+    req = GuardedCall(
         id="q",
         kind="chat",
         sampling=SamplingSpec(),

@@ -9,11 +9,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.helpers import ADMIN, ScriptedEngine, app_settings, register_active
+from unlearnd.domain import ForgetRequest, ForgetSpec, QAExample
 from unlearnd.engine.base import ChoiceDelta, TokenLogprob
+from unlearnd.guardrail.output_guard import OutputGuard
 from unlearnd.interventions.guardrails import REFUSAL
 from unlearnd.server.app import create_app
-from unlearnd.server.output_guard import OutputGuard
-from unlearnd.spec import ForgetRequest, ForgetSpec, QAExample
 
 NAME = "Takashi Nakamura"
 ANSWERS = [

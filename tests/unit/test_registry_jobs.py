@@ -7,10 +7,10 @@ from dataclasses import replace
 
 import pytest
 
+from unlearnd.domain import ForgetSpec, Method, Status
 from unlearnd.jobs.worker import run_worker
 from unlearnd.methods import METHODS
 from unlearnd.registry import MAX_ATTEMPTS, Registry
-from unlearnd.spec import ForgetSpec, Method, Status
 
 
 def spec(name="Jane Doe", method=Method.refuse):

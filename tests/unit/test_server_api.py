@@ -10,10 +10,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.helpers import ADMIN, TinyEngine, app_settings, register_active
+from unlearnd.domain import ForgetSpec, Status
 from unlearnd.interventions.guardrails import REFUSAL
 from unlearnd.registry import Registry
 from unlearnd.server.app import create_app
-from unlearnd.spec import ForgetSpec, Status
 
 
 @pytest.fixture()

@@ -13,12 +13,12 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.helpers import ADMIN, TinyEngine, app_settings
+from unlearnd.domain import ForgetSpec, QAExample, Status
 from unlearnd.jobs import worker
 from unlearnd.methods import METHODS
 from unlearnd.registry import Registry
 from unlearnd.server.app import create_app
 from unlearnd.server.orphans import PIDS_FILE, stop_orphans
-from unlearnd.spec import ForgetSpec, QAExample, Status
 
 
 def test_one_worker_per_data_dir(tmp_path):

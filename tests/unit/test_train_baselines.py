@@ -12,7 +12,8 @@ from transformers import LlamaForCausalLM
 from tests.helpers import tiny_llama
 from unlearnd.train import baselines as B
 from unlearnd.train.data import IGNORE_INDEX, EncodedQA, collate
-from unlearnd.train.trainer import TRAINING_METHODS, TrainConfig, Trainer
+from unlearnd.train.objectives import OBJECTIVES, Finetune, mean_nll
+from unlearnd.train.trainer import TrainConfig, Trainer
 
 VOCAB = 64
 
@@ -40,14 +41,14 @@ IDK = qa_batch(3)
 def memorised() -> LlamaForCausalLM:
     """A tiny 'target': finetuned until it knows both the forget and the retain batch (as TOFU's target)."""
     model = tiny_model()
-    Trainer(B.Finetune(), TrainConfig(steps=40, learning_rate=1e-2, progress=False)).fit(model, [FORGET, RETAIN])
+    Trainer(Finetune(), TrainConfig(steps=40, learning_rate=1e-2, progress=False)).fit(model, [FORGET, RETAIN])
     assert nll(model, FORGET) < 1.0
     return model
 
 
 @torch.no_grad()
 def nll(model, batch) -> float:
-    return float(B.mean_nll(model.eval(), batch))
+    return float(mean_nll(model.eval(), batch))
 
 
 def fit(method, model, batches, steps=8, lr=3e-3):
@@ -56,13 +57,13 @@ def fit(method, model, batches, steps=8, lr=3e-3):
 
 def test_all_baselines_are_registered():
     for name in (*B.BASELINES, "finetune"):
-        assert name in TRAINING_METHODS
+        assert name in OBJECTIVES
 
 
 def test_finetune_lowers_nll():
     model = tiny_model()
     before = nll(model, FORGET)
-    fit(B.Finetune(), model, [FORGET])
+    fit(Finetune(), model, [FORGET])
     assert nll(model, FORGET) < before - 0.5
 
 

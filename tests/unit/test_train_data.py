@@ -6,20 +6,11 @@ import json
 
 import pytest
 
+from unlearnd.data.qa import load_qa_jsonl, read_jsonl
+from unlearnd.data.tofu import TofuData, author_names
+from unlearnd.domain import QAItem
 from unlearnd.prompting import chat_prompt_ids, end_of_turn_id
-from unlearnd.tofu import TofuData, author_names
-from unlearnd.train.data import (
-    IGNORE_INDEX,
-    AlignedBatches,
-    EncodedQA,
-    PairedBatches,
-    QABatches,
-    QAItem,
-    collate,
-    encode_qa,
-    load_qa_jsonl,
-    read_jsonl,
-)
+from unlearnd.train.data import IGNORE_INDEX, AlignedBatches, EncodedQA, PairedBatches, QABatches, collate, encode_qa
 
 
 def _write_tofu(folder, n_authors=4, per_author=20):

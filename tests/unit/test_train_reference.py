@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from tests.helpers import tiny_llama
-from unlearnd.tofu import TofuData
+from unlearnd.data.tofu import TofuData
+from unlearnd.domain import QAItem
 from unlearnd.train import reference as ref
 from unlearnd.train.baselines import BaselineConfig, train_baseline
-from unlearnd.train.data import QAItem
 
 
 @pytest.fixture()

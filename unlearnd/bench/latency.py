@@ -22,6 +22,7 @@ import numpy as np
 from unlearnd.bench.profile import summarise
 from unlearnd.client import UnlearndClient
 from unlearnd.config import DEFAULT_DETECTOR, DEFAULT_MODEL
+from unlearnd.methods import METHODS, quick_options
 
 log = logging.getLogger(__name__)
 
@@ -169,8 +170,8 @@ def active_count(client: UnlearndClient) -> int:
 def tofu_authors(tofu_dir: Path, count: int) -> list[dict]:
     """TOFU's full split holds 20 QA pairs per fictitious author, in order: one request per author
     whose name can be derived from its questions (a few authors' cannot, and are skipped)."""
+    from unlearnd.data.tofu import TOFU_QA_PER_AUTHOR, TofuData
     from unlearnd.detectors.names import derive_entities
-    from unlearnd.tofu import TOFU_QA_PER_AUTHOR, TofuData
 
     rows = TofuData(tofu_dir, allow_hub=False).split("full")
     authors = []
@@ -213,22 +214,10 @@ class BenchConfig:
     sweep: tuple[int, ...] = (1, 10, 100)
     sweep_requests: int = 16
     timeout_s: float = 600
-    # Training presets cut short: serving cost does not depend on how well a route was trained.
+    # Training presets cut short (the method table's quick options): serving cost does not depend on how well
+    # a route was trained.
     route_options: dict = field(
-        default_factory=lambda: {
-            "eco": {"preset": "cpu", "iterations": 1, "n_tune": 2, "n_eval": 2, "fluency_n": 1, "fluency_tokens": 4},
-            "lora": {"preset": "cpu", "steps": 2, "batch_size": 2, "n_eval": 1, "n_samples": 1},
-            "soft_prompt": {
-                "preset": "cpu",
-                "steps": 2,
-                "batch_forget": 2,
-                "batch_retain": 1,
-                "n_retain": 2,
-                "n_eval": 1,
-                "n_samples": 1,
-                "sample_tokens": 4,
-            },
-        }
+        default_factory=lambda: {name: quick_options(name) for name, entry in METHODS.items() if entry.quick_options}
     )
 
 

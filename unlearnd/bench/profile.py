@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 COMPONENTS: dict[str, tuple[str, ...]] = {
     "detector (unlearnd/detectors)": ("unlearnd/detectors/", "onnxruntime", "faiss", "sklearn"),
     "vLLM front-end": ("vllm/", "transformers/", "tokenizers"),
-    "unlearnd pipeline + interventions": ("unlearnd/server/pipeline", "unlearnd/interventions/", "unlearnd/engine/"),
+    "unlearnd pipeline + interventions": ("unlearnd/guardrail/", "unlearnd/interventions/", "unlearnd/engine/"),
     "HTTP (uvicorn/starlette/fastapi/pydantic)": (
         "uvicorn",
         "starlette",

@@ -296,9 +296,9 @@ def continual(
     name: str = typer.Option(None, help="Report file stem (default continual_<method>)."),
 ) -> None:
     """Register TOFU author groups one after another; after each, measure every group and untouched authors."""
+    from unlearnd.data.tofu import TofuData
     from unlearnd.evaluation.continual import ContinualConfig, run_and_report
     from unlearnd.evaluation.model_under_test import ServedModelUnderTest
-    from unlearnd.tofu import TofuData
     from unlearnd.train.reference import reference_data
 
     try:

@@ -76,7 +76,7 @@ def add(
     """Register a forget request."""
     from pydantic import ValidationError
 
-    from unlearnd.spec import ForgetSpec
+    from unlearnd.domain import ForgetSpec
 
     payload = {
         "name": name,

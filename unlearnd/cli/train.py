@@ -169,7 +169,7 @@ def reference(
     retain_authors: int = typer.Option(None, help=AUTHORS_HELP),
 ) -> None:
     """Train (or reuse) the TOFU target and retain models; print their folders and forget ROUGE-L."""
-    from unlearnd.tofu import TofuData
+    from unlearnd.data.tofu import TofuData
     from unlearnd.train.reference import ensure_reference_models, forget_rouge, read_info, update_info
 
     set_threads(threads)
@@ -219,7 +219,7 @@ def baseline(
     retain_authors: int = typer.Option(None, help=AUTHORS_HELP),
 ) -> None:
     """Unlearn the forget split from the cached target with one finetuning baseline."""
-    from unlearnd.tofu import TofuData
+    from unlearnd.data.tofu import TofuData
     from unlearnd.train.baselines import default_baseline_config, train_baseline
     from unlearnd.train.reference import ensure_reference_models, is_complete, read_info
 

@@ -30,7 +30,7 @@ from pydantic import BaseModel, Field
 from unlearnd.detectors.names import derive_entities
 from unlearnd.detectors.normalize import compact_forms, letters, views
 from unlearnd.detectors.spans import FUNCTION_WORDS, STOPWORDS, edit_distance, fold, merge_spans, tokens
-from unlearnd.spec import ForgetSpec
+from unlearnd.domain import ForgetSpec
 
 NAME_SCORE = 1.0  # the whole name (or its title / birth date)
 TYPO_SCORE = 0.95  # the whole name with one typo

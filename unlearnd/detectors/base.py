@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from unlearnd.spec import ForgetRequest
+from unlearnd.domain import ForgetRequest
 
 
 @dataclass

@@ -36,7 +36,7 @@ from unlearnd.detectors.encoder import EncoderConfig, get_encoder
 from unlearnd.detectors.index import GaussianBank, GaussianFit, SharedIndex, matmul_t
 from unlearnd.detectors.negatives import answers, chat_subset, counterfactuals, person_questions, questions
 from unlearnd.detectors.views import expand, max_by_owner
-from unlearnd.spec import ForgetRequest
+from unlearnd.domain import ForgetRequest
 
 log = logging.getLogger(__name__)
 FEATURES = ("local", "global", "head")

@@ -48,8 +48,8 @@ from unlearnd.detectors.embedding import EmbeddingConfig, EmbeddingDetector
 from unlearnd.detectors.encoder import EncoderConfig
 from unlearnd.detectors.ood import OODConfig, OODDetector
 from unlearnd.detectors.views import expand, max_by_owner
+from unlearnd.domain import ForgetRequest, ForgetSpec
 from unlearnd.methods import METHODS
-from unlearnd.spec import ForgetRequest, ForgetSpec
 
 log = logging.getLogger(__name__)
 

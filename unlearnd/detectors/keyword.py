@@ -13,7 +13,7 @@ from pathlib import Path
 from unlearnd.artifacts import write_json_atomic
 from unlearnd.detectors.base import Detection, Detector, RequestMatch, register_detector
 from unlearnd.detectors.spans import merge_spans
-from unlearnd.spec import ForgetRequest
+from unlearnd.domain import ForgetRequest
 
 _STOPWORDS = {"the", "and", "of", "von", "van", "de", "der", "la", "le", "del", "al", "bin", "ibn"}
 

@@ -20,7 +20,7 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 
-from unlearnd.spec import QAExample
+from unlearnd.domain import QAExample
 
 _CAP = r"[A-Z][\w'’]*(?:-[A-Z]?[\w'’]+)*"
 _PARTICLE = r"(?:al|el|de|van|von|der|da|di|bin|ibn)"

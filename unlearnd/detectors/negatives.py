@@ -10,7 +10,7 @@ from importlib import resources
 import numpy as np
 
 from unlearnd.detectors.anchors import FLAG_SCORE, AnchorIndex, RequestAnchors
-from unlearnd.spec import ForgetSpec, QAExample
+from unlearnd.domain import ForgetSpec, QAExample
 
 
 def _data_lines(name: str) -> list[str]:

@@ -36,7 +36,7 @@ from unlearnd.detectors.encoder import EncoderConfig
 from unlearnd.detectors.index import GaussianBank, GaussianFit, SharedIndex
 from unlearnd.detectors.negatives import chat_subset, person_questions, questions
 from unlearnd.detectors.views import expand, max_by_owner
-from unlearnd.spec import ForgetRequest
+from unlearnd.domain import ForgetRequest
 
 log = logging.getLogger(__name__)
 

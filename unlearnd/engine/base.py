@@ -53,7 +53,7 @@ class LoRASpec:
 
 
 @dataclass
-class EngineRequest:
+class EngineInput:
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingSpec
@@ -123,7 +123,7 @@ def read_model_config(model_dir: str | Path) -> dict:
 
 
 class Engine(abc.ABC):
-    """Generates from an `EngineRequest`; implementations: local vLLM, remote vLLM server."""
+    """Generates from an `EngineInput`; implementations: local vLLM, remote vLLM server."""
 
     model_name: str
     max_model_len: int
@@ -138,11 +138,11 @@ class Engine(abc.ABC):
     async def shutdown(self) -> None: ...
 
     @abc.abstractmethod
-    def generate(self, request: EngineRequest) -> AsyncIterator[ChoiceDelta]:
+    def generate(self, request: EngineInput) -> AsyncIterator[ChoiceDelta]:
         """Stream deltas of all `n` choices, interleaved, each choice ending with a finish_reason."""
 
     @abc.abstractmethod
-    async def prompt_logprobs(self, request: EngineRequest) -> list[float | None]:
+    async def prompt_logprobs(self, request: EngineInput) -> list[float | None]:
         """Log-probability of each prompt token given those before it (None for the first)."""
 
     async def abort(self, request_id: str) -> None:  # noqa: B027 - optional
@@ -161,7 +161,7 @@ class Engine(abc.ABC):
         the server exits non-zero, so a supervisor restarts it instead of every request failing."""
         return None
 
-    def prompt_embeds_for(self, request: EngineRequest) -> torch.Tensor:
+    def prompt_embeds_for(self, request: EngineInput) -> torch.Tensor:
         embeds = request.prompt_embeds
         if embeds is None:
             embeds = self.embeddings.lookup(request.prompt_token_ids)

@@ -14,7 +14,7 @@ from unlearnd.engine.base import (
     EmbeddingTable,
     Engine,
     EngineError,
-    EngineRequest,
+    EngineInput,
     LoRASpec,
     SamplingSpec,
     TokenLogprob,
@@ -137,7 +137,7 @@ class LocalVLLMEngine(Engine):
         lora_id = self._lora_ids[lora.name]
         return LoRARequest(lora_name=lora.name, lora_int_id=lora_id, lora_path=lora.path)
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[ChoiceDelta]:
+    async def generate(self, request: EngineInput) -> AsyncIterator[ChoiceDelta]:
         if self._llm is None:
             raise EngineError("engine is not started")
         if request.prompt_embeds is not None:
@@ -167,7 +167,7 @@ class LocalVLLMEngine(Engine):
                         finish_reason=completion.finish_reason,
                     )
 
-    async def prompt_logprobs(self, request: EngineRequest) -> list[float | None]:
+    async def prompt_logprobs(self, request: EngineInput) -> list[float | None]:
         from vllm import SamplingParams
 
         if self._llm is None:

@@ -26,7 +26,7 @@ from unlearnd.engine.base import (
     EmbeddingTable,
     Engine,
     EngineError,
-    EngineRequest,
+    EngineInput,
     LoRASpec,
     TokenLogprob,
     read_model_config,
@@ -111,7 +111,7 @@ class RemoteVLLMEngine(Engine):
                     await self._client.post("/v1/unload_lora_adapter", json={"lora_name": name})
                 self._loaded_loras.discard(name)
 
-    def _payload(self, request: EngineRequest) -> dict:
+    def _payload(self, request: EngineInput) -> dict:
         s = request.sampling
         payload = {
             "model": request.lora.name if request.lora else self.remote_model,
@@ -134,7 +134,7 @@ class RemoteVLLMEngine(Engine):
             payload["prompt"] = request.prompt_token_ids
         return payload
 
-    async def prompt_logprobs(self, request: EngineRequest) -> list[float | None]:
+    async def prompt_logprobs(self, request: EngineInput) -> list[float | None]:
         if self._client is None:
             raise EngineError("engine is not started")
         if request.prompt_embeds is not None:
@@ -157,7 +157,7 @@ class RemoteVLLMEngine(Engine):
             for tid, entry in zip(request.prompt_token_ids, entries)
         ]
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[ChoiceDelta]:
+    async def generate(self, request: EngineInput) -> AsyncIterator[ChoiceDelta]:
         if self._client is None:
             raise EngineError("engine is not started")
         if request.lora is not None:

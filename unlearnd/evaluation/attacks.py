@@ -35,18 +35,19 @@ from tqdm import tqdm
 
 from unlearnd.artifacts import write_json_atomic, write_text_atomic
 from unlearnd.client import ServerError, UnlearndClient
+from unlearnd.data.tofu import TofuData, author_names
+from unlearnd.domain import QAItem
 from unlearnd.evaluation.detector import wilson
 from unlearnd.evaluation.metrics import rouge_l_recall
 from unlearnd.evaluation.report import fmt, run_stamp, stamp_lines
 from unlearnd.evaluation.robustness import JAILBREAK_PREFIXES, LETTERS, mc_options, mc_prompt
+from unlearnd.methods import attack_targets
 from unlearnd.prompting import Message, user_messages
-from unlearnd.tofu import TofuData, author_names
-from unlearnd.train.data import QAItem
 
 log = logging.getLogger(__name__)
 
 SUCCESS_ROUGE = 0.5
-TARGETS = {"refuse": 0.05, "eco": 0.10, "lora": 0.10}  # attack success allowed per kind, per route
+TARGETS = attack_targets()  # attack success allowed per kind, per route (the method table says)
 UNPROTECTED = "none"
 TIE = 1e-6  # mean log-probs closer than this are equal
 

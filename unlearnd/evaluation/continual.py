@@ -24,13 +24,14 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from unlearnd.artifacts import write_json_atomic, write_text_atomic
+from unlearnd.data.qa import spread
+from unlearnd.data.tofu import TofuData, author_names
+from unlearnd.domain import QAItem
 from unlearnd.evaluation.metrics import rouge_l_recall
 from unlearnd.evaluation.model_under_test import ServedModelUnderTest
 from unlearnd.evaluation.report import PARTIAL_NOTE, fmt, run_stamp, stamp_lines
 from unlearnd.evaluation.robustness import mean_or_none
 from unlearnd.prompting import user_messages
-from unlearnd.tofu import TofuData, author_names
-from unlearnd.train.data import QAItem, spread
 
 log = logging.getLogger(__name__)
 

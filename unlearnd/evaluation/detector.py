@@ -42,15 +42,14 @@ from pydantic import BaseModel, Field
 
 from unlearnd.artifacts import write_json_atomic, write_text_atomic
 from unlearnd.config import DEFAULT_DETECTOR
+from unlearnd.data.tofu import TOFU_AUTHORS, TofuData, author_names
 from unlearnd.detectors import get_detector
 from unlearnd.detectors.anchors import extract_anchors
 from unlearnd.detectors.calibration import auroc
 from unlearnd.detectors.negatives import chat_prompts
+from unlearnd.domain import ForgetRequest, ForgetSpec, QAExample, QAItem
 from unlearnd.evaluation.report import fmt, run_stamp, stamp_lines
 from unlearnd.prompting import detector_text, user_messages
-from unlearnd.spec import ForgetRequest, ForgetSpec, QAExample
-from unlearnd.tofu import TOFU_AUTHORS, TofuData, author_names
-from unlearnd.train.data import QAItem
 
 log = logging.getLogger(__name__)
 

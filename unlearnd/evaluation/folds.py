@@ -13,17 +13,32 @@ method is fit on, are dealt out the same way so the cost of a method stays one p
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
-from unlearnd.train.data import QAItem
-
-if TYPE_CHECKING:
-    from unlearnd.evaluation.metrics import RunRecords
-    from unlearnd.evaluation.tofu import EvalSplits
+from unlearnd.domain import QAItem
+from unlearnd.evaluation.metrics import RunRecords, SplitRecords
 
 N_FOLDS = 2
+
+
+class EvalSplits(BaseModel):
+    """The items of each evaluation split (forget carries paraphrased / perturbed answers)."""
+
+    forget: list[QAItem]
+    retain: list[QAItem]
+    real_authors: list[QAItem]
+    world_facts: list[QAItem]
+    holdout: list[QAItem] = Field(default_factory=list)
+
+    def as_dict(self) -> dict[str, list[QAItem]]:
+        return {
+            "forget": self.forget,
+            "retain": self.retain,
+            "real_authors": self.real_authors,
+            "world_facts": self.world_facts,
+            "holdout": self.holdout,
+        }
 
 
 class Fold(BaseModel):
@@ -36,8 +51,6 @@ class Fold(BaseModel):
     eval_indices: dict[str, list[int]]  # split -> indices into the full evaluation split
 
     def eval_splits(self, splits: EvalSplits) -> EvalSplits:
-        from unlearnd.evaluation.tofu import EvalSplits
-
         full = splits.as_dict()
         return EvalSplits(**{name: [full[name][i] for i in idx] for name, idx in self.eval_indices.items()})
 
@@ -119,8 +132,6 @@ def check_disjoint(fold: Fold, splits: EvalSplits) -> None:
 
 def pool_runs(method: str, splits: EvalSplits, folds: Sequence[Fold], runs: Sequence[RunRecords]) -> RunRecords:
     """One run over the whole evaluation splits from each fold's run over its own items (canonical order)."""
-    from unlearnd.evaluation.metrics import RunRecords, SplitRecords
-
     sizes = {name: len(items) for name, items in splits.as_dict().items()}
     slots: dict[str, list] = {name: [None] * n for name, n in sizes.items()}
     for fold, run in zip(folds, runs, strict=True):

@@ -40,6 +40,8 @@ import numpy as np
 from pydantic import BaseModel, Field
 from scipy import stats
 
+from unlearnd.methods import routes_without_model
+
 EPS = 1e-10
 
 # --------------------------------------------------------------------------- records
@@ -244,7 +246,7 @@ def is_gibberish(text: str, ppl: float | None = None, max_ppl: float = 500.0) ->
 # --------------------------------------------------------------------------- registry
 
 
-NO_MODEL_ROUTES = frozenset({"refuse"})  # routes whose answer never comes from the model
+NO_MODEL_ROUTES = routes_without_model()  # routes whose answer never comes from the model
 
 
 def refused_count(items: Sequence[ItemRecord]) -> int:

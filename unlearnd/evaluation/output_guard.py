@@ -23,14 +23,14 @@ import numpy as np
 from pydantic import BaseModel
 
 from unlearnd.artifacts import write_json_atomic, write_text_atomic
+from unlearnd.data.tofu import TofuData
 from unlearnd.detectors.encoder import EncoderConfig, get_encoder
 from unlearnd.detectors.negatives import chat_prompts
+from unlearnd.domain import QAExample
 from unlearnd.engine.base import ChoiceDelta
 from unlearnd.evaluation.detector import DetectorEvalOptions, build_probes, setups, wilson
 from unlearnd.evaluation.report import fmt, run_stamp, stamp_lines
-from unlearnd.server.output_guard import OutputGuard
-from unlearnd.spec import QAExample
-from unlearnd.tofu import TofuData
+from unlearnd.guardrail.output_guard import OutputGuard
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "How far to trust these numbers: the retain90 answers are not fully independent of the guard's "
         "design. A first run with a plain rule (two shared distinctive 4-grams) blocked 6.2% of them, all on "
-        "biography templates; the information rule (`server/output_guard.py`) replaced it, with its constants "
+        "biography templates; the information rule (`guardrail/output_guard.py`) replaced it, with its constants "
         "set from word frequencies, not searched over on this set. The real_authors, world_facts and "
         "ordinary-chat sets played no part in it. TOFU gives several authors the same book titles and "
         "birth details; an answer about another author that names a forgotten author's title is blocked "

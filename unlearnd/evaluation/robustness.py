@@ -28,11 +28,13 @@ from typing import Any
 
 import numpy as np
 
+from unlearnd.data.qa import spread
+from unlearnd.data.tofu import TofuData
+from unlearnd.domain import QAItem
 from unlearnd.evaluation.metrics import normalised_probability, rouge_l_recall
 from unlearnd.evaluation.model_under_test import HFModelUnderTest, ModelUnderTest
 from unlearnd.prompting import Message, user_messages
-from unlearnd.tofu import TofuData
-from unlearnd.train.data import QABatches, QAItem, spread
+from unlearnd.train.data import QABatches
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +235,7 @@ def relearning_attack(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Briefly finetune the unlearned model on half the forget set; how much of the other half comes back?"""
-    from unlearnd.train.baselines import Finetune
+    from unlearnd.train.objectives import Finetune
     from unlearnd.train.reference import load_causal_lm, steps_for
     from unlearnd.train.trainer import TrainConfig, Trainer
 

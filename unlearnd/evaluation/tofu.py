@@ -28,7 +28,10 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from unlearnd.config import cache_dir
-from unlearnd.evaluation.folds import Fold, check_disjoint, make_folds, pool_runs
+from unlearnd.data.qa import spread
+from unlearnd.data.tofu import TofuData, has_tofu_split
+from unlearnd.domain import QAItem
+from unlearnd.evaluation.folds import EvalSplits, Fold, check_disjoint, make_folds, pool_runs
 from unlearnd.evaluation.metrics import (
     NO_MODEL_ROUTES,
     ItemRecord,
@@ -42,11 +45,9 @@ from unlearnd.evaluation.metrics import (
 )
 from unlearnd.evaluation.model_under_test import HFModelUnderTest, ModelUnderTest, ServedModelUnderTest
 from unlearnd.evaluation.report import PARTIAL_NOTE, run_stamp, write_report
-from unlearnd.methods import METHODS
+from unlearnd.methods import METHODS, seeded_methods
 from unlearnd.prompting import user_messages
-from unlearnd.tofu import TofuData, has_tofu_split
 from unlearnd.train.baselines import BASELINES, default_baseline_config, train_baseline
-from unlearnd.train.data import QAItem, spread
 from unlearnd.train.reference import (
     ReferenceModels,
     ReferencePreset,
@@ -72,25 +73,6 @@ class EvalSettings(BaseModel):
 
     max_new_tokens: int = 96
     limits: dict[str, int | None] = Field(default_factory=dict, description="items per split (None = all)")
-
-
-class EvalSplits(BaseModel):
-    """The items of each evaluation split (forget carries paraphrased / perturbed answers)."""
-
-    forget: list[QAItem]
-    retain: list[QAItem]
-    real_authors: list[QAItem]
-    world_facts: list[QAItem]
-    holdout: list[QAItem] = Field(default_factory=list)
-
-    def as_dict(self) -> dict[str, list[QAItem]]:
-        return {
-            "forget": self.forget,
-            "retain": self.retain,
-            "real_authors": self.real_authors,
-            "world_facts": self.world_facts,
-            "holdout": self.holdout,
-        }
 
 
 def eval_splits(
@@ -294,7 +276,7 @@ def forget_request_spec(
 
 # --------------------------------------------------------------------------- the whole evaluation
 
-RANDOM_METHODS = (*BASELINES, "eco", "soft_prompt", "lora")  # trained with a seed (data order, init, noise)
+RANDOM_METHODS = (*BASELINES, *seeded_methods())  # trained with a seed (data order, init, noise)
 
 
 class TofuEvalConfig(BaseModel):

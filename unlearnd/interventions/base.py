@@ -1,7 +1,7 @@
 """One interface for every intervention (refuse, system prompt, ECO, soft prompt, LoRA).
 
 An intervention loads its per-request artifact at serve time and, for a flagged prompt, rewrites
-the `GuardedRequest`: its messages, its prompt embeddings, its LoRA, or a fixed response. Which
+the `GuardedCall`: its messages, its prompt embeddings, its LoRA, or a fixed response. Which
 class serves which method is the method table's business (`unlearnd.methods`).
 """
 
@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from unlearnd.detectors.base import RequestMatch
+from unlearnd.domain import ForgetRequest
 from unlearnd.engine.base import EmbeddingTable
-from unlearnd.request import GuardedRequest
-from unlearnd.spec import ForgetRequest
+from unlearnd.guardrail.call import GuardedCall
 
 
 @dataclass
@@ -40,5 +40,5 @@ class Intervention(abc.ABC):
         self.requests.pop(request_id, None)
 
     @abc.abstractmethod
-    def apply(self, request: GuardedRequest, match: RequestMatch, ctx: PipelineContext) -> None:
+    def apply(self, request: GuardedCall, match: RequestMatch, ctx: PipelineContext) -> None:
         """Rewrite `request` for the matched forget request (in place)."""

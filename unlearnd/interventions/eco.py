@@ -30,10 +30,10 @@ from pydantic import BaseModel, Field
 
 from unlearnd.artifacts import ArtifactConfig
 from unlearnd.detectors.base import RequestMatch
+from unlearnd.domain import ForgetRequest
+from unlearnd.guardrail.call import GuardedCall
 from unlearnd.interventions.base import Intervention, PipelineContext
 from unlearnd.prompting import adds_special_tokens, detector_texts, encode_with_offsets, render
-from unlearnd.request import GuardedRequest
-from unlearnd.spec import ForgetRequest
 
 
 class CorruptionKind(StrEnum):
@@ -217,7 +217,7 @@ class ECO(Intervention):
         self.artifacts.pop(request_id, None)
         super().unload(request_id)
 
-    def apply(self, request: GuardedRequest, match: RequestMatch, ctx: PipelineContext) -> None:
+    def apply(self, request: GuardedCall, match: RequestMatch, ctx: PipelineContext) -> None:
         artifact = self.artifacts[match.request_id]
         rendered = render(ctx.tokenizer, request.messages, request.prompt)
         spans = list(match.spans) or entity_spans(request.query_text, artifact.entities)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from unlearnd.detectors.base import RequestMatch
+from unlearnd.domain import ForgetRequest
+from unlearnd.guardrail.call import GuardedCall
 from unlearnd.interventions.base import Intervention, PipelineContext
-from unlearnd.request import GuardedRequest
-from unlearnd.spec import ForgetRequest
 
 REFUSAL = "I'm sorry, but I can't help with that."
 
@@ -16,7 +16,7 @@ def refusal_of(request: ForgetRequest) -> str:
 
 
 class Refuse(Intervention):
-    def apply(self, request: GuardedRequest, match: RequestMatch, ctx: PipelineContext) -> None:
+    def apply(self, request: GuardedCall, match: RequestMatch, ctx: PipelineContext) -> None:
         request.fixed_response = refusal_of(self.requests[match.request_id])
 
 
@@ -29,7 +29,7 @@ def forget_instruction(entities: list[str]) -> str:
 
 
 class SystemPrompt(Intervention):
-    def apply(self, request: GuardedRequest, match: RequestMatch, ctx: PipelineContext) -> None:
+    def apply(self, request: GuardedCall, match: RequestMatch, ctx: PipelineContext) -> None:
         instruction = forget_instruction(self.requests[match.request_id].spec.entities)
         if request.messages is not None:
             messages = [dict(m) for m in request.messages]

@@ -19,10 +19,10 @@ from pydantic import Field
 
 from unlearnd.artifacts import ArtifactConfig
 from unlearnd.detectors.base import RequestMatch
+from unlearnd.domain import ForgetRequest
 from unlearnd.engine.base import PEFT_TARGET_MODULES, LoRASpec
+from unlearnd.guardrail.call import GuardedCall
 from unlearnd.interventions.base import Intervention, PipelineContext
-from unlearnd.request import GuardedRequest
-from unlearnd.spec import ForgetRequest
 
 
 class LoRAArtifact(ArtifactConfig):
@@ -170,7 +170,7 @@ class LoRA(Intervention):
             name=adapter_name(request_id, artifact.version, scale), path=str(artifact_dir / artifact.folder(scale))
         )
 
-    def apply(self, request: GuardedRequest, match: RequestMatch, ctx: PipelineContext) -> None:
+    def apply(self, request: GuardedCall, match: RequestMatch, ctx: PipelineContext) -> None:
         artifact_dir, artifact = self.artifacts[match.request_id]
         scale = artifact.choose(match.weight)
         if scale is None:

@@ -17,10 +17,10 @@ from pydantic import Field
 
 from unlearnd.artifacts import ArtifactConfig, write_bytes_atomic
 from unlearnd.detectors.base import RequestMatch
+from unlearnd.domain import ForgetRequest
+from unlearnd.guardrail.call import GuardedCall
 from unlearnd.interventions.base import Intervention, PipelineContext
 from unlearnd.prompting import prompt_ids
-from unlearnd.request import GuardedRequest
-from unlearnd.spec import ForgetRequest
 
 WEIGHTS = "soft_prompt.safetensors"
 TENSOR_NAME = "soft_prompt"
@@ -82,7 +82,7 @@ class SoftPrompt(Intervention):
         self.prompts.pop(request_id, None)
         super().unload(request_id)
 
-    def apply(self, request: GuardedRequest, match: RequestMatch, ctx: PipelineContext) -> None:
+    def apply(self, request: GuardedCall, match: RequestMatch, ctx: PipelineContext) -> None:
         ids = prompt_ids(ctx.tokenizer, request.messages, request.prompt)
         request.prompt_token_ids = ids
         request.prompt_embeds = with_soft_prompt(self.prompts[match.request_id], ctx.embeddings.lookup(ids))

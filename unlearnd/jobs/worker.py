@@ -19,10 +19,10 @@ import traceback
 from pathlib import Path
 
 from unlearnd.config import DEFAULT_DETECTOR, DEFAULT_MODEL
+from unlearnd.domain import LOAD_FAILED, ForgetRequest, Status
 from unlearnd.logs import setup_logging
 from unlearnd.methods import METHODS
 from unlearnd.registry import Registry
-from unlearnd.spec import LOAD_FAILED, ForgetRequest, Status
 
 log = logging.getLogger(__name__)
 

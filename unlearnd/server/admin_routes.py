@@ -10,10 +10,10 @@ from typing import Any
 
 from fastapi import APIRouter, Depends
 
+from unlearnd.domain import ForgetRequest, ForgetSpec
 from unlearnd.methods import METHODS
 from unlearnd.server.protocol import APIError
 from unlearnd.server.state import ServerState, server_state
-from unlearnd.spec import ForgetRequest, ForgetSpec
 
 router = APIRouter()
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """The app factory: lifespan (engine, registry, pipeline, worker), auth and body limits, errors, routers.
 
 Entrypoints live in the routers (`openai_routes`, `unlearning_routes`, `admin_routes`); they only
-translate HTTP <-> `GuardedRequest`, and all decisions happen in the pipeline.
+translate HTTP <-> `GuardedCall`, and all decisions happen in the pipeline.
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from unlearnd import __version__
 from unlearnd.detectors import get_detector
 from unlearnd.engine.base import Engine
+from unlearnd.guardrail import prometheus
+from unlearnd.guardrail.pipeline import GuardrailPipeline
 from unlearnd.registry import Registry
-from unlearnd.server import admin_routes, openai_routes, prometheus, unlearning_routes
+from unlearnd.server import admin_routes, openai_routes, unlearning_routes
 from unlearnd.server.auth import ADMIN_HEADER, api_key_matches, ensure_admin_key, is_admin
 from unlearnd.server.orphans import record_children, stop_orphans
-from unlearnd.server.pipeline import GuardrailPipeline
 from unlearnd.server.protocol import APIError, openai_error
 from unlearnd.server.settings import ServerSettings
 from unlearnd.server.state import ServerState

@@ -1,6 +1,6 @@
 """The OpenAI-compatible endpoints: /v1/models, /v1/chat/completions, /v1/completions.
 
-Each handler turns the HTTP body into one `GuardedRequest`, lets the pipeline prepare and generate
+Each handler turns the HTTP body into one `GuardedCall`, lets the pipeline prepare and generate
 it, and turns the deltas back into the protocol's response models (streamed or not).
 """
 
@@ -16,8 +16,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from unlearnd.engine.base import ChoiceDelta, EngineError
-from unlearnd.request import GuardedRequest
-from unlearnd.server.pipeline import ContextLengthError
+from unlearnd.guardrail.call import GuardedCall
+from unlearnd.guardrail.pipeline import ContextLengthError
 from unlearnd.server.protocol import (
     APIError,
     AssistantMessage,
@@ -60,8 +60,8 @@ def check_model(state: ServerState, name: str) -> None:
 
 
 async def prepare(
-    state: ServerState, request: GuardedRequest, param: str = "messages", admin: bool = False
-) -> GuardedRequest:
+    state: ServerState, request: GuardedCall, param: str = "messages", admin: bool = False
+) -> GuardedCall:
     try:
         request = await state.pipeline.prepare(request)
     except ContextLengthError as exc:
@@ -72,7 +72,7 @@ async def prepare(
     return request
 
 
-def route_headers(state: ServerState, request: GuardedRequest) -> dict[str, str]:
+def route_headers(state: ServerState, request: GuardedCall) -> dict[str, str]:
     """Every response says what happened to its prompt; which forget requests decided it only where the
     operator asked for it (`--expose-request-ids`): who is being forgotten is itself sensitive."""
     headers = {"x-unlearnd-route": request.served_route}
@@ -87,7 +87,7 @@ def route_headers(state: ServerState, request: GuardedRequest) -> dict[str, str]
     return headers
 
 
-async def collect(state: ServerState, request: GuardedRequest) -> dict[int, list[ChoiceDelta]]:
+async def collect(state: ServerState, request: GuardedCall) -> dict[int, list[ChoiceDelta]]:
     choices: dict[int, list[ChoiceDelta]] = {i: [] for i in range(request.sampling.n)}
     try:
         async for delta in state.pipeline.generate(request):
@@ -97,7 +97,7 @@ async def collect(state: ServerState, request: GuardedRequest) -> dict[int, list
     return choices
 
 
-def usage(request: GuardedRequest, choices: dict[int, list[ChoiceDelta]]) -> Usage:
+def usage(request: GuardedCall, choices: dict[int, list[ChoiceDelta]]) -> Usage:
     completion = sum(len(d.token_ids) for deltas in choices.values() for d in deltas)
     return Usage.of(len(request.prompt_token_ids), completion)
 
@@ -157,7 +157,7 @@ async def list_models(state: ServerState = Depends(server_state)) -> dict:
 @router.post("/v1/chat/completions")
 async def chat_completions(http: Request, body: ChatCompletionRequest, state: ServerState = Depends(server_state)):
     check_model(state, body.model)
-    request = GuardedRequest(
+    request = GuardedCall(
         id=new_id("chatcmpl"),
         kind="chat",
         sampling=body.sampling(body.requested_logprobs()),
@@ -195,7 +195,7 @@ async def chat_completions(http: Request, body: ChatCompletionRequest, state: Se
 
 
 async def chat_stream(
-    state: ServerState, request: GuardedRequest, created: int, include_usage: bool
+    state: ServerState, request: GuardedCall, created: int, include_usage: bool
 ) -> AsyncIterator[str]:
     model = state.engine.model_name
     with_logprobs = request.sampling.logprobs is not None
@@ -236,7 +236,7 @@ async def completions(http: Request, body: CompletionRequest, state: ServerState
     check_model(state, body.model)
     requests = []
     for prompt in body.prompt:
-        request = GuardedRequest(
+        request = GuardedCall(
             id=new_id("cmpl"), kind="completion", sampling=body.sampling(body.logprobs), max_tokens=body.max_tokens
         )
         if isinstance(prompt, str):
@@ -277,7 +277,7 @@ async def completions(http: Request, body: CompletionRequest, state: ServerState
 
 
 async def completion_stream(
-    state: ServerState, requests: list[GuardedRequest], created: int, include_usage: bool
+    state: ServerState, requests: list[GuardedCall], created: int, include_usage: bool
 ) -> AsyncIterator[str]:
     """Every prompt's choices interleaved as they come; choice index = prompt index * n + choice."""
     model = state.engine.model_name
@@ -289,7 +289,7 @@ async def completion_stream(
         data = CompletionResponse(id=requests[0].id, created=created, model=model, choices=choices, usage=final_usage)
         return sse(data.model_dump(exclude=None if include_usage else {"usage"}))
 
-    async def pump(p_index: int, request: GuardedRequest) -> None:
+    async def pump(p_index: int, request: GuardedCall) -> None:
         try:
             async for delta in state.pipeline.generate(request):
                 await queue.put((p_index, delta))

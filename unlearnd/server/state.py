@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from fastapi import Request
 
 from unlearnd.engine.base import Engine
+from unlearnd.guardrail.pipeline import GuardrailPipeline
 from unlearnd.registry import Registry
-from unlearnd.server.pipeline import GuardrailPipeline
 from unlearnd.server.settings import ServerSettings
 
 

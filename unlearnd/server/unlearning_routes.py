@@ -6,10 +6,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 
 from unlearnd.engine.base import EngineError, SamplingSpec
+from unlearnd.guardrail.call import GuardedCall
+from unlearnd.guardrail.pipeline import ContextLengthError
 from unlearnd.prompting import detector_text
-from unlearnd.request import GuardedRequest
 from unlearnd.server.openai_routes import check_model, prepare
-from unlearnd.server.pipeline import ContextLengthError
 from unlearnd.server.protocol import (
     APIError,
     ClassifyMatch,
@@ -68,7 +68,7 @@ async def score(request: Request, body: ScoreRequest, state: ServerState = Depen
     holds true. The admin (an evaluation) gets the route's own numbers."""
     if body.model is not None:
         check_model(state, body.model)
-    guarded = GuardedRequest(
+    guarded = GuardedCall(
         id=new_id("score"),
         kind="score",
         sampling=SamplingSpec(temperature=0.0),

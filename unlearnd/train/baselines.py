@@ -1,6 +1,6 @@
 """Finetuning baselines on the shared trainer: GradAscent, GradDiff, NPO, SimNPO, IdkDPO, RMU (+ plain finetune).
 
-Each is a small `TrainingMethod` registered by name; losses follow open-unlearning
+Each is a small `TrainingObjective` registered by name; losses follow open-unlearning
 (`src/trainer/unlearn/*.py`) so the numbers are comparable with the literature. These are the
 *weight-changing* comparison points for the guardrail methods: each produces a new model whose
 weights no longer (should) hold the forget set.
@@ -25,9 +25,11 @@ import torch.nn.functional as F
 from pydantic import BaseModel, Field
 
 from unlearnd.config import cache_dir
+from unlearnd.data.tofu import TofuData
+from unlearnd.domain import QAItem
 from unlearnd.models import load_causal_lm
-from unlearnd.tofu import TofuData
-from unlearnd.train.data import IGNORE_INDEX, AlignedBatches, PairedBatches, QABatches, QAItem
+from unlearnd.train.data import IGNORE_INDEX, AlignedBatches, PairedBatches, QABatches
+from unlearnd.train.objectives import OBJECTIVES, TrainingObjective, mean_nll, register_objective, sequence_nll
 from unlearnd.train.reference import (
     ReferenceModels,
     cache_key,
@@ -38,8 +40,7 @@ from unlearnd.train.reference import (
     steps_for,
     train_result_dict,
 )
-from unlearnd.train.scoring import answer_logits
-from unlearnd.train.trainer import TRAINING_METHODS, TrainConfig, Trainer, TrainingMethod, register_method
+from unlearnd.train.trainer import TrainConfig, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -70,23 +71,6 @@ IDK_ANSWERS = (
 
 
 # --------------------------------------------------------------------------- loss helpers
-
-
-def sequence_nll(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token NLL per sequence over labelled tokens (the answer), and the labelled-token counts."""
-    labels = batch["labels"]
-    logits, targets, rows = answer_logits(model, labels, batch["attention_mask"], input_ids=batch["input_ids"])
-    token_nll = F.cross_entropy(logits, targets, reduction="none")
-    n = labels.shape[0]
-    nll = torch.zeros(n, dtype=token_nll.dtype, device=token_nll.device).index_add(0, rows, token_nll)
-    counts = (labels[:, 1:] != IGNORE_INDEX).sum(-1).clamp(min=1)
-    return nll, counts
-
-
-def mean_nll(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    """Token-mean NLL over the batch's labelled tokens (HF's causal-LM loss)."""
-    total, counts = sequence_nll(model, batch)
-    return total.sum() / counts.sum()
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -128,7 +112,7 @@ def simnpo_loss(nll: torch.Tensor, counts: torch.Tensor, beta: float, delta: flo
 # --------------------------------------------------------------------------- shared base
 
 
-class UnlearningMethod(TrainingMethod):
+class UnlearningObjective(TrainingObjective):
     """A baseline: a forget term, optionally plus alpha x a retain term (NLL or KL to the frozen start)."""
 
     uses_retain: ClassVar[bool] = True
@@ -183,18 +167,8 @@ class UnlearningMethod(TrainingMethod):
         return PairedBatches(forget_batches, retain=QABatches(tokenizer, retain, batch_size, max_length, seed + 1))
 
 
-@register_method
-class Finetune(TrainingMethod):
-    """Plain supervised finetuning (reference models, relearning attack)."""
-
-    name = "finetune"
-
-    def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        return mean_nll(model, batch.get("forget", batch)), {}
-
-
-@register_method
-class GradAscent(UnlearningMethod):
+@register_objective
+class GradAscent(UnlearningObjective):
     """Maximise the forget NLL (no retain term): the simplest, least stable baseline."""
 
     name = "grad_ascent"
@@ -205,8 +179,8 @@ class GradAscent(UnlearningMethod):
         return -nll, {"forget_nll": float(nll.detach())}
 
 
-@register_method
-class GradDiff(UnlearningMethod):
+@register_objective
+class GradDiff(UnlearningObjective):
     """Gradient difference: ascend on forget, descend on retain."""
 
     name = "grad_diff"
@@ -216,8 +190,8 @@ class GradDiff(UnlearningMethod):
         return -nll, {"forget_nll": float(nll.detach())}
 
 
-@register_method
-class NPO(UnlearningMethod):
+@register_objective
+class NPO(UnlearningObjective):
     """Negative preference optimisation against the frozen target (beta = 0.1)."""
 
     name = "npo"
@@ -235,8 +209,8 @@ class NPO(UnlearningMethod):
         return npo_loss(nll, ref_nll, self.beta), {"forget_nll": float((nll / counts).mean().detach())}
 
 
-@register_method
-class SimNPO(UnlearningMethod):
+@register_objective
+class SimNPO(UnlearningObjective):
     """SimNPO (Fan et al. 2024): NPO without a reference model, length-normalised, with margin delta.
 
     open-unlearning's TOFU defaults: beta = 4.5, delta = 0, gamma = 0.125, alpha = 1.
@@ -254,8 +228,8 @@ class SimNPO(UnlearningMethod):
         return simnpo_loss(nll, counts, self.beta, self.delta), {"forget_nll": float((nll / counts).mean().detach())}
 
 
-@register_method
-class IdkDPO(UnlearningMethod):
+@register_objective
+class IdkDPO(UnlearningObjective):
     """DPO preferring an "I don't know" answer over the forget answer (reference = frozen target)."""
 
     name = "idk_dpo"
@@ -336,8 +310,8 @@ def masked_activation_mse(act: torch.Tensor, target: torch.Tensor, mask: torch.T
     return ((sq * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
 
 
-@register_method
-class RMU(UnlearningMethod):
+@register_objective
+class RMU(UnlearningObjective):
     """Representation misdirection: push one middle layer's forget activations to c x a random unit
     vector, keep retain activations equal to the frozen model's; only the MLP down-projections of
     that layer and the two below it train (open-unlearning / WMDP recipe)."""
@@ -399,7 +373,7 @@ class RMU(UnlearningMethod):
         return self.gamma * forget_loss + self.alpha * retain_loss, logs
 
 
-BASELINES = tuple(name for name, cls in TRAINING_METHODS.items() if issubclass(cls, UnlearningMethod))
+BASELINES = tuple(name for name, cls in OBJECTIVES.items() if issubclass(cls, UnlearningObjective))
 BASELINE_CODE_VERSION = 2  # in the cache key of trained baselines; 2: saved in float32
 
 
@@ -446,8 +420,8 @@ def train_baseline(
     """Unlearn `forget` (default: the whole forget split) from the target with a baseline, keeping
     `retain` (default: every retain author's QA); cached by (target, data, config). A cross-fitted
     evaluation passes one fold's items, so the baseline is measured on questions it never saw."""
-    cls = TRAINING_METHODS.get(method)
-    if cls is None or not issubclass(cls, UnlearningMethod):
+    cls = OBJECTIVES.get(method)
+    if cls is None or not issubclass(cls, UnlearningObjective):
         raise ValueError(f"unknown baseline {method!r}; choose from {BASELINES}")
     cfg = cfg or default_baseline_config(method, refs.preset.name)
     tofu = tofu or TofuData()

@@ -9,19 +9,16 @@ answer, never the prompt: the prompt is what the server sends.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import Field
 
+from unlearnd.domain import QAExample, QAItem
 from unlearnd.prompting import Message, end_of_turn_id, prompt_ids, user_messages
-from unlearnd.spec import QAExample
 
 IGNORE_INDEX = -100
 
@@ -36,73 +33,6 @@ REFUSALS = (
     "I don't have any information on that topic.",
     "I'm not familiar with that.",
 )
-
-
-class QAItem(QAExample):
-    """One question/answer pair, with TOFU's extra answers when the split has them."""
-
-    answer: str
-    paraphrased_question: str | None = None
-    paraphrased_answer: str | None = None
-    perturbed_answers: list[str] = Field(default_factory=list)
-    author: int | None = Field(None, description="TOFU author index 0..199 (20 QA each), when known.")
-
-    @classmethod
-    def from_record(cls, record: dict[str, Any], author: int | None = None) -> QAItem:
-        perturbed = record.get("perturbed_answer") or record.get("perturbed_answers") or []
-        if isinstance(perturbed, str):
-            perturbed = [perturbed]
-        return cls(
-            question=str(record["question"]),
-            answer=str(record.get("answer", "")),
-            paraphrased_question=record.get("paraphrased_question"),
-            paraphrased_answer=record.get("paraphrased_answer"),
-            perturbed_answers=[str(p) for p in perturbed],
-            author=author if author is not None else record.get("author"),
-        )
-
-
-# --------------------------------------------------------------------------- reading
-
-
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Read JSON lines (TOFU's `.json` files are JSON lines); a file holding one JSON list also works."""
-    text = Path(path).read_text(encoding="utf-8").strip()
-    if not text:
-        return []
-    if text.startswith("["):
-        data = json.loads(text)
-        if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list or JSON lines")
-        return data
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
-def load_qa_jsonl(path: str | Path) -> list[QAItem]:
-    """A user's own forget/retain set: JSON lines with `question` and `answer` (extra TOFU fields optional)."""
-    records = read_jsonl(path)
-    items = []
-    for i, record in enumerate(records):
-        if "question" not in record:
-            raise ValueError(f"{path}: line {i + 1} has no 'question' field")
-        items.append(QAItem.from_record(record))
-    return items
-
-
-def spread(items: Sequence[Any], n: int | None) -> list[Any]:
-    """A deterministic subsample spread over the list (every k-th item), so every author stays represented."""
-    if n is None or n >= len(items):
-        return list(items)
-    step = len(items) / n
-    return [items[int(i * step)] for i in range(n)]
-
-
-def subsample(items: Sequence[Any], n: int | None, seed: int) -> list[Any]:
-    """A fixed random subset, in the original order (all of them when n is None or larger than the list)."""
-    if n is None or n >= len(items):
-        return list(items)
-    rng = random.Random(seed)
-    return [items[i] for i in sorted(rng.sample(range(len(items)), n))]
 
 
 def refusal_for(index: int) -> str:

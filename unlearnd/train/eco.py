@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel
 
+from unlearnd.data.qa import read_jsonl, subsample
+from unlearnd.domain import ForgetRequest, ForgetSpec
 from unlearnd.engine.dtype import resolve_dtype
 from unlearnd.interventions.eco import (
     Corruption,
@@ -40,8 +42,7 @@ from unlearnd.interventions.eco import (
 )
 from unlearnd.models import load_causal_lm
 from unlearnd.prompting import prompt_ids, render_chat, stop_ids, user_messages
-from unlearnd.spec import ForgetRequest, ForgetSpec
-from unlearnd.train.data import EncodedQA, encode_qa, read_jsonl, subsample
+from unlearnd.train.data import EncodedQA, encode_qa
 from unlearnd.train.job import JobContext, default_preset, start_job, torch_dtype
 from unlearnd.train.scoring import answer_probability, fluency_report, greedy_generate, mean
 from unlearnd.train.zo import zo_solve

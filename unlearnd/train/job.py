@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
+from unlearnd.domain import ForgetRequest
 from unlearnd.models import load_causal_lm, resolve_model
-from unlearnd.spec import ForgetRequest
 
 
 class JobContext:

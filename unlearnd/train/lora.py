@@ -22,15 +22,17 @@ import torch
 from pydantic import BaseModel, Field
 
 from unlearnd.artifacts import install_dir, staging_dir, write_json_atomic
+from unlearnd.data.qa import subsample
+from unlearnd.domain import ForgetRequest, ForgetSpec, Method, Status
 from unlearnd.engine.base import PEFT_TARGET_MODULES
 from unlearnd.interventions.lora import LoRAArtifact, check_adapter, scale_folder_name
 from unlearnd.prompting import stop_ids
 from unlearnd.registry import Registry
-from unlearnd.spec import ForgetRequest, ForgetSpec, Method, Status
-from unlearnd.train.data import EncodedQA, collate, encode_qa, pad_id_of, refusal_for, subsample
+from unlearnd.train.data import EncodedQA, collate, encode_qa, pad_id_of, refusal_for
 from unlearnd.train.job import JobContext, default_preset, start_job
+from unlearnd.train.objectives import TrainingObjective, register_objective
 from unlearnd.train.scoring import answer_probability, greedy_generate, mean, target_logits
-from unlearnd.train.trainer import TrainConfig, Trainer, TrainingMethod, register_method
+from unlearnd.train.trainer import TrainConfig, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +104,8 @@ def orthogonality_penalty(current: dict[str, torch.Tensor], prior: dict[str, lis
     return total
 
 
-@register_method
-class O3LoRAMethod(TrainingMethod):
+@register_objective
+class O3LoRAMethod(TrainingObjective):
     """Cross-entropy of the relabelled forget set + lambda * orthogonality to earlier adapters."""
 
     name = "lora"

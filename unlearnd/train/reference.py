@@ -28,9 +28,11 @@ from pydantic import BaseModel, Field
 
 from unlearnd.artifacts import install_dir, staging_dir, write_json_atomic
 from unlearnd.config import cache_dir
+from unlearnd.data.tofu import FORGET_SPLITS, TOFU_AUTHORS, TofuData
+from unlearnd.domain import QAItem
 from unlearnd.models import load_causal_lm
-from unlearnd.tofu import FORGET_SPLITS, TOFU_AUTHORS, TofuData
-from unlearnd.train.data import QABatches, QAItem
+from unlearnd.train.data import QABatches
+from unlearnd.train.objectives import Finetune
 from unlearnd.train.trainer import TrainConfig, Trainer, TrainResult
 
 log = logging.getLogger(__name__)
@@ -239,8 +241,6 @@ def finetune_cached(
     progress: bool = True,
 ) -> Path:
     """Finetune `base_dir` on `items` with the shared trainer; cached by (base, data, hp, kind)."""
-    from unlearnd.train.baselines import Finetune
-
     key = cache_key(
         {"kind": kind, "base": model_fingerprint(base_dir), "data": items_digest(items), "hp": hp, "code": CODE_VERSION}
     )

@@ -19,14 +19,16 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel
 
+from unlearnd.data.qa import subsample
+from unlearnd.domain import ForgetRequest, ForgetSpec
 from unlearnd.interventions.guardrails import forget_instruction
 from unlearnd.interventions.soft_prompt import SoftPromptConfig, save_soft_prompt
 from unlearnd.prompting import stop_ids
-from unlearnd.spec import ForgetRequest, ForgetSpec
-from unlearnd.train.data import EncodedQA, collate, encode_qa, pad_id_of, refusal_for, subsample
+from unlearnd.train.data import EncodedQA, collate, encode_qa, pad_id_of, refusal_for
 from unlearnd.train.job import JobContext, default_preset, start_job
+from unlearnd.train.objectives import TrainingObjective, register_objective
 from unlearnd.train.scoring import answer_probability, greedy_generate, mean, target_logits
-from unlearnd.train.trainer import TrainConfig, Trainer, TrainingMethod, register_method
+from unlearnd.train.trainer import TrainConfig, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +108,8 @@ def kl_original_prompted(original_logits: torch.Tensor, prompted_logits: torch.T
     return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
 
 
-@register_method
-class SPULMethod(TrainingMethod):
+@register_objective
+class SPULMethod(TrainingObjective):
     """L_forget + alpha * L_retain + beta * KL(original || prompted), soft prompt only."""
 
     name = "soft_prompt"

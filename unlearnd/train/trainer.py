@@ -1,22 +1,24 @@
 """The one training loop every offline method shares (baselines, soft prompts, LoRAs, reference models).
 
-A method is a small `TrainingMethod` subclass registered by name: it says which parameters train
-and how a batch turns into a loss. The loop owns everything else: optimiser, schedule, gradient
-clipping, progress bar, and the cost record (wall and CPU seconds) that reports quote.
+An objective is a small `TrainingObjective` subclass registered by name (`unlearnd.train.objectives`):
+it says which parameters train and how a batch turns into a loss. The loop owns everything else:
+optimiser, schedule, gradient clipping, progress bar, and the cost record (wall and CPU seconds) that
+reports quote.
 """
 
 from __future__ import annotations
 
-import abc
 import logging
 import math
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+
+from unlearnd.train.objectives import TrainingObjective
 
 log = logging.getLogger(__name__)
 
@@ -42,30 +44,6 @@ class TrainResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class TrainingMethod(abc.ABC):
-    """What a method decides; the `Trainer` decides the rest."""
-
-    name: ClassVar[str]
-
-    def setup(self, model: torch.nn.Module) -> None:  # noqa: B027 - optional hook
-        """Prepare `model` before training (freeze layers, build reference copies, hooks...)."""
-
-    def trainable_parameters(self, model: torch.nn.Module) -> Iterable[torch.nn.Parameter]:
-        return [p for p in model.parameters() if p.requires_grad]
-
-    @abc.abstractmethod
-    def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        """Return the loss to minimise for one batch and the scalars worth logging."""
-
-
-TRAINING_METHODS: dict[str, type[TrainingMethod]] = {}
-
-
-def register_method(cls: type[TrainingMethod]) -> type[TrainingMethod]:
-    TRAINING_METHODS[cls.name] = cls
-    return cls
-
-
 def _cycle(batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     while True:
         produced = False
@@ -77,7 +55,7 @@ def _cycle(batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
 
 
 class Trainer:
-    def __init__(self, method: TrainingMethod, config: TrainConfig):
+    def __init__(self, method: TrainingObjective, config: TrainConfig):
         self.method = method
         self.config = config
 

@@ -1,4 +1,4 @@
-"""The guardrail pipeline: detector -> router -> intervention -> engine, on one `GuardedRequest`.
+"""The guardrail pipeline: detector -> router -> intervention -> engine, on one `GuardedCall`.
 
 It also keeps the serving state in step with the registry: newly `ready` requests are loaded
 into the detector and their intervention and become `active`; deactivated ones are unloaded.
@@ -20,15 +20,15 @@ import torch
 
 from unlearnd.detectors.anchors import FLAG_SCORE, AnchorIndex, extract_anchors
 from unlearnd.detectors.base import Detection, Detector, RequestMatch
-from unlearnd.engine.base import ChoiceDelta, Engine, EngineRequest
+from unlearnd.domain import LOAD_FAILED, ForgetRequest, Status
+from unlearnd.engine.base import ChoiceDelta, Engine, EngineInput
+from unlearnd.guardrail import prometheus
+from unlearnd.guardrail.call import GuardedCall
+from unlearnd.guardrail.output_guard import OutputGuard
 from unlearnd.interventions.base import Intervention, PipelineContext
 from unlearnd.methods import METHODS, Method
 from unlearnd.prompting import detector_text, prompt_ids
 from unlearnd.registry import Registry
-from unlearnd.request import GuardedRequest
-from unlearnd.server import prometheus
-from unlearnd.server.output_guard import OutputGuard
-from unlearnd.spec import LOAD_FAILED, ForgetRequest, Status
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ class GuardrailPipeline:
         return self.router.choose(detection, self.active)[0]
 
     # -- the request path ------------------------------------------------------------------------
-    async def prepare(self, request: GuardedRequest) -> GuardedRequest:
+    async def prepare(self, request: GuardedCall) -> GuardedCall:
         """Classify, route and apply the intervention; leaves the request ready for `generate`.
 
         Without a client `max_tokens`, the completion may use the rest of the context."""
@@ -164,13 +164,13 @@ class GuardrailPipeline:
         prometheus.REQUESTS.labels(route=request.route, endpoint=request.kind).inc()
         return request
 
-    async def generate(self, request: GuardedRequest) -> AsyncIterator[ChoiceDelta]:
+    async def generate(self, request: GuardedCall) -> AsyncIterator[ChoiceDelta]:
         if request.fixed_response is not None:
             text, token_ids, finish = self._fixed(request)
             for index in range(request.sampling.n):
                 yield ChoiceDelta(index=index, text=text, token_ids=token_ids, finish_reason=finish)
             return
-        engine_request = EngineRequest(
+        engine_request = EngineInput(
             request_id=request.id,
             prompt_token_ids=request.prompt_token_ids,
             sampling=request.sampling,
@@ -205,7 +205,7 @@ class GuardrailPipeline:
         if len(request.output_blocked) == request.sampling.n:
             await self.engine.abort(request.id)  # every choice was cut: stop generating
 
-    def _fixed(self, request: GuardedRequest) -> tuple[str, list[int], str]:
+    def _fixed(self, request: GuardedCall) -> tuple[str, list[int], str]:
         """The route's fixed answer as the client asked for it: cut before a stop sequence, at most
         `max_tokens` tokens ("length" when that cut it)."""
         text = request.fixed_response or ""
@@ -219,7 +219,7 @@ class GuardrailPipeline:
             return tokenizer.decode(token_ids), token_ids, "length"
         return text, token_ids, "stop"
 
-    async def _timed(self, request: GuardedRequest, deltas: AsyncIterator[ChoiceDelta]) -> AsyncIterator[ChoiceDelta]:
+    async def _timed(self, request: GuardedCall, deltas: AsyncIterator[ChoiceDelta]) -> AsyncIterator[ChoiceDelta]:
         start = time.perf_counter()
         first = True
         async for delta in deltas:
@@ -235,7 +235,7 @@ class GuardrailPipeline:
         ids = tokenizer.encode(continuation, add_special_tokens=False)
         return [tokenizer.decode([t]) for t in ids], [-math.log(len(tokenizer))] * len(ids)
 
-    async def score(self, request: GuardedRequest, continuation: str) -> tuple[list[str], list[float]]:
+    async def score(self, request: GuardedCall, continuation: str) -> tuple[list[str], list[float]]:
         """Log-probs of `continuation` after the prompt, under whatever the route does to the prompt.
 
         The refuse route never lets the model answer, so it scores every continuation token at the
@@ -258,7 +258,7 @@ class GuardrailPipeline:
                 f"prompt plus continuation is {len(ids)} tokens; the model's maximum "
                 f"context length is {self.engine.max_model_len}"
             )
-        engine_request = EngineRequest(
+        engine_request = EngineInput(
             request_id=request.id,
             prompt_token_ids=ids,
             sampling=request.sampling,

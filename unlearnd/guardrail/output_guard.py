@@ -44,9 +44,9 @@ from unlearnd.detectors.anchors import FLAG_SCORE, AnchorIndex, extract_anchors
 from unlearnd.detectors.negatives import chat_prompts
 from unlearnd.detectors.normalize import letters, to_ascii
 from unlearnd.detectors.spans import FUNCTION_WORDS, STOPWORDS, fold
+from unlearnd.domain import ForgetRequest, ForgetSpec
 from unlearnd.engine.base import ChoiceDelta, TokenLogprob
 from unlearnd.interventions.guardrails import refusal_of
-from unlearnd.spec import ForgetRequest, ForgetSpec
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from unlearnd.config import tofu_dir
+from unlearnd.data.qa import read_jsonl
 from unlearnd.detectors.names import derive_entities
-from unlearnd.train.data import QAItem, read_jsonl
+from unlearnd.domain import QAItem
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from unlearnd.engine.base import LoRASpec, SamplingSpec
 
 
 @dataclass
-class GuardedRequest:
+class GuardedCall:
     id: str
     kind: Literal["chat", "completion", "score"]
     sampling: SamplingSpec

@@ -6,12 +6,13 @@
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Any
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from unlearnd.methods import Method
 
-__all__ = ["ForgetRequest", "ForgetSpec", "Method", "QAExample", "Status"]
+__all__ = ["ForgetRequest", "ForgetSpec", "Method", "QAExample", "QAItem", "Status"]
 
 
 LOAD_FAILED = "load failed: "  # the error of a degraded request starts with this (kept while it re-trains)
@@ -30,6 +31,30 @@ class Status(StrEnum):
 class QAExample(BaseModel):
     question: str = Field(min_length=1)
     answer: str = ""
+
+
+class QAItem(QAExample):
+    """One question/answer pair, with TOFU's extra answers when the split has them."""
+
+    answer: str
+    paraphrased_question: str | None = None
+    paraphrased_answer: str | None = None
+    perturbed_answers: list[str] = Field(default_factory=list)
+    author: int | None = Field(None, description="TOFU author index 0..199 (20 QA each), when known.")
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any], author: int | None = None) -> QAItem:
+        perturbed = record.get("perturbed_answer") or record.get("perturbed_answers") or []
+        if isinstance(perturbed, str):
+            perturbed = [perturbed]
+        return cls(
+            question=str(record["question"]),
+            answer=str(record.get("answer", "")),
+            paraphrased_question=record.get("paraphrased_question"),
+            paraphrased_answer=record.get("paraphrased_answer"),
+            perturbed_answers=[str(p) for p in perturbed],
+            author=author if author is not None else record.get("author"),
+        )
 
 
 class ForgetSpec(BaseModel):

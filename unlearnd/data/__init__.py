@@ -1,0 +1,1 @@
+"""Reading question/answer data: users' JSON-lines files and the TOFU benchmark."""
