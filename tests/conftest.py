@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,12 +20,43 @@ def default_model_dir() -> Path:
     return pull_default()
 
 
+def _hub_tofu(folder: Path) -> str | None:
+    """Export TOFU from the hub into `folder` in a child process (the suite itself runs offline);
+    None when it worked, else why not."""
+    code = "import sys; from unlearnd.data.tofu import export_hub_splits; export_hub_splits(sys.argv[1])"
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0"}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(folder)], env=env, capture_output=True, text=True, timeout=600
+        )
+    except subprocess.TimeoutExpired:
+        return "the hub did not answer within 10 minutes"
+    if done.returncode == 0:
+        return None
+    return (done.stderr.strip().splitlines() or ["no output"])[-1]
+
+
 @pytest.fixture(scope="session")
 def tofu() -> Path:
-    path = tofu_dir()
-    if not (path / "forget01.json").exists():
-        pytest.fail(f"TOFU data not found at {path} (set UNLEARND_TOFU_DIR)")
-    return path
+    """The TOFU data folder: `UNLEARND_TOFU_DIR`, else `../shared/data/tofu` beside the checkout, else the
+    hub dataset `locuslab/TOFU` exported once into the cache (`datasets` is in the test extra)."""
+    from unlearnd.config import cache_dir
+    from unlearnd.data.tofu import TOFU_HUB_ID, TOFU_SPLITS, has_tofu_split
+
+    local = tofu_dir()
+    if has_tofu_split("forget01", local):
+        return local
+    cached = cache_dir() / "tofu"
+    if all(has_tofu_split(name, cached) for name in TOFU_SPLITS):
+        return cached
+    why = _hub_tofu(cached)
+    if why is None:
+        return cached
+    pytest.fail(
+        f"TOFU data not found: not at {local} (UNLEARND_TOFU_DIR, default ../shared/data/tofu beside the "
+        f"checkout), not cached at {cached}, and the hub dataset {TOFU_HUB_ID} could not be fetched ({why})",
+        pytrace=False,
+    )
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -14,6 +14,7 @@ from unlearnd.train.data import IGNORE_INDEX, AlignedBatches, EncodedQA, PairedB
 
 
 def _write_tofu(folder, n_authors=4, per_author=20):
+    folder.mkdir(parents=True, exist_ok=True)
     # phrased like TOFU: the author is named in most questions and answers, as the subject of a verb
     rows = [
         {"question": f"What did Jana{a} Novak write in year {i}?", "answer": f"Jana{a} Novak wrote book {i}."}
@@ -39,6 +40,26 @@ def test_tofu_splits_get_author_indices_from_full(tmp_path):
     assert len(tofu.by_authors([1, 2])) == 40
     with pytest.raises(FileNotFoundError):
         tofu.split("missing_split")
+
+
+def test_hub_splits_are_exported_in_the_local_layout(tmp_path, monkeypatch):
+    """Where no local copy exists, the hub's splits become the JSON-lines folder everything else reads."""
+    from unlearnd.data import tofu as tofu_module
+
+    rows = _write_tofu(tmp_path / "source")
+    fetched = []
+
+    def fake_hub(name):
+        fetched.append(name)
+        return read_jsonl(tmp_path / "source" / f"{name}.json")
+
+    monkeypatch.setattr(tofu_module, "_hub_split", fake_hub)
+    tofu_module.export_hub_splits(tmp_path / "out", ["full", "forget_last"])
+    tofu_module.export_hub_splits(tmp_path / "out", ["full", "forget_last"])  # already there: not fetched again
+    assert fetched == ["full", "forget_last"]
+    tofu = TofuData(tmp_path / "out", allow_hub=False)
+    assert [it.question for it in tofu.split("full")] == [r["question"] for r in rows]
+    assert tofu.authors_of("forget_last") == [3]
 
 
 def test_author_names_are_recovered_from_questions(tmp_path):

@@ -1,64 +1,67 @@
-"""`unlearnd serve`: the OpenAI-compatible API with unlearning guardrails."""
+"""`unlearnd serve`: the OpenAI-compatible API with unlearning guardrails.
+
+Its flags are derived from `ServerSettings`, one per field (`--max-model-len` for `max_model_len`, or
+the field's `cli` name), so a new setting is declared once and works as a flag and as `UNLEARND_*`.
+A flag left out is not passed at all: the environment, then the field's default, decides.
+"""
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
+from typing import Any, get_args, get_origin
 
 import typer
+from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 
-from unlearnd.config import DEFAULT_DETECTOR, DEFAULT_MODEL
+from unlearnd.server.settings import ServerSettings
 
 
-def serve(
-    model: str = typer.Option(DEFAULT_MODEL, help="Default name, a local HF model dir, or a hub id."),
-    served_model_name: str | None = typer.Option(None, help="Model name clients use (default: --model)."),
-    host: str = typer.Option("127.0.0.1"),
-    port: int = typer.Option(8000),
-    data_dir: Path = typer.Option(None, help="Registry + artifacts (default: XDG data dir)."),
-    engine: str = typer.Option("local", help="local (vLLM in process) or remote (a vLLM OpenAI server)."),
-    remote_url: str | None = typer.Option(None, help="Base URL of the remote vLLM server."),
-    admin_key: str | None = typer.Option(None, envvar="UNLEARND_ADMIN_KEY", help="Key for the admin API."),
-    api_key: str | None = typer.Option(None, envvar="UNLEARND_API_KEY", help="Optional key for completions."),
-    detector: str = typer.Option(DEFAULT_DETECTOR, help="Registered detector name (unlearnd.detectors)."),
-    max_model_len: int = typer.Option(2048),
-    kv_cache_gib: int = typer.Option(1, help="vLLM CPU KV cache size (whole GiB; env VLLM_CPU_KVCACHE_SPACE wins)."),
-    dtype: str = typer.Option(
-        "auto",
-        help="Engine dtype: auto (bfloat16 on GPUs, float32 on every CPU), bfloat16, float16, float32.",
-    ),
-    worker: bool = typer.Option(True, help="Run the training worker next to the server."),
-    public_score: bool = typer.Option(False, help="Let everyone call /v1/unlearning/score (default: admin only)."),
-    public_metrics: bool = typer.Option(False, help="Let everyone read /metrics (default: the admin key as bearer)."),
-    expose_request_ids: bool = typer.Option(
-        False, help="Name the deciding forget requests in response headers (who is forgotten is sensitive)."
-    ),
-    log_level: str = typer.Option("info"),
-) -> None:
+def flag_name(name: str, field: FieldInfo) -> str:
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    return str(extra.get("cli", name)).replace("_", "-")
+
+
+def _flag_type(annotation: Any) -> type:
+    """The type typer parses a flag as: bool, int, float, Path or str (pydantic validates the rest)."""
+    options = [a for a in get_args(annotation) if a is not type(None)] or [annotation]
+    if get_origin(annotation) is not None and len(options) == 1:
+        annotation = options[0]
+    return annotation if annotation in (bool, int, float, Path) else str
+
+
+def _parameter(name: str, field: FieldInfo) -> inspect.Parameter:
+    flag = flag_name(name, field)
+    kind = _flag_type(field.annotation)
+    decls = [f"--{flag}/--no-{flag}"] if kind is bool else [f"--{flag}"]
+    default = field.get_default(call_default_factory=False)
+    shown = default if field.default_factory is None else None
+    env = f"UNLEARND_{name.upper()}"
+    help_text = f"{field.description or ''} (env {env}" + (f"; default {shown})" if shown is not None else ")")
+    option = typer.Option(None, *decls, help=help_text, show_default=False)
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind | None)
+
+
+def settings_from_flags(given: dict[str, Any]) -> ServerSettings:
+    """Flags that were given win; the rest come from `UNLEARND_*` or the defaults."""
+    try:
+        return ServerSettings(**{name: value for name, value in given.items() if value is not None})
+    except ValidationError as exc:  # a bad flag or environment value: a usage error, not a traceback
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise typer.BadParameter(problems) from None
+
+
+def serve(**given: Any) -> None:
     """Serve the OpenAI-compatible API with unlearning guardrails."""
-    from unlearnd.config import data_dir as default_data_dir
     from unlearnd.logs import setup_logging
     from unlearnd.server.app import serve as run_server
-    from unlearnd.server.settings import ServerSettings
 
-    setup_logging(log_level)
-    settings = ServerSettings(
-        model=model,
-        served_model_name=served_model_name,
-        host=host,
-        port=port,
-        data_dir=data_dir or default_data_dir(),
-        engine=engine,
-        remote_url=remote_url,
-        admin_key=admin_key,
-        api_key=api_key,
-        detector=detector,
-        max_model_len=max_model_len,
-        kv_cache_gib=kv_cache_gib,
-        dtype=dtype,
-        start_worker=worker,
-        public_score=public_score,
-        public_metrics=public_metrics,
-        expose_request_ids=expose_request_ids,
-        log_level=log_level,
-    )
+    settings = settings_from_flags(given)
+    setup_logging(settings.log_level)
     run_server(settings)
+
+
+serve.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    [_parameter(name, field) for name, field in ServerSettings.model_fields.items()]
+)

@@ -10,11 +10,13 @@ Author names come from `unlearnd.detectors.names.derive_entities` (the one name 
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from unlearnd.artifacts import write_text_atomic
 from unlearnd.config import tofu_dir
 from unlearnd.data.qa import read_jsonl
 from unlearnd.detectors.names import derive_entities
@@ -26,10 +28,24 @@ TOFU_HUB_ID = "locuslab/TOFU"
 TOFU_QA_PER_AUTHOR = 20
 TOFU_AUTHORS = 200
 FORGET_SPLITS = ("forget01", "forget05", "forget10")
+# Every split unlearnd reads (tests, evaluation, benchmarks): what `export_hub_splits` writes.
+TOFU_SPLITS = (
+    "full",
+    *FORGET_SPLITS,
+    *(f"{name}_perturbed" for name in FORGET_SPLITS),
+    "retain90",
+    "retain95",
+    "retain99",
+    "retain_perturbed",
+    "real_authors",
+    "real_authors_perturbed",
+    "world_facts",
+    "world_facts_perturbed",
+)
 
 
 def _hub_split(name: str) -> list[dict[str, Any]]:
-    """Fetch a TOFU split from the Hugging Face hub (needs `datasets` and network; never used in tests)."""
+    """Fetch a TOFU split from the Hugging Face hub (needs `datasets` and network)."""
     try:
         from datasets import load_dataset
     except ImportError as exc:  # pragma: no cover - optional path
@@ -37,8 +53,8 @@ def _hub_split(name: str) -> list[dict[str, Any]]:
             f"TOFU split {name!r} is not in the local folder and `datasets` is not installed to fetch "
             f"{TOFU_HUB_ID}; set UNLEARND_TOFU_DIR to a folder of TOFU JSON-lines files"
         ) from exc
-    dataset = load_dataset(TOFU_HUB_ID, name, split="train")  # pragma: no cover - network
-    return [dict(row) for row in dataset]  # pragma: no cover
+    dataset = load_dataset(TOFU_HUB_ID, name, split="train")
+    return [dict(row) for row in dataset]
 
 
 def tofu_records(name: str, folder: str | Path | None = None, allow_hub: bool = True) -> list[dict[str, Any]]:
@@ -52,6 +68,21 @@ def tofu_records(name: str, folder: str | Path | None = None, allow_hub: bool = 
         log.info("TOFU split %s not found under %s; trying the hub dataset %s", name, folder, TOFU_HUB_ID)
         return _hub_split(name)
     raise FileNotFoundError(f"TOFU split {name!r} not found under {folder}")
+
+
+def export_hub_splits(folder: str | Path, names: Sequence[str] = TOFU_SPLITS) -> Path:
+    """Write TOFU splits from the hub as JSON-lines files (`<folder>/<name>.json`), the local layout.
+
+    Each file is written atomically, so a folder holding a split's file holds all of it.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        if has_tofu_split(name, folder):
+            continue
+        lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in _hub_split(name))
+        write_text_atomic(folder / f"{name}.json", lines)
+    return folder
 
 
 def has_tofu_split(name: str, folder: str | Path | None = None) -> bool:

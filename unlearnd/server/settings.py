@@ -1,4 +1,8 @@
-"""Server settings: one pydantic model filled from CLI flags and `UNLEARND_*` environment variables."""
+"""Server settings: one pydantic model, the only place a serve option is declared.
+
+`unlearnd serve` derives one flag per field from it (`unlearnd.cli.serve`), and every field is also
+read from `UNLEARND_<FIELD>` (flags win over the environment, the environment over the defaults).
+"""
 
 from __future__ import annotations
 
@@ -14,28 +18,40 @@ from unlearnd.config import DEFAULT_DETECTOR, DEFAULT_MODEL, data_dir
 class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="UNLEARND_", extra="ignore")
 
-    model: str = DEFAULT_MODEL  # default name, local HF dir, or hub id
-    served_model_name: str | None = None
-    host: str = "127.0.0.1"
-    port: int = 8000
-    data_dir: Path = Field(default_factory=data_dir)
-    engine: Literal["local", "remote"] = "local"
-    remote_url: str | None = None  # base URL of a vLLM OpenAI server, for engine=remote
-    admin_key: str | None = None  # None: generated once and kept in <data_dir>/admin_key (0600)
-    api_key: str | None = None
-    max_header_bytes: int = 64 * 1024  # all request headers together (431 above)
-    body_timeout_s: float = 30.0  # the whole request body must arrive within this (408 after)
-    exit_on_engine_death: bool = True  # exit (status 3) when the engine dies, for a supervisor to restart
-    public_metrics: bool = False  # /metrics for everyone (else the admin key: it counts forget requests)
-    public_score: bool = False  # /v1/unlearning/score for everyone (else admin-only: it returns log-probs)
-    expose_request_ids: bool = False  # x-unlearnd-request-id / -matched-ids headers (who is being forgotten)
-    detector: str = DEFAULT_DETECTOR
-    max_model_len: int = 2048
-    kv_cache_gib: int = 1
-    dtype: str = "auto"  # engine compute dtype; auto = bf16 on GPUs, float32 on CPUs
-    max_loras: int = 4
-    max_lora_rank: int = 16
-    max_body_bytes: int = 4 * 1024 * 1024
-    start_worker: bool = True
-    sync_interval_s: float = 0.5
-    log_level: str = "info"
+    model: str = Field(DEFAULT_MODEL, description="Default name, a local HF model dir, or a hub id.")
+    served_model_name: str | None = Field(None, description="Model name clients use (default: --model).")
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8000, description="Port to listen on.")
+    data_dir: Path = Field(default_factory=data_dir, description="Registry + artifacts (default: XDG data dir).")
+    engine: Literal["local", "remote"] = Field(
+        "local", description="local (vLLM in process) or remote (a vLLM OpenAI server)."
+    )
+    remote_url: str | None = Field(None, description="Base URL of the remote vLLM server (engine=remote).")
+    admin_key: str | None = Field(
+        None, description="Key for the admin API (default: generated once into <data dir>/admin_key, mode 0600)."
+    )
+    api_key: str | None = Field(None, description="Optional bearer key the completion endpoints require.")
+    max_header_bytes: int = Field(64 * 1024, description="All request headers together (431 above).")
+    body_timeout_s: float = Field(30.0, description="The whole request body must arrive within this (408 after).")
+    exit_on_engine_death: bool = Field(
+        True, description="Exit (status 3) when the engine dies, for a supervisor to restart the server."
+    )
+    public_metrics: bool = Field(False, description="Let everyone read /metrics (default: the admin key as bearer).")
+    public_score: bool = Field(False, description="Let everyone call /v1/unlearning/score (default: admin only).")
+    expose_request_ids: bool = Field(
+        False, description="Name the deciding forget requests in response headers (who is forgotten is sensitive)."
+    )
+    detector: str = Field(DEFAULT_DETECTOR, description="Registered detector name (unlearnd.detectors).")
+    max_model_len: int = Field(2048, description="Context length the engine serves.")
+    kv_cache_gib: int = Field(1, description="vLLM CPU KV cache size (whole GiB; env VLLM_CPU_KVCACHE_SPACE wins).")
+    dtype: str = Field(
+        "auto", description="Engine dtype: auto (bfloat16 on GPUs, float32 on every CPU), bfloat16, float16, float32."
+    )
+    max_loras: int = Field(4, description="LoRA adapters the engine holds at once.")
+    max_lora_rank: int = Field(16, description="Largest LoRA rank the engine accepts.")
+    max_body_bytes: int = Field(4 * 1024 * 1024, description="Largest request body (413 above).")
+    start_worker: bool = Field(
+        True, description="Run the training worker next to the server.", json_schema_extra={"cli": "worker"}
+    )
+    sync_interval_s: float = Field(0.5, description="How often the registry is polled for changed requests.")
+    log_level: str = Field("info", description="Logging level.")
