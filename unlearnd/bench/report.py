@@ -7,9 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from unlearnd.artifacts import write_json_atomic, write_text_atomic
 from unlearnd.config import DEFAULT_MODEL
-from unlearnd.evaluation.report import stamp_lines
+from unlearnd.evaluation.report import save_figure, stamp_lines, write_report_files
 
 TARGETS = [
     (
@@ -62,16 +61,20 @@ def _fmt(value, digits: int = 3) -> str:
 
 def write_report(result: dict, out: Path, stamp: dict) -> Path:
     """`out`.json / .md / .png, with the run's stamp (`evaluation.report.run_stamp`, taken at its start)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {**result, **stamp}
+    plot = plot_latency(result, out.with_name(out.stem + ".png"))
+    return write_report_files(out.with_suffix(""), result, latency_markdown(result, plot)).markdown
+
+
+def plot_latency(result: dict, plot: Path) -> Path:
+    """Latency CDFs per route at the lowest concurrency, and every cell's ratios."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    result = {**result, **stamp}
-    write_json_atomic(out.with_suffix(".json"), result)
     cells = result["cells"]
-
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for cell in cells.values():
         if cell["concurrency"] != min(c["concurrency"] for c in cells.values()):
@@ -99,10 +102,14 @@ def write_report(result: dict, out: Path, stamp: dict) -> Path:
     axes[1].set_title("Ratios (same run)")
     axes[1].legend(fontsize=7)
     fig.tight_layout()
-    plot = out.with_name(out.stem + ".png")
-    fig.savefig(plot, dpi=110)
+    save_figure(fig, plot, dpi=110)
     plt.close(fig)
+    return plot
 
+
+def latency_markdown(result: dict, plot: Path) -> str:
+    """Targets, cells, the detector sweep and the profile, as markdown."""
+    cells = result["cells"]
     lines = [
         "# Latency: unlearnd vs plain vLLM",
         "",
@@ -178,6 +185,4 @@ def write_report(result: dict, out: Path, stamp: dict) -> Path:
     lines += ["", f"![latency]({plot.name})", ""]
     if result.get("notes"):
         lines += ["## Notes", "", *result["notes"], ""]
-    md = out.with_suffix(".md")
-    write_text_atomic(md, "\n".join(lines))
-    return md
+    return "\n".join(lines)

@@ -33,13 +33,13 @@ import numpy as np
 from pydantic import BaseModel, Field
 from tqdm import tqdm
 
-from unlearnd.artifacts import write_json_atomic, write_text_atomic
+from unlearnd.artifacts import write_json_atomic
 from unlearnd.client import ServerError, UnlearndClient
 from unlearnd.data.tofu import TofuData, author_names
 from unlearnd.domain import QAItem
 from unlearnd.evaluation.detector import wilson
 from unlearnd.evaluation.metrics import rouge_l_recall
-from unlearnd.evaluation.report import fmt, run_stamp, stamp_lines
+from unlearnd.evaluation.report import fmt, run_stamp, stamp_lines, write_report_files
 from unlearnd.evaluation.robustness import JAILBREAK_PREFIXES, LETTERS, mc_options, mc_prompt
 from unlearnd.methods import attack_targets
 from unlearnd.prompting import Message, user_messages
@@ -565,8 +565,7 @@ def run_attack_eval(opts: AttackEvalOptions) -> dict[str, Any]:
                 admin.remove_request(request_id)
         report["routes"][route] = summarise(probes, outcomes)
         write_json_atomic(opts.out + ".json", report)  # a partial report survives a later route failing
-    write_json_atomic(opts.out + ".json", report)
-    write_text_atomic(opts.out + ".md", markdown(report))
+    write_report_files(opts.out, report, markdown(report))
     return report
 
 

@@ -23,13 +23,12 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from unlearnd.artifacts import write_json_atomic, write_text_atomic
 from unlearnd.data.qa import spread
 from unlearnd.data.tofu import TofuData, author_names
 from unlearnd.domain import QAItem
 from unlearnd.evaluation.metrics import rouge_l_recall
 from unlearnd.evaluation.model_under_test import ServedModelUnderTest
-from unlearnd.evaluation.report import PARTIAL_NOTE, fmt, run_stamp, stamp_lines
+from unlearnd.evaluation.report import PARTIAL_NOTE, fmt, run_stamp, stamp_lines, write_report_files
 from unlearnd.evaluation.robustness import mean_or_none
 from unlearnd.prompting import user_messages
 
@@ -181,16 +180,13 @@ def markdown(results: dict[str, Any]) -> list[str]:
 
 def write_report(results: dict[str, Any], out: Path, name: str, stamp: dict[str, Any], final: bool) -> dict[str, Path]:
     """`<name>.json` and `<name>.md` under `out`, with the run's stamp; PARTIAL until the last request."""
-    out.mkdir(parents=True, exist_ok=True)
     results = {**results, **stamp}
-    paths = {"json": out / f"{name}.json", "markdown": out / f"{name}.md"}
-    write_json_atomic(paths["json"], results)
     cfg = results.get("config", {})
     md = [f"# Continual forget requests: {cfg.get('method')}", "", *stamp_lines(results), *markdown(results)]
     if not final:
         md.append(f"- {PARTIAL_NOTE} {len(results['stages']) - 1} of {len(cfg.get('groups', []))} requests done.")
-    write_text_atomic(paths["markdown"], "\n".join(md).rstrip() + "\n")
-    return paths
+    files = write_report_files(out / name, results, "\n".join(md).rstrip() + "\n")
+    return {"json": files.data, "markdown": files.markdown}
 
 
 def run_and_report(

@@ -40,7 +40,6 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, Field
 
-from unlearnd.artifacts import write_json_atomic, write_text_atomic
 from unlearnd.config import DEFAULT_DETECTOR
 from unlearnd.data.tofu import TOFU_AUTHORS, TofuData, author_names
 from unlearnd.detectors import get_detector
@@ -48,7 +47,7 @@ from unlearnd.detectors.anchors import extract_anchors
 from unlearnd.detectors.calibration import auroc
 from unlearnd.detectors.negatives import chat_prompts
 from unlearnd.domain import ForgetRequest, ForgetSpec, QAExample, QAItem
-from unlearnd.evaluation.report import fmt, run_stamp, stamp_lines
+from unlearnd.evaluation.report import fmt, run_stamp, stamp_lines, write_report_files
 from unlearnd.prompting import detector_text, user_messages
 
 log = logging.getLogger(__name__)
@@ -492,9 +491,7 @@ def run_detector_eval(opts: DetectorEvalOptions) -> dict[str, Any]:
         results["http_latency"] = http_latency(opts, per_author, probes, rng)
     results["eval_seconds"] = round(time.time() - t0, 1)
     report = {**stamp, **results}
-    out = Path(opts.out)
-    write_json_atomic(out.with_suffix(".json"), report)
-    write_text_atomic(out.with_suffix(".md"), markdown(report, opts))
+    write_report_files(opts.out, report, markdown(report, opts))
     return report
 
 

@@ -22,14 +22,13 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel
 
-from unlearnd.artifacts import write_json_atomic, write_text_atomic
 from unlearnd.data.tofu import TofuData
 from unlearnd.detectors.encoder import EncoderConfig, get_encoder
 from unlearnd.detectors.negatives import chat_prompts
 from unlearnd.domain import QAExample
 from unlearnd.engine.base import ChoiceDelta
 from unlearnd.evaluation.detector import DetectorEvalOptions, build_probes, setups, wilson
-from unlearnd.evaluation.report import fmt, run_stamp, stamp_lines
+from unlearnd.evaluation.report import fmt, run_stamp, stamp_lines, write_report_files
 from unlearnd.guardrail.output_guard import OutputGuard
 
 log = logging.getLogger(__name__)
@@ -141,8 +140,7 @@ def run_output_guard_eval(opts: OutputGuardEvalOptions) -> dict[str, Any]:
         "load_average": [load_before, os.getloadavg()[0]],
         "errors": examples,
     }
-    write_json_atomic(opts.out + ".json", report)
-    write_text_atomic(opts.out + ".md", markdown(report))
+    write_report_files(opts.out, report, markdown(report))
     return report
 
 

@@ -8,12 +8,16 @@ produce (e.g. extraction strength over HTTP) show as "n/a", never as 0.
 
 from __future__ import annotations
 
-import json
+import io
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, Field
+
+from unlearnd.artifacts import write_bytes_atomic, write_json_atomic, write_text_atomic
 from unlearnd.evaluation.metrics import MODEL_UTILITY_PARTS
 
 # provenance (command, machine, commit) lives in its own module; the report commands import it from here too
@@ -73,8 +77,8 @@ def fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-def markdown(results: dict[str, Any]) -> str:
-    methods: dict[str, Any] = results.get("methods", {})
+def header_lines(results: dict[str, Any]) -> list[str]:
+    """Title, stamp, merged sources, preset and the cross-fitting protocol."""
     lines = [f"# {results.get('title', 'TOFU unlearning evaluation')}", ""]
     lines += stamp_lines(results)
     sources = results.get("sources") or []
@@ -112,22 +116,30 @@ def markdown(results: dict[str, Any]) -> str:
             + ". The references (target, retain) are fit on nothing a fold holds out and are measured on every item.",
             "",
         ]
+    return lines
+
+
+def reference_lines(results: dict[str, Any]) -> list[str]:
     ref = results.get("reference", {})
-    if ref:
-        lines += [
-            "## Reference models",
-            "",
-            "| Model | QA trained | Train wall s | Train CPU s | Forget ROUGE-L (memorisation check) |",
-            "|---|---|---|---|---|",
-        ]
-        for kind, info in ref.items():
-            train = info.get("train", {})
-            lines.append(
-                f"| {kind} | {info.get('n_items', 'n/a')} | {fmt(train.get('wall_seconds'), 0)} | "
-                f"{fmt(train.get('cpu_seconds'), 0)} | {fmt(info.get('forget_rouge_l_recall'))} |"
-            )
-        lines.append("")
-    lines += [
+    if not ref:
+        return []
+    lines = [
+        "## Reference models",
+        "",
+        "| Model | QA trained | Train wall s | Train CPU s | Forget ROUGE-L (memorisation check) |",
+        "|---|---|---|---|---|",
+    ]
+    for kind, info in ref.items():
+        train = info.get("train", {})
+        lines.append(
+            f"| {kind} | {info.get('n_items', 'n/a')} | {fmt(train.get('wall_seconds'), 0)} | "
+            f"{fmt(train.get('cpu_seconds'), 0)} | {fmt(info.get('forget_rouge_l_recall'))} |"
+        )
+    return [*lines, ""]
+
+
+def main_table_lines(methods: dict[str, Any]) -> list[str]:
+    lines = [
         "## Main metrics",
         "",
         "| Method | Kind | " + " | ".join(title for _, title in TABLE_COLUMNS) + " | Train wall s | Train CPU s |",
@@ -145,7 +157,8 @@ def markdown(results: dict[str, Any]) -> str:
             + " | ".join(cells)
             + f" | {fmt(cost.get('train_wall_seconds'), 0)} | {fmt(cost.get('train_cpu_seconds'), 0)} |"
         )
-    lines += [
+    return [
+        *lines,
         "",
         (
             "Forget quality: KS-test p-value of forget truth ratios against the retain model (higher = "
@@ -154,10 +167,10 @@ def markdown(results: dict[str, Any]) -> str:
         ),
         "",
     ]
-    lines += interval_lines(methods)
-    lines += not_applicable_lines(methods)
-    lines += seed_lines(methods)
-    lines += [
+
+
+def utility_lines(methods: dict[str, Any]) -> list[str]:
+    lines = [
         "## Model utility components",
         "",
         "| Method | " + " | ".join(UTILITY_COLUMNS) + " |",
@@ -166,46 +179,53 @@ def markdown(results: dict[str, Any]) -> str:
     for name, entry in methods.items():
         m = entry.get("metrics", {})
         lines.append(f"| {name} | " + " | ".join(fmt(m.get(k)) for k in UTILITY_COLUMNS) + " |")
-    lines.append("")
+    return [*lines, ""]
+
+
+def _robustness_row(name: str, r: dict[str, Any]) -> str:
+    para = r.get("paraphrased", {})
+    mc_f = r.get("multiple_choice", {}).get("forget", {})
+    mc_r = r.get("multiple_choice", {}).get("retain", {})
+    comb = r.get("combined", {})
+    jb = r.get("jailbreak", {})
+    icl = r.get("in_context", {})
+    rel = r.get("relearning")
+    rel_txt = f"{fmt(rel['before']['rouge'])} → {fmt(rel['after']['rouge'])}" if rel else "n/a"
+    return (
+        f"| {name} | {fmt(para.get('direct_rouge'))} | {fmt(para.get('paraphrased_rouge'))} | "
+        f"{fmt(mc_f.get('likelihood_accuracy'))} / {fmt(mc_f.get('generated_accuracy'))} | "
+        f"{fmt(mc_r.get('likelihood_accuracy'))} / {fmt(mc_r.get('generated_accuracy'))} | "
+        f"{fmt(comb.get('forget_rouge'))} | {fmt(comb.get('retain_rouge'))} | "
+        f"{fmt(comb.get('retain_rouge_alone'))} | {fmt(jb.get('mean_rouge'))} / {fmt(jb.get('max_rouge'))} | "
+        f"{fmt(icl.get('forget_rouge'))} | {rel_txt} |"
+    )
+
+
+def robustness_lines(methods: dict[str, Any]) -> list[str]:
     robust = {n: e["robustness"] for n, e in methods.items() if e.get("robustness")}
-    if robust:
-        lines += [
-            "## Robustness (ROUGE-L recall of the forget answer unless stated; lower = less leaked)",
-            "",
-            (
-                "| Method | Direct | Paraphrased Q | MC acc. forget (lik./gen.) | MC acc. retain (lik./gen.) | "
-                "Mixed: forget leak | Mixed: retain answered | Retain alone | Jailbreak mean / max | "
-                "In-context | Relearn before → after |"
-            ),
-            "|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for name, r in robust.items():
-            para = r.get("paraphrased", {})
-            mc_f = r.get("multiple_choice", {}).get("forget", {})
-            mc_r = r.get("multiple_choice", {}).get("retain", {})
-            comb = r.get("combined", {})
-            jb = r.get("jailbreak", {})
-            icl = r.get("in_context", {})
-            rel = r.get("relearning")
-            rel_txt = f"{fmt(rel['before']['rouge'])} → {fmt(rel['after']['rouge'])}" if rel else "n/a"
-            lines.append(
-                f"| {name} | {fmt(para.get('direct_rouge'))} | {fmt(para.get('paraphrased_rouge'))} | "
-                f"{fmt(mc_f.get('likelihood_accuracy'))} / {fmt(mc_f.get('generated_accuracy'))} | "
-                f"{fmt(mc_r.get('likelihood_accuracy'))} / {fmt(mc_r.get('generated_accuracy'))} | "
-                f"{fmt(comb.get('forget_rouge'))} | {fmt(comb.get('retain_rouge'))} | "
-                f"{fmt(comb.get('retain_rouge_alone'))} | {fmt(jb.get('mean_rouge'))} / {fmt(jb.get('max_rouge'))} | "
-                f"{fmt(icl.get('forget_rouge'))} | {rel_txt} |"
-            )
-        lines += [
-            "",
-            (
-                "Relearning: finetune on half of the forget set, measure ROUGE-L on the other half; the "
-                "`retain` row is the from-scratch floor (what relearning alone teaches)."
-            ),
-            "",
-        ]
-    costs = [(n, e.get("cost", {})) for n, e in methods.items()]
-    lines += [
+    if not robust:
+        return []
+    return [
+        "## Robustness (ROUGE-L recall of the forget answer unless stated; lower = less leaked)",
+        "",
+        (
+            "| Method | Direct | Paraphrased Q | MC acc. forget (lik./gen.) | MC acc. retain (lik./gen.) | "
+            "Mixed: forget leak | Mixed: retain answered | Retain alone | Jailbreak mean / max | "
+            "In-context | Relearn before → after |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        *(_robustness_row(name, r) for name, r in robust.items()),
+        "",
+        (
+            "Relearning: finetune on half of the forget set, measure ROUGE-L on the other half; the "
+            "`retain` row is the from-scratch floor (what relearning alone teaches)."
+        ),
+        "",
+    ]
+
+
+def cost_lines(methods: dict[str, Any]) -> list[str]:
+    lines = [
         "## Cost",
         "",
         (
@@ -214,14 +234,18 @@ def markdown(results: dict[str, Any]) -> str:
         ),
         "|---|---|---|---|---|---|---|",
     ]
-    for name, c in costs:
+    for name, c in ((n, e.get("cost", {})) for n, e in methods.items()):
         lines.append(
             f"| {name} | {fmt(c.get('train_wall_seconds'), 0)} | {fmt(c.get('train_cpu_seconds'), 0)} | "
             f"{fmt(c.get('train_steps'), 0)} | {fmt(c.get('eval_wall_seconds'), 0)} "
             f"({fmt(c.get('eval_cached'))}) | {fmt(c.get('activation_wall_seconds'), 0)} | "
             f"{fmt(c.get('total_wall_seconds'), 0)} |"
         )
-    lines.append("")
+    return [*lines, ""]
+
+
+def job_lines(methods: dict[str, Any]) -> list[str]:
+    """The served methods' own training reports, one line per fold."""
     jobs = [
         (f"{n}, fold {i}" if e.get("folds") else n, job)
         for n, e in methods.items()
@@ -230,31 +254,49 @@ def markdown(results: dict[str, Any]) -> str:
         )
         if isinstance(job, dict) and job
     ]
-    if jobs:
-        lines += ["## Offline jobs of the served methods (the server's own training report, per fold)", ""]
-        for name, job in jobs:
-            scalars = {k: v for k, v in job.items() if isinstance(v, (int, float, str, bool)) and k != "device"}
-            lines.append(f"- {name}: " + ", ".join(f"{k} {fmt(v)}" for k, v in scalars.items()))
-        lines.append("")
-    lines += tradeoff_lines(methods)
+    if not jobs:
+        return []
+    lines = ["## Offline jobs of the served methods (the server's own training report, per fold)", ""]
+    for name, job in jobs:
+        scalars = {k: v for k, v in job.items() if isinstance(v, (int, float, str, bool)) and k != "device"}
+        lines.append(f"- {name}: " + ", ".join(f"{k} {fmt(v)}" for k, v in scalars.items()))
+    return [*lines, ""]
+
+
+def route_lines(methods: dict[str, Any]) -> list[str]:
     routes = {n: e["routes"] for n, e in methods.items() if e.get("routes")}
-    if routes:
-        lines += ["## Routes taken by the served pipeline (scored answers per split)", ""]
-        for name, by_split in routes.items():
-            lines.append(f"- {name}: " + "; ".join(f"{split}: {counts}" for split, counts in by_split.items()))
-        lines.append("")
+    if not routes:
+        return []
+    lines = ["## Routes taken by the served pipeline (scored answers per split)", ""]
+    for name, by_split in routes.items():
+        lines.append(f"- {name}: " + "; ".join(f"{split}: {counts}" for split, counts in by_split.items()))
+    return [*lines, ""]
+
+
+def example_lines(results: dict[str, Any]) -> list[str]:
     examples = results.get("examples", {})
-    if examples:
-        lines += ["## Example forget-set generations", ""]
-        for name, rows in examples.items():
-            for row in rows[:1]:
-                lines.append(
-                    f"- **{name}** — Q: {row['question']} | expected: {row['answer']} | "
-                    f"got: {str(row.get('generation'))[:300]!r}"
-                )
-        lines.append("")
-    for note in results.get("notes", []):
-        lines.append(f"- {note}")
+    if not examples:
+        return []
+    lines = ["## Example forget-set generations", ""]
+    for name, rows in examples.items():
+        for row in rows[:1]:
+            lines.append(
+                f"- **{name}** — Q: {row['question']} | expected: {row['answer']} | "
+                f"got: {str(row.get('generation'))[:300]!r}"
+            )
+    return [*lines, ""]
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The TOFU report: one renderer per section, in this order."""
+    methods: dict[str, Any] = results.get("methods", {})
+    lines = header_lines(results) + reference_lines(results)
+    for section in (main_table_lines, interval_lines, not_applicable_lines, seed_lines, utility_lines):
+        lines += section(methods)
+    for section in (robustness_lines, cost_lines, job_lines, tradeoff_lines, route_lines):
+        lines += section(methods)
+    lines += example_lines(results)
+    lines += [f"- {note}" for note in results.get("notes", [])]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -445,7 +487,7 @@ def plot_scatter(results: dict[str, Any], path: Path) -> Path | None:
     ax.set_title("TOFU: forget quality vs model utility")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 
@@ -481,7 +523,7 @@ def plot_bars(results: dict[str, Any], path: Path) -> Path | None:
     for ax in list(axes.flat)[len(metrics) :]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -535,6 +577,35 @@ def merge_results(runs: list[dict[str, Any]], renames: list[dict[str, str]] | No
     return merged
 
 
+class ReportFiles(BaseModel):
+    """What a report wrote: its data, its markdown and the figures the markdown shows."""
+
+    data: Path
+    markdown: Path
+    figures: list[Path] = Field(default_factory=list)
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int = 110) -> Path:
+    """A matplotlib figure as a PNG, written atomically like every other report file."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return write_bytes_atomic(path, buffer.getvalue())
+
+
+def write_report_files(
+    base: str | Path, payload: dict[str, Any], markdown_text: str, figures: Sequence[Path] = ()
+) -> ReportFiles:
+    """The one writer of every report: `<base>.json` then `<base>.md` (its figures linked at the end), each
+    written atomically, so a reader never sees half a report and the markdown never runs ahead of its data."""
+    base = Path(base)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    data = write_json_atomic(base.with_name(base.name + ".json"), payload)
+    if figures:
+        markdown_text += "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in figures) + "\n"
+    md = write_text_atomic(base.with_name(base.name + ".md"), markdown_text)
+    return ReportFiles(data=data, markdown=md, figures=list(figures))
+
+
 def write_report(
     results: dict[str, Any], out_dir: str | Path, name: str, stamp: dict[str, Any], notes: list[str] | None = None
 ) -> dict[str, Path]:
@@ -543,14 +614,8 @@ def write_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = {**results, **stamp, "notes": [*results.get("notes", []), *(notes or [])]}
-    paths = {"json": out / f"{name}.json", "markdown": out / f"{name}.md"}
-    paths["json"].write_text(json.dumps(results, indent=1, default=str))
     scatter = plot_scatter(results, out / f"{name}_scatter.png")
     bars = plot_bars(results, out / f"{name}_bars.png")
-    md = markdown(results)
     plots = [p for p in (scatter, bars) if p is not None]
-    if plots:
-        md += "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n"
-        paths.update({p.stem.rsplit("_", 1)[-1]: p for p in plots})
-    paths["markdown"].write_text(md)
-    return paths
+    files = write_report_files(out / name, results, markdown(results), plots)
+    return {"json": files.data, "markdown": files.markdown, **{p.stem.rsplit("_", 1)[-1]: p for p in plots}}

@@ -136,49 +136,49 @@ class GuardrailPipeline:
         return self.router.choose(detection, self.active)[0]
 
     # -- the request path ------------------------------------------------------------------------
-    async def prepare(self, request: GuardedCall) -> GuardedCall:
-        """Classify, route and apply the intervention; leaves the request ready for `generate`.
+    async def prepare(self, call: GuardedCall) -> GuardedCall:
+        """Classify, route and apply the intervention; leaves the call ready for `generate`.
 
         Without a client `max_tokens`, the completion may use the rest of the context."""
-        request.query_text = detector_text(request.messages, request.prompt, request.continuation)
-        request.detection = (await self.classify([request.query_text]))[0]
-        route, match = self.router.choose(request.detection, self.active)
-        request.route, request.match = route, match
+        call.query_text = detector_text(call.messages, call.prompt, call.continuation)
+        call.detection = (await self.classify([call.query_text]))[0]
+        route, match = self.router.choose(call.detection, self.active)
+        call.route, call.match = route, match
         if match is not None:
-            self.interventions[route].apply(request, match, self.context)
-        if not request.prompt_token_ids:
-            tokenize = (self.engine.tokenizer, request.messages, request.prompt)
-            if len(request.query_text) > LONG_PROMPT_CHARS:  # a long prompt is tokenised off the event loop
-                request.prompt_token_ids = await asyncio.to_thread(prompt_ids, *tokenize)
+            self.interventions[route].apply(call, match, self.context)
+        if not call.prompt_token_ids:
+            tokenize = (self.engine.tokenizer, call.messages, call.prompt)
+            if len(call.query_text) > LONG_PROMPT_CHARS:  # a long prompt is tokenised off the event loop
+                call.prompt_token_ids = await asyncio.to_thread(prompt_ids, *tokenize)
             else:
-                request.prompt_token_ids = prompt_ids(*tokenize)
-        prompt_len = request.prompt_length
+                call.prompt_token_ids = prompt_ids(*tokenize)
+        prompt_len = call.prompt_length
         limit = self.engine.max_model_len
-        request.sampling.max_tokens = request.max_tokens or max(1, limit - prompt_len)
-        if request.fixed_response is None and prompt_len + request.sampling.max_tokens > limit:
+        call.sampling.max_tokens = call.max_tokens or max(1, limit - prompt_len)
+        if call.fixed_response is None and prompt_len + call.sampling.max_tokens > limit:
             raise ContextLengthError(
                 f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{prompt_len + request.sampling.max_tokens} tokens ({prompt_len} in the prompt, "
-                f"{request.sampling.max_tokens} for the completion). Reduce the prompt or max_tokens."
+                f"{prompt_len + call.sampling.max_tokens} tokens ({prompt_len} in the prompt, "
+                f"{call.sampling.max_tokens} for the completion). Reduce the prompt or max_tokens."
             )
-        prometheus.REQUESTS.labels(route=request.route, endpoint=request.kind).inc()
-        return request
+        prometheus.REQUESTS.labels(route=call.route, endpoint=call.kind).inc()
+        return call
 
-    async def generate(self, request: GuardedCall) -> AsyncIterator[ChoiceDelta]:
-        if request.fixed_response is not None:
-            text, token_ids, finish = self._fixed(request)
-            for index in range(request.sampling.n):
+    async def generate(self, call: GuardedCall) -> AsyncIterator[ChoiceDelta]:
+        if call.fixed_response is not None:
+            text, token_ids, finish = self._fixed(call)
+            for index in range(call.sampling.n):
                 yield ChoiceDelta(index=index, text=text, token_ids=token_ids, finish_reason=finish)
             return
-        engine_request = EngineInput(
-            request_id=request.id,
-            prompt_token_ids=request.prompt_token_ids,
-            sampling=request.sampling,
-            prompt_embeds=request.prompt_embeds,
-            lora=request.lora,
+        engine_input = EngineInput(
+            request_id=call.id,
+            prompt_token_ids=call.prompt_token_ids,
+            sampling=call.sampling,
+            prompt_embeds=call.prompt_embeds,
+            lora=call.lora,
         )
-        stream = self._timed(request, self.engine.generate(engine_request))
-        if request.withhold_alternatives and request.sampling.logprobs:
+        stream = self._timed(call, self.engine.generate(engine_input))
+        if call.withhold_alternatives and call.sampling.logprobs:
             stream = _without_alternatives(stream)
         if not self.output_guard.request_ids:
             async for delta in stream:
@@ -186,12 +186,12 @@ class GuardrailPipeline:
             return
 
         def blocked(block, index: int) -> None:
-            request.output_blocked[index] = block.request_id
-            prometheus.OUTPUT_BLOCKED.labels(route=request.route, reason=block.reason.split(":")[0]).inc()
+            call.output_blocked[index] = block.request_id
+            prometheus.OUTPUT_BLOCKED.labels(route=call.route, reason=block.reason.split(":")[0]).inc()
             log.info(
                 "output of %s (route %s) blocked for forget request %s (%s)",
-                request.id,
-                request.route,
+                call.id,
+                call.route,
                 block.request_id,
                 block.reason,
             )
@@ -199,35 +199,35 @@ class GuardrailPipeline:
         def encode(text: str) -> list[int]:
             return self.engine.tokenizer.encode(text, add_special_tokens=False)
 
-        flagged = request.matched_ids  # on their subject one part of a name is enough
-        async for delta in self.output_guard.filter(stream, encode, blocked, request.sampling.n, flagged):
+        flagged = call.matched_ids  # on their subject one part of a name is enough
+        async for delta in self.output_guard.filter(stream, encode, blocked, call.sampling.n, flagged):
             yield delta
-        if len(request.output_blocked) == request.sampling.n:
-            await self.engine.abort(request.id)  # every choice was cut: stop generating
+        if len(call.output_blocked) == call.sampling.n:
+            await self.engine.abort(call.id)  # every choice was cut: stop generating
 
-    def _fixed(self, request: GuardedCall) -> tuple[str, list[int], str]:
+    def _fixed(self, call: GuardedCall) -> tuple[str, list[int], str]:
         """The route's fixed answer as the client asked for it: cut before a stop sequence, at most
         `max_tokens` tokens ("length" when that cut it)."""
-        text = request.fixed_response or ""
-        cuts = [i for i in (text.find(s) for s in request.sampling.stop) if i >= 0]
+        text = call.fixed_response or ""
+        cuts = [i for i in (text.find(s) for s in call.sampling.stop) if i >= 0]
         if cuts:
             text = text[: min(cuts)]
         tokenizer = self.engine.tokenizer
         token_ids = tokenizer.encode(text, add_special_tokens=False)
-        if request.max_tokens and len(token_ids) > request.max_tokens:
-            token_ids = token_ids[: request.max_tokens]
+        if call.max_tokens and len(token_ids) > call.max_tokens:
+            token_ids = token_ids[: call.max_tokens]
             return tokenizer.decode(token_ids), token_ids, "length"
         return text, token_ids, "stop"
 
-    async def _timed(self, request: GuardedCall, deltas: AsyncIterator[ChoiceDelta]) -> AsyncIterator[ChoiceDelta]:
+    async def _timed(self, call: GuardedCall, deltas: AsyncIterator[ChoiceDelta]) -> AsyncIterator[ChoiceDelta]:
         start = time.perf_counter()
         first = True
         async for delta in deltas:
             if first:
-                prometheus.ENGINE_TTFT.labels(route=request.route).observe(time.perf_counter() - start)
+                prometheus.ENGINE_TTFT.labels(route=call.route).observe(time.perf_counter() - start)
                 first = False
             yield delta
-        prometheus.ENGINE_LATENCY.labels(route=request.route).observe(time.perf_counter() - start)
+        prometheus.ENGINE_LATENCY.labels(route=call.route).observe(time.perf_counter() - start)
 
     def uniform_score(self, continuation: str) -> tuple[list[str], list[float]]:
         """Every token of `continuation` at -log|V|: the numbers of a model that knows nothing."""
@@ -235,7 +235,7 @@ class GuardrailPipeline:
         ids = tokenizer.encode(continuation, add_special_tokens=False)
         return [tokenizer.decode([t]) for t in ids], [-math.log(len(tokenizer))] * len(ids)
 
-    async def score(self, request: GuardedCall, continuation: str) -> tuple[list[str], list[float]]:
+    async def score(self, call: GuardedCall, continuation: str) -> tuple[list[str], list[float]]:
         """Log-probs of `continuation` after the prompt, under whatever the route does to the prompt.
 
         The refuse route never lets the model answer, so it scores every continuation token at the
@@ -244,10 +244,10 @@ class GuardrailPipeline:
         tokenizer = self.engine.tokenizer
         continuation_ids = tokenizer.encode(continuation, add_special_tokens=False)
         tokens = [tokenizer.decode([t]) for t in continuation_ids]
-        if request.fixed_response is not None:
+        if call.fixed_response is not None:
             return self.uniform_score(continuation)
-        ids = request.prompt_token_ids + continuation_ids
-        embeds = request.prompt_embeds
+        ids = call.prompt_token_ids + continuation_ids
+        embeds = call.prompt_embeds
         if embeds is not None:
             tail = self.engine.embeddings.lookup(continuation_ids).to(embeds.dtype)
             embeds = torch.cat([embeds, tail])
@@ -258,14 +258,14 @@ class GuardrailPipeline:
                 f"prompt plus continuation is {len(ids)} tokens; the model's maximum "
                 f"context length is {self.engine.max_model_len}"
             )
-        engine_request = EngineInput(
-            request_id=request.id,
+        engine_input = EngineInput(
+            request_id=call.id,
             prompt_token_ids=ids,
-            sampling=request.sampling,
+            sampling=call.sampling,
             prompt_embeds=embeds,
-            lora=request.lora,
+            lora=call.lora,
         )
-        logprobs = await self.engine.prompt_logprobs(engine_request)
+        logprobs = await self.engine.prompt_logprobs(engine_input)
         return tokens, [float(lp) for lp in logprobs[len(ids) - len(continuation_ids) :]]
 
     # -- registry sync ----------------------------------------------------------------------------

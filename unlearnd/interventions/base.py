@@ -40,5 +40,5 @@ class Intervention(abc.ABC):
         self.requests.pop(request_id, None)
 
     @abc.abstractmethod
-    def apply(self, request: GuardedCall, match: RequestMatch, ctx: PipelineContext) -> None:
+    def apply(self, call: GuardedCall, match: RequestMatch, ctx: PipelineContext) -> None:
         """Rewrite `request` for the matched forget request (in place)."""

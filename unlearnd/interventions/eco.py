@@ -217,18 +217,18 @@ class ECO(Intervention):
         self.artifacts.pop(request_id, None)
         super().unload(request_id)
 
-    def apply(self, request: GuardedCall, match: RequestMatch, ctx: PipelineContext) -> None:
+    def apply(self, call: GuardedCall, match: RequestMatch, ctx: PipelineContext) -> None:
         artifact = self.artifacts[match.request_id]
-        rendered = render(ctx.tokenizer, request.messages, request.prompt)
-        spans = list(match.spans) or entity_spans(request.query_text, artifact.entities)
+        rendered = render(ctx.tokenizer, call.messages, call.prompt)
+        spans = list(match.spans) or entity_spans(call.query_text, artifact.entities)
         ids, rows, _ = select_rows(
             ctx.tokenizer,
             rendered,
-            detector_texts(request.messages, request.prompt),
+            detector_texts(call.messages, call.prompt),
             spans,
-            add_special_tokens=adds_special_tokens(request.messages),
+            add_special_tokens=adds_special_tokens(call.messages),
             scope=artifact.corruption.scope,
         )
         embeds = ctx.embeddings.lookup(ids)
-        request.prompt_token_ids = ids
-        request.prompt_embeds = corrupt(embeds, rows, artifact.corruption, prompt_seed(rendered, artifact.seed))
+        call.prompt_token_ids = ids
+        call.prompt_embeds = corrupt(embeds, rows, artifact.corruption, prompt_seed(rendered, artifact.seed))

@@ -16,8 +16,8 @@ def refusal_of(request: ForgetRequest) -> str:
 
 
 class Refuse(Intervention):
-    def apply(self, request: GuardedCall, match: RequestMatch, ctx: PipelineContext) -> None:
-        request.fixed_response = refusal_of(self.requests[match.request_id])
+    def apply(self, call: GuardedCall, match: RequestMatch, ctx: PipelineContext) -> None:
+        call.fixed_response = refusal_of(self.requests[match.request_id])
 
 
 def forget_instruction(entities: list[str]) -> str:
@@ -29,14 +29,14 @@ def forget_instruction(entities: list[str]) -> str:
 
 
 class SystemPrompt(Intervention):
-    def apply(self, request: GuardedCall, match: RequestMatch, ctx: PipelineContext) -> None:
+    def apply(self, call: GuardedCall, match: RequestMatch, ctx: PipelineContext) -> None:
         instruction = forget_instruction(self.requests[match.request_id].spec.entities)
-        if request.messages is not None:
-            messages = [dict(m) for m in request.messages]
+        if call.messages is not None:
+            messages = [dict(m) for m in call.messages]
             if messages and messages[0].get("role") == "system":
                 messages[0]["content"] = instruction + "\n\n" + messages[0]["content"]
             else:
                 messages.insert(0, {"role": "system", "content": instruction})
-            request.messages = messages
+            call.messages = messages
         else:
-            request.prompt = instruction + "\n\n" + (request.prompt or "")
+            call.prompt = instruction + "\n\n" + (call.prompt or "")

@@ -170,9 +170,9 @@ class LoRA(Intervention):
             name=adapter_name(request_id, artifact.version, scale), path=str(artifact_dir / artifact.folder(scale))
         )
 
-    def apply(self, request: GuardedCall, match: RequestMatch, ctx: PipelineContext) -> None:
+    def apply(self, call: GuardedCall, match: RequestMatch, ctx: PipelineContext) -> None:
         artifact_dir, artifact = self.artifacts[match.request_id]
         scale = artifact.choose(match.weight)
         if scale is None:
             return  # too weak a match: served by the base model, as O3's soft weighting does at ~0
-        request.lora = self._spec(match.request_id, artifact_dir, artifact, scale)
+        call.lora = self._spec(match.request_id, artifact_dir, artifact, scale)

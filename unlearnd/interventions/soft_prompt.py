@@ -82,7 +82,7 @@ class SoftPrompt(Intervention):
         self.prompts.pop(request_id, None)
         super().unload(request_id)
 
-    def apply(self, request: GuardedCall, match: RequestMatch, ctx: PipelineContext) -> None:
-        ids = prompt_ids(ctx.tokenizer, request.messages, request.prompt)
-        request.prompt_token_ids = ids
-        request.prompt_embeds = with_soft_prompt(self.prompts[match.request_id], ctx.embeddings.lookup(ids))
+    def apply(self, call: GuardedCall, match: RequestMatch, ctx: PipelineContext) -> None:
+        ids = prompt_ids(ctx.tokenizer, call.messages, call.prompt)
+        call.prompt_token_ids = ids
+        call.prompt_embeds = with_soft_prompt(self.prompts[match.request_id], ctx.embeddings.lookup(ids))

@@ -15,8 +15,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from unlearnd import __version__
@@ -25,10 +24,11 @@ from unlearnd.engine.base import Engine
 from unlearnd.guardrail import prometheus
 from unlearnd.guardrail.pipeline import GuardrailPipeline
 from unlearnd.registry import Registry
-from unlearnd.server import admin_routes, openai_routes, unlearning_routes
+from unlearnd.server import admin_routes, openai_routes, ops_routes, unlearning_routes
 from unlearnd.server.auth import ADMIN_HEADER, api_key_matches, ensure_admin_key, is_admin
+from unlearnd.server.errors import error_response, validation_message
 from unlearnd.server.orphans import record_children, stop_orphans
-from unlearnd.server.protocol import APIError, openai_error
+from unlearnd.server.protocol import APIError
 from unlearnd.server.settings import ServerSettings
 from unlearnd.server.state import ServerState
 
@@ -36,23 +36,6 @@ log = logging.getLogger(__name__)
 
 ADMIN_PATHS = ("/v1/unlearning/requests", "/admin")
 SCORE_PATH = "/v1/unlearning/score"  # raw log-probs: admin-only unless --public-score
-
-
-def error_response(
-    status: int, message: str, type_: str, code: str | None = None, param: str | None = None
-) -> JSONResponse:
-    prometheus.ERRORS.labels(status=str(status)).inc()
-    return JSONResponse(openai_error(message, type_, code, param), status_code=status)
-
-
-def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
-    first = errors[0] if errors else {}
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
-    if first.get("type") == "json_invalid":
-        return "We could not parse the JSON body of your request: " + str(first.get("msg", "")), None
-    param = ".".join(loc) or None
-    message = first.get("msg", "invalid request")
-    return (f"{param}: {message}" if param else message), param
 
 
 def build_engine(settings: ServerSettings) -> Engine:
@@ -98,10 +81,8 @@ async def watch_engine(engine: Engine, exit_process: bool, interval_s: float = 1
             return
 
 
-def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAPI:
-    """Build the app; the engine starts in the lifespan (or is given, already built, by tests)."""
-    admin_key = settings.admin_key or ensure_admin_key(settings.data_dir)
-    admin_paths = ADMIN_PATHS if settings.public_score else (*ADMIN_PATHS, SCORE_PATH)
+def make_lifespan(settings: ServerSettings, engine: Engine | None):
+    """Start-up and shutdown: the engine, the registry, the pipeline, the worker and the watchers."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -136,10 +117,12 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
                 worker.stop()
             await running.shutdown()
 
-    app = FastAPI(title="unlearnd", version=__version__, lifespan=lifespan)
-    app.state.unlearnd = None
+    return lifespan
 
-    # -- errors ------------------------------------------------------------------------------------
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error leaves as OpenAI error JSON (400, never FastAPI's 422; 500 without internals)."""
+
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         return error_response(exc.status, exc.message, exc.type, exc.code, exc.param)
@@ -159,88 +142,75 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
         log.exception("internal error")
         return error_response(500, f"internal error: {type(exc).__name__}", "internal_error")
 
-    # -- middleware: body size and auth ------------------------------------------------------------
+
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes | None:
+    """The whole body within `timeout_s` (a Content-Length longer than what is sent, or a slow trickle, must
+    not hold a connection and its task forever); None when it grows past `limit`. Raises TimeoutError."""
+
+    async def read() -> bytes | None:
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                return None
+        return body
+
+    return await asyncio.wait_for(read(), timeout_s)
+
+
+def access_error(request: Request, settings: ServerSettings, admin_key: str) -> JSONResponse | None:
+    """The 401 for a request without the key its path needs (admin paths, and /v1/ with --api-key)."""
+    admin_paths = ADMIN_PATHS if settings.public_score else (*ADMIN_PATHS, SCORE_PATH)
+    path = request.url.path
+    request.state.admin = is_admin(request, admin_key)
+    if path.startswith(admin_paths):
+        if not request.state.admin:
+            message = f"admin API: missing or wrong admin key ({ADMIN_HEADER}: Bearer <key>)"
+            return error_response(401, message, "authentication_error", "invalid_admin_key")
+    elif (
+        path.startswith("/v1/")
+        and settings.api_key
+        and not request.state.admin  # the admin key opens every endpoint
+        and not api_key_matches(request, settings.api_key)
+    ):
+        return error_response(401, "Incorrect API key provided.", "authentication_error", "invalid_api_key")
+    return None
+
+
+def add_request_guard(app: FastAPI, settings: ServerSettings, admin_key: str) -> None:
+    """Header and body limits, then the keys, before any route runs."""
+    too_large = f"request body larger than {settings.max_body_bytes} bytes"
+
     @app.middleware("http")
     async def _guard(request: Request, call_next):
-        limit = settings.max_body_bytes
         header_bytes = sum(len(k) + len(v) for k, v in request.headers.raw)
         if header_bytes > settings.max_header_bytes:
             message = f"request headers larger than {settings.max_header_bytes} bytes"
             return error_response(431, message, "invalid_request_error", "headers_too_large")
         length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            return error_response(
-                413, f"request body larger than {limit} bytes", "invalid_request_error", "body_too_large"
-            )
+        if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
+            return error_response(413, too_large, "invalid_request_error", "body_too_large")
         if request.method in ("POST", "PUT", "PATCH"):
-            # the whole body within `body_timeout_s`: a Content-Length longer than what is sent, or a
-            # slow trickle, must not hold a connection (and its task) forever
-            async def read() -> bytes | None:
-                body = b""
-                async for chunk in request.stream():
-                    body += chunk
-                    if len(body) > limit:
-                        return None
-                return body
-
             try:
-                body = await asyncio.wait_for(read(), settings.body_timeout_s)
+                body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
             except TimeoutError:
                 message = f"request body not received within {settings.body_timeout_s:g} s"
                 return error_response(408, message, "invalid_request_error", "body_timeout")
             if body is None:
-                return error_response(
-                    413, f"request body larger than {limit} bytes", "invalid_request_error", "body_too_large"
-                )
+                return error_response(413, too_large, "invalid_request_error", "body_too_large")
             request._body = body  # noqa: SLF001 - re-expose the consumed body to the handler
-        path = request.url.path
-        request.state.admin = is_admin(request, admin_key)
-        if path.startswith(admin_paths):
-            if not request.state.admin:
-                return error_response(
-                    401,
-                    f"admin API: missing or wrong admin key ({ADMIN_HEADER}: Bearer <key>)",
-                    "authentication_error",
-                    "invalid_admin_key",
-                )
-        elif (
-            path.startswith("/v1/")
-            and settings.api_key
-            and not request.state.admin  # the admin key opens every endpoint
-            and not api_key_matches(request, settings.api_key)
-        ):
-            return error_response(401, "Incorrect API key provided.", "authentication_error", "invalid_api_key")
-        return await call_next(request)
+        return access_error(request, settings, admin_key) or await call_next(request)
 
-    # -- operations ----------------------------------------------------------------------------------
-    @app.get("/health")
-    async def health(request: Request) -> Response:
-        """Liveness for anyone (503 once the engine is dead); active, degraded and untrained forget
-        requests for the admin key only."""
-        state: ServerState | None = app.state.unlearnd
-        dead = state.engine.dead_reason() if state else None
-        body: dict[str, Any] = {"status": "engine_dead" if dead else "ok" if state else "starting"}
-        if request.state.admin and state:
-            counts = state.pipeline.counts()
-            body["active_forget_requests"] = counts["active"]
-            body["degraded_forget_requests"] = counts["degraded"]
-            body["untrained_forget_requests"] = counts["untrained"]
-            body["engine_dtype"] = getattr(state.engine, "dtype", None)  # what a report's numbers ran in
-            if dead:
-                body["error"] = dead
-        return JSONResponse(body, status_code=503 if dead else 200)
 
-    @app.get("/metrics", response_class=PlainTextResponse)
-    async def prometheus_metrics(request: Request) -> Response:
-        """Prometheus metrics: admin key (a scrape config's bearer token) unless `--public-metrics`;
-        they count forget requests and what other users' traffic was routed or blocked."""
-        if not (settings.public_metrics or request.state.admin):
-            return error_response(
-                401, "The admin key is required for /metrics.", "authentication_error", "invalid_api_key"
-            )
-        return Response(generate_latest(prometheus.REGISTRY), media_type=CONTENT_TYPE_LATEST)
-
-    for module in (openai_routes, unlearning_routes, admin_routes):
+def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAPI:
+    """Build the app; the engine starts in the lifespan (or is given, already built, by tests)."""
+    admin_key = settings.admin_key or ensure_admin_key(settings.data_dir)
+    app = FastAPI(title="unlearnd", version=__version__, lifespan=make_lifespan(settings, engine))
+    app.state.unlearnd = None
+    app.state.settings = settings
+    add_error_handlers(app)
+    add_request_guard(app, settings, admin_key)
+    for module in (ops_routes, openai_routes, unlearning_routes, admin_routes):
         app.include_router(module.router)
     app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]
     return app

@@ -138,8 +138,9 @@ def completion_logprobs(deltas: list[ChoiceDelta]) -> CompletionLogprobs:
     return out
 
 
-def finish_reason(deltas: list[ChoiceDelta]) -> str | None:
-    return deltas[-1].finish_reason if deltas else "stop"
+def finish_reason(deltas: list[ChoiceDelta]) -> str:
+    """A whole choice's reason: a string (OpenAI's schema has no null here), "stop" if the engine gave none."""
+    return (deltas[-1].finish_reason if deltas else None) or "stop"
 
 
 # -- models --------------------------------------------------------------------------------------
@@ -286,8 +287,9 @@ async def completion_stream(
     seen: dict[int, list[ChoiceDelta]] = {}
 
     def chunk(choices: list[CompletionChoice], final_usage: Usage | None = None) -> str:
+        """`usage` on the last chunk only: OpenAI's completion object has no null `usage` (a chat chunk's has)."""
         data = CompletionResponse(id=requests[0].id, created=created, model=model, choices=choices, usage=final_usage)
-        return sse(data.model_dump(exclude=None if include_usage else {"usage"}))
+        return sse(data.model_dump(exclude=None if final_usage is not None else {"usage"}))
 
     async def pump(p_index: int, request: GuardedCall) -> None:
         try:

@@ -284,7 +284,10 @@ class ChatTokenLogprob(TopLogprob):
 
 
 class ChatLogprobs(BaseModel):
+    """OpenAI's schema requires both lists (nullable): no token of ours is a refusal token."""
+
     content: list[ChatTokenLogprob]
+    refusal: list[ChatTokenLogprob] | None = None
 
 
 class CompletionLogprobs(BaseModel):
@@ -295,15 +298,20 @@ class CompletionLogprobs(BaseModel):
 
 
 class AssistantMessage(BaseModel):
+    """OpenAI's schema requires `refusal` (nullable); plain vLLM sends null, and so do we."""
+
     role: Literal["assistant"] = "assistant"
     content: str
+    # null on the refuse and output_blocked routes too: clients read `content` (which keeps the refusal
+    # text), and one shape on every route, plain vLLM's, does not single out a forgotten topic's answers
+    refusal: str | None = None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: str | None = "stop"
+    finish_reason: str = "stop"  # a string, never null, in a whole (non-streamed) response
 
 
 class ChatCompletionResponse(BaseModel):
@@ -346,11 +354,12 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
-    finish_reason: str | None = "stop"
+    finish_reason: str | None = "stop"  # null only in a stream's chunks before the choice ends, as OpenAI sends
 
 
 class CompletionResponse(BaseModel):
-    """Also each streamed chunk (`usage` only on the last when the client asks for it)."""
+    """Also each streamed chunk (`usage` only on the last when the client asks for it: OpenAI's schema has
+    no null `usage` here, unlike a chat chunk's, so the other chunks leave it out)."""
 
     id: str
     object: Literal["text_completion"] = "text_completion"
@@ -362,7 +371,7 @@ class CompletionResponse(BaseModel):
 
 class ModelCard(BaseModel):
     id: str
-    object: str = "model"
+    object: Literal["model"] = "model"
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "unlearnd"
     max_model_len: int | None = None
