@@ -49,7 +49,7 @@ def machine_description() -> str:
         import torch
 
         gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    except Exception:  # noqa: BLE001
+    except Exception:
         gpu = None
     cores = os.cpu_count()
     return f"{cores}-core CPU, " + (f"GPU {gpu}" if gpu else "no GPU") + f" ({platform.machine()})"

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from unlearnd.bench.servers import ServerProcess, free_port  # noqa: F401  (re-exported for tests)
+from unlearnd.bench.servers import ServerProcess, free_port  # re-exported for the tests
 from unlearnd.bench.servers import unlearnd_command as _unlearnd_command
 from unlearnd.config import DEFAULT_MODEL
 from unlearnd.engine.remote import plain_vllm_command

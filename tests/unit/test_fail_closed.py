@@ -122,7 +122,7 @@ def test_adapter_weights_are_checked_before_the_engine_sees_them(tmp_path):
     }
     for name, kwargs in broken.items():
         _adapter(tmp_path / name, **kwargs)
-        with pytest.raises(Exception):
+        with pytest.raises(ValueError):
             check_adapter_weights(tmp_path / name, config, SMOLLM2)
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import calendar
 import codecs
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -150,7 +151,7 @@ def common_words() -> frozenset[str]:
         from unlearnd.detectors.encoder import DEFAULT_ENCODER, resolve_model_path
 
         vocab = AutoTokenizer.from_pretrained(resolve_model_path(DEFAULT_ENCODER)).get_vocab()
-    except Exception:  # noqa: BLE001 - no encoder files: every part counts as distinctive
+    except Exception:  # no encoder files: every part counts as distinctive
         return frozenset()
     return frozenset(w for w in vocab if w.isalpha() and w.islower() and len(w) >= 3)
 
@@ -208,6 +209,15 @@ def _name_like(word: str, common: frozenset[str]) -> bool:
     if len(folded) < 2 or folded in STOPWORDS or folded in FUNCTION_WORDS:
         return False
     return word[:1].isupper() or (folded not in common and folded.isalpha())
+
+
+def _offer(best: dict[str, AnchorHit], request_id: str, hit: AnchorHit) -> None:
+    """Keep a request's best hit; an equal score adds its spans."""
+    old = best.get(request_id)
+    if old is None or hit.score > old.score:
+        best[request_id] = hit
+    elif hit.score == old.score and hit.spans:
+        old.spans = merge_spans(old.spans + hit.spans)
 
 
 class AnchorIndex:
@@ -285,18 +295,8 @@ class AnchorIndex:
     def find(self, text: str) -> dict[str, AnchorHit]:
         """Per request with an anchor in `text`: its best hit."""
         best: dict[str, AnchorHit] = {}
-
-        def offer(request_id: str, hit: AnchorHit) -> None:
-            old = best.get(request_id)
-            if old is None or hit.score > old.score:
-                best[request_id] = hit
-            elif hit.score == old.score and hit.spans:
-                old.spans = merge_spans(old.spans + hit.spans)
-
-        all_views = views(text)
-        compacts = compact_forms(text)
         as_written: dict[str, AnchorHit] = {}
-        for index, view in enumerate(all_views):
+        for index, view in enumerate(views(text)):
             toks = tokens(view)
             folded = [_word(w) for w, _, _ in toks]
             hits = self._name_hits(view, toks, folded)
@@ -305,33 +305,43 @@ class AnchorIndex:
             for request_id, hit in hits.items():
                 if index:  # spans only index the prompt as written
                     hit.spans = []
-                offer(request_id, hit)
-            for request_id, titles in self._titles.items():
-                for title in titles:
-                    if _contains(folded, title.words):
-                        offer(request_id, AnchorHit(NAME_SCORE, "title", entity=title.title))
-            dates = parse_dates(view)
-            if dates:
-                for request_id, known in self._dates.items():
-                    if dates & known:
-                        offer(request_id, AnchorHit(NAME_SCORE, "date"))
-            years = {int(y) for y in _YEAR_WORD.findall(view)}
-            if years:
-                for request_id, places in self._places.items():
-                    born = {d[0] for d in self._dates[request_id]}
-                    if years & born and any(_contains(folded, place) for place in places):
-                        offer(request_id, AnchorHit(NAME_SCORE, "birth"))
-        for request_id, names in self._names.items():
-            for pattern in names:
-                if len(pattern.compact) >= _COMPACT_MIN and any(pattern.compact in c for c in compacts):
-                    offer(request_id, AnchorHit(NAME_SCORE, "name_hidden", entity=pattern.entity))
-            for title in self._titles.get(request_id, []):
-                if len(title.compact) >= _TITLE_COMPACT_MIN and any(title.compact in c for c in compacts):
-                    offer(request_id, AnchorHit(NAME_SCORE, "title", entity=title.title))
+                _offer(best, request_id, hit)
+            for request_id, hit in self._fact_hits(view, folded):
+                _offer(best, request_id, hit)
+        for request_id, hit in self._hidden_hits(compact_forms(text)):
+            _offer(best, request_id, hit)
         for request_id, hit in best.items():
             if not hit.spans and request_id in as_written:
                 hit.spans = as_written[request_id].spans  # e.g. a title hit: the name as written still has spans
         return best
+
+    def _fact_hits(self, view: str, folded: list[str]) -> Iterator[tuple[str, AnchorHit]]:
+        """Titles, full dates, and a birth year next to a birthplace, in one view of the text."""
+        for request_id, titles in self._titles.items():
+            for title in titles:
+                if _contains(folded, title.words):
+                    yield request_id, AnchorHit(NAME_SCORE, "title", entity=title.title)
+        dates = parse_dates(view)
+        if dates:
+            for request_id, known in self._dates.items():
+                if dates & known:
+                    yield request_id, AnchorHit(NAME_SCORE, "date")
+        years = {int(y) for y in _YEAR_WORD.findall(view)}
+        if years:
+            for request_id, places in self._places.items():
+                born = {d[0] for d in self._dates[request_id]}
+                if years & born and any(_contains(folded, place) for place in places):
+                    yield request_id, AnchorHit(NAME_SCORE, "birth")
+
+    def _hidden_hits(self, compacts: list[str]) -> Iterator[tuple[str, AnchorHit]]:
+        """Names and titles spread out with separators, digits or code words (the compact forms)."""
+        for request_id, names in self._names.items():
+            for pattern in names:
+                if len(pattern.compact) >= _COMPACT_MIN and any(pattern.compact in c for c in compacts):
+                    yield request_id, AnchorHit(NAME_SCORE, "name_hidden", entity=pattern.entity)
+            for title in self._titles.get(request_id, []):
+                if len(title.compact) >= _TITLE_COMPACT_MIN and any(title.compact in c for c in compacts):
+                    yield request_id, AnchorHit(NAME_SCORE, "title", entity=title.title)
 
     def _name_hits(self, view: str, toks: list[tuple[str, int, int]], folded: list[str]) -> dict[str, AnchorHit]:
         candidates: set[str] = set()

@@ -137,7 +137,7 @@ def run_continual(
         for request_id in request_ids:
             try:
                 served.deactivate(request_id)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.warning("could not deactivate forget request %s", request_id)
     return results()
 

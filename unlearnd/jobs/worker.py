@@ -27,6 +27,59 @@ from unlearnd.registry import Registry
 log = logging.getLogger(__name__)
 
 
+def job_timeout_s(request: ForgetRequest) -> float:
+    """The request's own `timeout_s` option, else its method's (the method table says)."""
+    entry = METHODS.get(request.method.value)
+    return float(request.spec.options.get("timeout_s") or (entry.timeout_s if entry else 600.0))
+
+
+def watch_job(registry: Registry, request: ForgetRequest, artifact_dir: Path, stop: threading.Event) -> None:
+    """Heartbeats; and the job's two ways out while it runs: purged (nothing may stay on disk) or
+    over its time (the worker exits, the supervisor starts another, the request is retried)."""
+    timeout_s = job_timeout_s(request)
+    deadline = time.monotonic() + timeout_s
+    while not stop.wait(BEAT_S):
+        try:
+            record = registry.get(request.id)
+        except KeyError:  # purged
+            record = None
+        except Exception:  # a busy database: try again at the next beat, never stop beating
+            log.warning("heartbeat of %s failed", request.id, exc_info=True)
+            continue
+        if stop.is_set():
+            return  # the job ended meanwhile (its own status change is no reason to stop anything)
+        if record is None:
+            log.warning("%s was purged while training: job cancelled, its files deleted", request.id)
+            shutil.rmtree(artifact_dir, ignore_errors=True)
+            _exit(JOB_CANCELLED_EXIT)
+            return
+        if record.status == Status.inactive:
+            log.warning("%s was deactivated while training: job cancelled", request.id)
+            _exit(JOB_CANCELLED_EXIT)
+            return
+        if time.monotonic() > deadline:
+            log.error("%s ran past its %.0f s timeout: stopping the worker", request.id, timeout_s)
+            _exit(JOB_TIMEOUT_EXIT)
+            return
+        try:
+            registry.heartbeat(request.id)
+        except Exception:
+            log.warning("heartbeat of %s failed", request.id, exc_info=True)
+
+
+def record_failure(registry: Registry, request: ForgetRequest, artifact_dir: Path, exc: Exception) -> None:
+    """A failed job marks only its own request: failed, or still degraded (refused) when it was a re-training."""
+    log.error("training %s failed: %s", request.id, traceback.format_exc())
+    error = f"{type(exc).__name__}: {exc}"
+    if not registry.exists(request.id):  # purged while it trained (the removal may be what broke it)
+        shutil.rmtree(artifact_dir, ignore_errors=True)
+    elif (request.error or "").startswith(LOAD_FAILED):  # a degraded request's re-training: stays refused
+        failed = f"{request.error}; re-training failed: {error}"
+        registry.set_status(request.id, Status.degraded, failed, expect=Status.training)
+    else:
+        registry.set_status(request.id, Status.failed, error, expect=Status.training)
+
+
 def run_job(
     registry: Registry, request: ForgetRequest, detector_name: str, model: str, serve_dtype: str = "auto"
 ) -> None:
@@ -36,42 +89,7 @@ def run_job(
 
     artifact_dir = registry.artifact_dir(request.id)
     stop = threading.Event()
-    entry = METHODS.get(request.method.value)
-    timeout_s = float(request.spec.options.get("timeout_s") or (entry.timeout_s if entry else 600.0))
-    deadline = time.monotonic() + timeout_s
-
-    def beat() -> None:
-        """Heartbeats; and the job's two ways out while it runs: purged (nothing may stay on disk) or
-        over its time (the worker exits, the supervisor starts another, the request is retried)."""
-        while not stop.wait(BEAT_S):
-            try:
-                record = registry.get(request.id)
-            except KeyError:  # purged
-                record = None
-            except Exception:  # a busy database: try again at the next beat, never stop beating
-                log.warning("heartbeat of %s failed", request.id, exc_info=True)
-                continue
-            if stop.is_set():
-                return  # the job ended meanwhile (its own status change is no reason to stop anything)
-            if record is None:
-                log.warning("%s was purged while training: job cancelled, its files deleted", request.id)
-                shutil.rmtree(artifact_dir, ignore_errors=True)
-                _exit(JOB_CANCELLED_EXIT)
-                return
-            if record.status == Status.inactive:
-                log.warning("%s was deactivated while training: job cancelled", request.id)
-                _exit(JOB_CANCELLED_EXIT)
-                return
-            if time.monotonic() > deadline:
-                log.error("%s ran past its %.0f s timeout: stopping the worker", request.id, timeout_s)
-                _exit(JOB_TIMEOUT_EXIT)
-                return
-            try:
-                registry.heartbeat(request.id)
-            except Exception:
-                log.warning("heartbeat of %s failed", request.id, exc_info=True)
-
-    threading.Thread(target=beat, daemon=True).start()
+    threading.Thread(target=watch_job, args=(registry, request, artifact_dir, stop), daemon=True).start()
     started, cpu_started = time.perf_counter(), time.process_time()
     try:
         entry = METHODS.get(request.method.value)
@@ -88,15 +106,7 @@ def run_job(
         elif not registry.exists(request.id):  # purged while it trained: leave nothing behind
             shutil.rmtree(artifact_dir, ignore_errors=True)
     except Exception as exc:
-        log.error("training %s failed: %s", request.id, traceback.format_exc())
-        error = f"{type(exc).__name__}: {exc}"
-        if not registry.exists(request.id):  # purged while it trained (the removal may be what broke it)
-            shutil.rmtree(artifact_dir, ignore_errors=True)
-        elif (request.error or "").startswith(LOAD_FAILED):  # a degraded request's re-training: stays refused
-            failed = f"{request.error}; re-training failed: {error}"
-            registry.set_status(request.id, Status.degraded, failed, expect=Status.training)
-        else:
-            registry.set_status(request.id, Status.failed, error, expect=Status.training)
+        record_failure(registry, request, artifact_dir, exc)
     finally:
         stop.set()
 
@@ -147,7 +157,7 @@ def acquire_worker_lock(data_dir: Path, wait: bool = True):
     import fcntl
 
     Path(data_dir).mkdir(parents=True, exist_ok=True)
-    handle = open(Path(data_dir) / WORKER_LOCK, "a+")  # noqa: SIM115 - held for the worker's life
+    handle = open(Path(data_dir) / WORKER_LOCK, "a+")  # held for the worker's life
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
     except BlockingIOError:

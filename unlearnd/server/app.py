@@ -198,7 +198,7 @@ def add_request_guard(app: FastAPI, settings: ServerSettings, admin_key: str) ->
                 return error_response(408, message, "invalid_request_error", "body_timeout")
             if body is None:
                 return error_response(413, too_large, "invalid_request_error", "body_too_large")
-            request._body = body  # noqa: SLF001 - re-expose the consumed body to the handler
+            request._body = body  # re-expose the consumed body to the handler
         return access_error(request, settings, admin_key) or await call_next(request)
 
 

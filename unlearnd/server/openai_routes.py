@@ -221,7 +221,7 @@ async def chat_stream(
                     )
                 ]
             )
-    except Exception as exc:  # noqa: BLE001 - the status line is gone
+    except Exception as exc:  # the status line is gone: the error goes in-band
         log.exception("stream failed")
         yield sse_error(exc)
     if include_usage:
@@ -295,7 +295,7 @@ async def completion_stream(
         try:
             async for delta in state.pipeline.generate(request):
                 await queue.put((p_index, delta))
-        except Exception as exc:  # noqa: BLE001 - reported in-band below
+        except Exception as exc:  # reported in-band below
             await queue.put((p_index, exc))
         finally:
             await queue.put((p_index, None))

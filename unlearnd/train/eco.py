@@ -13,6 +13,7 @@ Evaluation runs the HF model on `inputs_embeds` built with the serve-time corrup
 the serving engine's dtype, so the tuned strength is the served one. The rows corrupted are the
 entity tokens; when no strength brings those down to the target (the rest of the question still
 gives the answer away) the search is repeated over the whole question, and the closer one is kept.
+The steps are the per-request template (`ECOJob`, a `unlearnd.train.job.RequestJob`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from pydantic import BaseModel
@@ -43,7 +45,7 @@ from unlearnd.interventions.eco import (
 from unlearnd.models import load_causal_lm
 from unlearnd.prompting import prompt_ids, render_chat, stop_ids, user_messages
 from unlearnd.train.data import EncodedQA, encode_qa
-from unlearnd.train.job import JobContext, default_preset, start_job, torch_dtype
+from unlearnd.train.job import JobContext, RequestJob, default_preset, torch_dtype
 from unlearnd.train.scoring import answer_probability, fluency_report, greedy_generate, mean
 from unlearnd.train.zo import zo_solve
 
@@ -141,16 +143,9 @@ def surrogate_target(
         return float(cfg.target), "given"
     if surrogate_model_path:
         surrogate, _ = load_causal_lm(surrogate_model_path, torch_dtype(cfg.dtype), device, frozen=True)
-        value = mean(
-            answer_probability(
-                surrogate,
-                tokenizer,
-                [p.item for p in prepared],
-                cfg.batch_size,
-                progress=progress,
-                desc="target (surrogate model)",
-            )
-        )
+        items = [p.item for p in prepared]
+        desc = "target (surrogate model)"
+        value = mean(answer_probability(surrogate, tokenizer, items, cfg.batch_size, progress=progress, desc=desc))
         del surrogate
         return value, "surrogate_model"
     if wrong_answers and all(wrong_answers.get(q) for q in questions):
@@ -163,13 +158,22 @@ def surrogate_target(
             answer_probability(model, tokenizer, items, cfg.batch_size, progress=progress, desc="target (perturbed)")
         )
         return value, "perturbed"
+    items = shuffled_items(tokenizer, prepared, cfg)
+    value = mean(
+        answer_probability(model, tokenizer, items, cfg.batch_size, progress=progress, desc="target (shuffled)")
+    )
+    return value, "shuffled"
+
+
+def shuffled_items(tokenizer, prepared: list[ECOItem], cfg: ECOPreset) -> list[EncodedQA]:
+    """Each forget question with another one's answer: the target that needs nothing extra."""
     if len(prepared) < 2:
         raise ValueError("ECO needs a target: give options.target, a surrogate model, wrong answers, or >= 2 QAs")
     order = list(range(len(prepared)))
     random.Random(cfg.seed).shuffle(order)
     shuffled = order[1:] + order[:1]  # a derangement: every question gets another one's answer
     answers = {order[i]: shuffled[i] for i in range(len(order))}
-    items = [
+    return [
         encode_qa(
             tokenizer,
             p.item.question,
@@ -179,10 +183,6 @@ def surrogate_target(
         )
         for i, p in enumerate(prepared)
     ]
-    value = mean(
-        answer_probability(model, tokenizer, items, cfg.batch_size, progress=progress, desc="target (shuffled)")
-    )
-    return value, "shuffled"
 
 
 def fill_answers(model, tokenizer, qas: list, max_new_tokens: int) -> list[tuple[str, str]]:
@@ -227,6 +227,242 @@ def search_space(cfg: ECOPreset, emb_std: float, hidden: int) -> dict | None:
     }
 
 
+class ECOJob(RequestJob[ECOPreset]):
+    """ECO's steps of the request template: prepare the tuning / evaluation QA, score the clean model
+    against the surrogate target, fit the strength by ZO search, score it on the evaluation QA, check
+    fluency, write `eco.json`."""
+
+    presets = PRESETS
+
+    def __init__(
+        self,
+        *args: Any,
+        surrogate_model_path: str | None = None,
+        wrong_answers: dict[str, list[str]] | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__(*args, **kwargs)
+        self.surrogate_model_path = surrogate_model_path
+        self.wrong_answers = wrong_answers
+        self.cache: dict[tuple, float] = {}
+
+    def prepare(self) -> None:
+        """Answer-filled tuning and (held-out) evaluation QA, tokenised and row-selected as served."""
+        # Corruption is rounded to the dtype the server sends embeddings in; the artifact records which.
+        cfg = self.cfg = self.cfg.model_copy(update={"serve_dtype": resolve_dtype(self.cfg.serve_dtype)})
+        self.serve_dtype = torch_dtype(cfg.serve_dtype)
+        forget = ForgetSpec.as_qa(self.request.spec.forget)
+        self.entities = list(self.request.spec.entities)
+        tuned = subsample(forget, cfg.n_tune, cfg.seed)
+        rest = [qa for qa in forget if qa not in tuned]  # the achieved value is reported on QA it was not tuned on
+        self.tune_qas = fill_answers(self.model, self.tokenizer, tuned, cfg.fluency_tokens)
+        eval_subset = subsample(rest or forget, cfg.n_eval, cfg.seed + 1)
+        self.eval_qas = fill_answers(self.model, self.tokenizer, eval_subset, cfg.fluency_tokens)
+        emb = self.model.get_input_embeddings().weight
+        self.emb_dtype, self.emb_std, hidden = emb.dtype, float(emb.float().std()), int(emb.shape[1])
+        self.space = search_space(cfg, self.emb_std, hidden)
+        self.first_scope = cfg.scope or RowScope.entity
+        self.tune = self.prepared(self.tune_qas, self.first_scope)
+        self.tuning: dict[str, Any] = {
+            "emb_std": self.emb_std,
+            "n_tune": len(self.tune),
+            "n_eval": len(self.eval_qas),
+            "eval_held_out": bool(rest),  # False: too few QA to hold any out, reported on the tuning QA
+            "modes": {m: sum(p.mode == m for p in self.tune) for m in ("entity", "prompt")},
+        }
+
+    def prepared(self, qas: list[tuple[str, str]], scope: RowScope) -> list[ECOItem]:
+        return prepare_items(self.tokenizer, qas, self.entities, self.cfg.max_len, self.cfg.seed, scope)
+
+    def metric(self, corruption: Corruption, items: list[ECOItem]) -> float:
+        """Mean P(a|q)^(1/|a|) of `items` under `corruption` (cached: the ZO search revisits points)."""
+        key = (corruption.scope, round(corruption.sigma, 10), id(items))
+        if key not in self.cache:
+            fn = corrupted_embeds_fn(self.model, items, corruption, self.serve_dtype)
+            probs = answer_probability(
+                self.model, self.tokenizer, [p.item for p in items], self.cfg.batch_size, embed_fn=fn
+            )
+            self.cache[key] = mean(probs)
+        return self.cache[key]
+
+    def corruption_at(self, scope: RowScope, sigma: float) -> Corruption:
+        cfg = self.cfg
+        return Corruption(scope=scope, kind=cfg.kind, dims=cfg.dims, n_dims=cfg.n_dims, sigma=sigma)
+
+    def score(self, before: bool) -> dict[str, Any]:
+        """Before: the target and the clean model on the tuning QA. After: the chosen corruption on
+        the evaluation QA, and whether the target was reached."""
+        return self.score_target() if before else self.score_eval()
+
+    def score_target(self) -> dict[str, Any]:
+        target, source = surrogate_target(
+            self.model,
+            self.tokenizer,
+            self.tune,
+            self.cfg,
+            self.surrogate_model_path,
+            self.wrong_answers,
+            self.device,
+            self.progress,
+        )
+        clean = self.metric(self.corruption_at(self.first_scope, 0.0), self.tune)
+        log.info("ECO %s: clean P(a|q)^(1/|a|) = %.4f, target %.4f (%s)", self.request.id, clean, target, source)
+        self.tolerance = 2 * self.cfg.rel_tol * target
+        return {"target": target, "target_source": source, "clean_tune": clean}
+
+    def score_eval(self) -> dict[str, Any]:
+        self.evals = self.prepared(self.eval_qas, self.scope)  # kept, as the tuning items are
+        target, clean = self.before["target"], self.before["clean_tune"]
+        return {
+            "clean_eval": self.metric(self.corruption_at(self.scope, 0.0), self.evals),
+            "achieved_eval": self.metric(self.corruption, self.evals),
+            "reached": clean <= target or abs(self.chosen["achieved_tune"] - target) <= self.tolerance,
+        }
+
+    def fit(self) -> None:
+        """Search the strength on the entity rows (or the preset's scope); when those cannot bring the
+        answer down to the target, search again over the whole prompt and keep the closer one."""
+        target = self.before["target"]
+        attempts = [(self.first_scope, self.tune, self.search(self.first_scope, self.tune))]
+        first = attempts[0][2]["achieved_tune"]
+        if (
+            self.cfg.scope is None
+            and abs(first - target) > self.tolerance
+            and first > target
+            and self.tuning["modes"]["entity"]
+        ):
+            # Corrupting the name alone left the answer too likely: the rest of the question gives it away.
+            log.info(
+                "ECO %s: entity rows reach %.4f only (target %.4f); tuning over the whole prompt",
+                self.request.id,
+                first,
+                target,
+            )
+            whole = self.prepared(self.tune_qas, RowScope.prompt)
+            attempts.append((RowScope.prompt, whole, self.search(RowScope.prompt, whole)))
+        self.attempts = attempts  # kept, with their items: the metric cache keys on the items' id
+        self.scope, self.tune, chosen = min(attempts, key=lambda a: abs(a[2]["achieved_tune"] - target))
+        self.tuning["attempts"] = [a[2] for a in attempts]
+        keys = ("history", "final", "evaluations", "best_distance", "note")
+        self.tuning.update({k: chosen[k] for k in keys if k in chosen})
+        self.chosen = chosen
+        self.corruption = self.corruption_at(self.scope, chosen["sigma"])
+
+    def search(self, scope: RowScope, items: list[ECOItem]) -> dict[str, Any]:
+        """One search of the strength with the rows of `scope`; returns what it found."""
+        attempt: dict[str, Any] = {"scope": scope.value}
+        if self.before["clean_tune"] <= self.before["target"]:
+            sigma, attempt["note"] = 0.0, "the clean model is already at or below the target"
+        elif self.space is None:
+            sigma, attempt["note"] = 1.0, f"{self.cfg.kind.value} on all dimensions has no strength to tune"
+        else:
+            sigma = self.zo_search(scope, items, attempt)
+        attempt["sigma"] = sigma
+        attempt["achieved_tune"] = self.metric(self.corruption_at(scope, sigma), items)
+        return attempt
+
+    def zo_search(self, scope: RowScope, items: list[ECOItem], attempt: dict[str, Any]) -> float:
+        """The ZO search proper; records its trace in `attempt` and returns the strength found."""
+        cfg, space, target = self.cfg, self.space, self.before["target"]
+        to_sigma = space["to_sigma"]
+        result = zo_solve(
+            lambda u: self.metric(self.corruption_at(scope, to_sigma(u)), items),
+            target,
+            space["x0"],
+            space["lo"],
+            space["hi"],
+            space["eps"],
+            cfg.iterations,
+            space["max_step"],
+            min_eps=space["min_eps"],
+            tol=cfg.rel_tol * target,
+            progress=self.progress,
+            desc=f"eco zo ({cfg.kind.value}, {scope.value})",
+        )
+        attempt.update(
+            {
+                "evaluations": result.evaluations,
+                "best_distance": result.fx,
+                "history": [
+                    {**h, "sigma_plus": to_sigma(h["x_plus"]), "sigma_minus": to_sigma(h["x_minus"])}
+                    for h in result.history
+                ],
+                "final": {"sigma": to_sigma(result.final[0]), "m": result.final[1]} if result.final else None,
+            }
+        )
+        return to_sigma(result.x)
+
+    def samples(self) -> dict[str, Any]:
+        """The fluency report: greedy answers with and without the corruption, on tuning QA."""
+        cfg, flu_items = self.cfg, self.tune[: self.cfg.fluency_n]
+        by_id = {id(p.item): p for p in flu_items}
+
+        def embeds_of(item: EncodedQA) -> torch.Tensor:
+            p = by_id[id(item)]
+            ids = torch.tensor(item.prompt_ids, device=self.device)
+            raw = self.model.get_input_embeddings()(ids).to(self.serve_dtype)
+            return corrupt(raw, p.rows, self.corruption, p.seed).to(self.emb_dtype)
+
+        items = [p.item for p in flu_items]
+        limits = (cfg.max_ppl, cfg.max_non_ascii, cfg.max_repetition)
+        return fluency_report(self.model, self.tokenizer, items, embeds_of, cfg.fluency_tokens, *limits, self.progress)
+
+    def cost_extra(self) -> dict[str, Any]:
+        return {"metric_evaluations": len(self.cache)}
+
+    def write_artifact(self) -> None:
+        self.tuning.update(
+            {
+                "achieved_tune": self.chosen["achieved_tune"],
+                "clean_eval": self.after["clean_eval"],
+                "tolerance": self.tolerance,
+                "cost": self.cost,
+                "preset": self.cfg.model_dump(mode="json"),
+            }
+        )
+        ECOArtifact(
+            corruption=self.corruption,
+            seed=self.cfg.seed,
+            entities=self.entities,
+            target=self.before["target"],
+            target_source=self.before["target_source"],
+            clean_value=self.before["clean_tune"],
+            achieved=self.after["achieved_eval"],
+            reached=self.after["reached"],
+            fluency=self.outputs,
+            tuning=self.tuning,
+        ).write(self.artifact_dir)
+
+    def report(self) -> dict[str, Any]:
+        before, after, fluency, cfg = self.before, self.after, self.outputs, self.cfg
+        summary = {
+            "method": "eco",
+            "kind": cfg.kind.value,
+            "dims": cfg.dims.value,
+            "scope": self.scope.value,
+            "sigma": self.chosen["sigma"],
+            **before,
+            "achieved_tune": self.chosen["achieved_tune"],
+            **after,
+            "fluent": fluency["fluent"],
+            "fluency_ppl": fluency["intervened"]["ppl"],
+            "clean_ppl": fluency["clean"]["ppl"],
+            **self.cost,
+        }
+        log.info(
+            "ECO %s: %s rows, sigma=%.4g, P %.4f -> %.4f (target %.4f), fluent=%s, %.0fs",
+            self.request.id,
+            self.scope.value,
+            summary["sigma"],
+            after["clean_eval"],
+            after["achieved_eval"],
+            before["target"],
+            fluency["fluent"],
+            self.cost["wall_seconds"],
+        )
+        return summary
+
+
 def train_eco(
     request: ForgetRequest,
     artifact_dir: Path,
@@ -239,190 +475,18 @@ def train_eco(
     overrides: dict | None = None,
 ) -> dict:
     """Tune ECO for `request`; writes `eco.json` into `artifact_dir` and returns a summary."""
-    job = start_job(PRESETS, preset, request, model_path, device, overrides)
-    # Corruption is rounded to the dtype the server sends embeddings in; the artifact records which.
-    cfg = job.cfg.model_copy(update={"serve_dtype": resolve_dtype(job.cfg.serve_dtype)})
-    dev, model, tokenizer = job.device, job.model, job.tokenizer
-    serve_dtype = torch_dtype(cfg.serve_dtype)
-    forget = ForgetSpec.as_qa(request.spec.forget)
-    entities = list(request.spec.entities)
-    tuned = subsample(forget, cfg.n_tune, cfg.seed)
-    rest = [qa for qa in forget if qa not in tuned]  # the achieved value is reported on QA it was not tuned on
-    tune_qas = fill_answers(model, tokenizer, tuned, cfg.fluency_tokens)
-    eval_qas = fill_answers(model, tokenizer, subsample(rest or forget, cfg.n_eval, cfg.seed + 1), cfg.fluency_tokens)
-
-    def prepared(qas: list[tuple[str, str]], scope: RowScope) -> list[ECOItem]:
-        return prepare_items(tokenizer, qas, entities, cfg.max_len, cfg.seed, scope)
-
-    emb = model.get_input_embeddings().weight
-    emb_std, hidden = float(emb.float().std()), int(emb.shape[1])
-    cache: dict[tuple, float] = {}
-
-    def metric(corruption: Corruption, items: list[ECOItem]) -> float:
-        key = (corruption.scope, round(corruption.sigma, 10), id(items))
-        if key not in cache:
-            fn = corrupted_embeds_fn(model, items, corruption, serve_dtype)
-            cache[key] = mean(
-                answer_probability(model, tokenizer, [p.item for p in items], cfg.batch_size, embed_fn=fn)
-            )
-        return cache[key]
-
-    def corruption_at(scope: RowScope, sigma: float) -> Corruption:
-        return Corruption(scope=scope, kind=cfg.kind, dims=cfg.dims, n_dims=cfg.n_dims, sigma=sigma)
-
-    first_scope = cfg.scope or RowScope.entity
-    tune = prepared(tune_qas, first_scope)
-    target, source = surrogate_target(model, tokenizer, tune, cfg, surrogate_model_path, wrong_answers, dev, progress)
-    clean = metric(corruption_at(first_scope, 0.0), tune)
-    log.info("ECO %s: clean P(a|q)^(1/|a|) = %.4f, target %.4f (%s)", request.id, clean, target, source)
-    space = search_space(cfg, emb_std, hidden)
-    tolerance = 2 * cfg.rel_tol * target
-    tuning: dict = {
-        "emb_std": emb_std,
-        "n_tune": len(tune),
-        "n_eval": len(eval_qas),
-        "eval_held_out": bool(rest),  # False: too few QA to hold any out, reported on the tuning QA
-        "modes": {m: sum(p.mode == m for p in tune) for m in ("entity", "prompt")},
-    }
-
-    def search(scope: RowScope, items: list[ECOItem]) -> dict:
-        """One ZO search of the strength with the rows of `scope`; returns what it found."""
-        attempt: dict = {"scope": scope.value}
-        if clean <= target:
-            sigma, attempt["note"] = 0.0, "the clean model is already at or below the target"
-        elif space is None:
-            sigma, attempt["note"] = 1.0, f"{cfg.kind.value} on all dimensions has no strength to tune"
-        else:
-            to_sigma = space["to_sigma"]
-            result = zo_solve(
-                lambda u: metric(corruption_at(scope, to_sigma(u)), items),
-                target,
-                space["x0"],
-                space["lo"],
-                space["hi"],
-                space["eps"],
-                cfg.iterations,
-                space["max_step"],
-                min_eps=space["min_eps"],
-                tol=cfg.rel_tol * target,
-                progress=progress,
-                desc=f"eco zo ({cfg.kind.value}, {scope.value})",
-            )
-            sigma = to_sigma(result.x)
-            attempt.update(
-                {
-                    "evaluations": result.evaluations,
-                    "best_distance": result.fx,
-                    "history": [
-                        {**h, "sigma_plus": to_sigma(h["x_plus"]), "sigma_minus": to_sigma(h["x_minus"])}
-                        for h in result.history
-                    ],
-                    "final": {"sigma": to_sigma(result.final[0]), "m": result.final[1]} if result.final else None,
-                }
-            )
-        attempt["sigma"] = sigma
-        attempt["achieved_tune"] = metric(corruption_at(scope, sigma), items)
-        return attempt
-
-    attempts = [(first_scope, tune, search(first_scope, tune))]
-    if (
-        cfg.scope is None
-        and abs(attempts[0][2]["achieved_tune"] - target) > tolerance
-        and attempts[0][2]["achieved_tune"] > target
-        and tuning["modes"]["entity"]
-    ):
-        # Corrupting the name alone left the answer too likely: the rest of the question gives it
-        # away. Tune again over the whole question and keep whichever lands closer to the target.
-        log.info(
-            "ECO %s: entity rows reach %.4f only (target %.4f); tuning over the whole prompt",
-            request.id,
-            attempts[0][2]["achieved_tune"],
-            target,
-        )
-        whole = prepared(tune_qas, RowScope.prompt)
-        attempts.append((RowScope.prompt, whole, search(RowScope.prompt, whole)))
-    scope, tune, chosen = min(attempts, key=lambda a: abs(a[2]["achieved_tune"] - target))
-    tuning["attempts"] = [a[2] for a in attempts]
-    tuning.update({k: chosen[k] for k in ("history", "final", "evaluations", "best_distance", "note") if k in chosen})
-    sigma, achieved_tune = chosen["sigma"], chosen["achieved_tune"]
-    corruption = corruption_at(scope, sigma)
-    evals = prepared(eval_qas, scope)
-    clean_eval, achieved_eval = metric(corruption_at(scope, 0.0), evals), metric(corruption, evals)
-    reached = clean <= target or abs(achieved_tune - target) <= tolerance
-
-    flu_items = tune[: cfg.fluency_n]
-    by_id = {id(p.item): p for p in flu_items}
-
-    def embeds_of(item: EncodedQA) -> torch.Tensor:
-        p = by_id[id(item)]
-        ids = torch.tensor(item.prompt_ids, device=dev)
-        raw = model.get_input_embeddings()(ids).to(serve_dtype)
-        return corrupt(raw, p.rows, corruption, p.seed).to(emb.dtype)
-
-    fluency = fluency_report(
-        model,
-        tokenizer,
-        [p.item for p in flu_items],
-        embeds_of,
-        cfg.fluency_tokens,
-        cfg.max_ppl,
-        cfg.max_non_ascii,
-        cfg.max_repetition,
+    job = ECOJob(
+        request,
+        artifact_dir,
+        model_path,
+        preset,
+        device,
         progress,
+        overrides,
+        surrogate_model_path=surrogate_model_path,
+        wrong_answers=wrong_answers,
     )
-    cost = job.cost(metric_evaluations=len(cache))
-    tuning.update(
-        {
-            "achieved_tune": achieved_tune,
-            "clean_eval": clean_eval,
-            "tolerance": tolerance,
-            "cost": cost,
-            "preset": cfg.model_dump(mode="json"),
-        }
-    )
-    artifact = ECOArtifact(
-        corruption=corruption,
-        seed=cfg.seed,
-        entities=entities,
-        target=target,
-        target_source=source,
-        clean_value=clean,
-        achieved=achieved_eval,
-        reached=reached,
-        fluency=fluency,
-        tuning=tuning,
-    )
-    artifact.write(artifact_dir)
-    summary = {
-        "method": "eco",
-        "kind": cfg.kind.value,
-        "dims": cfg.dims.value,
-        "scope": scope.value,
-        "sigma": sigma,
-        "target": target,
-        "target_source": source,
-        "clean_tune": clean,
-        "achieved_tune": achieved_tune,
-        "clean_eval": clean_eval,
-        "achieved_eval": achieved_eval,
-        "reached": reached,
-        "fluent": fluency["fluent"],
-        "fluency_ppl": fluency["intervened"]["ppl"],
-        "clean_ppl": fluency["clean"]["ppl"],
-        **cost,
-    }
-    log.info(
-        "ECO %s: %s rows, sigma=%.4g, P %.4f -> %.4f (target %.4f), fluent=%s, %.0fs",
-        request.id,
-        scope.value,
-        sigma,
-        clean_eval,
-        achieved_eval,
-        target,
-        fluency["fluent"],
-        cost["wall_seconds"],
-    )
-    return summary
+    return job.run()
 
 
 def perturbed_from_options(request: ForgetRequest) -> dict[str, list[str]] | None:

@@ -6,17 +6,19 @@ Continual requests must not undo each other, so the loss adds O-LoRA's orthogona
 lambda * sum_k sum_modules ||A_k^T A_t||_F^2 between this adapter's down-projections A_t and
 every earlier adapter's A_k (PEFT stores A as [r, in], so the product is A_k A_t^T, [r_k, r_t]).
 Only the linear projections are adapted (`PEFT_TARGET_MODULES`, see engine.base on vLLM #51122).
-The loop is the shared `Trainer`.
+The loop is the shared `Trainer`, the steps the per-request template (`O3Job`, a `RequestJob`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import random
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from pydantic import BaseModel, Field
@@ -26,13 +28,19 @@ from unlearnd.data.qa import subsample
 from unlearnd.domain import ForgetRequest, ForgetSpec, Method, Status
 from unlearnd.engine.base import PEFT_TARGET_MODULES
 from unlearnd.interventions.lora import LoRAArtifact, check_adapter, scale_folder_name
-from unlearnd.prompting import stop_ids
 from unlearnd.registry import Registry
-from unlearnd.train.data import EncodedQA, collate, encode_qa, pad_id_of, refusal_for
-from unlearnd.train.job import JobContext, default_preset, start_job
+from unlearnd.train.data import EncodedQA, collate, pad_id_of
+from unlearnd.train.job import (
+    JobContext,
+    TrainedRequestJob,
+    answer_items,
+    answered,
+    default_preset,
+    greedy_samples,
+    refusal_items,
+)
 from unlearnd.train.objectives import TrainingObjective, register_objective
-from unlearnd.train.scoring import answer_probability, greedy_generate, mean, target_logits
-from unlearnd.train.trainer import TrainConfig, Trainer
+from unlearnd.train.scoring import answer_probability, mean, target_logits
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +197,161 @@ def save_adapter(model, target: Path) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+class O3Job(TrainedRequestJob[LoRAPreset]):
+    """O3's steps of the request template: relabel the forget set, train a LoRA orthogonal to the
+    earlier adapters, score with the adapter off and on, write `lora/` (+ scaled copies), `lora.json`."""
+
+    presets = PRESETS
+
+    def __init__(self, *args: Any, prior_adapters: list[Path] | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.prior_folders = [Path(p) for p in (prior_adapters or [])]
+
+    def prepare(self) -> None:
+        """The relabelled forget set, the scored subsets, and a fresh LoRA on the frozen model."""
+        from peft import LoraConfig, get_peft_model
+
+        cfg, tokenizer = self.cfg, self.tokenizer
+        self.artifact_dir.mkdir(parents=True, exist_ok=True)
+        self.pad_id = pad_id_of(tokenizer)
+        forget_qas = ForgetSpec.as_qa(self.request.spec.forget)
+        retain_qas = ForgetSpec.as_qa(self.request.spec.retain)
+        self.items = refusal_items(tokenizer, forget_qas, cfg.max_len)
+        self.eval_forget = answer_items(
+            tokenizer, subsample(answered(forget_qas), cfg.n_eval, cfg.seed + 1), cfg.max_len
+        )
+        self.eval_retain = answer_items(
+            tokenizer, subsample(answered(retain_qas), cfg.n_eval, cfg.seed + 1), cfg.max_len
+        )
+        self.eval_refusals = self.items[: max(cfg.n_eval or len(self.items), 1)]
+        torch.manual_seed(cfg.seed)
+        alpha = int(cfg.lora_alpha) if float(cfg.lora_alpha).is_integer() else cfg.lora_alpha  # "16", not "16.0"
+        lora_config = LoraConfig(
+            r=cfg.rank,
+            lora_alpha=alpha,
+            lora_dropout=0.0,
+            target_modules=list(PEFT_TARGET_MODULES),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        self.trainable = get_peft_model(self.model, lora_config)
+        self.objective = O3LoRAMethod(load_prior_adapters(self.prior_folders), cfg.orth_lambda)
+
+    def score(self, before: bool) -> dict[str, Any]:
+        """Answer probabilities with the adapter off (before) or on (after), the refusal loss and the
+        orthogonality penalty."""
+        with torch.no_grad():
+            orth = float(orthogonality_penalty(current_a_matrices(self.trainable), self.objective.prior))
+        which = "base" if before else "adapter"
+        return {
+            "forget_prob": self.adapter_probability(self.eval_forget, not before, f"forget P, {which}"),
+            "retain_prob": self.adapter_probability(self.eval_retain, not before, f"retain P, {which}"),
+            "refusal_loss": self.refusal_loss(),
+            "orth_penalty": orth,
+        }
+
+    def adapter_probability(self, items: list[EncodedQA], adapter: bool, desc: str) -> float | None:
+        """Mean answer probability of `items` with the adapter on or off (None when there are none)."""
+        if not items:
+            return None
+        with contextlib.nullcontext() if adapter else self.trainable.disable_adapter():
+            probs = answer_probability(
+                self.trainable, self.tokenizer, items, self.cfg.batch_size, progress=self.progress, desc=desc
+            )
+        return mean(probs)
+
+    def refusal_loss(self) -> float:
+        batch = {k: v.to(self.device) for k, v in collate(self.eval_refusals, self.pad_id).items()}
+        with torch.no_grad():
+            return float(self.objective.loss(self.trainable, batch)[1]["forget"])
+
+    def batches(self) -> list[dict]:
+        return make_batches(self.items, self.cfg.batch_size, self.pad_id, self.cfg.seed, self.device)
+
+    def samples(self) -> list[dict[str, str]]:
+        model = self.trainable
+
+        def embeds_of(item: EncodedQA) -> torch.Tensor:
+            return model.get_input_embeddings()(torch.tensor(item.prompt_ids, device=self.device))
+
+        n, tokens = self.cfg.n_samples, self.cfg.sample_tokens
+        return greedy_samples(model, self.tokenizer, self.eval_forget[:n], embeds_of, tokens)
+
+    def write_adapters(self) -> dict[str, str]:
+        """The adapter at scale 1.0 and its pre-scaled copies; their folder names by scale."""
+        cfg = self.cfg
+        main_folder = save_adapter(self.trainable, self.artifact_dir / scale_folder_name(1.0))
+        folders = {"1.0": main_folder.name}
+        for scale in sorted(set(cfg.scales) - {1.0}):
+            target = self.artifact_dir / scale_folder_name(scale)
+            folders[f"{scale:g}"] = write_scaled_copy(main_folder, target, scale).name
+        if 1.0 not in cfg.scales:
+            log.info("O3: scale 1.0 is always written; requested scales %s", cfg.scales)
+        return folders
+
+    def write_artifact(self) -> None:
+        cfg = self.cfg
+        try:
+            previous = LoRAArtifact.read(self.artifact_dir)
+        except FileNotFoundError:
+            previous = None
+        self.version = previous.version + 1 if previous else 1  # a new name, so vLLM never serves a stale cache
+        folders = self.write_adapters()
+        LoRAArtifact(
+            version=self.version,
+            threshold=cfg.threshold,
+            folders=folders,
+            rank=cfg.rank,
+            lora_alpha=cfg.lora_alpha,
+            target_modules=sorted(PEFT_TARGET_MODULES),
+            prior_adapters=[str(p) for p in self.prior_folders],
+            training={
+                "method": self.objective.name,
+                "preset": cfg.model_dump(mode="json"),
+                "losses": self.result.losses,
+                "n_forget": len(self.items),
+                "cost": self.cost,
+            },
+            evaluation={
+                "before": self.before,
+                "after": self.after,
+                "n_eval_forget": len(self.eval_forget),
+                "n_eval_retain": len(self.eval_retain),
+                "samples": self.outputs,
+            },
+        ).write(self.artifact_dir)
+
+    def report(self) -> dict[str, Any]:
+        before, after = self.before, self.after
+        summary = {
+            "method": "lora",
+            "version": self.version,
+            "rank": self.cfg.rank,
+            "steps": self.cfg.steps,
+            "prior_adapters": len(self.prior_folders),
+            "orth_penalty_init": before["orth_penalty"],
+            "orth_penalty": after["orth_penalty"],
+            "forget_prob_before": before["forget_prob"],
+            "forget_prob_after": after["forget_prob"],
+            "retain_prob_before": before["retain_prob"],
+            "retain_prob_after": after["retain_prob"],
+            "refusal_loss_before": before["refusal_loss"],
+            "refusal_loss_after": after["refusal_loss"],
+            **self.cost,
+        }
+        log.info(
+            "O3 %s: forget P %.4f -> %.4f, refusal loss %.3f -> %.3f, orth %.3g, %.0fs",
+            self.request.id,
+            before["forget_prob"] or math.nan,
+            after["forget_prob"] or math.nan,
+            before["refusal_loss"],
+            after["refusal_loss"],
+            after["orth_penalty"],
+            self.cost["wall_seconds"],
+        )
+        return summary
+
+
 def train_lora(
     request: ForgetRequest,
     artifact_dir: Path,
@@ -200,153 +363,8 @@ def train_lora(
     overrides: dict | None = None,
 ) -> dict:
     """Train this request's O3 LoRA; writes `lora/` (+ pre-scaled copies) and `lora.json`."""
-    from peft import LoraConfig, get_peft_model
-
-    job = start_job(PRESETS, preset, request, model_path, device, overrides)
-    cfg, dev, base, tokenizer = job.cfg, job.device, job.model, job.tokenizer
-    artifact_dir = Path(artifact_dir)
-    artifact_dir.mkdir(parents=True, exist_ok=True)
-    pad_id = pad_id_of(tokenizer)
-    forget_qas = ForgetSpec.as_qa(request.spec.forget)
-    items = [
-        encode_qa(tokenizer, qa.question, refusal_for(i), cfg.max_len, end_of_turn=True)
-        for i, qa in enumerate(forget_qas)
-    ]
-    eval_forget = [
-        encode_qa(tokenizer, qa.question, qa.answer, cfg.max_len, end_of_turn=False)
-        for qa in subsample([qa for qa in forget_qas if qa.answer], cfg.n_eval, cfg.seed + 1)
-    ]
-    eval_retain = [
-        encode_qa(tokenizer, qa.question, qa.answer, cfg.max_len, end_of_turn=False)
-        for qa in subsample([qa for qa in ForgetSpec.as_qa(request.spec.retain) if qa.answer], cfg.n_eval, cfg.seed + 1)
-    ]
-    eval_refusals = items[: max(cfg.n_eval or len(items), 1)]
-
-    torch.manual_seed(cfg.seed)
-    alpha = int(cfg.lora_alpha) if float(cfg.lora_alpha).is_integer() else cfg.lora_alpha  # "16", not "16.0"
-    lora_config = LoraConfig(
-        r=cfg.rank,
-        lora_alpha=alpha,
-        lora_dropout=0.0,
-        target_modules=list(PEFT_TARGET_MODULES),
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(base, lora_config)
-    prior_folders = [Path(p) for p in (prior_adapters or [])]
-    prior = load_prior_adapters(prior_folders)
-    method = O3LoRAMethod(prior, cfg.orth_lambda)
-
-    def score(items_: list[EncodedQA], adapter: bool, desc: str) -> float | None:
-        if not items_:
-            return None
-        if adapter:
-            return mean(answer_probability(model, tokenizer, items_, cfg.batch_size, progress=progress, desc=desc))
-        with model.disable_adapter():
-            return mean(answer_probability(model, tokenizer, items_, cfg.batch_size, progress=progress, desc=desc))
-
-    def refusal_loss() -> float:
-        batch = {k: v.to(dev) for k, v in collate(eval_refusals, pad_id).items()}
-        with torch.no_grad():
-            return float(method.loss(model, batch)[1]["forget"])
-
-    with torch.no_grad():
-        orth_init = float(orthogonality_penalty(current_a_matrices(model), prior))
-    before = {
-        "forget_prob": score(eval_forget, False, "forget P, base"),
-        "retain_prob": score(eval_retain, False, "retain P, base"),
-        "refusal_loss": refusal_loss(),
-        "orth_penalty": orth_init,
-    }
-    batches = make_batches(items, cfg.batch_size, pad_id, cfg.seed, dev)
-    train_cfg = TrainConfig(
-        steps=cfg.steps,
-        learning_rate=cfg.learning_rate,
-        warmup_steps=cfg.warmup_steps,
-        seed=cfg.seed,
-        progress=progress,
-    )
-    result = Trainer(method, train_cfg).fit(model, batches)
-    with torch.no_grad():
-        orth_final = float(orthogonality_penalty(current_a_matrices(model), method.prior))
-    after = {
-        "forget_prob": score(eval_forget, True, "forget P, adapter"),
-        "retain_prob": score(eval_retain, True, "retain P, adapter"),
-        "refusal_loss": refusal_loss(),
-        "orth_penalty": orth_final,
-    }
-    samples = []
-    eos = stop_ids(tokenizer)
-    with torch.no_grad():
-        for item in eval_forget[: cfg.n_samples]:
-            emb = model.get_input_embeddings()(torch.tensor(item.prompt_ids, device=dev))
-            gen = greedy_generate(model, emb, cfg.sample_tokens, eos)
-            samples.append({"question": item.question, "output": tokenizer.decode(gen, skip_special_tokens=True)})
-
-    previous = None
-    try:
-        previous = LoRAArtifact.read(artifact_dir)
-    except FileNotFoundError:
-        pass
-    version = previous.version + 1 if previous else 1  # a new name, so vLLM never serves a stale cache
-    main_folder = save_adapter(model, artifact_dir / scale_folder_name(1.0))
-    folders = {"1.0": main_folder.name}
-    for scale in sorted(set(cfg.scales) - {1.0}):
-        folders[f"{scale:g}"] = write_scaled_copy(main_folder, artifact_dir / scale_folder_name(scale), scale).name
-    if 1.0 not in cfg.scales:
-        log.info("O3: scale 1.0 is always written; requested scales %s", cfg.scales)
-    cost = job.cost(train_wall_seconds=result.wall_seconds, train_cpu_seconds=result.cpu_seconds)
-    artifact = LoRAArtifact(
-        version=version,
-        threshold=cfg.threshold,
-        folders=folders,
-        rank=cfg.rank,
-        lora_alpha=cfg.lora_alpha,
-        target_modules=sorted(PEFT_TARGET_MODULES),
-        prior_adapters=[str(p) for p in prior_folders],
-        training={
-            "method": method.name,
-            "preset": cfg.model_dump(mode="json"),
-            "losses": result.losses,
-            "n_forget": len(items),
-            "cost": cost,
-        },
-        evaluation={
-            "before": before,
-            "after": after,
-            "n_eval_forget": len(eval_forget),
-            "n_eval_retain": len(eval_retain),
-            "samples": samples,
-        },
-    )
-    artifact.write(artifact_dir)
-    summary = {
-        "method": "lora",
-        "version": version,
-        "rank": cfg.rank,
-        "steps": cfg.steps,
-        "prior_adapters": len(prior_folders),
-        "orth_penalty_init": orth_init,
-        "orth_penalty": orth_final,
-        "forget_prob_before": before["forget_prob"],
-        "forget_prob_after": after["forget_prob"],
-        "retain_prob_before": before["retain_prob"],
-        "retain_prob_after": after["retain_prob"],
-        "refusal_loss_before": before["refusal_loss"],
-        "refusal_loss_after": after["refusal_loss"],
-        **cost,
-    }
-    log.info(
-        "O3 %s: forget P %.4f -> %.4f, refusal loss %.3f -> %.3f, orth %.3g, %.0fs",
-        request.id,
-        before["forget_prob"] or math.nan,
-        after["forget_prob"] or math.nan,
-        before["refusal_loss"],
-        after["refusal_loss"],
-        orth_final,
-        cost["wall_seconds"],
-    )
-    return summary
+    job = O3Job(request, artifact_dir, model_path, preset, device, progress, overrides, prior_adapters=prior_adapters)
+    return job.run()
 
 
 def lora_job(request: ForgetRequest, artifact_dir: Path, ctx: JobContext) -> dict:

@@ -4,9 +4,10 @@ Loss (SPUL): L = L_forget + alpha * L_retain + beta * KL(original || prompted), 
 the cross-entropy of a non-answer ("I don't know"-style) to each forget question, L_retain the
 cross-entropy of the true answers to retain questions, and the KL keeps the prompted model's
 next-token distributions on the retain answers close to the original model's. Only the soft
-prompt trains; the loop is the shared `Trainer`. The soft prompt starts from the embeddings of
-the system-prompt baseline's instruction for the request's entities (prompt tuning's text
-initialisation), so step 0 is already a sensible "forget these" prompt.
+prompt trains; the loop is the shared `Trainer`, the steps the per-request template (`SPULJob`).
+The soft prompt starts from the embeddings of the system-prompt baseline's instruction for the
+request's entities (prompt tuning's text initialisation), so step 0 is already a sensible "forget
+these" prompt.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import math
 import random
 from pathlib import Path
+from typing import Any
 
 import torch
 from pydantic import BaseModel
@@ -23,12 +25,18 @@ from unlearnd.data.qa import subsample
 from unlearnd.domain import ForgetRequest, ForgetSpec
 from unlearnd.interventions.guardrails import forget_instruction
 from unlearnd.interventions.soft_prompt import SoftPromptConfig, save_soft_prompt
-from unlearnd.prompting import stop_ids
-from unlearnd.train.data import EncodedQA, collate, encode_qa, pad_id_of, refusal_for
-from unlearnd.train.job import JobContext, default_preset, start_job
+from unlearnd.train.data import EncodedQA, collate, pad_id_of
+from unlearnd.train.job import (
+    JobContext,
+    TrainedRequestJob,
+    answer_items,
+    answered,
+    default_preset,
+    greedy_samples,
+    refusal_items,
+)
 from unlearnd.train.objectives import TrainingObjective, register_objective
-from unlearnd.train.scoring import answer_probability, greedy_generate, mean, target_logits
-from unlearnd.train.trainer import TrainConfig, Trainer
+from unlearnd.train.scoring import answer_probability, mean, target_logits
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +179,131 @@ def prompted_fn(model: SoftPromptModel, with_prompt: bool):
     return lambda batch, items: model.embeds(batch, with_prompt=with_prompt)
 
 
+class SPULJob(TrainedRequestJob[SoftPromptPreset]):
+    """SPUL's steps of the request template: relabel the forget set, train the soft prompt (text
+    initialised) with the LLM frozen, score without / with it, write soft_prompt.safetensors + .json."""
+
+    presets = PRESETS
+
+    def prepare(self) -> None:
+        """The relabelled forget set, the retain set, the scored subsets and the initial prompt."""
+        cfg, tokenizer = self.cfg, self.tokenizer
+        self.pad_id = pad_id_of(tokenizer)
+        forget_qas = ForgetSpec.as_qa(self.request.spec.forget)
+        retain_qas = answered(ForgetSpec.as_qa(self.request.spec.retain))
+        if not retain_qas:
+            log.warning("SPUL %s: no retain QAs with answers; training on L_forget only", self.request.id)
+        retain_qas = subsample(retain_qas, cfg.n_retain, cfg.seed)
+        self.forget_items = refusal_items(tokenizer, forget_qas, cfg.max_len)
+        self.retain_items = answer_items(tokenizer, retain_qas, cfg.max_len, end_of_turn=True)
+        instruction = forget_instruction(self.request.spec.entities)
+        init = text_init(self.model.get_input_embeddings(), tokenizer, instruction, cfg.n_tokens)
+        self.trainable = SoftPromptModel(self.model, init).to(self.device)
+        self.eval_forget = answer_items(
+            tokenizer, subsample(answered(forget_qas), cfg.n_eval, cfg.seed + 1), cfg.max_len
+        )
+        self.eval_retain = answer_items(tokenizer, subsample(retain_qas, cfg.n_eval, cfg.seed + 1), cfg.max_len)
+        self.objective = SPULMethod(cfg.alpha, cfg.beta)
+        self.eval_refusals = self.forget_items[: max(cfg.n_eval or len(self.forget_items), 1)]
+        self.forget_loss: dict[str, float] = {}
+
+    def score(self, before: bool) -> dict[str, Any]:
+        """L_forget on the refusals and answer probabilities without (before) or with the prompt; before
+        also scores the initial prompt."""
+        when = "before" if before else "after"
+        batch = {k: v.to(self.device) for k, v in collate(self.eval_refusals, self.pad_id).items()}
+        with torch.no_grad():
+            self.forget_loss[when] = float(self.objective.forget_loss(self.trainable, batch))
+        if not before:
+            return {
+                "forget_prob": self.probability(self.eval_forget, True, "forget P, prompt"),
+                "retain_prob": self.probability(self.eval_retain, True, "retain P, prompt"),
+            }
+        return {
+            "forget_prob": self.probability(self.eval_forget, False, "forget P, no prompt"),
+            "retain_prob": self.probability(self.eval_retain, False, "retain P, no prompt"),
+            "forget_prob_init": self.probability(self.eval_forget, True, "forget P, init prompt"),
+        }
+
+    def probability(self, items: list[EncodedQA], with_prompt: bool, desc: str) -> float | None:
+        """Mean answer probability of `items` with or without the prompt (None when there are none)."""
+        if not items:
+            return None
+        embed_fn = prompted_fn(self.trainable, with_prompt)
+        batch_size = self.cfg.batch_forget * 2
+        return mean(
+            answer_probability(
+                self.model, self.tokenizer, items, batch_size, embed_fn=embed_fn, progress=self.progress, desc=desc
+            )
+        )
+
+    def batches(self) -> list[dict]:
+        return make_batches(self.forget_items, self.retain_items, self.cfg, self.pad_id, self.device)
+
+    def samples(self) -> list[dict[str, str]]:
+        llm, prompt = self.model, self.trainable.prompt
+
+        def embeds_of(item: EncodedQA) -> torch.Tensor:
+            ids = torch.tensor(item.prompt_ids, device=self.device)
+            return torch.cat([prompt, llm.get_input_embeddings()(ids)], dim=0)
+
+        n, tokens = self.cfg.n_samples, self.cfg.sample_tokens
+        return greedy_samples(llm, self.tokenizer, self.eval_forget[:n], embeds_of, tokens)
+
+    def write_artifact(self) -> None:
+        cfg, cost = self.cfg, self.cost
+        evaluation = {
+            "before": self.before,
+            "after": self.after,
+            "forget_loss_before": self.forget_loss["before"],
+            "forget_loss_after": self.forget_loss["after"],
+            "n_eval_forget": len(self.eval_forget),
+            "n_eval_retain": len(self.eval_retain),
+            "samples": self.outputs,
+        }
+        config = SoftPromptConfig(
+            n_tokens=cfg.n_tokens,
+            hidden_size=int(self.trainable.prompt.shape[1]),
+            position="start",
+            model=str(self.model_path),
+            training={
+                "method": self.objective.name,
+                "preset": cfg.model_dump(mode="json"),
+                "losses": self.result.losses,
+                "n_forget": len(self.forget_items),
+                "n_retain": len(self.retain_items),
+                "cost": cost,
+            },
+            evaluation=evaluation,
+        )
+        save_soft_prompt(self.artifact_dir, self.trainable.prompt.detach().cpu(), config)
+
+    def report(self) -> dict[str, Any]:
+        before, after, losses = self.before, self.after, self.forget_loss
+        summary = {
+            "method": "soft_prompt",
+            "n_tokens": self.cfg.n_tokens,
+            "steps": self.cfg.steps,
+            "forget_loss_before": losses["before"],
+            "forget_loss_after": losses["after"],
+            "forget_prob_before": before["forget_prob"],
+            "forget_prob_after": after["forget_prob"],
+            "retain_prob_before": before["retain_prob"],
+            "retain_prob_after": after["retain_prob"],
+            **self.cost,
+        }
+        log.info(
+            "SPUL %s: L_forget %.3f -> %.3f, forget P %.4f -> %.4f, %.0fs",
+            self.request.id,
+            losses["before"],
+            losses["after"],
+            before["forget_prob"] or math.nan,
+            after["forget_prob"] or math.nan,
+            self.cost["wall_seconds"],
+        )
+        return summary
+
+
 def train_soft_prompt(
     request: ForgetRequest,
     artifact_dir: Path,
@@ -181,130 +314,7 @@ def train_soft_prompt(
     overrides: dict | None = None,
 ) -> dict:
     """Train SPUL's soft prompt for `request`; writes soft_prompt.safetensors + soft_prompt.json."""
-    job = start_job(PRESETS, preset, request, model_path, device, overrides)
-    cfg, dev, llm, tokenizer = job.cfg, job.device, job.model, job.tokenizer
-    pad_id = pad_id_of(tokenizer)
-    forget_qas = ForgetSpec.as_qa(request.spec.forget)
-    retain_qas = [qa for qa in ForgetSpec.as_qa(request.spec.retain) if qa.answer]
-    if not retain_qas:
-        log.warning("SPUL %s: no retain QAs with answers; training on L_forget only", request.id)
-    retain_qas = subsample(retain_qas, cfg.n_retain, cfg.seed)
-    forget_items = [
-        encode_qa(tokenizer, qa.question, refusal_for(i), cfg.max_len, end_of_turn=True)
-        for i, qa in enumerate(forget_qas)
-    ]
-    retain_items = [encode_qa(tokenizer, qa.question, qa.answer, cfg.max_len, end_of_turn=True) for qa in retain_qas]
-
-    init = text_init(llm.get_input_embeddings(), tokenizer, forget_instruction(request.spec.entities), cfg.n_tokens)
-    model = SoftPromptModel(llm, init).to(dev)
-
-    eval_forget = [
-        encode_qa(tokenizer, qa.question, qa.answer, cfg.max_len, end_of_turn=False)
-        for qa in subsample([qa for qa in forget_qas if qa.answer], cfg.n_eval, cfg.seed + 1)
-    ]
-    eval_retain = [
-        encode_qa(tokenizer, qa.question, qa.answer, cfg.max_len, end_of_turn=False)
-        for qa in subsample(retain_qas, cfg.n_eval, cfg.seed + 1)
-    ]
-
-    def score(items: list[EncodedQA], with_prompt: bool, desc: str) -> float | None:
-        if not items:
-            return None
-        return mean(
-            answer_probability(
-                llm,
-                tokenizer,
-                items,
-                cfg.batch_forget * 2,
-                embed_fn=prompted_fn(model, with_prompt),
-                progress=progress,
-                desc=desc,
-            )
-        )
-
-    method = SPULMethod(cfg.alpha, cfg.beta)
-    eval_refusals = forget_items[: max(cfg.n_eval or len(forget_items), 1)]
-    with torch.no_grad():
-        lf_before = float(method.forget_loss(model, {k: v.to(dev) for k, v in collate(eval_refusals, pad_id).items()}))
-    before = {
-        "forget_prob": score(eval_forget, False, "forget P, no prompt"),
-        "retain_prob": score(eval_retain, False, "retain P, no prompt"),
-        "forget_prob_init": score(eval_forget, True, "forget P, init prompt"),
-    }
-
-    batches = make_batches(forget_items, retain_items, cfg, pad_id, dev)
-    train_cfg = TrainConfig(
-        steps=cfg.steps,
-        learning_rate=cfg.learning_rate,
-        warmup_steps=cfg.warmup_steps,
-        seed=cfg.seed,
-        progress=progress,
-    )
-    result = Trainer(method, train_cfg).fit(model, batches)
-
-    with torch.no_grad():
-        lf_after = float(method.forget_loss(model, {k: v.to(dev) for k, v in collate(eval_refusals, pad_id).items()}))
-    after = {
-        "forget_prob": score(eval_forget, True, "forget P, prompt"),
-        "retain_prob": score(eval_retain, True, "retain P, prompt"),
-    }
-    samples = []
-    eos = stop_ids(tokenizer)
-    with torch.no_grad():
-        for item in eval_forget[: cfg.n_samples]:
-            ids = torch.tensor(item.prompt_ids, device=dev)
-            emb = torch.cat([model.prompt, llm.get_input_embeddings()(ids)], dim=0)
-            gen = greedy_generate(llm, emb, cfg.sample_tokens, eos)
-            samples.append({"question": item.question, "output": tokenizer.decode(gen, skip_special_tokens=True)})
-
-    cost = job.cost(train_wall_seconds=result.wall_seconds, train_cpu_seconds=result.cpu_seconds)
-    evaluation = {
-        "before": before,
-        "after": after,
-        "forget_loss_before": lf_before,
-        "forget_loss_after": lf_after,
-        "n_eval_forget": len(eval_forget),
-        "n_eval_retain": len(eval_retain),
-        "samples": samples,
-    }
-    config = SoftPromptConfig(
-        n_tokens=cfg.n_tokens,
-        hidden_size=int(model.prompt.shape[1]),
-        position="start",
-        model=str(model_path),
-        training={
-            "method": method.name,
-            "preset": cfg.model_dump(mode="json"),
-            "losses": result.losses,
-            "n_forget": len(forget_items),
-            "n_retain": len(retain_items),
-            "cost": cost,
-        },
-        evaluation=evaluation,
-    )
-    save_soft_prompt(Path(artifact_dir), model.prompt.detach().cpu(), config)
-    summary = {
-        "method": "soft_prompt",
-        "n_tokens": cfg.n_tokens,
-        "steps": cfg.steps,
-        "forget_loss_before": lf_before,
-        "forget_loss_after": lf_after,
-        "forget_prob_before": before["forget_prob"],
-        "forget_prob_after": after["forget_prob"],
-        "retain_prob_before": before["retain_prob"],
-        "retain_prob_after": after["retain_prob"],
-        **cost,
-    }
-    log.info(
-        "SPUL %s: L_forget %.3f -> %.3f, forget P %.4f -> %.4f, %.0fs",
-        request.id,
-        lf_before,
-        lf_after,
-        before["forget_prob"] or math.nan,
-        after["forget_prob"] or math.nan,
-        cost["wall_seconds"],
-    )
-    return summary
+    return SPULJob(request, artifact_dir, model_path, preset, device, progress, overrides).run()
 
 
 def soft_prompt_job(request: ForgetRequest, artifact_dir: Path, ctx: JobContext) -> dict:
