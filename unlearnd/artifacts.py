@@ -58,7 +58,12 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 def _jsonable(value: Any) -> Any:
     """numpy scalars as Python numbers; anything else JSON cannot hold (paths, ...) as text."""
     item = getattr(value, "item", None)
-    return item() if callable(item) else str(value)
+    if callable(item):
+        try:
+            return item()
+        except (TypeError, ValueError):  # an array of more than one element: kept as text, as before
+            pass
+    return str(value)
 
 
 def write_json_atomic(path: str | Path, payload: Any, indent: int | None = 1) -> Path:

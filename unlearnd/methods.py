@@ -6,7 +6,7 @@ Adding a method is one entry here, one `Intervention` module in `unlearnd.interv
 side) and, when it trains anything, one job in `unlearnd.train` (offline side); nothing else.
 
 Classes and jobs are named by import path and loaded on first use, so this module imports nothing
-of unlearnd (the domain types in `spec` build their `Method` enum from it) and the server never
+of unlearnd (the domain types in `domain` build their `Method` enum from it) and the server never
 imports training code.
 """
 

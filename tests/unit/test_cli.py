@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from typer.testing import CliRunner
@@ -55,6 +56,31 @@ def test_requests_add_list_show_remove(tmp_path):
     assert removed.exit_code == 0 and Registry(data).get(request_id).status == Status.inactive
     missing = runner.invoke(app, ["requests", "show", "fr-nope", "--data-dir", data])
     assert missing.exit_code == 1 and "not found" in missing.output
+
+
+def test_train_job_runs_the_methods_own_job_from_the_table(tmp_path, monkeypatch):
+    """`unlearnd train job` needs no command of its own per method: the method table names the job."""
+    from unlearnd import methods
+    from unlearnd.domain import ForgetSpec
+
+    data = tmp_path / "data"
+    registry = Registry(data)
+    refuse = registry.add(ForgetSpec(name="Jane Roe", method="refuse", forget=["Who is Jane Roe?"])).id
+    eco = registry.add(ForgetSpec(name="John Doe", method="eco", forget=["Who is John Doe?"])).id
+    ran = []
+
+    def fake_job(request, artifact_dir, ctx):
+        ran.append((request.id, artifact_dir, ctx.model))
+        return {"trained": request.name}
+
+    monkeypatch.setitem(methods.METHODS, "eco", dataclasses.replace(methods.METHODS["eco"], job=fake_job))
+    model = "example-org/some-model"  # a hub id: passed on as it is, never loaded here
+    detector_only = runner.invoke(app, ["train", "job", "--request", refuse, "--data-dir", str(data)])
+    assert detector_only.exit_code == 0 and "detector only" in detector_only.output
+    trained = runner.invoke(app, ["train", "job", "--request", eco, "--data-dir", str(data), "--model", model])
+    assert trained.exit_code == 0, trained.output
+    assert json.loads(trained.output) == {"trained": "John Doe"}
+    assert ran == [(eco, registry.artifact_dir(eco), model)]
 
 
 def test_requests_add_rejects_bad_method(tmp_path):

@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 from tests.helpers import ADMIN, ScriptedEngine, app_settings, register_active
 from unlearnd.domain import ForgetRequest, ForgetSpec, QAExample
 from unlearnd.engine.base import ChoiceDelta, TokenLogprob
+from unlearnd.guardrail import prometheus
 from unlearnd.guardrail.output_guard import OutputGuard
 from unlearnd.interventions.guardrails import REFUSAL
 from unlearnd.server.app import create_app
@@ -154,6 +155,8 @@ def ask(client, **extra):
 
 def test_an_unflagged_prompt_whose_answer_gives_the_person_away_is_cut(server):
     client, engine, request_id = server()
+    blocked = prometheus.OUTPUT_BLOCKED.labels(route="none", reason="anchor")
+    before = blocked._value.get()  # the counters are process-wide: other tests' blocks count too
     response = ask(client, logprobs=True, top_logprobs=1)
     assert response.status_code == 200
     assert response.headers["x-unlearnd-route"] == "output_blocked"
@@ -163,7 +166,7 @@ def test_an_unflagged_prompt_whose_answer_gives_the_person_away_is_cut(server):
     assert all("Nakamura" not in lp["token"] for lp in choice["logprobs"]["content"])
     assert engine.aborted  # generation stopped
     metrics = client.get("/metrics", headers=ADMIN).text
-    assert 'unlearnd_output_blocked_total{reason="anchor",route="none"} 1.0' in metrics
+    assert f'unlearnd_output_blocked_total{{reason="anchor",route="none"}} {before + 1.0}' in metrics
 
 
 def test_a_stream_never_sends_what_it_withholds(server):

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from unlearnd.config import DEFAULT_MODEL
-from unlearnd.evaluation.report import save_figure, stamp_lines, write_report_files
+from unlearnd.evaluation.report import figure_or_none, save_figure, stamp_lines, write_report_files
 
 TARGETS = [
     (
@@ -63,7 +63,7 @@ def write_report(result: dict, out: Path, stamp: dict) -> Path:
     """`out`.json / .md / .png, with the run's stamp (`evaluation.report.run_stamp`, taken at its start)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {**result, **stamp}
-    plot = plot_latency(result, out.with_name(out.stem + ".png"))
+    plot = figure_or_none(plot_latency, result, out.with_name(out.stem + ".png"))
     return write_report_files(out.with_suffix(""), result, latency_markdown(result, plot)).markdown
 
 
@@ -107,7 +107,7 @@ def plot_latency(result: dict, plot: Path) -> Path:
     return plot
 
 
-def latency_markdown(result: dict, plot: Path) -> str:
+def latency_markdown(result: dict, plot: Path | None) -> str:
     """Targets, cells, the detector sweep and the profile, as markdown."""
     cells = result["cells"]
     lines = [
@@ -182,7 +182,7 @@ def latency_markdown(result: dict, plot: Path) -> str:
         lines += [f"| {name} | {100 * share:.1f}% |" for name, share in profile["components"].items()]
         lines += ["", "| hottest frame | share |", "|---|---|"]
         lines += [f"| `{row['frame']}` | {100 * row['share']:.1f}% |" for row in profile["top_frames"]]
-    lines += ["", f"![latency]({plot.name})", ""]
+    lines += ["", f"![latency]({plot.name})" if plot else "(the plot could not be drawn: see the log)", ""]
     if result.get("notes"):
         lines += ["## Notes", "", *result["notes"], ""]
     return "\n".join(lines)

@@ -1,6 +1,7 @@
 """`unlearnd train`: the offline jobs by hand.
 
-`detector`, `eco`, `soft-prompt` and `lora` write the same artifacts as the registry worker for a
+`detector`, `job` (the request's own method, from the method table), `eco`, `soft-prompt` and `lora`
+write the same artifacts as the registry worker for a
 registered request but leave its status alone (the worker owns that lifecycle); `reference` and
 `baseline` train the TOFU reference models and the finetuning baselines.
 """
@@ -66,6 +67,26 @@ def detector(
     _, record, artifact_dir = _load(request, data_dir)
     metrics = get_detector(detector).fit(record, artifact_dir)
     echo_json({"request": request, "detector": detector, "metrics": metrics})
+
+
+@app.command("job")
+def job(
+    request: str = REQUEST,
+    data_dir: Path | None = DATA_DIR,
+    model: str | None = MODEL,
+    dtype: str = typer.Option("auto", help="The serving engine's dtype (ECO tunes on what the server sends)."),
+) -> None:
+    """Run the request's method job (any method in the method table), as the worker does after fitting the
+    detector (`unlearnd train detector`); the report is printed, the request's status left alone."""
+    from unlearnd.methods import METHODS
+    from unlearnd.train.job import JobContext
+
+    registry, record, artifact_dir = _load(request, data_dir)
+    method_job = METHODS[record.method.value].job_function()
+    if method_job is None:
+        echo_json({"request": request, "method": record.method.value, "job": "none (detector only)"})
+        return
+    echo_json(method_job(record, artifact_dir, JobContext(registry, _model(model), dtype)))
 
 
 @app.command("eco")

@@ -606,6 +606,15 @@ def write_report_files(
     return ReportFiles(data=data, markdown=md, figures=list(figures))
 
 
+def figure_or_none(plot: Any, results: dict[str, Any], path: Path) -> Path | None:
+    """A figure that cannot be drawn costs the report its picture, never its data."""
+    try:
+        return plot(results, path)
+    except Exception:
+        log.warning("could not draw %s", path.name, exc_info=True)
+        return None
+
+
 def write_report(
     results: dict[str, Any], out_dir: str | Path, name: str, stamp: dict[str, Any], notes: list[str] | None = None
 ) -> dict[str, Path]:
@@ -614,8 +623,8 @@ def write_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = {**results, **stamp, "notes": [*results.get("notes", []), *(notes or [])]}
-    scatter = plot_scatter(results, out / f"{name}_scatter.png")
-    bars = plot_bars(results, out / f"{name}_bars.png")
+    scatter = figure_or_none(plot_scatter, results, out / f"{name}_scatter.png")
+    bars = figure_or_none(plot_bars, results, out / f"{name}_bars.png")
     plots = [p for p in (scatter, bars) if p is not None]
     files = write_report_files(out / name, results, markdown(results), plots)
     return {"json": files.data, "markdown": files.markdown, **{p.stem.rsplit("_", 1)[-1]: p for p in plots}}

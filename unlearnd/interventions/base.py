@@ -41,4 +41,4 @@ class Intervention(abc.ABC):
 
     @abc.abstractmethod
     def apply(self, call: GuardedCall, match: RequestMatch, ctx: PipelineContext) -> None:
-        """Rewrite `request` for the matched forget request (in place)."""
+        """Rewrite `call` for the matched forget request (in place)."""
