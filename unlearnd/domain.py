@@ -1,5 +1,8 @@
-"""Domain types: what a user registers (ForgetSpec) and what the registry keeps (ForgetRequest).
+"""The domain: what a user registers (ForgetSpec), what the registry keeps (ForgetRequest), and the
+question-answer pairs both are made of (QAExample; QAItem adds TOFU's extra answers).
 
+Words: a *forget request* is what an operator registers; one API call through the guardrail is a
+`GuardedCall` (`unlearnd.guardrail.call`); what the engine receives is an `EngineInput`.
 `Method` comes from the method table (`unlearnd.methods`), so a new method needs no edit here.
 """
 
