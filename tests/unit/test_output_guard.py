@@ -280,3 +280,89 @@ def test_a_word_split_across_tokens_counts_once_complete():
     deltas.append(ChoiceDelta(0, "", [], None, "stop"))
     _, blocks = _filtered(guard, deltas)
     assert [b.reason for b in blocks] == ["answer"]
+
+
+def _timeline(guard: OutputGuard, pieces: list[str], flagged=()) -> tuple[list[tuple[int, str]], list]:
+    """(how many deltas had been generated when it left, text) of every released delta, and the blocks."""
+    generated = 0
+    released: list[tuple[int, str]] = []
+    blocks: list = []
+
+    async def deltas():
+        nonlocal generated
+        for i, piece in enumerate(pieces):
+            generated = i + 1
+            yield ChoiceDelta(0, piece, [i], None, "stop" if i == len(pieces) - 1 else None)
+
+    async def run():
+        async for d in guard.filter(deltas(), lambda t: [0], lambda b, i: blocks.append(b), n=1, flagged=flagged):
+            released.append((generated, d.text))
+
+    asyncio.run(run())
+    return released, blocks
+
+
+ORDINARY = "The capital of France is Paris, and the Seine runs through it from east to west."
+
+
+def test_ordinary_text_leaves_one_token_behind_generation_at_most():
+    guard = OutputGuard()
+    guard.load(forget_request())
+    pieces = [(" " if i else "") + w for i, w in enumerate(ORDINARY.split(" "))]
+    released, blocks = _timeline(guard, pieces)
+    assert not blocks and "".join(text for _, text in released) == ORDINARY
+    lag = [generated - (i + 1) for i, (generated, _) in enumerate(released)]
+    assert max(lag) <= 1, lag
+    assert released[0][0] <= 2  # the first word leaves with the next token at the latest (not 96 characters on)
+
+
+def test_a_name_split_across_tokens_never_leaves_even_in_part():
+    guard = OutputGuard()
+    guard.load(forget_request())
+    pieces = ["The", " author", " is", " Tak", "ashi", " Nak", "amura", ",", " a", " novelist", "."]
+    released, blocks = _timeline(guard, pieces)
+    sent = "".join(text for _, text in released)
+    assert blocks and sent.endswith(REFUSAL)
+    assert "Tak" not in sent and "Nak" not in sent and sent.startswith("The author is")
+
+
+def test_a_spread_out_name_leaves_at_most_three_of_its_letters():
+    guard = OutputGuard()
+    guard.load(forget_request())
+    disguised = "-".join("Takashi") + " " + "-".join("Nakamura")
+    pieces = ["Spelled", " out", ":", " "] + list(disguised) + ["."]
+    released, blocks = _timeline(guard, pieces)
+    sent = "".join(text for _, text in released)
+    assert blocks and sent.endswith(REFUSAL)
+    leaked = sent.removesuffix(REFUSAL).split(":", 1)[1]
+    assert sum(c.isalpha() for c in leaked) <= 3, leaked
+
+
+def test_a_reproduced_answer_is_held_from_its_first_telling_word():
+    guard = OutputGuard()
+    guard.load(forget_request())
+    text = "Well, his father repaired wooden boats in the harbour of Shimoda for forty years."
+    released, blocks = _timeline(guard, [(" " if i else "") + w for i, w in enumerate(text.split(" "))])
+    sent = "".join(t for _, t in released)
+    assert [b.reason for b in blocks] == ["answer"]
+    assert "repaired" not in sent and "Shimoda" not in sent
+
+
+def test_stream_first_releases_at_once_and_still_cuts():
+    guard = OutputGuard(release="stream-first")
+    guard.load(forget_request())
+    words = ("Sure. " + LEAK).split(" ")
+    released, blocks = _timeline(guard, [(" " if i else "") + w for i, w in enumerate(words)])
+    assert blocks and released[-1][1] == REFUSAL
+    assert all(generated == i + 1 for i, (generated, _) in enumerate(released[:-1]))  # no delta waited
+    assert "Takashi" in "".join(t for _, t in released)  # the documented risk: what came before the block left
+    with pytest.raises(ValueError):
+        OutputGuard(release="eventually")
+
+
+def test_on_a_flagged_prompts_subject_output_stays_hold_chars_behind():
+    guard = OutputGuard(hold_chars=40)
+    guard.load(forget_request())
+    pieces = [(" " if i else "") + w for i, w in enumerate(ORDINARY.split(" "))]
+    released, _ = _timeline(guard, pieces, flagged=["fr-1"])
+    assert released[0][0] > 5  # the first word waited for 40 more characters

@@ -267,6 +267,15 @@ class AnchorIndex:
             ]
         return out
 
+    def release_words(self, request_id: str) -> tuple[set[str], list[list[str]], bool]:
+        """What the output guard's release rule watches for one request: every word of its names and titles
+        (folded), its birthplaces (when it has birth dates to pair them with), and whether it has dates."""
+        words = {part for pattern in self._names.get(request_id, []) for part in pattern.parts}
+        words |= {w for title in self._titles.get(request_id, []) for w in title.words}
+        places = self._places.get(request_id, [])
+        words |= {w for place in places for w in place}
+        return {w for w in words if w}, [p for p in places if p], bool(self._dates.get(request_id))
+
     def name_parts(self, request_id: str, uncommon_only: bool = False) -> set[str]:
         """The distinctive parts of a request's names (folded): "basil", "mahfouz", "kuwaiti"; with
         `uncommon_only`, those that are no ordinary word ("mahfouz", not "basil")."""

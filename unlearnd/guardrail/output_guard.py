@@ -22,9 +22,12 @@ has not switched it off (`options.output_guard: false`):
   `hold_chars` back may already be out: the word checks above are what holds text back.
 
 On a hit the choice is cut and its text replaced by the request's refusal; its generation stops.
-Output is released `hold_chars` behind what was generated, so the words that trigger a block (a
-name, a title, the start of a reproduced answer) are never sent, also when streaming, and the
-log-probs of withheld text are never returned.
+Output is released as soon as it cannot be part of a match still under way (`guardrail.release`: the
+`strict` mode, the default), so the words that trigger a block (a name, a title, the start of a
+reproduced answer) are never sent, also when streaming, and the log-probs of withheld text are never
+returned; ordinary text leaves one token behind generation at most. On the subject of a flagged prompt,
+where one part of a name is enough, output is released `hold_chars` behind generation. `stream-first`
+releases at once and only cuts the stream when a check fires.
 """
 
 from __future__ import annotations
@@ -46,12 +49,13 @@ from unlearnd.detectors.normalize import letters, to_ascii
 from unlearnd.detectors.spans import FUNCTION_WORDS, STOPWORDS, fold
 from unlearnd.domain import ForgetRequest, ForgetSpec
 from unlearnd.engine.base import ChoiceDelta, TokenLogprob
+from unlearnd.guardrail.release import RELEASE_MODES, ReleaseIndex, RequestHolds
 from unlearnd.interventions.guardrails import refusal_of
 
 log = logging.getLogger(__name__)
 
 _WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)?")
-HOLD_CHARS = 96  # what is withheld until the text after it is checked (longer than a name or a title)
+HOLD_CHARS = 96  # on a flagged prompt's subject: what is withheld until the text after it is checked
 TAIL_CHARS = 256  # how much of the end of the output the anchor check reads each time
 MEANING_FLOOR = 0.80  # cosine below which a sentence never counts as restating a forget answer
 MEANING_MARGIN = 0.05  # above the closest retain / ordinary text, per forget answer
@@ -168,9 +172,15 @@ class OutputGuard:
         hold_chars: int = HOLD_CHARS,
         min_info: float = MIN_INFO,
         encoder: Callable[[], Any] | None = None,
+        release: str = "strict",
     ):
         """`encoder`: gives the sentence encoder (`.encode(texts).emb`, unit rows) the meaning check uses;
-        None switches that check off."""
+        None switches that check off. `release`: "strict" (nothing that could be part of a match leaves)
+        or "stream-first" (everything leaves at once; a block cuts the stream)."""
+        if release not in RELEASE_MODES:
+            raise ValueError(f"release must be one of {RELEASE_MODES}, not {release!r}")
+        self.release_mode = release
+        self.holds = ReleaseIndex()
         self.hold_chars = hold_chars
         self.min_info = min_info
         self.encoder = encoder
@@ -205,9 +215,17 @@ class OutputGuard:
             uncommon_parts = self.anchors.name_parts(request.id, uncommon_only=True)
             protected = frozenset(uncommon_parts | {_letters(w) for w in rare_words} - {""})
             self.loaded = {**self.loaded, request.id: _Loaded(answers, meanings, refusal_of(request), protected)}
+            self.holds.set(request.id, self._holds(request.id, answers, rare_words))
+
+    def _holds(self, request_id: str, answers: list[_Answer], rare_words: set[str]) -> RequestHolds:
+        words, places, dates = self.anchors.release_words(request_id)
+        forms = {form for form, _ in self._hidden.get(request_id, [])}
+        grams = {gram for answer in answers for gram in answer.starts}
+        return RequestHolds(words, forms, places, dates, grams, rare_words)
 
     def unload(self, request_id: str) -> None:
         with self._lock:
+            self.holds.remove(request_id)
             self.anchors.remove(request_id)
             self._parts.pop(request_id, None)
             self._hidden = self.anchors.hidden_forms()
@@ -345,7 +363,7 @@ class OutputGuard:
                     return  # every choice is cut: the generation can stop
                 continue
             state.held.append((self._withhold_alternatives(state, delta), len(visible)))
-            for released in self._release(state, final=final):
+            for released in self._release(state, self._releasable(visible, final, flagged)):
                 yield released
 
     async def _check_meaning(self, state: _Choice, ended: bool) -> Block | None:
@@ -361,13 +379,21 @@ class OutputGuard:
             return None
         return await asyncio.to_thread(self.restates, piece.strip())
 
-    def _release(self, state: _Choice, final: bool) -> list[ChoiceDelta]:
-        """The held deltas whose text and tokens are now far enough behind the end (all of them at the end)."""
+    def _releasable(self, visible: str, final: bool, flagged: Collection[str]) -> int:
+        """How much of the output may leave now (the release rule of the module docstring)."""
+        if final or self.release_mode == "stream-first":
+            return len(visible)
+        if flagged:
+            return len(visible) - self.hold_chars
+        with self._lock:
+            return self.holds.hold_from(visible, final, information)
+
+    def _release(self, state: _Choice, limit: int) -> list[ChoiceDelta]:
+        """The held deltas whose text and tokens end at or before `limit`, in order."""
         out = []
-        reach = len(state.visible)
         while state.held:
             delta, end = state.held[0]
-            if not final and reach - end < self.hold_chars:
+            if end > limit:
                 break
             out.append(delta)
             state.held.pop(0)

@@ -81,7 +81,7 @@ NOT_TRAINED = "not trained yet: refused by name until its artifacts load"
 
 
 class GuardrailPipeline:
-    def __init__(self, engine: Engine, detector: Detector, registry: Registry):
+    def __init__(self, engine: Engine, detector: Detector, registry: Registry, output_release: str = "strict"):
         self.engine = engine
         self.detector = detector
         self.registry = registry
@@ -102,7 +102,8 @@ class GuardrailPipeline:
             intervention.context = self.context
         # the output guard compares meaning with the detector's sentence encoder, where it has one
         has_encoder = isinstance(getattr(type(detector), "encoder", None), property)
-        self.output_guard = OutputGuard(encoder=(lambda: detector.encoder) if has_encoder else None)
+        encoder = (lambda: detector.encoder) if has_encoder else None
+        self.output_guard = OutputGuard(encoder=encoder, release=output_release)
         self._sync_lock = asyncio.Lock()
 
     # -- classification --------------------------------------------------------------------------

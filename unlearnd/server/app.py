@@ -95,7 +95,7 @@ def make_lifespan(settings: ServerSettings, engine: Engine | None):
         swept = await asyncio.to_thread(registry.sweep_orphan_dirs)
         if swept:
             log.warning("removed what an interrupted purge or a killed writer left: %s", swept)
-        pipeline = GuardrailPipeline(running, get_detector(settings.detector), registry)
+        pipeline = GuardrailPipeline(running, get_detector(settings.detector), registry, settings.output_guard)
         await pipeline.sync()
         app.state.unlearnd = ServerState(settings=settings, engine=running, registry=registry, pipeline=pipeline)
         worker = None

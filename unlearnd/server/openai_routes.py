@@ -94,6 +94,8 @@ async def collect(state: ServerState, request: GuardedCall) -> dict[int, list[Ch
             choices.setdefault(delta.index, []).append(delta)
     except EngineError as exc:
         raise APIError(500, str(exc), "internal_error", "engine_error") from exc
+    for index in request.output_blocked:  # a cut choice is its refusal alone (a stream had to send what it
+        choices[index] = choices.get(index, [])[-1:]  # released before the cut; a whole response need not)
     return choices
 
 

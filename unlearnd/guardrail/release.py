@@ -1,0 +1,254 @@
+"""When generated text may leave: the output guard's release rule.
+
+The guard checks the whole output after every delta; what it has checked may still become part of a
+match that completes later ("Takashi" before " Nakamura"). Holding a fixed 96 characters back made every
+ordinary stream wait for 96 characters. Instead, `ReleaseIndex.hold_from` finds the earliest position
+where a protected match could still be under way, and everything before it is released:
+
+* the unfinished last word, when it could still grow into a protected word (a prefix, one edit allowed);
+* a trailing run of complete words each of which could be part of a protected phrase (a name part, a
+  title word, a birthplace word; one edit allowed; leetspeak and other scripts read as letters);
+* a disguised form in progress: a suffix of the output's letters (spacing, digits and punctuation
+  dropped; also what NATO code words spell) that begins a whole name or title, as written, reversed or
+  ROT13'd, once that suffix is `MIN_LETTERS` long (so at most `MIN_LETTERS - 1` letters of a spread-out
+  name can leave before its block);
+* a trailing run of date words (numbers, month names), while a request has full dates;
+* a trailing run that repeats a forget answer word for word, from its first word that carries information;
+* the current sentence, while it shares an uncommon word with a forget answer (it may be restating it:
+  the meaning check compares the sentence when it ends);
+* the request's birthplace named in the last `TAIL_CHARS`, while a request has a birth year to pair it with.
+
+Ordinary text matches none of these, so it leaves one token behind generation at most. `stream-first`
+releases everything at once and only cuts the stream when a check fires (what leaves before is gone).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from unlearnd.detectors.normalize import NATO, letters, to_ascii, unleet
+from unlearnd.detectors.spans import fold, tokens
+
+RELEASE_MODES = ("strict", "stream-first")
+MIN_LETTERS = 4  # a letters-only suffix this long that begins a protected form is held
+MIN_TYPO_LEN = 5  # protected words this long also match with one edit (as the anchor search allows)
+TAIL_CHARS = 256
+_DATE_WORD = re.compile(r"^\d{1,4}(st|nd|rd|th)?$")
+_SENTENCE_END = re.compile(r"[.!?。！？\n]")
+_MONTHS = {
+    "january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
+    "november", "december", "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov", "dec",
+}  # fmt: skip
+
+
+def _norm(word: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", fold(word))
+
+
+def _deletions(word: str) -> set[str]:
+    return {word[:i] + word[i + 1 :] for i in range(len(word))}
+
+
+def _forms(word: str) -> set[str]:
+    """A word as names are compared, read as written, transliterated, and with leetspeak as letters."""
+    ascii_word = to_ascii(word)
+    return {f for f in (_norm(word), _norm(ascii_word), _norm(unleet(ascii_word))) if f}
+
+
+@dataclass
+class RequestHolds:
+    """What one forget request protects, in the shapes the release rule looks for."""
+
+    words: set[str] = field(default_factory=set)  # name parts, title words, birthplace words (folded)
+    forms: set[str] = field(default_factory=set)  # whole names and titles, letters only, + reversed, ROT13
+    places: list[list[str]] = field(default_factory=list)  # birthplaces (folded words), when it has dates
+    dates: bool = False
+    answer_grams: set[tuple[str, ...]] = field(default_factory=set)  # distinctive 4-grams of its forget answers
+    rare_words: set[str] = field(default_factory=set)  # uncommon words of its forget answers
+
+
+class ReleaseIndex:
+    """The union of every loaded request's holds, as prefix sets the release rule reads in one pass."""
+
+    def __init__(self) -> None:
+        self.requests: dict[str, RequestHolds] = {}
+        self._build()
+
+    def set(self, request_id: str, holds: RequestHolds) -> None:
+        self.requests[request_id] = holds
+        self._build()
+
+    def remove(self, request_id: str) -> None:
+        if self.requests.pop(request_id, None) is not None:
+            self._build()
+
+    def _build(self) -> None:
+        holds = list(self.requests.values())
+        words = set().union(*(h.words for h in holds))
+        self.words = words
+        self.word_deletions = set().union(*(_deletions(w) for w in words if len(w) >= MIN_TYPO_LEN))
+        self.word_prefixes = {w[:i] for w in words for i in range(1, len(w) + 1)}
+        self.typo_prefixes = {
+            d[:i] for w in words if len(w) >= MIN_TYPO_LEN for d in _deletions(w) for i in range(1, len(d) + 1)
+        }
+        forms = set().union(*(h.forms for h in holds))
+        self.form_prefixes = {f[:i] for f in forms for i in range(MIN_LETTERS, len(f) + 1)}
+        self.longest_form = max((len(f) for f in forms), default=0)
+        self.places = [p for h in holds for p in h.places]
+        self.dates = any(h.dates for h in holds)
+        grams = set().union(*(h.answer_grams for h in holds))
+        self.answer_runs = grams | {g[:k] for g in grams for k in (1, 2, 3)}
+        self.rare_words = set().union(*(h.rare_words for h in holds))
+
+    def __bool__(self) -> bool:
+        return bool(self.requests)
+
+    # -- the rule -------------------------------------------------------------------------------------
+    def hold_from(self, text: str, final: bool, info: Callable[[str], float]) -> int:
+        """The earliest position of `text` (an output so far) that must stay held; len(text) holds nothing.
+        `info`: how much a (folded) word says (the guard's information weight)."""
+        if final or not self.requests:
+            return len(text)
+        toks = tokens(text)
+        unfinished = bool(text) and text[-1].isalnum() and bool(toks) and toks[-1][2] == len(text)
+        candidates = [
+            self._word_run(text, toks, unfinished),
+            self._letters(text),
+            self._nato(toks),
+            self._date_run(toks),
+            self._answer_run(toks, unfinished, info),
+            self._sentence(text),
+            self._place(text),
+        ]
+        return min(len(text), *candidates)
+
+    def protected_like(self, word: str) -> bool:
+        """Whether a complete word could be part of a protected phrase (one edit allowed when long)."""
+        for form in _forms(word):
+            if form in self.words or form in self.word_deletions:
+                return True
+            if len(form) >= MIN_TYPO_LEN - 1 and any(d in self.words for d in _deletions(form)):
+                return True
+            if len(form) >= MIN_TYPO_LEN and _deletions(form) & self.word_deletions:
+                return True
+        return False
+
+    def could_grow(self, partial: str) -> bool:
+        """Whether an unfinished word could still become a protected word."""
+        for form in _forms(partial):
+            if form in self.word_prefixes or form in self.typo_prefixes:
+                return True
+            if any(d in self.word_prefixes for d in _deletions(form)):
+                return True
+        return False
+
+    def _word_run(self, text: str, toks: list[tuple[str, int, int]], unfinished: bool) -> int:
+        hold = len(text)
+        complete = toks[:-1] if unfinished else toks
+        if unfinished and self.could_grow(toks[-1][0]):
+            hold = toks[-1][1]
+        elif unfinished:
+            return hold  # the last word cannot become protected: nothing before it continues a phrase
+        for word, start, _ in reversed(complete):
+            if not self.protected_like(word):
+                break
+            hold = start
+        return hold
+
+    def _letters(self, text: str) -> int:
+        """A suffix of the output's letters that begins a whole protected form."""
+        if not self.form_prefixes:
+            return len(text)
+        hold = len(text)
+        window = _last_letters(text, self.longest_form + 1)
+        for stream, positions in window:
+            for k in range(len(stream) - MIN_LETTERS, -1, -1):
+                if stream[k:] in self.form_prefixes:
+                    hold = min(hold, positions[k])
+        return hold
+
+    def _nato(self, toks: list[tuple[str, int, int]]) -> int:
+        """A trailing run of NATO code words whose letters begin a protected form."""
+        run = []
+        for word, start, _ in reversed(toks):
+            if word.lower() not in NATO:
+                break
+            run.append((NATO[word.lower()], start))
+        run.reverse()
+        spelled = "".join(letter for letter, _ in run)
+        for k in range(len(run)):
+            if len(spelled) - k >= MIN_LETTERS and spelled[k:] in self.form_prefixes:
+                return run[k][1]
+        return _END
+
+    def _date_run(self, toks: list[tuple[str, int, int]]) -> int:
+        if not self.dates:
+            return _END
+        hold = _END
+        for word, start, _ in reversed(toks):
+            w = word.lower().rstrip(".,")
+            if not (_DATE_WORD.match(w) or w in _MONTHS or w == "of"):
+                break
+            hold = start
+        return hold
+
+    def _answer_run(self, toks: list[tuple[str, int, int]], unfinished: bool, info: Callable[[str], float]) -> int:
+        """A trailing run that repeats a forget answer, from its first word that says something."""
+        if not self.answer_runs:
+            return _END
+        words = [(fold(w), s) for w, s, _ in (toks[:-1] if unfinished else toks)]
+        start = len(words)
+        for i in range(len(words) - 1, -1, -1):
+            run = tuple(w for w, _ in words[i:])
+            if len(run) <= 3:
+                if run not in self.answer_runs:
+                    break
+            elif run[:4] not in self.answer_runs:
+                break
+            start = i
+        for word, pos in words[start:]:
+            if info(word) > 0:
+                return pos
+        return _END
+
+    def _sentence(self, text: str) -> int:
+        """The current sentence, while it shares an uncommon word with a forget answer."""
+        if not self.rare_words:
+            return _END
+        ends = list(_SENTENCE_END.finditer(text))
+        start = ends[-1].end() if ends else 0
+        if any(fold(w) in self.rare_words for w, _, _ in tokens(text[start:])):
+            return start
+        return _END
+
+    def _place(self, text: str) -> int:
+        """A request's birthplace in the recent output, while its birth year may still follow."""
+        if not self.places:
+            return _END
+        offset = max(0, len(text) - TAIL_CHARS)
+        toks = tokens(text[offset:])
+        folded = [_norm(w) for w, _, _ in toks]
+        for i in range(len(folded)):
+            if any(folded[i : i + len(p)] == p for p in self.places):
+                return offset + toks[i][1]
+        return _END
+
+
+_END = 1 << 62  # "no hold" for one rule (the minimum over the rules is capped by the text's length)
+
+
+def _last_letters(text: str, n: int) -> Iterable[tuple[str, list[int]]]:
+    """The last `n` letters of `text`, as two letters-only streams (leetspeak digits read as letters, and
+    digits dropped), each with the position in `text` every letter came from."""
+    plain: list[tuple[str, int]] = []
+    leet: list[tuple[str, int]] = []
+    i = len(text)
+    while i > 0 and (len(plain) < n or len(leet) < n):
+        i -= 1
+        ascii_char = to_ascii(text[i])
+        plain = [(c, i) for c in letters(ascii_char)] + plain
+        leet = [(c, i) for c in letters(unleet("a" + ascii_char)[1:])] + leet
+    for stream in (plain[-n:], leet[-n:]):
+        yield "".join(c for c, _ in stream), [p for _, p in stream]
