@@ -366,3 +366,19 @@ def test_on_a_flagged_prompts_subject_output_stays_hold_chars_behind():
     pieces = [(" " if i else "") + w for i, w in enumerate(ORDINARY.split(" "))]
     released, _ = _timeline(guard, pieces, flagged=["fr-1"])
     assert released[0][0] > 5  # the first word waited for 40 more characters
+
+
+def test_the_eval_takes_names_out_and_measures_what_left_before_the_cut():
+    from unlearnd.evaluation.output_guard import leak_before_cut, without_name
+
+    assert without_name("Takashi Nakamura's father was a sailor; Nakamura wrote.", [NAME]) == (
+        "the author father was a sailor; the author wrote."
+    )
+    guards = {mode: OutputGuard(release=mode) for mode in ("strict", "fixed")}
+    for guard in guards.values():
+        guard.load(forget_request())
+    text = "Let me tell you about a writer whose work I know well and admire. " + LEAK
+    leak = leak_before_cut(guards, [text, ORDINARY])
+    assert leak["strict"]["blocked"] == leak["fixed"]["blocked"] == 1  # the ordinary text is not cut
+    assert leak["strict"]["mean_chars_sent"] > leak["fixed"]["mean_chars_sent"]  # strict sent the harmless start
+    assert leak["strict"]["with_uncommon_word"] == leak["fixed"]["with_uncommon_word"] == 0

@@ -6,16 +6,22 @@ The guard is loaded with one request per TOFU forget author (their 20 QA pairs, 
 * should pass (false blocks): other TOFU authors' answers (retain90, the same biography templates about
   other people), real_authors and world_facts answers, and the default model's own answers to the
   ordinary chat prompts held out from fitting the detector;
-* should block: the forget authors' answers as TOFU paraphrases them (the requests hold the originals).
+* should block: the forget authors' answers as TOFU paraphrases them (the requests hold the originals),
+  and the same paraphrases with every part of the author's name taken out ("the author"): what the
+  guard does when the answer never names its subject.
 
 Each text is streamed through the guard word by word, exactly as the server streams a generation, so
-the cost per token is the guard's real cost.
+the cost per token is the guard's real cost. For the texts that should be blocked, what the stream had
+already sent when the cut came is measured under the `strict` release rule (the default) and under the
+`fixed` 96-character hold it replaced: characters, and whether they held an uncommon word of the
+request (a name part or a rare word of a forget answer).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from typing import Any
 
@@ -46,12 +52,14 @@ class OutputGuardEvalOptions(BaseModel):
     meaning: bool = True  # the meaning check (sentence encoder), as the server runs it with the guard detector
 
 
-def _stream(guard: OutputGuard, text: str) -> tuple[bool, int, float]:
-    """(blocked, words, seconds in the guard) for `text` streamed one word at a time."""
+def _stream(guard: OutputGuard, text: str) -> tuple[bool, int, float, str]:
+    """(blocked, words, seconds in the guard, what was sent before a cut) for `text` streamed one word at
+    a time."""
     import asyncio
 
     words = text.split(" ")
     blocked: list[Any] = []
+    sent: list[str] = []
 
     async def deltas():
         for i, word in enumerate(words):
@@ -61,12 +69,42 @@ def _stream(guard: OutputGuard, text: str) -> tuple[bool, int, float]:
             )
 
     async def run() -> None:
-        async for _ in guard.filter(deltas(), lambda t: [0], lambda b, i: blocked.append(b), n=1):
-            pass
+        async for delta in guard.filter(deltas(), lambda t: [0], lambda b, i: blocked.append(b), n=1):
+            if not blocked:
+                sent.append(delta.text)
 
     start = time.perf_counter()
     asyncio.run(run())
-    return bool(blocked), len(words), time.perf_counter() - start
+    return bool(blocked), len(words), time.perf_counter() - start, "".join(sent) if blocked else ""
+
+
+def without_name(text: str, names: list[str]) -> str:
+    """`text` with every whole name and name part (of 3+ letters) replaced by "the author"."""
+    parts = sorted({p for name in names for p in [name, *name.split()] if len(p) >= 3}, key=len, reverse=True)
+    for part in parts:
+        text = re.sub(rf"\b{re.escape(part)}(['’]s)?\b", "the author", text, flags=re.IGNORECASE)
+    return text
+
+
+def _protected_words(guard: OutputGuard) -> frozenset[str]:
+    return frozenset().union(*(entry.protected for entry in guard.loaded.values()))
+
+
+def leak_before_cut(guards: dict[str, OutputGuard], texts: list[str]) -> dict[str, dict[str, Any]]:
+    """Per release rule: over the texts it blocked, the characters sent before the cut and the share whose
+    sent part held an uncommon word of a request."""
+    out = {}
+    for mode, guard in guards.items():
+        protected = _protected_words(guard)
+        sent = [s for blocked, _, _, s in (_stream(guard, t) for t in texts) if blocked]
+        with_word = [bool({re.sub(r"[^a-z0-9]", "", w.lower()) for w in s.split()} & protected) for s in sent]
+        out[mode] = {
+            "blocked": len(sent),
+            "mean_chars_sent": float(np.mean([len(s) for s in sent])) if sent else None,
+            "with_uncommon_word": int(sum(with_word)),
+            "with_uncommon_word_ci95": wilson(int(sum(with_word)), len(sent)),
+        }
+    return out
 
 
 def _ordinary_answers(model: str | None, prompts: list[str], tokens: int) -> list[str]:
@@ -91,14 +129,22 @@ def run_output_guard_eval(opts: OutputGuardEvalOptions) -> dict[str, Any]:
         QAExample(question=i.question, answer=i.answer) for i in tofu.split("retain90") if i.author in calibration_ids
     ]
     encoder = get_encoder(EncoderConfig()) if opts.meaning else None
-    guard = OutputGuard(encoder=(lambda: encoder) if encoder is not None else None)
+    guards = {
+        mode: OutputGuard(encoder=(lambda: encoder) if encoder is not None else None, release=mode)
+        for mode in ("strict", "fixed")
+    }
     for request in setups(opts.split, forget)["one request per author"]:
         request.spec.retain = list(retain)
-        guard.load(request)
+        for g in guards.values():
+            g.load(request)
+    guard = guards["strict"]
+    names = {a.index: [a.name] for a in forget}
+    paraphrased = [i for i in tofu.perturbed_for(opts.split) if i.paraphrased_answer]
     sets: dict[str, tuple[bool, list[str]]] = {
-        "forget answers, paraphrased (TOFU)": (
+        "forget answers, paraphrased (TOFU)": (True, [i.paraphrased_answer for i in paraphrased]),
+        "forget answers, paraphrased, name taken out": (
             True,
-            [i.paraphrased_answer for i in tofu.perturbed_for(opts.split) if i.paraphrased_answer],
+            [without_name(i.paraphrased_answer, names.get(i.author, [])) for i in paraphrased],
         ),
         "other authors' answers (retain90)": (
             False,
@@ -111,20 +157,24 @@ def run_output_guard_eval(opts: OutputGuardEvalOptions) -> dict[str, Any]:
             _ordinary_answers(opts.model, list(chat_prompts("eval")), opts.chat_tokens),
         ),
     }
+    all_names = [part for a in forget for part in a.name.split() if len(part) >= 3]
     load_before = os.getloadavg()[0]
     rows, examples, seconds, words = {}, {}, 0.0, 0
     for name, (should_block, texts) in sets.items():
         outcomes = [_stream(guard, t) for t in texts]
-        blocked = [b for b, _, _ in outcomes]
-        seconds += sum(s for _, _, s in outcomes)
-        words += sum(w for _, w, _ in outcomes)
+        blocked = [b for b, _, _, _ in outcomes]
+        seconds += sum(s for _, _, s, _ in outcomes)
+        words += sum(w for _, w, _, _ in outcomes)
         rows[name] = {
             "should_block": should_block,
             "n": len(texts),
             "blocked": int(sum(blocked)),
             "rate": float(np.mean(blocked)) if blocked else None,
             "ci95": wilson(int(sum(blocked)), len(texts)),
+            "name_share": sum(any(n.lower() in t.lower() for n in all_names) for t in texts) / max(len(texts), 1),
         }
+        if should_block:
+            rows[name]["sent_before_cut"] = leak_before_cut(guards, texts)
         examples[name] = [t for t, b in zip(texts, blocked, strict=True) if b != should_block][:20]
     negatives = [r for r in rows.values() if not r["should_block"]]
     false_blocks = sum(r["blocked"] for r in negatives) / max(sum(r["n"] for r in negatives), 1)
@@ -155,15 +205,17 @@ def markdown(report: dict[str, Any]) -> str:
         f"{'on' if report['meaning_check'] else 'off'}. Each text is streamed through the guard word by word "
         "as the server streams a generation.",
         "",
-        "| texts | should be | n | blocked (95% CI) |",
-        "|---|---|---|---|",
+        "| texts | should be | n | blocked (95% CI) | share naming a forget author (any name part) |",
+        "|---|---|---|---|---|",
     ]
     for name, row in report["sets"].items():
         ci = row["ci95"]
         span = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
         lines.append(
             f"| {name} | {'blocked' if row['should_block'] else 'passed'} | {row['n']} | {fmt(row['rate'])}{span} |"
+            f" {fmt(row.get('name_share'))} |"
         )
+    lines += ["", *sent_before_cut_lines(report)]
     met = report["false_block_rate"] <= TARGET_FALSE_BLOCKS
     lines += [
         "",
@@ -189,3 +241,31 @@ def markdown(report: dict[str, Any]) -> str:
         if texts:
             lines += [f"Wrong calls on {name} (up to 20):", ""] + [f"- {t[:200]}" for t in texts] + [""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def sent_before_cut_lines(report: dict[str, Any]) -> list[str]:
+    """What a stream had sent when the cut came, per release rule, for the texts that should be blocked."""
+    lines = [
+        "## Sent before the cut (streams that were cut)",
+        "",
+        "| texts | release rule | cut | mean characters sent before the cut | sent part holds an uncommon "
+        "word of the request (95% CI) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, row in report["sets"].items():
+        for mode, leak in (row.get("sent_before_cut") or {}).items():
+            ci = leak["with_uncommon_word_ci95"]
+            share = leak["with_uncommon_word"] / leak["blocked"] if leak["blocked"] else None
+            span = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+            lines.append(
+                f"| {name} | {mode} | {leak['blocked']} | {fmt(leak['mean_chars_sent'], 1)} | {fmt(share)}{span} |"
+            )
+    return [
+        *lines,
+        "",
+        "`strict` (the default) releases text once it cannot be part of a match under way; `fixed` is the "
+        "96-character hold it replaced. A cut answer's later words never leave under either; what differs is "
+        "how much of its beginning had left. An uncommon word that left is one the check had seen and not "
+        "blocked on at that point (it blocked on the words after it).",
+        "",
+    ]

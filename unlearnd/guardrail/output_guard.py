@@ -383,7 +383,7 @@ class OutputGuard:
         """How much of the output may leave now (the release rule of the module docstring)."""
         if final or self.release_mode == "stream-first":
             return len(visible)
-        if flagged:
+        if flagged or self.release_mode == "fixed":
             return len(visible) - self.hold_chars
         with self._lock:
             return self.holds.hold_from(visible, final, information)

@@ -19,7 +19,8 @@ where a protected match could still be under way, and everything before it is re
 * the request's birthplace named in the last `TAIL_CHARS`, while a request has a birth year to pair it with.
 
 Ordinary text matches none of these, so it leaves one token behind generation at most. `stream-first`
-releases everything at once and only cuts the stream when a check fires (what leaves before is gone).
+releases everything at once and only cuts the stream when a check fires (what leaves before is gone);
+`fixed` holds a fixed number of characters back (the rule before this one, kept to measure against).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field
 from unlearnd.detectors.normalize import NATO, letters, to_ascii, unleet
 from unlearnd.detectors.spans import fold, tokens
 
-RELEASE_MODES = ("strict", "stream-first")
+RELEASE_MODES = ("strict", "stream-first", "fixed")  # fixed: `hold_chars` behind, always (the old rule)
 MIN_LETTERS = 4  # a letters-only suffix this long that begins a protected form is held
 MIN_TYPO_LEN = 5  # protected words this long also match with one edit (as the anchor search allows)
 TAIL_CHARS = 256

@@ -42,10 +42,11 @@ class ServerSettings(BaseSettings):
         False, description="Name the deciding forget requests in response headers (who is forgotten is sensitive)."
     )
     detector: str = Field(DEFAULT_DETECTOR, description="Registered detector name (unlearnd.detectors).")
-    output_guard: Literal["strict", "stream-first"] = Field(
+    output_guard: Literal["strict", "stream-first", "fixed"] = Field(
         "strict",
         description="strict: generated text leaves once it cannot be part of a forgotten name, title or answer "
-        "still under way; stream-first: it leaves at once and a block only cuts the stream (what left is gone).",
+        "still under way; stream-first: it leaves at once and a block only cuts the stream (what left is gone); "
+        "fixed: it leaves 96 characters behind generation (the older rule, for comparison).",
     )
     max_model_len: int = Field(2048, description="Context length the engine serves.")
     kv_cache_gib: int = Field(1, description="vLLM CPU KV cache size (whole GiB; env VLLM_CPU_KVCACHE_SPACE wins).")
