@@ -214,6 +214,8 @@ class BenchConfig:
     sweep: tuple[int, ...] = (1, 10, 100)
     sweep_requests: int = 16
     timeout_s: float = 600
+    active: int = 0  # refuse requests active during the cells (those of `routes` count); 0: one per route
+    output_guard: str = "strict"  # the unlearnd server's release rule (`serve --output-guard`)
     # Training presets cut short (the method table's quick options): serving cost does not depend on how well
     # a route was trained.
     route_options: dict = field(
@@ -235,12 +237,18 @@ def run_bench(
     """Measure every (route, concurrency) cell and the detector sweep; `profiler` (a started-on-demand
     `unlearnd.bench.profile.Profiler` of the unlearnd server) samples the non-flagged cells."""
     server = UnlearndClient(ours_url, admin_key=admin_key, timeout_s=60)
-    authors = tofu_authors(tofu_dir, len(cfg.routes) + max(cfg.sweep))
-    if len(authors) < len(cfg.routes) + max(cfg.sweep):
-        raise ValueError(f"only {len(authors)} TOFU authors with a derivable name; lower --sweep")
+    wanted = max(len(cfg.routes), cfg.active) + max(cfg.sweep, default=0)
+    authors = tofu_authors(tofu_dir, wanted)
+    if len(authors) < wanted:
+        raise ValueError(f"only {len(authors)} TOFU authors with a derivable name; lower --sweep or --active")
     route_authors = dict(zip(cfg.routes, authors))
     for route, author in route_authors.items():
         register_requests(server, [author], route, cfg.route_options.get(route))
+    used = max(len(cfg.routes), cfg.active)
+    if cfg.active > len(cfg.routes):
+        register_requests(server, authors[len(cfg.routes) : used], "refuse")
+    active = active_count(server)
+    load_before = os.getloadavg()
     workloads = {"none": [PLAIN_PROMPTS[i % len(PLAIN_PROMPTS)] for i in range(cfg.requests)]}
     workloads.update({route: _flagged_prompts(author, cfg.requests) for route, author in route_authors.items()})
 
@@ -291,8 +299,9 @@ def run_bench(
                 **summary,
             }
 
+    load_after_cells = os.getloadavg()
     sweep = []
-    extra = iter(authors[len(cfg.routes) :])
+    extra = iter(authors[used:])
     for target in cfg.sweep:
         need = max(0, target - active_count(server))
         if need:
@@ -312,7 +321,14 @@ def run_bench(
             }
         )
         log.info("sweep %d active: classifier %.2f ms/prompt", active, sweep[-1]["classifier_ms_per_prompt"])
-    return {"config": asdict(cfg), "cells": cells, "sweep": sweep, "profile": profile}
+    return {
+        "config": asdict(cfg),
+        "active_during_cells": active,
+        "load_average": {"before_cells": load_before, "after_cells": load_after_cells},
+        "cells": cells,
+        "sweep": sweep,
+        "profile": profile,
+    }
 
 
 def bench_serve(
@@ -359,7 +375,16 @@ def bench_serve(
             port = free_port()
             admin_key = admin_key or "bench-admin-key"
             ours = ServerProcess(
-                unlearnd_command(port, workdir / "data", "--admin-key", admin_key, "--detector", detector),
+                unlearnd_command(
+                    port,
+                    workdir / "data",
+                    "--admin-key",
+                    admin_key,
+                    "--detector",
+                    detector,
+                    "--output-guard",
+                    cfg.output_guard,
+                ),  # fmt: skip
                 port,
                 workdir / "unlearnd.log",
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -107,9 +108,20 @@ def plot_latency(result: dict, plot: Path) -> Path:
     return plot
 
 
+def _load_line(load: dict | None) -> str:
+    if not load:
+        return "Machine load: not recorded."
+    before, after = load["before_cells"], load["after_cells"]
+    return (
+        f"Load average (1/5/15 min) before the cells {before[0]:.2f}/{before[1]:.2f}/{before[2]:.2f}, after "
+        f"{after[0]:.2f}/{after[1]:.2f}/{after[2]:.2f}, on {os.cpu_count()} cores (both servers run here)."
+    )
+
+
 def latency_markdown(result: dict, plot: Path | None) -> str:
     """Targets, cells, the detector sweep and the profile, as markdown."""
     cells = result["cells"]
+    cfg = result["config"]
     lines = [
         "# Latency: unlearnd vs plain vLLM",
         "",
@@ -118,6 +130,12 @@ def latency_markdown(result: dict, plot: Path | None) -> str:
         f"{result['config']['output_len']} tokens (ignore_eos), greedy.",
         "",
         "Each cell alternates the two servers in rounds; ratios are unlearnd / plain vLLM from the same run.",
+        "",
+        f"Forget requests active during the cells: {result.get('active_during_cells', 'n/a')}; unlearnd's "
+        f"output-guard release rule: `{cfg.get('output_guard', 'fixed')}`; streamed requests of "
+        f"{cfg.get('output_len')} tokens, concurrency {', '.join(map(str, cfg.get('concurrency', ())))}, "
+        f"{cfg.get('requests')} requests per server per cell in {cfg.get('rounds')} rounds. "
+        + _load_line(result.get("load_average")),
         "",
         "## Targets",
         "",

@@ -22,6 +22,8 @@ def serve(
     routes: str = typer.Option("refuse,prompt", help="Flagged routes to measure."),
     sweep: str = typer.Option("1,10,100", help="Active forget request counts for the detector sweep."),
     sweep_requests: int = typer.Option(16),
+    active: int = typer.Option(0, help="Refuse requests active during the cells (default: one per route)."),
+    output_guard: str = typer.Option("strict", help="The unlearnd server's output-guard release rule."),
     detector: str = typer.Option(DEFAULT_DETECTOR),
     plain_url: str = typer.Option(None, help="Reuse a running plain vLLM server."),
     unlearnd_url: str = typer.Option(None, help="Reuse a running unlearnd server."),
@@ -49,6 +51,8 @@ def serve(
         sweep=ints(sweep),
         sweep_requests=sweep_requests,
         timeout_s=timeout_s,
+        active=active,
+        output_guard=output_guard,
     )
     md = bench_serve(out, data or tofu_dir(), cfg, plain_url, unlearnd_url, admin_key, detector, profile=profile)
     typer.echo(str(md))
