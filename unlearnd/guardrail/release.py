@@ -229,6 +229,9 @@ class ReleaseIndex:
         if not self.places:
             return _END
         offset = max(0, len(text) - TAIL_CHARS)
+        tail = fold(text[offset:])
+        if not any(place[0] in tail for place in self.places):  # no birthplace's first word: nothing to find
+            return _END
         toks = tokens(text[offset:])
         folded = [_norm(w) for w, _, _ in toks]
         for i in range(len(folded)):
@@ -240,6 +243,9 @@ class ReleaseIndex:
 _END = 1 << 62  # "no hold" for one rule (the minimum over the rules is capped by the text's length)
 
 
+_LEET_CHARS = frozenset(c for c in map(chr, range(33, 127)) if not c.isalpha() and letters(unleet("a" + c)[1:]))
+
+
 def _last_letters(text: str, n: int) -> Iterable[tuple[str, list[int]]]:
     """The last `n` letters of `text`, as two letters-only streams (leetspeak digits read as letters, and
     digits dropped), each with the position in `text` every letter came from."""
@@ -248,8 +254,17 @@ def _last_letters(text: str, n: int) -> Iterable[tuple[str, list[int]]]:
     i = len(text)
     while i > 0 and (len(plain) < n or len(leet) < n):
         i -= 1
-        ascii_char = to_ascii(text[i])
-        plain = [(c, i) for c in letters(ascii_char)] + plain
-        leet = [(c, i) for c in letters(unleet("a" + ascii_char)[1:])] + leet
-    for stream in (plain[-n:], leet[-n:]):
+        char = text[i]
+        if char.isascii():  # the common case, without the transliteration table
+            lower = char.lower()
+            if "a" <= lower <= "z":
+                plain.append((lower, i))
+                leet.append((lower, i))
+            elif char in _LEET_CHARS:
+                leet.extend((c, i) for c in reversed(letters(unleet("a" + char)[1:])))
+            continue
+        ascii_char = to_ascii(char)
+        plain.extend((c, i) for c in reversed(letters(ascii_char)))
+        leet.extend((c, i) for c in reversed(letters(unleet("a" + ascii_char)[1:])))
+    for stream in (plain[:n][::-1], leet[:n][::-1]):
         yield "".join(c for c, _ in stream), [p for _, p in stream]
