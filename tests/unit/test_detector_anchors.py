@@ -146,3 +146,34 @@ def test_entity_list_in_one_string_is_split():
         ForgetSpec(name="x", forget=["q"], entities=["Aysha Al-Hashim, Basil Mahfouz Al-Kuwaiti and Nikolai Abilov"])
     )
     assert anchors.names == ["Aysha Al-Hashim", "Basil Mahfouz Al-Kuwaiti", "Nikolai Abilov"]
+
+
+def test_the_search_indexes_find_every_fact_among_many_requests_and_forget_removed_ones():
+    """Titles, dates, birthplaces and spread-out names are looked up by key, not by looping over every
+    request: each must still be found among many requests, and a removed request must leave no key."""
+    idx = AnchorIndex()
+    for k in range(300):
+        idx.add(
+            f"r{k}",
+            RequestAnchors(
+                names=[f"Quorvath Zembrinski{k}"],
+                titles=[f"The Silent Orchard of Vellmora {k}"],
+                dates=[(1900 + k % 90, 1 + k % 12, 1 + k % 28)],
+                places=[f"Taldovar{k}"],
+            ),
+        )
+    idx.add(
+        "target",
+        RequestAnchors(
+            names=["Hsiao Yun-Hwa"], titles=["The Glass Lighthouse"], dates=[(1961, 3, 14)], places=["Shimoda"]
+        ),
+    )
+    assert idx.find("Who wrote The Glass Lighthouse?")["target"].kind == "title"
+    assert idx.find("Someone was born on March 14, 1961.")["target"].kind == "date"
+    assert idx.find("A writer born in Shimoda in 1961.")["target"].kind == "birth"
+    assert idx.find("Tell me about H-s-i-a-o Y-u-n H-w-a please")["target"].kind == "name_hidden"
+    assert "target" not in idx.find("The glass on the lighthouse in Shimoda broke in 1975.")
+    idx.remove("target")
+    for kind_index in (idx._by_title_word, idx._by_date, idx._by_birth_year, idx._by_compact):
+        assert all("target" not in ids for ids in kind_index.values())
+    assert "target" not in idx.find("Who wrote The Glass Lighthouse? Born March 14, 1961 in Shimoda.")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import calendar
 import codecs
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -231,6 +231,14 @@ class AnchorIndex:
         self._places: dict[str, list[list[str]]] = {}  # birth cities as word sequences (with a date's year)
         self._by_part: dict[str, set[str]] = {}  # folded name part -> requests
         self._by_delete: dict[str, set[str]] = {}  # a part (5+ letters) with one letter deleted -> parts
+        # Indexes that make a search cost the same whatever the number of requests: each maps what a text
+        # must contain for a hit to the requests that could then have one (checked as before, in order).
+        self._order: dict[str, int] = {}  # request -> when it was added (hits are offered in this order)
+        self._added = 0
+        self._by_title_word: dict[str, set[str]] = {}  # a title's least common word -> requests
+        self._by_date: dict[tuple[int, int, int], set[str]] = {}
+        self._by_birth_year: dict[int, set[str]] = {}  # requests with a birthplace, by birth year
+        self._by_compact: dict[str, set[str]] = {}  # first 4 letters of a searched letters-only form -> requests
 
     @property
     def request_ids(self) -> set[str]:
@@ -251,6 +259,32 @@ class AnchorIndex:
                 if len(part) >= 5:
                     for key in _deletes(part):
                         self._by_delete.setdefault(key, set()).add(part)
+        self._added += 1
+        self._order[request_id] = self._added
+        for index, keys in self._index_keys(request_id):
+            for key in keys:
+                index.setdefault(key, set()).add(request_id)
+
+    def _index_keys(self, request_id: str) -> list[tuple[dict, set]]:
+        """For each search index, the keys under which `request_id` is filed."""
+        names = self._names.get(request_id, [])
+        titles = self._titles.get(request_id, [])
+        compacts = [p.compact for p in names if len(p.compact) >= _COMPACT_MIN]
+        compacts += [t.compact for t in titles if len(t.compact) >= _TITLE_COMPACT_MIN]
+        places = self._places.get(request_id, [])
+        return [
+            (self._by_title_word, {_rarest(t.words) for t in titles if t.words}),
+            (self._by_date, set(self._dates.get(request_id, set()))),
+            (self._by_birth_year, {d[0] for d in self._dates.get(request_id, set())} if places else set()),
+            (self._by_compact, {c[:4] for c in compacts}),
+        ]
+
+    def _candidates(self, index: dict, keys: Iterable) -> list[str]:
+        """The requests filed under any of `keys`, in the order they were added."""
+        found: set[str] = set()
+        for key in keys:
+            found |= index.get(key, set())
+        return sorted(found, key=self._order.__getitem__)
 
     def hidden_forms(self) -> dict[str, list[tuple[str, str]]]:
         """Per request: (letters-only form, what it is) of each whole name and long title, as written,
@@ -287,8 +321,15 @@ class AnchorIndex:
         }
 
     def remove(self, request_id: str) -> None:
-        if self._names.pop(request_id, None) is None:
+        if request_id not in self._names:
             return
+        for index, keys in self._index_keys(request_id):
+            for key in keys:
+                index.get(key, set()).discard(request_id)
+                if key in index and not index[key]:
+                    del index[key]
+        self._order.pop(request_id, None)
+        self._names.pop(request_id)
         self._titles.pop(request_id, None)
         self._dates.pop(request_id, None)
         self._places.pop(request_id, None)
@@ -326,26 +367,28 @@ class AnchorIndex:
 
     def _fact_hits(self, view: str, folded: list[str]) -> Iterator[tuple[str, AnchorHit]]:
         """Titles, full dates, and a birth year next to a birthplace, in one view of the text."""
-        for request_id, titles in self._titles.items():
-            for title in titles:
+        for request_id in self._candidates(self._by_title_word, set(folded)):
+            for title in self._titles[request_id]:
                 if _contains(folded, title.words):
                     yield request_id, AnchorHit(NAME_SCORE, "title", entity=title.title)
         dates = parse_dates(view)
         if dates:
-            for request_id, known in self._dates.items():
-                if dates & known:
+            for request_id in self._candidates(self._by_date, dates):
+                if dates & self._dates[request_id]:
                     yield request_id, AnchorHit(NAME_SCORE, "date")
         years = {int(y) for y in _YEAR_WORD.findall(view)}
         if years:
-            for request_id, places in self._places.items():
+            for request_id in self._candidates(self._by_birth_year, years):
+                places = self._places[request_id]
                 born = {d[0] for d in self._dates[request_id]}
                 if years & born and any(_contains(folded, place) for place in places):
                     yield request_id, AnchorHit(NAME_SCORE, "birth")
 
     def _hidden_hits(self, compacts: list[str]) -> Iterator[tuple[str, AnchorHit]]:
         """Names and titles spread out with separators, digits or code words (the compact forms)."""
-        for request_id, names in self._names.items():
-            for pattern in names:
+        keys = {c[i : i + 4] for c in compacts for i in range(len(c) - 3)}
+        for request_id in self._candidates(self._by_compact, keys):
+            for pattern in self._names[request_id]:
                 if len(pattern.compact) >= _COMPACT_MIN and any(pattern.compact in c for c in compacts):
                     yield request_id, AnchorHit(NAME_SCORE, "name_hidden", entity=pattern.entity)
             for title in self._titles.get(request_id, []):
@@ -376,6 +419,18 @@ class AnchorIndex:
 
 def _deletes(word: str) -> set[str]:
     return {word[:k] + word[k + 1 :] for k in range(len(word))}
+
+
+@lru_cache(maxsize=65536)
+def _zipf(word: str) -> float:
+    from wordfreq import zipf_frequency
+
+    return zipf_frequency(word, "en")
+
+
+def _rarest(words: list[str]) -> str:
+    """The title word least common in English: every text holding the title holds it, few others do."""
+    return min(words, key=lambda w: (_zipf(w), -len(w)))
 
 
 def _contains(words: list[str], sequence: list[str]) -> bool:
