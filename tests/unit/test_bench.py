@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import os
 
+import numpy as np
+
 from unlearnd.bench.latency import CellResult, Sample, percentile, ratios
 from unlearnd.bench.profile import summarise
 from unlearnd.bench.report import write_report
@@ -132,3 +134,19 @@ def test_report_shows_profile(tmp_path):
     md = write_report(result, tmp_path / "latency", run_stamp("cmd")).read_text()
     assert "10 busy samples at 200 Hz = 0.1 s of busy time" in md
     assert "| detector (unlearnd/detectors) | 70.0% |" in md and "| `run (onnxruntime/x.py:1)` | 70.0% |" in md
+
+
+def test_ratio_intervals_cover_the_ratio_and_say_when_they_cannot():
+    from unlearnd.bench.latency import bootstrap_ratio_ci, ratio_intervals
+
+    rng = np.random.default_rng(1)
+    ours, plain = list(1.5 + 0.1 * rng.standard_normal(64)), list(1.0 + 0.1 * rng.standard_normal(64))
+    lo, hi = bootstrap_ratio_ci(ours, plain)
+    assert lo < 1.5 < hi and hi - lo < 0.2  # 64 samples a side: the interval is tight around 1.5
+    lo_same, hi_same = bootstrap_ratio_ci(plain, plain)
+    assert lo_same <= 1.0 <= hi_same
+    assert bootstrap_ratio_ci([1.0], plain) is None  # one sample cannot say how much it varies
+    cell = CellResult(samples=[Sample(0.2, 2.0, 32, "none"), Sample(0.3, 2.2, 32, "none")])
+    base = CellResult(samples=[Sample(0.1, 2.0, 32, "none"), Sample(0.1, 2.1, 32, "none")])
+    intervals = ratio_intervals(cell, base)
+    assert set(intervals) == {"ttft_p50", "e2e_p50"} and intervals["ttft_p50"][0] >= 2.0 - 1e-9

@@ -68,6 +68,7 @@ class CellResult:
 
     samples: list[Sample] = field(default_factory=list)
     wall_s: float = 0.0
+    reached: list[int] = field(default_factory=list)  # most requests in flight at once, per round
 
     def summary(self) -> dict[str, float]:
         ok = [s for s in self.samples if s.error is None]
@@ -90,6 +91,34 @@ class CellResult:
 def percentile(values: list[float], q: float) -> float:
     """Linear-interpolated percentile; NaN for no data (never a made-up zero)."""
     return float(np.percentile(np.asarray(values, dtype=float), q)) if len(values) else float("nan")
+
+
+CI_METRICS = ("ttft_p50", "e2e_p50")
+
+
+def bootstrap_ratio_ci(
+    ours: list[float], plain: list[float], q: float = 50, resamples: int = 1000, seed: int = 0
+) -> list[float] | None:
+    """95% percentile-bootstrap interval of percentile_q(ours) / percentile_q(plain), each server's samples
+    resampled on their own; None with fewer than 2 samples on either side."""
+    a, b = np.asarray(ours, dtype=float), np.asarray(plain, dtype=float)
+    if len(a) < 2 or len(b) < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    num = np.percentile(a[rng.integers(0, len(a), (resamples, len(a)))], q, axis=1)
+    den = np.percentile(b[rng.integers(0, len(b), (resamples, len(b)))], q, axis=1)
+    ratio = num / np.where(den > 0, den, np.nan)
+    lo, hi = np.nanpercentile(ratio, [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
+def ratio_intervals(ours: CellResult, plain: CellResult, seed: int = 0) -> dict[str, list[float] | None]:
+    """Bootstrap intervals of the TTFT and end-to-end p50 ratios of one cell."""
+
+    def values(cell: CellResult, metric: str) -> list[float]:
+        return [getattr(s, metric.removesuffix("_p50")) for s in cell.samples if s.error is None]
+
+    return {m: bootstrap_ratio_ci(values(ours, m), values(plain, m), seed=seed) for m in CI_METRICS}
 
 
 def ratios(ours: dict[str, float], plain: dict[str, float]) -> dict[str, float]:
@@ -130,23 +159,39 @@ async def _one(client: httpx.AsyncClient, prompt: str, max_tokens: int) -> Sampl
 
 
 async def drive(
-    url: str, prompts: list[str], concurrency: int, max_tokens: int, timeout_s: float = 600
+    url: str,
+    prompts: list[str],
+    concurrency: int,
+    max_tokens: int,
+    timeout_s: float = 600,
+    in_flight: list[int] | None = None,
 ) -> tuple[list[Sample], float]:
-    """Send every prompt once with at most `concurrency` in flight; bounded by count and time."""
+    """Send every prompt once with at most `concurrency` in flight; bounded by count and time. The most
+    requests that were in flight at once is appended to `in_flight` (what the cell really measured)."""
     queue: asyncio.Queue[str] = asyncio.Queue()
     for prompt in prompts:
         queue.put_nowait(prompt)
     samples: list[Sample] = []
     deadline = time.perf_counter() + timeout_s
+    now, peak = 0, 0
     async with httpx.AsyncClient(base_url=url, timeout=timeout_s) as client:
 
         async def worker() -> None:
+            nonlocal now, peak
             while not queue.empty() and time.perf_counter() < deadline:
-                samples.append(await _one(client, queue.get_nowait(), max_tokens))
+                prompt = queue.get_nowait()
+                now += 1
+                peak = max(peak, now)
+                try:
+                    samples.append(await _one(client, prompt, max_tokens))
+                finally:
+                    now -= 1
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - start
+    if in_flight is not None:
+        in_flight.append(peak)
     return samples, wall
 
 
@@ -266,17 +311,24 @@ def run_bench(
                 if r % 2:
                     order.reverse()
                 for name, url in order:
-                    samples, wall = asyncio.run(drive(url, chunk, concurrency, cfg.output_len, cfg.timeout_s))
+                    samples, wall = asyncio.run(
+                        drive(url, chunk, concurrency, cfg.output_len, cfg.timeout_s, results[name].reached)
+                    )
                     results[name].samples += samples
                     results[name].wall_s += wall
             ours, plain = results["unlearnd"].summary(), results["vllm"].summary()
             seen_routes = sorted({s.route for s in results["unlearnd"].samples})
+            reached = min(results["unlearnd"].reached + results["vllm"].reached)
+            if reached < concurrency:
+                log.warning("%s c=%d: at most %d requests were in flight in some round", route, concurrency, reached)
             cells[f"{route}@{concurrency}"] = {
                 "route": route,
                 "concurrency": concurrency,
                 "unlearnd": ours,
                 "vllm": plain,
                 "ratio": ratios(ours, plain),
+                "ratio_ci95": ratio_intervals(results["unlearnd"], results["vllm"], seed=len(cells)),
+                "concurrency_reached": reached,
                 "routes_seen": seen_routes,
                 "e2e_unlearnd": [s.e2e for s in results["unlearnd"].samples if s.error is None],
                 "e2e_vllm": [s.e2e for s in results["vllm"].samples if s.error is None],

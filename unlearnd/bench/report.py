@@ -108,6 +108,10 @@ def plot_latency(result: dict, plot: Path) -> Path:
     return plot
 
 
+def _ci(interval: list[float] | None) -> str:
+    return f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else ""
+
+
 def _load_line(load: dict | None) -> str:
     if not load:
         return "Machine load: not recorded."
@@ -157,17 +161,19 @@ def latency_markdown(result: dict, plot: Path | None) -> str:
         "",
         "## Cells",
         "",
-        "| route | conc. | e2e p50 (s) ours / vLLM | ratio | e2e p99 ratio | TTFT p50 (ms) ours / vLLM | "
-        "TPOT p50 ratio | tok/s ours / vLLM | errors |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| route | conc. (reached) | e2e p50 (s) ours / vLLM | ratio [95% CI] | e2e p99 ratio | TTFT p50 (ms) ours / "
+        "vLLM | TTFT ratio [95% CI] | TPOT p50 ratio | tok/s ours / vLLM | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for cell in cells.values():
         o, v, r = cell["unlearnd"], cell["vllm"], cell["ratio"]
+        ci = cell.get("ratio_ci95") or {}
         lines.append(
-            f"| {cell['route']} | {cell['concurrency']} | {_fmt(o['e2e_p50'])} / {_fmt(v['e2e_p50'])} | "
-            f"{_fmt(r['e2e_p50'])} | {_fmt(r['e2e_p99'])} | {_fmt(1000 * o['ttft_p50'], 1)} / "
-            f"{_fmt(1000 * v['ttft_p50'], 1)} | {_fmt(r['tpot_p50'])} | {_fmt(o['tok_throughput'], 1)} / "
-            f"{_fmt(v['tok_throughput'], 1)} | {o['errors']}/{v['errors']} |"
+            f"| {cell['route']} | {cell['concurrency']} ({cell.get('concurrency_reached', 'n/a')}) | "
+            f"{_fmt(o['e2e_p50'])} / {_fmt(v['e2e_p50'])} | {_fmt(r['e2e_p50'])}{_ci(ci.get('e2e_p50'))} | "
+            f"{_fmt(r['e2e_p99'])} | {_fmt(1000 * o['ttft_p50'], 1)} / {_fmt(1000 * v['ttft_p50'], 1)} | "
+            f"{_fmt(r['ttft_p50'])}{_ci(ci.get('ttft_p50'))} | {_fmt(r['tpot_p50'])} | "
+            f"{_fmt(o['tok_throughput'], 1)} / {_fmt(v['tok_throughput'], 1)} | {o['errors']}/{v['errors']} |"
         )
     lines += [
         "",
