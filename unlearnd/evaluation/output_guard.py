@@ -90,21 +90,23 @@ def _protected_words(guard: OutputGuard) -> frozenset[str]:
     return frozenset().union(*(entry.protected for entry in guard.loaded.values()))
 
 
+def sent_before_cut(guard: OutputGuard, outcomes: list[tuple[bool, int, float, str]]) -> dict[str, Any]:
+    """Over the streams `guard` cut (`_stream` outcomes): the characters sent before the cut and the share
+    whose sent part held an uncommon word of a request."""
+    protected = _protected_words(guard)
+    sent = [s for blocked, _, _, s in outcomes if blocked]
+    with_word = [bool({re.sub(r"[^a-z0-9]", "", w.lower()) for w in s.split()} & protected) for s in sent]
+    return {
+        "blocked": len(sent),
+        "mean_chars_sent": float(np.mean([len(s) for s in sent])) if sent else None,
+        "with_uncommon_word": int(sum(with_word)),
+        "with_uncommon_word_ci95": wilson(int(sum(with_word)), len(sent)),
+    }
+
+
 def leak_before_cut(guards: dict[str, OutputGuard], texts: list[str]) -> dict[str, dict[str, Any]]:
-    """Per release rule: over the texts it blocked, the characters sent before the cut and the share whose
-    sent part held an uncommon word of a request."""
-    out = {}
-    for mode, guard in guards.items():
-        protected = _protected_words(guard)
-        sent = [s for blocked, _, _, s in (_stream(guard, t) for t in texts) if blocked]
-        with_word = [bool({re.sub(r"[^a-z0-9]", "", w.lower()) for w in s.split()} & protected) for s in sent]
-        out[mode] = {
-            "blocked": len(sent),
-            "mean_chars_sent": float(np.mean([len(s) for s in sent])) if sent else None,
-            "with_uncommon_word": int(sum(with_word)),
-            "with_uncommon_word_ci95": wilson(int(sum(with_word)), len(sent)),
-        }
-    return out
+    """`sent_before_cut` per release rule, each guard streaming `texts` itself."""
+    return {mode: sent_before_cut(guard, [_stream(guard, t) for t in texts]) for mode, guard in guards.items()}
 
 
 def _ordinary_answers(model: str | None, prompts: list[str], tokens: int) -> list[str]:
@@ -173,8 +175,12 @@ def run_output_guard_eval(opts: OutputGuardEvalOptions) -> dict[str, Any]:
             "ci95": wilson(int(sum(blocked)), len(texts)),
             "name_share": sum(any(n.lower() in t.lower() for n in all_names) for t in texts) / max(len(texts), 1),
         }
-        if should_block:
-            rows[name]["sent_before_cut"] = leak_before_cut(guards, texts)
+        if should_block:  # the strict guard's streams are `outcomes`: only the fixed one streams them again
+            fixed = guards["fixed"]
+            rows[name]["sent_before_cut"] = {
+                "strict": sent_before_cut(guard, outcomes),
+                "fixed": sent_before_cut(fixed, [_stream(fixed, t) for t in texts]),
+            }
         examples[name] = [t for t, b in zip(texts, blocked, strict=True) if b != should_block][:20]
     negatives = [r for r in rows.values() if not r["should_block"]]
     false_blocks = sum(r["blocked"] for r in negatives) / max(sum(r["n"] for r in negatives), 1)

@@ -71,21 +71,25 @@ class RequestHolds:
 
 
 class ReleaseIndex:
-    """The union of every loaded request's holds, as prefix sets the release rule reads in one pass."""
+    """The union of every loaded request's holds, as prefix sets the release rule reads in one pass.
+
+    The sets are rebuilt when the rule next runs after a change, not at every change: a server that loads
+    a thousand requests at start builds them once."""
 
     def __init__(self) -> None:
         self.requests: dict[str, RequestHolds] = {}
-        self._build()
+        self._stale = True
 
     def set(self, request_id: str, holds: RequestHolds) -> None:
         self.requests[request_id] = holds
-        self._build()
+        self._stale = True
 
     def remove(self, request_id: str) -> None:
         if self.requests.pop(request_id, None) is not None:
-            self._build()
+            self._stale = True
 
     def _build(self) -> None:
+        self._stale = False
         holds = list(self.requests.values())
         words = set().union(*(h.words for h in holds))
         self.words = words
@@ -103,15 +107,14 @@ class ReleaseIndex:
         self.answer_runs = grams | {g[:k] for g in grams for k in (1, 2, 3)}
         self.rare_words = set().union(*(h.rare_words for h in holds))
 
-    def __bool__(self) -> bool:
-        return bool(self.requests)
-
     # -- the rule -------------------------------------------------------------------------------------
     def hold_from(self, text: str, final: bool, info: Callable[[str], float]) -> int:
         """The earliest position of `text` (an output so far) that must stay held; len(text) holds nothing.
         `info`: how much a (folded) word says (the guard's information weight)."""
         if final or not self.requests:
             return len(text)
+        if self._stale:
+            self._build()
         toks = tokens(text)
         unfinished = bool(text) and text[-1].isalnum() and bool(toks) and toks[-1][2] == len(text)
         candidates = [
@@ -125,7 +128,7 @@ class ReleaseIndex:
         ]
         return min(len(text), *candidates)
 
-    def protected_like(self, word: str) -> bool:
+    def _protected_like(self, word: str) -> bool:
         """Whether a complete word could be part of a protected phrase (one edit allowed when long)."""
         for form in _forms(word):
             if form in self.words or form in self.word_deletions:
@@ -136,7 +139,7 @@ class ReleaseIndex:
                 return True
         return False
 
-    def could_grow(self, partial: str) -> bool:
+    def _could_grow(self, partial: str) -> bool:
         """Whether an unfinished word could still become a protected word."""
         for form in _forms(partial):
             if form in self.word_prefixes or form in self.typo_prefixes:
@@ -148,12 +151,12 @@ class ReleaseIndex:
     def _word_run(self, text: str, toks: list[tuple[str, int, int]], unfinished: bool) -> int:
         hold = len(text)
         complete = toks[:-1] if unfinished else toks
-        if unfinished and self.could_grow(toks[-1][0]):
+        if unfinished and self._could_grow(toks[-1][0]):
             hold = toks[-1][1]
         elif unfinished:
             return hold  # the last word cannot become protected: nothing before it continues a phrase
         for word, start, _ in reversed(complete):
-            if not self.protected_like(word):
+            if not self._protected_like(word):
                 break
             hold = start
         return hold
