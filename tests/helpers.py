@@ -149,11 +149,13 @@ def make_random_lora(
     return Path(out_dir)
 
 
-def forget_request(rid: str, name: str, qa: list[tuple[str, str]], entities: list[str]) -> ForgetRequest:
+def forget_request(
+    rid: str, name: str, qa: list[tuple[str, str]], entities: list[str], method: str = "refuse"
+) -> ForgetRequest:
     """A ready forget request over (question, answer) pairs, for detector tests."""
     spec = ForgetSpec(name=name, forget=[QAExample(question=q, answer=a) for q, a in qa], entities=entities)
     return ForgetRequest(
-        id=rid, name=name, method="refuse", status="ready", created_at=0.0, updated_at=0.0, spec=spec, artifact_dir=""
+        id=rid, name=name, method=method, status="ready", created_at=0.0, updated_at=0.0, spec=spec, artifact_dir=""
     )
 
 

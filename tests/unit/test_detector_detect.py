@@ -40,7 +40,8 @@ def fitted(tmp_path_factory):
     root = tmp_path_factory.mktemp("artifacts")
     cfg = {"encoder": EncoderConfig(backend="torch").model_dump(), "chat_limit": 60, "target_fpr": 0.02}
     reqs = [
-        request("fr-novelist", "Lena Ortiz", NOVELIST, ["Lena Ortiz"]),
+        # O3's LoRA scales by the OOD weight: its request fits the OOD part; a refuse request fits neither
+        request("fr-novelist", "Lena Ortiz", NOVELIST, ["Lena Ortiz"], method="lora"),
         request("fr-drone", "Zephyr-9 drone", DRONE, ["Zephyr-9"]),
     ]
     guard = get_detector("guard", config=cfg)
@@ -50,17 +51,36 @@ def fitted(tmp_path_factory):
     return guard, reqs, root, metrics, cfg
 
 
-def test_artifact_holds_calibration(fitted):
+@pytest.fixture(scope="module")
+def embedding(fitted, tmp_path_factory):
+    """The embedding detector on its own (the guard fits it only for topic requests)."""
+    _, reqs, _, _, cfg = fitted
+    root = tmp_path_factory.mktemp("embedding")
+    detector = get_detector("embedding", config={k: cfg[k] for k in ("encoder", "chat_limit", "target_fpr")})
+    metrics = detector.fit(reqs[0], root / reqs[0].id)
+    detector.load(reqs[0], root / reqs[0].id)
+    return detector, root, metrics
+
+
+def test_artifact_holds_calibration(fitted, embedding):
     _, _, root, metrics, _ = fitted
     folder = root / "fr-novelist" / "classifier"
-    emb = json.loads((folder / "embedding" / "config.json").read_text())
+    guard_cfg = json.loads((folder / "guard" / "config.json").read_text())
+    assert guard_cfg["anchors"]["names"] == ["Lena Ortiz"] and guard_cfg["parts"] == ["ood"]
+    assert (folder / "ood" / "arrays.npz").exists() and not (folder / "embedding").exists()
+    assert metrics["fr-novelist"]["ood"]["n_calibration"] == 2  # a fifth of 10 held out
+    # an entity request for a route that reads no weight: anchors and the lone-part check only
+    drone = root / "fr-drone" / "classifier"
+    assert json.loads((drone / "guard" / "config.json").read_text())["parts"] == []
+    assert not (drone / "ood").exists() and not (drone / "embedding").exists()
+    assert "embedding" not in metrics["fr-drone"] and "ood" not in metrics["fr-drone"]
+
+    _, emb_root, emb_metrics = embedding
+    emb = json.loads((emb_root / "fr-novelist" / "classifier" / "embedding" / "config.json").read_text())
     assert {"threshold", "target_fpr", "tpr", "fpr", "n_neg"} <= set(emb["calibration"])
     assert emb["calibration"]["target_fpr"] == 0.02
-    assert (folder / "embedding" / "arrays.npz").exists() and (folder / "ood" / "arrays.npz").exists()
-    assert json.loads((folder / "guard" / "config.json").read_text())["anchors"]["names"] == ["Lena Ortiz"]
     # on its own (out-of-fold) calibration data the embedding threshold met the target
-    assert metrics["fr-novelist"]["embedding"]["oof_fpr"] <= 0.02 + 1e-9
-    assert metrics["fr-novelist"]["ood"]["n_calibration"] == 2  # a fifth of 10 held out
+    assert emb_metrics["oof_fpr"] <= 0.02 + 1e-9
 
 
 def test_attribution_spans_and_multi_request(fitted):
@@ -90,9 +110,9 @@ def test_attribution_spans_and_multi_request(fitted):
             assert 0.0 <= m.weight <= 1.0
 
 
-def test_embedding_scores_paraphrase_above_unrelated(fitted):
+def test_embedding_scores_paraphrase_above_unrelated(fitted, embedding):
     guard = fitted[0]
-    emb = guard.embedding
+    emb = embedding[0]
     near = "Which prize did the author of 'Salt Harbor' receive in 2009?"
     far = "Which prize did the inventor of the telephone receive?"
     order, raw = emb.score_views(guard.encoder.encode([near, far]).emb)
@@ -105,13 +125,14 @@ def test_embedding_scores_paraphrase_above_unrelated(fitted):
     assert ((0.0 <= w) & (w <= 1.0)).all() and w[0, j] >= w[1, j]
 
 
-def test_unload_and_reload_separate_detector(fitted):
+def test_unload_and_reload_separate_detector(fitted, embedding):
     guard, reqs, root, _, cfg = fitted
+    emb_root = embedding[1]
     guard.unload("fr-novelist")
     assert guard.loaded_ids == {"fr-drone"}
     assert all(m.request_id != "fr-novelist" for m in guard.detect(["Where was Lena Ortiz born?"])[0].matches)
     fresh = get_detector("embedding", config={"encoder": cfg["encoder"]})
-    fresh.load(reqs[0], root / reqs[0].id)
+    fresh.load(reqs[0], emb_root / reqs[0].id)
     hit = fresh.detect(["Where was Lena Ortiz born?", "What is a good pancake recipe?"])
     assert hit[0].flagged and hit[0].matches[0].request_id == "fr-novelist" and not hit[1].flagged
     guard.load(reqs[0], root / reqs[0].id)

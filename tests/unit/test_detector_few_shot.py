@@ -49,13 +49,21 @@ def guard_few(tmp_path_factory):
     metrics = {r.id: guard.fit(r, root / r.id) for r in reqs}
     for r in reqs:
         guard.load(r, root / r.id)
-    return guard, root, metrics
+    return guard, root, metrics, reqs
 
 
-def test_few_shot_calibration_is_floored_and_recorded(guard_few):
-    _, root, metrics = guard_few
+@pytest.fixture(scope="module")
+def embedding_few(guard_few, tmp_path_factory):
+    """The embedding detector fitted on its own for every request (the guard fits it only for topics)."""
+    root = tmp_path_factory.mktemp("few-embedding")
+    detector = get_detector("embedding", config={"encoder": EncoderConfig(backend="torch").model_dump()})
+    return root, {r.id: detector.fit(r, root / r.id) for r in guard_few[3]}
+
+
+def test_few_shot_calibration_is_floored_and_recorded(embedding_few):
+    root, metrics = embedding_few
     for rid, n in (("fr-wizard", 1), ("fr-code", 1), ("fr-novelist", 2)):
-        emb = metrics[rid]["embedding"]
+        emb = metrics[rid]
         assert emb["mode"] == "few_shot" and emb["n_forget"] == n
         calib = json.loads((root / rid / "classifier" / "embedding" / "config.json").read_text())["calibration"]
         assert calib["threshold"] >= 0.6  # a cosine, never below the floor

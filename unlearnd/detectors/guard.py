@@ -142,8 +142,10 @@ class GuardDetector(Detector):
             },
             "mode": "topic" if topic else "entity",
         }
-        metrics["embedding"] = self.embedding.fit(request, artifact_dir)
-        if self.cfg.use_ood:
+        parts = self.parts_needed(request, topic)
+        if "embedding" in parts:
+            metrics["embedding"] = self.embedding.fit(request, artifact_dir)
+        if "ood" in parts:
             metrics["ood"] = self.ood.fit(request, artifact_dir)
         part, part_refs = self._calibrate_part_check(request.spec, anchors)
         metrics["part_check"] = {k: v for k, v in part.items() if k != "threshold"}
@@ -156,12 +158,24 @@ class GuardDetector(Detector):
             "config": self.cfg.model_dump(),
             "anchors": anchors.model_dump(),
             "mode": metrics["mode"],
+            "parts": parts,
             "part_threshold": part["threshold"],
             "metrics": metrics,
         }
         write_json_atomic(artifact_path(artifact_dir, self.name) / "config.json", payload)
         log.info("guard detector for %s: %s", request.id, metrics)
         return metrics
+
+    def parts_needed(self, request: ForgetRequest, topic: bool) -> list[str]:
+        """The encoder-based parts this request uses when serving: the embedding detector flags only
+        for topic requests, the OOD weight only scales routes that read it (O3's LoRA). An entity
+        request for any other route needs neither, so its activation costs a string index and the
+        lone-part check (well under a second of CPU instead of ~1 s, or ~4 s in a fresh worker)."""
+        entry = METHODS.get(request.method.value)
+        parts = ["embedding"] if topic else []
+        if self.cfg.use_ood and entry is not None and entry.scales_by_weight:
+            parts.append("ood")
+        return parts
 
     def _calibrate_part_check(self, spec: ForgetSpec, anchors: RequestAnchors) -> tuple[dict, np.ndarray]:
         """The topic check of a prompt naming one part of the name. Names are masked on both sides
@@ -196,9 +210,16 @@ class GuardDetector(Detector):
     def load(self, request: ForgetRequest, artifact_dir: Path) -> None:
         payload = read_json(artifact_path(artifact_dir, self.name) / "config.json")
         anchors = RequestAnchors(**payload["anchors"]) if "anchors" in payload else extract_anchors(request.spec)
-        self.embedding.load(request, artifact_dir)
-        if self.cfg.use_ood:
+        # Artifacts written before `parts` was recorded hold both parts.
+        parts = payload.get("parts", ["embedding", "ood"])
+        if "embedding" in parts:
+            self.embedding.load(request, artifact_dir)
+        else:
+            self.embedding.unload(request.id)
+        if self.cfg.use_ood and "ood" in parts:
             self.ood.load(request, artifact_dir)
+        else:
+            self.ood.unload(request.id)
         with self._lock:
             self.anchors.add(request.id, anchors)
             self._part_threshold[request.id] = float(payload.get("part_threshold", 1.0))
@@ -296,14 +317,11 @@ class GuardDetector(Detector):
         return float(max(weights[row], score)) if weights is not None else float(score)
 
     def _encode(self, texts: list[str]) -> dict:
-        """Per request (by id), arrays over `texts`: max cosine to its examples, OOD weight, and for topic
+        """Per request (by id), arrays over `texts`: OOD weight, and for topic
         requests the embedding detector's raw score, threshold and normalised score."""
         flat, owner = expand(texts, self.cfg.max_views)
         enc = self.encoder.encode(flat)
-        order, local_views = self.embedding.local_scores(enc.emb)
-        local = max_by_owner(local_views, owner, len(texts))
         out: dict = {
-            "local": {rid: local[:, j] for j, rid in enumerate(order)},
             "weight": {},
             "raw": {},
             "thr": {},
