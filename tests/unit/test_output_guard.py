@@ -338,6 +338,29 @@ def test_a_spread_out_name_leaves_at_most_three_of_its_letters():
     assert sum(c.isalpha() for c in leaked) <= 3, leaked
 
 
+def test_a_typoed_name_leaves_at_most_three_of_its_letters():
+    """A name with a letter missing or changed is still the name (the name search allows one typo)."""
+    guard = OutputGuard()
+    guard.load(forget_request())
+    for typo in ("Takashi Makamura", "Takasi Nakamura", "Takashi Nakamuro"):
+        pieces = ["The", " author", " is"] + [" " + p for p in typo.split()] + [",", " a", " novelist", "."]
+        pieces = [q for p in pieces for q in (p[:4], p[4:]) if q]  # tokens of up to four characters
+        released, blocks = _timeline(guard, pieces)
+        sent = "".join(text for _, text in released)
+        assert blocks and sent.endswith(REFUSAL), typo
+        leaked = sent.removesuffix(REFUSAL).removeprefix("The author is")
+        assert sum(c.isalpha() for c in leaked) <= 3, (typo, leaked)
+
+
+def test_a_titles_ordinary_words_are_not_held_on_their_own():
+    """The request's title starts "The Breath": an answer's first "The" is no part of it yet."""
+    guard = OutputGuard()
+    guard.load(forget_request())
+    released, blocks = _timeline(guard, ["The", " weather", " is", " mild", " today", "."])
+    assert not blocks and released[0] == (1, "The")  # out with its own token
+    assert guard.holds.hold_from("The Breath Betw", False, lambda w: 0.0) == 0  # the title is held whole
+
+
 def test_a_reproduced_answer_is_held_from_its_first_telling_word():
     guard = OutputGuard()
     guard.load(forget_request())

@@ -301,14 +301,18 @@ class AnchorIndex:
             ]
         return out
 
-    def release_words(self, request_id: str) -> tuple[set[str], list[list[str]], bool]:
-        """What the output guard's release rule watches for one request: every word of its names and titles
-        (folded), its birthplaces (when it has birth dates to pair them with), and whether it has dates."""
-        words = {part for pattern in self._names.get(request_id, []) for part in pattern.parts}
-        words |= {w for title in self._titles.get(request_id, []) for w in title.words}
+    def release_words(self, request_id: str) -> tuple[set[str], set[str], list[list[str]], bool]:
+        """What the output guard's release rule watches for one request: the parts of its names (folded;
+        the name search allows them a typo), the uncommon words of its titles and birthplaces (matched as
+        written), its birthplaces (when it has birth dates to pair them with), and whether it has dates.
+        A title's or a place's ordinary words ("the", "of", "new") say nothing on their own: titles are
+        held as a whole (their letters) and places as phrases."""
+        names = {part for pattern in self._names.get(request_id, []) for part in pattern.parts}
         places = self._places.get(request_id, [])
-        words |= {w for place in places for w in place}
-        return {w for w in words if w}, [p for p in places if p], bool(self._dates.get(request_id))
+        other = {w for title in self._titles.get(request_id, []) for w in title.words}
+        other |= {w for place in places for w in place}
+        other = {w for w in other if len(w) >= 3 and w not in self.common and w not in STOPWORDS}
+        return {w for w in names if w}, other - names, [p for p in places if p], bool(self._dates.get(request_id))
 
     def name_parts(self, request_id: str, uncommon_only: bool = False) -> set[str]:
         """The distinctive parts of a request's names (folded): "basil", "mahfouz", "kuwaiti"; with

@@ -218,10 +218,10 @@ class OutputGuard:
             self.holds.set(request.id, self._holds(request.id, answers, rare_words))
 
     def _holds(self, request_id: str, answers: list[_Answer], rare_words: set[str]) -> RequestHolds:
-        words, places, dates = self.anchors.release_words(request_id)
+        words, exact_words, places, dates = self.anchors.release_words(request_id)
         forms = {form for form, _ in self._hidden.get(request_id, [])}
         grams = {gram for answer in answers for gram in answer.starts}
-        return RequestHolds(words, forms, places, dates, grams, rare_words)
+        return RequestHolds(words, forms, places, dates, grams, rare_words, exact_words)
 
     def unload(self, request_id: str) -> None:
         with self._lock:

@@ -5,9 +5,10 @@ match that completes later ("Takashi" before " Nakamura"). Holding a fixed 96 ch
 ordinary stream wait for 96 characters. Instead, `ReleaseIndex.hold_from` finds the earliest position
 where a protected match could still be under way, and everything before it is released:
 
-* the unfinished last word, when it could still grow into a protected word (a prefix, one edit allowed);
-* a trailing run of complete words each of which could be part of a protected phrase (a name part, a
-  title word, a birthplace word; one edit allowed; leetspeak and other scripts read as letters);
+* the unfinished last word, when it could still grow into a protected word (a prefix as written; with one
+  edit once it has `MIN_LETTERS` letters, for name parts long enough for the name search to allow a typo);
+* a trailing run of complete words each of which could be part of a protected phrase (a name part, with one
+  edit when long; an uncommon title or birthplace word; leetspeak and other scripts read as letters);
 * a disguised form in progress: a suffix of the output's letters (spacing, digits and punctuation
   dropped; also what NATO code words spell) that begins a whole name or title, as written, reversed or
   ROT13'd, once that suffix is `MIN_LETTERS` long (so at most `MIN_LETTERS - 1` letters of a spread-out
@@ -62,12 +63,13 @@ def _forms(word: str) -> set[str]:
 class RequestHolds:
     """What one forget request protects, in the shapes the release rule looks for."""
 
-    words: set[str] = field(default_factory=set)  # name parts, title words, birthplace words (folded)
+    words: set[str] = field(default_factory=set)  # name parts (folded; one typo allowed when long)
     forms: set[str] = field(default_factory=set)  # whole names and titles, letters only, + reversed, ROT13
     places: list[list[str]] = field(default_factory=list)  # birthplaces (folded words), when it has dates
     dates: bool = False
     answer_grams: set[tuple[str, ...]] = field(default_factory=set)  # distinctive 4-grams of its forget answers
     rare_words: set[str] = field(default_factory=set)  # uncommon words of its forget answers
+    exact_words: set[str] = field(default_factory=set)  # uncommon title and birthplace words (as written)
 
 
 class ReleaseIndex:
@@ -91,13 +93,15 @@ class ReleaseIndex:
     def _build(self) -> None:
         self._stale = False
         holds = list(self.requests.values())
-        words = set().union(*(h.words for h in holds))
+        names = set().union(*(h.words for h in holds))
+        words = names | set().union(*(h.exact_words for h in holds))
         self.words = words
-        self.word_deletions = set().union(*(_deletions(w) for w in words if len(w) >= MIN_TYPO_LEN))
         self.word_prefixes = {w[:i] for w in words for i in range(1, len(w) + 1)}
-        self.typo_prefixes = {
-            d[:i] for w in words if len(w) >= MIN_TYPO_LEN for d in _deletions(w) for i in range(1, len(d) + 1)
-        }
+        # One typo, as the name search allows it: only in name parts this long (titles and places match as written)
+        self.typo_words = {w for w in names if len(w) >= MIN_TYPO_LEN}
+        self.typo_word_prefixes = {w[:i] for w in self.typo_words for i in range(MIN_LETTERS - 1, len(w) + 1)}
+        self.word_deletions = set().union(*(_deletions(w) for w in self.typo_words))
+        self.typo_prefixes = {d[:i] for d in self.word_deletions for i in range(MIN_LETTERS - 1, len(d) + 1)}
         forms = set().union(*(h.forms for h in holds))
         self.form_prefixes = {f[:i] for f in forms for i in range(MIN_LETTERS, len(f) + 1)}
         self.longest_form = max((len(f) for f in forms), default=0)
@@ -129,23 +133,32 @@ class ReleaseIndex:
         return min(len(text), *candidates)
 
     def _protected_like(self, word: str) -> bool:
-        """Whether a complete word could be part of a protected phrase (one edit allowed when long)."""
+        """Whether a complete word could be part of a protected phrase (a name part with one typo when long)."""
         for form in _forms(word):
-            if form in self.words or form in self.word_deletions:
+            if form in self.words:
                 return True
-            if len(form) >= MIN_TYPO_LEN - 1 and any(d in self.words for d in _deletions(form)):
-                return True
+            if len(form) < MIN_TYPO_LEN - 1:
+                continue
+            if form in self.word_deletions or any(d in self.typo_words for d in _deletions(form)):
+                return True  # a letter missing, or one too many
             if len(form) >= MIN_TYPO_LEN and _deletions(form) & self.word_deletions:
-                return True
+                return True  # a letter changed or two swapped
         return False
 
     def _could_grow(self, partial: str) -> bool:
-        """Whether an unfinished word could still become a protected word."""
+        """Whether an unfinished word could still become a protected word: as written from its first
+        letter; with a typo once it has `MIN_LETTERS` letters (a typo'd name is a disguised form, and the
+        letters rule lets as many letters of a disguised form leave: with a hundred requests nearly every
+        short start is one edit from some name's start, and holding those held every stream's first word)."""
         for form in _forms(partial):
-            if form in self.word_prefixes or form in self.typo_prefixes:
+            if form in self.word_prefixes:
                 return True
-            if any(d in self.word_prefixes for d in _deletions(form)):
-                return True
+            if len(form) < MIN_LETTERS:
+                continue
+            if form in self.typo_prefixes:
+                return True  # a letter missing
+            if any(d in self.typo_word_prefixes or d in self.typo_prefixes for d in _deletions(form)):
+                return True  # one letter too many, or a letter changed
         return False
 
     def _word_run(self, text: str, toks: list[tuple[str, int, int]], unfinished: bool) -> int:
