@@ -42,7 +42,7 @@ FLAG_SCORE = 0.75  # anchors at or above this flag on their own
 _LIST_SEP = re.compile(r"\s*[,;/&]\s*|\s+and\s+")
 _QUOTED = re.compile(r"\"([^\"]{3,})\"|“([^”]{3,})”|(?<![\w])'([^']{3,})'(?![\w])|‘([^’]{3,})’")
 _NOT_TITLES = re.compile(r"\b(award|prize|medal|honou?r|fellowship|trophy|grant|scholarship)s?\b", re.IGNORECASE)
-_COMPACT_MIN = 8  # letters of a name searched as a substring (shorter ones collide with ordinary words)
+COMPACT_MIN = 8  # letters of a name searched as a substring (shorter ones collide with ordinary words)
 _TITLE_COMPACT_MIN = 14
 # "born in Tokyo, Japan", "hails from Cape Town, South Africa": the city (before the comma) is kept
 _BIRTHPLACE = re.compile(
@@ -269,7 +269,7 @@ class AnchorIndex:
         """For each search index, the keys under which `request_id` is filed."""
         names = self._names.get(request_id, [])
         titles = self._titles.get(request_id, [])
-        compacts = [p.compact for p in names if len(p.compact) >= _COMPACT_MIN]
+        compacts = [p.compact for p in names if len(p.compact) >= COMPACT_MIN]
         compacts += [t.compact for t in titles if len(t.compact) >= _TITLE_COMPACT_MIN]
         places = self._places.get(request_id, [])
         return [
@@ -286,20 +286,17 @@ class AnchorIndex:
             found |= index.get(key, set())
         return sorted(found, key=self._order.__getitem__)
 
-    def hidden_forms(self) -> dict[str, list[tuple[str, str]]]:
-        """Per request: (letters-only form, what it is) of each whole name and long title, as written,
+    def hidden_forms(self, request_id: str) -> list[tuple[str, str]]:
+        """(letters-only form, what it is) of each of a request's whole names and long titles, as written,
         reversed and ROT13'd, for a search in text whose letters are spread out ("J-a-i-m-e", "J1a2i3")."""
-        out: dict[str, list[tuple[str, str]]] = {}
-        for request_id, names in self._names.items():
-            forms = [(p.compact, p.entity) for p in names if len(p.compact) >= _COMPACT_MIN]
-            titles = self._titles.get(request_id, [])
-            forms += [(t.compact, t.title) for t in titles if len(t.compact) >= _TITLE_COMPACT_MIN]
-            out[request_id] = [
-                (variant, entity)
-                for compact, entity in forms
-                for variant in dict.fromkeys((compact, compact[::-1], codecs.encode(compact, "rot13")))
-            ]
-        return out
+        forms = [(p.compact, p.entity) for p in self._names.get(request_id, []) if len(p.compact) >= COMPACT_MIN]
+        titles = self._titles.get(request_id, [])
+        forms += [(t.compact, t.title) for t in titles if len(t.compact) >= _TITLE_COMPACT_MIN]
+        return [
+            (variant, entity)
+            for compact, entity in forms
+            for variant in dict.fromkeys((compact, compact[::-1], codecs.encode(compact, "rot13")))
+        ]
 
     def release_words(self, request_id: str) -> tuple[set[str], set[str], list[list[str]], bool]:
         """What the output guard's release rule watches for one request: the parts of its names (folded;
@@ -393,7 +390,7 @@ class AnchorIndex:
         keys = {c[i : i + 4] for c in compacts for i in range(len(c) - 3)}
         for request_id in self._candidates(self._by_compact, keys):
             for pattern in self._names[request_id]:
-                if len(pattern.compact) >= _COMPACT_MIN and any(pattern.compact in c for c in compacts):
+                if len(pattern.compact) >= COMPACT_MIN and any(pattern.compact in c for c in compacts):
                     yield request_id, AnchorHit(NAME_SCORE, "name_hidden", entity=pattern.entity)
             for title in self._titles.get(request_id, []):
                 if len(title.compact) >= _TITLE_COMPACT_MIN and any(title.compact in c for c in compacts):

@@ -7,6 +7,7 @@ import re
 import unicodedata
 
 _TOKEN = re.compile(r"[^\W_]+(?:['’][^\W_]+)?", re.UNICODE)
+_POSSESSIVE = re.compile(r"['’](s|S)$")
 STOPWORDS = {
     "the",
     "and",
@@ -133,6 +134,8 @@ FUNCTION_WORDS = {
 
 def fold(text: str) -> str:
     """Lower-case and strip diacritics ("Müller" -> "muller")."""
+    if text.isascii():  # nothing to decompose (the output guard folds every word of every delta)
+        return text.lower()
     norm = unicodedata.normalize("NFKD", text)
     return "".join(c for c in norm if not unicodedata.combining(c)).lower()
 
@@ -142,7 +145,7 @@ def tokens(text: str) -> list[tuple[str, int, int]]:
     out = []
     for m in _TOKEN.finditer(text):
         word, start = m.group(0), m.start()
-        if re.search(r"['’](s|S)$", word):  # possessive: "Vasquez's"
+        if _POSSESSIVE.search(word):  # possessive: "Vasquez's"
             word = word[:-2]
         out.append((word, start, start + len(word)))
     return out

@@ -43,12 +43,13 @@ from typing import Any
 
 import numpy as np
 
-from unlearnd.detectors.anchors import FLAG_SCORE, AnchorIndex, extract_anchors
+from unlearnd.detectors.anchors import COMPACT_MIN, FLAG_SCORE, AnchorIndex, extract_anchors
 from unlearnd.detectors.negatives import chat_prompts
 from unlearnd.detectors.normalize import letters, to_ascii
 from unlearnd.detectors.spans import FUNCTION_WORDS, STOPWORDS, fold
 from unlearnd.domain import ForgetRequest, ForgetSpec
 from unlearnd.engine.base import ChoiceDelta, TokenLogprob
+from unlearnd.guardrail.lookup import MeaningMatrix, OwnerIndex
 from unlearnd.guardrail.release import RELEASE_MODES, ReleaseIndex, RequestHolds
 from unlearnd.interventions.guardrails import refusal_of
 
@@ -186,7 +187,11 @@ class OutputGuard:
         self.encoder = encoder
         self.anchors = AnchorIndex()
         self.loaded: dict[str, _Loaded] = {}
-        self._hidden: dict[str, list[tuple[str, str]]] = {}
+        self._hidden: dict[str, list[str]] = {}  # request -> its spread-out name and title forms
+        self._hidden_index = OwnerIndex()  # first COMPACT_MIN letters of a hidden form -> requests
+        self._grams = OwnerIndex()  # a forget answer's 4-gram -> requests
+        self._meaning_matrix = MeaningMatrix()
+        self._protected: tuple[dict, frozenset[str]] = ({}, frozenset())  # (of which `loaded`, its protected words)
         self._parts: dict[str, set[str]] = {}
         self._lock = threading.Lock()  # loads run in a worker thread while checks run on the event loop
         self._ordinary_emb: np.ndarray | None = None
@@ -198,6 +203,10 @@ class OutputGuard:
     @property
     def meanings(self) -> dict[str, _Meanings]:
         return {rid: entry.meanings for rid, entry in self.loaded.items() if entry.meanings is not None}
+
+    @property
+    def checks_meaning(self) -> bool:
+        return self.encoder is not None and bool(self._meaning_matrix)
 
     def load(self, request: ForgetRequest) -> None:
         if request.spec.options.get("output_guard") is False:
@@ -211,7 +220,13 @@ class OutputGuard:
         with self._lock:
             self.anchors.add(request.id, anchors)
             self._parts[request.id] = self.anchors.name_parts(request.id)
-            self._hidden = self.anchors.hidden_forms()
+            self._hidden[request.id] = [form for form, _ in self.anchors.hidden_forms(request.id)]
+            self._hidden_index.set(request.id, {form[:COMPACT_MIN] for form in self._hidden[request.id]})
+            self._grams.set(request.id, {gram for answer in answers for gram in answer.starts})
+            if meanings is not None:
+                self._meaning_matrix.set(request.id, meanings.answers, meanings.thresholds)
+            else:
+                self._meaning_matrix.remove(request.id)
             uncommon_parts = self.anchors.name_parts(request.id, uncommon_only=True)
             protected = frozenset(uncommon_parts | {_letters(w) for w in rare_words} - {""})
             self.loaded = {**self.loaded, request.id: _Loaded(answers, meanings, refusal_of(request), protected)}
@@ -219,7 +234,7 @@ class OutputGuard:
 
     def _holds(self, request_id: str, answers: list[_Answer], rare_words: set[str]) -> RequestHolds:
         words, exact_words, places, dates = self.anchors.release_words(request_id)
-        forms = {form for form, _ in self._hidden.get(request_id, [])}
+        forms = set(self._hidden.get(request_id, []))
         grams = {gram for answer in answers for gram in answer.starts}
         return RequestHolds(words, forms, places, dates, grams, rare_words, exact_words)
 
@@ -228,7 +243,10 @@ class OutputGuard:
             self.holds.remove(request_id)
             self.anchors.remove(request_id)
             self._parts.pop(request_id, None)
-            self._hidden = self.anchors.hidden_forms()
+            self._hidden.pop(request_id, None)
+            self._hidden_index.remove(request_id)
+            self._grams.remove(request_id)
+            self._meaning_matrix.remove(request_id)
             self.loaded = {rid: entry for rid, entry in self.loaded.items() if rid != request_id}
 
     def _meanings(self, request: ForgetRequest) -> _Meanings | None:
@@ -248,15 +266,13 @@ class OutputGuard:
 
     def restates(self, text: str) -> Block | None:
         """The first active request one of whose forget answers `text` restates (meaning check)."""
-        meanings = self.meanings
-        if not meanings or self.encoder is None:
+        if not self.checks_meaning:
             return None
         emb = self.encoder().encode([text]).emb[0]
-        for request_id, m in meanings.items():
-            entry = self.loaded.get(request_id)
-            if entry is not None and np.any(m.answers @ emb >= m.thresholds):
-                return Block(request_id, "answer:meaning", entry.refusal)
-        return None
+        with self._lock:
+            request_id = self._meaning_matrix.first_restated(emb)
+        entry = self.loaded.get(request_id) if request_id is not None else None
+        return Block(request_id, "answer:meaning", entry.refusal) if entry is not None else None
 
     def check(
         self,
@@ -269,25 +285,28 @@ class OutputGuard:
         letters only (default: from `text`); `flagged`: the requests the prompt was flagged for, on whose
         subject one distinctive part of a name alone is enough."""
         loaded = self.loaded
+        hidden = hidden if hidden is not None else letters(to_ascii(text))
+        grams = grams if grams is not None else _grams(_words(text))
+        windows = {hidden[i : i + COMPACT_MIN] for i in range(len(hidden) - COMPACT_MIN + 1)}
         with self._lock:
             found = self.anchors.find(text[-TAIL_CHARS:])
-            hidden_forms = self._hidden
+            hidden_forms = {rid: self._hidden[rid] for rid in self._hidden_index.owners(windows)}
             parts = {rid: self._parts.get(rid, set()) for rid in flagged}
+            repeating = self._grams.owners(grams)
         for request_id, hit in found.items():
             if hit.score >= FLAG_SCORE and request_id in loaded:
                 return Block(request_id, f"anchor:{hit.kind}", loaded[request_id].refusal)
-        hidden = hidden if hidden is not None else letters(to_ascii(text))
         for request_id, forms in hidden_forms.items():
-            if request_id in loaded and any(form in hidden for form, _ in forms):
+            if request_id in loaded and any(form in hidden for form in forms):
                 return Block(request_id, "anchor:name_hidden", loaded[request_id].refusal)
         if parts:
             words = {_letters(w) for w in _words(text[-TAIL_CHARS:])}
             for request_id, names in parts.items():
                 if request_id in loaded and words & names:
                     return Block(request_id, "name_part", loaded[request_id].refusal)
-        grams = grams if grams is not None else _grams(_words(text))
-        for request_id, entry in loaded.items():
-            if any(answer.repeated(grams) >= self.min_info for answer in entry.answers):
+        for request_id in repeating:  # only requests sharing a 4-gram with the output can be repeated
+            entry = loaded.get(request_id)
+            if entry is not None and any(answer.repeated(grams) >= self.min_info for answer in entry.answers):
                 return Block(request_id, "answer", entry.refusal)
         return None
 
@@ -296,7 +315,7 @@ class OutputGuard:
         if not self.loaded:
             return None
         block = self.check(text, flagged=flagged)
-        if block is None and self.meanings and len(text.split()) >= MEANING_MIN_WORDS:
+        if block is None and self.checks_meaning and len(text.split()) >= MEANING_MIN_WORDS:
             block = await asyncio.to_thread(self.restates, text.strip())
         return block
 
@@ -305,7 +324,11 @@ class OutputGuard:
         an uncommon word of a forget answer): the alternatives are what the model would have said."""
         if not delta.logprobs:
             return delta
-        protected = frozenset().union(*(entry.protected for entry in self.loaded.values()))
+        loaded = self.loaded  # replaced, never changed, on a load: the union is rebuilt once per table
+        source, protected = self._protected
+        if source is not loaded:
+            protected = frozenset().union(*(entry.protected for entry in loaded.values()))
+            self._protected = (loaded, protected)
         if not protected:
             return delta
         before = state.visible[: max(0, len(state.visible) - sum(len(t.token) for t in delta.logprobs))]
@@ -350,7 +373,7 @@ class OutputGuard:
                 state.words_seen = complete
             hidden = state.hidden if len(state.ahead) <= len(state.text) else letters(to_ascii(visible))
             block = self.check(visible, state.grams, hidden, flagged)
-            if block is None and self.meanings:
+            if block is None and self.checks_meaning:
                 block = await self._check_meaning(state, ended=final or bool(_SENTENCE_END.search(delta.text)))
             if block is not None:
                 state.blocked = block
