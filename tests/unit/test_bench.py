@@ -46,52 +46,160 @@ def test_ratios_pair_same_metric():
     assert math.isnan(ratios({"x": 1.0}, {"x": 0.0})["x"])
 
 
-def test_report_marks_targets(tmp_path):
-    def cell(route, c, ours, plain):
-        def summary(e2e):
-            return {
-                "requests": 2,
-                "errors": 0,
-                "ttft_p50": e2e / 10,
-                "ttft_p99": e2e / 10,
-                "tpot_p50": 0.01,
-                "tpot_p99": 0.01,
-                "e2e_p50": e2e,
-                "e2e_p99": e2e,
-                "req_throughput": 1 / e2e,
-                "tok_throughput": 32 / e2e,
-            }
+def _summary(e2e: float, ttft: float, tok_s: float) -> dict:
+    return {
+        "requests": 32,
+        "errors": 0,
+        "ttft_p50": ttft,
+        "ttft_p99": ttft,
+        "tpot_p50": 0.01,
+        "tpot_p99": 0.01,
+        "e2e_p50": e2e,
+        "e2e_p99": e2e,
+        "req_throughput": 1 / e2e,
+        "tok_throughput": tok_s,
+    }
 
-        o, p = summary(ours), summary(plain)
-        return {
-            "route": route,
-            "concurrency": c,
-            "unlearnd": o,
-            "vllm": p,
-            "ratio": ratios(o, p),
-            "routes_seen": [route],
-            "e2e_unlearnd": [ours, ours],
-            "e2e_vllm": [plain, plain],
-        }
 
-    result = {
-        "config": {"output_len": 32},
-        "cells": {"none@1": cell("none", 1, 1.01, 1.0), "none@16": cell("none", 16, 1.2, 1.0)},
-        "sweep": [
-            {"active_requests": 1, "classifier_ms_per_prompt": 1.0, "e2e_p50": 1.0},
-            {"active_requests": 100, "classifier_ms_per_prompt": 1.1, "e2e_p50": 1.0},
-        ],
+def _cell(route: str, c: int, active: int, ours: dict, plain: dict, reached: int | None = None) -> dict:
+    return {
+        "route": route,
+        "active": active,
+        "concurrency": c,
+        "concurrency_reached": c if reached is None else reached,
+        "servers": {"unlearnd": ours, "vllm": plain},
+        "ratio": {"vllm": ratios(ours, plain)},
+        "ratio_ci95": {"vllm": {"ttft_p50": [1.0, 1.2], "e2e_p50": None}},
+        "throughput_ratio_by_round": {"vllm": [0.97, 1.01]},
+        "routes_seen": [route],
+        "samples": {"unlearnd": [], "vllm": []},
+    }
+
+
+def _result(cells: dict, levels: list[dict] | None = None) -> dict:
+    return {
+        "config": {
+            "output_len": 32,
+            "output_guard": "strict",
+            "baselines": ["vllm"],
+            "levels": [0, 10],
+            "cell_levels": [10],
+            "concurrency": [1, 8],
+            "route_concurrency": [8],
+            "requests": 32,
+            "rounds": 4,
+            "classify_prompts": 8,
+        },
+        "cells": cells,
+        "levels": levels
+        or [
+            {
+                "level": 0,
+                "active_requests": 0,
+                "activated": 0,
+                "classify_call_ms_p50": 1.2,
+                "classify_call_ms_p99": 2.0,
+                "detector_ms_per_prompt": 0.01,
+            },
+            {
+                "level": 10,
+                "active_requests": 10,
+                "activated": 8,
+                "activation_wall_s_per_request": 0.6,
+                "worker_cpu_s_per_request": 0.3,
+                "classify_call_ms_p50": 1.9,
+                "classify_call_ms_p99": 3.5,
+                "detector_ms_per_prompt": 0.4,
+            },
+        ],  # fmt: skip
+        "load": [{"when": "start", "load1": 0.3, "load5": 0.4, "load15": 0.5}],
+        "profile": None,
+    }
+
+
+def test_report_marks_targets_and_cells_whose_concurrency_was_not_reached(tmp_path):
+    plain = _summary(1.0, 0.1, 100.0)
+    cells = {
+        "none@1@10": _cell("none", 1, 10, _summary(1.01, 0.105, 99.0), plain),
+        "none@8@10": _cell("none", 8, 10, _summary(1.2, 0.3, 90.0), plain, reached=5),
+        "refuse@8@10": _cell("refuse", 8, 10, _summary(0.01, 0.01, 0.0), plain),
     }
     md = write_report(
-        result, tmp_path / "latency", run_stamp("unlearnd bench serve --test", dtype="float32")
+        _result(cells), tmp_path / "latency", run_stamp("unlearnd bench serve --test", dtype="float32")
     ).read_text()
     assert "`unlearnd bench serve --test`" in md
     assert f"{os.cpu_count()}-core CPU" in md and "engine dtype float32" in md  # what ran, not a fixed string
-    assert "| non-flagged e2e p50 ratio, c=1 | 1.010 | <= 1.03 | yes |" in md
-    assert "| non-flagged e2e p50 ratio, c=16 | 1.200 | <= 1.03 | **no** |" in md
-    assert "| classifier cost 100 vs 1 requests | 1.100 | <= 1.2 | yes |" in md
-    assert "| ECO route e2e p50 ratio, c=1 | n/a |" in md
+    assert "| TTFT p50 ratio, 10 active, c=1 | 1.050 | <= 1.1 | yes |" in md
+    assert "| e2e p50 ratio, 10 active, c=1 | 1.010 | <= 1.02 | yes |" in md
+    # c=8 reached only 5 in flight: it measured something else, so its targets say n/a, and the cell is marked
+    assert "| e2e p50 ratio, 10 active, c=8 | n/a | <= 1.02 | n/a |" in md
+    assert "| none | 10 | 8 (5) **not reached** |" in md
+    assert "| classify call p50 (ms), one new prompt, 10 active | 1.900 | <= 3 | yes |" in md
+    assert "| worker CPU per refuse activation (s) | 0.300 | <= 1.0 | yes |" in md
+    assert "1.050 [1.000, 1.200]" in md and "(0.97-1.01)" in md
+    assert "| start | 0.30 / 0.40 / 0.50 |" in md and "forced" not in md
     assert (tmp_path / "latency.png").stat().st_size > 1000 and (tmp_path / "latency.json").exists()
+
+
+def test_report_says_when_a_run_was_forced_on_a_busy_machine(tmp_path):
+    result = {**_result({}), "forced_on_busy_machine": True}
+    md = write_report(result, tmp_path / "latency", run_stamp("cmd")).read_text()
+    assert "**Run forced on a busy machine**" in md
+
+
+def test_busy_machine_refuses_to_start(tmp_path, monkeypatch):
+    import pytest
+
+    from unlearnd.bench import latency
+
+    monkeypatch.setattr(latency.os, "getloadavg", lambda: (3.5, 2.0, 1.0))
+    with pytest.raises(latency.BusyMachine, match="load average 3.50"):
+        latency.bench_serve(tmp_path / "x", tmp_path, latency.BenchConfig(max_load=1.0))
+    assert not list(tmp_path.iterdir())  # refused before anything started or was written
+
+
+def test_a_cell_rotates_the_server_order_and_pairs_every_baseline(monkeypatch):
+    from unlearnd.bench import latency
+
+    calls = []
+
+    async def fake_drive(url, prompts, concurrency, max_tokens, timeout_s, in_flight):
+        calls.append(url)
+        in_flight.append(concurrency)
+        e2e = {"u": 1.1, "a": 1.0, "b": 0.5}[url]
+        return [Sample(e2e / 10, e2e, 8) for _ in prompts], e2e * len(prompts)
+
+    monkeypatch.setattr(latency, "drive", fake_drive)
+    cfg = latency.BenchConfig(rounds=3, requests=6)
+    cell = latency.measure_cell({"unlearnd": "u", "vllm": "a", "vllm-default": "b"}, ["p"] * 6, 2, cfg, seed=0)
+    assert calls == ["u", "a", "b", "a", "b", "u", "b", "u", "a"]  # each server first once
+    assert set(cell["ratio"]) == {"vllm", "vllm-default"} and cell["concurrency_reached"] == 2
+    assert math.isclose(cell["ratio"]["vllm"]["e2e_p50"], 1.1) and math.isclose(
+        cell["ratio"]["vllm-default"]["e2e_p50"], 2.2
+    )
+    assert len(cell["samples"]["unlearnd"]) == 6 and len(cell["throughput_ratio_by_round"]["vllm"]) == 3
+
+
+def test_lookalikes_are_new_people_with_borrowed_facts():
+    from unlearnd.bench.population import lookalike_authors
+
+    authors = [
+        {"name": f"{first} {last}", "entities": [f"{first} {last}"],
+         "forget": [{"question": f"Where was {first} {last} born?", "answer": f"{last} was born in Lima."}]}
+        for first, last in (("Ana", "Quispe"), ("Bo", "Lindqvist"), ("Chen", "Wei"), ("Dara", "Okafor"))
+    ]  # fmt: skip
+    made = lookalike_authors(authors, 6, seed=1)
+    names = [m["name"] for m in made]
+    assert len(set(names)) == 6 and not set(names) & {a["name"] for a in authors}
+    for m in made:
+        first, last = m["name"].split()
+        assert any(a["name"].startswith(first + " ") for a in authors) and any(
+            a["name"].endswith(" " + last) for a in authors
+        )
+        source = next(a for a in authors if a["name"] == m["lookalike_of"])
+        assert m["forget"][0]["question"] == f"Where was {m['name']} born?"
+        assert m["forget"][0]["answer"] == f"{last} was born in Lima." and source["name"] not in str(m["forget"])
+    assert [m["name"] for m in lookalike_authors(authors, 6, seed=2)] != names  # the seed changes the names
 
 
 def test_profile_summary_attributes_stacks_to_components(tmp_path):
@@ -118,9 +226,7 @@ def test_profile_summary_attributes_stacks_to_components(tmp_path):
 
 def test_report_shows_profile(tmp_path):
     result = {
-        "config": {"output_len": 8},
-        "cells": {},
-        "sweep": [],
+        **_result({}),
         "profile": {
             "cells": "none@1",
             "raw": "latency-profile.txt",

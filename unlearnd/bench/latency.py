@@ -211,56 +211,64 @@ def active_count(client: UnlearndClient) -> int:
     return int(client.health()["active_forget_requests"])
 
 
-# -- forget requests from TOFU authors ------------------------------------------------------------
-def tofu_authors(tofu_dir: Path, count: int) -> list[dict]:
-    """TOFU's full split holds 20 QA pairs per fictitious author, in order: one request per author
-    whose name can be derived from its questions (a few authors' cannot, and are skipped)."""
-    from unlearnd.data.tofu import TOFU_QA_PER_AUTHOR, TofuData
-    from unlearnd.detectors.names import derive_entities
+def worker_cpu_seconds(server_pid: int | None) -> float | None:
+    """CPU seconds the unlearnd server's training worker (a child process) has used so far."""
+    if server_pid is None:
+        return None
+    import psutil
 
-    rows = TofuData(tofu_dir, allow_hub=False).split("full")
-    authors = []
-    for index in range(len(rows) // TOFU_QA_PER_AUTHOR):
-        if len(authors) == count:
-            break
-        pairs = rows[index * TOFU_QA_PER_AUTHOR : (index + 1) * TOFU_QA_PER_AUTHOR]
-        names = derive_entities(pairs)
-        if not names:
-            continue
-        authors.append(
-            {
-                "name": names[0],
-                "entities": names,
-                "forget": [{"question": p.question, "answer": p.answer} for p in pairs],
-            }
-        )
-    return authors
+    try:
+        for child in psutil.Process(server_pid).children(recursive=True):
+            if any("unlearnd.jobs.worker" in part for part in child.cmdline()):
+                times = child.cpu_times()
+                return times.user + times.system
+    except psutil.Error:
+        return None
+    return None
 
 
 def register_requests(
-    client: UnlearndClient, specs: list[dict], method: str, options: dict | None = None, timeout_s: float = 1800
+    client: UnlearndClient, specs: list[dict], method: str, options: dict | None = None, timeout_s: float = 3600
 ) -> list[str]:
     """Register one request per spec and wait until every one is active."""
-    ids = [client.add_request({**spec, "method": method, "options": options or {}})["id"] for spec in specs]
+    fields = ("name", "entities", "forget")
+    ids = [
+        client.add_request({**{k: spec[k] for k in fields}, "method": method, "options": options or {}})["id"]
+        for spec in specs
+    ]
     deadline = time.monotonic() + timeout_s
     for request_id in ids:
-        client.wait_active(request_id, timeout_s=max(1.0, deadline - time.monotonic()), poll_s=1.0)
+        client.wait_active(request_id, timeout_s=max(1.0, deadline - time.monotonic()), poll_s=0.5)
     return ids
+
+
+def load_sample(when: str) -> dict:
+    one, five, fifteen = os.getloadavg()
+    return {"when": when, "load1": one, "load5": five, "load15": fifteen, "time": time.time()}
+
+
+class BusyMachine(RuntimeError):
+    """The machine was busy before the run: its timings would measure the other work too."""
 
 
 # -- the benchmark --------------------------------------------------------------------------------
 @dataclass
 class BenchConfig:
-    concurrency: tuple[int, ...] = (1, 4, 16)
-    requests: int = 32  # per server, per (route, concurrency) cell, split over `rounds`
-    rounds: int = 2
-    output_len: int = 32
+    concurrency: tuple[int, ...] = (1, 8)  # of the non-flagged cells
+    requests: int = 32  # per server, per cell, split over `rounds`
+    rounds: int = 4
+    output_len: int = 64
     routes: tuple[str, ...] = ("refuse", "prompt")
-    sweep: tuple[int, ...] = (1, 10, 100)
-    sweep_requests: int = 16
+    route_concurrency: tuple[int, ...] = (8,)
+    levels: tuple[int, ...] = (0, 10, 100, 1000)  # active forget requests the run steps through
+    cell_levels: tuple[int, ...] = (10, 1000)  # levels at which the non-flagged cells run (routes: the first)
+    classify_prompts: int = 64  # fresh ordinary prompts classified one by one at every level
+    baselines: tuple[str, ...] = ("vllm",)  # plus "vllm-default": plain vLLM with its default flags
     timeout_s: float = 600
-    active: int = 0  # refuse requests active during the cells (those of `routes` count); 0: one per route
     output_guard: str = "strict"  # the unlearnd server's release rule (`serve --output-guard`)
+    seed: int = 0  # of the look-alike names
+    max_load: float = 1.0  # 1-minute load average above which the run refuses to start
+    force: bool = False  # run on a busy machine anyway (the report says so)
     # Training presets cut short (the method table's quick options): serving cost does not depend on how well
     # a route was trained.
     route_options: dict = field(
@@ -268,185 +276,193 @@ class BenchConfig:
     )
 
 
-def _flagged_prompts(author: dict, n: int) -> list[str]:
-    """Forget questions that name the author: this measures route latency, not detection recall."""
-    names = [e.lower() for e in author["entities"]]
-    questions = [qa["question"] for qa in author["forget"] if any(name in qa["question"].lower() for name in names)]
-    questions = questions or [qa["question"] for qa in author["forget"]]
-    return [questions[i % len(questions)] for i in range(n)]
+def measure_cell(urls: dict[str, str], prompts: list[str], concurrency: int, cfg: BenchConfig, seed: int) -> dict:
+    """One cell: every server in `urls` ("unlearnd" first, then baselines) gets the same prompts in
+    `cfg.rounds` rounds whose server order rotates, so drift hits all alike; ratios are unlearnd over
+    each baseline from this run, with bootstrap intervals."""
+    names = list(urls)
+    results = {name: CellResult() for name in names}
+    round_tok_s: dict[str, list[float]] = {name: [] for name in names}
+    per_round = max(1, len(prompts) // cfg.rounds)
+    for r in range(cfg.rounds):
+        chunk = prompts[r * per_round : (r + 1) * per_round]
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            samples, wall = asyncio.run(
+                drive(urls[name], chunk, concurrency, cfg.output_len, cfg.timeout_s, results[name].reached)
+            )
+            results[name].samples += samples
+            results[name].wall_s += wall
+            round_tok_s[name].append(sum(s.output_tokens for s in samples if s.error is None) / wall)
+    summaries = {name: results[name].summary() for name in names}
+    reached = min(min(results[name].reached) for name in names)
+    if reached < concurrency:
+        log.warning("c=%d: at most %d requests were in flight in some round", concurrency, reached)
+    baselines = [name for name in names if name != "unlearnd"]
+    return {
+        "concurrency": concurrency,
+        "concurrency_reached": reached,
+        "servers": summaries,
+        "ratio": {b: ratios(summaries["unlearnd"], summaries[b]) for b in baselines},
+        "ratio_ci95": {b: ratio_intervals(results["unlearnd"], results[b], seed=seed) for b in baselines},
+        "throughput_ratio_by_round": {
+            b: [u / v if v else float("nan") for u, v in zip(round_tok_s["unlearnd"], round_tok_s[b])]
+            for b in baselines
+        },
+        "routes_seen": sorted({s.route for s in results["unlearnd"].samples}),
+        "samples": {name: [asdict(s) for s in results[name].samples] for name in names},
+    }
+
+
+def classify_cost(server: UnlearndClient, level: int, n: int) -> dict:
+    """The detector's cost for one new ordinary prompt: `n` fresh prompts classified one at a time
+    (fresh wording, so no cache hides the cost); client-side wall time and the server's histogram."""
+    before = classifier_seconds(server)
+    walls = []
+    for i in range(n):
+        prompt = f"{PLAIN_PROMPTS[i % len(PLAIN_PROMPTS)]} (variant {level}-{i})"
+        start = time.perf_counter()
+        server.classify([prompt])
+        walls.append(time.perf_counter() - start)
+    after = classifier_seconds(server)
+    count = after[1] - before[1]
+    return {
+        "classify_call_ms_p50": 1000 * percentile(walls, 50),
+        "classify_call_ms_p99": 1000 * percentile(walls, 99),
+        "detector_ms_per_prompt": 1000 * (after[0] - before[0]) / count if count else float("nan"),
+        "classify_prompts": n,
+    }
+
+
+def _fill(server: UnlearndClient, specs: list[dict], server_pid: int | None) -> dict:
+    """Register `specs` as refuse requests; what activating them cost (wall and worker CPU per request)."""
+    if not specs:
+        return {"activated": 0}
+    cpu0, start = worker_cpu_seconds(server_pid), time.monotonic()
+    register_requests(server, specs, "refuse")
+    wall, cpu1 = time.monotonic() - start, worker_cpu_seconds(server_pid)
+    return {
+        "activated": len(specs),
+        "activation_wall_s_per_request": wall / len(specs),
+        "worker_cpu_s_per_request": (cpu1 - cpu0) / len(specs) if cpu0 is not None and cpu1 is not None else None,
+    }
 
 
 def run_bench(
-    plain_url: str, ours_url: str, admin_key: str | None, tofu_dir: Path, cfg: BenchConfig, profiler=None
+    urls: dict[str, str],
+    admin_key: str | None,
+    tofu_dir: Path,
+    cfg: BenchConfig,
+    profiler=None,
+    server_pid: int | None = None,
 ) -> dict:
-    """Measure every (route, concurrency) cell and the detector sweep; `profiler` (a started-on-demand
-    `unlearnd.bench.profile.Profiler` of the unlearnd server) samples the non-flagged cells."""
-    server = UnlearndClient(ours_url, admin_key=admin_key, timeout_s=60)
-    wanted = max(len(cfg.routes), cfg.active) + max(cfg.sweep, default=0)
-    authors = tofu_authors(tofu_dir, wanted)
-    if len(authors) < wanted:
-        raise ValueError(f"only {len(authors)} TOFU authors with a derivable name; lower --sweep or --active")
-    route_authors = dict(zip(cfg.routes, authors))
-    for route, author in route_authors.items():
-        register_requests(server, [author], route, cfg.route_options.get(route))
-    used = max(len(cfg.routes), cfg.active)
-    if cfg.active > len(cfg.routes):
-        register_requests(server, authors[len(cfg.routes) : used], "refuse")
-    active = active_count(server)
-    load_before = os.getloadavg()
-    workloads = {"none": [PLAIN_PROMPTS[i % len(PLAIN_PROMPTS)] for i in range(cfg.requests)]}
-    workloads.update({route: _flagged_prompts(author, cfg.requests) for route, author in route_authors.items()})
+    """Step through `cfg.levels` active requests; at each, the detector's cost, and at the cell levels the
+    non-flagged cells (every server) and, at the first, the route cells (unlearnd and plain vLLM)."""
+    server = UnlearndClient(urls["unlearnd"], admin_key=admin_key, timeout_s=120)
+    from unlearnd.bench.population import flagged_prompts, population
 
-    cells: dict[str, dict] = {}
-    profile = None
-    for route, prompts in workloads.items():
-        profiling = route == "none" and profiler is not None and profiler.start()
-        for concurrency in cfg.concurrency:
-            results = {"unlearnd": CellResult(), "vllm": CellResult()}
-            per_round = max(1, len(prompts) // cfg.rounds)
-            for r in range(cfg.rounds):
-                chunk = prompts[r * per_round : (r + 1) * per_round]
-                # Alternate which server goes first in each round.
-                order = [("unlearnd", ours_url), ("vllm", plain_url)]
-                if r % 2:
-                    order.reverse()
-                for name, url in order:
-                    samples, wall = asyncio.run(
-                        drive(url, chunk, concurrency, cfg.output_len, cfg.timeout_s, results[name].reached)
-                    )
-                    results[name].samples += samples
-                    results[name].wall_s += wall
-            ours, plain = results["unlearnd"].summary(), results["vllm"].summary()
-            seen_routes = sorted({s.route for s in results["unlearnd"].samples})
-            reached = min(results["unlearnd"].reached + results["vllm"].reached)
-            if reached < concurrency:
-                log.warning("%s c=%d: at most %d requests were in flight in some round", route, concurrency, reached)
-            cells[f"{route}@{concurrency}"] = {
-                "route": route,
-                "concurrency": concurrency,
-                "unlearnd": ours,
-                "vllm": plain,
-                "ratio": ratios(ours, plain),
-                "ratio_ci95": ratio_intervals(results["unlearnd"], results["vllm"], seed=len(cells)),
-                "concurrency_reached": reached,
-                "routes_seen": seen_routes,
-                "e2e_unlearnd": [s.e2e for s in results["unlearnd"].samples if s.error is None],
-                "e2e_vllm": [s.e2e for s in results["vllm"].samples if s.error is None],
-            }
-            log.info(
-                "%s c=%d: e2e p50 %.3fs vs %.3fs (ratio %.3f)",
-                route,
-                concurrency,
-                ours["e2e_p50"],
-                plain["e2e_p50"],
-                cells[f"{route}@{concurrency}"]["ratio"]["e2e_p50"],
-            )
+    people = population(tofu_dir, max(max(cfg.levels, default=0), len(cfg.routes)), cfg.seed)
+    route_people = dict(zip(cfg.routes, people))
+    pending = people[len(route_people) :]
+    loads, levels, cells, profile = [load_sample("start")], [], {}, None
+    ordinary = [PLAIN_PROMPTS[i % len(PLAIN_PROMPTS)] for i in range(cfg.requests)]
+    for level in sorted(cfg.levels):
+        if level > 0 and active_count(server) == 0:
+            for route, person in route_people.items():
+                register_requests(server, [person], route, cfg.route_options.get(route))
+        need = max(0, level - active_count(server))
+        row = {"level": level, **_fill(server, pending[:need], server_pid)}
+        pending = pending[need:]
+        row.update(active_requests=active_count(server), **classify_cost(server, level, cfg.classify_prompts))
+        levels.append(row)
+        log.info("level %d: %s", level, row)
+        if level not in cfg.cell_levels:
+            continue
+        profiling = level == max(cfg.cell_levels) and profiler is not None and profiler.start()
+        for c in cfg.concurrency:
+            cell = measure_cell(urls, ordinary, c, cfg, seed=len(cells))
+            cells[f"none@{c}@{level}"] = {"route": "none", "active": row["active_requests"], **cell}
+            loads.append(load_sample(f"after none@{c}@{level}"))
         if profiling and (raw := profiler.stop()) is not None:
             summary = summarise(raw)
-            profile = {
-                "cells": "none@" + ",".join(map(str, cfg.concurrency)),
-                "raw": raw.name,
-                "rate_hz": profiler.rate,
-                "busy_s": summary["samples"] / profiler.rate,
-                **summary,
-            }
+            profile = {"cells": f"none at {level} active", "raw": raw.name, "rate_hz": profiler.rate}
+            profile.update(busy_s=summary["samples"] / profiler.rate, **summary)
+        if level != min(cfg.cell_levels):
+            continue
+        pair = {"unlearnd": urls["unlearnd"], "vllm": urls["vllm"]}
+        for route, person in route_people.items():
+            for c in cfg.route_concurrency:
+                cell = measure_cell(pair, flagged_prompts(person, cfg.requests), c, cfg, seed=len(cells))
+                cells[f"{route}@{c}@{level}"] = {"route": route, "active": row["active_requests"], **cell}
+                loads.append(load_sample(f"after {route}@{c}@{level}"))
+    return {"config": asdict(cfg), "levels": levels, "cells": cells, "load": loads, "profile": profile}
 
-    load_after_cells = os.getloadavg()
-    sweep = []
-    extra = iter(authors[used:])
-    for target in cfg.sweep:
-        need = max(0, target - active_count(server))
-        if need:
-            register_requests(server, [next(extra) for _ in range(need)], "refuse")
-        active = active_count(server)
-        before = classifier_seconds(server)
-        # Fresh wording each round, so the detector's prompt cache cannot hide its cost.
-        prompts = [f"{PLAIN_PROMPTS[i % len(PLAIN_PROMPTS)]} (variant {target}-{i})" for i in range(cfg.sweep_requests)]
-        samples, _ = asyncio.run(drive(ours_url, prompts, 1, cfg.output_len, cfg.timeout_s))
-        after = classifier_seconds(server)
-        count = after[1] - before[1]
-        sweep.append(
-            {
-                "active_requests": active,
-                "classifier_ms_per_prompt": 1000 * (after[0] - before[0]) / count if count else float("nan"),
-                "e2e_p50": percentile([s.e2e for s in samples if s.error is None], 50),
-            }
-        )
-        log.info("sweep %d active: classifier %.2f ms/prompt", active, sweep[-1]["classifier_ms_per_prompt"])
-    return {
-        "config": asdict(cfg),
-        "active_during_cells": active,
-        "load_average": {"before_cells": load_before, "after_cells": load_after_cells},
-        "cells": cells,
-        "sweep": sweep,
-        "profile": profile,
+
+def _start_servers(cfg: BenchConfig, workdir: Path, detector: str, admin_key: str) -> dict:
+    """Plain vLLM with unlearnd's engine flags, plain vLLM with its defaults (when asked), and unlearnd."""
+    from unlearnd.bench.servers import ServerProcess, free_port, unlearnd_command
+    from unlearnd.engine.remote import plain_vllm_command, plain_vllm_default_command
+    from unlearnd.models import pull_default
+
+    model_dir = str(pull_default())
+    env = {
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
     }
+    commands = {"vllm": lambda port: plain_vllm_command(model_dir, port, DEFAULT_MODEL)}
+    if "vllm-default" in cfg.baselines:
+        commands["vllm-default"] = lambda port: plain_vllm_default_command(model_dir, port, DEFAULT_MODEL)
+    started: dict[str, ServerProcess] = {}
+    try:
+        for name, command in commands.items():
+            port = free_port()
+            started[name] = ServerProcess(command(port), port, workdir / f"{name}.log", env=env).start()
+        port = free_port()
+        extra = ("--admin-key", admin_key, "--detector", detector, "--output-guard", cfg.output_guard)
+        ours = ServerProcess(unlearnd_command(port, workdir / "data", *extra), port, workdir / "unlearnd.log")
+        started["unlearnd"] = ours.start()
+    except BaseException:
+        for server in started.values():
+            server.stop()
+        raise
+    return started
 
 
 def bench_serve(
     out: Path,
     tofu_dir: Path,
     cfg: BenchConfig,
-    plain_url: str | None = None,
-    unlearnd_url: str | None = None,
-    admin_key: str | None = None,
     detector: str = DEFAULT_DETECTOR,
     workdir: Path | None = None,
     command: str | None = None,
     profile: bool = True,
 ) -> Path:
-    """Start (or reuse) both servers, run the benchmark, write the report; returns the markdown path."""
+    """Start the servers, run the benchmark, write the report; returns the markdown path. Refuses to start
+    on a busy machine (1-minute load average above `cfg.max_load`) unless `cfg.force`."""
     from unlearnd.bench.profile import Profiler
     from unlearnd.bench.report import write_report
-    from unlearnd.bench.servers import ServerProcess, free_port, unlearnd_command
     from unlearnd.engine.dtype import resolve_dtype
-    from unlearnd.engine.remote import plain_vllm_command
     from unlearnd.evaluation.report import run_stamp
-    from unlearnd.models import pull_default
 
-    # Both servers resolve the same default dtype (`--dtype auto`) on this machine.
+    before = load_sample("before the servers started")
+    if before["load1"] > cfg.max_load and not cfg.force:
+        raise BusyMachine(
+            f"1-minute load average {before['load1']:.2f} > {cfg.max_load} on {os.cpu_count()} cores: the timings "
+            "would measure that work too; wait, or pass --force (the report then says so)"
+        )
+    # Every server resolves the same default dtype (`--dtype auto`) on this machine.
     stamp = run_stamp(command, dtype=resolve_dtype())
     workdir = Path(workdir or tempfile.mkdtemp(prefix="unlearnd-bench-"))
-    started: list[ServerProcess] = []
+    admin_key = "bench-admin-key"
+    started = _start_servers(cfg, workdir, detector, admin_key)
     try:
-        model_dir = str(pull_default())
-        if plain_url is None:
-            port = free_port()
-            plain = ServerProcess(
-                plain_vllm_command(model_dir, port, DEFAULT_MODEL),
-                port,
-                workdir / "vllm.log",
-                env={
-                    "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
-                    "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-                },
-            )
-            started.append(plain.start())
-            plain_url = plain.url
-        if unlearnd_url is None:
-            port = free_port()
-            admin_key = admin_key or "bench-admin-key"
-            ours = ServerProcess(
-                unlearnd_command(
-                    port,
-                    workdir / "data",
-                    "--admin-key",
-                    admin_key,
-                    "--detector",
-                    detector,
-                    "--output-guard",
-                    cfg.output_guard,
-                ),  # fmt: skip
-                port,
-                workdir / "unlearnd.log",
-            )
-            started.append(ours.start())
-            unlearnd_url = ours.url
-        profiler = None
-        if profile and started and started[-1].url == unlearnd_url:
-            profiler = Profiler(started[-1].proc.pid, out.with_name(out.name + "-profile.txt"))
-        result = run_bench(plain_url, unlearnd_url, admin_key, tofu_dir, cfg, profiler)
+        ours = started["unlearnd"]
+        profiler = Profiler(ours.proc.pid, out.with_name(out.name + "-profile.txt")) if profile else None
+        urls = {"unlearnd": ours.url, **{name: s.url for name, s in started.items() if name != "unlearnd"}}
+        result = run_bench(urls, admin_key, tofu_dir, cfg, profiler, server_pid=ours.proc.pid)
     finally:
-        for server in reversed(started):
+        for server in reversed(list(started.values())):
             server.stop()
+    result["load"].insert(0, before)
+    result["forced_on_busy_machine"] = before["load1"] > cfg.max_load
     return write_report(result, out, stamp)

@@ -1,9 +1,10 @@
-"""The latency report: targets, cells, the detector sweep and the profile, as JSON, markdown and a plot."""
+"""The latency report: targets, cells, the active-request levels and the profile, as JSON, markdown and a plot."""
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -11,53 +12,61 @@ import numpy as np
 from unlearnd.config import DEFAULT_MODEL
 from unlearnd.evaluation.report import figure_or_none, save_figure, stamp_lines, write_report_files
 
-TARGETS = [
-    (
-        "non-flagged e2e p50 ratio, c=1",
-        lambda r: r["cells"].get("none@1", {}).get("ratio", {}).get("e2e_p50"),
-        "<=",
-        1.03,
-    ),
-    (
-        "non-flagged e2e p50 ratio, c=16",
-        lambda r: r["cells"].get("none@16", {}).get("ratio", {}).get("e2e_p50"),
-        "<=",
-        1.03,
-    ),
-    (
-        "added TTFT p50 (ms), non-flagged c=1",
-        lambda r: (
-            1000 * (r["cells"]["none@1"]["unlearnd"]["ttft_p50"] - r["cells"]["none@1"]["vllm"]["ttft_p50"])
-            if "none@1" in r["cells"]
-            else None
-        ),
-        "<=",
-        5.0,
-    ),
-    ("ECO route e2e p50 ratio, c=1", lambda r: r["cells"].get("eco@1", {}).get("ratio", {}).get("e2e_p50"), "<=", 1.10),
-    (
-        "throughput ratio, non-flagged c=16",
-        lambda r: r["cells"].get("none@16", {}).get("ratio", {}).get("tok_throughput"),
-        ">=",
-        0.95,
-    ),
-    (
-        "classifier cost 100 vs 1 requests",
-        lambda r: (
-            (r["sweep"][-1]["classifier_ms_per_prompt"] / r["sweep"][0]["classifier_ms_per_prompt"])
-            if len(r["sweep"]) > 1 and r["sweep"][0]["classifier_ms_per_prompt"]
-            else None
-        ),
-        "<=",
-        1.2,
-    ),
-]
+BASELINE = "vllm"  # the ratio the targets read: plain vLLM with unlearnd's engine flags
+BASELINE_TEXT = {
+    "vllm": "plain vLLM OpenAI server with unlearnd's engine flags (enforce-eager, LoRA and prompt embeddings on, "
+    "max-model-len 2048)",
+    "vllm-default": "plain vLLM OpenAI server with its default flags (compiled graphs, no LoRA, no prompt "
+    "embeddings, the model's own context length)",
+}
+
+
+def _none_cell(result: dict, c: int, level: int) -> dict | None:
+    return result["cells"].get(f"none@{c}@{level}")
+
+
+def _ratio(metric: str, c: int, level: int) -> Callable[[dict], float | None]:
+    def read(result: dict) -> float | None:
+        cell = _none_cell(result, c, level)
+        if cell is None or cell["concurrency_reached"] < c:
+            return None  # a cell whose concurrency was not reached measures something else
+        return cell["ratio"][BASELINE].get(metric)
+
+    return read
+
+
+def _level(key: str, level: int | None = None) -> Callable[[dict], float | None]:
+    def read(result: dict) -> float | None:
+        rows = [r for r in result["levels"] if level is None or r["level"] == level]
+        rows = [r for r in rows if r.get(key) is not None]
+        return rows[-1][key] if rows else None
+
+    return read
+
+
+def targets(result: dict) -> list[tuple[str, Callable[[dict], float | None], str, float]]:
+    """The issue's targets (strict mode) for the levels this run measured."""
+    rows = []
+    for level in result["config"]["cell_levels"]:
+        for c in result["config"]["concurrency"]:
+            rows.append((f"TTFT p50 ratio, {level} active, c={c}", _ratio("ttft_p50", c, level), "<=", 1.10))
+            rows.append((f"e2e p50 ratio, {level} active, c={c}", _ratio("e2e_p50", c, level), "<=", 1.02))
+        high = max(result["config"]["concurrency"])
+        rows.append((f"throughput ratio, {level} active, c={high}", _ratio("tok_throughput", high, level), ">=", 0.98))
+    top = max(result["config"]["levels"], default=0)
+    rows.append((f"classify call p50 (ms), one new prompt, {top} active", _level("classify_call_ms_p50", top), "<=", 3))
+    rows.append(("worker CPU per refuse activation (s)", _level("worker_cpu_s_per_request"), "<=", 1.0))
+    return rows
 
 
 def _fmt(value, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return "n/a"
     return f"{value:.{digits}f}"
+
+
+def _ci(interval: list[float] | None) -> str:
+    return f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else ""
 
 
 def write_report(result: dict, out: Path, stamp: dict) -> Path:
@@ -69,38 +78,32 @@ def write_report(result: dict, out: Path, stamp: dict) -> Path:
 
 
 def plot_latency(result: dict, plot: Path) -> Path:
-    """Latency CDFs per route at the lowest concurrency, and every cell's ratios."""
+    """Every cell's ratios to plain vLLM (engine flags), and the detector's cost per level."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     cells = result["cells"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for cell in cells.values():
-        if cell["concurrency"] != min(c["concurrency"] for c in cells.values()):
-            continue
-        for name, style in (("e2e_unlearnd", "-"), ("e2e_vllm", "--")):
-            values = np.sort(cell[name])
-            if len(values):
-                axes[0].plot(
-                    values,
-                    np.arange(1, len(values) + 1) / len(values),
-                    style,
-                    label=f"{cell['route']} ({'unlearnd' if name == 'e2e_unlearnd' else 'vLLM'})",
-                )
-    axes[0].set_xlabel("end-to-end latency (s)")
-    axes[0].set_ylabel("fraction of requests")
-    axes[0].set_title("Latency CDF per route, lowest concurrency")
-    axes[0].legend(fontsize=7)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     keys = list(cells)
     x = np.arange(len(keys))
-    for offset, metric in ((-0.2, "e2e_p50"), (0.0, "ttft_p50"), (0.2, "tok_throughput")):
-        axes[1].bar(x + offset, [cells[k]["ratio"].get(metric, np.nan) for k in keys], width=0.2, label=metric)
-    axes[1].axhline(1.0, color="k", linewidth=0.8)
-    axes[1].set_xticks(x, keys, rotation=60, fontsize=7)
-    axes[1].set_ylabel("unlearnd / plain vLLM")
-    axes[1].set_title("Ratios (same run)")
+    for offset, metric in ((-0.25, "ttft_p50"), (0.0, "e2e_p50"), (0.25, "tok_throughput")):
+        values = [cells[k]["ratio"][BASELINE].get(metric, np.nan) for k in keys]
+        axes[0].bar(x + offset, values, width=0.25, label=metric)
+    axes[0].axhline(1.0, color="k", linewidth=0.8)
+    axes[0].set_xticks(x, keys, rotation=60, fontsize=7)
+    axes[0].set_ylabel("unlearnd / plain vLLM (engine flags)")
+    axes[0].set_title("Ratios per cell (route@concurrency@active), same run")
+    axes[0].legend(fontsize=7)
+    levels = result["levels"]
+    active = [max(1, r["active_requests"]) for r in levels]
+    axes[1].plot(active, [r["classify_call_ms_p50"] for r in levels], "o-", label="classify call p50 (client)")
+    axes[1].plot(active, [r["detector_ms_per_prompt"] for r in levels], "s--", label="detector mean (server)")
+    axes[1].set_xscale("log")
+    axes[1].set_xlabel("active forget requests (0 drawn at 1)")
+    axes[1].set_ylabel("ms per new ordinary prompt")
+    axes[1].set_title("Detector cost vs active requests")
     axes[1].legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, plot, dpi=110)
@@ -108,45 +111,9 @@ def plot_latency(result: dict, plot: Path) -> Path:
     return plot
 
 
-def _ci(interval: list[float] | None) -> str:
-    return f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else ""
-
-
-def _load_line(load: dict | None) -> str:
-    if not load:
-        return "Machine load: not recorded."
-    before, after = load["before_cells"], load["after_cells"]
-    return (
-        f"Load average (1/5/15 min) before the cells {before[0]:.2f}/{before[1]:.2f}/{before[2]:.2f}, after "
-        f"{after[0]:.2f}/{after[1]:.2f}/{after[2]:.2f}, on {os.cpu_count()} cores (both servers run here)."
-    )
-
-
-def latency_markdown(result: dict, plot: Path | None) -> str:
-    """Targets, cells, the detector sweep and the profile, as markdown."""
-    cells = result["cells"]
-    cfg = result["config"]
-    lines = [
-        "# Latency: unlearnd vs plain vLLM",
-        "",
-        *stamp_lines(result),
-        f"Python {sys.version.split()[0]}; model {DEFAULT_MODEL} (vLLM, enforce-eager) on both servers; output length "
-        f"{result['config']['output_len']} tokens (ignore_eos), greedy.",
-        "",
-        "Each cell alternates the two servers in rounds; ratios are unlearnd / plain vLLM from the same run.",
-        "",
-        f"Forget requests active during the cells: {result.get('active_during_cells', 'n/a')}; unlearnd's "
-        f"output-guard release rule: `{cfg.get('output_guard', 'fixed')}`; streamed requests of "
-        f"{cfg.get('output_len')} tokens, concurrency {', '.join(map(str, cfg.get('concurrency', ())))}, "
-        f"{cfg.get('requests')} requests per server per cell in {cfg.get('rounds')} rounds. "
-        + _load_line(result.get("load_average")),
-        "",
-        "## Targets",
-        "",
-        "| target | measured | goal | met |",
-        "|---|---|---|---|",
-    ]
-    for name, getter, op, goal in TARGETS:
+def _target_lines(result: dict) -> list[str]:
+    lines = ["| target | measured | goal | met |", "|---|---|---|---|"]
+    for name, getter, op, goal in targets(result):
         try:
             value = getter(result)
         except (KeyError, IndexError, ZeroDivisionError):
@@ -157,56 +124,137 @@ def latency_markdown(result: dict, plot: Path | None) -> str:
             else ("yes" if (value <= goal if op == "<=" else value >= goal) else "**no**")
         )
         lines.append(f"| {name} | {_fmt(value)} | {op} {goal} | {met} |")
-    lines += [
+    return lines
+
+
+def _cell_lines(result: dict) -> list[str]:
+    cells = result["cells"]
+    names = [n for n in BASELINE_TEXT if any(n in c["ratio"] for c in cells.values())]
+    head = "| route | active | conc. (reached) |"
+    for name in names:
+        head += f" TTFT p50 / {name} [95% CI] | e2e p50 / {name} [95% CI] | tok/s / {name} (rounds) |"
+    lines = [head, "|" + "---|" * (3 + 3 * len(names))]
+    for cell in cells.values():
+        reached = cell["concurrency_reached"]
+        flag = "" if reached >= cell["concurrency"] else " **not reached**"
+        row = f"| {cell['route']} | {cell['active']} | {cell['concurrency']} ({reached}){flag} |"
+        for name in names:
+            r, ci = cell["ratio"].get(name), cell["ratio_ci95"].get(name) or {}
+            if r is None:
+                row += " n/a | n/a | n/a |"
+                continue
+            rounds = cell["throughput_ratio_by_round"][name]
+            spread = f" ({min(rounds):.2f}-{max(rounds):.2f})" if rounds else ""
+            row += (
+                f" {_fmt(r['ttft_p50'])}{_ci(ci.get('ttft_p50'))} | {_fmt(r['e2e_p50'])}{_ci(ci.get('e2e_p50'))} |"
+                f" {_fmt(r['tok_throughput'])}{spread} |"
+            )
+        lines.append(row)
+    lines += ["", "Absolute values (p50 over the cell's requests; tok/s over its wall time):", ""]
+    lines += ["| cell | server | TTFT p50 (ms) | e2e p50 (s) | TPOT p50 (ms) | tok/s | errors | routes seen |"]
+    lines += ["|---|---|---|---|---|---|---|---|"]
+    for key, cell in cells.items():
+        for name, s in cell["servers"].items():
+            seen = ", ".join(cell["routes_seen"]) if name == "unlearnd" else ""
+            lines.append(
+                f"| {key} | {name} | {_fmt(1000 * s['ttft_p50'], 1)} | {_fmt(s['e2e_p50'])} | "
+                f"{_fmt(1000 * s['tpot_p50'], 1)} | {_fmt(s['tok_throughput'], 1)} | {s['errors']} | {seen} |"
+            )
+    return lines
+
+
+def _level_lines(result: dict) -> list[str]:
+    lines = [
+        "| active requests | activated at this step | activation wall s / request | worker CPU s / request | "
+        "classify call p50 / p99 (ms) | detector mean (ms, server) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in result["levels"]:
+        lines.append(
+            f"| {row['active_requests']} | {row.get('activated', 0)} | "
+            f"{_fmt(row.get('activation_wall_s_per_request'))} | {_fmt(row.get('worker_cpu_s_per_request'))} | "
+            f"{_fmt(row['classify_call_ms_p50'], 2)} / {_fmt(row['classify_call_ms_p99'], 2)} | "
+            f"{_fmt(row['detector_ms_per_prompt'], 3)} |"
+        )
+    return lines
+
+
+def _load_lines(result: dict) -> list[str]:
+    lines = [f"Machine load ({os.cpu_count()} cores; every server runs on this machine):", ""]
+    lines += ["| when | load 1 / 5 / 15 min |", "|---|---|"]
+    lines += [f"| {s['when']} | {s['load1']:.2f} / {s['load5']:.2f} / {s['load15']:.2f} |" for s in result["load"]]
+    if result.get("forced_on_busy_machine"):
+        lines += ["", "**Run forced on a busy machine** (load above the limit before it started): the timings "
+                  "include that other work."]  # fmt: skip
+    return lines
+
+
+def _profile_lines(profile: dict | None) -> list[str]:
+    if not profile:
+        return []
+    lines = [
+        "",
+        "## Where the unlearnd front-end's time goes",
+        "",
+        f"py-spy samples of the unlearnd server process (HTTP, detector, routing, output guard, vLLM's front-end; "
+        f"the model runs in vLLM's engine-core process) while it served the non-flagged cells ({profile['cells']}): "
+        f"{profile['samples']} busy samples at {profile['rate_hz']} Hz = {profile['busy_s']:.1f} s of busy time. "
+        f"Raw stacks: `{profile['raw']}`.",
+        "",
+        "| component | share of busy samples |",
+        "|---|---|",
+    ]
+    lines += [f"| {name} | {100 * share:.1f}% |" for name, share in profile["components"].items()]
+    lines += ["", "| hottest frame | share |", "|---|---|"]
+    lines += [f"| `{row['frame']}` | {100 * row['share']:.1f}% |" for row in profile["top_frames"]]
+    return lines
+
+
+def latency_markdown(result: dict, plot: Path | None) -> str:
+    """Targets, cells, levels, load and the profile, as markdown."""
+    cfg = result["config"]
+    baselines = "; ".join(f"`{n}`: {BASELINE_TEXT[n]}" for n in ("vllm", *cfg["baselines"]) if n in BASELINE_TEXT)
+    lines = [
+        "# Latency: unlearnd vs plain vLLM",
+        "",
+        *stamp_lines(result),
+        f"Python {sys.version.split()[0]}; model {DEFAULT_MODEL}; streamed chat of {cfg['output_len']} tokens "
+        f"(ignore_eos, greedy); unlearnd's output-guard release rule `{cfg['output_guard']}`. Baselines: "
+        f"{', '.join(dict.fromkeys(('vllm', *cfg['baselines'])))} ({baselines}).",
+        "",
+        f"The run steps through {', '.join(map(str, cfg['levels']))} active forget requests (`refuse`; TOFU's "
+        f"authors first, then generated look-alikes: one author's facts under a name joined from two other "
+        f"authors' name parts). Non-flagged cells (ordinary prompts, route `none`) run at "
+        f"{', '.join(map(str, cfg['cell_levels']))} active, concurrency {', '.join(map(str, cfg['concurrency']))}; "
+        f"route cells (one request per route, its author's named forget questions) at the first of those, "
+        f"concurrency {', '.join(map(str, cfg['route_concurrency']))}, against `vllm` answering the same prompts "
+        f"plainly (not the same work: the route adds its own). Each cell sends {cfg['requests']} requests to "
+        f"every server in {cfg['rounds']} rounds whose server order rotates; ratios are unlearnd / baseline from "
+        "the same rounds, with 95% bootstrap intervals of the p50 ratios and the range of per-round "
+        "throughput ratios. A cell whose concurrency was not reached is marked and its targets read n/a.",
+        "",
+        *_load_lines(result),
+        "",
+        "## Targets (against `vllm`)",
+        "",
+        *_target_lines(result),
         "",
         "## Cells",
         "",
-        "| route | conc. (reached) | e2e p50 (s) ours / vLLM | ratio [95% CI] | e2e p99 ratio | TTFT p50 (ms) ours / "
-        "vLLM | TTFT ratio [95% CI] | TPOT p50 ratio | tok/s ours / vLLM | errors |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for cell in cells.values():
-        o, v, r = cell["unlearnd"], cell["vllm"], cell["ratio"]
-        ci = cell.get("ratio_ci95") or {}
-        lines.append(
-            f"| {cell['route']} | {cell['concurrency']} ({cell.get('concurrency_reached', 'n/a')}) | "
-            f"{_fmt(o['e2e_p50'])} / {_fmt(v['e2e_p50'])} | {_fmt(r['e2e_p50'])}{_ci(ci.get('e2e_p50'))} | "
-            f"{_fmt(r['e2e_p99'])} | {_fmt(1000 * o['ttft_p50'], 1)} / {_fmt(1000 * v['ttft_p50'], 1)} | "
-            f"{_fmt(r['ttft_p50'])}{_ci(ci.get('ttft_p50'))} | {_fmt(r['tpot_p50'])} | "
-            f"{_fmt(o['tok_throughput'], 1)} / {_fmt(v['tok_throughput'], 1)} | {o['errors']}/{v['errors']} |"
-        )
-    lines += [
+        *_cell_lines(result),
         "",
-        "## Detector cost vs active forget requests",
+        "## Detector and activation cost per level",
         "",
-        "| active requests | detector ms / prompt | non-flagged e2e p50 (s) |",
-        "|---|---|---|",
+        f"At each level {cfg['classify_prompts']} fresh ordinary prompts go to `POST /v1/unlearning/classify` one "
+        "at a time (client wall time, and the server's detector histogram); activation is the refuse "
+        "requests registered at that step, from registration until active, and the training worker's CPU.",
+        "",
+        *_level_lines(result),
+        *_profile_lines(result.get("profile")),
+        "",
+        f"![latency]({plot.name})" if plot else "(the plot could not be drawn: see the log)",
+        "",
     ]
-    for row in result["sweep"]:
-        lines.append(f"| {row['active_requests']} | {_fmt(row['classifier_ms_per_prompt'])} | {_fmt(row['e2e_p50'])} |")
-    profile = result.get("profile")
-    if profile:
-        lines += [
-            "",
-            "## Where the unlearnd front-end's time goes",
-            "",
-            f"py-spy samples of the unlearnd server process (HTTP, detector, routing, vLLM's front-end; "
-            f"the model runs in vLLM's engine-core process) while it served the non-flagged cells "
-            f"({profile['cells']}): {profile['samples']} busy samples"
-            + (
-                f" at {profile['rate_hz']} Hz = {profile['busy_s']:.1f} s of busy time in the process"
-                if "busy_s" in profile
-                else ""
-            )
-            + f". Raw stacks: `{profile['raw']}`.",
-            "",
-            "| component | share of busy samples |",
-            "|---|---|",
-        ]
-        lines += [f"| {name} | {100 * share:.1f}% |" for name, share in profile["components"].items()]
-        lines += ["", "| hottest frame | share |", "|---|---|"]
-        lines += [f"| `{row['frame']}` | {100 * row['share']:.1f}% |" for row in profile["top_frames"]]
-    lines += ["", f"![latency]({plot.name})" if plot else "(the plot could not be drawn: see the log)", ""]
     if result.get("notes"):
         lines += ["## Notes", "", *result["notes"], ""]
     return "\n".join(lines)

@@ -11,48 +11,63 @@ from unlearnd.config import DEFAULT_DETECTOR
 app = typer.Typer(help="Benchmarks.", no_args_is_help=True)
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x)
+
+
 @app.command("serve")
 def serve(
     out: Path = typer.Option(Path("reports/latency"), help="Report path stem (.md, .json, .png)."),
     data: Path = typer.Option(None, "--data", help="TOFU folder (default: unlearnd.config.tofu_dir())."),
-    concurrency: str = typer.Option("1,4,16"),
-    requests: int = typer.Option(32, help="Requests per server per (route, concurrency) cell."),
-    rounds: int = typer.Option(2, help="Alternating rounds per cell."),
-    output_len: int = typer.Option(32),
-    routes: str = typer.Option("refuse,prompt", help="Flagged routes to measure."),
-    sweep: str = typer.Option("1,10,100", help="Active forget request counts for the detector sweep."),
-    sweep_requests: int = typer.Option(16),
-    active: int = typer.Option(0, help="Refuse requests active during the cells (default: one per route)."),
+    concurrency: str = typer.Option("1,8", help="Concurrency of the non-flagged cells."),
+    requests: int = typer.Option(32, help="Requests per server per cell."),
+    rounds: int = typer.Option(4, help="Rounds per cell; the servers' order rotates between rounds."),
+    output_len: int = typer.Option(64),
+    routes: str = typer.Option("refuse,prompt", help="Flagged routes to measure (one request each)."),
+    route_concurrency: str = typer.Option("8", help="Concurrency of the route cells."),
+    levels: str = typer.Option("0,10,100,1000", help="Active forget requests the run steps through."),
+    cell_levels: str = typer.Option("10,1000", help="Levels with non-flagged cells (route cells: the first)."),
+    classify_prompts: int = typer.Option(64, help="Fresh prompts classified one by one at every level."),
+    baselines: str = typer.Option("vllm,vllm-default", help="vllm (unlearnd's engine flags), vllm-default."),
     output_guard: str = typer.Option("strict", help="The unlearnd server's output-guard release rule."),
     detector: str = typer.Option(DEFAULT_DETECTOR),
-    plain_url: str = typer.Option(None, help="Reuse a running plain vLLM server."),
-    unlearnd_url: str = typer.Option(None, help="Reuse a running unlearnd server."),
-    admin_key: str = typer.Option(None, envvar="UNLEARND_ADMIN_KEY"),
     timeout_s: float = typer.Option(600, help="Upper bound per driver run."),
-    profile: bool = typer.Option(
-        True,
-        help="py-spy the unlearnd server during the non-flagged cells "
-        "(when it is started here and py-spy is installed).",
-    ),
+    seed: int = typer.Option(0, help="Seed of the generated look-alike names."),
+    max_load: float = typer.Option(1.0, help="Refuse to start above this 1-minute load average."),
+    force: bool = typer.Option(False, help="Run on a busy machine anyway (the report says so)."),
+    profile: bool = typer.Option(True, help="py-spy the unlearnd server during the last non-flagged cells."),
 ) -> None:
     """Latency and throughput of unlearnd against plain vLLM on the same model."""
-    from unlearnd.bench.latency import BenchConfig, bench_serve
+    from unlearnd.bench.latency import BenchConfig, BusyMachine, bench_serve
     from unlearnd.config import tofu_dir
 
-    def ints(text: str) -> tuple[int, ...]:
-        return tuple(int(x) for x in text.split(",") if x)
-
+    names = tuple(b for b in baselines.split(",") if b)
+    if "vllm" not in names or set(names) - {"vllm", "vllm-default"}:
+        raise typer.BadParameter("baselines: vllm, optionally vllm-default", param_hint="--baselines")
     cfg = BenchConfig(
-        concurrency=ints(concurrency),
+        concurrency=_ints(concurrency),
         requests=requests,
         rounds=rounds,
         output_len=output_len,
         routes=tuple(r for r in routes.split(",") if r),
-        sweep=ints(sweep),
-        sweep_requests=sweep_requests,
+        route_concurrency=_ints(route_concurrency),
+        levels=_ints(levels),
+        cell_levels=_ints(cell_levels),
+        classify_prompts=classify_prompts,
+        baselines=names,
         timeout_s=timeout_s,
-        active=active,
         output_guard=output_guard,
+        seed=seed,
+        max_load=max_load,
+        force=force,
     )
-    md = bench_serve(out, data or tofu_dir(), cfg, plain_url, unlearnd_url, admin_key, detector, profile=profile)
+    if not set(cfg.cell_levels) <= set(cfg.levels):
+        raise typer.BadParameter("every cell level must be one of --levels", param_hint="--cell-levels")
+    if cfg.routes and min(cfg.cell_levels, default=0) < len(cfg.routes):
+        raise typer.BadParameter("the first cell level must hold one request per route", param_hint="--cell-levels")
+    try:
+        md = bench_serve(out, data or tofu_dir(), cfg, detector, profile=profile)
+    except BusyMachine as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(3) from exc
     typer.echo(str(md))

@@ -237,3 +237,24 @@ def plain_vllm_command(
         "--lora-target-modules",
         *LORA_TARGET_MODULES,
     ]
+
+
+def plain_vllm_default_command(model_path: str, port: int, served_name: str, host: str = "127.0.0.1") -> list[str]:
+    """Plain vLLM as a user starts it: its default flags (compiled graphs, no LoRA, no prompt embeddings,
+    the model's own context length), only the dtype pinned as `--dtype auto` resolves it here (this CPU's
+    bf16 decode gave wrong tokens)."""
+    return [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        model_path,
+        "--served-model-name",
+        served_name,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--dtype",
+        resolve_dtype("auto"),
+    ]
