@@ -213,14 +213,15 @@ def _profile_lines(profile: dict | None) -> list[str]:
 def latency_markdown(result: dict, plot: Path | None) -> str:
     """Targets, cells, levels, load and the profile, as markdown."""
     cfg = result["config"]
-    baselines = "; ".join(f"`{n}`: {BASELINE_TEXT[n]}" for n in ("vllm", *cfg["baselines"]) if n in BASELINE_TEXT)
+    names = list(dict.fromkeys(("vllm", *cfg["baselines"])))
+    baselines = "; ".join(f"`{n}`: {BASELINE_TEXT[n]}" for n in names if n in BASELINE_TEXT)
     lines = [
         "# Latency: unlearnd vs plain vLLM",
         "",
         *stamp_lines(result),
         f"Python {sys.version.split()[0]}; model {DEFAULT_MODEL}; streamed chat of {cfg['output_len']} tokens "
         f"(ignore_eos, greedy); unlearnd's output-guard release rule `{cfg['output_guard']}`. Baselines: "
-        f"{', '.join(dict.fromkeys(('vllm', *cfg['baselines'])))} ({baselines}).",
+        f"{', '.join(names)} ({baselines}).",
         "",
         f"The run steps through {', '.join(map(str, cfg['levels']))} active forget requests (`refuse`; TOFU's "
         f"authors first, then generated look-alikes: one author's facts under a name joined from two other "
