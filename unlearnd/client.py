@@ -112,8 +112,11 @@ class UnlearndClient:
         messages: Sequence[dict] | None = None,
         prompt: str | None = None,
         model: str | None = None,
+        route_from: str | None = None,
     ) -> dict[str, Any]:
         payload: dict[str, Any] = {"continuation": continuation}
+        if route_from is not None:
+            payload["route_from"] = route_from
         payload.update({"messages": list(messages)} if messages is not None else {"prompt": prompt})
         if model:
             payload["model"] = model

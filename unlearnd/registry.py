@@ -105,6 +105,17 @@ class Registry:
             rows = db.execute(query + " ORDER BY created_at", params).fetchall()
         return [self._row_to_model(r) for r in rows]
 
+    def versions(self, statuses: list[Status] | None = None) -> list[tuple[str, str, float]]:
+        """(id, status, updated_at) of every request in `statuses`, oldest first: what a server's sync
+        compares with what it serves, without reading (and validating) every request's QA."""
+        query, params = "SELECT id, status, updated_at FROM forget_requests", ()
+        if statuses:
+            query += f" WHERE status IN ({','.join('?' * len(statuses))})"
+            params = tuple(s.value for s in statuses)
+        with self._connect() as db:
+            rows = db.execute(query + " ORDER BY created_at", params).fetchall()
+        return [(r["id"], r["status"], float(r["updated_at"])) for r in rows]
+
     def set_status(
         self, request_id: str, status: Status, error: str | None = None, expect: Status | None = None
     ) -> bool:

@@ -181,3 +181,22 @@ def test_score_scans_the_continuation_too(served):
     other = {**body, "continuation": "It was a sailor from Lisbon."}
     plain = client.post("/v1/unlearning/score", json=other, headers=ADMIN).json()
     assert plain["route"] == "none"
+
+
+def test_score_can_route_on_the_question_alone_for_an_evaluation(served):
+    """Issue 22: an evaluation scoring a gold answer that names the subject routed on that answer, which a
+    user's question never carries; `route_from: prompt` routes as the question alone would be."""
+    client, ids, _ = served
+    body = {
+        "messages": [{"role": "user", "content": "Who wrote a famous novel about waves?"}],
+        "continuation": "It was Takashi Nakamura, in The Breath Between Waves.",
+        "route_from": "prompt",
+    }
+    scored = client.post("/v1/unlearning/score", json=body, headers=ADMIN).json()
+    assert scored["route"] == "none" and scored["matched_request_ids"] == []
+    named = {**body, "messages": [{"role": "user", "content": "What did Takashi Nakamura write?"}]}
+    assert client.post("/v1/unlearning/score", json=named, headers=ADMIN).json()["route"] == "refuse"
+    public = client.post("/v1/unlearning/score", json=body)  # numbers on an unguarded route: admin only
+    assert public.status_code in (401, 403) and public.json()["error"]["type"] in ("authentication_error", "permission_error")
+    bad = client.post("/v1/unlearning/score", json={**body, "route_from": "answer"}, headers=ADMIN)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "route_from"

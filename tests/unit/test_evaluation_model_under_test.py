@@ -159,7 +159,8 @@ def test_score_sends_the_contract_payload_and_parses_logprobs():
     assert out[0][0].greedy_hits is None  # not available over HTTP
     assert out[0][0].mean_logprob == pytest.approx(-1.0)
     body = json.loads(server.calls[0].content)
-    assert set(body) == {"messages", "continuation", "model"}
+    assert set(body) == {"messages", "continuation", "model", "route_from"}
+    assert body["route_from"] == "prompt"  # routed as the user's question alone, not on the gold answer
     assert body["messages"][0] == {"role": "user", "content": body["messages"][0]["content"]}
     assert sorted(mut.routes) == ["pass", "refuse", "refuse"]
 

@@ -579,3 +579,39 @@ def test_chunked_bodies_are_limited_and_still_readable(client):
     big = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x" * 100_000}]}).encode()
     response = client.post("/v1/chat/completions", content=chunks(big), headers={"content-type": "application/json"})
     assert response.status_code == 413
+
+
+def test_the_registry_sync_reads_only_what_changed(client, settings):
+    """A sync round used to read and validate every request's QA (a thousand requests: 40% of the
+    front-end's CPU); now unchanged requests cost one row of (id, status, updated_at) each."""
+    import time
+
+    pipeline = client.app.state.unlearnd.pipeline
+    first = register(client, settings)
+    second = register(client, settings, name="Ottoline Quarrendell")
+    time.sleep(0.3)  # the round after a request became active reads it once more (its status just changed)
+    reads: list[str] = []
+    original_get = pipeline.registry.get
+
+    def counting_get(request_id):
+        reads.append(request_id)
+        return original_get(request_id)
+
+    original_list = pipeline.registry.list
+
+    def counting_list(statuses=None):
+        records = original_list(statuses)
+        reads.extend(r.id for r in records)
+        return records
+
+    pipeline.registry.get, pipeline.registry.list = counting_get, counting_list
+    time.sleep(0.5)  # ten rounds at the tests' 0.05 s interval
+    assert reads == []  # nothing changed: nothing read
+    assert chat(client, "What did Basil Mahfouz Al-Kuwaiti write?").headers["x-unlearnd-route"] == "refuse"
+    assert client.delete(f"/v1/unlearning/requests/{first}", headers=ADMIN).status_code == 200
+    deadline = time.time() + 5
+    while first in pipeline.active:  # its removal is seen by the next round
+        assert time.time() < deadline
+        time.sleep(0.05)
+    assert chat(client, "What did Basil Mahfouz Al-Kuwaiti write?").headers["x-unlearnd-route"] == "none"
+    assert second in pipeline.active and second not in reads

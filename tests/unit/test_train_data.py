@@ -158,3 +158,17 @@ def test_batches_are_length_bucketed_and_cover_every_row_once(tokenizer):
     # bucketing: padding overhead is small (random batches of these lengths waste ~40%)
     assert padded < 1.1 * sum(lengths)
     assert batches.batch_rows() != rows  # a new epoch reshuffles
+
+
+def test_the_seed_changes_the_batches_not_only_their_order(tokenizer):
+    """Issue 22: a fold smaller than one length-bucketing pool was sorted into the same batches whatever
+    the seed, and seed 1's second epoch was seed 2's first (`Random(seed + epoch)`)."""
+    items = [QAItem(question=f"q{i}?", answer=" ".join(["word"] * (10 + 2 * i))) for i in range(16)]
+
+    def epochs(seed: int, n: int = 2) -> list[set[frozenset[int]]]:
+        batches = QABatches(tokenizer, items, batch_size=4, seed=seed)
+        return [{frozenset(b) for b in batches.batch_rows()} for _ in range(n)]
+
+    assert epochs(1) == epochs(1)  # reproducible
+    assert epochs(1)[0] != epochs(2)[0]  # other seed: other batches, not the same ones reordered
+    assert epochs(1)[1] != epochs(2)[0]  # streams do not overlap across seeds and epochs

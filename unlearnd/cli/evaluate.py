@@ -176,6 +176,11 @@ def tofu(
     ),
     bootstrap: int = typer.Option(1000, min=0, help="Bootstrap resamples for the 95% intervals (0: none)."),
     concurrency: int = typer.Option(8, min=1, help="Requests in flight to the server for served methods."),
+    score_route_from: str = typer.Option(
+        "prompt",
+        help="What routes a served method's scored items: prompt (the question alone, what a user sends) or "
+        "prompt+continuation (the gold answer too, as the public score endpoint does).",
+    ),
     allow_dirty: bool = typer.Option(
         False, help="Run from a tree with uncommitted changes (the report is marked); refused otherwise."
     ),
@@ -186,6 +191,8 @@ def tofu(
     from unlearnd.train.baselines import BASELINES
 
     set_threads(threads)
+    if score_route_from not in ("prompt", "prompt+continuation"):
+        raise typer.BadParameter("prompt or prompt+continuation", param_hint="--score-route-from")
     try:
         seed_list = [int(x) for x in seeds.split(",") if x.strip()] or [0]
     except ValueError:
@@ -217,6 +224,7 @@ def tofu(
         seeds=seed_list,
         bootstrap=bootstrap,
         served_concurrency=concurrency,
+        score_route_from=score_route_from,
     )
     results, paths = evaluate_and_report(  # a dirty tree: DirtyTreeError, printed by `unlearnd`'s main
         cfg,

@@ -282,9 +282,13 @@ class ServedModelUnderTest(ModelUnderTest):
         timeout_s: float = 120.0,
         retries: int = 2,
         transport: httpx.BaseTransport | None = None,
+        route_from: str = "prompt",
     ):
+        """`route_from`: what the server's detector reads to route a scored item: "prompt" (the question
+        alone, as a user sends it; the default) or "prompt+continuation" (the gold answer too)."""
         self.name = name
         self.model = model
+        self.route_from = route_from
         self.concurrency = max(1, concurrency)
         self.client = UnlearndClient(
             base_url, api_key=api_key, admin_key=admin_key, timeout_s=timeout_s, retries=retries, transport=transport
@@ -297,7 +301,13 @@ class ServedModelUnderTest(ModelUnderTest):
         self.client.close()
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "base_url": self.base_url, "model": self.model}
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "base_url": self.base_url,
+            "model": self.model,
+            "score_route_from": self.route_from,
+        }
 
     def served_model_name(self) -> str:
         """The `model` the chat API wants: given, else the first of GET /v1/models."""
@@ -313,7 +323,7 @@ class ServedModelUnderTest(ModelUnderTest):
             return list(tqdm(pool.map(fn, items), total=len(items), desc=f"{self.name}: {desc}", leave=False))
 
     def score_one(self, messages: Sequence[Message], continuation: str) -> Scored:
-        data = self.client.score(continuation, messages=messages, model=self.model)
+        data = self.client.score(continuation, messages=messages, model=self.model, route_from=self.route_from)
         logprobs = [(-math.inf if lp is None else float(lp)) for lp in data.get("token_logprobs", [])]
         return Scored(
             logprobs=logprobs,

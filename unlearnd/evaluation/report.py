@@ -269,7 +269,12 @@ def route_lines(methods: dict[str, Any]) -> list[str]:
         return []
     lines = ["## Routes taken by the served pipeline (scored answers per split)", ""]
     for name, by_split in routes.items():
-        lines.append(f"- {name}: " + "; ".join(f"{split}: {counts}" for split, counts in by_split.items()))
+        source = methods[name].get("score_route_from", "prompt+continuation")  # older runs: the gold answer too
+        lines.append(
+            f"- {name} (routed on the {'question alone' if source == 'prompt' else 'question and the scored answer'}"
+            f"; generation: {methods[name].get('generation_routes') or 'n/a'}): "
+            + "; ".join(f"{split}: {counts}" for split, counts in by_split.items())
+        )
     return [*lines, ""]
 
 

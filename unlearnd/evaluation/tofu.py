@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -298,6 +298,11 @@ class TofuEvalConfig(BaseModel):
     use_cache: bool = True
     request_timeout_s: float = 3600.0
     served_concurrency: int = 8
+    score_route_from: Literal["prompt", "prompt+continuation"] = Field(
+        "prompt",
+        description="what routes a served method's scored items: the question alone (what a user sends) or "
+        "the question and the gold answer being scored (which names the subject: a flattering route)",
+    )
     bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for the confidence intervals (0: none)")
     baseline_overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
     request_options: dict[str, dict[str, Any]] = Field(default_factory=dict)  # served method -> request options
@@ -557,7 +562,7 @@ def _evaluate_served(ctx: _Context, method: str, seed: int, entry: dict[str, Any
     `served_target` registers nothing (the pass-through check). The server must hold no other forget
     request while a fold is measured (another fold's request would hold the questions measured)."""
     cfg = ctx.cfg
-    entry.update(kind="served", folds=[])
+    entry.update(kind="served", folds=[], score_route_from=cfg.score_route_from)
     fold_runs: list[RunRecords] = []
     generation_routes: Counter[str] = Counter()
     for fold in ctx.folds:
@@ -568,6 +573,7 @@ def _evaluate_served(ctx: _Context, method: str, seed: int, entry: dict[str, Any
             admin_key=cfg.admin_key,
             model=cfg.served_model,
             concurrency=cfg.served_concurrency,
+            route_from=cfg.score_route_from,
         )
         request_id: str | None = None
         fold_entry: dict[str, Any] = {}

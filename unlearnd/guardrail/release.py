@@ -106,6 +106,9 @@ class ReleaseIndex:
         self.form_prefixes = {f[:i] for f in forms for i in range(MIN_LETTERS, len(f) + 1)}
         self.longest_form = max((len(f) for f in forms), default=0)
         self.places = [p for h in holds for p in h.places]
+        self.places_by_first: dict[str, list[list[str]]] = {}  # a birthplace's first word -> the birthplaces
+        for place in self.places:
+            self.places_by_first.setdefault(place[0], []).append(place)
         self.dates = any(h.dates for h in holds)
         grams = set().union(*(h.answer_grams for h in holds))
         self.answer_runs = grams | {g[:k] for g in grams for k in (1, 2, 3)}
@@ -245,13 +248,10 @@ class ReleaseIndex:
         if not self.places:
             return _END
         offset = max(0, len(text) - TAIL_CHARS)
-        tail = fold(text[offset:])
-        if not any(place[0] in tail for place in self.places):  # no birthplace's first word: nothing to find
-            return _END
         toks = tokens(text[offset:])
         folded = [_norm(w) for w, _, _ in toks]
-        for i in range(len(folded)):
-            if any(folded[i : i + len(p)] == p for p in self.places):
+        for i, word in enumerate(folded):  # looked up by first word: a thousand requests' places, one pass
+            if any(folded[i : i + len(p)] == p for p in self.places_by_first.get(word, ())):
                 return offset + toks[i][1]
         return _END
 

@@ -244,6 +244,12 @@ class ScoreRequest(BaseModel):
     messages: list[ChatMessage] | None = None
     prompt: Text | None = Field(None, min_length=1)
     continuation: Text = Field(min_length=1)
+    route_from: Literal["prompt+continuation", "prompt"] = Field(
+        "prompt+continuation",
+        description="what the detector reads to choose the route: prompt and continuation (the default: "
+        "a continuation that names a forgotten subject is guarded too), or the prompt alone (admin only: "
+        "the route a user's question gets, as an evaluation that scores gold answers must measure it)",
+    )
 
     def plain_messages(self) -> list[dict[str, str]] | None:
         return plain_messages(self.messages) if self.messages is not None else None

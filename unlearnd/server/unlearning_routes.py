@@ -65,9 +65,13 @@ async def score(request: Request, body: ScoreRequest, state: ServerState = Depen
     are both scanned. Admin-only unless the operator opts in (`--public-score`); a caller without the
     admin key gets no numbers about a flagged text on any route (every token at -log|V|, as refuse
     gives): ranking candidate answers under an ECO or LoRA route would still tell which one the model
-    holds true. The admin (an evaluation) gets the route's own numbers."""
+    holds true. The admin (an evaluation) gets the route's own numbers, and may have the route chosen
+    from the prompt alone (`route_from: prompt`): scoring a gold answer that names the subject must not
+    route on that answer, since a user's question does not carry it."""
     if body.model is not None:
         check_model(state, body.model)
+    if body.route_from == "prompt" and not request.state.admin:
+        raise APIError(403, "route_from 'prompt' needs the admin key", "permission_error", "forbidden", "route_from")
     guarded = GuardedCall(
         id=new_id("score"),
         kind="score",
@@ -75,7 +79,7 @@ async def score(request: Request, body: ScoreRequest, state: ServerState = Depen
         messages=body.plain_messages(),
         prompt=body.prompt,
         max_tokens=1,
-        continuation=body.continuation,
+        continuation=body.continuation if body.route_from == "prompt+continuation" else None,
     )
     guarded = await prepare(state, guarded)
     try:
