@@ -197,6 +197,9 @@ def test_score_can_route_on_the_question_alone_for_an_evaluation(served):
     named = {**body, "messages": [{"role": "user", "content": "What did Takashi Nakamura write?"}]}
     assert client.post("/v1/unlearning/score", json=named, headers=ADMIN).json()["route"] == "refuse"
     public = client.post("/v1/unlearning/score", json=body)  # numbers on an unguarded route: admin only
-    assert public.status_code in (401, 403) and public.json()["error"]["type"] in ("authentication_error", "permission_error")
+    assert public.status_code in (401, 403) and public.json()["error"]["type"] in (
+        "authentication_error",
+        "permission_error",
+    )
     bad = client.post("/v1/unlearning/score", json={**body, "route_from": "answer"}, headers=ADMIN)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "route_from"

@@ -77,7 +77,9 @@ def test_markdown_table_rows_and_missing_values():
     assert "n/a" in refuse  # extraction strength is not measurable over HTTP
     assert "| npo | baseline | failed: RuntimeError: boom |" in md
     assert "| target | 400 | 1200 | 2300 | 0.912 |" in md
-    assert "refuse: forget: {'refuse': 190, 'pass': 10}" in md
+    # a run from before `score_route_from` routed on the question and the gold answer
+    assert "refuse (routed on the question and the scored answer; generation: n/a): " in md
+    assert "forget: {'refuse': 190, 'pass': 10}" in md
     assert "| refuse | 0.100 | 0.300 | 0.250 / 0.200 |" in md
 
 

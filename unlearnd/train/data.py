@@ -114,7 +114,8 @@ def pad_id_of(tokenizer: Any) -> int:
 # --------------------------------------------------------------------------- batches
 
 
-LENGTH_JITTER = 6.0  # tokens: how far a row may move in the length order that forms batches
+LENGTH_JITTER = 4.0  # tokens: how far a row may move in the length order that forms batches
+
 
 class QABatches:
     """Shuffled mini-batches of encoded QA pairs; every pass over it (epoch) reshuffles with its own seed.
