@@ -116,6 +116,13 @@ class Registry:
             rows = db.execute(query + " ORDER BY created_at", params).fetchall()
         return [(r["id"], r["status"], float(r["updated_at"])) for r in rows]
 
+    def fingerprint(self) -> tuple[int, float, float]:
+        """(rows, latest updated_at, sum of updated_at): changes whenever a request is added, removed or
+        changes status, so a sync that finds it unchanged has nothing to read."""
+        with self._connect() as db:
+            row = db.execute("SELECT COUNT(*), MAX(updated_at), TOTAL(updated_at) FROM forget_requests").fetchone()
+        return int(row[0]), float(row[1] or 0.0), float(row[2] or 0.0)
+
     def set_status(
         self, request_id: str, status: Status, error: str | None = None, expect: Status | None = None
     ) -> bool:

@@ -604,9 +604,17 @@ def test_the_registry_sync_reads_only_what_changed(client, settings):
         reads.extend(r.id for r in records)
         return records
 
+    rounds_read: list[int] = []
+    original_versions = pipeline.registry.versions
+
+    def counting_versions(statuses=None):
+        rounds_read.append(1)
+        return original_versions(statuses)
+
     pipeline.registry.get, pipeline.registry.list = counting_get, counting_list
+    pipeline.registry.versions = counting_versions
     time.sleep(0.5)  # ten rounds at the tests' 0.05 s interval
-    assert reads == []  # nothing changed: nothing read
+    assert reads == [] and rounds_read == []  # nothing changed: the registry's fingerprint is all a round reads
     assert chat(client, "What did Basil Mahfouz Al-Kuwaiti write?").headers["x-unlearnd-route"] == "refuse"
     assert client.delete(f"/v1/unlearning/requests/{first}", headers=ADMIN).status_code == 200
     deadline = time.time() + 5
@@ -615,3 +623,24 @@ def test_the_registry_sync_reads_only_what_changed(client, settings):
         time.sleep(0.05)
     assert chat(client, "What did Basil Mahfouz Al-Kuwaiti write?").headers["x-unlearnd-route"] == "none"
     assert second in pipeline.active and second not in reads
+
+
+def test_a_request_whose_sync_failed_is_tried_again_though_nothing_changed(client, settings):
+    """The fingerprint skip must not forget a request whose sync raised: it is retried next round."""
+    import time
+
+    pipeline = client.app.state.unlearnd.pipeline
+    original = pipeline._sync_one
+    failures: list[str] = []
+
+    async def flaky(request):
+        if not failures:
+            failures.append(request.id)
+            raise RuntimeError("transient")
+        return await original(request)
+
+    pipeline._sync_one = flaky
+    request_id = register(client, settings)  # waits until served: only a retry can serve it
+    assert failures == [request_id] and request_id in pipeline.active
+    time.sleep(0.2)
+    assert chat(client, "What did Basil Mahfouz Al-Kuwaiti write?").headers["x-unlearnd-route"] == "refuse"

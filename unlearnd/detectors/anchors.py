@@ -238,7 +238,7 @@ class AnchorIndex:
         self._by_title_word: dict[str, set[str]] = {}  # a title's least common word -> requests
         self._by_date: dict[tuple[int, int, int], set[str]] = {}
         self._by_birth_year: dict[int, set[str]] = {}  # requests with a birthplace, by birth year
-        self._by_compact: dict[str, set[str]] = {}  # first 4 letters of a searched letters-only form -> requests
+        self._by_compact: dict[str, set[str]] = {}  # first 8 letters of a searched letters-only form -> requests
 
     @property
     def request_ids(self) -> set[str]:
@@ -276,7 +276,7 @@ class AnchorIndex:
             (self._by_title_word, {_rarest(t.words) for t in titles if t.words}),
             (self._by_date, set(self._dates.get(request_id, set()))),
             (self._by_birth_year, {d[0] for d in self._dates.get(request_id, set())} if places else set()),
-            (self._by_compact, {c[:4] for c in compacts}),
+            (self._by_compact, {c[:COMPACT_MIN] for c in compacts}),  # every searched form is this long
         ]
 
     def _candidates(self, index: dict, keys: Iterable) -> list[str]:
@@ -387,7 +387,8 @@ class AnchorIndex:
 
     def _hidden_hits(self, compacts: list[str]) -> Iterator[tuple[str, AnchorHit]]:
         """Names and titles spread out with separators, digits or code words (the compact forms)."""
-        keys = {c[i : i + 4] for c in compacts for i in range(len(c) - 3)}
+        # keyed by 8 letters, not 4: with a thousand requests most 4-letter windows started some name
+        keys = {c[i : i + COMPACT_MIN] for c in compacts for i in range(len(c) - COMPACT_MIN + 1)}
         for request_id in self._candidates(self._by_compact, keys):
             for pattern in self._names[request_id]:
                 if len(pattern.compact) >= COMPACT_MIN and any(pattern.compact in c for c in compacts):

@@ -91,6 +91,7 @@ class GuardrailPipeline:
         }
         self.active: dict[str, ForgetRequest] = {}
         self._synced: dict[str, tuple[str, float]] = {}  # request id -> (status, updated_at) at its last sync
+        self._fingerprint: tuple[int, float, float] | None = None  # the registry's, at the last full round
         # Fail closed: a request whose artifacts cannot be loaded is still matched by its names, titles
         # and dates (here, whatever the detector) and refused, until it is re-trained.
         self.degraded: dict[str, str] = {}  # request id -> why its artifacts could not be loaded
@@ -335,10 +336,14 @@ class GuardrailPipeline:
                 self.interventions[Method.refuse.value].unload(request.id)
 
     async def sync(self) -> None:
-        """Load `ready`/`active` requests not yet served; unload those no longer active. Each round reads
-        only (id, status, updated_at) of every request and the full record of those that are new or
-        changed: re-reading a thousand requests' QA every half second took 40% of the front-end's CPU."""
+        """Load `ready`/`active` requests not yet served; unload those no longer active. A round whose
+        registry fingerprint is unchanged reads nothing more; otherwise it reads (id, status, updated_at) of
+        every request and the full record of those that are new or changed: re-reading a thousand
+        requests' QA every half second took 40% of the front-end's CPU."""
         async with self._sync_lock:
+            fingerprint = await asyncio.to_thread(self.registry.fingerprint)
+            if fingerprint == self._fingerprint and not self.degraded:
+                return  # nothing registered, removed or changed, and no load to try again
             versions = await asyncio.to_thread(
                 self.registry.versions,
                 [Status.ready, Status.active, Status.degraded, Status.pending, Status.training, Status.failed],
@@ -353,6 +358,7 @@ class GuardrailPipeline:
                     await self.engine.unload_adapters(request_id)
                     log.info("unloaded forget request %s", request_id)
             changed = [(rid, (status, at)) for rid, status, at in versions if self._needs_sync(rid, status, at)]
+            settled = True  # every changed request synced: the next rounds may skip until the registry changes
             for request_id, version in changed:
                 try:  # one request that cannot even be refused by name does not stop the others
                     request = await asyncio.to_thread(self.registry.get, request_id)
@@ -362,7 +368,10 @@ class GuardrailPipeline:
                     await self._sync_one(request)
                     self._synced[request_id] = version
                 except Exception:
+                    settled = False
                     log.exception("serving forget request %s failed; tried again at the next sync", request.id)
+            # read before the versions: a change in between is seen next round
+            self._fingerprint = fingerprint if settled else None
             counts = self.counts()
             prometheus.ACTIVE_REQUESTS.set(counts["active"])
             prometheus.DEGRADED_REQUESTS.set(counts["degraded"])
