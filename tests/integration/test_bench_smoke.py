@@ -35,10 +35,18 @@ def test_bench_serve_smoke(plain_vllm, unlearnd_server, tofu, tmp_path):
         "4",
         "--routes",
         "refuse",
-        "--sweep",
-        "1,2",
-        "--sweep-requests",
+        "--route-concurrency",
         "2",
+        "--levels",
+        "0,2",
+        "--cell-levels",
+        "2",
+        "--classify-prompts",
+        "2",
+        "--baselines",
+        "vllm",
+        "--force",  # the test machine is busy by design
+        "--no-profile",
         "--plain-url",
         plain_vllm.url,
         "--unlearnd-url",
@@ -49,13 +57,16 @@ def test_bench_serve_smoke(plain_vllm, unlearnd_server, tofu, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.with_suffix(".json").read_text())
-    assert set(result["cells"]) == {"none@1", "none@2", "refuse@1", "refuse@2"}
+    assert set(result["cells"]) == {"none@1@2", "none@2@2", "refuse@2@2"}
     for cell in result["cells"].values():
-        assert cell["unlearnd"]["requests"] == 2 and cell["vllm"]["requests"] == 2
-        assert cell["unlearnd"]["errors"] == 0 and cell["vllm"]["errors"] == 0
-        assert cell["routes_seen"] == [cell["route"]]
-        assert cell["ratio"]["e2e_p50"] > 0
-    counts = [row["active_requests"] for row in result["sweep"]]
-    assert counts[0] >= 1 and counts[1] >= 2 and counts == sorted(counts)
-    assert all(row["classifier_ms_per_prompt"] > 0 for row in result["sweep"])
-    assert "Command:" in out.with_suffix(".md").read_text()
+        servers = cell["servers"]
+        assert set(servers) == {"unlearnd", "vllm"} and set(cell["ratio"]) == {"vllm"}
+        assert servers["unlearnd"]["requests"] == 2 and servers["vllm"]["requests"] == 2
+        assert servers["unlearnd"]["errors"] == 0 and servers["vllm"]["errors"] == 0
+        assert cell["routes_seen"] == [cell["route"]] and cell["concurrency_reached"] == cell["concurrency"]
+        assert cell["ratio"]["vllm"]["e2e_p50"] > 0 and len(cell["samples"]["unlearnd"]) == 2
+    levels = result["levels"]
+    assert [row["level"] for row in levels] == [0, 2] and levels[1]["active_requests"] >= 2
+    assert all(row["classify_call_ms_p50"] > 0 for row in levels)
+    md = out.with_suffix(".md").read_text()
+    assert "Command:" in md and ("**Run forced on a busy machine**" in md) == result["forced_on_busy_machine"]

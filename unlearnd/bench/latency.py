@@ -366,10 +366,12 @@ def run_bench(
     pending = people[len(route_people) :]
     loads, levels, cells, profile = [load_sample("start")], [], {}, None
     ordinary = [PLAIN_PROMPTS[i % len(PLAIN_PROMPTS)] for i in range(cfg.requests)]
+    routes_registered = False
     for level in sorted(cfg.levels):
-        if level > 0 and active_count(server) == 0:
+        if level > 0 and not routes_registered:
             for route, person in route_people.items():
                 register_requests(server, [person], route, cfg.route_options.get(route))
+            routes_registered = True
         need = max(0, level - active_count(server))
         row = {"level": level, **_fill(server, pending[:need], server_pid)}
         pending = pending[need:]
@@ -398,8 +400,9 @@ def run_bench(
     return {"config": asdict(cfg), "levels": levels, "cells": cells, "load": loads, "profile": profile}
 
 
-def _start_servers(cfg: BenchConfig, workdir: Path, detector: str, admin_key: str) -> dict:
-    """Plain vLLM with unlearnd's engine flags, plain vLLM with its defaults (when asked), and unlearnd."""
+def _start_servers(cfg: BenchConfig, workdir: Path, detector: str, admin_key: str, reuse: dict[str, str]) -> dict:
+    """Plain vLLM with unlearnd's engine flags, plain vLLM with its defaults (when asked), and unlearnd;
+    those named in `reuse` (name -> URL of a running server) are not started."""
     from unlearnd.bench.servers import ServerProcess, free_port, unlearnd_command
     from unlearnd.engine.remote import plain_vllm_command, plain_vllm_default_command
     from unlearnd.models import pull_default
@@ -415,12 +418,15 @@ def _start_servers(cfg: BenchConfig, workdir: Path, detector: str, admin_key: st
     started: dict[str, ServerProcess] = {}
     try:
         for name, command in commands.items():
+            if name in reuse:
+                continue
             port = free_port()
             started[name] = ServerProcess(command(port), port, workdir / f"{name}.log", env=env).start()
-        port = free_port()
-        extra = ("--admin-key", admin_key, "--detector", detector, "--output-guard", cfg.output_guard)
-        ours = ServerProcess(unlearnd_command(port, workdir / "data", *extra), port, workdir / "unlearnd.log")
-        started["unlearnd"] = ours.start()
+        if "unlearnd" not in reuse:
+            port = free_port()
+            extra = ("--admin-key", admin_key, "--detector", detector, "--output-guard", cfg.output_guard)
+            ours = ServerProcess(unlearnd_command(port, workdir / "data", *extra), port, workdir / "unlearnd.log")
+            started["unlearnd"] = ours.start()
     except BaseException:
         for server in started.values():
             server.stop()
@@ -436,9 +442,12 @@ def bench_serve(
     workdir: Path | None = None,
     command: str | None = None,
     profile: bool = True,
+    reuse: dict[str, str] | None = None,
+    admin_key: str | None = None,
 ) -> Path:
-    """Start the servers, run the benchmark, write the report; returns the markdown path. Refuses to start
-    on a busy machine (1-minute load average above `cfg.max_load`) unless `cfg.force`."""
+    """Start the servers (or reuse running ones: name -> URL, with the unlearnd server's `admin_key`), run
+    the benchmark, write the report; returns the markdown path. Refuses to start on a busy machine
+    (1-minute load average above `cfg.max_load`) unless `cfg.force`."""
     from unlearnd.bench.profile import Profiler
     from unlearnd.bench.report import write_report
     from unlearnd.engine.dtype import resolve_dtype
@@ -453,13 +462,16 @@ def bench_serve(
     # Every server resolves the same default dtype (`--dtype auto`) on this machine.
     stamp = run_stamp(command, dtype=resolve_dtype())
     workdir = Path(workdir or tempfile.mkdtemp(prefix="unlearnd-bench-"))
-    admin_key = "bench-admin-key"
-    started = _start_servers(cfg, workdir, detector, admin_key)
+    reuse = dict(reuse or {})
+    admin_key = admin_key or "bench-admin-key"
+    started = _start_servers(cfg, workdir, detector, admin_key, reuse)
     try:
-        ours = started["unlearnd"]
-        profiler = Profiler(ours.proc.pid, out.with_name(out.name + "-profile.txt")) if profile else None
-        urls = {"unlearnd": ours.url, **{name: s.url for name, s in started.items() if name != "unlearnd"}}
-        result = run_bench(urls, admin_key, tofu_dir, cfg, profiler, server_pid=ours.proc.pid)
+        urls = {**reuse, **{name: server.url for name, server in started.items()}}
+        urls = {"unlearnd": urls.pop("unlearnd"), **urls}  # unlearnd first, then the baselines
+        ours = started.get("unlearnd")  # profiled and its worker's CPU read only when started here
+        pid = ours.proc.pid if ours is not None else None
+        profiler = Profiler(pid, out.with_name(out.name + "-profile.txt")) if profile and pid else None
+        result = run_bench(urls, admin_key, tofu_dir, cfg, profiler, server_pid=pid)
     finally:
         for server in reversed(list(started.values())):
             server.stop()

@@ -36,6 +36,9 @@ def serve(
     max_load: float = typer.Option(1.0, help="Refuse to start above this 1-minute load average."),
     force: bool = typer.Option(False, help="Run on a busy machine anyway (the report says so)."),
     profile: bool = typer.Option(True, help="py-spy the unlearnd server during the last non-flagged cells."),
+    plain_url: str = typer.Option(None, help="Reuse a running plain vLLM server (engine flags) as `vllm`."),
+    unlearnd_url: str = typer.Option(None, help="Reuse a running unlearnd server (its forget requests stay)."),
+    admin_key: str = typer.Option(None, envvar="UNLEARND_ADMIN_KEY", help="The reused unlearnd server's admin key."),
 ) -> None:
     """Latency and throughput of unlearnd against plain vLLM on the same model."""
     from unlearnd.bench.latency import BenchConfig, BusyMachine, bench_serve
@@ -66,7 +69,8 @@ def serve(
     if cfg.routes and min(cfg.cell_levels, default=0) < len(cfg.routes):
         raise typer.BadParameter("the first cell level must hold one request per route", param_hint="--cell-levels")
     try:
-        md = bench_serve(out, data or tofu_dir(), cfg, detector, profile=profile)
+        reuse = {name: url for name, url in (("vllm", plain_url), ("unlearnd", unlearnd_url)) if url}
+        md = bench_serve(out, data or tofu_dir(), cfg, detector, profile=profile, reuse=reuse, admin_key=admin_key)
     except BusyMachine as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(3) from exc
