@@ -28,7 +28,7 @@ def test_bench_serve_smoke(plain_vllm, unlearnd_server, tofu, tmp_path):
         "--concurrency",
         "1,2",
         "--requests",
-        "2",
+        "4",
         "--rounds",
         "2",
         "--output-len",
@@ -61,10 +61,10 @@ def test_bench_serve_smoke(plain_vllm, unlearnd_server, tofu, tmp_path):
     for cell in result["cells"].values():
         servers = cell["servers"]
         assert set(servers) == {"unlearnd", "vllm"} and set(cell["ratio"]) == {"vllm"}
-        assert servers["unlearnd"]["requests"] == 2 and servers["vllm"]["requests"] == 2
+        assert servers["unlearnd"]["requests"] == 4 and servers["vllm"]["requests"] == 4
         assert servers["unlearnd"]["errors"] == 0 and servers["vllm"]["errors"] == 0
         assert cell["routes_seen"] == [cell["route"]] and cell["concurrency_reached"] == cell["concurrency"]
-        assert cell["ratio"]["vllm"]["e2e_p50"] > 0 and len(cell["samples"]["unlearnd"]) == 2
+        assert cell["ratio"]["vllm"]["e2e_p50"] > 0 and len(cell["samples"]["unlearnd"]) == 4
     levels = result["levels"]
     assert [row["level"] for row in levels] == [0, 2] and levels[1]["active_requests"] >= 2
     assert all(row["classify_call_ms_p50"] > 0 for row in levels)
