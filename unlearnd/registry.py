@@ -96,25 +96,22 @@ class Registry:
             raise KeyError(request_id)
         return self._row_to_model(row)
 
-    def list(self, statuses: list[Status] | None = None) -> list[ForgetRequest]:
-        query, params = "SELECT * FROM forget_requests", ()
+    def _rows(self, columns: str, statuses: list[Status] | None) -> list[sqlite3.Row]:
+        """`columns` of the requests in `statuses` (all when None), oldest first."""
+        query, params = f"SELECT {columns} FROM forget_requests", ()
         if statuses:
             query += f" WHERE status IN ({','.join('?' * len(statuses))})"
             params = tuple(s.value for s in statuses)
         with self._connect() as db:
-            rows = db.execute(query + " ORDER BY created_at", params).fetchall()
-        return [self._row_to_model(r) for r in rows]
+            return db.execute(query + " ORDER BY created_at", params).fetchall()
+
+    def list(self, statuses: list[Status] | None = None) -> list[ForgetRequest]:
+        return [self._row_to_model(r) for r in self._rows("*", statuses)]
 
     def versions(self, statuses: list[Status] | None = None) -> list[tuple[str, str, float]]:
         """(id, status, updated_at) of every request in `statuses`, oldest first: what a server's sync
         compares with what it serves, without reading (and validating) every request's QA."""
-        query, params = "SELECT id, status, updated_at FROM forget_requests", ()
-        if statuses:
-            query += f" WHERE status IN ({','.join('?' * len(statuses))})"
-            params = tuple(s.value for s in statuses)
-        with self._connect() as db:
-            rows = db.execute(query + " ORDER BY created_at", params).fetchall()
-        return [(r["id"], r["status"], float(r["updated_at"])) for r in rows]
+        return [(r["id"], r["status"], float(r["updated_at"])) for r in self._rows("id, status, updated_at", statuses)]
 
     def fingerprint(self) -> tuple[int, float, float]:
         """(rows, latest updated_at, sum of updated_at): changes whenever a request is added, removed or

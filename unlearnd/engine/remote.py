@@ -198,48 +198,9 @@ def _logprobs(block: dict | None) -> list[TokenLogprob] | None:
     ]
 
 
-def plain_vllm_command(
-    model_path: str,
-    port: int,
-    served_name: str,
-    max_model_len: int = 2048,
-    host: str = "127.0.0.1",
-    max_loras: int = 4,
-    max_lora_rank: int = 16,
-    dtype: str = "auto",
+def plain_vllm_default_command(
+    model_path: str, port: int, served_name: str, host: str = "127.0.0.1", dtype: str = "auto"
 ) -> list[str]:
-    """The command line of a plain vLLM OpenAI server that the remote engine (and benchmarks) can use."""
-    return [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        model_path,
-        "--served-model-name",
-        served_name,
-        "--host",
-        host,
-        "--port",
-        str(port),
-        "--max-model-len",
-        str(max_model_len),
-        "--dtype",
-        resolve_dtype(dtype),
-        "--enforce-eager",
-        "--seed",
-        "0",
-        "--enable-prompt-embeds",
-        "--enable-lora",
-        "--max-loras",
-        str(max_loras),
-        "--max-lora-rank",
-        str(max_lora_rank),
-        "--lora-target-modules",
-        *LORA_TARGET_MODULES,
-    ]
-
-
-def plain_vllm_default_command(model_path: str, port: int, served_name: str, host: str = "127.0.0.1") -> list[str]:
     """Plain vLLM as a user starts it: its default flags (compiled graphs, no LoRA, no prompt embeddings,
     the model's own context length), only the dtype pinned as `--dtype auto` resolves it here (this CPU's
     bf16 decode gave wrong tokens)."""
@@ -256,5 +217,35 @@ def plain_vllm_default_command(model_path: str, port: int, served_name: str, hos
         "--port",
         str(port),
         "--dtype",
-        resolve_dtype("auto"),
+        resolve_dtype(dtype),
+    ]
+
+
+def plain_vllm_command(
+    model_path: str,
+    port: int,
+    served_name: str,
+    max_model_len: int = 2048,
+    host: str = "127.0.0.1",
+    max_loras: int = 4,
+    max_lora_rank: int = 16,
+    dtype: str = "auto",
+) -> list[str]:
+    """The command line of a plain vLLM OpenAI server that the remote engine (and benchmarks) can use:
+    the default one with unlearnd's engine flags."""
+    return [
+        *plain_vllm_default_command(model_path, port, served_name, host, dtype),
+        "--max-model-len",
+        str(max_model_len),
+        "--enforce-eager",
+        "--seed",
+        "0",
+        "--enable-prompt-embeds",
+        "--enable-lora",
+        "--max-loras",
+        str(max_loras),
+        "--max-lora-rank",
+        str(max_lora_rank),
+        "--lora-target-modules",
+        *LORA_TARGET_MODULES,
     ]
