@@ -175,5 +175,5 @@ def test_the_search_indexes_find_every_fact_among_many_requests_and_forget_remov
     assert "target" not in idx.find("The glass on the lighthouse in Shimoda broke in 1975.")
     idx.remove("target")
     for kind_index in (idx._by_title_word, idx._by_date, idx._by_birth_year, idx._by_compact):
-        assert all("target" not in ids for ids in kind_index.values())
+        assert all("target" not in ids for ids in kind_index._owners.values())
     assert "target" not in idx.find("Who wrote The Glass Lighthouse? Born March 14, 1961 in Shimoda.")

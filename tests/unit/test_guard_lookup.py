@@ -3,7 +3,7 @@
 import numpy as np
 
 from tests.helpers import forget_request
-from unlearnd.guardrail.lookup import MeaningMatrix, OwnerIndex
+from unlearnd.detectors.lookup import MeaningMatrix, OwnerIndex
 from unlearnd.guardrail.output_guard import OutputGuard
 
 
@@ -43,3 +43,43 @@ def test_a_hundred_requests_block_what_each_alone_blocks():
         block = guard.check(text)
         assert block is not None and block.request_id == f"r{i}" and block.reason == "answer", (i, block)
     assert guard.check("He breeds rabbits near a small lake in town.") is None
+
+
+def _unit(rows: np.ndarray) -> np.ndarray:
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_the_pruned_product_finds_what_the_full_product_finds(monkeypatch):
+    """Above PRUNE_MIN_ROWS the principal-direction bound only skips answers that cannot reach their
+    threshold: on clustered embeddings (as sentence embeddings are) every hit of the plain product,
+    near-threshold ones included, is found, for queries the basis was not fit on."""
+    from unlearnd.detectors import lookup
+
+    monkeypatch.setattr(lookup, "PRUNE_MIN_ROWS", 200)
+    monkeypatch.setattr(lookup, "PRUNE_DIMS", 8)
+    rng = np.random.default_rng(7)
+    centres = rng.normal(size=(12, 32))
+    matrix = MeaningMatrix()
+    parts = {}
+    for r in range(40):
+        answers = _unit(centres[rng.integers(12, size=10)] + 0.6 * rng.normal(size=(10, 32)))
+        thresholds = rng.uniform(0.8, 0.95, size=10).astype(np.float32)
+        parts[f"r{r}"] = (answers, thresholds)
+        matrix.set(f"r{r}", answers, thresholds)
+    every = np.concatenate([a for a, _ in parts.values()])
+    # queries: answers nudged to land just above or below a threshold, and unrelated sentences
+    scale = rng.uniform(0.03, 0.15, size=(60, 1))  # cosine about 0.99 down to 0.75
+    near = _unit(every[rng.choice(len(every), 60)] + scale * rng.normal(size=(60, 32)))
+    queries = np.concatenate([near, _unit(centres[rng.integers(12, size=40)] + rng.normal(size=(40, 32)))])
+
+    def plain(q: np.ndarray) -> str | None:
+        for rid, (answers, thresholds) in parts.items():
+            if (answers @ q >= thresholds).any():
+                return rid
+        return None
+
+    expected = [plain(q) for q in queries]
+    assert matrix._stacked().pruning is not None
+    assert matrix.first_restated_many(queries) == expected
+    assert 10 <= sum(e is not None for e in expected) <= 55  # the comparison covers real hits, not only misses
+    assert [matrix.first_restated(q) for q in queries[:5]] == expected[:5]

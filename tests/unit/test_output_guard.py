@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Iterable
 
 import pytest
 from fastapi.testclient import TestClient
@@ -80,18 +81,7 @@ def test_the_meaning_check_cuts_an_answer_restated_in_other_words():
     assert guard.restates("Her mother repaired old cars in a garage in Lyon for ten years.") is None
     assert OutputGuard().restates(restated) is None  # no encoder, no meaning check
 
-    words = ("Here is what I know. " + restated + " That is all.").split(" ")
-
-    async def deltas():
-        for i, word in enumerate(words):
-            yield ChoiceDelta(index=0, text=(" " if i else "") + word, token_ids=[i], finish_reason=None)
-
-    blocks = []
-
-    async def run():
-        return [d async for d in guard.filter(deltas(), lambda t: [0], lambda b, i: blocks.append(b), n=1)]
-
-    out = asyncio.run(run())
+    out, blocks = _filtered(guard, _word_deltas("Here is what I know. " + restated + " That is all."))
     assert [b.reason for b in blocks] == ["answer:meaning"] and out[-1].text == REFUSAL
     assert "Shimoda" not in "".join(d.text for d in out)
 
@@ -99,23 +89,8 @@ def test_the_meaning_check_cuts_an_answer_restated_in_other_words():
 def test_filter_never_releases_the_words_that_trigger_the_block():
     guard = OutputGuard(hold_chars=40)
     guard.load(forget_request())
-    words = ("Let me think about that question for a moment before answering. " + LEAK).split(" ")
-
-    async def deltas():
-        for i, word in enumerate(words):
-            yield ChoiceDelta(
-                index=0,
-                text=(" " if i else "") + word,
-                token_ids=[i],
-                finish_reason="stop" if i == len(words) - 1 else None,
-            )
-
-    blocks = []
-
-    async def run():
-        return [d async for d in guard.filter(deltas(), lambda t: [0], lambda b, i: blocks.append(b), n=1)]
-
-    out = asyncio.run(run())
+    prefix = "Let me think about that question for a moment before answering. "
+    out, blocks = _filtered(guard, _word_deltas(prefix + LEAK))
     text = "".join(d.text for d in out)
     assert "Nakamura" not in text and "Takashi" not in text
     assert text.endswith(REFUSAL) and out[-1].finish_reason == "stop" and len(blocks) == 1
@@ -199,11 +174,12 @@ def test_completions_are_guarded_too_and_the_guard_can_be_switched_off(server):
     )
 
 
-def _filtered(guard: OutputGuard, deltas_list: list[ChoiceDelta], flagged=()) -> tuple[list[ChoiceDelta], list]:
+def _filtered(guard: OutputGuard, deltas_in: Iterable[ChoiceDelta], flagged=()) -> tuple[list[ChoiceDelta], list]:
+    """Everything the guard lets out of `deltas_in` (read one at a time, as a stream), and its blocks."""
     blocks = []
 
     async def deltas():
-        for delta in deltas_list:
+        for delta in deltas_in:
             yield delta
 
     async def run():
@@ -405,3 +381,19 @@ def test_the_eval_takes_names_out_and_measures_what_left_before_the_cut():
     assert leak["strict"]["blocked"] == leak["fixed"]["blocked"] == 1  # the ordinary text is not cut
     assert leak["strict"]["mean_chars_sent"] > leak["fixed"]["mean_chars_sent"]  # strict sent the harmless start
     assert leak["strict"]["with_uncommon_word"] == leak["fixed"]["with_uncommon_word"] == 0
+
+
+def test_a_request_loaded_mid_stream_is_checked_against_what_the_stream_already_said():
+    """The 4-gram check looks up only the 4-grams new since its last look; a request loaded meanwhile is
+    looked up against all of them (its answer may have begun before it was loaded)."""
+    guard = OutputGuard()
+    text = "He repaired wooden boats in the harbour of Shimoda for forty years. Then he moved away."
+
+    def deltas():
+        for i, delta in enumerate(_word_deltas(text)):
+            if i == 12:  # the answer is out, and nothing after it repeats it: the request arrives now
+                guard.load(forget_request())
+            yield delta
+
+    out, blocks = _filtered(guard, deltas())
+    assert [b.reason for b in blocks] == ["answer"] and out[-1].text == REFUSAL

@@ -22,12 +22,13 @@ from __future__ import annotations
 import calendar
 import codecs
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 
 from pydantic import BaseModel, Field
 
+from unlearnd.detectors.lookup import OwnerIndex
 from unlearnd.detectors.names import derive_entities
 from unlearnd.detectors.normalize import compact_forms, letters, views
 from unlearnd.detectors.spans import FUNCTION_WORDS, STOPWORDS, edit_distance, fold, merge_spans, tokens
@@ -195,8 +196,10 @@ def compile_name(entity: str, common: frozenset[str]) -> NamePattern | None:
     return NamePattern(entity, parts, distinctive, letters("".join(parts)))
 
 
+@lru_cache(maxsize=1 << 16)
 def _part_edits(word: str, part: str) -> int:
-    """Edits between a prompt word and a name part; parts of four letters or fewer must be exact."""
+    """Edits between a prompt word and a name part; parts of four letters or fewer must be exact.
+    Cached: the output guard reads the same words again with every delta."""
     if word == part:
         return 0
     if len(part) <= 4:
@@ -233,12 +236,10 @@ class AnchorIndex:
         self._by_delete: dict[str, set[str]] = {}  # a part (5+ letters) with one letter deleted -> parts
         # Indexes that make a search cost the same whatever the number of requests: each maps what a text
         # must contain for a hit to the requests that could then have one (checked as before, in order).
-        self._order: dict[str, int] = {}  # request -> when it was added (hits are offered in this order)
-        self._added = 0
-        self._by_title_word: dict[str, set[str]] = {}  # a title's least common word -> requests
-        self._by_date: dict[tuple[int, int, int], set[str]] = {}
-        self._by_birth_year: dict[int, set[str]] = {}  # requests with a birthplace, by birth year
-        self._by_compact: dict[str, set[str]] = {}  # first 8 letters of a searched letters-only form -> requests
+        self._by_title_word = OwnerIndex()  # a title's least common word -> requests
+        self._by_date = OwnerIndex()
+        self._by_birth_year = OwnerIndex()  # requests with a birthplace, by birth year
+        self._by_compact = OwnerIndex()  # first 8 letters of a searched letters-only form -> requests
 
     @property
     def request_ids(self) -> set[str]:
@@ -259,13 +260,10 @@ class AnchorIndex:
                 if len(part) >= 5:
                     for key in _deletes(part):
                         self._by_delete.setdefault(key, set()).add(part)
-        self._added += 1
-        self._order[request_id] = self._added
         for index, keys in self._index_keys(request_id):
-            for key in keys:
-                index.setdefault(key, set()).add(request_id)
+            index.set(request_id, keys)
 
-    def _index_keys(self, request_id: str) -> list[tuple[dict, set]]:
+    def _index_keys(self, request_id: str) -> list[tuple[OwnerIndex, set]]:
         """For each search index, the keys under which `request_id` is filed."""
         names = self._names.get(request_id, [])
         titles = self._titles.get(request_id, [])
@@ -278,13 +276,6 @@ class AnchorIndex:
             (self._by_birth_year, {d[0] for d in self._dates.get(request_id, set())} if places else set()),
             (self._by_compact, {c[:COMPACT_MIN] for c in compacts}),  # every searched form is this long
         ]
-
-    def _candidates(self, index: dict, keys: Iterable) -> list[str]:
-        """The requests filed under any of `keys`, in the order they were added."""
-        found: set[str] = set()
-        for key in keys:
-            found |= index.get(key, set())
-        return sorted(found, key=self._order.__getitem__)
 
     def hidden_forms(self, request_id: str) -> list[tuple[str, str]]:
         """(letters-only form, what it is) of each of a request's whole names and long titles, as written,
@@ -324,12 +315,8 @@ class AnchorIndex:
     def remove(self, request_id: str) -> None:
         if request_id not in self._names:
             return
-        for index, keys in self._index_keys(request_id):
-            for key in keys:
-                index.get(key, set()).discard(request_id)
-                if key in index and not index[key]:
-                    del index[key]
-        self._order.pop(request_id, None)
+        for index in (self._by_title_word, self._by_date, self._by_birth_year, self._by_compact):
+            index.remove(request_id)
         self._names.pop(request_id)
         self._titles.pop(request_id, None)
         self._dates.pop(request_id, None)
@@ -347,7 +334,8 @@ class AnchorIndex:
         """Per request with an anchor in `text`: its best hit."""
         best: dict[str, AnchorHit] = {}
         as_written: dict[str, AnchorHit] = {}
-        for index, view in enumerate(views(text)):
+        text_views = views(text)
+        for index, view in enumerate(text_views):
             toks = tokens(view)
             folded = [_word(w) for w, _, _ in toks]
             hits = self._name_hits(view, toks, folded)
@@ -359,7 +347,7 @@ class AnchorIndex:
                 _offer(best, request_id, hit)
             for request_id, hit in self._fact_hits(view, folded):
                 _offer(best, request_id, hit)
-        for request_id, hit in self._hidden_hits(compact_forms(text)):
+        for request_id, hit in self._hidden_hits(compact_forms(text, text_views)):
             _offer(best, request_id, hit)
         for request_id, hit in best.items():
             if not hit.spans and request_id in as_written:
@@ -368,28 +356,29 @@ class AnchorIndex:
 
     def _fact_hits(self, view: str, folded: list[str]) -> Iterator[tuple[str, AnchorHit]]:
         """Titles, full dates, and a birth year next to a birthplace, in one view of the text."""
-        for request_id in self._candidates(self._by_title_word, set(folded)):
+        present = set(folded)
+        for request_id in self._by_title_word.owners(present):
             for title in self._titles[request_id]:
-                if _contains(folded, title.words):
+                if _contains(folded, title.words, present):
                     yield request_id, AnchorHit(NAME_SCORE, "title", entity=title.title)
         dates = parse_dates(view)
         if dates:
-            for request_id in self._candidates(self._by_date, dates):
+            for request_id in self._by_date.owners(dates):
                 if dates & self._dates[request_id]:
                     yield request_id, AnchorHit(NAME_SCORE, "date")
         years = {int(y) for y in _YEAR_WORD.findall(view)}
         if years:
-            for request_id in self._candidates(self._by_birth_year, years):
+            for request_id in self._by_birth_year.owners(years):
                 places = self._places[request_id]
                 born = {d[0] for d in self._dates[request_id]}
-                if years & born and any(_contains(folded, place) for place in places):
+                if years & born and any(_contains(folded, place, present) for place in places):
                     yield request_id, AnchorHit(NAME_SCORE, "birth")
 
     def _hidden_hits(self, compacts: list[str]) -> Iterator[tuple[str, AnchorHit]]:
         """Names and titles spread out with separators, digits or code words (the compact forms)."""
         # keyed by 8 letters, not 4: with a thousand requests most 4-letter windows started some name
         keys = {c[i : i + COMPACT_MIN] for c in compacts for i in range(len(c) - COMPACT_MIN + 1)}
-        for request_id in self._candidates(self._by_compact, keys):
+        for request_id in self._by_compact.owners(keys):
             for pattern in self._names[request_id]:
                 if len(pattern.compact) >= COMPACT_MIN and any(pattern.compact in c for c in compacts):
                     yield request_id, AnchorHit(NAME_SCORE, "name_hidden", entity=pattern.entity)
@@ -435,9 +424,12 @@ def _rarest(words: list[str]) -> str:
     return min(words, key=lambda w: (_zipf(w), -len(w)))
 
 
-def _contains(words: list[str], sequence: list[str]) -> bool:
+def _contains(words: list[str], sequence: list[str], present: set[str] | None = None) -> bool:
+    """Whether `sequence` runs in `words`; `present` (the set of `words`) rules most texts out at once."""
     n = len(sequence)
-    return n > 0 and any(words[i : i + n] == sequence for i in range(len(words) - n + 1))
+    if n == 0 or (present is not None and not present.issuperset(sequence)):
+        return False
+    return any(words[i : i + n] == sequence for i in range(len(words) - n + 1))
 
 
 def _match_name(

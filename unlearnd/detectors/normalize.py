@@ -139,11 +139,12 @@ def nato_letters(text: str) -> str:
     )
 
 
-def compact_forms(text: str) -> list[str]:
+def compact_forms(text: str, text_views: list[str] | None = None) -> list[str]:
     """Letters-only strings a whole name is searched in: each view's letters (digits read as leetspeak,
-    and dropped: "J1a2i3m4e5"), the letters NATO code words spell, each also reversed and ROT13'd."""
+    and dropped: "J1a2i3m4e5"), the letters NATO code words spell, each also reversed and ROT13'd.
+    `text_views`: `views(text)`, where the caller has them already."""
     forms = []
-    for view in views(text):
+    for view in text_views if text_views is not None else views(text):
         ascii_view = to_ascii(view)
         for plain in dict.fromkeys((letters(unleet(ascii_view)), letters(ascii_view), letters(nato_letters(view)))):
             if plain:

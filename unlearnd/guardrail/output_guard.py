@@ -32,7 +32,6 @@ releases at once and only cuts the stream when a check fires.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import threading
@@ -43,13 +42,14 @@ from typing import Any
 
 import numpy as np
 
+from unlearnd.batching import MicroBatcher
 from unlearnd.detectors.anchors import COMPACT_MIN, FLAG_SCORE, AnchorIndex, extract_anchors
+from unlearnd.detectors.lookup import MeaningMatrix, OwnerIndex
 from unlearnd.detectors.negatives import chat_prompts
 from unlearnd.detectors.normalize import letters, to_ascii
 from unlearnd.detectors.spans import FUNCTION_WORDS, STOPWORDS, fold
 from unlearnd.domain import ForgetRequest, ForgetSpec
 from unlearnd.engine.base import ChoiceDelta, TokenLogprob
-from unlearnd.guardrail.lookup import MeaningMatrix, OwnerIndex
 from unlearnd.guardrail.release import RELEASE_MODES, ReleaseIndex, RequestHolds
 from unlearnd.interventions.guardrails import refusal_of
 
@@ -137,6 +137,7 @@ class _Choice:
     released: int = 0  # characters of `text` already sent
     held: list[tuple[ChoiceDelta, int]] = field(default_factory=list)  # (delta, how far its text or tokens reach)
     grams: set[tuple[str, ...]] = field(default_factory=set)
+    checked_with: dict | None = None  # the guard's table (`loaded`) its 4-grams were last looked up in
     words_seen: int = 0  # complete words whose 4-grams are in `grams`
     hidden: str = ""  # the letters of the output only (spacing, punctuation, digits gone)
     sentence_start: int = 0  # where the sentence not yet compared by meaning begins
@@ -162,7 +163,6 @@ class _Loaded:
     """Everything the guard holds for one request, built off the event loop and swapped in at once."""
 
     answers: list[_Answer]
-    meanings: _Meanings | None
     refusal: str
     protected: frozenset[str]  # name parts and uncommon answer words: no log-prob alternative may spell them
 
@@ -195,14 +195,11 @@ class OutputGuard:
         self._parts: dict[str, set[str]] = {}
         self._lock = threading.Lock()  # loads run in a worker thread while checks run on the event loop
         self._ordinary_emb: np.ndarray | None = None
+        self._meaning_batcher = MicroBatcher(self.restated_many)
 
     @property
     def request_ids(self) -> set[str]:
         return set(self.loaded)
-
-    @property
-    def meanings(self) -> dict[str, _Meanings]:
-        return {rid: entry.meanings for rid, entry in self.loaded.items() if entry.meanings is not None}
 
     @property
     def checks_meaning(self) -> bool:
@@ -222,20 +219,20 @@ class OutputGuard:
             self._parts[request.id] = self.anchors.name_parts(request.id)
             self._hidden[request.id] = [form for form, _ in self.anchors.hidden_forms(request.id)]
             self._hidden_index.set(request.id, {form[:COMPACT_MIN] for form in self._hidden[request.id]})
-            self._grams.set(request.id, {gram for answer in answers for gram in answer.starts})
+            grams = {gram for answer in answers for gram in answer.starts}
+            self._grams.set(request.id, grams)
             if meanings is not None:
                 self._meaning_matrix.set(request.id, meanings.answers, meanings.thresholds)
             else:
                 self._meaning_matrix.remove(request.id)
             uncommon_parts = self.anchors.name_parts(request.id, uncommon_only=True)
             protected = frozenset(uncommon_parts | {_letters(w) for w in rare_words} - {""})
-            self.loaded = {**self.loaded, request.id: _Loaded(answers, meanings, refusal_of(request), protected)}
-            self.holds.set(request.id, self._holds(request.id, answers, rare_words))
+            self.loaded = {**self.loaded, request.id: _Loaded(answers, refusal_of(request), protected)}
+            self.holds.set(request.id, self._holds(request.id, grams, rare_words))
 
-    def _holds(self, request_id: str, answers: list[_Answer], rare_words: set[str]) -> RequestHolds:
+    def _holds(self, request_id: str, grams: set[tuple[str, ...]], rare_words: set[str]) -> RequestHolds:
         words, exact_words, places, dates = self.anchors.release_words(request_id)
         forms = set(self._hidden.get(request_id, []))
-        grams = {gram for answer in answers for gram in answer.starts}
         return RequestHolds(words, forms, places, dates, grams, rare_words, exact_words)
 
     def unload(self, request_id: str) -> None:
@@ -264,15 +261,31 @@ class OutputGuard:
         closest = (emb @ calibration.T).max(axis=1) if len(calibration) else np.zeros(len(answers))
         return _Meanings(emb, np.maximum(MEANING_FLOOR, closest + MEANING_MARGIN))
 
+    def prepare(self) -> None:
+        """Build what the checks read lazily (the stacked answer matrix), off the request path: after a
+        sync loaded requests, not in the first stream that needs it."""
+        with self._lock:
+            if self._meaning_matrix:
+                self._meaning_matrix.prepare()
+
     def restates(self, text: str) -> Block | None:
         """The first active request one of whose forget answers `text` restates (meaning check)."""
+        return self.restated_many([text])[0] if self.checks_meaning else None
+
+    def restated_many(self, texts: list[str]) -> list[Block | None]:
+        """`restates` of each text: one encoder call and one matrix product for all of them (concurrent
+        streams' sentences arrive together through `_meaning_batcher`)."""
         if not self.checks_meaning:
-            return None
-        emb = self.encoder().encode([text]).emb[0]
+            return [None] * len(texts)
+        embs = self.encoder().encode(texts).emb
         with self._lock:
-            request_id = self._meaning_matrix.first_restated(emb)
-        entry = self.loaded.get(request_id) if request_id is not None else None
-        return Block(request_id, "answer:meaning", entry.refusal) if entry is not None else None
+            request_ids = self._meaning_matrix.first_restated_many(embs)
+        loaded = self.loaded
+        entries = [loaded.get(rid) if rid is not None else None for rid in request_ids]
+        return [
+            Block(rid, "answer:meaning", entry.refusal) if entry is not None else None
+            for rid, entry in zip(request_ids, entries, strict=True)
+        ]
 
     def check(
         self,
@@ -280,6 +293,7 @@ class OutputGuard:
         grams: set[tuple[str, ...]] | None = None,
         hidden: str | None = None,
         flagged: Collection[str] = (),
+        fresh: set[tuple[str, ...]] | None = None,
     ) -> Block | None:
         """The first active request `text` (an output so far) gives away, if any. `hidden`: the output's
         letters only (default: from `text`); `flagged`: the requests the prompt was flagged for, on whose
@@ -292,7 +306,8 @@ class OutputGuard:
             found = self.anchors.find(text[-TAIL_CHARS:])
             hidden_forms = {rid: self._hidden[rid] for rid in self._hidden_index.owners(windows)}
             parts = {rid: self._parts.get(rid, set()) for rid in flagged}
-            repeating = self._grams.owners(grams)
+            # a request's repetition grows only with its own 4-grams: those new since the last check decide
+            repeating = self._grams.owners(grams if fresh is None else fresh)
         for request_id, hit in found.items():
             if hit.score >= FLAG_SCORE and request_id in loaded:
                 return Block(request_id, f"anchor:{hit.kind}", loaded[request_id].refusal)
@@ -316,7 +331,7 @@ class OutputGuard:
             return None
         block = self.check(text, flagged=flagged)
         if block is None and self.checks_meaning and len(text.split()) >= MEANING_MIN_WORDS:
-            block = await asyncio.to_thread(self.restates, text.strip())
+            block = (await self._meaning_batcher([text.strip()]))[0]
         return block
 
     def _withhold_alternatives(self, state: _Choice, delta: ChoiceDelta) -> ChoiceDelta:
@@ -368,11 +383,15 @@ class OutputGuard:
             visible = state.visible
             words = _words(visible)
             complete = len(words) if final or not visible[-1:].isalnum() else len(words) - 1  # the last may go on
+            added: set[tuple[str, ...]] = set()
             if complete > state.words_seen:  # new 4-grams end in the newly complete words
-                state.grams |= _grams(words[max(0, state.words_seen - 3) : complete])
+                added = _grams(words[max(0, state.words_seen - 3) : complete])
+                state.grams |= added
                 state.words_seen = complete
             hidden = state.hidden if len(state.ahead) <= len(state.text) else letters(to_ascii(visible))
-            block = self.check(visible, state.grams, hidden, flagged)
+            fresh = added if state.checked_with is self.loaded else None  # a load since: look all up again
+            state.checked_with = self.loaded
+            block = self.check(visible, state.grams, hidden, flagged, fresh)
             if block is None and self.checks_meaning:
                 block = await self._check_meaning(state, ended=final or bool(_SENTENCE_END.search(delta.text)))
             if block is not None:
@@ -400,7 +419,7 @@ class OutputGuard:
             state.sentence_start, state.meaning_words = len(state.text), 0
         if words < MEANING_MIN_WORDS:
             return None
-        return await asyncio.to_thread(self.restates, piece.strip())
+        return (await self._meaning_batcher([piece.strip()]))[0]
 
     def _releasable(self, visible: str, final: bool, flagged: Collection[str]) -> int:
         """How much of the output may leave now (the release rule of the module docstring)."""

@@ -18,6 +18,7 @@ from dataclasses import replace
 import httpx
 import torch
 
+from unlearnd.batching import MicroBatcher
 from unlearnd.detectors.anchors import FLAG_SCORE, AnchorIndex, extract_anchors
 from unlearnd.detectors.base import Detection, Detector, RequestMatch
 from unlearnd.domain import LOAD_FAILED, ForgetRequest, Status
@@ -107,13 +108,15 @@ class GuardrailPipeline:
         encoder = (lambda: detector.encoder) if has_encoder else None
         self.output_guard = OutputGuard(encoder=encoder, release=output_release)
         self._sync_lock = asyncio.Lock()
+        # concurrent requests' prompts share detector calls (one encoder batch, not one call each)
+        self._detect = MicroBatcher(lambda texts: self.detector.detect(texts))
 
     # -- classification --------------------------------------------------------------------------
     async def classify(self, texts: list[str]) -> list[Detection]:
         if not self.active:
             return [Detection(0.0) for _ in texts]
         start = time.perf_counter()
-        detections = await asyncio.to_thread(self.detector.detect, texts)
+        detections = await self._detect(texts)
         if self.degraded:
             await asyncio.to_thread(self._fallback_matches, texts, detections)
         prometheus.CLASSIFIER_LATENCY.observe((time.perf_counter() - start) / max(len(texts), 1))
@@ -370,6 +373,8 @@ class GuardrailPipeline:
                 except Exception:
                     settled = False
                     log.exception("serving forget request %s failed; tried again at the next sync", request.id)
+            if changed:
+                await asyncio.to_thread(self.output_guard.prepare)
             # read before the versions: a change in between is seen next round
             self._fingerprint = fingerprint if settled else None
             counts = self.counts()
