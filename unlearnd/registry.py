@@ -1,194 +1,206 @@
-"""Persistent forget-request registry: one SQLite file plus one artifact folder per request.
+"""Persistent forget-request registry: one database table plus one artifact folder per request.
 
-Both the server and the training worker open the same database; SQLite's WAL mode lets the
-server keep reading while the worker writes. Status moves pending -> training -> ready -> active,
-or to failed with the error text; DELETE deactivates (artifacts are kept until purged).
+The server, its training worker and (with PostgreSQL) other replicas and workers open the same
+database (`unlearnd.database`: SQLite in the data dir by default, or `--registry postgresql://...`).
+Status moves pending -> training -> ready -> active, or to failed with the error text; DELETE
+deactivates (artifacts are kept until purged). Training jobs are claimed in one statement that skips
+rows another worker holds (`FOR UPDATE SKIP LOCKED` on PostgreSQL; SQLite serialises writers), so
+any number of workers share one queue. Artifact folders live under the data dir, or under
+`--artifacts PATH`, a folder every replica mounts.
 """
 
 from __future__ import annotations
 
 import shutil
-import sqlite3
-import threading
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from unlearnd.artifacts import read_json, write_json_atomic, write_text_atomic
-from unlearnd.domain import LOAD_FAILED, ForgetRequest, ForgetSpec, Status
+from sqlalchemy import Connection, Row, delete, func, insert, select, update
+from sqlalchemy.exc import DBAPIError
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS forget_requests (
-    id TEXT PRIMARY KEY,
-    name TEXT NOT NULL,
-    method TEXT NOT NULL,
-    status TEXT NOT NULL,
-    error TEXT,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    heartbeat REAL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    spec TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS forget_requests_status ON forget_requests(status);
-"""
+from unlearnd.artifacts import read_json, write_json_atomic, write_text_atomic
+from unlearnd.database import FORGET_REQUESTS as T
+from unlearnd.database import RegistryUnavailable, migrate, open_engine, registry_url, safe_url
+from unlearnd.domain import LOAD_FAILED, ForgetRequest, ForgetSpec, Status
 
 MAX_ATTEMPTS = 3
 
 
+def open_registry(data_dir: str | Path | None = None) -> Registry:
+    """The registry the CLI means: `UNLEARND_REGISTRY` / `UNLEARND_ARTIFACTS` where set (as `serve`
+    reads them), in `data_dir` (default: the XDG data dir)."""
+    import os
+
+    from unlearnd.config import data_dir as default_data_dir
+
+    return Registry(
+        data_dir or default_data_dir(), os.environ.get("UNLEARND_REGISTRY"), os.environ.get("UNLEARND_ARTIFACTS")
+    )
+
+
 class Registry:
-    def __init__(self, data_dir: str | Path):
+    def __init__(self, data_dir: str | Path, url: str | None = None, artifacts: str | Path | None = None):
+        """`url`: the database (default: SQLite in `data_dir`); `artifacts`: the folder of the requests'
+        artifact folders (default: `data_dir`/requests), shared by every replica when they share `url`."""
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.artifacts_root = self.data_dir / "requests"
-        self.artifacts_root.mkdir(exist_ok=True)
-        self.db_path = self.data_dir / "registry.sqlite3"
-        self._local = threading.local()
-        with self._connect() as db:
-            db.executescript(_SCHEMA)
+        self.artifacts_root = Path(artifacts) if artifacts else self.data_dir / "requests"
+        self.artifacts_root.mkdir(parents=True, exist_ok=True)
+        self.shared_artifacts = artifacts is not None
+        self.url = registry_url(self.data_dir, url)
+        self.engine = open_engine(self.url)
+        with self._unavailable_as_error():
+            migrate(self.engine, lock_dir=self.data_dir)
+
+    @property
+    def shared(self) -> bool:
+        """Whether other servers may use this registry: a database server, or shared artifact folders."""
+        return self.engine.dialect.name != "sqlite" or self.shared_artifacts
+
+    def describe(self) -> str:
+        return safe_url(self.url)
+
+    def close(self) -> None:
+        self.engine.dispose()
 
     @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            self._local.conn = conn
-        yield conn
+    def _unavailable_as_error(self) -> Iterator[None]:
+        try:
+            yield
+        except DBAPIError as exc:  # unreachable, refused, timed out, locked: the caller answers 503
+            raise RegistryUnavailable(f"registry {self.describe()} unavailable: {type(exc.orig).__name__}") from exc
+
+    @contextmanager
+    def _connect(self) -> Iterator[Connection]:
+        """One transaction, committed when the block ends."""
+        with self._unavailable_as_error(), self.engine.begin() as conn:
+            yield conn
 
     def artifact_dir(self, request_id: str) -> Path:
         return self.artifacts_root / request_id
 
-    def _row_to_model(self, row: sqlite3.Row) -> ForgetRequest:
+    def _row_to_model(self, row: Row) -> ForgetRequest:
+        r = row._mapping
         return ForgetRequest(
-            id=row["id"],
-            name=row["name"],
-            method=row["method"],
-            status=row["status"],
-            error=row["error"],
-            created_at=row["created_at"],
-            updated_at=row["updated_at"],
-            spec=ForgetSpec.model_validate_json(row["spec"]),
-            artifact_dir=str(self.artifact_dir(row["id"])),
-            attempts=row["attempts"],
+            id=r["id"],
+            name=r["name"],
+            method=r["method"],
+            status=r["status"],
+            error=r["error"],
+            created_at=r["created_at"],
+            updated_at=r["updated_at"],
+            spec=ForgetSpec.model_validate_json(r["spec"]),
+            artifact_dir=str(self.artifact_dir(r["id"])),
+            attempts=r["attempts"],
         )
 
     def add(self, spec: ForgetSpec) -> ForgetRequest:
         request_id = "fr-" + uuid.uuid4().hex[:12]
         now = time.time()
         write_text_atomic(self.artifact_dir(request_id) / "spec.json", spec.model_dump_json(indent=1))
-        with self._connect() as db:
-            db.execute(
-                "INSERT INTO forget_requests (id, name, method, status, created_at, updated_at, spec)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (request_id, spec.name, spec.method.value, Status.pending.value, now, now, spec.model_dump_json()),
-            )
+        row = dict(name=spec.name, method=spec.method.value, status=Status.pending.value, spec=spec.model_dump_json())
+        try:
+            with self._connect() as db:
+                db.execute(insert(T).values(id=request_id, created_at=now, updated_at=now, **row))
+        except BaseException:  # not registered: no folder of it is left (a shared one is never swept)
+            shutil.rmtree(self.artifact_dir(request_id), ignore_errors=True)
+            raise
         return self.get(request_id)
 
     def get(self, request_id: str) -> ForgetRequest:
         with self._connect() as db:
-            row = db.execute("SELECT * FROM forget_requests WHERE id = ?", (request_id,)).fetchone()
+            row = db.execute(select(T).where(T.c.id == request_id)).first()
         if row is None:
             raise KeyError(request_id)
         return self._row_to_model(row)
 
-    def _rows(self, columns: str, statuses: list[Status] | None) -> list[sqlite3.Row]:
-        """`columns` of the requests in `statuses` (all when None), oldest first."""
-        query, params = f"SELECT {columns} FROM forget_requests", ()
+    def _rows(self, columns: list[str] | None, statuses: list[Status] | None) -> list[Row]:
+        """`columns` (all when None) of the requests in `statuses` (all when None), oldest first."""
+        query = select(*(T.c[c] for c in columns)) if columns else select(T)
         if statuses:
-            query += f" WHERE status IN ({','.join('?' * len(statuses))})"
-            params = tuple(s.value for s in statuses)
+            query = query.where(T.c.status.in_([s.value for s in statuses]))
         with self._connect() as db:
-            return db.execute(query + " ORDER BY created_at", params).fetchall()
+            return list(db.execute(query.order_by(T.c.created_at)))
 
     def list(self, statuses: list[Status] | None = None) -> list[ForgetRequest]:
-        return [self._row_to_model(r) for r in self._rows("*", statuses)]
+        return [self._row_to_model(r) for r in self._rows(None, statuses)]
 
     def versions(self, statuses: list[Status] | None = None) -> list[tuple[str, str, float]]:
         """(id, status, updated_at) of every request in `statuses`, oldest first: what a server's sync
         compares with what it serves, without reading (and validating) every request's QA."""
-        return [(r["id"], r["status"], float(r["updated_at"])) for r in self._rows("id, status, updated_at", statuses)]
+        return [(r[0], r[1], float(r[2])) for r in self._rows(["id", "status", "updated_at"], statuses)]
 
     def fingerprint(self) -> tuple[int, float, float]:
         """(rows, latest updated_at, sum of updated_at): changes whenever a request is added, removed or
         changes status, so a sync that finds it unchanged has nothing to read."""
+        query = select(func.count(), func.max(T.c.updated_at), func.coalesce(func.sum(T.c.updated_at), 0.0))
         with self._connect() as db:
-            row = db.execute("SELECT COUNT(*), MAX(updated_at), TOTAL(updated_at) FROM forget_requests").fetchone()
-        return int(row[0]), float(row[1] or 0.0), float(row[2] or 0.0)
+            count, latest, total = db.execute(query).one()
+        return int(count), float(latest or 0.0), float(total or 0.0)
 
     def set_status(
         self, request_id: str, status: Status, error: str | None = None, expect: Status | None = None
     ) -> bool:
         """Move a request to `status`; with `expect`, only if it is still in that status."""
-        query = "UPDATE forget_requests SET status = ?, error = ?, updated_at = ? WHERE id = ?"
-        params: tuple = (status.value, error, time.time(), request_id)
+        query = update(T).where(T.c.id == request_id).values(status=status.value, error=error, updated_at=time.time())
         if expect is not None:
-            query += " AND status = ?"
-            params += (expect.value,)
+            query = query.where(T.c.status == expect.value)
         with self._connect() as db:
-            return db.execute(query, params).rowcount == 1
+            return db.execute(query).rowcount == 1
 
     def claim_next(self) -> ForgetRequest | None:
-        """Atomically take the oldest pending request for training (worker side)."""
+        """Atomically take the oldest pending request for training (worker side). One statement: the
+        oldest pending row that no other worker holds right now (PostgreSQL skips locked rows; SQLite
+        lets one writer in at a time), moved to training; two workers never get the same request."""
+        oldest = (
+            select(T.c.id)
+            .where(T.c.status == Status.pending.value)
+            .order_by(T.c.created_at)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+        now = time.time()
+        claim = (
+            update(T)
+            .where(T.c.id == oldest, T.c.status == Status.pending.value)
+            .values(status=Status.training.value, heartbeat=now, updated_at=now, attempts=T.c.attempts + 1)
+            .returning(T.c.id)
+        )
         with self._connect() as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                row = db.execute(
-                    "SELECT id FROM forget_requests WHERE status = ? ORDER BY created_at LIMIT 1",
-                    (Status.pending.value,),
-                ).fetchone()
-                if row is None:
-                    db.execute("COMMIT")
-                    return None
-                now = time.time()
-                db.execute(
-                    "UPDATE forget_requests SET status = ?, heartbeat = ?, updated_at = ?,"
-                    " attempts = attempts + 1 WHERE id = ?",
-                    (Status.training.value, now, now, row["id"]),
-                )
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-        return self.get(row["id"])
+            claimed = db.execute(claim).scalar()
+        return self.get(claimed) if claimed is not None else None
 
     def exists(self, request_id: str) -> bool:
         with self._connect() as db:
-            return db.execute("SELECT 1 FROM forget_requests WHERE id = ?", (request_id,)).fetchone() is not None
+            return db.execute(select(T.c.id).where(T.c.id == request_id)).first() is not None
 
     def heartbeat(self, request_id: str) -> None:
         with self._connect() as db:
-            db.execute("UPDATE forget_requests SET heartbeat = ? WHERE id = ?", (time.time(), request_id))
+            db.execute(update(T).where(T.c.id == request_id).values(heartbeat=time.time()))
 
     def recover_stale(self, stale_after_s: float = 60.0) -> list[str]:
         """Requests whose training worker died go back to pending (or fail after MAX_ATTEMPTS)."""
         cutoff = time.time() - stale_after_s
-        recovered = []
+        stale = (T.c.status == Status.training.value) & (T.c.heartbeat.is_(None) | (T.c.heartbeat < cutoff))
         with self._connect() as db:
-            rows = db.execute(
-                "SELECT id, attempts, error FROM forget_requests"
-                " WHERE status = ? AND (heartbeat IS NULL OR heartbeat < ?)",
-                (Status.training.value, cutoff),
-            ).fetchall()
-        for row in rows:
-            if row["attempts"] >= MAX_ATTEMPTS and (row["error"] or "").startswith(LOAD_FAILED):
-                died = f"{row['error']}; re-training worker died {row['attempts']} times"
-                self.set_status(row["id"], Status.degraded, died, expect=Status.training)  # stays refused
-            elif row["attempts"] >= MAX_ATTEMPTS:
-                self.set_status(
-                    row["id"], Status.failed, f"training worker died {row['attempts']} times", expect=Status.training
-                )
+            rows = list(db.execute(select(T.c.id, T.c.attempts, T.c.error).where(stale)))
+        recovered = []
+        for request_id, attempts, error in rows:
+            if attempts >= MAX_ATTEMPTS and (error or "").startswith(LOAD_FAILED):
+                died = f"{error}; re-training worker died {attempts} times"
+                self.set_status(request_id, Status.degraded, died, expect=Status.training)  # stays refused
+            elif attempts >= MAX_ATTEMPTS:
+                died = f"training worker died {attempts} times"
+                self.set_status(request_id, Status.failed, died, expect=Status.training)
             else:  # the error stays: a degraded request being re-trained stays refused meanwhile
+                back = update(T).where(T.c.id == request_id, T.c.status == Status.training.value)
                 with self._connect() as db:
-                    db.execute(
-                        "UPDATE forget_requests SET status = ?, updated_at = ? WHERE id = ? AND status = ?",
-                        (Status.pending.value, time.time(), row["id"], Status.training.value),
-                    )
-            recovered.append(row["id"])
+                    db.execute(back.values(status=Status.pending.value, updated_at=time.time()))
+            recovered.append(request_id)
         return recovered
 
     def retrain(self, request_id: str) -> ForgetRequest:
@@ -198,11 +210,10 @@ class Registry:
         if record.status not in (Status.degraded, Status.failed):
             raise ValueError(f"only a degraded or failed request can be re-trained (this one is {record.status})")
         error = record.error if record.status == Status.degraded else None
-        with self._connect() as db:  # only from the status read above (a deactivate meanwhile wins)
+        again = update(T).where(T.c.id == request_id, T.c.status == record.status.value)  # a deactivate meanwhile wins
+        with self._connect() as db:
             changed = db.execute(
-                "UPDATE forget_requests SET status = ?, error = ?, attempts = 0, updated_at = ? WHERE id = ?"
-                " AND status = ?",
-                (Status.pending.value, error, time.time(), request_id, record.status.value),
+                again.values(status=Status.pending.value, error=error, attempts=0, updated_at=time.time())
             ).rowcount
         if not changed:
             raise ValueError(f"request {request_id} changed while it was being re-trained; try again")
@@ -215,16 +226,19 @@ class Registry:
         record = self.get(request_id)
         if purge:  # the row goes first (one transaction); folders without a row are removed at the next start
             with self._connect() as db:
-                db.execute("DELETE FROM forget_requests WHERE id = ?", (request_id,))
+                db.execute(delete(T).where(T.c.id == request_id))
             shutil.rmtree(self.artifact_dir(request_id), ignore_errors=True)
         return record
 
     def sweep_orphan_dirs(self) -> list[str]:
         """Remove artifact folders whose request is gone (a purge interrupted between its two steps) and,
         inside the others, what a killed writer left half-done (staging folders and temporary files: every
-        name starting with a dot). Only for a start, when nothing else writes to this data dir."""
+        name starting with a dot). Only for a start, when nothing else writes to these folders: never on a
+        shared registry, where another replica may be registering or training right now."""
+        if self.shared:
+            return []
         with self._connect() as db:
-            known = {row["id"] for row in db.execute("SELECT id FROM forget_requests").fetchall()}
+            known = set(db.execute(select(T.c.id)).scalars())
         removed = []
         for folder in self.artifacts_root.iterdir() if self.artifacts_root.is_dir() else []:
             if folder.is_dir() and folder.name not in known:

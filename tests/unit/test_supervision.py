@@ -73,7 +73,7 @@ def test_an_interrupted_purge_or_write_is_cleaned_up_at_the_next_start(tmp_path,
     kept = registry.add(ForgetSpec(name="Kept Person", forget=[QAExample(question="Who is Kept Person?")]))
     gone = registry.add(ForgetSpec(name="Gone Person", forget=[QAExample(question="Who is Gone Person?")]))
     with registry._connect() as db:  # the purge's first step (the row) happened, the folder removal did not
-        db.execute("DELETE FROM forget_requests WHERE id = ?", (gone.id,))
+        db.exec_driver_sql("DELETE FROM forget_requests WHERE id = ?", (gone.id,))
     kept_dir = registry.artifact_dir(kept.id)
     (kept_dir / ".lora.k2x9q1").mkdir()  # a writer killed while staging an adapter folder / a JSON file
     (kept_dir / ".lora.k2x9q1" / "adapter_model.safetensors").write_bytes(b"half")

@@ -30,10 +30,9 @@ def _client(url: str, admin_key: str | None, data_dir: Path | None):
 
 
 def _registry(data_dir: Path | None):
-    from unlearnd.config import data_dir as default_data_dir
-    from unlearnd.registry import Registry
+    from unlearnd.registry import open_registry
 
-    return Registry(data_dir or default_data_dir())
+    return open_registry(data_dir)
 
 
 def _over_http(call):

@@ -35,10 +35,9 @@ DEVICE = typer.Option(None, "--device", help="torch device (default: cuda if ava
 
 def _load(request_id: str, data_dir: Path | None):
     """The registry, the request and its artifact folder."""
-    from unlearnd.config import data_dir as default_data_dir
-    from unlearnd.registry import Registry
+    from unlearnd.registry import open_registry
 
-    registry = Registry(data_dir or default_data_dir())
+    registry = open_registry(data_dir)
     try:
         request = registry.get(request_id)
     except KeyError:

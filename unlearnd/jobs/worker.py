@@ -112,14 +112,26 @@ def run_job(
 
 
 def run_worker(
-    data_dir: Path, detector_name: str, model: str, poll_s: float = 0.5, once: bool = False, serve_dtype: str = "auto"
+    data_dir: Path,
+    detector_name: str,
+    model: str,
+    poll_s: float = 0.5,
+    once: bool = False,
+    serve_dtype: str = "auto",
+    registry_url: str | None = None,
+    artifacts: Path | None = None,
 ) -> None:
-    registry = Registry(data_dir)
-    lock = acquire_worker_lock(data_dir)  # one trainer per registry: a second one waits here
-    # Only one worker runs per data dir, so anything still `training` belonged to a dead worker.
-    for request_id in registry.recover_stale(stale_after_s=0):
-        log.warning("recovered %s from a dead worker", request_id)
+    registry = Registry(data_dir, registry_url, artifacts)
+    lock = acquire_worker_lock(data_dir)  # one trainer per data dir: a second one waits here
+    # Alone on its registry, anything still `training` belonged to a dead worker; on a shared one, only a
+    # job whose worker stopped beating is (checked again every so often: other workers die too).
+    stale_s = STALE_S if registry.shared else 0.0
+    checked = 0.0
     while True:
+        if time.monotonic() - checked > STALE_S / 2:
+            for request_id in registry.recover_stale(stale_after_s=stale_s):
+                log.warning("recovered %s from a dead worker", request_id)
+            checked, stale_s = time.monotonic(), STALE_S
         request = registry.claim_next()
         if request is None:
             if once:
@@ -132,6 +144,7 @@ def run_worker(
 
 
 BEAT_S = 5.0
+STALE_S = 60.0  # a training job whose heartbeat is this old has lost its worker
 JOB_TIMEOUT_EXIT = 4
 JOB_CANCELLED_EXIT = 5
 WORKER_LOCK = "worker.lock"
@@ -205,7 +218,12 @@ class WorkerSupervisor:
             self.settings.dtype,
         ]
         cmd += ["--parent-pid", str(os.getpid())]
-        return subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if self.settings.registry:  # in the environment, not argv: a URL may hold a password
+            env["UNLEARND_REGISTRY"] = self.settings.registry
+        if self.settings.artifacts:
+            env["UNLEARND_ARTIFACTS"] = str(self.settings.artifacts)
+        return subprocess.Popen(cmd, env=env)
 
     def start(self) -> None:
         self._proc = self._spawn()
@@ -238,6 +256,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--dtype", default="auto", help="the serving engine's dtype (ECO tunes in it)")
     parser.add_argument("--once", action="store_true", help="exit when no request is pending")
+    parser.add_argument(
+        "--registry", default=os.environ.get("UNLEARND_REGISTRY"), help="registry database URL (env UNLEARND_REGISTRY)"
+    )
+    parser.add_argument(
+        "--artifacts", type=Path, default=os.environ.get("UNLEARND_ARTIFACTS"), help="shared artifacts folder"
+    )
     parser.add_argument("--parent-pid", type=int, default=None, help="the server: the worker ends with it")
     args = parser.parse_args(argv)
     if args.parent_pid is not None:
@@ -247,7 +271,15 @@ def main(argv: list[str] | None = None) -> None:
     global _WORKER_PROCESS
     _WORKER_PROCESS = True
     setup_logging("info", process="worker")
-    run_worker(args.data_dir, args.detector, args.model, once=args.once, serve_dtype=args.dtype)
+    run_worker(
+        args.data_dir,
+        args.detector,
+        args.model,
+        once=args.once,
+        serve_dtype=args.dtype,
+        registry_url=args.registry,
+        artifacts=args.artifacts,
+    )
 
 
 if __name__ == "__main__":

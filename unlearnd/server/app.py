@@ -17,8 +17,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from threadpoolctl import threadpool_limits
 
 from unlearnd import __version__
+from unlearnd.database import RegistryUnavailable
 from unlearnd.detectors import get_detector
 from unlearnd.engine.base import Engine
 from unlearnd.guardrail import prometheus
@@ -34,7 +36,7 @@ from unlearnd.server.state import ServerState
 
 log = logging.getLogger(__name__)
 
-ADMIN_PATHS = ("/v1/unlearning/requests", "/admin")
+ADMIN_PATHS = ("/v1/unlearning/requests", "/v1/unlearning/engine-input", "/admin")
 SCORE_PATH = "/v1/unlearning/score"  # raw log-probs: admin-only unless --public-score
 
 
@@ -86,12 +88,16 @@ def make_lifespan(settings: ServerSettings, engine: Engine | None):
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # numpy's small per-sentence products (the meaning check) on one BLAS thread: a second one only
+        # spins against the engine for the same two cores
+        threadpool_limits(1, user_api="blas")
         stopped = await asyncio.to_thread(stop_orphans, settings.data_dir)
         if stopped:
             log.warning("stopped %d processes a killed server left running: %s", len(stopped), stopped)
         running = engine or build_engine(settings)
         await running.start()
-        registry = Registry(settings.data_dir)
+        registry = await asyncio.to_thread(Registry, settings.data_dir, settings.registry, settings.artifacts)
+        log.info("registry %s, artifacts in %s", registry.describe(), registry.artifacts_root)
         swept = await asyncio.to_thread(registry.sweep_orphan_dirs)
         if swept:
             log.warning("removed what an interrupted purge or a killed writer left: %s", swept)
@@ -126,6 +132,13 @@ def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         return error_response(exc.status, exc.message, exc.type, exc.code, exc.param)
+
+    @app.exception_handler(RegistryUnavailable)
+    async def _registry_unavailable(_: Request, exc: RegistryUnavailable) -> JSONResponse:
+        # nothing was registered or changed; what is served goes on being enforced as last read
+        log.error("%s", exc)
+        message = "the forget-request registry is unreachable: nothing was changed; try again later"
+        return error_response(503, message, "service_unavailable", "registry_unavailable")
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -177,29 +190,58 @@ def access_error(request: Request, settings: ServerSettings, admin_key: str) -> 
     return None
 
 
-def add_request_guard(app: FastAPI, settings: ServerSettings, admin_key: str) -> None:
-    """Header and body limits, then the keys, before any route runs."""
-    too_large = f"request body larger than {settings.max_body_bytes} bytes"
+class RequestGuard:
+    """Header and body limits, then the keys, before any route runs.
 
-    @app.middleware("http")
-    async def _guard(request: Request, call_next):
+    Plain ASGI, not Starlette's `BaseHTTPMiddleware`: that one relays every chunk of a streamed answer
+    through a memory stream and an extra task, which was a third of the front-end's time at eight
+    concurrent streams. The body is read here (bounded in size and time) and handed on as it came."""
+
+    def __init__(self, app, settings: ServerSettings, admin_key: str):
+        self.app, self.settings, self.admin_key = app, settings, admin_key
+        self.too_large = f"request body larger than {settings.max_body_bytes} bytes"
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        refused, receive = await self._check(scope, receive)
+        if refused is not None:
+            await refused(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    async def _check(self, scope, receive):
+        """(an error response or None, the `receive` the app should read the body from)."""
+        settings = self.settings
+        request = Request(scope, receive)
         header_bytes = sum(len(k) + len(v) for k, v in request.headers.raw)
         if header_bytes > settings.max_header_bytes:
             message = f"request headers larger than {settings.max_header_bytes} bytes"
-            return error_response(431, message, "invalid_request_error", "headers_too_large")
+            return error_response(431, message, "invalid_request_error", "headers_too_large"), receive
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
-            return error_response(413, too_large, "invalid_request_error", "body_too_large")
+            return error_response(413, self.too_large, "invalid_request_error", "body_too_large"), receive
         if request.method in ("POST", "PUT", "PATCH"):
             try:
                 body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
             except TimeoutError:
                 message = f"request body not received within {settings.body_timeout_s:g} s"
-                return error_response(408, message, "invalid_request_error", "body_timeout")
+                return error_response(408, message, "invalid_request_error", "body_timeout"), receive
             if body is None:
-                return error_response(413, too_large, "invalid_request_error", "body_too_large")
-            request._body = body  # re-expose the consumed body to the handler
-        return access_error(request, settings, admin_key) or await call_next(request)
+                return error_response(413, self.too_large, "invalid_request_error", "body_too_large"), receive
+            receive = _replay(body, receive)
+        return access_error(request, settings, self.admin_key), receive
+
+
+def _replay(body: bytes, receive):
+    """A `receive` that gives the body already read, then the client's own messages (a disconnect)."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replayed():
+        return pending.pop() if pending else await receive()
+
+    return replayed
 
 
 def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAPI:
@@ -209,7 +251,7 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
     app.state.unlearnd = None
     app.state.settings = settings
     add_error_handlers(app)
-    add_request_guard(app, settings, admin_key)
+    app.add_middleware(RequestGuard, settings=settings, admin_key=admin_key)
     for module in (ops_routes, openai_routes, unlearning_routes, admin_routes):
         app.include_router(module.router)
     app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]

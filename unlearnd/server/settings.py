@@ -23,6 +23,16 @@ class ServerSettings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8000, description="Port to listen on.")
     data_dir: Path = Field(default_factory=data_dir, description="Registry + artifacts (default: XDG data dir).")
+    registry: str | None = Field(
+        None,
+        description="Registry database URL: postgresql://USER:PASSWORD@HOST/DB lets several replicas and workers "
+        "share forget requests (default: SQLite in the data dir).",
+    )
+    artifacts: Path | None = Field(
+        None,
+        description="Folder of the forget requests' artifacts, mounted by every replica that shares --registry "
+        "(default: <data dir>/requests).",
+    )
     engine: Literal["local", "remote"] = Field(
         "local", description="local (vLLM in process) or remote (a vLLM OpenAI server)."
     )
