@@ -127,6 +127,12 @@ class UnlearndClient:
         headers = {"Authorization": f"Bearer {self.admin_key}"} if self.admin_key else {}
         return self.json("POST", "/v1/unlearning/classify", json={"input": list(inputs)}, headers=headers)["data"]
 
+    def engine_input(self, model: str, messages: Sequence[dict], **params: Any) -> dict[str, Any]:
+        """What the engine would be given for this chat request (admin): route, token ids, prompt
+        embeddings or LoRA adapter; nothing is generated."""
+        body = {"model": model, "messages": list(messages), **params}
+        return self.json("POST", "/v1/unlearning/engine-input", admin=True, json=body)
+
     # -- forget requests (admin) -------------------------------------------------------------------
 
     def add_request(self, spec: dict[str, Any]) -> dict[str, Any]:

@@ -101,3 +101,37 @@ def test_concurrent_mix_of_all_routes(unlearnd_server, plain_vllm, served):
     ours_answer = ours.chat.completions.create(model=MODEL, messages=question, max_tokens=24, temperature=0)
     reference = plain.chat.completions.create(model=MODEL, messages=question, max_tokens=24, temperature=0)
     assert ours_answer.choices[0].message.content == reference.choices[0].message.content
+
+
+def test_engine_input_gives_plain_vllm_the_same_generation(unlearnd_server, plain_vllm, served, admin):
+    """`/v1/unlearning/engine-input` returns what the route hands the engine: plain vLLM given it (the
+    prompt embeddings of ECO and soft prompts, the LoRA adapter) says word for word what unlearnd says,
+    which is what the benchmark's same-work baseline rests on. Admin only."""
+    from unlearnd.bench.latency import input_work
+
+    ours = openai.OpenAI(base_url=unlearnd_server.url + "/v1", api_key="x", max_retries=0, timeout=300)
+    for method, (name, _) in REQUESTS.items():
+        messages = [{"role": "user", "content": f"Where was {name} born?"}]
+        body = {"model": MODEL, "messages": messages, "max_tokens": 12, "temperature": 0}
+        denied = httpx.post(unlearnd_server.url + "/v1/unlearning/engine-input", json=body, timeout=60)
+        assert denied.status_code == 401 and "prompt_token_ids" not in denied.text
+        got = httpx.post(unlearnd_server.url + "/v1/unlearning/engine-input", json=body, headers=admin, timeout=60)
+        assert got.status_code == 200, got.text
+        engine_input = got.json()
+        assert engine_input["route"] == method and engine_input["request_id"] == served[method]
+        assert bool(engine_input.get("prompt_embeds")) == (method in ("eco", "soft_prompt"))
+        assert bool(engine_input.get("lora")) == (method == "lora")
+        if engine_input.get("lora"):
+            adapter = engine_input["lora"]
+            load = {"lora_name": adapter["name"], "lora_path": adapter["path"]}
+            loaded = httpx.post(plain_vllm.url + "/v1/load_lora_adapter", json=load, timeout=300)
+            assert loaded.status_code < 400 or "already" in loaded.text.lower(), loaded.text
+        work = input_work(engine_input, 12)
+        whole = {k: v for k, v in work.body.items() if k not in ("stream", "stream_options")}
+        plain = httpx.post(plain_vllm.url + work.path, json=whole, timeout=300)
+        assert plain.status_code == 200, plain.text[:500]
+        raw = ours.chat.completions.with_raw_response.create(
+            model=MODEL, messages=messages, max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+        )
+        assert raw.headers["x-unlearnd-route"] == method
+        assert raw.parse().choices[0].message.content == plain.json()["choices"][0]["text"], method

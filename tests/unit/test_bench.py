@@ -163,7 +163,7 @@ def test_a_cell_rotates_the_server_order_and_pairs_every_baseline(monkeypatch):
 
     calls = []
 
-    async def fake_drive(url, prompts, concurrency, max_tokens, timeout_s, in_flight):
+    async def fake_drive(url, prompts, concurrency, timeout_s, in_flight):
         calls.append(url)
         in_flight.append(concurrency)
         e2e = {"u": 1.1, "a": 1.0, "b": 0.5}[url]
@@ -171,7 +171,8 @@ def test_a_cell_rotates_the_server_order_and_pairs_every_baseline(monkeypatch):
 
     monkeypatch.setattr(latency, "drive", fake_drive)
     cfg = latency.BenchConfig(rounds=3, requests=6)
-    cell = latency.measure_cell({"unlearnd": "u", "vllm": "a", "vllm-default": "b"}, ["p"] * 6, 2, cfg, seed=0)
+    urls = {"unlearnd": "u", "vllm": "a", "vllm-default": "b"}
+    cell = latency.measure_cell(urls, {name: ["p"] * 6 for name in urls}, 2, cfg, seed=0)
     assert calls == ["u", "a", "b", "a", "b", "u", "b", "u", "a"]  # each server first once
     assert set(cell["ratio"]) == {"vllm", "vllm-default"} and cell["concurrency_reached"] == 2
     assert math.isclose(cell["ratio"]["vllm"]["e2e_p50"], 1.1) and math.isclose(
@@ -256,3 +257,59 @@ def test_ratio_intervals_cover_the_ratio_and_say_when_they_cannot():
     base = CellResult(samples=[Sample(0.1, 2.0, 32, "none"), Sample(0.1, 2.1, 32, "none")])
     intervals = ratio_intervals(cell, base)
     assert set(intervals) == {"ttft_p50", "e2e_p50"} and intervals["ttft_p50"][0] >= 2.0 - 1e-9
+
+
+def test_route_cells_give_plain_vllm_the_engine_input_and_load_its_adapter(monkeypatch):
+    """The same-work baseline: per prompt, unlearnd's engine input (token ids, prompt embeddings or the
+    adapter, loaded on the plain server first); a route without an engine input (refuse) falls back to
+    the plain prompt and says so."""
+    from unlearnd.bench import latency
+
+    class FakeServer:
+        def __init__(self, inputs):
+            self.inputs = inputs
+
+        def engine_input(self, model, messages, **params):
+            assert params["max_tokens"] == 7 and params["ignore_eos"]
+            return self.inputs[messages[0]["content"]]
+
+    posted = []
+
+    class Loaded:
+        status_code, text = 200, "ok"
+
+    monkeypatch.setattr(latency.httpx, "post", lambda url, json, timeout: posted.append((url, json)) or Loaded())
+    inputs = {
+        "a": {"route": "eco", "prompt_token_ids": [1, 2], "prompt_embeds": "QUJD"},
+        "b": {"route": "lora", "prompt_token_ids": [3, 4], "lora": {"name": "r1-v1", "path": "/x/r1"}},
+        "c": {"route": "none", "prompt_token_ids": [5]},
+    }
+    works, baseline = latency.route_works(FakeServer(inputs), "http://plain", ["a", "b", "c"], 7)
+    assert baseline == latency.SAME_INPUT
+    assert [w.path for w in works["unlearnd"]] == ["/v1/chat/completions"] * 3
+    plain = [w.body for w in works["vllm"]]
+    assert plain[0]["prompt_embeds"] == "QUJD" and "prompt" not in plain[0]
+    assert plain[1]["model"] == "r1-v1" and plain[1]["prompt"] == [3, 4] and plain[2]["prompt"] == [5]
+    assert all(b["max_tokens"] == 7 and b["ignore_eos"] and b["stream"] for b in plain)
+    assert posted == [("http://plain/v1/load_lora_adapter", {"lora_name": "r1-v1", "lora_path": "/x/r1"})]
+    refuse = {"a": {"route": "refuse", "prompt_token_ids": [1], "fixed_response": "I can't."}}
+    works, baseline = latency.route_works(FakeServer(refuse), "http://plain", ["a"], 7)
+    assert baseline == latency.PLAIN_PROMPT and works["vllm"][0].path == "/v1/chat/completions"
+
+
+def test_a_route_target_reads_only_cells_that_did_the_same_work(tmp_path):
+    """eco vs plain vLLM given the same engine input counts; a cell whose answers the output guard cut
+    (fewer tokens than its baseline) is less work, so its target reads n/a instead of a flattering ratio."""
+    from unlearnd.bench.report import SAME_INPUT
+
+    plain = {**_summary(4.0, 0.8, 100.0), "output_tokens_mean": 64.0}
+    same = {**_summary(4.1, 1.0, 98.0), "output_tokens_mean": 64.0}
+    cut = {**_summary(1.2, 1.0, 30.0), "output_tokens_mean": 20.0}
+    cells = {
+        "eco@8@10": {**_cell("eco", 8, 10, same, plain), "baseline_work": SAME_INPUT},
+        "soft_prompt@8@10": {**_cell("soft_prompt", 8, 10, cut, plain), "baseline_work": SAME_INPUT},
+    }
+    md = write_report(_result(cells), tmp_path / "latency", run_stamp("cmd")).read_text()
+    assert "| e2e p50 ratio, route eco@8@10 (same engine input) | 1.025 | <= 1.05 | yes |" in md
+    assert "| e2e p50 ratio, route soft_prompt@8@10 (same engine input) | n/a | <= 1.05 | n/a |" in md
+    assert "{cfg" not in md and "Each cell sends 32 requests" in md

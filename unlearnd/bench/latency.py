@@ -20,6 +20,7 @@ import httpx
 import numpy as np
 
 from unlearnd.bench.profile import summarise
+from unlearnd.bench.report import SAME_INPUT
 from unlearnd.client import UnlearndClient
 from unlearnd.config import DEFAULT_DETECTOR, DEFAULT_MODEL
 from unlearnd.methods import METHODS, quick_options
@@ -85,6 +86,7 @@ class CellResult:
             "e2e_p99": percentile([s.e2e for s in ok], 99),
             "req_throughput": len(ok) / self.wall_s if self.wall_s else float("nan"),
             "tok_throughput": tokens / self.wall_s if self.wall_s else float("nan"),
+            "output_tokens_mean": tokens / len(ok) if ok else float("nan"),
         }
 
 
@@ -127,20 +129,49 @@ def ratios(ours: dict[str, float], plain: dict[str, float]) -> dict[str, float]:
     return {k: (ours[k] / plain[k]) if plain[k] and not np.isnan(plain[k]) else float("nan") for k in keys}
 
 
-async def _one(client: httpx.AsyncClient, prompt: str, max_tokens: int) -> Sample:
-    body = {
-        "model": DEFAULT_MODEL,
-        "messages": [{"role": "user", "content": prompt}],
+@dataclass
+class Work:
+    """One request of a cell as one server gets it: the endpoint and its JSON body (streamed)."""
+
+    path: str
+    body: dict
+
+
+def _generation(max_tokens: int) -> dict:
+    """What every benchmark request asks for: `max_tokens` greedy tokens, streamed, usage at the end."""
+    return {
         "max_tokens": max_tokens,
         "temperature": 0,
         "ignore_eos": True,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+
+
+def chat_work(prompt: str, max_tokens: int) -> Work:
+    body = {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": prompt}], **_generation(max_tokens)}
+    return Work("/v1/chat/completions", body)
+
+
+def input_work(engine_input: dict, max_tokens: int) -> Work:
+    """Plain vLLM given what unlearnd's engine is given (`/v1/unlearning/engine-input`): the same token
+    ids, prompt embeddings or adapter, as a completion of those tokens (no chat template applied again)."""
+    body = {
+        "model": engine_input["lora"]["name"] if engine_input.get("lora") else DEFAULT_MODEL,
+        **_generation(max_tokens),
+    }
+    if engine_input.get("prompt_embeds"):
+        body["prompt_embeds"] = engine_input["prompt_embeds"]
+    else:
+        body["prompt"] = engine_input["prompt_token_ids"]
+    return Work("/v1/completions", body)
+
+
+async def _one(client: httpx.AsyncClient, work: Work) -> Sample:
     start = time.perf_counter()
     ttft, tokens, route = None, 0, "none"
     try:
-        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        async with client.stream("POST", work.path, json=work.body) as response:
             route = response.headers.get("x-unlearnd-route", "none")
             if response.status_code != 200:
                 return Sample(float("nan"), float("nan"), 0, route, f"HTTP {response.status_code}")
@@ -150,7 +181,8 @@ async def _one(client: httpx.AsyncClient, prompt: str, max_tokens: int) -> Sampl
                 chunk = json.loads(line[6:])
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
-                if ttft is None and any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
+                choices = chunk.get("choices") or []
+                if ttft is None and any(c.get("text") or (c.get("delta") or {}).get("content") for c in choices):
                     ttft = time.perf_counter() - start
     except httpx.HTTPError as exc:
         return Sample(float("nan"), float("nan"), 0, route, type(exc).__name__)
@@ -160,17 +192,16 @@ async def _one(client: httpx.AsyncClient, prompt: str, max_tokens: int) -> Sampl
 
 async def drive(
     url: str,
-    prompts: list[str],
+    works: list[Work],
     concurrency: int,
-    max_tokens: int,
     timeout_s: float = 600,
     in_flight: list[int] | None = None,
 ) -> tuple[list[Sample], float]:
-    """Send every prompt once with at most `concurrency` in flight; bounded by count and time. The most
+    """Send every request once with at most `concurrency` in flight; bounded by count and time. The most
     requests that were in flight at once is appended to `in_flight` (what the cell really measured)."""
-    queue: asyncio.Queue[str] = asyncio.Queue()
-    for prompt in prompts:
-        queue.put_nowait(prompt)
+    queue: asyncio.Queue[Work] = asyncio.Queue()
+    for work in works:
+        queue.put_nowait(work)
     samples: list[Sample] = []
     deadline = time.perf_counter() + timeout_s
     now, peak = 0, 0
@@ -179,11 +210,11 @@ async def drive(
         async def worker() -> None:
             nonlocal now, peak
             while not queue.empty() and time.perf_counter() < deadline:
-                prompt = queue.get_nowait()
+                work = queue.get_nowait()
                 now += 1
                 peak = max(peak, now)
                 try:
-                    samples.append(await _one(client, prompt, max_tokens))
+                    samples.append(await _one(client, work))
                 finally:
                     now -= 1
 
@@ -276,21 +307,21 @@ class BenchConfig:
     )
 
 
-def measure_cell(urls: dict[str, str], prompts: list[str], concurrency: int, cfg: BenchConfig, seed: int) -> dict:
-    """One cell: every server in `urls` ("unlearnd" first, then baselines) gets the same prompts in
-    `cfg.rounds` rounds whose server order rotates, so drift hits all alike; ratios are unlearnd over
-    each baseline from this run, with bootstrap intervals."""
+def measure_cell(
+    urls: dict[str, str], works: dict[str, list[Work]], concurrency: int, cfg: BenchConfig, seed: int
+) -> dict:
+    """One cell: every server in `urls` ("unlearnd" first, then baselines) gets its requests (`works`, the
+    same prompts or the same engine input) in `cfg.rounds` rounds whose server order rotates, so drift hits
+    all alike; ratios are unlearnd over each baseline from this run, with bootstrap intervals."""
     names = list(urls)
     results = {name: CellResult() for name in names}
     round_tok_s: dict[str, list[float]] = {name: [] for name in names}
-    per_round = max(1, len(prompts) // cfg.rounds)
+    per_round = max(1, len(works["unlearnd"]) // cfg.rounds)
     for r in range(cfg.rounds):
-        chunk = prompts[r * per_round : (r + 1) * per_round]
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
-            samples, wall = asyncio.run(
-                drive(urls[name], chunk, concurrency, cfg.output_len, cfg.timeout_s, results[name].reached)
-            )
+            chunk = works[name][r * per_round : (r + 1) * per_round]
+            samples, wall = asyncio.run(drive(urls[name], chunk, concurrency, cfg.timeout_s, results[name].reached))
             results[name].samples += samples
             results[name].wall_s += wall
             round_tok_s[name].append(sum(s.output_tokens for s in samples if s.error is None) / wall)
@@ -365,7 +396,7 @@ def run_bench(
     route_people = dict(zip(cfg.routes, people))
     pending = people[len(route_people) :]
     loads, levels, cells, profile = [load_sample("start")], [], {}, None
-    ordinary = [PLAIN_PROMPTS[i % len(PLAIN_PROMPTS)] for i in range(cfg.requests)]
+    ordinary = [chat_work(PLAIN_PROMPTS[i % len(PLAIN_PROMPTS)], cfg.output_len) for i in range(cfg.requests)]
     routes_registered = False
     for level in sorted(cfg.levels):
         if level > 0 and not routes_registered:
@@ -382,7 +413,7 @@ def run_bench(
             continue
         profiling = level == max(cfg.cell_levels) and profiler is not None and profiler.start()
         for c in cfg.concurrency:
-            cell = measure_cell(urls, ordinary, c, cfg, seed=len(cells))
+            cell = measure_cell(urls, {name: ordinary for name in urls}, c, cfg, seed=len(cells))
             cells[f"none@{c}@{level}"] = {"route": "none", "active": row["active_requests"], **cell}
             loads.append(load_sample(f"after none@{c}@{level}"))
         if profiling and (raw := profiler.stop()) is not None:
@@ -393,11 +424,40 @@ def run_bench(
             continue
         pair = {"unlearnd": urls["unlearnd"], "vllm": urls["vllm"]}
         for route, person in route_people.items():
+            prompts = flagged_prompts(person, cfg.requests)
+            works, baseline = route_works(server, urls["vllm"], prompts, cfg.output_len)
             for c in cfg.route_concurrency:
-                cell = measure_cell(pair, flagged_prompts(person, cfg.requests), c, cfg, seed=len(cells))
-                cells[f"{route}@{c}@{level}"] = {"route": route, "active": row["active_requests"], **cell}
+                cell = measure_cell(pair, works, c, cfg, seed=len(cells))
+                cells[f"{route}@{c}@{level}"] = {
+                    "route": route,
+                    "active": row["active_requests"],
+                    "baseline_work": baseline,
+                    **cell,
+                }
                 loads.append(load_sample(f"after {route}@{c}@{level}"))
     return {"config": asdict(cfg), "levels": levels, "cells": cells, "load": loads, "profile": profile}
+
+
+PLAIN_PROMPT = "the plain prompt (the route answers without the engine)"
+
+
+def route_works(server: UnlearndClient, plain_url: str, prompts: list[str], output_len: int) -> tuple[dict, str]:
+    """A route cell's requests: unlearnd gets the chat prompts; plain vLLM gets, per prompt, what
+    unlearnd's engine is given for it (the route's token ids, prompt embeddings or adapter, loaded on the
+    plain server first), so the ratio is unlearnd's own cost for the same generation. A route that
+    answers without the engine (refuse) has no engine input: plain vLLM answers the plain prompt."""
+    params = {"max_tokens": output_len, "temperature": 0, "ignore_eos": True}
+    inputs = [server.engine_input(DEFAULT_MODEL, [{"role": "user", "content": p}], **params) for p in prompts]
+    ours = [chat_work(p, output_len) for p in prompts]
+    if any(i.get("fixed_response") is not None for i in inputs):
+        return {"unlearnd": ours, "vllm": ours}, PLAIN_PROMPT
+    from unlearnd.engine.remote import LOAD_LORA_PATH, load_lora_body, raise_unless_lora_loaded
+
+    adapters = {(i["lora"]["name"], i["lora"]["path"]) for i in inputs if i.get("lora")}
+    for name, path in adapters:
+        response = httpx.post(f"{plain_url}{LOAD_LORA_PATH}", json=load_lora_body(name, path), timeout=300)
+        raise_unless_lora_loaded(response, name)
+    return {"unlearnd": ours, "vllm": [input_work(i, output_len) for i in inputs]}, SAME_INPUT
 
 
 def _start_servers(cfg: BenchConfig, workdir: Path, detector: str, admin_key: str, reuse: dict[str, str]) -> dict:

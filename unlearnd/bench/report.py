@@ -35,6 +35,24 @@ def _ratio(metric: str, c: int, level: int) -> Callable[[dict], float | None]:
     return read
 
 
+SAME_WORK_ROUTES = ("eco", "soft_prompt", "lora")
+SAME_INPUT = "same engine input"  # a route cell whose baseline got unlearnd's engine input (bench.latency)
+SAME_TOKENS = 0.95  # ...and the same work only if unlearnd generated (nearly) as many tokens
+
+
+def _cell_ratio(key: str, metric: str) -> Callable[[dict], float | None]:
+    def read(result: dict) -> float | None:
+        cell = result["cells"][key]
+        if cell["concurrency_reached"] < cell["concurrency"] or cell.get("baseline_work") != SAME_INPUT:
+            return None  # not reached, or plain vLLM did not get the same input: not the same work
+        ours, plain = (cell["servers"][n].get("output_tokens_mean", np.nan) for n in ("unlearnd", BASELINE))
+        if not ours >= SAME_TOKENS * plain:
+            return None  # the output guard cut unlearnd's answers: fewer tokens generated, not the same work
+        return cell["ratio"][BASELINE].get(metric)
+
+    return read
+
+
 def _level(key: str, level: int | None = None) -> Callable[[dict], float | None]:
     def read(result: dict) -> float | None:
         rows = [r for r in result["levels"] if level is None or r["level"] == level]
@@ -53,6 +71,9 @@ def targets(result: dict) -> list[tuple[str, Callable[[dict], float | None], str
             rows.append((f"e2e p50 ratio, {level} active, c={c}", _ratio("e2e_p50", c, level), "<=", 1.02))
         high = max(result["config"]["concurrency"])
         rows.append((f"throughput ratio, {level} active, c={high}", _ratio("tok_throughput", high, level), ">=", 0.98))
+    for key, cell in result["cells"].items():  # an intervention's own cost: against plain vLLM doing the same work
+        if cell["route"] in SAME_WORK_ROUTES:
+            rows.append((f"e2e p50 ratio, route {key} (same engine input)", _cell_ratio(key, "e2e_p50"), "<=", 1.05))
     top = max(result["config"]["levels"], default=0)
     rows.append((f"classify call p50 (ms), one new prompt, {top} active", _level("classify_call_ms_p50", top), "<=", 3))
     rows.append(("worker CPU per refuse activation (s)", _level("worker_cpu_s_per_request"), "<=", 1.0))
@@ -130,14 +151,15 @@ def _target_lines(result: dict) -> list[str]:
 def _cell_lines(result: dict) -> list[str]:
     cells = result["cells"]
     names = [n for n in BASELINE_TEXT if any(n in c["ratio"] for c in cells.values())]
-    head = "| route | active | conc. (reached) |"
+    head = "| route | active | conc. (reached) | baseline work |"
     for name in names:
         head += f" TTFT p50 / {name} [95% CI] | e2e p50 / {name} [95% CI] | tok/s / {name} (rounds) |"
-    lines = [head, "|" + "---|" * (3 + 3 * len(names))]
+    lines = [head, "|" + "---|" * (4 + 3 * len(names))]
     for cell in cells.values():
         reached = cell["concurrency_reached"]
         flag = "" if reached >= cell["concurrency"] else " **not reached**"
-        row = f"| {cell['route']} | {cell['active']} | {cell['concurrency']} ({reached}){flag} |"
+        work = cell.get("baseline_work", "same prompt")
+        row = f"| {cell['route']} | {cell['active']} | {cell['concurrency']} ({reached}){flag} | {work} |"
         for name in names:
             r, ci = cell["ratio"].get(name), cell["ratio_ci95"].get(name) or {}
             if r is None:
@@ -151,14 +173,16 @@ def _cell_lines(result: dict) -> list[str]:
             )
         lines.append(row)
     lines += ["", "Absolute values (p50 over the cell's requests; tok/s over its wall time):", ""]
-    lines += ["| cell | server | TTFT p50 (ms) | e2e p50 (s) | TPOT p50 (ms) | tok/s | errors | routes seen |"]
-    lines += ["|---|---|---|---|---|---|---|---|"]
+    head = "| cell | server | TTFT p50 (ms) | e2e p50 (s) | TPOT p50 (ms) | tok/s | tokens/req | errors | routes |"
+    lines += [head]
+    lines += ["|---|---|---|---|---|---|---|---|---|"]
     for key, cell in cells.items():
         for name, s in cell["servers"].items():
             seen = ", ".join(cell["routes_seen"]) if name == "unlearnd" else ""
             lines.append(
                 f"| {key} | {name} | {_fmt(1000 * s['ttft_p50'], 1)} | {_fmt(s['e2e_p50'])} | "
-                f"{_fmt(1000 * s['tpot_p50'], 1)} | {_fmt(s['tok_throughput'], 1)} | {s['errors']} | {seen} |"
+                f"{_fmt(1000 * s['tpot_p50'], 1)} | {_fmt(s['tok_throughput'], 1)} | "
+                f"{_fmt(s.get('output_tokens_mean'), 1)} | {s['errors']} | {seen} |"
             )
     return lines
 
@@ -228,11 +252,18 @@ def latency_markdown(result: dict, plot: Path | None) -> str:
         f"authors' name parts). Non-flagged cells (ordinary prompts, route `none`) run at "
         f"{', '.join(map(str, cfg['cell_levels']))} active, concurrency {', '.join(map(str, cfg['concurrency']))}; "
         f"route cells (one request per route, its author's named forget questions) at the first of those, "
-        f"concurrency {', '.join(map(str, cfg['route_concurrency']))}, against `vllm` answering the same prompts "
-        f"plainly (not the same work: the route adds its own). Each cell sends {cfg['requests']} requests to "
+        f"concurrency {', '.join(map(str, cfg['route_concurrency']))}, against `vllm` given, prompt by prompt, what "
+        "unlearnd's engine is given on that route (`POST /v1/unlearning/engine-input`: the same token ids, prompt "
+        "embeddings or LoRA adapter, sent as a completion of those tokens), so the ratio is unlearnd's own cost for "
+        "the same generation; `refuse` answers without the engine, so its baseline is `vllm` answering the plain "
+        "prompt. No `output_blocked` cell: no prompt found makes the default model say a forget answer without the "
+        "prompt naming its subject (which routes it elsewhere); the cost of blocked outputs is the output guard's, "
+        f"measured per word in `reports/output_guard.md`. Each cell sends {cfg['requests']} requests to "
         f"every server in {cfg['rounds']} rounds whose server order rotates; ratios are unlearnd / baseline from "
         "the same rounds, with 95% bootstrap intervals of the p50 ratios and the range of per-round "
-        "throughput ratios. A cell whose concurrency was not reached is marked and its targets read n/a.",
+        "throughput ratios. A cell whose concurrency was not reached is marked and its targets read n/a; so does "
+        "a route cell where unlearnd generated fewer tokens than its baseline (the output guard cut its answers: "
+        "less work, not the same).",
         "",
         *_load_lines(result),
         "",

@@ -157,17 +157,21 @@ async def list_models(state: ServerState = Depends(server_state)) -> dict:
 # -- chat ----------------------------------------------------------------------------------------
 
 
-@router.post("/v1/chat/completions")
-async def chat_completions(http: Request, body: ChatCompletionRequest, state: ServerState = Depends(server_state)):
+def chat_call(state: ServerState, body: ChatCompletionRequest, id_prefix: str = "chatcmpl") -> GuardedCall:
+    """The one request object a chat body becomes (the model checked first)."""
     check_model(state, body.model)
-    request = GuardedCall(
-        id=new_id("chatcmpl"),
+    return GuardedCall(
+        id=new_id(id_prefix),
         kind="chat",
         sampling=body.sampling(body.requested_logprobs()),
         messages=body.plain_messages(),
         max_tokens=body.requested_max_tokens(),
     )
-    request = await prepare(state, request, admin=http.state.admin)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(http: Request, body: ChatCompletionRequest, state: ServerState = Depends(server_state)):
+    request = await prepare(state, chat_call(state, body), admin=http.state.admin)
     created = int(time.time())
     if body.stream:  # the header goes out before the output is checked: the route the prompt took
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

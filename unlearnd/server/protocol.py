@@ -422,6 +422,25 @@ class ScoreResponse(BaseModel):
     token_logprobs: list[float]
 
 
+class EngineInputAdapter(BaseModel):
+    name: str
+    path: str
+
+
+class EngineInputResponse(BaseModel):
+    """What the engine is given for a chat request, nothing generated (admin): the route's own input."""
+
+    object: Literal["unlearning.engine_input"] = "unlearning.engine_input"
+    route: str
+    request_id: str | None = Field(None, description="the forget request that decided the route")
+    prompt_token_ids: list[int]
+    prompt_embeds: str | None = Field(
+        None, description="base64 `torch.save` tensor [tokens, hidden], as a remote vLLM receives it (eco, soft_prompt)"
+    )
+    lora: EngineInputAdapter | None = Field(None, description="the adapter the route generates with (lora)")
+    fixed_response: str | None = Field(None, description="the answer of a route that does not call the engine")
+
+
 # -- errors ------------------------------------------------------------------------------------------
 
 

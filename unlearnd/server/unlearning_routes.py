@@ -1,21 +1,26 @@
-"""The unlearning endpoints: /v1/unlearning/classify (detector verdicts, no generation) and
-/v1/unlearning/score (log-probs of a continuation under the served pipeline)."""
+"""The unlearning endpoints: /v1/unlearning/classify (detector verdicts, no generation),
+/v1/unlearning/score (log-probs of a continuation under the served pipeline) and
+/v1/unlearning/engine-input (what a route hands the engine, admin only)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
 from unlearnd.engine.base import EngineError, SamplingSpec
+from unlearnd.engine.remote import encode_prompt_embeds
 from unlearnd.guardrail.call import GuardedCall
 from unlearnd.guardrail.pipeline import ContextLengthError
 from unlearnd.prompting import detector_text
-from unlearnd.server.openai_routes import check_model, prepare
+from unlearnd.server.openai_routes import chat_call, check_model, prepare
 from unlearnd.server.protocol import (
     APIError,
+    ChatCompletionRequest,
     ClassifyMatch,
     ClassifyRequest,
     ClassifyResponse,
     ClassifyResult,
+    EngineInputAdapter,
+    EngineInputResponse,
     ScoreRequest,
     ScoreResponse,
     new_id,
@@ -96,4 +101,25 @@ async def score(request: Request, body: ScoreRequest, state: ServerState = Depen
     matched = guarded.matched_ids if request.state.admin else None
     return ScoreResponse(
         route=guarded.route, matched_request_ids=matched, tokens=tokens, token_logprobs=logprobs
+    ).model_dump(exclude_none=True)
+
+
+@router.post("/v1/unlearning/engine-input")
+async def engine_input(body: ChatCompletionRequest, state: ServerState = Depends(server_state)) -> dict:
+    """What the engine would be given for this chat request, without generating: the route, the prompt's
+    token ids and, where the route changes them, its prompt embeddings or its LoRA adapter. Admin only
+    (the middleware): it shows what an intervention does to a prompt. Operators read it to see a route at
+    work; the benchmark gives plain vLLM exactly this input, so a route's cost is compared with the same
+    work done without unlearnd."""
+    call = await prepare(state, chat_call(state, body, "input"), admin=True)
+    embeds = call.prompt_embeds
+    if embeds is not None:  # in the dtype the engine runs (a remote vLLM wants its own --dtype)
+        embeds = encode_prompt_embeds(embeds.to(state.engine.embeddings.weight.dtype))
+    return EngineInputResponse(
+        route=call.route,
+        request_id=call.match.request_id if call.match is not None else None,
+        prompt_token_ids=call.prompt_token_ids,
+        prompt_embeds=embeds,
+        lora=EngineInputAdapter(name=call.lora.name, path=call.lora.path) if call.lora is not None else None,
+        fixed_response=call.fixed_response,
     ).model_dump(exclude_none=True)
