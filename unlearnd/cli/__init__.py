@@ -1,6 +1,6 @@
 """The `unlearnd` command line: one module per command group, each parsing flags and calling one function.
 
-`serve` (cli/serve.py), `models` (cli/models.py), `requests` (cli/requests.py), `train`
+`serve` (cli/serve.py), `backend` (cli/backend.py), `models` (cli/models.py), `requests` (cli/requests.py), `train`
 (cli/train.py), `eval` (cli/evaluate.py) and `bench` (cli/bench.py).
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from unlearnd.cli import bench, evaluate, models, requests, serve, train
+from unlearnd.cli import backend, bench, evaluate, models, requests, serve, train
 from unlearnd.logs import setup_logging
 from unlearnd.provenance import DirtyTreeError
 
@@ -21,6 +21,7 @@ def _options(log_level: str = typer.Option("info", "--log-level", help="Logging 
 
 
 app.command("serve")(serve.serve)
+app.command("backend")(backend.backend)
 app.add_typer(models.app, name="models")
 app.add_typer(requests.app, name="requests")
 app.add_typer(train.app, name="train")

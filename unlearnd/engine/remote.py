@@ -42,6 +42,19 @@ def encode_prompt_embeds(embeds: torch.Tensor) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+LOAD_LORA_PATH = "/v1/load_lora_adapter"
+
+
+def load_lora_body(name: str, path: str) -> dict:
+    return {"lora_name": name, "lora_path": path}
+
+
+def raise_unless_lora_loaded(response: httpx.Response, name: str) -> None:
+    """A vLLM server's answer to `LOAD_LORA_PATH`: loaded now, or already loaded; anything else is an error."""
+    if response.status_code >= 400 and "already" not in response.text.lower():
+        raise EngineError(f"vLLM server refused LoRA {name}: {response.status_code} {response.text[:300]}")
+
+
 class RemoteVLLMEngine(Engine):
     def __init__(
         self,
@@ -96,9 +109,8 @@ class RemoteVLLMEngine(Engine):
         async with self._lora_lock:
             if name in self._loaded_loras:
                 return
-            response = await self._client.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path})
-            if response.status_code >= 400 and "already" not in response.text.lower():
-                raise EngineError(f"remote server refused LoRA {name}: {response.status_code} {response.text[:300]}")
+            response = await self._client.post(LOAD_LORA_PATH, json=load_lora_body(name, path))
+            raise_unless_lora_loaded(response, name)
             self._loaded_loras.add(name)
 
     async def load_adapter(self, lora: LoRASpec) -> None:
