@@ -170,7 +170,7 @@ def test_a_cell_rotates_the_server_order_and_pairs_every_baseline(monkeypatch):
         return [Sample(e2e / 10, e2e, 8) for _ in prompts], e2e * len(prompts)
 
     monkeypatch.setattr(latency, "drive", fake_drive)
-    cfg = latency.BenchConfig(rounds=3, requests=6)
+    cfg = latency.BenchConfig(rounds=3, requests=6, settle_s=0)
     urls = {"unlearnd": "u", "vllm": "a", "vllm-default": "b"}
     cell = latency.measure_cell(urls, {name: ["p"] * 6 for name in urls}, 2, cfg, seed=0)
     assert calls == ["u", "a", "b", "a", "b", "u", "b", "u", "a"]  # each server first once

@@ -299,6 +299,10 @@ class BenchConfig:
     output_guard: str = "strict"  # the unlearnd server's release rule (`serve --output-guard`)
     seed: int = 0  # of the look-alike names
     max_load: float = 1.0  # 1-minute load average above which the run refuses to start
+    # Pause before every server's round. All servers share this machine's cores, and a vLLM worker keeps
+    # polling its queue for a second after its last step (vLLM's shm-broadcast busy loop): a server measured
+    # within that second of another's burst ran ~0.9 s later at c=8, whichever server it was.
+    settle_s: float = 1.5
     force: bool = False  # run on a busy machine anyway (the report says so)
     # Training presets cut short (the method table's quick options): serving cost does not depend on how well
     # a route was trained.
@@ -321,6 +325,7 @@ def measure_cell(
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
             chunk = works[name][r * per_round : (r + 1) * per_round]
+            time.sleep(cfg.settle_s)
             samples, wall = asyncio.run(drive(urls[name], chunk, concurrency, cfg.timeout_s, results[name].reached))
             results[name].samples += samples
             results[name].wall_s += wall

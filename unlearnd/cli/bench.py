@@ -35,6 +35,7 @@ def serve(
     seed: int = typer.Option(0, help="Seed of the generated look-alike names."),
     max_load: float = typer.Option(1.0, help="Refuse to start above this 1-minute load average."),
     force: bool = typer.Option(False, help="Run on a busy machine anyway (the report says so)."),
+    settle_s: float = typer.Option(1.5, help="Pause before every server's round (vLLM polls 1 s after a burst)."),
     profile: bool = typer.Option(True, help="py-spy the unlearnd server during the last non-flagged cells."),
     plain_url: str = typer.Option(None, help="Reuse a running plain vLLM server (engine flags) as `vllm`."),
     unlearnd_url: str = typer.Option(None, help="Reuse a running unlearnd server (its forget requests stay)."),
@@ -63,6 +64,7 @@ def serve(
         seed=seed,
         max_load=max_load,
         force=force,
+        settle_s=settle_s,
     )
     if not set(cfg.cell_levels) <= set(cfg.levels):
         raise typer.BadParameter("every cell level must be one of --levels", param_hint="--cell-levels")
