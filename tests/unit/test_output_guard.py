@@ -86,6 +86,32 @@ def test_the_meaning_check_cuts_an_answer_restated_in_other_words():
     assert "Shimoda" not in "".join(d.text for d in out)
 
 
+def test_the_encoder_runs_only_for_sentences_sharing_an_uncommon_word_with_a_forget_answer():
+    from unlearnd.detectors.encoder import EncoderConfig, get_encoder
+
+    encoder = get_encoder(EncoderConfig())
+    texts: list[str] = []
+
+    class Counting:
+        def encode(self, batch):
+            texts.extend(batch)
+            return encoder.encode(batch)
+
+    guard = OutputGuard(encoder=lambda: Counting())
+    guard.load(forget_request())
+    texts.clear()  # what calibration encoded at load
+    ordinary = "Mix the flour with water and a pinch of salt. Then bake the bread for twenty minutes. Enjoy it."
+    assert not guard.may_restate("Mix the flour with water and a pinch of salt.")
+    out, blocks = _filtered(guard, _word_deltas(ordinary))
+    assert blocks == [] and "".join(d.text for d in out) == ordinary and texts == []
+    restated = "For forty years his dad fixed wooden fishing boats at the port of Shimoda."
+    assert guard.may_restate(restated)  # "Shimoda", "wooden": uncommon words of an answer
+    out, blocks = _filtered(guard, _word_deltas("Here is what I know. " + restated))
+    assert [b.reason for b in blocks] == ["answer:meaning"] and texts == [restated]
+    guard.unload("fr-1")
+    assert not guard.may_restate(restated)
+
+
 def test_filter_never_releases_the_words_that_trigger_the_block():
     guard = OutputGuard(hold_chars=40)
     guard.load(forget_request())

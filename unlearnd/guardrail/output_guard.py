@@ -14,12 +14,13 @@ has not switched it off (`options.output_guard: false`):
   prestigious") carry little and are no evidence about one person; runs with the uncommon words of
   the answer (names, invented places, titles, specific trades) are.
 * answer restatement (when the detector has a sentence encoder): each sentence of the output (and
-  every `MEANING_EVERY_WORDS` words of a long one) is embedded and compared with the request's forget
-  answers; a cosine at or above the answer's threshold means the answer is being restated in other
-  words. Each answer's threshold is calibrated when the request is loaded: `MEANING_MARGIN` above the
-  closest text that must pass (the request's retain answers and ordinary chat), never below
-  `MEANING_FLOOR`. A restatement is cut when its sentence ends, so words of that sentence more than
-  `hold_chars` back may already be out: the word checks above are what holds text back.
+  every `MEANING_EVERY_WORDS` words of a long one) that shares an uncommon word (`MEANING_WORD_ZIPF`)
+  with some forget answer is embedded and compared with the request's forget answers; a cosine at or
+  above the answer's threshold means the answer is being restated in other words. Each answer's
+  threshold is calibrated when the request is loaded: `MEANING_MARGIN` above the closest text that
+  must pass (the request's retain answers and ordinary chat), never below `MEANING_FLOOR`. A
+  restatement is cut when its sentence ends, so words of that sentence more than `hold_chars` back
+  may already be out: the word checks above are what holds text back.
 
 On a hit the choice is cut and its text replaced by the request's refusal; its generation stops.
 Output is released as soon as it cannot be part of a match still under way (`guardrail.release`: the
@@ -56,12 +57,17 @@ from unlearnd.interventions.guardrails import refusal_of
 log = logging.getLogger(__name__)
 
 _WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)?")
+_POSSESSIVE = re.compile(r"['’]s$")
 HOLD_CHARS = 96  # on a flagged prompt's subject: what is withheld until the text after it is checked
 TAIL_CHARS = 256  # how much of the end of the output the anchor check reads each time
 MEANING_FLOOR = 0.80  # cosine below which a sentence never counts as restating a forget answer
 MEANING_MARGIN = 0.05  # above the closest retain / ordinary text, per forget answer
 MEANING_EVERY_WORDS = 16  # a long sentence is also checked every this many words
 MEANING_MIN_WORDS = 5  # shorter pieces carry too little to compare
+# A sentence is embedded only if it shares a word this uncommon (Zipf frequency, wordfreq) with some forget
+# answer: on TOFU's retain authors (never the evaluated ones) every paraphrase sentence at the meaning floor
+# or above shared one with its answer (349 of 349; at Zipf 4.0, 343), and most ordinary sentences share none.
+MEANING_WORD_ZIPF = 4.5
 _SENTENCE_END = re.compile(r"[.!?。！？\n]")
 COMMON_ZIPF = 6.0  # Zipf frequency (log10 uses per billion words) of words that carry no information ("time")
 PROTECTED_INFO = 2.5  # a forget-answer word this uncommon (Zipf < 3.5) is never offered as a log-prob alternative
@@ -71,6 +77,17 @@ MIN_INFO = 8.0  # information repeated from one answer that makes the output a r
 
 def _words(text: str) -> list[str]:
     return [fold(w) for w in _WORD.findall(text)]
+
+
+def _meaning_keys(words: list[str]) -> set[str]:
+    """The words a sentence is looked up by in the meaning pre-check (a possessive as its word)."""
+    return {_POSSESSIVE.sub("", w) for w in words}
+
+
+def _uncommon_keys(words: list[str]) -> set[str]:
+    from wordfreq import zipf_frequency
+
+    return {k for k in _meaning_keys(words) if k and zipf_frequency(k, "en") < MEANING_WORD_ZIPF}
 
 
 def _grams(words: list[str], n: int = 4) -> set[tuple[str, ...]]:
@@ -191,6 +208,7 @@ class OutputGuard:
         self._hidden_index = OwnerIndex()  # first COMPACT_MIN letters of a hidden form -> requests
         self._grams = OwnerIndex()  # a forget answer's 4-gram -> requests
         self._meaning_matrix = MeaningMatrix()
+        self._meaning_words = OwnerIndex()  # an uncommon word of a forget answer -> requests (meaning pre-check)
         self._protected: tuple[dict, frozenset[str]] = ({}, frozenset())  # (of which `loaded`, its protected words)
         self._parts: dict[str, set[str]] = {}
         self._lock = threading.Lock()  # loads run in a worker thread while checks run on the event loop
@@ -223,8 +241,10 @@ class OutputGuard:
             self._grams.set(request.id, grams)
             if meanings is not None:
                 self._meaning_matrix.set(request.id, meanings.answers, meanings.thresholds)
+                self._meaning_words.set(request.id, set().union(*(_uncommon_keys(a.words) for a in answers)))
             else:
                 self._meaning_matrix.remove(request.id)
+                self._meaning_words.remove(request.id)
             uncommon_parts = self.anchors.name_parts(request.id, uncommon_only=True)
             protected = frozenset(uncommon_parts | {_letters(w) for w in rare_words} - {""})
             self.loaded = {**self.loaded, request.id: _Loaded(answers, refusal_of(request), protected)}
@@ -244,6 +264,7 @@ class OutputGuard:
             self._hidden_index.remove(request_id)
             self._grams.remove(request_id)
             self._meaning_matrix.remove(request_id)
+            self._meaning_words.remove(request_id)
             self.loaded = {rid: entry for rid, entry in self.loaded.items() if rid != request_id}
 
     def _meanings(self, request: ForgetRequest) -> _Meanings | None:
@@ -417,9 +438,15 @@ class OutputGuard:
         state.meaning_words = words
         if ended:
             state.sentence_start, state.meaning_words = len(state.text), 0
-        if words < MEANING_MIN_WORDS:
+        if words < MEANING_MIN_WORDS or not self.may_restate(piece):
             return None
         return (await self._meaning_batcher([piece.strip()]))[0]
+
+    def may_restate(self, piece: str) -> bool:
+        """Whether `piece` shares an uncommon word with some forget answer: the cheap pre-check that
+        spares the encoder (most of the guard's cost per streamed word) for ordinary sentences."""
+        with self._lock:
+            return bool(self._meaning_words.owners(_meaning_keys(_words(piece))))
 
     def _releasable(self, visible: str, final: bool, flagged: Collection[str]) -> int:
         """How much of the output may leave now (the release rule of the module docstring)."""
