@@ -83,3 +83,16 @@ def test_environment_settings_are_in_effect(tmp_path, monkeypatch, captured, def
         big = {"model": "tiny", "messages": [{"role": "user", "content": "x" * 4096}]}
         assert client.post("/v1/chat/completions", json=big).status_code == 413
         assert client.get("/health", headers=ADMIN).json().get("active_forget_requests") == 0
+
+
+def test_remote_url_is_repeatable_or_comma_separated(tmp_path, captured):
+    base = ["serve", "--data-dir", str(tmp_path), "--engine", "remote"]
+    result = runner.invoke(app, [*base, "--remote-url", "http://a:8000", "--remote-url", "http://b:8000"])
+    assert result.exit_code == 0, result.output
+    assert captured[-1].remote_url == ["http://a:8000", "http://b:8000"]
+    result = runner.invoke(app, base, env={"UNLEARND_REMOTE_URL": "http://a:8000, http://b:8000"})
+    assert result.exit_code == 0, result.output
+    assert captured[-1].remote_url == ["http://a:8000", "http://b:8000"]
+    result = runner.invoke(app, [*base, "--remote-url", "http://c:8000"], env={"UNLEARND_REMOTE_URL": "http://a"})
+    assert captured[-1].remote_url == ["http://c:8000"]  # the flag wins
+    assert ServerSettings().remote_url == []

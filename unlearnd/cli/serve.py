@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Any, get_args, get_origin
+from typing import Annotated, Any, get_args, get_origin
 
 import typer
 from pydantic import ValidationError
@@ -23,8 +23,13 @@ def flag_name(name: str, field: FieldInfo) -> str:
     return str(extra.get("cli", name)).replace("_", "-")
 
 
-def _flag_type(annotation: Any) -> type:
-    """The type typer parses a flag as: bool, int, float, Path or str (pydantic validates the rest)."""
+def _flag_type(annotation: Any) -> Any:
+    """The type typer parses a flag as: bool, int, float, Path, str, or list[str] for a repeatable flag
+    (pydantic validates the rest)."""
+    if get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    if get_origin(annotation) is list:
+        return list[str]
     options = [a for a in get_args(annotation) if a is not type(None)] or [annotation]
     if get_origin(annotation) is not None and len(options) == 1:
         annotation = options[0]
@@ -46,7 +51,7 @@ def _parameter(name: str, field: FieldInfo) -> inspect.Parameter:
 def settings_from_flags(given: dict[str, Any]) -> ServerSettings:
     """Flags that were given win; the rest come from `UNLEARND_*` or the defaults."""
     try:
-        return ServerSettings(**{name: value for name, value in given.items() if value is not None})
+        return ServerSettings(**{name: value for name, value in given.items() if value not in (None, [], ())})
     except ValidationError as exc:  # a bad flag or environment value: a usage error, not a traceback
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise typer.BadParameter(problems) from None

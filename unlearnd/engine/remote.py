@@ -42,6 +42,10 @@ def encode_prompt_embeds(embeds: torch.Tensor) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+class BackendFailure(EngineError):
+    """The server failed, not the request (unreachable, cut off, a 5xx): another server may serve it."""
+
+
 LOAD_LORA_PATH = "/v1/load_lora_adapter"
 
 
@@ -79,26 +83,51 @@ class RemoteVLLMEngine(Engine):
         self._lora_lock = asyncio.Lock()
 
     async def start(self) -> None:
-        from transformers import AutoTokenizer
+        await self.connect()
+        self.load_model_files()
 
+    async def connect(self) -> None:
+        """Open the client and read the served model's card (its name, its context length)."""
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        self._client = httpx.AsyncClient(
-            base_url=self.base_url, headers=headers, timeout=httpx.Timeout(self.timeout_s, connect=10.0)
-        )
+        if self._client is None:
+            self._client = httpx.AsyncClient(
+                base_url=self.base_url, headers=headers, timeout=httpx.Timeout(self.timeout_s, connect=10.0)
+            )
         try:
             response = await self._client.get("/v1/models")
             response.raise_for_status()
         except httpx.HTTPError as exc:
-            raise EngineError(f"remote vLLM server at {self.base_url} is not reachable: {exc}") from exc
+            raise BackendFailure(f"remote vLLM server at {self.base_url} is not reachable: {exc}") from exc
         card = response.json()["data"][0]
         self.remote_model = card["id"]
         self.max_model_len = int(card.get("max_model_len") or 2048)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        self.embeddings = EmbeddingTable.from_model_dir(self.model_path, dtype=getattr(torch, self.dtype))
-        self.model_config = read_model_config(self.model_path)
         log.info(
             "remote vLLM engine: %s serving %s (max_model_len=%d)", self.base_url, self.remote_model, self.max_model_len
         )
+
+    def load_model_files(self) -> None:
+        """The tokenizer, the embedding table and the config, read from the local model folder."""
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.embeddings = EmbeddingTable.from_model_dir(self.model_path, dtype=getattr(torch, self.dtype))
+        self.model_config = read_model_config(self.model_path)
+
+    async def healthy(self, timeout_s: float = 2.0) -> bool:
+        """Whether the server answers `/health` now."""
+        if self._client is None:
+            return False
+        try:
+            return (await self._client.get("/health", timeout=timeout_s)).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def holds_adapter(self, name: str) -> bool:
+        return name in self._loaded_loras
+
+    def forget_adapters(self) -> None:
+        """A server that went away lost what it had loaded: load again on next use."""
+        self._loaded_loras.clear()
 
     async def shutdown(self) -> None:
         if self._client is not None:
@@ -109,7 +138,10 @@ class RemoteVLLMEngine(Engine):
         async with self._lora_lock:
             if name in self._loaded_loras:
                 return
-            response = await self._client.post(LOAD_LORA_PATH, json=load_lora_body(name, path))
+            try:
+                response = await self._client.post(LOAD_LORA_PATH, json=load_lora_body(name, path))
+            except httpx.HTTPError as exc:
+                raise BackendFailure(f"remote vLLM server at {self.base_url} failed loading {name}: {exc}") from exc
             raise_unless_lora_loaded(response, name)
             self._loaded_loras.add(name)
 
@@ -160,9 +192,13 @@ class RemoteVLLMEngine(Engine):
             "temperature": 0,
             "prompt_logprobs": 0,
         }
-        response = await self._client.post("/v1/completions", json=payload)
+        try:
+            response = await self._client.post("/v1/completions", json=payload)
+        except httpx.HTTPError as exc:
+            raise BackendFailure(f"remote vLLM request failed: {exc}") from exc
         if response.status_code >= 400:
-            raise EngineError(f"remote vLLM answered {response.status_code}: {response.text[:500]}")
+            failure = BackendFailure if response.status_code >= 500 else EngineError
+            raise failure(f"remote vLLM answered {response.status_code}: {response.text[:500]}")
         entries = response.json()["choices"][0]["prompt_logprobs"]
         return [
             None if entry is None else float(entry[str(tid)]["logprob"])
@@ -178,7 +214,8 @@ class RemoteVLLMEngine(Engine):
             async with self._client.stream("POST", "/v1/completions", json=self._payload(request)) as response:
                 if response.status_code >= 400:
                     body = (await response.aread()).decode(errors="replace")
-                    raise EngineError(f"remote vLLM answered {response.status_code}: {body[:500]}")
+                    failure = BackendFailure if response.status_code >= 500 else EngineError
+                    raise failure(f"remote vLLM answered {response.status_code}: {body[:500]}")
                 async for line in response.aiter_lines():
                     if not line.startswith("data: "):
                         continue
@@ -197,7 +234,7 @@ class RemoteVLLMEngine(Engine):
                             finish_reason=choice.get("finish_reason"),
                         )
         except httpx.HTTPError as exc:
-            raise EngineError(f"remote vLLM request failed: {exc}") from exc
+            raise BackendFailure(f"remote vLLM request failed: {exc}") from exc
 
 
 def _logprobs(block: dict | None) -> list[TokenLogprob] | None:

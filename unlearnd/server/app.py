@@ -46,11 +46,14 @@ def build_engine(settings: ServerSettings) -> Engine:
     model_path = resolve_model(settings.model)
     served = settings.served_model_name or (settings.model if settings.model else "default")
     if settings.engine == "remote":
+        from unlearnd.engine.fleet import FleetEngine
         from unlearnd.engine.remote import RemoteVLLMEngine
 
         if not settings.remote_url:
             raise ValueError("engine=remote needs --remote-url")
-        return RemoteVLLMEngine(settings.remote_url, model_path, served, api_key=None, dtype=settings.dtype)
+        if len(settings.remote_url) > 1:
+            return FleetEngine(settings.remote_url, model_path, served, dtype=settings.dtype)
+        return RemoteVLLMEngine(settings.remote_url[0], model_path, served, api_key=None, dtype=settings.dtype)
     from unlearnd.engine.local import LocalVLLMEngine
 
     return LocalVLLMEngine(

@@ -7,10 +7,10 @@ read from `UNLEARND_<FIELD>` (flags win over the environment, the environment ov
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from unlearnd.config import DEFAULT_DETECTOR, DEFAULT_MODEL, data_dir
 
@@ -36,7 +36,11 @@ class ServerSettings(BaseSettings):
     engine: Literal["local", "remote"] = Field(
         "local", description="local (vLLM in process) or remote (a vLLM OpenAI server)."
     )
-    remote_url: str | None = Field(None, description="Base URL of the remote vLLM server (engine=remote).")
+    remote_url: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Base URL of a remote vLLM server (engine=remote); repeat the flag, or separate URLs with "
+        "commas, for several: requests go to the least busy, a failed one is taken out until healthy again.",
+    )
     admin_key: str | None = Field(
         None, description="Key for the admin API (default: generated once into <data dir>/admin_key, mode 0600)."
     )
@@ -71,3 +75,12 @@ class ServerSettings(BaseSettings):
     )
     sync_interval_s: float = Field(0.5, description="How often the registry is polled for changed requests.")
     log_level: str = Field("info", description="Logging level.")
+
+    @field_validator("remote_url", mode="before")
+    @classmethod
+    def _split_urls(cls, value: object) -> object:
+        """`--remote-url A --remote-url B`, `A,B` (a flag or `UNLEARND_REMOTE_URL`), or one URL."""
+        items = [value] if isinstance(value, str) else value if isinstance(value, list | tuple) else None
+        if items is None:
+            return value
+        return [url.strip() for item in items for url in str(item).split(",") if url.strip()]

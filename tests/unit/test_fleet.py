@@ -1,0 +1,98 @@
+"""The fleet engine's placement and failover logic (the servers themselves: tests/integration/test_fleet.py)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from unlearnd.engine.base import ChoiceDelta, EmbeddingTable, EngineError, EngineInput, LoRASpec, SamplingSpec
+from unlearnd.engine.fleet import FleetEngine
+from unlearnd.engine.remote import BackendFailure
+
+
+def fleet(*urls: str) -> FleetEngine:
+    engine = FleetEngine(list(urls), "/nonexistent", "m")
+    engine.embeddings = EmbeddingTable(torch.arange(40, dtype=torch.float32).reshape(10, 4))
+    return engine
+
+
+class Scripted:
+    """Stands in for one backend's `generate`: yields its tokens, then fails after `fail_after` if set."""
+
+    def __init__(self, tokens: list[int], fail_after: int | None = None, refuse: bool = False):
+        self.tokens, self.fail_after, self.refuse, self.inputs = tokens, fail_after, refuse, []
+
+    async def __call__(self, request: EngineInput):
+        self.inputs.append(request)
+        if self.refuse:
+            raise EngineError("remote vLLM answered 400: bad request")
+        for i, token in enumerate(self.tokens):
+            if self.fail_after is not None and i == self.fail_after:
+                raise BackendFailure("remote vLLM request failed: peer closed connection")
+            yield ChoiceDelta(index=0, text=f"t{token}", token_ids=[token], finish_reason=None)
+
+
+def request(max_tokens: int = 5, embeds: bool = False) -> EngineInput:
+    sampling = SamplingSpec(max_tokens=max_tokens, temperature=0)
+    embeddings = torch.zeros(2, 4) if embeds else None
+    return EngineInput(request_id="r", prompt_token_ids=[1, 2], sampling=sampling, prompt_embeds=embeddings)
+
+
+async def collect(engine: FleetEngine, req: EngineInput) -> list[int]:
+    return [t async for delta in engine.generate(req) for t in delta.token_ids]
+
+
+def test_the_least_busy_backend_is_chosen_and_one_holding_the_adapter_first():
+    engine = fleet("http://a", "http://b", "http://c")
+    engine.outstanding.update({"http://a": 3, "http://b": 1, "http://c": 2})
+    assert engine.choose(None).base_url == "http://b"
+    engine.backends[2]._loaded_loras.add("fr-1-v1")
+    assert engine.choose(LoRASpec("fr-1-v1", "/x")).base_url == "http://c"
+    assert engine.choose(LoRASpec("fr-2-v1", "/x")).base_url == "http://b"  # nobody holds it: the least busy
+    engine.take_out(engine.backends[1], "health check failed")
+    assert engine.choose(None).base_url == "http://c"
+    engine.take_out(engine.backends[0], "x")
+    engine.take_out(engine.backends[2], "x")
+    assert engine.backends[2].holds_adapter("fr-1-v1") is False  # a server that went away lost its adapters
+    with pytest.raises(BackendFailure):
+        engine.choose(None)
+
+
+def test_a_stream_cut_by_a_dying_backend_goes_on_at_another_from_where_it_stopped():
+    engine = fleet("http://a", "http://b")
+    dying, healthy = Scripted([5, 6, 7, 8, 9], fail_after=2), Scripted([7, 8, 9])
+    engine.backends[0].generate, engine.backends[1].generate = dying, healthy
+    assert asyncio.run(collect(engine, request())) == [5, 6, 7, 8, 9]
+    resumed = healthy.inputs[0]
+    assert resumed.prompt_token_ids == [1, 2, 5, 6] and resumed.sampling.max_tokens == 3
+    assert "http://a" in engine.down and engine.outstanding == {"http://a": 0, "http://b": 0}
+
+
+def test_prompt_embeddings_are_continued_with_the_sent_tokens_embeddings():
+    engine = fleet("http://a", "http://b")
+    engine.backends[0].generate, engine.backends[1].generate = Scripted([3, 4], fail_after=1), Scripted([4])
+    asyncio.run(collect(engine, request(max_tokens=2, embeds=True)))
+    resumed = engine.backends[1].generate.inputs[0]
+    assert resumed.prompt_embeds.shape == (3, 4) and torch.equal(resumed.prompt_embeds[2], engine.embeddings.weight[3])
+
+
+def test_nothing_sent_yet_means_the_same_request_elsewhere_and_a_refusal_is_not_retried():
+    engine = fleet("http://a", "http://b")
+    engine.backends[0].generate, engine.backends[1].generate = Scripted([1], fail_after=0), Scripted([1, 2])
+    assert asyncio.run(collect(engine, request())) == [1, 2]
+    assert engine.backends[1].generate.inputs[0].prompt_token_ids == [1, 2]
+    engine = fleet("http://a", "http://b")
+    engine.backends[0].generate = engine.backends[1].generate = Scripted([], refuse=True)
+    with pytest.raises(EngineError, match="400"):
+        asyncio.run(collect(engine, request()))
+    assert engine.down == {}  # the request's fault, not the server's
+
+
+def test_when_every_backend_fails_the_request_fails():
+    engine = fleet("http://a", "http://b")
+    engine.backends[0].generate = engine.backends[1].generate = Scripted([1, 2, 3], fail_after=1)
+    with pytest.raises(BackendFailure):
+        asyncio.run(collect(engine, request()))
+    assert set(engine.down) == {"http://a", "http://b"}
