@@ -96,3 +96,17 @@ def test_when_every_backend_fails_the_request_fails():
     with pytest.raises(BackendFailure):
         asyncio.run(collect(engine, request()))
     assert set(engine.down) == {"http://a", "http://b"}
+
+
+def test_score_and_adapter_loads_move_on_from_a_failed_backend():
+    engine = fleet("http://a", "http://b")
+
+    async def fails(request):
+        raise BackendFailure("remote vLLM request failed: connection refused")
+
+    async def answers(request):
+        return [None, -1.5]
+
+    engine.backends[0].prompt_logprobs, engine.backends[1].prompt_logprobs = fails, answers
+    assert asyncio.run(engine.prompt_logprobs(request())) == [None, -1.5]
+    assert set(engine.down) == {"http://a"}

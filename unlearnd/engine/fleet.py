@@ -14,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
+from typing import TypeVar
 
 import httpx
 import torch
@@ -26,6 +27,7 @@ from unlearnd.engine.remote import BackendFailure, RemoteVLLMEngine
 log = logging.getLogger(__name__)
 
 HEALTH_INTERVAL_S = 2.0
+T = TypeVar("T")
 
 
 class FleetEngine(Engine):
@@ -155,26 +157,23 @@ class FleetEngine(Engine):
             sampling=sampling.model_copy(update=left),
         )
 
-    async def prompt_logprobs(self, request: EngineInput) -> list[float | None]:
-        tried: set[str] = set()
-        while True:
-            backend = self.choose(request.lora, tried)
-            try:
-                return await backend.prompt_logprobs(request)
-            except BackendFailure as exc:
-                self.take_out(backend, str(exc))
-                tried.add(backend.base_url)
-
-    async def load_adapter(self, lora: LoRASpec) -> None:
-        """Load on one backend now (a broken adapter shows at activation); the others load on first use."""
+    async def _on_one(self, lora: LoRASpec | None, call: Callable[[RemoteVLLMEngine], Awaitable[T]]) -> T:
+        """`call` on the backend `choose` gives, then on the next wherever a backend fails."""
         tried: set[str] = set()
         while True:
             backend = self.choose(lora, tried)
             try:
-                return await backend.load_adapter(lora)
+                return await call(backend)
             except BackendFailure as exc:
                 self.take_out(backend, str(exc))
                 tried.add(backend.base_url)
+
+    async def prompt_logprobs(self, request: EngineInput) -> list[float | None]:
+        return await self._on_one(request.lora, lambda backend: backend.prompt_logprobs(request))
+
+    async def load_adapter(self, lora: LoRASpec) -> None:
+        """Load on one backend now (a broken adapter shows at activation); the others load on first use."""
+        await self._on_one(lora, lambda backend: backend.load_adapter(lora))
 
     async def unload_adapters(self, request_id: str) -> None:
         for backend in self._up():
