@@ -423,3 +423,20 @@ def test_a_request_loaded_mid_stream_is_checked_against_what_the_stream_already_
 
     out, blocks = _filtered(guard, deltas())
     assert [b.reason for b in blocks] == ["answer"] and out[-1].text == REFUSAL
+
+
+def test_prepare_builds_the_release_sets_off_the_request_path_and_a_change_meanwhile_is_not_lost():
+    from unlearnd.guardrail.release import build_sets
+
+    guard = OutputGuard()
+    guard.load(forget_request())
+    assert guard.holds.stale  # loads only mark the sets
+    guard.prepare()  # what the registry sync runs in its thread after loading
+    assert not guard.holds.stale and "nakamura" in guard.holds.words
+    version, holds = guard.holds.snapshot()
+    guard.unload("fr-1")  # a change between a build's snapshot and its swap
+    guard.holds.install(version, build_sets(holds))
+    assert guard.holds.stale  # the outdated build was not swapped in; the next check builds again
+    guard.load(forget_request())
+    out, _ = _filtered(guard, _word_deltas("Ordinary words about " + NAME))
+    assert "Nakamura" not in "".join(d.text for d in out) and not guard.holds.stale

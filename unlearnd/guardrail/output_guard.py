@@ -51,7 +51,7 @@ from unlearnd.detectors.normalize import letters, to_ascii
 from unlearnd.detectors.spans import FUNCTION_WORDS, STOPWORDS, fold
 from unlearnd.domain import ForgetRequest, ForgetSpec
 from unlearnd.engine.base import ChoiceDelta, TokenLogprob
-from unlearnd.guardrail.release import RELEASE_MODES, ReleaseIndex, RequestHolds
+from unlearnd.guardrail.release import RELEASE_MODES, ReleaseIndex, RequestHolds, build_sets
 from unlearnd.interventions.guardrails import refusal_of
 
 log = logging.getLogger(__name__)
@@ -283,11 +283,18 @@ class OutputGuard:
         return _Meanings(emb, np.maximum(MEANING_FLOOR, closest + MEANING_MARGIN))
 
     def prepare(self) -> None:
-        """Build what the checks read lazily (the stacked answer matrix), off the request path: after a
-        sync loaded requests, not in the first stream that needs it."""
+        """Build what the checks read lazily (the stacked answer matrix, the release rule's sets), off the
+        request path: after a sync loaded requests, not in the first stream that needs it. The release sets
+        are built outside the lock the streams' checks take, then swapped in."""
         with self._lock:
             if self._meaning_matrix:
                 self._meaning_matrix.prepare()
+            version, holds = self.holds.snapshot()
+            if not self.holds.stale:
+                return
+        built = build_sets(holds)
+        with self._lock:
+            self.holds.install(version, built)
 
     def restates(self, text: str) -> Block | None:
         """The first active request one of whose forget answers `text` restates (meaning check)."""

@@ -72,47 +72,74 @@ class RequestHolds:
     exact_words: set[str] = field(default_factory=set)  # uncommon title and birthplace words (as written)
 
 
+def build_sets(holds: list[RequestHolds]) -> dict[str, object]:
+    """The prefix sets of the release rule over every request's holds (`ReleaseIndex`'s attributes)."""
+    names = set().union(*(h.words for h in holds))
+    words = names | set().union(*(h.exact_words for h in holds))
+    # One typo, as the name search allows it: only in name parts this long (titles and places match as written)
+    typo_words = {w for w in names if len(w) >= MIN_TYPO_LEN}
+    word_deletions = set().union(*(_deletions(w) for w in typo_words))
+    forms = set().union(*(h.forms for h in holds))
+    places = [p for h in holds for p in h.places]
+    places_by_first: dict[str, list[list[str]]] = {}  # a birthplace's first word -> the birthplaces
+    for place in places:
+        places_by_first.setdefault(place[0], []).append(place)
+    grams = set().union(*(h.answer_grams for h in holds))
+    return {
+        "words": words,
+        "word_prefixes": {w[:i] for w in words for i in range(1, len(w) + 1)},
+        "typo_words": typo_words,
+        "typo_word_prefixes": {w[:i] for w in typo_words for i in range(MIN_LETTERS - 1, len(w) + 1)},
+        "word_deletions": word_deletions,
+        "typo_prefixes": {d[:i] for d in word_deletions for i in range(MIN_LETTERS - 1, len(d) + 1)},
+        "form_prefixes": {f[:i] for f in forms for i in range(MIN_LETTERS, len(f) + 1)},
+        "longest_form": max((len(f) for f in forms), default=0),
+        "places": places,
+        "places_by_first": places_by_first,
+        "dates": any(h.dates for h in holds),
+        "answer_runs": grams | {g[:k] for g in grams for k in (1, 2, 3)},
+        "rare_words": set().union(*(h.rare_words for h in holds)),
+    }
+
+
 class ReleaseIndex:
     """The union of every loaded request's holds, as prefix sets the release rule reads in one pass.
 
-    The sets are rebuilt when the rule next runs after a change, not at every change: a server that loads
-    a thousand requests at start builds them once."""
+    The sets are rebuilt after a change, once: by `prepare` off the event loop after a registry sync (with a
+    thousand requests a build takes most of a second, which the first stream after the change paid while
+    every other stream waited), else when the rule next runs. A server that loads a thousand requests at
+    start builds them once."""
 
     def __init__(self) -> None:
         self.requests: dict[str, RequestHolds] = {}
-        self._stale = True
+        self._version = 0  # changes made
+        self._built = -1  # the version the sets were built from
+
+    @property
+    def stale(self) -> bool:
+        return self._built != self._version
 
     def set(self, request_id: str, holds: RequestHolds) -> None:
         self.requests[request_id] = holds
-        self._stale = True
+        self._version += 1
 
     def remove(self, request_id: str) -> None:
         if self.requests.pop(request_id, None) is not None:
-            self._stale = True
+            self._version += 1
+
+    def snapshot(self) -> tuple[int, list[RequestHolds]]:
+        """What a build reads (taken under the caller's lock; the build itself needs none)."""
+        return self._version, list(self.requests.values())
+
+    def install(self, version: int, built: dict[str, object]) -> None:
+        """Swap in sets built from `snapshot()` at `version`, unless something changed since."""
+        if version == self._version:
+            self.__dict__.update(built)
+            self._built = version
 
     def _build(self) -> None:
-        self._stale = False
-        holds = list(self.requests.values())
-        names = set().union(*(h.words for h in holds))
-        words = names | set().union(*(h.exact_words for h in holds))
-        self.words = words
-        self.word_prefixes = {w[:i] for w in words for i in range(1, len(w) + 1)}
-        # One typo, as the name search allows it: only in name parts this long (titles and places match as written)
-        self.typo_words = {w for w in names if len(w) >= MIN_TYPO_LEN}
-        self.typo_word_prefixes = {w[:i] for w in self.typo_words for i in range(MIN_LETTERS - 1, len(w) + 1)}
-        self.word_deletions = set().union(*(_deletions(w) for w in self.typo_words))
-        self.typo_prefixes = {d[:i] for d in self.word_deletions for i in range(MIN_LETTERS - 1, len(d) + 1)}
-        forms = set().union(*(h.forms for h in holds))
-        self.form_prefixes = {f[:i] for f in forms for i in range(MIN_LETTERS, len(f) + 1)}
-        self.longest_form = max((len(f) for f in forms), default=0)
-        self.places = [p for h in holds for p in h.places]
-        self.places_by_first: dict[str, list[list[str]]] = {}  # a birthplace's first word -> the birthplaces
-        for place in self.places:
-            self.places_by_first.setdefault(place[0], []).append(place)
-        self.dates = any(h.dates for h in holds)
-        grams = set().union(*(h.answer_grams for h in holds))
-        self.answer_runs = grams | {g[:k] for g in grams for k in (1, 2, 3)}
-        self.rare_words = set().union(*(h.rare_words for h in holds))
+        version, holds = self.snapshot()
+        self.install(version, build_sets(holds))
 
     # -- the rule -------------------------------------------------------------------------------------
     def hold_from(self, text: str, final: bool, info: Callable[[str], float]) -> int:
@@ -120,7 +147,7 @@ class ReleaseIndex:
         `info`: how much a (folded) word says (the guard's information weight)."""
         if final or not self.requests:
             return len(text)
-        if self._stale:
+        if self.stale:
             self._build()
         toks = tokens(text)
         unfinished = bool(text) and text[-1].isalnum() and bool(toks) and toks[-1][2] == len(text)
