@@ -43,9 +43,10 @@ class OwnerIndex:
 
     def owners(self, keys: Iterable[Hashable]) -> list[str]:
         """The requests holding any of `keys`, in the order they were loaded."""
-        found: set[str] = set()
-        for key in keys:
-            found |= self._owners.get(key, set())
+        held = self._owners.keys() & keys  # in C: a text's thousand windows mostly own nothing
+        if not held:
+            return []
+        found: set[str] = set().union(*(self._owners[key] for key in held))
         return sorted(found, key=self._rank.__getitem__)
 
 
