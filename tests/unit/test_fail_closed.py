@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from tests.helpers import ADMIN, TinyEngine, app_settings
 from unlearnd.domain import ForgetSpec, QAExample, Status
 from unlearnd.engine.base import EngineError
+from unlearnd.engine.remote import BackendFailure
 from unlearnd.interventions.guardrails import REFUSAL
 from unlearnd.interventions.lora import LoRAArtifact, check_adapter_weights
 from unlearnd.jobs.worker import run_worker
@@ -263,16 +264,25 @@ class FlakyRemoteEngine(AdapterLoadingEngine):
     """Its first adapter load meets a fleet that is restarting (a transport error), later ones work."""
 
     failures = 1
+    error: Exception = httpx.ConnectError("connection refused")
 
     async def load_adapter(self, lora):
         if self.failures:
             self.failures -= 1
-            raise httpx.ConnectError("connection refused")
+            raise self.error
         await super().load_adapter(lora)
 
 
-def test_an_engine_that_cannot_be_reached_delays_an_adapter_without_marking_it_broken(settings, default_model_dir):
+@pytest.mark.parametrize(
+    "error",
+    [httpx.ConnectError("connection refused"), BackendFailure("remote vLLM server at http://b is not reachable")],
+    ids=["transport", "backend"],
+)
+def test_an_engine_that_cannot_be_reached_delays_an_adapter_without_marking_it_broken(
+    settings, default_model_dir, error
+):
     engine = FlakyRemoteEngine(default_model_dir, max_model_len=128)
+    engine.error = error
     registry = Registry(settings.data_dir)
     record = registry.add(ForgetSpec(name=NAME, method="lora", forget=[QAExample(question=FLAGGED, answer="Novels.")]))
     artifact_dir = registry.artifact_dir(record.id)

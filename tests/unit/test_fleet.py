@@ -12,17 +12,25 @@ from unlearnd.engine.fleet import FleetEngine
 from unlearnd.engine.remote import BackendFailure
 
 
+class Letters:
+    """A tokenizer whose token k reads "t<k>" (as `Scripted` streams it)."""
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(f"t{i}" for i in ids)
+
+
 def fleet(*urls: str) -> FleetEngine:
     engine = FleetEngine(list(urls), "/nonexistent", "m")
     engine.embeddings = EmbeddingTable(torch.arange(40, dtype=torch.float32).reshape(10, 4))
+    engine.tokenizer = Letters()
     return engine
 
 
 class Scripted:
     """Stands in for one backend's `generate`: yields its tokens, then fails after `fail_after` if set."""
 
-    def __init__(self, tokens: list[int], fail_after: int | None = None, refuse: bool = False):
-        self.tokens, self.fail_after, self.refuse, self.inputs = tokens, fail_after, refuse, []
+    def __init__(self, tokens: list[int], fail_after: int | None = None, refuse: bool = False, finish: bool = False):
+        self.tokens, self.fail_after, self.refuse, self.finish, self.inputs = tokens, fail_after, refuse, finish, []
 
     async def __call__(self, request: EngineInput):
         self.inputs.append(request)
@@ -31,11 +39,14 @@ class Scripted:
         for i, token in enumerate(self.tokens):
             if self.fail_after is not None and i == self.fail_after:
                 raise BackendFailure("remote vLLM request failed: peer closed connection")
-            yield ChoiceDelta(index=0, text=f"t{token}", token_ids=[token], finish_reason=None)
+            last = self.finish and i == len(self.tokens) - 1
+            yield ChoiceDelta(index=0, text=f"t{token}", token_ids=[token], finish_reason="stop" if last else None)
+        if self.fail_after is not None and self.fail_after >= len(self.tokens):
+            raise BackendFailure("remote vLLM request failed: peer closed connection")
 
 
-def request(max_tokens: int = 5, embeds: bool = False) -> EngineInput:
-    sampling = SamplingSpec(max_tokens=max_tokens, temperature=0)
+def request(max_tokens: int = 5, embeds: bool = False, stop: list[str] | None = None) -> EngineInput:
+    sampling = SamplingSpec(max_tokens=max_tokens, temperature=0, stop=stop or [])
     embeddings = torch.zeros(2, 4) if embeds else None
     return EngineInput(request_id="r", prompt_token_ids=[1, 2], sampling=sampling, prompt_embeds=embeddings)
 
@@ -55,7 +66,6 @@ def test_the_least_busy_backend_is_chosen_and_one_holding_the_adapter_first():
     assert engine.choose(None).base_url == "http://c"
     engine.take_out(engine.backends[0], "x")
     engine.take_out(engine.backends[2], "x")
-    assert engine.backends[2].holds_adapter("fr-1-v1") is False  # a server that went away lost its adapters
     with pytest.raises(BackendFailure):
         engine.choose(None)
 
@@ -110,3 +120,34 @@ def test_score_and_adapter_loads_move_on_from_a_failed_backend():
     engine.backends[0].prompt_logprobs, engine.backends[1].prompt_logprobs = fails, answers
     assert asyncio.run(engine.prompt_logprobs(request())) == [None, -1.5]
     assert set(engine.down) == {"http://a"}
+
+
+def test_a_finished_answer_is_not_continued_and_stop_strings_or_a_second_failure_end_the_request():
+    engine = fleet("http://a", "http://b")
+    engine.backends[0].generate = Scripted([5, 6], fail_after=2, finish=True)  # cut after its finish
+    engine.backends[1].generate = Scripted([7])
+    assert asyncio.run(collect(engine, request())) == [5, 6] and engine.backends[1].generate.inputs == []
+    engine = fleet("http://a", "http://b")
+    engine.backends[0].generate, engine.backends[1].generate = Scripted([5, 6], fail_after=1), Scripted([6])
+    with pytest.raises(BackendFailure):  # a stop string may span the cut: not continued
+        asyncio.run(collect(engine, request(stop=["t6"])))
+    engine = fleet("http://a", "http://b", "http://c")
+    for backend in engine.backends:
+        backend.generate = Scripted([5, 6, 7], fail_after=1)
+    with pytest.raises(BackendFailure):  # moved once; a request that fails its second server too ends there
+        asyncio.run(collect(engine, request()))
+    assert len(engine.down) == 2
+
+
+def test_tokens_sent_before_their_text_are_generated_again_not_skipped():
+    engine = fleet("http://a", "http://b")
+
+    async def text_behind(req):  # the last token's text not sent yet (an incomplete character)
+        yield ChoiceDelta(index=0, text="t5", token_ids=[5])
+        yield ChoiceDelta(index=0, text="", token_ids=[6])
+        raise BackendFailure("remote vLLM request failed: peer closed connection")
+
+    engine.backends[0].generate, engine.backends[1].generate = text_behind, Scripted([6, 7])
+    asyncio.run(collect(engine, request(max_tokens=4)))
+    resumed = engine.backends[1].generate.inputs[0]
+    assert resumed.prompt_token_ids == [1, 2, 5] and resumed.sampling.max_tokens == 3

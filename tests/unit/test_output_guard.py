@@ -440,3 +440,15 @@ def test_prepare_builds_the_release_sets_off_the_request_path_and_a_change_meanw
     guard.load(forget_request())
     out, _ = _filtered(guard, _word_deltas("Ordinary words about " + NAME))
     assert "Nakamura" not in "".join(d.text for d in out) and not guard.holds.stale
+
+
+def test_the_meaning_pre_check_reads_plurals_both_apostrophes_and_plain_answers():
+    from unlearnd.guardrail.output_guard import _answer_keys, _meaning_keys, _words
+
+    novels = _answer_keys(_words("Her novels were translated into Icelandic."))
+    assert {"novels", "novel", "icelandic"} <= novels  # "novels" is uncommon; a sentence may say "novel"
+    assert _meaning_keys(_words("Her first novel sold well.")) & novels
+    assert _meaning_keys(_words("O’Brien’s father")) & _answer_keys(_words("O'Brien grew up in Ballymote."))
+    plain = _answer_keys(_words("She was born in New York City, USA."))  # no uncommon word at all
+    assert plain and plain <= {"born", "new", "york", "city", "usa"} and len(plain) >= 2
+    assert _meaning_keys(_words("She is a native of New York.")) & plain

@@ -46,8 +46,9 @@ class OwnerIndex:
         held = self._owners.keys() & keys  # in C: a text's thousand windows mostly own nothing
         if not held:
             return []
-        found: set[str] = set().union(*(self._owners[key] for key in held))
-        return sorted(found, key=self._rank.__getitem__)
+        # .get: the detector's thread may read while a load in another thread re-files a request
+        found: set[str] = set().union(*(self._owners.get(key, ()) for key in held))
+        return sorted(found, key=lambda request_id: self._rank.get(request_id, -1))
 
 
 PRUNE_MIN_ROWS = 2048  # below this a plain product is cheap enough

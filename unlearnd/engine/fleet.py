@@ -27,6 +27,7 @@ from unlearnd.engine.remote import BackendFailure, RemoteVLLMEngine
 log = logging.getLogger(__name__)
 
 HEALTH_INTERVAL_S = 2.0
+MAX_MOVES = 1  # backends a request may move to: a request that kills servers must not take the whole fleet
 T = TypeVar("T")
 
 
@@ -96,27 +97,39 @@ class FleetEngine(Engine):
         if backend.base_url not in self.down:
             log.warning("vLLM backend %s taken out: %s", backend.base_url, why)
         self.down[backend.base_url] = why
-        backend.forget_adapters()
 
     async def _health_loop(self) -> None:
         while True:
             await asyncio.sleep(self.health_interval_s)
-            for backend in self.backends:
-                healthy = await backend.healthy()
-                if healthy and backend.base_url in self.down:
-                    try:
-                        await backend.connect()
-                    except BackendFailure:
-                        continue
-                    self.down.pop(backend.base_url, None)
-                    log.info("vLLM backend %s is back", backend.base_url)
-                elif not healthy and backend.base_url not in self.down:
-                    self.take_out(backend, "health check failed")
+            try:
+                await self._check_health()
+            except Exception:  # the loop must outlive any one server's odd answer
+                log.exception("vLLM backend health check failed")
+
+    async def _check_health(self) -> None:
+        for backend in self.backends:
+            healthy = await backend.healthy()
+            if healthy and backend.base_url in self.down:
+                try:
+                    await backend.connect()
+                except BackendFailure:
+                    continue
+                if backend.max_model_len < self.max_model_len:
+                    self.down[backend.base_url] = (
+                        f"serves a context of {backend.max_model_len} tokens, not {self.max_model_len}"
+                    )
+                    continue
+                await backend.forget_adapters_unloading()  # what it held may include an adapter purged meanwhile
+                self.down.pop(backend.base_url, None)
+                log.info("vLLM backend %s is back", backend.base_url)
+            elif not healthy and backend.base_url not in self.down:
+                self.take_out(backend, "health check failed")
 
     # -- requests -----------------------------------------------------------------------------------
     async def generate(self, request: EngineInput) -> AsyncIterator[ChoiceDelta]:
-        sent: list[int] = []  # token ids of choice 0 already yielded (what a resumed request continues)
-        yielded, tried, current = False, set(), request
+        progress = _Progress()  # what choice 0 has sent (a continuation starts after it)
+        tried: set[str] = set()
+        current = request
         while True:
             backend = self.choose(current.lora, tried)
             url = backend.base_url
@@ -125,26 +138,28 @@ class FleetEngine(Engine):
             try:
                 async with contextlib.aclosing(backend.generate(current)) as stream:  # a client gone: closed now
                     async for delta in stream:
-                        yielded = True
-                        if delta.index == 0:
-                            sent += delta.token_ids
+                        progress.add(delta)
                         yield delta
                 return
             except BackendFailure as exc:
                 self.take_out(backend, str(exc))
                 tried.add(url)
-                resumed = self._resumed(request, sent) if yielded else request
-                if resumed is None:
+                if progress.finished and request.sampling.n == 1:
+                    return  # the answer had its finish: only the stream's end was lost
+                current = self._continued(request, progress) if len(tried) <= MAX_MOVES else None
+                if current is None:
                     raise
-                current = resumed
-                log.info("request %s goes on at another backend after %d tokens", request.request_id, len(sent))
+                log.info("request %s goes on at another backend after %d tokens", request.request_id, progress.tokens)
             finally:
                 self.outstanding[url] -= 1
 
-    def _resumed(self, request: EngineInput, sent: list[int]) -> EngineInput | None:
-        """`request` continued after the tokens already `sent` (one choice only), or None."""
+    def _continued(self, request: EngineInput, progress: _Progress) -> EngineInput | None:
+        """`request` again, after the tokens already sent (one choice, no stop strings), or None."""
+        if not progress.anything:
+            return request
         sampling = request.sampling
-        if sampling.n != 1 or len(sent) >= sampling.max_tokens:
+        sent = progress.sendable(self.tokenizer)
+        if sampling.n != 1 or sampling.stop or sent is None or len(sent) >= sampling.max_tokens:
             return None
         embeds = request.prompt_embeds
         if embeds is not None:
@@ -181,3 +196,35 @@ class FleetEngine(Engine):
                 await backend.unload_adapters(request_id)
             except (EngineError, httpx.HTTPError) as exc:
                 log.warning("unloading %s on %s failed: %s", request_id, backend.base_url, exc)
+
+
+class _Progress:
+    """Choice 0 of a stream as the client got it: its token ids, its text, whether it finished."""
+
+    def __init__(self) -> None:
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.anything = False
+        self.finished = False
+
+    @property
+    def tokens(self) -> int:
+        return len(self.token_ids)
+
+    def add(self, delta: ChoiceDelta) -> None:
+        self.anything = True
+        if delta.index == 0:
+            self.token_ids += delta.token_ids
+            self.text += delta.text
+            self.finished = self.finished or delta.finish_reason is not None
+
+    def sendable(self, tokenizer) -> list[int] | None:
+        """The longest run of the sent tokens whose text is what was sent (vLLM may send a token before
+        its text: a character still incomplete): the continuation regenerates the rest. None if none fits."""
+        if not self.token_ids:
+            return None if self.text else []
+        for keep in range(len(self.token_ids), max(-1, len(self.token_ids) - 4), -1):
+            decoded = tokenizer.decode(self.token_ids[:keep])
+            if decoded == self.text or decoded.lstrip() == self.text.lstrip():
+                return self.token_ids[:keep]
+        return None

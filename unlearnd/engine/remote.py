@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import logging
@@ -43,7 +44,8 @@ def encode_prompt_embeds(embeds: torch.Tensor) -> str:
 
 
 class BackendFailure(EngineError):
-    """The server failed, not the request (unreachable, cut off, a 5xx): another server may serve it."""
+    """The connection to the server failed (unreachable, cut off mid-answer), not the request: another
+    server may serve it. An answer the server gave, a 5xx included, is about the request and is not one."""
 
 
 LOAD_LORA_PATH = "/v1/load_lora_adapter"
@@ -125,8 +127,12 @@ class RemoteVLLMEngine(Engine):
     def holds_adapter(self, name: str) -> bool:
         return name in self._loaded_loras
 
-    def forget_adapters(self) -> None:
-        """A server that went away lost what it had loaded: load again on next use."""
+    async def forget_adapters_unloading(self) -> None:
+        """Unload every adapter this engine may have loaded (a server back after an outage may still hold
+        them, one purged meanwhile among them), then load again on next use."""
+        for name in list(self._loaded_loras):
+            with contextlib.suppress(httpx.HTTPError):
+                await self._client.post("/v1/unload_lora_adapter", json={"lora_name": name})
         self._loaded_loras.clear()
 
     async def shutdown(self) -> None:
@@ -197,8 +203,7 @@ class RemoteVLLMEngine(Engine):
         except httpx.HTTPError as exc:
             raise BackendFailure(f"remote vLLM request failed: {exc}") from exc
         if response.status_code >= 400:
-            failure = BackendFailure if response.status_code >= 500 else EngineError
-            raise failure(f"remote vLLM answered {response.status_code}: {response.text[:500]}")
+            raise EngineError(f"remote vLLM answered {response.status_code}: {response.text[:500]}")
         entries = response.json()["choices"][0]["prompt_logprobs"]
         return [
             None if entry is None else float(entry[str(tid)]["logprob"])
@@ -214,8 +219,7 @@ class RemoteVLLMEngine(Engine):
             async with self._client.stream("POST", "/v1/completions", json=self._payload(request)) as response:
                 if response.status_code >= 400:
                     body = (await response.aread()).decode(errors="replace")
-                    failure = BackendFailure if response.status_code >= 500 else EngineError
-                    raise failure(f"remote vLLM answered {response.status_code}: {body[:500]}")
+                    raise EngineError(f"remote vLLM answered {response.status_code}: {body[:500]}")
                 async for line in response.aiter_lines():
                     if not line.startswith("data: "):
                         continue

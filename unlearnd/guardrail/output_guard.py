@@ -79,15 +79,30 @@ def _words(text: str) -> list[str]:
     return [fold(w) for w in _WORD.findall(text)]
 
 
+def _key_forms(word: str) -> set[str]:
+    """A word as the meaning pre-check files it: a possessive as its word, either apostrophe, a plural also
+    as its singular ("novels" is uncommon, "novel" is not)."""
+    base = _POSSESSIVE.sub("", word.replace("’", "'"))
+    return {base, base[:-1]} if len(base) > 3 and base.endswith("s") else {base} if base else set()
+
+
 def _meaning_keys(words: list[str]) -> set[str]:
-    """The words a sentence is looked up by in the meaning pre-check (a possessive as its word)."""
-    return {_POSSESSIVE.sub("", w) for w in words}
+    """The keys a sentence is looked up by in the meaning pre-check."""
+    return set().union(*map(_key_forms, words)) if words else set()
 
 
-def _uncommon_keys(words: list[str]) -> set[str]:
+def _answer_keys(words: list[str]) -> set[str]:
+    """The keys of one forget answer: its uncommon words, or for a plain answer with none ("She was born in
+    New York City, USA.") its two least common content words, so that no answer goes unchecked."""
     from wordfreq import zipf_frequency
 
-    return {k for k in _meaning_keys(words) if k and zipf_frequency(k, "en") < MEANING_WORD_ZIPF}
+    distinct = {w for w in words if _key_forms(w)}
+    zipf = {w: zipf_frequency(_POSSESSIVE.sub("", w.replace("’", "'")), "en") for w in distinct}
+    chosen = {w for w in distinct if zipf[w] < MEANING_WORD_ZIPF}
+    if not chosen:
+        content = [w for w in distinct if w not in STOPWORDS and w not in FUNCTION_WORDS and len(w) >= 3]
+        chosen = set(sorted(content, key=lambda w: (zipf[w], w))[:2])
+    return _meaning_keys(sorted(chosen))
 
 
 def _grams(words: list[str], n: int = 4) -> set[tuple[str, ...]]:
@@ -241,7 +256,7 @@ class OutputGuard:
             self._grams.set(request.id, grams)
             if meanings is not None:
                 self._meaning_matrix.set(request.id, meanings.answers, meanings.thresholds)
-                self._meaning_words.set(request.id, set().union(*(_uncommon_keys(a.words) for a in answers)))
+                self._meaning_words.set(request.id, set().union(*(_answer_keys(a.words) for a in answers)))
             else:
                 self._meaning_matrix.remove(request.id)
                 self._meaning_words.remove(request.id)

@@ -23,6 +23,7 @@ from unlearnd.detectors.anchors import FLAG_SCORE, AnchorIndex, extract_anchors
 from unlearnd.detectors.base import Detection, Detector, RequestMatch
 from unlearnd.domain import LOAD_FAILED, ForgetRequest, Status
 from unlearnd.engine.base import ChoiceDelta, Engine, EngineInput
+from unlearnd.engine.remote import BackendFailure
 from unlearnd.guardrail import prometheus
 from unlearnd.guardrail.call import GuardedCall
 from unlearnd.guardrail.output_guard import OutputGuard
@@ -298,7 +299,7 @@ class GuardrailPipeline:
         except Exception as exc:
             with contextlib.suppress(Exception):  # the scales that did load go too
                 await self.engine.unload_adapters(request.id)
-            if isinstance(exc, httpx.TransportError) or self.engine.dead_reason() is not None:
+            if isinstance(exc, httpx.TransportError | BackendFailure) or self.engine.dead_reason() is not None:
                 raise EngineUnavailable(f"{type(exc).__name__}: {exc}") from exc
             raise LoadFailure(exc, detector_loaded=True) from exc
 
