@@ -450,5 +450,5 @@ def test_the_meaning_pre_check_reads_plurals_both_apostrophes_and_plain_answers(
     assert _meaning_keys(_words("Her first novel sold well.")) & novels
     assert _meaning_keys(_words("O’Brien’s father")) & _answer_keys(_words("O'Brien grew up in Ballymote."))
     plain = _answer_keys(_words("She was born in New York City, USA."))  # no uncommon word at all
-    assert plain and plain <= {"born", "new", "york", "city", "usa"} and len(plain) >= 2
+    assert {"born", "york", "city", "usa"} <= plain
     assert _meaning_keys(_words("She is a native of New York.")) & plain

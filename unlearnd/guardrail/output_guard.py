@@ -93,15 +93,14 @@ def _meaning_keys(words: list[str]) -> set[str]:
 
 def _answer_keys(words: list[str]) -> set[str]:
     """The keys of one forget answer: its uncommon words, or for a plain answer with none ("She was born in
-    New York City, USA.") its two least common content words, so that no answer goes unchecked."""
+    New York City, USA.") all its content words, so that no answer goes unchecked (at the price of checking
+    more ordinary sentences while such a request is active)."""
     from wordfreq import zipf_frequency
 
     distinct = {w for w in words if _key_forms(w)}
-    zipf = {w: zipf_frequency(_POSSESSIVE.sub("", w.replace("’", "'")), "en") for w in distinct}
-    chosen = {w for w in distinct if zipf[w] < MEANING_WORD_ZIPF}
+    chosen = {w for w in distinct if zipf_frequency(_POSSESSIVE.sub("", w.replace("’", "'")), "en") < MEANING_WORD_ZIPF}
     if not chosen:
-        content = [w for w in distinct if w not in STOPWORDS and w not in FUNCTION_WORDS and len(w) >= 3]
-        chosen = set(sorted(content, key=lambda w: (zipf[w], w))[:2])
+        chosen = {w for w in distinct if w not in STOPWORDS and w not in FUNCTION_WORDS and len(w) >= 3}
     return _meaning_keys(sorted(chosen))
 
 
