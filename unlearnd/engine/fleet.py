@@ -2,12 +2,12 @@
 
 Each request goes to the server with the fewest requests in flight from this front; a request routed
 to a LoRA prefers a server that already holds the adapter (others load it on first use, and vLLM keeps
-its own LRU within `--max-loras`). A server that fails (unreachable, cut off mid-stream, a 5xx) is taken
-out at once and health-checked every `health_interval_s` until it answers again. The request it was
-serving goes on elsewhere: from the start if nothing had been sent, else (one choice) from where it
-stopped, the tokens already sent appended to the prompt, so the client sees one unbroken answer; with
-greedy sampling it is the answer the first server would have given. A request the server refused (a 4xx)
-is the request's fault and is not retried."""
+its own LRU within `--max-loras`). A server whose connection fails (unreachable, cut off mid-stream) is
+taken out at once and health-checked every `health_interval_s` until it answers again. The request it
+was serving moves once to another server: from the start if nothing had been sent, else (one choice, no
+stop strings) from where it stopped, the tokens whose text was sent appended to the prompt, so the client
+sees one unbroken answer; with greedy sampling it is the answer the first server would have given. An
+answer a server gave (a 4xx or a 5xx) is the request's and is not retried."""
 
 from __future__ import annotations
 
