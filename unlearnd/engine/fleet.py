@@ -61,13 +61,7 @@ class FleetEngine(Engine):
         up = self._up()
         if not up:
             raise EngineError(f"no vLLM backend is reachable: {self.down}")
-        up[0].load_model_files()
-        for backend in self.backends:  # one copy of the tokenizer and embedding table for all
-            backend.tokenizer, backend.embeddings, backend.model_config = (
-                up[0].tokenizer,
-                up[0].embeddings,
-                up[0].model_config,
-            )
+        up[0].load_model_files()  # one copy of the tokenizer and embedding table: the backends only send
         self.tokenizer, self.embeddings, self.model_config = up[0].tokenizer, up[0].embeddings, up[0].model_config
         self.max_model_len = min(b.max_model_len for b in up)
         self._watch = asyncio.get_running_loop().create_task(self._health_loop())

@@ -16,7 +16,7 @@ import io
 import json
 import logging
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import httpx
 import torch
@@ -130,10 +130,7 @@ class RemoteVLLMEngine(Engine):
     async def forget_adapters_unloading(self) -> None:
         """Unload every adapter this engine may have loaded (a server back after an outage may still hold
         them, one purged meanwhile among them), then load again on next use."""
-        for name in list(self._loaded_loras):
-            with contextlib.suppress(httpx.HTTPError):
-                await self._client.post("/v1/unload_lora_adapter", json={"lora_name": name})
-        self._loaded_loras.clear()
+        await self._unload(lambda name: True, tolerate=(httpx.HTTPError,))
 
     async def shutdown(self) -> None:
         if self._client is not None:
@@ -155,10 +152,15 @@ class RemoteVLLMEngine(Engine):
         await self._ensure_lora(lora.name, lora.path)
 
     async def unload_adapters(self, request_id: str) -> None:
+        await self._unload(lambda name: name == request_id or name.startswith(f"{request_id}-"))
+
+    async def _unload(self, which: Callable[[str], bool], tolerate: tuple[type[Exception], ...] = ()) -> None:
+        """Unload the loaded adapters `which` picks; errors of the kinds in `tolerate` skip one adapter."""
         async with self._lora_lock:
-            for name in [n for n in self._loaded_loras if n == request_id or n.startswith(f"{request_id}-")]:
+            for name in [n for n in self._loaded_loras if which(n)]:
                 if self._client is not None:
-                    await self._client.post("/v1/unload_lora_adapter", json={"lora_name": name})
+                    with contextlib.suppress(*tolerate):
+                        await self._client.post("/v1/unload_lora_adapter", json={"lora_name": name})
                 self._loaded_loras.discard(name)
 
     def _payload(self, request: EngineInput) -> dict:
