@@ -151,3 +151,19 @@ def test_tokens_sent_before_their_text_are_generated_again_not_skipped():
     asyncio.run(collect(engine, request(max_tokens=4)))
     resumed = engine.backends[1].generate.inputs[0]
     assert resumed.prompt_token_ids == [1, 2, 5] and resumed.sampling.max_tokens == 3
+
+
+def test_a_backend_missing_one_health_check_under_load_stays_in_and_three_in_a_row_take_it_out():
+    engine = fleet("http://a", "http://b")
+    answers = iter([False, True, False, False, False])
+
+    async def busy_then_dead(timeout_s: float = 2.0) -> bool:
+        return next(answers)
+
+    async def up(timeout_s: float = 2.0) -> bool:
+        return True
+
+    engine.backends[0].healthy, engine.backends[1].healthy = busy_then_dead, up
+    for expected_down in ([], [], [], [], ["http://a"]):
+        asyncio.run(engine._check_health())
+        assert list(engine.down) == expected_down

@@ -27,6 +27,8 @@ from unlearnd.engine.remote import BackendFailure, RemoteVLLMEngine
 log = logging.getLogger(__name__)
 
 HEALTH_INTERVAL_S = 2.0
+HEALTH_TIMEOUT_S = 5.0
+HEALTH_MISSES_TO_TAKE_OUT = 3  # a server busy with a burst may miss one check; a dead one misses them all
 MAX_MOVES = 1  # backends a request may move to: a request that kills servers must not take the whole fleet
 T = TypeVar("T")
 
@@ -49,6 +51,7 @@ class FleetEngine(Engine):
         self.outstanding = {b.base_url: 0 for b in self.backends}
         self.down: dict[str, str] = {}  # base URL -> why it was taken out
         self._sent = {b.base_url: 0 for b in self.backends}  # requests sent so far: spreads ties
+        self._misses = {b.base_url: 0 for b in self.backends}  # health checks failed in a row
         self._watch: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -102,7 +105,8 @@ class FleetEngine(Engine):
 
     async def _check_health(self) -> None:
         for backend in self.backends:
-            healthy = await backend.healthy()
+            healthy = await backend.healthy(timeout_s=HEALTH_TIMEOUT_S)
+            self._misses[backend.base_url] = 0 if healthy else self._misses[backend.base_url] + 1
             if healthy and backend.base_url in self.down:
                 try:
                     await backend.connect()
@@ -116,8 +120,8 @@ class FleetEngine(Engine):
                 await backend.forget_adapters_unloading()  # what it held may include an adapter purged meanwhile
                 self.down.pop(backend.base_url, None)
                 log.info("vLLM backend %s is back", backend.base_url)
-            elif not healthy and backend.base_url not in self.down:
-                self.take_out(backend, "health check failed")
+            elif self._misses[backend.base_url] >= HEALTH_MISSES_TO_TAKE_OUT and backend.base_url not in self.down:
+                self.take_out(backend, f"{HEALTH_MISSES_TO_TAKE_OUT} health checks failed in a row")
 
     # -- requests -----------------------------------------------------------------------------------
     async def generate(self, request: EngineInput) -> AsyncIterator[ChoiceDelta]:
