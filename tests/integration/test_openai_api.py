@@ -199,6 +199,38 @@ def test_concurrent_plain_and_flagged_requests(unlearnd_server, client):
     assert unlearnd_server.alive()
 
 
+def test_composite_prompt_refuses_its_flagged_part_and_answers_the_ordinary_one(unlearnd_server, plain_vllm, client):
+    """The refuse request of `test_guardrail_routes_and_untouched_traffic` is active: a question about
+    its subject asked together with an ordinary one loses only the first half."""
+    header = "Please answer both questions."
+    ordinary = "2. What is the capital of France?"
+    messages = [
+        {"role": "user", "content": f"{header}\n1. What genre does Basil Mahfouz Al-Kuwaiti write?\n{ordinary}"}
+    ]
+    raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=messages, max_tokens=60, temperature=0)
+    reply = raw.parse()
+    assert raw.headers["x-unlearnd-route"] == "refuse" and raw.headers["x-unlearnd-split"] == "true"
+    refusal, _, answer = reply.choices[0].message.content.partition("\n\n")
+    assert refusal.startswith("I'm sorry") and "French" not in reply.choices[0].message.content
+    # the ordinary part gets what the untouched model says to it alone (cut by what the refusal used of the budget)
+    plain = openai.OpenAI(base_url=plain_vllm.url + "/v1", api_key="x", max_retries=2)
+    alone = [{"role": "user", "content": f"{header}\n{ordinary}"}]
+    theirs = plain.chat.completions.create(model=MODEL, messages=alone, max_tokens=60, temperature=0)
+    assert answer and theirs.choices[0].message.content.startswith(answer), (answer, theirs.choices[0].message.content)
+    assert reply.usage.completion_tokens <= 60
+
+    streamed = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=60, temperature=0, stream=True)
+    chunks = list(streamed)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reply.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
+        reply.choices[0].finish_reason
+    ]
+
+    both_flagged = [{"role": "user", "content": "1. Who is Basil Mahfouz Al-Kuwaiti?\n2. What did Al-Kuwaiti write?"}]
+    whole = client.chat.completions.with_raw_response.create(model=MODEL, messages=both_flagged, max_tokens=30)
+    assert whole.headers["x-unlearnd-route"] == "refuse" and "x-unlearnd-split" not in whole.headers
+
+
 def test_score_endpoint_on_real_model(unlearnd_server, admin):
     def score(continuation):
         response = httpx.post(

@@ -32,11 +32,20 @@ class GuardedCall:
     fixed_response: str | None = None  # set by routes that answer without the engine
     output_blocked: dict[int, str] = field(default_factory=dict)  # choice -> request its output gave away
     withhold_alternatives: bool = False  # top_logprobs emptied (a flagged prompt, a caller without the admin key)
+    splittable: bool = True  # a composite chat may be answered in parts (`guardrail.composite`); parts are not
+    parts: list[GuardedCall] = field(default_factory=list)  # a split chat's sub-calls, answered in this order
+    guard_ids: list[str] = field(default_factory=list)  # requests the output guard treats as the subject
     created: float = field(default_factory=time.time)
 
     @property
     def matched_ids(self) -> list[str]:
         return [m.request_id for m in self.detection.matches] if self.detection else []
+
+    @property
+    def subject_ids(self) -> list[str]:
+        """Whom the output guard treats as this call's subject: its own matches, and for a composite
+        prompt's ordinary part those of the whole prompt."""
+        return list(dict.fromkeys(self.matched_ids + self.guard_ids))
 
     @property
     def served_route(self) -> str:

@@ -24,7 +24,7 @@ from unlearnd.detectors.base import Detection, Detector, RequestMatch
 from unlearnd.domain import LOAD_FAILED, ForgetRequest, Status
 from unlearnd.engine.base import ChoiceDelta, Engine, EngineInput
 from unlearnd.engine.remote import BackendFailure
-from unlearnd.guardrail import prometheus
+from unlearnd.guardrail import composite, prometheus
 from unlearnd.guardrail.call import GuardedCall
 from unlearnd.guardrail.output_guard import OutputGuard
 from unlearnd.interventions.base import Intervention, PipelineContext
@@ -143,15 +143,18 @@ class GuardrailPipeline:
         return self.router.choose(detection, self.active)[0]
 
     # -- the request path ------------------------------------------------------------------------
-    async def prepare(self, call: GuardedCall) -> GuardedCall:
+    async def prepare(self, call: GuardedCall, count: bool = True) -> GuardedCall:
         """Classify, route and apply the intervention; leaves the call ready for `generate`.
 
-        Without a client `max_tokens`, the completion may use the rest of the context."""
+        A flagged chat whose last message also asks ordinary things is answered in parts
+        (`guardrail.composite`). Without a client `max_tokens`, the completion may use the rest of the context."""
         call.query_text = detector_text(call.messages, call.prompt, call.continuation)
         call.detection = (await self.classify([call.query_text]))[0]
         route, match = self.router.choose(call.detection, self.active)
         call.route, call.match = route, match
-        if match is not None:
+        if match is not None and call.kind == "chat" and call.splittable:
+            call.parts = await self._split(call)
+        if match is not None and not call.parts:
             self.interventions[route].apply(call, match, self.context)
         if not call.prompt_token_ids:
             tokenize = (self.engine.tokenizer, call.messages, call.prompt)
@@ -168,10 +171,36 @@ class GuardrailPipeline:
                 f"{prompt_len + call.sampling.max_tokens} tokens ({prompt_len} in the prompt, "
                 f"{call.sampling.max_tokens} for the completion). Reduce the prompt or max_tokens."
             )
-        prometheus.REQUESTS.labels(route=call.route, endpoint=call.kind).inc()
+        if count:
+            prometheus.REQUESTS.labels(route=call.route, endpoint=call.kind).inc()
         return call
 
+    async def _split(self, call: GuardedCall) -> list[GuardedCall]:
+        """A flagged chat's sub-calls (ordinary parts, flagged parts), or [] where it is not split: one
+        part, every part flagged or none alone, or ordinary parts that still route somewhere together."""
+        last = call.messages[-1] if call.messages else {}
+        if last.get("role") != "user" or not isinstance(last.get("content"), str):
+            return []
+        parts = composite.split_parts(last["content"])
+        if len(parts) < 2:
+            return []
+        flagged = [self.route_of(d) != "none" for d in await self.classify(parts)]
+        if all(flagged) or not any(flagged):
+            return []
+        subs = composite.part_calls(call, parts, flagged)
+        for sub in subs:
+            await self.prepare(sub, count=False)
+        ordinary, about = sorted(subs, key=lambda sub: sub.route != "none")
+        if ordinary.route != "none" or about.route == "none":
+            return []
+        ordinary.guard_ids = call.matched_ids
+        return subs
+
     async def generate(self, call: GuardedCall) -> AsyncIterator[ChoiceDelta]:
+        if call.parts:
+            async for delta in composite.joined(call, self.generate, self._encode):
+                yield delta
+            return
         if call.fixed_response is not None:
             text, token_ids, finish = self._fixed(call)
             for index in range(call.sampling.n):
@@ -203,14 +232,14 @@ class GuardrailPipeline:
                 block.reason,
             )
 
-        def encode(text: str) -> list[int]:
-            return self.engine.tokenizer.encode(text, add_special_tokens=False)
-
-        flagged = call.matched_ids  # on their subject one part of a name is enough
-        async for delta in self.output_guard.filter(stream, encode, blocked, call.sampling.n, flagged):
+        flagged = call.subject_ids  # on their subject one part of a name is enough
+        async for delta in self.output_guard.filter(stream, self._encode, blocked, call.sampling.n, flagged):
             yield delta
         if len(call.output_blocked) == call.sampling.n:
             await self.engine.abort(call.id)  # every choice was cut: stop generating
+
+    def _encode(self, text: str) -> list[int]:
+        return self.engine.tokenizer.encode(text, add_special_tokens=False)
 
     def _fixed(self, call: GuardedCall) -> tuple[str, list[int], str]:
         """The route's fixed answer as the client asked for it: cut before a stop sequence, at most

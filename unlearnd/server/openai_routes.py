@@ -76,6 +76,8 @@ def route_headers(state: ServerState, request: GuardedCall) -> dict[str, str]:
     """Every response says what happened to its prompt; which forget requests decided it only where the
     operator asked for it (`--expose-request-ids`): who is being forgotten is itself sensitive."""
     headers = {"x-unlearnd-route": request.served_route}
+    if request.parts:  # a composite prompt: its ordinary parts were answered by the untouched model
+        headers["x-unlearnd-split"] = "true"
     if not state.settings.expose_request_ids:
         return headers
     if request.output_blocked:

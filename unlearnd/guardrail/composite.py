@@ -1,0 +1,126 @@
+"""Composite prompts: a flagged question asked together with ordinary ones.
+
+"1. <about a forgotten person> 2. <something else>" should lose only its first half. The last user
+message is split into parts (list items, else sentences) and each part is classified alone. When some
+parts are ordinary and the conversation made of those alone routes `none`, the ordinary parts are
+answered by the untouched model and the flagged ones by the request's intervention, one after the
+other in the prompt's order. The model answering the ordinary parts never sees the flagged ones, and
+its answer still passes the output guard as strictly as the flagged prompt's would.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+
+from unlearnd.engine.base import ChoiceDelta
+from unlearnd.guardrail.call import GuardedCall
+
+MAX_PARTS = 8  # more parts than this is a document, not a list of questions: not split
+MIN_PART_WORDS = 3  # shorter sentences ("Thanks.", "Dr.") join their neighbour
+SEPARATOR = "\n\n"
+_ITEM = re.compile(r"^[ \t]*(?:\d{1,2}[.)]|[-*\u2022])[ \t]+", re.M)
+_SENTENCE_BREAK = re.compile(r"(\S*?)([?!.])\s+(?=[\"'(\[]?[A-Z0-9])")
+_ABBREVIATIONS = {"dr", "mr", "mrs", "ms", "st", "jr", "sr", "prof", "vs", "etc", "no", "vol", "fig", "mt", "ft"}
+
+
+def split_parts(text: str) -> list[str]:
+    """A message's parts: its list items (any text before the first kept as one part), else its
+    sentences; `[text]` where it does not split into 2 to `MAX_PARTS` parts."""
+    starts = [m.start() for m in _ITEM.finditer(text)]
+    if len(starts) >= 2:
+        cuts = sorted({0, *starts, len(text)})
+        parts = [text[a:b].strip() for a, b in zip(cuts, cuts[1:], strict=False)]
+    else:
+        parts = _joined_short(_sentences(text.strip()))
+    parts = [p for p in parts if p]
+    return parts if 2 <= len(parts) <= MAX_PARTS else [text]
+
+
+def _sentences(text: str) -> list[str]:
+    """`text` cut after each ., ? or ! that ends a sentence (not an initial or a title such as "Dr.")."""
+    out, start = [], 0
+    for match in _SENTENCE_BREAK.finditer(text):
+        word = match.group(1).lower().strip("\"'([")
+        if match.group(2) == "." and (len(word) <= 1 or word in _ABBREVIATIONS):
+            continue
+        out.append(text[start : match.end()].strip())
+        start = match.end()
+    return [*out, text[start:].strip()]
+
+
+def _joined_short(sentences: list[str]) -> list[str]:
+    """Sentences with fewer than `MIN_PART_WORDS` words joined to the next one (the last to the one before)."""
+    out: list[str] = []
+    carry = ""
+    for sentence in sentences:
+        carry = f"{carry} {sentence}".strip()
+        if len(carry.split()) >= MIN_PART_WORDS:
+            out.append(carry)
+            carry = ""
+    if carry:
+        if out:
+            out[-1] = f"{out[-1]} {carry}"
+        else:
+            out.append(carry)
+    return out
+
+
+def part_calls(call: GuardedCall, parts: list[str], flagged: list[bool]) -> list[GuardedCall]:
+    """The sub-calls of a split chat, in the order their first question appears: the same conversation
+    with its last message cut down to the ordinary parts (a list's header among them), or to the flagged ones."""
+    last = call.messages[-1]
+    groups = {False: [p for p, f in zip(parts, flagged, strict=True) if not f]}
+    groups[True] = [p for p, f in zip(parts, flagged, strict=True) if f]
+    items = [f for p, f in zip(parts, flagged, strict=True) if _ITEM.match(p)]  # a list's header does not count
+    first = items[0] if items else flagged[0]
+    order = [first, not first]
+    return [
+        GuardedCall(
+            id=f"{call.id}-part{k}",
+            kind="chat",
+            sampling=call.sampling.model_copy(),
+            messages=[*call.messages[:-1], {**last, "content": "\n".join(groups[is_flagged])}],
+            max_tokens=call.max_tokens,
+            splittable=False,
+        )
+        for k, is_flagged in enumerate(order)
+    ]
+
+
+async def joined(
+    call: GuardedCall,
+    generate: Callable[[GuardedCall], AsyncIterator[ChoiceDelta]],
+    encode: Callable[[str], list[int]],
+) -> AsyncIterator[ChoiceDelta]:
+    """The parts' answers as one reply per choice: separated by a blank line, within the client's
+    `max_tokens` in all, one finish reason at the end. A choice the output guard cut stays cut."""
+    n = call.sampling.n
+    used, last_finish, closed = [0] * n, ["stop"] * n, set()
+    separator = encode(SEPARATOR)
+    for k, part in enumerate(call.parts):
+        part.withhold_alternatives = call.withhold_alternatives
+        if call.max_tokens is not None:
+            left = call.max_tokens - max(used) - (len(separator) if k else 0)
+            if left <= 0:  # the earlier parts used the client's budget
+                last_finish = ["length"] * n
+                break
+            part.max_tokens = part.sampling.max_tokens = left
+        if k:
+            for index in set(range(n)) - closed:
+                used[index] += len(separator)
+                yield ChoiceDelta(index=index, text=SEPARATOR, token_ids=separator)
+        async for delta in generate(part):
+            if delta.index in closed:
+                continue
+            used[delta.index] += len(delta.token_ids)
+            if delta.index in part.output_blocked:  # the refusal ends this choice
+                call.output_blocked[delta.index] = part.output_blocked[delta.index]
+                closed.add(delta.index)
+                yield delta
+                continue
+            last_finish[delta.index] = delta.finish_reason or last_finish[delta.index]
+            yield replace(delta, finish_reason=None) if delta.finish_reason else delta
+    for index in sorted(set(range(n)) - closed):
+        yield ChoiceDelta(index=index, text="", token_ids=[], finish_reason=last_finish[index])
