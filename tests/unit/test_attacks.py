@@ -108,3 +108,32 @@ def test_an_attack_run_registers_the_whole_forget_split_for_its_route(tofu, rout
     spec = route_request_spec(route, refs, data)
     assert spec["method"] == route and len(spec["forget"]) == 40 and len(spec["retain"]) == 120
     assert ForgetSpec.model_validate(spec).entities == spec["entities"] and len(spec["entities"]) == 2
+
+
+def test_composite_probes_come_in_four_forms_and_are_split_with_a_leaking_ordinary_part_still_cut(
+    app_client, ctx, tmp_path
+):
+    from unlearnd.evaluation.attacks import item_records, markdown
+    from unlearnd.evaluation.report import read_records, write_records
+
+    probes = build_probes(ctx, ["composite"])
+    assert {p.variant for p in probes} == {"ordinary_first", "forget_first", "one_line", "bullets"}
+    client, settings, item = app_client
+    body = {
+        "name": ctx.names[item.author],
+        "method": "refuse",
+        "forget": [{"question": it.question, "answer": it.answer} for it in ctx.items if it.author == item.author],
+    }
+    register_active(client, settings.data_dir, body)
+    named = [p for p in probes if "Al-Kuwaiti" in p.messages[-1]["content"]]  # what the keyword detector flags
+    mine = [next(p for p in named if p.variant == v) for v in ("ordinary_first", "forget_first", "one_line", "bullets")]
+    # the scripted model says the forget answer to everything, the ordinary part included: the guard cuts it
+    outcomes = [run_probe(user(client), "tiny", p, 64) for p in mine]
+    assert all(o.split and not o.success and o.route == "output_blocked" for o in outcomes), outcomes
+    summary = summarise(mine, outcomes)
+    assert summary["composite"]["split"] == len(mine)
+    report = {"routes": {"refuse": summary}, "success_rouge": 0.5, "attacks": {}, "server_url": "u", "model": "m"}
+    report |= {"target_model": "t", "split": "forget01", "command": "c", "git_commit": "x", "created": "now"}
+    assert "| refuse | 0.000" in markdown(report)
+    records = item_records("refuse", mine, outcomes)
+    assert read_records(write_records(tmp_path / "attacks", records)) == records

@@ -8,7 +8,9 @@ produce (e.g. extraction strength over HTTP) show as "n/a", never as 0.
 
 from __future__ import annotations
 
+import gzip
 import io
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -609,6 +611,18 @@ def write_report_files(
         markdown_text += "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in figures) + "\n"
     md = write_text_atomic(base.with_name(base.name + ".md"), markdown_text)
     return ReportFiles(data=data, markdown=md, figures=list(figures))
+
+
+def write_records(base: str | Path, records: Sequence[dict[str, Any]]) -> Path:
+    """A report's per-item records as `<base>.items.jsonl.gz` (one JSON object per line, no timestamp in the
+    gzip header): committed with the report, so every number in it can be recomputed."""
+    base = Path(base)
+    lines = "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in records).encode("utf-8")
+    return write_bytes_atomic(base.with_name(base.name + ".items.jsonl.gz"), gzip.compress(lines, mtime=0))
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in gzip.decompress(Path(path).read_bytes()).decode("utf-8").splitlines()]
 
 
 def figure_or_none(plot: Any, results: dict[str, Any], path: Path) -> Path | None:
