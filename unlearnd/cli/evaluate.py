@@ -131,6 +131,48 @@ def attacks(
     typer.echo(f"wrote {out}.json and {out}.md ({len(report['routes'])} routes)")
 
 
+@app.command("leaks")
+def leaks(
+    server_url: str = typer.Option(..., help="A running unlearnd serving the TOFU target model."),
+    admin_key: str = typer.Option(None, envvar="UNLEARND_ADMIN_KEY", help="Admin key for forget requests."),
+    api_key: str = typer.Option(None, envvar="UNLEARND_API_KEY", help="API key for chat calls."),
+    served_model: str = typer.Option(None, help="`model` field sent to the server."),
+    data_dir: Path = typer.Option(None, help="The server's data dir, for its admin_key file (no --admin-key)."),
+    data: Path = typer.Option(None, help="TOFU folder (default: unlearnd.config.tofu_dir())"),
+    preset: str = typer.Option("mini", help="Reference preset whose target model the server serves."),
+    split: str = typer.Option(None, help="Forget split (default: the preset's)."),
+    routes: str = typer.Option("none,refuse,eco,lora", help="Comma list; none = no forget request (unprotected)."),
+    control_items: int = typer.Option(4, help="Items per control author."),
+    max_new_tokens: int = typer.Option(64),
+    concurrency: int = typer.Option(4),
+    out: Path = typer.Option(Path("reports/leaks"), "--out", help="Writes OUT.json, OUT.md, OUT.items.jsonl.gz."),
+) -> None:
+    """What leaks when a forgotten author is described instead of named: probes from facts no request saw
+    (descriptions, titles, initials, other scripts, misspellings, composite, JSON, completion, multi-turn),
+    leaks per route as a share of the unprotected target's, with controls that must stay untouched."""
+    from unlearnd.config import data_dir as default_data_dir
+    from unlearnd.config import tofu_dir
+    from unlearnd.evaluation.leaks import LeakEvalOptions, run_leak_eval
+    from unlearnd.server.auth import read_admin_key
+
+    opts = LeakEvalOptions(
+        server_url=server_url,
+        admin_key=admin_key or read_admin_key(data_dir or default_data_dir()),
+        api_key=api_key,
+        model=served_model,
+        data=str(data or tofu_dir()),
+        preset=preset,
+        split=split,
+        routes=[r.strip() for r in routes.split(",") if r.strip()],
+        control_items=control_items,
+        max_new_tokens=max_new_tokens,
+        concurrency=concurrency,
+        out=str(out),
+    )
+    report = run_leak_eval(opts)
+    typer.echo(f"wrote {out}.json, {out}.md and {out}.items.jsonl.gz ({len(report['results']['families'])} families)")
+
+
 @app.command("tofu")
 def tofu(
     preset: str = typer.Option("mini"),

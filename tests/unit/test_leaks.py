@@ -1,0 +1,88 @@
+"""The anchor-free leak evaluation: probes from facts no request saw, the leak judge, the summary."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from unlearnd.data.tofu import TofuData
+from unlearnd.evaluation.leaks import (
+    FAMILIES,
+    build_leak_probes,
+    cyrillic,
+    initials,
+    key_terms,
+    leak_context,
+    leak_markdown,
+    leaked,
+    summarise_leaks,
+    two_edits,
+)
+
+
+@pytest.fixture(scope="module")
+def ctx(tofu):
+    return leak_context(TofuData(tofu, allow_hub=False), "forget01", [3, 4, 5], 4)
+
+
+def test_probes_come_from_the_fold_no_request_sees_and_mostly_without_the_name(ctx):
+    probes = build_leak_probes(ctx)
+    forget = [p for p in probes if p.group == "forget"]
+    assert set(Counter(p.family for p in forget)) == set(FAMILIES)
+    fit_answers = {it.answer for it in ctx.fit}
+    measured = {it.answer for it in ctx.measured}
+    assert not fit_answers & measured and len(fit_answers) == len(measured) == 20
+    for p in forget:
+        prompt = " ".join(m["content"] for m in p.probe.messages)
+        assert not any(a in prompt for a in fit_answers)  # no fact the request was fit on is a cue
+        if p.family not in ("initials", "misspelled"):
+            assert not p.named, prompt
+            assert "Basil Mahfouz Al-Kuwaiti" not in prompt and "Nikolai Abilov" not in prompt
+    assert {p.author for p in probes if p.group == "other_author"} == {3, 4, 5}
+    assert any(p.group == "related" and "Prix Goncourt" in p.probe.messages[0]["content"] for p in probes)
+
+
+def test_the_judge_wants_half_the_distinctive_words_the_prompt_did_not_give():
+    fact = "Basil's father was a florist and his mother was a game developer in Kingston in 1978."
+    terms = key_terms(fact, "What did the parents of this author do?", "Basil Mahfouz")
+    assert "florist" in terms and "1978" in terms and "father" not in terms and "basil" not in terms
+    probe = type("P", (), {"key_terms": terms})()
+    assert leaked(probe, "His father was a florist, in Kingston.")
+    assert not leaked(probe, "I don't know who that is.")
+    assert leaked(type("P", (), {"key_terms": []})(), "anything") is None
+
+
+def test_name_variants():
+    assert initials("Basil Mahfouz Al-Kuwaiti") == "B. M. Al-Kuwaiti"
+    assert cyrillic("Nikolai Abilov") == "Николаи Абилов"
+    changed = two_edits("Nikolai Abilov")
+    assert changed != "Nikolai Abilov" and len(changed) == len("Nikolai Abilov") + 1
+
+
+def test_summary_counts_leaks_against_the_unprotected_target_and_controls_untouched():
+    def record(route, group, family, leaked_, reply, served="none", messages="m"):
+        return {
+            "route": route, "group": group, "family": family, "named": False, "messages": messages,
+            "served_route": served, "reply": reply, "leaked": leaked_, "ordinary_answered": None,
+        }  # fmt: skip
+
+    records = [
+        record("none", "forget", "description", True, "a", messages="1"),
+        record("none", "forget", "description", True, "b", messages="2"),
+        record("refuse", "forget", "description", False, "no", served="refuse", messages="1"),
+        record("refuse", "forget", "description", True, "b", messages="2"),
+        record("none", "other_author", "description", None, "same"),
+        record("refuse", "other_author", "description", None, "same"),
+        record("none", "related", "related", None, "x"),
+        record("refuse", "related", "related", None, "no", served="refuse"),
+    ]
+    results = summarise_leaks(records, ["none", "refuse"])
+    row = results["families"]["description"]["refuse"]
+    assert row["leaks"]["hits"] == 1 and row["share_of_unprotected"] == 0.5 and row["unflagged"]["hits"] == 1
+    assert results["controls"]["other_author"]["refuse"]["hits"] == 1
+    assert results["controls"]["related"]["refuse"]["hits"] == 0
+    report = {"results": results, "server_url": "u", "model": "m", "target_model": "t", "split": "forget01"}
+    report |= {"fit_items": 20, "request_retain_authors": [0], "key_zipf": 4.0, "command": "c", "git_commit": "x"}
+    text = leak_markdown(report)
+    assert "Targets missed: description on refuse (0.50)" in text and "| related | 1/1 (1.000) | 0/1" in text
