@@ -9,6 +9,7 @@ from unlearnd.evaluation.detector import (
     Probe,
     build_probes,
     look_alike,
+    probe_records,
     setups,
     summarise,
     typo,
@@ -58,3 +59,13 @@ def test_summary_rates_intervals_and_errors():
     assert len(s["errors"]) == 2 and {e["expected"] for e in s["errors"]} == {"flag", "pass"}
     lo, hi = wilson(9, 10)
     assert 0.55 < lo < 0.9 < hi <= 1.0 and wilson(0, 0) is None
+
+
+def test_probe_records_say_whether_the_easy_cue_is_in_the_text():
+    probes = [
+        Probe("plain", True, "A", user_messages("Where was Nikolai Abilov born?"), ["r"], 0.9),
+        Probe("description", True, "A", user_messages("Where was the Kazakh author born?"), [], 0.1),
+    ]
+    records = probe_records("one request per author", "guard", probes, ["Nikolai Abilov"])
+    assert [r["named"] for r in records] == [True, False]
+    assert records[0]["flagged_for"] == ["r"] and records[1]["text"].endswith("born?")

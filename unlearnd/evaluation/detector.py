@@ -47,7 +47,7 @@ from unlearnd.detectors.anchors import extract_anchors
 from unlearnd.detectors.calibration import auroc
 from unlearnd.detectors.negatives import chat_prompts
 from unlearnd.domain import ForgetRequest, ForgetSpec, QAExample, QAItem
-from unlearnd.evaluation.report import fmt, run_stamp, stamp_lines, write_report_files
+from unlearnd.evaluation.report import fmt, run_stamp, stamp_lines, write_records, write_report_files
 from unlearnd.prompting import detector_text, user_messages
 
 log = logging.getLogger(__name__)
@@ -357,6 +357,25 @@ def score_probes(detector: Any, probes: list[Probe], owner: dict[str, str], batc
             probe.flagged_for = [r for r in probe.flagged_for if owner.get(r) in (probe.about, "*")]
 
 
+def probe_records(setup: str, detector: str, probes: list[Probe], names: list[str]) -> list[dict[str, Any]]:
+    """One record per probe and detector: the text scored, the verdict and whether a forget name is in it."""
+    parts = [part.lower() for name in names for part in name.split() if len(part) >= 4]
+    return [
+        {
+            "setup": setup,
+            "detector": detector,
+            "kind": p.kind,
+            "positive": p.positive,
+            "about": p.about,
+            "text": p.text,
+            "named": any(part in p.text.lower() for part in parts),
+            "flagged_for": p.flagged_for,
+            "score": p.score,
+        }
+        for p in probes
+    ]
+
+
 def summarise(probes: list[Probe]) -> dict[str, Any]:
     kinds: dict[str, dict[str, Any]] = {}
     for positive in (True, False):
@@ -490,6 +509,7 @@ def run_detector_eval(opts: DetectorEvalOptions) -> dict[str, Any]:
         "setups": {},
     }
     work = Path(tempfile.mkdtemp(prefix="unlearnd-detector-eval-"))
+    records: list[dict[str, Any]] = []
     try:
         for setup, requests in setups(opts.split, forget).items():
             owner = {r.id: (r.name if len(requests) > 1 else "*") for r in requests}
@@ -502,6 +522,7 @@ def run_detector_eval(opts: DetectorEvalOptions) -> dict[str, Any]:
                 for r in requests:
                     detector.load(r, work / setup.replace(" ", "-") / name / r.id)
                 score_probes(detector, probes, owner)
+                records += probe_records(setup, name, probes, [a.name for a in forget])
                 summary = summarise(probes)
                 summary["fit_seconds"] = round(fit_seconds, 1)
                 summary["latency"] = _latency(detector, probes, opts.latency_prompts, rng)
@@ -515,6 +536,7 @@ def run_detector_eval(opts: DetectorEvalOptions) -> dict[str, Any]:
         results["http_latency"] = http_latency(opts, per_author, probes, rng)
     results["eval_seconds"] = round(time.time() - t0, 1)
     report = {**stamp, **results}
+    write_records(opts.out, records)
     write_report_files(opts.out, report, markdown(report, opts))
     return report
 

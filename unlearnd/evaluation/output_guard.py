@@ -34,7 +34,7 @@ from unlearnd.detectors.negatives import chat_prompts
 from unlearnd.domain import QAExample
 from unlearnd.engine.base import ChoiceDelta
 from unlearnd.evaluation.detector import DetectorEvalOptions, build_probes, setups, wilson
-from unlearnd.evaluation.report import fmt, run_stamp, stamp_lines, write_report_files
+from unlearnd.evaluation.report import fmt, run_stamp, stamp_lines, write_records, write_report_files
 from unlearnd.guardrail.output_guard import OutputGuard
 
 log = logging.getLogger(__name__)
@@ -161,10 +161,14 @@ def run_output_guard_eval(opts: OutputGuardEvalOptions) -> dict[str, Any]:
     }
     all_names = [part for a in forget for part in a.name.split() if len(part) >= 3]
     load_before = os.getloadavg()[0]
-    rows, examples, seconds, words = {}, {}, 0.0, 0
+    rows, examples, seconds, words, records = {}, {}, 0.0, 0, []
     for name, (should_block, texts) in sets.items():
         outcomes = [_stream(guard, t) for t in texts]
         blocked = [b for b, _, _, _ in outcomes]
+        records += [
+            {"set": name, "should_block": should_block, "text": t, "blocked": bool(b)}
+            for t, b in zip(texts, blocked, strict=True)
+        ]
         seconds += sum(s for _, _, s, _ in outcomes)
         words += sum(w for _, w, _, _ in outcomes)
         rows[name] = {
@@ -196,6 +200,7 @@ def run_output_guard_eval(opts: OutputGuardEvalOptions) -> dict[str, Any]:
         "load_average": [load_before, os.getloadavg()[0]],
         "errors": examples,
     }
+    write_records(opts.out, records)
     write_report_files(opts.out, report, markdown(report))
     return report
 
