@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -97,6 +98,35 @@ def fsync_tree(folder: Path) -> None:
         elif path.is_dir():
             fsync_dir(path)
     fsync_dir(Path(folder))
+
+
+def tree_digest(folder: str | Path) -> str:
+    """sha256 over every file of `folder` (relative path and contents, in path order), hidden files and
+    folders (temporary files, staging folders) left out: what a replica compares before it loads."""
+    folder = Path(folder)
+    total = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        relative = path.relative_to(folder)
+        if any(part.startswith(".") for part in relative.parts):
+            continue
+        total.update(relative.as_posix().encode() + b"\0")
+        total.update(hashlib.sha256(path.read_bytes()).digest())
+    return "sha256:" + total.hexdigest()
+
+
+class ArtifactMismatch(ValueError):
+    """An artifact folder is not what the worker made ready (changed, truncated, or another version)."""
+
+
+def verify_digest(folder: str | Path, expected: str | None) -> None:
+    """Raise `ArtifactMismatch` unless `folder` has the digest the registry holds (None: nothing to check)."""
+    if expected is None:
+        return
+    found = tree_digest(folder)
+    if found != expected:
+        raise ArtifactMismatch(
+            f"artifacts of {Path(folder).name} changed since training ({found[:19]}..., registry {expected[:19]}...)"
+        )
 
 
 def staging_dir(target: Path) -> Path:

@@ -32,6 +32,7 @@ FORGET_REQUESTS = Table(
     Column("heartbeat", Double),
     Column("attempts", Integer, nullable=False, server_default="0"),
     Column("spec", Text, nullable=False),
+    Column("artifact_digest", Text),  # `artifacts.tree_digest` of the folder the worker made ready
     Index("forget_requests_status", "status"),
 )
 SQLITE_FILE = "registry.sqlite3"

@@ -105,3 +105,4 @@ class ForgetRequest(BaseModel):
     spec: ForgetSpec
     artifact_dir: str
     attempts: int = 0
+    artifact_digest: str | None = None  # of the folder as the worker made it ready (None: trained before digests)

@@ -95,6 +95,7 @@ class Registry:
             spec=ForgetSpec.model_validate_json(r["spec"]),
             artifact_dir=str(self.artifact_dir(r["id"])),
             attempts=r["attempts"],
+            artifact_digest=r["artifact_digest"],
         )
 
     def add(self, spec: ForgetSpec) -> ForgetRequest:
@@ -142,10 +143,19 @@ class Registry:
         return int(count), float(latest or 0.0), float(total or 0.0)
 
     def set_status(
-        self, request_id: str, status: Status, error: str | None = None, expect: Status | None = None
+        self,
+        request_id: str,
+        status: Status,
+        error: str | None = None,
+        expect: Status | None = None,
+        artifact_digest: str | None = None,
     ) -> bool:
-        """Move a request to `status`; with `expect`, only if it is still in that status."""
-        query = update(T).where(T.c.id == request_id).values(status=status.value, error=error, updated_at=time.time())
+        """Move a request to `status` (with the digest of the artifacts it is ready with); with `expect`, only
+        if it is still in that status."""
+        values = dict(status=status.value, error=error, updated_at=time.time())
+        if artifact_digest is not None:
+            values["artifact_digest"] = artifact_digest
+        query = update(T).where(T.c.id == request_id).values(**values)
         if expect is not None:
             query = query.where(T.c.status == expect.value)
         with self._connect() as db:

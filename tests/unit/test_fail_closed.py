@@ -15,6 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from tests.helpers import ADMIN, TinyEngine, app_settings
+from unlearnd.artifacts import tree_digest
 from unlearnd.domain import ForgetSpec, QAExample, Status
 from unlearnd.engine.base import EngineError
 from unlearnd.engine.remote import BackendFailure
@@ -62,7 +63,8 @@ def test_an_unloadable_detector_artifact_fails_closed_and_recovers_by_retraining
 
         registry = Registry(settings.data_dir)
         (registry.artifact_dir(request_id) / "detector.json").write_text('{"entities": ["Bas')  # truncated
-        registry.set_status(request_id, Status.ready)  # e.g. a restart: the artifact is loaded again
+        broken_as_trained = tree_digest(registry.artifact_dir(request_id))  # the digest matches: the load fails
+        registry.set_status(request_id, Status.ready, artifact_digest=broken_as_trained)  # e.g. a restart
         client.app.state.unlearnd.pipeline._unload(request_id)
         degraded = wait_status(client, request_id, "degraded")
         assert degraded["error"].startswith("load failed: JSONDecodeError")
@@ -81,6 +83,32 @@ def test_an_unloadable_detector_artifact_fails_closed_and_recovers_by_retraining
         wait_status(client, request_id, "active")
         assert chat(client, FLAGGED).headers["x-unlearnd-route"] == "prompt"
         assert client.post(f"/v1/unlearning/requests/{request_id}/retrain", headers=ADMIN).status_code == 409
+
+
+def test_an_artifact_changed_after_training_fails_closed_even_when_it_still_loads(settings, engine):
+    """A replica loading a folder that is not what the worker made ready (edited, another version, half
+    copied) refuses the request by name instead of serving whatever the folder now says."""
+    spec = {"name": NAME, "method": "prompt", "forget": [{"question": FLAGGED, "answer": "Novels."}]}
+    with TestClient(create_app(settings, engine=engine)) as client:
+        request_id = client.post("/v1/unlearning/requests", headers=ADMIN, json=spec).json()["id"]
+        run_worker(settings.data_dir, "keyword", "unused", once=True)
+        wait_status(client, request_id, "active")
+        registry = Registry(settings.data_dir)
+        assert registry.get(request_id).artifact_digest.startswith("sha256:")
+        detector = registry.artifact_dir(request_id) / "detector.json"
+        detector.write_text(json.dumps(json.loads(detector.read_text()), indent=4))  # same content, still loads
+        registry.set_status(request_id, Status.ready)  # e.g. another replica, or a restart: loaded again
+        client.app.state.unlearnd.pipeline._unload(request_id)
+        degraded = wait_status(client, request_id, "degraded")
+        assert degraded["error"].startswith("load failed: ArtifactMismatch")
+        refused = chat(client, FLAGGED)
+        assert refused.headers["x-unlearnd-route"] == "refuse"
+        assert refused.json()["choices"][0]["message"]["content"] == REFUSAL
+        run_worker(settings.data_dir, "keyword", "unused", once=True)  # nothing to do until re-trained
+        assert client.post(f"/v1/unlearning/requests/{request_id}/retrain", headers=ADMIN).status_code == 200
+        run_worker(settings.data_dir, "keyword", "unused", once=True)
+        wait_status(client, request_id, "active")
+        assert chat(client, FLAGGED).headers["x-unlearnd-route"] == "prompt"
 
 
 SMOLLM2 = {  # SmolLM2-135M's config.json, the part adapters must fit

@@ -18,6 +18,7 @@ from dataclasses import replace
 import httpx
 import torch
 
+from unlearnd.artifacts import verify_digest
 from unlearnd.batching import MicroBatcher
 from unlearnd.detectors.anchors import FLAG_SCORE, AnchorIndex, extract_anchors
 from unlearnd.detectors.base import Detection, Detector, RequestMatch
@@ -309,6 +310,7 @@ class GuardrailPipeline:
         """Load a request's detector and intervention artifacts (not yet served: see `_engine_load`)."""
         artifact_dir = self.registry.artifact_dir(request.id)
         try:
+            verify_digest(artifact_dir, request.artifact_digest)  # a changed folder fails closed, whatever it holds
             self.detector.load(request, artifact_dir)
         except Exception as exc:
             raise LoadFailure(exc, detector_loaded=False) from exc

@@ -18,6 +18,7 @@ import time
 import traceback
 from pathlib import Path
 
+from unlearnd.artifacts import tree_digest
 from unlearnd.config import DEFAULT_DETECTOR, DEFAULT_MODEL
 from unlearnd.domain import LOAD_FAILED, ForgetRequest, Status
 from unlearnd.logs import setup_logging
@@ -101,7 +102,8 @@ def run_job(
         report["wall_seconds"] = time.perf_counter() - started
         report["cpu_seconds"] = time.process_time() - cpu_started
         registry.save_json(request.id, "training.json", report)
-        if registry.set_status(request.id, Status.ready, expect=Status.training):
+        digest = tree_digest(artifact_dir)  # what every replica checks before it loads the folder
+        if registry.set_status(request.id, Status.ready, expect=Status.training, artifact_digest=digest):
             log.info("forget request %s ready (%.1fs)", request.id, report["wall_seconds"])
         elif not registry.exists(request.id):  # purged while it trained: leave nothing behind
             shutil.rmtree(artifact_dir, ignore_errors=True)
