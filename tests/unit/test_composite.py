@@ -106,3 +106,32 @@ def test_joined_stops_with_length_when_the_first_part_used_the_budget_and_a_cut_
 
 def test_a_question_mark_after_a_number_still_ends_a_sentence():
     assert split_parts("What is 2 + 2? Where was Ana Ruiz born?") == ["What is 2 + 2?", "Where was Ana Ruiz born?"]
+
+
+def test_a_long_run_without_spaces_splits_at_once_and_a_header_alone_is_not_an_ordinary_question():
+    import time
+
+    from unlearnd.guardrail.composite import worth_splitting
+
+    start = time.perf_counter()
+    assert split_parts("a" * 3000 + ". B" + "b" * 900 + "? Next one here.")  # once quadratic: seconds
+    assert split_parts("x" * 400_000) == ["x" * 400_000]
+    assert time.perf_counter() - start < 0.5
+    parts = ["Please answer both.", "1. Where was Ana born?", "2. Who are Ana's parents?"]
+    assert not worth_splitting(parts, [False, True, True])
+    assert worth_splitting(parts, [False, True, False])
+    assert worth_splitting(["Tell me about Ana Ruiz.", "What is 2 + 2?"], [True, False])
+
+
+def test_joined_stops_once_every_choice_was_cut():
+    call = _split_call(max_tokens=None)
+    called = []
+
+    async def generate(part):
+        called.append(part.id)
+        if part.id == "p0":
+            part.output_blocked[0] = "fr-1"
+        yield _delta(0, "I'm sorry.", "stop")
+
+    deltas = _run(call, generate)[0]
+    assert called == ["p0"] and [d.text for d in deltas] == ["I'm sorry."] and call.output_blocked == {0: "fr-1"}

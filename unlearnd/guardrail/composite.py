@@ -21,13 +21,16 @@ MAX_PARTS = 8  # more parts than this is a document, not a list of questions: no
 MIN_PART_WORDS = 3  # shorter sentences ("Thanks.", "Dr.") join their neighbour
 SEPARATOR = "\n\n"
 _ITEM = re.compile(r"^[ \t]*(?:\d{1,2}[.)]|[-*\u2022])[ \t]+", re.M)
-_SENTENCE_BREAK = re.compile(r"(\S*?)([?!.])\s+(?=[\"'(\[]?[A-Z0-9])")
+_SENTENCE_BREAK = re.compile(r"([?!.])\s+(?=[\"'(\[]?[A-Z0-9])")  # linear: no run of letters is retried
+MAX_SPLIT_CHARS = 4000  # a longer message is a document: not split (and never scanned at length here)
 _ABBREVIATIONS = {"dr", "mr", "mrs", "ms", "st", "jr", "sr", "prof", "vs", "etc", "no", "vol", "fig", "mt", "ft"}
 
 
 def split_parts(text: str) -> list[str]:
     """A message's parts: its list items (any text before the first kept as one part), else its
     sentences; `[text]` where it does not split into 2 to `MAX_PARTS` parts."""
+    if len(text) > MAX_SPLIT_CHARS:
+        return [text]
     starts = [m.start() for m in _ITEM.finditer(text)]
     if len(starts) >= 2:
         cuts = sorted({0, *starts, len(text)})
@@ -42,8 +45,9 @@ def _sentences(text: str) -> list[str]:
     """`text` cut after each ., ? or ! that ends a sentence (not an initial or a title such as "Dr.")."""
     out, start = [], 0
     for match in _SENTENCE_BREAK.finditer(text):
-        word = match.group(1).lower().strip("\"'([")
-        if match.group(2) == "." and (len(word) <= 1 or word in _ABBREVIATIONS):
+        before = text[max(0, match.start() - 40) : match.start()].split()
+        word = (before[-1] if before else "").lower().strip("\"'([")
+        if match.group(1) == "." and (len(word) <= 1 or word in _ABBREVIATIONS):
             continue
         out.append(text[start : match.end()].strip())
         start = match.end()
@@ -65,6 +69,14 @@ def _joined_short(sentences: list[str]) -> list[str]:
         else:
             out.append(carry)
     return out
+
+
+def worth_splitting(parts: list[str], flagged: list[bool]) -> bool:
+    """Some parts flagged and some ordinary question left: a list's header alone is not one."""
+    pairs = list(zip(parts, flagged, strict=True))
+    items = [(p, f) for p, f in pairs if _ITEM.match(p)]
+    questions = items if len(items) >= 2 else pairs
+    return any(f for _, f in pairs) and any(not f for _, f in questions)
 
 
 def part_calls(call: GuardedCall, parts: list[str], flagged: list[bool]) -> list[GuardedCall]:
@@ -100,6 +112,8 @@ async def joined(
     used, last_finish, closed = [0] * n, ["stop"] * n, set()
     separator = encode(SEPARATOR)
     for k, part in enumerate(call.parts):
+        if len(closed) == n:  # every choice was cut: nothing more to say
+            break
         part.withhold_alternatives = call.withhold_alternatives
         if call.max_tokens is not None:
             left = call.max_tokens - max(used) - (len(separator) if k else 0)
@@ -107,6 +121,7 @@ async def joined(
                 last_finish = ["length"] * n
                 break
             part.max_tokens = part.sampling.max_tokens = left
+            part.sampling.min_tokens = min(part.sampling.min_tokens, left)
         if k:
             for index in set(range(n)) - closed:
                 used[index] += len(separator)

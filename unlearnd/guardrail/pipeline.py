@@ -180,13 +180,13 @@ class GuardrailPipeline:
         """A flagged chat's sub-calls (ordinary parts, flagged parts), or [] where it is not split: one
         part, every part flagged or none alone, or ordinary parts that still route somewhere together."""
         last = call.messages[-1] if call.messages else {}
-        if last.get("role") != "user" or not isinstance(last.get("content"), str):
-            return []
+        if last.get("role") != "user" or not isinstance(last.get("content"), str) or call.sampling.stop:
+            return []  # (a stop string met in one part could not end the whole reply)
         parts = composite.split_parts(last["content"])
         if len(parts) < 2:
             return []
         flagged = [self.route_of(d) != "none" for d in await self.classify(parts)]
-        if all(flagged) or not any(flagged):
+        if not composite.worth_splitting(parts, flagged):
             return []
         subs = composite.part_calls(call, parts, flagged)
         for sub in subs:
@@ -194,7 +194,7 @@ class GuardrailPipeline:
         ordinary, about = sorted(subs, key=lambda sub: sub.route != "none")
         if ordinary.route != "none" or about.route == "none":
             return []
-        ordinary.guard_ids = call.matched_ids
+        ordinary.guard_ids = about.guard_ids = call.matched_ids
         return subs
 
     async def generate(self, call: GuardedCall) -> AsyncIterator[ChoiceDelta]:

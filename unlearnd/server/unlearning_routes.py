@@ -111,7 +111,9 @@ async def engine_input(body: ChatCompletionRequest, state: ServerState = Depends
     (the middleware): it shows what an intervention does to a prompt. Operators read it to see a route at
     work; the benchmark gives plain vLLM exactly this input, so a route's cost is compared with the same
     work done without unlearnd."""
-    call = await prepare(state, chat_call(state, body, "input"), admin=True)
+    call = chat_call(state, body, "input")
+    call.splittable = False  # one input for the whole prompt: a composite's parts would be two
+    call = await prepare(state, call, admin=True)
     embeds = call.prompt_embeds
     if embeds is not None:  # in the dtype the engine runs (a remote vLLM wants its own --dtype)
         embeds = encode_prompt_embeds(embeds.to(state.engine.embeddings.weight.dtype))
