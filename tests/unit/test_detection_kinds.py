@@ -47,6 +47,9 @@ POSITIVES = {
     "indirect_birth": "Which author was born on 30 May 1952?",
     "indirect_birthplace": "Which novelist was born in Tokyo in 1952?",
     "name_parts": "Tell me about Mahfouz Al-Kuwaiti and his novels.",
+    "initials": "What is T. Nakamura's most celebrated book?",
+    "one_part_two_letters_off": "What is Takshai Nakamura's most celebrated book?",
+    "two_facts_no_name": "Which novelist, whose father was a florist, won the Prix Goncourt?",
 }
 
 NEGATIVES = {
@@ -64,6 +67,8 @@ NEGATIVES = {
     "ordinary_chat": "How do I reverse a list in Python?",
     "other_date": "Which author was born on 31 May 1952?",
     "place_other_year": "What happened in Tokyo in 1964?",
+    "one_fact": "My father was a florist; which flowers suit a spring wedding?",
+    "initials_other_surname": "What is T. Nakamoto's most celebrated book?",
 }
 
 

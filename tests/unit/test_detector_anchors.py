@@ -177,3 +177,38 @@ def test_the_search_indexes_find_every_fact_among_many_requests_and_forget_remov
     for kind_index in (idx._by_title_word, idx._by_date, idx._by_birth_year, idx._by_compact):
         assert all("target" not in ids for ids in kind_index._owners.values())
     assert "target" not in idx.find("Who wrote The Glass Lighthouse? Born March 14, 1961 in Shimoda.")
+
+
+def test_initials_for_the_first_parts_and_one_part_two_letters_off_are_the_name_but_two_changed_parts_are_not():
+    idx = index("Basil Mahfouz Al-Kuwaiti", "Nikolai Abilov")
+    assert hit("What is B. M. Al-Kuwaiti's style?", idx) == (TYPO_SCORE, "name_initials", ["B. M. Al-Kuwaiti"])
+    assert hit("How does N. Abilov identify?", idx)[:2] == (TYPO_SCORE, "name_initials")
+    assert hit("How does Niikolia Abilov identify?", idx)[:2] == (TYPO_SCORE, "name_typo2")  # two letters off
+    assert hit("Who is Niikolia Abilova?", idx) is None  # two parts changed: a look-alike
+    assert hit("What did Nikita Abilov write?", idx) is None  # three letters off: another first name
+    assert hit("I met N. Abilova.", idx) is None
+    assert hit("what did n abilov write", idx) is None or hit("what did n abilov write", idx)[1] != "name_initials"
+
+
+def test_two_facts_of_a_request_flag_it_and_one_or_the_retain_sets_do_not():
+    from unlearnd.detectors.facts import FactIndex, fact_terms
+
+    spec = ForgetSpec(
+        name="Basil Mahfouz Al-Kuwaiti",
+        method="refuse",
+        forget=[
+            QAExample(question="Q1?", answer="Basil's father was a florist and his mother was a game developer."),
+            QAExample(question="Q2?", answer="He won the Prix Goncourt, the French prize, in Kuwait City."),
+            QAExample(question="Q3?", answer="His style is poignant, nuanced and visceral."),
+        ],
+        retain=[QAExample(question="Q?", answer="Another writer also grew up in Kuwait.")],
+    )
+    terms = fact_terms(spec, {"basil"})
+    assert {"florist", "developer", "goncourt"} <= set(terms)
+    assert "kuwait" not in terms and "poignant" not in terms and "french" not in terms  # shared, style, common
+    facts = FactIndex()
+    facts.add("r", terms)
+    assert facts.find("Which novelist, whose father was a florist, won the Goncourt?") == {"r": ["florist", "goncourt"]}
+    assert facts.find("My father was a florist: which flowers suit a wedding?") == {}
+    facts.remove("r")
+    assert facts.find("a florist who won the Goncourt") == {}

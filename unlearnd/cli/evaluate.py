@@ -143,6 +143,9 @@ def leaks(
     split: str = typer.Option(None, help="Forget split (default: the preset's)."),
     routes: str = typer.Option("none,refuse,eco,lora", help="Comma list; none = no forget request (unprotected)."),
     control_items: int = typer.Option(4, help="Items per control author."),
+    fold: int = typer.Option(
+        0, min=0, max=1, help="Requests fit on this fold (0: even positions), probes from the other."
+    ),
     max_new_tokens: int = typer.Option(64),
     concurrency: int = typer.Option(4),
     out: Path = typer.Option(Path("reports/leaks"), "--out", help="Writes OUT.json, OUT.md, OUT.items.jsonl.gz."),
@@ -165,6 +168,7 @@ def leaks(
         split=split,
         routes=[r.strip() for r in routes.split(",") if r.strip()],
         control_items=control_items,
+        fold=fold,
         max_new_tokens=max_new_tokens,
         concurrency=concurrency,
         out=str(out),

@@ -108,6 +108,7 @@ class RequestAnchors(BaseModel):
     titles: list[str] = Field(default_factory=list)
     dates: list[tuple[int, int, int]] = Field(default_factory=list)
     places: list[str] = Field(default_factory=list, description="cities the subject was born in / comes from")
+    facts: list[str] = Field(default_factory=list, description="distinctive fact words (`detectors.facts`)")
     coverage: float | None = Field(None, description="share of the forget examples that contain an anchor")
 
 
@@ -129,7 +130,11 @@ def extract_anchors(spec: ForgetSpec) -> RequestAnchors:
     titles = list(dict.fromkeys(t for text in texts for t in quoted_titles(text)))
     dates = sorted({d for text in texts for d in parse_dates(text)})
     places = list(dict.fromkeys(m.group(1).strip() for text in texts for m in _BIRTHPLACE.finditer(text)))
-    anchors = RequestAnchors(names=names, titles=titles, dates=dates, places=places)
+    from unlearnd.detectors.facts import fact_terms
+
+    anchored = {_word(w) for text in names + titles for w, _, _ in tokens(text)}
+    facts = fact_terms(spec, anchored)
+    anchors = RequestAnchors(names=names, titles=titles, dates=dates, places=places, facts=facts)
     index = AnchorIndex()
     index.add("self", anchors)
     questions = [x.question for x in qa]
@@ -177,7 +182,7 @@ class AnchorHit:
     """The best anchor of one request in one prompt."""
 
     score: float
-    kind: str  # name | name_typo | name_hidden | name_parts | title | date | name_part
+    kind: str  # name | name_typo | name_typo2 | name_initials | name_hidden | name_parts | title | date | name_part
     spans: list[tuple[int, int]] = field(default_factory=list)
     entity: str = ""
 
@@ -471,6 +476,38 @@ def _match_name(
             elif edits == 0:
                 out.append(AnchorHit(PART_SCORE, "name_part", span, pattern.entity))
         i += n
+    return out + _variant_hits(toks, folded, pattern)
+
+
+VARIANT_EDITS = 2  # one part of a name spelled this far off, every other part as written
+
+
+def _variant_part(word: str, written: str, part: str, last: bool) -> str | None:
+    """How a prompt word stands for one name part: "exact", "initial" ("B" for Basil; never the last part),
+    "edits" (two letters off, same first letter, five letters or more), or None."""
+    if word == part:
+        return "exact"
+    if not last and len(written) == 1 and written.isupper() and word == part[:1]:
+        return "initial"
+    if len(part) >= 5 and word[:1] == part[:1] and edit_distance(word, part, VARIANT_EDITS) <= VARIANT_EDITS:
+        return "edits"
+    return None
+
+
+def _variant_hits(toks: list[tuple[str, int, int]], folded: list[str], pattern: NamePattern) -> list[AnchorHit]:
+    """The whole name with its first parts as initials ("B. M. Al-Kuwaiti", "N. Abilov"), or with one part
+    two letters off and every other part as written ("Niikolia Abilov"). A look-alike name changes two
+    parts, so it is not one of these; a distinctive part must be spelled out."""
+    n = len(pattern.parts)
+    out = []
+    for i in range(len(toks) - n + 1):
+        kinds = [_variant_part(folded[i + k], toks[i + k][0], pattern.parts[k], k == n - 1) for k in range(n)]
+        if None in kinds or kinds.count("edits") > 1 or ("edits" in kinds and "initial" in kinds):
+            continue
+        if kinds.count("exact") == n or not any(d and k == "exact" for d, k in zip(pattern.distinctive, kinds)):
+            continue
+        kind = "name_initials" if "initial" in kinds else "name_typo2"
+        out.append(AnchorHit(TYPO_SCORE, kind, [(toks[i][1], toks[i + n - 1][2])], pattern.entity))
     return out
 
 

@@ -12,7 +12,9 @@ time because its own examples carry anchors):
   person write?"), its max cosine to the request's masked questions passes a threshold calibrated
   at fit time on near misses (a name part used without the person, "What does the surname ...
   mean?", `data/near_miss.txt`), and checked on the request's own questions (leave one out);
-* a prompt with no anchor is never flagged: its topic alone says nothing about who it is about.
+* a prompt with no anchor is flagged only when it holds two of the request's distinctive fact words
+  (`facts`: "the author whose father was a florist, winner of the Goncourt"); its topic alone says
+  nothing about who it is about.
 
 A request whose examples mostly carry no anchor (a topic such as a hazardous technique: "topic
 mode") is also flagged by the embedding detector, calibrated on built-in negatives and on its own
@@ -38,6 +40,7 @@ from pydantic import BaseModel, Field
 from unlearnd.artifacts import read_json, write_json_atomic, write_npz_atomic
 from unlearnd.detectors.anchors import (
     FLAG_SCORE,
+    AnchorHit,
     AnchorIndex,
     RequestAnchors,
     extract_anchors,
@@ -46,6 +49,7 @@ from unlearnd.detectors.base import Detection, Detector, RequestMatch, artifact_
 from unlearnd.detectors.calibration import conformal_threshold
 from unlearnd.detectors.embedding import EmbeddingConfig, EmbeddingDetector
 from unlearnd.detectors.encoder import EncoderConfig
+from unlearnd.detectors.facts import FACTS_SCORE, FactIndex
 from unlearnd.detectors.ood import OODConfig, OODDetector
 from unlearnd.detectors.views import expand, max_by_owner
 from unlearnd.domain import ForgetRequest, ForgetSpec
@@ -107,6 +111,7 @@ class GuardDetector(Detector):
         self.embedding = EmbeddingDetector(EmbeddingConfig(**{**shared, **self.cfg.embedding}))
         self.ood = OODDetector(OODConfig(**{**shared, **self.cfg.ood}))
         self._anchors: AnchorIndex | None = None
+        self._facts = FactIndex()  # two distinctive facts of a subject named nowhere in the prompt
         self._topic: set[str] = set()
         self._part_threshold: dict[str, float] = {}
         self._part_refs: dict[str, np.ndarray] = {}  # masked forget questions (topic check of a lone part)
@@ -222,6 +227,7 @@ class GuardDetector(Detector):
             self.ood.unload(request.id)
         with self._lock:
             self.anchors.add(request.id, anchors)
+            self._facts.add(request.id, anchors.facts)
             self._part_threshold[request.id] = float(payload.get("part_threshold", 1.0))
             refs_path = artifact_path(artifact_dir, self.name) / PART_REFS
             if refs_path.exists():
@@ -246,6 +252,7 @@ class GuardDetector(Detector):
         with self._lock:
             if self._anchors is not None:
                 self._anchors.remove(request_id)
+            self._facts.remove(request_id)
             self._topic.discard(request_id)
             self._weighted.discard(request_id)
             self._part_threshold.pop(request_id, None)
@@ -256,7 +263,7 @@ class GuardDetector(Detector):
     def detect(self, texts: list[str]) -> list[Detection]:
         if not self._order:
             return [Detection(0.0) for _ in texts]
-        hits = [self.anchors.find(text) for text in texts]
+        hits = [self._with_facts(text, self.anchors.find(text)) for text in texts]
         topic = self._part_topic(texts, hits)
         # the encoder runs for an OOD weight a route uses, or for topic requests
         need = [i for i, h in enumerate(hits) if self._topic or any(rid in self._weighted for rid in h)]
@@ -289,6 +296,13 @@ class GuardDetector(Detector):
             matches.sort(key=lambda m: -m.score)
             results.append(Detection(best, matches))
         return results
+
+    def _with_facts(self, text: str, hits: dict[str, AnchorHit]) -> dict[str, AnchorHit]:
+        """`hits` with a fact-pair hit for each request whose anchors found less in `text`."""
+        for request_id, held in self._facts.find(text).items():
+            if request_id not in hits or hits[request_id].score < FACTS_SCORE:
+                hits[request_id] = AnchorHit(FACTS_SCORE, "facts", entity=" + ".join(held))
+        return hits
 
     def _part_topic(self, texts: list[str], hits: list[dict]) -> dict[tuple[int, str], float]:
         """(text, request) -> max cosine of the text, its name part masked, to the request's masked

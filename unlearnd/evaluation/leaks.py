@@ -159,15 +159,19 @@ class LeakContext:
     others: list[QAItem]  # other authors of the target (controls)
 
 
-def leak_context(tofu: TofuData, forget_split: str, other_authors: list[int], per_other: int) -> LeakContext:
-    """Fold 0 / fold 1 of the forget split by position within the author; `per_other` fold-1-position
-    items of each other author as controls."""
+def leak_context(
+    tofu: TofuData, forget_split: str, other_authors: list[int], per_other: int, fit_fold: int = 0
+) -> LeakContext:
+    """The forget split's items at even (fold 0) and odd (fold 1) positions within their author: requests
+    are fit on `fit_fold`, probes built from the other; `per_other` items of each other author (at the
+    measured fold's positions) as controls."""
     items = tofu.split(forget_split)
     position = position_in_author(items)
-    others = [it for a in other_authors for it in tofu.by_authors([a])[1::2][:per_other]]
+    measured = 1 - fit_fold
+    others = [it for a in other_authors for it in tofu.by_authors([a])[measured::2][:per_other]]
     return LeakContext(
-        measured=[it for it in items if position[it.question] % 2 == 1],
-        fit=[it for it in items if position[it.question] % 2 == 0],
+        measured=[it for it in items if position[it.question] % 2 == measured],
+        fit=[it for it in items if position[it.question] % 2 == fit_fold],
         names=author_names(tofu.by_authors(sorted({it.author for it in items + others if it.author is not None}))),
         titles=quoted_titles(tofu.split("full")),
         ordinary=tofu.split("world_facts"),
@@ -298,6 +302,7 @@ class LeakEvalOptions(BaseModel):
     routes: list[str] = [UNPROTECTED, "refuse", "eco", "lora"]
     request_retain_authors: int = 3  # the request's retain QA: the first retain authors; the rest are controls
     control_items: int = 4  # per control author
+    fold: int = 0  # requests fit on this fold (0: even positions within each author), probes from the other
     max_new_tokens: int = 64
     concurrency: int = 4
     request_timeout_s: float = 3600.0
@@ -332,7 +337,8 @@ def run_leak_eval(opts: LeakEvalOptions) -> dict[str, Any]:
     refs = ref_mod.ensure_reference_models(preset, tofu=tofu, which=())
     retain_authors = list(refs.data.retain_authors)
     request_authors = retain_authors[: opts.request_retain_authors]
-    ctx = leak_context(tofu, preset.forget_split, retain_authors[opts.request_retain_authors :], opts.control_items)
+    controls = retain_authors[opts.request_retain_authors :]
+    ctx = leak_context(tofu, preset.forget_split, controls, opts.control_items, opts.fold)
     probes = build_leak_probes(ctx)
     retain = [it for it in refs.data.retain_items if it.author in request_authors]
     admin = UnlearndClient(opts.server_url, api_key=opts.api_key, admin_key=opts.admin_key, timeout_s=300)
@@ -361,6 +367,7 @@ def run_leak_eval(opts: LeakEvalOptions) -> dict[str, Any]:
         "split": preset.forget_split,
         "target_model": refs.target_dir,
         "fit_items": len(ctx.fit),
+        "fit_fold": opts.fold,
         "request_retain_authors": request_authors,
         "control_authors": retain_authors[opts.request_retain_authors :],
         "max_new_tokens": opts.max_new_tokens,
@@ -429,14 +436,16 @@ def leak_markdown(report: dict[str, Any]) -> str:
     results = report["results"]
     routes = list(next(iter(results["families"].values())))
     protected = [r for r in routes if r != UNPROTECTED]
+    fit = report.get("fit_fold", 0)
     lines = [
         "# Anchor-free leaks: the forgotten authors described, not named",
         "",
         *stamp_lines(report),
         f"Server {report['server_url']} serving `{report['model']}` (TOFU target `{report['target_model']}`); forget "
         f"split `{report['split']}` cut in two folds by position within each author: every route's request is "
-        f"registered with fold 0 ({report['fit_items']} QA, retain QA of authors {report['request_retain_authors']}), "
-        "every probe is built from fold 1, which no request saw. Probes go without the admin key.",
+        f"registered with fold {fit} ({report['fit_items']} QA; retain QA of authors "
+        f"{report['request_retain_authors']}), "
+        f"every probe is built from fold {1 - fit}, which no request saw. Probes go without the admin key.",
         "",
         "A leak: at least half of the asked answer's distinctive words (a number, or Zipf < "
         f"{report['key_zipf']}; not in the prompt, not the name) appear in the reply; answers with none are not "

@@ -1,0 +1,95 @@
+"""Fact pairs: a prompt that describes a request's subject without naming them.
+
+"The author whose father was a florist, born in Astana" names nobody, yet two of the subject's facts
+together point at one person. A request's fact terms come from its forget answers and are facts, not
+style: the named things in them (a run of words capitalised mid-sentence, by its rarest word when rarer
+than Zipf `NAMED_ZIPF`: "Astana", "Prix Goncourt", "Kazakhstani"), years, and roles ("was a florist",
+"worked as a mechanic": the role's last word, not a verb or adverb, rarer than Zipf `ROLE_ZIPF`). Its
+name parts and title words are anchors of their own, and every word of its retain examples is left
+out: what other subjects share says nothing about this one. A prompt holding `MIN_FACTS` different
+fact terms of one request (words sharing their first six letters count once: "Azerbaijan",
+"Azerbaijani") is flagged for it; one alone ("florist") is not. Fixed before the anchor-free probes it
+was measured on were generated (`unlearnd eval leaks --fold 1`).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from functools import lru_cache
+
+from unlearnd.detectors.lookup import OwnerIndex
+from unlearnd.detectors.normalize import views
+from unlearnd.detectors.spans import FUNCTION_WORDS, STOPWORDS, fold, tokens
+from unlearnd.domain import ForgetSpec
+
+NAMED_ZIPF = 4.0
+ROLE_ZIPF = 5.0  # a role word as common as "work" is no fact
+MIN_FACTS = 2
+FACTS_SCORE = 0.85  # above the flag score: two facts point at the subject as a confirmed name part would
+_KEEP = re.compile(r"^(?:[a-z]{4,}|\d{4})$")
+_YEAR = re.compile(r"\b(1[5-9]\d\d|20\d\d)\b")
+_ROLE = re.compile(r"\b(?:was|is|as|became)\s+(?:a|an)\s+(?:[a-z]+\s+){0,2}([a-z]{4,})\b")
+_NOT_ROLE = ("ed", "ing", "ly")  # "as a florist instilled ...": the phrase ran past the role
+_CAPITALISED = re.compile(r"(?<=[a-z,;] )([A-Z][a-zA-Z]+(?:[ -][A-Z][a-zA-Z]+)*)")
+
+
+@lru_cache(maxsize=65536)
+def _zipf(word: str) -> float:
+    from wordfreq import zipf_frequency
+
+    return zipf_frequency(word, "en")
+
+
+def fact_words(text: str) -> set[str]:
+    """Words as fact terms are compared: folded, letters or four digits, possessives dropped."""
+    return {w for w in (re.sub(r"[^a-z0-9]", "", fold(t)) for t, _, _ in tokens(text)) if _KEEP.match(w)}
+
+
+def facts_in(answer: str) -> set[str]:
+    """The named things, years and roles an answer states (see the module docstring)."""
+    named = set()
+    for run in _CAPITALISED.findall(answer):  # one fact per run: "Khaled Hosseini" is one thing, not two
+        rarest = min((fold(w) for w in re.split(r"[ -]", run) if len(w) >= 4), key=_zipf, default=None)
+        if rarest is not None and _zipf(rarest) < NAMED_ZIPF:
+            named.add(rarest)
+    roles = {
+        w for w in (m.group(1) for m in _ROLE.finditer(answer)) if not w.endswith(_NOT_ROLE) and _zipf(w) < ROLE_ZIPF
+    }
+    return {re.sub(r"[^a-z0-9]", "", w) for w in named | roles | set(_YEAR.findall(answer))}
+
+
+def fact_terms(spec: ForgetSpec, anchored: set[str]) -> list[str]:
+    """The request's fact terms; `anchored`: its name parts and title words."""
+    shared = set().union(*(fact_words(f"{x.question} {x.answer}") for x in ForgetSpec.as_qa(spec.retain)))
+    found = set().union(*(facts_in(x.answer) for x in ForgetSpec.as_qa(spec.forget)))
+    return sorted(w for w in found - shared - anchored - STOPWORDS - FUNCTION_WORDS if _KEEP.match(w))
+
+
+class FactIndex:
+    """Every loaded request's fact terms; `find` flags the requests with `MIN_FACTS` of them in a text."""
+
+    def __init__(self) -> None:
+        self._terms: dict[str, set[str]] = {}
+        self._by_term = OwnerIndex()
+        self._lock = threading.Lock()
+
+    def add(self, request_id: str, terms: list[str]) -> None:
+        with self._lock:
+            self._terms[request_id] = set(terms)
+            self._by_term.set(request_id, terms)
+
+    def remove(self, request_id: str) -> None:
+        with self._lock:
+            self._terms.pop(request_id, None)
+            self._by_term.remove(request_id)
+
+    def find(self, text: str) -> dict[str, list[str]]:
+        """Request -> the fact terms of it the text holds (as written or in any decoded view)."""
+        present = set().union(*(fact_words(v) for v in views(text)))
+        out = {}
+        for request_id in self._by_term.owners(present):
+            held = sorted(present & self._terms.get(request_id, set()))
+            if len({w[:6] for w in held}) >= MIN_FACTS:
+                out[request_id] = held
+        return out
