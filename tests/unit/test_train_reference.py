@@ -234,9 +234,39 @@ def test_run_tofu_eval_end_to_end_with_a_served_method(tmp_path, tiny_base, monk
         limits={"forget": 6, "retain": 6},
     )
     progress: list[list[str]] = []
+    runs: dict = {}
     results = ev.run_tofu_eval(
-        cfg, reference_preset=p, tofu=tofu, on_method_done=lambda partial: progress.append(list(partial["methods"]))
+        cfg,
+        reference_preset=p,
+        tofu=tofu,
+        on_method_done=lambda partial: progress.append(list(partial["methods"])),
+        on_records=runs.update,
     )
+    # the per-item records written with the report hold everything the metrics are computed from
+    from unlearnd.evaluation.metrics import ItemRecord, RunRecords, SplitRecords, compute_all
+
+    rows = ev.item_records(runs)
+    assert {r["method"] for r in rows} == {"target", "retain", "refuse"}
+
+    def rebuilt(method: str) -> RunRecords:
+        mine = [r for r in rows if r["method"] == method]
+        splits = {r["split"] for r in mine}
+        return RunRecords(
+            method=method,
+            splits={
+                s: SplitRecords(
+                    split=s,
+                    items=[
+                        ItemRecord(**{k: v for k, v in r.items() if k not in ("method", "split")})
+                        for r in mine
+                        if r["split"] == s
+                    ],
+                )
+                for s in splits
+            },
+        )
+
+    assert compute_all(rebuilt("refuse"), rebuilt("retain")) == results["methods"]["refuse"]["metrics"]
     assert progress == [["retain"], ["target", "retain"], ["target", "retain", "refuse"]]  # retain runs first
     methods = results["methods"]
     assert list(methods) == ["target", "retain", "refuse"] and not any("error" in m for m in methods.values())

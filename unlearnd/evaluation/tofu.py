@@ -44,7 +44,7 @@ from unlearnd.evaluation.metrics import (
     rouge_backend,
 )
 from unlearnd.evaluation.model_under_test import HFModelUnderTest, ModelUnderTest, ServedModelUnderTest
-from unlearnd.evaluation.report import PARTIAL_NOTE, run_stamp, write_report
+from unlearnd.evaluation.report import PARTIAL_NOTE, run_stamp, write_records, write_report
 from unlearnd.methods import METHODS, seeded_methods
 from unlearnd.prompting import user_messages
 from unlearnd.train.baselines import BASELINES, default_baseline_config, train_baseline
@@ -332,8 +332,10 @@ def run_tofu_eval(
     tofu: TofuData | None = None,
     train_missing_references: bool = True,
     on_method_done: Callable[[dict[str, Any]], None] | None = None,
+    on_records: Callable[[dict[str, RunRecords]], None] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate every method of `cfg` and return the results dict the report is built from.
+    """Evaluate every method of `cfg` and return the results dict the report is built from; `on_records`
+    gets every method's per-item records as they grow (the CLI commits them with the report).
 
     References are measured on every evaluation item. Every other method is cross-fitted (`folds`):
     fit (trained, registered, tuned) on one fold and measured on the next, its records pooled, so each
@@ -417,9 +419,31 @@ def run_tofu_eval(
         entry["cost"]["total_wall_seconds"] = time.perf_counter() - t0
         if row in asked:
             results["methods"][row] = entry
-        if on_method_done is not None:
-            on_method_done(_with_metrics(results, cfg, runs))
+        _progress(on_method_done, on_records, _with_metrics(results, cfg, runs), runs)
     return _with_metrics(results, cfg, runs)
+
+
+def _progress(
+    on_method_done: Callable[[dict[str, Any]], None] | None,
+    on_records: Callable[[dict[str, RunRecords]], None] | None,
+    results: dict[str, Any],
+    runs: dict[str, RunRecords],
+) -> None:
+    if on_method_done is not None:
+        on_method_done(results)
+    if on_records is not None:
+        on_records(dict(runs))  # the retain run too: forget quality is computed against it
+
+
+def item_records(runs: dict[str, RunRecords]) -> list[dict[str, Any]]:
+    """One record per method, split and item: the log-probs, greedy hits and generation every metric is
+    computed from."""
+    return [
+        {"method": method, "split": split, **item.model_dump()}
+        for method, run in runs.items()
+        for split, records in run.splits.items()
+        for item in records.items
+    ]
 
 
 @dataclass
@@ -714,6 +738,7 @@ def evaluate_and_report(
         reference_preset=reference_preset,
         train_missing_references=train_missing_references,
         on_method_done=partial,
+        on_records=lambda runs: write_records(Path(out) / name, item_records(runs)),
     )
     return results, write_report(results, out, name, stamp)
 
