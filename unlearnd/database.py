@@ -35,6 +35,25 @@ FORGET_REQUESTS = Table(
     Column("artifact_digest", Text),  # `artifacts.tree_digest` of the folder the worker made ready
     Index("forget_requests_status", "status"),
 )
+AUDIT_LOG = Table(  # `unlearnd.audit`: append-only, each entry's hash covers the one before
+    "audit_log",
+    METADATA,
+    Column("seq", Integer, primary_key=True, autoincrement=False),
+    Column("at", Double, nullable=False),
+    Column("actor", String(64), nullable=False),
+    Column("action", String(32), nullable=False),
+    Column("request_id", String(64)),
+    Column("details", Text, nullable=False),
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+)
+AUDIT_HEAD = Table(  # one row: the last entry's number and hash (writers queue on it; a cut tail shows)
+    "audit_head",
+    METADATA,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("seq", Integer, nullable=False),
+    Column("hash", String(64), nullable=False),
+)
 SQLITE_FILE = "registry.sqlite3"
 _MIGRATION_LOCK = 0x756E6C6E  # PostgreSQL advisory lock key: one process migrates at a time
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from sqlalchemy import Connection, Row, delete, func, insert, select, update
 from sqlalchemy.exc import DBAPIError
 
+from unlearnd import audit
 from unlearnd.artifacts import read_json, write_json_atomic, write_text_atomic
 from unlearnd.database import FORGET_REQUESTS as T
 from unlearnd.database import RegistryUnavailable, migrate, open_engine, registry_url, safe_url
@@ -98,14 +99,16 @@ class Registry:
             artifact_digest=r["artifact_digest"],
         )
 
-    def add(self, spec: ForgetSpec) -> ForgetRequest:
+    def add(self, spec: ForgetSpec, actor: str = "system") -> ForgetRequest:
         request_id = "fr-" + uuid.uuid4().hex[:12]
         now = time.time()
         write_text_atomic(self.artifact_dir(request_id) / "spec.json", spec.model_dump_json(indent=1))
         row = dict(name=spec.name, method=spec.method.value, status=Status.pending.value, spec=spec.model_dump_json())
+        details = {"method": spec.method.value, "spec": audit.spec_digest(row["spec"]), "status": Status.pending.value}
         try:
             with self._connect() as db:
                 db.execute(insert(T).values(id=request_id, created_at=now, updated_at=now, **row))
+                audit.append(db, actor, "register", request_id, details)
         except BaseException:  # not registered: no folder of it is left (a shared one is never swept)
             shutil.rmtree(self.artifact_dir(request_id), ignore_errors=True)
             raise
@@ -149,17 +152,22 @@ class Registry:
         error: str | None = None,
         expect: Status | None = None,
         artifact_digest: str | None = None,
+        actor: str = "system",
     ) -> bool:
         """Move a request to `status` (with the digest of the artifacts it is ready with); with `expect`, only
-        if it is still in that status."""
+        if it is still in that status. The change and its audit entry are one transaction."""
         values = dict(status=status.value, error=error, updated_at=time.time())
         if artifact_digest is not None:
             values["artifact_digest"] = artifact_digest
         query = update(T).where(T.c.id == request_id).values(**values)
         if expect is not None:
             query = query.where(T.c.status == expect.value)
+        details = {"status": status.value, **({"artifact_digest": artifact_digest} if artifact_digest else {})}
         with self._connect() as db:
-            return db.execute(query).rowcount == 1
+            changed = db.execute(query).rowcount == 1
+            if changed:
+                audit.append(db, actor, "status", request_id, details)
+            return changed
 
     def claim_next(self) -> ForgetRequest | None:
         """Atomically take the oldest pending request for training (worker side). One statement: the
@@ -182,6 +190,8 @@ class Registry:
         )
         with self._connect() as db:
             claimed = db.execute(claim).scalar()
+            if claimed is not None:
+                audit.append(db, "worker", "status", claimed, {"status": Status.training.value})
         return self.get(claimed) if claimed is not None else None
 
     def exists(self, request_id: str) -> bool:
@@ -209,11 +219,12 @@ class Registry:
             else:  # the error stays: a degraded request being re-trained stays refused meanwhile
                 back = update(T).where(T.c.id == request_id, T.c.status == Status.training.value)
                 with self._connect() as db:
-                    db.execute(back.values(status=Status.pending.value, updated_at=time.time()))
+                    if db.execute(back.values(status=Status.pending.value, updated_at=time.time())).rowcount:
+                        audit.append(db, "worker", "status", request_id, {"status": Status.pending.value})
             recovered.append(request_id)
         return recovered
 
-    def retrain(self, request_id: str) -> ForgetRequest:
+    def retrain(self, request_id: str, actor: str = "system") -> ForgetRequest:
         """Send a degraded or failed request back to training. A degraded one keeps its error text (its
         load failure), which keeps it refused by name while it trains."""
         record = self.get(request_id)
@@ -225,18 +236,22 @@ class Registry:
             changed = db.execute(
                 again.values(status=Status.pending.value, error=error, attempts=0, updated_at=time.time())
             ).rowcount
+            if changed:
+                audit.append(db, actor, "retrain", request_id, {"status": Status.pending.value})
         if not changed:
             raise ValueError(f"request {request_id} changed while it was being re-trained; try again")
         return self.get(request_id)
 
-    def deactivate(self, request_id: str, purge: bool = False) -> ForgetRequest:
-        """Deactivate (artifacts kept); with `purge`, also delete the artifacts and the record."""
+    def deactivate(self, request_id: str, purge: bool = False, actor: str = "system") -> ForgetRequest:
+        """Deactivate (artifacts kept); with `purge`, also delete the artifacts and the record (its audit
+        entries stay: they hold ids and hashes, no forget content)."""
         self.get(request_id)  # KeyError if unknown
-        self.set_status(request_id, Status.inactive)
+        self.set_status(request_id, Status.inactive, actor=actor)
         record = self.get(request_id)
         if purge:  # the row goes first (one transaction); folders without a row are removed at the next start
             with self._connect() as db:
                 db.execute(delete(T).where(T.c.id == request_id))
+                audit.append(db, actor, "purge", request_id, {})
             shutil.rmtree(self.artifact_dir(request_id), ignore_errors=True)
         return record
 
@@ -262,6 +277,11 @@ class Registry:
                         leftover.unlink(missing_ok=True)
                     removed.append(f"{folder.name}/{leftover.name}")
         return removed
+
+    def audit_log(self, after: int = 0, limit: int | None = None) -> tuple[list[audit.AuditEntry], int, str]:
+        """Audit entries after number `after`, and the head (last number, last hash)."""
+        with self._connect() as db:
+            return audit.entries(db, after, limit), *audit.head(db)
 
     def load_json(self, request_id: str, name: str) -> dict | None:
         """An artifact file written by `save_json`, or None when it is missing or unreadable."""

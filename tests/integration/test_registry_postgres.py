@@ -8,11 +8,13 @@ import multiprocessing
 import sqlite3
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import sqlalchemy
 
 from tests.postgres import PostgresServer
+from unlearnd import audit
 from unlearnd.database import RegistryUnavailable
 from unlearnd.domain import ForgetSpec, Method, Status
 from unlearnd.registry import MAX_ATTEMPTS, Registry
@@ -98,6 +100,9 @@ def test_three_workers_on_one_queue_never_claim_one_request_twice(postgres, tmp_
     assert sorted(every) == sorted(ids)  # each claimed once, none left
     assert sum(1 for batch in claimed if batch) >= 2  # they really shared the queue
     assert {r.status for r in registry.list()} == {Status.training}
+    entries, head_seq, head_hash = registry.audit_log()  # three processes appended to one chain: no fork
+    assert audit.verify(entries, head_seq, head_hash) == [] and head_seq == 120
+    assert sorted(e.request_id for e in entries if e.details.get("status") == "training") == sorted(ids)
 
 
 def test_migrations_adopt_an_older_sqlite_registry(tmp_path):
@@ -118,7 +123,10 @@ def test_migrations_adopt_an_older_sqlite_registry(tmp_path):
     registry = Registry(tmp_path)
     assert registry.get("fr-old").status == Status.active and registry.get("fr-old").name == "Old Person"
     with sqlite3.connect(tmp_path / "registry.sqlite3") as check:
-        assert check.execute("SELECT version_num FROM alembic_version").fetchall() == [("0001",)]
+        newest = sorted(p.name[:4] for p in (Path(audit.__file__).parent / "migrations" / "versions").glob("0*.py"))
+        assert check.execute("SELECT version_num FROM alembic_version").fetchall() == [(newest[-1],)]
+        columns = [row[1] for row in check.execute("PRAGMA table_info(forget_requests)")]
+        assert "artifact_digest" in columns  # later migrations ran on the adopted table
 
 
 def _open(url: str, data_dir: str, out) -> None:

@@ -427,7 +427,9 @@ class GuardrailPipeline:
                 error = request.error if _load_failed(request.error) else NOT_TRAINED
                 await asyncio.to_thread(self._load_degraded, request, error)
                 if request.status == Status.failed and _load_failed(request.error):  # an older version's
-                    self.registry.set_status(request.id, Status.degraded, request.error, expect=Status.failed)
+                    self.registry.set_status(
+                        request.id, Status.degraded, request.error, expect=Status.failed, actor="server"
+                    )
             return
         retry = request.id in self.degraded and request.status in (Status.ready, Status.active)
         if request.id in self.active and not retry:
@@ -440,7 +442,7 @@ class GuardrailPipeline:
             error = f"{LOAD_FAILED}{type(cause).__name__}: {cause}"
             log.error("loading forget request %s failed (%s): serving it degraded, refused", request.id, error)
             await asyncio.to_thread(self._load_degraded, request, error, failure.detector_loaded)
-            self.registry.set_status(request.id, Status.degraded, error, expect=request.status)
+            self.registry.set_status(request.id, Status.degraded, error, expect=request.status, actor="server")
             return
         except EngineUnavailable as unavailable:  # refused meanwhile, tried again at the next sync
             log.warning("forget request %s waits for the engine (%s): refused meanwhile", request.id, unavailable)
@@ -449,7 +451,7 @@ class GuardrailPipeline:
         self.active[request.id] = request
         self._recovered(request)
         if request.status in (Status.ready, Status.degraded):
-            self.registry.set_status(request.id, Status.active, expect=request.status)
+            self.registry.set_status(request.id, Status.active, expect=request.status, actor="server")
         log.info("serving forget request %s (%s, route %s)", request.id, request.name, request.method.value)
 
     def counts(self) -> dict[str, int]:

@@ -76,9 +76,9 @@ def record_failure(registry: Registry, request: ForgetRequest, artifact_dir: Pat
         shutil.rmtree(artifact_dir, ignore_errors=True)
     elif (request.error or "").startswith(LOAD_FAILED):  # a degraded request's re-training: stays refused
         failed = f"{request.error}; re-training failed: {error}"
-        registry.set_status(request.id, Status.degraded, failed, expect=Status.training)
+        registry.set_status(request.id, Status.degraded, failed, expect=Status.training, actor="worker")
     else:
-        registry.set_status(request.id, Status.failed, error, expect=Status.training)
+        registry.set_status(request.id, Status.failed, error, expect=Status.training, actor="worker")
 
 
 def run_job(
@@ -103,7 +103,9 @@ def run_job(
         report["cpu_seconds"] = time.process_time() - cpu_started
         registry.save_json(request.id, "training.json", report)
         digest = tree_digest(artifact_dir)  # what every replica checks before it loads the folder
-        if registry.set_status(request.id, Status.ready, expect=Status.training, artifact_digest=digest):
+        if registry.set_status(
+            request.id, Status.ready, expect=Status.training, artifact_digest=digest, actor="worker"
+        ):
             log.info("forget request %s ready (%.1fs)", request.id, report["wall_seconds"])
         elif not registry.exists(request.id):  # purged while it trained: leave nothing behind
             shutil.rmtree(artifact_dir, ignore_errors=True)

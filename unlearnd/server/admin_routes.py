@@ -8,7 +8,8 @@ import asyncio
 import logging
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import PlainTextResponse
 
 from unlearnd.domain import ForgetRequest, ForgetSpec
 from unlearnd.methods import METHODS
@@ -33,7 +34,7 @@ def not_found(request_id: str) -> APIError:
 
 
 @router.post("/v1/unlearning/requests", status_code=201)
-async def add_request(body: ForgetSpec, state: ServerState = Depends(server_state)) -> dict[str, Any]:
+async def add_request(http: Request, body: ForgetSpec, state: ServerState = Depends(server_state)) -> dict[str, Any]:
     if body.method.value not in METHODS:
         raise APIError(
             400,
@@ -41,7 +42,7 @@ async def add_request(body: ForgetSpec, state: ServerState = Depends(server_stat
             param="method",
             code="method_unavailable",
         )
-    record = await asyncio.to_thread(state.registry.add, body)
+    record = await asyncio.to_thread(state.registry.add, body, http.state.actor)
     # enforced (refused by name) by the time the caller hears it is registered, unless loading takes
     # longer than a client should wait (a first load of the sentence encoder): then it goes on behind
     sync = asyncio.ensure_future(state.pipeline.sync())
@@ -80,11 +81,11 @@ async def get_request(request_id: str, state: ServerState = Depends(server_state
 
 
 @router.post("/v1/unlearning/requests/{request_id}/retrain")
-async def retrain_request(request_id: str, state: ServerState = Depends(server_state)) -> dict[str, Any]:
+async def retrain_request(http: Request, request_id: str, state: ServerState = Depends(server_state)) -> dict[str, Any]:
     """Send a degraded (artifacts unloadable) or failed request back to training; a degraded one stays
     refused by name until its new artifacts load."""
     try:
-        record = await asyncio.to_thread(state.registry.retrain, request_id)
+        record = await asyncio.to_thread(state.registry.retrain, request_id, http.state.actor)
     except KeyError:
         raise not_found(request_id) from None
     except ValueError as exc:
@@ -94,11 +95,39 @@ async def retrain_request(request_id: str, state: ServerState = Depends(server_s
 
 @router.delete("/v1/unlearning/requests/{request_id}")
 async def delete_request(
-    request_id: str, purge: bool = False, state: ServerState = Depends(server_state)
+    http: Request, request_id: str, purge: bool = False, state: ServerState = Depends(server_state)
 ) -> dict[str, Any]:
     try:
-        record = await asyncio.to_thread(state.registry.deactivate, request_id, purge)
+        record = await asyncio.to_thread(state.registry.deactivate, request_id, purge, http.state.actor)
     except KeyError:
         raise not_found(request_id) from None
     await state.pipeline.sync()
     return {**public(record, full=False), "purged": purge}
+
+
+@router.get(
+    "/v1/unlearning/audit",
+    responses={200: {"content": {"application/json": {}, "application/jsonl": {"schema": {"type": "string"}}}}},
+)
+async def audit_log(
+    after: int = Query(0, ge=0, description="Entries after this number."),
+    limit: int = Query(1000, ge=1, le=10_000),
+    format: str = Query("json", pattern="^(json|jsonl)$", description="jsonl: one entry per line, for export."),
+    state: ServerState = Depends(server_state),
+):
+    """The audit trail (admin): every admin action and status change, hash-chained, with the head (last
+    number and hash) and whether the chain verifies."""
+    from unlearnd.audit import verify
+
+    entries, head_seq, head_hash = await asyncio.to_thread(state.registry.audit_log, after, limit)
+    if format == "jsonl":
+        return PlainTextResponse("".join(e.model_dump_json() + "\n" for e in entries), media_type="application/jsonl")
+    intact = None
+    if after == 0 and len(entries) == head_seq:  # the whole chain is here: check it
+        intact = not verify(entries, head_seq, head_hash)
+    return {
+        "object": "list",
+        "data": [e.model_dump() for e in entries],
+        "head": {"seq": head_seq, "hash": head_hash},
+        "verified": intact,
+    }

@@ -27,7 +27,7 @@ from unlearnd.guardrail import prometheus
 from unlearnd.guardrail.pipeline import GuardrailPipeline
 from unlearnd.registry import Registry
 from unlearnd.server import admin_routes, openai_routes, ops_routes, unlearning_routes
-from unlearnd.server.auth import ADMIN_HEADER, api_key_matches, ensure_admin_key, is_admin
+from unlearnd.server.auth import ADMIN_HEADER, api_key_matches, ensure_admin_key, is_admin, key_id
 from unlearnd.server.errors import error_response, validation_message
 from unlearnd.server.orphans import record_children, stop_orphans
 from unlearnd.server.protocol import APIError
@@ -36,7 +36,7 @@ from unlearnd.server.state import ServerState
 
 log = logging.getLogger(__name__)
 
-ADMIN_PATHS = ("/v1/unlearning/requests", "/v1/unlearning/engine-input", "/admin")
+ADMIN_PATHS = ("/v1/unlearning/requests", "/v1/unlearning/engine-input", "/v1/unlearning/audit", "/admin")
 SCORE_PATH = "/v1/unlearning/score"  # raw log-probs: admin-only unless --public-score
 
 
@@ -179,6 +179,7 @@ def access_error(request: Request, settings: ServerSettings, admin_key: str) -> 
     admin_paths = ADMIN_PATHS if settings.public_score else (*ADMIN_PATHS, SCORE_PATH)
     path = request.url.path
     request.state.admin = is_admin(request, admin_key)
+    request.state.actor = key_id(admin_key) if request.state.admin else "anonymous"  # as the audit log names it
     if path.startswith(admin_paths):
         if not request.state.admin:
             message = f"admin API: missing or wrong admin key ({ADMIN_HEADER}: Bearer <key>)"
