@@ -89,6 +89,35 @@ def output_guard(
     typer.echo(f"wrote {out}.json and {out}.md: false blocks {report['false_block_rate']:.4f}")
 
 
+def _served_target(
+    server_url: str,
+    admin_key: str | None,
+    api_key: str | None,
+    served_model: str | None,
+    data_dir: Path | None,
+    data: Path | None,
+    preset: str,
+    split: str | None,
+    routes: str,
+) -> dict:
+    """The options every evaluation against a served TOFU target shares (the admin key from the data dir
+    where none is given)."""
+    from unlearnd.config import data_dir as default_data_dir
+    from unlearnd.config import tofu_dir
+    from unlearnd.server.auth import read_admin_key
+
+    return {
+        "server_url": server_url,
+        "admin_key": admin_key or read_admin_key(data_dir or default_data_dir()),
+        "api_key": api_key,
+        "model": served_model,
+        "data": str(data or tofu_dir()),
+        "preset": preset,
+        "split": split,
+        "routes": [r.strip() for r in routes.split(",") if r.strip()],
+    }
+
+
 @app.command("attacks")
 def attacks(
     server_url: str = typer.Option(..., help="A running unlearnd serving the TOFU target model."),
@@ -108,20 +137,10 @@ def attacks(
     """Attack success rate per attack kind and route against a running server: jailbreaks, role-play,
     composite questions, multi-turn and non-user roles, obfuscation, other languages, indirect references,
     in-context relearning, log-prob probing. Probes are sent without the admin key."""
-    from unlearnd.config import data_dir as default_data_dir
-    from unlearnd.config import tofu_dir
     from unlearnd.evaluation.attacks import ATTACKS, AttackEvalOptions, run_attack_eval
-    from unlearnd.server.auth import read_admin_key
 
     opts = AttackEvalOptions(
-        server_url=server_url,
-        admin_key=admin_key or read_admin_key(data_dir or default_data_dir()),
-        api_key=api_key,
-        model=served_model,
-        data=str(data or tofu_dir()),
-        preset=preset,
-        split=split,
-        routes=[r.strip() for r in routes.split(",") if r.strip()],
+        **_served_target(server_url, admin_key, api_key, served_model, data_dir, data, preset, split, routes),
         attacks=[a.strip() for a in only.split(",") if a.strip()] if only else list(ATTACKS),
         max_new_tokens=max_new_tokens,
         concurrency=concurrency,
@@ -153,20 +172,10 @@ def leaks(
     """What leaks when a forgotten author is described instead of named: probes from facts no request saw
     (descriptions, titles, initials, other scripts, misspellings, composite, JSON, completion, multi-turn),
     leaks per route as a share of the unprotected target's, with controls that must stay untouched."""
-    from unlearnd.config import data_dir as default_data_dir
-    from unlearnd.config import tofu_dir
     from unlearnd.evaluation.leaks import LeakEvalOptions, run_leak_eval
-    from unlearnd.server.auth import read_admin_key
 
     opts = LeakEvalOptions(
-        server_url=server_url,
-        admin_key=admin_key or read_admin_key(data_dir or default_data_dir()),
-        api_key=api_key,
-        model=served_model,
-        data=str(data or tofu_dir()),
-        preset=preset,
-        split=split,
-        routes=[r.strip() for r in routes.split(",") if r.strip()],
+        **_served_target(server_url, admin_key, api_key, served_model, data_dir, data, preset, split, routes),
         control_items=control_items,
         fold=fold,
         max_new_tokens=max_new_tokens,
