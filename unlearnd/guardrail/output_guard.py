@@ -79,10 +79,15 @@ def _words(text: str) -> list[str]:
     return [fold(w) for w in _WORD.findall(text)]
 
 
+def _unpossessive(word: str) -> str:
+    """A possessive as its word ("Kuwait's" -> "kuwait"), with either apostrophe: it is as common as its word."""
+    return _POSSESSIVE.sub("", word.replace("’", "'"))
+
+
 def _key_forms(word: str) -> set[str]:
-    """A word as the meaning pre-check files it: a possessive as its word, either apostrophe, a plural also
-    as its singular ("novels" is uncommon, "novel" is not)."""
-    base = _POSSESSIVE.sub("", word.replace("’", "'"))
+    """A word as the meaning pre-check files it: a possessive as its word, a plural also as its singular
+    ("novels" is uncommon, "novel" is not)."""
+    base = _unpossessive(word)
     return {base, base[:-1]} if len(base) > 3 and base.endswith("s") else {base} if base else set()
 
 
@@ -98,7 +103,7 @@ def _answer_keys(words: list[str]) -> set[str]:
     from wordfreq import zipf_frequency
 
     distinct = {w for w in words if _key_forms(w)}
-    chosen = {w for w in distinct if zipf_frequency(_POSSESSIVE.sub("", w.replace("’", "'")), "en") < MEANING_WORD_ZIPF}
+    chosen = {w for w in distinct if zipf_frequency(_unpossessive(w), "en") < MEANING_WORD_ZIPF}
     if not chosen:
         chosen = {w for w in distinct if w not in STOPWORDS and w not in FUNCTION_WORDS and len(w) >= 3}
     return _meaning_keys(sorted(chosen))
@@ -115,8 +120,7 @@ def information(word: str) -> float:
 
     if word in STOPWORDS or word in FUNCTION_WORDS or len(word) < 3:
         return 0.0
-    word = re.sub(r"['’]s$", "", word)  # a possessive is as common as its word
-    return max(0.0, COMMON_ZIPF - zipf_frequency(word, "en"))
+    return max(0.0, COMMON_ZIPF - zipf_frequency(_unpossessive(word), "en"))
 
 
 @dataclass
