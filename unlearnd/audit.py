@@ -1,9 +1,10 @@
 """The audit trail: who did what to which forget request, in a log that shows any later change.
 
-Every admin action (register, retrain, deactivate, purge) and every status change is appended, in the
-same transaction as the change itself, as one entry: its number, time, the actor (the admin key's id,
-never the key; `worker`; `server`), the action, the request id and details (statuses, artifact digests,
-a hash of the registered spec: never forget content, so an entry survives a purge). Each entry's hash
+Every admin action (register, retrain, deactivate, purge), every admin key's first use (generated or
+given) and every status change is appended, in the same transaction as the change itself, as one entry:
+its number, time, the actor (the admin key's id, never the key; `worker`; `server`), the action, the
+request id and details (statuses, artifact digests, a hash of the registered spec: never forget
+content, so an entry survives a purge). Each entry's hash
 covers the entry and the hash before it, and the head row holds the last number and hash: `verify`
 finds an edited entry, a removed one and a cut tail. Someone able to rewrite the whole table can also
 recompute the chain: record the head hash elsewhere (`unlearnd audit verify` prints it) to pin it.
@@ -68,6 +69,12 @@ def entries(db: Connection, after: int = 0, limit: int | None = None) -> list[Au
     if limit is not None:
         query = query.limit(limit)
     return [AuditEntry(**{**dict(r._mapping), "details": json.loads(r._mapping["details"])}) for r in db.execute(query)]
+
+
+def key_seen(db: Connection, key: str) -> bool:
+    """Whether the log already holds the first use of admin key `key` (its id)."""
+    query = select(AUDIT_LOG.c.seq).where(AUDIT_LOG.c.action == "admin_key", AUDIT_LOG.c.actor == key).limit(1)
+    return db.execute(query).first() is not None
 
 
 def head(db: Connection) -> tuple[int, str]:

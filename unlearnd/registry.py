@@ -278,6 +278,12 @@ class Registry:
                     removed.append(f"{folder.name}/{leftover.name}")
         return removed
 
+    def note_admin_key(self, key: str, source: str) -> None:
+        """Log an admin key (by its id) the first time a server uses it: generated, or given by the operator."""
+        with self._connect() as db:
+            if not audit.key_seen(db, key):
+                audit.append(db, key, "admin_key", None, {"source": source})
+
     def audit_log(self, after: int = 0, limit: int | None = None) -> tuple[list[audit.AuditEntry], int, str]:
         """Audit entries after number `after`, and the head (last number, last hash)."""
         with self._connect() as db:

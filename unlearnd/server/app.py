@@ -86,7 +86,7 @@ async def watch_engine(engine: Engine, exit_process: bool, interval_s: float = 1
             return
 
 
-def make_lifespan(settings: ServerSettings, engine: Engine | None):
+def make_lifespan(settings: ServerSettings, engine: Engine | None, admin_key: str = ""):
     """Start-up and shutdown: the engine, the registry, the pipeline, the worker and the watchers."""
 
     @contextlib.asynccontextmanager
@@ -101,6 +101,9 @@ def make_lifespan(settings: ServerSettings, engine: Engine | None):
         await running.start()
         registry = await asyncio.to_thread(Registry, settings.data_dir, settings.registry, settings.artifacts)
         log.info("registry %s, artifacts in %s", registry.describe(), registry.artifacts_root)
+        if admin_key:  # a key first used (generated or given) enters the audit trail by its id
+            source = "given" if settings.admin_key else "generated"
+            await asyncio.to_thread(registry.note_admin_key, key_id(admin_key), source)
         swept = await asyncio.to_thread(registry.sweep_orphan_dirs)
         if swept:
             log.warning("removed what an interrupted purge or a killed writer left: %s", swept)
@@ -251,7 +254,7 @@ def _replay(body: bytes, receive):
 def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAPI:
     """Build the app; the engine starts in the lifespan (or is given, already built, by tests)."""
     admin_key = settings.admin_key or ensure_admin_key(settings.data_dir)
-    app = FastAPI(title="unlearnd", version=__version__, lifespan=make_lifespan(settings, engine))
+    app = FastAPI(title="unlearnd", version=__version__, lifespan=make_lifespan(settings, engine, admin_key))
     app.state.unlearnd = None
     app.state.settings = settings
     add_error_handlers(app)
