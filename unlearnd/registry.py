@@ -11,10 +11,12 @@ any number of workers share one queue. Artifact folders live under the data dir,
 
 from __future__ import annotations
 
+import logging
 import shutil
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,6 +30,8 @@ from unlearnd.database import RegistryUnavailable, migrate, open_engine, registr
 from unlearnd.domain import LOAD_FAILED, ForgetRequest, ForgetSpec, Status
 
 MAX_ATTEMPTS = 3
+CHANNEL = "unlearnd_registry"  # PostgreSQL NOTIFY channel: a request was added, changed or removed
+log = logging.getLogger(__name__)
 
 
 def open_registry(data_dir: str | Path | None = None) -> Registry:
@@ -80,6 +84,31 @@ class Registry:
         with self._unavailable_as_error(), self.engine.begin() as conn:
             yield conn
 
+    def _record(self, db: Connection, actor: str, action: str, request_id: str | None, details: dict) -> None:
+        """A change's audit entry and, on PostgreSQL, a notification to every listening replica (sent when the
+        transaction commits, so nobody reads the registry before the change is in it)."""
+        audit.append(db, actor, action, request_id, details)
+        if db.dialect.name == "postgresql":
+            db.exec_driver_sql(f"NOTIFY {CHANNEL}")
+
+    def listen(self, on_change: Callable[[], None], stop: threading.Event) -> None:
+        """Call `on_change` whenever another process changed the registry (PostgreSQL LISTEN; blocks until
+        `stop`, reconnecting after a failure). The replicas' polling stays as the fallback."""
+        import psycopg
+
+        conninfo = self.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        while not stop.is_set():
+            try:
+                with psycopg.connect(conninfo, autocommit=True, connect_timeout=3) as conn:
+                    conn.execute(f"LISTEN {CHANNEL}")
+                    on_change()  # whatever changed while no one listened
+                    while not stop.is_set():
+                        for _ in conn.notifies(timeout=1.0, stop_after=1):
+                            on_change()
+            except psycopg.Error as exc:
+                log.warning("registry notifications lost (%s); polling meanwhile", type(exc).__name__)
+                stop.wait(2.0)
+
     def artifact_dir(self, request_id: str) -> Path:
         return self.artifacts_root / request_id
 
@@ -108,7 +137,7 @@ class Registry:
         try:
             with self._connect() as db:
                 db.execute(insert(T).values(id=request_id, created_at=now, updated_at=now, **row))
-                audit.append(db, actor, "register", request_id, details)
+                self._record(db, actor, "register", request_id, details)
         except BaseException:  # not registered: no folder of it is left (a shared one is never swept)
             shutil.rmtree(self.artifact_dir(request_id), ignore_errors=True)
             raise
@@ -166,7 +195,7 @@ class Registry:
         with self._connect() as db:
             changed = db.execute(query).rowcount == 1
             if changed:
-                audit.append(db, actor, "status", request_id, details)
+                self._record(db, actor, "status", request_id, details)
             return changed
 
     def claim_next(self) -> ForgetRequest | None:
@@ -191,7 +220,7 @@ class Registry:
         with self._connect() as db:
             claimed = db.execute(claim).scalar()
             if claimed is not None:
-                audit.append(db, "worker", "status", claimed, {"status": Status.training.value})
+                self._record(db, "worker", "status", claimed, {"status": Status.training.value})
         return self.get(claimed) if claimed is not None else None
 
     def exists(self, request_id: str) -> bool:
@@ -220,7 +249,7 @@ class Registry:
                 back = update(T).where(T.c.id == request_id, T.c.status == Status.training.value)
                 with self._connect() as db:
                     if db.execute(back.values(status=Status.pending.value, updated_at=time.time())).rowcount:
-                        audit.append(db, "worker", "status", request_id, {"status": Status.pending.value})
+                        self._record(db, "worker", "status", request_id, {"status": Status.pending.value})
             recovered.append(request_id)
         return recovered
 
@@ -237,7 +266,7 @@ class Registry:
                 again.values(status=Status.pending.value, error=error, attempts=0, updated_at=time.time())
             ).rowcount
             if changed:
-                audit.append(db, actor, "retrain", request_id, {"status": Status.pending.value})
+                self._record(db, actor, "retrain", request_id, {"status": Status.pending.value})
         if not changed:
             raise ValueError(f"request {request_id} changed while it was being re-trained; try again")
         return self.get(request_id)
@@ -251,7 +280,7 @@ class Registry:
         if purge:  # the row goes first (one transaction); folders without a row are removed at the next start
             with self._connect() as db:
                 db.execute(delete(T).where(T.c.id == request_id))
-                audit.append(db, actor, "purge", request_id, {})
+                self._record(db, actor, "purge", request_id, {})
             shutil.rmtree(self.artifact_dir(request_id), ignore_errors=True)
         return record
 
@@ -282,7 +311,7 @@ class Registry:
         """Log an admin key (by its id) the first time a server uses it: generated, or given by the operator."""
         with self._connect() as db:
             if not audit.key_seen(db, key):
-                audit.append(db, key, "admin_key", None, {"source": source})
+                self._record(db, key, "admin_key", None, {"source": source})
 
     def audit_log(self, after: int = 0, limit: int | None = None) -> tuple[list[audit.AuditEntry], int, str]:
         """Audit entries after number `after`, and the head (last number, last hash)."""

@@ -182,3 +182,35 @@ def test_a_starting_worker_leaves_a_live_workers_job_alone_on_a_shared_registry(
     alone.claim_next()
     run_worker(tmp_path / "c", "keyword", "unused", once=True)  # recovered, then trained
     assert alone.get(dead.id).status == Status.ready
+
+
+def test_another_replica_hears_of_a_change_at_once(postgres, tmp_path):
+    """A replica listening on the registry is told of a registration, a status change and a removal made
+    elsewhere when each commits (it no longer has to wait for its next poll)."""
+    import threading
+
+    url = fresh_database(postgres)
+    writer, listener = Registry(tmp_path / "a", url), Registry(tmp_path / "b", url)
+    heard, stop = [], threading.Event()
+    thread = threading.Thread(target=listener.listen, args=(lambda: heard.append(time.monotonic()), stop))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not heard:  # the first call: listening has begun
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        for change in (
+            lambda: writer.add(spec("Heard Person")),
+            lambda: writer.set_status(writer.list()[0].id, Status.failed, "boom"),
+            lambda: writer.deactivate(writer.list()[0].id, purge=True),
+        ):
+            before = len(heard)
+            change()
+            deadline = time.monotonic() + 5
+            while len(heard) == before:
+                assert time.monotonic() < deadline, "the listener was never told"
+                time.sleep(0.01)
+    finally:
+        stop.set()
+        thread.join(10)
+    assert not thread.is_alive()

@@ -464,9 +464,20 @@ class GuardrailPipeline:
         return {"active": len(active - untrained), "degraded": failed, "untrained": len(untrained)}
 
     async def sync_forever(self, interval_s: float = 0.5) -> None:
+        """Sync every `interval_s`, and at once when the registry says it changed (`notify_changed`)."""
+        self._changed = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
         while True:
+            self._changed.clear()
             try:
                 await self.sync()
             except Exception:
                 log.exception("registry sync failed")
-            await asyncio.sleep(interval_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), interval_s)
+
+    def notify_changed(self) -> None:
+        """Another process changed the registry (called from the listener thread): sync now."""
+        loop, changed = getattr(self, "_loop", None), getattr(self, "_changed", None)
+        if loop is not None and changed is not None:
+            loop.call_soon_threadsafe(changed.set)

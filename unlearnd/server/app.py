@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -118,11 +119,17 @@ def make_lifespan(settings: ServerSettings, engine: Engine | None, admin_key: st
             worker.start()
         await asyncio.to_thread(record_children, settings.data_dir)  # engine core and worker, for the next start
         sync_task = asyncio.create_task(pipeline.sync_forever(settings.sync_interval_s))
+        stop_listening = threading.Event()
+        if registry.engine.dialect.name == "postgresql":  # other replicas' changes arrive as notifications
+            threading.Thread(
+                target=registry.listen, args=(pipeline.notify_changed, stop_listening), daemon=True
+            ).start()
         watchdog = asyncio.create_task(watch_engine(running, settings.exit_on_engine_death))
         log.info("unlearnd ready: model %s on %s engine", running.model_name, settings.engine)
         try:
             yield
         finally:
+            stop_listening.set()
             sync_task.cancel()
             watchdog.cancel()
             if worker is not None:
