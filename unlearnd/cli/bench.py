@@ -77,3 +77,19 @@ def serve(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(3) from exc
     typer.echo(str(md))
+
+
+@app.command("propagation")
+def propagation(
+    trials: int = typer.Option(50, min=1, help="Requests registered one after another."),
+    seed: int = typer.Option(0, help="Picks the invented names."),
+    out: Path = typer.Option(Path("reports/propagation"), help="Report path stem (.md, .json, .items.jsonl.gz)."),
+    logs_dir: Path = typer.Option(None, help="Where the servers' logs go (default: a temp dir)."),
+) -> None:
+    """Seconds from registering a request on one replica to its enforcement by another: starts a real
+    PostgreSQL, a plain vLLM backend and two unlearnd replicas on them, then `trials` registrations."""
+    from unlearnd.bench.propagation import PropagationOptions, run_propagation
+
+    opts = PropagationOptions(trials=trials, seed=seed, out=str(out), logs_dir=str(logs_dir) if logs_dir else None)
+    summary = run_propagation(opts)["summary"]
+    typer.echo(f"wrote {out}.md: p99 {summary.get('p99')} s over {summary['enforced']}/{summary['n']} enforced")
