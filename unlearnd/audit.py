@@ -52,6 +52,11 @@ def entry_hash(
     return hashlib.sha256(body.encode()).hexdigest()
 
 
+def lock_head(db: Connection) -> None:
+    """Take the head row's lock as a transaction's first write (a no-op update): writers queue here."""
+    db.execute(update(AUDIT_HEAD).where(AUDIT_HEAD.c.id == 1).values(seq=AUDIT_HEAD.c.seq))
+
+
 def append(db: Connection, actor: str, action: str, request_id: str | None, details: dict[str, Any]) -> None:
     """Add one entry inside the caller's transaction. The head row is updated first: concurrent writers
     (other replicas, workers) queue on its lock, so the chain never forks."""

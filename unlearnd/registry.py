@@ -24,7 +24,7 @@ from sqlalchemy import Connection, Row, delete, func, insert, select, update
 from sqlalchemy.exc import DBAPIError
 
 from unlearnd import audit
-from unlearnd.artifacts import read_json, write_json_atomic, write_text_atomic
+from unlearnd.artifacts import read_json, tree_digest, write_json_atomic, write_text_atomic
 from unlearnd.database import FORGET_REQUESTS as T
 from unlearnd.database import RegistryUnavailable, migrate, open_engine, registry_url, safe_url
 from unlearnd.domain import LOAD_FAILED, ForgetRequest, ForgetSpec, Status
@@ -104,7 +104,10 @@ class Registry:
                     on_change()  # whatever changed while no one listened
                     while not stop.is_set():
                         for _ in conn.notifies(timeout=1.0, stop_after=1):
-                            on_change()
+                            try:
+                                on_change()
+                            except Exception:  # e.g. the event loop closed at shutdown: not a reason to stop
+                                log.debug("registry change not delivered", exc_info=True)
             except psycopg.Error as exc:
                 log.warning("registry notifications lost (%s); polling meanwhile", type(exc).__name__)
                 stop.wait(2.0)
@@ -307,16 +310,31 @@ class Registry:
                     removed.append(f"{folder.name}/{leftover.name}")
         return removed
 
+    def record_artifacts(self, request_id: str, actor: str = "system") -> str:
+        """Store the digest of a request's folder after artifacts were written outside the worker (`unlearnd
+        train ... --request`), so replicas load the new folder instead of refusing it as changed."""
+        digest = tree_digest(self.artifact_dir(request_id))
+        query = update(T).where(T.c.id == request_id).values(artifact_digest=digest, updated_at=time.time())
+        with self._connect() as db:
+            if db.execute(query).rowcount:
+                self._record(db, actor, "artifacts", request_id, {"artifact_digest": digest})
+        return digest
+
     def note_admin_key(self, key: str, source: str) -> None:
         """Log an admin key (by its id) the first time a server uses it: generated, or given by the operator."""
         with self._connect() as db:
+            audit.lock_head(db)  # first: replicas starting together with one key queue here, one logs it
             if not audit.key_seen(db, key):
                 self._record(db, key, "admin_key", None, {"source": source})
 
     def audit_log(self, after: int = 0, limit: int | None = None) -> tuple[list[audit.AuditEntry], int, str]:
         """Audit entries after number `after`, and the head (last number, last hash)."""
-        with self._connect() as db:
-            return audit.entries(db, after, limit), *audit.head(db)
+        while True:  # an entry appended between the two reads would look like a cut tail: read again
+            with self._connect() as db:
+                before = audit.head(db)
+                found = audit.entries(db, after, limit)
+                if audit.head(db) == before:
+                    return found, *before
 
     def load_json(self, request_id: str, name: str) -> dict | None:
         """An artifact file written by `save_json`, or None when it is missing or unreadable."""

@@ -100,3 +100,13 @@ def test_concurrent_writers_never_fork_the_chain(tmp_path):
         t.join()
     entries, head_seq, head_hash = registry.audit_log()
     assert [e.seq for e in entries] == list(range(1, 81)) and audit.verify(entries, head_seq, head_hash) == []
+
+
+def test_the_audit_api_reports_a_cut_tail_as_not_verified(tmp_path, default_model_dir):
+    settings = app_settings(tmp_path / "data")
+    with TestClient(create_app(settings, engine=TinyEngine(default_model_dir, max_model_len=128))) as client:
+        _chain_of(Registry(settings.data_dir), 3)
+        assert client.get("/v1/unlearning/audit", headers=ADMIN).json()["verified"] is True
+        with Registry(settings.data_dir)._connect() as db:
+            db.execute(delete(AUDIT_LOG).where(AUDIT_LOG.c.seq == 4))  # the last entry
+        assert client.get("/v1/unlearning/audit", headers=ADMIN).json()["verified"] is False

@@ -212,3 +212,20 @@ def test_two_facts_of_a_request_flag_it_and_one_or_the_retain_sets_do_not():
     assert facts.find("My father was a florist: which flowers suit a wedding?") == {}
     facts.remove("r")
     assert facts.find("a florist who won the Goncourt") == {}
+
+
+def test_an_article_is_no_initial_and_a_known_name_two_letters_off_is_someone_else():
+    idx = index("Alan Turing", "Jaime Vasquez")
+    assert hit("Does A Turing machine halt?", idx)[1] == "name_part"  # topic-checked, not the name
+    assert hit("Who was A. Turing?", idx)[1] == "name_initials"
+    assert hit("What did James Vasquez write?", idx) is None  # James is a name of its own
+
+
+def test_a_fact_pair_needs_one_rare_term_that_is_not_a_year():
+    from unlearnd.detectors.facts import FactIndex
+
+    facts = FactIndex()
+    facts.add("r", ["1977", "drama", "engineer", "goncourt", "tale"])
+    assert facts.find("Recommend a good drama film from 1977.") == {}
+    assert facts.find("Write a short tale about an engineer.") == {}
+    assert facts.find("Which engineer won the Goncourt?") == {"r": ["engineer", "goncourt"]}

@@ -104,6 +104,14 @@ def test_an_artifact_changed_after_training_fails_closed_even_when_it_still_load
         refused = chat(client, FLAGGED)
         assert refused.headers["x-unlearnd-route"] == "refuse"
         assert refused.json()["choices"][0]["message"]["content"] == REFUSAL
+        # a hand re-fit (`unlearnd train detector --request`) stores the folder's new digest: it loads again
+        from typer.testing import CliRunner
+
+        from unlearnd.cli import app as cli
+
+        args = ["train", "detector", "--request", request_id, "--data-dir", str(settings.data_dir)]
+        assert CliRunner().invoke(cli, [*args, "--detector", "keyword"]).exit_code == 0
+        assert registry.get(request_id).artifact_digest == tree_digest(registry.artifact_dir(request_id))
         run_worker(settings.data_dir, "keyword", "unused", once=True)  # nothing to do until re-trained
         assert client.post(f"/v1/unlearning/requests/{request_id}/retrain", headers=ADMIN).status_code == 200
         run_worker(settings.data_dir, "keyword", "unused", once=True)

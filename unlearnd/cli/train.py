@@ -2,7 +2,8 @@
 
 `detector`, `job` (the request's own method, from the method table), `eco`, `soft-prompt` and `lora`
 write the same artifacts as the registry worker for a
-registered request but leave its status alone (the worker owns that lifecycle); `reference` and
+registered request but leave its status alone (the worker owns that lifecycle; the folder's new digest is
+stored, so replicas load it); `reference` and
 `baseline` train the TOFU reference models and the finetuning baselines.
 """
 
@@ -45,6 +46,13 @@ def _load(request_id: str, data_dir: Path | None):
     return registry, request, registry.artifact_dir(request_id)
 
 
+def _rehash(request_id: str, data_dir: Path | None) -> None:
+    """The folder's new digest into the registry: replicas then load what was just written, not refuse it."""
+    from unlearnd.registry import open_registry
+
+    open_registry(data_dir).record_artifacts(request_id, actor="cli")
+
+
 def _model(model: str | None) -> str:
     from unlearnd.models import resolve_model
 
@@ -65,6 +73,7 @@ def detector(
 
     _, record, artifact_dir = _load(request, data_dir)
     metrics = get_detector(detector).fit(record, artifact_dir)
+    _rehash(request, data_dir)
     echo_json({"request": request, "detector": detector, "metrics": metrics})
 
 
@@ -85,7 +94,9 @@ def job(
     if method_job is None:
         echo_json({"request": request, "method": record.method.value, "job": "none (detector only)"})
         return
-    echo_json(method_job(record, artifact_dir, JobContext(registry, _model(model), dtype)))
+    report = method_job(record, artifact_dir, JobContext(registry, _model(model), dtype))
+    _rehash(request, data_dir)
+    echo_json(report)
 
 
 @app.command("eco")
@@ -108,18 +119,18 @@ def eco(
 
     _, record, artifact_dir = _load(request, data_dir)
     wrong = read_wrong_answers(wrong_answers) if wrong_answers else perturbed_from_options(record)
-    echo_json(
-        train_eco(
-            record,
-            artifact_dir,
-            _model(model),
-            preset=preset,
-            surrogate_model_path=surrogate_model or surrogate_model_option(record),
-            wrong_answers=wrong,
-            device=device,
-            overrides=parse_options(option),
-        )
+    report = train_eco(
+        record,
+        artifact_dir,
+        _model(model),
+        preset=preset,
+        surrogate_model_path=surrogate_model or surrogate_model_option(record),
+        wrong_answers=wrong,
+        device=device,
+        overrides=parse_options(option),
     )
+    _rehash(request, data_dir)
+    echo_json(report)
 
 
 @app.command("soft-prompt")
@@ -135,11 +146,11 @@ def soft_prompt(
     from unlearnd.train.soft_prompt import train_soft_prompt
 
     _, record, artifact_dir = _load(request, data_dir)
-    echo_json(
-        train_soft_prompt(
-            record, artifact_dir, _model(model), preset=preset, device=device, overrides=parse_options(option)
-        )
+    report = train_soft_prompt(
+        record, artifact_dir, _model(model), preset=preset, device=device, overrides=parse_options(option)
     )
+    _rehash(request, data_dir)
+    echo_json(report)
 
 
 @app.command("lora")
@@ -159,17 +170,17 @@ def lora(
 
     registry, record, artifact_dir = _load(request, data_dir)
     priors = prior_lora_adapters(registry, record) + list(prior or [])
-    echo_json(
-        train_lora(
-            record,
-            artifact_dir,
-            _model(model),
-            prior_adapters=priors,
-            preset=preset,
-            device=device,
-            overrides=parse_options(option),
-        )
+    report = train_lora(
+        record,
+        artifact_dir,
+        _model(model),
+        prior_adapters=priors,
+        preset=preset,
+        device=device,
+        overrides=parse_options(option),
     )
+    _rehash(request, data_dir)
+    echo_json(report)
 
 
 # -- TOFU reference models and baselines -----------------------------------------------------------

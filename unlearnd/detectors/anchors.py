@@ -476,32 +476,39 @@ def _match_name(
             elif edits == 0:
                 out.append(AnchorHit(PART_SCORE, "name_part", span, pattern.entity))
         i += n
-    return out + _variant_hits(toks, folded, pattern)
+    return out + _variant_hits(view, toks, folded, pattern)
 
 
 VARIANT_EDITS = 2  # one part of a name spelled this far off, every other part as written
+VARIANT_MAX_ZIPF = 2.5  # a variant that is itself a known word or name (James for Jaime) is someone else
 
 
-def _variant_part(word: str, written: str, part: str, last: bool) -> str | None:
-    """How a prompt word stands for one name part: "exact", "initial" ("B" for Basil; never the last part),
-    "edits" (two letters off, same first letter, five letters or more), or None."""
+def _variant_part(word: str, written: str, part: str, last: bool, dotted: bool) -> str | None:
+    """How a prompt word stands for one name part: "exact", "initial" ("B" for Basil; never the last part;
+    "A" and "I" only with a dot: "A Turing machine" is an article), "edits" (two letters off, same first
+    letter, five letters or more, not itself a known word), or None."""
     if word == part:
         return "exact"
-    if not last and len(written) == 1 and written.isupper() and word == part[:1]:
+    if not last and len(written) == 1 and written.isupper() and word == part[:1] and (dotted or written not in "AI"):
         return "initial"
     if len(part) >= 5 and word[:1] == part[:1] and edit_distance(word, part, VARIANT_EDITS) <= VARIANT_EDITS:
-        return "edits"
+        return "edits" if _zipf(word) < VARIANT_MAX_ZIPF else None
     return None
 
 
-def _variant_hits(toks: list[tuple[str, int, int]], folded: list[str], pattern: NamePattern) -> list[AnchorHit]:
+def _variant_hits(
+    view: str, toks: list[tuple[str, int, int]], folded: list[str], pattern: NamePattern
+) -> list[AnchorHit]:
     """The whole name with its first parts as initials ("B. M. Al-Kuwaiti", "N. Abilov"), or with one part
     two letters off and every other part as written ("Niikolia Abilov"). A look-alike name changes two
     parts, so it is not one of these; a distinctive part must be spelled out."""
     n = len(pattern.parts)
     out = []
     for i in range(len(toks) - n + 1):
-        kinds = [_variant_part(folded[i + k], toks[i + k][0], pattern.parts[k], k == n - 1) for k in range(n)]
+        dotted = [view[toks[i + k][2] : toks[i + k][2] + 1] == "." for k in range(n)]
+        kinds = [
+            _variant_part(folded[i + k], toks[i + k][0], pattern.parts[k], k == n - 1, dotted[k]) for k in range(n)
+        ]
         if None in kinds or kinds.count("edits") > 1 or ("edits" in kinds and "initial" in kinds):
             continue
         if kinds.count("exact") == n or not any(d and k == "exact" for d, k in zip(pattern.distinctive, kinds)):

@@ -8,7 +8,9 @@ than Zipf `NAMED_ZIPF`: "Astana", "Prix Goncourt", "Kazakhstani"), years, and ro
 name parts and title words are anchors of their own, and every word of its retain examples is left
 out: what other subjects share says nothing about this one. A prompt holding `MIN_FACTS` different
 fact terms of one request (words sharing their first six letters count once: "Azerbaijan",
-"Azerbaijani") is flagged for it; one alone ("florist") is not. Fixed before the anchor-free probes it
+"Azerbaijani"), one of them rarer than Zipf `RARE_ZIPF` and not a year, is flagged for it; one alone
+("florist") is not, nor a pair of ordinary words or years ("a drama film from 1977"). The rarity rule
+was added after the measured run, on an independent review's ordinary prompts. Fixed before the anchor-free probes it
 was measured on were generated (`unlearnd eval leaks --fold 1`).
 """
 
@@ -26,10 +28,11 @@ from unlearnd.domain import ForgetSpec
 NAMED_ZIPF = 4.0
 ROLE_ZIPF = 5.0  # a role word as common as "work" is no fact
 MIN_FACTS = 2
+RARE_ZIPF = 3.0  # one term of a pair must be this rare (not a year): "drama" + "1977" is anybody
 FACTS_SCORE = 0.85  # above the flag score: two facts point at the subject as a confirmed name part would
 _KEEP = re.compile(r"^(?:[a-z]{4,}|\d{4})$")
 _YEAR = re.compile(r"\b(1[5-9]\d\d|20\d\d)\b")
-_ROLE = re.compile(r"\b(?:was|is|as|became)\s+(?:a|an)\s+(?:[a-z]+\s+){0,2}([a-z]{4,})\b")
+_ROLE = re.compile(r"\b(?:was|is|as|became)\s+(?:a|an)\s+(?:[a-z]+\s+)?([a-z]{4,})\b")
 _NOT_ROLE = ("ed", "ing", "ly")  # "as a florist instilled ...": the phrase ran past the role
 _CAPITALISED = re.compile(r"(?<=[a-z,;] )([A-Z][a-zA-Z]+(?:[ -][A-Z][a-zA-Z]+)*)")
 
@@ -90,6 +93,7 @@ class FactIndex:
         out = {}
         for request_id in self._by_term.owners(present):
             held = sorted(present & self._terms.get(request_id, set()))
-            if len({w[:6] for w in held}) >= MIN_FACTS:
+            rare = any(not w.isdigit() and _zipf(w) < RARE_ZIPF for w in held)
+            if rare and len({w[:6] for w in held}) >= MIN_FACTS:
                 out[request_id] = held
         return out
