@@ -46,13 +46,6 @@ def _load(request_id: str, data_dir: Path | None):
     return registry, request, registry.artifact_dir(request_id)
 
 
-def _rehash(request_id: str, data_dir: Path | None) -> None:
-    """The folder's new digest into the registry: replicas then load what was just written, not refuse it."""
-    from unlearnd.registry import open_registry
-
-    open_registry(data_dir).record_artifacts(request_id, actor="cli")
-
-
 def _model(model: str | None) -> str:
     from unlearnd.models import resolve_model
 
@@ -71,9 +64,9 @@ def detector(
     """Fit a detector artifact for a registered forget request (writes into its artifact folder)."""
     from unlearnd.detectors import get_detector
 
-    _, record, artifact_dir = _load(request, data_dir)
+    registry, record, artifact_dir = _load(request, data_dir)
     metrics = get_detector(detector).fit(record, artifact_dir)
-    _rehash(request, data_dir)
+    registry.record_artifacts(request, actor="cli")  # replicas then load the new folder, not refuse it
     echo_json({"request": request, "detector": detector, "metrics": metrics})
 
 
@@ -95,7 +88,7 @@ def job(
         echo_json({"request": request, "method": record.method.value, "job": "none (detector only)"})
         return
     report = method_job(record, artifact_dir, JobContext(registry, _model(model), dtype))
-    _rehash(request, data_dir)
+    registry.record_artifacts(request, actor="cli")  # replicas then load the new folder, not refuse it
     echo_json(report)
 
 
@@ -117,7 +110,7 @@ def eco(
     """Tune ECO's corruption strength for a request (writes eco.json)."""
     from unlearnd.train.eco import perturbed_from_options, read_wrong_answers, surrogate_model_option, train_eco
 
-    _, record, artifact_dir = _load(request, data_dir)
+    registry, record, artifact_dir = _load(request, data_dir)
     wrong = read_wrong_answers(wrong_answers) if wrong_answers else perturbed_from_options(record)
     report = train_eco(
         record,
@@ -129,7 +122,7 @@ def eco(
         device=device,
         overrides=parse_options(option),
     )
-    _rehash(request, data_dir)
+    registry.record_artifacts(request, actor="cli")  # replicas then load the new folder, not refuse it
     echo_json(report)
 
 
@@ -145,11 +138,11 @@ def soft_prompt(
     """Train SPUL's soft prompt for a request (writes soft_prompt.safetensors + .json)."""
     from unlearnd.train.soft_prompt import train_soft_prompt
 
-    _, record, artifact_dir = _load(request, data_dir)
+    registry, record, artifact_dir = _load(request, data_dir)
     report = train_soft_prompt(
         record, artifact_dir, _model(model), preset=preset, device=device, overrides=parse_options(option)
     )
-    _rehash(request, data_dir)
+    registry.record_artifacts(request, actor="cli")  # replicas then load the new folder, not refuse it
     echo_json(report)
 
 
@@ -179,7 +172,7 @@ def lora(
         device=device,
         overrides=parse_options(option),
     )
-    _rehash(request, data_dir)
+    registry.record_artifacts(request, actor="cli")  # replicas then load the new folder, not refuse it
     echo_json(report)
 
 
