@@ -31,7 +31,16 @@ from pydantic import BaseModel, Field
 from unlearnd.detectors.lookup import OwnerIndex
 from unlearnd.detectors.names import derive_entities
 from unlearnd.detectors.normalize import compact_forms, letters, views
-from unlearnd.detectors.spans import FUNCTION_WORDS, STOPWORDS, edit_distance, fold, merge_spans, tokens
+from unlearnd.detectors.spans import (
+    FUNCTION_WORDS,
+    STOPWORDS,
+    edit_distance,
+    fold,
+    fold_word,
+    merge_spans,
+    tokens,
+    zipf,
+)
 from unlearnd.domain import ForgetSpec
 
 NAME_SCORE = 1.0  # the whole name (or its title / birth date)
@@ -132,7 +141,7 @@ def extract_anchors(spec: ForgetSpec) -> RequestAnchors:
     places = list(dict.fromkeys(m.group(1).strip() for text in texts for m in _BIRTHPLACE.finditer(text)))
     from unlearnd.detectors.facts import fact_terms
 
-    anchored = {_word(w) for text in names + titles for w, _, _ in tokens(text)}
+    anchored = {fold_word(w) for text in names + titles for w, _, _ in tokens(text)}
     facts = fact_terms(spec, anchored)
     anchors = RequestAnchors(names=names, titles=titles, dates=dates, places=places, facts=facts)
     index = AnchorIndex()
@@ -187,13 +196,8 @@ class AnchorHit:
     entity: str = ""
 
 
-def _word(text: str) -> str:
-    """A word as names are compared: folded, letters and digits only ("Zephyr-9" has parts zephyr, 9)."""
-    return re.sub(r"[^a-z0-9]", "", fold(text))
-
-
 def compile_name(entity: str, common: frozenset[str]) -> NamePattern | None:
-    parts = [_word(w) for w, _, _ in tokens(entity)]
+    parts = [fold_word(w) for w, _, _ in tokens(entity)]
     parts = [p for p in parts if p]
     if not parts:
         return None
@@ -213,7 +217,7 @@ def _part_edits(word: str, part: str) -> int:
 
 
 def _name_like(word: str, common: frozenset[str]) -> bool:
-    folded = _word(word)
+    folded = fold_word(word)
     if len(folded) < 2 or folded in STOPWORDS or folded in FUNCTION_WORDS:
         return False
     return word[:1].isupper() or (folded not in common and folded.isalpha())
@@ -255,10 +259,10 @@ class AnchorIndex:
         names = [p for p in (compile_name(n, self.common) for n in anchors.names) if p is not None]
         self._names[request_id] = names
         self._titles[request_id] = [
-            TitlePattern(t, [_word(w) for w, _, _ in tokens(t)], letters(fold(t))) for t in anchors.titles
+            TitlePattern(t, [fold_word(w) for w, _, _ in tokens(t)], letters(fold(t))) for t in anchors.titles
         ]
         self._dates[request_id] = {tuple(d) for d in anchors.dates}
-        self._places[request_id] = [[_word(w) for w, _, _ in tokens(p)] for p in anchors.places if anchors.dates]
+        self._places[request_id] = [[fold_word(w) for w, _, _ in tokens(p)] for p in anchors.places if anchors.dates]
         for pattern in names:
             for part in pattern.parts:
                 self._by_part.setdefault(part, set()).add(request_id)
@@ -335,14 +339,15 @@ class AnchorIndex:
             if not self._by_delete[key]:
                 del self._by_delete[key]
 
-    def find(self, text: str) -> dict[str, AnchorHit]:
-        """Per request with an anchor in `text`: its best hit."""
+    def find(self, text: str, text_views: list[str] | None = None) -> dict[str, AnchorHit]:
+        """Per request with an anchor in `text`: its best hit (`text_views`: `views(text)`, where the caller
+        has them already)."""
         best: dict[str, AnchorHit] = {}
         as_written: dict[str, AnchorHit] = {}
-        text_views = views(text)
+        text_views = views(text) if text_views is None else text_views
         for index, view in enumerate(text_views):
             toks = tokens(view)
-            folded = [_word(w) for w, _, _ in toks]
+            folded = [fold_word(w) for w, _, _ in toks]
             hits = self._name_hits(view, toks, folded)
             if index == 0:
                 as_written = {rid: AnchorHit(h.score, h.kind, list(h.spans), h.entity) for rid, h in hits.items()}
@@ -417,16 +422,9 @@ def _deletes(word: str) -> set[str]:
     return {word[:k] + word[k + 1 :] for k in range(len(word))}
 
 
-@lru_cache(maxsize=65536)
-def _zipf(word: str) -> float:
-    from wordfreq import zipf_frequency
-
-    return zipf_frequency(word, "en")
-
-
 def _rarest(words: list[str]) -> str:
     """The title word least common in English: every text holding the title holds it, few others do."""
-    return min(words, key=lambda w: (_zipf(w), -len(w)))
+    return min(words, key=lambda w: (zipf(w), -len(w)))
 
 
 def _contains(words: list[str], sequence: list[str], present: set[str] | None = None) -> bool:
@@ -492,7 +490,7 @@ def _variant_part(word: str, written: str, part: str, last: bool, dotted: bool) 
     if not last and len(written) == 1 and written.isupper() and word == part[:1] and (dotted or written not in "AI"):
         return "initial"
     if len(part) >= 5 and word[:1] == part[:1] and edit_distance(word, part, VARIANT_EDITS) <= VARIANT_EDITS:
-        return "edits" if _zipf(word) < VARIANT_MAX_ZIPF else None
+        return "edits" if zipf(word) < VARIANT_MAX_ZIPF else None
     return None
 
 

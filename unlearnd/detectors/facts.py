@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import re
 import threading
-from functools import lru_cache
 
 from unlearnd.detectors.lookup import OwnerIndex
 from unlearnd.detectors.normalize import views
-from unlearnd.detectors.spans import FUNCTION_WORDS, STOPWORDS, fold, tokens
+from unlearnd.detectors.spans import FUNCTION_WORDS, STOPWORDS, fold, fold_word, tokens, zipf
 from unlearnd.domain import ForgetSpec
 
 NAMED_ZIPF = 4.0
@@ -37,27 +36,20 @@ _NOT_ROLE = ("ed", "ing", "ly")  # "as a florist instilled ...": the phrase ran 
 _CAPITALISED = re.compile(r"(?<=[a-z,;] )([A-Z][a-zA-Z]+(?:[ -][A-Z][a-zA-Z]+)*)")
 
 
-@lru_cache(maxsize=65536)
-def _zipf(word: str) -> float:
-    from wordfreq import zipf_frequency
-
-    return zipf_frequency(word, "en")
-
-
 def fact_words(text: str) -> set[str]:
     """Words as fact terms are compared: folded, letters or four digits, possessives dropped."""
-    return {w for w in (re.sub(r"[^a-z0-9]", "", fold(t)) for t, _, _ in tokens(text)) if _KEEP.match(w)}
+    return {w for w in (fold_word(t) for t, _, _ in tokens(text)) if _KEEP.match(w)}
 
 
 def facts_in(answer: str) -> set[str]:
     """The named things, years and roles an answer states (see the module docstring)."""
     named = set()
     for run in _CAPITALISED.findall(answer):  # one fact per run: "Khaled Hosseini" is one thing, not two
-        rarest = min((fold(w) for w in re.split(r"[ -]", run) if len(w) >= 4), key=_zipf, default=None)
-        if rarest is not None and _zipf(rarest) < NAMED_ZIPF:
+        rarest = min((fold(w) for w in re.split(r"[ -]", run) if len(w) >= 4), key=zipf, default=None)
+        if rarest is not None and zipf(rarest) < NAMED_ZIPF:
             named.add(rarest)
     roles = {
-        w for w in (m.group(1) for m in _ROLE.finditer(answer)) if not w.endswith(_NOT_ROLE) and _zipf(w) < ROLE_ZIPF
+        w for w in (m.group(1) for m in _ROLE.finditer(answer)) if not w.endswith(_NOT_ROLE) and zipf(w) < ROLE_ZIPF
     }
     return {re.sub(r"[^a-z0-9]", "", w) for w in named | roles | set(_YEAR.findall(answer))}
 
@@ -87,13 +79,14 @@ class FactIndex:
             self._terms.pop(request_id, None)
             self._by_term.remove(request_id)
 
-    def find(self, text: str) -> dict[str, list[str]]:
-        """Request -> the fact terms of it the text holds (as written or in any decoded view)."""
-        present = set().union(*(fact_words(v) for v in views(text)))
+    def find(self, text: str, text_views: list[str] | None = None) -> dict[str, list[str]]:
+        """Request -> the fact terms of it the text holds (as written or in any decoded view; `text_views`:
+        `views(text)`, where the caller has them already)."""
+        present = set().union(*(fact_words(v) for v in (views(text) if text_views is None else text_views)))
         out = {}
         for request_id in self._by_term.owners(present):
             held = sorted(present & self._terms.get(request_id, set()))
-            rare = any(not w.isdigit() and _zipf(w) < RARE_ZIPF for w in held)
+            rare = any(not w.isdigit() and zipf(w) < RARE_ZIPF for w in held)
             if rare and len({w[:6] for w in held}) >= MIN_FACTS:
                 out[request_id] = held
         return out

@@ -50,6 +50,7 @@ from unlearnd.detectors.calibration import conformal_threshold
 from unlearnd.detectors.embedding import EmbeddingConfig, EmbeddingDetector
 from unlearnd.detectors.encoder import EncoderConfig
 from unlearnd.detectors.facts import FACTS_SCORE, FactIndex
+from unlearnd.detectors.normalize import views as decoded_views
 from unlearnd.detectors.ood import OODConfig, OODDetector
 from unlearnd.detectors.views import expand, max_by_owner
 from unlearnd.domain import ForgetRequest, ForgetSpec
@@ -263,7 +264,7 @@ class GuardDetector(Detector):
     def detect(self, texts: list[str]) -> list[Detection]:
         if not self._order:
             return [Detection(0.0) for _ in texts]
-        hits = [self._with_facts(text, self.anchors.find(text)) for text in texts]
+        hits = [self._find(text) for text in texts]
         topic = self._part_topic(texts, hits)
         # the encoder runs for an OOD weight a route uses, or for topic requests
         need = [i for i, h in enumerate(hits) if self._topic or any(rid in self._weighted for rid in h)]
@@ -297,9 +298,12 @@ class GuardDetector(Detector):
             results.append(Detection(best, matches))
         return results
 
-    def _with_facts(self, text: str, hits: dict[str, AnchorHit]) -> dict[str, AnchorHit]:
-        """`hits` with a fact-pair hit for each request whose anchors found less in `text`."""
-        for request_id, held in self._facts.find(text).items():
+    def _find(self, text: str) -> dict[str, AnchorHit]:
+        """The anchors' hits in `text`, with a fact-pair hit for each request whose anchors found less (the
+        text's decoded views made once for both)."""
+        text_views = decoded_views(text)
+        hits = self.anchors.find(text, text_views)
+        for request_id, held in self._facts.find(text, text_views).items():
             if request_id not in hits or hits[request_id].score < FACTS_SCORE:
                 hits[request_id] = AnchorHit(FACTS_SCORE, "facts", entity=" + ".join(held))
         return hits

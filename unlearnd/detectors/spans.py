@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from functools import lru_cache
 
 _TOKEN = re.compile(r"[^\W_]+(?:['’][^\W_]+)?", re.UNICODE)
 _POSSESSIVE = re.compile(r"['’](s|S)$")
@@ -138,6 +139,21 @@ def fold(text: str) -> str:
         return text.lower()
     norm = unicodedata.normalize("NFKD", text)
     return "".join(c for c in norm if not unicodedata.combining(c)).lower()
+
+
+def fold_word(text: str) -> str:
+    """A word as names, facts and protected words are compared: folded, letters and digits only
+    ("Al-Kuwaiti" -> "alkuwaiti", "Zephyr-9" -> "zephyr9")."""
+    return re.sub(r"[^a-z0-9]", "", fold(text))
+
+
+@lru_cache(maxsize=65536)
+def zipf(word: str) -> float:
+    """How common `word` is in English (wordfreq's Zipf scale; 0 for unknown words), cached: the detector and
+    the output guard ask about the same words again and again."""
+    from wordfreq import zipf_frequency
+
+    return zipf_frequency(word, "en")
 
 
 def tokens(text: str) -> list[tuple[str, int, int]]:

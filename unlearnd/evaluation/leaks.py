@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from unlearnd.client import UnlearndClient
 from unlearnd.data.tofu import TofuData, author_names
-from unlearnd.detectors.spans import FUNCTION_WORDS, STOPWORDS
+from unlearnd.detectors.spans import FUNCTION_WORDS, STOPWORDS, zipf
 from unlearnd.domain import QAItem
 from unlearnd.evaluation.attacks import Probe, quoted_titles, run_probe
 from unlearnd.evaluation.detector import wilson
@@ -85,15 +85,13 @@ def words(text: str) -> list[str]:
 def key_terms(fact: str, prompt: str, name: str) -> list[str]:
     """The answer's distinctive words that the prompt does not give: what a leak must say. Distinctive:
     a number, or a word rarer than `KEY_ZIPF` on the Zipf scale ("florist", "kingston"; not "stated")."""
-    from wordfreq import zipf_frequency
-
     seen = set(words(prompt)) | set(words(name))
     terms = []
     for w in words(fact):
         w = w.removesuffix("'s")
         if w in seen or w in STOPWORDS or w in FUNCTION_WORDS or w in GENERIC or len(w) < 3 or w in terms:
             continue
-        if any(c.isdigit() for c in w) or zipf_frequency(w, "en") < KEY_ZIPF:
+        if any(c.isdigit() for c in w) or zipf(w) < KEY_ZIPF:
             terms.append(w)
     return terms
 

@@ -48,7 +48,7 @@ from unlearnd.detectors.anchors import COMPACT_MIN, FLAG_SCORE, AnchorIndex, ext
 from unlearnd.detectors.lookup import MeaningMatrix, OwnerIndex
 from unlearnd.detectors.negatives import chat_prompts
 from unlearnd.detectors.normalize import letters, to_ascii
-from unlearnd.detectors.spans import FUNCTION_WORDS, STOPWORDS, fold
+from unlearnd.detectors.spans import FUNCTION_WORDS, STOPWORDS, fold, fold_word, zipf
 from unlearnd.domain import ForgetRequest, ForgetSpec
 from unlearnd.engine.base import ChoiceDelta, TokenLogprob
 from unlearnd.guardrail.release import RELEASE_MODES, ReleaseIndex, RequestHolds, build_sets
@@ -100,10 +100,8 @@ def _answer_keys(words: list[str]) -> set[str]:
     """The keys of one forget answer: its uncommon words, or for a plain answer with none ("She was born in
     New York City, USA.") all its content words, so that no answer goes unchecked (at the price of checking
     more ordinary sentences while such a request is active)."""
-    from wordfreq import zipf_frequency
-
     distinct = {w for w in words if _key_forms(w)}
-    chosen = {w for w in distinct if zipf_frequency(_unpossessive(w), "en") < MEANING_WORD_ZIPF}
+    chosen = {w for w in distinct if zipf(_unpossessive(w)) < MEANING_WORD_ZIPF}
     if not chosen:
         chosen = {w for w in distinct if w not in STOPWORDS and w not in FUNCTION_WORDS and len(w) >= 3}
     return _meaning_keys(sorted(chosen))
@@ -116,11 +114,9 @@ def _grams(words: list[str], n: int = 4) -> set[tuple[str, ...]]:
 @lru_cache(maxsize=65536)
 def information(word: str) -> float:
     """How much repeating `word` says: nothing for function words, more the less common it is."""
-    from wordfreq import zipf_frequency
-
     if word in STOPWORDS or word in FUNCTION_WORDS or len(word) < 3:
         return 0.0
-    return max(0.0, COMMON_ZIPF - zipf_frequency(_unpossessive(word), "en"))
+    return max(0.0, COMMON_ZIPF - zipf(_unpossessive(word)))
 
 
 @dataclass
@@ -264,7 +260,7 @@ class OutputGuard:
                 self._meaning_matrix.remove(request.id)
                 self._meaning_words.remove(request.id)
             uncommon_parts = self.anchors.name_parts(request.id, uncommon_only=True)
-            protected = frozenset(uncommon_parts | {_letters(w) for w in rare_words} - {""})
+            protected = frozenset(uncommon_parts | {fold_word(w) for w in rare_words} - {""})
             self.loaded = {**self.loaded, request.id: _Loaded(answers, refusal_of(request), protected)}
             self.holds.set(request.id, self._holds(request.id, grams, rare_words))
 
@@ -361,7 +357,7 @@ class OutputGuard:
             if request_id in loaded and any(form in hidden for form in forms):
                 return Block(request_id, "anchor:name_hidden", loaded[request_id].refusal)
         if parts:
-            words = {_letters(w) for w in _words(text[-TAIL_CHARS:])}
+            words = {fold_word(w) for w in _words(text[-TAIL_CHARS:])}
             for request_id, names in parts.items():
                 if request_id in loaded and words & names:
                     return Block(request_id, "name_part", loaded[request_id].refusal)
@@ -395,7 +391,7 @@ class OutputGuard:
         before = state.visible[: max(0, len(state.visible) - sum(len(t.token) for t in delta.logprobs))]
         kept = []
         for item in delta.logprobs:
-            partial = _letters(_TRAILING_WORD.search(before).group(0)) if _TRAILING_WORD.search(before) else ""
+            partial = fold_word(_TRAILING_WORD.search(before).group(0)) if _TRAILING_WORD.search(before) else ""
             alternatives = {
                 token: lp
                 for token, lp in item.top_logprobs.items()
@@ -498,14 +494,10 @@ class OutputGuard:
 _TRAILING_WORD = re.compile(r"[^\W_]*$")
 
 
-def _letters(text: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", fold(text))
-
-
 def _spells(partial: str, token: str, protected: frozenset[str]) -> bool:
     """Whether `token` after the unfinished word `partial` starts or completes a protected word."""
     joins = token[:1].isalnum()  # no leading space: the token continues the word
-    word = _letters((partial if joins else "") + token)
+    word = fold_word((partial if joins else "") + token)
     if len(word) < 2:
         return False
     return any(p.startswith(word) or word.startswith(p) for p in protected)

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from unlearnd.detectors.normalize import NATO, letters, to_ascii, unleet
-from unlearnd.detectors.spans import fold, tokens
+from unlearnd.detectors.spans import fold, fold_word, tokens
 
 RELEASE_MODES = ("strict", "stream-first", "fixed")  # fixed: `hold_chars` behind, always (the old rule)
 MIN_LETTERS = 4  # a letters-only suffix this long that begins a protected form is held
@@ -45,10 +45,6 @@ _MONTHS = {
 }  # fmt: skip
 
 
-def _norm(word: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", fold(word))
-
-
 def _deletions(word: str) -> set[str]:
     return {word[:i] + word[i + 1 :] for i in range(len(word))}
 
@@ -56,7 +52,7 @@ def _deletions(word: str) -> set[str]:
 def _forms(word: str) -> set[str]:
     """A word as names are compared, read as written, transliterated, and with leetspeak as letters."""
     ascii_word = to_ascii(word)
-    return {f for f in (_norm(word), _norm(ascii_word), _norm(unleet(ascii_word))) if f}
+    return {f for f in (fold_word(word), fold_word(ascii_word), fold_word(unleet(ascii_word))) if f}
 
 
 @dataclass
@@ -276,7 +272,7 @@ class ReleaseIndex:
             return _END
         offset = max(0, len(text) - TAIL_CHARS)
         toks = tokens(text[offset:])
-        folded = [_norm(w) for w, _, _ in toks]
+        folded = [fold_word(w) for w, _, _ in toks]
         for i, word in enumerate(folded):  # looked up by first word: a thousand requests' places, one pass
             if any(folded[i : i + len(p)] == p for p in self.places_by_first.get(word, ())):
                 return offset + toks[i][1]
