@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from functools import lru_cache
 from typing import Any
 
 from pydantic import BaseModel
@@ -36,8 +37,10 @@ class AuditEntry(BaseModel):
     hash: str
 
 
+@lru_cache(maxsize=8)
 def key_id(key: str) -> str:
-    """How an admin key is named in the log: a prefix of its hash, never the key."""
+    """How an admin key is named in the log: a prefix of its hash, never the key (computed once per key:
+    every admin request is named by it)."""
     return "key:" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 

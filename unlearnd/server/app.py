@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from threadpoolctl import threadpool_limits
 
 from unlearnd import __version__
+from unlearnd.audit import key_id
 from unlearnd.database import RegistryUnavailable
 from unlearnd.detectors import get_detector
 from unlearnd.engine.base import Engine
@@ -28,7 +29,7 @@ from unlearnd.guardrail import prometheus
 from unlearnd.guardrail.pipeline import GuardrailPipeline
 from unlearnd.registry import Registry
 from unlearnd.server import admin_routes, openai_routes, ops_routes, unlearning_routes
-from unlearnd.server.auth import ADMIN_HEADER, api_key_matches, ensure_admin_key, is_admin, key_id
+from unlearnd.server.auth import ADMIN_HEADER, api_key_matches, ensure_admin_key, is_admin
 from unlearnd.server.errors import error_response, validation_message
 from unlearnd.server.orphans import record_children, stop_orphans
 from unlearnd.server.protocol import APIError

@@ -15,7 +15,6 @@ import os
 import secrets
 import stat
 import time
-from functools import lru_cache
 from pathlib import Path
 
 from fastapi import Request
@@ -96,11 +95,3 @@ def api_key_matches(request: Request, api_key: str) -> bool:
     """The API key as OpenAI clients send it (Authorization: Bearer), or in `x-api-key`."""
     token = bearer_token(request) or request.headers.get("x-api-key", "")
     return hmac.compare_digest(token.encode(), api_key.encode())
-
-
-@lru_cache(maxsize=8)
-def key_id(key: str) -> str:
-    """How the audit log names an admin key (`audit.key_id`), computed once per key."""
-    from unlearnd.audit import key_id as audit_key_id
-
-    return audit_key_id(key)
