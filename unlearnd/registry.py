@@ -24,7 +24,8 @@ from sqlalchemy import Connection, Row, delete, func, insert, select, update
 from sqlalchemy.exc import DBAPIError
 
 from unlearnd import audit
-from unlearnd.artifacts import read_json, tree_digest, write_json_atomic, write_text_atomic
+from unlearnd.artifact_store import ArtifactStore, is_store_url
+from unlearnd.artifacts import ArtifactMismatch, read_json, tree_digest, write_json_atomic, write_text_atomic
 from unlearnd.database import FORGET_REQUESTS as T
 from unlearnd.database import RegistryUnavailable, migrate, open_engine, registry_url, safe_url
 from unlearnd.domain import LOAD_FAILED, ForgetRequest, ForgetSpec, Status
@@ -49,10 +50,15 @@ def open_registry(data_dir: str | Path | None = None) -> Registry:
 class Registry:
     def __init__(self, data_dir: str | Path, url: str | None = None, artifacts: str | Path | None = None):
         """`url`: the database (default: SQLite in `data_dir`); `artifacts`: the folder of the requests'
-        artifact folders (default: `data_dir`/requests), shared by every replica when they share `url`."""
+        artifact folders (default: `data_dir`/requests), shared by every replica when they share `url`, or
+        an object-store URL (see artifact_store.py)."""
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.artifacts_root = Path(artifacts) if artifacts else self.data_dir / "requests"
+        self.store = ArtifactStore(str(artifacts)) if is_store_url(artifacts) else None
+        if self.store is not None:  # the replica's own copies of what the store holds
+            self.artifacts_root = self.data_dir / "artifact-cache"
+        else:
+            self.artifacts_root = Path(artifacts) if artifacts else self.data_dir / "requests"
         self.artifacts_root.mkdir(parents=True, exist_ok=True)
         self.shared_artifacts = artifacts is not None
         self.url = registry_url(self.data_dir, url)
@@ -285,6 +291,8 @@ class Registry:
                 db.execute(delete(T).where(T.c.id == request_id))
                 self._record(db, actor, "purge", request_id, {})
             shutil.rmtree(self.artifact_dir(request_id), ignore_errors=True)
+            if self.store is not None:
+                self.store.remove(request_id)
         return record
 
     def sweep_orphan_dirs(self) -> list[str]:
@@ -313,12 +321,25 @@ class Registry:
     def record_artifacts(self, request_id: str, actor: str = "system") -> str:
         """Store the digest of a request's folder after artifacts were written outside the worker (`unlearnd
         train ... --request`), so replicas load the new folder instead of refusing it as changed."""
-        digest = tree_digest(self.artifact_dir(request_id))
+        digest = self.publish_artifacts(request_id)
         query = update(T).where(T.c.id == request_id).values(artifact_digest=digest, updated_at=time.time())
         with self._connect() as db:
             if db.execute(query).rowcount:
                 self._record(db, actor, "artifacts", request_id, {"artifact_digest": digest})
         return digest
+
+    def publish_artifacts(self, request_id: str) -> str:
+        """The digest of a request's finished folder, uploaded first where the artifacts live in a store."""
+        folder = self.artifact_dir(request_id)
+        return self.store.publish(request_id, folder) if self.store is not None else tree_digest(folder)
+
+    def fetch_artifacts(self, request: ForgetRequest) -> None:
+        """Bring the version the registry names into this replica's cache (a no-op on a mounted folder)."""
+        if self.store is None or request.artifact_digest is None:
+            return
+        if not self.store.fetch(request.id, request.artifact_digest, self.artifact_dir(request.id)):
+            version = request.artifact_digest[:19]
+            raise ArtifactMismatch(f"artifact store {self.store.url} holds no version {version}...")
 
     def note_admin_key(self, key: str, source: str) -> None:
         """Log an admin key (by its id) the first time a server uses it: generated, or given by the operator."""

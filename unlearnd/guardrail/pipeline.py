@@ -310,6 +310,7 @@ class GuardrailPipeline:
         """Load a request's detector and intervention artifacts (not yet served: see `_engine_load`)."""
         artifact_dir = self.registry.artifact_dir(request.id)
         try:
+            self.registry.fetch_artifacts(request)  # from the object store, where the artifacts live in one
             verify_digest(artifact_dir, request.artifact_digest)  # a changed folder fails closed, whatever it holds
             self.detector.load(request, artifact_dir)
         except Exception as exc:

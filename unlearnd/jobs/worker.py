@@ -18,7 +18,6 @@ import time
 import traceback
 from pathlib import Path
 
-from unlearnd.artifacts import tree_digest
 from unlearnd.config import DEFAULT_DETECTOR, DEFAULT_MODEL
 from unlearnd.domain import LOAD_FAILED, ForgetRequest, Status
 from unlearnd.logs import setup_logging
@@ -102,7 +101,7 @@ def run_job(
         report["wall_seconds"] = time.perf_counter() - started
         report["cpu_seconds"] = time.process_time() - cpu_started
         registry.save_json(request.id, "training.json", report)
-        digest = tree_digest(artifact_dir)  # what every replica checks before it loads the folder
+        digest = registry.publish_artifacts(request.id)  # what every replica checks before it loads the folder
         if registry.set_status(
             request.id, Status.ready, expect=Status.training, artifact_digest=digest, actor="worker"
         ):
@@ -123,7 +122,7 @@ def run_worker(
     once: bool = False,
     serve_dtype: str = "auto",
     registry_url: str | None = None,
-    artifacts: Path | None = None,
+    artifacts: str | None = None,
 ) -> None:
     registry = Registry(data_dir, registry_url, artifacts)
     lock = acquire_worker_lock(data_dir)  # one trainer per data dir: a second one waits here
@@ -264,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
         "--registry", default=os.environ.get("UNLEARND_REGISTRY"), help="registry database URL (env UNLEARND_REGISTRY)"
     )
     parser.add_argument(
-        "--artifacts", type=Path, default=os.environ.get("UNLEARND_ARTIFACTS"), help="shared artifacts folder"
+        "--artifacts", default=os.environ.get("UNLEARND_ARTIFACTS"), help="shared artifacts folder or store URL"
     )
     parser.add_argument("--parent-pid", type=int, default=None, help="the server: the worker ends with it")
     args = parser.parse_args(argv)

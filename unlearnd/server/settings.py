@@ -28,9 +28,10 @@ class ServerSettings(BaseSettings):
         description="Registry database URL: postgresql://USER:PASSWORD@HOST/DB lets several replicas and workers "
         "share forget requests (default: SQLite in the data dir).",
     )
-    artifacts: Path | None = Field(
+    artifacts: str | None = Field(
         None,
-        description="Folder of the forget requests' artifacts, mounted by every replica that shares --registry "
+        description="Folder of the forget requests' artifacts, mounted by every replica that shares --registry, "
+        "or an object-store URL (s3://bucket/prefix, any fsspec URL; each replica caches what it loads) "
         "(default: <data dir>/requests).",
     )
     engine: Literal["local", "remote"] = Field(

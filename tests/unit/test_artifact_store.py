@@ -1,0 +1,137 @@
+"""Artifacts in an object store (`--artifacts URL`): a worker publishes, another replica fetches the version
+the registry names into its own cache, and a copy that differs fails closed. fsspec's local file system
+stands in for S3 here: the same code path (put, find, get, rm) with a URL, no server needed."""
+
+from __future__ import annotations
+
+import pytest
+
+from unlearnd.artifacts import ArtifactMismatch
+from unlearnd.domain import ForgetSpec, Method, Status
+from unlearnd.jobs.worker import run_worker
+from unlearnd.registry import Registry
+
+
+def spec(name="Jane Doe"):
+    return ForgetSpec(name=name, method=Method.refuse, forget=[{"question": f"Who is {name}?", "answer": "A writer."}])
+
+
+@pytest.fixture
+def shared(tmp_path):
+    """Two machines' data dirs on one database and one store URL."""
+    database = f"sqlite:///{tmp_path / 'registry.db'}"
+    store = f"file://{tmp_path / 'store'}"
+    return (
+        (tmp_path / "worker", database, store),
+        (tmp_path / "replica", database, store),
+    )
+
+
+def test_a_trained_folder_reaches_another_replica_through_the_store(shared):
+    (worker_dir, database, store), (replica_dir, *_) = shared
+    registry = Registry(worker_dir, database, store)
+    record = registry.add(spec())
+    run_worker(worker_dir, "keyword", "unused", once=True, registry_url=database, artifacts=store)
+    ready = registry.get(record.id)
+    assert ready.status == Status.ready and ready.artifact_digest
+
+    replica = Registry(replica_dir, database, store)
+    assert replica.artifact_dir(record.id).parent == replica_dir / "artifact-cache"
+    replica.fetch_artifacts(replica.get(record.id))
+    cached = replica.artifact_dir(record.id)
+    assert (cached / "detector.json").read_bytes() == (registry.artifact_dir(record.id) / "detector.json").read_bytes()
+    versions = list((worker_dir.parent / "store" / record.id).iterdir())
+    assert [v.name for v in versions] == [ready.artifact_digest.removeprefix("sha256:")]
+
+
+def test_a_changed_copy_in_the_store_is_refused_and_the_cache_kept(shared):
+    (worker_dir, database, store), (replica_dir, *_) = shared
+    registry = Registry(worker_dir, database, store)
+    record = registry.add(spec())
+    run_worker(worker_dir, "keyword", "unused", once=True, registry_url=database, artifacts=store)
+    ready = registry.get(record.id)
+    replica = Registry(replica_dir, database, store)
+    replica.fetch_artifacts(ready)
+    good = (replica.artifact_dir(record.id) / "detector.json").read_bytes()
+
+    version = worker_dir.parent / "store" / record.id / ready.artifact_digest.removeprefix("sha256:")
+    (version / "detector.json").write_text('{"tampered": true}')
+    (replica.artifact_dir(record.id) / "detector.json").write_text("stale")  # the cache no longer matches
+    with pytest.raises(ArtifactMismatch):
+        replica.fetch_artifacts(ready)
+    assert (replica.artifact_dir(record.id) / "detector.json").read_text() == "stale"  # nothing half-installed
+    assert good != b"stale"
+
+
+def test_a_version_the_store_lacks_fails_closed_and_purge_empties_the_store(shared):
+    (worker_dir, database, store), (replica_dir, *_) = shared
+    registry = Registry(worker_dir, database, store)
+    record = registry.add(spec())
+    run_worker(worker_dir, "keyword", "unused", once=True, registry_url=database, artifacts=store)
+    ready = registry.get(record.id)
+    missing = ready.model_copy(update={"artifact_digest": "sha256:" + "0" * 64})
+    with pytest.raises(ArtifactMismatch, match="holds no version"):
+        Registry(replica_dir, database, store).fetch_artifacts(missing)
+
+    registry.deactivate(record.id, purge=True)
+    assert not (worker_dir.parent / "store" / record.id).exists()
+
+
+def test_a_retrain_publishes_a_new_version_and_drops_the_old(shared):
+    (worker_dir, database, store), _ = shared
+    registry = Registry(worker_dir, database, store)
+    record = registry.add(spec())
+    run_worker(worker_dir, "keyword", "unused", once=True, registry_url=database, artifacts=store)
+    first = registry.get(record.id).artifact_digest
+    (registry.artifact_dir(record.id) / "extra.json").write_text("{}")
+    second = registry.record_artifacts(record.id)
+    assert second != first
+    names = [v.name for v in (worker_dir.parent / "store" / record.id).iterdir()]
+    assert names == [second.removeprefix("sha256:")]
+
+
+def test_a_replica_serves_a_request_trained_elsewhere_from_the_store_and_refuses_a_tampered_one(
+    shared, default_model_dir
+):
+    from fastapi.testclient import TestClient
+
+    from tests.helpers import ADMIN, TinyEngine, app_settings
+    from unlearnd.interventions.guardrails import REFUSAL
+    from unlearnd.server.app import create_app
+
+    (worker_dir, database, store), (replica_dir, *_) = shared
+    registry = Registry(worker_dir, database, store)
+    record = registry.add(spec("Basil Mahfouz"))
+    run_worker(worker_dir, "keyword", "unused", once=True, registry_url=database, artifacts=store)
+    settings = app_settings(replica_dir, registry=database, artifacts=store)
+    ask = {"model": "tiny", "messages": [{"role": "user", "content": "Who is Basil Mahfouz?"}], "max_tokens": 32}
+    with TestClient(create_app(settings, engine=TinyEngine(default_model_dir, max_model_len=128))) as client:
+        pipeline = client.app.state.unlearnd.pipeline
+        assert _eventually(lambda: record.id in pipeline.active and record.id not in pipeline.degraded)
+        assert (replica_dir / "artifact-cache" / record.id / "detector.json").exists()
+        reply = client.post("/v1/chat/completions", json=ask).json()
+        assert reply["choices"][0]["message"]["content"] == REFUSAL
+        assert client.get(f"/v1/unlearning/requests/{record.id}", headers=ADMIN).json()["status"] == "active"
+
+    # The store's copy changed and the replica's cache is gone: a fresh start refuses by name (degraded).
+    version = worker_dir.parent / "store" / record.id / registry.get(record.id).artifact_digest.removeprefix("sha256:")
+    (version / "detector.json").write_text('{"tampered": true}')
+    import shutil
+
+    shutil.rmtree(replica_dir / "artifact-cache" / record.id)
+    with TestClient(create_app(settings, engine=TinyEngine(default_model_dir, max_model_len=128))) as client:
+        pipeline = client.app.state.unlearnd.pipeline
+        assert _eventually(lambda: record.id in pipeline.degraded)
+        reply = client.post("/v1/chat/completions", json=ask).json()
+        assert reply["choices"][0]["message"]["content"] == REFUSAL
+
+
+def _eventually(condition, timeout_s: float = 5.0) -> bool:
+    import time
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
