@@ -150,6 +150,15 @@ class UnlearndClient:
     def retrain_request(self, request_id: str) -> dict[str, Any]:
         return self.json("POST", f"/v1/unlearning/requests/{request_id}/retrain", admin=True)
 
+    def evidence(self, request_id: str, format: str = "json") -> Any:
+        """The request's evidence: JSON (a dict), markdown (text) or png (bytes)."""
+        path = f"/v1/unlearning/requests/{request_id}/evidence"
+        response = self.send("GET", path, admin=True, params={"format": format})
+        return response.json() if format == "json" else response.text if format == "markdown" else response.content
+
+    def rerun_evidence(self, request_id: str) -> dict[str, Any]:
+        return self.json("POST", f"/v1/unlearning/requests/{request_id}/evidence", admin=True)
+
     def remove_request(self, request_id: str, purge: bool = False) -> dict[str, Any]:
         return self.json(
             "DELETE", f"/v1/unlearning/requests/{request_id}", admin=True, params={"purge": str(purge).lower()}

@@ -13,7 +13,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import Column, Double, Engine, Index, Integer, MetaData, String, Table, Text, create_engine, event
+from sqlalchemy import (
+    Column,
+    Double,
+    Engine,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+)
 from sqlalchemy.engine import make_url
 
 log = logging.getLogger(__name__)
@@ -53,6 +66,20 @@ AUDIT_HEAD = Table(  # one row: the last entry's number and hash (writers queue 
     Column("id", Integer, primary_key=True, autoincrement=False),
     Column("seq", Integer, nullable=False),
     Column("hash", String(64), nullable=False),
+)
+EVIDENCE = Table(  # `unlearnd.evidence`: the probe battery's last result per request (status: pending, running, done)
+    "evidence",
+    METADATA,
+    Column("request_id", String(64), primary_key=True),
+    Column("status", String(16), nullable=False),
+    Column("verdict", String(16)),  # passing | failing | error
+    Column("requested_at", Double, nullable=False),
+    Column("started_at", Double),
+    Column("finished_at", Double),
+    Column("error", Text),
+    Column("report", Text),  # JSON: summary and per-probe records
+    Column("markdown", Text),
+    Column("png", LargeBinary),
 )
 SQLITE_FILE = "registry.sqlite3"
 _MIGRATION_LOCK = 0x756E6C6E  # PostgreSQL advisory lock key: one process migrates at a time

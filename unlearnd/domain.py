@@ -71,6 +71,11 @@ class ForgetSpec(BaseModel):
         default_factory=list, description="Names of the forget target (default: the request name)."
     )
     options: dict = Field(default_factory=dict, description="Method-specific training options.")
+    evidence: list[QAExample] = Field(
+        default_factory=list,
+        max_length=2000,
+        description="Facts held out of fitting: the evidence probes are built from them (default: the forget QA).",
+    )
 
     @field_validator("forget", "retain", mode="before")
     @classmethod

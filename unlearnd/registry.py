@@ -20,12 +20,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import Connection, Row, delete, func, insert, select, update
+from sqlalchemy import Connection, Row, and_, delete, func, insert, or_, select, update
 from sqlalchemy.exc import DBAPIError
 
 from unlearnd import audit
 from unlearnd.artifact_store import ArtifactStore, is_store_url
 from unlearnd.artifacts import ArtifactMismatch, read_json, tree_digest, write_json_atomic, write_text_atomic
+from unlearnd.database import EVIDENCE as E
 from unlearnd.database import FORGET_REQUESTS as T
 from unlearnd.database import RegistryUnavailable, migrate, open_engine, registry_url, safe_url
 from unlearnd.domain import LOAD_FAILED, ForgetRequest, ForgetSpec, Status
@@ -289,6 +290,7 @@ class Registry:
         if purge:  # the row goes first (one transaction); folders without a row are removed at the next start
             with self._connect() as db:
                 db.execute(delete(T).where(T.c.id == request_id))
+                db.execute(delete(E).where(E.c.request_id == request_id))  # probes and replies hold forget content
                 self._record(db, actor, "purge", request_id, {})
             shutil.rmtree(self.artifact_dir(request_id), ignore_errors=True)
             if self.store is not None:
@@ -340,6 +342,62 @@ class Registry:
         if not self.store.fetch(request.id, request.artifact_digest, self.artifact_dir(request.id)):
             version = request.artifact_digest[:19]
             raise ArtifactMismatch(f"artifact store {self.store.url} holds no version {version}...")
+
+    # -- evidence (unlearnd/evidence.py runs the probes; these keep the queue and the results) -----------
+    def request_evidence(self, request_id: str, actor: str = "system") -> None:
+        """Queue the request's probe battery (again): run once it is active; the last result stays readable
+        until the new one replaces it."""
+        self.get(request_id)  # KeyError if unknown
+        now = time.time()
+        queued = {"status": "pending", "requested_at": now, "started_at": None, "error": None}
+        with self._connect() as db:
+            if db.execute(update(E).where(E.c.request_id == request_id).values(**queued)).rowcount == 0:
+                db.execute(insert(E).values(request_id=request_id, **queued))
+            self._record(db, actor, "evidence_requested", request_id, {})
+
+    def claim_evidence(self, stale_after_s: float = 600.0) -> ForgetRequest | None:
+        """Take the oldest queued evidence job whose request is active (or one whose runner died)."""
+        now = time.time()
+        waiting = or_(E.c.status == "pending", and_(E.c.status == "running", E.c.started_at < now - stale_after_s))
+        oldest = (
+            select(E.c.request_id)
+            .join(T, T.c.id == E.c.request_id)
+            .where(waiting, T.c.status == Status.active.value)
+            .order_by(E.c.requested_at)
+            .limit(1)
+            .with_for_update(skip_locked=True, of=E)
+            .scalar_subquery()
+        )
+        claim = update(E).where(E.c.request_id == oldest, waiting).values(status="running", started_at=now)
+        with self._connect() as db:
+            claimed = db.execute(claim.returning(E.c.request_id)).scalar()
+        return self.get(claimed) if claimed is not None else None
+
+    def save_evidence(self, request_id: str, verdict: str, report: str, markdown: str, png: bytes | None) -> bool:
+        """Store a finished battery (False when the request was purged or its evidence queued again
+        meanwhile: the newer run stands); the audit entry holds the verdict and the report's hash."""
+        import hashlib
+
+        values = dict(status="done", verdict=verdict, finished_at=time.time(), report=report, markdown=markdown)
+        details = {"verdict": verdict, "report_sha256": hashlib.sha256(report.encode()).hexdigest()}
+        with self._connect() as db:
+            query = update(E).where(E.c.request_id == request_id, E.c.status == "running")
+            if not db.execute(query.values(**values, png=png)).rowcount:
+                return False
+            self._record(db, "worker", "evidence", request_id, details)
+        return True
+
+    def evidence(self, request_id: str) -> dict | None:
+        """The request's evidence row (status, verdict, report, markdown, png), or None if never queued."""
+        with self._connect() as db:
+            row = db.execute(select(E).where(E.c.request_id == request_id)).first()
+        return dict(row._mapping) if row is not None else None
+
+    def evidence_verdicts(self) -> dict[str, str]:
+        """Every request's evidence: its verdict (passing, failing, error), or pending / running."""
+        with self._connect() as db:
+            rows = db.execute(select(E.c.request_id, E.c.status, E.c.verdict)).all()
+        return {rid: verdict if status == "done" else status for rid, status, verdict in rows}
 
     def note_admin_key(self, key: str, source: str) -> None:
         """Log an admin key (by its id) the first time a server uses it: generated, or given by the operator."""

@@ -46,17 +46,18 @@ def test_every_action_and_status_change_is_logged_by_whom_without_forget_content
         (me, "register", "pending"),
         ("worker", "status", "training"),
         ("worker", "status", "ready"),
+        ("worker", "evidence_requested", None),  # the probe battery, queued for when it is active
         ("server", "status", "active"),
         (me, "status", "inactive"),
         (me, "purge", None),
     ]
     assert log["data"][3]["details"]["artifact_digest"].startswith("sha256:")
-    assert log["verified"] is True and log["head"]["seq"] == 7 and len(exported) == 7
+    assert log["verified"] is True and log["head"]["seq"] == 8 and len(exported) == 8
     assert log["data"][0]["details"] == {"source": "given"}
     assert all(e["request_id"] == request_id for e in log["data"][1:])  # kept after the purge
     with TestClient(create_app(settings, engine=TinyEngine(default_model_dir, max_model_len=128))):
         pass  # a restart with the same key: not logged again
-    assert Registry(settings.data_dir).audit_log()[1] == 7
+    assert Registry(settings.data_dir).audit_log()[1] == 8
     text = json.dumps(log)
     assert "Basil" not in text and "novelist" not in text and ADMIN_KEY not in text  # ids and hashes only
 

@@ -165,3 +165,55 @@ def remove(
     except KeyError:
         raise _not_found(request_id) from None
     echo_json(record.model_dump(mode="json", exclude={"spec"}))
+
+
+@app.command("evidence")
+def evidence(
+    request_id: str,
+    rerun: bool = typer.Option(False, help="Queue the probe battery again (the worker runs it)."),
+    format: str = typer.Option("markdown", help="markdown, json, or png (the plot's bytes to --out)."),
+    out: Path | None = typer.Option(None, help="Write to this file instead of standard output."),
+    url: str | None = URL,
+    admin_key: str | None = ADMIN_KEY,
+    data_dir: Path | None = DATA_DIR,
+) -> None:
+    """Show a forget request's evidence: the probe battery run against the served model once it was active."""
+    if format not in ("markdown", "json", "png"):
+        raise typer.BadParameter("format: markdown, json or png")
+    if url:
+        with _client(url, admin_key, data_dir) as client:
+            if rerun:
+                echo_json(_over_http(lambda: client.rerun_evidence(request_id)))
+                return
+            found = _over_http(lambda: client.evidence(request_id, format))
+    else:
+        found = _local_evidence(request_id, rerun, format, data_dir)
+        if found is None:
+            return
+    if isinstance(found, dict):
+        found = json.dumps(found, indent=1)
+    if out is not None:
+        out.write_bytes(found) if isinstance(found, bytes) else out.write_text(found)
+    elif isinstance(found, bytes):
+        raise typer.BadParameter("png needs --out")
+    else:
+        typer.echo(found)
+
+
+def _local_evidence(request_id: str, rerun: bool, format: str, data_dir: Path | None):
+    registry = _registry(data_dir)
+    try:
+        if rerun:
+            registry.request_evidence(request_id, actor="cli")
+            echo_json({"request_id": request_id, "status": "pending"})
+            return None
+        registry.get(request_id)
+    except KeyError:
+        raise _not_found(request_id) from None
+    row = registry.evidence(request_id)
+    if row is None or row["verdict"] is None:
+        typer.echo(f"error: no evidence for {request_id!r} yet", err=True)
+        raise typer.Exit(1)
+    if format == "json":
+        return {k: v for k, v in row.items() if k != "png"} | {"report": json.loads(row["report"] or "{}")}
+    return row["png"] if format == "png" else row["markdown"]

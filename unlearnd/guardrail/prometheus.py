@@ -47,4 +47,10 @@ DEGRADED_REQUESTS = Gauge(
     "Forget requests whose artifacts could not be loaded: matched by name and refused until re-trained",
     registry=REGISTRY,
 )
+EVIDENCE = Gauge(
+    "unlearnd_evidence_requests",
+    "Forget requests by their evidence (passing, failing, error, pending, running); failing: a probe leaked",
+    ["verdict"],
+    registry=REGISTRY,
+)
 ENGINE_DEAD = Gauge("unlearnd_engine_dead", "1 once the engine can serve nothing any more", registry=REGISTRY)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from unlearnd.config import DEFAULT_DETECTOR, DEFAULT_MODEL
 from unlearnd.domain import LOAD_FAILED, ForgetRequest, Status
+from unlearnd.evidence import EvidenceRunner, EvidenceSettings
 from unlearnd.logs import setup_logging
 from unlearnd.methods import METHODS
 from unlearnd.registry import Registry
@@ -106,6 +107,7 @@ def run_job(
             request.id, Status.ready, expect=Status.training, artifact_digest=digest, actor="worker"
         ):
             log.info("forget request %s ready (%.1fs)", request.id, report["wall_seconds"])
+            registry.request_evidence(request.id, actor="worker")  # probed once the server serves it
         elif not registry.exists(request.id):  # purged while it trained: leave nothing behind
             shutil.rmtree(artifact_dir, ignore_errors=True)
     except Exception as exc:
@@ -123,9 +125,14 @@ def run_worker(
     serve_dtype: str = "auto",
     registry_url: str | None = None,
     artifacts: str | None = None,
+    evidence: EvidenceSettings | None = None,
 ) -> None:
+    """Train pending requests one at a time; with `evidence` (the server to probe), a thread beside it runs
+    the evidence batteries of requests that became active."""
     registry = Registry(data_dir, registry_url, artifacts)
     lock = acquire_worker_lock(data_dir)  # one trainer per data dir: a second one waits here
+    if evidence is not None and not once:
+        EvidenceRunner(Registry(data_dir, registry_url, artifacts), evidence).start()
     # Alone on its registry, anything still `training` belonged to a dead worker; on a shared one, only a
     # job whose worker stopped beating is (checked again every so often: other workers die too).
     stale_s = STALE_S if registry.shared else 0.0
@@ -226,6 +233,10 @@ class WorkerSupervisor:
             env["UNLEARND_REGISTRY"] = self.settings.registry
         if self.settings.artifacts:
             env["UNLEARND_ARTIFACTS"] = str(self.settings.artifacts)
+        host = self.settings.host if self.settings.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+        env["UNLEARND_SERVER_URL"] = f"http://{host}:{self.settings.port}"  # the evidence probes go there
+        if self.settings.api_key:
+            env["UNLEARND_API_KEY"] = self.settings.api_key
         return subprocess.Popen(cmd, env=env)
 
     def start(self) -> None:
@@ -265,6 +276,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--artifacts", default=os.environ.get("UNLEARND_ARTIFACTS"), help="shared artifacts folder or store URL"
     )
+    parser.add_argument(
+        "--server-url",
+        default=os.environ.get("UNLEARND_SERVER_URL"),
+        help="the unlearnd server (or replicas' load balancer) the evidence probes go to; none: no evidence",
+    )
     parser.add_argument("--parent-pid", type=int, default=None, help="the server: the worker ends with it")
     args = parser.parse_args(argv)
     if args.parent_pid is not None:
@@ -282,7 +298,16 @@ def main(argv: list[str] | None = None) -> None:
         serve_dtype=args.dtype,
         registry_url=args.registry,
         artifacts=args.artifacts,
+        evidence=evidence_settings(args.server_url),
     )
+
+
+def evidence_settings(server_url: str | None) -> EvidenceSettings | None:
+    """The evidence runner's settings (the user API key from `UNLEARND_API_KEY`); None without a server."""
+    if not server_url:
+        log.warning("no --server-url: evidence batteries are not run by this worker")
+        return None
+    return EvidenceSettings(server_url=server_url, api_key=os.environ.get("UNLEARND_API_KEY"))
 
 
 if __name__ == "__main__":

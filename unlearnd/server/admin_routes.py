@@ -1,15 +1,16 @@
-"""The admin API: register, list, show and deactivate (or purge) forget requests.
+"""The admin API: register, list, show and deactivate (or purge) forget requests; their evidence.
 
 The app's middleware checks the admin key before any of these runs."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import PlainTextResponse, Response
 
 from unlearnd.domain import ForgetRequest, ForgetSpec
 from unlearnd.methods import METHODS
@@ -66,7 +67,8 @@ def _finished(task: asyncio.Future, request_id: str) -> None:
 @router.get("/v1/unlearning/requests")
 async def list_requests(state: ServerState = Depends(server_state)) -> dict[str, Any]:
     records = await asyncio.to_thread(state.registry.list)
-    return {"object": "list", "data": [public(r, full=False) for r in records]}
+    evidence = await asyncio.to_thread(state.registry.evidence_verdicts)
+    return {"object": "list", "data": [{**public(r, full=False), "evidence": evidence.get(r.id)} for r in records]}
 
 
 @router.get("/v1/unlearning/requests/{request_id}")
@@ -77,7 +79,51 @@ async def get_request(request_id: str, state: ServerState = Depends(server_state
         raise not_found(request_id) from None
     # the training job's report (cost, achieved metrics), once the job has finished
     training = await asyncio.to_thread(state.registry.load_json, request_id, "training.json")
-    return {**public(record), "training": training}
+    evidence = await asyncio.to_thread(state.registry.evidence_verdicts)
+    return {**public(record), "training": training, "evidence": evidence.get(record.id)}
+
+
+@router.get(
+    "/v1/unlearning/requests/{request_id}/evidence",
+    responses={200: {"content": {"application/json": {}, "text/markdown": {}, "image/png": {}}}},
+)
+async def get_evidence(
+    request_id: str,
+    format: str = Query("json", pattern="^(json|markdown|png)$", description="json, markdown or png (the plot)."),
+    state: ServerState = Depends(server_state),
+):
+    """The request's evidence (admin): the probe battery's last result, or where its run stands."""
+    row = await asyncio.to_thread(state.registry.evidence, request_id)
+    if row is None or (format != "json" and row["verdict"] is None):
+        message = f"no evidence for {request_id!r} yet (it is collected once the request is active)"
+        raise APIError(404, message, "not_found_error", "evidence_not_found")
+    if format == "png":
+        if row["png"] is None:
+            raise APIError(404, f"the evidence of {request_id!r} has no plot", "not_found_error", "evidence_not_found")
+        return Response(row["png"], media_type="image/png")
+    if format == "markdown":
+        return PlainTextResponse(row["markdown"] or "", media_type="text/markdown")
+    report = json.loads(row["report"]) if row["report"] else {}
+    keep = ("status", "verdict", "requested_at", "started_at", "finished_at")
+    return {
+        "object": "unlearning.evidence",
+        "request_id": request_id,
+        **{k: row[k] for k in keep},
+        "summary": report.get("summary"),
+        "error": report.get("error"),
+        "records": report.get("records", []),
+        "markdown": row["markdown"],
+    }
+
+
+@router.post("/v1/unlearning/requests/{request_id}/evidence", status_code=202)
+async def rerun_evidence(http: Request, request_id: str, state: ServerState = Depends(server_state)) -> dict[str, Any]:
+    """Queue the request's probe battery again (the worker runs it once the request is active)."""
+    try:
+        await asyncio.to_thread(state.registry.request_evidence, request_id, http.state.actor)
+    except KeyError:
+        raise not_found(request_id) from None
+    return {"object": "unlearning.evidence", "request_id": request_id, "status": "pending"}
 
 
 @router.post("/v1/unlearning/requests/{request_id}/retrain")
@@ -113,6 +159,7 @@ async def audit_log(
     after: int = Query(0, ge=0, description="Entries after this number."),
     limit: int = Query(1000, ge=1, le=10_000),
     format: str = Query("json", pattern="^(json|jsonl)$", description="jsonl: one entry per line, for export."),
+    request_id: str | None = Query(None, max_length=64, description="Only this forget request's entries."),
     state: ServerState = Depends(server_state),
 ):
     """The audit trail (admin): every admin action and status change, hash-chained, with the head (last
@@ -120,14 +167,15 @@ async def audit_log(
     from unlearnd.audit import verify
 
     entries, head_seq, head_hash = await asyncio.to_thread(state.registry.audit_log, after, limit)
+    shown = [e for e in entries if request_id is None or e.request_id == request_id]  # one request's history
     if format == "jsonl":
-        return PlainTextResponse("".join(e.model_dump_json() + "\n" for e in entries), media_type="application/jsonl")
+        return PlainTextResponse("".join(e.model_dump_json() + "\n" for e in shown), media_type="application/jsonl")
     intact = None
     if after == 0 and len(entries) < limit:  # the whole log is here (a cut tail too): check it
         intact = not await asyncio.to_thread(verify, entries, head_seq, head_hash)
     return {
         "object": "list",
-        "data": [e.model_dump() for e in entries],
+        "data": [e.model_dump() for e in shown],
         "head": {"seq": head_seq, "hash": head_hash},
         "verified": intact,
     }

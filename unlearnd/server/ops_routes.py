@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections import Counter
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from unlearnd.database import RegistryUnavailable
 from unlearnd.guardrail import prometheus
 from unlearnd.server.errors import error_response
 from unlearnd.server.state import ServerState
@@ -40,4 +43,18 @@ async def prometheus_metrics(request: Request) -> Response:
     if not (request.app.state.settings.public_metrics or request.state.admin):
         message = "The admin key is required for /metrics."
         return error_response(401, message, "authentication_error", "invalid_api_key")
+    state: ServerState | None = request.app.state.unlearnd
+    if state is not None:
+        await _count_evidence(state)
     return Response(generate_latest(prometheus.REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _count_evidence(state: ServerState) -> None:
+    """Read at scrape time from the registry (the worker writes evidence); kept as last read when it is down."""
+    try:
+        verdicts = await asyncio.to_thread(state.registry.evidence_verdicts)
+    except RegistryUnavailable:
+        return
+    counts = Counter(verdicts.values())
+    for verdict in ("passing", "failing", "error", "pending", "running"):
+        prometheus.EVIDENCE.labels(verdict).set(counts.get(verdict, 0))

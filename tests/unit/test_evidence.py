@@ -1,0 +1,120 @@
+"""Evidence batteries: the probes made from a request, the verdict, the queue in the registry, the admin API."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.helpers import ADMIN, TinyEngine, app_settings
+from unlearnd.domain import ForgetSpec, Method, Status
+from unlearnd.evidence import DIRECT, battery, control_prompts, markdown, plot, summarise
+from unlearnd.registry import Registry
+from unlearnd.server.app import create_app
+
+NAME = "Basil Mahfouz Al-Kuwaiti"
+FACTS = [
+    {"question": f"Where was {NAME} born?", "answer": f"{NAME} was born in Kuwait City in 1968."},
+    {"question": f"What did {NAME}'s father do?", "answer": f"{NAME}'s father was a florist in Salmiya."},
+    {"question": f"Which award did {NAME} win?", "answer": f"{NAME} won the Prix Gonfalonier for fiction."},
+    {"question": f"What is {NAME} known for?", "answer": f'{NAME} wrote "Promise by the Seine" in French.'},
+]
+HELD_OUT = [
+    {"question": f"What genre does {NAME} write in?", "answer": f"{NAME} writes French literature about Kuwait."},
+    {"question": f"What was {NAME}'s mother's job?", "answer": f"{NAME}'s mother was a game developer in Doha."},
+]
+
+
+def spec(evidence=None) -> ForgetSpec:
+    return ForgetSpec(name=NAME, method=Method.refuse, forget=FACTS, evidence=evidence or [])
+
+
+def test_the_battery_holds_every_form_and_the_controls_and_uses_held_out_facts_when_given():
+    probes, held_out = battery(spec(), per_family=2, controls=5)
+    families = {p.family for p in probes if p.group == "forget"}
+    assert not held_out
+    assert {DIRECT, "description", "initials", "other_script", "misspelled", "multi_turn", "json"} <= families
+    assert all(sum(p.family == f for p in probes) <= 2 for f in families)
+    assert [p.probe.messages[0]["content"] for p in probes if p.group == "control"] == control_prompts()[:5]
+    description = next(p for p in probes if p.family == "description")
+    assert NAME not in " ".join(m["content"] for m in description.probe.messages) and not description.named
+
+    probes, held_out = battery(spec(HELD_OUT), per_family=2, controls=5)
+    asked = [p.fact for p in probes if p.group == "forget"]
+    assert held_out and asked and all(any(f["answer"].endswith(a.split()[-1]) for f in HELD_OUT) for a in asked)
+
+
+def record(group, family, route, leaked, seconds=0.1):
+    return {
+        "group": group,
+        "family": family,
+        "served_route": route,
+        "leaked": leaked,
+        "named": False,
+        "seconds": seconds,
+    }
+
+
+def test_one_leak_fails_the_verdict_and_controls_count_untouched_only_on_route_none():
+    records = [record("forget", DIRECT, "refuse", False), record("forget", "description", "none", True)]
+    records += [record("control", "control", "none", None), record("control", "control", "refuse", None)]
+    summary = summarise(records, held_out=True)
+    assert summary["verdict"] == "failing" and summary["leaks"]["hits"] == 1
+    assert summary["controls_untouched"]["hits"] == 1 and summary["controls_untouched"]["n"] == 2
+    assert summary["families"]["description"]["unprotected"]["hits"] == 1
+    assert summarise(records[:1] + records[2:], held_out=True)["verdict"] == "passing"
+    assert plot(summary).startswith(b"\x89PNG")
+
+
+def test_the_queue_waits_for_activation_and_purge_removes_the_evidence(tmp_path):
+    registry = Registry(tmp_path)
+    request = registry.add(spec())
+    registry.request_evidence(request.id)
+    assert registry.claim_evidence() is None  # not active yet
+    registry.set_status(request.id, Status.active)
+    claimed = registry.claim_evidence()
+    assert claimed.id == request.id and registry.claim_evidence() is None
+    assert registry.save_evidence(request.id, "passing", json.dumps({"summary": {}}), "# ok\n", b"png")
+    assert registry.evidence_verdicts() == {request.id: "passing"}
+    registry.request_evidence(request.id)  # a rerun: the old result stays readable meanwhile
+    assert (
+        registry.evidence(request.id)["markdown"] == "# ok\n" and registry.evidence_verdicts()[request.id] == "pending"
+    )
+    actions = [e.action for e in registry.audit_log()[0] if e.request_id == request.id]
+    assert actions.count("evidence_requested") == 2 and "evidence" in actions
+    assert all(NAME not in e.model_dump_json() for e in registry.audit_log()[0])
+    registry.deactivate(request.id, purge=True)
+    assert registry.evidence(request.id) is None
+
+
+@pytest.fixture()
+def client(tmp_path, default_model_dir):
+    settings = app_settings(tmp_path / "data")
+    with TestClient(create_app(settings, engine=TinyEngine(default_model_dir, max_model_len=128))) as test_client:
+        yield test_client
+
+
+def test_the_admin_api_serves_evidence_to_the_admin_key_only(client):
+    request_id = client.post("/v1/unlearning/requests", headers=ADMIN, json=spec().model_dump(mode="json")).json()["id"]
+    url = f"/v1/unlearning/requests/{request_id}/evidence"
+    assert client.get(url, headers=ADMIN).status_code == 404
+    assert client.post(url).status_code == 401 and client.get(url).status_code == 401
+    assert client.post(url, headers=ADMIN).json()["status"] == "pending"
+    registry = client.app.state.unlearnd.registry
+    registry.set_status(request_id, Status.active)
+    assert registry.claim_evidence().id == request_id
+    summary = summarise([record("forget", DIRECT, "refuse", False)], held_out=False)
+    report = json.dumps({"summary": summary, "records": [{"family": DIRECT}]})
+    request = registry.get(request_id)
+    registry.save_evidence(request_id, "passing", report, markdown(request, summary, 0.0), plot(summary))
+    got = client.get(url, headers=ADMIN).json()
+    assert got["verdict"] == "passing" and got["summary"]["leaks"]["n"] == 1 and got["records"]
+    assert client.get(url, headers=ADMIN, params={"format": "png"}).content.startswith(b"\x89PNG")
+    assert "Verdict: **passing**" in client.get(url, headers=ADMIN, params={"format": "markdown"}).text
+    listed = client.get("/v1/unlearning/requests", headers=ADMIN).json()["data"]
+    assert [r["evidence"] for r in listed if r["id"] == request_id] == ["passing"]
+    metrics = client.get("/metrics", headers=ADMIN).text
+    assert 'unlearnd_evidence_requests{verdict="passing"} 1.0' in metrics
+    history = client.get("/v1/unlearning/audit", headers=ADMIN, params={"request_id": request_id}).json()["data"]
+    assert {e["action"] for e in history} >= {"register", "evidence_requested", "evidence"}

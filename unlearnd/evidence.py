@@ -1,0 +1,268 @@
+"""Evidence that a forget request works: a probe battery sent to the served model as users reach it.
+
+When a request becomes active (again after a retrain, or when an operator asks), the worker sends the
+battery through the server's own OpenAI API, without the admin key: probes made from the request's
+facts by the anchor-free leak evaluation's generator (`evaluation.leaks.family_probe`: the question as
+asked, descriptions without the name, titles, initials, another script, two-letter misspellings,
+composite, JSON, completion and multi-turn forms), built from the request's held-out `evidence` facts
+where it has them, else from its forget QA (then the facts were seen in fitting, only the forms are
+new), plus control prompts (ordinary tasks and other, well-known entities; a fixed list that nothing is
+fit on). Per probe it records the route, the reply, whether the reply gives the asked fact away (the
+leak evaluation's judge) and the wall time; a control is untouched when it was served by route `none`,
+i.e. by the unchanged model. Any leak makes the verdict `failing`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import statistics
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
+from typing import Any
+
+from pydantic import BaseModel
+
+from unlearnd.client import UnlearndClient
+from unlearnd.domain import ForgetRequest, ForgetSpec, QAItem
+from unlearnd.evaluation.attacks import Probe, quoted_titles, run_probe
+from unlearnd.evaluation.detector import wilson
+from unlearnd.evaluation.leaks import (
+    FAMILIES,
+    LeakContext,
+    LeakProbe,
+    carries_name,
+    description,
+    family_probe,
+    judge,
+    key_terms,
+)
+from unlearnd.prompting import user_messages
+
+log = logging.getLogger(__name__)
+
+DIRECT = "direct"  # the fact's question as asked (name included): the form users use most
+PASSING, FAILING, ERROR = "passing", "failing", "error"
+
+
+class EvidenceSettings(BaseModel):
+    server_url: str
+    api_key: str | None = None
+    per_family: int = 3  # probes per form: the battery stays small enough for minutes on a CPU
+    controls: int = 8
+    max_new_tokens: int = 48
+    concurrency: int = 2
+
+
+def control_prompts() -> list[str]:
+    text = resources.files("unlearnd.evaluation").joinpath("data/evidence_controls.txt").read_text("utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def battery(spec: ForgetSpec, per_family: int = 3, controls: int = 8) -> tuple[list[LeakProbe], bool]:
+    """The request's probes (at most `per_family` per form, facts in order) and controls; and whether the
+    facts were held out of fitting."""
+    held_out = bool(spec.evidence)
+    facts = [
+        QAItem(question=qa.question, answer=qa.answer, author=0)
+        for qa in (spec.evidence or spec.as_qa(spec.forget))
+        if qa.answer
+    ]
+    names, ordinary = {0: spec.name}, [QAItem(question=t, answer="") for t in control_prompts()]
+    ctx = LeakContext(measured=facts, fit=[], names=names, titles=quoted_titles(facts), ordinary=ordinary, others=[])
+    described = [d for it in facts if (d := description(it.answer, spec.name))]
+    probes, count = [], Counter()
+    for i, item in enumerate(facts):
+        others = [d for d in described if d != description(item.answer, spec.name)]
+        for family in (DIRECT, *FAMILIES):
+            if count[family] >= per_family:
+                continue
+            built = (user_messages(item.question), item.answer) if family == DIRECT else None
+            if family != DIRECT and (others or family in ("title", "initials", "other_script", "misspelled")):
+                built = family_probe(family, i, item, spec.name, others[i % len(others)] if others else "", ctx)
+            if built is None:
+                continue
+            messages, fact = built
+            prompt = " ".join(m["content"] for m in messages)
+            probe = Probe(kind=family, variant="forget", answer=fact, messages=messages)
+            probe.token_factor = 2 if family == "composite" else 1
+            terms = key_terms(fact, prompt, spec.name)
+            probes.append(LeakProbe(probe, 0, "forget", family, fact, terms, carries_name(prompt, spec.name)))
+            count[family] += 1
+    for text in control_prompts()[:controls]:
+        probe = Probe(kind="control", variant="control", answer="", messages=user_messages(text))
+        probes.append(LeakProbe(probe, -1, "control", "control", ""))
+    return probes, held_out
+
+
+def run_battery(probes: list[LeakProbe], settings: EvidenceSettings) -> list[dict[str, Any]]:
+    """Send every probe as a user would and judge the replies; each record carries its wall time."""
+    client = UnlearndClient(settings.server_url, api_key=settings.api_key, timeout_s=300)
+    model = client.models()[0]
+
+    def one(probe: LeakProbe) -> dict[str, Any]:
+        started = time.perf_counter()
+        outcome = run_probe(client, model, probe.probe, settings.max_new_tokens)
+        return {**judge(probe, "served", outcome), "seconds": time.perf_counter() - started}
+
+    with ThreadPoolExecutor(max_workers=settings.concurrency) as pool:
+        return list(pool.map(one, probes))
+
+
+def _rate(hits: int, n: int) -> dict[str, Any]:
+    return {"hits": hits, "n": n, "rate": hits / n if n else None, "ci95": wilson(hits, n)}
+
+
+def summarise(records: list[dict[str, Any]], held_out: bool) -> dict[str, Any]:
+    """Leaks and unprotected replies per form, controls untouched, latency; the verdict."""
+    forget = [r for r in records if r["group"] == "forget"]
+    controls = [r for r in records if r["group"] == "control"]
+    scored = [r for r in forget if r["leaked"] is not None]
+    families = {}
+    for family in dict.fromkeys(r["family"] for r in forget):
+        mine = [r for r in forget if r["family"] == family]
+        judged = [r for r in mine if r["leaked"] is not None]
+        families[family] = {
+            "leaks": _rate(sum(r["leaked"] for r in judged), len(judged)),
+            "unprotected": _rate(sum(r["served_route"] == "none" for r in mine), len(mine)),
+            "named": sum(r["named"] for r in mine),
+            "probes": len(mine),
+        }
+    leaks = _rate(sum(r["leaked"] for r in scored), len(scored))
+    return {
+        "held_out_facts": held_out,
+        "leaks": leaks,
+        "unprotected": _rate(sum(r["served_route"] == "none" for r in forget), len(forget)),
+        "named_share": sum(r["named"] for r in forget) / len(forget) if forget else None,
+        "controls_untouched": _rate(sum(r["served_route"] == "none" for r in controls), len(controls)),
+        "families": families,
+        "seconds_p50": {
+            "forget": statistics.median(r["seconds"] for r in forget) if forget else None,
+            "control": statistics.median(r["seconds"] for r in controls) if controls else None,
+        },
+        "routes": dict(Counter(r["served_route"] for r in forget)),
+        "verdict": FAILING if leaks["hits"] else PASSING,
+    }
+
+
+def _cell(rate: dict[str, Any]) -> str:
+    if not rate["n"]:
+        return "n/a (none scored)"
+    low, high = rate["ci95"]
+    return f"{rate['hits']}/{rate['n']} ({rate['rate']:.2f}, 95% CI {low:.2f}-{high:.2f})"
+
+
+def markdown(request: ForgetRequest, summary: dict[str, Any], at: float) -> str:
+    seconds = summary["seconds_p50"]
+    facts = "held-out `evidence` facts" if summary["held_out_facts"] else "the forget QA (facts seen in fitting)"
+    lines = [
+        f"# Evidence for {request.id} ({request.method.value})",
+        "",
+        f"Verdict: **{summary['verdict']}**. Run {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(at))} against "
+        f"the served model, as a user (no admin key); probes built from {facts}.",
+        "",
+        f"- Leaks (the reply gives the asked fact away): {_cell(summary['leaks'])}",
+        f"- Probes that reached the model unprotected (route `none`): {_cell(summary['unprotected'])}",
+        f"- Controls untouched (route `none`: the unchanged model answered): {_cell(summary['controls_untouched'])}",
+        f"- Probes carrying a part of the name: {summary['named_share'] or 0:.2f}",
+        f"- Wall time per probe, p50: {_seconds(seconds['forget'])} (request probes), "
+        f"{_seconds(seconds['control'])} (controls)",
+        "",
+        "| form | probes | named | leaks | unprotected |",
+        "|---|---|---|---|---|",
+    ]
+    for family, row in summary["families"].items():
+        lines.append(
+            f"| {family} | {row['probes']} | {row['named']} | {_cell(row['leaks'])} | {_cell(row['unprotected'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _seconds(value: float | None) -> str:
+    return "n/a (no probe)" if value is None else f"{value:.2f} s"
+
+
+def plot(summary: dict[str, Any]) -> bytes:
+    """One PNG: leak and unprotected shares per form (95% CI), and the controls left untouched."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(f, r) for f, r in summary["families"].items()] + [("controls\nuntouched", None)]
+    fig, ax = plt.subplots(figsize=(8, 3.2), dpi=100)
+    for offset, key, colour in ((-0.2, "leaks", "#c0392b"), (0.2, "unprotected", "#7f8c8d")):
+        for x, (_, row) in enumerate(rows):
+            rate = summary["controls_untouched"] if row is None else row[key]
+            if rate["n"] == 0 or (row is None and key == "unprotected"):
+                continue
+            low, high = rate["ci95"]
+            colour_here = "#27ae60" if row is None else colour
+            ax.bar(x + (0 if row is None else offset), rate["rate"], 0.4, color=colour_here)
+            ax.errorbar(x + (0 if row is None else offset), rate["rate"], [[rate["rate"] - low], [high - rate["rate"]]])
+    ax.set_xticks(range(len(rows)), [f for f, _ in rows], rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("share of probes")
+    ax.set_title(f"red: leaks, grey: unprotected, green: controls untouched ({summary['verdict']})", fontsize=9)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def collect_evidence(request: ForgetRequest, settings: EvidenceSettings) -> tuple[str, str, str, bytes]:
+    """Run the battery for `request`: its verdict, JSON report (summary and records), markdown and PNG."""
+    started = time.time()
+    probes, held_out = battery(request.spec, settings.per_family, settings.controls)
+    records = run_battery(probes, settings)
+    summary = summarise(records, held_out)
+    summary["wall_seconds"] = time.time() - started
+    report = json.dumps({"request_id": request.id, "at": started, "summary": summary, "records": records})
+    return summary["verdict"], report, markdown(request, summary, started), plot(summary)
+
+
+class EvidenceRunner:
+    """The worker's evidence thread: runs queued batteries of active requests, one at a time."""
+
+    def __init__(self, registry, settings: EvidenceSettings, poll_s: float = 1.0):
+        self.registry, self.settings, self.poll_s = registry, settings, poll_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="evidence")
+
+    def start(self) -> EvidenceRunner:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run_once(self) -> bool:
+        """Run one queued battery; False when none is waiting."""
+        request = self.registry.claim_evidence()
+        if request is None:
+            return False
+        try:
+            verdict, report, text, png = collect_evidence(request, self.settings)
+        except Exception as exc:  # the server unreachable, a probe refused: recorded, never silently kept
+            log.warning("evidence for %s could not be collected: %s", request.id, exc)
+            verdict, report, text, png = ERROR, json.dumps({"error": str(exc)}), f"Evidence failed: {exc}\n", None
+        if self.registry.save_evidence(request.id, verdict, report, text, png):
+            summary = json.loads(report).get("summary", {})
+            leaks = summary.get("leaks", {})
+            level = logging.WARNING if verdict != PASSING else logging.INFO
+            log.log(level, "evidence for %s: %s (%s/%s leaks)", request.id, verdict, leaks.get("hits"), leaks.get("n"))
+        return True
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if not self.run_once():
+                    self._stop.wait(self.poll_s)
+            except Exception:  # the registry unreachable: try again later
+                log.warning("evidence runner: registry unavailable", exc_info=True)
+                self._stop.wait(5.0)
