@@ -8,6 +8,7 @@ which the offline reports measure.
 from __future__ import annotations
 
 import concurrent.futures
+import time
 
 import httpx
 import openai
@@ -135,3 +136,54 @@ def test_engine_input_gives_plain_vllm_the_same_generation(unlearnd_server, plai
         )
         assert raw.headers["x-unlearnd-route"] == method
         assert raw.parse().choices[0].message.content == plain.json()["choices"][0]["text"], method
+
+
+def test_every_route_through_a_real_router_in_front_of_vllm(unlearnd_server, plain_vllm, served, logs_dir, tmp_path):
+    """`--remote-url` naming a router (vLLM's Rust router, `vllm-router` on PyPI) instead of a server: a
+    replica on the same registry gives, through the router, the answer the local engine gives on every
+    route: prompt embeddings (ECO, soft prompt) pass through, and the LoRA load reaches the server."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    from tests.integration.conftest import ServerProcess, free_port, unlearnd_command
+
+    router_bin = shutil.which("vllm-router") or str(Path(sys.executable).with_name("vllm-router"))
+    router_port = free_port()
+    router_cmd = [router_bin, "--worker-urls", plain_vllm.url, "--host", "127.0.0.1", "--port", str(router_port)]
+    router_cmd += ["--prometheus-port", str(free_port()), "--policy", "round_robin"]
+    router = ServerProcess(router_cmd, router_port, logs_dir / "vllm-router.log").start(timeout_s=120)
+    loads_before = _lora_loads(logs_dir / "vllm.log")
+    front_port = free_port()
+    shared = unlearnd_server.data_dir  # a replica on the same registry and artifacts (its own data dir)
+    replica = ("--registry", f"sqlite:///{shared / 'registry.sqlite3'}", "--artifacts", str(shared / "requests"))
+    front_cmd = unlearnd_command(
+        front_port, tmp_path / "replica", *replica, "--no-worker", "--engine", "remote", "--remote-url", router.url
+    )
+    front_cmd.append("--expose-request-ids")
+    front = ServerProcess(front_cmd, front_port, logs_dir / "unlearnd-router.log").start(timeout_s=600)
+    try:
+        for request_id in served.values():
+            wait_active(front.url, request_id, timeout_s=300)
+        via_router = openai.OpenAI(base_url=front.url + "/v1", api_key="x", max_retries=0, timeout=300)
+        local = openai.OpenAI(base_url=unlearnd_server.url + "/v1", api_key="x", max_retries=0, timeout=300)
+        questions = {"none": "What is the capital of France?"}
+        questions |= {method: f"Where was {name} born?" for method, (name, _) in REQUESTS.items()}
+        for method, text in questions.items():
+            body = dict(model=MODEL, messages=[{"role": "user", "content": text}], max_tokens=16, temperature=0)
+            deadline = time.time() + 120  # the registry says active; this replica may still be loading it
+            while (raw := via_router.chat.completions.with_raw_response.create(**body)).headers[
+                "x-unlearnd-route"
+            ] != method and time.time() < deadline:
+                time.sleep(0.5)
+            assert raw.headers["x-unlearnd-route"] == method
+            expected = local.chat.completions.create(**body).choices[0].message.content
+            assert raw.parse().choices[0].message.content == expected, method
+        assert _lora_loads(logs_dir / "vllm.log") > loads_before  # the replica's load went through the router
+    finally:
+        front.stop()
+        router.stop()
+
+
+def _lora_loads(vllm_log) -> int:
+    return vllm_log.read_text(errors="replace").count("POST /v1/load_lora_adapter")
