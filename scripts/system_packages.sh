@@ -1,12 +1,24 @@
 #!/usr/bin/env bash
-# Services the tests start for real (never mocked): PostgreSQL from Debian's `postgresql` package.
-# Installed with apt-get where missing (as root, or with sudo); elsewhere a clear message says what to install.
+# Services the tests start for real (never mocked): PostgreSQL from Debian's `postgresql` package, and
+# Debian's Chromium with its driver for the console's browser tests (a tool's own browser download fails on
+# these machines). Installed with apt-get where missing (as root, or with sudo); elsewhere a clear message
+# says what to install.
 set -euo pipefail
-if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1; then
+missing=()
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
+  missing+=(postgresql)
+fi
+if ! command -v chromium >/dev/null 2>&1; then
+  missing+=(chromium)
+fi
+if ! command -v chromedriver >/dev/null 2>&1; then
+  missing+=(chromium-driver)
+fi
+if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi
 if ! command -v apt-get >/dev/null 2>&1; then
-  echo "PostgreSQL is missing and there is no apt-get: install PostgreSQL (initdb, pg_ctl) for the tests" >&2
+  echo "missing for the tests: ${missing[*]} (PostgreSQL's initdb and pg_ctl, Chromium and chromedriver); there is no apt-get" >&2
   exit 1
 fi
 SUDO=""
@@ -14,4 +26,4 @@ if [ "$(id -u)" -ne 0 ]; then
   SUDO="sudo"
 fi
 $SUDO apt-get update -q
-DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends postgresql
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"

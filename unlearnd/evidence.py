@@ -203,7 +203,8 @@ def plot(summary: dict[str, Any]) -> bytes:
             low, high = rate["ci95"]
             colour_here = "#27ae60" if row is None else colour
             ax.bar(x + (0 if row is None else offset), rate["rate"], 0.4, color=colour_here)
-            ax.errorbar(x + (0 if row is None else offset), rate["rate"], [[rate["rate"] - low], [high - rate["rate"]]])
+            errors = [[rate["rate"] - low], [high - rate["rate"]]]
+            ax.errorbar(x + (0 if row is None else offset), rate["rate"], errors, ecolor="black", capsize=3)
     ax.set_xticks(range(len(rows)), [f for f, _ in rows], rotation=30, ha="right", fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("share of probes")

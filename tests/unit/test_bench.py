@@ -313,3 +313,22 @@ def test_a_route_target_reads_only_cells_that_did_the_same_work(tmp_path):
     assert "| e2e p50 ratio, route eco@8@10 (same engine input) | 1.025 | <= 1.05 | yes |" in md
     assert "| e2e p50 ratio, route soft_prompt@8@10 (same engine input) | n/a | <= 1.05 | n/a |" in md
     assert "{cfg" not in md and "Each cell sends 32 requests" in md
+
+
+def test_evidence_bench_counts_a_sample_as_during_only_when_it_overlaps_a_battery():
+    from unlearnd.bench.evidence import person_facts, summarise_bench
+
+    trials = [{"battery": [10.0, 20.0], "evidence_ready_s": 30.0, "battery_s": 10.0, "verdict": "passing"}]
+    samples = [
+        {"start": 0.0, "end": 1.0, "status": 200},  # idle
+        {"start": 9.0, "end": 11.0, "status": 200},  # overlaps the start: during
+        {"start": 15.0, "end": 19.0, "status": 200},  # during
+        {"start": 21.0, "end": 22.0, "status": 200},  # idle
+        {"start": 22.0, "end": 30.0, "status": 500},  # failed: counted apart
+    ]
+    summary = summarise_bench(trials, samples, seed=0)
+    ordinary = summary["ordinary"]
+    assert ordinary["during"] == {"n": 2, "p50_s": 3.0} and ordinary["idle"] == {"n": 2, "p50_s": 1.0}
+    assert ordinary["ratio_p50"] == 3.0 and ordinary["failed"] == 1
+    assert summary["evidence_ready_s"]["max"] == 30.0
+    assert all("Ada Lune" in fact["answer"] for fact in person_facts("Ada Lune", 3))

@@ -118,3 +118,19 @@ def test_the_admin_api_serves_evidence_to_the_admin_key_only(client):
     assert 'unlearnd_evidence_requests{verdict="passing"} 1.0' in metrics
     history = client.get("/v1/unlearning/audit", headers=ADMIN, params={"request_id": request_id}).json()["data"]
     assert {e["action"] for e in history} >= {"register", "evidence_requested", "evidence"}
+
+
+def test_the_console_page_loads_without_a_key_holds_no_data_and_allows_only_its_own_files(client):
+    registered = client.post("/v1/unlearning/requests", headers=ADMIN, json=spec().model_dump(mode="json"))
+    assert registered.status_code == 201
+    page = client.get("/admin")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert NAME not in page.text and "Admin key" in page.text
+    assert page.text.index('<option value="refuse">') < page.text.index('<option value="eco">')
+    policy = page.headers["content-security-policy"]
+    assert "script-src 'self'" in policy and "default-src 'none'" in policy and "frame-ancestors 'none'" in policy
+    script = client.get("/admin/console.js")
+    assert script.status_code == 200 and script.headers["content-type"].startswith("text/javascript")
+    assert "innerHTML" not in script.text and "localStorage" not in script.text and "sessionStorage" not in script.text
+    assert client.get("/admin/console.css").status_code == 200
+    assert client.get("/v1/unlearning/requests").status_code == 401  # what the page's script reads needs the key

@@ -93,3 +93,22 @@ def propagation(
     opts = PropagationOptions(trials=trials, seed=seed, out=str(out), logs_dir=str(logs_dir) if logs_dir else None)
     summary = run_propagation(opts)["summary"]
     typer.echo(f"wrote {out}.md: p99 {summary.get('p99')} s over {summary['enforced']}/{summary['n']} enforced")
+
+
+@app.command("evidence")
+def evidence(
+    trials: int = typer.Option(5, min=1, help="Refuse requests registered one after another."),
+    seed: int = typer.Option(0, help="Picks the invented names."),
+    max_tokens: int = typer.Option(32, min=1, help="Tokens of the ordinary request sent meanwhile."),
+    out: Path = typer.Option(Path("reports/evidence"), help="Report path stem (.md, .json, .items.jsonl.gz)."),
+    logs_dir: Path = typer.Option(None, help="Where the server's log goes (default: a temp dir)."),
+) -> None:
+    """Seconds from activation to a request's evidence, and the ordinary latency during and between batteries:
+    starts an unlearnd server (its worker beside it) and registers `trials` refuse requests."""
+    from unlearnd.bench.evidence import EvidenceBenchOptions, run_evidence_bench
+
+    opts = EvidenceBenchOptions(
+        trials=trials, seed=seed, max_tokens=max_tokens, out=str(out), logs_dir=str(logs_dir) if logs_dir else None
+    )
+    report = run_evidence_bench(opts)
+    typer.echo(f"wrote {out}.md: evidence p50 {report['evidence_ready_s']['p50']} s after activation")

@@ -12,6 +12,7 @@ import logging
 import math
 import threading
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
@@ -98,6 +99,9 @@ class GuardrailPipeline:
         # Fail closed: a request whose artifacts cannot be loaded is still matched by its names, titles
         # and dates (here, whatever the detector) and refused, until it is re-trained.
         self.degraded: dict[str, str] = {}  # request id -> why its artifacts could not be loaded
+        # per forget request, on this replica since it started: prompts routed to it, outputs cut for it
+        self.routed: Counter[str] = Counter()
+        self.output_blocks: Counter[str] = Counter()
         self._fallback = AnchorIndex()
         self._fallback_lock = threading.Lock()  # found from request threads, changed by the sync
         self.context = PipelineContext(
@@ -174,6 +178,8 @@ class GuardrailPipeline:
             )
         if count:
             prometheus.REQUESTS.labels(route=call.route, endpoint=call.kind).inc()
+            if call.match is not None:
+                self.routed[call.match.request_id] += 1
         return call
 
     async def _split(self, call: GuardedCall) -> list[GuardedCall]:
@@ -224,6 +230,7 @@ class GuardrailPipeline:
 
         def blocked(block, index: int) -> None:
             call.output_blocked[index] = block.request_id
+            self.output_blocks[block.request_id] += 1
             prometheus.OUTPUT_BLOCKED.labels(route=call.route, reason=block.reason.split(":")[0]).inc()
             log.info(
                 "output of %s (route %s) blocked for forget request %s (%s)",

@@ -68,7 +68,14 @@ def _finished(task: asyncio.Future, request_id: str) -> None:
 async def list_requests(state: ServerState = Depends(server_state)) -> dict[str, Any]:
     records = await asyncio.to_thread(state.registry.list)
     evidence = await asyncio.to_thread(state.registry.evidence_verdicts)
-    return {"object": "list", "data": [{**public(r, full=False), "evidence": evidence.get(r.id)} for r in records]}
+    data = [{**public(r, full=False), "evidence": evidence.get(r.id), "served": served(state, r.id)} for r in records]
+    return {"object": "list", "data": data}
+
+
+def served(state: ServerState, request_id: str) -> dict[str, int]:
+    """What this replica did for the request since it started: prompts routed to it, outputs cut for it."""
+    pipeline = state.pipeline
+    return {"routed": pipeline.routed[request_id], "output_blocked": pipeline.output_blocks[request_id]}
 
 
 @router.get("/v1/unlearning/requests/{request_id}")
@@ -80,7 +87,8 @@ async def get_request(request_id: str, state: ServerState = Depends(server_state
     # the training job's report (cost, achieved metrics), once the job has finished
     training = await asyncio.to_thread(state.registry.load_json, request_id, "training.json")
     evidence = await asyncio.to_thread(state.registry.evidence_verdicts)
-    return {**public(record), "training": training, "evidence": evidence.get(record.id)}
+    extra = {"training": training, "evidence": evidence.get(record.id), "served": served(state, record.id)}
+    return {**public(record), **extra}
 
 
 @router.get(

@@ -28,7 +28,7 @@ from unlearnd.engine.base import Engine
 from unlearnd.guardrail import prometheus
 from unlearnd.guardrail.pipeline import GuardrailPipeline
 from unlearnd.registry import Registry
-from unlearnd.server import admin_routes, openai_routes, ops_routes, unlearning_routes
+from unlearnd.server import admin_routes, console_routes, openai_routes, ops_routes, unlearning_routes
 from unlearnd.server.auth import ADMIN_HEADER, api_key_matches, ensure_admin_key, is_admin
 from unlearnd.server.errors import error_response, validation_message
 from unlearnd.server.orphans import record_children, stop_orphans
@@ -38,7 +38,8 @@ from unlearnd.server.state import ServerState
 
 log = logging.getLogger(__name__)
 
-ADMIN_PATHS = ("/v1/unlearning/requests", "/v1/unlearning/engine-input", "/v1/unlearning/audit", "/admin")
+ADMIN_PATHS = ("/v1/unlearning/requests", "/v1/unlearning/engine-input", "/v1/unlearning/audit")
+# The console's page and files (`/admin`) load without a key: they hold no data; its script calls the paths above.
 SCORE_PATH = "/v1/unlearning/score"  # raw log-probs: admin-only unless --public-score
 
 
@@ -267,7 +268,7 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
     app.state.settings = settings
     add_error_handlers(app)
     app.add_middleware(RequestGuard, settings=settings, admin_key=admin_key)
-    for module in (ops_routes, openai_routes, unlearning_routes, admin_routes):
+    for module in (ops_routes, openai_routes, unlearning_routes, admin_routes, console_routes):
         app.include_router(module.router)
     app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]
     return app
