@@ -55,7 +55,8 @@ class EvidenceSettings(BaseModel):
     per_family: int = 3  # probes per form: the battery stays small enough for minutes on a CPU
     controls: int = 8
     max_new_tokens: int = 48
-    concurrency: int = 2
+    concurrency: int = 1  # one probe at a time, then a rest as long as it took: users keep most of the engine
+    rest_factor: float = 1.0
 
 
 def control_prompts() -> list[str]:
@@ -63,35 +64,55 @@ def control_prompts() -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
 
+def _entity_of(qa, spec: ForgetSpec) -> int:
+    """Which of the request's names a fact is about (the first named in it; else the request's name)."""
+    names = [*spec.entities, spec.name]
+    return next((k for k, n in enumerate(names) if n in qa.question or n in qa.answer), len(names) - 1)
+
+
+def _interleaved(facts: list[QAItem]) -> list[int]:
+    """Fact indices taking each entity in turn, so a capped battery covers every person of a request."""
+    by_entity: dict[int, list[int]] = {}
+    for i, it in enumerate(facts):
+        by_entity.setdefault(it.author if it.author is not None else -1, []).append(i)
+    order, rows = [], list(by_entity.values())
+    while any(rows):
+        order += [row.pop(0) for row in rows if row]
+    return order
+
+
 def battery(spec: ForgetSpec, per_family: int = 3, controls: int = 8) -> tuple[list[LeakProbe], bool]:
-    """The request's probes (at most `per_family` per form, facts in order) and controls; and whether the
-    facts were held out of fitting."""
+    """The request's probes (at most `per_family` per form, the request's people in turn) and controls;
+    and whether the facts were held out of fitting. A probe of fact `i` is the one the leak evaluation
+    makes of the same fact at the same position (same description, same name variant)."""
     held_out = bool(spec.evidence)
-    facts = [
-        QAItem(question=qa.question, answer=qa.answer, author=0)
-        for qa in (spec.evidence or spec.as_qa(spec.forget))
-        if qa.answer
-    ]
-    names, ordinary = {0: spec.name}, [QAItem(question=t, answer="") for t in control_prompts()]
+    qas = [qa for qa in (spec.evidence or spec.as_qa(spec.forget)) if qa.answer]
+    facts = [QAItem(question=qa.question, answer=qa.answer, author=_entity_of(qa, spec)) for qa in qas]
+    names = dict(enumerate([*spec.entities, spec.name]))
+    ordinary = [QAItem(question=t, answer="") for t in control_prompts()]
     ctx = LeakContext(measured=facts, fit=[], names=names, titles=quoted_titles(facts), ordinary=ordinary, others=[])
-    described = [d for it in facts if (d := description(it.answer, spec.name))]
+    described: dict[int, list[str]] = {}
+    for it in facts:
+        if d := description(it.answer, names[it.author]):
+            described.setdefault(it.author, []).append(d)
     probes, count = [], Counter()
-    for i, item in enumerate(facts):
-        others = [d for d in described if d != description(item.answer, spec.name)]
+    for i in _interleaved(facts):
+        item, name = facts[i], names[facts[i].author]
+        others = [d for d in described.get(item.author, []) if d != description(item.answer, name)]
         for family in (DIRECT, *FAMILIES):
             if count[family] >= per_family:
                 continue
             built = (user_messages(item.question), item.answer) if family == DIRECT else None
             if family != DIRECT and (others or family in ("title", "initials", "other_script", "misspelled")):
-                built = family_probe(family, i, item, spec.name, others[i % len(others)] if others else "", ctx)
+                built = family_probe(family, i, item, name, others[i % len(others)] if others else "", ctx)
             if built is None:
                 continue
             messages, fact = built
             prompt = " ".join(m["content"] for m in messages)
             probe = Probe(kind=family, variant="forget", answer=fact, messages=messages)
             probe.token_factor = 2 if family == "composite" else 1
-            terms = key_terms(fact, prompt, spec.name)
-            probes.append(LeakProbe(probe, 0, "forget", family, fact, terms, carries_name(prompt, spec.name)))
+            terms = key_terms(fact, prompt, name)
+            probes.append(LeakProbe(probe, item.author, "forget", family, fact, terms, carries_name(prompt, name)))
             count[family] += 1
     for text in control_prompts()[:controls]:
         probe = Probe(kind="control", variant="control", answer="", messages=user_messages(text))
@@ -107,7 +128,9 @@ def run_battery(probes: list[LeakProbe], settings: EvidenceSettings) -> list[dic
     def one(probe: LeakProbe) -> dict[str, Any]:
         started = time.perf_counter()
         outcome = run_probe(client, model, probe.probe, settings.max_new_tokens)
-        return {**judge(probe, "served", outcome), "seconds": time.perf_counter() - started}
+        seconds = time.perf_counter() - started
+        time.sleep(seconds * settings.rest_factor)
+        return {**judge(probe, "served", outcome), "seconds": seconds}
 
     with ThreadPoolExecutor(max_workers=settings.concurrency) as pool:
         return list(pool.map(one, probes))

@@ -134,3 +134,35 @@ def test_the_console_page_loads_without_a_key_holds_no_data_and_allows_only_its_
     assert "innerHTML" not in script.text and "localStorage" not in script.text and "sessionStorage" not in script.text
     assert client.get("/admin/console.css").status_code == 200
     assert client.get("/v1/unlearning/requests").status_code == 401  # what the page's script reads needs the key
+
+
+def test_a_request_about_several_people_has_each_described_by_their_own_facts_and_matches_the_leak_probes():
+    from unlearnd.domain import QAItem
+    from unlearnd.evaluation.leaks import LeakContext, build_leak_probes
+
+    other = "Ilse Marrow-Tenby"
+    theirs = [
+        {"question": f"Where was {other} born?", "answer": f"{other} was born in Tallinn in 1955."},
+        {"question": f"What did {other}'s father do?", "answer": f"{other}'s father was a ferryman on the Narva."},
+    ]
+    request = ForgetSpec(name="two authors", method=Method.refuse, forget=FACTS + theirs, entities=[NAME, other])
+    probes, _ = battery(request, per_family=4, controls=0)
+    for probe in probes:
+        text = " ".join(m["content"] for m in probe.probe.messages)
+        if probe.family in ("description", "multi_turn"):
+            who = NAME if probe.author == 0 else other
+            stranger = other if who == NAME else NAME
+            assert stranger.split()[0] not in text  # a description of one person never borrows the other's facts
+    assert {p.author for p in probes if p.family == "description"} == {0, 1}  # both covered under the cap
+
+    # the leak evaluation, given the same facts in the same order, makes the same probes (titles and composites
+    # come from other sources there)
+    facts = [
+        QAItem(question=q["question"], answer=q["answer"], author=0 if NAME in q["question"] else 1)
+        for q in FACTS + theirs
+    ]
+    ordinary = [QAItem(question="What is 2 + 2?", answer="4")]
+    ctx = LeakContext(measured=facts, fit=[], names={0: NAME, 1: other}, titles={}, ordinary=ordinary, others=[])
+    made = {repr(p.probe.messages) for p in build_leak_probes(ctx) if p.family not in ("composite", "title")}
+    shared = [p for p in probes if p.family in ("description", "initials", "json", "multi_turn", "completion")]
+    assert shared and all(repr(p.probe.messages) in made for p in shared)

@@ -86,3 +86,22 @@ def test_summary_counts_leaks_against_the_unprotected_target_and_controls_untouc
     report |= {"fit_items": 20, "request_retain_authors": [0], "key_zipf": 4.0, "command": "c", "git_commit": "x"}
     text = leak_markdown(report)
     assert "Targets missed: description on refuse (0.50)" in text and "| related | 1/1 (1.000) | 0/1" in text
+
+
+def test_evidence_agreement_compares_leak_verdicts_on_the_probes_both_sent():
+    from unlearnd.evaluation.leaks import evidence_agreement
+
+    def rec(text, leaked, route="refuse", group="forget"):
+        return {"route": route, "group": group, "messages": [{"role": "user", "content": text}], "leaked": leaked}
+
+    records = [rec("a", False), rec("b", True), rec("c", False), rec("a", True, route="none")]
+    evidence = {
+        "verdict": "failing",
+        "summary": {"leaks": {"hits": 1, "n": 3}},
+        "records": [rec("a", False), rec("b", False), rec("z", True), rec("q", None, group="control")],
+    }
+    found = evidence_agreement(evidence, records, "refuse")
+    assert found["shared_probes"] == 2 and found["shared_agree"] == 1
+    assert found["shared_leaks"] == {"evidence": 0, "evaluation": 1}
+    assert found["evaluation_leaks"]["hits"] == 1 and found["evaluation_leaks"]["n"] == 3
+    assert evidence_agreement(None, records, "refuse") == {"available": False}

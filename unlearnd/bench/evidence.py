@@ -30,6 +30,7 @@ from unlearnd.bench.propagation import invented_names
 from unlearnd.bench.servers import ServerProcess, free_port, unlearnd_command
 from unlearnd.config import DEFAULT_MODEL
 from unlearnd.evaluation.report import fmt, run_stamp, stamp_lines, write_records, write_report_files
+from unlearnd.evidence import EvidenceSettings
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +164,7 @@ def run_evidence_bench(opts: EvidenceBenchOptions) -> dict[str, Any]:
         shutil.rmtree(data_dir, ignore_errors=True)
     report = summarise_bench(trials, samples, opts.seed)
     report |= {**stamp, "trials": len(trials), "max_tokens": opts.max_tokens, "ordinary_prompt": ORDINARY}
+    report["battery_settings"] = EvidenceSettings(server_url="").model_dump(exclude={"server_url", "api_key"})
     report["load_average"] = {"before": list(load_before), "after": list(os.getloadavg())}
     write_records(opts.out, [{"kind": "trial", **t} for t in trials] + [{"kind": "sample", **s} for s in samples])
     write_report_files(opts.out, report, evidence_bench_markdown(report))
@@ -216,7 +218,7 @@ def evidence_bench_markdown(report: dict[str, Any]) -> str:
         + f"; failed requests: {ordinary['failed']}.",
         "",
         "The battery sends its probes through the same engine as the users (that is what makes it evidence of "
-        "what users get), two at a time: on this 2-core CPU the engine shares its time with them, which is the "
-        "ratio above.",
+        "what users get), one at a time with a rest as long as each probe took: on this 2-core CPU a probe that "
+        "generates while a user's request does shares the engine's time with it, which is the ratio above.",
     ]
     return "\n".join(lines) + "\n"

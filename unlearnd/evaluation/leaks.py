@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +30,7 @@ from typing import Any
 from pydantic import BaseModel
 from tqdm import tqdm
 
-from unlearnd.client import UnlearndClient
+from unlearnd.client import ServerError, UnlearndClient
 from unlearnd.data.tofu import TofuData, author_names
 from unlearnd.detectors.spans import FUNCTION_WORDS, STOPWORDS, zipf
 from unlearnd.domain import QAItem
@@ -304,6 +305,7 @@ class LeakEvalOptions(BaseModel):
     max_new_tokens: int = 64
     concurrency: int = 4
     request_timeout_s: float = 3600.0
+    evidence_timeout_s: float = 900.0  # how long to wait for the worker's evidence of each request (0: skip)
     out: str = "reports/leaks"
 
 
@@ -343,10 +345,12 @@ def run_leak_eval(opts: LeakEvalOptions) -> dict[str, Any]:
     user = UnlearndClient(opts.server_url, api_key=opts.api_key, timeout_s=300)  # probes go without the admin key
     model = opts.model or admin.models()[0]
     records: list[dict[str, Any]] = []
+    evidence: dict[str, dict[str, Any] | None] = {}  # the worker's evidence of each route's request
     for route in opts.routes:
         request_id = None
         if route != UNPROTECTED:
             spec = forget_request_spec(route, refs, ctx.fit, retain, name=f"leaks-{preset.forget_split}-{route}")
+            spec["evidence"] = [{"question": it.question, "answer": it.answer} for it in ctx.measured]
             request_id = str(admin.add_request(spec)["id"])
             log.info("route %s: forget request %s registered (fold 0); waiting until it is active", route, request_id)
             admin.wait_active(request_id, opts.request_timeout_s, 2.0)
@@ -354,6 +358,8 @@ def run_leak_eval(opts: LeakEvalOptions) -> dict[str, Any]:
             with ThreadPoolExecutor(max_workers=opts.concurrency) as pool:
                 sent = pool.map(lambda p: run_probe(user, model, p.probe, opts.max_new_tokens), probes)
                 outcomes = list(tqdm(sent, total=len(probes), desc=f"leak probes on {route}"))
+            if request_id is not None and opts.evidence_timeout_s > 0:
+                evidence[route] = wait_evidence(admin, request_id, opts.evidence_timeout_s)
         finally:
             if request_id is not None:
                 admin.remove_request(request_id)
@@ -371,10 +377,51 @@ def run_leak_eval(opts: LeakEvalOptions) -> dict[str, Any]:
         "max_new_tokens": opts.max_new_tokens,
         "key_zipf": KEY_ZIPF,
         "results": summarise_leaks(records, opts.routes),
+        "evidence": {route: evidence_agreement(found, records, route) for route, found in evidence.items()},
     }
     write_records(opts.out, records)
     write_report_files(opts.out, report, leak_markdown(report))
     return report
+
+
+def wait_evidence(admin: UnlearndClient, request_id: str, timeout_s: float) -> dict[str, Any] | None:
+    """The request's evidence once the worker has it (None: not within `timeout_s`, or the server runs none)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            found = admin.evidence(request_id)
+        except ServerError as exc:
+            if exc.status != 404:
+                raise
+            found = None
+        if found and found.get("verdict"):
+            return found
+        time.sleep(2.0)
+    log.warning("no evidence for %s within %.0f s", request_id, timeout_s)
+    return None
+
+
+def evidence_agreement(evidence: dict[str, Any] | None, records: list[dict[str, Any]], route: str) -> dict[str, Any]:
+    """The evidence's leak figure beside this evaluation's on the same route, and on the probes both sent (the
+    same messages) whether their leak verdicts agree."""
+    if evidence is None:
+        return {"available": False}
+    mine = {_key(r): r for r in records if r["route"] == route and r["group"] == "forget"}
+    theirs = [r for r in evidence.get("records", []) if r.get("group") == "forget"]
+    both = [(r, mine[_key(r)]) for r in theirs if _key(r) in mine and r["leaked"] is not None]
+    scored = [r for r in mine.values() if r["leaked"] is not None]
+    return {
+        "available": True,
+        "verdict": evidence.get("verdict"),
+        "evidence_leaks": (evidence.get("summary") or {}).get("leaks"),
+        "evaluation_leaks": _rate(sum(r["leaked"] for r in scored), len(scored)),
+        "shared_probes": len(both),
+        "shared_agree": sum(a["leaked"] == b["leaked"] for a, b in both),
+        "shared_leaks": {
+            "evidence": sum(a["leaked"] for a, _ in both),
+            "evaluation": sum(b["leaked"] for _, b in both),
+        },
+    }
 
 
 def _rate(hits: int, n: int) -> dict[str, Any]:
@@ -478,7 +525,37 @@ def leak_markdown(report: dict[str, Any]) -> str:
         )
     lines += ["", "Targets missed: " + ("; ".join(missed) if missed else "none") + ".", ""]
     lines += _control_lines(results, routes) + _composite_lines(results, routes)
+    lines += _evidence_lines(report.get("evidence", {}))
     return "\n".join(lines) + "\n"
+
+
+def _evidence_lines(evidence: dict[str, Any]) -> list[str]:
+    """The worker's evidence of each request beside this evaluation (issue target: the leak figures agree)."""
+    if not evidence:
+        return []
+    lines = [
+        "## Evidence of the same requests",
+        "",
+        "Each route's request was registered with the measured fold as its held-out `evidence` facts, so the "
+        "worker's evidence battery (at most 3 probes per form, plus the question as asked, which this "
+        "evaluation does not send) probes the same facts. Shared: probes with the same messages in both.",
+        "",
+        "| route | verdict | evidence leaks | evaluation leaks | shared probes | verdicts agree "
+        "| shared leaks (evidence / evaluation) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for route, found in evidence.items():
+        if not found.get("available"):
+            lines.append(f"| {route} | n/a (no evidence within the wait) | | | | | |")
+            continue
+        ours = found["evidence_leaks"] or {"hits": 0, "n": 0, "rate": None}
+        shared = found["shared_leaks"]
+        lines.append(
+            f"| {route} | {found['verdict']} | {_cell(ours)} | {_cell(found['evaluation_leaks'])} | "
+            f"{found['shared_probes']} | {found['shared_agree']}/{found['shared_probes']} | "
+            f"{shared['evidence']} / {shared['evaluation']} |"
+        )
+    return [*lines, ""]
 
 
 def _control_lines(results: dict[str, Any], routes: list[str]) -> list[str]:
