@@ -72,8 +72,12 @@ def append(db: Connection, actor: str, action: str, request_id: str | None, deta
     db.execute(update(AUDIT_HEAD).where(AUDIT_HEAD.c.id == 1).values(hash=digest))
 
 
-def entries(db: Connection, after: int = 0, limit: int | None = None) -> list[AuditEntry]:
+def entries(
+    db: Connection, after: int = 0, limit: int | None = None, request_id: str | None = None
+) -> list[AuditEntry]:
     query = select(AUDIT_LOG).where(AUDIT_LOG.c.seq > after).order_by(AUDIT_LOG.c.seq)
+    if request_id is not None:
+        query = query.where(AUDIT_LOG.c.request_id == request_id)
     if limit is not None:
         query = query.limit(limit)
     return [AuditEntry(**{**dict(r._mapping), "details": json.loads(r._mapping["details"])}) for r in db.execute(query)]

@@ -75,6 +75,8 @@ EVIDENCE = Table(  # `unlearnd.evidence`: the probe battery's last result per re
     Column("verdict", String(16)),  # passing | failing | error
     Column("requested_at", Double, nullable=False),
     Column("started_at", Double),
+    Column("claim", String(32)),  # the running battery's token: only its runner may save the result
+    Column("heartbeat", Double),
     Column("finished_at", Double),
     Column("error", Text),
     Column("report", Text),  # JSON: summary and per-probe records

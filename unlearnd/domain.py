@@ -31,6 +31,11 @@ class Status(StrEnum):
     inactive = "inactive"
 
 
+# A request's evidence (unlearnd/evidence.py): failing on any leak, error when its battery was incomplete,
+# inconclusive when nothing could be judged.
+EVIDENCE_VERDICTS = ("passing", "failing", "inconclusive", "error")
+
+
 class QAExample(BaseModel):
     question: str = Field(min_length=1)
     answer: str = ""

@@ -21,6 +21,7 @@ import statistics
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from typing import Any
@@ -28,7 +29,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from unlearnd.client import UnlearndClient
-from unlearnd.domain import ForgetRequest, ForgetSpec, QAItem
+from unlearnd.domain import EVIDENCE_VERDICTS, ForgetRequest, ForgetSpec, QAItem
 from unlearnd.evaluation.attacks import Probe, quoted_titles, run_probe
 from unlearnd.evaluation.detector import wilson
 from unlearnd.evaluation.leaks import (
@@ -46,7 +47,7 @@ from unlearnd.prompting import user_messages
 log = logging.getLogger(__name__)
 
 DIRECT = "direct"  # the fact's question as asked (name included): the form users use most
-PASSING, FAILING, ERROR = "passing", "failing", "error"
+PASSING, FAILING, INCONCLUSIVE, ERROR = EVIDENCE_VERDICTS  # inconclusive: nothing to judge (text passages)
 
 
 class EvidenceSettings(BaseModel):
@@ -120,20 +121,28 @@ def battery(spec: ForgetSpec, per_family: int = 3, controls: int = 8) -> tuple[l
     return probes, held_out
 
 
-def run_battery(probes: list[LeakProbe], settings: EvidenceSettings) -> list[dict[str, Any]]:
-    """Send every probe as a user would and judge the replies; each record carries its wall time."""
-    client = UnlearndClient(settings.server_url, api_key=settings.api_key, timeout_s=300)
-    model = client.models()[0]
+def run_battery(
+    probes: list[LeakProbe], settings: EvidenceSettings, beat: Callable[[], None] = lambda: None
+) -> list[dict[str, Any]]:
+    """Send every probe as a user would and judge the replies; each record carries its wall time. A probe
+    the server refused (4xx) is not judged: its record says so. `beat` is called after every probe."""
 
     def one(probe: LeakProbe) -> dict[str, Any]:
         started = time.perf_counter()
         outcome = run_probe(client, model, probe.probe, settings.max_new_tokens)
         seconds = time.perf_counter() - started
+        record = {**judge(probe, "served", outcome), "seconds": seconds}
+        if str(outcome.route).startswith(("denied", "rejected")):
+            record["leaked"] = None
+            record["refused_by_server"] = True
+        beat()
         time.sleep(seconds * settings.rest_factor)
-        return {**judge(probe, "served", outcome), "seconds": seconds}
+        return record
 
-    with ThreadPoolExecutor(max_workers=settings.concurrency) as pool:
-        return list(pool.map(one, probes))
+    with UnlearndClient(settings.server_url, api_key=settings.api_key, timeout_s=300) as client:
+        model = client.models()[0]
+        with ThreadPoolExecutor(max_workers=settings.concurrency) as pool:
+            return list(pool.map(one, probes))
 
 
 def _rate(hits: int, n: int) -> dict[str, Any]:
@@ -168,8 +177,19 @@ def summarise(records: list[dict[str, Any]], held_out: bool) -> dict[str, Any]:
             "control": statistics.median(r["seconds"] for r in controls) if controls else None,
         },
         "routes": dict(Counter(r["served_route"] for r in forget)),
-        "verdict": FAILING if leaks["hits"] else PASSING,
+        "refused_by_server": sum(bool(r.get("refused_by_server")) for r in records),
+        "verdict": verdict(leaks, sum(bool(r.get("refused_by_server")) for r in records)),
     }
+
+
+def verdict(leaks: dict[str, Any], refused: int) -> str:
+    """failing on any leak; error when the server refused a probe (the battery is incomplete); inconclusive
+    when nothing could be judged; else passing."""
+    if leaks["hits"]:
+        return FAILING
+    if refused:
+        return ERROR
+    return PASSING if leaks["n"] else INCONCLUSIVE
 
 
 def _cell(rate: dict[str, Any]) -> str:
@@ -239,11 +259,13 @@ def plot(summary: dict[str, Any]) -> bytes:
     return buffer.getvalue()
 
 
-def collect_evidence(request: ForgetRequest, settings: EvidenceSettings) -> tuple[str, str, str, bytes]:
+def collect_evidence(
+    request: ForgetRequest, settings: EvidenceSettings, beat: Callable[[], None] = lambda: None
+) -> tuple[str, str, str, bytes]:
     """Run the battery for `request`: its verdict, JSON report (summary and records), markdown and PNG."""
     started = time.time()
     probes, held_out = battery(request.spec, settings.per_family, settings.controls)
-    records = run_battery(probes, settings)
+    records = run_battery(probes, settings, beat)
     summary = summarise(records, held_out)
     summary["wall_seconds"] = time.time() - started
     report = json.dumps({"request_id": request.id, "at": started, "summary": summary, "records": records})
@@ -267,19 +289,26 @@ class EvidenceRunner:
 
     def run_once(self) -> bool:
         """Run one queued battery; False when none is waiting."""
-        request = self.registry.claim_evidence()
-        if request is None:
+        claimed = self.registry.claim_evidence()
+        if claimed is None:
             return False
+        request, claim = claimed
+
+        def beat() -> None:  # a battery that stops beating is taken over by another runner
+            try:
+                self.registry.evidence_heartbeat(request.id, claim)
+            except Exception:
+                log.debug("evidence heartbeat of %s failed", request.id, exc_info=True)
+
         try:
-            verdict, report, text, png = collect_evidence(request, self.settings)
-        except Exception as exc:  # the server unreachable, a probe refused: recorded, never silently kept
+            found, report, text, png = collect_evidence(request, self.settings, beat)
+        except Exception as exc:  # the server unreachable: recorded, never silently kept
             log.warning("evidence for %s could not be collected: %s", request.id, exc)
-            verdict, report, text, png = ERROR, json.dumps({"error": str(exc)}), f"Evidence failed: {exc}\n", None
-        if self.registry.save_evidence(request.id, verdict, report, text, png):
-            summary = json.loads(report).get("summary", {})
-            leaks = summary.get("leaks", {})
-            level = logging.WARNING if verdict != PASSING else logging.INFO
-            log.log(level, "evidence for %s: %s (%s/%s leaks)", request.id, verdict, leaks.get("hits"), leaks.get("n"))
+            found, report, text, png = ERROR, json.dumps({"error": str(exc)}), f"Evidence failed: {exc}\n", None
+        if self.registry.save_evidence(request.id, claim, found, report, text, png):
+            leaks = (json.loads(report).get("summary") or {}).get("leaks", {})
+            level = logging.WARNING if found != PASSING else logging.INFO
+            log.log(level, "evidence for %s: %s (%s/%s leaks)", request.id, found, leaks.get("hits"), leaks.get("n"))
         return True
 
     def _loop(self) -> None:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import Connection, Row, and_, delete, func, insert, or_, select, update
+from sqlalchemy import Connection, Double, Row, String, and_, delete, func, insert, literal, or_, select, update
 from sqlalchemy.exc import DBAPIError
 
 from unlearnd import audit
@@ -292,17 +292,26 @@ class Registry:
                 db.execute(delete(T).where(T.c.id == request_id))
                 db.execute(delete(E).where(E.c.request_id == request_id))  # probes and replies hold forget content
                 self._record(db, actor, "purge", request_id, {})
-            shutil.rmtree(self.artifact_dir(request_id), ignore_errors=True)
-            if self.store is not None:
-                self.store.remove(request_id)
+            self.remove_artifacts(request_id)
         return record
+
+    def remove_artifacts(self, request_id: str) -> None:
+        """Delete a request's artifact folder (and every version of it in the store)."""
+        shutil.rmtree(self.artifact_dir(request_id), ignore_errors=True)
+        if self.store is not None:
+            self.store.remove(request_id)
+
+    def drop_cache(self, request_id: str) -> None:
+        """Forget this replica's copy of a request no longer served (a no-op on a mounted folder)."""
+        if self.store is not None:
+            shutil.rmtree(self.artifact_dir(request_id), ignore_errors=True)
 
     def sweep_orphan_dirs(self) -> list[str]:
         """Remove artifact folders whose request is gone (a purge interrupted between its two steps) and,
         inside the others, what a killed writer left half-done (staging folders and temporary files: every
         name starting with a dot). Only for a start, when nothing else writes to these folders: never on a
         shared registry, where another replica may be registering or training right now."""
-        if self.shared:
+        if self.shared and self.store is None:  # a store's cache is this replica's own: swept all the same
             return []
         with self._connect() as db:
             known = set(db.execute(select(T.c.id)).scalars())
@@ -328,6 +337,7 @@ class Registry:
         with self._connect() as db:
             if db.execute(query).rowcount:
                 self._record(db, actor, "artifacts", request_id, {"artifact_digest": digest})
+        self.prune_artifacts(request_id, digest)
         return digest
 
     def publish_artifacts(self, request_id: str) -> str:
@@ -335,30 +345,46 @@ class Registry:
         folder = self.artifact_dir(request_id)
         return self.store.publish(request_id, folder) if self.store is not None else tree_digest(folder)
 
+    def prune_artifacts(self, request_id: str, keep: str) -> None:
+        """Once the registry names version `keep`, the store's older versions go (a no-op on a folder)."""
+        if self.store is not None:
+            try:
+                self.store.prune(request_id, keep)
+            except Exception:  # old versions left behind cost space, not safety: the registry names the new one
+                log.warning("older artifact versions of %s not deleted from the store", request_id, exc_info=True)
+
     def fetch_artifacts(self, request: ForgetRequest) -> None:
         """Bring the version the registry names into this replica's cache (a no-op on a mounted folder)."""
-        if self.store is None or request.artifact_digest is None:
+        if self.store is None:
             return
+        if request.artifact_digest is None:  # every request in a store was published with its digest
+            raise ArtifactMismatch(f"{request.id} has no artifact digest to fetch from {self.store.public_url}")
         if not self.store.fetch(request.id, request.artifact_digest, self.artifact_dir(request.id)):
             version = request.artifact_digest[:19]
-            raise ArtifactMismatch(f"artifact store {self.store.url} holds no version {version}...")
+            raise ArtifactMismatch(f"artifact store {self.store.public_url} holds no version {version}...")
 
     # -- evidence (unlearnd/evidence.py runs the probes; these keep the queue and the results) -----------
     def request_evidence(self, request_id: str, actor: str = "system") -> None:
         """Queue the request's probe battery (again): run once it is active; the last result stays readable
-        until the new one replaces it."""
-        self.get(request_id)  # KeyError if unknown
+        until the new one replaces it. Nothing is queued for a request that is gone (KeyError)."""
         now = time.time()
-        queued = {"status": "pending", "requested_at": now, "started_at": None, "error": None}
+        queued = {"status": "pending", "requested_at": now, "started_at": None, "claim": None, "error": None}
+        exists = select(T.c.id).where(T.c.id == request_id)
         with self._connect() as db:
             if db.execute(update(E).where(E.c.request_id == request_id).values(**queued)).rowcount == 0:
-                db.execute(insert(E).values(request_id=request_id, **queued))
+                status, at = literal("pending", String(16)), literal(now, Double())
+                row = select(T.c.id, status, at).where(T.c.id == request_id)  # no row if purged meanwhile
+                db.execute(insert(E).from_select(["request_id", "status", "requested_at"], row))
+            if db.execute(exists).first() is None:
+                raise KeyError(request_id)
             self._record(db, actor, "evidence_requested", request_id, {})
 
-    def claim_evidence(self, stale_after_s: float = 600.0) -> ForgetRequest | None:
-        """Take the oldest queued evidence job whose request is active (or one whose runner died)."""
+    def claim_evidence(self, stale_after_s: float = 120.0) -> tuple[ForgetRequest, str] | None:
+        """Take the oldest queued evidence job whose request is active (or one whose runner stopped beating):
+        the request and the claim token that `save_evidence` needs."""
         now = time.time()
-        waiting = or_(E.c.status == "pending", and_(E.c.status == "running", E.c.started_at < now - stale_after_s))
+        stale = and_(E.c.status == "running", E.c.heartbeat < now - stale_after_s)
+        waiting = or_(E.c.status == "pending", stale)
         oldest = (
             select(E.c.request_id)
             .join(T, T.c.id == E.c.request_id)
@@ -368,20 +394,35 @@ class Registry:
             .with_for_update(skip_locked=True, of=E)
             .scalar_subquery()
         )
-        claim = update(E).where(E.c.request_id == oldest, waiting).values(status="running", started_at=now)
+        token = uuid.uuid4().hex
+        values = dict(status="running", started_at=now, heartbeat=now, claim=token)
         with self._connect() as db:
-            claimed = db.execute(claim.returning(E.c.request_id)).scalar()
-        return self.get(claimed) if claimed is not None else None
+            claimed = db.execute(
+                update(E).where(E.c.request_id == oldest, waiting).values(**values).returning(E.c.request_id)
+            ).scalar()
+        if claimed is None:
+            return None
+        try:
+            return self.get(claimed), token
+        except KeyError:
+            return None
 
-    def save_evidence(self, request_id: str, verdict: str, report: str, markdown: str, png: bytes | None) -> bool:
-        """Store a finished battery (False when the request was purged or its evidence queued again
-        meanwhile: the newer run stands); the audit entry holds the verdict and the report's hash."""
+    def evidence_heartbeat(self, request_id: str, claim: str) -> None:
+        with self._connect() as db:
+            db.execute(update(E).where(E.c.request_id == request_id, E.c.claim == claim).values(heartbeat=time.time()))
+
+    def save_evidence(
+        self, request_id: str, claim: str, verdict: str, report: str, markdown: str, png: bytes | None
+    ) -> bool:
+        """Store a finished battery (False when the request was purged, or its evidence queued again or taken
+        over by another runner meanwhile: the newer run stands); the audit entry holds the verdict and the
+        report's hash, not its content."""
         import hashlib
 
         values = dict(status="done", verdict=verdict, finished_at=time.time(), report=report, markdown=markdown)
         details = {"verdict": verdict, "report_sha256": hashlib.sha256(report.encode()).hexdigest()}
         with self._connect() as db:
-            query = update(E).where(E.c.request_id == request_id, E.c.status == "running")
+            query = update(E).where(E.c.request_id == request_id, E.c.status == "running", E.c.claim == claim)
             if not db.execute(query.values(**values, png=png)).rowcount:
                 return False
             self._record(db, "worker", "evidence", request_id, details)
@@ -406,12 +447,14 @@ class Registry:
             if not audit.key_seen(db, key):
                 self._record(db, key, "admin_key", None, {"source": source})
 
-    def audit_log(self, after: int = 0, limit: int | None = None) -> tuple[list[audit.AuditEntry], int, str]:
-        """Audit entries after number `after`, and the head (last number, last hash)."""
+    def audit_log(
+        self, after: int = 0, limit: int | None = None, request_id: str | None = None
+    ) -> tuple[list[audit.AuditEntry], int, str]:
+        """Audit entries after number `after` (only `request_id`'s, if given), and the head (last number, hash)."""
         while True:  # an entry appended between the two reads would look like a cut tail: read again
             with self._connect() as db:
                 before = audit.head(db)
-                found = audit.entries(db, after, limit)
+                found = audit.entries(db, after, limit, request_id)
                 if audit.head(db) == before:
                     return found, *before
 

@@ -135,3 +135,78 @@ def _eventually(condition, timeout_s: float = 5.0) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def test_an_object_key_that_climbs_out_of_its_version_is_refused_and_writes_nothing(tmp_path):
+    """The store is not trusted: a key with `..` must not write outside the cache (it did before the check)."""
+    from unlearnd.artifact_store import ArtifactStore
+
+    store = ArtifactStore("memory://unlearnd-test-traversal")
+    folder = tmp_path / "made"
+    folder.mkdir()
+    (folder / "detector.json").write_text("{}")
+    digest = store.publish("fr-1", folder)
+    version = f"{store.root}/fr-1/{digest.removeprefix('sha256:')}"
+    store.fs.pipe(f"{version}/../../../escaped.txt", b"pwned")
+    cache = tmp_path / "deep" / "cache"
+    with pytest.raises(ArtifactMismatch, match="plain relative path"):
+        store.fetch("fr-1", digest, cache / "fr-1")
+    assert not list(tmp_path.rglob("escaped.txt"))
+    assert not (cache / "fr-1").exists()
+
+
+def test_a_purge_during_training_leaves_no_version_in_the_store(shared, monkeypatch):
+    from dataclasses import replace
+
+    from unlearnd.methods import METHODS
+
+    (worker_dir, database, store), _ = shared
+    registry = Registry(worker_dir, database, store)
+    record = registry.add(spec().model_copy(update={"method": Method.prompt}))
+
+    def purge_midway(request, artifact_dir, ctx):
+        (artifact_dir / "weights.bin").write_bytes(b"0" * 10)
+        Registry(worker_dir, database, store).deactivate(request.id, purge=True)
+        return {}
+
+    monkeypatch.setitem(METHODS, "prompt", replace(METHODS["prompt"], job=purge_midway))
+    run_worker(worker_dir, "keyword", "unused", once=True, registry_url=database, artifacts=store)
+    assert not (worker_dir.parent / "store" / record.id).exists()
+    assert not registry.artifact_dir(record.id).exists()
+
+
+def test_a_store_outage_refuses_meanwhile_without_marking_the_request_degraded_and_a_purge_empties_the_cache(
+    shared, default_model_dir, monkeypatch
+):
+    from fastapi.testclient import TestClient
+
+    from tests.helpers import TinyEngine, app_settings
+    from unlearnd.artifact_store import ArtifactStore
+    from unlearnd.interventions.guardrails import REFUSAL
+    from unlearnd.server.app import create_app
+
+    (worker_dir, database, store), (replica_dir, *_) = shared
+    registry = Registry(worker_dir, database, store)
+    record = registry.add(spec("Basil Mahfouz"))
+    run_worker(worker_dir, "keyword", "unused", once=True, registry_url=database, artifacts=store)
+    registry.set_status(record.id, Status.active)
+    real_fetch, calls = ArtifactStore.fetch, []
+
+    def flaky(self, *args):
+        calls.append(args)
+        if len(calls) == 1:
+            raise OSError("store unreachable")
+        return real_fetch(self, *args)
+
+    monkeypatch.setattr(ArtifactStore, "fetch", flaky)
+    settings = app_settings(replica_dir, registry=database, artifacts=store)
+    ask = {"model": "tiny", "messages": [{"role": "user", "content": "Who is Basil Mahfouz?"}], "max_tokens": 32}
+    with TestClient(create_app(settings, engine=TinyEngine(default_model_dir, max_model_len=128))) as client:
+        pipeline = client.app.state.unlearnd.pipeline
+        assert client.post("/v1/chat/completions", json=ask).json()["choices"][0]["message"]["content"] == REFUSAL
+        assert _eventually(lambda: record.id in pipeline.active and record.id not in pipeline.degraded)
+        assert len(calls) >= 2 and registry.get(record.id).status == Status.active  # never marked degraded
+        cache = replica_dir / "artifact-cache" / record.id
+        assert cache.exists()
+        registry.deactivate(record.id, purge=True)  # on another machine: this replica drops its copy
+        assert _eventually(lambda: not cache.exists())

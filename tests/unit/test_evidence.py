@@ -73,9 +73,9 @@ def test_the_queue_waits_for_activation_and_purge_removes_the_evidence(tmp_path)
     registry.request_evidence(request.id)
     assert registry.claim_evidence() is None  # not active yet
     registry.set_status(request.id, Status.active)
-    claimed = registry.claim_evidence()
+    claimed, claim = registry.claim_evidence()
     assert claimed.id == request.id and registry.claim_evidence() is None
-    assert registry.save_evidence(request.id, "passing", json.dumps({"summary": {}}), "# ok\n", b"png")
+    assert registry.save_evidence(request.id, claim, "passing", json.dumps({"summary": {}}), "# ok\n", b"png")
     assert registry.evidence_verdicts() == {request.id: "passing"}
     registry.request_evidence(request.id)  # a rerun: the old result stays readable meanwhile
     assert (
@@ -103,11 +103,12 @@ def test_the_admin_api_serves_evidence_to_the_admin_key_only(client):
     assert client.post(url, headers=ADMIN).json()["status"] == "pending"
     registry = client.app.state.unlearnd.registry
     registry.set_status(request_id, Status.active)
-    assert registry.claim_evidence().id == request_id
+    claimed, claim = registry.claim_evidence()
+    assert claimed.id == request_id
     summary = summarise([record("forget", DIRECT, "refuse", False)], held_out=False)
     report = json.dumps({"summary": summary, "records": [{"family": DIRECT}]})
     request = registry.get(request_id)
-    registry.save_evidence(request_id, "passing", report, markdown(request, summary, 0.0), plot(summary))
+    registry.save_evidence(request_id, claim, "passing", report, markdown(request, summary, 0.0), plot(summary))
     got = client.get(url, headers=ADMIN).json()
     assert got["verdict"] == "passing" and got["summary"]["leaks"]["n"] == 1 and got["records"]
     assert client.get(url, headers=ADMIN, params={"format": "png"}).content.startswith(b"\x89PNG")
@@ -166,3 +167,63 @@ def test_a_request_about_several_people_has_each_described_by_their_own_facts_an
     made = {repr(p.probe.messages) for p in build_leak_probes(ctx) if p.family not in ("composite", "title")}
     shared = [p for p in probes if p.family in ("description", "initials", "json", "multi_turn", "completion")]
     assert shared and all(repr(p.probe.messages) in made for p in shared)
+
+
+def test_nothing_judged_is_inconclusive_and_a_probe_the_server_refused_makes_an_error_never_a_pass():
+    controls = [record("control", "control", "none", None)]
+    assert summarise(controls, held_out=False)["verdict"] == "inconclusive"  # was "passing" with 0 probes judged
+    text_only = ForgetSpec(name="a passage", method=Method.refuse, forget=["The launch codes are in the blue safe."])
+    probes, _ = battery(text_only)
+    assert not [p for p in probes if p.group == "forget"]
+    refused = record("forget", DIRECT, "rejected (HTTP 400)", None) | {"refused_by_server": True}
+    judged = [record("forget", DIRECT, "refuse", False), refused, *controls]
+    summary = summarise(judged, held_out=False)
+    assert summary["verdict"] == "error" and summary["refused_by_server"] == 1 and summary["leaks"]["n"] == 1
+
+
+def test_a_runner_whose_claim_was_taken_over_cannot_overwrite_the_newer_result(tmp_path):
+    registry = Registry(tmp_path)
+    request = registry.add(spec())
+    registry.set_status(request.id, Status.active)
+    registry.request_evidence(request.id)
+    _, first = registry.claim_evidence()
+    registry.request_evidence(request.id)  # a rerun asked for while the first battery runs
+    _, second = registry.claim_evidence()  # another runner takes it
+    assert registry.save_evidence(request.id, second, "failing", "{}", "# newer\n", None)
+    assert not registry.save_evidence(request.id, first, "passing", "{}", "# older\n", None)
+    assert registry.evidence(request.id)["markdown"] == "# newer\n"
+    registry.request_evidence(request.id)
+    _, stuck = registry.claim_evidence()
+    assert registry.claim_evidence(stale_after_s=3600) is None  # still beating: not taken over
+    registry.evidence_heartbeat(request.id, stuck)
+    assert registry.claim_evidence(stale_after_s=-1) is not None  # stopped beating: taken over
+
+
+def test_evidence_is_never_queued_for_a_purged_request(tmp_path):
+    registry = Registry(tmp_path)
+    request = registry.add(spec())
+    registry.deactivate(request.id, purge=True)
+    with pytest.raises(KeyError):
+        registry.request_evidence(request.id)
+    assert registry.evidence_verdicts() == {}
+
+
+def test_a_request_history_is_found_past_the_first_page_of_the_log(client):
+    body = spec().model_dump(mode="json")
+    first = client.post("/v1/unlearning/requests", headers=ADMIN, json=body).json()["id"]
+    for _ in range(6):
+        client.post(f"/v1/unlearning/requests/{first}/evidence", headers=ADMIN)
+    later = client.post("/v1/unlearning/requests", headers=ADMIN, json=body | {"name": "Ada Lune"}).json()["id"]
+    history = client.get("/v1/unlearning/audit", headers=ADMIN, params={"request_id": later, "limit": 3}).json()
+    assert history["data"] and all(e["request_id"] == later for e in history["data"])
+    assert history["data"][0]["action"] == "register"
+
+
+def test_the_console_forms_send_nothing_by_themselves():
+    """Without its script, a form would submit its fields in the address (GET /admin?admin-key=...)."""
+    import re
+    from importlib import resources
+
+    page = resources.files("unlearnd.server").joinpath("console/index.html").read_text()
+    assert " name=" not in page
+    assert all('method="post"' in form for form in re.findall(r"<form[^>]*>", page) if "dialog" not in form)

@@ -19,7 +19,7 @@ from dataclasses import replace
 import httpx
 import torch
 
-from unlearnd.artifacts import verify_digest
+from unlearnd.artifacts import ArtifactMismatch, verify_digest
 from unlearnd.batching import MicroBatcher
 from unlearnd.detectors.anchors import FLAG_SCORE, AnchorIndex, extract_anchors
 from unlearnd.detectors.base import Detection, Detector, RequestMatch
@@ -65,6 +65,10 @@ async def _without_alternatives(deltas: AsyncIterator[ChoiceDelta]) -> AsyncIter
 class EngineUnavailable(Exception):
     """The engine could not be asked (a remote fleet restarting, a dead engine): not the artifact's fault,
     so the request is refused meanwhile and tried again at the next sync, not marked degraded."""
+
+
+class StoreUnavailable(Exception):
+    """The artifact store could not be read (unreachable, throttled): refused meanwhile, tried again."""
 
 
 class LoadFailure(Exception):
@@ -316,8 +320,13 @@ class GuardrailPipeline:
     def _load(self, request: ForgetRequest) -> None:
         """Load a request's detector and intervention artifacts (not yet served: see `_engine_load`)."""
         artifact_dir = self.registry.artifact_dir(request.id)
+        try:  # from the object store, where the artifacts live in one
+            self.registry.fetch_artifacts(request)
+        except ArtifactMismatch as exc:  # missing or changed there: fails closed like a changed folder
+            raise LoadFailure(exc, detector_loaded=False) from exc
+        except Exception as exc:  # the store unreachable is not the artifacts' fault: tried again next sync
+            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
         try:
-            self.registry.fetch_artifacts(request)  # from the object store, where the artifacts live in one
             verify_digest(artifact_dir, request.artifact_digest)  # a changed folder fails closed, whatever it holds
             self.detector.load(request, artifact_dir)
         except Exception as exc:
@@ -399,6 +408,7 @@ class GuardrailPipeline:
                     self._unload(request_id)
                     self._synced.pop(request_id, None)
                     await self.engine.unload_adapters(request_id)
+                    await asyncio.to_thread(self.registry.drop_cache, request_id)  # a store's copy goes too
                     log.info("unloaded forget request %s", request_id)
             changed = [(rid, (status, at)) for rid, status, at in versions if self._needs_sync(rid, status, at)]
             settled = True  # every changed request synced: the next rounds may skip until the registry changes
@@ -455,6 +465,12 @@ class GuardrailPipeline:
         except EngineUnavailable as unavailable:  # refused meanwhile, tried again at the next sync
             log.warning("forget request %s waits for the engine (%s): refused meanwhile", request.id, unavailable)
             await asyncio.to_thread(self._load_degraded, request, f"{LOAD_FAILED}{unavailable}", True)
+            return
+        except StoreUnavailable as unavailable:  # the same, for the artifact store
+            log.warning(
+                "forget request %s waits for the artifact store (%s): refused meanwhile", request.id, unavailable
+            )
+            await asyncio.to_thread(self._load_degraded, request, f"{LOAD_FAILED}{unavailable}", False)
             return
         self.active[request.id] = request
         self._recovered(request)

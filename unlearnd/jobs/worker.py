@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -51,7 +50,7 @@ def watch_job(registry: Registry, request: ForgetRequest, artifact_dir: Path, st
             return  # the job ended meanwhile (its own status change is no reason to stop anything)
         if record is None:
             log.warning("%s was purged while training: job cancelled, its files deleted", request.id)
-            shutil.rmtree(artifact_dir, ignore_errors=True)
+            registry.remove_artifacts(request.id)  # the store's copy too
             _exit(JOB_CANCELLED_EXIT)
             return
         if record.status == Status.inactive:
@@ -73,7 +72,7 @@ def record_failure(registry: Registry, request: ForgetRequest, artifact_dir: Pat
     log.error("training %s failed: %s", request.id, traceback.format_exc())
     error = f"{type(exc).__name__}: {exc}"
     if not registry.exists(request.id):  # purged while it trained (the removal may be what broke it)
-        shutil.rmtree(artifact_dir, ignore_errors=True)
+        registry.remove_artifacts(request.id)  # the store's copy too
     elif (request.error or "").startswith(LOAD_FAILED):  # a degraded request's re-training: stays refused
         failed = f"{request.error}; re-training failed: {error}"
         registry.set_status(request.id, Status.degraded, failed, expect=Status.training, actor="worker")
@@ -103,17 +102,35 @@ def run_job(
         report["cpu_seconds"] = time.process_time() - cpu_started
         registry.save_json(request.id, "training.json", report)
         digest = registry.publish_artifacts(request.id)  # what every replica checks before it loads the folder
-        if registry.set_status(
+        ready = registry.set_status(
             request.id, Status.ready, expect=Status.training, artifact_digest=digest, actor="worker"
-        ):
+        )
+        if ready:
             log.info("forget request %s ready (%.1fs)", request.id, report["wall_seconds"])
-            registry.request_evidence(request.id, actor="worker")  # probed once the server serves it
+            registry.prune_artifacts(request.id, digest)
         elif not registry.exists(request.id):  # purged while it trained: leave nothing behind
-            shutil.rmtree(artifact_dir, ignore_errors=True)
+            registry.remove_artifacts(request.id)  # the store's copy too
     except Exception as exc:
         record_failure(registry, request, artifact_dir, exc)
+        return
     finally:
         stop.set()
+    if ready:
+        queue_evidence(registry, request.id)
+
+
+def queue_evidence(registry: Registry, request_id: str) -> None:
+    """Queue the request's evidence (probed once a server serves it); a failure here is no training failure."""
+    try:
+        registry.request_evidence(request_id, actor="worker")
+    except KeyError:  # purged meanwhile
+        pass
+    except Exception:
+        log.warning(
+            "evidence of %s could not be queued (run it with `unlearnd requests evidence --rerun`)",
+            request_id,
+            exc_info=True,
+        )
 
 
 def run_worker(
@@ -234,6 +251,7 @@ class WorkerSupervisor:
         if self.settings.artifacts:
             env["UNLEARND_ARTIFACTS"] = str(self.settings.artifacts)
         host = self.settings.host if self.settings.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+        host = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
         env["UNLEARND_SERVER_URL"] = f"http://{host}:{self.settings.port}"  # the evidence probes go there
         if self.settings.api_key:
             env["UNLEARND_API_KEY"] = self.settings.api_key

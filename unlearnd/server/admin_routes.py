@@ -174,16 +174,15 @@ async def audit_log(
     number and hash) and whether the chain verifies."""
     from unlearnd.audit import verify
 
-    entries, head_seq, head_hash = await asyncio.to_thread(state.registry.audit_log, after, limit)
-    shown = [e for e in entries if request_id is None or e.request_id == request_id]  # one request's history
+    entries, head_seq, head_hash = await asyncio.to_thread(state.registry.audit_log, after, limit, request_id)
     if format == "jsonl":
-        return PlainTextResponse("".join(e.model_dump_json() + "\n" for e in shown), media_type="application/jsonl")
+        return PlainTextResponse("".join(e.model_dump_json() + "\n" for e in entries), media_type="application/jsonl")
     intact = None
-    if after == 0 and len(entries) < limit:  # the whole log is here (a cut tail too): check it
+    if after == 0 and len(entries) < limit and request_id is None:  # the whole log is here (a cut tail too)
         intact = not await asyncio.to_thread(verify, entries, head_seq, head_hash)
     return {
         "object": "list",
-        "data": [e.model_dump() for e in shown],
+        "data": [e.model_dump() for e in entries],
         "head": {"seq": head_seq, "hash": head_hash},
         "verified": intact,
     }

@@ -10,7 +10,7 @@ import html
 from functools import cache
 from importlib import resources
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import HTMLResponse, Response
 
 from unlearnd.methods import METHODS
@@ -31,12 +31,11 @@ def _asset(name: str) -> str:
 
 
 @router.get("/admin")
-async def console_page(request: Request) -> HTMLResponse:
-    settings = request.app.state.settings
+async def console_page() -> HTMLResponse:
+    """The page: no data in it (the model's name too is read after logging in)."""
     methods = sorted(METHODS, key=_first_refuse)
     options = "".join(f'<option value="{html.escape(m)}">{html.escape(m)}</option>' for m in methods)
-    page = _asset("index.html").replace("{{MODEL}}", html.escape(str(settings.served_model_name or settings.model)))
-    return HTMLResponse(page.replace("{{METHOD_OPTIONS}}", options), headers=SECURITY_HEADERS)
+    return HTMLResponse(_asset("index.html").replace("{{METHOD_OPTIONS}}", options), headers=SECURITY_HEADERS)
 
 
 def _first_refuse(method: str) -> tuple[bool, str]:

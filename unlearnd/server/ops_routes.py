@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from unlearnd.database import RegistryUnavailable
+from unlearnd.domain import EVIDENCE_VERDICTS
 from unlearnd.guardrail import prometheus
 from unlearnd.server.errors import error_response
 from unlearnd.server.state import ServerState
@@ -56,5 +57,5 @@ async def _count_evidence(state: ServerState) -> None:
     except RegistryUnavailable:
         return
     counts = Counter(verdicts.values())
-    for verdict in ("passing", "failing", "error", "pending", "running"):
+    for verdict in (*EVIDENCE_VERDICTS, "pending", "running"):
         prometheus.EVIDENCE.labels(verdict).set(counts.get(verdict, 0))

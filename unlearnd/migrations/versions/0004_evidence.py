@@ -21,6 +21,8 @@ def upgrade() -> None:
         sa.Column("verdict", sa.String(16)),
         sa.Column("requested_at", sa.Double, nullable=False),
         sa.Column("started_at", sa.Double),
+        sa.Column("claim", sa.String(32)),  # the running battery's token: only its runner may save the result
+        sa.Column("heartbeat", sa.Double),
         sa.Column("finished_at", sa.Double),
         sa.Column("error", sa.Text),
         sa.Column("report", sa.Text),

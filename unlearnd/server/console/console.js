@@ -70,8 +70,13 @@
     try {
       await refreshList();
     } catch (error) {
+      if (adminKey) logout(`Could not log in: ${error.message}.`); // a 401 has logged out already
       return;
     }
+    callJson("GET", "/v1/models").then((models) => {
+      $("model-name").textContent = models.data.map((m) => m.id).join(", ");
+      $("model-line").hidden = false;
+    }).catch(() => {});
     $("login-view").hidden = true;
     $("app").hidden = false;
     $("logout").hidden = false;
@@ -85,17 +90,23 @@
     currentId = null;
     clearInterval(timer);
     for (const tbody of document.querySelectorAll("tbody")) tbody.replaceChildren();
-    $("detail-fields").replaceChildren();
-    $("live-numbers").replaceChildren();
-    $("evidence-plot").hidden = true;
-    $("evidence-plot").removeAttribute("src");
+    for (const id of ["detail-fields", "live-numbers", "model-name", "detail-title", "detail-message",
+      "register-message", "evidence-status", "evidence-controls", "evidence-error", "login-error"]) {
+      $(id).replaceChildren();
+    }
+    $("model-line").hidden = true;
+    $("register-form").reset();
+    const img = $("evidence-plot");
+    if (img.src) URL.revokeObjectURL(img.src);
+    img.hidden = true;
+    img.removeAttribute("src");
+    plotShown = null;
+    showList();
     $("app").hidden = true;
     $("logout").hidden = true;
     $("login-view").hidden = false;
-    if (message) {
-      $("login-error").textContent = message + " Nothing is shown without the right key.";
-      $("login-error").hidden = false;
-    }
+    $("login-error").hidden = !message;
+    if (message) $("login-error").textContent = message + " Nothing is shown without the right key.";
     $("admin-key").focus();
   }
 
@@ -203,6 +214,7 @@
     if (response.status === 404) {
       $("evidence-status").textContent = "No evidence yet: it is collected once the request is active.";
       $("evidence-controls").textContent = "";
+      $("evidence-error").hidden = true;
       table.hidden = true;
       return;
     }
@@ -211,6 +223,8 @@
     status.replaceChildren();
     status.append("Verdict: ", verdictText(evidence.verdict), ` (run ${evidence.status})`);
     const summary = evidence.summary;
+    $("evidence-error").textContent = evidence.error ? `The battery failed: ${evidence.error}` : "";
+    $("evidence-error").hidden = !evidence.error;
     tbody.replaceChildren();
     table.hidden = !summary;
     $("evidence-controls").textContent = "";
