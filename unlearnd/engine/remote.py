@@ -182,7 +182,7 @@ class RemoteVLLMEngine(Engine):
             payload["logprobs"] = s.logprobs
         if request.prompt_embeds is not None:
             payload["prompt_embeds"] = encode_prompt_embeds(request.prompt_embeds)
-            payload["prompt"] = []  # no prompt for vLLM; routers (vllm-router) reject a body without the field
+            payload["prompt"] = []  # no prompt for vLLM (0.32: an empty list adds none); vllm-router needs the field
         else:
             payload["prompt"] = request.prompt_token_ids
         return payload
