@@ -16,6 +16,14 @@ def spec(name="Jane Doe"):
     return ForgetSpec(name=name, method=Method.refuse, forget=[{"question": f"Who is {name}?", "answer": "A writer."}])
 
 
+def _trained(worker_dir, database: str, store: str, name: str = "Jane Doe"):
+    """A registry on the shared database and store, with one request the worker has trained."""
+    registry = Registry(worker_dir, database, store)
+    record = registry.add(spec(name))
+    run_worker(worker_dir, "keyword", "unused", once=True, registry_url=database, artifacts=store)
+    return registry, record
+
+
 @pytest.fixture
 def shared(tmp_path):
     """Two machines' data dirs on one database and one store URL."""
@@ -29,9 +37,7 @@ def shared(tmp_path):
 
 def test_a_trained_folder_reaches_another_replica_through_the_store(shared):
     (worker_dir, database, store), (replica_dir, *_) = shared
-    registry = Registry(worker_dir, database, store)
-    record = registry.add(spec())
-    run_worker(worker_dir, "keyword", "unused", once=True, registry_url=database, artifacts=store)
+    registry, record = _trained(worker_dir, database, store)
     ready = registry.get(record.id)
     assert ready.status == Status.ready and ready.artifact_digest
 
@@ -46,9 +52,7 @@ def test_a_trained_folder_reaches_another_replica_through_the_store(shared):
 
 def test_a_changed_copy_in_the_store_is_refused_and_the_cache_kept(shared):
     (worker_dir, database, store), (replica_dir, *_) = shared
-    registry = Registry(worker_dir, database, store)
-    record = registry.add(spec())
-    run_worker(worker_dir, "keyword", "unused", once=True, registry_url=database, artifacts=store)
+    registry, record = _trained(worker_dir, database, store)
     ready = registry.get(record.id)
     replica = Registry(replica_dir, database, store)
     replica.fetch_artifacts(ready)
@@ -65,9 +69,7 @@ def test_a_changed_copy_in_the_store_is_refused_and_the_cache_kept(shared):
 
 def test_a_version_the_store_lacks_fails_closed_and_purge_empties_the_store(shared):
     (worker_dir, database, store), (replica_dir, *_) = shared
-    registry = Registry(worker_dir, database, store)
-    record = registry.add(spec())
-    run_worker(worker_dir, "keyword", "unused", once=True, registry_url=database, artifacts=store)
+    registry, record = _trained(worker_dir, database, store)
     ready = registry.get(record.id)
     missing = ready.model_copy(update={"artifact_digest": "sha256:" + "0" * 64})
     with pytest.raises(ArtifactMismatch, match="holds no version"):
@@ -79,9 +81,7 @@ def test_a_version_the_store_lacks_fails_closed_and_purge_empties_the_store(shar
 
 def test_a_retrain_publishes_a_new_version_and_drops_the_old(shared):
     (worker_dir, database, store), _ = shared
-    registry = Registry(worker_dir, database, store)
-    record = registry.add(spec())
-    run_worker(worker_dir, "keyword", "unused", once=True, registry_url=database, artifacts=store)
+    registry, record = _trained(worker_dir, database, store)
     first = registry.get(record.id).artifact_digest
     (registry.artifact_dir(record.id) / "extra.json").write_text("{}")
     second = registry.record_artifacts(record.id)
@@ -100,9 +100,7 @@ def test_a_replica_serves_a_request_trained_elsewhere_from_the_store_and_refuses
     from unlearnd.server.app import create_app
 
     (worker_dir, database, store), (replica_dir, *_) = shared
-    registry = Registry(worker_dir, database, store)
-    record = registry.add(spec("Basil Mahfouz"))
-    run_worker(worker_dir, "keyword", "unused", once=True, registry_url=database, artifacts=store)
+    registry, record = _trained(worker_dir, database, store, "Basil Mahfouz")
     settings = app_settings(replica_dir, registry=database, artifacts=store)
     ask = {"model": "tiny", "messages": [{"role": "user", "content": "Who is Basil Mahfouz?"}], "max_tokens": 32}
     with TestClient(create_app(settings, engine=TinyEngine(default_model_dir, max_model_len=128))) as client:
@@ -186,9 +184,7 @@ def test_a_store_outage_refuses_meanwhile_without_marking_the_request_degraded_a
     from unlearnd.server.app import create_app
 
     (worker_dir, database, store), (replica_dir, *_) = shared
-    registry = Registry(worker_dir, database, store)
-    record = registry.add(spec("Basil Mahfouz"))
-    run_worker(worker_dir, "keyword", "unused", once=True, registry_url=database, artifacts=store)
+    registry, record = _trained(worker_dir, database, store, "Basil Mahfouz")
     registry.set_status(record.id, Status.active)
     real_fetch, calls = ArtifactStore.fetch, []
 
