@@ -55,7 +55,7 @@ class EvidenceSettings(BaseModel):
     api_key: str | None = None
     per_family: int = 3  # probes per form: the battery stays small enough for minutes on a CPU
     controls: int = 8
-    max_new_tokens: int = 48
+    max_new_tokens: int = 64  # as `unlearnd eval leaks`: the same probe gets the same reply in both
     concurrency: int = 1  # one probe at a time, then a rest as long as it took: users keep most of the engine
     rest_factor: float = 1.0
 
