@@ -53,7 +53,7 @@ PASSING, FAILING, INCONCLUSIVE, ERROR = EVIDENCE_VERDICTS  # inconclusive: nothi
 class EvidenceSettings(BaseModel):
     server_url: str
     api_key: str | None = None
-    per_family: int = 3  # probes per form: the battery stays small enough for minutes on a CPU
+    per_family: int = 8  # probes per form (3 missed a 6% leak rate on the TOFU target: reports/leaks-evidence.md)
     controls: int = 8
     max_new_tokens: int = 64  # as `unlearnd eval leaks`: the same probe gets the same reply in both
     concurrency: int = 1  # one probe at a time, then a rest as long as it took: users keep most of the engine
@@ -82,7 +82,7 @@ def _interleaved(facts: list[QAItem]) -> list[int]:
     return order
 
 
-def battery(spec: ForgetSpec, per_family: int = 3, controls: int = 8) -> tuple[list[LeakProbe], bool]:
+def battery(spec: ForgetSpec, per_family: int = 8, controls: int = 8) -> tuple[list[LeakProbe], bool]:
     """The request's probes (at most `per_family` per form, the request's people in turn) and controls;
     and whether the facts were held out of fitting. A probe of fact `i` is the one the leak evaluation
     makes of the same fact at the same position (same description, same name variant)."""

@@ -413,6 +413,7 @@ def evidence_agreement(evidence: dict[str, Any] | None, records: list[dict[str, 
     return {
         "available": True,
         "verdict": evidence.get("verdict"),
+        "wall_seconds": (evidence.get("summary") or {}).get("wall_seconds"),
         "evidence_leaks": (evidence.get("summary") or {}).get("leaks"),
         "evaluation_leaks": _rate(sum(r["leaked"] for r in scored), len(scored)),
         "shared_probes": len(both),
@@ -537,23 +538,23 @@ def _evidence_lines(evidence: dict[str, Any]) -> list[str]:
         "## Evidence of the same requests",
         "",
         "Each route's request was registered with the measured fold as its held-out `evidence` facts, so the "
-        "worker's evidence battery (at most 3 probes per form, plus the question as asked, which this "
+        "worker's evidence battery (a few probes per form, plus the question as asked, which this "
         "evaluation does not send) probes the same facts. Shared: probes with the same messages in both.",
         "",
         "| route | verdict | evidence leaks | evaluation leaks | shared probes | verdicts agree "
-        "| shared leaks (evidence / evaluation) |",
-        "|---|---|---|---|---|---|---|",
+        "| shared leaks (evidence / evaluation) | battery time |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for route, found in evidence.items():
         if not found.get("available"):
-            lines.append(f"| {route} | n/a (no evidence within the wait) | | | | | |")
+            lines.append(f"| {route} | n/a (no evidence within the wait) | | | | | | |")
             continue
         ours = found["evidence_leaks"] or {"hits": 0, "n": 0, "rate": None}
         shared = found["shared_leaks"]
         lines.append(
             f"| {route} | {found['verdict']} | {_cell(ours)} | {_cell(found['evaluation_leaks'])} | "
             f"{found['shared_probes']} | {found['shared_agree']}/{found['shared_probes']} | "
-            f"{shared['evidence']} / {shared['evaluation']} |"
+            f"{shared['evidence']} / {shared['evaluation']} | {fmt(found.get('wall_seconds'))} s |"
         )
     return [*lines, ""]
 
