@@ -72,6 +72,25 @@ def test_one_behaviour_on_both_databases(registry):
     assert registry.fingerprint()[0] == 1
 
 
+def test_the_evidence_queue_on_both_databases(registry):
+    """Queued, claimed once (only when active), saved only with its claim, gone with a purge."""
+    a, b = registry.add(spec("A Person")), registry.add(spec("B Person"))
+    registry.request_evidence(a.id)
+    registry.request_evidence(b.id)
+    assert registry.claim_evidence() is None  # neither active yet
+    registry.set_status(b.id, Status.active)
+    claimed, claim = registry.claim_evidence()
+    assert claimed.id == b.id and registry.claim_evidence() is None
+    assert not registry.save_evidence(b.id, "someone-else", "passing", "{}", "x", None)
+    assert registry.save_evidence(b.id, claim, "failing", '{"summary": {}}', "# b\n", b"\x89PNG")
+    assert registry.evidence_verdicts() == {a.id: "pending", b.id: "failing"}
+    assert bytes(registry.evidence(b.id)["png"]) == b"\x89PNG"
+    registry.deactivate(b.id, purge=True)
+    assert registry.evidence(b.id) is None
+    with pytest.raises(KeyError):
+        registry.request_evidence(b.id)
+
+
 def _claim_all(url: str, data_dir: str, start: float, out) -> None:
     registry = Registry(data_dir, url)
     while time.time() < start:
