@@ -227,3 +227,13 @@ def test_the_console_forms_send_nothing_by_themselves():
     page = resources.files("unlearnd.server").joinpath("console/index.html").read_text()
     assert " name=" not in page
     assert all('method="post"' in form for form in re.findall(r"<form[^>]*>", page) if "dialog" not in form)
+
+
+def test_the_worker_reads_the_evidence_tuning_from_the_environment(monkeypatch):
+    from unlearnd.jobs.worker import evidence_settings
+
+    assert evidence_settings(None) is None
+    monkeypatch.setenv("UNLEARND_EVIDENCE_PER_FORM", "5")
+    monkeypatch.setenv("UNLEARND_EVIDENCE_REST", "0")
+    settings = evidence_settings("http://127.0.0.1:8000")
+    assert settings.per_family == 5 and settings.rest_factor == 0.0

@@ -321,11 +321,15 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def evidence_settings(server_url: str | None) -> EvidenceSettings | None:
-    """The evidence runner's settings (the user API key from `UNLEARND_API_KEY`); None without a server."""
+    """The evidence runner's settings (None without a server): the user API key from `UNLEARND_API_KEY`;
+    `UNLEARND_EVIDENCE_PER_FORM` (probes per form) and `UNLEARND_EVIDENCE_REST` (rest after a probe, as a
+    multiple of its time: 0 finishes sooner and costs the users served meanwhile more)."""
     if not server_url:
         log.warning("no --server-url: evidence batteries are not run by this worker")
         return None
-    return EvidenceSettings(server_url=server_url, api_key=os.environ.get("UNLEARND_API_KEY"))
+    tuning = {"per_family": "UNLEARND_EVIDENCE_PER_FORM", "rest_factor": "UNLEARND_EVIDENCE_REST"}
+    given = {field: os.environ[var] for field, var in tuning.items() if os.environ.get(var)}
+    return EvidenceSettings(server_url=server_url, api_key=os.environ.get("UNLEARND_API_KEY"), **given)
 
 
 if __name__ == "__main__":
