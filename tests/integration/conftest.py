@@ -46,7 +46,10 @@ def unlearnd_server(default_model_dir, logs_dir, tmp_path_factory):
     port = free_port()
     data_dir = tmp_path_factory.mktemp("unlearnd-data")
     # request ids in headers: these tests check which request decided each route (off by default)
-    server = ServerProcess(unlearnd_command(port, data_dir, "--expose-request-ids"), port, logs_dir / "unlearnd.log")
+    # small, quick evidence batteries: every request the suite registers gets one, one after another
+    quick_evidence = {"UNLEARND_EVIDENCE_PER_FORM": "2", "UNLEARND_EVIDENCE_REST": "0"}
+    cmd = unlearnd_command(port, data_dir, "--expose-request-ids")
+    server = ServerProcess(cmd, port, logs_dir / "unlearnd.log", env=quick_evidence)
     server.data_dir = data_dir
     yield server.start()
     server.stop()
