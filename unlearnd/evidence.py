@@ -31,7 +31,6 @@ from pydantic import BaseModel
 from unlearnd.client import UnlearndClient
 from unlearnd.domain import EVIDENCE_VERDICTS, ForgetRequest, ForgetSpec, QAItem
 from unlearnd.evaluation.attacks import Probe, quoted_titles, run_probe
-from unlearnd.evaluation.detector import wilson
 from unlearnd.evaluation.leaks import (
     FAMILIES,
     LeakContext,
@@ -39,6 +38,7 @@ from unlearnd.evaluation.leaks import (
     carries_name,
     description,
     family_probe,
+    hit_rate,
     judge,
     key_terms,
 )
@@ -145,10 +145,6 @@ def run_battery(
             return list(pool.map(one, probes))
 
 
-def _rate(hits: int, n: int) -> dict[str, Any]:
-    return {"hits": hits, "n": n, "rate": hits / n if n else None, "ci95": wilson(hits, n)}
-
-
 def summarise(records: list[dict[str, Any]], held_out: bool) -> dict[str, Any]:
     """Leaks and unprotected replies per form, controls untouched, latency; the verdict."""
     forget = [r for r in records if r["group"] == "forget"]
@@ -159,18 +155,18 @@ def summarise(records: list[dict[str, Any]], held_out: bool) -> dict[str, Any]:
         mine = [r for r in forget if r["family"] == family]
         judged = [r for r in mine if r["leaked"] is not None]
         families[family] = {
-            "leaks": _rate(sum(r["leaked"] for r in judged), len(judged)),
-            "unprotected": _rate(sum(r["served_route"] == "none" for r in mine), len(mine)),
+            "leaks": hit_rate(sum(r["leaked"] for r in judged), len(judged)),
+            "unprotected": hit_rate(sum(r["served_route"] == "none" for r in mine), len(mine)),
             "named": sum(r["named"] for r in mine),
             "probes": len(mine),
         }
-    leaks = _rate(sum(r["leaked"] for r in scored), len(scored))
+    leaks = hit_rate(sum(r["leaked"] for r in scored), len(scored))
     return {
         "held_out_facts": held_out,
         "leaks": leaks,
-        "unprotected": _rate(sum(r["served_route"] == "none" for r in forget), len(forget)),
+        "unprotected": hit_rate(sum(r["served_route"] == "none" for r in forget), len(forget)),
         "named_share": sum(r["named"] for r in forget) / len(forget) if forget else None,
-        "controls_untouched": _rate(sum(r["served_route"] == "none" for r in controls), len(controls)),
+        "controls_untouched": hit_rate(sum(r["served_route"] == "none" for r in controls), len(controls)),
         "families": families,
         "seconds_p50": {
             "forget": statistics.median(r["seconds"] for r in forget) if forget else None,

@@ -353,15 +353,17 @@ class Registry:
             except Exception:  # old versions left behind cost space, not safety: the registry names the new one
                 log.warning("older artifact versions of %s not deleted from the store", request_id, exc_info=True)
 
-    def fetch_artifacts(self, request: ForgetRequest) -> None:
-        """Bring the version the registry names into this replica's cache (a no-op on a mounted folder)."""
+    def fetch_artifacts(self, request: ForgetRequest) -> bool:
+        """Bring the version the registry names into this replica's cache, checked against its digest (True);
+        False on a mounted folder, which the caller checks itself."""
         if self.store is None:
-            return
+            return False
         if request.artifact_digest is None:  # every request in a store was published with its digest
             raise ArtifactMismatch(f"{request.id} has no artifact digest to fetch from {self.store.public_url}")
         if not self.store.fetch(request.id, request.artifact_digest, self.artifact_dir(request.id)):
             version = request.artifact_digest[:19]
             raise ArtifactMismatch(f"artifact store {self.store.public_url} holds no version {version}...")
+        return True
 
     # -- evidence (unlearnd/evidence.py runs the probes; these keep the queue and the results) -----------
     def request_evidence(self, request_id: str, actor: str = "system") -> None:
@@ -434,10 +436,13 @@ class Registry:
             row = db.execute(select(E).where(E.c.request_id == request_id)).first()
         return dict(row._mapping) if row is not None else None
 
-    def evidence_verdicts(self) -> dict[str, str]:
-        """Every request's evidence: its verdict (passing, failing, error), or pending / running."""
+    def evidence_verdicts(self, request_id: str | None = None) -> dict[str, str]:
+        """Every request's evidence (or `request_id`'s only): its verdict, or pending / running."""
+        query = select(E.c.request_id, E.c.status, E.c.verdict)
+        if request_id is not None:
+            query = query.where(E.c.request_id == request_id)
         with self._connect() as db:
-            rows = db.execute(select(E.c.request_id, E.c.status, E.c.verdict)).all()
+            rows = db.execute(query).all()
         return {rid: verdict if status == "done" else status for rid, status, verdict in rows}
 
     def note_admin_key(self, key: str, source: str) -> None:

@@ -26,6 +26,7 @@ import httpx
 import numpy as np
 from pydantic import BaseModel
 
+from unlearnd.bench.latency import bootstrap_ratio_ci
 from unlearnd.bench.propagation import invented_names
 from unlearnd.bench.servers import ServerProcess, free_port, unlearnd_command
 from unlearnd.config import DEFAULT_MODEL
@@ -130,14 +131,6 @@ def _during(sample: dict[str, Any], windows: list[list[float]]) -> bool:
     return any(sample["start"] < end and sample["end"] > start for start, end in windows)
 
 
-def _ratio_ci(during: list[float], idle: list[float], seed: int, n: int = 2000) -> list[float] | None:
-    if len(during) < 2 or len(idle) < 2:
-        return None
-    rng = np.random.default_rng(seed)
-    ratios = [np.median(rng.choice(during, len(during))) / np.median(rng.choice(idle, len(idle))) for _ in range(n)]
-    return [float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))]
-
-
 def run_evidence_bench(opts: EvidenceBenchOptions) -> dict[str, Any]:
     stamp = run_stamp()
     logs = Path(opts.logs_dir or tempfile.mkdtemp(prefix="unlearnd-evidence-bench-"))
@@ -185,7 +178,7 @@ def summarise_bench(trials: list[dict], samples: list[dict], seed: int) -> dict[
             "during": {"n": len(during), "p50_s": p50(during)},
             "idle": {"n": len(idle), "p50_s": p50(idle)},
             "ratio_p50": p50(during) / p50(idle) if during and idle else None,
-            "ratio_ci95": _ratio_ci(during, idle, seed),
+            "ratio_ci95": bootstrap_ratio_ci(during, idle, resamples=2000, seed=seed),
             "failed": len(samples) - len(ok),
         },
         "verdicts": [t["verdict"] for t in trials],

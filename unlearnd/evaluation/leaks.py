@@ -415,7 +415,7 @@ def evidence_agreement(evidence: dict[str, Any] | None, records: list[dict[str, 
         "verdict": evidence.get("verdict"),
         "wall_seconds": (evidence.get("summary") or {}).get("wall_seconds"),
         "evidence_leaks": (evidence.get("summary") or {}).get("leaks"),
-        "evaluation_leaks": _rate(sum(r["leaked"] for r in scored), len(scored)),
+        "evaluation_leaks": hit_rate(sum(r["leaked"] for r in scored), len(scored)),
         "shared_probes": len(both),
         "shared_agree": sum(a["leaked"] == b["leaked"] for a, b in both),
         "shared_leaks": {
@@ -425,7 +425,8 @@ def evidence_agreement(evidence: dict[str, Any] | None, records: list[dict[str, 
     }
 
 
-def _rate(hits: int, n: int) -> dict[str, Any]:
+def hit_rate(hits: int, n: int) -> dict[str, Any]:
+    """Hits of n, their share and its Wilson 95% interval (the leak evaluation's and the evidence's cells)."""
     return {"hits": hits, "n": n, "rate": hits / n if n else None, "ci95": wilson(hits, n)}
 
 
@@ -441,12 +442,12 @@ def summarise_leaks(records: list[dict[str, Any]], routes: list[str]) -> dict[st
             mine = [r for r in forget if r["family"] == family and r["route"] == route]
             scored = [r for r in mine if r["leaked"] is not None]
             row = {
-                "leaks": _rate(sum(r["leaked"] for r in scored), len(scored)),
-                "unflagged": _rate(sum(r["served_route"] == UNPROTECTED for r in mine), len(mine)),
+                "leaks": hit_rate(sum(r["leaked"] for r in scored), len(scored)),
+                "unflagged": hit_rate(sum(r["served_route"] == UNPROTECTED for r in mine), len(mine)),
             }
             answered = [r["ordinary_answered"] for r in mine if r["ordinary_answered"] is not None]
             if answered:
-                row["ordinary_answered"] = _rate(sum(answered), len(answered))
+                row["ordinary_answered"] = hit_rate(sum(answered), len(answered))
             rows[route] = row
         none_leaks = rows.get(UNPROTECTED, {}).get("leaks", {}).get("hits")
         for row in rows.values():
@@ -463,7 +464,7 @@ def summarise_leaks(records: list[dict[str, Any]], routes: list[str]) -> dict[st
                 and r["reply"] == base.get((group, r["family"], _key(r)), {}).get("reply")
                 for r in mine
             ]
-            rows[route] = _rate(sum(same), len(same))
+            rows[route] = hit_rate(sum(same), len(same))
         out["controls"][group] = rows
     return out
 

@@ -320,14 +320,15 @@ class GuardrailPipeline:
     def _load(self, request: ForgetRequest) -> None:
         """Load a request's detector and intervention artifacts (not yet served: see `_engine_load`)."""
         artifact_dir = self.registry.artifact_dir(request.id)
-        try:  # from the object store, where the artifacts live in one
-            self.registry.fetch_artifacts(request)
+        try:  # from the object store, where the artifacts live in one (the copy is checked there)
+            checked = self.registry.fetch_artifacts(request)
         except ArtifactMismatch as exc:  # missing or changed there: fails closed like a changed folder
             raise LoadFailure(exc, detector_loaded=False) from exc
         except Exception as exc:  # the store unreachable is not the artifacts' fault: tried again next sync
             raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
         try:
-            verify_digest(artifact_dir, request.artifact_digest)  # a changed folder fails closed, whatever it holds
+            if not checked:
+                verify_digest(artifact_dir, request.artifact_digest)  # a changed folder fails closed, whatever it holds
             self.detector.load(request, artifact_dir)
         except Exception as exc:
             raise LoadFailure(exc, detector_loaded=False) from exc

@@ -86,7 +86,7 @@ async def get_request(request_id: str, state: ServerState = Depends(server_state
         raise not_found(request_id) from None
     # the training job's report (cost, achieved metrics), once the job has finished
     training = await asyncio.to_thread(state.registry.load_json, request_id, "training.json")
-    evidence = await asyncio.to_thread(state.registry.evidence_verdicts)
+    evidence = await asyncio.to_thread(state.registry.evidence_verdicts, request_id)
     extra = {"training": training, "evidence": evidence.get(record.id), "served": served(state, record.id)}
     return {**public(record), **extra}
 
