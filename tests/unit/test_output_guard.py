@@ -318,6 +318,34 @@ def test_ordinary_text_leaves_one_token_behind_generation_at_most():
     assert released[0][0] <= 2  # the first word leaves with the next token at the latest (not 96 characters on)
 
 
+def test_a_streams_first_token_leaves_at_once_though_a_name_could_begin_with_it():
+    """With many requests nearly every short start ("The", "In", "A") begins some name part: holding it
+    made every stream's first token wait for its second (the TTFT the latency report measured)."""
+    guard = OutputGuard()
+    for i, name in enumerate(("Theodor Ibsen", "Inga Ahlqvist", "Ansel Brook")):
+        spec = ForgetSpec(name=name, forget=[QAExample(question=f"Who is {name}?", answer=f"{name} is a poet.")])
+        guard.load(
+            ForgetRequest(
+                id=f"fr-{i}", name=name, method="refuse", status="active", created_at=0, updated_at=0, spec=spec,
+                artifact_dir="",
+            )
+        )  # fmt: skip
+    for first in ("The", "In", "A"):
+        released, blocks = _timeline(guard, [first, " weather", " is", " mild", "."])
+        assert not blocks and released[0] == (1, first), first
+    assert guard.holds.hold_from("The weather The", False, lambda w: 0.0) == len("The weather ")  # later words wait
+
+
+def test_a_name_opening_the_output_leaves_at_most_three_of_its_letters():
+    guard = OutputGuard()
+    guard.load(forget_request())
+    pieces = ["Tak", "ashi", " Nak", "amura", " is", " a", " novelist", "."]
+    released, blocks = _timeline(guard, pieces)
+    sent = "".join(text for _, text in released)
+    assert blocks and sent.endswith(REFUSAL)
+    assert sum(c.isalpha() for c in sent.removesuffix(REFUSAL)) <= 3 and "ashi" not in sent
+
+
 def test_a_name_split_across_tokens_never_leaves_even_in_part():
     guard = OutputGuard()
     guard.load(forget_request())

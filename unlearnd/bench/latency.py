@@ -309,6 +309,10 @@ class BenchConfig:
     route_options: dict = field(
         default_factory=lambda: {name: quick_options(name) for name, entry in METHODS.items() if entry.quick_options}
     )
+    # The route cells' own requests are registered with the output guard off for them, so their answers are
+    # not cut and unlearnd generates what plain vLLM generates (the same work); the guard still checks every
+    # output against every other active request. Its cost on a blocked answer is `reports/output_guard.md`'s.
+    route_output_guard: bool = False
 
 
 def measure_cell(
@@ -406,7 +410,8 @@ def run_bench(
     for level in sorted(cfg.levels):
         if level > 0 and not routes_registered:
             for route, person in route_people.items():
-                register_requests(server, [person], route, cfg.route_options.get(route))
+                options = {**cfg.route_options.get(route, {}), "output_guard": cfg.route_output_guard}
+                register_requests(server, [person], route, options)
             routes_registered = True
         need = max(0, level - active_count(server))
         row = {"level": level, **_fill(server, pending[:need], server_pid)}

@@ -53,6 +53,16 @@ def _cell_ratio(key: str, metric: str) -> Callable[[dict], float | None]:
     return read
 
 
+def _route_guard_line(cfg: dict) -> str:
+    if cfg.get("route_output_guard", True):
+        return "The route cells' requests keep the output guard on (it may cut their answers)."
+    return (
+        "The route cells' requests are registered with the output guard off for them, so their answers are not "
+        "cut and both servers generate the same tokens; the guard still checks every output against every other "
+        "active request."
+    )
+
+
 def _level(key: str, level: int | None = None) -> Callable[[dict], float | None]:
     def read(result: dict) -> float | None:
         rows = [r for r in result["levels"] if level is None or r["level"] == level]
@@ -256,13 +266,13 @@ def latency_markdown(result: dict, plot: Path | None) -> str:
         "unlearnd's engine is given on that route (`POST /v1/unlearning/engine-input`: the same token ids, prompt "
         "embeddings or LoRA adapter, sent as a completion of those tokens), so the ratio is unlearnd's own cost for "
         "the same generation; `refuse` answers without the engine, so its baseline is `vllm` answering the plain "
-        "prompt. No `output_blocked` cell: no prompt found makes the default model say a forget answer without the "
-        "prompt naming its subject (which routes it elsewhere); the cost of blocked outputs is the output guard's, "
-        f"measured per word in `reports/output_guard.md`. Each cell sends {cfg['requests']} requests to "
-        f"every server in {cfg['rounds']} rounds whose server order rotates, each round after a "
-        f"{cfg.get('settle_s', 0):g} s pause (a vLLM worker polls its queue for a second after a burst, slowing "
-        "whichever server runs next on these shared cores); ratios are unlearnd / baseline from "
-        "the same rounds, with 95% bootstrap intervals of the p50 ratios and the range of per-round "
+        f"prompt. {_route_guard_line(cfg)} No `output_blocked` cell: no prompt found makes the default model say a "
+        "forget answer without the prompt naming its subject (which routes it elsewhere); the cost of blocked "
+        "outputs is the output guard's, measured per word in `reports/output_guard.md`. Each cell sends "
+        f"{cfg['requests']} requests to every server in {cfg['rounds']} rounds whose server order rotates, "
+        f"each round after a {cfg.get('settle_s', 0):g} s pause (a vLLM worker polls its queue for a "
+        "second after a burst, slowing whichever server runs next on these shared cores); ratios are unlearnd / "
+        "baseline from the same rounds, with 95% bootstrap intervals of the p50 ratios and the range of per-round "
         "throughput ratios. A cell whose concurrency was not reached is marked and its targets read n/a; so does "
         "a route cell where unlearnd generated fewer tokens than its baseline (the output guard cut its answers: "
         "less work, not the same).",

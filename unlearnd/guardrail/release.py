@@ -6,7 +6,9 @@ ordinary stream wait for 96 characters. Instead, `ReleaseIndex.hold_from` finds 
 where a protected match could still be under way, and everything before it is released:
 
 * the unfinished last word, when it could still grow into a protected word (a prefix as written; with one
-  edit once it has `MIN_LETTERS` letters, for name parts long enough for the name search to allow a typo);
+  edit once it has `MIN_LETTERS` letters, for name parts long enough for the name search to allow a typo),
+  except the output's first word while it has fewer than `MIN_LETTERS` letters (so a stream's first token
+  does not wait for its second; at most `MIN_LETTERS - 1` letters of a name leave that way);
 * a trailing run of complete words each of which could be part of a protected phrase (a name part, with one
   edit when long; an uncommon title or birthplace word; leetspeak and other scripts read as letters);
 * a disguised form in progress: a suffix of the output's letters (spacing, digits and punctuation
@@ -187,10 +189,21 @@ class ReleaseIndex:
                 return True  # one letter too many, or a letter changed
         return False
 
+    def _fragment(self, partial: str) -> bool:
+        """Whether the output's unfinished first word is too short to say anything: under `MIN_LETTERS`
+        letters and no protected word itself. It leaves with its own token, so a stream's first word does
+        not wait for the next one (with a thousand requests nearly every short start, "The", "In", "A",
+        begins some name): at most `MIN_LETTERS - 1` letters of a name can leave this way, as many as the
+        letters rule lets go of a spread-out name. Later words are held whole."""
+        forms = _forms(partial)
+        return all(len(f) < MIN_LETTERS and f not in self.words for f in forms)
+
     def _word_run(self, text: str, toks: list[tuple[str, int, int]], unfinished: bool) -> int:
         hold = len(text)
         complete = toks[:-1] if unfinished else toks
         if unfinished and self._could_grow(toks[-1][0]):
+            if len(toks) == 1 and self._fragment(toks[-1][0]):
+                return hold  # the output's first few letters (see `_fragment`)
             hold = toks[-1][1]
         elif unfinished:
             return hold  # the last word cannot become protected: nothing before it continues a phrase
