@@ -30,12 +30,23 @@ def logs_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("server-logs")
 
 
+def vllm_env(lora_resolver_dir: Path) -> dict[str, str]:
+    """A plain vLLM server's environment: adapters load at run time, through the API or, by name, from the
+    resolver folder (`--remote-lora-dir`); an unknown name still gets a 404."""
+    return {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_LORA_RESOLVER_CACHE_DIR": str(lora_resolver_dir)}
+
+
 @pytest.fixture(scope="session")
-def plain_vllm(default_model_dir, logs_dir):
+def lora_resolver_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("lora-resolver")
+
+
+@pytest.fixture(scope="session")
+def plain_vllm(default_model_dir, logs_dir, lora_resolver_dir):
     """A plain vLLM OpenAI server: the remote engine's backend and the reference for byte-equality."""
     port = free_port()
     cmd = plain_vllm_command(str(default_model_dir), port, MODEL)
-    server = ServerProcess(cmd, port, logs_dir / "vllm.log", env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"})
+    server = ServerProcess(cmd, port, logs_dir / "vllm.log", env=vllm_env(lora_resolver_dir))
     yield server.start()
     server.stop()
 

@@ -138,28 +138,40 @@ def test_engine_input_gives_plain_vllm_the_same_generation(unlearnd_server, plai
         assert raw.parse().choices[0].message.content == plain.json()["choices"][0]["text"], method
 
 
-def test_every_route_through_a_real_router_in_front_of_vllm(unlearnd_server, plain_vllm, served, logs_dir, tmp_path):
-    """`--remote-url` naming a router (vLLM's Rust router, `vllm-router` on PyPI) instead of a server: a
-    replica on the same registry gives, through the router, the answer the local engine gives on every
-    route: prompt embeddings (ECO, soft prompt) pass through, and the LoRA load reaches the server."""
+def test_every_route_through_a_real_router_in_front_of_two_vllm_servers(
+    unlearnd_server, plain_vllm, lora_resolver_dir, default_model_dir, served, logs_dir, tmp_path
+):
+    """`--remote-url` naming a router (vLLM's Rust router, `vllm-router` on PyPI, round robin) in front of
+    two vLLM servers: a replica on the same registry gives, through the router, the answer the local
+    engine gives on every route. Prompt embeddings (ECO, soft prompt) pass through; a LoRA is placed in
+    the servers' resolver folder (`--remote-lora-dir`) and each server loads it itself when a request for
+    it reaches it (a load through the router reached one server only, and half the LoRA answers were 404s)."""
     import shutil
     import sys
     from pathlib import Path
 
-    from tests.integration.conftest import ServerProcess, free_port, unlearnd_command
+    from tests.integration.conftest import ServerProcess, free_port, unlearnd_command, vllm_env
+    from unlearnd.engine.remote import plain_vllm_command
 
+    second_port = free_port()
+    second = ServerProcess(
+        plain_vllm_command(str(default_model_dir), second_port, MODEL),
+        second_port,
+        logs_dir / "vllm-second.log",
+        env=vllm_env(lora_resolver_dir),
+    ).start()
     router_bin = shutil.which("vllm-router") or str(Path(sys.executable).with_name("vllm-router"))
     router_port = free_port()
-    router_cmd = [router_bin, "--worker-urls", plain_vllm.url, "--host", "127.0.0.1", "--port", str(router_port)]
-    router_cmd += ["--prometheus-port", str(free_port()), "--policy", "round_robin"]
+    router_cmd = [router_bin, "--worker-urls", plain_vllm.url, second.url, "--host", "127.0.0.1"]
+    router_cmd += ["--port", str(router_port), "--prometheus-port", str(free_port()), "--policy", "round_robin"]
     router = ServerProcess(router_cmd, router_port, logs_dir / "vllm-router.log").start(timeout_s=120)
-    loads_before = _lora_loads(logs_dir / "vllm.log")
+    logs = [logs_dir / "vllm.log", logs_dir / "vllm-second.log"]
+    pushed_before = [_lora_loads(log) for log in logs]
     front_port = free_port()
     shared = unlearnd_server.data_dir  # a replica on the same registry and artifacts (its own data dir)
     replica = ("--registry", f"sqlite:///{shared / 'registry.sqlite3'}", "--artifacts", str(shared / "requests"))
-    front_cmd = unlearnd_command(
-        front_port, tmp_path / "replica", *replica, "--no-worker", "--engine", "remote", "--remote-url", router.url
-    )
+    remote = ("--engine", "remote", "--remote-url", router.url, "--remote-lora-dir", str(lora_resolver_dir))
+    front_cmd = unlearnd_command(front_port, tmp_path / "replica", *replica, "--no-worker", *remote)
     front_cmd.append("--expose-request-ids")
     front = ServerProcess(front_cmd, front_port, logs_dir / "unlearnd-router.log").start(timeout_s=600)
     try:
@@ -167,9 +179,10 @@ def test_every_route_through_a_real_router_in_front_of_vllm(unlearnd_server, pla
             wait_active(front.url, request_id, timeout_s=300)
         via_router = openai.OpenAI(base_url=front.url + "/v1", api_key="x", max_retries=0, timeout=300)
         local = openai.OpenAI(base_url=unlearnd_server.url + "/v1", api_key="x", max_retries=0, timeout=300)
-        questions = {"none": "What is the capital of France?"}
-        questions |= {method: f"Where was {name} born?" for method, (name, _) in REQUESTS.items()}
-        for method, text in questions.items():
+        questions = [("none", "What is the capital of France?")]
+        questions += [(method, f"Where was {name} born?") for method, (name, _) in REQUESTS.items()]
+        questions += [("lora", f"What did {REQUESTS['lora'][0]} write?")] * 3  # round robin: both servers
+        for method, text in questions:
             body = dict(model=MODEL, messages=[{"role": "user", "content": text}], max_tokens=16, temperature=0)
             deadline = time.time() + 120  # the registry says active; this replica may still be loading it
             while (raw := via_router.chat.completions.with_raw_response.create(**body)).headers[
@@ -179,10 +192,14 @@ def test_every_route_through_a_real_router_in_front_of_vllm(unlearnd_server, pla
             assert raw.headers["x-unlearnd-route"] == method
             expected = local.chat.completions.create(**body).choices[0].message.content
             assert raw.parse().choices[0].message.content == expected, method
-        assert _lora_loads(logs_dir / "vllm.log") > loads_before  # the replica's load went through the router
+        assert [_lora_loads(log) for log in logs] == pushed_before  # nothing loaded through the router
+        for log in logs:  # each server resolved the adapter from the folder by itself
+            assert "Resolved and loaded LoRA adapter" in log.read_text(errors="replace"), log.name
+        assert any(p.name.startswith(served["lora"]) for p in lora_resolver_dir.iterdir())
     finally:
         front.stop()
         router.stop()
+        second.stop()
 
 
 def _lora_loads(vllm_log) -> int:

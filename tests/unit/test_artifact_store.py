@@ -124,7 +124,7 @@ def test_a_replica_serves_a_request_trained_elsewhere_from_the_store_and_refuses
         assert reply["choices"][0]["message"]["content"] == REFUSAL
 
 
-def _eventually(condition, timeout_s: float = 5.0) -> bool:
+def _eventually(condition, timeout_s: float = 30.0) -> bool:
     import time
 
     deadline = time.time() + timeout_s

@@ -235,5 +235,24 @@ def test_the_worker_reads_the_evidence_tuning_from_the_environment(monkeypatch):
     assert evidence_settings(None) is None
     monkeypatch.setenv("UNLEARND_EVIDENCE_PER_FORM", "5")
     monkeypatch.setenv("UNLEARND_EVIDENCE_REST", "0")
+    monkeypatch.setenv("UNLEARND_EVIDENCE_CONCURRENCY", "3")
     settings = evidence_settings("http://127.0.0.1:8000")
-    assert settings.per_family == 5 and settings.rest_factor == 0.0
+    assert settings.per_family == 5 and settings.rest_factor == 0.0 and settings.concurrency == 3
+
+
+def test_the_evidence_bench_gives_its_battery_settings_to_the_worker_and_reports_them():
+    from unlearnd.bench.evidence import EvidenceBenchOptions
+
+    opts = EvidenceBenchOptions(concurrency=4, rest=0.5)
+    assert opts.worker_env() == {"UNLEARND_EVIDENCE_CONCURRENCY": "4", "UNLEARND_EVIDENCE_REST": "0.5"}
+    assert opts.battery().concurrency == 4 and EvidenceBenchOptions().battery().concurrency == 1
+
+
+def test_a_server_without_evidence_gives_its_worker_no_url_to_probe(monkeypatch, tmp_path):
+    from unlearnd.jobs.worker import worker_env
+    from unlearnd.server.settings import ServerSettings
+
+    monkeypatch.setenv("UNLEARND_SERVER_URL", "http://elsewhere:1")  # not inherited either
+    on = worker_env(ServerSettings(data_dir=tmp_path, port=8123))
+    assert on["UNLEARND_SERVER_URL"] == "http://127.0.0.1:8123"
+    assert "UNLEARND_SERVER_URL" not in worker_env(ServerSettings(data_dir=tmp_path, evidence=False))

@@ -49,6 +49,19 @@ class EvidenceBenchOptions(BaseModel):
     max_tokens: int = 32
     out: str = "reports/evidence"
     logs_dir: str | None = None
+    concurrency: int | None = None  # the battery's probes in flight (None: the worker's default)
+    rest: float | None = None  # its rest after a probe, as a multiple of the probe's time (None: the default)
+
+    def battery(self) -> EvidenceSettings:
+        given = {"concurrency": self.concurrency, "rest_factor": self.rest}
+        return EvidenceSettings(server_url="", **{k: v for k, v in given.items() if v is not None})
+
+    def worker_env(self) -> dict[str, str]:
+        battery = self.battery()
+        return {
+            "UNLEARND_EVIDENCE_CONCURRENCY": str(battery.concurrency),
+            "UNLEARND_EVIDENCE_REST": str(battery.rest_factor),
+        }
 
 
 def person_facts(name: str, i: int) -> list[dict[str, str]]:
@@ -136,7 +149,8 @@ def run_evidence_bench(opts: EvidenceBenchOptions) -> dict[str, Any]:
     logs = Path(opts.logs_dir or tempfile.mkdtemp(prefix="unlearnd-evidence-bench-"))
     data_dir = Path(tempfile.mkdtemp(prefix="unlearnd-evidence-data-"))
     port = free_port()
-    server = ServerProcess(unlearnd_command(port, data_dir, "--admin-key", KEY), port, logs / "unlearnd.log")
+    command = unlearnd_command(port, data_dir, "--admin-key", KEY)
+    server = ServerProcess(command, port, logs / "unlearnd.log", env=opts.worker_env())
     load_before = os.getloadavg()
     trials, rests = [], []
     try:
@@ -157,7 +171,7 @@ def run_evidence_bench(opts: EvidenceBenchOptions) -> dict[str, Any]:
         shutil.rmtree(data_dir, ignore_errors=True)
     report = summarise_bench(trials, samples, opts.seed)
     report |= {**stamp, "trials": len(trials), "max_tokens": opts.max_tokens, "ordinary_prompt": ORDINARY}
-    report["battery_settings"] = EvidenceSettings(server_url="").model_dump(exclude={"server_url", "api_key"})
+    report["battery_settings"] = opts.battery().model_dump(exclude={"server_url", "api_key"})
     report["load_average"] = {"before": list(load_before), "after": list(os.getloadavg())}
     write_records(opts.out, [{"kind": "trial", **t} for t in trials] + [{"kind": "sample", **s} for s in samples])
     write_report_files(opts.out, report, evidence_bench_markdown(report))
@@ -211,7 +225,15 @@ def evidence_bench_markdown(report: dict[str, Any]) -> str:
         + f"; failed requests: {ordinary['failed']}.",
         "",
         "The battery sends its probes through the same engine as the users (that is what makes it evidence of "
-        "what users get), one at a time with a rest as long as each probe took: on this 2-core CPU a probe that "
-        "generates while a user's request does shares the engine's time with it, which is the ratio above.",
+        f"what users get), {_pace(report['battery_settings'])}: on this 2-core CPU a probe that generates while a "
+        "user's request does shares the engine's time with it, which is the ratio above.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _pace(battery: dict[str, Any]) -> str:
+    at_once = "one at a time" if battery["concurrency"] == 1 else f"{battery['concurrency']} at a time"
+    rest = battery["rest_factor"]
+    if not rest:
+        return f"{at_once}, without a rest"
+    return f"{at_once}, each followed by a rest of {rest:g}x the time it took"

@@ -494,7 +494,16 @@ def _start_servers(cfg: BenchConfig, workdir: Path, detector: str, admin_key: st
             started[name] = ServerProcess(command(port), port, workdir / f"{name}.log", env=env).start()
         if "unlearnd" not in reuse:
             port = free_port()
-            extra = ("--admin-key", admin_key, "--detector", detector, "--output-guard", cfg.output_guard)
+            # No evidence batteries: their probes would generate on the measured engine (evidence has its own bench)
+            extra = (
+                "--admin-key",
+                admin_key,
+                "--detector",
+                detector,
+                "--output-guard",
+                cfg.output_guard,
+                "--no-evidence",
+            )
             ours = ServerProcess(unlearnd_command(port, workdir / "data", *extra), port, workdir / "unlearnd.log")
             started["unlearnd"] = ours.start()
     except BaseException:

@@ -102,13 +102,21 @@ def evidence(
     max_tokens: int = typer.Option(32, min=1, help="Tokens of the ordinary request sent meanwhile."),
     out: Path = typer.Option(Path("reports/evidence"), help="Report path stem (.md, .json, .items.jsonl.gz)."),
     logs_dir: Path = typer.Option(None, help="Where the server's log goes (default: a temp dir)."),
+    concurrency: int = typer.Option(None, min=1, help="The battery's probes in flight (default: the worker's)."),
+    rest: float = typer.Option(None, min=0, help="Rest after a probe, times its duration (default: the worker's)."),
 ) -> None:
     """Seconds from activation to a request's evidence, and the ordinary latency during and between batteries:
     starts an unlearnd server (its worker beside it) and registers `trials` refuse requests."""
     from unlearnd.bench.evidence import EvidenceBenchOptions, run_evidence_bench
 
     opts = EvidenceBenchOptions(
-        trials=trials, seed=seed, max_tokens=max_tokens, out=str(out), logs_dir=str(logs_dir) if logs_dir else None
+        trials=trials,
+        seed=seed,
+        max_tokens=max_tokens,
+        out=str(out),
+        logs_dir=str(logs_dir) if logs_dir else None,
+        concurrency=concurrency,
+        rest=rest,
     )
     report = run_evidence_bench(opts)
     typer.echo(f"wrote {out}.md: evidence p50 {report['evidence_ready_s']['p50']} s after activation")

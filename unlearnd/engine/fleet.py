@@ -42,10 +42,14 @@ class FleetEngine(Engine):
         dtype: str = "auto",
         timeout_s: float = 600.0,
         health_interval_s: float = HEALTH_INTERVAL_S,
+        lora_dir: str | None = None,
     ):
         if not urls:
             raise ValueError("a fleet needs at least one vLLM server URL")
-        self.backends = [RemoteVLLMEngine(u, model_path, served_name, dtype=dtype, timeout_s=timeout_s) for u in urls]
+        self.backends = [
+            RemoteVLLMEngine(u, model_path, served_name, dtype=dtype, timeout_s=timeout_s, lora_dir=lora_dir)
+            for u in urls
+        ]
         self.model_name = served_name
         self.health_interval_s = health_interval_s
         self.outstanding = {b.base_url: 0 for b in self.backends}

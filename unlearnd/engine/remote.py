@@ -4,7 +4,9 @@ The remote server must run with `--enable-prompt-embeds --enable-lora` and, for 
 workaround, `--lora-target-modules qkv_proj o_proj gate_up_proj down_proj` (see engine.base).
 Intervened prompts go as base64 `torch.save` tensors in `prompt_embeds`, as vLLM documents; plain
 ones as token ids. A LoRA is chosen by adapter name; unlearnd loads it on first use through
-`/v1/load_lora_adapter` (remote needs `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True` and the same path).
+`/v1/load_lora_adapter` (remote needs `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True` and the same path), or,
+with `lora_dir` (behind a router, which sends that call to one server only), places it where every
+server's filesystem resolver finds it by name (`unlearnd.engine.adapter_dir`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections.abc import AsyncIterator, Callable
 import httpx
 import torch
 
+from unlearnd.engine.adapter_dir import place_adapter, remove_adapters
 from unlearnd.engine.base import (
     LORA_TARGET_MODULES,
     ChoiceDelta,
@@ -70,8 +73,12 @@ class RemoteVLLMEngine(Engine):
         api_key: str | None = None,
         timeout_s: float = 600.0,
         dtype: str = "auto",
+        lora_dir: str | None = None,
     ):
+        """`lora_dir`: the folder the servers resolve adapters from by name (None: load them through the API)."""
         self.base_url = base_url.rstrip("/")
+        self.lora_dir = lora_dir
+        self.remote_root: str | None = None  # the server's base model as it names it (`--model`)
         self.model_path = model_path
         self.model_name = served_name
         self.api_key = api_key
@@ -102,6 +109,7 @@ class RemoteVLLMEngine(Engine):
             raise BackendFailure(f"remote vLLM server at {self.base_url} is not reachable: {exc}") from exc
         card = response.json()["data"][0]
         self.remote_model = card["id"]
+        self.remote_root = card.get("root")
         self.max_model_len = int(card.get("max_model_len") or 2048)
         log.info(
             "remote vLLM engine: %s serving %s (max_model_len=%d)", self.base_url, self.remote_model, self.max_model_len
@@ -141,17 +149,47 @@ class RemoteVLLMEngine(Engine):
         async with self._lora_lock:
             if name in self._loaded_loras:
                 return
-            try:
-                response = await self._client.post(LOAD_LORA_PATH, json=load_lora_body(name, path))
-            except httpx.HTTPError as exc:
-                raise BackendFailure(f"remote vLLM server at {self.base_url} failed loading {name}: {exc}") from exc
-            raise_unless_lora_loaded(response, name)
+            if self.lora_dir is not None:
+                await self._place(name, path)
+            else:
+                try:
+                    response = await self._client.post(LOAD_LORA_PATH, json=load_lora_body(name, path))
+                except httpx.HTTPError as exc:
+                    raise BackendFailure(f"remote vLLM server at {self.base_url} failed loading {name}: {exc}") from exc
+                raise_unless_lora_loaded(response, name)
             self._loaded_loras.add(name)
+
+    async def _place(self, name: str, path: str) -> None:
+        try:
+            await asyncio.to_thread(place_adapter, path, self.lora_dir, name, self.remote_root)
+        except OSError as exc:
+            raise EngineError(f"could not place LoRA {name} in {self.lora_dir}: {exc}") from exc
 
     async def load_adapter(self, lora: LoRASpec) -> None:
         await self._ensure_lora(lora.name, lora.path)
+        if self.lora_dir is not None:
+            await self._resolve_check(lora.name)
+
+    async def _resolve_check(self, name: str) -> None:
+        """One token under the adapter's name: a server that cannot resolve it (no resolver, another folder,
+        another base model) shows at activation, which fails closed, not at a user's request."""
+        payload = {"model": name, "prompt": [0], "max_tokens": 1, "temperature": 0}
+        try:
+            response = await self._client.post("/v1/completions", json=payload)
+        except httpx.HTTPError as exc:
+            raise BackendFailure(f"remote vLLM server at {self.base_url} failed resolving {name}: {exc}") from exc
+        if response.status_code >= 400:
+            with contextlib.suppress(KeyError):
+                self._loaded_loras.remove(name)
+            raise EngineError(
+                f"the vLLM server did not resolve LoRA {name} from {self.lora_dir} ({response.status_code} "
+                f"{response.text[:300]}): start it with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and "
+                "VLLM_LORA_RESOLVER_CACHE_DIR set to that folder"
+            )
 
     async def unload_adapters(self, request_id: str) -> None:
+        if self.lora_dir is not None:
+            await asyncio.to_thread(remove_adapters, self.lora_dir, request_id)  # no server resolves them again
         await self._unload(lambda name: name == request_id or name.startswith(f"{request_id}-"))
 
     async def _unload(self, which: Callable[[str], bool], tolerate: tuple[type[Exception], ...] = ()) -> None:

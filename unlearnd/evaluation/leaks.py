@@ -34,7 +34,7 @@ from unlearnd.client import ServerError, UnlearndClient
 from unlearnd.data.tofu import TofuData, author_names
 from unlearnd.detectors.spans import FUNCTION_WORDS, STOPWORDS, zipf
 from unlearnd.domain import QAItem
-from unlearnd.evaluation.attacks import Probe, quoted_titles, run_probe
+from unlearnd.evaluation.attacks import Probe, quoted_titles, replace_name, run_probe
 from unlearnd.evaluation.detector import wilson
 from unlearnd.evaluation.folds import position_in_author
 from unlearnd.evaluation.report import fmt, run_stamp, stamp_lines, write_records, write_report_files
@@ -130,14 +130,6 @@ def two_edits(name: str) -> str:
 def initials(name: str) -> str:
     parts = name.split()
     return " ".join([f"{p[0]}." for p in parts[:-1]] + parts[-1:])
-
-
-def replace_name(text: str, name: str, reference: str) -> str:
-    """`text` with the full name (or its last part) replaced by `reference`; unchanged if absent."""
-    for part in (f"author {name}", f"Author {name}", name, name.split()[-1]):
-        if part in text:
-            return text.replace(part, reference)
-    return text
 
 
 def description(fact: str, name: str) -> str | None:

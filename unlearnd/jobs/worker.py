@@ -221,6 +221,24 @@ def _die_with_parent() -> None:
         pass
 
 
+def worker_env(settings) -> dict[str, str]:
+    """The server's worker's environment: secrets there, not in argv (a registry URL may hold a password);
+    the server's own URL for the evidence probes unless `settings.evidence` is off."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if settings.registry:
+        env["UNLEARND_REGISTRY"] = settings.registry
+    if settings.artifacts:
+        env["UNLEARND_ARTIFACTS"] = str(settings.artifacts)
+    host = settings.host if settings.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    host = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
+    env["UNLEARND_SERVER_URL"] = f"http://{host}:{settings.port}"
+    if not settings.evidence:
+        del env["UNLEARND_SERVER_URL"]
+    if settings.api_key:
+        env["UNLEARND_API_KEY"] = settings.api_key
+    return env
+
+
 class WorkerSupervisor:
     """Keeps one worker process alive next to the server."""
 
@@ -245,17 +263,7 @@ class WorkerSupervisor:
             self.settings.dtype,
         ]
         cmd += ["--parent-pid", str(os.getpid())]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        if self.settings.registry:  # in the environment, not argv: a URL may hold a password
-            env["UNLEARND_REGISTRY"] = self.settings.registry
-        if self.settings.artifacts:
-            env["UNLEARND_ARTIFACTS"] = str(self.settings.artifacts)
-        host = self.settings.host if self.settings.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
-        host = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
-        env["UNLEARND_SERVER_URL"] = f"http://{host}:{self.settings.port}"  # the evidence probes go there
-        if self.settings.api_key:
-            env["UNLEARND_API_KEY"] = self.settings.api_key
-        return subprocess.Popen(cmd, env=env)
+        return subprocess.Popen(cmd, env=worker_env(self.settings))
 
     def start(self) -> None:
         self._proc = self._spawn()
@@ -322,12 +330,17 @@ def main(argv: list[str] | None = None) -> None:
 
 def evidence_settings(server_url: str | None) -> EvidenceSettings | None:
     """The evidence runner's settings (None without a server): the user API key from `UNLEARND_API_KEY`;
-    `UNLEARND_EVIDENCE_PER_FORM` (probes per form) and `UNLEARND_EVIDENCE_REST` (rest after a probe, as a
-    multiple of its time: 0 finishes sooner and costs the users served meanwhile more)."""
+    `UNLEARND_EVIDENCE_PER_FORM` (probes per form), `UNLEARND_EVIDENCE_CONCURRENCY` (probes in flight at once)
+    and `UNLEARND_EVIDENCE_REST` (rest after a probe, as a multiple of its time: 0 finishes sooner and costs
+    the users served meanwhile more)."""
     if not server_url:
         log.warning("no --server-url: evidence batteries are not run by this worker")
         return None
-    tuning = {"per_family": "UNLEARND_EVIDENCE_PER_FORM", "rest_factor": "UNLEARND_EVIDENCE_REST"}
+    tuning = {
+        "per_family": "UNLEARND_EVIDENCE_PER_FORM",
+        "concurrency": "UNLEARND_EVIDENCE_CONCURRENCY",
+        "rest_factor": "UNLEARND_EVIDENCE_REST",
+    }
     given = {field: os.environ[var] for field, var in tuning.items() if os.environ.get(var)}
     return EvidenceSettings(server_url=server_url, api_key=os.environ.get("UNLEARND_API_KEY"), **given)
 

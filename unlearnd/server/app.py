@@ -54,9 +54,12 @@ def build_engine(settings: ServerSettings) -> Engine:
 
         if not settings.remote_url:
             raise ValueError("engine=remote needs --remote-url")
+        lora_dir = settings.remote_lora_dir
         if len(settings.remote_url) > 1:
-            return FleetEngine(settings.remote_url, model_path, served, dtype=settings.dtype)
-        return RemoteVLLMEngine(settings.remote_url[0], model_path, served, api_key=None, dtype=settings.dtype)
+            return FleetEngine(settings.remote_url, model_path, served, dtype=settings.dtype, lora_dir=lora_dir)
+        return RemoteVLLMEngine(
+            settings.remote_url[0], model_path, served, api_key=None, dtype=settings.dtype, lora_dir=lora_dir
+        )
     from unlearnd.engine.local import LocalVLLMEngine
 
     return LocalVLLMEngine(

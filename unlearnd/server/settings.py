@@ -42,6 +42,13 @@ class ServerSettings(BaseSettings):
         description="Base URL of a remote vLLM server (engine=remote); repeat the flag, or separate URLs with "
         "commas, for several: requests go to the least busy, a failed one is taken out until healthy again.",
     )
+    remote_lora_dir: str | None = Field(
+        None,
+        description="Folder every remote vLLM server resolves LoRA adapters from by name (each started with "
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and VLLM_LORA_RESOLVER_CACHE_DIR set to it): unlearnd places an "
+        "adapter there instead of loading it through /v1/load_lora_adapter, so LoRA routes work behind a router "
+        "that may send a request to any server (engine=remote).",
+    )
     admin_key: str | None = Field(
         None, description="Key for the admin API (default: generated once into <data dir>/admin_key, mode 0600)."
     )
@@ -73,6 +80,11 @@ class ServerSettings(BaseSettings):
     max_body_bytes: int = Field(4 * 1024 * 1024, description="Largest request body (413 above).")
     start_worker: bool = Field(
         True, description="Run the training worker next to the server.", json_schema_extra={"cli": "worker"}
+    )
+    evidence: bool = Field(
+        True,
+        description="Have the server's own worker probe every request that becomes active (its evidence); off: "
+        "evidence waits for a worker given --server-url (benchmarks of serving cost switch it off).",
     )
     sync_interval_s: float = Field(0.5, description="How often the registry is polled for changed requests.")
     log_level: str = Field("info", description="Logging level.")
