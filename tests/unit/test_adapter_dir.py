@@ -49,10 +49,36 @@ def test_a_folder_already_there_is_checked_not_trusted(tmp_path):
 
 def test_removing_a_request_takes_all_its_adapters_and_no_other(tmp_path):
     shared = tmp_path / "shared"
-    for name in ("fr-1-v1", "fr-1-v2-s0.5", "fr-10-v1", "fr-2-v1"):
+    for name in ("fr-1-v1", "fr-1-v2-s0.5", "fr-10-v1", "fr-2-v1", ".fr-1-v3.abc123", ".fr-10-v2.def456"):
         _adapter(shared / name)
     assert sorted(remove_adapters(shared, "fr-1")) == ["fr-1-v1", "fr-1-v2-s0.5"]
-    assert sorted(p.name for p in shared.iterdir()) == ["fr-10-v1", "fr-2-v1"]
+    assert sorted(p.name for p in shared.iterdir()) == [".fr-10-v2.def456", "fr-10-v1", "fr-2-v1"]
+
+
+def test_a_scaled_copy_is_told_apart_by_its_config_and_a_copy_placed_meanwhile_is_kept(tmp_path, monkeypatch):
+    import unlearnd.engine.adapter_dir as adapter_dir
+
+    source = _adapter(tmp_path / "artifact")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    stale = _adapter(shared / "fr-1-v1")
+    config = json.loads((stale / CONFIG).read_text())
+    (stale / CONFIG).write_text(json.dumps({**config, "lora_alpha": 4}))  # same weights, another scale
+    dest = place_adapter(source, shared, "fr-1-v1", None)
+    assert "lora_alpha" not in json.loads((dest / CONFIG).read_text())
+    # another replica places the same adapter while this one copies: its copy is kept, not swapped out
+    real_copytree, inode = adapter_dir.shutil.copytree, []
+
+    def copy_while_another_places(src, dst, **kw):
+        if not inode:  # the other replica's placement, complete before this one's rename
+            real_copytree(src, shared / "fr-2-v1")
+            inode.append((shared / "fr-2-v1").stat().st_ino)
+        return real_copytree(src, dst, **kw)
+
+    monkeypatch.setattr(adapter_dir.shutil, "copytree", copy_while_another_places)
+    place_adapter(source, shared, "fr-2-v1", None)
+    assert (shared / "fr-2-v1").stat().st_ino == inode[0]
+    assert sorted(p.name for p in shared.iterdir()) == ["fr-1-v1", "fr-2-v1"]  # no staging folder left
 
 
 def test_a_source_without_a_config_fails_and_leaves_nothing(tmp_path):
@@ -101,11 +127,17 @@ def test_with_a_resolver_folder_the_engine_places_adapters_and_never_loads_throu
         await engine.connect()
         await engine.load_adapter(LoRASpec("fr-1-v1", str(source)))
         assert json.loads((shared / "fr-1-v1" / CONFIG).read_text())["base_model_name_or_path"] == "/models/SmolLM2"
-        await engine.unload_adapters("fr-1")
+        await engine.unload_adapters("fr-1")  # a failed activation on this replica: others may serve from it
+        assert (shared / "fr-1-v1").exists()
+        await engine.load_adapter(LoRASpec("fr-1-v1", str(source)))
+        await engine.delete_adapters("fr-1")  # the request left the registry
+        assert not (shared / "fr-1-v1").exists()  # no server resolves it again
+        with pytest.raises(EngineError, match="removed"):  # nor is it placed again by a late generation
+            await engine.load_adapter(LoRASpec("fr-1-v1", str(source)))
+        assert not (shared / "fr-1-v1").exists()
 
     asyncio.run(run())
     assert "/v1/load_lora_adapter" not in server.calls and "/v1/completions" in server.calls
-    assert not (shared / "fr-1-v1").exists()  # no server resolves it again
 
 
 def test_a_server_that_cannot_resolve_the_adapter_fails_its_activation(tmp_path):

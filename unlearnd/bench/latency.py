@@ -555,5 +555,6 @@ def bench_serve(
         for server in reversed(list(started.values())):
             server.stop()
     result["load"].insert(0, before)
+    result["evidence_off"] = "unlearnd" not in reuse  # a reused server runs with whatever it was given
     result["forced_on_busy_machine"] = before["load1"] > cfg.max_load
     return write_report(result, out, stamp)

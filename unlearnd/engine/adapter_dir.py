@@ -35,14 +35,19 @@ def weights_digest(folder: Path) -> str:
     return total.hexdigest()
 
 
+def _config(folder: Path, base_model: str | None) -> dict:
+    config = json.loads((folder / CONFIG).read_text())
+    return {**config, "base_model_name_or_path": base_model} if base_model else config
+
+
 def _placed(dest: Path, source: Path, base_model: str | None) -> bool:
-    """Whether `dest` already holds `source`'s adapter for `base_model` (a name is never reused for
-    other weights, but the folder is shared: what is there is checked, not trusted)."""
+    """Whether `dest` already holds `source`'s adapter for `base_model`: the whole config (the pre-scaled
+    copies differ only in `lora_alpha`) and the weights. A name is never reused for another adapter, but
+    the folder is shared: what is there is checked, not trusted."""
     try:
-        config = json.loads((dest / CONFIG).read_text())
+        if json.loads((dest / CONFIG).read_text()) != _config(source, base_model):
+            return False
     except (OSError, ValueError):
-        return False
-    if base_model and config.get("base_model_name_or_path") != base_model:
         return False
     return weights_digest(dest) == weights_digest(source)
 
@@ -57,11 +62,11 @@ def place_adapter(source: str | Path, folder: str | Path, name: str, base_model:
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=folder))
     try:
         shutil.copytree(source, staging, dirs_exist_ok=True)
-        if base_model:
-            config = json.loads((staging / CONFIG).read_text())
-            (staging / CONFIG).write_text(json.dumps({**config, "base_model_name_or_path": base_model}, indent=2))
+        (staging / CONFIG).write_text(json.dumps(_config(source, base_model), indent=2))
         staging.chmod(0o755)
-        if dest.exists():  # another version of the files under this name: replaced, not served
+        if _placed(dest, source, base_model):  # another replica placed it meanwhile (all load it at once)
+            return dest
+        if dest.exists():  # other files under this name: replaced, not served
             log.warning("replacing the adapter at %s: it was not %s's", dest, source)
             aside = Path(tempfile.mkdtemp(prefix=f".{name}.old.", dir=folder))
             os.replace(dest, aside / name)
@@ -76,13 +81,19 @@ def place_adapter(source: str | Path, folder: str | Path, name: str, base_model:
     return dest
 
 
+def _of_request(name: str, request_id: str) -> bool:
+    return name == request_id or name.startswith(f"{request_id}-")
+
+
 def remove_adapters(folder: str | Path, request_id: str) -> list[str]:
-    """Delete every adapter of `request_id` from the folder (its names: the id, or the id and a suffix);
-    returns the names removed. A server that loaded one keeps it until its LRU drops it; unlearnd no
-    longer routes to it."""
+    """Delete every adapter of `request_id` from the folder (its names: the id, or the id and a suffix),
+    and staging folders a crash left of them; returns the names removed. No server resolves them again;
+    one that had loaded one keeps it in memory (vLLM keeps a resolved name), but unlearnd never sends it."""
     removed = []
-    for path in Path(folder).glob(f"{request_id}*"):
-        if path.is_dir() and (path.name == request_id or path.name.startswith(f"{request_id}-")):
+    for path in Path(folder).glob(f"*{request_id}*"):
+        staged = path.name.startswith(".") and _of_request(path.name[1:].split(".")[0], request_id)
+        if path.is_dir() and (_of_request(path.name, request_id) or staged):
             shutil.rmtree(path, ignore_errors=True)
-            removed.append(path.name)
+            if not staged:
+                removed.append(path.name)
     return removed

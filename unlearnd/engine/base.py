@@ -156,6 +156,10 @@ class Engine(abc.ABC):
         """Drop a request's adapters (every version and scale) from the engine: a purged or replaced
         LoRA must not stay loaded."""
 
+    async def delete_adapters(self, request_id: str) -> None:  # noqa: B027 - optional
+        """The request left the registry: delete its adapters wherever other processes could load them
+        from (a folder the servers resolve adapters from), after `unload_adapters`."""
+
     def dead_reason(self) -> str | None:
         """Why the engine can serve nothing any more (None while it can): `/health` then says 503 and
         the server exits non-zero, so a supervisor restarts it instead of every request failing."""

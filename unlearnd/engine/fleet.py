@@ -199,6 +199,10 @@ class FleetEngine(Engine):
             except (EngineError, httpx.HTTPError) as exc:
                 log.warning("unloading %s on %s failed: %s", request_id, backend.base_url, exc)
 
+    async def delete_adapters(self, request_id: str) -> None:
+        for backend in self.backends:  # down ones too: the folder is shared, the tombstone is per backend
+            await backend.delete_adapters(request_id)
+
 
 class _Progress:
     """Choice 0 of a stream as the client got it: its token ids, its text, whether it finished."""

@@ -89,6 +89,7 @@ class RemoteVLLMEngine(Engine):
         self.max_model_len = 0
         self._client: httpx.AsyncClient | None = None
         self._loaded_loras: set[str] = set()
+        self._deleted: set[str] = set()  # requests whose adapters left the resolver folder: never placed again
         self._lora_lock = asyncio.Lock()
 
     async def start(self) -> None:
@@ -160,6 +161,8 @@ class RemoteVLLMEngine(Engine):
             self._loaded_loras.add(name)
 
     async def _place(self, name: str, path: str) -> None:
+        if any(name == rid or name.startswith(f"{rid}-") for rid in self._deleted):
+            raise EngineError(f"LoRA {name} belongs to a forget request that was removed")
         try:
             await asyncio.to_thread(place_adapter, path, self.lora_dir, name, self.remote_root)
         except OSError as exc:
@@ -188,9 +191,17 @@ class RemoteVLLMEngine(Engine):
             )
 
     async def unload_adapters(self, request_id: str) -> None:
-        if self.lora_dir is not None:
-            await asyncio.to_thread(remove_adapters, self.lora_dir, request_id)  # no server resolves them again
         await self._unload(lambda name: name == request_id or name.startswith(f"{request_id}-"))
+
+    async def delete_adapters(self, request_id: str) -> None:
+        """The request left the registry: its adapters leave the resolver folder, under the lock, so a
+        generation still in flight cannot place one again (nor can any later one)."""
+        if self.lora_dir is None:
+            return
+        async with self._lora_lock:
+            self._deleted.add(request_id)
+            self._loaded_loras -= {n for n in self._loaded_loras if n == request_id or n.startswith(f"{request_id}-")}
+            await asyncio.to_thread(remove_adapters, self.lora_dir, request_id)
 
     async def _unload(self, which: Callable[[str], bool], tolerate: tuple[type[Exception], ...] = ()) -> None:
         """Unload the loaded adapters `which` picks; errors of the kinds in `tolerate` skip one adapter."""

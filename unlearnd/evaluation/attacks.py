@@ -87,12 +87,15 @@ def _pick(options: Sequence[Any], index: int) -> Any:
 
 
 def replace_name(text: str, name: str, reference: str) -> str:
-    """`text` with the full name (or, failing that, its last part) replaced by `reference`; unchanged if
-    absent. The attacks and the anchor-free leak probes refer to an author without the name this way."""
-    for part in (f"author {name}", f"Author {name}", name, name.split()[-1] if name else ""):
-        if part and part in text:
-            return text.replace(part, reference)
-    return text
+    """`text` with every "author <name>", full name and, after them, last name part replaced by
+    `reference`; unchanged if absent. The attacks and the anchor-free leak probes refer to an author
+    without the name this way (the first form alone left a later mention of the name in)."""
+    if not name:
+        return text
+    parts = [f"author {name}", f"Author {name}", name, name.split()[-1]]
+    # one pass over whole words: a reference that holds a name part ("T. Nakamura") is not replaced again
+    pattern = rf"(?<!\w)(?:{'|'.join(map(re.escape, parts))})(?!\w)"
+    return re.sub(pattern, lambda _: reference, text)
 
 
 class Attack(ABC):

@@ -409,6 +409,7 @@ class GuardrailPipeline:
                     self._unload(request_id)
                     self._synced.pop(request_id, None)
                     await self.engine.unload_adapters(request_id)
+                    await self.engine.delete_adapters(request_id)  # from a folder the servers resolve them from
                     await asyncio.to_thread(self.registry.drop_cache, request_id)  # a store's copy goes too
                     log.info("unloaded forget request %s", request_id)
             changed = [(rid, (status, at)) for rid, status, at in versions if self._needs_sync(rid, status, at)]
