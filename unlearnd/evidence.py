@@ -56,7 +56,9 @@ class EvidenceSettings(BaseModel):
     per_family: int = 8  # probes per form (3 missed a 6% leak rate on the TOFU target: reports/leaks-evidence.md)
     controls: int = 8
     max_new_tokens: int = 64  # as `unlearnd eval leaks`: the same probe gets the same reply in both
-    concurrency: int = 1  # one probe at a time, then a rest as long as it took: users keep most of the engine
+    # Two probes in flight, each then resting as long as it took: ready in ~70 s rather than ~155 s at one, for
+    # the same cost to a user served meanwhile (x1.13 against x1.12: reports/evidence-concurrency2.md)
+    concurrency: int = 2
     rest_factor: float = 1.0
 
 

@@ -245,7 +245,7 @@ def test_the_evidence_bench_gives_its_battery_settings_to_the_worker_and_reports
 
     opts = EvidenceBenchOptions(concurrency=4, rest=0.5)
     assert opts.worker_env() == {"UNLEARND_EVIDENCE_CONCURRENCY": "4", "UNLEARND_EVIDENCE_REST": "0.5"}
-    assert opts.battery().concurrency == 4 and EvidenceBenchOptions().battery().concurrency == 1
+    assert opts.battery().concurrency == 4 and EvidenceBenchOptions().battery().concurrency == 2
 
 
 def test_a_server_without_evidence_gives_its_worker_no_url_to_probe(monkeypatch, tmp_path):
