@@ -7,8 +7,9 @@ avoids that: a server started with `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True` and
 `VLLM_LORA_RESOLVER_CACHE_DIR=DIR` loads, on the first request for a model name it does not know, the
 adapter in `DIR/<name>/`, provided its `adapter_config.json` names the server's own base model (its
 `--model`). With `--remote-lora-dir DIR`, unlearnd places every adapter there under its name (unique per
-request, version and scale) before first use, in the base model the servers report, and removes a
-request's adapters when the request is unloaded.
+request, version and scale) before first use, in the base model the servers report, and deletes a
+request's adapters when the request leaves the registry (not when one replica fails to activate it: the
+others may be serving from the folder).
 """
 
 from __future__ import annotations
