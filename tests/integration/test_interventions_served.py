@@ -193,8 +193,10 @@ def test_every_route_through_a_real_router_in_front_of_two_vllm_servers(
             expected = local.chat.completions.create(**body).choices[0].message.content
             assert raw.parse().choices[0].message.content == expected, method
         assert [_lora_loads(log) for log in logs] == pushed_before  # nothing loaded through the router
-        for log in logs:  # each server resolved the adapter from the folder by itself
-            assert "Resolved and loaded LoRA adapter" in log.read_text(errors="replace"), log.name
+        resolved = ["Resolved and loaded LoRA adapter" in log.read_text(errors="replace") for log in logs]
+        assert resolved[1]  # the new server resolved the adapter from the folder by itself
+        # the session's server did too, unless an earlier test had loaded that adapter on it through the API
+        assert resolved[0] or pushed_before[0] > 0
         assert any(p.name.startswith(served["lora"]) for p in lora_resolver_dir.iterdir())
     finally:
         front.stop()
