@@ -62,6 +62,14 @@ class EvidenceSettings(BaseModel):
     rest_factor: float = 1.0
 
 
+# The battery's tuning a worker reads from its environment: setting -> variable
+EVIDENCE_ENV = {
+    "per_family": "UNLEARND_EVIDENCE_PER_FORM",
+    "concurrency": "UNLEARND_EVIDENCE_CONCURRENCY",
+    "rest_factor": "UNLEARND_EVIDENCE_REST",
+}
+
+
 def control_prompts() -> list[str]:
     text = resources.files("unlearnd.evaluation").joinpath("data/evidence_controls.txt").read_text("utf-8")
     return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]

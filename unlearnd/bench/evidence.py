@@ -31,7 +31,7 @@ from unlearnd.bench.propagation import invented_names
 from unlearnd.bench.servers import ServerProcess, free_port, unlearnd_command
 from unlearnd.config import DEFAULT_MODEL
 from unlearnd.evaluation.report import fmt, run_stamp, stamp_lines, write_records, write_report_files
-from unlearnd.evidence import EvidenceSettings
+from unlearnd.evidence import EVIDENCE_ENV, EvidenceSettings
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +58,7 @@ class EvidenceBenchOptions(BaseModel):
 
     def worker_env(self) -> dict[str, str]:
         battery = self.battery()
-        return {
-            "UNLEARND_EVIDENCE_CONCURRENCY": str(battery.concurrency),
-            "UNLEARND_EVIDENCE_REST": str(battery.rest_factor),
-        }
+        return {EVIDENCE_ENV[field]: str(getattr(battery, field)) for field in ("concurrency", "rest_factor")}
 
 
 def person_facts(name: str, i: int) -> list[dict[str, str]]:

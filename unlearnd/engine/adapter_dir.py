@@ -22,6 +22,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from unlearnd.engine.base import adapter_of
+
 log = logging.getLogger(__name__)
 
 CONFIG = "adapter_config.json"
@@ -82,18 +84,14 @@ def place_adapter(source: str | Path, folder: str | Path, name: str, base_model:
     return dest
 
 
-def _of_request(name: str, request_id: str) -> bool:
-    return name == request_id or name.startswith(f"{request_id}-")
-
-
 def remove_adapters(folder: str | Path, request_id: str) -> list[str]:
     """Delete every adapter of `request_id` from the folder (its names: the id, or the id and a suffix),
     and staging folders a crash left of them; returns the names removed. No server resolves them again;
     one that had loaded one keeps it in memory (vLLM keeps a resolved name), but unlearnd never sends it."""
     removed = []
     for path in Path(folder).glob(f"*{request_id}*"):
-        staged = path.name.startswith(".") and _of_request(path.name[1:].split(".")[0], request_id)
-        if path.is_dir() and (_of_request(path.name, request_id) or staged):
+        staged = path.name.startswith(".") and adapter_of(path.name[1:].split(".")[0], request_id)
+        if path.is_dir() and (adapter_of(path.name, request_id) or staged):
             shutil.rmtree(path, ignore_errors=True)
             if not staged:
                 removed.append(path.name)

@@ -52,6 +52,11 @@ class LoRASpec:
     path: str
 
 
+def adapter_of(name: str, request_id: str) -> bool:
+    """Whether adapter `name` is one of `request_id`'s (its id, or the id and a version/scale suffix)."""
+    return name == request_id or name.startswith(f"{request_id}-")
+
+
 @dataclass
 class EngineInput:
     request_id: str

@@ -18,6 +18,7 @@ from unlearnd.engine.base import (
     LoRASpec,
     SamplingSpec,
     TokenLogprob,
+    adapter_of,
     read_model_config,
 )
 from unlearnd.engine.dtype import resolve_dtype
@@ -110,7 +111,7 @@ class LocalVLLMEngine(Engine):
             raise EngineError(f"vLLM did not load adapter {lora.name}")
 
     async def unload_adapters(self, request_id: str) -> None:
-        for name in [n for n in self._lora_ids if n == request_id or n.startswith(f"{request_id}-")]:
+        for name in [n for n in self._lora_ids if adapter_of(n, request_id)]:
             lora_id = self._lora_ids.pop(name)
             if self._llm is not None:
                 await self._llm.remove_lora(lora_id)

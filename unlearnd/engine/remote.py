@@ -33,6 +33,7 @@ from unlearnd.engine.base import (
     EngineInput,
     LoRASpec,
     TokenLogprob,
+    adapter_of,
     read_model_config,
 )
 from unlearnd.engine.dtype import resolve_dtype
@@ -161,7 +162,7 @@ class RemoteVLLMEngine(Engine):
             self._loaded_loras.add(name)
 
     async def _place(self, name: str, path: str) -> None:
-        if any(name == rid or name.startswith(f"{rid}-") for rid in self._deleted):
+        if any(adapter_of(name, rid) for rid in self._deleted):
             raise EngineError(f"LoRA {name} belongs to a forget request that was removed")
         try:
             await asyncio.to_thread(place_adapter, path, self.lora_dir, name, self.remote_root)
@@ -191,7 +192,7 @@ class RemoteVLLMEngine(Engine):
             )
 
     async def unload_adapters(self, request_id: str) -> None:
-        await self._unload(lambda name: name == request_id or name.startswith(f"{request_id}-"))
+        await self._unload(lambda name: adapter_of(name, request_id))
 
     async def delete_adapters(self, request_id: str) -> None:
         """The request left the registry: its adapters leave the resolver folder, under the lock, so a
@@ -200,7 +201,7 @@ class RemoteVLLMEngine(Engine):
             return
         async with self._lora_lock:
             self._deleted.add(request_id)
-            self._loaded_loras -= {n for n in self._loaded_loras if n == request_id or n.startswith(f"{request_id}-")}
+            self._loaded_loras -= {n for n in self._loaded_loras if adapter_of(n, request_id)}
             await asyncio.to_thread(remove_adapters, self.lora_dir, request_id)
 
     async def _unload(self, which: Callable[[str], bool], tolerate: tuple[type[Exception], ...] = ()) -> None:

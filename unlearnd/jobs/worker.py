@@ -19,7 +19,7 @@ from pathlib import Path
 
 from unlearnd.config import DEFAULT_DETECTOR, DEFAULT_MODEL
 from unlearnd.domain import LOAD_FAILED, ForgetRequest, Status
-from unlearnd.evidence import EvidenceRunner, EvidenceSettings
+from unlearnd.evidence import EVIDENCE_ENV, EvidenceRunner, EvidenceSettings
 from unlearnd.logs import setup_logging
 from unlearnd.methods import METHODS
 from unlearnd.registry import Registry
@@ -336,12 +336,7 @@ def evidence_settings(server_url: str | None) -> EvidenceSettings | None:
     if not server_url:
         log.warning("no --server-url: evidence batteries are not run by this worker")
         return None
-    tuning = {
-        "per_family": "UNLEARND_EVIDENCE_PER_FORM",
-        "concurrency": "UNLEARND_EVIDENCE_CONCURRENCY",
-        "rest_factor": "UNLEARND_EVIDENCE_REST",
-    }
-    given = {field: os.environ[var] for field, var in tuning.items() if os.environ.get(var)}
+    given = {field: os.environ[var] for field, var in EVIDENCE_ENV.items() if os.environ.get(var)}
     return EvidenceSettings(server_url=server_url, api_key=os.environ.get("UNLEARND_API_KEY"), **given)
 
 
