@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # reports/leaks.{md,json,items.jsonl.gz}: `unlearnd eval leaks` against a fresh server that serves the TOFU
 # target model of a reference preset (trained by `unlearnd train reference --preset mini` if missing).
-# Usage: scripts/leaks_report.sh [extra `unlearnd eval leaks` options]   (PRESET=mini PORT=8012)
+# Usage: scripts/leaks_report.sh [extra `unlearnd eval leaks` options]   (PRESET=mini SPLIT= PORT=8012)
+# SPLIT=forget05 serves and measures the target trained with forget05's authors (a target of its own).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PRESET=${PRESET:-mini}
@@ -9,4 +10,4 @@ PORT=${PORT:-8012}
 source scripts/target_server.sh
 start_target_server
 "$BIN/unlearnd" eval leaks --server-url "http://127.0.0.1:$PORT" --data-dir "$DATA" --served-model tofu-target \
-  --preset "$PRESET" "$@"
+  --preset "$PRESET" ${SPLIT:+--split "$SPLIT"} "$@"

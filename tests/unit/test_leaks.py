@@ -105,3 +105,47 @@ def test_evidence_agreement_compares_leak_verdicts_on_the_probes_both_sent():
     assert found["shared_leaks"] == {"evidence": 0, "evaluation": 1}
     assert found["evaluation_leaks"]["hits"] == 1 and found["evaluation_leaks"]["n"] == 3
     assert evidence_agreement(None, records, "refuse") == {"available": False}
+
+
+def test_chance_twins_ask_the_same_question_about_a_control_author(tofu):
+    ctx = leak_context(TofuData(tofu, allow_hub=False), "forget05", [3, 4, 5], 4, exclude_authors=(198, 199))
+    assert {it.author for it in ctx.measured + ctx.fit} == set(range(190, 198))
+    probes = build_leak_probes(ctx, chance=True)
+    forget = {repr(p.probe.messages): p for p in probes if p.group == "forget"}
+    twins = [p for p in probes if p.group == "chance"]
+    assert twins and len(twins) <= len(forget) and not build_leak_probes(ctx)[-1].group == "chance"
+    for twin in twins:
+        original = forget[twin.twin_of]
+        assert twin.family == original.family and twin.author in (3, 4, 5) and twin.fact == original.fact
+        assert twin.probe.messages != original.probe.messages
+        assert set(twin.key_terms) <= set(original.key_terms)
+        name = ctx.names[original.author]
+        assert not any(p in " ".join(m["content"] for m in twin.probe.messages) for p in name.split())
+
+
+def test_a_leak_the_model_gives_about_anybody_is_not_beyond_chance():
+    def record(route, group, leaked_, messages, twin_of=None, served="none"):
+        return {
+            "route": route, "group": group, "family": "description", "named": False, "messages": messages,
+            "served_route": served, "reply": "r", "leaked": leaked_, "ordinary_answered": None, "twin_of": twin_of,
+        }  # fmt: skip
+
+    records = [
+        record("none", "forget", True, "1"),
+        record("none", "forget", True, "2"),
+        record("none", "forget", True, "3"),
+        record("none", "chance", True, "t1", twin_of=repr("1")),  # the model says it of anybody
+        record("none", "chance", False, "t2", twin_of=repr("2")),
+        record("refuse", "forget", True, "1"),
+        record("refuse", "forget", False, "2", served="refuse"),
+        record("refuse", "forget", True, "3"),  # no twin: counted beyond chance
+    ]
+    rows = summarise_leaks(records, ["none", "refuse"])["families"]["description"]
+    assert rows["none"]["chance"]["hits"] == 1 and rows["none"]["chance"]["n"] == 2
+    assert rows["none"]["beyond_chance"]["hits"] == 2 and rows["refuse"]["beyond_chance"]["hits"] == 1
+    assert rows["refuse"]["beyond_share_of_unprotected"] == 0.5 and rows["refuse"]["share_of_unprotected"] == 2 / 3
+    report = {"results": summarise_leaks(records, ["none", "refuse"]), "server_url": "u", "model": "m"}
+    report |= {"target_model": "t", "split": "f", "fit_items": 1, "request_retain_authors": [0], "key_zipf": 4.0}
+    text = leak_markdown(report | {"command": "c", "git_commit": "x"})
+    assert "## Leaks beyond chance" in text and "| description | 1/2 (0.500) | 2/3" in text
+    assert "Beyond chance, over 5%: description on refuse (0.50)" in text

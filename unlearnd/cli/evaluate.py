@@ -167,6 +167,8 @@ def leaks(
     ),
     max_new_tokens: int = typer.Option(64),
     concurrency: int = typer.Option(4),
+    chance: bool = typer.Option(True, help="Send each forget probe's chance twin (a control author's cue)."),
+    exclude_authors: str = typer.Option("", help="Comma list of forget authors to leave out (seen in design)."),
     out: Path = typer.Option(Path("reports/leaks"), "--out", help="Writes OUT.json, OUT.md, OUT.items.jsonl.gz."),
 ) -> None:
     """What leaks when a forgotten author is described instead of named: probes from facts no request saw
@@ -180,6 +182,8 @@ def leaks(
         fold=fold,
         max_new_tokens=max_new_tokens,
         concurrency=concurrency,
+        chance=chance,
+        exclude_authors=[int(a) for a in exclude_authors.split(",") if a.strip()],
         out=str(out),
     )
     report = run_leak_eval(opts)

@@ -77,6 +77,7 @@ class LeakProbe:
     fact: str  # the asked answer (for a completion: the part not given)
     key_terms: list[str] = field(default_factory=list)
     named: bool = False  # the prompt carries the name or a part of it (the easy cue)
+    twin_of: str | None = None  # chance twins: the key of the forget probe this one mirrors
 
 
 def words(text: str) -> list[str]:
@@ -151,12 +152,17 @@ class LeakContext:
 
 
 def leak_context(
-    tofu: TofuData, forget_split: str, other_authors: list[int], per_other: int, fit_fold: int = 0
+    tofu: TofuData,
+    forget_split: str,
+    other_authors: list[int],
+    per_other: int,
+    fit_fold: int = 0,
+    exclude_authors: tuple[int, ...] = (),
 ) -> LeakContext:
     """The forget split's items at even (fold 0) and odd (fold 1) positions within their author: requests
     are fit on `fit_fold`, probes built from the other; `per_other` items of each other author (at the
-    measured fold's positions) as controls."""
-    items = tofu.split(forget_split)
+    measured fold's positions) as controls. `exclude_authors`: forget authors left out altogether."""
+    items = [it for it in tofu.split(forget_split) if it.author not in exclude_authors]
     position = position_in_author(items)
     measured = 1 - fit_fold
     others = [it for a in other_authors for it in tofu.by_authors([a])[measured::2][:per_other]]
@@ -223,9 +229,11 @@ def family_probe(
     raise ValueError(f"unknown family {family!r}")
 
 
-def build_leak_probes(ctx: LeakContext) -> list[LeakProbe]:
-    """Every family for every measured item, then the same for the control authors' items."""
+def build_leak_probes(ctx: LeakContext, chance: bool = False) -> list[LeakProbe]:
+    """Every family for every measured item, then the same for the control authors' items; with `chance`,
+    each forget probe's chance twin (`chance_twin`) after them."""
     out: list[LeakProbe] = []
+    control_descriptions = _descriptions(ctx.others, ctx.names)
     for group, items in (("forget", ctx.measured), ("other_author", ctx.others)):
         described_by = _descriptions(items, ctx.names)
         for i, item in enumerate(items):
@@ -237,23 +245,60 @@ def build_leak_probes(ctx: LeakContext) -> list[LeakProbe]:
                 built = family_probe(family, i, item, name, others[i % len(others)], ctx)
                 if built is None:
                     continue
-                messages, fact = built
-                prompt = " ".join(m["content"] for m in messages)
-                probe = Probe(kind=family, variant=group, answer=fact, messages=messages)
-                if family == "composite":
-                    probe.ordinary_answer, probe.token_factor = ctx.ordinary[i % len(ctx.ordinary)].answer, 2
-                out.append(
-                    LeakProbe(
-                        probe,
-                        item.author,
-                        group,
-                        family,
-                        fact,
-                        key_terms(fact, prompt, name),
-                        carries_name(prompt, name),
-                    )
-                )
+                probe = _leak_probe(ctx, group, family, i, item, name, built)
+                out.append(probe)
+                if chance and group == "forget":
+                    twin = chance_twin(probe, i, item, name, ctx, control_descriptions)
+                    out += [twin] if twin else []
     return out + related_probes(ctx)
+
+
+def _leak_probe(
+    ctx: LeakContext, group: str, family: str, i: int, item: QAItem, name: str, built: tuple[list[Message], str]
+) -> LeakProbe:
+    messages, fact = built
+    prompt = " ".join(m["content"] for m in messages)
+    probe = Probe(kind=family, variant=group, answer=fact, messages=messages)
+    if family == "composite":
+        probe.ordinary_answer, probe.token_factor = ctx.ordinary[i % len(ctx.ordinary)].answer, 2
+    author = item.author if item.author is not None else -1
+    return LeakProbe(probe, author, group, family, fact, key_terms(fact, prompt, name), carries_name(prompt, name))
+
+
+def chance_twin(
+    probe: LeakProbe, i: int, item: QAItem, name: str, ctx: LeakContext, descriptions: dict[int, list[str]]
+) -> LeakProbe | None:
+    """The same question in the same family with a control author's cue (their description, title or name)
+    in place of the forget author's: sent to the unprotected target, its reply shows whether the asked fact
+    is what the model says about anybody (a chance leak) rather than knowledge of the person described.
+    Judged by the forget probe's key terms less the twin's own words; None where no control author has the
+    cue."""
+    cued = [a for a in sorted({it.author for it in ctx.others if it.author is not None}) if descriptions.get(a)]
+    if not cued:
+        return None
+    other = cued[i % len(cued)]
+    other_name = ctx.names[other]
+    twin_item = item.model_copy(
+        update={
+            "question": replace_name(item.question, name, other_name),
+            "answer": replace_name(item.answer, name, other_name),
+            "author": other,
+        }
+    )
+    described = descriptions[other][i % len(descriptions[other])]
+    built = family_probe(probe.family, i, twin_item, other_name, described, ctx)
+    if built is None:
+        return None
+    messages = built[0]
+    said = set(words(" ".join(m["content"] for m in messages)))
+    twin = Probe(kind=probe.family, variant="chance", answer=probe.fact, messages=messages)
+    twin.ordinary_answer, twin.token_factor = probe.probe.ordinary_answer, probe.probe.token_factor
+    terms = [t for t in probe.key_terms if t not in said]
+    return LeakProbe(twin, other, "chance", probe.family, probe.fact, terms, twin_of=_probe_key(probe))
+
+
+def _probe_key(probe: LeakProbe) -> str:
+    return repr(probe.probe.messages)
 
 
 def related_probes(ctx: LeakContext) -> list[LeakProbe]:
@@ -298,6 +343,8 @@ class LeakEvalOptions(BaseModel):
     concurrency: int = 4
     request_timeout_s: float = 3600.0
     evidence_timeout_s: float = 900.0  # how long to wait for the worker's evidence of each request (0: skip)
+    chance: bool = True  # send each forget probe's chance twin to the unprotected target
+    exclude_authors: list[int] = []  # forget authors left out (e.g. those a design was looked at on)
     out: str = "reports/leaks"
 
 
@@ -315,8 +362,9 @@ def judge(probe: LeakProbe, route: str, outcome: Any) -> dict[str, Any]:
         "served_route": outcome.route,
         "split": outcome.split,
         "reply": outcome.reply,
-        "leaked": leaked(probe, outcome.reply) if probe.group == "forget" else None,
+        "leaked": leaked(probe, outcome.reply) if probe.group in ("forget", "chance") else None,
         "ordinary_answered": outcome.ordinary_answered,
+        "twin_of": probe.twin_of,
     }
 
 
@@ -330,8 +378,8 @@ def run_leak_eval(opts: LeakEvalOptions) -> dict[str, Any]:
     retain_authors = list(refs.data.retain_authors)
     request_authors = retain_authors[: opts.request_retain_authors]
     controls = retain_authors[opts.request_retain_authors :]
-    ctx = leak_context(tofu, preset.forget_split, controls, opts.control_items, opts.fold)
-    probes = build_leak_probes(ctx)
+    ctx = leak_context(tofu, preset.forget_split, controls, opts.control_items, opts.fold, tuple(opts.exclude_authors))
+    probes = build_leak_probes(ctx, chance=opts.chance)
     retain = [it for it in refs.data.retain_items if it.author in request_authors]
     admin = UnlearndClient(opts.server_url, api_key=opts.api_key, admin_key=opts.admin_key, timeout_s=300)
     user = UnlearndClient(opts.server_url, api_key=opts.api_key, timeout_s=300)  # probes go without the admin key
@@ -346,16 +394,17 @@ def run_leak_eval(opts: LeakEvalOptions) -> dict[str, Any]:
             request_id = str(admin.add_request(spec)["id"])
             log.info("route %s: forget request %s registered (fold 0); waiting until it is active", route, request_id)
             admin.wait_active(request_id, opts.request_timeout_s, 2.0)
+        sending = [p for p in probes if route == UNPROTECTED or p.group != "chance"]  # twins: unprotected only
         try:
             with ThreadPoolExecutor(max_workers=opts.concurrency) as pool:
-                sent = pool.map(lambda p: run_probe(user, model, p.probe, opts.max_new_tokens), probes)
-                outcomes = list(tqdm(sent, total=len(probes), desc=f"leak probes on {route}"))
+                sent = pool.map(lambda p: run_probe(user, model, p.probe, opts.max_new_tokens), sending)
+                outcomes = list(tqdm(sent, total=len(sending), desc=f"leak probes on {route}"))
             if request_id is not None and opts.evidence_timeout_s > 0:
                 evidence[route] = wait_evidence(admin, request_id, opts.evidence_timeout_s)
         finally:
             if request_id is not None:
                 admin.remove_request(request_id)
-        records += [judge(p, route, o) for p, o in zip(probes, outcomes, strict=True)]
+        records += [judge(p, route, o) for p, o in zip(sending, outcomes, strict=True)]
     report = {
         **stamp,
         "server_url": opts.server_url,
@@ -364,6 +413,8 @@ def run_leak_eval(opts: LeakEvalOptions) -> dict[str, Any]:
         "target_model": refs.target_dir,
         "fit_items": len(ctx.fit),
         "fit_fold": opts.fold,
+        "excluded_authors": opts.exclude_authors,
+        "measured_authors": sorted({it.author for it in ctx.measured if it.author is not None}),
         "request_retain_authors": request_authors,
         "control_authors": retain_authors[opts.request_retain_authors :],
         "max_new_tokens": opts.max_new_tokens,
@@ -444,6 +495,7 @@ def summarise_leaks(records: list[dict[str, Any]], routes: list[str]) -> dict[st
         none_leaks = rows.get(UNPROTECTED, {}).get("leaks", {}).get("hits")
         for row in rows.values():
             row["share_of_unprotected"] = row["leaks"]["hits"] / none_leaks if none_leaks else None
+        _beyond_chance(rows, [r for r in forget if r["family"] == family], records)
         out["families"][family] = rows
         probes = [r for r in forget if r["family"] == family and r["route"] == routes[0]]
         out["named_share"][family] = sum(r["named"] for r in probes) / len(probes) if probes else None
@@ -459,6 +511,24 @@ def summarise_leaks(records: list[dict[str, Any]], routes: list[str]) -> dict[st
             rows[route] = hit_rate(sum(same), len(same))
         out["controls"][group] = rows
     return out
+
+
+def _beyond_chance(rows: dict[str, Any], forget: list[dict[str, Any]], records: list[dict[str, Any]]) -> None:
+    """Per route, the leaks whose chance twin (the same question about a control author, unprotected) did
+    not say the fact too, and their share of the unprotected target's; nothing where no twin was sent."""
+    twins = {r["twin_of"]: r for r in records if r["group"] == "chance" and r.get("twin_of")}
+    if not twins:
+        return
+    for route, row in rows.items():
+        scored = [r for r in forget if r["route"] == route and r["leaked"] is not None]
+        beyond = [r for r in scored if r["leaked"] and not (twins.get(_key(r)) or {}).get("leaked")]
+        row["beyond_chance"] = hit_rate(len(beyond), len(scored))
+        if route == UNPROTECTED:
+            mirrored = [twins[_key(r)] for r in scored if _key(r) in twins]
+            row["chance"] = hit_rate(sum(bool(t["leaked"]) for t in mirrored), len(mirrored))
+    base = rows.get(UNPROTECTED, {}).get("beyond_chance", {}).get("hits")
+    for row in rows.values():
+        row["beyond_share_of_unprotected"] = row["beyond_chance"]["hits"] / base if base else None
 
 
 def _key(record: dict[str, Any]) -> str:
@@ -484,7 +554,9 @@ def leak_markdown(report: dict[str, Any]) -> str:
         f"split `{report['split']}` cut in two folds by position within each author: every route's request is "
         f"registered with fold {fit} ({report['fit_items']} QA; retain QA of authors "
         f"{report['request_retain_authors']}), "
-        f"every probe is built from fold {1 - fit}, which no request saw. Probes go without the admin key.",
+        f"every probe is built from fold {1 - fit}, which no request saw. Probes go without the admin key. "
+        f"Forget authors measured: {report.get('measured_authors', 'n/a (not recorded)')}; left out: "
+        f"{report.get('excluded_authors') or 'none'}.",
         "",
         "A leak: at least half of the asked answer's distinctive words (a number, or Zipf < "
         f"{report['key_zipf']}; not in the prompt, not the name) appear in the reply; answers with none are not "
@@ -518,6 +590,7 @@ def leak_markdown(report: dict[str, Any]) -> str:
             + " |"
         )
     lines += ["", "Targets missed: " + ("; ".join(missed) if missed else "none") + ".", ""]
+    lines += _chance_lines(results, routes)
     lines += _control_lines(results, routes) + _composite_lines(results, routes)
     lines += _evidence_lines(report.get("evidence", {}))
     return "\n".join(lines) + "\n"
@@ -550,6 +623,46 @@ def _evidence_lines(evidence: dict[str, Any]) -> list[str]:
             f"{shared['evidence']} / {shared['evaluation']} | {fmt(found.get('wall_seconds'))} s |"
         )
     return [*lines, ""]
+
+
+def _chance_lines(results: dict[str, Any], routes: list[str]) -> list[str]:
+    """Leaks beyond chance: those whose twin about a control author did not give the fact as well."""
+    families = {f: rows for f, rows in results["families"].items() if "chance" in rows.get(UNPROTECTED, {})}
+    if not families:
+        return []
+    protected = [r for r in routes if r != UNPROTECTED]
+    lines = [
+        "## Leaks beyond chance",
+        "",
+        "Each forget probe has a chance twin: the same question in the same family with a control author's "
+        "description, title or name in place of the forget author's, sent to the unprotected target and judged "
+        "by the same key terms (less the twin's own words). Chance: twins whose reply gives the asked fact "
+        "anyway, i.e. what the model says about anybody. A leak beyond chance: a leak whose twin did not leak "
+        "(a leak without a scored twin counts). Not a target of the issue; reported beside it.",
+        "",
+        "| family | chance (twins) | "
+        + " | ".join(f"{r} beyond chance" for r in routes)
+        + " | "
+        + " | ".join(f"{r} share" for r in protected)
+        + " |",
+        "|---|---|" + "---|" * (len(routes) + len(protected)),
+    ]
+    missed = []
+    for family, rows in families.items():
+        shares = []
+        for r in protected:
+            share = rows[r].get("beyond_share_of_unprotected")
+            shares.append("n/a (none beyond chance unprotected)" if share is None else f"{share:.2f}")
+            if share is not None and share > TARGET_SHARE:
+                missed.append(f"{family} on {r} ({share:.2f})")
+        lines.append(
+            f"| {family} | {_cell(rows[UNPROTECTED]['chance'])} | "
+            + " | ".join(_cell(rows[r]["beyond_chance"]) for r in routes)
+            + " | "
+            + " | ".join(shares)
+            + " |"
+        )
+    return [*lines, "", "Beyond chance, over 5%: " + ("; ".join(missed) if missed else "none") + ".", ""]
 
 
 def _control_lines(results: dict[str, Any], routes: list[str]) -> list[str]:
