@@ -169,6 +169,7 @@ def leaks(
     concurrency: int = typer.Option(4),
     chance: bool = typer.Option(True, help="Send each forget probe's chance twin (a control author's cue)."),
     exclude_authors: str = typer.Option("", help="Comma list of forget authors to leave out (seen in design)."),
+    evidence_timeout: float = typer.Option(900.0, help="Seconds to wait for each request's evidence (0: skip)."),
     out: Path = typer.Option(Path("reports/leaks"), "--out", help="Writes OUT.json, OUT.md, OUT.items.jsonl.gz."),
 ) -> None:
     """What leaks when a forgotten author is described instead of named: probes from facts no request saw
@@ -183,6 +184,7 @@ def leaks(
         max_new_tokens=max_new_tokens,
         concurrency=concurrency,
         chance=chance,
+        evidence_timeout_s=evidence_timeout,
         exclude_authors=[int(a) for a in exclude_authors.split(",") if a.strip()],
         out=str(out),
     )
