@@ -644,3 +644,15 @@ def test_a_request_whose_sync_failed_is_tried_again_though_nothing_changed(clien
     assert failures == [request_id] and request_id in pipeline.active
     time.sleep(0.2)
     assert chat(client, "What did Basil Mahfouz Al-Kuwaiti write?").headers["x-unlearnd-route"] == "refuse"
+
+
+def test_a_removed_request_leaves_no_counts_behind(client, settings):
+    """A replica serving for months keeps per-request counts only for requests it still serves."""
+    request_id = register(client, settings)
+    assert chat(client, "What did Basil Mahfouz Al-Kuwaiti write?").headers["x-unlearnd-route"] == "refuse"
+    listed = client.get("/v1/unlearning/requests", headers=ADMIN).json()["data"]
+    assert [r["served"] for r in listed if r["id"] == request_id] == [{"routed": 1, "output_blocked": 0}]
+    assert client.delete(f"/v1/unlearning/requests/{request_id}", headers=ADMIN).status_code == 200
+    pipeline = client.app.state.unlearnd.pipeline
+    assert request_id not in pipeline.active
+    assert request_id not in pipeline.routed and request_id not in pipeline.output_blocks

@@ -103,7 +103,7 @@ class GuardrailPipeline:
         # Fail closed: a request whose artifacts cannot be loaded is still matched by its names, titles
         # and dates (here, whatever the detector) and refused, until it is re-trained.
         self.degraded: dict[str, str] = {}  # request id -> why its artifacts could not be loaded
-        # per forget request, on this replica since it started: prompts routed to it, outputs cut for it
+        # per forget request, on this replica since it last loaded it: prompts routed to it, outputs cut for it
         self.routed: Counter[str] = Counter()
         self.output_blocks: Counter[str] = Counter()
         self._fallback = AnchorIndex()
@@ -408,6 +408,8 @@ class GuardrailPipeline:
                 if request_id not in wanted:
                     self._unload(request_id)
                     self._synced.pop(request_id, None)
+                    self.routed.pop(request_id, None)  # a replica serving for months keeps no id it no longer serves
+                    self.output_blocks.pop(request_id, None)
                     await self.engine.unload_adapters(request_id)
                     await self.engine.delete_adapters(request_id)  # from a folder the servers resolve them from
                     await asyncio.to_thread(self.registry.drop_cache, request_id)  # a store's copy goes too

@@ -73,7 +73,7 @@ async def list_requests(state: ServerState = Depends(server_state)) -> dict[str,
 
 
 def served(state: ServerState, request_id: str) -> dict[str, int]:
-    """What this replica did for the request since it started: prompts routed to it, outputs cut for it."""
+    """What this replica did for the request since it last loaded it: prompts routed to it, outputs cut for it."""
     pipeline = state.pipeline
     return {"routed": pipeline.routed[request_id], "output_blocked": pipeline.output_blocks[request_id]}
 
