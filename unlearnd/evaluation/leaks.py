@@ -15,6 +15,11 @@ target leaks on the same probes. Controls (other authors of the target asked the
 near the subject: a namesake, the places and prizes in the author's fit facts) count as untouched when
 the reply equals the unprotected target's and the route is `none`.
 
+Chance twins (added after the first runs, which showed leaks like "lyrical prose" that the model says of
+any author): each forget probe is asked again about a control author (their description, title or name),
+unprotected; a leak whose twin says the fact too is what the model says of anybody, not knowledge of the
+person described. Leaks beyond chance are reported beside the raw figures, which stay the issue's measure.
+
 The families, the judge and the controls were fixed before any run of this module.
 """
 
