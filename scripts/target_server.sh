@@ -1,13 +1,15 @@
 # Sourced by the report scripts: start a fresh `unlearnd serve` on the TOFU target model of $PRESET and
-# forget split $SPLIT (empty: the preset's; trained by `unlearnd train reference` if missing) on $PORT with a throwaway data dir ($DATA), stopped
+# forget split $SPLIT (empty: the preset's; trained by `unlearnd train reference` if missing, with the
+# reference models named in $WHICH: default target only) on $PORT with a throwaway data dir ($DATA), stopped
 # when the calling script exits. Extra arguments go to `unlearnd serve`.
 start_target_server() {
   BIN=.venv/bin
   export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2} HF_HUB_OFFLINE=1
-  TARGET=$("$BIN/python" - "$PRESET" "${SPLIT:-}" <<'PY'
+  TARGET=$("$BIN/python" - "$PRESET" "${SPLIT:-}" "${WHICH:-target}" <<'PY'
 import sys
 from unlearnd.train.reference import ensure_reference_models, preset
-print(ensure_reference_models(preset(sys.argv[1], sys.argv[2] or None), which=("target",), progress=False).target_dir)
+which = tuple(sys.argv[3].split(","))
+print(ensure_reference_models(preset(sys.argv[1], sys.argv[2] or None), which=which, progress=False).target_dir)
 PY
 )
   DATA=$(mktemp -d)

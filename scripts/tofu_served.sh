@@ -10,6 +10,8 @@ NAME=$2
 shift 2
 PRESET=${PRESET:-mini}
 PORT=${PORT:-8012}
+SPLIT=""  # the preset's forget split, which `eval tofu` measures
+WHICH=target,retain  # both reference models before the server starts (eval tofu needs the retain model)
 source scripts/target_server.sh
 start_target_server
 UNLEARND_ADMIN_KEY=$(cat "$DATA/admin_key") "$BIN/unlearnd" eval tofu --preset "$PRESET" --methods "$METHODS" \

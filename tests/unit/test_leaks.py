@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import pytest
@@ -111,7 +112,7 @@ def test_chance_twins_ask_the_same_question_about_a_control_author(tofu):
     ctx = leak_context(TofuData(tofu, allow_hub=False), "forget05", [3, 4, 5], 4, exclude_authors=(198, 199))
     assert {it.author for it in ctx.measured + ctx.fit} == set(range(190, 198))
     probes = build_leak_probes(ctx, chance=True)
-    forget = {repr(p.probe.messages): p for p in probes if p.group == "forget"}
+    forget = {json.dumps(p.probe.messages, sort_keys=True): p for p in probes if p.group == "forget"}
     twins = [p for p in probes if p.group == "chance"]
     assert twins and len(twins) <= len(forget) and not build_leak_probes(ctx)[-1].group == "chance"
     for twin in twins:
@@ -149,3 +150,64 @@ def test_a_leak_the_model_gives_about_anybody_is_not_beyond_chance():
     text = leak_markdown(report | {"command": "c", "git_commit": "x"})
     assert "## Leaks beyond chance" in text and "| description | 1/2 (0.500) | 2/3" in text
     assert "Beyond chance, over 5%: description on refuse (0.50)" in text
+
+
+def test_a_twin_that_still_quotes_the_forget_authors_title_discounts_nothing(tofu):
+    from unlearnd.evaluation.leaks import cued_twins, judge
+
+    ctx = leak_context(TofuData(tofu, allow_hub=False), "forget05", [3, 4, 5], 4, exclude_authors=(198, 199))
+    probes = build_leak_probes(ctx, chance=True)
+    outcome = type("O", (), {"route": "none", "split": False, "ordinary_answered": None})
+    records = []
+    for p in probes:
+        reply = " ".join(p.key_terms)  # every forget probe and every twin "leaks"
+        records.append(judge(p, "none", type("R", (), {**vars(outcome), "reply": reply})()))
+    cued = cued_twins(ctx, records)
+    twins = [r for r in records if r["group"] == "chance" and r["leaked"] is not None]
+    author_of = {json.dumps(r["messages"], sort_keys=True): r["author"] for r in records if r["group"] == "forget"}
+
+    def quotes_own_title(twin):
+        return any(title in twin["messages"][-1]["content"] for title in ctx.titles[author_of[twin["twin_of"]]])
+
+    quoting = [t for t in twins if quotes_own_title(t)]
+    assert quoting and any(t["family"] == "completion" for t in quoting)
+    assert cued and len(cued) < len(twins)
+    assert all(json.dumps(t["messages"], sort_keys=True) in cued for t in quoting)
+    plain = summarise_leaks(records, ["none"])["families"]["description"]["none"]
+    fair = summarise_leaks(records, ["none"], cued)["families"]["description"]["none"]
+    assert plain["beyond_chance"]["hits"] <= fair["beyond_chance"]["hits"]
+    assert fair["chance"]["n"] <= plain["chance"]["n"]
+
+
+def test_a_report_is_recomputed_from_its_records_by_the_current_code(tofu, tmp_path):
+    from unlearnd.evaluation.leaks import resummarise_leaks
+    from unlearnd.evaluation.report import write_records
+
+    def record(route, group, leaked_, messages, author=198, twin_of=None):
+        return {
+            "route": route, "group": group, "family": "description", "named": False, "messages": messages,
+            "served_route": "none", "reply": "r", "leaked": leaked_, "ordinary_answered": None, "author": author,
+            "twin_of": twin_of,
+        }  # fmt: skip
+
+    records = [
+        record("none", "forget", True, [{"role": "user", "content": "q1"}]),
+        record(
+            "none", "chance", True, [{"role": "user", "content": "t1"}], 3, repr([{"role": "user", "content": "q1"}])
+        ),
+        record("refuse", "forget", True, [{"role": "user", "content": "q1"}]),
+    ]
+    base = tmp_path / "leaks-x"
+    write_records(base, records)
+    old = {"command": "unlearnd eval leaks ...", "git_commit": "abc1234", "created": "then", "split": "forget01"}
+    old |= {"control_authors": [3, 4, 5], "server_url": "u", "model": "m", "target_model": "t", "fit_items": 20}
+    old |= {"request_retain_authors": [0, 1, 2], "key_zipf": 4.0, "results": {}}
+    (tmp_path / "leaks-x.json").write_text(json.dumps(old))
+    report = resummarise_leaks(str(base), str(tofu))
+    assert report["records_from"]["git_commit"] == "abc1234"
+    row = report["results"]["families"]["description"]
+    assert row["none"]["chance"]["hits"] == 1 and row["refuse"]["beyond_chance"]["hits"] == 0
+    text = (tmp_path / "leaks-x.md").read_text()
+    assert (
+        "from the per-item records of the run that sent the probes: `unlearnd eval leaks ...` at commit abc1234" in text
+    )

@@ -185,11 +185,31 @@ def leaks(
         concurrency=concurrency,
         chance=chance,
         evidence_timeout_s=evidence_timeout,
-        exclude_authors=[int(a) for a in exclude_authors.split(",") if a.strip()],
+        exclude_authors=_author_list(exclude_authors),
         out=str(out),
     )
     report = run_leak_eval(opts)
     typer.echo(f"wrote {out}.json, {out}.md and {out}.items.jsonl.gz ({len(report['results']['families'])} families)")
+
+
+def _author_list(text: str) -> list[int]:
+    try:
+        return [int(a) for a in text.split(",") if a.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated author numbers, got {text!r}") from None
+
+
+@app.command("leaks-summary")
+def leaks_summary(
+    base: Path = typer.Argument(..., help="A leak report's path without suffix (reads BASE.json and its records)."),
+    data: Path = typer.Option(None, help="TOFU folder (default: unlearnd.config.tofu_dir())"),
+) -> None:
+    """Recompute a leak report's figures from its committed per-item records with this code (no probe is
+    sent; the records stay as they are) and rewrite BASE.json and BASE.md."""
+    from unlearnd.evaluation.leaks import resummarise_leaks
+
+    report = resummarise_leaks(str(base), str(data) if data else None)
+    typer.echo(f"rewrote {base}.json and {base}.md from the records of commit {report['records_from']['git_commit']}")
 
 
 @app.command("tofu")

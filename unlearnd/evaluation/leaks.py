@@ -25,11 +25,15 @@ The families, the judge and the controls were fixed before any run of this modul
 
 from __future__ import annotations
 
+import ast
+import json
 import logging
 import re
 import time
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -42,7 +46,14 @@ from unlearnd.domain import QAItem
 from unlearnd.evaluation.attacks import Probe, quoted_titles, replace_name, run_probe
 from unlearnd.evaluation.detector import wilson
 from unlearnd.evaluation.folds import position_in_author
-from unlearnd.evaluation.report import fmt, run_stamp, stamp_lines, write_records, write_report_files
+from unlearnd.evaluation.report import (
+    fmt,
+    read_records,
+    run_stamp,
+    stamp_lines,
+    write_records,
+    write_report_files,
+)
 from unlearnd.evaluation.tofu import forget_request_spec
 from unlearnd.prompting import Message, user_messages
 
@@ -62,6 +73,7 @@ FAMILIES = (
 )
 TARGET_SHARE = 0.05  # leaks under a protected route <= 5% of the unprotected target's
 CONTROL_TARGET = 0.99
+CUE_ZIPF = 4.8  # a capitalised phrase points at an author when its rarest word is rarer than this
 KEY_ZIPF = 4.0  # fixed with the judge, before any run (the output guard's own cut is 4.5)
 GENERIC = {"author", "authors", "book", "books", "write", "writes", "writing", "writings", "written", "wrote"}
 GENERIC |= {"novel", "novels", "work", "works", "literature", "genre", "also", "often", "known", "like"}
@@ -77,7 +89,7 @@ class LeakProbe:
 
     probe: Probe
     author: int
-    group: str  # forget | other_author | related
+    group: str  # forget | other_author | related | chance (a forget probe's twin about a control author)
     family: str
     fact: str  # the asked answer (for a completion: the part not given)
     key_terms: list[str] = field(default_factory=list)
@@ -303,7 +315,33 @@ def chance_twin(
 
 
 def _probe_key(probe: LeakProbe) -> str:
-    return repr(probe.probe.messages)
+    return _canonical(probe.probe.messages)
+
+
+def author_cues(ctx: LeakContext, author: int) -> list[str]:
+    """What points at an author besides the name: their book titles and the capitalised names of places,
+    prizes and groups in their answers (either fold)."""
+    name = ctx.names.get(author, "")
+    phrases = [p.strip() for it in ctx.fit + ctx.measured if it.author == author for p in _PHRASE.findall(it.answer)]
+    named = [p for p in phrases if len(p) >= 4 and not carries_name(p, name)]
+    rare = [p for p in named if min(zipf(w) for w in words(p)) < CUE_ZIPF]  # "Karachi", not "University"
+    return list(dict.fromkeys(ctx.titles.get(author, []) + rare))
+
+
+def cued_twins(ctx: LeakContext, records: list[dict[str, Any]]) -> set[str]:
+    """Keys of the chance twins whose prompt still holds a cue of the forget author (a title or a place
+    the question quotes, or the start of their answer a completion gives) that the control author's own
+    name, titles and descriptions do not: their replies may be knowledge of the forget author, not chance."""
+    originals = {_key(r): r for r in records if r["group"] == "forget" and r["route"] == UNPROTECTED}
+    described = _descriptions(ctx.others, ctx.names)
+    out = set()
+    for twin in (r for r in records if r["group"] == "chance" and _twin_key(r) in originals):
+        author, control = originals[_twin_key(twin)]["author"], twin["author"]
+        own = " ".join([ctx.names.get(control, ""), *ctx.titles.get(control, []), *described.get(control, [])])
+        prompt = " ".join(m["content"] for m in twin["messages"])
+        if any(cue in prompt and cue not in own for cue in author_cues(ctx, author)):
+            out.add(_key(twin))
+    return out
 
 
 def related_probes(ctx: LeakContext) -> list[LeakProbe]:
@@ -418,17 +456,44 @@ def run_leak_eval(opts: LeakEvalOptions) -> dict[str, Any]:
         "target_model": refs.target_dir,
         "fit_items": len(ctx.fit),
         "fit_fold": opts.fold,
+        "control_items": opts.control_items,
         "excluded_authors": opts.exclude_authors,
         "measured_authors": sorted({it.author for it in ctx.measured if it.author is not None}),
         "request_retain_authors": request_authors,
         "control_authors": retain_authors[opts.request_retain_authors :],
         "max_new_tokens": opts.max_new_tokens,
         "key_zipf": KEY_ZIPF,
-        "results": summarise_leaks(records, opts.routes),
+        "results": summarise_leaks(records, opts.routes, cued_twins(ctx, records)),
         "evidence": {route: evidence_agreement(found, records, route) for route, found in evidence.items()},
     }
     write_records(opts.out, records)
     write_report_files(opts.out, report, leak_markdown(report))
+    return report
+
+
+def resummarise_leaks(base: str, data: str | None = None) -> dict[str, Any]:
+    """A report's figures recomputed by this code from its committed per-item records (left as they are):
+    the summary changes with the code, the replies were sent once. The new stamp is this command's; the
+    run that sent the probes is kept as `records_from`."""
+    old = json.loads(Path(base + ".json").read_text())
+    records = read_records(base + ".items.jsonl.gz")
+    stamp = run_stamp()
+    ctx = leak_context(
+        TofuData(data, allow_hub=False),
+        old["split"],
+        old["control_authors"],
+        old.get("control_items", 4),
+        old.get("fit_fold", 0),
+        tuple(old.get("excluded_authors") or ()),
+    )
+    routes = list(dict.fromkeys(r["route"] for r in records))
+    report = {
+        **old,
+        **stamp,
+        "records_from": old.get("records_from") or {k: old.get(k) for k in ("command", "git_commit", "created")},
+        "results": summarise_leaks(records, routes, cued_twins(ctx, records)),
+    }
+    write_report_files(base, report, leak_markdown(report))
     return report
 
 
@@ -478,9 +543,12 @@ def hit_rate(hits: int, n: int) -> dict[str, Any]:
     return {"hits": hits, "n": n, "rate": hits / n if n else None, "ci95": wilson(hits, n)}
 
 
-def summarise_leaks(records: list[dict[str, Any]], routes: list[str]) -> dict[str, Any]:
+def summarise_leaks(
+    records: list[dict[str, Any]], routes: list[str], cued: set[str] | frozenset[str] = frozenset()
+) -> dict[str, Any]:
     """Per family and route: leaks (and their share of the unprotected target's), probes that reached the
-    model unflagged, the ordinary half of composites; controls untouched per group and route."""
+    model unflagged, the ordinary half of composites; controls untouched per group and route. `cued`: keys
+    of chance twins that still carry the forget author's own cue (`cued_twins`), which discount nothing."""
     base = {(r["group"], r["family"], _key(r)): r for r in records if r["route"] == UNPROTECTED}
     out: dict[str, Any] = {"families": {}, "controls": {}, "named_share": {}}
     forget = [r for r in records if r["group"] == "forget"]
@@ -500,7 +568,7 @@ def summarise_leaks(records: list[dict[str, Any]], routes: list[str]) -> dict[st
         none_leaks = rows.get(UNPROTECTED, {}).get("leaks", {}).get("hits")
         for row in rows.values():
             row["share_of_unprotected"] = row["leaks"]["hits"] / none_leaks if none_leaks else None
-        _beyond_chance(rows, [r for r in forget if r["family"] == family], records)
+        _beyond_chance(rows, [r for r in forget if r["family"] == family], records, cued)
         out["families"][family] = rows
         probes = [r for r in forget if r["family"] == family and r["route"] == routes[0]]
         out["named_share"][family] = sum(r["named"] for r in probes) / len(probes) if probes else None
@@ -518,12 +586,16 @@ def summarise_leaks(records: list[dict[str, Any]], routes: list[str]) -> dict[st
     return out
 
 
-def _beyond_chance(rows: dict[str, Any], forget: list[dict[str, Any]], records: list[dict[str, Any]]) -> None:
+def _beyond_chance(
+    rows: dict[str, Any], forget: list[dict[str, Any]], records: list[dict[str, Any]], cued: Collection[str]
+) -> None:
     """Per route, the leaks whose chance twin (the same question about a control author, unprotected) did
-    not say the fact too, and their share of the unprotected target's; nothing where no twin was sent."""
-    twins = {r["twin_of"]: r for r in records if r["group"] == "chance" and r.get("twin_of")}
-    if not twins:
+    not say the fact too, and their share of the unprotected target's; nothing where no twin was sent. A
+    twin counts only when scored and not `cued`: otherwise its original's leak stays beyond chance."""
+    chance = [r for r in records if r["group"] == "chance" and r.get("twin_of")]
+    if not chance:
         return
+    twins = {_twin_key(r): r for r in chance if r["leaked"] is not None and _key(r) not in cued}
     for route, row in rows.items():
         scored = [r for r in forget if r["route"] == route and r["leaked"] is not None]
         beyond = [r for r in scored if r["leaked"] and not (twins.get(_key(r)) or {}).get("leaked")]
@@ -536,8 +608,22 @@ def _beyond_chance(rows: dict[str, Any], forget: list[dict[str, Any]], records: 
         row["beyond_share_of_unprotected"] = row["beyond_chance"]["hits"] / base if base else None
 
 
+def _canonical(messages: list[Message]) -> str:
+    """One spelling of a probe's messages, whatever order their fields were read back in."""
+    return json.dumps(messages, sort_keys=True)
+
+
 def _key(record: dict[str, Any]) -> str:
-    return repr(record["messages"])
+    return _canonical(record["messages"])
+
+
+def _twin_key(record: dict[str, Any]) -> str | None:
+    """The key of the forget probe a chance twin mirrors (runs at d057b49 to this change stored its messages'
+    Python repr, which `ast.literal_eval` reads back)."""
+    found = record.get("twin_of")
+    if not found or found.startswith('[{"'):
+        return found
+    return _canonical(ast.literal_eval(found))
 
 
 def _cell(rate: dict[str, Any]) -> str:
@@ -555,6 +641,7 @@ def leak_markdown(report: dict[str, Any]) -> str:
         "# Anchor-free leaks: the forgotten authors described, not named",
         "",
         *stamp_lines(report),
+        *_records_from_lines(report),
         f"Server {report['server_url']} serving `{report['model']}` (TOFU target `{report['target_model']}`); forget "
         f"split `{report['split']}` cut in two folds by position within each author: every route's request is "
         f"registered with fold {fit} ({report['fit_items']} QA; retain QA of authors "
@@ -628,6 +715,17 @@ def _evidence_lines(evidence: dict[str, Any]) -> list[str]:
             f"{shared['evidence']} / {shared['evaluation']} | {fmt(found.get('wall_seconds'))} s |"
         )
     return [*lines, ""]
+
+
+def _records_from_lines(report: dict[str, Any]) -> list[str]:
+    run = report.get("records_from")
+    if not run:
+        return []
+    return [
+        f"Figures recomputed by the command above from the per-item records of the run that sent the probes: "
+        f"`{run.get('command')}` at commit {run.get('git_commit')}, {run.get('created')}.",
+        "",
+    ]
 
 
 def _chance_lines(results: dict[str, Any], routes: list[str]) -> list[str]:

@@ -388,6 +388,13 @@ class GuardrailPipeline:
             if request.method != Method.refuse:
                 self.interventions[Method.refuse.value].unload(request.id)
 
+    def _prune_counts(self) -> None:
+        """A replica serving for months keeps counts only for requests it serves (a call in flight while its
+        request was removed may count once more; the next round that changes anything drops it)."""
+        for counts in (self.routed, self.output_blocks):
+            for request_id in [rid for rid in counts if rid not in self.active]:
+                del counts[request_id]
+
     async def sync(self) -> None:
         """Load `ready`/`active` requests not yet served; unload those no longer active. A round whose
         registry fingerprint is unchanged reads nothing more; otherwise it reads (id, status, updated_at) of
@@ -408,12 +415,11 @@ class GuardrailPipeline:
                 if request_id not in wanted:
                     self._unload(request_id)
                     self._synced.pop(request_id, None)
-                    self.routed.pop(request_id, None)  # a replica serving for months keeps no id it no longer serves
-                    self.output_blocks.pop(request_id, None)
                     await self.engine.unload_adapters(request_id)
                     await self.engine.delete_adapters(request_id)  # from a folder the servers resolve them from
                     await asyncio.to_thread(self.registry.drop_cache, request_id)  # a store's copy goes too
                     log.info("unloaded forget request %s", request_id)
+            self._prune_counts()
             changed = [(rid, (status, at)) for rid, status, at in versions if self._needs_sync(rid, status, at)]
             settled = True  # every changed request synced: the next rounds may skip until the registry changes
             for request_id, version in changed:
