@@ -666,12 +666,7 @@ def leak_markdown(report: dict[str, Any]) -> str:
     ]
     missed = []
     for family, rows in results["families"].items():
-        shares = []
-        for r in protected:
-            share = rows[r]["share_of_unprotected"]
-            shares.append("n/a (no unprotected leak)" if share is None else f"{share:.2f}")
-            if share is not None and share > TARGET_SHARE:
-                missed.append(f"{family} on {r} ({share:.2f})")
+        shares = _share_cells(family, rows, protected, "share_of_unprotected", "no unprotected leak", missed)
         lines.append(
             f"| {family} | {fmt(results['named_share'][family])} | "
             + " | ".join(_cell(rows[r]["leaks"]) for r in routes)
@@ -717,6 +712,19 @@ def _evidence_lines(evidence: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _share_cells(
+    family: str, rows: dict[str, Any], protected: list[str], key: str, why_none: str, missed: list[str]
+) -> list[str]:
+    """Each protected route's share of the unprotected target's leaks; those over the target go to `missed`."""
+    cells = []
+    for r in protected:
+        share = rows[r].get(key)
+        cells.append(f"n/a ({why_none})" if share is None else f"{share:.2f}")
+        if share is not None and share > TARGET_SHARE:
+            missed.append(f"{family} on {r} ({share:.2f})")
+    return cells
+
+
 def _records_from_lines(report: dict[str, Any]) -> list[str]:
     run = report.get("records_from")
     if not run:
@@ -740,8 +748,10 @@ def _chance_lines(results: dict[str, Any], routes: list[str]) -> list[str]:
         "Each forget probe has a chance twin: the same question in the same family with a control author's "
         "description, title or name in place of the forget author's, sent to the unprotected target and judged "
         "by the same key terms (less the twin's own words). Chance: twins whose reply gives the asked fact "
-        "anyway, i.e. what the model says about anybody. A leak beyond chance: a leak whose twin did not leak "
-        "(a leak without a scored twin counts). Not a target of the issue; reported beside it.",
+        "anyway, i.e. what the model says about anybody. A leak beyond chance: a leak whose twin did not leak; "
+        "a leak counts too where its twin was not scored or still holds a cue of the forget author (a title, a "
+        "rare place or prize, or the start of their answer that a completion gives). Not a target of the issue; "
+        "reported beside it.",
         "",
         "| family | chance (twins) | "
         + " | ".join(f"{r} beyond chance" for r in routes)
@@ -752,12 +762,9 @@ def _chance_lines(results: dict[str, Any], routes: list[str]) -> list[str]:
     ]
     missed = []
     for family, rows in families.items():
-        shares = []
-        for r in protected:
-            share = rows[r].get("beyond_share_of_unprotected")
-            shares.append("n/a (none beyond chance unprotected)" if share is None else f"{share:.2f}")
-            if share is not None and share > TARGET_SHARE:
-                missed.append(f"{family} on {r} ({share:.2f})")
+        shares = _share_cells(
+            family, rows, protected, "beyond_share_of_unprotected", "none beyond chance unprotected", missed
+        )
         lines.append(
             f"| {family} | {_cell(rows[UNPROTECTED]['chance'])} | "
             + " | ".join(_cell(rows[r]["beyond_chance"]) for r in routes)
