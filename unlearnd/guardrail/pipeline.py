@@ -388,11 +388,12 @@ class GuardrailPipeline:
             if request.method != Method.refuse:
                 self.interventions[Method.refuse.value].unload(request.id)
 
-    def _prune_counts(self) -> None:
-        """A replica serving for months keeps counts only for requests it serves (a call in flight while its
-        request was removed may count once more; the next round that changes anything drops it)."""
+    def _prune_counts(self, wanted: set[str]) -> None:
+        """A replica serving for months keeps counts only for requests still registered and served (a call in
+        flight while its request was removed may count once more; the next round that changes anything drops
+        it). `wanted`: the ids this round serves, refused by name until trained included."""
         for counts in (self.routed, self.output_blocks):
-            for request_id in [rid for rid in counts if rid not in self.active]:
+            for request_id in [rid for rid in counts if rid not in wanted]:
                 del counts[request_id]
 
     async def sync(self) -> None:
@@ -419,7 +420,7 @@ class GuardrailPipeline:
                     await self.engine.delete_adapters(request_id)  # from a folder the servers resolve them from
                     await asyncio.to_thread(self.registry.drop_cache, request_id)  # a store's copy goes too
                     log.info("unloaded forget request %s", request_id)
-            self._prune_counts()
+            self._prune_counts(wanted)
             changed = [(rid, (status, at)) for rid, status, at in versions if self._needs_sync(rid, status, at)]
             settled = True  # every changed request synced: the next rounds may skip until the registry changes
             for request_id, version in changed:
