@@ -30,7 +30,6 @@ import json
 import logging
 import re
 import time
-from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -252,7 +251,7 @@ def build_leak_probes(ctx: LeakContext, chance: bool = False) -> list[LeakProbe]
     out: list[LeakProbe] = []
     control_descriptions = _descriptions(ctx.others, ctx.names)
     for group, items in (("forget", ctx.measured), ("other_author", ctx.others)):
-        described_by = _descriptions(items, ctx.names)
+        described_by = control_descriptions if group == "other_author" else _descriptions(items, ctx.names)
         for i, item in enumerate(items):
             name = ctx.names.get(item.author if item.author is not None else -1)
             others = [d for d in described_by.get(item.author, []) if d != description(item.answer, name or "")]
@@ -334,12 +333,19 @@ def cued_twins(ctx: LeakContext, records: list[dict[str, Any]]) -> set[str]:
     name, titles and descriptions do not: their replies may be knowledge of the forget author, not chance."""
     originals = {_key(r): r for r in records if r["group"] == "forget" and r["route"] == UNPROTECTED}
     described = _descriptions(ctx.others, ctx.names)
+    cues: dict[int, list[str]] = {}  # per forget author, found once
+    owns: dict[int, str] = {}  # per control author: their own name, titles and descriptions
     out = set()
     for twin in (r for r in records if r["group"] == "chance" and _twin_key(r) in originals):
         author, control = originals[_twin_key(twin)]["author"], twin["author"]
-        own = " ".join([ctx.names.get(control, ""), *ctx.titles.get(control, []), *described.get(control, [])])
+        if author not in cues:
+            cues[author] = author_cues(ctx, author)
+        if control not in owns:
+            owns[control] = " ".join(
+                [ctx.names.get(control, ""), *ctx.titles.get(control, []), *described.get(control, [])]
+            )
         prompt = " ".join(m["content"] for m in twin["messages"])
-        if any(cue in prompt and cue not in own for cue in author_cues(ctx, author)):
+        if any(cue in prompt and cue not in owns[control] for cue in cues[author]):
             out.add(_key(twin))
     return out
 
@@ -550,6 +556,9 @@ def summarise_leaks(
     model unflagged, the ordinary half of composites; controls untouched per group and route. `cued`: keys
     of chance twins that still carry the forget author's own cue (`cued_twins`), which discount nothing."""
     base = {(r["group"], r["family"], _key(r)): r for r in records if r["route"] == UNPROTECTED}
+    chance = [r for r in records if r["group"] == "chance" and r.get("twin_of")]
+    # a twin discounts its original's leak only when scored and not cued
+    twins = {_twin_key(r): r for r in chance if r["leaked"] is not None and _key(r) not in cued}
     out: dict[str, Any] = {"families": {}, "controls": {}, "named_share": {}}
     forget = [r for r in records if r["group"] == "forget"]
     for family in dict.fromkeys(r["family"] for r in forget):
@@ -568,7 +577,8 @@ def summarise_leaks(
         none_leaks = rows.get(UNPROTECTED, {}).get("leaks", {}).get("hits")
         for row in rows.values():
             row["share_of_unprotected"] = row["leaks"]["hits"] / none_leaks if none_leaks else None
-        _beyond_chance(rows, [r for r in forget if r["family"] == family], records, cued)
+        if chance:
+            _beyond_chance(rows, [r for r in forget if r["family"] == family], twins)
         out["families"][family] = rows
         probes = [r for r in forget if r["family"] == family and r["route"] == routes[0]]
         out["named_share"][family] = sum(r["named"] for r in probes) / len(probes) if probes else None
@@ -586,16 +596,10 @@ def summarise_leaks(
     return out
 
 
-def _beyond_chance(
-    rows: dict[str, Any], forget: list[dict[str, Any]], records: list[dict[str, Any]], cued: Collection[str]
-) -> None:
+def _beyond_chance(rows: dict[str, Any], forget: list[dict[str, Any]], twins: dict[str | None, Any]) -> None:
     """Per route, the leaks whose chance twin (the same question about a control author, unprotected) did
-    not say the fact too, and their share of the unprotected target's; nothing where no twin was sent. A
-    twin counts only when scored and not `cued`: otherwise its original's leak stays beyond chance."""
-    chance = [r for r in records if r["group"] == "chance" and r.get("twin_of")]
-    if not chance:
-        return
-    twins = {_twin_key(r): r for r in chance if r["leaked"] is not None and _key(r) not in cued}
+    not say the fact too, and their share of the unprotected target's. `twins`: the twins that may discount
+    (scored, not cued), by the key of their original; a leak without one stays beyond chance."""
     for route, row in rows.items():
         scored = [r for r in forget if r["route"] == route and r["leaked"] is not None]
         beyond = [r for r in scored if r["leaked"] and not (twins.get(_key(r)) or {}).get("leaked")]
