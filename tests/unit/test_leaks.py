@@ -211,3 +211,17 @@ def test_a_report_is_recomputed_from_its_records_by_the_current_code(tofu, tmp_p
     assert (
         "from the per-item records of the run that sent the probes: `unlearnd eval leaks ...` at commit abc1234" in text
     )
+
+
+def test_every_routes_request_names_every_forget_author_even_where_its_fold_hides_the_name(tofu):
+    """Half of Xin Lee Williams' forget05 pairs (fold 0) never use the name like a person's, so names
+    derived from the fold alone left him out of the request: his probes then measured a request that did
+    not name him. A user always names the person; the request takes the names from all of the pairs."""
+    from unlearnd.evaluation.continual import request_spec
+
+    data = TofuData(tofu, allow_hub=False)
+    ctx = leak_context(data, "forget05", [3, 4, 5], 4, exclude_authors=(198, 199))
+    spec = request_spec("leaks", "refuse", ctx.fit, [], names=ctx.names)
+    assert "Xin Lee Williams" in spec["entities"]
+    assert len(spec["entities"]) == len({it.author for it in ctx.fit})
+    assert set(spec["entities"]) <= set(ctx.names.values())

@@ -130,6 +130,10 @@ class TofuData:
         wanted = set(authors)
         return [item for item in self.split(split) if item.author in wanted]
 
+    def names_of(self, authors: Sequence[int]) -> dict[int, str]:
+        """Each author's name, found in all of the author's pairs (a fold's half may not show it)."""
+        return author_names(self.by_authors(sorted(set(authors))))
+
     def perturbed_for(self, forget_split: str) -> list[QAItem]:
         return self.split(f"{forget_split}_perturbed")
 

@@ -559,7 +559,9 @@ def route_request_spec(route: str, refs: Any, tofu: TofuData) -> dict[str, Any]:
     about the very questions a user asked to forget) and the preset's retain QA."""
     from unlearnd.evaluation.tofu import forget_request_spec
 
-    return forget_request_spec(route, refs, tofu.split(refs.preset.forget_split), refs.data.retain_items)
+    forget = tofu.split(refs.preset.forget_split)
+    names = tofu.names_of([it.author for it in forget if it.author is not None])
+    return forget_request_spec(route, refs, forget, refs.data.retain_items, names=names)
 
 
 def run_attack_eval(opts: AttackEvalOptions) -> dict[str, Any]:

@@ -438,7 +438,9 @@ def run_leak_eval(opts: LeakEvalOptions) -> dict[str, Any]:
     for route in opts.routes:
         request_id = None
         if route != UNPROTECTED:
-            spec = forget_request_spec(route, refs, ctx.fit, retain, name=f"leaks-{preset.forget_split}-{route}")
+            spec = forget_request_spec(
+                route, refs, ctx.fit, retain, name=f"leaks-{preset.forget_split}-{route}", names=ctx.names
+            )
             spec["evidence"] = [{"question": it.question, "answer": it.answer} for it in ctx.measured]
             request_id = str(admin.add_request(spec)["id"])
             log.info("route %s: forget request %s registered (fold 0); waiting until it is active", route, request_id)

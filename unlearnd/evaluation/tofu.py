@@ -254,6 +254,7 @@ def forget_request_spec(
     retain: Sequence[QAItem],
     options: dict[str, Any] | None = None,
     name: str | None = None,
+    names: dict[int, str] | None = None,
 ) -> dict[str, Any]:
     """The forget request a user would register: the QA pairs it is given (one fold's fit items, never
     the questions it is measured on), retain QA and the authors' names; `options` are the method's
@@ -271,7 +272,7 @@ def forget_request_spec(
                 "(perturbed or other questions' answers)"
             )
     options = {**defaults, **(options or {})} or None
-    return request_spec(name or f"tofu-{refs.preset.forget_split}-{method}", method, forget, retain, options)
+    return request_spec(name or f"tofu-{refs.preset.forget_split}-{method}", method, forget, retain, options, names)
 
 
 # --------------------------------------------------------------------------- the whole evaluation
@@ -614,6 +615,7 @@ def _evaluate_served(ctx: _Context, method: str, seed: int, entry: dict[str, Any
                     fold.fit_retain,
                     options,
                     name=f"tofu-{ctx.refs.preset.forget_split}-{method}-seed{seed}-fold{fold.index}",
+                    names=ctx.tofu.names_of([it.author for it in fold.fit_forget if it.author is not None]),
                 )
                 request_id = served.register(spec)
                 t_reg = time.perf_counter()
