@@ -229,3 +229,43 @@ def test_a_fact_pair_needs_one_rare_term_that_is_not_a_year():
     assert facts.find("Recommend a good drama film from 1977.") == {}
     assert facts.find("Write a short tale about an engineer.") == {}
     assert facts.find("Which engineer won the Goncourt?") == {"r": ["engineer", "goncourt"]}
+
+
+def test_a_hyphenated_name_is_misspelled_and_shortened_as_one_part():
+    """forget05's leak run let "Moshe Been-Davdi" and "Aysha All-Hashmi" through: the edits fell on both
+    sides of the hyphen, and a short particle ("ben", "al") had to be exact."""
+    idx = index("Moshe Ben-David", "Aysha Al-Hashim", "Ji-Yeong Hwang", "Isabella van Pletzen")
+    assert hit("Where can readers find books by Moshe Been-Davdi?", idx) == (
+        TYPO_SCORE,
+        "name_typo2",
+        ["Moshe Been-Davdi"],
+    )
+    assert hit("How does Aysha All-Hashmi connect with readers?", idx)[1] == "name_typo2"
+    assert hit("What did J. Hwang write?", idx)[1] == "name_initials"  # J. for Ji-Yeong
+    assert hit("What did I. v. Pletzen write?", idx)[1] == "name_initials"
+    assert hit("Who is Moshe Bin-Daoud?", idx) is None  # another person: more than two letters off
+
+
+def test_a_name_written_in_cyrillic_by_letters_or_by_sound_is_the_name():
+    idx = index("Edward Patrick Sullivan", "Aysha Al-Hashim", "Xin Lee Williams")
+    assert hit("What themes does Едвард Патрицк Сулливан explore?", idx) == (
+        TYPO_SCORE,
+        "name_script",
+        ["Едвард Патрицк Сулливан"],
+    )
+    assert hit("Кто такой Эдвард Патрик Салливан?", idx)[1] == "name_script"
+    assert hit("Which genre did Аысха Ал-Хасхим write in?", idx)[1] == "name_script"
+    assert hit("What has КСин Лее Виллиамс received?", idx)[1] == "name_script"
+    for other in ("Эдвард Нортон", "Патрик Свейзи", "Иван Петров", "Уильям Шекспир", "Эдвард Патрик Смит"):
+        assert hit(f"Что написал {other}?", idx) is None, other
+
+
+def test_cyrillic_letters_are_read_as_any_of_their_latin_spellings():
+    from unlearnd.detectors.scripts import first_letters, script_edits
+
+    assert script_edits("Виллиамс", "williams") == 0  # в as w, a doubled l for one л
+    assert script_edits("Уильямс", "williams") == 0  # у as w, ь as nothing, я as ia
+    assert script_edits("КСин", "xin") == 0
+    assert script_edits("Салливан", "sullivan") == 1
+    assert script_edits("Петров", "patrick") == 2  # over the limit of one
+    assert first_letters("Джаиме") >= {"j", "d"} and "w" in first_letters("Виллиамс")

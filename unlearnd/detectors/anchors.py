@@ -31,6 +31,7 @@ from pydantic import BaseModel, Field
 from unlearnd.detectors.lookup import OwnerIndex
 from unlearnd.detectors.names import derive_entities
 from unlearnd.detectors.normalize import compact_forms, letters, views
+from unlearnd.detectors.scripts import CYRILLIC_WORD, first_letters, script_edits
 from unlearnd.detectors.spans import (
     FUNCTION_WORDS,
     STOPWORDS,
@@ -177,6 +178,8 @@ class NamePattern:
     parts: list[str]
     distinctive: list[bool]
     compact: str
+    units: list[str] = field(default_factory=list)  # the parts a space separates ("Ben-David" is one)
+    unit_distinctive: list[bool] = field(default_factory=list)
 
 
 @dataclass
@@ -191,7 +194,8 @@ class AnchorHit:
     """The best anchor of one request in one prompt."""
 
     score: float
-    kind: str  # name | name_typo | name_typo2 | name_initials | name_hidden | name_parts | title | date | name_part
+    # name | name_typo | name_typo2 | name_initials | name_script | name_hidden | name_parts | title | date | name_part
+    kind: str
     spans: list[tuple[int, int]] = field(default_factory=list)
     entity: str = ""
 
@@ -202,7 +206,9 @@ def compile_name(entity: str, common: frozenset[str]) -> NamePattern | None:
     if not parts:
         return None
     distinctive = [len(p) >= 4 and p.isalpha() and p not in STOPWORDS and p not in FUNCTION_WORDS for p in parts]
-    return NamePattern(entity, parts, distinctive, letters("".join(parts)))
+    units = [u for u in (fold_word(w) for w in entity.split()) if u]
+    unit_distinctive = [len(u) >= 4 and u.isalpha() and u not in STOPWORDS and u not in FUNCTION_WORDS for u in units]
+    return NamePattern(entity, parts, distinctive, letters("".join(parts)), units, unit_distinctive)
 
 
 @lru_cache(maxsize=1 << 16)
@@ -249,6 +255,7 @@ class AnchorIndex:
         self._by_date = OwnerIndex()
         self._by_birth_year = OwnerIndex()  # requests with a birthplace, by birth year
         self._by_compact = OwnerIndex()  # first 8 letters of a searched letters-only form -> requests
+        self._by_first_letter = OwnerIndex()  # a name's first letter -> requests (names written in Cyrillic)
 
     @property
     def request_ids(self) -> set[str]:
@@ -284,6 +291,7 @@ class AnchorIndex:
             (self._by_date, set(self._dates.get(request_id, set()))),
             (self._by_birth_year, {d[0] for d in self._dates.get(request_id, set())} if places else set()),
             (self._by_compact, {c[:COMPACT_MIN] for c in compacts}),  # every searched form is this long
+            (self._by_first_letter, {p.parts[0][:1] for p in names}),
         ]
 
     def hidden_forms(self, request_id: str) -> list[tuple[str, str]]:
@@ -324,7 +332,7 @@ class AnchorIndex:
     def remove(self, request_id: str) -> None:
         if request_id not in self._names:
             return
-        for index in (self._by_title_word, self._by_date, self._by_birth_year, self._by_compact):
+        for index in (self._by_title_word, self._by_date, self._by_birth_year, self._by_compact, self._by_first_letter):
             index.remove(request_id)
         self._names.pop(request_id)
         self._titles.pop(request_id, None)
@@ -359,6 +367,9 @@ class AnchorIndex:
                 _offer(best, request_id, hit)
         for request_id, hit in self._hidden_hits(compact_forms(text, text_views)):
             _offer(best, request_id, hit)
+        if CYRILLIC_WORD.search(text_views[0]):
+            for request_id, hit in self._script_hits(text_views[0]):
+                _offer(best, request_id, hit)
         for request_id, hit in best.items():
             if not hit.spans and request_id in as_written:
                 hit.spans = as_written[request_id].spans  # e.g. a title hit: the name as written still has spans
@@ -384,6 +395,25 @@ class AnchorIndex:
                 if years & born and any(_contains(folded, place, present) for place in places):
                     yield request_id, AnchorHit(NAME_SCORE, "birth")
 
+    def _script_hits(self, view: str) -> Iterator[tuple[str, AnchorHit]]:
+        """A whole name written in Cyrillic letters (`detectors.scripts`): every part read within one edit
+        (parts of four letters or fewer exactly), two edits in all, a distinctive part among them."""
+        pieces = [
+            (piece, m.start() + offset, m.start() + offset + len(piece))
+            for m in CYRILLIC_WORD.finditer(view)
+            for piece, offset in _pieces(m.group(0))
+        ]
+        for i, (piece, _, _) in enumerate(pieces):
+            if not piece[:1].isupper():  # a name starts with a capital
+                continue
+            starts = first_letters(piece)
+            for request_id in self._by_first_letter.owners(starts):
+                for pattern in self._names[request_id]:
+                    window = pieces[i : i + len(pattern.parts)]
+                    if pattern.parts[0][:1] in starts and _reads_as(view, window, pattern):
+                        span = [(window[0][1], window[-1][2])]
+                        yield request_id, AnchorHit(TYPO_SCORE, "name_script", span, pattern.entity)
+
     def _hidden_hits(self, compacts: list[str]) -> Iterator[tuple[str, AnchorHit]]:
         """Names and titles spread out with separators, digits or code words (the compact forms)."""
         # keyed by 8 letters, not 4: with a thousand requests most 4-letter windows started some name
@@ -407,15 +437,44 @@ class AnchorIndex:
                         if edit_distance(word, part, 1) <= 1:
                             candidates |= self._by_part.get(part, set())
         hits: dict[str, AnchorHit] = {}
+        words = _words(view, toks, folded) if candidates else []
+        units = _units(words, view)
         for request_id in candidates:
             for pattern in self._names.get(request_id, []):
-                for hit in _match_name(view, toks, folded, pattern, self.common):
+                for hit in _match_name(view, toks, folded, pattern, self.common) + _variants(words, units, pattern):
                     old = hits.get(request_id)
                     if old is None or hit.score > old.score:
                         hits[request_id] = hit
                     elif hit.score == old.score:
                         old.spans = merge_spans(old.spans + hit.spans)
         return hits
+
+
+def _pieces(word: str) -> list[tuple[str, int]]:
+    """A hyphenated word's pieces with their offsets in it."""
+    out, pos = [], 0
+    for piece in word.split("-"):
+        out.append((piece, pos))
+        pos += len(piece) + 1
+    return out
+
+
+def _reads_as(view: str, window: list[tuple[str, int, int]], pattern: NamePattern) -> bool:
+    """Whether consecutive Cyrillic pieces (one name: only spaces or a hyphen between) spell every part."""
+    if len(window) < len(pattern.parts) or not any(pattern.distinctive):
+        return False
+    if any(view[a[2] : b[1]].strip(" -") or b[1] - a[2] > 2 for a, b in zip(window, window[1:])):
+        return False
+    edits = 0
+    for (piece, _, _), part in zip(window, pattern.parts, strict=True):
+        allowed = 1 if len(part) >= 5 else 0
+        edits += script_edits(piece, part, allowed)
+        if edits > SCRIPT_EDITS or script_edits(piece, part, allowed) > allowed:
+            return False
+    return True
+
+
+SCRIPT_EDITS = 2  # in all, over a name written in Cyrillic
 
 
 def _deletes(word: str) -> set[str]:
@@ -474,45 +533,81 @@ def _match_name(
             elif edits == 0:
                 out.append(AnchorHit(PART_SCORE, "name_part", span, pattern.entity))
         i += n
-    return out + _variant_hits(view, toks, folded, pattern)
+    return out
+
+
+def _variants(words: list[_Word], units: list[_Word], pattern: NamePattern) -> list[AnchorHit]:
+    """`_variant_hits` on the prompt's words, and on its hyphen-joined units where either side has one."""
+    out = _variant_hits(words, pattern.parts, pattern.distinctive, pattern.entity)
+    if len(units) < len(words) or len(pattern.units) < len(pattern.parts):
+        out += _variant_hits(units, pattern.units, pattern.unit_distinctive, pattern.entity)
+    return out
 
 
 VARIANT_EDITS = 2  # one part of a name spelled this far off, every other part as written
 VARIANT_MAX_ZIPF = 2.5  # a variant that is itself a known word or name (James for Jaime) is someone else
+PARTICLES = frozenset({"al", "el", "de", "van", "von", "der", "da", "di", "bin", "ibn", "le", "la", "du"})
 
 
-def _variant_part(word: str, written: str, part: str, last: bool, dotted: bool) -> str | None:
+@dataclass
+class _Word:
+    """A prompt word (or hyphen-joined unit) as the name-variant rule reads it."""
+
+    folded: str
+    written: str  # its first token as written
+    start: int
+    end: int
+    dotted: bool  # a full stop right after it
+
+
+def _words(view: str, toks: list[tuple[str, int, int]], folded: list[str]) -> list[_Word]:
+    return [_Word(f, w, a, b, view[b : b + 1] == ".") for (w, a, b), f in zip(toks, folded, strict=True)]
+
+
+def _units(words: list[_Word], view: str) -> list[_Word]:
+    """Words joined by a bare hyphen as one ("Been-Davdi" -> "beendavdi"): the unit a misspelling of a
+    hyphenated name is judged on, as a whole."""
+    out: list[_Word] = []
+    for w in words:
+        if out and view[out[-1].end : w.start] == "-":
+            last = out[-1]
+            out[-1] = _Word(last.folded + w.folded, last.written, last.start, w.end, w.dotted)
+        else:
+            out.append(w)
+    return out
+
+
+def _variant_part(word: _Word, part: str, last: bool) -> str | None:
     """How a prompt word stands for one name part: "exact", "initial" ("B" for Basil; never the last part;
-    "A" and "I" only with a dot: "A Turing machine" is an article), "edits" (two letters off, same first
-    letter, five letters or more, not itself a known word), or None."""
-    if word == part:
+    "A" and "I" only with a dot: "A Turing machine" is an article; a lower-case particle only with a dot:
+    "v." for van), "edits" (two letters off, same first letter, five letters or more, not itself a known
+    word), or None."""
+    written = word.written
+    if word.folded == part:
         return "exact"
-    if not last and len(written) == 1 and written.isupper() and word == part[:1] and (dotted or written not in "AI"):
-        return "initial"
-    if len(part) >= 5 and word[:1] == part[:1] and edit_distance(word, part, VARIANT_EDITS) <= VARIANT_EDITS:
-        return "edits" if zipf(word) < VARIANT_MAX_ZIPF else None
+    if not last and len(written) == 1 and word.folded == part[:1]:
+        if (written.isupper() and (word.dotted or written not in "AI")) or (word.dotted and part in PARTICLES):
+            return "initial"
+    if len(part) >= 5 and word.folded[:1] == part[:1] and edit_distance(word.folded, part, VARIANT_EDITS) <= 2:
+        return "edits" if zipf(word.folded) < VARIANT_MAX_ZIPF else None
     return None
 
 
-def _variant_hits(
-    view: str, toks: list[tuple[str, int, int]], folded: list[str], pattern: NamePattern
-) -> list[AnchorHit]:
+def _variant_hits(words: list[_Word], parts: list[str], distinctive: list[bool], entity: str) -> list[AnchorHit]:
     """The whole name with its first parts as initials ("B. M. Al-Kuwaiti", "N. Abilov"), or with one part
     two letters off and every other part as written ("Niikolia Abilov"). A look-alike name changes two
-    parts, so it is not one of these; a distinctive part must be spelled out."""
-    n = len(pattern.parts)
+    parts, so it is not one of these; a distinctive part must be spelled out. Run on words and again on
+    hyphen-joined units, so "Been-Davdi" is one part two letters off, and "J. Hwang" stands for Ji-Yeong."""
+    n = len(parts)
     out = []
-    for i in range(len(toks) - n + 1):
-        dotted = [view[toks[i + k][2] : toks[i + k][2] + 1] == "." for k in range(n)]
-        kinds = [
-            _variant_part(folded[i + k], toks[i + k][0], pattern.parts[k], k == n - 1, dotted[k]) for k in range(n)
-        ]
+    for i in range(len(words) - n + 1):
+        kinds = [_variant_part(words[i + k], parts[k], k == n - 1) for k in range(n)]
         if None in kinds or kinds.count("edits") > 1 or ("edits" in kinds and "initial" in kinds):
             continue
-        if kinds.count("exact") == n or not any(d and k == "exact" for d, k in zip(pattern.distinctive, kinds)):
+        if kinds.count("exact") == n or not any(d and k == "exact" for d, k in zip(distinctive, kinds)):
             continue
         kind = "name_initials" if "initial" in kinds else "name_typo2"
-        out.append(AnchorHit(TYPO_SCORE, kind, [(toks[i][1], toks[i + n - 1][2])], pattern.entity))
+        out.append(AnchorHit(TYPO_SCORE, kind, [(words[i].start, words[i + n - 1].end)], entity))
     return out
 
 
