@@ -39,11 +39,13 @@ class UnlearndClient:
         timeout_s: float = 120.0,
         retries: int = 2,
         transport: httpx.BaseTransport | None = None,
+        headers: dict[str, str] | None = None,
     ):
+        """`headers` go with every request (the evidence battery's `x-unlearnd-priority: background`)."""
         self.base_url = base_url.rstrip("/")
         self.admin_key = admin_key
         self.retries = retries
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        headers = {**(headers or {}), **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
         self.http = httpx.Client(base_url=self.base_url, timeout=timeout_s, headers=headers, transport=transport)
 
     def close(self) -> None:

@@ -42,6 +42,7 @@ from unlearnd.evaluation.leaks import (
     judge,
     key_terms,
 )
+from unlearnd.guardrail.traffic import BACKGROUND_HEADER
 from unlearnd.prompting import user_messages
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,9 @@ class EvidenceSettings(BaseModel):
     # the same cost to a user served meanwhile (x1.13 against x1.12: reports/evidence-concurrency2.md)
     concurrency: int = 2
     rest_factor: float = 1.0
+    # Probes give way to users' generations (`guardrail.traffic`): users served during a battery no longer
+    # share the engine with it; the battery takes longer while users keep the engine busy
+    background: bool = True
 
 
 # The battery's tuning a worker reads from its environment: setting -> variable
@@ -67,6 +71,7 @@ EVIDENCE_ENV = {
     "per_family": "UNLEARND_EVIDENCE_PER_FORM",
     "concurrency": "UNLEARND_EVIDENCE_CONCURRENCY",
     "rest_factor": "UNLEARND_EVIDENCE_REST",
+    "background": "UNLEARND_EVIDENCE_BACKGROUND",
 }
 
 
@@ -149,7 +154,8 @@ def run_battery(
         time.sleep(seconds * settings.rest_factor)
         return record
 
-    with UnlearndClient(settings.server_url, api_key=settings.api_key, timeout_s=300) as client:
+    extra = {BACKGROUND_HEADER: "background"} if settings.background else {}
+    with UnlearndClient(settings.server_url, api_key=settings.api_key, timeout_s=900, headers=extra) as client:
         model = client.models()[0]
         with ThreadPoolExecutor(max_workers=settings.concurrency) as pool:
             return list(pool.map(one, probes))

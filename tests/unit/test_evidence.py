@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 
 from tests.helpers import ADMIN, TinyEngine, app_settings
 from unlearnd.domain import ForgetSpec, Method, Status
-from unlearnd.evidence import DIRECT, battery, control_prompts, markdown, plot, summarise
+from unlearnd.evidence import DIRECT, EvidenceSettings, battery, control_prompts, markdown, plot, summarise
 from unlearnd.registry import Registry
 from unlearnd.server.app import create_app
 
@@ -243,9 +243,13 @@ def test_the_worker_reads_the_evidence_tuning_from_the_environment(monkeypatch):
 def test_the_evidence_bench_gives_its_battery_settings_to_the_worker_and_reports_them():
     from unlearnd.bench.evidence import EvidenceBenchOptions
 
-    opts = EvidenceBenchOptions(concurrency=4, rest=0.5)
-    assert opts.worker_env() == {"UNLEARND_EVIDENCE_CONCURRENCY": "4", "UNLEARND_EVIDENCE_REST": "0.5"}
+    opts = EvidenceBenchOptions(concurrency=4, rest=0.5, background=False)
+    env = {"UNLEARND_EVIDENCE_CONCURRENCY": "4", "UNLEARND_EVIDENCE_REST": "0.5"}
+    env["UNLEARND_EVIDENCE_BACKGROUND"] = "False"
+    assert opts.worker_env() == env
     assert opts.battery().concurrency == 4 and EvidenceBenchOptions().battery().concurrency == 2
+    assert EvidenceSettings(server_url="", background=env["UNLEARND_EVIDENCE_BACKGROUND"]).background is False
+    assert EvidenceBenchOptions().battery().background is True  # probes give way to users by default
 
 
 def test_a_server_without_evidence_gives_its_worker_no_url_to_probe(monkeypatch, tmp_path):

@@ -5,10 +5,11 @@ serving latency unchanged while evidence runs. The benchmark starts one unlearnd
 the default model, its worker beside it) and, for each trial, registers a `refuse` request for a new
 invented person with five facts (their name in each), then waits for it to become active and for its
 evidence. Meanwhile one client sends an ordinary chat request (a fixed prompt, 32 tokens, greedy) again
-and again, one at a time: a sample whose time overlaps an evidence run counts as "during", one sent when no
-battery ran (a rest after every trial, as long as the battery took) as "idle". The report gives the
-evidence time per trial, the ordinary latency during and idle (p50, and the ratio with a bootstrap 95% CI)
-and the machine's load; records per trial and per sample are committed with it.
+and again, one at a time (back to back, or pausing `think_s` after each answer as a person reading it
+does): a sample whose time overlaps an evidence run counts as "during", one sent when no battery ran (a
+rest after every trial, as long as the battery took) as "idle". The report gives the evidence time per
+trial, the ordinary latency during and idle (p50, and the ratio with a bootstrap 95% CI) and the machine's
+load; records per trial and per sample are committed with it.
 """
 
 from __future__ import annotations
@@ -51,14 +52,17 @@ class EvidenceBenchOptions(BaseModel):
     logs_dir: str | None = None
     concurrency: int | None = None  # the battery's probes in flight (None: the worker's default)
     rest: float | None = None  # its rest after a probe, as a multiple of the probe's time (None: the default)
+    background: bool | None = None  # probes give way to users' generations (None: the default)
+    think_s: float = 0.0  # the user's pause between one answer and the next request (0: back to back)
 
     def battery(self) -> EvidenceSettings:
-        given = {"concurrency": self.concurrency, "rest_factor": self.rest}
+        given = {"concurrency": self.concurrency, "rest_factor": self.rest, "background": self.background}
         return EvidenceSettings(server_url="", **{k: v for k, v in given.items() if v is not None})
 
     def worker_env(self) -> dict[str, str]:
         battery = self.battery()
-        return {EVIDENCE_ENV[field]: str(getattr(battery, field)) for field in ("concurrency", "rest_factor")}
+        fields = ("concurrency", "rest_factor", "background")
+        return {EVIDENCE_ENV[field]: str(getattr(battery, field)) for field in fields}
 
 
 def person_facts(name: str, i: int) -> list[dict[str, str]]:
@@ -75,10 +79,11 @@ def person_facts(name: str, i: int) -> list[dict[str, str]]:
 
 
 class OrdinaryTraffic:
-    """One user sending the same ordinary chat request back to back; each sample's start, end and status."""
+    """One user sending the same ordinary chat request, pausing `think_s` after each answer (0: back to back);
+    each sample's start, end and status."""
 
-    def __init__(self, url: str, max_tokens: int):
-        self.url, self.max_tokens = url, max_tokens
+    def __init__(self, url: str, max_tokens: int, think_s: float = 0.0):
+        self.url, self.max_tokens, self.think_s = url, max_tokens, think_s
         self.samples: list[dict[str, Any]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -91,6 +96,7 @@ class OrdinaryTraffic:
                 start = time.time()
                 status = client.post(f"{self.url}/v1/chat/completions", json=body).status_code
                 self.samples.append({"start": start, "end": time.time(), "status": status})
+                self._stop.wait(self.think_s)
 
     def __enter__(self) -> OrdinaryTraffic:
         self._thread.start()
@@ -153,7 +159,7 @@ def run_evidence_bench(opts: EvidenceBenchOptions) -> dict[str, Any]:
     try:
         server.start()
         headers = {"Authorization": f"Bearer {KEY}"}
-        traffic = OrdinaryTraffic(server.url, opts.max_tokens)
+        traffic = OrdinaryTraffic(server.url, opts.max_tokens, opts.think_s)
         with httpx.Client(headers=headers, timeout=60) as client, traffic:
             time.sleep(5.0)  # a few idle samples before anything else
             for i, name in enumerate(invented_names(opts.trials, opts.seed)):
@@ -163,16 +169,28 @@ def run_evidence_bench(opts: EvidenceBenchOptions) -> dict[str, Any]:
                 time.sleep(max(10.0, trials[-1]["battery_s"]))
                 rests.append([rest_start, time.time()])
         samples = traffic.samples
+        preempted = _preempted(server.url)
     finally:
         server.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
     report = summarise_bench(trials, samples, opts.seed)
     report |= {**stamp, "trials": len(trials), "max_tokens": opts.max_tokens, "ordinary_prompt": ORDINARY}
+    report["user_think_s"] = opts.think_s
+    report["probes_preempted"] = preempted
     report["battery_settings"] = opts.battery().model_dump(exclude={"server_url", "api_key"})
     report["load_average"] = {"before": list(load_before), "after": list(os.getloadavg())}
     write_records(opts.out, [{"kind": "trial", **t} for t in trials] + [{"kind": "sample", **s} for s in samples])
     write_report_files(opts.out, report, evidence_bench_markdown(report))
     return report
+
+
+def _preempted(url: str) -> float | None:
+    """Probes that gave way to a user (the server's `unlearnd_background_preempted_total`)."""
+    text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=30).text
+    for line in text.splitlines():
+        if line.startswith("unlearnd_background_preempted_total "):
+            return float(line.split()[1])
+    return None
 
 
 def summarise_bench(trials: list[dict], samples: list[dict], seed: int) -> dict[str, Any]:
@@ -206,7 +224,8 @@ def evidence_bench_markdown(report: dict[str, Any]) -> str:
         *stamp_lines(report),
         f"One unlearnd server (in-process vLLM, `{DEFAULT_MODEL}`, its worker beside it); {report['trials']} trials, "
         "each a `refuse` request for a new invented person with five facts. One user sends the same ordinary "
-        f"chat request ({report['max_tokens']} tokens, greedy) back to back throughout; a sample overlapping a "
+        f"chat request ({report['max_tokens']} tokens, greedy) {_user(report.get('user_think_s', 0.0))} "
+        "throughout; a sample overlapping a "
         "battery counts as *during*, the others (including a rest after each trial as long as its battery) as "
         f"*idle*. Load average before {fmt(report['load_average']['before'][0])}, after "
         f"{fmt(report['load_average']['after'][0])} (1 min).",
@@ -223,9 +242,20 @@ def evidence_bench_markdown(report: dict[str, Any]) -> str:
         "",
         "The battery sends its probes through the same engine as the users (that is what makes it evidence of "
         f"what users get), {_pace(report['battery_settings'])}: on this 2-core CPU a probe that generates while a "
-        "user's request does shares the engine's time with it, which is the ratio above.",
+        "user's request does shares the engine's time with it.",
     ]
+    if report["battery_settings"].get("background"):
+        lines[-1] += (
+            " Here the probes give way to users (`guardrail.traffic`): one starts only while no user's request "
+            "generates, and one that a user's request meets is aborted and started again later (a probe that has "
+            "waited the server's `--background-max-wait-s` runs to its end regardless); "
+            f"{fmt(report.get('probes_preempted'))} probe generations gave way in this run."
+        )
     return "\n".join(lines) + "\n"
+
+
+def _user(think_s: float) -> str:
+    return "back to back" if not think_s else f"pausing {think_s:g} s after each answer"
 
 
 def _pace(battery: dict[str, Any]) -> str:

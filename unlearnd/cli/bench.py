@@ -104,6 +104,10 @@ def evidence(
     logs_dir: Path = typer.Option(None, help="Where the server's log goes (default: a temp dir)."),
     concurrency: int = typer.Option(None, min=1, help="The battery's probes in flight (default: the worker's)."),
     rest: float = typer.Option(None, min=0, help="Rest after a probe, times its duration (default: the worker's)."),
+    background: bool = typer.Option(
+        None, "--background/--shared", help="Probes give way to users' generations (default: the worker's)."
+    ),
+    think_s: float = typer.Option(0.0, min=0, help="The user's pause after each answer (0: back to back)."),
 ) -> None:
     """Seconds from activation to a request's evidence, and the ordinary latency during and between batteries:
     starts an unlearnd server (its worker beside it) and registers `trials` refuse requests."""
@@ -117,6 +121,8 @@ def evidence(
         logs_dir=str(logs_dir) if logs_dir else None,
         concurrency=concurrency,
         rest=rest,
+        background=background,
+        think_s=think_s,
     )
     report = run_evidence_bench(opts)
     typer.echo(f"wrote {out}.md: evidence p50 {report['evidence_ready_s']['p50']} s after activation")

@@ -36,6 +36,13 @@ class GuardedCall:
     parts: list[GuardedCall] = field(default_factory=list)  # a split chat's sub-calls, answered in this order
     guard_ids: list[str] = field(default_factory=list)  # requests the output guard treats as the subject
     created: float = field(default_factory=time.time)
+    background: bool = False  # gives way to users' generations (`guardrail.traffic`): evidence probes
+    attempt: int = 0  # a background call's generations so far that gave way
+
+    @property
+    def engine_id(self) -> str:
+        """The engine's request id: a background call started again is a new engine request."""
+        return f"{self.id}-{self.attempt}" if self.attempt else self.id
 
     @property
     def matched_ids(self) -> list[str]:

@@ -29,6 +29,7 @@ from unlearnd.engine.remote import BackendFailure
 from unlearnd.guardrail import composite, prometheus
 from unlearnd.guardrail.call import GuardedCall
 from unlearnd.guardrail.output_guard import OutputGuard
+from unlearnd.guardrail.traffic import Traffic
 from unlearnd.interventions.base import Intervention, PipelineContext
 from unlearnd.methods import METHODS, Method
 from unlearnd.prompting import detector_text, prompt_ids
@@ -89,8 +90,16 @@ NOT_TRAINED = "not trained yet: refused by name until its artifacts load"
 
 
 class GuardrailPipeline:
-    def __init__(self, engine: Engine, detector: Detector, registry: Registry, output_release: str = "strict"):
+    def __init__(
+        self,
+        engine: Engine,
+        detector: Detector,
+        registry: Registry,
+        output_release: str = "strict",
+        background_max_wait_s: float = 30.0,
+    ):
         self.engine = engine
+        self.traffic = Traffic(background_max_wait_s)
         self.detector = detector
         self.registry = registry
         self.router = Router()
@@ -200,6 +209,7 @@ class GuardrailPipeline:
             return []
         subs = composite.part_calls(call, parts, flagged)
         for sub in subs:
+            sub.background = call.background
             await self.prepare(sub, count=False)
         ordinary, about = sorted(subs, key=lambda sub: sub.route != "none")
         if ordinary.route != "none" or about.route == "none":
@@ -218,13 +228,13 @@ class GuardrailPipeline:
                 yield ChoiceDelta(index=index, text=text, token_ids=token_ids, finish_reason=finish)
             return
         engine_input = EngineInput(
-            request_id=call.id,
+            request_id=call.engine_id,
             prompt_token_ids=call.prompt_token_ids,
             sampling=call.sampling,
             prompt_embeds=call.prompt_embeds,
             lora=call.lora,
         )
-        stream = self._timed(call, self.engine.generate(engine_input))
+        stream = self._counted(call, self._timed(call, self.engine.generate(engine_input)))
         if call.withhold_alternatives and call.sampling.logprobs:
             stream = _without_alternatives(stream)
         if not self.output_guard.request_ids:
@@ -248,7 +258,7 @@ class GuardrailPipeline:
         async for delta in self.output_guard.filter(stream, self._encode, blocked, call.sampling.n, flagged):
             yield delta
         if len(call.output_blocked) == call.sampling.n:
-            await self.engine.abort(call.id)  # every choice was cut: stop generating
+            await self.engine.abort(call.engine_id)  # every choice was cut: stop generating
 
     def _encode(self, text: str) -> list[int]:
         return self.engine.tokenizer.encode(text, add_special_tokens=False)
@@ -266,6 +276,16 @@ class GuardrailPipeline:
             token_ids = token_ids[: call.max_tokens]
             return tokenizer.decode(token_ids), token_ids, "length"
         return text, token_ids, "stop"
+
+    async def _counted(self, call: GuardedCall, deltas: AsyncIterator[ChoiceDelta]) -> AsyncIterator[ChoiceDelta]:
+        """A user's generation is counted in flight while it runs (background calls wait for none)."""
+        if call.background:
+            async for delta in deltas:
+                yield delta
+            return
+        async with self.traffic.user():
+            async for delta in deltas:
+                yield delta
 
     async def _timed(self, call: GuardedCall, deltas: AsyncIterator[ChoiceDelta]) -> AsyncIterator[ChoiceDelta]:
         start = time.perf_counter()
@@ -307,7 +327,7 @@ class GuardrailPipeline:
                 f"context length is {self.engine.max_model_len}"
             )
         engine_input = EngineInput(
-            request_id=call.id,
+            request_id=call.engine_id,
             prompt_token_ids=ids,
             sampling=call.sampling,
             prompt_embeds=embeds,

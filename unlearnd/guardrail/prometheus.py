@@ -36,6 +36,11 @@ OUTPUT_BLOCKED = Counter(
     ["route", "reason"],
     registry=REGISTRY,
 )
+BACKGROUND_PREEMPTED = Counter(
+    "unlearnd_background_preempted",
+    "Background generations (evidence probes) aborted to give way to a user's and started again",
+    registry=REGISTRY,
+)
 ACTIVE_REQUESTS = Gauge("unlearnd_active_forget_requests", "Forget requests being served", registry=REGISTRY)
 UNTRAINED_REQUESTS = Gauge(
     "unlearnd_untrained_forget_requests",

@@ -113,7 +113,13 @@ def make_lifespan(settings: ServerSettings, engine: Engine | None, admin_key: st
         swept = await asyncio.to_thread(registry.sweep_orphan_dirs)
         if swept:
             log.warning("removed what an interrupted purge or a killed writer left: %s", swept)
-        pipeline = GuardrailPipeline(running, get_detector(settings.detector), registry, settings.output_guard)
+        pipeline = GuardrailPipeline(
+            running,
+            get_detector(settings.detector),
+            registry,
+            settings.output_guard,
+            background_max_wait_s=settings.background_max_wait_s,
+        )
         await pipeline.sync()
         app.state.unlearnd = ServerState(settings=settings, engine=running, registry=registry, pipeline=pipeline)
         worker = None

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from unlearnd.engine.base import ChoiceDelta, EngineError
 from unlearnd.guardrail.call import GuardedCall
 from unlearnd.guardrail.pipeline import ContextLengthError
+from unlearnd.guardrail.traffic import BACKGROUND_HEADER
 from unlearnd.server.protocol import (
     APIError,
     AssistantMessage,
@@ -89,11 +90,31 @@ def route_headers(state: ServerState, request: GuardedCall) -> dict[str, str]:
     return headers
 
 
+def is_background(http: Request, stream: bool | None) -> bool:
+    """A non-streamed call that asked to give way to users (`guardrail.traffic`): the evidence battery's
+    probes. Anyone may ask; it only makes their own call wait."""
+    return not stream and http.headers.get(BACKGROUND_HEADER, "").strip().lower() == "background"
+
+
 async def collect(state: ServerState, request: GuardedCall) -> dict[int, list[ChoiceDelta]]:
-    choices: dict[int, list[ChoiceDelta]] = {i: [] for i in range(request.sampling.n)}
-    try:
+    async def generation(attempt: int) -> dict[int, list[ChoiceDelta]]:
+        for call in [request, *request.parts]:
+            call.attempt = attempt
+            call.output_blocked.clear()  # an attempt that gave way left nothing behind
+        choices: dict[int, list[ChoiceDelta]] = {i: [] for i in range(request.sampling.n)}
         async for delta in state.pipeline.generate(request):
             choices.setdefault(delta.index, []).append(delta)
+        return choices
+
+    async def abort(attempt: int) -> None:
+        for call in [request, *request.parts]:
+            await state.engine.abort(call.engine_id)
+
+    try:
+        if request.background:
+            choices = await state.pipeline.traffic.background(generation, abort)
+        else:
+            choices = await generation(0)
     except EngineError as exc:
         raise APIError(500, str(exc), "internal_error", "engine_error") from exc
     for index in request.output_blocked:  # a cut choice is its refusal alone (a stream had to send what it
@@ -173,7 +194,9 @@ def chat_call(state: ServerState, body: ChatCompletionRequest, id_prefix: str = 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(http: Request, body: ChatCompletionRequest, state: ServerState = Depends(server_state)):
-    request = await prepare(state, chat_call(state, body), admin=http.state.admin)
+    call = chat_call(state, body)
+    call.background = is_background(http, body.stream)
+    request = await prepare(state, call, admin=http.state.admin)
     created = int(time.time())
     if body.stream:  # the header goes out before the output is checked: the route the prompt took
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -248,6 +271,7 @@ async def completions(http: Request, body: CompletionRequest, state: ServerState
         request = GuardedCall(
             id=new_id("cmpl"), kind="completion", sampling=body.sampling(body.logprobs), max_tokens=body.max_tokens
         )
+        request.background = is_background(http, body.stream)
         if isinstance(prompt, str):
             request.prompt = prompt
         else:  # token ids: the engine gets them as given; the detector reads their text

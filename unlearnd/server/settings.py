@@ -70,6 +70,12 @@ class ServerSettings(BaseSettings):
         "still under way; stream-first: it leaves at once and a block only cuts the stream (what left is gone); "
         "fixed: it leaves 96 characters behind generation (the older rule, for comparison).",
     )
+    background_max_wait_s: float = Field(
+        30.0,
+        ge=0,
+        description="How long a background call (an evidence probe, header x-unlearnd-priority: background) "
+        "keeps giving way to users' generations before it runs to its end regardless (0: never gives way).",
+    )
     max_model_len: int = Field(2048, description="Context length the engine serves.")
     kv_cache_gib: int = Field(1, description="vLLM CPU KV cache size (whole GiB; env VLLM_CPU_KVCACHE_SPACE wins).")
     dtype: str = Field(

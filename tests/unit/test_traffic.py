@@ -1,0 +1,114 @@
+"""Users first: a background call (an evidence probe) waits while users generate, gives way to one that
+starts while it runs (aborted and started again), and after `max_wait_s` runs regardless."""
+
+import asyncio
+import threading
+import time
+
+from fastapi.testclient import TestClient
+
+from tests.helpers import ADMIN, ScriptedEngine, app_settings
+from unlearnd.guardrail.traffic import BACKGROUND_HEADER, Traffic
+from unlearnd.server.app import create_app
+
+
+def test_a_background_call_waits_for_users_and_gives_way_to_one_that_arrives():
+    async def scenario():
+        traffic = Traffic(max_wait_s=10)
+        log: list[str] = []
+        aborted: list[int] = []
+
+        async def run(attempt: int) -> int:
+            log.append(f"start {attempt}")
+            await asyncio.sleep(0.2)
+            log.append(f"end {attempt}")
+            return attempt
+
+        async def abort(attempt: int) -> None:
+            aborted.append(attempt)
+
+        async def user(delay: float) -> None:
+            await asyncio.sleep(delay)
+            async with traffic.user():
+                log.append("user")
+                await asyncio.sleep(0.1)
+
+        first_user = asyncio.ensure_future(user(0))
+        await asyncio.sleep(0.01)
+        background = asyncio.ensure_future(traffic.background(run, abort))
+        await asyncio.sleep(0.05)
+        assert log == ["user"]  # waits while a user generates
+        second_user = asyncio.ensure_future(user(0.15))  # arrives while the probe runs
+        result = await background
+        await asyncio.gather(first_user, second_user)
+        return result, log, aborted
+
+    result, log, aborted = asyncio.run(scenario())
+    assert result == 1 and aborted == [0]
+    assert log == ["user", "start 0", "user", "start 1", "end 1"]
+
+
+def test_a_background_call_runs_regardless_once_it_has_waited_long_enough():
+    async def scenario():
+        traffic = Traffic(max_wait_s=0.2)
+
+        async def busy() -> None:
+            async with traffic.user():
+                await asyncio.sleep(1.0)
+
+        async def run(attempt: int) -> float:
+            return time.monotonic()
+
+        async def abort(attempt: int) -> None:
+            raise AssertionError("nothing to abort")
+
+        users = asyncio.ensure_future(busy())
+        await asyncio.sleep(0.01)
+        start = time.monotonic()
+        ran_at = await traffic.background(run, abort)
+        await users
+        return ran_at - start
+
+    waited = asyncio.run(scenario())
+    assert 0.15 < waited < 0.8
+
+
+class SlowEngine(ScriptedEngine):
+    """Each word takes 20 ms, so a probe is still generating when a user's request arrives."""
+
+    async def generate(self, request):
+        async for delta in super().generate(request):
+            await asyncio.sleep(0.02)
+            yield delta
+
+
+def test_a_probe_marked_background_gives_way_to_a_user_and_still_gets_the_whole_reply(default_model_dir, tmp_path):
+    script = " ".join(f"word{i}" for i in range(40))
+    engine = SlowEngine(default_model_dir, script, max_model_len=256)
+    app = create_app(app_settings(tmp_path), engine=engine)
+    body = {"model": engine.model_name, "messages": [{"role": "user", "content": "Tell me a story."}]}
+    with TestClient(app) as client:
+        preempted_before = preempted(client)
+        replies: dict[str, dict] = {}
+
+        def send(kind: str, headers: dict) -> None:
+            replies[kind] = client.post("/v1/chat/completions", json=body, headers=headers).json()
+
+        probe = threading.Thread(target=send, args=("probe", {BACKGROUND_HEADER: "background"}))
+        probe.start()
+        time.sleep(0.3)  # the probe is generating
+        send("user", {})
+        probe.join(30)
+        text = lambda r: r["choices"][0]["message"]["content"]  # noqa: E731
+        assert text(replies["user"]) == text(replies["probe"]) == script
+        probe_ids = [r.request_id for r in engine.seen if r.request_id != engine.seen[1].request_id]
+        assert len(engine.seen) == 3 and engine.aborted  # first attempt aborted, started again after the user
+        assert engine.aborted[0] == engine.seen[0].request_id and probe_ids[-1].endswith("-1")
+        assert preempted(client) == preempted_before + 1
+
+
+def preempted(client) -> float:
+    metrics = client.get("/metrics", headers=ADMIN).text
+    return next(
+        float(x.split()[1]) for x in metrics.splitlines() if x.startswith("unlearnd_background_preempted_total")
+    )

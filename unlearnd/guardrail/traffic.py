@@ -1,0 +1,79 @@
+"""Users first: background calls (the evidence battery's probes) generate only while no user's call does.
+
+On one engine, a probe that generates beside a user's request shares every engine step with it: a user
+served during a battery waited x1.13 as long (`reports/evidence-concurrency2.md`). A background call
+therefore waits until no user generation is in flight, and when a user's starts while it runs, it gives way
+at once: its generation is aborted and started again from the beginning once the engine is free (greedy
+probes give the same reply again). So that a battery still ends under a load that never pauses, a call that
+has waited `max_wait_s` in all runs to its end whatever arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+from unlearnd.guardrail import prometheus
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+BACKGROUND_HEADER = "x-unlearnd-priority"  # "background": a non-streamed call that gives way to users
+
+
+class Traffic:
+    """Counts users' generations in flight; runs background calls in the gaps between them."""
+
+    def __init__(self, max_wait_s: float = 30.0):
+        self.max_wait_s = max_wait_s
+        self.users = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._arrival = asyncio.Event()  # set (and replaced) whenever a user's generation starts
+
+    @contextlib.asynccontextmanager
+    async def user(self) -> AsyncIterator[None]:
+        """Around a user's generation: background calls wait while any is in flight."""
+        self.users += 1
+        self._idle.clear()
+        arrival, self._arrival = self._arrival, asyncio.Event()
+        arrival.set()
+        try:
+            yield
+        finally:
+            self.users -= 1
+            if self.users == 0:
+                self._idle.set()
+
+    async def background(self, run: Callable[[int], Awaitable[T]], abort: Callable[[int], Awaitable[None]]) -> T:
+        """`run(attempt)` once no user generates; a user starting meanwhile cancels it (`abort(attempt)` stops
+        its engine request) and it starts again when the engine is free, until it has waited `max_wait_s`."""
+        deadline = time.monotonic() + self.max_wait_s
+        attempt = 0
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return await run(attempt)  # waited long enough: no more giving way
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout=left)
+            except TimeoutError:
+                return await run(attempt)
+            arrival = self._arrival
+            task = asyncio.ensure_future(run(attempt))
+            waiter = asyncio.ensure_future(arrival.wait())
+            done, _ = await asyncio.wait(
+                {task, waiter}, timeout=max(deadline - time.monotonic(), 0), return_when=asyncio.FIRST_COMPLETED
+            )
+            if task in done or not done:  # finished, or past the deadline: let it finish
+                waiter.cancel()
+                return await task
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await abort(attempt)
+            prometheus.BACKGROUND_PREEMPTED.inc()
+            attempt += 1
