@@ -57,12 +57,12 @@ class EvidenceSettings(BaseModel):
     per_family: int = 8  # probes per form (3 missed a 6% leak rate on the TOFU target: reports/leaks-evidence.md)
     controls: int = 8
     max_new_tokens: int = 64  # as `unlearnd eval leaks`: the same probe gets the same reply in both
-    # Two probes in flight, each then resting as long as it took: ready in ~70 s rather than ~155 s at one, for
-    # the same cost to a user served meanwhile (x1.13 against x1.12: reports/evidence-concurrency2.md)
+    # Two probes in flight; each gives way to users' generations (`guardrail.traffic`), so users served during
+    # a battery no longer share the engine with it, and a probe needs no rest after it (`rest_factor`, as a
+    # multiple of its time, is for `background=False`, where probes share the engine: there 1 halved the
+    # battery's share; a user paid x1.13 with two in flight, reports/evidence-concurrency2.md)
     concurrency: int = 2
-    rest_factor: float = 1.0
-    # Probes give way to users' generations (`guardrail.traffic`): users served during a battery no longer
-    # share the engine with it; the battery takes longer while users keep the engine busy
+    rest_factor: float = 0.0
     background: bool = True
 
 

@@ -245,3 +245,25 @@ def test_score_endpoint_on_real_model(unlearnd_server, admin):
     right, wrong = score("The capital of France is Paris."), score("The capital of France is Berlin.")
     assert right["route"] == "none" and len(right["tokens"]) == len(right["token_logprobs"])
     assert sum(right["token_logprobs"]) > sum(wrong["token_logprobs"]) + 2.0
+
+
+def test_a_background_call_gives_way_to_a_user_and_still_gets_the_same_reply(unlearnd_server):
+    """The evidence battery's probes (`x-unlearnd-priority: background`) on the real engine: a user's request
+    that arrives while one generates aborts it; it is started again afterwards and says what it would have."""
+    import time
+
+    from unlearnd.guardrail.traffic import BACKGROUND_HEADER
+
+    url = f"{unlearnd_server.url}/v1/chat/completions"
+    prompt = [{"role": "user", "content": "Count from one to fifty in words, one per line."}]
+    body = {"model": MODEL, "messages": prompt, "max_tokens": 160, "temperature": 0, "ignore_eos": True}
+    plain = httpx.post(url, json=body, timeout=300).json()["choices"][0]["message"]["content"]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        probe = pool.submit(httpx.post, url, json=body, headers={BACKGROUND_HEADER: "background"}, timeout=600)
+        time.sleep(1.5)  # 160 tokens take several seconds here: the probe is generating
+        short = {"model": MODEL, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 8}
+        user = httpx.post(url, json=short, timeout=300)
+        background = probe.result()
+    assert user.status_code == 200 and "x-unlearnd-gave-way" not in user.headers
+    assert background.status_code == 200 and int(background.headers["x-unlearnd-gave-way"]) >= 1
+    assert background.json()["choices"][0]["message"]["content"] == plain

@@ -91,8 +91,11 @@ def test_a_probe_marked_background_gives_way_to_a_user_and_still_gets_the_whole_
         preempted_before = preempted(client)
         replies: dict[str, dict] = {}
 
+        gave_way: dict[str, str | None] = {}
+
         def send(kind: str, headers: dict) -> None:
-            replies[kind] = client.post("/v1/chat/completions", json=body, headers=headers).json()
+            response = client.post("/v1/chat/completions", json=body, headers=headers)
+            replies[kind], gave_way[kind] = response.json(), response.headers.get("x-unlearnd-gave-way")
 
         probe = threading.Thread(target=send, args=("probe", {BACKGROUND_HEADER: "background"}))
         probe.start()
@@ -105,6 +108,7 @@ def test_a_probe_marked_background_gives_way_to_a_user_and_still_gets_the_whole_
         assert len(engine.seen) == 3 and engine.aborted  # first attempt aborted, started again after the user
         assert engine.aborted[0] == engine.seen[0].request_id and probe_ids[-1].endswith("-1")
         assert preempted(client) == preempted_before + 1
+        assert gave_way == {"probe": "1", "user": None}
 
 
 def preempted(client) -> float:

@@ -96,7 +96,7 @@ class GuardrailPipeline:
         detector: Detector,
         registry: Registry,
         output_release: str = "strict",
-        background_max_wait_s: float = 30.0,
+        background_max_wait_s: float = 10.0,
     ):
         self.engine = engine
         self.traffic = Traffic(background_max_wait_s)

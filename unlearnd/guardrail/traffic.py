@@ -28,7 +28,7 @@ BACKGROUND_HEADER = "x-unlearnd-priority"  # "background": a non-streamed call t
 class Traffic:
     """Counts users' generations in flight; runs background calls in the gaps between them."""
 
-    def __init__(self, max_wait_s: float = 30.0):
+    def __init__(self, max_wait_s: float = 10.0):
         self.max_wait_s = max_wait_s
         self.users = 0
         self._idle = asyncio.Event()

@@ -79,6 +79,8 @@ def route_headers(state: ServerState, request: GuardedCall) -> dict[str, str]:
     headers = {"x-unlearnd-route": request.served_route}
     if request.parts:  # a composite prompt: its ordinary parts were answered by the untouched model
         headers["x-unlearnd-split"] = "true"
+    if request.background:  # how often it was aborted to give way to a user's generation
+        headers["x-unlearnd-gave-way"] = str(request.attempt)
     if not state.settings.expose_request_ids:
         return headers
     if request.output_blocked:

@@ -71,7 +71,7 @@ class ServerSettings(BaseSettings):
         "fixed: it leaves 96 characters behind generation (the older rule, for comparison).",
     )
     background_max_wait_s: float = Field(
-        30.0,
+        10.0,
         ge=0,
         description="How long a background call (an evidence probe, header x-unlearnd-priority: background) "
         "keeps giving way to users' generations before it runs to its end regardless (0: never gives way).",
