@@ -267,3 +267,39 @@ def test_a_background_call_gives_way_to_a_user_and_still_gets_the_same_reply(unl
     assert user.status_code == 200 and "x-unlearnd-gave-way" not in user.headers
     assert background.status_code == 200 and int(background.headers["x-unlearnd-gave-way"]) >= 1
     assert background.json()["choices"][0]["message"]["content"] == plain
+
+
+def test_the_worker_asks_the_model_about_the_person_and_flags_a_description_by_what_it_said(unlearnd_server, admin):
+    """A request holds one fact and asks for elicitation (`options.elicit`; off by default): what the served
+    model says about the person when the worker asks it (`unlearnd.elicit`, through the server's API as the
+    admin, at background priority, as if the request did not exist yet) adds fact terms: a prompt that names
+    nobody and holds two of them, none of which the request gave, is flagged for it."""
+    from unlearnd.detectors.anchors import extract_anchors
+    from unlearnd.detectors.facts import RARE_ZIPF
+    from unlearnd.detectors.spans import zipf
+    from unlearnd.domain import ForgetSpec
+    from unlearnd.elicit import QUESTIONS, read_elicited
+
+    body = {
+        "name": "Marie Curie",
+        "method": "refuse",
+        "forget": [{"question": "What did Marie Curie discover?", "answer": "Marie Curie discovered radium."}],
+        "options": {"elicit": True},
+    }
+    created = httpx.post(unlearnd_server.url + "/v1/unlearning/requests", timeout=60, headers=admin, json=body).json()
+    record = wait_active(unlearnd_server.url, created["id"], timeout_s=300)
+    assert record["status"] == "active"
+    assert record["training"]["elicited"]["asked"] == len(QUESTIONS)
+    replies = read_elicited(unlearnd_server.data_dir / "requests" / created["id"])
+    assert len(replies) == record["training"]["elicited"]["kept"] >= len(QUESTIONS) - 1
+    spec = ForgetSpec(**body)
+    said = sorted(set(extract_anchors(spec, replies).facts) - set(extract_anchors(spec).facts))
+    rare = next(t for t in said if not t.isdigit() and zipf(t) < RARE_ZIPF)
+    other = next(t for t in said if t[:6] != rare[:6])
+    prompt = f"Which scientist is linked with {rare.title()} and {other.title()}?"
+    classified = httpx.post(
+        unlearnd_server.url + "/v1/unlearning/classify", json={"input": [prompt]}, headers=admin, timeout=60
+    ).json()["data"][0]
+    assert classified["route"] == "refuse", (prompt, said)
+    assert classified["matches"][0]["request_id"] == created["id"]
+    httpx.delete(f"{unlearnd_server.url}/v1/unlearning/requests/{created['id']}", headers=admin, timeout=60)

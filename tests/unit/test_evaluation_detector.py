@@ -69,3 +69,25 @@ def test_probe_records_say_whether_the_easy_cue_is_in_the_text():
     records = probe_records("one request per author", "guard", probes, ["Nikolai Abilov"])
     assert [r["named"] for r in records] == [True, False]
     assert records[0]["flagged_for"] == ["r"] and records[1]["text"].endswith("born?")
+
+
+def test_left_out_authors_are_not_probed_and_another_seed_draws_other_probes(tofu):
+    data = TofuData(tofu, allow_hub=False)
+    opts = DetectorEvalOptions(data=str(tofu), split="forget10", per_kind=2, exclude_authors=list(range(190, 200)))
+    forget, probes = build_probes(data, "forget10", opts)
+    assert [a.index for a in forget] == list(range(180, 190))
+    left_out = {a.name for a in build_probes(data, "forget05", DetectorEvalOptions(data=str(tofu)))[0]}
+    assert not {p.about for p in probes if p.positive} & left_out  # 190-199 neither probed nor other authors
+    again = build_probes(data, "forget10", opts.model_copy(update={"seed": 1}))[1]
+    assert [p.text for p in again] != [p.text for p in probes]
+    assert [p.text for p in build_probes(data, "forget10", opts)[1]] == [p.text for p in probes]
+
+
+def test_summary_states_the_share_of_probes_that_name_a_forget_author():
+    probes = [
+        Probe("plain", True, "A", user_messages("Where was Nikolai Abilov born?"), ["r"], 0.9),
+        Probe("plain", True, "A", user_messages("Where was the Kazakh author born?"), [], 0.1),
+        Probe("chat", False, "", user_messages("Write a haiku."), [], 0.0),
+    ]
+    kinds = summarise(probes, ["Nikolai Abilov"])["kinds"]
+    assert kinds["+ plain"]["named"] == 0.5 and kinds["- chat"]["named"] == 0.0

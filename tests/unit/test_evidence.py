@@ -252,11 +252,22 @@ def test_the_evidence_bench_gives_its_battery_settings_to_the_worker_and_reports
     assert EvidenceBenchOptions().battery().background is True  # probes give way to users by default
 
 
-def test_a_server_without_evidence_gives_its_worker_no_url_to_probe(monkeypatch, tmp_path):
-    from unlearnd.jobs.worker import worker_env
+def test_a_server_without_evidence_or_elicitation_has_its_worker_skip_them(monkeypatch, tmp_path):
+    from unlearnd.jobs.worker import elicit_settings, evidence_settings, worker_env
     from unlearnd.server.settings import ServerSettings
 
     monkeypatch.setenv("UNLEARND_SERVER_URL", "http://elsewhere:1")  # not inherited either
-    on = worker_env(ServerSettings(data_dir=tmp_path, port=8123))
-    assert on["UNLEARND_SERVER_URL"] == "http://127.0.0.1:8123"
-    assert "UNLEARND_SERVER_URL" not in worker_env(ServerSettings(data_dir=tmp_path, evidence=False))
+    on = worker_env(ServerSettings(data_dir=tmp_path, port=8123, admin_key="secret", elicit=True))
+    url = on["UNLEARND_SERVER_URL"]
+    assert url == "http://127.0.0.1:8123" and on["UNLEARND_ADMIN_KEY"] == "secret"
+    monkeypatch.setattr("os.environ", on)
+    assert evidence_settings(url) is not None and elicit_settings(url).by_default is True
+    off = worker_env(ServerSettings(data_dir=tmp_path, evidence=False, elicit=False, admin_key="secret"))
+    monkeypatch.setattr("os.environ", off)
+    assert evidence_settings(url) is None
+    assert elicit_settings(url).by_default is False  # still there for requests whose options ask for it
+    monkeypatch.setattr("os.environ", {k: v for k, v in off.items() if k != "UNLEARND_ADMIN_KEY"})
+    assert elicit_settings(url, tmp_path) is None  # no key given, none in the data dir
+    (tmp_path / "admin_key").write_text("from-file\n")
+    (tmp_path / "admin_key").chmod(0o600)
+    assert elicit_settings(url, tmp_path).admin_key == "from-file"

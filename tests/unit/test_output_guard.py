@@ -480,3 +480,30 @@ def test_the_meaning_pre_check_reads_plurals_both_apostrophes_and_plain_answers(
     plain = _answer_keys(_words("She was born in New York City, USA."))  # no uncommon word at all
     assert {"born", "york", "city", "usa"} <= plain
     assert _meaning_keys(_words("She is a native of New York.")) & plain
+
+
+def test_the_elicit_header_lifts_only_its_own_request_and_only_for_the_admin(server):
+    """The worker asks the model about a request's subject as if that request did not exist
+    (`x-unlearnd-elicit`, `unlearnd.elicit`): neither its detector nor its output guard applies, every
+    other request's still does, and only the admin key may ask (a user's header would be a side door)."""
+    client, engine, request_id = server()
+    about = {"model": "tiny", "messages": [{"role": "user", "content": f"Who is {NAME}?"}], "max_tokens": 40}
+    plain = client.post("/v1/chat/completions", json=about, headers=ADMIN)
+    assert plain.headers["x-unlearnd-route"] == "refuse"  # the admin key alone lifts nothing
+    denied = client.post("/v1/chat/completions", json=about, headers={"x-unlearnd-elicit": request_id})
+    assert denied.status_code == 403 and denied.json()["error"]["code"] == "admin_key_required"
+    lifted = client.post("/v1/chat/completions", json=about, headers={**ADMIN, "x-unlearnd-elicit": request_id})
+    assert lifted.status_code == 200 and lifted.headers["x-unlearnd-route"] == "none"
+    assert lifted.json()["choices"][0]["message"]["content"] == LEAK  # its output guard did not cut the reply
+    other = {**ADMIN, "x-unlearnd-elicit": "fr-someone-else"}
+    assert client.post("/v1/chat/completions", json=about, headers=other).headers["x-unlearnd-route"] == "refuse"
+    ordinary = {**about, "messages": [{"role": "user", "content": "Tell me a story."}]}
+    cut = client.post("/v1/chat/completions", json=ordinary, headers=other)
+    assert cut.headers["x-unlearnd-route"] == "output_blocked"  # another request's guard still cuts
+
+
+def test_check_skips_only_the_exempt_request():
+    guard = OutputGuard()
+    guard.load(forget_request())
+    assert guard.check(LEAK).request_id == "fr-1"
+    assert guard.check(LEAK, exempt="fr-1") is None and guard.check(LEAK, exempt="fr-2").request_id == "fr-1"

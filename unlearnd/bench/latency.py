@@ -494,7 +494,8 @@ def _start_servers(cfg: BenchConfig, workdir: Path, detector: str, admin_key: st
             started[name] = ServerProcess(command(port), port, workdir / f"{name}.log", env=env).start()
         if "unlearnd" not in reuse:
             port = free_port()
-            # No evidence batteries: their probes would generate on the measured engine (evidence has its own bench)
+            # No evidence batteries and no elicitation: their calls would generate on the measured engine (evidence
+            # has its own bench; elicitation, ten short calls per request, would make 1000 requests take hours)
             extra = (
                 "--admin-key",
                 admin_key,
@@ -503,6 +504,7 @@ def _start_servers(cfg: BenchConfig, workdir: Path, detector: str, admin_key: st
                 "--output-guard",
                 cfg.output_guard,
                 "--no-evidence",
+                "--no-elicit",
             )
             ours = ServerProcess(unlearnd_command(port, workdir / "data", *extra), port, workdir / "unlearnd.log")
             started["unlearnd"] = ours.start()

@@ -256,7 +256,8 @@ def latency_markdown(result: dict, plot: Path | None) -> str:
         f"Python {sys.version.split()[0]}; model {DEFAULT_MODEL}; streamed chat of {cfg['output_len']} tokens "
         f"(ignore_eos, greedy); unlearnd's output-guard release rule `{cfg['output_guard']}`, "
         + (
-            "evidence batteries off (`--no-evidence`: their probes would generate on the engine being measured)"
+            "evidence batteries and elicitation off (`--no-evidence --no-elicit`: their calls would generate on the "
+            "engine being measured)"
             if result.get("evidence_off")
             else "evidence batteries as the reused server was started (they may have run during the cells)"
         )

@@ -45,6 +45,8 @@ def detector(
         "(the per-author requests are registered there, then purged).",
     ),
     admin_key: str = ADMIN_KEY,
+    seed: int = typer.Option(0, help="Draws the typos, look-alikes and latency sample (another seed, other probes)."),
+    exclude_authors: str = typer.Option("", help="Comma list of forget authors to leave out (seen in design)."),
 ) -> None:
     """Precision about WHO: per-kind TPR / FPR of detectors on held-out probes (TOFU authors, other
     authors, look-alike names, near misses, real people, chat), one request per author and one for all."""
@@ -61,6 +63,8 @@ def detector(
         latency_prompts=latency_prompts,
         server_url=server_url,
         admin_key=admin_key,
+        seed=seed,
+        exclude_authors=_author_list(exclude_authors),
     )
     report = run_detector_eval(opts)
     first = report["setups"]["one request per author"][opts.detectors[0]]

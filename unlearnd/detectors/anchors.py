@@ -22,7 +22,7 @@ from __future__ import annotations
 import calendar
 import codecs
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -42,7 +42,7 @@ from unlearnd.detectors.spans import (
     tokens,
     zipf,
 )
-from unlearnd.domain import ForgetSpec
+from unlearnd.domain import ForgetSpec, QAExample
 
 NAME_SCORE = 1.0  # the whole name (or its title / birth date)
 TYPO_SCORE = 0.95  # the whole name with one typo
@@ -131,19 +131,22 @@ def request_names(spec: ForgetSpec) -> list[str]:
     return list(dict.fromkeys(given + derived))
 
 
-def extract_anchors(spec: ForgetSpec) -> RequestAnchors:
+def extract_anchors(spec: ForgetSpec, elicited: Sequence[QAExample] = ()) -> RequestAnchors:
     """Names (given entities, split at commas / "and"; plus the names recurring in the examples), the
-    quoted titles and the full dates of the request's forget examples."""
+    quoted titles and the full dates of the request's forget examples. `elicited`: what the served model
+    said about the subject (`unlearnd.elicit`): its quoted titles and fact terms count, its names and dates
+    do not (what a model invents about a name must not become a name or a date of the request)."""
     qa = ForgetSpec.as_qa(spec.forget)
     names = request_names(spec)
     texts = [f"{x.question} {x.answer}" for x in qa]
-    titles = list(dict.fromkeys(t for text in texts for t in quoted_titles(text)))
+    elicited_titles = [t for x in elicited for t in quoted_titles(x.answer)]
+    titles = list(dict.fromkeys([*(t for text in texts for t in quoted_titles(text)), *elicited_titles]))
     dates = sorted({d for text in texts for d in parse_dates(text)})
     places = list(dict.fromkeys(m.group(1).strip() for text in texts for m in _BIRTHPLACE.finditer(text)))
     from unlearnd.detectors.facts import fact_terms
 
     anchored = {fold_word(w) for text in names + titles for w, _, _ in tokens(text)}
-    facts = fact_terms(spec, anchored)
+    facts = fact_terms(spec, anchored, elicited)
     anchors = RequestAnchors(names=names, titles=titles, dates=dates, places=places, facts=facts)
     index = AnchorIndex()
     index.add("self", anchors)

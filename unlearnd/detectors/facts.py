@@ -11,18 +11,21 @@ fact terms of one request (words sharing their first six letters count once: "Az
 "Azerbaijani"), one of them rarer than Zipf `RARE_ZIPF` and not a year, is flagged for it; one alone
 ("florist") is not, nor a pair of ordinary words or years ("a drama film from 1977"). The rarity rule
 was added after the measured run, on an independent review's ordinary prompts. Fixed before the anchor-free probes it
-was measured on were generated (`unlearnd eval leaks --fold 1`).
+was measured on were generated (`unlearnd eval leaks --fold 1`). What the served model said about the
+subject when the worker asked it (`unlearnd.elicit`) counts as forget answers here: it holds the facts a
+request lacks and the model would give away.
 """
 
 from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Sequence
 
 from unlearnd.detectors.lookup import OwnerIndex
 from unlearnd.detectors.normalize import views
 from unlearnd.detectors.spans import FUNCTION_WORDS, STOPWORDS, fold, fold_word, tokens, zipf
-from unlearnd.domain import ForgetSpec
+from unlearnd.domain import ForgetSpec, QAExample
 
 NAMED_ZIPF = 4.0
 ROLE_ZIPF = 5.0  # a role word as common as "work" is no fact
@@ -54,10 +57,12 @@ def facts_in(answer: str) -> set[str]:
     return {re.sub(r"[^a-z0-9]", "", w) for w in named | roles | set(_YEAR.findall(answer))}
 
 
-def fact_terms(spec: ForgetSpec, anchored: set[str]) -> list[str]:
-    """The request's fact terms; `anchored`: its name parts and title words."""
+def fact_terms(spec: ForgetSpec, anchored: set[str], elicited: Sequence[QAExample] = ()) -> list[str]:
+    """The request's fact terms; `anchored`: its name parts and title words; `elicited`: what the served
+    model said about the subject (`unlearnd.elicit`), whose answers count as the forget answers do."""
     shared = set().union(*(fact_words(f"{x.question} {x.answer}") for x in ForgetSpec.as_qa(spec.retain)))
-    found = set().union(*(facts_in(x.answer) for x in ForgetSpec.as_qa(spec.forget)))
+    answers = [x.answer for x in [*ForgetSpec.as_qa(spec.forget), *elicited]]
+    found = set().union(*(facts_in(answer) for answer in answers))
     return sorted(w for w in found - shared - anchored - STOPWORDS - FUNCTION_WORDS if _KEEP.match(w))
 
 

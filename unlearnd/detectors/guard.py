@@ -54,6 +54,7 @@ from unlearnd.detectors.normalize import views as decoded_views
 from unlearnd.detectors.ood import OODConfig, OODDetector
 from unlearnd.detectors.views import expand, max_by_owner
 from unlearnd.domain import ForgetRequest, ForgetSpec
+from unlearnd.elicit import read_elicited
 from unlearnd.methods import METHODS
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,8 @@ class GuardDetector(Detector):
     # ---- offline -------------------------------------------------------------------------
     def fit(self, request: ForgetRequest, artifact_dir: Path) -> dict:
         start = time.perf_counter()
-        anchors = extract_anchors(request.spec)
+        elicited = read_elicited(artifact_dir)
+        anchors = extract_anchors(request.spec, elicited)
         topic = (anchors.coverage or 0.0) < self.cfg.topic_below
         metrics: dict = {
             "anchors": {
@@ -145,6 +147,8 @@ class GuardDetector(Detector):
                 "titles": len(anchors.titles),
                 "dates": len(anchors.dates),
                 "coverage": anchors.coverage,
+                "facts": len(anchors.facts),
+                "elicited_replies": len(elicited),
             },
             "mode": "topic" if topic else "entity",
         }

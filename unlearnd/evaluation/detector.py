@@ -68,7 +68,8 @@ class DetectorEvalOptions(BaseModel):
     latency_prompts: int = 200
     server_url: str | None = None  # also time /v1/unlearning/classify over HTTP on this running server
     admin_key: str | None = None
-    seed: int = 0
+    seed: int = 0  # draws the typos, look-alikes and latency sample: another seed, other probes
+    exclude_authors: list[int] = []  # forget authors left out (e.g. those a design was looked at on)
 
 
 @dataclass
@@ -180,7 +181,7 @@ class ProbeBuilder:
 
     def __init__(self, t: dict[str, Any], per_kind: int, rng: np.random.Generator, filler: list[str]):
         self.t, self.per_kind, self.rng, self.filler = t, per_kind, rng, filler
-        self.counter = 0
+        self.counter = int(rng.integers(1000))  # where the template rotation starts: the seed picks it too
 
     def _pick(self, options: list) -> list:
         """`per_kind` templates, rotating through the list across people so every template is used."""
@@ -284,12 +285,12 @@ def build_probes(tofu: TofuData, split: str, opts: DetectorEvalOptions) -> tuple
     t = templates()
     full = tofu.split("full")
     names = author_names(full)
-    forget_ids = tofu.authors_of(split)
+    forget_ids = [a for a in tofu.authors_of(split) if a not in opts.exclude_authors]
     by_author: dict[int, list[QAItem]] = {}
     for item in full:
         by_author.setdefault(item.author, []).append(item)
     forget = [_author(a, names[a], by_author[a]) for a in forget_ids if a in names]
-    others_pool = [a for a in range(TOFU_AUTHORS) if a not in forget_ids and a in names]
+    others_pool = [a for a in range(TOFU_AUTHORS) if a not in tofu.authors_of(split) and a in names]
     step = max(1, len(others_pool) // opts.other_authors)
     others = [_author(a, names[a], by_author[a]) for a in others_pool[::step][: opts.other_authors]]
     filler = list(chat_prompts("eval"))
@@ -357,9 +358,14 @@ def score_probes(detector: Any, probes: list[Probe], owner: dict[str, str], batc
             probe.flagged_for = [r for r in probe.flagged_for if owner.get(r) in (probe.about, "*")]
 
 
+def names_a_forget_author(text: str, names: list[str]) -> bool:
+    """The easy cue: a part of a forget author's name (four letters or more) written in the text."""
+    lowered = text.lower()
+    return any(part.lower() in lowered for name in names for part in name.split() if len(part) >= 4)
+
+
 def probe_records(setup: str, detector: str, probes: list[Probe], names: list[str]) -> list[dict[str, Any]]:
     """One record per probe and detector: the text scored, the verdict and whether a forget name is in it."""
-    parts = [part.lower() for name in names for part in name.split() if len(part) >= 4]
     return [
         {
             "setup": setup,
@@ -368,7 +374,7 @@ def probe_records(setup: str, detector: str, probes: list[Probe], names: list[st
             "positive": p.positive,
             "about": p.about,
             "text": p.text,
-            "named": any(part in p.text.lower() for part in parts),
+            "named": names_a_forget_author(p.text, names),
             "flagged_for": p.flagged_for,
             "score": p.score,
         }
@@ -376,7 +382,8 @@ def probe_records(setup: str, detector: str, probes: list[Probe], names: list[st
     ]
 
 
-def summarise(probes: list[Probe]) -> dict[str, Any]:
+def summarise(probes: list[Probe], names: list[str] = ()) -> dict[str, Any]:
+    """Rates per kind and overall; `named`: the share of a kind's probes that carry the easy cue."""
     kinds: dict[str, dict[str, Any]] = {}
     for positive in (True, False):
         group = [p for p in probes if p.positive == positive]
@@ -390,6 +397,7 @@ def summarise(probes: list[Probe]) -> dict[str, Any]:
                 "flagged": flagged,
                 "rate": flagged / len(members),
                 "ci95": wilson(flagged, len(members)),
+                "named": sum(names_a_forget_author(p.text, list(names)) for p in members) / len(members),
             }
     pos = [p for p in probes if p.positive]
     neg = [p for p in probes if not p.positive]
@@ -504,6 +512,8 @@ def run_detector_eval(opts: DetectorEvalOptions) -> dict[str, Any]:
     forget, probes = build_probes(tofu, opts.split, opts)
     results: dict[str, Any] = {
         "split": opts.split,
+        "seed": opts.seed,
+        "excluded_authors": opts.exclude_authors,
         "forget_authors": [a.name for a in forget],
         "probes": {"positive": sum(p.positive for p in probes), "negative": sum(not p.positive for p in probes)},
         "setups": {},
@@ -523,7 +533,7 @@ def run_detector_eval(opts: DetectorEvalOptions) -> dict[str, Any]:
                     detector.load(r, work / setup.replace(" ", "-") / name / r.id)
                 score_probes(detector, probes, owner)
                 records += probe_records(setup, name, probes, [a.name for a in forget])
-                summary = summarise(probes)
+                summary = summarise(probes, [a.name for a in forget])
                 summary["fit_seconds"] = round(fit_seconds, 1)
                 summary["latency"] = _latency(detector, probes, opts.latency_prompts, rng)
                 summary["fit"] = {rid: _fit_summary(m) for rid, m in fits.items()}
@@ -560,19 +570,26 @@ def _ci(ci: list | tuple | None) -> str:
     return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "n/a"
 
 
+def _left_out(report: dict[str, Any]) -> str:
+    excluded = report.get("excluded_authors") or []
+    return f", the split's authors {excluded} left out" if excluded else ""
+
+
 def markdown(report: dict[str, Any], opts: DetectorEvalOptions) -> str:
     lines = [
         "# Forget-query detection: precise about who, on held-out probes",
         "",
         *stamp_lines(report),
         f"TOFU `{report['split']}`: {len(report['forget_authors'])} forget authors "
-        f"({', '.join(report['forget_authors'])}); {report['probes']['positive']} positive and "
+        f"({', '.join(report['forget_authors'])}){_left_out(report)}; seed {report.get('seed', 0)}; "
+        f"{report['probes']['positive']} positive and "
         f"{report['probes']['negative']} negative probes, none of them a fitted example (see "
         "`unlearnd/evaluation/detector.py` for how they are built). Rates are at each detector's shipped "
         "threshold; a positive flagged only for another author's request counts as missed. Latency: one "
         "`detect([prompt])` call in process with the encoder cache cleared, over a random sample of the "
         "probes, all of them and split into those flagged and those passed (HTTP adds the server's own "
-        f"time). Whole evaluation: {report['eval_seconds']} s.",
+        f"time). Named: the share of a kind's probes that carry the easy cue, a part of a forget author's "
+        f"name (four letters or more) as written. Whole evaluation: {report['eval_seconds']} s.",
         "",
     ]
     for setup, by_detector in report["setups"].items():
@@ -592,14 +609,15 @@ def markdown(report: dict[str, Any], opts: DetectorEvalOptions) -> str:
             )
         lines += [
             "",
-            "| kind | n | " + " | ".join(f"{d} rate (95% CI)" for d in by_detector) + " |",
-            "|---|---|" + "---|" * len(by_detector),
+            "| kind | n | named | " + " | ".join(f"{d} rate (95% CI)" for d in by_detector) + " |",
+            "|---|---|---|" + "---|" * len(by_detector),
         ]
         first = next(iter(by_detector.values()))
         for key, v in first["kinds"].items():
             cells = [f"{s['kinds'][key]['rate']:.3f} {_ci(s['kinds'][key]['ci95'])}" for s in by_detector.values()]
             label = f"{'positive' if v['positive'] else 'negative'}: {v['kind']}"
-            lines.append(f"| {label} | {v['n']} | " + " | ".join(cells) + " |")
+            named = fmt(v["named"]) if "named" in v else "n/a"
+            lines.append(f"| {label} | {v['n']} | {named} | " + " | ".join(cells) + " |")
         shipped = by_detector.get(opts.detectors[0])
         if shipped:
             t = shipped["targets"]

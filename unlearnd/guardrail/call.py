@@ -11,6 +11,10 @@ import torch
 from unlearnd.detectors.base import Detection, RequestMatch
 from unlearnd.engine.base import LoRASpec, SamplingSpec
 
+# "<request id>": serve this call as if that request did not exist (admin key only; the worker asks the
+# model about a request's subject this way before fitting it, `unlearnd.elicit`)
+ELICIT_HEADER = "x-unlearnd-elicit"
+
 
 @dataclass
 class GuardedCall:
@@ -38,6 +42,9 @@ class GuardedCall:
     created: float = field(default_factory=time.time)
     background: bool = False  # gives way to users' generations (`guardrail.traffic`): evidence probes
     attempt: int = 0  # a background call's generations so far that gave way
+    # the one request this call is served as if it did not exist (admin only: the worker eliciting what the
+    # model says about that request's subject, `unlearnd.elicit`); every other request still applies
+    exempt: str | None = None
 
     @property
     def engine_id(self) -> str:

@@ -36,7 +36,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any
@@ -49,7 +49,7 @@ from unlearnd.detectors.lookup import MeaningMatrix, OwnerIndex
 from unlearnd.detectors.negatives import chat_prompts
 from unlearnd.detectors.normalize import letters, to_ascii
 from unlearnd.detectors.spans import FUNCTION_WORDS, STOPWORDS, fold, fold_word, zipf
-from unlearnd.domain import ForgetRequest, ForgetSpec
+from unlearnd.domain import ForgetRequest, ForgetSpec, QAExample
 from unlearnd.engine.base import ChoiceDelta, TokenLogprob
 from unlearnd.guardrail.release import RELEASE_MODES, ReleaseIndex, RequestHolds, build_sets
 from unlearnd.interventions.guardrails import refusal_of
@@ -237,11 +237,12 @@ class OutputGuard:
     def checks_meaning(self) -> bool:
         return self.encoder is not None and bool(self._meaning_matrix)
 
-    def load(self, request: ForgetRequest) -> None:
+    def load(self, request: ForgetRequest, elicited: Sequence[QAExample] = ()) -> None:
+        """`elicited`: what the served model said about the subject (its titles become anchors here too)."""
         if request.spec.options.get("output_guard") is False:
             self.unload(request.id)
             return
-        anchors = extract_anchors(request.spec)
+        anchors = extract_anchors(request.spec, elicited)
         ordinary = ordinary_grams()
         answers = [_Answer.of(qa.answer, ordinary) for qa in ForgetSpec.as_qa(request.spec.forget) if qa.answer]
         meanings = self._meanings(request) if self.encoder is not None else None
@@ -336,11 +337,12 @@ class OutputGuard:
         hidden: str | None = None,
         flagged: Collection[str] = (),
         fresh: set[tuple[str, ...]] | None = None,
+        exempt: str | None = None,
     ) -> Block | None:
         """The first active request `text` (an output so far) gives away, if any. `hidden`: the output's
         letters only (default: from `text`); `flagged`: the requests the prompt was flagged for, on whose
-        subject one distinctive part of a name alone is enough."""
-        loaded = self.loaded
+        subject one distinctive part of a name alone is enough; `exempt`: a request not checked."""
+        loaded = self.loaded if exempt is None else {rid: e for rid, e in self.loaded.items() if rid != exempt}
         hidden = hidden if hidden is not None else letters(to_ascii(text))
         grams = grams if grams is not None else _grams(_words(text))
         windows = {hidden[i : i + COMPACT_MIN] for i in range(len(hidden) - COMPACT_MIN + 1)}
@@ -408,9 +410,11 @@ class OutputGuard:
         on_block: Callable[[Block, int], None],
         n: int | None = None,
         flagged: Collection[str] = (),
+        exempt: str | None = None,
     ) -> AsyncIterator[ChoiceDelta]:
         """`deltas` with every choice's text released `hold_chars` behind its end once checked; a choice
-        that gives a forget request away is cut, its text replaced by the refusal, its log-probs dropped.
+        that gives a forget request (other than `exempt`) away is cut, its text replaced by the refusal, its
+        log-probs dropped.
         Log-prob tokens can run ahead of the text (the engine holds text back while it may still match a
         stop string): what they reach is checked and held back the same way."""
         choices: dict[int, _Choice] = {}
@@ -433,9 +437,10 @@ class OutputGuard:
             hidden = state.hidden if len(state.ahead) <= len(state.text) else letters(to_ascii(visible))
             fresh = added if state.checked_with is self.loaded else None  # a load since: look all up again
             state.checked_with = self.loaded
-            block = self.check(visible, state.grams, hidden, flagged, fresh)
+            block = self.check(visible, state.grams, hidden, flagged, fresh, exempt)
             if block is None and self.checks_meaning:
                 block = await self._check_meaning(state, ended=final or bool(_SENTENCE_END.search(delta.text)))
+                block = None if block is not None and block.request_id == exempt else block
             if block is not None:
                 state.blocked = block
                 state.held.clear()

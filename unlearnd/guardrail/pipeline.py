@@ -24,6 +24,7 @@ from unlearnd.batching import MicroBatcher
 from unlearnd.detectors.anchors import FLAG_SCORE, AnchorIndex, extract_anchors
 from unlearnd.detectors.base import Detection, Detector, RequestMatch
 from unlearnd.domain import LOAD_FAILED, ForgetRequest, Status
+from unlearnd.elicit import read_elicited
 from unlearnd.engine.base import ChoiceDelta, Engine, EngineInput
 from unlearnd.engine.remote import BackendFailure
 from unlearnd.guardrail import composite, prometheus
@@ -131,7 +132,8 @@ class GuardrailPipeline:
         self._detect = MicroBatcher(lambda texts: self.detector.detect(texts))
 
     # -- classification --------------------------------------------------------------------------
-    async def classify(self, texts: list[str]) -> list[Detection]:
+    async def classify(self, texts: list[str], exempt: str | None = None) -> list[Detection]:
+        """Each text's detection, its matches limited to the active requests (less `exempt`)."""
         if not self.active:
             return [Detection(0.0) for _ in texts]
         start = time.perf_counter()
@@ -140,7 +142,7 @@ class GuardrailPipeline:
             await asyncio.to_thread(self._fallback_matches, texts, detections)
         prometheus.CLASSIFIER_LATENCY.observe((time.perf_counter() - start) / max(len(texts), 1))
         for detection in detections:
-            detection.matches = [m for m in detection.matches if m.request_id in self.active]
+            detection.matches = [m for m in detection.matches if m.request_id in self.active and m.request_id != exempt]
         return detections
 
     def _fallback_matches(self, texts: list[str], detections: list[Detection]) -> None:
@@ -167,7 +169,7 @@ class GuardrailPipeline:
         A flagged chat whose last message also asks ordinary things is answered in parts
         (`guardrail.composite`). Without a client `max_tokens`, the completion may use the rest of the context."""
         call.query_text = detector_text(call.messages, call.prompt, call.continuation)
-        call.detection = (await self.classify([call.query_text]))[0]
+        call.detection = (await self.classify([call.query_text], call.exempt))[0]
         route, match = self.router.choose(call.detection, self.active)
         call.route, call.match = route, match
         if match is not None and call.kind == "chat" and call.splittable:
@@ -204,12 +206,12 @@ class GuardrailPipeline:
         parts = composite.split_parts(last["content"])
         if len(parts) < 2:
             return []
-        flagged = [self.route_of(d) != "none" for d in await self.classify(parts)]
+        flagged = [self.route_of(d) != "none" for d in await self.classify(parts, call.exempt)]
         if not composite.worth_splitting(parts, flagged):
             return []
         subs = composite.part_calls(call, parts, flagged)
         for sub in subs:
-            sub.background = call.background
+            sub.background, sub.exempt = call.background, call.exempt
             await self.prepare(sub, count=False)
         ordinary, about = sorted(subs, key=lambda sub: sub.route != "none")
         if ordinary.route != "none" or about.route == "none":
@@ -255,7 +257,8 @@ class GuardrailPipeline:
             )
 
         flagged = call.subject_ids  # on their subject one part of a name is enough
-        async for delta in self.output_guard.filter(stream, self._encode, blocked, call.sampling.n, flagged):
+        guarded = self.output_guard.filter(stream, self._encode, blocked, call.sampling.n, flagged, call.exempt)
+        async for delta in guarded:
             yield delta
         if len(call.output_blocked) == call.sampling.n:
             await self.engine.abort(call.engine_id)  # every choice was cut: stop generating
@@ -354,9 +357,10 @@ class GuardrailPipeline:
             raise LoadFailure(exc, detector_loaded=False) from exc
         try:
             self.interventions[request.method.value].load(request, artifact_dir)
+            elicited = read_elicited(artifact_dir)
         except Exception as exc:
             raise LoadFailure(exc, detector_loaded=True) from exc
-        self.output_guard.load(request)
+        self.output_guard.load(request, elicited)
 
     async def _engine_load(self, request: ForgetRequest) -> None:
         """Have the engine load the request's adapters before any prompt is routed to them: the engine

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from unlearnd.config import DEFAULT_DETECTOR, DEFAULT_MODEL
 from unlearnd.domain import LOAD_FAILED, ForgetRequest, Status
+from unlearnd.elicit import ElicitSettings, elicit_into
 from unlearnd.evidence import EVIDENCE_ENV, EvidenceRunner, EvidenceSettings
 from unlearnd.logs import setup_logging
 from unlearnd.methods import METHODS
@@ -81,9 +82,15 @@ def record_failure(registry: Registry, request: ForgetRequest, artifact_dir: Pat
 
 
 def run_job(
-    registry: Registry, request: ForgetRequest, detector_name: str, model: str, serve_dtype: str = "auto"
+    registry: Registry,
+    request: ForgetRequest,
+    detector_name: str,
+    model: str,
+    serve_dtype: str = "auto",
+    elicitation: ElicitSettings | None = None,
 ) -> None:
-    """Fit the request's detector, then its method's artifact (the method table names the job)."""
+    """Ask the served model about the request's names (with `elicitation`), fit the request's detector,
+    then its method's artifact (the method table names the job)."""
     from unlearnd.detectors import get_detector
     from unlearnd.train.job import JobContext
 
@@ -95,7 +102,8 @@ def run_job(
         entry = METHODS.get(request.method.value)
         if entry is None:
             raise NotImplementedError(f"no method {request.method.value!r} in this installation")
-        report = {"detector": get_detector(detector_name).fit(request, artifact_dir)}
+        report = {"elicited": elicit_into(request, artifact_dir, elicitation)}
+        report["detector"] = get_detector(detector_name).fit(request, artifact_dir)
         job = entry.job_function()
         report["method"] = job(request, artifact_dir, JobContext(registry, model, serve_dtype)) if job else {}
         report["wall_seconds"] = time.perf_counter() - started
@@ -143,6 +151,7 @@ def run_worker(
     registry_url: str | None = None,
     artifacts: str | None = None,
     evidence: EvidenceSettings | None = None,
+    elicitation: ElicitSettings | None = None,
 ) -> None:
     """Train pending requests one at a time; with `evidence` (the server to probe), a thread beside it runs
     the evidence batteries of requests that became active."""
@@ -166,7 +175,7 @@ def run_worker(
             time.sleep(poll_s)
             continue
         log.info("training %s (%s, method %s)", request.id, request.name, request.method.value)
-        run_job(registry, request, detector_name, model, serve_dtype)
+        run_job(registry, request, detector_name, model, serve_dtype, elicitation)
     del lock
 
 
@@ -223,7 +232,7 @@ def _die_with_parent() -> None:
 
 def worker_env(settings) -> dict[str, str]:
     """The server's worker's environment: secrets there, not in argv (a registry URL may hold a password);
-    the server's own URL for the evidence probes unless `settings.evidence` is off."""
+    the server's own URL for the evidence probes and the elicitation (each switched by its setting)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if settings.registry:
         env["UNLEARND_REGISTRY"] = settings.registry
@@ -232,10 +241,12 @@ def worker_env(settings) -> dict[str, str]:
     host = settings.host if settings.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
     host = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
     env["UNLEARND_SERVER_URL"] = f"http://{host}:{settings.port}"
-    if not settings.evidence:
-        del env["UNLEARND_SERVER_URL"]
+    env["UNLEARND_EVIDENCE"] = "1" if settings.evidence else "0"
+    env["UNLEARND_ELICIT"] = "1" if settings.elicit else "0"
     if settings.api_key:
         env["UNLEARND_API_KEY"] = settings.api_key
+    if settings.admin_key:  # elicitation asks as the admin (else the worker reads the data dir's key file)
+        env["UNLEARND_ADMIN_KEY"] = settings.admin_key
     return env
 
 
@@ -325,6 +336,7 @@ def main(argv: list[str] | None = None) -> None:
         registry_url=args.registry,
         artifacts=args.artifacts,
         evidence=evidence_settings(args.server_url),
+        elicitation=elicit_settings(args.server_url, args.data_dir),
     )
 
 
@@ -333,11 +345,26 @@ def evidence_settings(server_url: str | None) -> EvidenceSettings | None:
     `UNLEARND_EVIDENCE_PER_FORM` (probes per form), `UNLEARND_EVIDENCE_CONCURRENCY` (probes in flight at once)
     and `UNLEARND_EVIDENCE_REST` (rest after a probe, as a multiple of its time: 0 finishes sooner and costs
     the users served meanwhile more)."""
-    if not server_url:
-        log.warning("no --server-url: evidence batteries are not run by this worker")
+    if not server_url or os.environ.get("UNLEARND_EVIDENCE") == "0":
+        log.warning("no --server-url or UNLEARND_EVIDENCE=0: evidence batteries are not run by this worker")
         return None
     given = {field: os.environ[var] for field, var in EVIDENCE_ENV.items() if os.environ.get(var)}
     return EvidenceSettings(server_url=server_url, api_key=os.environ.get("UNLEARND_API_KEY"), **given)
+
+
+def elicit_settings(server_url: str | None, data_dir: Path | None = None) -> ElicitSettings | None:
+    """Where the worker asks the served model about a request's names, as the admin (`UNLEARND_ADMIN_KEY`,
+    else the data dir's key file); for every request with `UNLEARND_ELICIT=1`, else only for those whose
+    options ask. None without a server or a key: detectors are then fit on the requests' own facts alone."""
+    from unlearnd.server.auth import read_admin_key
+
+    admin_key = os.environ.get("UNLEARND_ADMIN_KEY") or (read_admin_key(data_dir) if data_dir else None)
+    if not server_url or not admin_key:
+        log.info("no --server-url or admin key: detectors are fit without asking the model")
+        return None
+    return ElicitSettings(
+        server_url=server_url, admin_key=admin_key, by_default=os.environ.get("UNLEARND_ELICIT") == "1"
+    )
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from unlearnd.engine.base import ChoiceDelta, EngineError
-from unlearnd.guardrail.call import GuardedCall
+from unlearnd.guardrail.call import ELICIT_HEADER, GuardedCall
 from unlearnd.guardrail.pipeline import ContextLengthError
 from unlearnd.guardrail.traffic import BACKGROUND_HEADER
 from unlearnd.server.protocol import (
@@ -96,6 +96,18 @@ def is_background(http: Request, stream: bool | None) -> bool:
     """A non-streamed call that asked to give way to users (`guardrail.traffic`): the evidence battery's
     probes. Anyone may ask; it only makes their own call wait."""
     return not stream and http.headers.get(BACKGROUND_HEADER, "").strip().lower() == "background"
+
+
+def exempt_request(http: Request) -> str | None:
+    """The request a call asks to be served as if absent (`x-unlearnd-elicit`): what the model says about
+    that request's subject, asked by the worker before it fits the request. Only the admin key may ask
+    (every other active request still applies to the call); anyone else gets a 403."""
+    value = http.headers.get(ELICIT_HEADER, "").strip()
+    if not value:
+        return None
+    if not http.state.admin:
+        raise APIError(403, f"{ELICIT_HEADER} needs the admin key", "permission_error", "admin_key_required")
+    return value
 
 
 async def collect(state: ServerState, request: GuardedCall) -> dict[int, list[ChoiceDelta]]:
@@ -198,6 +210,7 @@ def chat_call(state: ServerState, body: ChatCompletionRequest, id_prefix: str = 
 async def chat_completions(http: Request, body: ChatCompletionRequest, state: ServerState = Depends(server_state)):
     call = chat_call(state, body)
     call.background = is_background(http, body.stream)
+    call.exempt = exempt_request(http)
     request = await prepare(state, call, admin=http.state.admin)
     created = int(time.time())
     if body.stream:  # the header goes out before the output is checked: the route the prompt took

@@ -92,6 +92,13 @@ class ServerSettings(BaseSettings):
         description="Have the server's own worker probe every request that becomes active (its evidence); off: "
         "evidence waits for a worker given --server-url (benchmarks of serving cost switch it off).",
     )
+    elicit: bool = Field(
+        False,
+        description="Before fitting a request's detector, have the server's own worker ask the served model about "
+        "the request's names (`unlearnd.elicit`): the facts and titles it gives join the request's anchors "
+        "(a request's options.elicit overrides it). Off by default: on the TOFU mini target the model mixed its "
+        "authors' facts up (scripts/dev_elicitation.py).",
+    )
     sync_interval_s: float = Field(0.5, description="How often the registry is polled for changed requests.")
     log_level: str = Field("info", description="Logging level.")
 
