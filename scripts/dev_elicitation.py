@@ -125,3 +125,7 @@ def markdown(report: dict) -> str:
         *(f"| {r['group']} | {r['family']} | {r['n']} | {r['without']} | {r['with']} |" for r in report["table"]),
     ]
     return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
