@@ -29,6 +29,7 @@ from unlearnd.evaluation.leaks import build_leak_probes, leak_context
 from unlearnd.evaluation.report import run_stamp, stamp_lines, write_records, write_report_files
 from unlearnd.evaluation.tofu import forget_request_spec
 from unlearnd.prompting import detector_text
+from unlearnd.provenance import command_line
 from unlearnd.train.reference import ensure_reference_models, preset
 
 log = logging.getLogger("dev_elicitation")
@@ -61,7 +62,7 @@ def main() -> None:
     parser.add_argument("--out", default="reports/dev-elicitation-forget05")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    stamp = run_stamp()
+    stamp = run_stamp(command_line().replace("unlearnd", "python scripts/dev_elicitation.py", 1))
     tofu = TofuData(str(tofu_dir()), allow_hub=False)
     refs = ensure_reference_models(preset(args.preset, args.split), tofu=tofu, which=())
     retain_authors = list(refs.data.retain_authors)
