@@ -9,5 +9,5 @@ SPLIT=${SPLIT:-forget05}
 PORT=${PORT:-8012}
 source scripts/target_server.sh
 start_target_server --no-evidence --no-elicit
-"$BIN/python" scripts/dev_elicitation.py --server-url "http://127.0.0.1:$PORT" --admin-key "$(cat "$DATA/admin_key")" \
+"$BIN/python" scripts/dev_elicitation.py --server-url "http://127.0.0.1:$PORT" --admin-key="$(cat "$DATA/admin_key")" \
   --preset "$PRESET" --split "$SPLIT" --out "reports/dev-elicitation-$SPLIT" "$@"
