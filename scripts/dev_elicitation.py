@@ -36,16 +36,7 @@ log = logging.getLogger("dev_elicitation")
 
 
 def fitted(spec: ForgetSpec, folder: Path):
-    request = ForgetRequest(
-        id="r",
-        name=spec.name,
-        method="refuse",
-        status="ready",
-        created_at=0.0,
-        updated_at=0.0,
-        spec=spec,
-        artifact_dir=str(folder),
-    )
+    request = ForgetRequest.unregistered("r", spec)
     detector = get_detector("guard")
     metrics = detector.fit(request, folder)
     detector.load(request, folder)

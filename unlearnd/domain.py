@@ -116,3 +116,17 @@ class ForgetRequest(BaseModel):
     artifact_dir: str
     attempts: int = 0
     artifact_digest: str | None = None  # of the folder as the worker made it ready (None: trained before digests)
+
+    @classmethod
+    def unregistered(cls, request_id: str, spec: ForgetSpec, status: Status = Status.ready) -> ForgetRequest:
+        """A request made in process, not through a registry (evaluations fit detectors on such requests)."""
+        return cls(
+            id=request_id,
+            name=spec.name,
+            method=spec.method,
+            status=status,
+            created_at=0.0,
+            updated_at=0.0,
+            spec=spec,
+            artifact_dir="",
+        )

@@ -31,16 +31,7 @@ SAID = [
 
 
 def request_of(spec: ForgetSpec, request_id: str = "fr-e") -> ForgetRequest:
-    return ForgetRequest(
-        id=request_id,
-        name=spec.name,
-        method="refuse",
-        status="training",
-        created_at=0.0,
-        updated_at=0.0,
-        spec=spec,
-        artifact_dir="",
-    )
+    return ForgetRequest.unregistered(request_id, spec, status="training")
 
 
 def test_what_the_model_said_adds_titles_and_fact_terms_but_no_names_or_dates():

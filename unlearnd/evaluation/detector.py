@@ -322,28 +322,18 @@ def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float] | None:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def _request(request_id: str, spec: ForgetSpec) -> ForgetRequest:
-    return ForgetRequest(
-        id=request_id,
-        name=spec.name,
-        method="refuse",
-        status="ready",
-        created_at=0.0,
-        updated_at=0.0,
-        spec=spec,
-        artifact_dir="",
-    )
-
-
 def setups(split: str, forget: list[Author]) -> dict[str, list[ForgetRequest]]:
     """One request per author (named after them), and one for all (named after the split, no entities)."""
 
     def qa(author: Author) -> list[QAExample]:
         return [QAExample(question=i.question, answer=i.answer) for i in author.items]
 
-    per_author = [_request(f"fr-{a.index}", ForgetSpec(name=a.name, forget=qa(a))) for a in forget]
+    per_author = [ForgetRequest.unregistered(f"fr-{a.index}", ForgetSpec(name=a.name, forget=qa(a))) for a in forget]
     everything = ForgetSpec(name=f"TOFU {split} authors", forget=[x for a in forget for x in qa(a)])
-    return {"one request per author": per_author, "one request for all": [_request("fr-all", everything)]}
+    return {
+        "one request per author": per_author,
+        "one request for all": [ForgetRequest.unregistered("fr-all", everything)],
+    }
 
 
 def score_probes(detector: Any, probes: list[Probe], owner: dict[str, str], batch: int = 32) -> None:
