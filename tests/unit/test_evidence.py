@@ -271,3 +271,15 @@ def test_a_server_without_evidence_or_elicitation_has_its_worker_skip_them(monke
     (tmp_path / "admin_key").write_text("from-file\n")
     (tmp_path / "admin_key").chmod(0o600)
     assert elicit_settings(url, tmp_path).admin_key == "from-file"
+
+
+def test_the_evidence_bench_report_counts_probes_that_gave_way_in_whole_numbers():
+    import json
+    from pathlib import Path
+
+    from unlearnd.bench.evidence import evidence_bench_markdown
+
+    report = json.loads((Path(__file__).parents[2] / "reports/evidence-background-think5.json").read_text())
+    text = evidence_bench_markdown(report)
+    assert "; 32 probe generations gave way" in text and "32.000" not in text  # a /metrics counter is a float
+    assert "n/a (no counter)" in evidence_bench_markdown({**report, "probes_preempted": None})

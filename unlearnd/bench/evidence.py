@@ -249,7 +249,7 @@ def evidence_bench_markdown(report: dict[str, Any]) -> str:
             " Here the probes give way to users (`guardrail.traffic`): one starts only while no user's request "
             "generates, and one that a user's request meets is aborted and started again later (a probe that has "
             "waited the server's `--background-max-wait-s` runs to its end regardless); "
-            f"{fmt(report.get('probes_preempted'))} probe generations gave way in this run."
+            f"{_count(report.get('probes_preempted'))} probe generations gave way in this run."
         )
     return "\n".join(lines) + "\n"
 
@@ -264,3 +264,8 @@ def _pace(battery: dict[str, Any]) -> str:
     if not rest:
         return f"{at_once}, without a rest"
     return f"{at_once}, each followed by a rest of {rest:g}x the time it took"
+
+
+def _count(value: float | None) -> str:
+    """A counter read from /metrics (a float there) as the whole number it is."""
+    return "n/a (no counter)" if value is None else str(int(value))
