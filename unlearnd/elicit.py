@@ -5,12 +5,16 @@ request may hold ten). A prompt that describes the person by a fact the request 
 holds none of the request's fact terms, so nothing flagged it (`reports/leaks-forget10.md`: 72% of
 such descriptions reached the model unprotected). What the model would give away is what it says when
 asked; so before fitting, the worker asks the served model a fixed set of questions about each of the
-request's names, through the public API as a user would, giving way to users' generations (background
-priority). The replies served unchanged (route `none`) are stored in the request's artifact folder
-(`elicited.json`, published and checked with the rest) and add fact terms and quoted titles to the
-request's anchors (`detectors.anchors.extract_anchors`); never names or dates: what the model invents
-about an unknown name must not anchor anything but a pair of its facts or a title. The questions are
-generic (a person's life and work), written before any measurement, and not taken from any dataset.
+request's names, through the server's own API as the admin, at background priority (users first), with
+`x-unlearnd-elicit: <request id>`: that call is served as if the request being fit did not exist (its
+names are already refused while it trains), every other request still applying. The replies served
+unchanged (route `none`) are stored in the request's artifact folder (`elicited.json`, published and
+checked with the rest) and add fact terms and quoted titles to the request's anchors
+(`detectors.anchors.extract_anchors`); never names or dates: what the model invents about an unknown
+name must not anchor anything but a pair of its facts or a title. The questions are generic (a person's
+life and work), written before any measurement, and not taken from any dataset. Opt-in (`serve --elicit`,
+or a request's `options.elicit`): on the TOFU mini target it flagged few more descriptions and one more
+control, the small model mixing its authors up (`reports/dev-elicitation-forget05.md`).
 """
 
 from __future__ import annotations
