@@ -9,9 +9,10 @@ request's names, through the server's own API as the admin, at background priori
 `x-unlearnd-elicit: <request id>`: that call is served as if the request being fit did not exist (its
 names are already refused while it trains), every other request still applying. The replies served
 unchanged (route `none`) are stored in the request's artifact folder (`elicited.json`, published and
-checked with the rest) and add fact terms and quoted titles to the request's anchors
-(`detectors.anchors.extract_anchors`); never names or dates: what the model invents about an unknown
-name must not anchor anything but a pair of its facts or a title. The questions are generic (a person's
+checked with the rest) and add fact terms to the request's anchors (`detectors.anchors.extract_anchors`),
+which flag only in pairs; never names, titles or dates, which flag alone: a famous title a small model
+borrows would refuse everybody who asks about that book, and another person it names is no fact of this
+one (runs of capitalised words are left out). The questions are generic (a person's
 life and work), written before any measurement, and not taken from any dataset. Opt-in (`serve --elicit`,
 or a request's `options.elicit`): on the TOFU mini target it flagged few more descriptions and one more
 control, the small model mixing its authors up (`reports/dev-elicitation-forget05.md`).
@@ -57,6 +58,7 @@ class ElicitSettings(BaseModel):
     max_names: int = 10  # a request's first names asked about (ten questions each; a request about more asks of ten)
     max_tokens: int = 96
     concurrency: int = 2
+    timeout_s: float = 120.0  # one call (background calls wait for users, at most --background-max-wait-s)
 
 
 def elicit(
@@ -70,7 +72,10 @@ def elicit(
 
     asked = [q.format(name=name) for name in names[: settings.max_names] for q in QUESTIONS]
     headers = {BACKGROUND_HEADER: "background", **({ELICIT_HEADER: request_id} if request_id else {})}
-    with UnlearndClient(settings.server_url, api_key=settings.admin_key, timeout_s=900, headers=headers) as client:
+    client = UnlearndClient(
+        settings.server_url, api_key=settings.admin_key, timeout_s=settings.timeout_s, retries=0, headers=headers
+    )
+    with client:
         model = client.models()[0]
 
         def ask(question: str) -> QAExample | None:
@@ -79,6 +84,8 @@ def elicit(
                     model, user_messages(question), temperature=0, max_tokens=settings.max_tokens
                 )
             except ServerError as exc:
+                if exc.status is None:  # unreachable or too slow: the rest would be too (the job has a timeout)
+                    raise
                 log.warning("elicitation of %r failed: %s", question, exc)
                 return None
             if response_headers.get("x-unlearnd-route") != "none":  # another request covers it: nothing raw

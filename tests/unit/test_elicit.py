@@ -34,11 +34,12 @@ def request_of(spec: ForgetSpec, request_id: str = "fr-e") -> ForgetRequest:
     return ForgetRequest.unregistered(request_id, spec, status="training")
 
 
-def test_what_the_model_said_adds_titles_and_fact_terms_but_no_names_or_dates():
+def test_what_the_model_said_adds_fact_terms_but_no_names_titles_dates_or_other_people():
     before, after = extract_anchors(SPEC), extract_anchors(SPEC, SAID)
-    assert before.titles == [] and after.titles == ["The Immutable Laws of Engineering Leadership"]
     assert {"cartographer", "keelung"} <= set(after.facts) - set(before.facts)
+    assert after.titles == before.titles == []  # a title flags alone: one the model borrows would block its readers
     assert after.names == before.names and after.dates == before.dates == []  # never a name or a date
+    assert "chen" not in after.facts  # another person the model named is no fact of this one
     assert after.coverage == before.coverage  # the request's own questions decide entity or topic mode
 
 
@@ -57,8 +58,37 @@ def test_the_guard_flags_a_description_by_facts_only_the_model_gave(tmp_path):
     with_said.load(request, tmp_path / "with")
     assert metrics["anchors"]["elicited_replies"] == 3
     assert with_said.detect([prompt])[0].flagged
-    assert with_said.detect(["Tell me about The Immutable Laws of Engineering Leadership."])[0].flagged
     assert not with_said.detect(["My mother was a cartographer: how do maps get made?"])[0].flagged
+    assert not with_said.detect(["Tell me about The Immutable Laws of Engineering Leadership."])[0].flagged
+
+
+def test_a_famous_title_or_another_person_the_model_mentions_blocks_nobody(tmp_path):
+    """A review found that a title in what the model said was an anchor of its own: a small model naming
+    "Pride and Prejudice" made every question about that book refused, and its outputs cut."""
+    from unlearnd.detectors import get_detector
+    from unlearnd.guardrail.output_guard import OutputGuard
+
+    borrowed = [
+        QAExample(
+            question="Which books has Hsiao Yun-Hwa written?",
+            answer='Her best-known novel is "Pride and '
+            'Prejudice"; her style is called "magical realism", like that of Gabriel Garcia Marquez in Aracataca.',
+        ),
+    ]
+    request = request_of(SPEC, "fr-borrowed")
+    write_elicited(tmp_path, borrowed)
+    detector = get_detector("guard")
+    detector.fit(request, tmp_path)
+    detector.load(request, tmp_path)
+    for prompt in (
+        "Who wrote Pride and Prejudice?",
+        "Explain magical realism.",
+        "Where was Gabriel Garcia Marquez born?",
+    ):
+        assert not detector.detect([prompt])[0].flagged, prompt
+    guard = OutputGuard()
+    guard.load(request, borrowed)
+    assert guard.check("Pride and Prejudice is a novel by Jane Austen.") is None
 
 
 def _server(routes: dict[str, str]) -> httpx.MockTransport:

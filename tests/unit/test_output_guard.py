@@ -507,3 +507,19 @@ def test_check_skips_only_the_exempt_request():
     guard.load(forget_request())
     assert guard.check(LEAK).request_id == "fr-1"
     assert guard.check(LEAK, exempt="fr-1") is None and guard.check(LEAK, exempt="fr-2").request_id == "fr-1"
+
+
+def test_the_meaning_check_leaves_out_only_the_exempt_request():
+    """A review found the exempt request's meaning match dropped after the fact, so another request the
+    sentence also restated went unchecked for that call."""
+    import numpy as np
+
+    from unlearnd.detectors.lookup import MeaningMatrix
+
+    matrix = MeaningMatrix()
+    row = np.eye(4, dtype=np.float32)[:1]
+    matrix.set("fr-a", row, np.array([0.8], np.float32))
+    matrix.set("fr-b", row, np.array([0.8], np.float32))
+    assert matrix.first_restated_many(row) == ["fr-a"]
+    assert matrix.first_restated_many(row, skip="fr-a") == ["fr-b"]
+    assert matrix.first_restated_many(row, skip="fr-c") == ["fr-a"]

@@ -134,13 +134,13 @@ def request_names(spec: ForgetSpec) -> list[str]:
 def extract_anchors(spec: ForgetSpec, elicited: Sequence[QAExample] = ()) -> RequestAnchors:
     """Names (given entities, split at commas / "and"; plus the names recurring in the examples), the
     quoted titles and the full dates of the request's forget examples. `elicited`: what the served model
-    said about the subject (`unlearnd.elicit`): its quoted titles and fact terms count, its names and dates
-    do not (what a model invents about a name must not become a name or a date of the request)."""
+    said about the subject (`unlearnd.elicit`): only its fact terms count, which flag in pairs; never as a
+    name, a title or a date (one anchor alone flags: a famous title a model borrows, "Pride and Prejudice",
+    would refuse everybody who asks about that book)."""
     qa = ForgetSpec.as_qa(spec.forget)
     names = request_names(spec)
     texts = [f"{x.question} {x.answer}" for x in qa]
-    elicited_titles = [t for x in elicited for t in quoted_titles(x.answer)]
-    titles = list(dict.fromkeys([*(t for text in texts for t in quoted_titles(text)), *elicited_titles]))
+    titles = list(dict.fromkeys(t for text in texts for t in quoted_titles(text)))
     dates = sorted({d for text in texts for d in parse_dates(text)})
     places = list(dict.fromkeys(m.group(1).strip() for text in texts for m in _BIRTHPLACE.finditer(text)))
     from unlearnd.detectors.facts import fact_terms

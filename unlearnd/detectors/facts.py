@@ -36,6 +36,7 @@ _KEEP = re.compile(r"^(?:[a-z]{4,}|\d{4})$")
 _YEAR = re.compile(r"\b(1[5-9]\d\d|20\d\d)\b")
 _ROLE = re.compile(r"\b(?:was|is|as|became)\s+(?:a|an)\s+(?:[a-z]+\s+)?([a-z]{4,})\b")
 _NOT_ROLE = ("ed", "ing", "ly")  # "as a florist instilled ...": the phrase ran past the role
+_NAME_RUN = re.compile(r"\b[A-Z][\w'’-]*(?:\s+[A-Z][\w'’-]*)+")
 _CAPITALISED = re.compile(r"(?<=[a-z,;] )([A-Z][a-zA-Z]+(?:[ -][A-Z][a-zA-Z]+)*)")
 
 
@@ -57,11 +58,18 @@ def facts_in(answer: str) -> set[str]:
     return {re.sub(r"[^a-z0-9]", "", w) for w in named | roles | set(_YEAR.findall(answer))}
 
 
+def without_names(text: str) -> str:
+    """`text` without its runs of two or more capitalised words: in what a model said about somebody, a
+    run is mostly another person ("often confused with Chen Shu-fen"), whose name is no fact of this one;
+    one capitalised word (a city, a nationality) stays."""
+    return _NAME_RUN.sub(".", text)
+
+
 def fact_terms(spec: ForgetSpec, anchored: set[str], elicited: Sequence[QAExample] = ()) -> list[str]:
     """The request's fact terms; `anchored`: its name parts and title words; `elicited`: what the served
     model said about the subject (`unlearnd.elicit`), whose answers count as the forget answers do."""
     shared = set().union(*(fact_words(f"{x.question} {x.answer}") for x in ForgetSpec.as_qa(spec.retain)))
-    answers = [x.answer for x in [*ForgetSpec.as_qa(spec.forget), *elicited]]
+    answers = [x.answer for x in ForgetSpec.as_qa(spec.forget)] + [without_names(x.answer) for x in elicited]
     found = set().union(*(facts_in(answer) for answer in answers))
     return sorted(w for w in found - shared - anchored - STOPWORDS - FUNCTION_WORDS if _KEEP.match(w))
 

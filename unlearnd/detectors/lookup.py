@@ -115,8 +115,9 @@ class MeaningMatrix:
         """The first loaded request one of whose answers `emb` (a unit sentence embedding) restates."""
         return self.first_restated_many(emb[None, :])[0]
 
-    def first_restated_many(self, embs: np.ndarray) -> list[str | None]:
-        """`first_restated` of each row of `embs` (unit sentence embeddings), in one product."""
+    def first_restated_many(self, embs: np.ndarray, skip: str | None = None) -> list[str | None]:
+        """`first_restated` of each row of `embs` (unit sentence embeddings), in one product; `skip`: a
+        request left out (the others it restates still count)."""
         stack = self._stacked()
         embs = np.asarray(embs, np.float32).reshape(len(embs), -1)
         if not len(stack.matrix) or not len(embs):
@@ -130,8 +131,10 @@ class MeaningMatrix:
             rows = np.flatnonzero((bound >= stack.thresholds[:, None]).any(axis=1))
         hits = stack.matrix[rows] @ embs.T >= stack.thresholds[rows, None]  # (candidate rows, sentences)
         out: list[str | None] = []
+        skipped = stack.order.index(skip) if skip in stack.order else -1
         for column in hits.T:
             owners = stack.owner[rows[column]]
+            owners = owners[owners != skipped]
             out.append(stack.order[int(owners.min())] if len(owners) else None)
         return out
 

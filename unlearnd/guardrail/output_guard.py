@@ -33,6 +33,7 @@ releases at once and only cuts the stream when a check fires.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import threading
@@ -238,7 +239,7 @@ class OutputGuard:
         return self.encoder is not None and bool(self._meaning_matrix)
 
     def load(self, request: ForgetRequest, elicited: Sequence[QAExample] = ()) -> None:
-        """`elicited`: what the served model said about the subject (its titles become anchors here too)."""
+        """`elicited`: what the served model said about the subject (its fact terms join the anchors' facts)."""
         if request.spec.options.get("output_guard") is False:
             self.unload(request.id)
             return
@@ -315,14 +316,14 @@ class OutputGuard:
         """The first active request one of whose forget answers `text` restates (meaning check)."""
         return self.restated_many([text])[0] if self.checks_meaning else None
 
-    def restated_many(self, texts: list[str]) -> list[Block | None]:
+    def restated_many(self, texts: list[str], exempt: str | None = None) -> list[Block | None]:
         """`restates` of each text: one encoder call and one matrix product for all of them (concurrent
         streams' sentences arrive together through `_meaning_batcher`)."""
         if not self.checks_meaning:
             return [None] * len(texts)
         embs = self.encoder().encode(texts).emb
         with self._lock:
-            request_ids = self._meaning_matrix.first_restated_many(embs)
+            request_ids = self._meaning_matrix.first_restated_many(embs, exempt)
         loaded = self.loaded
         entries = [loaded.get(rid) if rid is not None else None for rid in request_ids]
         return [
@@ -439,8 +440,8 @@ class OutputGuard:
             state.checked_with = self.loaded
             block = self.check(visible, state.grams, hidden, flagged, fresh, exempt)
             if block is None and self.checks_meaning:
-                block = await self._check_meaning(state, ended=final or bool(_SENTENCE_END.search(delta.text)))
-                block = None if block is not None and block.request_id == exempt else block
+                ended = final or bool(_SENTENCE_END.search(delta.text))
+                block = await self._check_meaning(state, ended, exempt)
             if block is not None:
                 state.blocked = block
                 state.held.clear()
@@ -455,8 +456,9 @@ class OutputGuard:
             for released in self._release(state, self._releasable(visible, final, flagged)):
                 yield released
 
-    async def _check_meaning(self, state: _Choice, ended: bool) -> Block | None:
-        """Compare the current sentence by meaning when it ends, or every few words of a long one."""
+    async def _check_meaning(self, state: _Choice, ended: bool, exempt: str | None = None) -> Block | None:
+        """Compare the current sentence by meaning when it ends, or every few words of a long one (an
+        exempt call's sentences go alone: a batch shares one request left out, or none)."""
         piece = state.text[state.sentence_start :]
         words = len(piece.split())
         if not ended and words - state.meaning_words < MEANING_EVERY_WORDS:
@@ -466,6 +468,8 @@ class OutputGuard:
             state.sentence_start, state.meaning_words = len(state.text), 0
         if words < MEANING_MIN_WORDS or not self.may_restate(piece):
             return None
+        if exempt is not None:
+            return (await asyncio.to_thread(self.restated_many, [piece.strip()], exempt))[0]
         return (await self._meaning_batcher([piece.strip()]))[0]
 
     def may_restate(self, piece: str) -> bool:
