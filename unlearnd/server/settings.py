@@ -95,7 +95,7 @@ class ServerSettings(BaseSettings):
     elicit: bool = Field(
         False,
         description="Before fitting a request's detector, have the server's own worker ask the served model about "
-        "the request's names (`unlearnd.elicit`): the facts and titles it gives join the request's anchors "
+        "the request's names (`unlearnd.elicit`): the fact terms it gives join the request's (they flag in pairs) "
         "(a request's options.elicit overrides it). Off by default: on the TOFU mini target the model mixed its "
         "authors' facts up (scripts/dev_elicitation.py).",
     )
