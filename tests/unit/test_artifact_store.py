@@ -1,6 +1,8 @@
 """Artifacts in an object store (`--artifacts URL`): a worker publishes, another replica fetches the version
 the registry names into its own cache, and a copy that differs fails closed. fsspec's local file system
-stands in for S3 here: the same code path (put, find, get, rm) with a URL, no server needed."""
+stands in for S3 here: the same code path (put, find, get, rm) with a URL, no server needed. The tests that take
+the `shared` fixture run again against a real S3 server (Ceph's gateway) in
+tests/integration/test_artifact_store_s3.py, so they reach the store only through its URL."""
 
 from __future__ import annotations
 
@@ -22,6 +24,24 @@ def _trained(worker_dir, database: str, store: str, name: str = "Jane Doe"):
     record = registry.add(spec(name))
     run_worker(worker_dir, "keyword", "unused", once=True, registry_url=database, artifacts=store)
     return registry, record
+
+
+def versions(store: str, request_id: str) -> list[str]:
+    """The digests (hex) of the versions the store holds for a request."""
+    from unlearnd.artifact_store import ArtifactStore
+
+    found = ArtifactStore(store)
+    found.fs.invalidate_cache()
+    return sorted(version.rstrip("/").rsplit("/", 1)[-1] for version in found._versions(request_id))
+
+
+def tamper(store: str, request_id: str, digest: str) -> None:
+    """Change one file of a published version in place, as an attacker with write access to the store would."""
+    from unlearnd.artifact_store import ArtifactStore
+
+    found = ArtifactStore(store)
+    found.fs.pipe(f"{found._version(request_id, digest)}/detector.json", b'{"tampered": true}')
+    found.fs.invalidate_cache()
 
 
 @pytest.fixture
@@ -46,8 +66,7 @@ def test_a_trained_folder_reaches_another_replica_through_the_store(shared):
     replica.fetch_artifacts(replica.get(record.id))
     cached = replica.artifact_dir(record.id)
     assert (cached / "detector.json").read_bytes() == (registry.artifact_dir(record.id) / "detector.json").read_bytes()
-    versions = list((worker_dir.parent / "store" / record.id).iterdir())
-    assert [v.name for v in versions] == [ready.artifact_digest.removeprefix("sha256:")]
+    assert versions(store, record.id) == [ready.artifact_digest.removeprefix("sha256:")]
 
 
 def test_a_changed_copy_in_the_store_is_refused_and_the_cache_kept(shared):
@@ -58,8 +77,7 @@ def test_a_changed_copy_in_the_store_is_refused_and_the_cache_kept(shared):
     replica.fetch_artifacts(ready)
     good = (replica.artifact_dir(record.id) / "detector.json").read_bytes()
 
-    version = worker_dir.parent / "store" / record.id / ready.artifact_digest.removeprefix("sha256:")
-    (version / "detector.json").write_text('{"tampered": true}')
+    tamper(store, record.id, ready.artifact_digest)
     (replica.artifact_dir(record.id) / "detector.json").write_text("stale")  # the cache no longer matches
     with pytest.raises(ArtifactMismatch):
         replica.fetch_artifacts(ready)
@@ -75,8 +93,9 @@ def test_a_version_the_store_lacks_fails_closed_and_purge_empties_the_store(shar
     with pytest.raises(ArtifactMismatch, match="holds no version"):
         Registry(replica_dir, database, store).fetch_artifacts(missing)
 
+    assert versions(store, record.id) == [ready.artifact_digest.removeprefix("sha256:")]
     registry.deactivate(record.id, purge=True)
-    assert not (worker_dir.parent / "store" / record.id).exists()
+    assert versions(store, record.id) == []
 
 
 def test_a_retrain_publishes_a_new_version_and_drops_the_old(shared):
@@ -86,8 +105,7 @@ def test_a_retrain_publishes_a_new_version_and_drops_the_old(shared):
     (registry.artifact_dir(record.id) / "extra.json").write_text("{}")
     second = registry.record_artifacts(record.id)
     assert second != first
-    names = [v.name for v in (worker_dir.parent / "store" / record.id).iterdir()]
-    assert names == [second.removeprefix("sha256:")]
+    assert versions(store, record.id) == [second.removeprefix("sha256:")]
 
 
 def test_a_replica_serves_a_request_trained_elsewhere_from_the_store_and_refuses_a_tampered_one(
@@ -112,8 +130,7 @@ def test_a_replica_serves_a_request_trained_elsewhere_from_the_store_and_refuses
         assert client.get(f"/v1/unlearning/requests/{record.id}", headers=ADMIN).json()["status"] == "active"
 
     # The store's copy changed and the replica's cache is gone: a fresh start refuses by name (degraded).
-    version = worker_dir.parent / "store" / record.id / registry.get(record.id).artifact_digest.removeprefix("sha256:")
-    (version / "detector.json").write_text('{"tampered": true}')
+    tamper(store, record.id, registry.get(record.id).artifact_digest)
     import shutil
 
     shutil.rmtree(replica_dir / "artifact-cache" / record.id)
@@ -169,7 +186,7 @@ def test_a_purge_during_training_leaves_no_version_in_the_store(shared, monkeypa
 
     monkeypatch.setitem(METHODS, "prompt", replace(METHODS["prompt"], job=purge_midway))
     run_worker(worker_dir, "keyword", "unused", once=True, registry_url=database, artifacts=store)
-    assert not (worker_dir.parent / "store" / record.id).exists()
+    assert versions(store, record.id) == []
     assert not registry.artifact_dir(record.id).exists()
 
 

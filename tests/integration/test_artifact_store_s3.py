@@ -1,0 +1,100 @@
+"""`--artifacts s3://…` against a real S3 server: Ceph's RADOS Gateway (Debian's `radosgw`, over a one-node
+cluster the fixture starts; `scripts/system_packages.sh` installs it). The object-store tests of
+tests/unit/test_artifact_store.py run here again with an `s3://` URL through s3fs, and a real outage (the
+gateway killed and started again) replaces the unit test's simulated one."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from tests.unit.test_artifact_store import (  # noqa: F401  (collected here again, on S3)
+    _eventually,
+    _trained,
+    test_a_changed_copy_in_the_store_is_refused_and_the_cache_kept,
+    test_a_purge_during_training_leaves_no_version_in_the_store,
+    test_a_replica_serves_a_request_trained_elsewhere_from_the_store_and_refuses_a_tampered_one,
+    test_a_retrain_publishes_a_new_version_and_drops_the_old,
+    test_a_trained_folder_reaches_another_replica_through_the_store,
+    test_a_version_the_store_lacks_fails_closed_and_purge_empties_the_store,
+    versions,
+)
+from unlearnd.bench.ceph import CephS3Server, ceph_installed
+from unlearnd.domain import Status
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not ceph_installed(), reason="Ceph (ceph-mon ceph-osd radosgw) is not installed"),
+]
+
+
+@pytest.fixture(scope="module")
+def ceph():
+    pytest.importorskip("s3fs")
+    server = CephS3Server().start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def shared(ceph, tmp_path, monkeypatch):
+    """Two machines' data dirs on one database and one bucket of the S3 server (a fresh bucket per test)."""
+    for name, value in ceph.env.items():
+        monkeypatch.setenv(name, value)
+    database = f"sqlite:///{tmp_path / 'registry.db'}"
+    store = f"s3://unlearnd-{uuid.uuid4().hex[:12]}/artifacts"
+    return (
+        (tmp_path / "worker", database, store),
+        (tmp_path / "replica", database, store),
+    )
+
+
+def test_the_store_is_really_s3(shared, ceph):
+    from unlearnd.artifact_store import ArtifactStore
+
+    (worker_dir, database, store), _ = shared
+    registry, record = _trained(worker_dir, database, store)
+    found = ArtifactStore(store)
+    assert type(found.fs).__name__ == "S3FileSystem"
+    assert found.fs.client_kwargs.get("endpoint_url") is None  # reached through the standard AWS variables
+    assert versions(store, record.id) == [registry.get(record.id).artifact_digest.removeprefix("sha256:")]
+
+
+def test_a_gateway_outage_refuses_meanwhile_without_degrading_and_the_request_returns_with_the_gateway(
+    shared, ceph, default_model_dir
+):
+    """The S3 server killed before a replica starts: the request is refused by name (never the raw model),
+    and not marked degraded in the registry; once the server is back the replica fetches, verifies and serves it."""
+    from fastapi.testclient import TestClient
+
+    from tests.helpers import TinyEngine, app_settings
+    from unlearnd.interventions.guardrails import REFUSAL
+    from unlearnd.server.app import create_app
+
+    (worker_dir, database, store), (replica_dir, *_) = shared
+    registry, record = _trained(worker_dir, database, store, "Basil Mahfouz")
+    registry.set_status(record.id, Status.active)
+    settings = app_settings(replica_dir, registry=database, artifacts=store)
+    ask = {"model": "tiny", "messages": [{"role": "user", "content": "Who is Basil Mahfouz?"}], "max_tokens": 32}
+    ceph.stop_gateway()
+    try:
+        with TestClient(create_app(settings, engine=TinyEngine(default_model_dir, max_model_len=128))) as client:
+            pipeline = client.app.state.unlearnd.pipeline
+            reply = client.post("/v1/chat/completions", json=ask).json()
+            assert reply["choices"][0]["message"]["content"] == REFUSAL
+            assert record.id in pipeline.degraded  # refused by name in this replica only, while it waits
+            assert registry.get(record.id).status == Status.active
+            assert not (replica_dir / "artifact-cache" / record.id).exists()
+            ceph.start_gateway()
+            assert _eventually(lambda: record.id in pipeline.active and record.id not in pipeline.degraded, 120)
+            assert registry.get(record.id).status == Status.active  # never marked degraded
+            assert client.post("/v1/chat/completions", json=ask).json()["choices"][0]["message"]["content"] == REFUSAL
+            cache = replica_dir / "artifact-cache" / record.id
+            assert cache.exists()
+            registry.deactivate(record.id, purge=True)
+            assert _eventually(lambda: not cache.exists(), 60)
+            assert versions(store, record.id) == []
+    finally:
+        if "rgw" not in ceph.procs:
+            ceph.start_gateway()
