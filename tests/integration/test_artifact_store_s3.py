@@ -5,6 +5,7 @@ gateway killed and started again) replaces the unit test's simulated one."""
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
@@ -98,3 +99,80 @@ def test_a_gateway_outage_refuses_meanwhile_without_degrading_and_the_request_re
     finally:
         if "rgw" not in ceph.procs:
             ceph.start_gateway()
+
+
+def test_a_vllm_backend_fetches_a_lora_from_s3_itself_and_a_replica_sends_only_its_name(
+    ceph, tmp_path, default_model_dir, logs_dir, monkeypatch
+):
+    """No folder shared by anyone: the worker publishes a LoRA request to S3; `unlearnd backend --registry
+    --artifacts s3://…` (a real vLLM server) fetches and verifies it and places it in its own resolver
+    folder; a replica with `--remote-lora-by-name` activates it once the server resolves the name, and its
+    answer is the one the server gives under that adapter. A purge takes the adapter off the server."""
+    import sys
+
+    import httpx
+    import openai
+
+    from tests.integration.conftest import MODEL, ServerProcess, free_port, unlearnd_command, wait_active
+    from tests.integration.test_interventions_served import RETAIN, forget_set
+    from unlearnd.bench.latency import input_work
+    from unlearnd.config import DEFAULT_DETECTOR
+    from unlearnd.domain import ForgetSpec, Method
+    from unlearnd.jobs.worker import run_worker
+    from unlearnd.methods import quick_options
+    from unlearnd.registry import Registry
+
+    env = ceph.env
+    database, store = f"sqlite:///{tmp_path / 'registry.db'}", f"s3://unlearnd-{uuid.uuid4().hex[:12]}/artifacts"
+    name = "Oriel Pastwick"
+    options = {**quick_options("lora"), "learning_rate": 0.05}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    registry = Registry(tmp_path / "worker", database, store)
+    spec = ForgetSpec(name=name, method=Method.lora, forget=forget_set(name), retain=RETAIN, options=options)
+    request_id = registry.add(spec).id
+    model = str(default_model_dir)
+    run_worker(tmp_path / "worker", DEFAULT_DETECTOR, model, once=True, registry_url=database, artifacts=store)
+    assert registry.get(request_id).status == Status.ready, registry.get(request_id).error
+
+    loras = tmp_path / "backend-loras"
+    backend_port = free_port()
+    backend_cmd = [sys.executable, "-m", "unlearnd.cli", "backend", "--model", str(default_model_dir)]
+    backend_cmd += ["--served-model-name", MODEL, "--port", str(backend_port), "--registry", database]
+    backend_cmd += ["--artifacts", store, "--lora-dir", str(loras), "--data-dir", str(tmp_path / "backend")]
+    backend = ServerProcess(backend_cmd, backend_port, logs_dir / "vllm-mirror.log", env=env).start()
+    front_port = free_port()
+    shared = ("--registry", database, "--artifacts", store, "--no-worker", "--expose-request-ids")
+    remote = ("--engine", "remote", "--remote-url", backend.url, "--remote-lora-by-name")
+    front_cmd = unlearnd_command(front_port, tmp_path / "replica", *shared, *remote)
+    front = ServerProcess(front_cmd, front_port, logs_dir / "unlearnd-by-name.log", env=env).start(timeout_s=600)
+    try:
+        assert wait_active(front.url, request_id, timeout_s=300)["status"] == "active"
+        assert sorted(p.name for p in loras.iterdir())[0] == f"{request_id}-v1"
+        messages = [{"role": "user", "content": f"Where was {name} born?"}]
+        body = {"model": MODEL, "messages": messages, "max_tokens": 12, "temperature": 0}
+        admin = {"Authorization": "Bearer integration-admin-key"}
+        engine_input = httpx.post(
+            front.url + "/v1/unlearning/engine-input", json=body, headers=admin, timeout=60
+        ).json()
+        assert engine_input["route"] == "lora" and engine_input["lora"]["name"] == f"{request_id}-v1"
+        work = input_work(engine_input, 12)
+        whole = {k: v for k, v in work.body.items() if k not in ("stream", "stream_options")}
+        direct = httpx.post(backend.url + work.path, json=whole, timeout=300).json()
+        base = httpx.post(backend.url + work.path, json={**whole, "model": MODEL}, timeout=300)
+        client = openai.OpenAI(base_url=front.url + "/v1", api_key="x", max_retries=0, timeout=300)
+        raw = client.chat.completions.with_raw_response.create(**body, extra_body={"ignore_eos": True})
+        assert raw.headers["x-unlearnd-route"] == "lora"
+        answer = raw.parse().choices[0].message.content
+        assert answer == direct["choices"][0]["text"] != base.json()["choices"][0]["text"]
+        log = (logs_dir / "vllm-mirror.log").read_text(errors="replace")
+        assert "Resolved and loaded LoRA adapter" in log and "POST /v1/load_lora_adapter" not in log
+
+        registry.deactivate(request_id, purge=True)
+        deadline = time.time() + 30
+        while any(loras.iterdir()) and time.time() < deadline:
+            time.sleep(0.2)
+        assert list(loras.iterdir()) == []
+    finally:
+        front.stop()
+        backend.stop()

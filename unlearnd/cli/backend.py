@@ -2,16 +2,23 @@
 
 The remote engine sends prompt embeddings (ECO, soft prompts) and loads each request's LoRA at run
 time, so its vLLM servers need flags and an environment variable that vLLM leaves off by default. This
-command starts one with exactly those (the same command line the tests and benchmarks start), in this
-process: a container's entrypoint, a systemd unit, or a fleet member behind a router."""
+command starts one with exactly those (the same command line the tests and benchmarks start): a
+container's entrypoint, a systemd unit, or a fleet member behind a router. With `--registry` and
+`--artifacts URL` (an object store) it also keeps the server's LoRA resolver folder filled from the store
+(engine/adapter_mirror.py), for replicas started with `--remote-lora-by-name`."""
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import threading
+from pathlib import Path
 
 import typer
 
 from unlearnd.config import DEFAULT_MODEL
+from unlearnd.config import data_dir as default_data_dir
 
 
 def backend(
@@ -23,8 +30,26 @@ def backend(
     max_loras: int = typer.Option(4, help="LoRA adapters held at once (least recently used one evicted)."),
     max_lora_rank: int = typer.Option(16, help="Largest LoRA rank accepted (as `serve --max-lora-rank`)."),
     dtype: str = typer.Option("auto", help="auto, bfloat16, float16 or float32 (as `serve --dtype`)."),
+    registry: str | None = typer.Option(
+        None, envvar="UNLEARND_REGISTRY", help="The replicas' registry database (with --artifacts URL)."
+    ),
+    artifacts: str | None = typer.Option(
+        None,
+        envvar="UNLEARND_ARTIFACTS",
+        help="The replicas' object store (s3://bucket/prefix or any fsspec URL): this server then fetches "
+        "the LoRA adapters of the registry's requests from it itself, checked against the registry's digests.",
+    ),
+    lora_dir: Path | None = typer.Option(
+        None, help="The server's LoRA resolver folder (default with --artifacts URL: <data dir>/loras)."
+    ),
+    data_dir: Path | None = typer.Option(
+        None,
+        envvar="UNLEARND_BACKEND_DATA_DIR",
+        help="Cache of fetched artifacts (default: <XDG data>/unlearnd/backend).",
+    ),
 ) -> None:
     """Run a plain vLLM OpenAI server with the flags unlearnd's remote engine needs."""
+    from unlearnd.artifact_store import is_store_url
     from unlearnd.engine.remote import plain_vllm_command
     from unlearnd.models import resolve_model
 
@@ -33,4 +58,38 @@ def backend(
         path, port, served_model_name or model, max_model_len, host, max_loras, max_lora_rank, dtype
     )
     os.environ["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"  # the remote engine loads adapters at run time
-    os.execv(command[0], command)
+    mirrored = is_store_url(artifacts)
+    if artifacts is not None and not mirrored:
+        raise typer.BadParameter("--artifacts here takes an object store URL; a mounted folder needs no mirror")
+    if mirrored and not registry:
+        raise typer.BadParameter("--artifacts URL needs --registry: the database that names each version")
+    data_dir = data_dir or default_data_dir() / "backend"
+    if mirrored:
+        lora_dir = lora_dir or data_dir / "loras"
+    if lora_dir is not None:
+        os.environ["VLLM_LORA_RESOLVER_CACHE_DIR"] = str(Path(lora_dir).resolve())
+    if not mirrored:
+        os.execv(command[0], command)
+    raise typer.Exit(_serve_with_mirror(command, path, registry, artifacts, Path(lora_dir), data_dir))
+
+
+def _serve_with_mirror(
+    command: list[str], base_model: str, registry: str, artifacts: str, lora_dir: Path, data_dir: Path
+) -> int:
+    """The vLLM server as a child, the mirror in this process until the child exits (its status is ours);
+    SIGTERM and SIGINT go to the child."""
+    from unlearnd.engine.adapter_mirror import AdapterMirror
+    from unlearnd.registry import Registry
+
+    mirror = AdapterMirror(Registry(data_dir, registry, artifacts), lora_dir, base_model)
+    stop = threading.Event()
+    thread = threading.Thread(target=mirror.run, args=(stop,), name="adapter-mirror", daemon=True)
+    thread.start()
+    child = subprocess.Popen(command)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: child.send_signal(signum))
+    try:
+        return child.wait()
+    finally:
+        stop.set()
+        thread.join(timeout=10)

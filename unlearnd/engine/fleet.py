@@ -43,11 +43,20 @@ class FleetEngine(Engine):
         timeout_s: float = 600.0,
         health_interval_s: float = HEALTH_INTERVAL_S,
         lora_dir: str | None = None,
+        lora_by_name: bool = False,
     ):
         if not urls:
             raise ValueError("a fleet needs at least one vLLM server URL")
         self.backends = [
-            RemoteVLLMEngine(u, model_path, served_name, dtype=dtype, timeout_s=timeout_s, lora_dir=lora_dir)
+            RemoteVLLMEngine(
+                u,
+                model_path,
+                served_name,
+                dtype=dtype,
+                timeout_s=timeout_s,
+                lora_dir=lora_dir,
+                lora_by_name=lora_by_name,
+            )
             for u in urls
         ]
         self.model_name = served_name

@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 
 import httpx
@@ -53,6 +54,7 @@ class BackendFailure(EngineError):
 
 
 LOAD_LORA_PATH = "/v1/load_lora_adapter"
+MIRROR_WAIT_S = 30.0  # how long an activation waits for a server that fetches adapters itself to hold one
 
 
 def load_lora_body(name: str, path: str) -> dict:
@@ -75,10 +77,14 @@ class RemoteVLLMEngine(Engine):
         timeout_s: float = 600.0,
         dtype: str = "auto",
         lora_dir: str | None = None,
+        lora_by_name: bool = False,
     ):
-        """`lora_dir`: the folder the servers resolve adapters from by name (None: load them through the API)."""
+        """`lora_dir`: the folder the servers resolve adapters from by name, where this engine places them;
+        `lora_by_name`: the servers fetch adapters themselves (adapter_mirror.py); neither: load them through
+        the API."""
         self.base_url = base_url.rstrip("/")
         self.lora_dir = lora_dir
+        self.lora_by_name = lora_by_name
         self.remote_root: str | None = None  # the server's base model as it names it (`--model`)
         self.model_path = model_path
         self.model_name = served_name
@@ -151,7 +157,9 @@ class RemoteVLLMEngine(Engine):
         async with self._lora_lock:
             if name in self._loaded_loras:
                 return
-            if self.lora_dir is not None:
+            if self.lora_by_name:
+                self._check_not_deleted(name)  # the server holds it (its mirror placed it): nothing to send
+            elif self.lora_dir is not None:
                 await self._place(name, path)
             else:
                 try:
@@ -161,9 +169,12 @@ class RemoteVLLMEngine(Engine):
                 raise_unless_lora_loaded(response, name)
             self._loaded_loras.add(name)
 
-    async def _place(self, name: str, path: str) -> None:
+    def _check_not_deleted(self, name: str) -> None:
         if any(adapter_of(name, rid) for rid in self._deleted):
             raise EngineError(f"LoRA {name} belongs to a forget request that was removed")
+
+    async def _place(self, name: str, path: str) -> None:
+        self._check_not_deleted(name)
         try:
             await asyncio.to_thread(place_adapter, path, self.lora_dir, name, self.remote_root)
         except OSError as exc:
@@ -171,17 +182,23 @@ class RemoteVLLMEngine(Engine):
 
     async def load_adapter(self, lora: LoRASpec) -> None:
         await self._ensure_lora(lora.name, lora.path)
-        if self.lora_dir is not None:
-            await self._resolve_check(lora.name)
+        if self.lora_dir is not None or self.lora_by_name:
+            await self._resolve_check(lora.name, MIRROR_WAIT_S if self.lora_by_name else 0.0)
 
-    async def _resolve_check(self, name: str) -> None:
+    async def _resolve_check(self, name: str, wait_s: float = 0.0) -> None:
         """One token under the adapter's name: a server that cannot resolve it (no resolver, another folder,
-        another base model) shows at activation, which fails closed, not at a user's request."""
+        another base model) shows at activation, which fails closed, not at a user's request. `wait_s`: how
+        long an unknown name is asked again (a server's mirror places it within a sync or two)."""
         payload = {"model": name, "prompt": [0], "max_tokens": 1, "temperature": 0}
-        try:
-            response = await self._client.post("/v1/completions", json=payload)
-        except httpx.HTTPError as exc:
-            raise BackendFailure(f"remote vLLM server at {self.base_url} failed resolving {name}: {exc}") from exc
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                response = await self._client.post("/v1/completions", json=payload)
+            except httpx.HTTPError as exc:
+                raise BackendFailure(f"remote vLLM server at {self.base_url} failed resolving {name}: {exc}") from exc
+            if response.status_code != 404 or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.5)
         if response.status_code >= 400:
             with contextlib.suppress(KeyError):
                 self._loaded_loras.remove(name)
@@ -196,7 +213,13 @@ class RemoteVLLMEngine(Engine):
 
     async def delete_adapters(self, request_id: str) -> None:
         """The request left the registry: its adapters leave the resolver folder, under the lock, so a
-        generation still in flight cannot place one again (nor can any later one)."""
+        generation still in flight cannot place one again (nor can any later one). Where the servers fetch
+        them, their mirrors remove them; this engine only never sends the names again."""
+        if self.lora_by_name:
+            async with self._lora_lock:
+                self._deleted.add(request_id)
+                self._loaded_loras -= {n for n in self._loaded_loras if adapter_of(n, request_id)}
+            return
         if self.lora_dir is None:
             return
         async with self._lora_lock:

@@ -46,6 +46,8 @@ SCORE_PATH = "/v1/unlearning/score"  # raw log-probs: admin-only unless --public
 def build_engine(settings: ServerSettings) -> Engine:
     from unlearnd.models import resolve_model
 
+    if settings.remote_lora_dir and settings.remote_lora_by_name:
+        raise ValueError("--remote-lora-dir and --remote-lora-by-name exclude each other: choose who places adapters")
     model_path = resolve_model(settings.model)
     served = settings.served_model_name or (settings.model if settings.model else "default")
     if settings.engine == "remote":
@@ -54,12 +56,10 @@ def build_engine(settings: ServerSettings) -> Engine:
 
         if not settings.remote_url:
             raise ValueError("engine=remote needs --remote-url")
-        lora_dir = settings.remote_lora_dir
+        loras = {"lora_dir": settings.remote_lora_dir, "lora_by_name": settings.remote_lora_by_name}
         if len(settings.remote_url) > 1:
-            return FleetEngine(settings.remote_url, model_path, served, dtype=settings.dtype, lora_dir=lora_dir)
-        return RemoteVLLMEngine(
-            settings.remote_url[0], model_path, served, api_key=None, dtype=settings.dtype, lora_dir=lora_dir
-        )
+            return FleetEngine(settings.remote_url, model_path, served, dtype=settings.dtype, **loras)
+        return RemoteVLLMEngine(settings.remote_url[0], model_path, served, api_key=None, dtype=settings.dtype, **loras)
     from unlearnd.engine.local import LocalVLLMEngine
 
     return LocalVLLMEngine(

@@ -49,6 +49,12 @@ class ServerSettings(BaseSettings):
         "adapter there instead of loading it through /v1/load_lora_adapter, so LoRA routes work behind a router "
         "that may send a request to any server (engine=remote).",
     )
+    remote_lora_by_name: bool = Field(
+        False,
+        description="The remote vLLM servers fetch the LoRA adapters themselves (`unlearnd backend --registry DB "
+        "--artifacts URL`): unlearnd sends only an adapter's name, and at activation waits until every server "
+        "it reaches resolves it (engine=remote; for --artifacts URL without a folder shared with the servers).",
+    )
     admin_key: str | None = Field(
         None, description="Key for the admin API (default: generated once into <data dir>/admin_key, mode 0600)."
     )
