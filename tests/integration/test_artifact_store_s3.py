@@ -33,9 +33,11 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def ceph():
     pytest.importorskip("s3fs")
-    server = CephS3Server().start()
-    yield server
-    server.cleanup()
+    server = CephS3Server()
+    try:
+        yield server.start()
+    finally:
+        server.cleanup()
 
 
 @pytest.fixture
@@ -140,13 +142,15 @@ def test_a_vllm_backend_fetches_a_lora_from_s3_itself_and_a_replica_sends_only_i
     backend_cmd = [sys.executable, "-m", "unlearnd.cli", "backend", "--model", str(default_model_dir)]
     backend_cmd += ["--served-model-name", MODEL, "--port", str(backend_port), "--registry", database]
     backend_cmd += ["--artifacts", store, "--lora-dir", str(loras), "--data-dir", str(tmp_path / "backend")]
-    backend = ServerProcess(backend_cmd, backend_port, logs_dir / "vllm-mirror.log", env=env).start()
+    backend = ServerProcess(backend_cmd, backend_port, logs_dir / "vllm-mirror.log", env=env)
     front_port = free_port()
     shared = ("--registry", database, "--artifacts", store, "--no-worker", "--expose-request-ids")
     remote = ("--engine", "remote", "--remote-url", backend.url, "--remote-lora-by-name")
     front_cmd = unlearnd_command(front_port, tmp_path / "replica", *shared, *remote)
-    front = ServerProcess(front_cmd, front_port, logs_dir / "unlearnd-by-name.log", env=env).start(timeout_s=600)
+    front = ServerProcess(front_cmd, front_port, logs_dir / "unlearnd-by-name.log", env=env)
     try:
+        backend.start()
+        front.start(timeout_s=600)
         assert wait_active(front.url, request_id, timeout_s=300)["status"] == "active"
         assert sorted(p.name for p in loras.iterdir())[0] == f"{request_id}-v1"
         messages = [{"role": "user", "content": f"Where was {name} born?"}]
@@ -173,6 +177,8 @@ def test_a_vllm_backend_fetches_a_lora_from_s3_itself_and_a_replica_sends_only_i
         while any(loras.iterdir()) and time.time() < deadline:
             time.sleep(0.2)
         assert list(loras.iterdir()) == []
+        gone = httpx.post(backend.url + work.path, json=whole, timeout=300)  # vLLM dropped what it had resolved
+        assert gone.status_code == 404, gone.text[:300]
     finally:
         front.stop()
         backend.stop()

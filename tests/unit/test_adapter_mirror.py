@@ -75,20 +75,82 @@ def test_a_request_that_leaves_loses_its_adapters_and_the_cache(setup):
     assert not mirror.registry.artifact_dir(request_id).exists()
 
 
-def test_a_tampered_version_is_never_placed_and_a_retrain_is(setup, caplog):
+def test_a_tampered_version_is_never_placed_and_a_retrain_is(setup, caplog, monkeypatch):
     from tests.unit.test_artifact_store import tamper
 
     worker, mirror, loras = setup
+    unloaded = _unloads(mirror, monkeypatch)
     request_id = _lora_request(worker)
     tamper(worker.store.url, request_id, worker.get(request_id).artifact_digest)
     with caplog.at_level(logging.ERROR):
         mirror.sync_once()
     assert list(loras.iterdir()) == []
-    assert "does not match" in caplog.text
+    assert "ArtifactMismatch" in caplog.text
     (worker.artifact_dir(request_id) / "lora" / "adapter_model.safetensors").write_bytes(b"retrained")
     worker.record_artifacts(request_id)  # a new version, published whole
     mirror.sync_once()
     assert (loras / f"{request_id}-v1" / "adapter_model.safetensors").read_bytes() == b"retrained"
+    assert unloaded == []  # nothing of it was placed before: the server cannot hold it
+    (worker.artifact_dir(request_id) / "lora" / "adapter_model.safetensors").write_bytes(b"again, same name")
+    worker.record_artifacts(request_id)  # same version number (a worker that lost lora.json), new weights
+    mirror.sync_once()
+    assert sorted(unloaded) == [f"{request_id}-v1", f"{request_id}-v1-s0.5"]  # the server drops the old weights
+
+
+def _unloads(mirror: AdapterMirror, monkeypatch) -> list[str]:
+    """The adapter names the mirror tells its vLLM server to drop."""
+    import unlearnd.engine.adapter_mirror as module
+
+    mirror.server_url = "http://vllm"
+    unloaded: list[str] = []
+
+    def post(url, json, timeout):
+        assert url == "http://vllm/v1/unload_lora_adapter"
+        unloaded.append(json["lora_name"])
+        return httpx.Response(200)
+
+    monkeypatch.setattr(module.httpx, "post", post)
+    return unloaded
+
+
+def test_a_restarted_mirror_removes_what_an_earlier_run_placed_for_a_request_since_purged(setup, tmp_path):
+    worker, mirror, loras = setup
+    kept, purged = _lora_request(worker, "Jane Doe"), _lora_request(worker, "John Roe")
+    mirror.sync_once()
+    worker.deactivate(purged, purge=True)  # while the backend was down
+    (loras / ".fr-leftover-v1.tmp").mkdir()  # a staging folder is not an adapter: left to place_adapter
+    again = AdapterMirror(mirror.registry, loras, BASE)
+    again.sync_once()
+    assert sorted(p.name for p in loras.iterdir() if not p.name.startswith(".")) == [f"{kept}-v1", f"{kept}-v1-s0.5"]
+    assert not mirror.registry.artifact_dir(purged).exists()
+
+
+def test_a_request_deactivated_between_listing_and_reading_is_not_placed(setup, monkeypatch):
+    worker, mirror, loras = setup
+    _lora_request(worker)
+    real_get = mirror.registry.get
+
+    def get_after_deactivation(rid):
+        worker.deactivate(rid)
+        return real_get(rid)
+
+    monkeypatch.setattr(mirror.registry, "get", get_after_deactivation)
+    mirror.sync_once()
+    assert list(loras.iterdir()) == []
+
+
+def test_an_artifact_that_is_no_lora_vllm_may_load_is_refused_once_not_retried(setup, monkeypatch):
+    worker, mirror, loras = setup
+    request_id = _lora_request(worker)
+    config = worker.artifact_dir(request_id) / "lora" / CONFIG
+    config.write_text(json.dumps({"peft_type": "LORA", "target_modules": ["embed_tokens"]}))
+    worker.record_artifacts(request_id)
+    fetches = []
+    real_fetch = mirror.registry.fetch_artifacts
+    monkeypatch.setattr(mirror.registry, "fetch_artifacts", lambda r: fetches.append(r.id) or real_fetch(r))
+    mirror.sync_once()
+    mirror.sync_once()
+    assert list(loras.iterdir()) == [] and fetches == [request_id]
 
 
 def test_a_store_it_cannot_reach_keeps_the_folder_and_is_tried_again(setup, monkeypatch):
@@ -154,15 +216,17 @@ def test_by_name_the_engine_sends_only_the_name_and_waits_for_the_servers_mirror
     assert not (tmp_path / "only-on-this-replica").exists()
 
 
-def test_by_name_a_server_that_never_holds_the_adapter_fails_the_activation(monkeypatch):
+def test_by_name_a_server_that_does_not_hold_the_adapter_yet_fails_the_activation_for_now(monkeypatch):
+    """Retried at the next sync (refused by name meanwhile), never marked degraded for a slow mirror."""
     import unlearnd.engine.remote as remote
+    from unlearnd.engine.remote import BackendFailure
 
     monkeypatch.setattr(remote, "MIRROR_WAIT_S", 1.0)
     engine = _by_name(FakeServer(resolves=False))
 
     async def run() -> None:
         await engine.connect()
-        with pytest.raises(EngineError, match="did not resolve"):
+        with pytest.raises(BackendFailure, match="does not hold LoRA fr-1-v1 yet"):
             await engine.load_adapter(LoRASpec("fr-1-v1", "unused"))
         assert not engine.holds_adapter("fr-1-v1")
 

@@ -99,15 +99,23 @@ class CephS3Server:
         return done.stdout
 
     def _daemon(self, name: str, *args: str) -> None:
-        log = open(self.root / "log" / f"{name}.out", "ab")
-        self.procs[name] = subprocess.Popen(
-            [args[0], "-f", "-c", str(self.root / "ceph.conf"), *args[1:]],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        with open(self.root / "log" / f"{name}.out", "ab") as log:  # the child keeps its own descriptor
+            self.procs[name] = subprocess.Popen(
+                [args[0], "-f", "-c", str(self.root / "ceph.conf"), *args[1:]],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def start(self, timeout_s: float = 120) -> CephS3Server:
+        """Everything up, or everything stopped again and the error raised (no daemon left behind)."""
+        try:
+            return self._start(timeout_s)
+        except BaseException:
+            self.cleanup()
+            raise
+
+    def _start(self, timeout_s: float) -> CephS3Server:
         for folder in ("run", "log", "mon", "osd/ceph-0", "rgw"):
             (self.root / folder).mkdir(parents=True, exist_ok=True)
         fsid = str(uuid.uuid4())

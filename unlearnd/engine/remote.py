@@ -54,7 +54,7 @@ class BackendFailure(EngineError):
 
 
 LOAD_LORA_PATH = "/v1/load_lora_adapter"
-MIRROR_WAIT_S = 30.0  # how long an activation waits for a server that fetches adapters itself to hold one
+MIRROR_WAIT_S = 3.0  # how long one activation waits for a server that fetches adapters itself (then: next sync)
 
 
 def load_lora_body(name: str, path: str) -> dict:
@@ -202,6 +202,11 @@ class RemoteVLLMEngine(Engine):
         if response.status_code >= 400:
             with contextlib.suppress(KeyError):
                 self._loaded_loras.remove(name)
+            if self.lora_by_name and response.status_code == 404:  # its mirror may not have fetched it yet
+                raise BackendFailure(
+                    f"the vLLM server at {self.base_url} does not hold LoRA {name} yet (is it started as "
+                    "`unlearnd backend --registry DB --artifacts URL`?); tried again at the next sync"
+                )
             raise EngineError(
                 f"the vLLM server did not resolve LoRA {name} from {self.lora_dir} ({response.status_code} "
                 f"{response.text[:300]}): start it with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and "

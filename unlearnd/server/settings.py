@@ -52,8 +52,11 @@ class ServerSettings(BaseSettings):
     remote_lora_by_name: bool = Field(
         False,
         description="The remote vLLM servers fetch the LoRA adapters themselves (`unlearnd backend --registry DB "
-        "--artifacts URL`): unlearnd sends only an adapter's name, and at activation waits until every server "
-        "it reaches resolves it (engine=remote; for --artifacts URL without a folder shared with the servers).",
+        "--artifacts URL`): unlearnd sends only an adapter's name; an activation asks one server for the name "
+        "(the others, or those behind a router, are asked on first use: one that lags answers that request with "
+        "an error, never the base model), and one that does not hold it yet leaves the request refused until the "
+        "next sync (engine=remote; for --artifacts URL and no folder shared with the "
+        "servers).",
     )
     admin_key: str | None = Field(
         None, description="Key for the admin API (default: generated once into <data dir>/admin_key, mode 0600)."
