@@ -116,3 +116,78 @@ def preempted(client) -> float:
     return next(
         float(x.split()[1]) for x in metrics.splitlines() if x.startswith("unlearnd_background_preempted_total")
     )
+
+
+class TimedEngine(SlowEngine):
+    """Records when each generation started and when each abort came."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.started: dict[str, float] = {}
+        self.aborted_at: dict[str, float] = {}
+
+    async def abort(self, request_id: str) -> None:
+        self.aborted_at[request_id] = time.monotonic()
+        await super().abort(request_id)
+
+    async def generate(self, request):
+        self.started.setdefault(request.request_id, time.monotonic())
+        async for delta in super().generate(request):
+            yield delta
+
+
+def test_a_probe_gives_way_when_a_user_arrives_not_only_once_the_users_generation_starts(
+    default_model_dir, tmp_path, monkeypatch
+):
+    """The probe's engine step in progress should end while the user's prompt is classified, not delay its
+    first token: the user counts from arrival (it counted only from its generation before)."""
+    engine = TimedEngine(default_model_dir, " ".join(f"word{i}" for i in range(40)), max_model_len=256)
+    app = create_app(app_settings(tmp_path), engine=engine)
+    body = {"model": engine.model_name, "messages": [{"role": "user", "content": "Tell me a story."}]}
+    with TestClient(app) as client:
+        pipeline = client.app.state.unlearnd.pipeline
+        real_prepare = pipeline.prepare
+
+        async def slow_classification(call):
+            if not call.background:
+                await asyncio.sleep(0.4)
+            return await real_prepare(call)
+
+        monkeypatch.setattr(pipeline, "prepare", slow_classification)
+        probe = threading.Thread(
+            target=client.post,
+            args=("/v1/chat/completions",),
+            kwargs={"json": body, "headers": {BACKGROUND_HEADER: "background"}},
+        )
+        probe.start()
+        time.sleep(0.3)  # the probe is generating
+        client.post("/v1/chat/completions", json=body)
+        probe.join(30)
+    probe_first, user, probe_again = (r.request_id for r in engine.seen)  # the probe is started again after
+    assert probe_again == f"{probe_first}-1"
+    assert engine.aborted_at[probe_first] < engine.started[user] - 0.3
+
+
+def test_a_background_call_waits_out_a_short_gap_between_users():
+    async def scenario():
+        traffic = Traffic(max_wait_s=10, linger_s=0.1)
+        started: list[float] = []
+
+        async def run(attempt: int) -> None:
+            started.append(time.monotonic())
+
+        async def abort(attempt: int) -> None:
+            raise AssertionError("never started while a user was in flight")
+
+        async with traffic.user():  # classification
+            background = asyncio.ensure_future(traffic.background(run, abort))
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.03)  # a gap shorter than linger_s
+        left = time.monotonic()
+        async with traffic.user():  # generation
+            await asyncio.sleep(0.05)
+            left = time.monotonic()
+        await background
+        return started[0] - left
+
+    assert asyncio.run(scenario()) >= 0.08

@@ -2,7 +2,7 @@
 
 On one engine, a probe that generates beside a user's request shares every engine step with it: a user
 served during a battery waited x1.13 as long (`reports/evidence-concurrency2.md`). A background call
-therefore waits until no user generation is in flight, and when a user's starts while it runs, it gives way
+therefore waits until no user call is in flight, and when a user's call arrives while it runs, it gives way
 at once: its generation is aborted and started again from the beginning once the engine is free (greedy
 probes give the same reply again). So that a battery still ends under a load that never pauses, a call that
 has waited `max_wait_s` in all runs to its end whatever arrives.
@@ -28,18 +28,27 @@ BACKGROUND_HEADER = "x-unlearnd-priority"  # "background": a non-streamed call t
 class Traffic:
     """Counts users' generations in flight; runs background calls in the gaps between them."""
 
-    def __init__(self, max_wait_s: float = 10.0):
+    def __init__(self, max_wait_s: float = 10.0, linger_s: float = 0.05):
+        """`linger_s`: how long the engine must have been free of users before a background call starts
+        (the gap between a user's classification and its generation is not one)."""
         self.max_wait_s = max_wait_s
+        self.linger_s = linger_s
         self.users = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self._arrival = asyncio.Event()  # set (and replaced) whenever a user's generation starts
+        self._arrival = asyncio.Event()  # set (and replaced) whenever a user's call arrives
+        self._linger: asyncio.TimerHandle | None = None  # sets idle once the last user left linger_s ago
 
     @contextlib.asynccontextmanager
     async def user(self) -> AsyncIterator[None]:
-        """Around a user's generation: background calls wait while any is in flight."""
+        """Around a user's call, from its arrival (classification) to the end of its generation: background
+        calls wait while any is in flight, and one running gives way as soon as a user arrives, so that its
+        engine step in progress ends while the user's prompt is still being classified."""
         self.users += 1
         self._idle.clear()
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
         arrival, self._arrival = self._arrival, asyncio.Event()
         arrival.set()
         try:
@@ -47,7 +56,15 @@ class Traffic:
         finally:
             self.users -= 1
             if self.users == 0:
-                self._idle.set()
+                if self.linger_s > 0:
+                    self._linger = asyncio.get_running_loop().call_later(self.linger_s, self._idle_if_free)
+                else:
+                    self._idle.set()
+
+    def _idle_if_free(self) -> None:
+        self._linger = None
+        if self.users == 0:
+            self._idle.set()
 
     async def background(self, run: Callable[[int], Awaitable[T]], abort: Callable[[int], Awaitable[None]]) -> T:
         """`run(attempt)` once no user generates; a user starting meanwhile cancels it (`abort(attempt)` stops
