@@ -101,6 +101,15 @@ class UnlearndClient:
     def metrics_text(self) -> str:
         return self.send("GET", "/metrics", admin=True).text
 
+    def metrics(self, *names: str) -> dict[str, float]:
+        """The values of unlabelled samples on /metrics (`name value`), by name; a name not there is left out."""
+        wanted, found = set(names), {}
+        for line in self.metrics_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name in wanted:
+                found[name] = float(value.split()[0])
+        return found
+
     def chat(self, model: str, messages: Sequence[dict], **params: Any) -> tuple[dict[str, Any], httpx.Headers]:
         """One chat completion: (response body, response headers, which carry the route)."""
         response = self.send(

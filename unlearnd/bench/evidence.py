@@ -30,6 +30,7 @@ from pydantic import BaseModel
 from unlearnd.bench.latency import bootstrap_ratio_ci
 from unlearnd.bench.propagation import invented_names
 from unlearnd.bench.servers import ServerProcess, free_port, unlearnd_command
+from unlearnd.client import UnlearndClient
 from unlearnd.config import DEFAULT_MODEL
 from unlearnd.evaluation.report import fmt, run_stamp, stamp_lines, write_records, write_report_files
 from unlearnd.evidence import EVIDENCE_ENV, EvidenceSettings
@@ -186,11 +187,9 @@ def run_evidence_bench(opts: EvidenceBenchOptions) -> dict[str, Any]:
 
 def _preempted(url: str) -> float | None:
     """Probes that gave way to a user (the server's `unlearnd_background_preempted_total`)."""
-    text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=30).text
-    for line in text.splitlines():
-        if line.startswith("unlearnd_background_preempted_total "):
-            return float(line.split()[1])
-    return None
+    name = "unlearnd_background_preempted_total"
+    with UnlearndClient(url, admin_key=KEY, timeout_s=30) as client:
+        return client.metrics(name).get(name)
 
 
 def summarise_bench(trials: list[dict], samples: list[dict], seed: int) -> dict[str, Any]:

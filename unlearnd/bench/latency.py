@@ -228,14 +228,9 @@ async def drive(
 
 def classifier_seconds(client: UnlearndClient) -> tuple[float, float]:
     """(sum, count) of the detector-latency histogram on an unlearnd server's /metrics."""
-    values = {}
-    for line in client.metrics_text().splitlines():
-        for key in ("unlearnd_classifier_latency_seconds_sum", "unlearnd_classifier_latency_seconds_count"):
-            if line.startswith(key + " "):
-                values[key] = float(line.split()[-1])
-    return values.get("unlearnd_classifier_latency_seconds_sum", 0.0), values.get(
-        "unlearnd_classifier_latency_seconds_count", 0.0
-    )
+    total, count = "unlearnd_classifier_latency_seconds_sum", "unlearnd_classifier_latency_seconds_count"
+    values = client.metrics(total, count)
+    return values.get(total, 0.0), values.get(count, 0.0)
 
 
 def active_count(client: UnlearndClient) -> int:
