@@ -245,9 +245,10 @@ def evidence_bench_markdown(report: dict[str, Any]) -> str:
     ]
     if report["battery_settings"].get("background"):
         lines[-1] += (
-            " Here the probes give way to users (`guardrail.traffic`): one starts only while no user's request "
-            "generates, and one that a user's request meets is aborted and started again later (a probe that has "
-            "waited the server's `--background-max-wait-s` runs to its end regardless); "
+            " Here the probes give way to users (`guardrail.traffic`): one starts only once no user's request has "
+            "been in flight (from its arrival to the end of its generation) for 50 ms, and one that a user's "
+            "request meets is aborted and started again later (a probe that has waited the server's "
+            "`--background-max-wait-s` runs to its end regardless); "
             f"{_count(report.get('probes_preempted'))} probe generations gave way in this run."
         )
     return "\n".join(lines) + "\n"
