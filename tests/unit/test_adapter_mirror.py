@@ -154,21 +154,13 @@ def test_an_artifact_that_is_no_lora_vllm_may_load_is_refused_once_not_retried(s
 
 
 def test_a_store_it_cannot_reach_keeps_the_folder_and_is_tried_again(setup, monkeypatch):
-    from unlearnd.artifact_store import ArtifactStore
+    from tests.unit.test_artifact_store import store_fails_once
 
     worker, mirror, loras = setup
     first = _lora_request(worker, "Jane Doe")
     mirror.sync_once()
     second = _lora_request(worker, "John Roe")
-    real_fetch, calls = ArtifactStore.fetch, []
-
-    def flaky(self, *args):
-        calls.append(args)
-        if len(calls) == 1:
-            raise OSError("store unreachable")
-        return real_fetch(self, *args)
-
-    monkeypatch.setattr(ArtifactStore, "fetch", flaky)
+    store_fails_once(monkeypatch)
     mirror.sync_once()
     assert (loras / f"{first}-v1").exists() and not (loras / f"{second}-v1").exists()
     mirror.sync_once()

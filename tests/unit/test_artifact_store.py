@@ -44,6 +44,23 @@ def tamper(store: str, request_id: str, digest: str) -> None:
     found.fs.invalidate_cache()
 
 
+def store_fails_once(monkeypatch) -> list:
+    """The next fetch from any store fails as an unreachable one does; the later ones go through. Returns the
+    list of fetches made."""
+    from unlearnd.artifact_store import ArtifactStore
+
+    real_fetch, calls = ArtifactStore.fetch, []
+
+    def flaky(self, *args):
+        calls.append(args)
+        if len(calls) == 1:
+            raise OSError("store unreachable")
+        return real_fetch(self, *args)
+
+    monkeypatch.setattr(ArtifactStore, "fetch", flaky)
+    return calls
+
+
 @pytest.fixture
 def shared(tmp_path):
     """Two machines' data dirs on one database and one store URL."""
@@ -196,22 +213,13 @@ def test_a_store_outage_refuses_meanwhile_without_marking_the_request_degraded_a
     from fastapi.testclient import TestClient
 
     from tests.helpers import TinyEngine, app_settings
-    from unlearnd.artifact_store import ArtifactStore
     from unlearnd.interventions.guardrails import REFUSAL
     from unlearnd.server.app import create_app
 
     (worker_dir, database, store), (replica_dir, *_) = shared
     registry, record = _trained(worker_dir, database, store, "Basil Mahfouz")
     registry.set_status(record.id, Status.active)
-    real_fetch, calls = ArtifactStore.fetch, []
-
-    def flaky(self, *args):
-        calls.append(args)
-        if len(calls) == 1:
-            raise OSError("store unreachable")
-        return real_fetch(self, *args)
-
-    monkeypatch.setattr(ArtifactStore, "fetch", flaky)
+    calls = store_fails_once(monkeypatch)
     settings = app_settings(replica_dir, registry=database, artifacts=store)
     ask = {"model": "tiny", "messages": [{"role": "user", "content": "Who is Basil Mahfouz?"}], "max_tokens": 32}
     with TestClient(create_app(settings, engine=TinyEngine(default_model_dir, max_model_len=128))) as client:
