@@ -26,7 +26,7 @@ BACKGROUND_HEADER = "x-unlearnd-priority"  # "background": a non-streamed call t
 
 
 class Traffic:
-    """Counts users' generations in flight; runs background calls in the gaps between them."""
+    """Counts users' calls in flight (from arrival to the end of generation); runs background calls in the gaps."""
 
     def __init__(self, max_wait_s: float = 10.0, linger_s: float = 0.05):
         """`linger_s`: how long the engine must have been free of users before a background call starts
