@@ -33,3 +33,11 @@ def tofu_dir() -> Path:
     if override:
         return Path(override)
     return Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"
+
+
+def local_url(host: str, port: int) -> str:
+    """The URL a process on this machine reaches a server listening on `host`:`port` by (a wildcard
+    address is reached on loopback; an IPv6 address is bracketed)."""
+    host = host if host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{port}"

@@ -96,3 +96,12 @@ def test_remote_url_is_repeatable_or_comma_separated(tmp_path, captured):
     result = runner.invoke(app, [*base, "--remote-url", "http://c:8000"], env={"UNLEARND_REMOTE_URL": "http://a"})
     assert captured[-1].remote_url == ["http://c:8000"]  # the flag wins
     assert ServerSettings().remote_url == []
+
+
+def test_a_local_process_reaches_a_server_by_loopback_for_a_wildcard_and_by_brackets_for_ipv6():
+    from unlearnd.config import local_url
+
+    assert local_url("0.0.0.0", 8000) == "http://127.0.0.1:8000"
+    assert local_url("::", 8000) == "http://127.0.0.1:8000"
+    assert local_url("::1", 8100) == "http://[::1]:8100"  # `unlearnd backend --host ::1` left this unbracketed
+    assert local_url("10.0.0.5", 8100) == "http://10.0.0.5:8100"

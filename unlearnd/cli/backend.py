@@ -18,7 +18,7 @@ from pathlib import Path
 
 import typer
 
-from unlearnd.config import DEFAULT_MODEL
+from unlearnd.config import DEFAULT_MODEL, local_url
 from unlearnd.config import data_dir as default_data_dir
 
 
@@ -69,8 +69,7 @@ def backend(
         os.environ["VLLM_LORA_RESOLVER_CACHE_DIR"] = str(Path(lora_dir).resolve())
     if not mirrored:
         os.execv(command[0], command)
-    local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    mirror = (Path(lora_dir), data_dir, f"http://{local}:{port}")
+    mirror = (Path(lora_dir), data_dir, local_url(host, port))
     raise typer.Exit(_serve_with_mirror(command, path, registry, artifacts, *mirror))
 
 

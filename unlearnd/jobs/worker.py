@@ -17,7 +17,7 @@ import time
 import traceback
 from pathlib import Path
 
-from unlearnd.config import DEFAULT_DETECTOR, DEFAULT_MODEL
+from unlearnd.config import DEFAULT_DETECTOR, DEFAULT_MODEL, local_url
 from unlearnd.domain import LOAD_FAILED, ForgetRequest, Status
 from unlearnd.elicit import ElicitSettings, elicit_into
 from unlearnd.evidence import EVIDENCE_ENV, EvidenceRunner, EvidenceSettings
@@ -238,9 +238,7 @@ def worker_env(settings) -> dict[str, str]:
         env["UNLEARND_REGISTRY"] = settings.registry
     if settings.artifacts:
         env["UNLEARND_ARTIFACTS"] = str(settings.artifacts)
-    host = settings.host if settings.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
-    host = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
-    env["UNLEARND_SERVER_URL"] = f"http://{host}:{settings.port}"
+    env["UNLEARND_SERVER_URL"] = local_url(settings.host, settings.port)
     env["UNLEARND_EVIDENCE"] = "1" if settings.evidence else "0"
     env["UNLEARND_ELICIT"] = "1" if settings.elicit else "0"
     if settings.api_key:
