@@ -18,13 +18,13 @@ import httpx
 
 from unlearnd.bench.servers import free_port
 
-DAEMONS = ("ceph-mon", "ceph-osd", "radosgw", "radosgw-admin", "monmaptool", "ceph-authtool", "ceph")
+COMMANDS = ("ceph-mon", "ceph-osd", "radosgw", "radosgw-admin", "monmaptool", "ceph-authtool", "ceph")
 ACCESS_KEY = "unlearnd-test-access"
 SECRET_KEY = "unlearnd-test-secret"
 
 
 def ceph_installed() -> bool:
-    return all(shutil.which(name) for name in DAEMONS)
+    return all(shutil.which(name) for name in COMMANDS)
 
 
 def _config(root: Path, fsid: str, mon_port: int, s3_port: int) -> str:

@@ -282,11 +282,7 @@ class GuardrailPipeline:
 
     async def _counted(self, call: GuardedCall, deltas: AsyncIterator[ChoiceDelta]) -> AsyncIterator[ChoiceDelta]:
         """A user's generation is counted in flight while it runs (background calls wait for none)."""
-        if call.background:
-            async for delta in deltas:
-                yield delta
-            return
-        async with self.traffic.user():
+        async with self.traffic.counted(call.background):
             async for delta in deltas:
                 yield delta
 

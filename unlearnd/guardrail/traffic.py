@@ -61,6 +61,10 @@ class Traffic:
                 else:
                     self._idle.set()
 
+    def counted(self, background: bool) -> contextlib.AbstractAsyncContextManager:
+        """`user()` for a user's call; nothing for a background call (it waits for users, never counts)."""
+        return contextlib.nullcontext() if background else self.user()
+
     def _idle_if_free(self) -> None:
         self._linger = None
         if self.users == 0:

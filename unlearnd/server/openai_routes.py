@@ -64,11 +64,9 @@ async def prepare(
     state: ServerState, request: GuardedCall, param: str = "messages", admin: bool = False
 ) -> GuardedCall:
     try:
-        if request.background:
+        # a user's call counts from its arrival: a background call running gives way now
+        async with state.pipeline.traffic.counted(request.background):
             request = await state.pipeline.prepare(request)
-        else:  # a user's call counts from its arrival: a background call running gives way now
-            async with state.pipeline.traffic.user():
-                request = await state.pipeline.prepare(request)
     except ContextLengthError as exc:
         raise APIError(400, str(exc), "invalid_request_error", "context_length_exceeded", param) from exc
     # the alternatives' numbers on a flagged prompt would rank candidate answers (as /score would):
