@@ -80,6 +80,7 @@ def output_guard(
     out: Path = typer.Option(Path("reports/output_guard"), "--out", help="Writes OUT.json and OUT.md."),
     chat_tokens: int = typer.Option(64, help="New tokens of the default model's ordinary answers."),
     meaning: bool = typer.Option(True, "--meaning/--no-meaning", help="The meaning check (sentence encoder)."),
+    exclude_authors: str = typer.Option("", help="Comma list of forget authors to leave out (seen in design)."),
 ) -> None:
     """False-block rate of the output guard on other authors' answers and ordinary chat, its recall on
     paraphrased forget answers, and its cost per streamed word."""
@@ -87,7 +88,12 @@ def output_guard(
     from unlearnd.evaluation.output_guard import OutputGuardEvalOptions, run_output_guard_eval
 
     opts = OutputGuardEvalOptions(
-        data=str(data or tofu_dir()), split=split, out=str(out), chat_tokens=chat_tokens, meaning=meaning
+        data=str(data or tofu_dir()),
+        split=split,
+        out=str(out),
+        chat_tokens=chat_tokens,
+        meaning=meaning,
+        exclude_authors=_author_list(exclude_authors),
     )
     report = run_output_guard_eval(opts)
     typer.echo(f"wrote {out}.json and {out}.md: false blocks {report['false_block_rate']:.4f}")

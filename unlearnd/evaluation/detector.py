@@ -560,7 +560,7 @@ def _ci(ci: list | tuple | None) -> str:
     return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "n/a"
 
 
-def _left_out(report: dict[str, Any]) -> str:
+def left_out_clause(report: dict[str, Any]) -> str:
     excluded = report.get("excluded_authors") or []
     return f", the split's authors {excluded} left out" if excluded else ""
 
@@ -571,7 +571,7 @@ def markdown(report: dict[str, Any], opts: DetectorEvalOptions) -> str:
         "",
         *stamp_lines(report),
         f"TOFU `{report['split']}`: {len(report['forget_authors'])} forget authors "
-        f"({', '.join(report['forget_authors'])}){_left_out(report)}; seed {report.get('seed', 0)}; "
+        f"({', '.join(report['forget_authors'])}){left_out_clause(report)}; seed {report.get('seed', 0)}; "
         f"{report['probes']['positive']} positive and "
         f"{report['probes']['negative']} negative probes, none of them a fitted example (see "
         "`unlearnd/evaluation/detector.py` for how they are built). Rates are at each detector's shipped "

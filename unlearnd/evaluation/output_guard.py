@@ -33,7 +33,7 @@ from unlearnd.detectors.encoder import EncoderConfig, get_encoder
 from unlearnd.detectors.negatives import chat_prompts
 from unlearnd.domain import QAExample
 from unlearnd.engine.base import ChoiceDelta
-from unlearnd.evaluation.detector import DetectorEvalOptions, build_probes, setups, wilson
+from unlearnd.evaluation.detector import DetectorEvalOptions, build_probes, left_out_clause, setups, wilson
 from unlearnd.evaluation.report import fmt, run_stamp, stamp_lines, write_records, write_report_files
 from unlearnd.guardrail.output_guard import OutputGuard
 
@@ -50,6 +50,7 @@ class OutputGuardEvalOptions(BaseModel):
     model: str | None = None  # the model whose ordinary answers are read (default: the embedded default)
     retain_authors: int = 10  # other authors registered as each request's retain set (not measured)
     meaning: bool = True  # the meaning check (sentence encoder), as the server runs it with the guard detector
+    exclude_authors: list[int] = []  # forget authors left out entirely (those a design was looked at on)
 
 
 def _stream(guard: OutputGuard, text: str) -> tuple[bool, int, float, str]:
@@ -121,7 +122,9 @@ def _ordinary_answers(model: str | None, prompts: list[str], tokens: int) -> lis
 def run_output_guard_eval(opts: OutputGuardEvalOptions) -> dict[str, Any]:
     stamp = run_stamp()
     tofu = TofuData(opts.data, allow_hub=False)
-    forget, _ = build_probes(tofu, opts.split, DetectorEvalOptions(data=opts.data, split=opts.split))
+    forget, _ = build_probes(
+        tofu, opts.split, DetectorEvalOptions(data=opts.data, split=opts.split, exclude_authors=opts.exclude_authors)
+    )
     forget_ids = {a.index for a in forget}
     # the retain set a user registers with each request (what must keep working): the first
     # `retain_authors` other authors; they calibrate the meaning check and are left out of what is measured
@@ -141,7 +144,7 @@ def run_output_guard_eval(opts: OutputGuardEvalOptions) -> dict[str, Any]:
             g.load(request)
     guard = guards["strict"]
     names = {a.index: [a.name] for a in forget}
-    paraphrased = [i for i in tofu.perturbed_for(opts.split) if i.paraphrased_answer]
+    paraphrased = [i for i in tofu.perturbed_for(opts.split) if i.paraphrased_answer and i.author in forget_ids]
     sets: dict[str, tuple[bool, list[str]]] = {
         "forget answers, paraphrased (TOFU)": (True, [i.paraphrased_answer for i in paraphrased]),
         "forget answers, paraphrased, name taken out": (
@@ -191,6 +194,7 @@ def run_output_guard_eval(opts: OutputGuardEvalOptions) -> dict[str, Any]:
     report = {
         **stamp,
         "split": opts.split,
+        "excluded_authors": opts.exclude_authors,
         "requests": len(guard.request_ids),
         "retain_authors": sorted(calibration_ids),
         "meaning_check": opts.meaning,
@@ -210,11 +214,11 @@ def markdown(report: dict[str, Any]) -> str:
         "# Output guard: false blocks and cost",
         "",
         *stamp_lines(report),
-        f"The guard holds {report['requests']} requests, one per TOFU `{report['split']}` author, each registered "
-        f"with a retain set (the QA of TOFU authors {report['retain_authors']}, which calibrates the meaning "
-        "check and is left out of the texts below); meaning check "
-        f"{'on' if report['meaning_check'] else 'off'}. Each text is streamed through the guard word by word "
-        "as the server streams a generation.",
+        f"The guard holds {report['requests']} requests, one per TOFU `{report['split']}` author"
+        f"{left_out_clause(report)}, each registered with a retain set (the QA of TOFU authors "
+        f"{report['retain_authors']}, which calibrates the meaning check and is left out of the texts below); "
+        f"meaning check {'on' if report['meaning_check'] else 'off'}. "
+        "Each text is streamed through the guard word by word as the server streams a generation.",
         "",
         "| texts | should be | n | blocked (95% CI) | share naming a forget author (any name part) |",
         "|---|---|---|---|---|",
