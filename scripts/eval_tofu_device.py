@@ -2,10 +2,12 @@
 
 Usage (on the device, repository root):
   UNLEARND_CACHE_DIR=C UNLEARND_TOFU_DIR=D python scripts/eval_tofu_device.py \
-      TARGET_DIR RETAIN_DIR RETAIN_RECORDS METHODS SEED_GROUPS OUT NAME
+      TARGET_DIR RETAIN_DIR RETAIN_RECORDS METHODS SEED_GROUPS OUT NAME [GRID]
 
 SEED_GROUPS is e.g. `0/1,2`: every method with seed 0 first (report NAME), then seeds 1 and 2 (report
-NAME-seeds-1-2), so a run cut short by the machine's time limit still holds every method once.
+NAME-seeds-1-2), so a run cut short by the machine's time limit still holds every method once. GRID (e.g.
+`mini`) picks each baseline's learning rate and epochs per fold from that budget grid
+(`unlearnd/evaluation/baseline_grid.py`).
 
 TARGET_DIR is the TOFU target model as trained here (its weights carried over); RETAIN_DIR holds the
 retain model's info files only, and RETAIN_RECORDS the retain model's evaluation records from the run
@@ -53,6 +55,7 @@ if __name__ == "__main__":
     methods = sys.argv[4].split(",")
     seed_groups = [[int(s) for s in group.split(",")] for group in sys.argv[5].split("/")]
     out, name = Path(sys.argv[6]), sys.argv[7]
+    grid = sys.argv[8] if len(sys.argv) > 8 else None
     tofu = TofuData(os.environ["UNLEARND_TOFU_DIR"], allow_hub=False)
     p = ref.preset("mini")
     refs = ref.ReferenceModels(
@@ -86,7 +89,12 @@ if __name__ == "__main__":
     stamp["machine"] += f"; {gpu or 'no GPU seen'}; torch {torch.__version__}"
     for i, seeds in enumerate(seed_groups):
         cfg = ev.TofuEvalConfig(
-            preset="mini", forget_split=p.forget_split, methods=methods, seeds=seeds, robustness=False
+            preset="mini",
+            forget_split=p.forget_split,
+            methods=methods,
+            seeds=seeds,
+            robustness=False,
+            baseline_grid=grid,
         )
         report = name if i == 0 else f"{name}-seeds-{'-'.join(map(str, seeds))}"
         rows = len(ev.expand_seeds(methods, seeds))

@@ -249,6 +249,11 @@ def tofu(
     robustness_items: int = typer.Option(20, help="Forget (and retain control) items per robustness probe."),
     relearn_epochs: float = typer.Option(1.0, help="Epochs of the relearning attack over half the forget set."),
     baseline_epochs: float = typer.Option(None, help="Override every baseline's epochs over the forget set."),
+    baseline_grid: str = typer.Option(
+        None,
+        help="A budget grid (mini, cpu, full): each baseline's config per fold is the grid cell a fixed rule picks "
+        "on the fold's fit items (see unlearnd/evaluation/baseline_grid.py).",
+    ),
     train_missing: bool = typer.Option(True, help="Train missing reference models (else fail)."),
     use_cache: bool = typer.Option(True, help="Reuse cached per-model evaluation records."),
     threads: int = typer.Option(0),
@@ -282,6 +287,10 @@ def tofu(
     from unlearnd.train.baselines import BASELINES
 
     set_threads(threads)
+    from unlearnd.evaluation.baseline_grid import GRIDS
+
+    if baseline_grid is not None and baseline_grid not in GRIDS:
+        raise typer.BadParameter(f"one of {sorted(GRIDS)}", param_hint="--baseline-grid")
     if score_route_from not in ("prompt", "prompt+continuation"):
         raise typer.BadParameter("prompt or prompt+continuation", param_hint="--score-route-from")
     try:
@@ -311,6 +320,7 @@ def tofu(
         relearn_epochs=relearn_epochs,
         use_cache=use_cache,
         baseline_overrides={m: {"epochs": baseline_epochs} for m in BASELINES} if baseline_epochs is not None else {},
+        baseline_grid=baseline_grid,
         n_folds=folds,
         seeds=seed_list,
         bootstrap=bootstrap,

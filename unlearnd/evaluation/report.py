@@ -246,6 +246,45 @@ def cost_lines(methods: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def grid_lines(methods: dict[str, Any]) -> list[str]:
+    """Every budget-grid cell a baseline tried per fold, the chosen one marked (`baseline_grid.py`)."""
+    rows, costs, floors = [], [], set()
+    for name, entry in methods.items():
+        for i, fold in enumerate(entry.get("folds") or []):
+            if fold.get("grid_cells"):
+                floors.add(fold["grid_retain_floor"])
+                costs.append(f"{name} fold {i}: {fmt(fold['grid_wall_seconds'], 0)} s")
+            for cell in fold.get("grid_cells") or []:
+                rows.append(
+                    f"| {name} | {i} | {cell['learning_rate']:g} | {cell['epochs']:g} | {cell['steps']} | "
+                    f"{fmt(cell['fit_forget_quality'])} | {fmt(cell['retain_kept'])} | "
+                    f"{'**chosen**' if cell['chosen'] else ''} |"
+                )
+    if not rows:
+        return []
+    grids = sorted({fold.get("grid") for e in methods.values() for fold in e.get("folds") or [] if fold.get("grid")})
+    return [
+        f"## Budget grid ({', '.join(grids)}): each baseline's config per fold, chosen on that fold's fit items",
+        "",
+        "One run per learning rate; each epoch count is a checkpoint of it. Scored on the fold's fit items "
+        "only: fit forget quality (KS p-value of the truth ratios on the fit forget questions against the "
+        "retain model's on the same questions) and retain kept (mean answer probability on the fit retain "
+        "questions as a share of the target's). Rule, fixed before any grid ran: among the cells that keep "
+        f"at least {' / '.join(f'{x:g}' for x in sorted(floors))} of the target's retain probability, the "
+        "highest fit forget quality (ties: more retain "
+        "kept, then fewer updates); if none keeps it, the cell that keeps the most. The measured items (the "
+        "next fold's) play no part. The methods with a retain term train on those fit retain questions.",
+        "",
+        "| Method | Fold | lr | Epochs | Updates | Fit forget quality | Retain kept | |",
+        "|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        "Grid wall seconds (every cell's training and scoring; the cost table counts the chosen cell's "
+        f"training only): {'; '.join(costs)}.",
+        "",
+    ]
+
+
 def job_lines(methods: dict[str, Any]) -> list[str]:
     """The served methods' own training reports, one line per fold."""
     jobs = [
@@ -300,7 +339,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines = header_lines(results) + reference_lines(results)
     for section in (main_table_lines, interval_lines, not_applicable_lines, seed_lines, utility_lines):
         lines += section(methods)
-    for section in (robustness_lines, cost_lines, job_lines, tradeoff_lines, route_lines):
+    for section in (robustness_lines, cost_lines, grid_lines, job_lines, tradeoff_lines, route_lines):
         lines += section(methods)
     lines += example_lines(results)
     lines += [f"- {note}" for note in results.get("notes", [])]

@@ -42,12 +42,13 @@ from unlearnd.evaluation.metrics import (
     metric_code_version,
     not_applicable,
     rouge_backend,
+    truth_ratios,
 )
 from unlearnd.evaluation.model_under_test import HFModelUnderTest, ModelUnderTest, ServedModelUnderTest
 from unlearnd.evaluation.report import PARTIAL_NOTE, run_stamp, write_records, write_report
 from unlearnd.methods import METHODS, seeded_methods
 from unlearnd.prompting import user_messages
-from unlearnd.train.baselines import BASELINES, default_baseline_config, train_baseline
+from unlearnd.train.baselines import BASELINES, BaselineConfig, default_baseline_config, train_baseline
 from unlearnd.train.reference import (
     ReferenceModels,
     ReferencePreset,
@@ -306,6 +307,9 @@ class TofuEvalConfig(BaseModel):
     )
     bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for the confidence intervals (0: none)")
     baseline_overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    baseline_grid: str | None = Field(
+        None, description="a budget grid (`baseline_grid.GRIDS`) each baseline's fold picks its config from"
+    )
     request_options: dict[str, dict[str, Any]] = Field(default_factory=dict)  # served method -> request options
 
 
@@ -410,7 +414,7 @@ def run_tofu_eval(
                 records = _evaluate_served(ctx, method, seed, entry)
             runs[row] = records
             if method == "retain":
-                retain_run = records
+                retain_run = ctx.retain_run = records
             entry["metrics"] = compute_all(records, retain_run)
             entry["not_applicable"] = not_applicable(records, retain_run, entry["metrics"])
             entry["intervals"] = bootstrap_intervals(records, retain_run, cfg.bootstrap)
@@ -458,6 +462,7 @@ class _Context:
     settings: EvalSettings
     judge: ModelUnderTest
     cfg: TofuEvalConfig
+    retain_run: RunRecords | None = None  # forget quality's reference, and the budget grid's
 
 
 def _add_cost(entry: dict[str, Any], key: str, value: float | None) -> None:
@@ -545,8 +550,8 @@ def _evaluate_reference(ctx: _Context, method: str, entry: dict[str, Any], robus
 
 
 def _evaluate_baseline(ctx: _Context, method: str, seed: int, entry: dict[str, Any]) -> RunRecords:
-    """A finetuning baseline per fold: trained from the target on the fold's fit items, measured on the
-    next fold's items; the records pooled."""
+    """A finetuning baseline per fold: trained from the target on the fold's fit items (with the config the
+    budget grid picks on them, when one is set), measured on the next fold's items; the records pooled."""
     bcfg = default_baseline_config(method, ctx.refs.preset.name)
     if method in ctx.cfg.baseline_overrides:
         bcfg = bcfg.model_copy(update=ctx.cfg.baseline_overrides[method])
@@ -555,8 +560,11 @@ def _evaluate_baseline(ctx: _Context, method: str, seed: int, entry: dict[str, A
     fold_runs = []
     cached_all = True
     for fold in ctx.folds:
+        fold_cfg, grid = _fold_config(ctx, method, bcfg, fold)
+        if grid:
+            _add_cost(entry, "grid_wall_seconds", None if grid["grid_cached"] else grid["grid_wall_seconds"])
         model_dir = train_baseline(
-            method, ctx.refs, bcfg, tofu=ctx.tofu, forget=fold.fit_forget, retain=fold.fit_retain
+            method, ctx.refs, fold_cfg, tofu=ctx.tofu, forget=fold.fit_forget, retain=fold.fit_retain
         )
         info = read_info(model_dir)["train"]
         for key in ("wall_seconds", "cpu_seconds"):
@@ -573,12 +581,57 @@ def _evaluate_baseline(ctx: _Context, method: str, seed: int, entry: dict[str, A
         )
         _add_cost(entry, "eval_wall_seconds", wall)
         cached_all = cached_all and cached
-        entry["folds"].append({"model_dir": str(model_dir), "final_loss": info["final_loss"]})
+        entry["folds"].append(
+            {"model_dir": str(model_dir), "final_loss": info["final_loss"], "config": fold_cfg.model_dump(), **grid}
+        )
         fold_runs.append(records)
         if fold.index == 0 and ctx.cfg.robustness:
             entry["robustness"], entry["cost"]["robustness_cached"] = _cached_probe(ctx, method, model_dir, True)
     entry["cost"]["eval_cached"] = cached_all
     return pool_runs(method, ctx.splits, ctx.folds, fold_runs)
+
+
+def _fold_config(ctx: _Context, method: str, bcfg: BaselineConfig, fold: Fold) -> tuple[BaselineConfig, dict[str, Any]]:
+    """The config a baseline trains with on `fold`: `bcfg`, or the budget grid's choice on the fold's fit
+    items (cached: the grid's cells and choice; its chosen model is in the baseline cache)."""
+    if not ctx.cfg.baseline_grid:
+        return bcfg, {}
+    from unlearnd.evaluation import baseline_grid as bg  # it builds on this module
+
+    grid = bg.GRIDS[ctx.cfg.baseline_grid]
+    if ctx.retain_run is None:
+        raise ValueError("the budget grid scores against the retain model's records: evaluate retain first")
+
+    def compute() -> dict[str, Any]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        scorer = bg.FitScorer.for_fold(fold, ctx.splits, ctx.retain_run, ctx.judge)
+        chosen, cells = bg.run_grid(method, ctx.refs, bcfg, grid, fold.fit_forget, fold.fit_retain, scorer)
+        return {
+            "chosen": chosen.model_dump(),
+            "cells": [c.model_dump() for c in cells],
+            "wall_seconds": time.perf_counter() - wall,
+            "cpu_seconds": time.process_time() - cpu,
+        }
+
+    key = {
+        "grid": grid.model_dump(),
+        "baseline": bcfg.model_dump(),
+        "target": model_fingerprint(Path(ctx.refs.target_dir)),
+        "forget": items_digest(fold.fit_forget),
+        "retain": items_digest(fold.fit_retain),
+        "retain_truth_ratios": truth_ratios(ctx.retain_run.splits["forget"].items),
+        "code": EVAL_CODE_VERSION,
+    }
+    result, cached = cached_json(key, compute, ctx.cfg.use_cache)
+    grid_entry = {
+        "grid": ctx.cfg.baseline_grid,
+        "grid_cells": result["cells"],
+        "grid_retain_floor": grid.retain_floor,
+        "grid_wall_seconds": result["wall_seconds"],
+        "grid_cpu_seconds": result["cpu_seconds"],
+        "grid_cached": cached,
+    }
+    return BaselineConfig.model_validate(result["chosen"]), grid_entry
 
 
 def _evaluate_served(ctx: _Context, method: str, seed: int, entry: dict[str, Any]) -> RunRecords:

@@ -16,7 +16,7 @@ import copy
 import logging
 import random
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -40,7 +40,7 @@ from unlearnd.train.reference import (
     steps_for,
     train_result_dict,
 )
-from unlearnd.train.trainer import TrainConfig, Trainer
+from unlearnd.train.trainer import TrainConfig, Trainer, TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -407,6 +407,41 @@ def default_baseline_config(method: str, preset: str = "mini") -> BaselineConfig
     return BaselineConfig(method=method, epochs=5.0, learning_rate=1e-5, batch_size=8)
 
 
+def baseline_key(
+    method: str, refs: ReferenceModels, cfg: BaselineConfig, forget: Sequence[QAItem], retain: Sequence[QAItem]
+) -> str:
+    """The cache key of one baseline run: (target, data, config)."""
+    return cache_key(
+        {
+            "baseline": cfg.model_dump(),
+            "target": model_fingerprint(Path(refs.target_dir)),
+            "forget": items_digest(list(forget)),
+            "retain": items_digest(list(retain)),
+            "code": BASELINE_CODE_VERSION,
+        }
+    )
+
+
+def baseline_dir(key: str) -> Path:
+    return cache_dir() / "baselines" / key
+
+
+def save_baseline(
+    model: torch.nn.Module, tokenizer: Any, refs: ReferenceModels, cfg: BaselineConfig, key: str, result: TrainResult
+) -> Path:
+    info = {
+        "kind": "baseline",
+        "method": cfg.method,
+        "config": cfg.model_dump(),
+        "target": str(refs.target_dir),
+        "cache_key": key,
+        "train": train_result_dict(result),
+    }
+    # float32: an unlearning update (lr 1e-5..5e-5 per Adam step) is below bf16's resolution for most
+    # weights, so a bf16 save would round much of the method's effect away.
+    return save_model_atomic(model, tokenizer, baseline_dir(key), info, dtype=torch.float32)
+
+
 def train_baseline(
     method: str,
     refs: ReferenceModels,
@@ -420,50 +455,48 @@ def train_baseline(
     """Unlearn `forget` (default: the whole forget split) from the target with a baseline, keeping
     `retain` (default: every retain author's QA); cached by (target, data, config). A cross-fitted
     evaluation passes one fold's items, so the baseline is measured on questions it never saw."""
-    cls = OBJECTIVES.get(method)
-    if cls is None or not issubclass(cls, UnlearningObjective):
-        raise ValueError(f"unknown baseline {method!r}; choose from {BASELINES}")
     cfg = cfg or default_baseline_config(method, refs.preset.name)
     tofu = tofu or TofuData()
     forget = list(forget) if forget is not None else tofu.split(refs.preset.forget_split)
     retain = list(retain) if retain is not None else refs.data.retain_items
-    target_dir = Path(refs.target_dir)
-    key = cache_key(
-        {
-            "baseline": cfg.model_dump(),
-            "target": model_fingerprint(target_dir),
-            "forget": items_digest(forget),
-            "retain": items_digest(retain),
-            "code": BASELINE_CODE_VERSION,
-        }
-    )
-    out = cache_dir() / "baselines" / key
-    if is_complete(out) and not force:
-        return out
-    model, tokenizer = load_causal_lm(target_dir)
+    key = baseline_key(method, refs, cfg, forget, retain)
+    if is_complete(baseline_dir(key)) and not force:
+        return baseline_dir(key)
+    model, tokenizer, result = run_baseline(method, refs, cfg, forget, retain, progress=progress)
+    return save_baseline(model, tokenizer, refs, cfg, key, result)
+
+
+def run_baseline(
+    method: str,
+    refs: ReferenceModels,
+    cfg: BaselineConfig,
+    forget: Sequence[QAItem],
+    retain: Sequence[QAItem],
+    on_checkpoint: Callable[[float, TrainResult, torch.nn.Module, Any], None] | None = None,
+    checkpoints: Sequence[float] = (),
+    progress: bool = True,
+) -> tuple[torch.nn.Module, Any, TrainResult]:
+    """Train one baseline from the target and return (model, tokenizer, result), unsaved.
+    `on_checkpoint(epochs, result so far, model, tokenizer)` runs once the run has done each of
+    `checkpoints` (in epochs): the schedule never depends on the total, so that model is the one a run
+    of that many epochs ends with (the budget grid trains once per learning rate)."""
+    cls = OBJECTIVES.get(method)
+    if cls is None or not issubclass(cls, UnlearningObjective):
+        raise ValueError(f"unknown baseline {method!r}; choose from {BASELINES}")
+    model, tokenizer = load_causal_lm(Path(refs.target_dir))
     batches = cls.build_batches(tokenizer, forget, retain, cfg.batch_size, cfg.max_length, cfg.seed)
     steps = steps_for(cfg.epochs, len(batches))  # type: ignore[arg-type]
     instance = cls(**cfg.options)
-    result = Trainer(
-        instance,
-        TrainConfig(
-            steps=steps,
-            learning_rate=cfg.learning_rate,
-            warmup_steps=cfg.warmup_steps,
-            seed=cfg.seed,
-            progress=progress,
-        ),
-    ).fit(model, batches)
-    info = {
-        "kind": "baseline",
-        "method": method,
-        "config": cfg.model_dump(),
-        "target": str(target_dir),
-        "cache_key": key,
-        "train": train_result_dict(result),
-    }
+    config = TrainConfig(
+        steps=steps, learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps, seed=cfg.seed, progress=progress
+    )
+    at = {steps_for(e, len(batches)): e for e in checkpoints}  # type: ignore[arg-type]
+
+    def hook(result: TrainResult, m: torch.nn.Module) -> None:
+        if on_checkpoint is not None and result.steps in at:
+            on_checkpoint(at[result.steps], result, m, tokenizer)
+
+    result = Trainer(instance, config).fit(model, batches, after_step=hook)
     if hasattr(instance, "ref"):
-        instance.ref = None  # free the frozen copy before saving
-    # float32: an unlearning update (lr 1e-5..5e-5 per Adam step) is below bf16's resolution for most
-    # weights, so a bf16 save would round much of the method's effect away.
-    return save_model_atomic(model, tokenizer, out, info, dtype=torch.float32)
+        instance.ref = None  # free the frozen copy
+    return model, tokenizer, result

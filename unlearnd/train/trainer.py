@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +44,15 @@ class TrainResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def _result(steps: int, losses: list[float], wall0: float, cpu0: float) -> TrainResult:
+    return TrainResult(
+        steps=steps,
+        losses=list(losses),
+        wall_seconds=time.perf_counter() - wall0,
+        cpu_seconds=time.process_time() - cpu0,
+    )
+
+
 def _cycle(batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     while True:
         produced = False
@@ -59,7 +68,15 @@ class Trainer:
         self.method = method
         self.config = config
 
-    def fit(self, model: torch.nn.Module, batches: Iterable[dict[str, Any]]) -> TrainResult:
+    def fit(
+        self,
+        model: torch.nn.Module,
+        batches: Iterable[dict[str, Any]],
+        after_step: Callable[[TrainResult, torch.nn.Module], None] | None = None,
+    ) -> TrainResult:
+        """Train `cfg.steps` steps; `after_step` sees the run so far after each one (a grid scores and keeps
+        checkpoints with it: the schedule never depends on the total, so step k of a long run is the end
+        of a k-step run)."""
         cfg = self.config
         torch.manual_seed(cfg.seed)
         self.method.setup(model)
@@ -93,13 +110,11 @@ class Trainer:
             losses.append(float(loss.detach()))
             if step % max(cfg.log_every, 1) == 0:
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", **{k: f"{v:.3g}" for k, v in logs.items()})
+            if after_step is not None:
+                after_step(_result(step + 1, losses, wall0, cpu0), model)
+                model.train()
         model.eval()
-        result = TrainResult(
-            steps=cfg.steps,
-            losses=losses,
-            wall_seconds=time.perf_counter() - wall0,
-            cpu_seconds=time.process_time() - cpu0,
-        )
+        result = _result(cfg.steps, losses, wall0, cpu0)
         log.info(
             "%s: %d steps, final loss %.4f, %.1fs wall, %.1fs CPU",
             self.method.name,
