@@ -11,11 +11,11 @@ from safetensors.torch import load_file
 
 from unlearnd.domain import QAItem
 from unlearnd.evaluation import baseline_grid as bg
-from unlearnd.evaluation.baseline_grid import BaselineGrid, FitScorer, GridCell, choose, run_grid
+from unlearnd.evaluation.baseline_grid import GRIDS, BaselineGrid, FitScorer, GridCell, choose, run_grid
 from unlearnd.evaluation.model_under_test import HFModelUnderTest
 from unlearnd.evaluation.report import grid_lines
 from unlearnd.train import reference as ref
-from unlearnd.train.baselines import BaselineConfig, save_baseline, train_baseline
+from unlearnd.train.baselines import BASELINES, BaselineConfig, default_baseline_config, save_baseline, train_baseline
 
 real_save = save_baseline
 
@@ -105,3 +105,12 @@ def test_the_report_shows_every_cell_and_the_choice():
     assert "| npo | 1 | 0.00025 | 4 | 10 | 0.600 | 0.930 | **chosen** |" in text
     assert "at least 0.9 of the target's" in text and "npo fold 1: 120 s" in text
     assert grid_lines({"npo": {"folds": [{"model_dir": "x"}]}}) == []
+
+
+@pytest.mark.parametrize("name", sorted(GRIDS))
+def test_every_grid_holds_its_presets_default_cell_for_every_baseline(name):
+    grid = GRIDS[name]
+    for method in BASELINES:
+        default = default_baseline_config(method, "full" if name == "full" else "mini")
+        assert default.learning_rate in grid.rates(method) and default.epochs in grid.epochs, (name, method)
+    assert GRIDS["cpu"].rates("rmu") != GRIDS["cpu"].rates("npo")
