@@ -56,6 +56,10 @@ if __name__ == "__main__":
     seed_groups = [[int(s) for s in group.split(",")] for group in sys.argv[5].split("/")]
     out, name = Path(sys.argv[6]), sys.argv[7]
     grid = sys.argv[8] if len(sys.argv) > 8 else None
+    from unlearnd.evaluation.baseline_grid import GRIDS
+
+    if grid is not None and grid not in GRIDS:
+        raise SystemExit(f"GRID must be one of {sorted(GRIDS)}, not {grid!r}")
     tofu = TofuData(os.environ["UNLEARND_TOFU_DIR"], allow_hub=False)
     p = ref.preset("mini")
     refs = ref.ReferenceModels(

@@ -15,7 +15,14 @@ from unlearnd.evaluation.baseline_grid import GRIDS, BaselineGrid, FitScorer, Gr
 from unlearnd.evaluation.model_under_test import HFModelUnderTest
 from unlearnd.evaluation.report import grid_lines
 from unlearnd.train import reference as ref
-from unlearnd.train.baselines import BASELINES, BaselineConfig, default_baseline_config, save_baseline, train_baseline
+from unlearnd.train.baselines import (
+    BASELINES,
+    BaselineConfig,
+    default_baseline_config,
+    run_baseline,
+    save_baseline,
+    train_baseline,
+)
 
 real_save = save_baseline
 
@@ -53,11 +60,10 @@ def baseline_dirs(root) -> list:
     return sorted(p for p in folder.iterdir() if not p.name.startswith(".")) if folder.exists() else []
 
 
-def test_a_grid_keeps_only_its_chosen_cell_and_that_is_the_model_the_cell_config_trains(
-    tiny_model_dir, tmp_path, monkeypatch
-):
-    grid_cache, plain_cache = tmp_path / "grid", tmp_path / "plain"
-    monkeypatch.setenv("UNLEARND_CACHE_DIR", str(grid_cache))
+@pytest.fixture
+def tiny_grid(tiny_model_dir, tmp_path, monkeypatch):
+    """(refs, forget, retain, scorer, base config, grid) over the tiny model, the cache under tmp_path/grid."""
+    monkeypatch.setenv("UNLEARND_CACHE_DIR", str(tmp_path / "grid"))
     refs = ref.ReferenceModels.model_construct(
         preset=ref.preset("mini"), target_dir=str(tiny_model_dir), retain_dir=str(tiny_model_dir), data=None
     )
@@ -66,10 +72,19 @@ def test_a_grid_keeps_only_its_chosen_cell_and_that_is_the_model_the_cell_config
     scorer.target_retain_probability = scorer.retain_probability(HFModelUnderTest.from_dir(tiny_model_dir))
     base = BaselineConfig(method="grad_diff", batch_size=2, max_length=64, seed=3)
     grid = BaselineGrid(learning_rates=[1e-3, 3e-2], epochs=[1.0, 2.0], retain_floor=0.5)
+    return refs, forget, retain, scorer, base, grid
+
+
+def test_a_grid_keeps_only_its_chosen_cell_and_that_is_the_model_the_cell_config_trains(
+    tiny_grid, tmp_path, monkeypatch
+):
+    refs, forget, retain, scorer, base, grid = tiny_grid
+    grid_cache, plain_cache = tmp_path / "grid", tmp_path / "plain"
 
     saved = []
     monkeypatch.setattr(bg, "save_baseline", lambda *a: saved.append(a[4]) or real_save(*a))
-    chosen, cells = run_grid("grad_diff", refs, base, grid, forget, retain, scorer)
+    found = run_grid("grad_diff", refs, base, grid, forget, retain, scorer)
+    chosen, cells = found.config, found.cells
     assert [(c.learning_rate, c.epochs, c.steps) for c in cells] == [
         (1e-3, 1, 2),
         (1e-3, 2, 4),
@@ -114,3 +129,45 @@ def test_every_grid_holds_its_presets_default_cell_for_every_baseline(name):
         default = default_baseline_config(method, "full" if name == "full" else "mini")
         assert default.learning_rate in grid.rates(method) and default.epochs in grid.epochs, (name, method)
     assert GRIDS["cpu"].rates("rmu") != GRIDS["cpu"].rates("npo")
+
+
+def test_a_diverging_rate_keeps_what_it_scored_and_the_grid_goes_on(tiny_grid, monkeypatch):
+    refs, forget, retain, scorer, base, grid = tiny_grid
+    real_run = bg.run_baseline
+
+    def diverge_late(method, refs, cfg, forget, retain, on_checkpoint, checkpoints, progress):
+        if cfg.learning_rate != 3e-2:
+            return real_run(method, refs, cfg, forget, retain, on_checkpoint, checkpoints, progress)
+        return real_run(method, refs, cfg, forget, retain, explode_after_first, checkpoints, progress)
+
+    def explode_after_first(epochs, result, model, tokenizer):
+        found_so_far.checkpoint(epochs, result, model, tokenizer)
+        raise FloatingPointError("grad_diff: non-finite loss at step 2")
+
+    found_so_far = bg._GridSearch("grad_diff", refs, base, grid, forget, retain, scorer)
+    monkeypatch.setattr(bg, "run_baseline", diverge_late)
+    found = found_so_far.run()
+    assert [(c.learning_rate, c.epochs) for c in found.cells] == [(1e-3, 1), (1e-3, 2), (3e-2, 1)]
+    assert found.diverged == [{"learning_rate": 3e-2, "error": "grad_diff: non-finite loss at step 2"}]
+    assert sum(c.chosen for c in found.cells) == 1
+
+
+def test_a_grid_cut_short_leaves_no_model_behind(tiny_grid, tmp_path, monkeypatch):
+    refs, forget, retain, scorer, base, grid = tiny_grid
+    real_run = bg.run_baseline
+
+    def interrupted(method, refs, cfg, *args):
+        if cfg.learning_rate == 3e-2:
+            raise KeyboardInterrupt
+        return real_run(method, refs, cfg, *args)
+
+    monkeypatch.setattr(bg, "run_baseline", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_grid("grad_diff", refs, base, grid, forget, retain, scorer)
+    assert baseline_dirs(tmp_path / "grid") == []  # a rerun must not take a half-searched best as found
+
+
+def test_checkpoints_that_fall_on_one_update_are_refused(tiny_grid):
+    refs, forget, retain, _, base, _ = tiny_grid  # 4 forget items at batch 2: 2 updates per epoch
+    with pytest.raises(ValueError, match="fall on one update"):
+        run_baseline("grad_diff", refs, base, forget, retain, lambda *a: None, [0.1, 0.4], progress=False)

@@ -291,6 +291,8 @@ def tofu(
 
     if baseline_grid is not None and baseline_grid not in GRIDS:
         raise typer.BadParameter(f"one of {sorted(GRIDS)}", param_hint="--baseline-grid")
+    if baseline_grid is not None and baseline_epochs is not None:
+        raise typer.BadParameter("the grid sets the epochs; drop --baseline-epochs", param_hint="--baseline-grid")
     if score_route_from not in ("prompt", "prompt+continuation"):
         raise typer.BadParameter("prompt or prompt+continuation", param_hint="--score-route-from")
     try:

@@ -18,6 +18,7 @@ the measured run finds it in the cache and the disk holds one model per baseline
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import shutil
 import time
@@ -39,7 +40,10 @@ from unlearnd.train.baselines import BaselineConfig, baseline_dir, baseline_key,
 from unlearnd.train.reference import ReferenceModels, is_complete
 from unlearnd.train.trainer import TrainResult
 
+log = logging.getLogger(__name__)
+
 SCORE_BATCH = 16
+GRID_CODE_VERSION = 1  # in the key of cached grid results: bump when the scoring or the rule changes
 
 
 class BaselineGrid(BaseModel):
@@ -70,6 +74,12 @@ GRIDS: dict[str, BaselineGrid] = {
     "cpu": BaselineGrid(learning_rates=[5e-5, 2.5e-4], epochs=[2.0, 4.0], method_learning_rates={"rmu": [5e-5, 1e-3]}),
     "full": BaselineGrid(learning_rates=[5e-6, 1e-5, 5e-5], epochs=[2.0, 5.0, 10.0]),
 }
+
+
+class GridResult(BaseModel):
+    config: BaselineConfig  # the base config with the chosen cell's learning rate and epochs
+    cells: list[GridCell]
+    diverged: list[dict[str, Any]] = []  # rates whose run hit a non-finite loss (cells after it not scored)
 
 
 class GridCell(BaseModel):
@@ -119,6 +129,8 @@ class FitScorer:
         ]
         scorer = cls(forget, retain_items, truth_ratios([retain_forget[it.question] for it in forget]), 1.0)
         scorer.target_retain_probability = scorer.retain_probability(target)
+        if not scorer.target_retain_probability > 0:  # NaN or 0: no cell could be measured against it
+            raise ValueError(f"the target's fit retain probability is {scorer.target_retain_probability}")
         return scorer
 
     def retain_probability(self, mut: ModelUnderTest) -> float:
@@ -148,18 +160,33 @@ class _GridSearch:
     best_created: bool = False
     learning_rate: float = 0.0
     scoring_seconds: tuple[float, float] = (0.0, 0.0)  # wall, CPU spent scoring this rate's run: not training
+    diverged: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
-    def run(self, progress: bool = False) -> tuple[BaselineConfig, list[GridCell]]:
-        for lr in self.grid.rates(self.method):
-            self.learning_rate, self.scoring_seconds = lr, (0.0, 0.0)
-            cfg = self.base.model_copy(update={"learning_rate": lr, "epochs": max(self.grid.epochs)})
+    def run(self, progress: bool = False) -> GridResult:
+        try:
+            for lr in self.grid.rates(self.method):
+                self.learning_rate, self.scoring_seconds = lr, (0.0, 0.0)
+                self._run_rate(lr, progress)
+            chosen = choose(self.cells, self.grid.retain_floor)
+        except BaseException:  # cut short (an error, Ctrl-C): a later run must not find a half-searched best
+            if self.best_created and self.best_path is not None:
+                shutil.rmtree(self.best_path, ignore_errors=True)
+            raise
+        self.cells[chosen].chosen = True
+        cell = self.cells[chosen]
+        config = self.base.model_copy(update={"learning_rate": cell.learning_rate, "epochs": cell.epochs})
+        return GridResult(config=config, cells=self.cells, diverged=self.diverged)
+
+    def _run_rate(self, lr: float, progress: bool) -> None:
+        """One run at `lr` to the largest epoch count; a diverging run keeps the cells it scored before."""
+        cfg = self.base.model_copy(update={"learning_rate": lr, "epochs": max(self.grid.epochs)})
+        try:
             run_baseline(
                 self.method, self.refs, cfg, self.forget, self.retain, self.checkpoint, self.grid.epochs, progress
             )
-        chosen = choose(self.cells, self.grid.retain_floor)
-        self.cells[chosen].chosen = True
-        cell = self.cells[chosen]
-        return self.base.model_copy(update={"learning_rate": cell.learning_rate, "epochs": cell.epochs}), self.cells
+        except FloatingPointError as exc:
+            log.warning("%s at lr %g diverged: %s", self.method, lr, exc)
+            self.diverged.append({"learning_rate": lr, "error": str(exc)})
 
     def checkpoint(self, epochs: float, result: TrainResult, model: torch.nn.Module, tokenizer: Any) -> None:
         wall, cpu = time.perf_counter(), time.process_time()
@@ -198,7 +225,7 @@ def run_grid(
     retain: Sequence[QAItem],
     scorer: FitScorer,
     progress: bool = False,
-) -> tuple[BaselineConfig, list[GridCell]]:
+) -> GridResult:
     """Train and score every cell; return the chosen cell's config (its model saved where
     `train_baseline` looks for it) and every cell, the chosen one marked."""
     return _GridSearch(method, refs, base, grid, list(forget), list(retain), scorer).run(progress)

@@ -254,6 +254,8 @@ def grid_lines(methods: dict[str, Any]) -> list[str]:
             if fold.get("grid_cells"):
                 floors.add(fold["grid_retain_floor"])
                 costs.append(f"{name} fold {i}: {fmt(fold['grid_wall_seconds'], 0)} s")
+            for failed in fold.get("grid_diverged") or []:
+                rows.append(f"| {name} | {i} | {failed['learning_rate']:g} | diverged: {failed['error'][:80]} |||||")
             for cell in fold.get("grid_cells") or []:
                 rows.append(
                     f"| {name} | {i} | {cell['learning_rate']:g} | {cell['epochs']:g} | {cell['steps']} | "

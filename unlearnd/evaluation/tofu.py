@@ -48,7 +48,13 @@ from unlearnd.evaluation.model_under_test import HFModelUnderTest, ModelUnderTes
 from unlearnd.evaluation.report import PARTIAL_NOTE, run_stamp, write_records, write_report
 from unlearnd.methods import METHODS, seeded_methods
 from unlearnd.prompting import user_messages
-from unlearnd.train.baselines import BASELINES, BaselineConfig, default_baseline_config, train_baseline
+from unlearnd.train.baselines import (
+    BASELINE_CODE_VERSION,
+    BASELINES,
+    BaselineConfig,
+    default_baseline_config,
+    train_baseline,
+)
 from unlearnd.train.reference import (
     ReferenceModels,
     ReferencePreset,
@@ -561,8 +567,6 @@ def _evaluate_baseline(ctx: _Context, method: str, seed: int, entry: dict[str, A
     cached_all = True
     for fold in ctx.folds:
         fold_cfg, grid = _fold_config(ctx, method, bcfg, fold)
-        if grid:
-            _add_cost(entry, "grid_wall_seconds", None if grid["grid_cached"] else grid["grid_wall_seconds"])
         model_dir = train_baseline(
             method, ctx.refs, fold_cfg, tofu=ctx.tofu, forget=fold.fit_forget, retain=fold.fit_retain
         )
@@ -605,10 +609,11 @@ def _fold_config(ctx: _Context, method: str, bcfg: BaselineConfig, fold: Fold) -
     def compute() -> dict[str, Any]:
         wall, cpu = time.perf_counter(), time.process_time()
         scorer = bg.FitScorer.for_fold(fold, ctx.splits, ctx.retain_run, ctx.judge)
-        chosen, cells = bg.run_grid(method, ctx.refs, bcfg, grid, fold.fit_forget, fold.fit_retain, scorer)
+        found = bg.run_grid(method, ctx.refs, bcfg, grid, fold.fit_forget, fold.fit_retain, scorer)
         return {
-            "chosen": chosen.model_dump(),
-            "cells": [c.model_dump() for c in cells],
+            "chosen": found.config.model_dump(),
+            "cells": [c.model_dump() for c in found.cells],
+            "diverged": found.diverged,
             "wall_seconds": time.perf_counter() - wall,
             "cpu_seconds": time.process_time() - cpu,
         }
@@ -620,12 +625,13 @@ def _fold_config(ctx: _Context, method: str, bcfg: BaselineConfig, fold: Fold) -
         "forget": items_digest(fold.fit_forget),
         "retain": items_digest(fold.fit_retain),
         "retain_truth_ratios": truth_ratios(ctx.retain_run.splits["forget"].items),
-        "code": EVAL_CODE_VERSION,
+        "code": [EVAL_CODE_VERSION, BASELINE_CODE_VERSION, bg.GRID_CODE_VERSION],
     }
     result, cached = cached_json(key, compute, ctx.cfg.use_cache)
     grid_entry = {
         "grid": ctx.cfg.baseline_grid,
         "grid_cells": result["cells"],
+        "grid_diverged": result["diverged"],
         "grid_retain_floor": grid.retain_floor,
         "grid_wall_seconds": result["wall_seconds"],
         "grid_cpu_seconds": result["cpu_seconds"],

@@ -491,6 +491,8 @@ def run_baseline(
         steps=steps, learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps, seed=cfg.seed, progress=progress
     )
     at = {steps_for(e, len(batches)): e for e in checkpoints}  # type: ignore[arg-type]
+    if len(at) != len(set(checkpoints)):
+        raise ValueError(f"two of the checkpoints {list(checkpoints)} fall on one update: {sorted(at)}")
 
     def hook(result: TrainResult, m: torch.nn.Module) -> None:
         if on_checkpoint is not None and result.steps in at:
