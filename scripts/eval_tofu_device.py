@@ -12,9 +12,11 @@ NAME-seeds-1-2), so a run cut short by the machine's time limit still holds ever
 TARGET_DIR is the TOFU target model as trained here (its weights carried over); RETAIN_DIR holds the
 retain model's info files only, and RETAIN_RECORDS the retain model's evaluation records from the run
 on the machine that has it (`unlearnd eval tofu --methods target,retain` at the same commit: same
-splits, same metric code), so forget quality compares against the same retain numbers as every other
-row. The baselines then run through the usual cross-fitted `run_tofu_eval` (trained on one fold, measured
-on the other), with every tensor on the GPU; the JSON merges with the CPU runs by `unlearnd eval merge`.
+splits, same metric code): a JSON export, or a committed report's `NAME.items.jsonl.gz` with its
+`NAME.json` beside it (e.g. reports/tofu-mini-grid-cpu.items.jsonl.gz). So forget quality compares
+against the same retain numbers as every other row. The baselines then run through the usual
+cross-fitted `run_tofu_eval` (trained on one fold, measured on the other), with every tensor on the
+GPU; the JSON merges with the CPU runs by `unlearnd eval merge`.
 """
 
 import json
@@ -66,7 +68,13 @@ if __name__ == "__main__":
         preset=p, target_dir=str(target), retain_dir=str(retain), data=ref.reference_data(p, tofu)
     )
     ev.ensure_reference_models = lambda *a, **k: refs  # the carried models; no base model on this machine
-    saved = json.loads(retain_records.read_text())
+    if retain_records.name.endswith(".items.jsonl.gz"):  # a committed report's records (its JSON beside it)
+        run = ev.run_from_item_records(report_mod.read_records(retain_records), "retain")
+        report = retain_records.with_name(retain_records.name.replace(".items.jsonl.gz", ".json"))
+        cost = json.loads(report.read_text())["methods"]["retain"]["cost"]
+        saved = {"records": run.model_dump(), "eval_wall_seconds": cost.get("eval_wall_seconds")}
+    else:
+        saved = json.loads(retain_records.read_text())
     splits = ev.eval_splits(refs, tofu, {})
     for split, items in splits.as_dict().items():  # the same items in the same order, or no forget quality
         carried = [it["question"] for it in saved["records"]["splits"].get(split, {}).get("items", [])]

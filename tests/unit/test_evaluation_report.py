@@ -260,3 +260,26 @@ def test_command_line_masks_keys():
 
     line = command_line(["eval", "detector", "--admin-key", "s3cret", "--api-key=k2", "--out", "r"])
     assert "s3cret" not in line and "k2" not in line and line.endswith("--out r")
+
+
+def test_a_methods_run_comes_back_whole_from_the_per_item_records():
+    from unlearnd.evaluation.metrics import ItemRecord, RunRecords, SplitRecords
+    from unlearnd.evaluation.tofu import item_records, run_from_item_records
+
+    def item(q: str) -> ItemRecord:
+        return ItemRecord(question=q, answer="a", answer_lp=[-0.5, -1.0], perturbed_lp=[[-2.0]], generation="g")
+
+    runs = {
+        "retain": RunRecords(
+            method="retain",
+            splits={
+                "forget": SplitRecords(split="forget", items=[item("q1"), item("q2")]),
+                "retain": SplitRecords(split="retain", items=[item("q3")]),
+            },
+        ),
+        "target": RunRecords(method="target", splits={"forget": SplitRecords(split="forget", items=[item("x")])}),
+    }
+    records = json.loads(json.dumps(item_records(runs)))  # as read back from the gzip file
+    assert run_from_item_records(records, "retain") == runs["retain"]
+    with pytest.raises(ValueError):
+        run_from_item_records(records, "npo")

@@ -457,6 +457,20 @@ def item_records(runs: dict[str, RunRecords]) -> list[dict[str, Any]]:
     ]
 
 
+def run_from_item_records(records: Sequence[dict[str, Any]], method: str) -> RunRecords:
+    """One method's records back from a report's per-item records (`item_records`'s inverse): a run on
+    another machine measures against a committed report's retain model without re-evaluating it."""
+    run = RunRecords(method=method)
+    for record in records:
+        if record["method"] != method:
+            continue
+        item = ItemRecord.model_validate({k: v for k, v in record.items() if k not in ("method", "split")})
+        run.splits.setdefault(record["split"], SplitRecords(split=record["split"], items=[])).items.append(item)
+    if not run.splits:
+        raise ValueError(f"no records of {method!r}")
+    return run
+
+
 @dataclass
 class _Context:
     """What every method's evaluation shares."""
