@@ -43,7 +43,7 @@ from unlearnd.train.trainer import TrainResult
 log = logging.getLogger(__name__)
 
 SCORE_BATCH = 16
-GRID_CODE_VERSION = 1  # in the key of cached grid results: bump when the scoring or the rule changes
+GRID_CODE_VERSION = 2  # in the key of cached grid results: bump when the scoring, the rule or the format changes
 
 
 class BaselineGrid(BaseModel):

@@ -625,9 +625,7 @@ def _fold_config(ctx: _Context, method: str, bcfg: BaselineConfig, fold: Fold) -
         scorer = bg.FitScorer.for_fold(fold, ctx.splits, ctx.retain_run, ctx.judge)
         found = bg.run_grid(method, ctx.refs, bcfg, grid, fold.fit_forget, fold.fit_retain, scorer)
         return {
-            "chosen": found.config.model_dump(),
-            "cells": [c.model_dump() for c in found.cells],
-            "diverged": found.diverged,
+            **found.model_dump(),
             "wall_seconds": time.perf_counter() - wall,
             "cpu_seconds": time.process_time() - cpu,
         }
@@ -651,7 +649,7 @@ def _fold_config(ctx: _Context, method: str, bcfg: BaselineConfig, fold: Fold) -
         "grid_cpu_seconds": result["cpu_seconds"],
         "grid_cached": cached,
     }
-    return BaselineConfig.model_validate(result["chosen"]), grid_entry
+    return BaselineConfig.model_validate(result["config"]), grid_entry
 
 
 def _evaluate_served(ctx: _Context, method: str, seed: int, entry: dict[str, Any]) -> RunRecords:

@@ -498,7 +498,8 @@ def run_baseline(
         if on_checkpoint is not None and result.steps in at:
             on_checkpoint(at[result.steps], result, m, tokenizer)
 
-    result = Trainer(instance, config).fit(model, batches, after_step=hook)
+    # a plain run passes no hook: the trainer then builds no per-step result
+    result = Trainer(instance, config).fit(model, batches, after_step=None if on_checkpoint is None else hook)
     if hasattr(instance, "ref"):
         instance.ref = None  # free the frozen copy
     return model, tokenizer, result
