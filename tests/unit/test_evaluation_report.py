@@ -190,6 +190,38 @@ def test_merge_results_of_separate_runs():
         merge_results([a, {**b, "cross_fitting": {"n_folds": 3}}])
 
 
+def test_merge_refuses_runs_against_different_reference_models():
+    """One recipe (cache key) retrained is other weights: forget quality against it is another number."""
+    from unlearnd.evaluation.report import merge_results
+
+    def reference(where: str, wall: float, digest: str | None) -> dict:
+        info = {"cache_key": "2835", "kind": "target", "forget_rouge_l_recall": 0.8, "train": {"wall_seconds": wall}}
+        return {"target": {"dir": where, "weights_sha256": digest, **info}}
+
+    run = results()
+    a = {**run, "methods": {"target": run["methods"]["target"]}, "reference": reference("/a", 312.6, "sha256:1")}
+    b = {**run, "methods": {"refuse": run["methods"]["refuse"]}, "reference": reference("/b", 312.6, None)}
+    assert list(merge_results([a, b])["methods"]) == ["target", "refuse"]  # same model read from elsewhere
+    with pytest.raises(ValueError, match="different target models"):
+        merge_results([a, {**b, "reference": reference("/b", 704.0, None)}])
+    with pytest.raises(ValueError, match="different target weights"):
+        merge_results([a, {**b, "reference": reference("/a", 312.6, "sha256:2")}])
+    with pytest.raises(ValueError, match="different target models"):  # a run with no reference recorded
+        merge_results([a, {k: v for k, v in b.items() if k != "reference"}])
+
+
+def test_weights_digest_reads_every_weight_byte(tmp_path):
+    from unlearnd.train.reference import weights_digest
+
+    assert weights_digest(tmp_path) is None
+    (tmp_path / "model.safetensors").write_bytes(b"x" * (2 << 20))
+    first = weights_digest(tmp_path)
+    with (tmp_path / "model.safetensors").open("r+b") as fh:  # past the first MiB the fingerprint reads
+        fh.seek(3 << 19)
+        fh.write(b"y")
+    assert first and first.startswith("sha256:") and weights_digest(tmp_path) != first
+
+
 def test_git_commit_marks_uncommitted_code_but_not_reports(tmp_path):
     import subprocess
 

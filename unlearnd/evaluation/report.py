@@ -600,6 +600,7 @@ def merge_results(runs: list[dict[str, Any]], renames: list[dict[str, str]] | No
         for key in MERGE_KEYS:
             if other.get(key) != first.get(key):
                 raise ValueError(f"runs differ in {key!r}: {other.get(key)} vs {first.get(key)}")
+        _check_same_references(first, other)
     merged: dict[str, Any] = {**first, "methods": {}, "examples": {}, "sources": [], "notes": []}
     renames = renames or [{} for _ in runs]
     for run, names in zip(runs, renames, strict=True):
@@ -623,6 +624,26 @@ def merge_results(runs: list[dict[str, Any]], renames: list[dict[str, str]] | No
     for key in ("command", "git_commit", "dirty", "created", "machine", "dtype"):
         merged.pop(key, None)
     return merged
+
+
+def _check_same_references(first: dict[str, Any], other: dict[str, Any]) -> None:
+    """Refuse to put runs measured against different reference models in one table.
+
+    The cache key names a reference's recipe, not its weights: the same recipe retrained on another machine
+    or thread count gives other weights (and another forget quality for every method). So the whole
+    recorded reference must match, less the folder it was read from, and the weight digests where both
+    runs recorded one (a device run may carry the retain model's info files only)."""
+    refs_a, refs_b = first.get("reference") or {}, other.get("reference") or {}
+    for kind in sorted(set(refs_a) | set(refs_b)):
+        a, b = refs_a.get(kind) or {}, refs_b.get(kind) or {}
+        recorded = ("dir", "weights_sha256")
+        if {k: v for k, v in a.items() if k not in recorded} != {k: v for k, v in b.items() if k not in recorded}:
+            raise ValueError(
+                f"runs were measured against different {kind} models ({a.get('dir')} vs {b.get('dir')}): "
+                "their recorded training differs"
+            )
+        if a.get("weights_sha256") and b.get("weights_sha256") and a["weights_sha256"] != b["weights_sha256"]:
+            raise ValueError(f"runs were measured against different {kind} weights ({a['dir']} vs {b['dir']})")
 
 
 class ReportFiles(BaseModel):

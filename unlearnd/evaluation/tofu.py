@@ -64,6 +64,7 @@ from unlearnd.train.reference import (
     items_digest,
     model_fingerprint,
     read_info,
+    weights_digest,
 )
 
 log = logging.getLogger(__name__)
@@ -394,6 +395,7 @@ def run_tofu_eval(
         "reference": {
             k: {
                 "dir": d,
+                "weights_sha256": weights_digest(Path(d)),
                 **{x: y for x, y in read_info(Path(d)).items() if x != "train"},
                 "train": {x: y for x, y in read_info(Path(d)).get("train", {}).items() if x != "losses"},
             }

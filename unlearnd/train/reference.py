@@ -148,6 +148,23 @@ def reference_data(p: ReferencePreset, tofu: TofuData | None = None) -> Referenc
 # --------------------------------------------------------------------------- hashing / caching
 
 
+def weights_digest(model_dir: str | Path) -> str | None:
+    """sha256 over a model folder's weight files, in name order (None: no weights there, e.g. info files only).
+
+    Unlike `model_fingerprint` it reads every byte: a report records it so that runs measured against
+    different weights of one recipe are never merged."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        return None
+    total = hashlib.sha256()
+    for path in files:
+        total.update(path.name.encode() + b"\0")
+        with path.open("rb") as fh:
+            while chunk := fh.read(1 << 24):
+                total.update(chunk)
+    return "sha256:" + total.hexdigest()
+
+
 def model_fingerprint(model_dir: str | Path) -> str:
     """Cheap identity of a model directory: config + weight file names and sizes + conversion marker."""
     model_dir = Path(model_dir)
