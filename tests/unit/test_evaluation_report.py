@@ -206,8 +206,23 @@ def test_merge_refuses_runs_against_different_reference_models():
         merge_results([a, {**b, "reference": reference("/b", 704.0, None)}])
     with pytest.raises(ValueError, match="different target weights"):
         merge_results([a, {**b, "reference": reference("/a", 312.6, "sha256:2")}])
-    with pytest.raises(ValueError, match="different target models"):  # a run with no reference recorded
+    with pytest.raises(ValueError, match="recorded no target"):
         merge_results([a, {k: v for k, v in b.items() if k != "reference"}])
+    # the memorisation check `unlearnd train reference` adds to a cached model later is not its training
+    checked = reference("/b", 312.6, None)
+    checked["target"]["forget_rouge_l_recall"] = 0.7
+    assert merge_results([a, {**b, "reference": checked}])["reference"]["target"]["weights_sha256"] == "sha256:1"
+    # digests compare across every run, not only against the first's, and the merged report keeps them
+    no_digest = {**a, "reference": reference("/a", 312.6, None)}
+    with pytest.raises(ValueError, match="different target weights"):
+        merge_results(
+            [
+                no_digest,
+                {**b, "reference": reference("/b", 312.6, "sha256:1")},
+                {**b, "methods": {}, "reference": reference("/c", 312.6, "sha256:2")},
+            ]
+        )
+    assert merge_results([no_digest, b])["reference"]["target"]["weights_sha256"] is None
 
 
 def test_weights_digest_reads_every_weight_byte(tmp_path):

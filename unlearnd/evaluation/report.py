@@ -600,8 +600,10 @@ def merge_results(runs: list[dict[str, Any]], renames: list[dict[str, str]] | No
         for key in MERGE_KEYS:
             if other.get(key) != first.get(key):
                 raise ValueError(f"runs differ in {key!r}: {other.get(key)} vs {first.get(key)}")
-        _check_same_references(first, other)
+    references = _same_references(runs)
     merged: dict[str, Any] = {**first, "methods": {}, "examples": {}, "sources": [], "notes": []}
+    if references:
+        merged["reference"] = references
     renames = renames or [{} for _ in runs]
     for run, names in zip(runs, renames, strict=True):
         unknown = set(names) - set(run.get("methods", {}))
@@ -626,24 +628,35 @@ def merge_results(runs: list[dict[str, Any]], renames: list[dict[str, str]] | No
     return merged
 
 
-def _check_same_references(first: dict[str, Any], other: dict[str, Any]) -> None:
-    """Refuse to put runs measured against different reference models in one table.
+# what a reference's info records about it besides its training: where it was read from, its digest, and the
+# memorisation check that `unlearnd train reference` may add to a cached model later
+NOT_TRAINING = ("dir", "weights_sha256", "forget_rouge_l_recall", "forget_rouge_n", "rouge_backend")
+
+
+def _same_references(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The reference models every run was measured against, or ValueError if they differ.
 
     The cache key names a reference's recipe, not its weights: the same recipe retrained on another machine
-    or thread count gives other weights (and another forget quality for every method). So the whole
-    recorded reference must match, less the folder it was read from, and the weight digests where both
-    runs recorded one (a device run may carry the retain model's info files only)."""
-    refs_a, refs_b = first.get("reference") or {}, other.get("reference") or {}
-    for kind in sorted(set(refs_a) | set(refs_b)):
-        a, b = refs_a.get(kind) or {}, refs_b.get(kind) or {}
-        recorded = ("dir", "weights_sha256")
-        if {k: v for k, v in a.items() if k not in recorded} != {k: v for k, v in b.items() if k not in recorded}:
+    or thread count gives other weights (and another forget quality for every method). So every run's
+    recorded training must match, and every weight digest recorded (a device run may carry the retain
+    model's info files only, with no digest). The result keeps the digest any run recorded."""
+    kinds = list(dict.fromkeys(kind for run in runs for kind in run.get("reference") or {}))  # target first
+    merged: dict[str, Any] = {}
+    for kind in kinds:
+        entries = [(run.get("reference") or {}).get(kind) for run in runs]
+        if any(entry is None for entry in entries):
+            raise ValueError(f"a run recorded no {kind} model: it cannot be shown to be the others'")
+        trainings = [{k: v for k, v in entry.items() if k not in NOT_TRAINING} for entry in entries]
+        if any(training != trainings[0] for training in trainings):
             raise ValueError(
-                f"runs were measured against different {kind} models ({a.get('dir')} vs {b.get('dir')}): "
-                "their recorded training differs"
+                f"runs were measured against different {kind} models ({', '.join(str(e.get('dir')) for e in entries)}):"
+                " their recorded training differs"
             )
-        if a.get("weights_sha256") and b.get("weights_sha256") and a["weights_sha256"] != b["weights_sha256"]:
-            raise ValueError(f"runs were measured against different {kind} weights ({a['dir']} vs {b['dir']})")
+        digests = {entry["weights_sha256"] for entry in entries if entry.get("weights_sha256")}
+        if len(digests) > 1:
+            raise ValueError(f"runs were measured against different {kind} weights: {sorted(digests)}")
+        merged[kind] = {**entries[0], "weights_sha256": next(iter(digests), None)}
+    return merged
 
 
 class ReportFiles(BaseModel):
