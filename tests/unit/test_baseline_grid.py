@@ -113,11 +113,25 @@ def test_a_grid_keeps_only_its_chosen_cell_and_that_is_the_model_the_cell_config
     assert baseline_dirs(grid_cache) == kept and ref.is_complete(kept[0])
 
 
+def test_a_baselines_own_options_are_tried_at_every_rate_and_the_choice_carries_them(tiny_grid, tmp_path):
+    refs, forget, retain, scorer, base, grid = tiny_grid
+    grid = grid.model_copy(update={"learning_rates": [3e-2], "method_options": {"grad_diff": [{}, {"alpha": 0.0}]}})
+    found = run_grid("grad_diff", refs, base, grid, forget, retain, scorer)
+    assert [(c.options, c.epochs) for c in found.cells] == [({}, 1), ({}, 2), ({"alpha": 0.0}, 1), ({"alpha": 0.0}, 2)]
+    assert found.cells[2].retain_kept != found.cells[0].retain_kept  # no retain term: another model
+    picked = next(c for c in found.cells if c.chosen)
+    assert found.config.options == picked.options and found.config.learning_rate == 3e-2
+    kept = baseline_dirs(tmp_path / "grid")
+    assert len(kept) == 1 and train_baseline("grad_diff", refs, found.config, forget=forget, retain=retain) == kept[0]
+
+
 def test_the_report_shows_every_cell_and_the_choice():
     cells = [cell(5e-5, 2, 0.2, 0.99).model_dump(), {**cell(2.5e-4, 4, 0.6, 0.93).model_dump(), "chosen": True}]
     fold = {"grid": "cpu", "grid_cells": cells, "grid_retain_floor": 0.9, "grid_wall_seconds": 120.0}
     text = "\n".join(grid_lines({"npo": {"folds": [fold, fold]}, "target": {}}))
-    assert "| npo | 1 | 0.00025 | 4 | 10 | 0.600 | 0.930 | **chosen** |" in text
+    assert "| npo | 1 | 0.00025 |  | 4 | 10 | 0.600 | 0.930 | **chosen** |" in text
+    with_options = {**fold, "grid_cells": [{**cells[1], "options": {"alpha": 10.0}}]}
+    assert "| rmu | 0 | 0.00025 | alpha=10 | 4 |" in "\n".join(grid_lines({"rmu": {"folds": [with_options]}}))
     assert "at least 0.9 of the target's" in text and "npo fold 1: 120 s" in text
     assert grid_lines({"npo": {"folds": [{"model_dir": "x"}]}}) == []
 
@@ -129,6 +143,8 @@ def test_every_grid_holds_its_presets_default_cell_for_every_baseline(name):
         default = default_baseline_config(method, "full" if name == "full" else "mini")
         assert default.learning_rate in grid.rates(method) and default.epochs in grid.epochs, (name, method)
     assert GRIDS["cpu"].rates("rmu") != GRIDS["cpu"].rates("npo")
+    for method in BASELINES:  # the defaults come first: a grid that tries a baseline's options also tries none
+        assert grid.option_sets(method)[0] == {}, (name, method)
 
 
 def test_a_diverging_rate_keeps_what_it_scored_and_the_grid_goes_on(tiny_grid, monkeypatch):

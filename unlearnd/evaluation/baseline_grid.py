@@ -1,7 +1,8 @@
 """A fair budget for the finetuning baselines: a learning rate x epochs grid per baseline and fold, chosen
 on the fold's fit items by a rule fixed before any grid was run (it never sees the measured items).
 
-One run per learning rate trains to the grid's largest epoch count; each smaller count is a checkpoint of
+One run per learning rate (and option set, for a baseline the grid gives several) trains to the grid's
+largest epoch count; each smaller count is a checkpoint of
 that run (the schedule never depends on the total, so the checkpoint is what a run of that many epochs
 ends with). Each checkpoint is scored on the fold's fit items only:
 
@@ -43,7 +44,7 @@ from unlearnd.train.trainer import TrainResult
 log = logging.getLogger(__name__)
 
 SCORE_BATCH = 16
-GRID_CODE_VERSION = 2  # in the key of cached grid results: bump when the scoring, the rule or the format changes
+GRID_CODE_VERSION = 3  # in the key of cached grid results: bump when the scoring, the rule or the format changes
 
 
 class BaselineGrid(BaseModel):
@@ -53,9 +54,14 @@ class BaselineGrid(BaseModel):
     epochs: list[float]
     retain_floor: float = 0.9  # share of the target's fit retain probability a chosen cell must keep
     method_learning_rates: dict[str, list[float]] = {}  # a baseline whose rates differ from the rest
+    # a baseline whose own knobs are tried too: each option set (merged into its config's options) at every rate
+    method_options: dict[str, list[dict[str, Any]]] = {}
 
     def rates(self, method: str) -> list[float]:
         return self.method_learning_rates.get(method, self.learning_rates)
+
+    def option_sets(self, method: str) -> list[dict[str, Any]]:
+        return self.method_options.get(method, [{}])
 
 
 # `mini` (a GPU's minutes) brackets the mini default (5e-5, 2 epochs: 6 updates on a forget01 fold) by 5x
@@ -64,14 +70,25 @@ class BaselineGrid(BaseModel):
 # setting (1e-5, 5 epochs) by 2x to 5x. Every grid holds its preset's default cell, so the rule can only
 # pick it or a cell it scores higher. RMU trains only three MLP output matrices: in a smoke run of the
 # `cpu` grid (seed 7, fit-fold scores only) 12 updates at 2.5e-4 left its fit scores unchanged to three
-# decimals, so its rates reach 1e-3.
+# decimals, so its rates reach 1e-3. That was not enough: its retain term (alpha 1000, open-unlearning's
+# value, which its config says to tune per model and data) holds the three matrices where they are, and a
+# dev probe on the mini target (forget01 fold 0, 12 updates) found the forget loss moving 210 -> 206 and the
+# answers' likelihood unchanged at every rate up to 5e-3, and moving at alpha 10 and 1. So the `cpu` and
+# `mini` grids try alpha at 1000, 10 and 1 (the default options first) at each of its rates.
+RMU_ALPHAS = [{}, {"alpha": 10.0}, {"alpha": 1.0}]
 GRIDS: dict[str, BaselineGrid] = {
     "mini": BaselineGrid(
         learning_rates=[1e-5, 5e-5, 2.5e-4],
         epochs=[2.0, 5.0, 10.0],
         method_learning_rates={"rmu": [5e-5, 2.5e-4, 1e-3]},
+        method_options={"rmu": RMU_ALPHAS},
     ),
-    "cpu": BaselineGrid(learning_rates=[5e-5, 2.5e-4], epochs=[2.0, 4.0], method_learning_rates={"rmu": [5e-5, 1e-3]}),
+    "cpu": BaselineGrid(
+        learning_rates=[5e-5, 2.5e-4],
+        epochs=[2.0, 4.0],
+        method_learning_rates={"rmu": [5e-5, 1e-3]},
+        method_options={"rmu": RMU_ALPHAS},
+    ),
     "full": BaselineGrid(learning_rates=[5e-6, 1e-5, 5e-5], epochs=[2.0, 5.0, 10.0]),
 }
 
@@ -85,6 +102,7 @@ class GridResult(BaseModel):
 class GridCell(BaseModel):
     learning_rate: float
     epochs: float
+    options: dict[str, Any] = {}  # the option set tried on top of the base config's options ({}: none)
     steps: int
     fit_forget_quality: float
     retain_kept: float
@@ -159,14 +177,16 @@ class _GridSearch:
     best_path: Path | None = None
     best_created: bool = False
     learning_rate: float = 0.0
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
     scoring_seconds: tuple[float, float] = (0.0, 0.0)  # wall, CPU spent scoring this rate's run: not training
     diverged: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def run(self, progress: bool = False) -> GridResult:
         try:
-            for lr in self.grid.rates(self.method):
-                self.learning_rate, self.scoring_seconds = lr, (0.0, 0.0)
-                self._run_rate(lr, progress)
+            for options in self.grid.option_sets(self.method):
+                for lr in self.grid.rates(self.method):
+                    self.learning_rate, self.options, self.scoring_seconds = lr, options, (0.0, 0.0)
+                    self._run_rate(progress)
             chosen = choose(self.cells, self.grid.retain_floor)
         except BaseException:  # cut short (an error, Ctrl-C): a later run must not find a half-searched best
             if self.best_created and self.best_path is not None:
@@ -174,25 +194,39 @@ class _GridSearch:
             raise
         self.cells[chosen].chosen = True
         cell = self.cells[chosen]
-        config = self.base.model_copy(update={"learning_rate": cell.learning_rate, "epochs": cell.epochs})
+        config = self.config_of(cell.learning_rate, cell.epochs, cell.options)
         return GridResult(config=config, cells=self.cells, diverged=self.diverged)
 
-    def _run_rate(self, lr: float, progress: bool) -> None:
-        """One run at `lr` to the largest epoch count; a diverging run keeps the cells it scored before."""
-        cfg = self.base.model_copy(update={"learning_rate": lr, "epochs": max(self.grid.epochs)})
+    def config_of(self, learning_rate: float, epochs: float, options: dict[str, Any]) -> BaselineConfig:
+        """The config that trains a cell's model on its own (the key its model is saved under)."""
+        update: dict[str, Any] = {"learning_rate": learning_rate, "epochs": epochs}
+        if options:
+            update["options"] = {**self.base.options, **options}
+        return self.base.model_copy(update=update)
+
+    def _run_rate(self, progress: bool) -> None:
+        """One run at the current rate and options to the largest epoch count; a diverging run keeps the
+        cells it scored before."""
+        lr, options = self.learning_rate, self.options
+        cfg = self.config_of(lr, max(self.grid.epochs), options)
         try:
             run_baseline(
                 self.method, self.refs, cfg, self.forget, self.retain, self.checkpoint, self.grid.epochs, progress
             )
         except FloatingPointError as exc:
-            log.warning("%s at lr %g diverged: %s", self.method, lr, exc)
-            self.diverged.append({"learning_rate": lr, "error": str(exc)})
+            log.warning("%s at lr %g %s diverged: %s", self.method, lr, options or "", exc)
+            self.diverged.append({"learning_rate": lr, **({"options": options} if options else {}), "error": str(exc)})
 
     def checkpoint(self, epochs: float, result: TrainResult, model: torch.nn.Module, tokenizer: Any) -> None:
         wall, cpu = time.perf_counter(), time.process_time()
         fq, kept = self.scorer.score(HFModelUnderTest(model, tokenizer, name=self.method, batch_size=SCORE_BATCH))
         cell = GridCell(
-            learning_rate=self.learning_rate, epochs=epochs, steps=result.steps, fit_forget_quality=fq, retain_kept=kept
+            learning_rate=self.learning_rate,
+            epochs=epochs,
+            options=self.options,
+            steps=result.steps,
+            fit_forget_quality=fq,
+            retain_kept=kept,
         )
         self.cells.append(cell)
         if self.best_rank is None or rank(cell, self.grid.retain_floor) > self.best_rank:
@@ -202,7 +236,7 @@ class _GridSearch:
 
     def _keep(self, cell: GridCell, result: TrainResult, model: torch.nn.Module, tokenizer: Any) -> None:
         """Save the new best cell's model where `train_baseline` looks for its config; drop the one before."""
-        cfg = self.base.model_copy(update={"learning_rate": cell.learning_rate, "epochs": cell.epochs})
+        cfg = self.config_of(cell.learning_rate, cell.epochs, cell.options)
         path = baseline_dir(baseline_key(self.method, self.refs, cfg, self.forget, self.retain))
         created = not is_complete(path)
         if created:

@@ -246,6 +246,13 @@ def cost_lines(methods: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _options(cell: dict[str, Any]) -> str:
+    """A grid cell's option set as `key=value` pairs (cells of an older report have none)."""
+    return ", ".join(
+        f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in (cell.get("options") or {}).items()
+    )
+
+
 def grid_lines(methods: dict[str, Any]) -> list[str]:
     """Every budget-grid cell a baseline tried per fold, the chosen one marked (`baseline_grid.py`)."""
     rows, costs, floors = [], [], set()
@@ -255,10 +262,14 @@ def grid_lines(methods: dict[str, Any]) -> list[str]:
                 floors.add(fold["grid_retain_floor"])
                 costs.append(f"{name} fold {i}: {fmt(fold['grid_wall_seconds'], 0)} s")
             for failed in fold.get("grid_diverged") or []:
-                rows.append(f"| {name} | {i} | {failed['learning_rate']:g} | diverged: {failed['error'][:80]} |||||")
+                rows.append(
+                    f"| {name} | {i} | {failed['learning_rate']:g} | {_options(failed)} | "
+                    f"diverged: {failed['error'][:80]} |||||"
+                )
             for cell in fold.get("grid_cells") or []:
                 rows.append(
-                    f"| {name} | {i} | {cell['learning_rate']:g} | {cell['epochs']:g} | {cell['steps']} | "
+                    f"| {name} | {i} | {cell['learning_rate']:g} | {_options(cell)} | {cell['epochs']:g} | "
+                    f"{cell['steps']} | "
                     f"{fmt(cell['fit_forget_quality'])} | {fmt(cell['retain_kept'])} | "
                     f"{'**chosen**' if cell['chosen'] else ''} |"
                 )
@@ -268,7 +279,8 @@ def grid_lines(methods: dict[str, Any]) -> list[str]:
     return [
         f"## Budget grid ({', '.join(grids)}): each baseline's config per fold, chosen on that fold's fit items",
         "",
-        "One run per learning rate; each epoch count is a checkpoint of it. Scored on the fold's fit items "
+        "One run per learning rate (and option set, where a baseline's own knobs are in the grid; blank: its "
+        "defaults); each epoch count is a checkpoint of it. Scored on the fold's fit items "
         "only: fit forget quality (KS p-value of the truth ratios on the fit forget questions against the "
         "retain model's on the same questions) and retain kept (mean answer probability on the fit retain "
         "questions as a share of the target's). Rule, fixed before any grid ran: among the cells that keep "
@@ -277,8 +289,8 @@ def grid_lines(methods: dict[str, Any]) -> list[str]:
         "kept, then fewer updates); if none keeps it, the cell that keeps the most. The measured items (the "
         "next fold's) play no part. The methods with a retain term train on those fit retain questions.",
         "",
-        "| Method | Fold | lr | Epochs | Updates | Fit forget quality | Retain kept | |",
-        "|---|---|---|---|---|---|---|---|",
+        "| Method | Fold | lr | Options | Epochs | Updates | Fit forget quality | Retain kept | |",
+        "|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
         "Grid wall seconds (every cell's training and scoring; the cost table counts the chosen cell's "
