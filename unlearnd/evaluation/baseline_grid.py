@@ -2,9 +2,9 @@
 on the fold's fit items by a rule fixed before any grid was run (it never sees the measured items).
 
 One run per learning rate (and option set, for a baseline the grid gives several) trains to the grid's
-largest epoch count; each smaller count is a checkpoint of
-that run (the schedule never depends on the total, so the checkpoint is what a run of that many epochs
-ends with). Each checkpoint is scored on the fold's fit items only:
+largest epoch count; each smaller count is a checkpoint of that run (the schedule never depends on the
+total, so the checkpoint is what a run of that many epochs ends with). Each checkpoint is scored on the
+fold's fit items only:
 
 * fit forget quality: the KS p-value of its truth ratios on the fit forget questions against the retain
   model's on the same questions (TOFU's forget quality, on the questions the baseline trained on);
@@ -72,9 +72,11 @@ class BaselineGrid(BaseModel):
 # `cpu` grid (seed 7, fit-fold scores only) 12 updates at 2.5e-4 left its fit scores unchanged to three
 # decimals, so its rates reach 1e-3. That was not enough: its retain term (alpha 1000, open-unlearning's
 # value, which its config says to tune per model and data) holds the three matrices where they are, and a
-# dev probe on the mini target (forget01 fold 0, 12 updates) found the forget loss moving 210 -> 206 and the
-# answers' likelihood unchanged at every rate up to 5e-3, and moving at alpha 10 and 1. So the `cpu` and
-# `mini` grids try alpha at 1000, 10 and 1 (the default options first) at each of its rates.
+# dev probe on the mini target (trained on forget01 fold 0, 12 updates) found the forget loss moving 210 -> 206
+# and the likelihood of fold 1's forget answers unchanged at every rate up to 5e-3, and moving at alpha 10 and
+# 1. So the `cpu` and `mini` grids try alpha at 1000, 10 and 1 (the default options first) at each of its
+# rates. Fold 1 is what fold 0 is measured on: the alpha values were set after a look at it (the choice
+# among them still sees only fit items).
 RMU_ALPHAS = [{}, {"alpha": 10.0}, {"alpha": 1.0}]
 GRIDS: dict[str, BaselineGrid] = {
     "mini": BaselineGrid(
