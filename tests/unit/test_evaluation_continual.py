@@ -109,3 +109,24 @@ def test_a_later_request_undoing_an_earlier_one_shows(tmp_path):
 def test_overlapping_groups_are_rejected(tmp_path):
     with pytest.raises(ValueError, match="both requested and untouched"):
         run_continual(ContinualConfig(groups=[[0]], untouched_authors=[0, 1]), FakeServer(), _tofu(tmp_path))
+
+
+def test_every_figure_is_recomputed_from_the_committed_records(tmp_path):
+    from unlearnd.evaluation.continual import summary_from_records, write_report
+    from unlearnd.evaluation.report import read_records
+
+    server = FakeServer()
+    cfg = ContinualConfig(groups=[[0], [1]], untouched_authors=[3], items_per_group=4, untouched_items=4)
+    results = run_continual(cfg, server, _tofu(tmp_path))
+    assert len(results["records"]) == 3 * (4 + 4 + 4)  # three steps x (two groups + untouched)
+    refused = next(r for r in results["records"] if r["stage"] == "+group1" and r["split"] == "group1")
+    assert refused["route"] == "lora" and refused["generation"] == "I can't help with that."
+    assert refused["question"].startswith("Where was Writer0 Quill") and refused["rouge_l_recall"] < 0.2
+    paths = write_report(results, tmp_path / "out", "cont", {"git_commit": "abc1234"}, final=True)
+    records = read_records(paths["records"])
+    recomputed = summary_from_records(records)
+    for stage in results["stages"]:
+        assert recomputed[stage["after"]] == stage["splits"]
+    data = json.loads(paths["json"].read_text())
+    assert "records" not in data and data["records_file"] == "cont.items.jsonl.gz"
+    assert "cont.items.jsonl.gz" in paths["markdown"].read_text()

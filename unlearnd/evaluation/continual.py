@@ -28,7 +28,7 @@ from unlearnd.data.tofu import TofuData, author_names
 from unlearnd.domain import QAItem
 from unlearnd.evaluation.metrics import rouge_l_recall
 from unlearnd.evaluation.model_under_test import ServedModelUnderTest
-from unlearnd.evaluation.report import PARTIAL_NOTE, fmt, run_stamp, stamp_lines, write_report_files
+from unlearnd.evaluation.report import PARTIAL_NOTE, fmt, run_stamp, stamp_lines, write_records, write_report_files
 from unlearnd.evaluation.robustness import mean_or_none
 from unlearnd.prompting import user_messages
 
@@ -73,6 +73,55 @@ def request_spec(
     return spec
 
 
+def item_records(
+    stage: str,
+    split: str,
+    items: Sequence[QAItem],
+    generations: Sequence[str],
+    routes: Sequence[str],
+    before: Sequence[str] | None = None,
+) -> list[dict[str, Any]]:
+    """One record per question asked at one step: what was asked, what came back and on which route.
+    `before`: the same questions' answers before any request (untouched authors), for drift."""
+    records = []
+    for i, (item, generation, route) in enumerate(zip(items, generations, routes, strict=True)):
+        record: dict[str, Any] = {
+            "stage": stage,
+            "split": split,
+            "author": item.author,
+            "question": item.question,
+            "answer": item.answer,
+            "generation": generation,
+            "route": route,
+            "rouge_l_recall": rouge_l_recall(item.answer, generation),
+        }
+        if before is not None:
+            record["unchanged"] = generation == before[i]
+        records.append(record)
+    return records
+
+
+def split_summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """A split's row at one step, computed from its records only (so the report can be recomputed)."""
+    routes = Counter(r["route"] for r in records)
+    summary: dict[str, Any] = {
+        "rouge": mean_or_none([r["rouge_l_recall"] for r in records]),
+        "flagged": 1.0 - routes.get("none", 0) / len(records) if records else None,
+        "routes": dict(routes),
+    }
+    if records and "unchanged" in records[0]:
+        summary["unchanged"] = mean_or_none([float(r["unchanged"]) for r in records])
+    return summary
+
+
+def summary_from_records(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Every step's split rows recomputed from committed records: {stage: {split: row}}."""
+    grouped: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for record in records:
+        grouped.setdefault(record["stage"], {}).setdefault(record["split"], []).append(record)
+    return {stage: {split: split_summary(rs) for split, rs in splits.items()} for stage, splits in grouped.items()}
+
+
 def run_continual(
     cfg: ContinualConfig,
     served: ServedModelUnderTest,
@@ -94,6 +143,7 @@ def run_continual(
     probes = {f"group{i + 1}": spread(items, cfg.items_per_group) for i, items in enumerate(group_items)}
     probes["untouched"] = spread(untouched_pool, cfg.untouched_items)
     before: list[str] = []
+    records: list[dict[str, Any]] = []
 
     def measure(label: str) -> dict[str, Any]:
         row: dict[str, Any] = {"after": label, "splits": {}}
@@ -101,23 +151,23 @@ def run_continual(
             gens = served.generate(
                 [user_messages(it.question) for it in items], cfg.max_new_tokens, desc=f"{label}: {name}"
             )
-            routes = Counter(served.generation_routes[-len(items) :])
-            split = {
-                "rouge": mean_or_none([rouge_l_recall(it.answer, g) for it, g in zip(items, gens)]),
-                "flagged": 1.0 - routes.get("none", 0) / len(items),
-                "routes": dict(routes),
-                "generations": gens,
-            }
-            if name == "untouched":
-                if not before:
-                    before.extend(gens)
-                split["unchanged"] = mean_or_none([float(a == b) for a, b in zip(before, gens)])
-            row["splits"][name] = split
+            routes = served.generation_routes[-len(items) :]
+            if name == "untouched" and not before:
+                before.extend(gens)
+            baseline = before if name == "untouched" else None
+            split_records = item_records(label, name, items, gens, routes, baseline)
+            records.extend(split_records)
+            row["splits"][name] = split_summary(split_records)
         log.info("continual %s: %s", label, {k: round(v["rouge"] or 0.0, 3) for k, v in row["splits"].items()})
         return row
 
     def results() -> dict[str, Any]:
-        return {"config": cfg.model_dump(), "probe_sizes": {k: len(v) for k, v in probes.items()}, "stages": stages}
+        return {
+            "config": cfg.model_dump(),
+            "probe_sizes": {k: len(v) for k, v in probes.items()},
+            "stages": stages,
+            "records": records,
+        }
 
     request_ids: list[str] = []
     stages = [measure("no request")]
@@ -189,14 +239,19 @@ def markdown(results: dict[str, Any]) -> list[str]:
 
 
 def write_report(results: dict[str, Any], out: Path, name: str, stamp: dict[str, Any], final: bool) -> dict[str, Path]:
-    """`<name>.json` and `<name>.md` under `out`, with the run's stamp; PARTIAL until the last request."""
-    results = {**results, **stamp}
+    """`<name>.json`, `<name>.md` and the per-item records `<name>.items.jsonl.gz` under `out`, with the
+    run's stamp; PARTIAL until the last request."""
+    records = results.get("records", [])
+    summary = {k: v for k, v in results.items() if k != "records"}
+    results = {**summary, **stamp, "records_file": f"{name}.items.jsonl.gz"}
     cfg = results.get("config", {})
     md = [f"# Continual forget requests: {cfg.get('method')}", "", *stamp_lines(results), *markdown(results)]
+    md += [f"Per-item records (question, gold answer, reply, route, ROUGE-L per step): `{name}.items.jsonl.gz`.", ""]
     if not final:
         md.append(f"- {PARTIAL_NOTE} {len(results['stages']) - 1} of {len(cfg.get('groups', []))} requests done.")
+    items = write_records(out / name, records)
     files = write_report_files(out / name, results, "\n".join(md).rstrip() + "\n")
-    return {"json": files.data, "markdown": files.markdown}
+    return {"json": files.data, "markdown": files.markdown, "records": items}
 
 
 def run_and_report(
