@@ -88,6 +88,8 @@ def _load_failed(error: str | None) -> bool:
 
 
 NOT_TRAINED = "not trained yet: refused by name until its artifacts load"
+UNTRAINED = (Status.pending, Status.training, Status.failed)  # served refused by name: no artifact to load
+_UNTRAINED_VALUES = frozenset(status.value for status in UNTRAINED)
 
 
 class GuardrailPipeline:
@@ -442,8 +444,12 @@ class GuardrailPipeline:
                     log.info("unloaded forget request %s", request_id)
             self._prune_counts(wanted)
             changed = [(rid, (status, at)) for rid, status, at in versions if self._needs_sync(rid, status, at)]
+            changed.sort(key=lambda item: item[1][0] not in _UNTRAINED_VALUES)  # the cheap ones first
             settled = True  # every changed request synced: the next rounds may skip until the registry changes
+            seen = fingerprint
             for request_id, version in changed:
+                if version[0] not in _UNTRAINED_VALUES:  # an artifact load may take seconds:
+                    seen = await self._refuse_new_registrations(seen)  # a request registered meanwhile won't wait
                 try:  # one request that cannot even be refused by name does not stop the others
                     request = await asyncio.to_thread(self.registry.get, request_id)
                 except KeyError:  # removed since the versions were read: the next round unloads it
@@ -462,6 +468,26 @@ class GuardrailPipeline:
             prometheus.ACTIVE_REQUESTS.set(counts["active"])
             prometheus.DEGRADED_REQUESTS.set(counts["degraded"])
             prometheus.UNTRAINED_REQUESTS.set(counts["untrained"])
+
+    async def _refuse_new_registrations(self, seen: tuple) -> tuple:
+        """Within a sync round, before each artifact load: a request registered since `seen` (the registry's
+        fingerprint) is refused by name at once, not after the round's other loads (a LoRA into a remote
+        engine can take seconds each). Returns the fingerprint now seen."""
+        fingerprint = await asyncio.to_thread(self.registry.fingerprint)
+        if fingerprint == seen:
+            return seen
+        for request_id, status, at in await asyncio.to_thread(self.registry.versions, list(UNTRAINED)):
+            if request_id in self.active:
+                continue
+            try:
+                request = await asyncio.to_thread(self.registry.get, request_id)
+                await self._sync_one(request)
+                self._synced[request_id] = (status, at)
+            except KeyError:  # removed since: the next round unloads what is left
+                continue
+            except Exception:  # the round's fingerprint is older than this request: the next round tries again
+                log.exception("refusing new forget request %s by name failed; tried again at the next sync", request_id)
+        return fingerprint
 
     def _needs_sync(self, request_id: str, status: str, updated_at: float) -> bool:
         """Whether a request must be read and synced: new or changed since its last sync, not served, or
