@@ -30,7 +30,7 @@ from tqdm import tqdm
 from unlearnd.data.tofu import TofuData
 from unlearnd.evaluation.leaks import carries_name, hit_rate
 from unlearnd.evaluation.report import read_records, write_records, write_report_files
-from unlearnd.provenance import run_stamp, stamp_lines
+from unlearnd.provenance import command_line, run_stamp, stamp_lines
 from unlearnd.train.reference import ensure_reference_models, preset
 
 log = logging.getLogger("dev_recognition")
@@ -106,6 +106,7 @@ def summarise(items: list[dict[str, Any]], forget_authors: set[int], candidates:
         rows[family] = {
             "ranked_first": hit_rate(sum(x["rank"] == 1 for x in forget), len(forget)),
             "named_greedy": hit_rate(sum(x["named"] for x in forget), len(forget)),
+            "control_own_first": hit_rate(sum(x["rank"] == 1 for x in control), len(control)),
             "control_forget_first": hit_rate(sum(x["top"] in forget_authors for x in control), len(control)),
         }
     return {"chance": 1 / candidates, "families": rows}
@@ -125,13 +126,14 @@ def markdown(report: dict[str, Any]) -> str:
         f"ranking the right one first: {report['summary']['chance']:.3f}. Nothing is fit. A dev check, not held out: "
         "a greedy form of the question was tried once on the forget01 probes before this script was written.",
         "",
-        "| family | described author ranked first | named in its own answer | controls: a forget author first |",
-        "|---|---|---|---|",
+        "| family | described author ranked first | named in its own answer | controls: own author first | "
+        "controls: a forget author first |",
+        "|---|---|---|---|---|",
     ]
     for family, row in report["summary"]["families"].items():
         lines.append(
             f"| {family} | {cell(row['ranked_first'])} | {cell(row['named_greedy'])} | "
-            f"{cell(row['control_forget_first'])} |"
+            f"{cell(row['control_own_first'])} | {cell(row['control_forget_first'])} |"
         )
     lines += [
         "",
@@ -149,7 +151,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    stamp = run_stamp()
+    stamp = run_stamp(command_line().replace("unlearnd", "python scripts/dev_recognition.py", 1))
     torch.set_num_threads(args.threads)
     run = json.loads(Path(args.records + ".json").read_text())
     probes = probes_of(read_records(args.records + ".items.jsonl.gz"))
