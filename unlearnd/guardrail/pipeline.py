@@ -450,16 +450,7 @@ class GuardrailPipeline:
             for request_id, version in changed:
                 if version[0] not in _UNTRAINED_VALUES:  # an artifact load may take seconds:
                     seen = await self._refuse_new_registrations(seen)  # a request registered meanwhile won't wait
-                try:  # one request that cannot even be refused by name does not stop the others
-                    request = await asyncio.to_thread(self.registry.get, request_id)
-                except KeyError:  # removed since the versions were read: the next round unloads it
-                    continue
-                try:
-                    await self._sync_one(request)
-                    self._synced[request_id] = version
-                except Exception:
-                    settled = False
-                    log.exception("serving forget request %s failed; tried again at the next sync", request.id)
+                settled = await self._sync_changed(request_id, version) and settled
             if changed:
                 await asyncio.to_thread(self.output_guard.prepare)
             # read before the versions: a change in between is seen next round
@@ -477,17 +468,24 @@ class GuardrailPipeline:
         if fingerprint == seen:
             return seen
         for request_id, status, at in await asyncio.to_thread(self.registry.versions, list(UNTRAINED)):
-            if request_id in self.active:
-                continue
-            try:
-                request = await asyncio.to_thread(self.registry.get, request_id)
-                await self._sync_one(request)
-                self._synced[request_id] = (status, at)
-            except KeyError:  # removed since: the next round unloads what is left
-                continue
-            except Exception:  # the round's fingerprint is older than this request: the next round tries again
-                log.exception("refusing new forget request %s by name failed; tried again at the next sync", request_id)
+            if request_id not in self.active:  # a failure is tried again next round: its fingerprint is older
+                await self._sync_changed(request_id, (status, at))
         return fingerprint
+
+    async def _sync_changed(self, request_id: str, version: tuple[str, float]) -> bool:
+        """Read and serve one new or changed request; False when serving it failed (tried again at the next
+        sync). One request that cannot even be refused by name does not stop the others."""
+        try:
+            request = await asyncio.to_thread(self.registry.get, request_id)
+        except KeyError:  # removed since the versions were read: the next round unloads it
+            return True
+        try:
+            await self._sync_one(request)
+        except Exception:
+            log.exception("serving forget request %s failed; tried again at the next sync", request_id)
+            return False
+        self._synced[request_id] = version
+        return True
 
     def _needs_sync(self, request_id: str, status: str, updated_at: float) -> bool:
         """Whether a request must be read and synced: new or changed since its last sync, not served, or
@@ -497,7 +495,7 @@ class GuardrailPipeline:
         return request_id in self.degraded and status in (Status.ready.value, Status.active.value)
 
     async def _sync_one(self, request: ForgetRequest) -> None:
-        if request.status in (Status.pending, Status.training, Status.failed):
+        if request.status in UNTRAINED:
             if request.id not in self.active:
                 error = request.error if _load_failed(request.error) else NOT_TRAINED
                 await asyncio.to_thread(self._load_degraded, request, error)
