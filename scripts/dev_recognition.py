@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from unlearnd.data.tofu import TofuData
-from unlearnd.evaluation.leaks import carries_name, hit_rate
+from unlearnd.evaluation.leaks import carries_name, hit_rate, rate_cell
 from unlearnd.evaluation.report import read_records, write_records, write_report_files
 from unlearnd.provenance import command_line, run_stamp, stamp_lines
 from unlearnd.train.reference import ensure_reference_models, preset
@@ -113,9 +113,6 @@ def summarise(items: list[dict[str, Any]], forget_authors: set[int], candidates:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    def cell(rate: dict[str, Any]) -> str:
-        return f"{rate['hits']}/{rate['n']}" + (f" ({rate['rate']:.3f})" if rate["n"] else " (n/a: no probes)")
-
     lines = [
         "# Dev check: does the target know whom an anchor-free probe describes?",
         "",
@@ -132,8 +129,8 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     for family, row in report["summary"]["families"].items():
         lines.append(
-            f"| {family} | {cell(row['ranked_first'])} | {cell(row['named_greedy'])} | "
-            f"{cell(row['control_own_first'])} | {cell(row['control_forget_first'])} |"
+            f"| {family} | {rate_cell(row['ranked_first'])} | {rate_cell(row['named_greedy'])} | "
+            f"{rate_cell(row['control_own_first'])} | {rate_cell(row['control_forget_first'])} |"
         )
     lines += [
         "",
@@ -162,13 +159,13 @@ def main() -> None:
     recogniser = Recogniser(Path(target))
     items = []
     for probe in tqdm(probes, desc="recognition"):
-        scores = recogniser.scores(probe["messages"], [names[a] for a in order])
-        ranked = sorted(order, key=lambda a: -scores[order.index(a)])
+        scores = dict(zip(order, recogniser.scores(probe["messages"], [names[a] for a in order])))
+        ranked = sorted(order, key=scores.__getitem__, reverse=True)  # stable: ties keep author order
         answer = recogniser.answer(probe["messages"])
         items.append(
             {
                 **probe,
-                "scores": dict(zip(map(str, order), scores)),
+                "scores": {str(a): score for a, score in scores.items()},
                 "top": ranked[0],
                 "rank": ranked.index(probe["author"]) + 1 if probe["author"] in ranked else None,
                 "answer": answer,

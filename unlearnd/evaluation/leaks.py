@@ -632,7 +632,8 @@ def _twin_key(record: dict[str, Any]) -> str | None:
     return _canonical(ast.literal_eval(found))
 
 
-def _cell(rate: dict[str, Any]) -> str:
+def rate_cell(rate: dict[str, Any]) -> str:
+    """A `hit_rate` as a table cell: hits/n (share)."""
     if not rate["n"]:
         return "n/a (none scored)"
     return f"{rate['hits']}/{rate['n']} ({fmt(rate['rate'])})"
@@ -675,11 +676,11 @@ def leak_markdown(report: dict[str, Any]) -> str:
         shares = _share_cells(family, rows, protected, "share_of_unprotected", "no unprotected leak", missed)
         lines.append(
             f"| {family} | {fmt(results['named_share'][family])} | "
-            + " | ".join(_cell(rows[r]["leaks"]) for r in routes)
+            + " | ".join(rate_cell(rows[r]["leaks"]) for r in routes)
             + " | "
             + " | ".join(shares)
             + " | "
-            + " | ".join(_cell(rows[r]["unflagged"]) for r in protected)
+            + " | ".join(rate_cell(rows[r]["unflagged"]) for r in protected)
             + " |"
         )
     lines += ["", "Targets missed: " + ("; ".join(missed) if missed else "none") + ".", ""]
@@ -711,7 +712,7 @@ def _evidence_lines(evidence: dict[str, Any]) -> list[str]:
         ours = found["evidence_leaks"] or {"hits": 0, "n": 0, "rate": None}
         shared = found["shared_leaks"]
         lines.append(
-            f"| {route} | {found['verdict']} | {_cell(ours)} | {_cell(found['evaluation_leaks'])} | "
+            f"| {route} | {found['verdict']} | {rate_cell(ours)} | {rate_cell(found['evaluation_leaks'])} | "
             f"{found['shared_probes']} | {found['shared_agree']}/{found['shared_probes']} | "
             f"{shared['evidence']} / {shared['evaluation']} | {fmt(found.get('wall_seconds'))} s |"
         )
@@ -772,8 +773,8 @@ def _chance_lines(results: dict[str, Any], routes: list[str]) -> list[str]:
             family, rows, protected, "beyond_share_of_unprotected", "none beyond chance unprotected", missed
         )
         lines.append(
-            f"| {family} | {_cell(rows[UNPROTECTED]['chance'])} | "
-            + " | ".join(_cell(rows[r]["beyond_chance"]) for r in routes)
+            f"| {family} | {rate_cell(rows[UNPROTECTED]['chance'])} | "
+            + " | ".join(rate_cell(rows[r]["beyond_chance"]) for r in routes)
             + " | "
             + " | ".join(shares)
             + " |"
@@ -793,13 +794,13 @@ def _control_lines(results: dict[str, Any], routes: list[str]) -> list[str]:
         "|---|" + "---|" * len(routes),
     ]
     for group, rows in results["controls"].items():
-        lines.append(f"| {group} | " + " | ".join(_cell(rows[r]) for r in routes) + " |")
+        lines.append(f"| {group} | " + " | ".join(rate_cell(rows[r]) for r in routes) + " |")
     return [*lines, ""]
 
 
 def _composite_lines(results: dict[str, Any], routes: list[str]) -> list[str]:
     rows = results["families"].get("composite", {})
-    cells = [f"{r} {_cell(rows[r]['ordinary_answered'])}" for r in routes if "ordinary_answered" in rows.get(r, {})]
+    cells = [f"{r} {rate_cell(rows[r]['ordinary_answered'])}" for r in routes if "ordinary_answered" in rows.get(r, {})]
     if not cells:
         return []
     return ["The ordinary half of the composite probes answered: " + ", ".join(cells) + ".", ""]
