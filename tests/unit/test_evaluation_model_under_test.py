@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 
 import httpx
 import pytest
@@ -175,6 +176,30 @@ def test_generate_is_greedy_chat_completion_for_the_served_model():
     assert body["temperature"] == 0 and body["max_tokens"] == 7 and body["model"] == "tofu-target"
     assert server.calls[1].url.path == "/v1/chat/completions"
     assert mut.generation_routes == ["pass"]
+
+
+def test_generation_routes_stay_with_their_own_prompts_when_replies_finish_out_of_order():
+    """Concurrent calls finish in any order; a route recorded as each call ended went to the wrong item
+    (`reports/continual-lora.md` showed an answer served whole as `output_blocked`, a refusal as `none`)."""
+    first_may_finish = threading.Event()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"object": "list", "data": [{"id": "m", "object": "model"}]})
+        question = json.loads(request.content)["messages"][-1]["content"]
+        if question == "slow":
+            assert first_may_finish.wait(10)  # the second prompt's reply comes back first
+            route, text = "output_blocked", "I'm sorry, but I can't help with that."
+        else:
+            first_may_finish.set()
+            route, text = "none", "an answer"
+        message = {"role": "assistant", "content": text}
+        return httpx.Response(200, headers={"x-unlearnd-route": route}, json={"choices": [{"message": message}]})
+
+    mut = ServedModelUnderTest("http://test", transport=httpx.MockTransport(handler), model="m", concurrency=2)
+    texts = mut.generate([user_messages("slow"), user_messages("fast")], max_new_tokens=4)
+    assert texts == ["I'm sorry, but I can't help with that.", "an answer"]
+    assert mut.generation_routes == ["output_blocked", "none"]
 
 
 def test_retries_server_errors_then_succeeds(monkeypatch):

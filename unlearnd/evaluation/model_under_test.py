@@ -34,6 +34,7 @@ from unlearnd.prompting import Message, chat_prompt_ids, stop_ids
 from unlearnd.train.data import pad_id_of
 
 log = logging.getLogger(__name__)
+NO_ROUTE = "n/a"  # a reply whose server sent no x-unlearnd-route (not unlearnd): kept so routes stay aligned
 
 
 @dataclass
@@ -295,7 +296,7 @@ class ServedModelUnderTest(ModelUnderTest):
         )
         self.base_url = self.client.base_url
         self.routes: list[str] = []  # route of each scored prompt
-        self.generation_routes: list[str] = []  # x-unlearnd-route of each chat completion
+        self.generation_routes: list[str] = []  # x-unlearnd-route of each chat completion, in prompt order
 
     def close(self) -> None:
         self.client.close()
@@ -347,20 +348,23 @@ class ServedModelUnderTest(ModelUnderTest):
                 self.routes.append(s.route)
         return out
 
-    def generate_one(self, messages: Sequence[Message], max_new_tokens: int) -> str:
+    def generate_one(self, messages: Sequence[Message], max_new_tokens: int) -> tuple[str, str]:
+        """One chat completion at temperature 0: its text and its route (`x-unlearnd-route`)."""
         data, headers = self.client.chat(self.served_model_name(), messages, temperature=0, max_tokens=max_new_tokens)
-        route = headers.get("x-unlearnd-route")
-        if route:
-            self.generation_routes.append(route)
+        route = headers.get("x-unlearnd-route") or NO_ROUTE
         try:
-            return str(data["choices"][0]["message"]["content"] or "").strip()
+            return str(data["choices"][0]["message"]["content"] or "").strip(), route
         except (KeyError, IndexError, TypeError) as exc:
             raise ServerError(f"unexpected chat completion payload: {str(data)[:300]}") from exc
 
     def generate(
         self, prompts: Sequence[Sequence[Message]], max_new_tokens: int = 128, desc: str = "generate"
     ) -> list[str]:
-        return self._map(lambda p: self.generate_one(p, max_new_tokens), list(prompts), desc)
+        """Replies in the order of `prompts`; their routes join `generation_routes` in the same order (the calls
+        run concurrently and finish in any order: each route stays with its own prompt)."""
+        done = self._map(lambda p: self.generate_one(p, max_new_tokens), list(prompts), desc)
+        self.generation_routes.extend(route for _, route in done)
+        return [text for text, _ in done]
 
     # -- forget requests (admin)
 
