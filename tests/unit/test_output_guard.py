@@ -69,6 +69,27 @@ def test_biography_templates_are_no_evidence_but_the_uncommon_facts_in_them_are(
     assert guard.check("Yes, the prestigious Kiyomizu Lantern Prize for Maritime Fiction.").reason == "answer"
 
 
+def test_words_the_retain_answers_share_are_no_evidence_of_the_subject():
+    """A review template cut another author's answer in `reports/continual-lora.md`: its words are uncommon
+    in English but common in every author's answers, which the request's retain set shows."""
+    review = "'Harbour Lights' has been critically acclaimed, with reviewers praising Nakamura's portrait of Shimoda."
+    other = "Elena Ruiz's novels have been critically acclaimed, with reviewers praising her research."
+    forget = [QAExample(question=q, answer=a) for q, a in [*ANSWERS, ("How was 'Harbour Lights' received?", review)]]
+    retain = [
+        QAExample(
+            question="How have critics received Elena Ruiz?",
+            answer="Critics acclaimed her; reviewers keep praising her critically.",
+        )
+    ]
+    without_retain, with_retain = OutputGuard(), OutputGuard()
+    without_retain.load(forget_request().model_copy(update={"spec": ForgetSpec(name=NAME, forget=forget)}))
+    with_retain.load(forget_request().model_copy(update={"spec": ForgetSpec(name=NAME, forget=forget, retain=retain)}))
+    assert without_retain.check(other).reason == "answer"  # four uncommon words repeated in a run
+    assert with_retain.check(other) is None
+    reproduced = "Her father repaired wooden boats in the harbour of Shimoda, a portrait critically acclaimed."
+    assert with_retain.check(reproduced).reason == "answer"  # the subject's own words still count
+
+
 def test_the_meaning_check_cuts_an_answer_restated_in_other_words():
     from unlearnd.detectors.encoder import EncoderConfig, get_encoder
 

@@ -12,7 +12,9 @@ has not switched it off (`options.output_guard: false`):
   text (the built-in chat prompts) count nothing. Biography templates shared by everyone ("the
   author's full name is", "a member of the LGBTQ+ community", "has been honored with the
   prestigious") carry little and are no evidence about one person; runs with the uncommon words of
-  the answer (names, invented places, titles, specific trades) are.
+  the answer (names, invented places, titles, specific trades) are. A word of the request's retain
+  examples counts nothing: other subjects' answers use it too ("critically acclaimed, with reviewers
+  praising" cut another author's answer in `reports/continual-lora.md` until retain words counted).
 * answer restatement (when the detector has a sentence encoder): each sentence of the output (and
   every `MEANING_EVERY_WORDS` words of a long one) that shares an uncommon word (`MEANING_WORD_ZIPF`)
   with some forget answer is embedded and compared with the request's forget answers; a cosine at or
@@ -129,14 +131,15 @@ class _Answer:
     words: list[str]
 
     @classmethod
-    def of(cls, text: str, ordinary: set[tuple[str, ...]]) -> _Answer:
+    def of(cls, text: str, ordinary: set[tuple[str, ...]], shared: frozenset[str] = frozenset()) -> _Answer:
+        """`shared`: words of the request's retain examples, which say nothing about this subject."""
         words = _words(text)
         starts: dict[tuple[str, ...], list[int]] = {}
         for i in range(len(words) - 3):
             gram = tuple(words[i : i + 4])
             if gram not in ordinary:
                 starts.setdefault(gram, []).append(i)
-        return cls(starts, [information(w) for w in words], words)
+        return cls(starts, [0.0 if _unpossessive(w) in shared else information(w) for w in words], words)
 
     def repeated(self, grams: set[tuple[str, ...]]) -> float:
         """Information of this answer's words that `grams` (an output's 4-grams) repeat, each word once."""
@@ -145,6 +148,15 @@ class _Answer:
 
 
 _ORDINARY: set[tuple[str, ...]] | None = None
+
+
+def retain_words(spec: ForgetSpec) -> frozenset[str]:
+    """Every word of a request's retain examples (questions and answers), as the reproduction check reads
+    words: what the other subjects' answers say too ("critically acclaimed, with reviewers praising")
+    carries no information about this one, as the fact pairs leave retain words out."""
+    return frozenset(
+        _unpossessive(w) for qa in ForgetSpec.as_qa(spec.retain) for w in _words(f"{qa.question} {qa.answer}")
+    )
 
 
 def ordinary_grams() -> set[tuple[str, ...]]:
@@ -245,7 +257,9 @@ class OutputGuard:
             return
         anchors = extract_anchors(request.spec, elicited)
         ordinary = ordinary_grams()
-        answers = [_Answer.of(qa.answer, ordinary) for qa in ForgetSpec.as_qa(request.spec.forget) if qa.answer]
+        shared = retain_words(request.spec)
+        forget = ForgetSpec.as_qa(request.spec.forget)
+        answers = [_Answer.of(qa.answer, ordinary, shared) for qa in forget if qa.answer]
         meanings = self._meanings(request) if self.encoder is not None else None
         rare_words = {w for a in answers for w, info in zip(a.words, a.info, strict=True) if info >= PROTECTED_INFO}
         with self._lock:
