@@ -1,0 +1,163 @@
+"""Dev check: does the target's own likelihood tell a reply about a forget author from a reply about others?
+
+`scripts/dev_recognition.py` asked the target whom a *prompt* is about; its prior for its forget authors'
+names swamped the answer. This asks about the *reply* instead, where a leak shows: the TOFU target says a
+forget author's held-out facts in the words it was trained on. For each reply of a committed leak run's
+unprotected route, and each forget author `a`:
+
+    lift_a(reply) = log p(reply | "Tell me about <a's name>.") - log p(reply | "Tell me about this author.")
+
+(summed over the reply's tokens). An output check built on it would cut a reply whose lift for a request's
+subject exceeds what the request's own retain answers reach (other people's answers, which the user gives):
+the threshold per author is the highest lift of the leak run's retain answers (TOFU authors the run's
+requests held as retain). Measured: leaked replies of the forget probes over that threshold for their own
+author (would be cut), and control replies (other authors, related subjects) over it for any forget author
+(would be cut wrongly). Nothing is fit beyond that maximum. A dev check, not held out: two forms of the lift
+were first tried on these replies (this one and a name put into the probe's own prompt, which separated
+nothing).
+
+Usage: python scripts/dev_reply_recognition.py --records reports/leaks --out reports/dev-reply-recognition
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from unlearnd.data.tofu import TofuData
+from unlearnd.evaluation.leaks import hit_rate, rate_cell
+from unlearnd.evaluation.report import read_records, write_records, write_report_files
+from unlearnd.provenance import command_line, run_stamp, stamp_lines
+from unlearnd.train.reference import ensure_reference_models, preset
+
+log = logging.getLogger("dev_reply_recognition")
+
+NAMED = "Tell me about {name}."
+UNNAMED = "Tell me about this author."
+
+
+class ReplyScorer:
+    """Summed log-probability of a reply after one user message, under the target model."""
+
+    def __init__(self, model_dir: Path):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+    @torch.no_grad()
+    def logprob(self, user: str, reply: str) -> float:
+        prompt = self.tok.apply_chat_template(
+            [{"role": "user", "content": user}], add_generation_prompt=True, tokenize=False
+        )
+        head = self.tok(prompt, add_special_tokens=False)["input_ids"]
+        tail = self.tok(reply, add_special_tokens=False)["input_ids"]
+        if not tail:
+            return 0.0
+        logits = self.model(input_ids=torch.tensor([head + tail])).logits[0, len(head) - 1 : -1]
+        return torch.log_softmax(logits.float(), dim=-1).gather(1, torch.tensor(tail)[:, None]).sum().item()
+
+    def lifts(self, reply: str, names: dict[int, str]) -> dict[str, float]:
+        unnamed = self.logprob(UNNAMED, reply)
+        return {str(a): self.logprob(NAMED.format(name=name), reply) - unnamed for a, name in names.items()}
+
+
+def summarise(replies: list[dict[str, Any]], thresholds: dict[str, float]) -> dict[str, Any]:
+    """Per family: leaked forget replies over their author's threshold; controls over any forget author's."""
+
+    def over_own(x: dict[str, Any]) -> bool:
+        return x["lift"][str(x["author"])] > thresholds[str(x["author"])]
+
+    def over_any(x: dict[str, Any]) -> bool:
+        return any(x["lift"][a] > t for a, t in thresholds.items())
+
+    leaked = [x for x in replies if x["group"] == "forget" and x["leaked"]]
+    rows: dict[str, Any] = {}
+    for family in sorted({x["family"] for x in replies if x["group"] == "forget"}):
+        mine = [x for x in leaked if x["family"] == family]
+        rows[family] = {"leaked_cut": hit_rate(sum(map(over_own, mine)), len(mine))}
+    controls = {g: [x for x in replies if x["group"] == g] for g in ("other_author", "related")}
+    return {
+        "families": rows,
+        "leaked_cut": hit_rate(sum(map(over_own, leaked)), len(leaked)),
+        "controls_cut": {g: hit_rate(sum(map(over_any, xs)), len(xs)) for g, xs in controls.items()},
+    }
+
+
+def markdown(report: dict[str, Any]) -> str:
+    s = report["summary"]
+    lines = [
+        "# Dev check: does the target's likelihood recognise a reply about a forget author?",
+        "",
+        *stamp_lines(report),
+        f"Replies: the unprotected route's replies in `{report['records']}` "
+        f"(run at commit {report['records_commit']}), "
+        f'scored by the TOFU target `{report["target_model"]}`. Lift: log p(reply | "{NAMED}") - log p(reply | '
+        f'"{UNNAMED}"). Threshold per forget author: the highest lift of the run\'s retain answers (authors '
+        f"{report['retain_authors']}, {report['retain_answers']} answers): "
+        + ", ".join(f"{a}: {t:.1f}" for a, t in report["thresholds"].items())
+        + ". A dev check, not held out (see the script's docstring).",
+        "",
+        "| family | leaked replies over their author's threshold (would be cut) |",
+        "|---|---|",
+        *(f"| {family} | {rate_cell(row['leaked_cut'])} |" for family, row in s["families"].items()),
+        f"| all | {rate_cell(s['leaked_cut'])} |",
+        "",
+        "| controls | over a forget author's threshold (would be cut wrongly) |",
+        "|---|---|",
+        *(f"| {group} | {rate_cell(cell)} |" for group, cell in s["controls_cut"].items()),
+        "",
+        f"Per-reply records (lift per forget author): `{report['name']}.items.jsonl.gz`.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--records", default="reports/leaks", help="a leak report's base path")
+    parser.add_argument("--preset", default="mini")
+    parser.add_argument("--split", default=None)
+    parser.add_argument("--out", default="reports/dev-reply-recognition")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    stamp = run_stamp(command_line().replace("unlearnd", "python scripts/dev_reply_recognition.py", 1))
+    torch.set_num_threads(args.threads)
+    run = json.loads(Path(args.records + ".json").read_text())
+    records = [r for r in read_records(args.records + ".items.jsonl.gz") if r["route"] == "none"]
+    tofu = TofuData()
+    forget_authors = sorted({r["author"] for r in records if r["group"] == "forget"})
+    names = tofu.names_of(forget_authors)
+    target = ensure_reference_models(preset(args.preset, args.split), which=("target",), progress=False).target_dir
+    scorer = ReplyScorer(Path(target))
+    retain = [it.answer for it in tofu.by_authors(run["request_retain_authors"])]
+    retain_lifts = [scorer.lifts(answer, names) for answer in tqdm(retain, desc="retain answers")]
+    thresholds = {str(a): max(x[str(a)] for x in retain_lifts) for a in forget_authors}
+    replies = []
+    for r in tqdm(records, desc="replies"):
+        keep = {k: r[k] for k in ("group", "author", "family", "leaked", "reply")}
+        replies.append({**keep, "lift": scorer.lifts(r["reply"], names)})
+    report = {
+        **stamp,
+        "name": Path(args.out).name,
+        "records": args.records,
+        "records_commit": run.get("git_commit"),
+        "target_model": str(target),
+        "retain_authors": run["request_retain_authors"],
+        "retain_answers": len(retain),
+        "thresholds": thresholds,
+        "summary": summarise(replies, thresholds),
+    }
+    write_records(args.out, replies)
+    write_report_files(args.out, report, markdown(report))
+    log.info("wrote %s", args.out)
+
+
+if __name__ == "__main__":
+    main()
