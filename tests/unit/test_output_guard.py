@@ -90,6 +90,21 @@ def test_words_the_retain_answers_share_are_no_evidence_of_the_subject():
     assert with_retain.check(reproduced).reason == "answer"  # the subject's own words still count
 
 
+def test_a_named_thing_counts_even_when_the_retain_answers_share_its_words():
+    prize = "He won the Medal for Outstanding Maritime Discoveries in Coastal Sciences in 1999."
+    forget = [QAExample(question=q, answer=a) for q, a in [*ANSWERS, ("Which prize did he win?", prize)]]
+    retain = [
+        QAExample(
+            question="What did Elena Ruiz study?",
+            answer="Outstanding discoveries in maritime and coastal sciences earned her a medal.",
+        )
+    ]
+    guard = OutputGuard()
+    guard.load(forget_request().model_copy(update={"spec": ForgetSpec(name=NAME, forget=forget, retain=retain)}))
+    named = "The author received the Medal for Outstanding Maritime Discoveries in Coastal Sciences."
+    assert guard.check(named).reason == "answer"
+
+
 def test_the_meaning_check_cuts_an_answer_restated_in_other_words():
     from unlearnd.detectors.encoder import EncoderConfig, get_encoder
 

@@ -13,8 +13,9 @@ has not switched it off (`options.output_guard: false`):
   author's full name is", "a member of the LGBTQ+ community", "has been honored with the
   prestigious") carry little and are no evidence about one person; runs with the uncommon words of
   the answer (names, invented places, titles, specific trades) are. A word of the request's retain
-  examples counts nothing: other subjects' answers use it too ("critically acclaimed, with reviewers
-  praising" cut another author's answer in `reports/continual-lora.md` until retain words counted).
+  examples counts nothing in the answer's prose, only inside a named thing (capitalised mid-sentence:
+  "Medal for Outstanding Discoveries") or a number: other subjects' answers use it too ("critically
+  acclaimed, with reviewers praising" cut another author's answer in `reports/continual-lora.md`).
 * answer restatement (when the detector has a sentence encoder): each sentence of the output (and
   every `MEANING_EVERY_WORDS` words of a long one) that shares an uncommon word (`MEANING_WORD_ZIPF`)
   with some forget answer is embedded and compared with the request's forget answers; a cosine at or
@@ -132,14 +133,17 @@ class _Answer:
 
     @classmethod
     def of(cls, text: str, ordinary: set[tuple[str, ...]], shared: frozenset[str] = frozenset()) -> _Answer:
-        """`shared`: words of the request's retain examples, which say nothing about this subject."""
+        """`shared`: words of the request's retain examples; used in the answer's own prose they say nothing
+        about this subject, but inside a named thing or a number they still do (`_named_or_number`)."""
         words = _words(text)
         starts: dict[tuple[str, ...], list[int]] = {}
         for i in range(len(words) - 3):
             gram = tuple(words[i : i + 4])
             if gram not in ordinary:
                 starts.setdefault(gram, []).append(i)
-        return cls(starts, [0.0 if _unpossessive(w) in shared else information(w) for w in words], words)
+        kept = _named_or_number(text)
+        info = [0.0 if _unpossessive(w) in shared and not keep else information(w) for w, keep in zip(words, kept)]
+        return cls(starts, info, words)
 
     def repeated(self, grams: set[tuple[str, ...]]) -> float:
         """Information of this answer's words that `grams` (an output's 4-grams) repeat, each word once."""
@@ -150,9 +154,20 @@ class _Answer:
 _ORDINARY: set[tuple[str, ...]] | None = None
 
 
+def _named_or_number(text: str) -> list[bool]:
+    """Per word of `text` (as `_words` splits it): capitalised where a sentence does not begin ("the
+    International Medal for Outstanding Discoveries"), or holding a digit: a fact, whatever words it shares."""
+    out = []
+    for m in _WORD.finditer(text):
+        word, before = m.group(0), text[: m.start()].rstrip()
+        opens = not before or before[-1] in ".!?\n"
+        out.append(any(c.isdigit() for c in word) or (word[0].isupper() and not opens))
+    return out
+
+
 def retain_words(spec: ForgetSpec) -> frozenset[str]:
     """Every word of a request's retain examples (questions and answers), as the reproduction check reads
-    words: what the other subjects' answers say too ("critically acclaimed, with reviewers praising")
+    words: prose the other subjects' answers use too ("critically acclaimed, with reviewers praising")
     carries no information about this one, as the fact pairs leave retain words out."""
     return frozenset(
         _unpossessive(w) for qa in ForgetSpec.as_qa(spec.retain) for w in _words(f"{qa.question} {qa.answer}")
