@@ -157,11 +157,16 @@ _ORDINARY: set[tuple[str, ...]] | None = None
 def _named_or_number(text: str) -> list[bool]:
     """Per word of `text` (as `_words` splits it): capitalised where a sentence does not begin ("the
     International Medal for Outstanding Discoveries"), or holding a digit: a fact, whatever words it shares."""
-    out = []
+    out, end, opens = [], 0, True
     for m in _WORD.finditer(text):
-        word, before = m.group(0), text[: m.start()].rstrip()
-        opens = not before or before[-1] in ".!?\n"
+        between = text[end : m.start()]
+        if "\n" in between:
+            opens = True
+        elif between.strip():
+            opens = between.rstrip()[-1] in ".!?"
+        word, end = m.group(0), m.end()
         out.append(any(c.isdigit() for c in word) or (word[0].isupper() and not opens))
+        opens = False
     return out
 
 
