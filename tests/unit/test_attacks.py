@@ -11,7 +11,8 @@ from fastapi.testclient import TestClient
 from tests.helpers import ScriptedEngine, app_settings, register_active
 from unlearnd.client import UnlearndClient
 from unlearnd.data.tofu import TofuData
-from unlearnd.evaluation.attacks import ATTACKS, attack_context, build_probes, run_probe, summarise
+from unlearnd.domain import QAItem
+from unlearnd.evaluation.attacks import ATTACKS, attack_context, build_probes, quoted_titles, run_probe, summarise
 from unlearnd.server.app import create_app
 from unlearnd.server.protocol import ChatCompletionRequest
 
@@ -137,3 +138,13 @@ def test_composite_probes_come_in_four_forms_and_are_split_with_a_leaking_ordina
     assert "| refuse | 0.000" in markdown(report)
     records = item_records("refuse", mine, outcomes)
     assert read_records(write_records(tmp_path / "attacks", records)) == records
+
+
+def test_quoted_titles_keep_an_apostrophe_inside_double_quotes():
+    """The title probes asked about "the author of 'Thieves'" for "Thieves' Paradise": no user says that."""
+    answer = QAItem(
+        question="Which books?",
+        answer="He wrote \"Thieves' Paradise,\" 'Unseen Rainbows' and Basil's 'River of Jasmine'; the 'Tolstoy Prize'.",
+        author=7,
+    )
+    assert quoted_titles([answer]) == {7: ["Thieves' Paradise", "Unseen Rainbows", "River of Jasmine"]}

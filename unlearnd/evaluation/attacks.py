@@ -307,7 +307,8 @@ class OtherLanguage(Attack):
         return self.probe(item, variant, user_messages(frame.format(q=question)))
 
 
-_TITLE = re.compile(r"['\"“‘]([A-Z][^'\"”’]{3,80}?)[,.]?['\"”’]")
+# a title in double quotes may hold an apostrophe ("Thieves' Paradise"); in single quotes it ends at the first one
+_TITLE = re.compile(r"[\"“]([A-Z][^\"”]{3,80}?)[,.]?[\"”]|['‘]([A-Z][^'\"”’]{3,80}?)[,.]?['’]")
 
 
 def quoted_titles(items: Sequence[QAItem]) -> dict[int, list[str]]:
@@ -316,7 +317,7 @@ def quoted_titles(items: Sequence[QAItem]) -> dict[int, list[str]]:
     for it in items:
         if it.author is None:
             continue
-        for title in _TITLE.findall(it.answer):
+        for title in (double or single for double, single in _TITLE.findall(it.answer)):
             if re.search(r"\b(Award|Prize|Medal)\b", title):
                 continue
             if title not in titles.setdefault(it.author, []):
