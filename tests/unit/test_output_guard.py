@@ -13,7 +13,7 @@ from tests.helpers import ADMIN, ScriptedEngine, app_settings, register_active
 from unlearnd.domain import ForgetRequest, ForgetSpec, QAExample
 from unlearnd.engine.base import ChoiceDelta, TokenLogprob
 from unlearnd.guardrail import prometheus
-from unlearnd.guardrail.output_guard import OutputGuard
+from unlearnd.guardrail.output_guard import OutputGuard, _named_or_number
 from unlearnd.interventions.guardrails import REFUSAL
 from unlearnd.server.app import create_app
 
@@ -69,40 +69,47 @@ def test_biography_templates_are_no_evidence_but_the_uncommon_facts_in_them_are(
     assert guard.check("Yes, the prestigious Kiyomizu Lantern Prize for Maritime Fiction.").reason == "answer"
 
 
+REVIEWS = [  # other subjects' answers, as a user's retain set holds them
+    ("How have critics received Elena Ruiz?", "Critics acclaimed her; reviewers keep praising her critically."),
+    ("How was Omar Haddad's debut received?", "It was critically acclaimed, reviewers praising its pace."),
+]
+
+
+def guard_with(extra: tuple[str, str], retain: list[tuple[str, str]]) -> OutputGuard:
+    forget = [QAExample(question=q, answer=a) for q, a in [*ANSWERS, extra]]
+    spec = ForgetSpec(name=NAME, forget=forget, retain=[QAExample(question=q, answer=a) for q, a in retain])
+    guard = OutputGuard()
+    guard.load(forget_request().model_copy(update={"spec": spec}))
+    return guard
+
+
 def test_words_the_retain_answers_share_are_no_evidence_of_the_subject():
     """A review template cut another author's answer in `reports/continual-lora.md`: its words are uncommon
     in English but common in every author's answers, which the request's retain set shows."""
     review = "'Harbour Lights' has been critically acclaimed, with reviewers praising Nakamura's portrait of Shimoda."
     other = "Elena Ruiz's novels have been critically acclaimed, with reviewers praising her research."
-    forget = [QAExample(question=q, answer=a) for q, a in [*ANSWERS, ("How was 'Harbour Lights' received?", review)]]
-    retain = [
-        QAExample(
-            question="How have critics received Elena Ruiz?",
-            answer="Critics acclaimed her; reviewers keep praising her critically.",
-        )
-    ]
-    without_retain, with_retain = OutputGuard(), OutputGuard()
-    without_retain.load(forget_request().model_copy(update={"spec": ForgetSpec(name=NAME, forget=forget)}))
-    with_retain.load(forget_request().model_copy(update={"spec": ForgetSpec(name=NAME, forget=forget, retain=retain)}))
-    assert without_retain.check(other).reason == "answer"  # four uncommon words repeated in a run
-    assert with_retain.check(other) is None
+    asked = ("How was 'Harbour Lights' received?", review)
+    assert guard_with(asked, []).check(other).reason == "answer"  # four uncommon words repeated in a run
+    assert guard_with(asked, REVIEWS[:1]).check(other).reason == "answer"  # one answer using them: chance
+    shared = guard_with(asked, REVIEWS)  # two of two: shared prose
+    assert shared.check(other) is None
     reproduced = "Her father repaired wooden boats in the harbour of Shimoda, a portrait critically acclaimed."
-    assert with_retain.check(reproduced).reason == "answer"  # the subject's own words still count
+    assert shared.check(reproduced).reason == "answer"  # the subject's own words still count
+    assert "reviewers" in shared.loaded["fr-1"].protected  # still held back while streaming
 
 
-def test_a_named_thing_counts_even_when_the_retain_answers_share_its_words():
-    prize = "He won the Medal for Outstanding Maritime Discoveries in Coastal Sciences in 1999."
-    forget = [QAExample(question=q, answer=a) for q, a in [*ANSWERS, ("Which prize did he win?", prize)]]
+def test_a_named_thing_or_a_number_counts_even_when_the_retain_answers_share_its_words():
     retain = [
-        QAExample(
-            question="What did Elena Ruiz study?",
-            answer="Outstanding discoveries in maritime and coastal sciences earned her a medal.",
-        )
+        ("What did Elena Ruiz study?", "Outstanding discoveries in maritime and coastal sciences, in 1999 and 2001."),
+        ("What won Omar Haddad a medal?", "His outstanding maritime discoveries in coastal sciences; 1999 and 2001."),
     ]
-    guard = OutputGuard()
-    guard.load(forget_request().model_copy(update={"spec": ForgetSpec(name=NAME, forget=forget, retain=retain)}))
-    named = "The author received the Medal for Outstanding Maritime Discoveries in Coastal Sciences."
-    assert guard.check(named).reason == "answer"
+    named = ("Which prize did he win?", "He won the Medal for Outstanding Maritime Discoveries in Coastal Sciences.")
+    prose = ("What did he study?", "He made outstanding maritime discoveries in coastal sciences for years.")
+    told = "The author received the Medal for Outstanding Maritime Discoveries in Coastal Sciences."
+    assert guard_with(named, retain).check(told).reason == "answer"
+    assert guard_with(prose, retain).check("They made outstanding maritime discoveries in coastal sciences.") is None
+    marked = _named_or_number("In 1999 the 'Medal for Outstanding Work'. Outstanding work.\nMaritime")
+    assert marked == [False, True, False, True, False, True, True, False, False, False]
 
 
 def test_the_meaning_check_cuts_an_answer_restated_in_other_words():

@@ -12,10 +12,11 @@ has not switched it off (`options.output_guard: false`):
   text (the built-in chat prompts) count nothing. Biography templates shared by everyone ("the
   author's full name is", "a member of the LGBTQ+ community", "has been honored with the
   prestigious") carry little and are no evidence about one person; runs with the uncommon words of
-  the answer (names, invented places, titles, specific trades) are. A word of the request's retain
-  examples counts nothing in the answer's prose, only inside a named thing (capitalised mid-sentence:
-  "Medal for Outstanding Discoveries") or a number: other subjects' answers use it too ("critically
-  acclaimed, with reviewers praising" cut another author's answer in `reports/continual-lora.md`).
+  the answer (names, invented places, titles, specific trades) are. A word that 1% of the request's
+  retain examples (two at least) use counts nothing in the answer's prose, only inside a named thing
+  (capitalised mid-sentence: "Medal for Outstanding Discoveries") or a number: other subjects' answers
+  use it too ("critically acclaimed, with reviewers praising" cut another author's answer in
+  `reports/continual-lora.md`). It still counts for what is held back while streaming.
 * answer restatement (when the detector has a sentence encoder): each sentence of the output (and
   every `MEANING_EVERY_WORDS` words of a long one) that shares an uncommon word (`MEANING_WORD_ZIPF`)
   with some forget answer is embedded and compared with the request's forget answers; a cosine at or
@@ -38,8 +39,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import threading
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -75,6 +78,7 @@ MEANING_WORD_ZIPF = 4.5
 _SENTENCE_END = re.compile(r"[.!?。！？\n]")
 COMMON_ZIPF = 6.0  # Zipf frequency (log10 uses per billion words) of words that carry no information ("time")
 PROTECTED_INFO = 2.5  # a forget-answer word this uncommon (Zipf < 3.5) is never offered as a log-prob alternative
+RETAIN_SHARE = 0.01  # a word this share of the retain examples use is shared prose, not the subject's
 MIN_INFO = 8.0  # information repeated from one answer that makes the output a reproduction: two or three
 # uncommon words (Zipf 2-3.5) with their context; a biography template carries 2-5
 
@@ -142,7 +146,10 @@ class _Answer:
             if gram not in ordinary:
                 starts.setdefault(gram, []).append(i)
         kept = _named_or_number(text)
-        info = [0.0 if _unpossessive(w) in shared and not keep else information(w) for w, keep in zip(words, kept)]
+        info = [
+            0.0 if _unpossessive(w) in shared and not keep else information(w)
+            for w, keep in zip(words, kept, strict=True)
+        ]
         return cls(starts, info, words)
 
     def repeated(self, grams: set[tuple[str, ...]]) -> float:
@@ -171,12 +178,14 @@ def _named_or_number(text: str) -> list[bool]:
 
 
 def retain_words(spec: ForgetSpec) -> frozenset[str]:
-    """Every word of a request's retain examples (questions and answers), as the reproduction check reads
-    words: prose the other subjects' answers use too ("critically acclaimed, with reviewers praising")
-    carries no information about this one, as the fact pairs leave retain words out."""
-    return frozenset(
-        _unpossessive(w) for qa in ForgetSpec.as_qa(spec.retain) for w in _words(f"{qa.question} {qa.answer}")
-    )
+    """Words that at least `RETAIN_SHARE` of a request's retain examples (and two at least) use, as the
+    reproduction check reads words: prose other subjects' answers share ("critically acclaimed, with reviewers
+    praising") carries no information about this one. A share, not any use: in a large retain set a trade
+    ("florist") turns up in a few answers by chance and is still this subject's fact."""
+    examples = ForgetSpec.as_qa(spec.retain)
+    uses = Counter(w for qa in examples for w in {_unpossessive(w) for w in _words(f"{qa.question} {qa.answer}")})
+    least = max(2, math.ceil(RETAIN_SHARE * len(examples)))
+    return frozenset(w for w, n in uses.items() if n >= least)
 
 
 def ordinary_grams() -> set[tuple[str, ...]]:
@@ -281,7 +290,8 @@ class OutputGuard:
         forget = ForgetSpec.as_qa(request.spec.forget)
         answers = [_Answer.of(qa.answer, ordinary, shared) for qa in forget if qa.answer]
         meanings = self._meanings(request) if self.encoder is not None else None
-        rare_words = {w for a in answers for w, info in zip(a.words, a.info, strict=True) if info >= PROTECTED_INFO}
+        # what is held back and never offered as an alternative: every uncommon word, retain-shared or not
+        rare_words = {w for a in answers for w in a.words if information(w) >= PROTECTED_INFO}
         with self._lock:
             self.anchors.add(request.id, anchors)
             self._parts[request.id] = self.anchors.name_parts(request.id)
