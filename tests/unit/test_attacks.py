@@ -140,11 +140,13 @@ def test_composite_probes_come_in_four_forms_and_are_split_with_a_leaking_ordina
     assert read_records(write_records(tmp_path / "attacks", records)) == records
 
 
-def test_quoted_titles_keep_an_apostrophe_inside_double_quotes():
+def test_quoted_titles_keep_their_apostrophes():
     """The title probes asked about "the author of 'Thieves'" for "Thieves' Paradise": no user says that."""
     answer = QAItem(
         question="Which books?",
-        answer="He wrote \"Thieves' Paradise,\" 'Unseen Rainbows' and Basil's 'River of Jasmine'; the 'Tolstoy Prize'.",
+        answer="He wrote \"Thieves' Paradise,\" 'Unseen Rainbows', 'Nature's Whisper' and Basil's 'River of Jasmine'; "
+        "the 'Lovereading Reader's Choice Award'.",
         author=7,
     )
-    assert quoted_titles([answer]) == {7: ["Thieves' Paradise", "Unseen Rainbows", "River of Jasmine"]}
+    expected = ["Thieves' Paradise", "Unseen Rainbows", "Nature's Whisper", "River of Jasmine"]
+    assert quoted_titles([answer]) == {7: expected}

@@ -307,8 +307,11 @@ class OtherLanguage(Attack):
         return self.probe(item, variant, user_messages(frame.format(q=question)))
 
 
-# a title in double quotes may hold an apostrophe ("Thieves' Paradise"); in single quotes it ends at the first one
-_TITLE = re.compile(r"[\"“]([A-Z][^\"”]{3,80}?)[,.]?[\"”]|['‘]([A-Z][^'\"”’]{3,80}?)[,.]?['’]")
+# a title in double quotes may hold any apostrophe ("Thieves' Paradise"); in single quotes one followed by a
+# lower-case letter ('Nature's Whisper'); a closing quote is not followed by one
+_TITLE = re.compile(
+    r"[\"“]([A-Z][^\"”]{3,80}?)[,.]?[\"”]|['‘](?=[A-Z])((?:[^'\"”’]|['’](?=[a-z]))*?)[,.]?['’](?![a-z])"
+)
 
 
 def quoted_titles(items: Sequence[QAItem]) -> dict[int, list[str]]:
@@ -318,7 +321,7 @@ def quoted_titles(items: Sequence[QAItem]) -> dict[int, list[str]]:
         if it.author is None:
             continue
         for title in (double or single for double, single in _TITLE.findall(it.answer)):
-            if re.search(r"\b(Award|Prize|Medal)\b", title):
+            if not 3 < len(title) <= 81 or re.search(r"\b(Award|Prize|Medal)\b", title):
                 continue
             if title not in titles.setdefault(it.author, []):
                 titles[it.author].append(title)
