@@ -18,19 +18,19 @@ Nothing is fit. Usage: python scripts/dev_recognition.py --records reports/leaks
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
+from dev_check import start  # scripts/ (the script's own folder)
 from tqdm import tqdm
 
 from unlearnd.data.tofu import TofuData
 from unlearnd.evaluation.leaks import carries_name, hit_rate, rate_cell
 from unlearnd.evaluation.report import read_records, write_records, write_report_files
-from unlearnd.provenance import command_line, run_stamp, stamp_lines
+from unlearnd.provenance import stamp_lines
 from unlearnd.train.reference import ensure_reference_models, preset
 
 log = logging.getLogger("dev_recognition")
@@ -140,17 +140,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--records", default="reports/leaks", help="a leak report's base path")
-    parser.add_argument("--preset", default="mini")
-    parser.add_argument("--split", default=None)
-    parser.add_argument("--out", default="reports/dev-recognition")
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    stamp = run_stamp(command_line().replace("unlearnd", "python scripts/dev_recognition.py", 1))
-    torch.set_num_threads(args.threads)
-    run = json.loads(Path(args.records + ".json").read_text())
+    args, stamp, run = start(__doc__, "dev_recognition.py", "reports/dev-recognition")
     probes = probes_of(read_records(args.records + ".items.jsonl.gz"))
     forget_authors = sorted({p["author"] for p in probes if p["group"] == "forget"})
     names = TofuData().names_of([*forget_authors, *range(20)])

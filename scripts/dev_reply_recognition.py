@@ -21,19 +21,18 @@ Usage: python scripts/dev_reply_recognition.py --records reports/leaks --out rep
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
+from dev_check import start  # scripts/ (the script's own folder)
 from tqdm import tqdm
 
 from unlearnd.data.tofu import TofuData
 from unlearnd.evaluation.leaks import hit_rate, rate_cell
 from unlearnd.evaluation.report import read_records, write_records, write_report_files
-from unlearnd.provenance import command_line, run_stamp, stamp_lines
+from unlearnd.provenance import stamp_lines
 from unlearnd.train.reference import ensure_reference_models, preset
 
 log = logging.getLogger("dev_reply_recognition")
@@ -119,17 +118,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--records", default="reports/leaks", help="a leak report's base path")
-    parser.add_argument("--preset", default="mini")
-    parser.add_argument("--split", default=None)
-    parser.add_argument("--out", default="reports/dev-reply-recognition")
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    stamp = run_stamp(command_line().replace("unlearnd", "python scripts/dev_reply_recognition.py", 1))
-    torch.set_num_threads(args.threads)
-    run = json.loads(Path(args.records + ".json").read_text())
+    args, stamp, run = start(__doc__, "dev_reply_recognition.py", "reports/dev-reply-recognition")
     records = [r for r in read_records(args.records + ".items.jsonl.gz") if r["route"] == "none"]
     tofu = TofuData()
     forget_authors = sorted({r["author"] for r in records if r["group"] == "forget"})
