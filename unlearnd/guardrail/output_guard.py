@@ -137,8 +137,8 @@ class _Answer:
 
     @classmethod
     def of(cls, text: str, ordinary: set[tuple[str, ...]], shared: frozenset[str] = frozenset()) -> _Answer:
-        """`shared`: words of the request's retain examples; used in the answer's own prose they say nothing
-        about this subject, but inside a named thing or a number they still do (`_named_or_number`)."""
+        """`shared`: the words the request's retain examples share (`retain_words`); in the answer's own prose
+        they say nothing about this subject, inside a named thing or a number they still do."""
         words = _words(text)
         starts: dict[tuple[str, ...], list[int]] = {}
         for i in range(len(words) - 3):
