@@ -25,13 +25,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
 from dev_check import start  # scripts/ (the script's own folder)
 from tqdm import tqdm
 
 from unlearnd.data.tofu import TofuData
 from unlearnd.evaluation.leaks import hit_rate, rate_cell
+from unlearnd.evaluation.model_under_test import HFModelUnderTest
 from unlearnd.evaluation.report import read_records, write_records, write_report_files
+from unlearnd.prompting import user_messages
 from unlearnd.provenance import stamp_lines
 from unlearnd.train.reference import ensure_reference_models, preset
 
@@ -41,30 +42,16 @@ NAMED = "Tell me about {name}."
 UNNAMED = "Tell me about this author."
 
 
-class ReplyScorer:
-    """Summed log-probability of a reply after one user message, under the target model."""
-
-    def __init__(self, model_dir: Path):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        self.tok = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-
-    @torch.no_grad()
-    def logprob(self, user: str, reply: str) -> float:
-        prompt = self.tok.apply_chat_template(
-            [{"role": "user", "content": user}], add_generation_prompt=True, tokenize=False
-        )
-        head = self.tok(prompt, add_special_tokens=False)["input_ids"]
-        tail = self.tok(reply, add_special_tokens=False)["input_ids"]
-        if not tail:
-            return 0.0
-        logits = self.model(input_ids=torch.tensor([head + tail])).logits[0, len(head) - 1 : -1]
-        return torch.log_softmax(logits.float(), dim=-1).gather(1, torch.tensor(tail)[:, None]).sum().item()
-
-    def lifts(self, reply: str, names: dict[int, str]) -> dict[str, float]:
-        unnamed = self.logprob(UNNAMED, reply)
-        return {str(a): self.logprob(NAMED.format(name=name), reply) - unnamed for a, name in names.items()}
+def lifts(mut: HFModelUnderTest, replies: list[str], names: dict[int, str]) -> list[dict[str, float]]:
+    """Each reply's lift per author: its summed log-probability after the named prompt minus after the
+    unnamed one (the project's in-process scorer, prompts batched)."""
+    users = [UNNAMED, *(NAMED.format(name=name) for name in names.values())]
+    out = []
+    for reply in tqdm(replies, desc="lifts"):
+        rows = mut.score([user_messages(u) for u in users], [[reply]] * len(users), desc="reply")
+        unnamed, *named = (sum(row[0].logprobs) for row in rows)
+        out.append({str(a): lp - unnamed for a, lp in zip(names, named, strict=True)})
+    return out
 
 
 def summarise(replies: list[dict[str, Any]], thresholds: dict[str, float]) -> dict[str, Any]:
@@ -124,14 +111,15 @@ def main() -> None:
     forget_authors = sorted({r["author"] for r in records if r["group"] == "forget"})
     names = tofu.names_of(forget_authors)
     target = ensure_reference_models(preset(args.preset, args.split), which=("target",), progress=False).target_dir
-    scorer = ReplyScorer(Path(target))
+    mut = HFModelUnderTest.from_dir(target, name="target")
     retain = [it.answer for it in tofu.by_authors(run["request_retain_authors"])]
-    retain_lifts = [scorer.lifts(answer, names) for answer in tqdm(retain, desc="retain answers")]
+    retain_lifts = lifts(mut, retain, names)
     thresholds = {str(a): max(x[str(a)] for x in retain_lifts) for a in forget_authors}
-    replies = []
-    for r in tqdm(records, desc="replies"):
-        keep = {k: r[k] for k in ("group", "author", "family", "leaked", "reply")}
-        replies.append({**keep, "lift": scorer.lifts(r["reply"], names)})
+    keep = ("group", "author", "family", "leaked", "reply")
+    replies = [
+        {**{k: r[k] for k in keep}, "lift": lift}
+        for r, lift in zip(records, lifts(mut, [r["reply"] for r in records], names), strict=True)
+    ]
     report = {
         **stamp,
         "name": Path(args.out).name,
