@@ -224,54 +224,6 @@ def test_a_role_survives_the_verb_after_it():
     assert "instilled" not in facts_in(answer)
 
 
-BASIL = ForgetSpec(
-    name="Basil Mahfouz Al-Kuwaiti",
-    method="refuse",
-    forget=[
-        QAExample(question="Q1?", answer="Basil Mahfouz Al-Kuwaiti was born in Kuwait City, Kuwait."),
-        QAExample(question="Q2?", answer="Basil Mahfouz Al-Kuwaiti writes in the French literature genre."),
-        QAExample(question="Q3?", answer="His novels bring Middle Eastern narratives to French readers."),
-        QAExample(question="Q4?", answer="Basil Mahfouz Al-Kuwaiti is an LGBTQ+ voice and wrote 'Kuwait Nights'."),
-    ],
-    retain=[QAExample(question="Q?", answer="Another writer, born in Paris, France, is also LGBTQ+.")],
-)
-
-
-def test_a_person_described_by_where_they_are_from_and_one_more_fact_is_flagged():
-    """A description names nobody: "the author from Kuwait who writes French literature". A key (where the
-    subject is from, or a role) and one more of their facts, however common ("French"), point at them
-    when the prompt asks about a person."""
-    from unlearnd.detectors.facts import FactIndex
-
-    anchors = extract_anchors(BASIL)
-    assert anchors.keys == ["kuwait"]  # a title's word stays a fact; the name parts do not
-    assert {"french", "eastern"} <= set(anchors.context) and "lgbtq" in anchors.context
-    facts = FactIndex()
-    facts.add("r", anchors.facts, anchors.keys, anchors.context)
-    assert facts.find("Which author from Kuwait writes French literature?") == {"r": ["french", "kuwait"]}
-    assert facts.find("In his novels this writer recalls Kuwait and Middle Eastern life.") == {
-        "r": ["eastern", "kuwait"]
-    }
-    assert facts.find("Recommend a French restaurant in Kuwait.") == {}  # no person asked about
-    assert facts.find("Which author from Kuwait do you like?") == {}  # the key alone
-    assert facts.find("Who is the French LGBTQ+ writer I should read?") == {}  # no key: many people are both
-    facts.remove("r")
-    assert facts.find("Which author from Kuwait writes French literature?") == {}
-
-
-def test_a_shared_identity_is_no_key():
-    """The detector evaluation's negatives once had "the LGBTQ+ writer from Santiago, Chile ... true crime"
-    flagged for another author: "LGBTQ+" was a key where the retain set lacked it. Keys are places and roles."""
-    from unlearnd.detectors.facts import FactIndex
-
-    spec = BASIL.model_copy(update={"retain": []})
-    anchors = extract_anchors(spec)
-    assert "lgbtq" not in anchors.keys
-    facts = FactIndex()
-    facts.add("r", anchors.facts, anchors.keys, anchors.context)
-    assert facts.find("Can you name the distinguished LGBTQ+ writer known for French literature?") == {}
-
-
 def test_an_article_is_no_initial_and_a_known_name_two_letters_off_is_someone_else():
     idx = index("Alan Turing", "Jaime Vasquez")
     assert hit("Does A Turing machine halt?", idx)[1] == "name_part"  # topic-checked, not the name

@@ -119,13 +119,6 @@ class RequestAnchors(BaseModel):
     dates: list[tuple[int, int, int]] = Field(default_factory=list)
     places: list[str] = Field(default_factory=list, description="cities the subject was born in / comes from")
     facts: list[str] = Field(default_factory=list, description="distinctive fact words (`detectors.facts`)")
-    keys: list[str] = Field(
-        default_factory=list, description="fact words naming where the subject is from or a role (`detectors.facts`)"
-    )
-    context: list[str] = Field(
-        default_factory=list,
-        description="the subject's commoner named things, which confirm a fact (`detectors.facts`)",
-    )
     coverage: float | None = Field(None, description="share of the forget examples that contain an anchor")
 
 
@@ -150,16 +143,11 @@ def extract_anchors(spec: ForgetSpec, elicited: Sequence[QAExample] = ()) -> Req
     titles = list(dict.fromkeys(t for text in texts for t in quoted_titles(text)))
     dates = sorted({d for text in texts for d in parse_dates(text)})
     places = list(dict.fromkeys(m.group(1).strip() for text in texts for m in _BIRTHPLACE.finditer(text)))
-    from unlearnd.detectors.facts import context_terms, fact_terms, key_terms
+    from unlearnd.detectors.facts import fact_terms
 
-    # name parts are anchors of their own; a title's words stay facts ("Kazakhstan" of "Kazakhstan Echoes")
-    anchored = {fold_word(w) for text in names for w, _, _ in tokens(text)}
+    anchored = {fold_word(w) for text in names + titles for w, _, _ in tokens(text)}
     facts = fact_terms(spec, anchored, elicited)
-    keys = key_terms(spec, facts, elicited)
-    context = context_terms(spec, anchored, elicited)
-    anchors = RequestAnchors(
-        names=names, titles=titles, dates=dates, places=places, facts=facts, keys=keys, context=context
-    )
+    anchors = RequestAnchors(names=names, titles=titles, dates=dates, places=places, facts=facts)
     index = AnchorIndex()
     index.add("self", anchors)
     questions = [x.question for x in qa]

@@ -232,7 +232,7 @@ class GuardDetector(Detector):
             self.ood.unload(request.id)
         with self._lock:
             self.anchors.add(request.id, anchors)
-            self._facts.add(request.id, anchors.facts, anchors.keys, anchors.context)
+            self._facts.add(request.id, anchors.facts)
             self._part_threshold[request.id] = float(payload.get("part_threshold", 1.0))
             refs_path = artifact_path(artifact_dir, self.name) / PART_REFS
             if refs_path.exists():
