@@ -10,7 +10,12 @@ from typing import Any
 
 import torch
 
+from unlearnd.data.tofu import TofuData
+from unlearnd.domain import ForgetSpec
+from unlearnd.evaluation.continual import request_spec
+from unlearnd.evaluation.leaks import leak_context
 from unlearnd.provenance import command_line, run_stamp
+from unlearnd.train.reference import ensure_reference_models, preset
 
 
 def start(doc: str, script: str, out: str) -> tuple[argparse.Namespace, dict[str, Any], dict[str, Any]]:
@@ -27,3 +32,14 @@ def start(doc: str, script: str, out: str) -> tuple[argparse.Namespace, dict[str
     stamp = run_stamp(command_line().replace("unlearnd", f"python scripts/{script}", 1))
     torch.set_num_threads(args.threads)
     return args, stamp, json.loads(Path(args.records + ".json").read_text())
+
+
+def rebuilt_request(run: dict[str, Any], args: Any) -> ForgetSpec:
+    """The forget request the leak run registered: its fit fold, its retain authors and the names."""
+    tofu = TofuData(allow_hub=False)
+    refs = ensure_reference_models(preset(args.preset, args.split), tofu=tofu, which=())
+    ctx = leak_context(
+        tofu, refs.preset.forget_split, [], 0, run.get("fit_fold", 0), tuple(run.get("excluded_authors") or ())
+    )
+    retain = [it for it in refs.data.retain_items if it.author in run["request_retain_authors"]]
+    return ForgetSpec.model_validate(request_spec("dev", "refuse", ctx.fit, retain, None, ctx.names))

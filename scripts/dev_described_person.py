@@ -32,19 +32,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dev_check import start  # scripts/ (the script's own folder)
+from dev_check import rebuilt_request, start  # scripts/ (the script's own folder)
 
-from unlearnd.data.tofu import TofuData
 from unlearnd.detectors.anchors import request_names
 from unlearnd.detectors.facts import _KEEP, _ROLE, FactIndex, _role, fact_terms, fact_words, facts_in, without_names
 from unlearnd.detectors.normalize import views
 from unlearnd.detectors.spans import FUNCTION_WORDS, STOPWORDS, fold, fold_word, tokens, zipf
 from unlearnd.domain import ForgetSpec, QAExample
-from unlearnd.evaluation.continual import request_spec
-from unlearnd.evaluation.leaks import hit_rate, leak_context, rate_cell
+from unlearnd.evaluation.leaks import hit_rate, rate_cell
 from unlearnd.evaluation.report import read_records, write_records, write_report_files
 from unlearnd.provenance import stamp_lines
-from unlearnd.train.reference import ensure_reference_models, preset
 
 log = logging.getLogger("dev_described_person")
 
@@ -86,17 +83,6 @@ class DescribedRule:
             if others:
                 return sorted({key, *others})
         return []
-
-
-def rebuilt_request(run: dict[str, Any], args: Any) -> ForgetSpec:
-    """The forget request the leak run registered: its fit fold, its retain authors and the names."""
-    tofu = TofuData(allow_hub=False)
-    refs = ensure_reference_models(preset(args.preset, args.split), tofu=tofu, which=())
-    ctx = leak_context(
-        tofu, refs.preset.forget_split, [], 0, run.get("fit_fold", 0), tuple(run.get("excluded_authors") or ())
-    )
-    retain = [it for it in refs.data.retain_items if it.author in run["request_retain_authors"]]
-    return ForgetSpec.model_validate(request_spec("dev", "refuse", ctx.fit, retain, None, ctx.names))
 
 
 def judged(records: list[dict[str, Any]], rule: DescribedRule) -> list[dict[str, Any]]:
