@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from unlearnd.data.tofu import TofuData
 from unlearnd.domain import ForgetSpec
 from unlearnd.evaluation.continual import request_spec
 from unlearnd.evaluation.leaks import leak_context
+from unlearnd.evaluation.report import write_records, write_report_files
 from unlearnd.provenance import command_line, run_stamp
 from unlearnd.train.reference import ensure_reference_models, preset
 
@@ -43,3 +45,24 @@ def rebuilt_request(run: dict[str, Any], args: Any) -> ForgetSpec:
     )
     retain = [it for it in refs.data.retain_items if it.author in run["request_retain_authors"]]
     return ForgetSpec.model_validate(request_spec("dev", "refuse", ctx.fit, retain, None, ctx.names))
+
+
+def finish(
+    args: argparse.Namespace,
+    stamp: dict[str, Any],
+    run: dict[str, Any],
+    items: list[dict[str, Any]],
+    fields: dict[str, Any],
+    markdown: Callable[[dict[str, Any]], str],
+) -> None:
+    """Write a dev check's per-item records and its report: the stamp, the leak run it read, `fields`."""
+    report = {
+        **stamp,
+        "name": Path(args.out).name,
+        "records": args.records,
+        "records_commit": run.get("git_commit"),
+        **fields,
+    }
+    write_records(args.out, items)
+    write_report_files(args.out, report, markdown(report))
+    logging.getLogger("dev_check").info("wrote %s", args.out)

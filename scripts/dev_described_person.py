@@ -26,13 +26,11 @@ Usage: python scripts/dev_described_person.py --records reports/leaks-forget10 -
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from dev_check import rebuilt_request, start  # scripts/ (the script's own folder)
+from dev_check import finish, rebuilt_request, start  # scripts/ (the script's own folder)
 
 from unlearnd.detectors.anchors import request_names
 from unlearnd.detectors.facts import _KEEP, _ROLE, FactIndex, _role, fact_terms, fact_words, facts_in, without_names
@@ -40,10 +38,8 @@ from unlearnd.detectors.normalize import views
 from unlearnd.detectors.spans import FUNCTION_WORDS, STOPWORDS, fold, fold_word, tokens, zipf
 from unlearnd.domain import ForgetSpec, QAExample
 from unlearnd.evaluation.leaks import hit_rate, rate_cell
-from unlearnd.evaluation.report import read_records, write_records, write_report_files
+from unlearnd.evaluation.report import read_records
 from unlearnd.provenance import stamp_lines
-
-log = logging.getLogger("dev_described_person")
 
 KEY_ZIPF = 4.0
 CONTEXT_ZIPF = 5.5
@@ -165,19 +161,13 @@ def main() -> None:
     args, stamp, run = start(__doc__, "dev_described_person.py", "reports/dev-described-person")
     rule = DescribedRule(rebuilt_request(run, args))
     items = judged(read_records(args.records + ".items.jsonl.gz"), rule)
-    report = {
-        **stamp,
-        "name": Path(args.out).name,
-        "records": args.records,
-        "records_commit": run.get("git_commit"),
+    fields = {
         "split": run["split"],
         "retain_authors": run["request_retain_authors"],
         "keys": rule.keys,
         "summary": summarise(items),
     }
-    write_records(args.out, items)
-    write_report_files(args.out, report, markdown(report))
-    log.info("wrote %s", args.out)
+    finish(args, stamp, run, items, fields, markdown)
 
 
 if __name__ == "__main__":

@@ -22,11 +22,10 @@ Usage: python scripts/dev_elicited_guard.py --records reports/leaks-fold0-rerun 
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
-from dev_check import rebuilt_request, start  # scripts/ (the script's own folder)
+from dev_check import finish, rebuilt_request, start  # scripts/ (the script's own folder)
 
 from unlearnd.detectors.anchors import request_names
 from unlearnd.detectors.encoder import EncoderConfig, get_encoder
@@ -35,13 +34,11 @@ from unlearnd.elicit import QUESTIONS, ElicitSettings
 from unlearnd.evaluation.leaks import hit_rate, rate_cell
 from unlearnd.evaluation.model_under_test import HFModelUnderTest
 from unlearnd.evaluation.output_guard import _stream
-from unlearnd.evaluation.report import read_records, write_records, write_report_files
+from unlearnd.evaluation.report import read_records
 from unlearnd.guardrail.output_guard import OutputGuard
 from unlearnd.prompting import user_messages
 from unlearnd.provenance import stamp_lines
 from unlearnd.train.reference import ensure_reference_models, preset
-
-log = logging.getLogger("dev_elicited_guard")
 
 
 def elicited(spec: ForgetSpec, target: Path) -> list[QAExample]:
@@ -130,11 +127,7 @@ def main() -> None:
     replies = elicited(spec, target)
     records = read_records(args.records + ".items.jsonl.gz")
     items = judged(records, *guards(spec, replies))
-    report = {
-        **stamp,
-        "name": Path(args.out).name,
-        "records": args.records,
-        "records_commit": run.get("git_commit"),
+    fields = {
         "split": run["split"],
         "target_model": str(target),
         "names": len(request_names(spec)),
@@ -142,9 +135,7 @@ def main() -> None:
         "elicited": [qa.model_dump() for qa in replies],
         "summary": summarise(items, records),
     }
-    write_records(args.out, items)
-    write_report_files(args.out, report, markdown(report))
-    log.info("wrote %s", args.out)
+    finish(args, stamp, run, items, fields, markdown)
 
 
 if __name__ == "__main__":

@@ -19,21 +19,18 @@ Nothing is fit. Usage: python scripts/dev_recognition.py --records reports/leaks
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
 import torch
-from dev_check import start  # scripts/ (the script's own folder)
+from dev_check import finish, start  # scripts/ (the script's own folder)
 from tqdm import tqdm
 
 from unlearnd.data.tofu import TofuData
 from unlearnd.evaluation.leaks import carries_name, hit_rate, rate_cell
-from unlearnd.evaluation.report import read_records, write_records, write_report_files
+from unlearnd.evaluation.report import read_records
 from unlearnd.provenance import stamp_lines
 from unlearnd.train.reference import ensure_reference_models, preset
-
-log = logging.getLogger("dev_recognition")
 
 QUESTION = "What is the full name of the author this is about?"
 ANSWER_PREFIX = "The author's full name is "
@@ -162,19 +159,13 @@ def main() -> None:
                 "named": carries_name(answer, names[probe["author"]]) if probe["author"] in names else False,
             }
         )
-    report = {
-        **stamp,
-        "name": Path(args.out).name,
-        "records": args.records,
-        "records_commit": run.get("git_commit"),
+    fields = {
         "target_model": str(target),
         "forget_authors": forget_authors,
         "candidates": len(order),
         "summary": summarise(items, set(forget_authors), len(order)),
     }
-    write_records(args.out, items)
-    write_report_files(args.out, report, markdown(report))
-    log.info("wrote %s", args.out)
+    finish(args, stamp, run, items, fields, markdown)
 
 
 if __name__ == "__main__":

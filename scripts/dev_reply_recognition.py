@@ -21,22 +21,18 @@ Usage: python scripts/dev_reply_recognition.py --records reports/leaks --out rep
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
 from typing import Any
 
-from dev_check import start  # scripts/ (the script's own folder)
+from dev_check import finish, start  # scripts/ (the script's own folder)
 from tqdm import tqdm
 
 from unlearnd.data.tofu import TofuData
 from unlearnd.evaluation.leaks import hit_rate, rate_cell
 from unlearnd.evaluation.model_under_test import HFModelUnderTest
-from unlearnd.evaluation.report import read_records, write_records, write_report_files
+from unlearnd.evaluation.report import read_records
 from unlearnd.prompting import user_messages
 from unlearnd.provenance import stamp_lines
 from unlearnd.train.reference import ensure_reference_models, preset
-
-log = logging.getLogger("dev_reply_recognition")
 
 NAMED = "Tell me about {name}."
 UNNAMED = "Tell me about this author."
@@ -120,20 +116,14 @@ def main() -> None:
         {**{k: r[k] for k in keep}, "lift": lift}
         for r, lift in zip(records, lifts(mut, [r["reply"] for r in records], names), strict=True)
     ]
-    report = {
-        **stamp,
-        "name": Path(args.out).name,
-        "records": args.records,
-        "records_commit": run.get("git_commit"),
+    fields = {
         "target_model": str(target),
         "retain_authors": run["request_retain_authors"],
         "retain_answers": len(retain),
         "thresholds": thresholds,
         "summary": summarise(replies, thresholds),
     }
-    write_records(args.out, replies)
-    write_report_files(args.out, report, markdown(report))
-    log.info("wrote %s", args.out)
+    finish(args, stamp, run, replies, fields, markdown)
 
 
 if __name__ == "__main__":
