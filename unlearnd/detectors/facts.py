@@ -4,8 +4,8 @@
 together point at one person. A request's fact terms come from its forget answers and are facts, not
 style: the named things in them (a run of words capitalised mid-sentence, by its rarest word when rarer
 than Zipf `NAMED_ZIPF`: "Astana", "Prix Goncourt", "Kazakhstani"), years, and roles ("was a florist",
-"worked as a mechanic": the role's word, or the word before it where that one is a verb or adverb, "as a
-florist instilled"; rarer than Zipf `ROLE_ZIPF`). Its
+"worked as a mechanic": the phrase's last word, or the one before it where the last is a verb or adverb,
+"as a florist instilled"; rarer than Zipf `ROLE_ZIPF`). Its
 name parts and title words are anchors of their own, and every word of its retain examples is left
 out: what other subjects share says nothing about this one. A prompt holding `MIN_FACTS` different
 fact terms of one request (words sharing their first six letters count once: "Azerbaijan",
