@@ -37,7 +37,7 @@ from unlearnd.detectors.facts import _KEEP, _ROLE, FactIndex, _role, fact_terms,
 from unlearnd.detectors.normalize import views
 from unlearnd.detectors.spans import FUNCTION_WORDS, STOPWORDS, fold, fold_word, tokens, zipf
 from unlearnd.domain import ForgetSpec, QAExample
-from unlearnd.evaluation.leaks import hit_rate, rate_cell
+from unlearnd.evaluation.leaks import CONTROL_GROUPS, hit_rate, rate_cell
 from unlearnd.evaluation.report import read_records
 from unlearnd.provenance import stamp_lines
 
@@ -116,7 +116,7 @@ def summarise(items: list[dict[str, Any]]) -> dict[str, Any]:
             ),
         }
     controls = {}
-    for group in ("other_author", "related"):
+    for group in CONTROL_GROUPS:
         mine = [x for x in items if x["group"] == group]
         untouched = [x for x in mine if x["served_route"] == "none"]
         controls[group] = {

@@ -31,7 +31,7 @@ from unlearnd.detectors.anchors import request_names
 from unlearnd.detectors.encoder import EncoderConfig, get_encoder
 from unlearnd.domain import ForgetRequest, ForgetSpec, QAExample
 from unlearnd.elicit import QUESTIONS, ElicitSettings
-from unlearnd.evaluation.leaks import hit_rate, rate_cell
+from unlearnd.evaluation.leaks import CONTROL_GROUPS, hit_rate, rate_cell
 from unlearnd.evaluation.model_under_test import HFModelUnderTest
 from unlearnd.evaluation.output_guard import _stream
 from unlearnd.evaluation.report import read_records
@@ -86,7 +86,7 @@ def summarise(items: list[dict[str, Any]], records: list[dict[str, Any]]) -> dic
             "leaks_with_replies": hit_rate(sum(1 for r in scored if r["leaked"]) - cut, len(scored)),
         }
     controls = {}
-    for group in ("other_author", "related"):
+    for group in CONTROL_GROUPS:
         mine = [x for x in items if x["group"] == group]
         n = sum(1 for r in records if r["route"] == "refuse" and r["group"] == group)
         controls[group] = hit_rate(sum(1 for x in mine if x["cut_with_replies"] and not x["cut_plain"]), n)

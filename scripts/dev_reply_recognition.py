@@ -27,7 +27,7 @@ from dev_check import finish, start  # scripts/ (the script's own folder)
 from tqdm import tqdm
 
 from unlearnd.data.tofu import TofuData
-from unlearnd.evaluation.leaks import hit_rate, rate_cell
+from unlearnd.evaluation.leaks import CONTROL_GROUPS, hit_rate, rate_cell
 from unlearnd.evaluation.model_under_test import HFModelUnderTest
 from unlearnd.evaluation.report import read_records
 from unlearnd.prompting import user_messages
@@ -64,7 +64,7 @@ def summarise(replies: list[dict[str, Any]], thresholds: dict[str, float]) -> di
     for family in sorted({x["family"] for x in replies if x["group"] == "forget"}):
         mine = [x for x in leaked if x["family"] == family]
         rows[family] = {"leaked_cut": hit_rate(sum(map(over_own, mine)), len(mine))}
-    controls = {g: [x for x in replies if x["group"] == g] for g in ("other_author", "related")}
+    controls = {g: [x for x in replies if x["group"] == g] for g in CONTROL_GROUPS}
     return {
         "families": rows,
         "leaked_cut": hit_rate(sum(map(over_own, leaked)), len(leaked)),
