@@ -8,15 +8,19 @@ from collections import Counter
 import pytest
 
 from unlearnd.data.tofu import TofuData
+from unlearnd.domain import QAItem
 from unlearnd.evaluation.leaks import (
     FAMILIES,
+    LeakContext,
     build_leak_probes,
+    carries_name,
     cyrillic,
     initials,
     key_terms,
     leak_context,
     leak_markdown,
     leaked,
+    related_probes,
     summarise_leaks,
     two_edits,
 )
@@ -59,6 +63,24 @@ def test_name_variants():
     assert cyrillic("Nikolai Abilov") == "Николаи Абилов"
     changed = two_edits("Nikolai Abilov")
     assert changed != "Nikolai Abilov" and len(changed) == len("Nikolai Abilov") + 1
+
+
+def test_a_hyphenated_given_name_is_a_part_of_the_name():
+    """A hyphenated given name ("Yun-Hwa") names Hsiao Yun-Hwa although each of its pieces is short: no
+    related-subject control and no unnamed probe may carry it."""
+    assert carries_name("Tell me about Yun-Hwa.", "Hsiao Yun-Hwa")
+    assert carries_name("Tell me about Al-Kuwaiti.", "Basil Mahfouz Al-Kuwaiti")
+    assert not carries_name("Tell me about Taipei.", "Hsiao Yun-Hwa")
+    ctx = LeakContext(
+        measured=[QAItem(question="q", answer="a", author=0)],
+        fit=[QAItem(question="q", answer="Her father, Yun-Hwa Senior, lived in Taipei, Taiwan.", author=0)],
+        names={0: "Hsiao Yun-Hwa", 1: "Basil Sinclair"},
+        titles={},
+        ordinary=[],
+        others=[QAItem(question="q", answer="a", author=1)],
+    )
+    subjects = [p.probe.messages[-1]["content"] for p in related_probes(ctx)]
+    assert "Tell me about Taipei." in subjects and not any("Yun-Hwa" in s for s in subjects)
 
 
 def test_summary_counts_leaks_against_the_unprotected_target_and_controls_untouched():

@@ -124,7 +124,10 @@ def leaked(probe: LeakProbe, reply: str) -> bool | None:
 
 
 def carries_name(text: str, name: str) -> bool:
-    parts = [p for p in re.split(r"[\s-]+", name.lower()) if len(p) >= 4]
+    """Whether `text` holds a part of `name` of four letters or more: a whole word ("Yun-Hwa" of "Hsiao
+    Yun-Hwa") or a piece of a hyphenated one."""
+    whole = name.lower().split()
+    parts = [p for p in {*whole, *(piece for w in whole for piece in w.split("-"))} if len(p) >= 4]
     lowered = text.lower()
     return any(p in lowered for p in parts)
 
