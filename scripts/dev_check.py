@@ -21,8 +21,9 @@ from unlearnd.train.reference import ensure_reference_models, preset
 
 
 def start(doc: str, script: str, out: str) -> tuple[argparse.Namespace, dict[str, Any], dict[str, Any]]:
-    """Parse the shared options (`--records` a leak report's base path, `--preset`, `--split`, `--out`,
-    `--threads`), set up logging and torch's threads; returns the options, the run stamp and the leak run."""
+    """Parse the shared options (`--records` a leak report's base path, `--preset`, `--split` (the run's by
+    default), `--out`, `--threads`), set up logging and torch's threads; returns the options, the run stamp
+    and the leak run."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--records", default="reports/leaks", help="a leak report's base path")
     parser.add_argument("--preset", default="mini")
@@ -30,10 +31,15 @@ def start(doc: str, script: str, out: str) -> tuple[argparse.Namespace, dict[str
     parser.add_argument("--out", default=out)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    run = json.loads(Path(args.records + ".json").read_text())
+    if args.split is None:  # the run's split picks the target: another one would read a different model
+        args.split = run.get("split")
+    elif run.get("split") not in (None, args.split):
+        parser.error(f"--split {args.split} but {args.records} ran on {run['split']}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     stamp = run_stamp(command_line().replace("unlearnd", f"python scripts/{script}", 1))
     torch.set_num_threads(args.threads)
-    return args, stamp, json.loads(Path(args.records + ".json").read_text())
+    return args, stamp, run
 
 
 def rebuilt_request(run: dict[str, Any], args: Any) -> ForgetSpec:

@@ -9,13 +9,14 @@ holds and on public negatives, then applied to the probes of a committed leak ru
 Fixed before any result was seen:
 
 * features: the target's hidden state at the prompt's last position (where the reply starts), or the mean
-  over the prompt's positions, at the middle or the last layer (four forms; the chat template as served);
+  over the prompt's positions, at the middle or the last layer (four forms; the chat template as served, so
+  a mean also carries the prompt's length: the template's fixed system turn weighs more in a short prompt);
 * positives: the request's fit-fold questions and answers, each with the author's name replaced by "this
   author" (what `replace_name` does for the probes), each as one user message;
 * negatives: the request's retain authors' questions and answers made the same way, and the built-in
   ordinary chat prompts of the detector's fit part;
 * classifier: standardised features, logistic regression (C = 1, balanced classes); the threshold is the
-  highest out-of-fold score (5 folds, seed 0) of a negative, so no negative the fit saw would be flagged;
+  highest out-of-fold score (5 folds, seed 0) of a negative, applied to the probe refit on all of them;
 * measured on the run's `refuse` route: the share of forget probes flagged per family, the leaks that
   reached the user unflagged and would now be flagged, and the controls (other authors, related subjects,
   the chance twins about control authors) that would be flagged wrongly.
@@ -42,6 +43,7 @@ from tqdm import tqdm
 
 from unlearnd.data.tofu import TofuData
 from unlearnd.detectors.negatives import chat_prompts
+from unlearnd.domain import QAItem
 from unlearnd.evaluation.attacks import replace_name
 from unlearnd.evaluation.leaks import hit_rate, leak_context, rate_cell
 from unlearnd.evaluation.model_under_test import HFModelUnderTest
@@ -77,13 +79,13 @@ def features(mut: HFModelUnderTest, conversations: list[list[dict]], batch: int 
     return {f: np.concatenate(v) for f, v in out.items()}
 
 
-def training_texts(run: dict[str, Any], args: Any, tofu: TofuData) -> tuple[list[str], list[int]]:
+def training_texts(run: dict[str, Any], tofu: TofuData) -> tuple[list[str], list[int]]:
     """What the probe is fit on: the request's fit fold (1) against its retain QA and chat prompts (0)."""
     ctx = leak_context(tofu, run["split"], [], 0, run.get("fit_fold", 0), tuple(run.get("excluded_authors") or ()))
     retain = tofu.by_authors(run["request_retain_authors"])
     names = {**ctx.names, **tofu.names_of(run["request_retain_authors"])}
 
-    def anonymous(items: list) -> list[str]:
+    def anonymous(items: list[QAItem]) -> list[str]:
         return [replace_name(t, names[it.author], "this author") for it in items for t in (it.question, it.answer)]
 
     positives, negatives = anonymous(ctx.fit), anonymous(retain) + list(chat_prompts("fit"))
@@ -97,6 +99,24 @@ def fitted(x: np.ndarray, y: list[int], seed: int) -> tuple[Any, float]:
     oof = cross_val_predict(model, x, y, cv=folds, method="decision_function")
     threshold = float(max(s for s, label in zip(oof, y, strict=True) if label == 0))
     return model.fit(x, y), threshold
+
+
+def score_forms(
+    items: list[dict[str, Any]],
+    train: dict[str, np.ndarray],
+    labels: list[int],
+    measured: dict[str, np.ndarray],
+    key: str,
+) -> dict[str, float]:
+    """Fit the probe of every form, score the measured items (`item["score"][form]`, `item[key][form]`: over
+    the threshold); returns each form's threshold."""
+    thresholds = {}
+    for form, x in train.items():
+        model, thresholds[form] = fitted(x, labels, 0)
+        for item, score in zip(items, model.decision_function(measured[form]), strict=True):
+            item.setdefault("score", {})[form] = float(score)
+            item.setdefault(key, {})[form] = bool(score > thresholds[form])
+    return thresholds
 
 
 def summarise(items: list[dict[str, Any]], form: str) -> dict[str, Any]:
@@ -180,28 +200,23 @@ def markdown(report: dict[str, Any]) -> str:
 
 def main() -> None:
     args, stamp, run = start(__doc__, "dev_hidden_probe.py", "reports/dev-hidden-probe")
-    seed = 0
     tofu = TofuData(allow_hub=False)
     target = ensure_reference_models(preset(args.preset, args.split), which=("target",), progress=False).target_dir
     mut = HFModelUnderTest.from_dir(target, name="target")
-    texts, labels = training_texts(run, args, tofu)
+    texts, labels = training_texts(run, tofu)
     train = features(mut, [user_messages(t) for t in texts])
-    probes = [r for r in read_records(args.records + ".items.jsonl.gz") if r["route"] == "refuse"]
-    probes += [r for r in read_records(args.records + ".items.jsonl.gz") if r["group"] == "chance"]
+    records = read_records(args.records + ".items.jsonl.gz")
+    probes = [r for r in records if r["route"] == "refuse"] + [r for r in records if r["group"] == "chance"]
     measured = features(mut, [r["messages"] for r in probes])
     keep = ("group", "family", "author", "leaked", "served_route", "messages")
-    items = [{**{k: r.get(k) for k in keep}, "score": {}, "flagged": {}} for r in probes]
-    thresholds = {}
-    for form in FORMS:
-        model, thresholds[form] = fitted(train[form], labels, seed)
-        for item, score in zip(items, model.decision_function(measured[form]), strict=True):
-            item["score"][form], item["flagged"][form] = float(score), bool(score > thresholds[form])
+    items = [{k: r.get(k) for k in keep} for r in probes]
+    thresholds = score_forms(items, train, labels, measured, "flagged")
     fields = {
         "target_model": str(target),
         "retain_authors": run["request_retain_authors"],
         "positives": sum(labels),
         "negatives": len(labels) - sum(labels),
-        "seed": seed,
+        "seed": 0,
         "thresholds": thresholds,
         "summary": {form: summarise(items, form) for form in FORMS},
     }

@@ -3,7 +3,7 @@
 `scripts/dev_hidden_probe.py` read the target's states on the prompt and generalised from the fit fold to
 held-out facts only on its two dev authors. A reply that leaks says one of the forget author's facts; saying
 it is where the model recalls the author, so this reads the states over the reply's own tokens, as an output
-check would, with the reply appended to the prompt as the served chat template renders it.
+check would: the prompt as the served chat template renders it, the reply's tokens after it (no end of turn).
 
 Fixed before any result was seen:
 
@@ -38,15 +38,16 @@ from typing import Any
 import numpy as np
 import torch
 from dev_check import finish, start  # scripts/ (the script's own folder)
-from dev_hidden_probe import fitted
+from dev_hidden_probe import score_forms
 from tqdm import tqdm
 
 from unlearnd.data.tofu import TofuData
+from unlearnd.domain import QAItem
 from unlearnd.evaluation.attacks import replace_name
 from unlearnd.evaluation.leaks import hit_rate, leak_context, rate_cell
 from unlearnd.evaluation.model_under_test import HFModelUnderTest
 from unlearnd.evaluation.report import read_records
-from unlearnd.prompting import chat_prompt_ids, user_messages
+from unlearnd.prompting import Message, chat_prompt_ids, user_messages
 from unlearnd.provenance import stamp_lines
 from unlearnd.train.reference import ensure_reference_models, preset
 
@@ -55,7 +56,9 @@ CONTROLS = ("other_author", "related", "chance")
 
 
 @torch.no_grad()
-def reply_features(mut: HFModelUnderTest, pairs: list[tuple[list[dict], str]], batch: int = 16) -> dict:
+def reply_features(
+    mut: HFModelUnderTest, pairs: list[tuple[list[Message], str]], batch: int = 16
+) -> dict[str, np.ndarray]:
     """Each (conversation, reply)'s hidden states over the reply's tokens, in every form of `FORMS`."""
     rows = []
     for messages, reply in pairs:
@@ -78,14 +81,14 @@ def reply_features(mut: HFModelUnderTest, pairs: list[tuple[list[dict], str]], b
     return {f: np.concatenate(v) for f, v in out.items()}
 
 
-def training_pairs(run: dict[str, Any], tofu: TofuData) -> tuple[list[tuple[list[dict], str]], list[int]]:
+def training_pairs(run: dict[str, Any], tofu: TofuData) -> tuple[list[tuple[list[Message], str]], list[int]]:
     """The request's fit fold (1) against its retain authors' pairs and TOFU's real authors and world facts (0),
     names replaced by "this author"."""
     ctx = leak_context(tofu, run["split"], [], 0, run.get("fit_fold", 0), tuple(run.get("excluded_authors") or ()))
     names = {**ctx.names, **tofu.names_of(run["request_retain_authors"])}
 
-    def anonymous(items: list) -> list[tuple[list[dict], str]]:
-        def plain(t: str, it: Any) -> str:
+    def anonymous(items: list[QAItem]) -> list[tuple[list[Message], str]]:
+        def plain(t: str, it: QAItem) -> str:
             return replace_name(t, names[it.author], "this author") if it.author in names else t
 
         return [(user_messages(plain(it.question, it)), plain(it.answer, it)) for it in items]
@@ -154,12 +157,8 @@ def main() -> None:
     replies = through + [r for r in records if r["group"] == "chance"]
     measured = reply_features(mut, [(r["messages"], r["reply"]) for r in replies])
     keep = ("group", "family", "author", "leaked", "reply")
-    items = [{**{k: r.get(k) for k in keep}, "score": {}, "cut": {}} for r in replies]
-    thresholds = {}
-    for form in FORMS:
-        model, thresholds[form] = fitted(train[form], labels, 0)
-        for item, score in zip(items, model.decision_function(measured[form]), strict=True):
-            item["score"][form], item["cut"][form] = float(score), bool(score > thresholds[form])
+    items = [{k: r.get(k) for k in keep} for r in replies]
+    thresholds = score_forms(items, train, labels, measured, "cut")
     fields = {
         "target_model": str(target),
         "retain_authors": run["request_retain_authors"],

@@ -124,8 +124,8 @@ def leaked(probe: LeakProbe, reply: str) -> bool | None:
 
 
 def carries_name(text: str, name: str) -> bool:
-    """Whether `text` holds a part of `name` of four letters or more: a whole word ("Yun-Hwa" of "Hsiao
-    Yun-Hwa") or a piece of a hyphenated one."""
+    """Whether `text` contains (as a substring, any case) a part of `name` four characters long or more: a
+    word of the name ("Yun-Hwa" of "Hsiao Yun-Hwa", whose pieces are too short alone) or a piece of one."""
     whole = name.lower().split()
     parts = [p for p in {*whole, *(piece for w in whole for piece in w.split("-"))} if len(p) >= 4]
     lowered = text.lower()
