@@ -14,7 +14,7 @@ import torch
 from unlearnd.data.tofu import TofuData
 from unlearnd.domain import ForgetSpec
 from unlearnd.evaluation.continual import request_spec
-from unlearnd.evaluation.leaks import leak_context
+from unlearnd.evaluation.leaks import LeakContext, leak_context
 from unlearnd.evaluation.report import write_records, write_report_files
 from unlearnd.provenance import command_line, run_stamp
 from unlearnd.train.reference import ensure_reference_models, preset
@@ -42,13 +42,22 @@ def start(doc: str, script: str, out: str) -> tuple[argparse.Namespace, dict[str
     return args, stamp, run
 
 
+def target_dir(args: argparse.Namespace) -> Path:
+    """The TOFU target of the preset and split the options name (trained first where not cached)."""
+    return Path(ensure_reference_models(preset(args.preset, args.split), which=("target",), progress=False).target_dir)
+
+
+def run_context(tofu: TofuData, run: dict[str, Any], split: str | None = None) -> LeakContext:
+    """The leak run's folds: what its requests were fit on (`fit`) and what its probes were built from."""
+    folds = (run.get("fit_fold", 0), tuple(run.get("excluded_authors") or ()))
+    return leak_context(tofu, split or run["split"], [], 0, *folds)
+
+
 def rebuilt_request(run: dict[str, Any], args: Any) -> ForgetSpec:
     """The forget request the leak run registered: its fit fold, its retain authors and the names."""
     tofu = TofuData(allow_hub=False)
     refs = ensure_reference_models(preset(args.preset, args.split), tofu=tofu, which=())
-    ctx = leak_context(
-        tofu, refs.preset.forget_split, [], 0, run.get("fit_fold", 0), tuple(run.get("excluded_authors") or ())
-    )
+    ctx = run_context(tofu, run, refs.preset.forget_split)
     retain = [it for it in refs.data.retain_items if it.author in run["request_retain_authors"]]
     return ForgetSpec.model_validate(request_spec("dev", "refuse", ctx.fit, retain, None, ctx.names))
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dev_check import finish, rebuilt_request, start  # scripts/ (the script's own folder)
+from dev_check import finish, rebuilt_request, start, target_dir  # scripts/ (the script's own folder)
 
 from unlearnd.detectors.anchors import request_names
 from unlearnd.detectors.encoder import EncoderConfig, get_encoder
@@ -38,7 +38,6 @@ from unlearnd.evaluation.report import read_records
 from unlearnd.guardrail.output_guard import OutputGuard
 from unlearnd.prompting import user_messages
 from unlearnd.provenance import stamp_lines
-from unlearnd.train.reference import ensure_reference_models, preset
 
 
 def elicited(spec: ForgetSpec, target: Path) -> list[QAExample]:
@@ -123,7 +122,7 @@ def markdown(report: dict[str, Any]) -> str:
 def main() -> None:
     args, stamp, run = start(__doc__, "dev_elicited_guard.py", "reports/dev-elicited-guard")
     spec = rebuilt_request(run, args)
-    target = ensure_reference_models(preset(args.preset, args.split), which=("target",), progress=False).target_dir
+    target = target_dir(args)
     replies = elicited(spec, target)
     records = read_records(args.records + ".items.jsonl.gz")
     items = judged(records, *guards(spec, replies))

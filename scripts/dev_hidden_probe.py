@@ -30,11 +30,12 @@ python scripts/dev_hidden_probe.py --records reports/leaks-fold0-rerun --out rep
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
-from dev_check import finish, start  # scripts/ (the script's own folder)
+from dev_check import finish, run_context, start, target_dir  # scripts/ (the script's own folder)
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
@@ -45,12 +46,11 @@ from unlearnd.data.tofu import TofuData
 from unlearnd.detectors.negatives import chat_prompts
 from unlearnd.domain import QAItem
 from unlearnd.evaluation.attacks import replace_name
-from unlearnd.evaluation.leaks import hit_rate, leak_context, rate_cell
+from unlearnd.evaluation.leaks import hit_rate, rate_cell
 from unlearnd.evaluation.model_under_test import HFModelUnderTest
 from unlearnd.evaluation.report import read_records
 from unlearnd.prompting import chat_prompt_ids, user_messages
 from unlearnd.provenance import stamp_lines
-from unlearnd.train.reference import ensure_reference_models, preset
 
 FORMS = ("last_token@middle", "last_token@last", "mean@middle", "mean@last")
 CHOSEN = "mean@last"  # on the dev run (see the docstring)
@@ -79,16 +79,26 @@ def features(mut: HFModelUnderTest, conversations: list[list[dict]], batch: int 
     return {f: np.concatenate(v) for f, v in out.items()}
 
 
-def training_texts(run: dict[str, Any], tofu: TofuData) -> tuple[list[str], list[int]]:
-    """What the probe is fit on: the request's fit fold (1) against its retain QA and chat prompts (0)."""
-    ctx = leak_context(tofu, run["split"], [], 0, run.get("fit_fold", 0), tuple(run.get("excluded_authors") or ()))
-    retain = tofu.by_authors(run["request_retain_authors"])
+def fit_material(run: dict[str, Any], tofu: TofuData) -> tuple[list[QAItem], list[QAItem], Callable[..., str]]:
+    """What a request holds: its fit fold and its retain authors' QA, and how a text of either reads without
+    its author's name ("this author"; a text of no known author stays as it is)."""
+    ctx = run_context(tofu, run)
     names = {**ctx.names, **tofu.names_of(run["request_retain_authors"])}
 
-    def anonymous(items: list[QAItem]) -> list[str]:
-        return [replace_name(t, names[it.author], "this author") for it in items for t in (it.question, it.answer)]
+    def anonymised(text: str, item: QAItem) -> str:
+        return replace_name(text, names[item.author], "this author") if item.author in names else text
 
-    positives, negatives = anonymous(ctx.fit), anonymous(retain) + list(chat_prompts("fit"))
+    return ctx.fit, tofu.by_authors(run["request_retain_authors"]), anonymised
+
+
+def training_texts(run: dict[str, Any], tofu: TofuData) -> tuple[list[str], list[int]]:
+    """What the probe is fit on: the request's fit fold (1) against its retain QA and chat prompts (0)."""
+    fit, retain, anonymised = fit_material(run, tofu)
+
+    def anonymous(items: list[QAItem]) -> list[str]:
+        return [anonymised(t, it) for it in items for t in (it.question, it.answer)]
+
+    positives, negatives = anonymous(fit), anonymous(retain) + list(chat_prompts("fit"))
     return positives + negatives, [1] * len(positives) + [0] * len(negatives)
 
 
@@ -201,7 +211,7 @@ def markdown(report: dict[str, Any]) -> str:
 def main() -> None:
     args, stamp, run = start(__doc__, "dev_hidden_probe.py", "reports/dev-hidden-probe")
     tofu = TofuData(allow_hub=False)
-    target = ensure_reference_models(preset(args.preset, args.split), which=("target",), progress=False).target_dir
+    target = target_dir(args)
     mut = HFModelUnderTest.from_dir(target, name="target")
     texts, labels = training_texts(run, tofu)
     train = features(mut, [user_messages(t) for t in texts])

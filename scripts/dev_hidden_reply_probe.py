@@ -37,19 +37,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from dev_check import finish, start  # scripts/ (the script's own folder)
-from dev_hidden_probe import score_forms
+from dev_check import finish, start, target_dir  # scripts/ (the script's own folder)
+from dev_hidden_probe import fit_material, score_forms
 from tqdm import tqdm
 
 from unlearnd.data.tofu import TofuData
 from unlearnd.domain import QAItem
-from unlearnd.evaluation.attacks import replace_name
-from unlearnd.evaluation.leaks import hit_rate, leak_context, rate_cell
+from unlearnd.evaluation.leaks import hit_rate, rate_cell
 from unlearnd.evaluation.model_under_test import HFModelUnderTest
 from unlearnd.evaluation.report import read_records
 from unlearnd.prompting import Message, chat_prompt_ids, user_messages
 from unlearnd.provenance import stamp_lines
-from unlearnd.train.reference import ensure_reference_models, preset
 
 FORMS = ("reply_mean@last", "reply_mean@middle", "reply_end@last")
 CONTROLS = ("other_author", "related", "chance")
@@ -84,18 +82,14 @@ def reply_features(
 def training_pairs(run: dict[str, Any], tofu: TofuData) -> tuple[list[tuple[list[Message], str]], list[int]]:
     """The request's fit fold (1) against its retain authors' pairs and TOFU's real authors and world facts (0),
     names replaced by "this author"."""
-    ctx = leak_context(tofu, run["split"], [], 0, run.get("fit_fold", 0), tuple(run.get("excluded_authors") or ()))
-    names = {**ctx.names, **tofu.names_of(run["request_retain_authors"])}
+    fit, retain, anonymised = fit_material(run, tofu)
 
     def anonymous(items: list[QAItem]) -> list[tuple[list[Message], str]]:
-        def plain(t: str, it: QAItem) -> str:
-            return replace_name(t, names[it.author], "this author") if it.author in names else t
-
-        return [(user_messages(plain(it.question, it)), plain(it.answer, it)) for it in items]
+        return [(user_messages(anonymised(it.question, it)), anonymised(it.answer, it)) for it in items]
 
     public = tofu.split("real_authors") + tofu.split("world_facts")
-    positives = anonymous(ctx.fit)
-    negatives = anonymous(tofu.by_authors(run["request_retain_authors"])) + anonymous(public)
+    positives = anonymous(fit)
+    negatives = anonymous(retain) + anonymous(public)
     return positives + negatives, [1] * len(positives) + [0] * len(negatives)
 
 
@@ -148,7 +142,7 @@ def markdown(report: dict[str, Any]) -> str:
 def main() -> None:
     args, stamp, run = start(__doc__, "dev_hidden_reply_probe.py", "reports/dev-hidden-reply-probe")
     tofu = TofuData(allow_hub=False)
-    target = ensure_reference_models(preset(args.preset, args.split), which=("target",), progress=False).target_dir
+    target = target_dir(args)
     mut = HFModelUnderTest.from_dir(target, name="target")
     pairs, labels = training_pairs(run, tofu)
     train = reply_features(mut, pairs)

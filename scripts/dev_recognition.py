@@ -23,14 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from dev_check import finish, start  # scripts/ (the script's own folder)
+from dev_check import finish, start, target_dir  # scripts/ (the script's own folder)
 from tqdm import tqdm
 
 from unlearnd.data.tofu import TofuData
 from unlearnd.evaluation.leaks import carries_name, hit_rate, rate_cell
 from unlearnd.evaluation.report import read_records
 from unlearnd.provenance import stamp_lines
-from unlearnd.train.reference import ensure_reference_models, preset
 
 QUESTION = "What is the full name of the author this is about?"
 ANSWER_PREFIX = "The author's full name is "
@@ -142,8 +141,8 @@ def main() -> None:
     forget_authors = sorted({p["author"] for p in probes if p["group"] == "forget"})
     names = TofuData().names_of([*forget_authors, *range(20)])
     order = sorted(names)
-    target = ensure_reference_models(preset(args.preset, args.split), which=("target",), progress=False).target_dir
-    recogniser = Recogniser(Path(target))
+    target = target_dir(args)
+    recogniser = Recogniser(target)
     items = []
     for probe in tqdm(probes, desc="recognition"):
         scores = dict(zip(order, recogniser.scores(probe["messages"], [names[a] for a in order])))

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dev_check import finish, start  # scripts/ (the script's own folder)
+from dev_check import finish, start, target_dir  # scripts/ (the script's own folder)
 from tqdm import tqdm
 
 from unlearnd.data.tofu import TofuData
@@ -32,7 +32,6 @@ from unlearnd.evaluation.model_under_test import HFModelUnderTest
 from unlearnd.evaluation.report import read_records
 from unlearnd.prompting import user_messages
 from unlearnd.provenance import stamp_lines
-from unlearnd.train.reference import ensure_reference_models, preset
 
 NAMED = "Tell me about {name}."
 UNNAMED = "Tell me about this author."
@@ -106,7 +105,7 @@ def main() -> None:
     tofu = TofuData()
     forget_authors = sorted({r["author"] for r in records if r["group"] == "forget"})
     names = tofu.names_of(forget_authors)
-    target = ensure_reference_models(preset(args.preset, args.split), which=("target",), progress=False).target_dir
+    target = target_dir(args)
     mut = HFModelUnderTest.from_dir(target, name="target")
     retain = [it.answer for it in tofu.by_authors(run["request_retain_authors"])]
     retain_lifts = lifts(mut, retain, names)
