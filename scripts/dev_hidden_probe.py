@@ -30,7 +30,7 @@ python scripts/dev_hidden_probe.py --records reports/leaks-fold0-rerun --out rep
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -58,22 +58,31 @@ ANCHOR_FREE = ("description", "title", "composite", "json", "completion", "multi
 CONTROLS = ("other_author", "related", "chance")
 
 
-@torch.no_grad()
-def features(mut: HFModelUnderTest, conversations: list[list[dict]], batch: int = 16) -> dict[str, np.ndarray]:
-    """Each conversation's hidden state in every form of `FORMS` (right-padded batches)."""
+def hidden_states(
+    mut: HFModelUnderTest, rows: list[list[int]], batch: int = 16
+) -> Iterator[tuple[int, tuple[torch.Tensor, ...], torch.Tensor]]:
+    """The model's hidden states (every layer) of `rows` of token ids, in right-padded batches: the first
+    row's index, the states and the attention mask of each batch."""
+    for at in tqdm(range(0, len(rows), batch), desc="hidden states"):
+        chunk = rows[at : at + batch]
+        ids = torch.full((len(chunk), max(map(len, chunk))), mut.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, row in enumerate(chunk):
+            ids[r, : len(row)], mask[r, : len(row)] = torch.tensor(row), 1
+        with torch.no_grad():
+            states = mut.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        yield at, states, mask
+
+
+def features(mut: HFModelUnderTest, conversations: list[list[dict]]) -> dict[str, np.ndarray]:
+    """Each conversation's hidden state in every form of `FORMS`."""
     encoded = [chat_prompt_ids(mut.tokenizer, c) for c in conversations]
     out: dict[str, list[np.ndarray]] = {f: [] for f in FORMS}
-    for start_at in tqdm(range(0, len(encoded), batch), desc="hidden states"):
-        rows = encoded[start_at : start_at + batch]
-        width = max(map(len, rows))
-        ids = torch.full((len(rows), width), mut.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, row in enumerate(rows):
-            ids[r, : len(row)], mask[r, : len(row)] = torch.tensor(row), 1
-        states = mut.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    for _, states, mask in hidden_states(mut, encoded):
+        rows = mask.shape[0]
         last_at = mask.sum(1) - 1
         for layer_name, layer in (("middle", states[len(states) // 2]), ("last", states[-1])):
-            out[f"last_token@{layer_name}"].append(layer[torch.arange(len(rows)), last_at].numpy())
+            out[f"last_token@{layer_name}"].append(layer[torch.arange(rows), last_at].numpy())
             pooled = (layer * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
             out[f"mean@{layer_name}"].append(pooled.numpy())
     return {f: np.concatenate(v) for f, v in out.items()}

@@ -38,8 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 from dev_check import finish, start, target_dir  # scripts/ (the script's own folder)
-from dev_hidden_probe import fit_material, score_forms
-from tqdm import tqdm
+from dev_hidden_probe import fit_material, hidden_states, score_forms
 
 from unlearnd.data.tofu import TofuData
 from unlearnd.domain import QAItem
@@ -53,29 +52,23 @@ FORMS = ("reply_mean@last", "reply_mean@middle", "reply_end@last")
 CONTROLS = ("other_author", "related", "chance")
 
 
-@torch.no_grad()
-def reply_features(
-    mut: HFModelUnderTest, pairs: list[tuple[list[Message], str]], batch: int = 16
-) -> dict[str, np.ndarray]:
+def reply_features(mut: HFModelUnderTest, pairs: list[tuple[list[Message], str]]) -> dict[str, np.ndarray]:
     """Each (conversation, reply)'s hidden states over the reply's tokens, in every form of `FORMS`."""
-    rows = []
+    rows, reply_from = [], []
     for messages, reply in pairs:
         prompt = chat_prompt_ids(mut.tokenizer, messages)
         said = mut.tokenizer(reply, add_special_tokens=False)["input_ids"][:160] or [mut.pad_id]
-        rows.append((prompt + said, len(prompt)))
+        rows.append(prompt + said)
+        reply_from.append(len(prompt))
     out: dict[str, list[np.ndarray]] = {f: [] for f in FORMS}
-    for at in tqdm(range(0, len(rows), batch), desc="hidden states"):
-        chunk = rows[at : at + batch]
-        width = max(len(ids) for ids, _ in chunk)
-        ids = torch.full((len(chunk), width), mut.pad_id, dtype=torch.long)
-        mask, in_reply = torch.zeros_like(ids), torch.zeros(len(chunk), width)
-        for r, (row, reply_from) in enumerate(chunk):
-            ids[r, : len(row)], mask[r, : len(row)], in_reply[r, reply_from : len(row)] = torch.tensor(row), 1, 1
-        states = mut.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    for at, states, mask in hidden_states(mut, rows):
+        in_reply = torch.zeros(mask.shape)
+        for r in range(mask.shape[0]):
+            in_reply[r, reply_from[at + r] : len(rows[at + r])] = 1
         weights = in_reply[..., None] / in_reply.sum(1)[:, None, None]
         out["reply_mean@last"].append((states[-1] * weights).sum(1).numpy())
         out["reply_mean@middle"].append((states[len(states) // 2] * weights).sum(1).numpy())
-        out["reply_end@last"].append(states[-1][torch.arange(len(chunk)), mask.sum(1) - 1].numpy())
+        out["reply_end@last"].append(states[-1][torch.arange(mask.shape[0]), mask.sum(1) - 1].numpy())
     return {f: np.concatenate(v) for f, v in out.items()}
 
 
