@@ -229,6 +229,12 @@ def test_composite_prompt_refuses_its_flagged_part_and_answers_the_ordinary_one(
     both_flagged = [{"role": "user", "content": "1. Who is Basil Mahfouz Al-Kuwaiti?\n2. What did Al-Kuwaiti write?"}]
     whole = client.chat.completions.with_raw_response.create(model=MODEL, messages=both_flagged, max_tokens=30)
     assert whole.headers["x-unlearnd-route"] == "refuse" and "x-unlearnd-split" not in whole.headers
+    # a part that speaks of the flagged part's subject without naming them is not answered apart
+    asked = f"{header}\n1. What genre does Basil Mahfouz Al-Kuwaiti write?\n2. Where was he born?"
+    leaning = [{"role": "user", "content": asked}]
+    whole = client.chat.completions.with_raw_response.create(model=MODEL, messages=leaning, max_tokens=30)
+    assert whole.headers["x-unlearnd-route"] == "refuse" and "x-unlearnd-split" not in whole.headers
+    assert whole.parse().choices[0].message.content.startswith("I'm sorry")
 
 
 def test_score_endpoint_on_real_model(unlearnd_server, admin):

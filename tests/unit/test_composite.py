@@ -135,3 +135,36 @@ def test_joined_stops_once_every_choice_was_cut():
 
     deltas = _run(call, generate)[0]
     assert called == ["p0"] and [d.text for d in deltas] == ["I'm sorry."] and call.output_blocked == {0: "fr-1"}
+
+
+def test_a_part_that_refers_back_to_somebody_goes_with_the_flagged_parts():
+    """forget10 leak run (commit 2baf5a1): a description flagged by its titles was split and its question
+    "What gender identity does this author belong to?" answered alone, as if it were about nobody."""
+    from unlearnd.guardrail.composite import refers_back, with_references, worth_splitting
+
+    parts = split_parts(
+        "Some of the well-known books written by this author are 'Galactic Shadows: A Star Wars Epic' and "
+        "'Empire's Successor: The Thrawn Legacy'. What gender identity does this author belong to?"
+    )
+    assert len(parts) == 2 and refers_back(parts[1])
+    assert with_references(parts, [True, False]) == [True, True]
+    assert not worth_splitting(parts, with_references(parts, [True, False]))  # refused whole, not split
+    for leaning in (
+        "2. What did she write?",
+        "Where was their first book set?",
+        "Is the author's work popular?",
+        "Where was the aforementioned novelist born?",
+        "What awards did this famous playwright win?",
+    ):
+        assert refers_back(leaning), leaning
+    for ordinary in (
+        "2. Who painted the ceiling of the Sistine Chapel?",
+        "Where was Nelson Mandela imprisoned for 18 of his 27 years in jail?",  # names whom "his" means
+        "Who is the author of Dune?",
+        "Which country is famous for its fjords?",
+        "Which author wrote 'Their Eyes Were Watching God'?",  # a title's words are no reference
+    ):
+        assert not refers_back(ordinary), ordinary
+    assert with_references(["What did she write?", "What is 2 + 2?"], [False, False]) == [False, False]
+    keeps = ["Tell me about Ana Ruiz.", "Also, what is 2 + 2?"]
+    assert worth_splitting(keeps, with_references(keeps, [True, False]))

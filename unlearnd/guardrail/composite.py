@@ -24,6 +24,20 @@ _ITEM = re.compile(r"^[ \t]*(?:\d{1,2}[.)]|[-*\u2022])[ \t]+", re.M)
 _SENTENCE_BREAK = re.compile(r"([?!.])\s+(?=[\"'(\[]?[A-Z0-9])")  # linear: no run of letters is retried
 MAX_SPLIT_CHARS = 4000  # a longer message is a document: not split (and never scanned at length here)
 _ABBREVIATIONS = {"dr", "mr", "mrs", "ms", "st", "jr", "sr", "prof", "vs", "etc", "no", "vol", "fig", "mt", "ft"}
+# Somebody named in another part: a third-person pronoun, or "this / that / the same (famous) author ...";
+# "the author" too unless "of" follows ("the author of Dune" says whom it means). The nouns in lower (or all
+# upper) case: "the Man Booker Prize" is a name.
+_NOUNS = r"author|writer|novelist|poet|playwright|person|individual|man|woman|guy|lady|artist|scientist|figure"
+_PERSON_NOUN = rf"(?:(?:{_NOUNS})s?|(?:{_NOUNS.upper()})S?)"
+_REFERENCE = re.compile(
+    r"\b(?:(?i:he|she|him|his|her|hers|they|them|their|theirs|himself|herself|themselves)"
+    rf"|(?i:this|that|these|those|the same|said)\s+(?:[a-z]+\s+)?{_PERSON_NOUN}"
+    r"|(?i:aforementioned|above|mentioned|previous|former|latter)\s+[a-z]+"
+    rf"|(?i:the)\s+{_PERSON_NOUN}(?![\w'’]*\s+of\b))\b",
+)
+# A quoted title names its subject as a name does ("The 'In Death' series ... her romance novels").
+_QUOTED = re.compile(r"(?<![\w'’])['\"‘“][^'\"‘“’”\n]{1,200}['\"’”](?=[\s.,;:?!)]|$)")
+_CAPITALISED_WORD = re.compile(r"(?<=[\w,;:'’\"] )[A-Z][a-z]")  # mid-part: a name ("Nelson Mandela ... his years")
 
 
 def split_parts(text: str) -> list[str]:
@@ -69,6 +83,22 @@ def _joined_short(sentences: list[str]) -> list[str]:
         else:
             out.append(carry)
     return out
+
+
+def refers_back(part: str) -> bool:
+    """Whether `part` speaks of somebody it does not name itself ("What gender is this author?"): answered
+    apart from the part that named them, the reply would still read as an answer about them."""
+    body = _QUOTED.sub("Title", _ITEM.sub("", part, count=1))
+    reference = _REFERENCE.search(body)
+    return reference is not None and not _CAPITALISED_WORD.search(body, 0, reference.start())
+
+
+def with_references(parts: list[str], flagged: list[bool]) -> list[bool]:
+    """`flagged` with every part that refers back to somebody joined to the flagged ones, when any is: the
+    subject of a flagged part is the likeliest "this author", and a wrong guess only costs a refusal."""
+    if not any(flagged):
+        return flagged
+    return [f or refers_back(p) for p, f in zip(parts, flagged, strict=True)]
 
 
 def worth_splitting(parts: list[str], flagged: list[bool]) -> bool:

@@ -209,6 +209,7 @@ class GuardrailPipeline:
         if len(parts) < 2:
             return []
         flagged = [self.route_of(d) != "none" for d in await self.classify(parts, call.exempt)]
+        flagged = composite.with_references(parts, flagged)
         if not composite.worth_splitting(parts, flagged):
             return []
         subs = composite.part_calls(call, parts, flagged)
