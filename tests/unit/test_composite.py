@@ -155,6 +155,11 @@ def test_a_part_that_refers_back_to_somebody_goes_with_the_flagged_parts():
         "Is the author's work popular?",
         "Where was the aforementioned novelist born?",
         "What awards did this famous playwright win?",
+        "Also, What did he write?",  # a capitalised question word is no name
+        "Who is the author of these books?",
+        "Did Stephen King ever review this author's work?",  # a pointing phrase never names its subject
+        "What did the former write?",
+        "Where was h\u200be born?",  # an invisible character inside the pronoun
     ):
         assert refers_back(leaning), leaning
     for ordinary in (
@@ -163,6 +168,9 @@ def test_a_part_that_refers_back_to_somebody_goes_with_the_flagged_parts():
         "Who is the author of Dune?",
         "Which country is famous for its fjords?",
         "Which author wrote 'Their Eyes Were Watching God'?",  # a title's words are no reference
+        "Who was the previous president of France?",
+        "Is it true that a person can survive without water for a week?",
+        "Who was the first man on the moon?",
     ):
         assert not refers_back(ordinary), ordinary
     assert with_references(["What did she write?", "What is 2 + 2?"], [False, False]) == [False, False]

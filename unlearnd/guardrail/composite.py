@@ -14,6 +14,7 @@ import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 
+from unlearnd.detectors.normalize import clean, to_ascii
 from unlearnd.engine.base import ChoiceDelta
 from unlearnd.guardrail.call import GuardedCall
 
@@ -24,20 +25,36 @@ _ITEM = re.compile(r"^[ \t]*(?:\d{1,2}[.)]|[-*\u2022])[ \t]+", re.M)
 _SENTENCE_BREAK = re.compile(r"([?!.])\s+(?=[\"'(\[]?[A-Z0-9])")  # linear: no run of letters is retried
 MAX_SPLIT_CHARS = 4000  # a longer message is a document: not split (and never scanned at length here)
 _ABBREVIATIONS = {"dr", "mr", "mrs", "ms", "st", "jr", "sr", "prof", "vs", "etc", "no", "vol", "fig", "mt", "ft"}
-# Somebody named in another part: a third-person pronoun, or "this / that / the same (famous) author ...";
-# "the author" too unless "of" follows ("the author of Dune" says whom it means). The nouns in lower (or all
-# upper) case: "the Man Booker Prize" is a name.
-_NOUNS = r"author|writer|novelist|poet|playwright|person|individual|man|woman|guy|lady|artist|scientist|figure"
-_PERSON_NOUN = rf"(?:(?:{_NOUNS})s?|(?:{_NOUNS.upper()})S?)"
-_REFERENCE = re.compile(
+# Who a part speaks of without naming them. A pointing phrase ("this author", "these two writers", "the
+# aforementioned novelist", "the former's") always means somebody outside the part; a pronoun ("she",
+# "their") or "the writer" only where no name or quoted title comes before it in the part ("Where was Nelson
+# Mandela imprisoned for 18 of his 27 years?"), and "the author of <a name>" says whom it means.
+_SINGULAR = (
+    "author|writer|novelist|poet|playwright|person|individual|man|woman|guy|lady|gentleman|artist|scientist"
+    "|creator|storyteller|journalist|historian|biographer|celebrity"
+)
+_PLURAL = rf"(?:{_SINGULAR})s|men|women|people|ladies|gentlemen|celebrities"
+_ADJECTIVES = r"(?:(?!(?:a|an|the|and|or|of|that|is|was)\s)[\w'’-]+\s+){0,2}"  # "this award-winning Kuwaiti"
+_POINTERS = r"the same|the above|the aforementioned|aforementioned|(?:above|previously)[- ]mentioned|said"
+_VERBS = "is|was|has|had|did|does|do|say|said|write|wrote|win|won|live|lived|grew|came"  # "the former wrote"
+_POINTING = re.compile(
+    rf"\b(?i:(?:this|that|the previous|the former|the latter|{_POINTERS})\s+{_ADJECTIVES}(?:{_SINGULAR})"
+    rf"|(?:these|those|{_POINTERS})\s+{_ADJECTIVES}(?:{_PLURAL})"
+    rf"|the (?:former|latter)(?=['’]s\b|\s*[.,;:?!]|\s+(?:{_VERBS})\b))\b"
+)
+_NAMED_AFTER_OF = r"(?![\w'’]*\s+(?i:of)\s+(?!(?i:these|those|this|that|them|him|her|it)\b))"
+_PRONOUN = re.compile(  # the nouns in lower (or all upper) case: "the Man Booker Prize" is a name
     r"\b(?:(?i:he|she|him|his|her|hers|they|them|their|theirs|himself|herself|themselves)"
-    rf"|(?i:this|that|these|those|the same|said)\s+(?:[a-z]+\s+)?{_PERSON_NOUN}"
-    r"|(?i:aforementioned|above|mentioned|previous|former|latter)\s+[a-z]+"
-    rf"|(?i:the)\s+{_PERSON_NOUN}(?![\w'’]*\s+of\b))\b",
+    rf"|(?i:the)\s+(?:{_SINGULAR}|{_SINGULAR.upper()}){_NAMED_AFTER_OF})\b"
 )
 # A quoted title names its subject as a name does ("The 'In Death' series ... her romance novels").
 _QUOTED = re.compile(r"(?<![\w'’])['\"‘“][^'\"‘“’”\n]{1,200}['\"’”](?=[\s.,;:?!)]|$)")
-_CAPITALISED_WORD = re.compile(r"(?<=[\w,;:'’\"] )[A-Z][a-z]")  # mid-part: a name ("Nelson Mandela ... his years")
+_STARTERS = (  # capitalised without being a name: "Also, What did he write?", "Where Was She Born?"
+    "What|Where|When|Who|Whom|Whose|Why|How|Which|Is|Are|Was|Were|Did|Do|Does|Has|Have|Had|Can|Could|Would"
+    "|Will|Should|Please|Tell|Give|List|Name|Describe|Explain|And|Also|But|So|Then|Now|Next|Finally|Lastly"
+    "|Plus|Besides|Okay|Ok|The|A|An|In|On|At|Of|For|To|From|By|With|About|Born|Write|Wrote|Written"
+)
+_NAME_WORD = re.compile(rf"(?<=[\w,;:'’\"] )(?!(?:{_STARTERS})\b)[A-Z][a-z]")  # a name mid-part: "Nelson"
 
 
 def split_parts(text: str) -> list[str]:
@@ -88,9 +105,12 @@ def _joined_short(sentences: list[str]) -> list[str]:
 def refers_back(part: str) -> bool:
     """Whether `part` speaks of somebody it does not name itself ("What gender is this author?"): answered
     apart from the part that named them, the reply would still read as an answer about them."""
-    body = _QUOTED.sub("Title", _ITEM.sub("", part, count=1))
-    reference = _REFERENCE.search(body)
-    return reference is not None and not _CAPITALISED_WORD.search(body, 0, reference.start())
+    body = to_ascii(clean(_ITEM.sub("", part, count=1)))
+    if _POINTING.search(body):
+        return True
+    body = _QUOTED.sub("Title", body)
+    reference = _PRONOUN.search(body)
+    return reference is not None and not _NAME_WORD.search(body, 0, reference.start())
 
 
 def with_references(parts: list[str], flagged: list[bool]) -> list[bool]:
