@@ -45,7 +45,10 @@ def chat(client, content):
     return client.post("/v1/chat/completions", json=body)
 
 
-def wait_status(client, request_id, status, timeout_s=5.0):
+WAIT_S = 30.0  # a loaded 2-core machine (a benchmark beside the suite) took over 5 s for one sync
+
+
+def wait_status(client, request_id, status, timeout_s=WAIT_S):
     deadline = time.time() + timeout_s
     while (current := client.get(f"/v1/unlearning/requests/{request_id}", headers=ADMIN).json())["status"] != status:
         assert time.time() < deadline, current
@@ -281,13 +284,13 @@ def test_a_request_another_server_activated_is_served_by_its_own_route_here_too(
         TestClient(create_app(settings, engine=engine)) as second,
     ):
         request_id = first.post("/v1/unlearning/requests", headers=ADMIN, json=spec).json()["id"]
-        deadline = time.time() + 5
+        deadline = time.time() + WAIT_S
         while request_id not in second.app.state.unlearnd.pipeline.active:  # its next sync
             assert time.time() < deadline
             time.sleep(0.05)
         assert chat(second, FLAGGED).headers["x-unlearnd-route"] == "refuse"  # both refuse it while untrained
         run_worker(settings.data_dir, "keyword", "unused", once=True)
-        deadline = time.time() + 5
+        deadline = time.time() + WAIT_S
         while request_id in second.app.state.unlearnd.pipeline.degraded:  # whichever server activates it
             assert time.time() < deadline, "the second server kept refusing a trained request"
             time.sleep(0.05)
