@@ -171,6 +171,8 @@ def test_a_part_that_refers_back_to_somebody_goes_with_the_flagged_parts():
         "Who was the previous president of France?",
         "Is it true that a person can survive without water for a week?",
         "Who was the first man on the moon?",
+        "How does the author Zhen Xu continue to make an impact on literature today?",
+        "What is the full name of the author born in Lagos, Nigeria?",
     ):
         assert not refers_back(ordinary), ordinary
     assert with_references(["What did she write?", "What is 2 + 2?"], [False, False]) == [False, False]

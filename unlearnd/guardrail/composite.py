@@ -28,7 +28,7 @@ _ABBREVIATIONS = {"dr", "mr", "mrs", "ms", "st", "jr", "sr", "prof", "vs", "etc"
 # Who a part speaks of without naming them. A pointing phrase ("this author", "these two writers", "the
 # aforementioned novelist", "the former's") always means somebody outside the part; a pronoun ("she",
 # "their") or "the writer" only where no name or quoted title comes before it in the part ("Where was Nelson
-# Mandela imprisoned for 18 of his 27 years?"), and "the author of <a name>" says whom it means.
+# Mandela imprisoned for 18 of his 27 years?").
 _SINGULAR = (
     "author|writer|novelist|poet|playwright|person|individual|man|woman|guy|lady|gentleman|artist|scientist"
     "|creator|storyteller|journalist|historian|biographer|celebrity"
@@ -42,10 +42,12 @@ _POINTING = re.compile(
     rf"|(?:these|those|{_POINTERS})\s+{_ADJECTIVES}(?:{_PLURAL})"
     rf"|the (?:former|latter)(?=['’]s\b|\s*[.,;:?!]|\s+(?:{_VERBS})\b))\b"
 )
-_NAMED_AFTER_OF = r"(?![\w'’]*\s+(?i:of)\s+(?!(?i:these|those|this|that|them|him|her|it)\b))"
+_THE_NOUN = _SINGULAR.replace("|individual", "")  # "the individual professions of ..."
+# "the author of Dune", "the author Zhen Xu", "the author born in Lagos ..." say whom they mean
+_SAYS_WHOM = r"(?![\w'’]*\s+(?:(?i:of)\s+(?!(?i:these|those|this|that|them|him|her|it)\b)|[A-Z]|(?:who|whose|born)\b))"
 _PRONOUN = re.compile(  # the nouns in lower (or all upper) case: "the Man Booker Prize" is a name
     r"\b(?:(?i:he|she|him|his|her|hers|they|them|their|theirs|himself|herself|themselves)"
-    rf"|(?i:the)\s+(?:{_SINGULAR}|{_SINGULAR.upper()}){_NAMED_AFTER_OF})\b"
+    rf"|(?i:the)\s+(?:{_THE_NOUN}|{_THE_NOUN.upper()}){_SAYS_WHOM})\b"
 )
 # A quoted title names its subject as a name does ("The 'In Death' series ... her romance novels").
 _QUOTED = re.compile(r"(?<![\w'’])['\"‘“][^'\"‘“’”\n]{1,200}['\"’”](?=[\s.,;:?!)]|$)")
