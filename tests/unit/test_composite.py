@@ -160,6 +160,8 @@ def test_a_part_that_refers_back_to_somebody_goes_with_the_flagged_parts():
         "Did Stephen King ever review this author's work?",  # a pointing phrase never names its subject
         "What did the former write?",
         "Where was h\u200be born?",  # an invisible character inside the pronoun
+        "Where Was The Author Born?",
+        "WHERE WAS THE AUTHOR BORN?",
     ):
         assert refers_back(leaning), leaning
     for ordinary in (

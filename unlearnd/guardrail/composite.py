@@ -42,20 +42,21 @@ _POINTING = re.compile(
     rf"|(?:these|those|{_POINTERS})\s+{_ADJECTIVES}(?:{_PLURAL})"
     rf"|the (?:former|latter)(?=['’]s\b|\s*[.,;:?!]|\s+(?:{_VERBS})\b))\b"
 )
-_THE_NOUN = _SINGULAR.replace("|individual", "")  # "the individual professions of ..."
-# "the author of Dune", "the author Zhen Xu", "the author born in Lagos ..." say whom they mean
-_SAYS_WHOM = r"(?![\w'’]*\s+(?:(?i:of)\s+(?!(?i:these|those|this|that|them|him|her|it)\b)|[A-Z]|(?:who|whose|born)\b))"
-_PRONOUN = re.compile(  # the nouns in lower (or all upper) case: "the Man Booker Prize" is a name
-    r"\b(?:(?i:he|she|him|his|her|hers|they|them|their|theirs|himself|herself|themselves)"
-    rf"|(?i:the)\s+(?:{_THE_NOUN}|{_THE_NOUN.upper()}){_SAYS_WHOM})\b"
-)
-# A quoted title names its subject as a name does ("The 'In Death' series ... her romance novels").
-_QUOTED = re.compile(r"(?<![\w'’])['\"‘“][^'\"‘“’”\n]{1,200}['\"’”](?=[\s.,;:?!)]|$)")
 _STARTERS = (  # capitalised without being a name: "Also, What did he write?", "Where Was She Born?"
     "What|Where|When|Who|Whom|Whose|Why|How|Which|Is|Are|Was|Were|Did|Do|Does|Has|Have|Had|Can|Could|Would"
     "|Will|Should|Please|Tell|Give|List|Name|Describe|Explain|And|Also|But|So|Then|Now|Next|Finally|Lastly"
     "|Plus|Besides|Okay|Ok|The|A|An|In|On|At|Of|For|To|From|By|With|About|Born|Write|Wrote|Written"
 )
+_THE_NOUN = _SINGULAR.replace("|individual", "")  # "the individual professions of ..."
+# "the author of Dune", "the author Zhen Xu", "the author born in Lagos ..." say whom they mean
+_OF_A_NAME = r"(?i:of)\s+(?!(?i:these|those|this|that|them|him|her|it)\b)"
+_SAYS_WHOM = rf"(?![\w'’]*\s+(?:{_OF_A_NAME}|(?!(?:{_STARTERS})\b)[A-Z][a-z]|(?i:who|whose|born\s+(?:in|on|to))\b))"
+_PRONOUN = re.compile(  # "the Man Booker Prize": a capitalised word after the noun makes it a name
+    r"\b(?:(?i:he|she|him|his|her|hers|they|them|their|theirs|himself|herself|themselves)"
+    rf"|(?i:the)\s+(?:{_THE_NOUN}|{_THE_NOUN.title()}|{_THE_NOUN.upper()}){_SAYS_WHOM})\b"
+)
+# A quoted title names its subject as a name does ("The 'In Death' series ... her romance novels").
+_QUOTED = re.compile(r"(?<![\w'’])['\"‘“][^'\"‘“’”\n]{1,200}['\"’”](?=[\s.,;:?!)]|$)")
 _NAME_WORD = re.compile(rf"(?<=[\w,;:'’\"] )(?!(?:{_STARTERS})\b)[A-Z][a-z]")  # a name mid-part: "Nelson"
 
 
