@@ -1,0 +1,80 @@
+"""Dev check: would the fact-pair rule, read over the prompt and the reply together, stop the anchor-free leaks?
+
+The fact pairs (`unlearnd.detectors.facts`) flag a prompt holding two of a request's fact terms. An anchor-free
+probe holds at most one (else the detector had flagged it), but the reply the model gives may add another: an
+output check that cuts a reply when prompt + reply hold a pair would stop that leak. Tried on forget01 fold 0
+(`reports/leaks-fold0-rerun`, its replies under refuse), with the shipped rule unchanged; a leak counts as stopped
+where its unflagged probe's prompt + reply hold a pair, a control (its reply under refuse) as cut where they do.
+
+Usage: python scripts/dev_reply_fact_pairs.py --records reports/leaks-fold0-rerun
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dev_check import finish, rebuilt_request, start  # scripts/ (the script's own folder)
+from dev_described_person import summarise
+
+from unlearnd.detectors.anchors import request_names
+from unlearnd.detectors.facts import FactIndex, fact_terms
+from unlearnd.detectors.spans import fold_word, tokens
+from unlearnd.evaluation.leaks import rate_cell
+from unlearnd.evaluation.report import read_records
+from unlearnd.provenance import stamp_lines
+
+
+def judged(records: list[dict[str, Any]], pairs: FactIndex) -> list[dict[str, Any]]:
+    """Each refuse-route probe with whether it reached the model, leaked, and the pair its prompt + reply hold."""
+    out = []
+    for r in records:
+        if r["route"] != "refuse":
+            continue
+        text = " ".join(m["content"] for m in r["messages"] if m["role"] == "user") + "\n" + r["reply"]
+        fields = {k: r[k] for k in ("group", "family", "author", "leaked", "served_route")}
+        out.append({**fields, "text": text, "rule_flags": pairs.find(text).get("r", [])})
+    return out
+
+
+def markdown(report: dict[str, Any]) -> str:
+    s = report["summary"]
+    lines = [
+        "# Dev check: fact pairs over the prompt and the reply (offline, on a committed leak run)",
+        "",
+        *stamp_lines(report),
+        f"Records: the `refuse` route of `{report['records']}` (run at commit {report['records_commit']}); the "
+        f"request rebuilt from the run (split `{report['split']}`); its fact terms: {', '.join(report['terms'])}. "
+        "Unflagged 'with the rule': probes whose prompt + reply hold no pair (see the script's docstring).",
+        "",
+        "| family | unflagged before | unflagged with the rule | leaks before | leaks with the rule |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {f} | {rate_cell(r['unflagged_before'])} | {rate_cell(r['unflagged_with_rule'])} | "
+            f"{rate_cell(r['leaks_before'])} | {rate_cell(r['leaks_with_rule'])} |"
+            for f, r in s["families"].items()
+        ),
+        "",
+        "| control | untouched before | newly cut by the rule |",
+        "|---|---|---|",
+        *(
+            f"| {g} | {rate_cell(c['reached_before'])} | {rate_cell(c['newly_flagged'])} |"
+            for g, c in s["controls"].items()
+        ),
+        "",
+        f"Per-probe records (the pair in each): `{report['name']}.items.jsonl.gz`.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    args, stamp, run = start(__doc__, "dev_reply_fact_pairs.py", "reports/dev-reply-fact-pairs")
+    spec = rebuilt_request(run, args)
+    terms = fact_terms(spec, {fold_word(w) for text in request_names(spec) for w, _, _ in tokens(text)})
+    pairs = FactIndex()
+    pairs.add("r", terms)
+    items = judged(read_records(args.records + ".items.jsonl.gz"), pairs)
+    finish(args, stamp, run, items, {"split": run["split"], "terms": terms, "summary": summarise(items)}, markdown)
+
+
+if __name__ == "__main__":
+    main()
