@@ -126,6 +126,26 @@ def summarise(items: list[dict[str, Any]]) -> dict[str, Any]:
     return {"families": rows, "controls": controls}
 
 
+def rule_tables(summary: dict[str, Any], before: str, newly: str) -> list[str]:
+    """`summarise`'s two tables: per forget family before and with the rule, per control group."""
+    return [
+        "| family | unflagged before | unflagged with the rule | leaks before | leaks with the rule |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {f} | {rate_cell(r['unflagged_before'])} | {rate_cell(r['unflagged_with_rule'])} | "
+            f"{rate_cell(r['leaks_before'])} | {rate_cell(r['leaks_with_rule'])} |"
+            for f, r in summary["families"].items()
+        ),
+        "",
+        f"| control | {before} | {newly} |",
+        "|---|---|---|",
+        *(
+            f"| {g} | {rate_cell(c['reached_before'])} | {rate_cell(c['newly_flagged'])} |"
+            for g, c in summary["controls"].items()
+        ),
+    ]
+
+
 def markdown(report: dict[str, Any]) -> str:
     s = report["summary"]
     lines = [
@@ -137,20 +157,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"Keys: {', '.join(report['keys']) or 'none'}. A leak counts as stopped where the rule flags its probe "
         "(see the script's docstring).",
         "",
-        "| family | unflagged before | unflagged with the rule | leaks before | leaks with the rule |",
-        "|---|---|---|---|---|",
-        *(
-            f"| {f} | {rate_cell(r['unflagged_before'])} | {rate_cell(r['unflagged_with_rule'])} | "
-            f"{rate_cell(r['leaks_before'])} | {rate_cell(r['leaks_with_rule'])} |"
-            for f, r in s["families"].items()
-        ),
-        "",
-        "| control | reached the model untouched before | newly flagged by the rule |",
-        "|---|---|---|",
-        *(
-            f"| {g} | {rate_cell(c['reached_before'])} | {rate_cell(c['newly_flagged'])} |"
-            for g, c in s["controls"].items()
-        ),
+        *rule_tables(s, "reached the model untouched before", "newly flagged by the rule"),
         "",
         f"Per-probe records (what the rule flags in each): `{report['name']}.items.jsonl.gz`.",
     ]

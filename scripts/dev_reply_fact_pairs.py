@@ -14,12 +14,11 @@ from __future__ import annotations
 from typing import Any
 
 from dev_check import finish, rebuilt_request, start  # scripts/ (the script's own folder)
-from dev_described_person import summarise
+from dev_described_person import rule_tables, summarise
 
 from unlearnd.detectors.anchors import request_names
 from unlearnd.detectors.facts import FactIndex, fact_terms
 from unlearnd.detectors.spans import fold_word, tokens
-from unlearnd.evaluation.leaks import rate_cell
 from unlearnd.evaluation.report import read_records
 from unlearnd.provenance import stamp_lines
 
@@ -46,20 +45,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"request rebuilt from the run (split `{report['split']}`); its fact terms: {', '.join(report['terms'])}. "
         "Unflagged 'with the rule': probes whose prompt + reply hold no pair (see the script's docstring).",
         "",
-        "| family | unflagged before | unflagged with the rule | leaks before | leaks with the rule |",
-        "|---|---|---|---|---|",
-        *(
-            f"| {f} | {rate_cell(r['unflagged_before'])} | {rate_cell(r['unflagged_with_rule'])} | "
-            f"{rate_cell(r['leaks_before'])} | {rate_cell(r['leaks_with_rule'])} |"
-            for f, r in s["families"].items()
-        ),
-        "",
-        "| control | untouched before | newly cut by the rule |",
-        "|---|---|---|",
-        *(
-            f"| {g} | {rate_cell(c['reached_before'])} | {rate_cell(c['newly_flagged'])} |"
-            for g, c in s["controls"].items()
-        ),
+        *rule_tables(s, "untouched before", "newly cut by the rule"),
         "",
         f"Per-probe records (the pair in each): `{report['name']}.items.jsonl.gz`.",
     ]
