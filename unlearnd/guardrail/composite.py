@@ -14,7 +14,7 @@ import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 
-from unlearnd.detectors.normalize import clean, to_ascii
+from unlearnd.detectors.normalize import to_ascii
 from unlearnd.engine.base import ChoiceDelta
 from unlearnd.guardrail.call import GuardedCall
 
@@ -108,7 +108,7 @@ def _joined_short(sentences: list[str]) -> list[str]:
 def refers_back(part: str) -> bool:
     """Whether `part` speaks of somebody it does not name itself ("What gender is this author?"): answered
     apart from the part that named them, the reply would still read as an answer about them."""
-    body = to_ascii(clean(_ITEM.sub("", part, count=1)))
+    body = to_ascii(_ITEM.sub("", part, count=1))  # (to_ascii drops invisible characters too)
     if _POINTING.search(body):
         return True
     body = _QUOTED.sub("Title", body)
