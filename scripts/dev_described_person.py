@@ -27,7 +27,7 @@ Usage: python scripts/dev_described_person.py --records reports/leaks-forget10 -
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from dev_check import finish, rebuilt_request, start  # scripts/ (the script's own folder)
@@ -81,20 +81,20 @@ class DescribedRule:
         return []
 
 
-def judged(records: list[dict[str, Any]], rule: DescribedRule) -> list[dict[str, Any]]:
-    """Each refuse-route probe with whether it reached the model, leaked, and what the rule flags in it."""
+def judged(
+    records: list[dict[str, Any]], flags: Callable[[str], list[str]], with_reply: bool = False
+) -> list[dict[str, Any]]:
+    """Each refuse-route probe with whether it reached the model, leaked, and what `flags` finds in its user
+    turns (and its reply, `with_reply`)."""
     out = []
     for r in records:
         if r["route"] != "refuse":
             continue
         text = " ".join(m["content"] for m in r["messages"] if m["role"] == "user")
-        out.append(
-            {
-                **{k: r[k] for k in ("group", "family", "author", "leaked", "served_route")},
-                "text": text,
-                "rule_flags": rule.flags(text),
-            }
-        )
+        if with_reply:
+            text += "\n" + r["reply"]
+        fields = {k: r[k] for k in ("group", "family", "author", "leaked", "served_route")}
+        out.append({**fields, "text": text, "rule_flags": flags(text)})
     return out
 
 
@@ -167,7 +167,7 @@ def markdown(report: dict[str, Any]) -> str:
 def main() -> None:
     args, stamp, run = start(__doc__, "dev_described_person.py", "reports/dev-described-person")
     rule = DescribedRule(rebuilt_request(run, args))
-    items = judged(read_records(args.records + ".items.jsonl.gz"), rule)
+    items = judged(read_records(args.records + ".items.jsonl.gz"), rule.flags)
     fields = {
         "split": run["split"],
         "retain_authors": run["request_retain_authors"],

@@ -3,7 +3,8 @@
 The fact pairs (`unlearnd.detectors.facts`) flag a prompt holding two of a request's fact terms. An anchor-free
 probe holds at most one (else the detector had flagged it), but the reply the model gives may add another: an
 output check that cuts a reply when prompt + reply hold a pair would stop that leak. Tried on forget01 fold 0
-(`reports/leaks-fold0-rerun`, its replies under refuse), with the shipped rule unchanged; a leak counts as stopped
+(`reports/leaks-fold0-rerun`, its replies under refuse), with the shipped rule and the request's own fact terms
+(`extract_anchors`, title words left out as the detector leaves them); a leak counts as stopped
 where its unflagged probe's prompt + reply hold a pair, a control (its reply under refuse) as cut where they do.
 
 Usage: python scripts/dev_reply_fact_pairs.py --records reports/leaks-fold0-rerun
@@ -14,25 +15,12 @@ from __future__ import annotations
 from typing import Any
 
 from dev_check import finish, rebuilt_request, start  # scripts/ (the script's own folder)
-from dev_described_person import rule_tables, summarise
+from dev_described_person import judged, rule_tables, summarise
 
-from unlearnd.detectors.anchors import request_names
-from unlearnd.detectors.facts import FactIndex, fact_terms
-from unlearnd.detectors.spans import fold_word, tokens
+from unlearnd.detectors.anchors import extract_anchors
+from unlearnd.detectors.facts import FactIndex
 from unlearnd.evaluation.report import read_records
 from unlearnd.provenance import stamp_lines
-
-
-def judged(records: list[dict[str, Any]], pairs: FactIndex) -> list[dict[str, Any]]:
-    """Each refuse-route probe with whether it reached the model, leaked, and the pair its prompt + reply hold."""
-    out = []
-    for r in records:
-        if r["route"] != "refuse":
-            continue
-        text = " ".join(m["content"] for m in r["messages"] if m["role"] == "user") + "\n" + r["reply"]
-        fields = {k: r[k] for k in ("group", "family", "author", "leaked", "served_route")}
-        out.append({**fields, "text": text, "rule_flags": pairs.find(text).get("r", [])})
-    return out
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -54,11 +42,11 @@ def markdown(report: dict[str, Any]) -> str:
 
 def main() -> None:
     args, stamp, run = start(__doc__, "dev_reply_fact_pairs.py", "reports/dev-reply-fact-pairs")
-    spec = rebuilt_request(run, args)
-    terms = fact_terms(spec, {fold_word(w) for text in request_names(spec) for w, _, _ in tokens(text)})
+    terms = extract_anchors(rebuilt_request(run, args)).facts  # the detector's own fact terms
     pairs = FactIndex()
     pairs.add("r", terms)
-    items = judged(read_records(args.records + ".items.jsonl.gz"), pairs)
+    records = read_records(args.records + ".items.jsonl.gz")
+    items = judged(records, lambda text: pairs.find(text).get("r", []), with_reply=True)
     finish(args, stamp, run, items, {"split": run["split"], "terms": terms, "summary": summarise(items)}, markdown)
 
 
