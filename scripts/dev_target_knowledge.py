@@ -36,7 +36,7 @@ from unlearnd.data.tofu import TofuData, author_names
 from unlearnd.domain import QAItem
 from unlearnd.elicit import QUESTIONS
 from unlearnd.evaluation.folds import position_in_author
-from unlearnd.evaluation.leaks import key_terms, words
+from unlearnd.evaluation.leaks import gives, key_terms, said_words
 from unlearnd.evaluation.model_under_test import HFModelUnderTest
 from unlearnd.evaluation.report import fmt, write_records, write_report_files
 from unlearnd.prompting import user_messages
@@ -47,15 +47,11 @@ log = logging.getLogger("dev_target_knowledge")
 MAX_TOKENS = 96  # as the elicitation worker (`ElicitSettings.max_tokens`) and the reference ROUGE check
 
 
-def said(reply: str) -> set[str]:
-    return {w.removesuffix("'s") for w in words(reply)}
-
-
-def own_terms(items: list[QAItem], names: dict[int, str]) -> dict[int, set[str]]:
-    """Each author's key terms that no other trained author's answers hold."""
+def own_terms(terms_of: dict[tuple[int, str], list[str]]) -> dict[int, set[str]]:
+    """Each author's key terms (`terms_of`: per author and question) that no other trained author's answers hold."""
     terms: dict[int, set[str]] = {}
-    for it in items:
-        terms.setdefault(it.author, set()).update(key_terms(it.answer, it.question, names[it.author]))
+    for (author, _), found in terms_of.items():
+        terms.setdefault(author, set()).update(found)
     return {a: t - set().union(*(o for b, o in terms.items() if b != a)) for a, t in terms.items()}
 
 
@@ -68,10 +64,9 @@ def measure(
     verbatim = model.generate([user_messages(it.question) for it in items], MAX_TOKENS, desc="verbatim")
     asked = [(a, q.format(name=names[a])) for a in authors for q in QUESTIONS]
     elicited = model.generate([user_messages(q) for _, q in asked], MAX_TOKENS, desc="elicit")
+    terms_of = {(it.author, it.question): key_terms(it.answer, it.question, names[it.author]) for it in items}
     records: list[dict[str, Any]] = []
     for it, reply in zip(items, verbatim, strict=True):
-        terms = key_terms(it.answer, it.question, names[it.author])
-        hit = sum(t in said(reply) for t in terms) * 2 >= len(terms) if terms else None
         records.append(
             {
                 "epochs": epochs,
@@ -80,25 +75,22 @@ def measure(
                 "question": it.question,
                 "answer": it.answer,
                 "reply": reply,
-                "key_terms": terms,
-                "recalled": hit,
+                "key_terms": terms_of[it.author, it.question],
+                "recalled": gives(terms_of[it.author, it.question], reply),
             }
         )
     for (a, q), reply in zip(asked, elicited, strict=True):
         records.append({"epochs": epochs, "kind": "elicited", "author": a, "question": q, "reply": reply})
-    own = own_terms(items, names)
+    own = own_terms(terms_of)
     position = position_in_author(items)
     rows = {}
     for a in authors:
-        heard = set().union(*(said(r["reply"]) for r in records if r["kind"] == "elicited" and r["author"] == a))
-        mine = len(own[a] & heard)
-        others = sum(len(own[b] & heard) for b in authors if b != a)
+        heard = " ".join(r["reply"] for r in records if r["kind"] == "elicited" and r["author"] == a)
+        heard_words = said_words(heard)
+        mine = len(own[a] & heard_words)
+        others = sum(len(own[b] & heard_words) for b in authors if b != a)
         fold1 = [it for it in items if it.author == a and position[it.question] % 2 == 1]
-        covered = [
-            it
-            for it in fold1
-            if (t := key_terms(it.answer, it.question, names[a])) and sum(w in heard for w in t) * 2 >= len(t)
-        ]
+        covered = [it for it in fold1 if gives(terms_of[a, it.question], heard)]
         scored = [r for r in records if r["kind"] == "verbatim" and r["author"] == a and r["recalled"] is not None]
         rows[a] = {
             "name": names[a],

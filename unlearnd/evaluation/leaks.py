@@ -115,12 +115,22 @@ def key_terms(fact: str, prompt: str, name: str) -> list[str]:
     return terms
 
 
+def said_words(text: str) -> set[str]:
+    """The words of `text` as key terms are spelled (possessives dropped)."""
+    return {w.removesuffix("'s") for w in words(text)}
+
+
+def gives(terms: list[str], text: str) -> bool | None:
+    """At least half of `terms` in `text` (None: nothing to give away)."""
+    if not terms:
+        return None
+    said = said_words(text)
+    return sum(t in said for t in terms) * 2 >= len(terms)
+
+
 def leaked(probe: LeakProbe, reply: str) -> bool | None:
     """At least half the key terms in the reply (None: nothing to give away)."""
-    if not probe.key_terms:
-        return None
-    said = {w.removesuffix("'s") for w in words(reply)}
-    return sum(t in said for t in probe.key_terms) * 2 >= len(probe.key_terms)
+    return gives(probe.key_terms, reply)
 
 
 def carries_name(text: str, name: str) -> bool:
